@@ -1,0 +1,1177 @@
+//! The routing state machine: `handle_*` in, `poll_*` out, time and storage passed in.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::time::Instant;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use mimi_wire::endpoint::Endpoint;
+use mimi_wire::mls::WireFormat;
+use mimi_wire::proto::{SubmitMessageResponse, SubmitMessageView, split_fanout_sequence};
+use mimi_wire::uri::{ProviderDomain, RoomId};
+use tracing::{debug, info, warn};
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::config::RelayConfig;
+use crate::stats::{Histogram, PeerStats, RejectReason, RelayStats};
+use crate::store::{InboxRecord, Snapshot, Store, StoreOp, SubmitSeen};
+use crate::transport::{
+    Request, Response, Status, Transmit, TransmitId, TransportError, TransportKind,
+};
+
+/// The time an input happens at: a monotonic instant for timers, and the wall clock for the
+/// hub's accepted timestamps (milliseconds since the UNIX epoch).
+#[derive(Clone, Copy, Debug)]
+pub struct Now {
+    pub mono: Instant,
+    pub unix_ms: u64,
+}
+
+/// Names one pending answer; chosen by the caller of `handle_request`/`handle_client_submit`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ReplyToken(pub u64);
+
+/// What the core asks the node to do.
+#[derive(Debug)]
+pub enum Output {
+    /// Hand this to the transport of `transmit.transport`.
+    Transmit(Transmit),
+    /// Check whether this peer is back.
+    Probe(ProviderDomain),
+    /// Answer a request or a local submission. The node sends it only after the store commit
+    /// that follows the input which produced it.
+    Reply {
+        token: ReplyToken,
+        response: Response,
+    },
+}
+
+/// A room the core cannot create.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RoomError {
+    #[error("room {room} is not hosted here: its hub is {hub}")]
+    NotLocal { room: String, hub: String },
+    #[error("no route to follower {0}: add it to the peers")]
+    NoRoute(ProviderDomain),
+    #[error("the hub {0} cannot be its own follower")]
+    SelfFollower(ProviderDomain),
+}
+
+type QueueIdx = usize;
+type PeerIdx = usize;
+type RoomIdx = usize;
+
+#[derive(Debug)]
+enum Liveness {
+    Up,
+    Backoff { until: Instant },
+    Down { next_probe: Instant, probing: bool },
+}
+
+#[derive(Debug)]
+struct Peer {
+    domain: ProviderDomain,
+    kind: TransportKind,
+    liveness: Liveness,
+    failures: u32,
+    queues: Vec<QueueIdx>,
+    stats: PeerStats,
+}
+
+#[derive(Debug)]
+struct Entry {
+    fanout: Bytes,
+    enqueued: Instant,
+}
+
+/// One ordered outbound queue per (room, destination).
+#[derive(Debug)]
+struct OutQueue {
+    room: RoomId,
+    dest: ProviderDomain,
+    peer: PeerIdx,
+    /// Unacknowledged entries; `entries[i].qseq == acked + 1 + i`.
+    entries: VecDeque<Entry>,
+    acked: u64,
+    send_next: u64,
+    /// Transmits of the current generation in flight.
+    inflight: u32,
+    /// Bumped on every rewind, so outcomes of transmits sent before it are not counted twice.
+    generation: u64,
+    in_ready: bool,
+}
+
+impl OutQueue {
+    fn next_qseq(&self) -> u64 {
+        self.acked + 1 + self.entries.len() as u64
+    }
+}
+
+#[derive(Debug)]
+struct HubRoom {
+    id: RoomId,
+    followers: Vec<(ProviderDomain, QueueIdx)>,
+    next_seq: u64,
+    last_ms: u64,
+    seen: HashMap<u128, SubmitSeen>,
+    seen_order: VecDeque<u128>,
+}
+
+/// A follower's view of one (hub, room) stream.
+#[derive(Debug)]
+struct Cursor {
+    hub: ProviderDomain,
+    room: RoomId,
+    next: u64,
+    /// Hashes of recent FanoutMessages received without a sequence number (the draft's
+    /// byte-exact duplicate rule).
+    recent: HashMap<u128, ()>,
+    recent_order: VecDeque<u128>,
+}
+
+#[derive(Debug)]
+enum InFlight {
+    Notify {
+        queue: QueueIdx,
+        last: u64,
+        generation: u64,
+        deadline: Instant,
+    },
+    Forward {
+        token: ReplyToken,
+        deadline: Instant,
+    },
+}
+
+/// The routing core of one relay node.
+#[derive(Debug)]
+pub struct Relay {
+    cfg: RelayConfig,
+    peers: Vec<Peer>,
+    peer_by_domain: BTreeMap<ProviderDomain, PeerIdx>,
+    rooms: Vec<HubRoom>,
+    room_by_id: HashMap<String, RoomIdx>,
+    queues: Vec<OutQueue>,
+    queue_by_key: HashMap<(String, ProviderDomain), QueueIdx>,
+    ready: VecDeque<QueueIdx>,
+    cursors: HashMap<(ProviderDomain, String), Cursor>,
+    inbox: VecDeque<(u64, InboxRecord)>,
+    inbox_next: u64,
+    inflight: HashMap<TransmitId, InFlight>,
+    deadlines: BTreeSet<(Instant, TransmitId)>,
+    next_transmit: u64,
+    outputs: VecDeque<Output>,
+    rng: SplitMix64,
+    stats: RelayStats,
+    latency: Histogram,
+}
+
+const RECENT_WINDOW: usize = 4096;
+
+impl Relay {
+    /// Builds the core from its configuration and what the store kept.
+    pub fn new(cfg: RelayConfig, snapshot: Snapshot, now: Now) -> Relay {
+        let mut relay = Relay {
+            rng: SplitMix64(cfg.seed),
+            peers: Vec::new(),
+            peer_by_domain: BTreeMap::new(),
+            rooms: Vec::new(),
+            room_by_id: HashMap::new(),
+            queues: Vec::new(),
+            queue_by_key: HashMap::new(),
+            ready: VecDeque::new(),
+            cursors: HashMap::new(),
+            inbox: VecDeque::new(),
+            inbox_next: snapshot.inbox_trimmed + 1,
+            inflight: HashMap::new(),
+            deadlines: BTreeSet::new(),
+            next_transmit: 1,
+            outputs: VecDeque::new(),
+            stats: RelayStats::default(),
+            latency: Histogram::default(),
+            cfg,
+        };
+        for (domain, kind) in relay.cfg.routes.clone() {
+            relay.add_peer(domain, kind);
+        }
+        for (room, snap) in snapshot.rooms {
+            let idx = relay.ensure_room(room.clone(), &snap.followers);
+            let r = &mut relay.rooms[idx];
+            r.next_seq = snap.next_seq.max(1);
+            r.last_ms = snap.last_ms;
+            for seen in snap.seen {
+                r.seen.insert(seen.key, seen);
+                r.seen_order.push_back(seen.key);
+            }
+        }
+        for ((room, dest), acked) in &snapshot.acked {
+            if let Some(q) = relay.queue_for(room, dest) {
+                let q = &mut relay.queues[q];
+                q.acked = q.acked.max(*acked);
+                q.send_next = q.acked + 1;
+            }
+        }
+        for ((room, dest), entries) in snapshot.queues {
+            let Some(qi) = relay.queue_for(&room, &dest) else {
+                warn!(room = %room, dest = %dest, pending = entries.len(),
+                      "stored events for a destination with no route: kept, not sent");
+                continue;
+            };
+            let q = &mut relay.queues[qi];
+            for (qseq, fanout) in entries {
+                if qseq != q.next_qseq() {
+                    warn!(room = %room, dest = %dest, qseq, expected = q.next_qseq(),
+                          "stored queue has a gap; resuming from the stored entry");
+                    q.acked = qseq - 1;
+                    q.entries.clear();
+                }
+                q.entries.push_back(Entry {
+                    fanout,
+                    enqueued: now.mono,
+                });
+            }
+            q.send_next = q.acked + 1;
+            relay.mark_ready(qi);
+        }
+        for ((hub, room), next) in snapshot.cursors {
+            relay.cursors.insert(
+                (hub.clone(), room.as_str().to_owned()),
+                Cursor {
+                    hub,
+                    room,
+                    next,
+                    recent: HashMap::new(),
+                    recent_order: VecDeque::new(),
+                },
+            );
+        }
+        for (offset, record) in snapshot.inbox {
+            relay.inbox_next = relay.inbox_next.max(offset + 1);
+            relay.inbox.push_back((offset, record));
+        }
+        relay.pump(now);
+        relay
+    }
+
+    pub fn config(&self) -> &RelayConfig {
+        &self.cfg
+    }
+
+    fn add_peer(&mut self, domain: ProviderDomain, kind: TransportKind) -> PeerIdx {
+        if let Some(&i) = self.peer_by_domain.get(&domain) {
+            return i;
+        }
+        let i = self.peers.len();
+        self.peers.push(Peer {
+            domain: domain.clone(),
+            kind,
+            liveness: Liveness::Up,
+            failures: 0,
+            queues: Vec::new(),
+            stats: PeerStats::default(),
+        });
+        self.peer_by_domain.insert(domain, i);
+        i
+    }
+
+    fn queue_for(&self, room: &RoomId, dest: &ProviderDomain) -> Option<QueueIdx> {
+        self.queue_by_key
+            .get(&(room.as_str().to_owned(), dest.clone()))
+            .copied()
+    }
+
+    fn ensure_queue(&mut self, room: &RoomId, dest: &ProviderDomain) -> Option<QueueIdx> {
+        if let Some(q) = self.queue_for(room, dest) {
+            return Some(q);
+        }
+        let peer = *self.peer_by_domain.get(dest)?;
+        let qi = self.queues.len();
+        self.queues.push(OutQueue {
+            room: room.clone(),
+            dest: dest.clone(),
+            peer,
+            entries: VecDeque::new(),
+            acked: 0,
+            send_next: 1,
+            inflight: 0,
+            generation: 0,
+            in_ready: false,
+        });
+        self.queue_by_key
+            .insert((room.as_str().to_owned(), dest.clone()), qi);
+        self.peers[peer].queues.push(qi);
+        Some(qi)
+    }
+
+    fn ensure_room(&mut self, room: RoomId, followers: &[ProviderDomain]) -> RoomIdx {
+        let mut list = Vec::new();
+        for f in followers {
+            match self.ensure_queue(&room, f) {
+                Some(q) => list.push((f.clone(), q)),
+                None => warn!(room = %room, follower = %f, "follower has no route; skipped"),
+            }
+        }
+        if let Some(&i) = self.room_by_id.get(room.as_str()) {
+            self.rooms[i].followers = list;
+            return i;
+        }
+        let i = self.rooms.len();
+        self.room_by_id.insert(room.as_str().to_owned(), i);
+        self.rooms.push(HubRoom {
+            id: room,
+            followers: list,
+            next_seq: 1,
+            last_ms: 0,
+            seen: HashMap::new(),
+            seen_order: VecDeque::new(),
+        });
+        i
+    }
+
+    /// Hosts `room` here as its hub, fanning out to `followers`. Idempotent; a second call
+    /// replaces the follower list (queues of dropped followers still drain).
+    pub fn handle_create_room<S: Store>(
+        &mut self,
+        store: &mut S,
+        room: RoomId,
+        followers: Vec<ProviderDomain>,
+    ) -> Result<(), RoomError> {
+        if room.domain() != self.cfg.local.as_str() {
+            return Err(RoomError::NotLocal {
+                room: room.as_str().to_owned(),
+                hub: room.domain().to_owned(),
+            });
+        }
+        for f in &followers {
+            if *f == self.cfg.local {
+                return Err(RoomError::SelfFollower(f.clone()));
+            }
+            if !self.peer_by_domain.contains_key(f) {
+                return Err(RoomError::NoRoute(f.clone()));
+            }
+        }
+        store.apply(StoreOp::Room {
+            room: &room,
+            followers: &followers,
+        });
+        info!(room = %room, followers = followers.len(), "hosting room");
+        self.ensure_room(room, &followers);
+        Ok(())
+    }
+
+    /// A request from an authenticated peer.
+    pub fn handle_request<S: Store>(
+        &mut self,
+        now: Now,
+        store: &mut S,
+        token: ReplyToken,
+        req: Request,
+    ) {
+        if let Some(&p) = self.peer_by_domain.get(&req.from) {
+            self.peers[p].stats.requests_in += 1;
+        }
+        let response = if req.body.len() > self.cfg.limits.max_body {
+            self.reject(
+                RejectReason::TooLarge,
+                Status::TooLarge,
+                "body over the size limit",
+            )
+        } else {
+            match req.endpoint {
+                Endpoint::Notify => self.notify(now, store, &req),
+                Endpoint::SubmitMessage => {
+                    let from = req.from.clone();
+                    self.submit(now, store, &from, &req.target, &req.body)
+                }
+                _ => self.reject(
+                    RejectReason::NotImplemented,
+                    Status::NotImplemented,
+                    "endpoint not served by this relay yet",
+                ),
+            }
+        };
+        self.outputs.push_back(Output::Reply { token, response });
+        self.pump(now);
+    }
+
+    /// A submission from one of this provider's own clients: accepted here when we host the
+    /// room, else forwarded to the room's hub and answered with the hub's answer.
+    pub fn handle_client_submit<S: Store>(
+        &mut self,
+        now: Now,
+        store: &mut S,
+        token: ReplyToken,
+        room: &str,
+        body: Bytes,
+    ) {
+        if self.room_by_id.contains_key(room) {
+            let local = self.cfg.local.clone();
+            let response = self.submit(now, store, &local, room, &body);
+            self.outputs.push_back(Output::Reply { token, response });
+            self.pump(now);
+            return;
+        }
+        let hub = match room.parse::<RoomId>() {
+            Ok(r) => r.domain().to_owned(),
+            Err(_) => {
+                let response = self.reject(
+                    RejectReason::Malformed,
+                    Status::BadRequest,
+                    "not a room URI",
+                );
+                self.outputs.push_back(Output::Reply { token, response });
+                return;
+            }
+        };
+        let peer = hub
+            .parse::<ProviderDomain>()
+            .ok()
+            .and_then(|d| self.peer_by_domain.get(&d));
+        let Some(&peer) = peer else {
+            let response = if hub == self.cfg.local.as_str() {
+                self.reject(RejectReason::UnknownRoom, Status::NotFound, "unknown room")
+            } else {
+                self.reject(
+                    RejectReason::NoRoute,
+                    Status::BadGateway,
+                    "no route to the room's hub",
+                )
+            };
+            self.outputs.push_back(Output::Reply { token, response });
+            return;
+        };
+        let id = self.next_id();
+        let deadline = now.mono + self.cfg.transmit_timeout;
+        self.inflight
+            .insert(id, InFlight::Forward { token, deadline });
+        self.deadlines.insert((deadline, id));
+        let p = &mut self.peers[peer];
+        p.stats.transmits += 1;
+        self.outputs.push_back(Output::Transmit(Transmit {
+            id,
+            dest: p.domain.clone(),
+            transport: p.kind,
+            endpoint: Endpoint::SubmitMessage,
+            target: room.to_owned(),
+            seq: None,
+            body: vec![body],
+        }));
+    }
+
+    fn next_id(&mut self) -> TransmitId {
+        let id = TransmitId(self.next_transmit);
+        self.next_transmit += 1;
+        id
+    }
+
+    fn reject(&mut self, reason: RejectReason, status: Status, text: &'static str) -> Response {
+        self.stats.rejects[reason as usize] += 1;
+        debug!(reason = reason.as_str(), "rejected");
+        Response::error(status, text)
+    }
+
+    /// The hub's side of /submitMessage (from a follower, or from a local client).
+    fn submit<S: Store>(
+        &mut self,
+        now: Now,
+        store: &mut S,
+        sender: &ProviderDomain,
+        room: &str,
+        body: &Bytes,
+    ) -> Response {
+        let Some(&ri) = self.room_by_id.get(room) else {
+            return self.reject(RejectReason::UnknownRoom, Status::NotFound, "unknown room");
+        };
+        let view = match SubmitMessageView::parse(body) {
+            Ok(v) => v,
+            Err(e) => {
+                debug!(error = %e, "malformed SubmitMessageRequest");
+                return self.reject(
+                    RejectReason::Malformed,
+                    Status::BadRequest,
+                    "malformed SubmitMessageRequest",
+                );
+            }
+        };
+        // The sending user must belong to the provider that authenticated the request.
+        if !uri_in_domain(view.sending_uri, sender.as_str()) {
+            return self.reject(
+                RejectReason::Forbidden,
+                Status::Forbidden,
+                "sendingUri is not a user of the authenticated provider",
+            );
+        }
+        let r = &self.rooms[ri];
+        let is_member = *sender == self.cfg.local || r.followers.iter().any(|(f, _)| f == sender);
+        if !is_member || view.app_message.wire_format != WireFormat::PrivateMessage {
+            self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
+            return Response::new(
+                Status::Ok,
+                encode_submit(&SubmitMessageResponse::not_allowed()),
+            );
+        }
+        let key = submit_key(sender, body);
+        if let Some(seen) = r.seen.get(&key) {
+            self.stats.dedupe_hits += 1;
+            debug!(msg = %MsgId(key), room = %r.id, seq = seen.room_seq, "duplicate submission");
+            return Response::new(
+                Status::Ok,
+                encode_submit(&SubmitMessageResponse::accepted(seen.accepted_ms)),
+            );
+        }
+        // Backpressure: refuse before accepting anything, never drop after.
+        let max_queue = self.cfg.max_queue;
+        let full = r
+            .followers
+            .iter()
+            .any(|(f, q)| f != sender && self.queues[*q].entries.len() >= max_queue);
+        if full {
+            let mut response = self.reject(
+                RejectReason::QueueFull,
+                Status::Unavailable,
+                "outbound queue full",
+            );
+            response.retry_after = Some(std::time::Duration::from_secs(1));
+            return response;
+        }
+
+        let r = &mut self.rooms[ri];
+        let accepted_ms = now.unix_ms.max(r.last_ms);
+        let room_seq = r.next_seq;
+        r.next_seq += 1;
+        r.last_ms = accepted_ms;
+        let fanout = encode_fanout(accepted_ms, view.app_message.bytes);
+        let seen = SubmitSeen {
+            key,
+            room_seq,
+            accepted_ms,
+        };
+        r.seen.insert(key, seen);
+        r.seen_order.push_back(key);
+        store.apply(StoreOp::RoomSeq {
+            room: &r.id,
+            next_seq: r.next_seq,
+            last_ms: accepted_ms,
+        });
+        store.apply(StoreOp::SubmitSeen {
+            room: &r.id,
+            seen: &seen,
+        });
+        if r.seen_order.len() > self.cfg.submit_window
+            && let Some(old) = r.seen_order.pop_front()
+            && let Some(s) = r.seen.remove(&old)
+        {
+            store.apply(StoreOp::SubmitForget {
+                room: &r.id,
+                upto_seq: s.room_seq,
+            });
+        }
+        debug!(msg = %MsgId(key), room = %r.id, seq = room_seq, from = %sender, "accepted");
+        self.stats.accepted += 1;
+
+        for i in 0..self.rooms[ri].followers.len() {
+            let (ref dest, qi) = self.rooms[ri].followers[i];
+            if dest == sender {
+                continue;
+            }
+            let q = &mut self.queues[qi];
+            let qseq = q.next_qseq();
+            store.apply(StoreOp::Enqueue {
+                room: &q.room,
+                dest: &q.dest,
+                qseq,
+                fanout: &fanout,
+            });
+            q.entries.push_back(Entry {
+                fanout: fanout.clone(),
+                enqueued: now.mono,
+            });
+            self.mark_ready(qi);
+        }
+        if *sender != self.cfg.local {
+            let record = InboxRecord {
+                room: self.rooms[ri].id.clone(),
+                from: self.cfg.local.clone(),
+                accepted_ms,
+                fanout,
+            };
+            self.deliver_local(store, record);
+        }
+        Response::new(
+            Status::Ok,
+            encode_submit(&SubmitMessageResponse::accepted(accepted_ms)),
+        )
+    }
+
+    fn deliver_local<S: Store>(&mut self, store: &mut S, record: InboxRecord) {
+        let offset = self.inbox_next;
+        self.inbox_next += 1;
+        store.apply(StoreOp::Inbox {
+            offset,
+            record: &record,
+        });
+        self.inbox.push_back((offset, record));
+        self.stats.delivered += 1;
+    }
+
+    /// The follower's side of /notify.
+    fn notify<S: Store>(&mut self, _now: Now, store: &mut S, req: &Request) -> Response {
+        let room = match req.target.parse::<RoomId>() {
+            Ok(r) => r,
+            Err(_) => {
+                return self.reject(
+                    RejectReason::Malformed,
+                    Status::BadRequest,
+                    "not a room URI",
+                );
+            }
+        };
+        // Only a room's hub orders and fans out its events.
+        if room.domain() != req.from.as_str() {
+            return self.reject(
+                RejectReason::Forbidden,
+                Status::Forbidden,
+                "only the room's hub may notify",
+            );
+        }
+        let fanouts = match split_fanout_sequence(&req.body, &self.cfg.limits) {
+            Ok(f) => f,
+            Err(e) => {
+                debug!(error = %e, "malformed /notify body");
+                return self.reject(
+                    RejectReason::Malformed,
+                    Status::BadRequest,
+                    "malformed FanoutMessage sequence",
+                );
+            }
+        };
+        if fanouts.is_empty() {
+            return self.reject(
+                RejectReason::Malformed,
+                Status::BadRequest,
+                "empty /notify body",
+            );
+        }
+        let key = (req.from.clone(), req.target.clone());
+        let cursor = self.cursors.entry(key).or_insert_with(|| Cursor {
+            hub: req.from.clone(),
+            room: room.clone(),
+            next: 1,
+            recent: HashMap::new(),
+            recent_order: VecDeque::new(),
+        });
+        let base = req.body.as_ptr() as usize;
+        let mut fresh = Vec::with_capacity(fanouts.len());
+        let mut duplicates = 0u64;
+        match req.seq {
+            Some(first) => {
+                if first > cursor.next {
+                    let next = cursor.next;
+                    let mut response = self.reject(
+                        RejectReason::OutOfOrder,
+                        Status::OutOfOrder,
+                        "sequence gap: resend from next",
+                    );
+                    response.next_seq = Some(next);
+                    return response;
+                }
+                let skip = (cursor.next - first) as usize;
+                duplicates = skip.min(fanouts.len()) as u64;
+                for f in fanouts.iter().skip(skip) {
+                    fresh.push((f.bytes.as_ptr() as usize - base, f.bytes.len(), f.timestamp));
+                }
+                cursor.next = cursor.next.max(first + fanouts.len() as u64);
+            }
+            None => {
+                // The draft's rule without our sequence header: the same bytes from the same
+                // hub are a duplicate.
+                for f in &fanouts {
+                    let h = xxh3_128(f.bytes);
+                    if cursor.recent.insert(h, ()).is_some() {
+                        duplicates += 1;
+                        continue;
+                    }
+                    cursor.recent_order.push_back(h);
+                    if cursor.recent_order.len() > RECENT_WINDOW
+                        && let Some(old) = cursor.recent_order.pop_front()
+                    {
+                        cursor.recent.remove(&old);
+                    }
+                    fresh.push((f.bytes.as_ptr() as usize - base, f.bytes.len(), f.timestamp));
+                }
+            }
+        }
+        let next = cursor.next;
+        if req.seq.is_some() {
+            store.apply(StoreOp::Cursor {
+                hub: &cursor.hub,
+                room: &cursor.room,
+                next,
+            });
+        }
+        self.stats.dedupe_hits += duplicates;
+        if let Some(&p) = self.peer_by_domain.get(&req.from) {
+            self.peers[p].stats.msgs_in += fresh.len() as u64;
+        }
+        for (start, len, ts) in fresh {
+            let record = InboxRecord {
+                room: room.clone(),
+                from: req.from.clone(),
+                accepted_ms: ts,
+                fanout: req.body.slice(start..start + len),
+            };
+            self.deliver_local(store, record);
+        }
+        let mut response = Response::new(Status::Created, Bytes::new());
+        if req.seq.is_some() {
+            response.next_seq = Some(next);
+        }
+        response
+    }
+
+    /// The outcome of a transmit, as reported by its transport.
+    pub fn handle_outcome<S: Store>(
+        &mut self,
+        now: Now,
+        store: &mut S,
+        id: TransmitId,
+        outcome: Result<Response, TransportError>,
+    ) {
+        let Some(flight) = self.inflight.remove(&id) else {
+            debug!(id = id.0, "outcome for a transmit that already timed out");
+            return;
+        };
+        match flight {
+            InFlight::Forward { token, deadline } => {
+                self.deadlines.remove(&(deadline, id));
+                let response = match outcome {
+                    Ok(r) => r,
+                    Err(e) => {
+                        debug!(error = %e, "forwarding a submission to the hub failed");
+                        let mut r = Response::error(Status::BadGateway, "hub unreachable");
+                        r.retry_after = Some(std::time::Duration::from_secs(1));
+                        r
+                    }
+                };
+                self.outputs.push_back(Output::Reply { token, response });
+            }
+            InFlight::Notify {
+                queue,
+                last,
+                generation,
+                deadline,
+            } => {
+                self.deadlines.remove(&(deadline, id));
+                self.notify_outcome(now, store, queue, last, generation, outcome);
+            }
+        }
+        self.pump(now);
+    }
+
+    fn notify_outcome<S: Store>(
+        &mut self,
+        now: Now,
+        store: &mut S,
+        qi: QueueIdx,
+        last: u64,
+        generation: u64,
+        outcome: Result<Response, TransportError>,
+    ) {
+        let current = self.queues[qi].generation == generation;
+        if current {
+            self.queues[qi].inflight = self.queues[qi].inflight.saturating_sub(1);
+        }
+        match outcome {
+            Ok(resp) if resp.status.is_success() => {
+                let upto = resp.next_seq.map_or(last, |n| n.saturating_sub(1));
+                self.ack(now, store, qi, upto);
+                self.peer_alive(self.queues[qi].peer, now);
+            }
+            Ok(resp) if resp.status == Status::OutOfOrder && resp.next_seq.is_some() => {
+                let next = resp.next_seq.unwrap_or(1);
+                self.ack(now, store, qi, next.saturating_sub(1));
+                if current {
+                    self.rewind(qi, next);
+                }
+            }
+            other => {
+                let q = &self.queues[qi];
+                match &other {
+                    Ok(resp) => {
+                        warn!(room = %q.room, dest = %q.dest, status = resp.status.http_code(),
+                        reason = %String::from_utf8_lossy(&resp.body), "notify refused; will retry")
+                    }
+                    Err(e) => debug!(room = %q.room, dest = %q.dest, error = %e, "notify failed"),
+                }
+                if current {
+                    let from = self.queues[qi].acked + 1;
+                    self.rewind(qi, from);
+                    self.peer_failed(self.queues[qi].peer, now);
+                }
+            }
+        }
+    }
+
+    fn ack<S: Store>(&mut self, now: Now, store: &mut S, qi: QueueIdx, upto: u64) {
+        let q = &mut self.queues[qi];
+        let upto = upto.min(q.next_qseq() - 1);
+        if upto <= q.acked {
+            return;
+        }
+        let n = (upto - q.acked) as usize;
+        for e in q.entries.drain(..n) {
+            self.latency
+                .record(now.mono.saturating_duration_since(e.enqueued));
+        }
+        q.acked = upto;
+        q.send_next = q.send_next.max(upto + 1);
+        store.apply(StoreOp::Ack {
+            room: &q.room,
+            dest: &q.dest,
+            upto,
+        });
+        self.peers[q.peer].stats.msgs_out += n as u64;
+        self.mark_ready(qi);
+    }
+
+    fn rewind(&mut self, qi: QueueIdx, from: u64) {
+        let q = &mut self.queues[qi];
+        let from = from.max(q.acked + 1);
+        if from < q.send_next {
+            self.stats.retries += q.send_next - from;
+        }
+        q.send_next = from;
+        q.inflight = 0;
+        q.generation += 1;
+        self.mark_ready(qi);
+    }
+
+    fn peer_alive(&mut self, p: PeerIdx, now: Now) {
+        let peer = &mut self.peers[p];
+        peer.failures = 0;
+        if !matches!(peer.liveness, Liveness::Up) {
+            info!(peer = %peer.domain, "peer reachable again");
+            peer.liveness = Liveness::Up;
+            for i in 0..self.peers[p].queues.len() {
+                let q = self.peers[p].queues[i];
+                self.mark_ready(q);
+            }
+            self.pump(now);
+        }
+    }
+
+    fn peer_failed(&mut self, p: PeerIdx, now: Now) {
+        if !matches!(self.peers[p].liveness, Liveness::Up) {
+            return; // already backing off: one incident counts once
+        }
+        let jitter = self.rng.unit();
+        let policy = &self.cfg.retry;
+        let peer = &mut self.peers[p];
+        peer.failures += 1;
+        peer.stats.failures += 1;
+        if peer.failures >= policy.down_after {
+            let delay = policy
+                .probe_interval
+                .mul_f64(1.0 - policy.jitter / 2.0 + policy.jitter * jitter);
+            warn!(peer = %peer.domain, failures = peer.failures, "peer down; probing");
+            peer.liveness = Liveness::Down {
+                next_probe: now.mono + delay,
+                probing: false,
+            };
+        } else {
+            let base = policy.backoff(peer.failures);
+            let delay = base.mul_f64(1.0 - policy.jitter / 2.0 + policy.jitter * jitter);
+            peer.liveness = Liveness::Backoff {
+                until: now.mono + delay,
+            };
+        }
+    }
+
+    /// The outcome of a probe of `peer`.
+    pub fn handle_probe_outcome(&mut self, now: Now, peer: &ProviderDomain, alive: bool) {
+        let Some(&p) = self.peer_by_domain.get(peer) else {
+            return;
+        };
+        if alive {
+            self.peer_alive(p, now);
+        } else if let Liveness::Down {
+            probing,
+            next_probe,
+        } = &mut self.peers[p].liveness
+        {
+            *probing = false;
+            let policy = &self.cfg.retry;
+            let j = self.rng.unit();
+            *next_probe = now.mono
+                + policy
+                    .probe_interval
+                    .mul_f64(1.0 - policy.jitter / 2.0 + policy.jitter * j);
+        }
+    }
+
+    /// Fires due timers: transmit deadlines, backoff ends and probes.
+    pub fn handle_timeout<S: Store>(&mut self, now: Now, store: &mut S) {
+        while let Some(&(at, id)) = self.deadlines.first() {
+            if at > now.mono {
+                break;
+            }
+            if self.inflight.contains_key(&id) {
+                // The normal path, so a timeout is just another failure; it removes the deadline.
+                self.handle_outcome(now, store, id, Err(TransportError::Timeout));
+            } else {
+                self.deadlines.remove(&(at, id));
+            }
+        }
+        for p in 0..self.peers.len() {
+            match self.peers[p].liveness {
+                Liveness::Backoff { until } if until <= now.mono => {
+                    self.peers[p].liveness = Liveness::Up;
+                    for i in 0..self.peers[p].queues.len() {
+                        let q = self.peers[p].queues[i];
+                        self.mark_ready(q);
+                    }
+                }
+                Liveness::Down {
+                    next_probe,
+                    probing: false,
+                } if next_probe <= now.mono => {
+                    self.peers[p].liveness = Liveness::Down {
+                        next_probe,
+                        probing: true,
+                    };
+                    self.stats.probes += 1;
+                    self.outputs
+                        .push_back(Output::Probe(self.peers[p].domain.clone()));
+                }
+                _ => {}
+            }
+        }
+        self.pump(now);
+    }
+
+    /// The local reader consumed the inbox up to and including `upto`.
+    pub fn handle_inbox_read<S: Store>(&mut self, store: &mut S, upto: u64) {
+        let before = self.inbox.len();
+        while self.inbox.front().is_some_and(|(o, _)| *o <= upto) {
+            self.inbox.pop_front();
+        }
+        if self.inbox.len() != before {
+            store.apply(StoreOp::InboxTrim { upto });
+        }
+    }
+
+    /// Delivered events after offset `after`, oldest first.
+    pub fn inbox_after(&self, after: u64) -> impl Iterator<Item = &(u64, InboxRecord)> {
+        let skip = self.inbox.partition_point(|(o, _)| *o <= after);
+        self.inbox.range(skip..)
+    }
+
+    /// The offset the next delivered event will get.
+    pub fn inbox_next(&self) -> u64 {
+        self.inbox_next
+    }
+
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// When `handle_timeout` must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut t = self.deadlines.first().map(|(at, _)| *at);
+        for p in &self.peers {
+            let at = match p.liveness {
+                Liveness::Backoff { until } => until,
+                Liveness::Down {
+                    next_probe,
+                    probing: false,
+                } => next_probe,
+                _ => continue,
+            };
+            t = Some(t.map_or(at, |t| t.min(at)));
+        }
+        t
+    }
+
+    pub fn stats(&self) -> RelayStats {
+        let mut s = self.stats.clone();
+        s.latency = self.latency.clone();
+        for p in &self.peers {
+            let mut ps = p.stats.clone();
+            ps.transport = Some(p.kind);
+            ps.up = matches!(p.liveness, Liveness::Up);
+            ps.queue_depth = p
+                .queues
+                .iter()
+                .map(|q| self.queues[*q].entries.len() as u64)
+                .sum();
+            s.peers.insert(p.domain.clone(), ps);
+        }
+        s.inbox_depth = self.inbox.len() as u64;
+        s
+    }
+
+    fn mark_ready(&mut self, qi: QueueIdx) {
+        let q = &mut self.queues[qi];
+        if !q.in_ready && q.send_next < q.next_qseq() {
+            q.in_ready = true;
+            self.ready.push_back(qi);
+        }
+    }
+
+    /// Turns ready queues into transmits, within each queue's pipeline window.
+    fn pump(&mut self, now: Now) {
+        let mut parked = Vec::new();
+        while let Some(qi) = self.ready.pop_front() {
+            self.queues[qi].in_ready = false;
+            let peer = self.queues[qi].peer;
+            if !matches!(self.peers[peer].liveness, Liveness::Up) {
+                continue; // re-readied when the peer comes back
+            }
+            let kind = self.peers[peer].kind;
+            let window = self.cfg.pipeline_for(kind);
+            while self.queues[qi].inflight < window
+                && self.queues[qi].send_next < self.queues[qi].next_qseq()
+            {
+                let id = self.next_id();
+                let q = &mut self.queues[qi];
+                let start = (q.send_next - q.acked - 1) as usize;
+                let mut body = Vec::with_capacity(self.cfg.max_batch.min(q.entries.len() - start));
+                let mut bytes = 0usize;
+                for e in q.entries.range(start..) {
+                    if body.len() >= self.cfg.max_batch
+                        || (!body.is_empty() && bytes + e.fanout.len() > self.cfg.max_batch_bytes)
+                    {
+                        break;
+                    }
+                    bytes += e.fanout.len();
+                    body.push(e.fanout.clone());
+                }
+                let first = q.send_next;
+                let last = first + body.len() as u64 - 1;
+                q.send_next = last + 1;
+                q.inflight += 1;
+                let deadline = now.mono + self.cfg.transmit_timeout;
+                self.inflight.insert(
+                    id,
+                    InFlight::Notify {
+                        queue: qi,
+                        last,
+                        generation: q.generation,
+                        deadline,
+                    },
+                );
+                self.deadlines.insert((deadline, id));
+                let ps = &mut self.peers[peer].stats;
+                ps.transmits += 1;
+                ps.bytes_out += bytes as u64;
+                self.outputs.push_back(Output::Transmit(Transmit {
+                    id,
+                    dest: q.dest.clone(),
+                    transport: kind,
+                    endpoint: Endpoint::Notify,
+                    target: q.room.as_str().to_owned(),
+                    seq: Some(first),
+                    body,
+                }));
+            }
+            if self.queues[qi].send_next < self.queues[qi].next_qseq() {
+                parked.push(qi); // window full: waits for an outcome to re-ready it
+            }
+        }
+        for qi in parked {
+            self.queues[qi].in_ready = false;
+        }
+    }
+}
+
+fn encode_submit(resp: &SubmitMessageResponse) -> Bytes {
+    match resp.encode() {
+        Ok(v) => Bytes::from(v),
+        // Encoding our own fixed-size struct cannot fail; answer 500 rather than panic if it does.
+        Err(_) => Bytes::new(),
+    }
+}
+
+/// A FanoutMessage for an application message: timestamp, the exact MLSMessage, no Frank.
+fn encode_fanout(accepted_ms: u64, mls: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(8 + mls.len() + 1);
+    b.put_u64(accepted_ms);
+    b.put_slice(mls);
+    b.put_u8(0); // optional<Frank>: absent
+    b.freeze()
+}
+
+/// Whether `uri` is `mimi://{domain}/...`.
+fn uri_in_domain(uri: &str, domain: &str) -> bool {
+    uri.strip_prefix("mimi://")
+        .and_then(|rest| rest.strip_prefix(domain))
+        .is_some_and(|rest| rest.starts_with('/'))
+}
+
+fn submit_key(sender: &ProviderDomain, body: &[u8]) -> u128 {
+    let mut h = Xxh3::new();
+    h.update(sender.as_str().as_bytes());
+    h.update(&[0]);
+    h.update(body);
+    h.digest128()
+}
+
+fn xxh3_128(bytes: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(bytes)
+}
+
+/// A short per-message id for logs: the top 64 bits of the dedupe hash.
+struct MsgId(u128);
+
+impl std::fmt::Display for MsgId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", (self.0 >> 64) as u64)
+    }
+}
+
+/// A small deterministic generator for jitter (no dependency, reproducible in simulation).
+#[derive(Debug, Clone)]
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uri_domain_match_is_exact() {
+        assert!(uri_in_domain("mimi://b.example/u/bob", "b.example"));
+        assert!(!uri_in_domain("mimi://b.example.evil/u/bob", "b.example"));
+        assert!(!uri_in_domain("mimi://xb.example/u/bob", "b.example"));
+        assert!(!uri_in_domain("https://b.example/u/bob", "b.example"));
+    }
+
+    #[test]
+    fn fanout_is_timestamp_message_absent_frank() {
+        let f = encode_fanout(0x0102_0304_0506_0708, b"mls");
+        assert_eq!(&f[..], &[1, 2, 3, 4, 5, 6, 7, 8, b'm', b'l', b's', 0]);
+    }
+
+    #[test]
+    fn jitter_is_in_unit_interval() {
+        let mut r = SplitMix64(1);
+        for _ in 0..1000 {
+            let u = r.unit();
+            assert!((0.0..1.0).contains(&u));
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! Counters the core keeps for the node's metrics endpoint. Plain numbers: no metrics crate here.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use mimi_wire::uri::ProviderDomain;
+
+use crate::transport::TransportKind;
+
+/// Why a request or submission was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum RejectReason {
+    Malformed,
+    TooLarge,
+    UnknownRoom,
+    Forbidden,
+    NotAllowed,
+    QueueFull,
+    OutOfOrder,
+    NotImplemented,
+    NoRoute,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 9] = [
+        RejectReason::Malformed,
+        RejectReason::TooLarge,
+        RejectReason::UnknownRoom,
+        RejectReason::Forbidden,
+        RejectReason::NotAllowed,
+        RejectReason::QueueFull,
+        RejectReason::OutOfOrder,
+        RejectReason::NotImplemented,
+        RejectReason::NoRoute,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::Malformed => "malformed",
+            RejectReason::TooLarge => "too_large",
+            RejectReason::UnknownRoom => "unknown_room",
+            RejectReason::Forbidden => "forbidden",
+            RejectReason::NotAllowed => "not_allowed",
+            RejectReason::QueueFull => "queue_full",
+            RejectReason::OutOfOrder => "out_of_order",
+            RejectReason::NotImplemented => "not_implemented",
+            RejectReason::NoRoute => "no_route",
+        }
+    }
+}
+
+/// Per-peer counters.
+#[derive(Clone, Debug, Default)]
+pub struct PeerStats {
+    pub transport: Option<TransportKind>,
+    pub up: bool,
+    /// Requests received from this peer.
+    pub requests_in: u64,
+    /// Events received from this peer and delivered.
+    pub msgs_in: u64,
+    /// Events acknowledged by this peer.
+    pub msgs_out: u64,
+    pub bytes_out: u64,
+    pub transmits: u64,
+    pub failures: u64,
+    /// Events waiting for this peer, over all rooms.
+    pub queue_depth: u64,
+}
+
+/// A latency histogram with fixed bucket bounds, in the shape Prometheus expects.
+#[derive(Clone, Debug)]
+pub struct Histogram {
+    /// Cumulative-ready counts per upper bound (the last bucket is +Inf).
+    pub counts: [u64; Histogram::BOUNDS_US.len() + 1],
+    pub sum_us: u64,
+    pub count: u64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            counts: [0; Histogram::BOUNDS_US.len() + 1],
+            sum_us: 0,
+            count: 0,
+        }
+    }
+}
+
+impl Histogram {
+    /// Upper bounds in microseconds, roughly x2.5 apart from 100 us to 10 s.
+    pub const BOUNDS_US: [u64; 16] = [
+        100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+        1_000_000, 2_500_000, 5_000_000, 10_000_000,
+    ];
+
+    pub fn record(&mut self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let i = Self::BOUNDS_US.partition_point(|b| *b < us);
+        self.counts[i] += 1;
+        self.sum_us = self.sum_us.saturating_add(us);
+        self.count += 1;
+    }
+}
+
+/// A snapshot of the core's counters.
+#[derive(Clone, Debug, Default)]
+pub struct RelayStats {
+    /// Submissions the hub accepted (each fanned out once).
+    pub accepted: u64,
+    /// Events delivered to this provider's inbox.
+    pub delivered: u64,
+    /// Duplicates answered as success and not delivered again.
+    pub dedupe_hits: u64,
+    /// Events sent again after a failure or a gap.
+    pub retries: u64,
+    pub probes: u64,
+    pub rejects: [u64; RejectReason::ALL.len()],
+    pub peers: BTreeMap<ProviderDomain, PeerStats>,
+    pub inbox_depth: u64,
+    /// Time from the hub's acceptance to the follower's acknowledgement.
+    pub latency: Histogram,
+}

@@ -1,0 +1,232 @@
+//! The one small interface between the routing core and every transport adapter.
+//!
+//! An adapter owns its sockets. Outbound, the node hands it [`Transmit`]s and probes through the
+//! [`Transport`] trait; the adapter reports each outcome back. Inbound, the adapter authenticates
+//! the peer, builds a [`Request`] and awaits the node's [`Response`] through [`Inbound`].
+//! Nothing here names an async runtime.
+
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use mimi_wire::endpoint::Endpoint;
+use mimi_wire::uri::ProviderDomain;
+
+/// The closed set of transports a peer can be reached over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum TransportKind {
+    /// The draft's own binding: HTTPS with mutual TLS.
+    Https,
+    /// QUIC with mutual TLS and one stream per room.
+    Quic,
+}
+
+impl TransportKind {
+    /// Every transport this build carries.
+    pub const ALL: [TransportKind; 2] = [TransportKind::Https, TransportKind::Quic];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportKind::Https => "https",
+            TransportKind::Quic => "quic",
+        }
+    }
+}
+
+impl fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for TransportKind {
+    type Err = UnknownTransport;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "https" => Ok(TransportKind::Https),
+            "quic" => Ok(TransportKind::Quic),
+            _ => Err(UnknownTransport(s.to_owned())),
+        }
+    }
+}
+
+/// A transport name that this build does not know.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("unknown transport {0:?} (expected one of: https, quic)")]
+pub struct UnknownTransport(pub String);
+
+/// Identifies one outbound transmit so that its outcome can be matched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TransmitId(pub u64);
+
+/// One request from this relay to a peer provider.
+///
+/// `body` is a list of segments sent back to back without copying: for `/notify` each segment
+/// is one FanoutMessage, exactly as the hub stored it.
+#[derive(Clone, Debug)]
+pub struct Transmit {
+    pub id: TransmitId,
+    pub dest: ProviderDomain,
+    pub transport: TransportKind,
+    pub endpoint: Endpoint,
+    /// The path parameter of the endpoint (a room URI for `/notify` and `/submitMessage`).
+    pub target: String,
+    /// The per-(room, destination) sequence number of the first segment, for `/notify`.
+    pub seq: Option<u64>,
+    pub body: Vec<Bytes>,
+}
+
+impl Transmit {
+    pub fn body_len(&self) -> usize {
+        self.body.iter().map(Bytes::len).sum()
+    }
+}
+
+/// One request from an authenticated peer to this relay.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// The peer's provider domain, as authenticated by the transport (certificate identity).
+    pub from: ProviderDomain,
+    pub transport: TransportKind,
+    pub endpoint: Endpoint,
+    pub target: String,
+    pub seq: Option<u64>,
+    /// The exact bytes received. The relay never re-encodes them.
+    pub body: Bytes,
+}
+
+/// The answer's class, with the HTTP status each transport maps it to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum Status {
+    /// 200: a response body follows (for example a SubmitMessageResponse).
+    Ok,
+    /// 201: the draft's answer to an accepted /notify.
+    Created,
+    /// 400: the body or path could not be decoded.
+    BadRequest,
+    /// 403: the authenticated peer may not make this request.
+    Forbidden,
+    /// 404: unknown room or endpoint.
+    NotFound,
+    /// 409: a /notify sequence gap; `next_seq` says where to resume.
+    OutOfOrder,
+    /// 413: the body is over the configured limit.
+    TooLarge,
+    /// 500: our own bug or a storage failure.
+    Internal,
+    /// 501: an endpoint this relay does not serve yet.
+    NotImplemented,
+    /// 502: the hub could not be reached for a forwarded request.
+    BadGateway,
+    /// 503: a full queue or a node shutting down; retry later.
+    Unavailable,
+}
+
+impl Status {
+    pub fn http_code(self) -> u16 {
+        match self {
+            Status::Ok => 200,
+            Status::Created => 201,
+            Status::BadRequest => 400,
+            Status::Forbidden => 403,
+            Status::NotFound => 404,
+            Status::OutOfOrder => 409,
+            Status::TooLarge => 413,
+            Status::Internal => 500,
+            Status::NotImplemented => 501,
+            Status::BadGateway => 502,
+            Status::Unavailable => 503,
+        }
+    }
+
+    pub fn from_http_code(code: u16) -> Option<Status> {
+        Some(match code {
+            200 => Status::Ok,
+            201 => Status::Created,
+            400 => Status::BadRequest,
+            403 => Status::Forbidden,
+            404 => Status::NotFound,
+            409 => Status::OutOfOrder,
+            413 => Status::TooLarge,
+            500 => Status::Internal,
+            501 => Status::NotImplemented,
+            502 => Status::BadGateway,
+            503 => Status::Unavailable,
+            _ => return None,
+        })
+    }
+
+    pub fn is_success(self) -> bool {
+        matches!(self, Status::Ok | Status::Created)
+    }
+}
+
+/// An answer to a [`Request`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Response {
+    pub status: Status,
+    /// For 200, the endpoint's response body; for errors, a short UTF-8 reason.
+    pub body: Bytes,
+    /// For `/notify`: the receiver's next expected sequence number for this (hub, room), which
+    /// acknowledges everything below it.
+    pub next_seq: Option<u64>,
+    pub retry_after: Option<Duration>,
+}
+
+impl Response {
+    pub fn new(status: Status, body: impl Into<Bytes>) -> Self {
+        Response {
+            status,
+            body: body.into(),
+            next_seq: None,
+            retry_after: None,
+        }
+    }
+
+    pub fn error(status: Status, reason: &'static str) -> Self {
+        Response::new(status, Bytes::from_static(reason.as_bytes()))
+    }
+}
+
+/// Why a transmit did not get an answer.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TransportError {
+    #[error("no route to {0}")]
+    NoRoute(ProviderDomain),
+    #[error("peer unreachable: {0}")]
+    Unreachable(String),
+    #[error("connection lost before the answer")]
+    ConnectionLost,
+    #[error("timed out waiting for the answer")]
+    Timeout,
+    #[error("the adapter's send queue is full")]
+    Busy,
+    #[error("peer answered with something that is not a valid response: {0}")]
+    BadResponse(String),
+    #[error("transport shut down")]
+    Closed,
+}
+
+/// Implemented by each transport adapter. Both calls must return at once: the adapter queues
+/// the work and later reports through [`Inbound::outcome`] / [`Inbound::probe_outcome`].
+pub trait Transport: Send + Sync + 'static {
+    fn kind(&self) -> TransportKind;
+    fn send(&self, transmit: Transmit);
+    /// A cheap liveness check of `peer` (connect and one round trip).
+    fn probe(&self, peer: &ProviderDomain);
+}
+
+/// Implemented by the node and handed to each adapter at start.
+pub trait Inbound: Clone + Send + Sync + 'static {
+    /// Handles one request from an authenticated peer. Resolves once the answer may be sent:
+    /// for anything the relay accepts, after it is durable.
+    fn request(&self, request: Request) -> impl Future<Output = Response> + Send;
+    /// Reports the outcome of a [`Transmit`].
+    fn outcome(&self, id: TransmitId, outcome: Result<Response, TransportError>);
+    /// Reports the outcome of a probe.
+    fn probe_outcome(&self, peer: ProviderDomain, alive: bool);
+}

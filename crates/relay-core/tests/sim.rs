@@ -1,0 +1,876 @@
+//! The routing core under simulated time and links: several relays, loss, reordering,
+//! delays and restarts, with no sockets. Every run is deterministic for its seed.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use mimi_wire::endpoint::Endpoint;
+use mimi_wire::uri::{ProviderDomain, RoomId};
+use relay_core::{
+    MemStore, Now, Output, Relay, RelayConfig, ReplyToken, Request, Response, Status, Store,
+    Transmit, TransmitId, TransportError, TransportKind,
+};
+
+const UNIX_BASE_MS: u64 = 1_700_000_000_000;
+const MAGIC: &[u8; 4] = b"SIM!";
+
+fn domain(s: &str) -> ProviderDomain {
+    s.parse().expect("test domain")
+}
+
+#[derive(Clone, Copy)]
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn chance(&mut self, p: f64) -> bool {
+        ((self.next() >> 11) as f64 / (1u64 << 53) as f64) < p
+    }
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+}
+
+/// A syntactically valid SubmitMessageRequest whose ciphertext carries (sender, counter).
+fn submit_body(sender: &str, client: u32, counter: u32) -> Bytes {
+    let mut ct = Vec::with_capacity(1024);
+    ct.extend_from_slice(MAGIC);
+    ct.extend_from_slice(&client.to_be_bytes());
+    ct.extend_from_slice(&counter.to_be_bytes());
+    ct.resize(1024, 0xab);
+    let mls = mimi_wire::mls::private_message(b"room-group", 1, &ct);
+    let uri = format!("mimi://{sender}/u/client{client}");
+    let mut body = vec![1u8]; // Protocol mls10
+    body.extend_from_slice(&mls);
+    assert!(uri.len() < 64, "one-byte varint length");
+    body.push(uri.len() as u8);
+    body.extend_from_slice(uri.as_bytes());
+    Bytes::from(body)
+}
+
+/// Finds (client, counter) in a delivered FanoutMessage.
+fn marker(fanout: &[u8]) -> (u32, u32) {
+    let at = fanout
+        .windows(4)
+        .position(|w| w == MAGIC)
+        .expect("marker in payload");
+    let c = u32::from_be_bytes(fanout[at + 4..at + 8].try_into().expect("4 bytes"));
+    let n = u32::from_be_bytes(fanout[at + 8..at + 12].try_into().expect("4 bytes"));
+    (c, n)
+}
+
+struct Node {
+    domain: ProviderDomain,
+    cfg: RelayConfig,
+    relay: Relay,
+    store: MemStore,
+    up: bool,
+    /// Incarnation, so events addressed to a crashed incarnation are dropped.
+    life: u32,
+    next_token: u64,
+    /// Tokens of requests from peers: where to send the answer.
+    peer_tokens: HashMap<ReplyToken, (usize, TransmitId)>,
+    /// Tokens of local client submissions.
+    client_tokens: HashMap<ReplyToken, usize>,
+    read_upto: u64,
+}
+
+enum Ev {
+    Request {
+        to: usize,
+        to_life: u32,
+        from: usize,
+        from_life: u32,
+        t: Transmit,
+    },
+    Outcome {
+        to: usize,
+        life: u32,
+        id: TransmitId,
+        outcome: Result<Response, TransportError>,
+    },
+    Probe {
+        to: usize,
+        life: u32,
+        peer: usize,
+    },
+    ClientSubmit {
+        client: usize,
+    },
+    Restart {
+        node: usize,
+    },
+    Crash {
+        node: usize,
+    },
+}
+
+struct Client {
+    node: usize,
+    id: u32,
+    next: u32,
+    total: u32,
+    waiting: bool,
+}
+
+struct Link {
+    loss: f64,
+    min_delay_ms: u64,
+    max_delay_ms: u64,
+    /// Whether a lost exchange is reported as a connection error (else only the deadline fires).
+    report_loss: bool,
+}
+
+struct Sim {
+    now_ms: u64,
+    base: Instant,
+    rng: Rng,
+    nodes: Vec<Node>,
+    clients: Vec<Client>,
+    events: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    payloads: HashMap<usize, Ev>,
+    seq: u64,
+    link: Link,
+    /// Per receiving node: delivered (client, counter, accepted_ms) in inbox order.
+    received: Vec<Vec<(u32, u32, u64)>>,
+}
+
+impl Sim {
+    fn new(seed: u64, link: Link, clients_per_node: u32, msgs: u32) -> Sim {
+        let names = ["a.example", "b.example", "c.example"];
+        let base = Instant::now();
+        let mut nodes = Vec::new();
+        for (i, n) in names.iter().enumerate() {
+            let mut cfg = RelayConfig::new(domain(n));
+            for (j, m) in names.iter().enumerate() {
+                if i != j {
+                    cfg = cfg.with_route(domain(m), TransportKind::Quic);
+                }
+            }
+            cfg.transmit_timeout = Duration::from_millis(500);
+            cfg.seed = seed ^ i as u64;
+            cfg.max_batch = 8;
+            let mut store = MemStore::new();
+            let now = Now {
+                mono: base,
+                unix_ms: UNIX_BASE_MS,
+            };
+            let snapshot = store.load().expect("mem load");
+            let mut relay = Relay::new(cfg.clone(), snapshot, now);
+            if i == 0 {
+                relay
+                    .handle_create_room(
+                        &mut store,
+                        room(),
+                        vec![domain(names[1]), domain(names[2])],
+                    )
+                    .expect("room");
+                store.commit().expect("commit");
+            }
+            nodes.push(Node {
+                domain: domain(n),
+                cfg,
+                relay,
+                store,
+                up: true,
+                life: 0,
+                next_token: 1,
+                peer_tokens: HashMap::new(),
+                client_tokens: HashMap::new(),
+                read_upto: 0,
+            });
+        }
+        let mut clients = Vec::new();
+        for node in 0..3 {
+            for k in 0..clients_per_node {
+                clients.push(Client {
+                    node,
+                    id: node as u32 * 100 + k,
+                    next: 0,
+                    total: msgs,
+                    waiting: false,
+                });
+            }
+        }
+        let mut sim = Sim {
+            now_ms: 0,
+            base,
+            rng: Rng(seed),
+            nodes,
+            clients,
+            events: BinaryHeap::new(),
+            payloads: HashMap::new(),
+            seq: 0,
+            link,
+            received: vec![Vec::new(); 3],
+        };
+        for c in 0..sim.clients.len() {
+            let at = sim.rng.range(0, 5);
+            sim.schedule(at, Ev::ClientSubmit { client: c });
+        }
+        sim
+    }
+
+    fn now(&self) -> Now {
+        Now {
+            mono: self.base + Duration::from_millis(self.now_ms),
+            unix_ms: UNIX_BASE_MS + self.now_ms,
+        }
+    }
+
+    fn schedule(&mut self, delay_ms: u64, ev: Ev) {
+        self.seq += 1;
+        let key = self.seq as usize;
+        self.payloads.insert(key, ev);
+        self.events
+            .push(Reverse((self.now_ms + delay_ms, self.seq, key)));
+    }
+
+    fn delay(&mut self) -> u64 {
+        self.rng
+            .range(self.link.min_delay_ms, self.link.max_delay_ms)
+    }
+
+    /// Runs one node's batch epilogue: commit, then release outputs.
+    fn flush(&mut self, n: usize) {
+        if !self.nodes[n].up {
+            return;
+        }
+        self.nodes[n].store.commit().expect("mem commit");
+        let life = self.nodes[n].life;
+        while let Some(out) = self.nodes[n].relay.poll_output() {
+            match out {
+                Output::Transmit(t) => {
+                    let to = self.index(&t.dest);
+                    let lost = self.rng.chance(self.link.loss);
+                    if lost || !self.nodes[to].up {
+                        if self.link.report_loss || !self.nodes[to].up {
+                            let d = self.delay();
+                            self.schedule(
+                                d,
+                                Ev::Outcome {
+                                    to: n,
+                                    life,
+                                    id: t.id,
+                                    outcome: Err(TransportError::ConnectionLost),
+                                },
+                            );
+                        }
+                        continue;
+                    }
+                    let d = self.delay();
+                    let to_life = self.nodes[to].life;
+                    self.schedule(
+                        d,
+                        Ev::Request {
+                            to,
+                            to_life,
+                            from: n,
+                            from_life: life,
+                            t,
+                        },
+                    );
+                }
+                Output::Probe(peer) => {
+                    let p = self.index(&peer);
+                    let d = self.delay() * 2;
+                    self.schedule(
+                        d,
+                        Ev::Probe {
+                            to: n,
+                            life,
+                            peer: p,
+                        },
+                    );
+                }
+                Output::Reply { token, response } => {
+                    if let Some((peer, id)) = self.nodes[n].peer_tokens.remove(&token) {
+                        let peer_life = self.nodes[peer].life;
+                        let lost = self.rng.chance(self.link.loss);
+                        let outcome = if lost {
+                            if !self.link.report_loss {
+                                continue;
+                            }
+                            Err(TransportError::ConnectionLost)
+                        } else {
+                            Ok(response)
+                        };
+                        let d = self.delay();
+                        self.schedule(
+                            d,
+                            Ev::Outcome {
+                                to: peer,
+                                life: peer_life,
+                                id,
+                                outcome,
+                            },
+                        );
+                    } else if let Some(c) = self.nodes[n].client_tokens.remove(&token) {
+                        self.client_answer(c, response);
+                    }
+                }
+            }
+        }
+        self.read_inbox(n);
+    }
+
+    fn read_inbox(&mut self, n: usize) {
+        let node = &mut self.nodes[n];
+        let mut last = node.read_upto;
+        for (offset, rec) in node.relay.inbox_after(node.read_upto) {
+            let (c, k) = marker(&rec.fanout);
+            self.received[n].push((c, k, rec.accepted_ms));
+            last = *offset;
+        }
+        if last != node.read_upto {
+            node.read_upto = last;
+            node.relay.handle_inbox_read(&mut node.store, last);
+        }
+    }
+
+    fn client_answer(&mut self, c: usize, response: Response) {
+        let ok = response.status == Status::Ok
+            && mimi_wire::proto::SubmitMessageResponse::decode(&response.body)
+                .map(|r| matches!(r.status, mimi_wire::proto::SubmitStatus::Accepted { .. }))
+                .unwrap_or(false);
+        let client = &mut self.clients[c];
+        client.waiting = false;
+        if ok {
+            client.next += 1;
+        }
+        if client.next < client.total {
+            let d = if ok {
+                self.rng.range(0, 2)
+            } else {
+                self.rng.range(20, 60)
+            };
+            self.schedule(d, Ev::ClientSubmit { client: c });
+        }
+    }
+
+    fn index(&self, d: &ProviderDomain) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| &n.domain == d)
+            .expect("known node")
+    }
+
+    fn crash(&mut self, n: usize) {
+        let node = &mut self.nodes[n];
+        node.up = false;
+        node.life += 1;
+        node.store.crash();
+        // Clients waiting on this node see their connection drop and will retry.
+        let waiting: Vec<usize> = node.client_tokens.drain().map(|(_, c)| c).collect();
+        node.peer_tokens.clear();
+        for c in waiting {
+            self.clients[c].waiting = false;
+            let d = self.rng.range(50, 100);
+            self.schedule(d, Ev::ClientSubmit { client: c });
+        }
+    }
+
+    fn restart(&mut self, n: usize) {
+        let now = self.now();
+        let node = &mut self.nodes[n];
+        let snapshot = node.store.load().expect("mem load");
+        node.relay = Relay::new(node.cfg.clone(), snapshot, now);
+        node.up = true;
+        // The local reader keeps its own position, as a real client would.
+        self.flush(n);
+    }
+
+    fn step(&mut self) -> bool {
+        let Some(Reverse((at, _, key))) = self.events.pop() else {
+            return false;
+        };
+        self.now_ms = self.now_ms.max(at);
+        let ev = self.payloads.remove(&key).expect("payload");
+        let now = self.now();
+        match ev {
+            Ev::Request {
+                to,
+                to_life,
+                from,
+                from_life,
+                t,
+            } => {
+                if !self.nodes[to].up || self.nodes[to].life != to_life {
+                    let d = self.delay();
+                    let outcome = Err(TransportError::ConnectionLost);
+                    self.schedule(
+                        d,
+                        Ev::Outcome {
+                            to: from,
+                            life: from_life,
+                            id: t.id,
+                            outcome,
+                        },
+                    );
+                    return true;
+                }
+                let node = &mut self.nodes[to];
+                let token = ReplyToken(node.next_token);
+                node.next_token += 1;
+                node.peer_tokens.insert(token, (from, t.id));
+                let body: Vec<u8> = t.body.iter().flat_map(|b| b.iter().copied()).collect();
+                let req = Request {
+                    from: self.nodes[from].domain.clone(),
+                    transport: t.transport,
+                    endpoint: t.endpoint,
+                    target: t.target,
+                    seq: t.seq,
+                    body: Bytes::from(body),
+                };
+                let node = &mut self.nodes[to];
+                node.relay.handle_request(now, &mut node.store, token, req);
+                self.flush(to);
+            }
+            Ev::Outcome {
+                to,
+                life,
+                id,
+                outcome,
+            } => {
+                let node = &mut self.nodes[to];
+                if node.up && node.life == life {
+                    node.relay.handle_outcome(now, &mut node.store, id, outcome);
+                    self.flush(to);
+                }
+            }
+            Ev::Probe { to, life, peer } => {
+                let alive = self.nodes[peer].up;
+                let peer_domain = self.nodes[peer].domain.clone();
+                let node = &mut self.nodes[to];
+                if node.up && node.life == life {
+                    node.relay.handle_probe_outcome(now, &peer_domain, alive);
+                    self.flush(to);
+                }
+            }
+            Ev::ClientSubmit { client } => {
+                let c = &self.clients[client];
+                if c.waiting || c.next >= c.total {
+                    return true;
+                }
+                let n = c.node;
+                if !self.nodes[n].up {
+                    self.schedule(50, Ev::ClientSubmit { client });
+                    return true;
+                }
+                let body = submit_body(self.nodes[n].domain.as_str(), c.id, c.next);
+                self.clients[client].waiting = true;
+                let node = &mut self.nodes[n];
+                let token = ReplyToken(node.next_token);
+                node.next_token += 1;
+                node.client_tokens.insert(token, client);
+                let room = room();
+                node.relay
+                    .handle_client_submit(now, &mut node.store, token, room.as_str(), body);
+                self.flush(n);
+            }
+            Ev::Crash { node } => self.crash(node),
+            Ev::Restart { node } => self.restart(node),
+        }
+        true
+    }
+
+    /// Processes the next event or timer, whichever is first. False when nothing is left.
+    fn advance(&mut self) -> bool {
+        let next_event = self.events.peek().map(|Reverse((at, _, _))| *at);
+        let next_timer = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.up)
+            .filter_map(|(i, n)| {
+                n.relay
+                    .poll_timeout()
+                    .map(|t| (t.saturating_duration_since(self.base).as_millis() as u64, i))
+            })
+            .min();
+        match (next_event, next_timer) {
+            (None, None) => false,
+            (Some(e), Some((t, i))) if t < e => {
+                self.fire_timer(t, i);
+                true
+            }
+            (None, Some((t, i))) => {
+                self.fire_timer(t, i);
+                true
+            }
+            _ => self.step(),
+        }
+    }
+
+    /// Runs until every message is delivered everywhere, firing timers as virtual time passes.
+    fn run(&mut self, limit_ms: u64) {
+        while !self.done() && self.advance() {
+            assert!(
+                self.now_ms < limit_ms,
+                "simulation did not settle by {limit_ms} ms"
+            );
+        }
+    }
+
+    /// Runs until virtual time reaches `t_ms`.
+    fn run_until(&mut self, t_ms: u64) {
+        while self.now_ms < t_ms && !self.done() && self.advance() {}
+    }
+
+    fn fire_timer(&mut self, t_ms: u64, i: usize) {
+        // Timers round down to ms; step at least one ms so a sub-ms deadline still fires.
+        self.now_ms = self.now_ms.max(t_ms + 1);
+        let now = self.now();
+        let node = &mut self.nodes[i];
+        node.relay.handle_timeout(now, &mut node.store);
+        self.flush(i);
+    }
+
+    fn done(&self) -> bool {
+        let expected: usize = self.clients.iter().map(|c| c.total as usize).sum::<usize>() * 2;
+        let got: usize = self.received.iter().map(Vec::len).sum();
+        self.clients.iter().all(|c| c.next >= c.total) && got >= expected
+    }
+
+    /// Every message delivered exactly once to every provider but its sender's, in each
+    /// sender's order, with the hub's timestamps never going back.
+    fn check(&self) {
+        for (n, got) in self.received.iter().enumerate() {
+            let mut seen: BTreeMap<(u32, u32), usize> = BTreeMap::new();
+            let mut last_per_client: HashMap<u32, u32> = HashMap::new();
+            let mut last_ms = 0;
+            for &(c, k, ms) in got {
+                *seen.entry((c, k)).or_default() += 1;
+                if let Some(prev) = last_per_client.insert(c, k) {
+                    assert!(k > prev, "node {n}: client {c} message {k} after {prev}");
+                }
+                assert!(ms >= last_ms, "node {n}: hub timestamps went back");
+                last_ms = ms;
+            }
+            for c in &self.clients {
+                if c.node == n {
+                    continue;
+                }
+                for k in 0..c.total {
+                    let count = seen.get(&(c.id, k)).copied().unwrap_or(0);
+                    assert_eq!(
+                        count, 1,
+                        "node {n}: client {} message {k} delivered {count}x",
+                        c.id
+                    );
+                }
+            }
+            let own = got.iter().filter(|(c, _, _)| c / 100 == n as u32).count();
+            assert_eq!(own, 0, "node {n} got its own clients' messages back");
+        }
+        // b and c see a's messages in the same (hub) order.
+        let from_a = |n: usize| -> Vec<(u32, u32)> {
+            self.received[n]
+                .iter()
+                .filter(|(c, _, _)| c / 100 == 0)
+                .map(|(c, k, _)| (*c, *k))
+                .collect()
+        };
+        assert_eq!(
+            from_a(1),
+            from_a(2),
+            "followers disagree on the hub's order"
+        );
+    }
+}
+
+fn room() -> RoomId {
+    "mimi://a.example/r/clubhouse".parse().expect("room id")
+}
+
+fn perfect() -> Link {
+    Link {
+        loss: 0.0,
+        min_delay_ms: 1,
+        max_delay_ms: 1,
+        report_loss: true,
+    }
+}
+
+#[test]
+fn perfect_links_deliver_everything_once_in_order() {
+    let mut sim = Sim::new(1, perfect(), 2, 50);
+    sim.run(60_000);
+    sim.check();
+    let stats = sim.nodes[0].relay.stats();
+    assert_eq!(stats.accepted, 300);
+    assert_eq!(stats.retries, 0);
+}
+
+#[test]
+fn lossy_reordering_links_lose_and_duplicate_nothing() {
+    for seed in 1..=8 {
+        let link = Link {
+            loss: 0.1,
+            min_delay_ms: 1,
+            max_delay_ms: 30,
+            report_loss: seed % 2 == 0,
+        };
+        let mut sim = Sim::new(seed, link, 3, 40);
+        sim.run(600_000);
+        sim.check();
+        let s = sim.nodes[0].relay.stats();
+        assert!(s.retries > 0, "seed {seed}: 10% loss must cause retries");
+    }
+}
+
+#[test]
+fn follower_restarts_lose_and_duplicate_nothing() {
+    let link = Link {
+        loss: 0.02,
+        min_delay_ms: 1,
+        max_delay_ms: 10,
+        report_loss: true,
+    };
+    let mut sim = Sim::new(7, link, 2, 200);
+    sim.schedule(150, Ev::Crash { node: 1 });
+    sim.schedule(900, Ev::Restart { node: 1 });
+    sim.schedule(1500, Ev::Crash { node: 2 });
+    sim.schedule(1600, Ev::Restart { node: 2 });
+    sim.schedule(2500, Ev::Crash { node: 1 });
+    sim.schedule(2520, Ev::Restart { node: 1 });
+    sim.run(600_000);
+    sim.check();
+}
+
+#[test]
+fn hub_restart_loses_and_duplicates_nothing() {
+    let link = Link {
+        loss: 0.0,
+        min_delay_ms: 1,
+        max_delay_ms: 5,
+        report_loss: true,
+    };
+    let mut sim = Sim::new(11, link, 2, 150);
+    sim.schedule(200, Ev::Crash { node: 0 });
+    sim.schedule(700, Ev::Restart { node: 0 });
+    sim.run(600_000);
+    sim.check();
+}
+
+#[test]
+fn delivery_resumes_within_two_seconds_of_a_peer_coming_back() {
+    let mut sim = Sim::new(5, perfect(), 1, 400);
+    sim.schedule(100, Ev::Crash { node: 2 });
+    // Down for 10 s: long enough for the backoff to reach its cap.
+    sim.schedule(10_100, Ev::Restart { node: 2 });
+    sim.run_until(10_100);
+    let at_restart = sim.received[2].len();
+    assert!(at_restart < 800, "c must have missed messages while down");
+    while sim.received[2].len() == at_restart && sim.now_ms < 20_000 && sim.advance() {}
+    assert!(
+        sim.received[2].len() > at_restart,
+        "nothing delivered after the restart"
+    );
+    assert!(
+        sim.now_ms <= 12_100,
+        "delivery resumed only at {} ms (restart at 10100)",
+        sim.now_ms
+    );
+    sim.run(600_000);
+    sim.check();
+}
+
+#[test]
+fn full_queue_refuses_submissions_and_loses_nothing() {
+    let mut sim = Sim::new(3, perfect(), 1, 60);
+    for n in &mut sim.nodes {
+        n.cfg.max_queue = 10;
+    }
+    // Rebuild the hub with the small queue bound, and keep c down so its queue fills up.
+    let now = sim.now();
+    let hub = &mut sim.nodes[0];
+    hub.relay = Relay::new(hub.cfg.clone(), hub.store.load().expect("load"), now);
+    sim.schedule(0, Ev::Crash { node: 2 });
+    sim.schedule(3_000, Ev::Restart { node: 2 });
+    sim.run(600_000);
+    sim.check();
+    let s = sim.nodes[0].relay.stats();
+    let full = s.rejects[relay_core::RejectReason::QueueFull as usize];
+    assert!(
+        full > 0,
+        "the bound of 10 must have refused submissions while c was down"
+    );
+}
+
+#[test]
+fn bad_requests_get_typed_answers_and_change_nothing() {
+    let mut sim = Sim::new(9, perfect(), 0, 0);
+    let now = sim.now();
+    let b = domain("b.example");
+    let c = domain("c.example");
+    let cases: Vec<(Request, Status)> = vec![
+        // malformed TLS-PL
+        (
+            req(
+                &b,
+                Endpoint::SubmitMessage,
+                room().as_str(),
+                None,
+                vec![1, 2, 3],
+            ),
+            Status::BadRequest,
+        ),
+        // unknown room
+        (
+            req(
+                &b,
+                Endpoint::SubmitMessage,
+                "mimi://a.example/r/nowhere",
+                None,
+                submit_body("b.example", 1, 0).to_vec(),
+            ),
+            Status::NotFound,
+        ),
+        // sendingUri of another provider than the authenticated one
+        (
+            req(
+                &b,
+                Endpoint::SubmitMessage,
+                room().as_str(),
+                None,
+                submit_body("c.example", 1, 0).to_vec(),
+            ),
+            Status::Forbidden,
+        ),
+        // oversize body
+        (
+            req(
+                &c,
+                Endpoint::SubmitMessage,
+                room().as_str(),
+                None,
+                vec![0; 2 << 20],
+            ),
+            Status::TooLarge,
+        ),
+        // a notify for a room whose hub is not the sender
+        (
+            req(
+                &c,
+                Endpoint::Notify,
+                "mimi://b.example/r/x",
+                Some(1),
+                vec![0; 16],
+            ),
+            Status::Forbidden,
+        ),
+        // a notify body that is not a FanoutMessage sequence
+        (
+            req(
+                &b,
+                Endpoint::Notify,
+                "mimi://b.example/r/x",
+                Some(1),
+                vec![0; 3],
+            ),
+            Status::BadRequest,
+        ),
+    ];
+    for (i, (r, want)) in cases.into_iter().enumerate() {
+        let hub = &mut sim.nodes[0];
+        hub.relay
+            .handle_request(now, &mut hub.store, ReplyToken(i as u64), r);
+        match hub.relay.poll_output() {
+            Some(Output::Reply { response, .. }) => assert_eq!(response.status, want, "case {i}"),
+            other => panic!("case {i}: expected a reply, got {other:?}"),
+        }
+        assert!(hub.relay.poll_output().is_none());
+    }
+    assert_eq!(sim.nodes[0].relay.stats().accepted, 0);
+    assert_eq!(sim.nodes[0].relay.inbox_after(0).count(), 0);
+}
+
+#[test]
+fn replayed_submission_is_answered_and_fanned_out_once() {
+    let mut sim = Sim::new(4, perfect(), 0, 0);
+    let now = sim.now();
+    let b = domain("b.example");
+    let body = submit_body("b.example", 1, 0).to_vec();
+    let mut answers = Vec::new();
+    for i in 0..3 {
+        let hub = &mut sim.nodes[0];
+        let r = req(
+            &b,
+            Endpoint::SubmitMessage,
+            room().as_str(),
+            None,
+            body.clone(),
+        );
+        hub.relay
+            .handle_request(now, &mut hub.store, ReplyToken(i), r);
+        while let Some(out) = hub.relay.poll_output() {
+            if let Output::Reply { response, .. } = out {
+                answers.push(response);
+            }
+        }
+    }
+    assert_eq!(answers.len(), 3);
+    assert!(
+        answers.iter().all(|a| a == &answers[0]),
+        "same answer, same timestamp"
+    );
+    let s = sim.nodes[0].relay.stats();
+    assert_eq!((s.accepted, s.dedupe_hits), (1, 2));
+    assert_eq!(sim.nodes[0].relay.inbox_after(0).count(), 1);
+}
+
+#[test]
+fn replayed_notify_without_sequence_is_delivered_once() {
+    let mut sim = Sim::new(4, perfect(), 0, 0);
+    let now = sim.now();
+    let a = domain("a.example");
+    let mut fanout = 1_700_000_000_000u64.to_be_bytes().to_vec();
+    fanout.extend_from_slice(&mimi_wire::mls::private_message(
+        b"g",
+        1,
+        b"SIM!\0\0\0\x01\0\0\0\x02",
+    ));
+    fanout.push(0);
+    for i in 0..2 {
+        let b = &mut sim.nodes[1];
+        let r = req(&a, Endpoint::Notify, room().as_str(), None, fanout.clone());
+        b.relay.handle_request(now, &mut b.store, ReplyToken(i), r);
+        match b.relay.poll_output() {
+            Some(Output::Reply { response, .. }) => assert_eq!(response.status, Status::Created),
+            other => panic!("expected 201, got {other:?}"),
+        }
+    }
+    assert_eq!(sim.nodes[1].relay.inbox_after(0).count(), 1);
+    assert_eq!(sim.nodes[1].relay.stats().dedupe_hits, 1);
+    let (_, rec) = sim.nodes[1].relay.inbox_after(0).next().expect("one event");
+    assert_eq!(
+        &rec.fanout[..],
+        &fanout[..],
+        "delivered bytes are exactly the received ones"
+    );
+}
+
+fn req(
+    from: &ProviderDomain,
+    endpoint: Endpoint,
+    target: &str,
+    seq: Option<u64>,
+    body: Vec<u8>,
+) -> Request {
+    Request {
+        from: from.clone(),
+        transport: TransportKind::Quic,
+        endpoint,
+        target: target.to_owned(),
+        seq,
+        body: Bytes::from(body),
+    }
+}
