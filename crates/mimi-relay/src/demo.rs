@@ -1,0 +1,590 @@
+//! The demo: three provider nodes as separate processes on loopback, one room hosted by
+//! a.example with b.example and c.example as followers, messages submitted from every provider,
+//! and a count of what arrived where.
+//!
+//! Each sender submits its messages one after another (the next once the hub accepted the
+//! previous), so the order of one sender's messages at every receiver must be the order they
+//! were sent in. Latency is from the first submission attempt to the receiving provider's
+//! inbox, as seen by the local reader.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::Bytes;
+use mimi_wire::uri::{ProviderDomain, RoomId};
+use relay_node::client::LocalClient;
+use serde::Serialize;
+
+const MAGIC: &[u8; 4] = b"MDMO";
+const PROVIDERS: [&str; 3] = ["a.example", "b.example", "c.example"];
+const ROOM: &str = "mimi://a.example/r/clubhouse";
+
+/// How to start one node process: the program and the arguments before the config path.
+#[derive(Clone, Debug)]
+pub struct Launcher {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl Launcher {
+    /// This very binary, `mimi-relay run --config FILE`.
+    pub fn this_binary() -> Result<Launcher> {
+        Ok(Launcher {
+            program: std::env::current_exe().context("locating the mimi-relay binary")?,
+            args: vec!["run".into(), "--config".into()],
+            env: Vec::new(),
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct DemoOptions {
+    pub messages: usize,
+    pub transport: String,
+    pub chaos: bool,
+    /// Senders per provider.
+    pub clients: usize,
+    pub payload: usize,
+    /// Working directory; a fresh temporary one when None.
+    pub dir: Option<PathBuf>,
+    pub keep: bool,
+    /// How long to wait for the last deliveries after the last submission.
+    pub settle: Duration,
+    pub progress: bool,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        DemoOptions {
+            messages: 1000,
+            transport: "quic".into(),
+            chaos: false,
+            clients: 4,
+            payload: 1024,
+            dir: None,
+            keep: false,
+            settle: Duration::from_secs(60),
+            progress: false,
+        }
+    }
+}
+
+/// The demo's figures. `expected` counts every (message, receiving provider) delivery that
+/// should happen; `delivered` the distinct ones that did.
+#[derive(Clone, Debug, Serialize)]
+pub struct DemoReport {
+    pub transport: String,
+    pub sent: u64,
+    pub expected: u64,
+    pub delivered: u64,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub out_of_order: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub msgs_per_s: f64,
+    pub chaos_kills: u32,
+    pub submit_retries: u64,
+    pub elapsed_ms: u64,
+}
+
+impl DemoReport {
+    pub fn is_clean(&self) -> bool {
+        self.lost == 0
+            && self.duplicated == 0
+            && self.out_of_order == 0
+            && self.delivered == self.expected
+    }
+
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "mimi-relay demo: 3 providers on loopback, room {ROOM} hosted by a.example"
+        );
+        let _ = writeln!(s, "  transport      {}", self.transport);
+        let _ = writeln!(
+            s,
+            "  sent           {} messages (~1 KiB each) from a, b and c",
+            self.sent
+        );
+        let _ = writeln!(
+            s,
+            "  delivered      {} of {} expected deliveries",
+            self.delivered, self.expected
+        );
+        let _ = writeln!(
+            s,
+            "  lost / dup / out of order   {} / {} / {}",
+            self.lost, self.duplicated, self.out_of_order
+        );
+        let _ = writeln!(
+            s,
+            "  latency        p50 {} us, p99 {} us (submit -> receiving provider)",
+            self.p50_us, self.p99_us
+        );
+        let _ = writeln!(
+            s,
+            "  throughput     {:.0} deliveries/s over {} ms",
+            self.msgs_per_s, self.elapsed_ms
+        );
+        if self.chaos_kills > 0 {
+            let _ = writeln!(
+                s,
+                "  chaos          b.example killed with SIGKILL {} times and restarted; {} submissions retried",
+                self.chaos_kills, self.submit_retries
+            );
+        }
+        let _ = writeln!(
+            s,
+            "  result         {}",
+            if self.is_clean() {
+                "OK: nothing lost, nothing twice, all in order"
+            } else {
+                "FAILED"
+            }
+        );
+        s
+    }
+}
+
+struct Layout {
+    dir: PathBuf,
+    configs: Vec<PathBuf>,
+    admins: Vec<SocketAddr>,
+}
+
+fn free_tcp() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn free_udp() -> Result<u16> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Writes certificates and the three node configs.
+fn prepare(dir: &Path, transport: &str) -> Result<Layout> {
+    std::fs::create_dir_all(dir.join("certs"))?;
+    for p in PROVIDERS {
+        let d: ProviderDomain = p.parse()?;
+        let g = relay_tls::generate(&d)?;
+        std::fs::write(dir.join(format!("certs/{p}.crt")), g.cert_pem)?;
+        std::fs::write(dir.join(format!("certs/{p}.key")), g.key_pem)?;
+    }
+    let mut ports = Vec::new();
+    for _ in PROVIDERS {
+        let listen = if transport == "quic" {
+            free_udp()?
+        } else {
+            free_tcp()?
+        };
+        ports.push((free_tcp()?, listen));
+    }
+    let mut configs = Vec::new();
+    let mut admins = Vec::new();
+    for (i, p) in PROVIDERS.iter().enumerate() {
+        let (admin, listen) = ports[i];
+        let mut t = format!(
+            "[node]\ndomain = \"{p}\"\ndata_dir = \"data/{p}\"\nadmin = \"127.0.0.1:{admin}\"\n\n\
+             [tls]\ncert = \"certs/{p}.crt\"\nkey = \"certs/{p}.key\"\n\n\
+             [listen]\n{transport} = \"127.0.0.1:{listen}\"\n"
+        );
+        for (j, q) in PROVIDERS.iter().enumerate() {
+            if i != j {
+                let _ = write!(
+                    t,
+                    "\n[[peers]]\ndomain = \"{q}\"\ntransport = \"{transport}\"\naddress = \"127.0.0.1:{}\"\ncert = \"certs/{q}.crt\"\n",
+                    ports[j].1
+                );
+            }
+        }
+        if i == 0 {
+            let _ = write!(
+                t,
+                "\n[[rooms]]\nid = \"{ROOM}\"\nfollowers = [\"b.example\", \"c.example\"]\n"
+            );
+        }
+        let path = dir.join(format!("{p}.toml"));
+        std::fs::write(&path, t)?;
+        configs.push(path);
+        admins.push(SocketAddr::from(([127, 0, 0, 1], admin)));
+    }
+    Ok(Layout {
+        dir: dir.to_path_buf(),
+        configs,
+        admins,
+    })
+}
+
+struct Nodes {
+    launcher: Launcher,
+    layout: Layout,
+    children: Vec<Option<Child>>,
+}
+
+impl Nodes {
+    fn spawn(&mut self, i: usize) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.layout.dir.join(format!("{}.log", PROVIDERS[i])))?;
+        let mut cmd = Command::new(&self.launcher.program);
+        cmd.args(&self.launcher.args)
+            .arg(&self.layout.configs[i])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        for (k, v) in &self.launcher.env {
+            cmd.env(k, v);
+        }
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", self.launcher.program.display()))?;
+        self.children[i] = Some(child);
+        Ok(())
+    }
+
+    fn kill9(&mut self, i: usize) -> Result<()> {
+        if let Some(mut c) = self.children[i].take() {
+            c.kill()?; // SIGKILL on Unix
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    async fn wait_healthy(&mut self, i: usize, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut client = LocalClient::new(self.layout.admins[i]);
+        loop {
+            if let Ok((s, _)) = client.get("/healthz").await
+                && s.is_success()
+            {
+                return Ok(());
+            }
+            if let Some(c) = self.children[i].as_mut()
+                && let Some(status) = c.try_wait()?
+            {
+                let log =
+                    std::fs::read_to_string(self.layout.dir.join(format!("{}.log", PROVIDERS[i])))
+                        .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(10).collect();
+                bail!(
+                    "{} exited with {status} at start; its log ends:\n{}",
+                    PROVIDERS[i],
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not become healthy within {timeout:?}", PROVIDERS[i]);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM to every node (graceful shutdown), then SIGKILL whatever is still running.
+    fn stop_all(&mut self) {
+        for c in self.children.iter_mut().flatten() {
+            if let Ok(pid) = i32::try_from(c.id()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for slot in self.children.iter_mut() {
+            if let Some(c) = slot.as_mut() {
+                while Instant::now() < deadline {
+                    if matches!(c.try_wait(), Ok(Some(_))) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            *slot = None;
+        }
+    }
+}
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+/// A SubmitMessageRequest whose ciphertext carries (sender id, counter).
+fn message(provider: &str, sender: u32, counter: u32, size: usize, rng: &mut u64) -> Bytes {
+    let mut ct = Vec::with_capacity(size.max(12));
+    ct.extend_from_slice(MAGIC);
+    ct.extend_from_slice(&sender.to_be_bytes());
+    ct.extend_from_slice(&counter.to_be_bytes());
+    while ct.len() < size {
+        *rng ^= *rng << 13;
+        *rng ^= *rng >> 7;
+        *rng ^= *rng << 17;
+        ct.extend_from_slice(&rng.to_le_bytes());
+    }
+    ct.truncate(size.max(12));
+    let req = mimi_wire::proto::SubmitMessageRequest {
+        protocol: mimi_wire::proto::Protocol::Mls10,
+        app_message: mimi_wire::proto::MlsMessage::from_bytes(mimi_wire::mls::private_message(
+            b"clubhouse-group",
+            1,
+            &ct,
+        ))
+        .expect("a private message we just built"),
+        sending_uri: mimi_wire::proto::IdentifierUri::new(format!(
+            "mimi://{provider}/u/sender{sender}"
+        )),
+    };
+    Bytes::from(req.encode().expect("encoding a request we just built"))
+}
+
+fn marker(fanout: &[u8]) -> Option<(u32, u32)> {
+    let at = fanout.windows(4).position(|w| w == MAGIC)?;
+    let s = u32::from_be_bytes(fanout.get(at + 4..at + 8)?.try_into().ok()?);
+    let c = u32::from_be_bytes(fanout.get(at + 8..at + 12)?.try_into().ok()?);
+    Some((s, c))
+}
+
+#[derive(Default)]
+struct Tally {
+    /// (sender, counter) -> first submission time.
+    sent_at: HashMap<(u32, u32), Instant>,
+    accepted: u64,
+    retries: u64,
+    /// Per receiver: distinct (sender, counter) seen.
+    seen: Vec<HashSet<(u32, u32)>>,
+    last: Vec<HashMap<u32, u32>>,
+    duplicated: u64,
+    out_of_order: u64,
+    latencies_us: Vec<u64>,
+    last_delivery: Option<Instant>,
+}
+
+fn submit_accepted(status: hyper::StatusCode, body: &[u8]) -> bool {
+    status == hyper::StatusCode::OK
+        && matches!(
+            mimi_wire::proto::SubmitMessageResponse::decode(body).map(|r| r.status),
+            Ok(mimi_wire::proto::SubmitStatus::Accepted { .. })
+        )
+}
+
+/// Runs the demo and returns its figures.
+pub async fn run(opts: DemoOptions, launcher: Launcher) -> Result<DemoReport> {
+    if !["quic", "https"].contains(&opts.transport.as_str()) {
+        bail!("--transport {}: expected quic or https", opts.transport);
+    }
+    let (dir, temp) = match &opts.dir {
+        Some(d) => (d.clone(), None),
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("mimi-relay-demo-")
+                .tempdir()?;
+            (t.path().to_path_buf(), Some(t))
+        }
+    };
+    let layout = prepare(&dir, &opts.transport)?;
+    let mut nodes = Nodes {
+        launcher,
+        children: vec![None, None, None],
+        layout,
+    };
+    for i in 0..3 {
+        nodes.spawn(i)?;
+    }
+    for i in 0..3 {
+        nodes.wait_healthy(i, Duration::from_secs(20)).await?;
+    }
+    let admins = nodes.layout.admins.clone();
+    let nodes = Arc::new(tokio::sync::Mutex::new(nodes));
+    let room: RoomId = ROOM.parse()?;
+
+    let senders_total = 3 * opts.clients;
+    let tally = Arc::new(Mutex::new(Tally {
+        seen: vec![HashSet::new(); 3],
+        last: vec![HashMap::new(); 3],
+        ..Tally::default()
+    }));
+    let started = Instant::now();
+    let stop_readers = Arc::new(std::sync::atomic::AtomicBool::new(false));
+
+    // One inbox reader per provider.
+    let mut readers = Vec::new();
+    for (p, admin) in admins.iter().copied().enumerate() {
+        let tally = tally.clone();
+        let stop = stop_readers.clone();
+        readers.push(tokio::spawn(async move {
+            let mut client = LocalClient::new(admin);
+            let mut after = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match client.inbox(after, 4096, 200).await {
+                    Ok(items) => {
+                        let now = Instant::now();
+                        let mut t = tally.lock().expect("tally lock");
+                        for item in items {
+                            after = after.max(item.offset);
+                            let Some((s, c)) = marker(&item.fanout) else {
+                                continue;
+                            };
+                            if !t.seen[p].insert((s, c)) {
+                                t.duplicated += 1;
+                                continue;
+                            }
+                            let prev = t.last[p].get(&s).copied();
+                            match prev {
+                                Some(prev) if c < prev => t.out_of_order += 1,
+                                _ => {
+                                    t.last[p].insert(s, c);
+                                }
+                            }
+                            if let Some(at) = t.sent_at.get(&(s, c)) {
+                                let us = now.duration_since(*at).as_micros() as u64;
+                                t.latencies_us.push(us);
+                            }
+                            t.last_delivery = Some(now);
+                        }
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        }));
+    }
+
+    // Senders: messages spread over providers and their clients.
+    let mut senders = Vec::new();
+    for s in 0..senders_total {
+        let provider = s % 3;
+        let count = opts.messages / senders_total + usize::from(s < opts.messages % senders_total);
+        let admin = admins[provider];
+        let tally = tally.clone();
+        let room = room.clone();
+        let size = opts.payload;
+        senders.push(tokio::spawn(async move {
+            let mut client = LocalClient::new(admin);
+            let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ (s as u64 + 1);
+            for counter in 0..count as u32 {
+                let body = message(PROVIDERS[provider], s as u32, counter, size, &mut rng);
+                tally
+                    .lock()
+                    .expect("tally lock")
+                    .sent_at
+                    .insert((s as u32, counter), Instant::now());
+                let mut attempts = 0u64;
+                loop {
+                    match client.submit(&room, body.clone()).await {
+                        Ok((status, b)) if submit_accepted(status, &b) => break,
+                        _ => {
+                            attempts += 1;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+                let mut t = tally.lock().expect("tally lock");
+                t.accepted += 1;
+                t.retries += attempts;
+            }
+        }));
+    }
+
+    // Chaos: kill b.example with SIGKILL at about a quarter and about 60% of the run.
+    let mut kills = 0;
+    if opts.chaos {
+        for share in [0.25, 0.6] {
+            let target = (opts.messages as f64 * share) as u64;
+            loop {
+                if tally.lock().expect("tally lock").accepted >= target {
+                    break;
+                }
+                if senders.iter().all(|h| h.is_finished()) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let mut n = nodes.lock().await;
+            n.kill9(1)?;
+            kills += 1;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            n.spawn(1)?;
+            n.wait_healthy(1, Duration::from_secs(20)).await?;
+        }
+    }
+
+    for s in senders {
+        s.await.map_err(|e| anyhow!("a sender task failed: {e}"))?;
+    }
+    let sent_done = Instant::now();
+    let expected = (opts.messages as u64) * 2;
+    loop {
+        let delivered: u64 = tally
+            .lock()
+            .expect("tally lock")
+            .seen
+            .iter()
+            .map(|s| s.len() as u64)
+            .sum();
+        if delivered >= expected || sent_done.elapsed() > opts.settle {
+            break;
+        }
+        if opts.progress {
+            eprint!("\r  waiting for deliveries: {delivered}/{expected}   ");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A moment more, so duplicates arriving late would be seen.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop_readers.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        let _ = r.await;
+    }
+
+    let t = tally.lock().expect("tally lock");
+    let delivered: u64 = t.seen.iter().map(|s| s.len() as u64).sum();
+    let mut lat = t.latencies_us.clone();
+    lat.sort_unstable();
+    let pct = |p: f64| -> u64 {
+        if lat.is_empty() {
+            0
+        } else {
+            lat[((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1]
+        }
+    };
+    let end = t.last_delivery.unwrap_or(started);
+    let elapsed = end.duration_since(started);
+    let report = DemoReport {
+        transport: opts.transport.clone(),
+        sent: t.accepted,
+        expected,
+        delivered,
+        lost: expected.saturating_sub(delivered),
+        duplicated: t.duplicated,
+        out_of_order: t.out_of_order,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+        msgs_per_s: delivered as f64 / elapsed.as_secs_f64().max(1e-9),
+        chaos_kills: kills,
+        submit_retries: t.retries,
+        elapsed_ms: elapsed.as_millis() as u64,
+    };
+    drop(t);
+    nodes.lock().await.stop_all();
+    if opts.keep || !report.is_clean() {
+        if let Some(t) = temp {
+            let kept = t.keep();
+            eprintln!("demo files kept in {}", kept.display());
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,166 @@
+//! `mimi-relay`: run a relay node, generate certificates, or run the three-provider demo.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use mimi_relay::demo::{self, DemoOptions, Launcher};
+
+#[derive(Parser)]
+#[command(
+    name = "mimi-relay",
+    version,
+    about = "A relay for MIMI traffic over pluggable transports"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one relay node until SIGTERM.
+    Run {
+        /// The node's TOML configuration.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Validate a node configuration and exit.
+    CheckConfig { config: PathBuf },
+    /// Make a self-signed certificate and key for each provider domain.
+    Keygen {
+        /// Provider domains, e.g. a.example b.example.
+        #[arg(required = true)]
+        domains: Vec<String>,
+        /// Directory to write DOMAIN.crt and DOMAIN.key into.
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Start three providers on loopback, run a room across them and report what arrived.
+    Demo {
+        /// Messages to submit, spread over the three providers.
+        #[arg(long, default_value_t = 1000)]
+        messages: usize,
+        /// Transport between the providers: quic or https.
+        #[arg(long, default_value = "quic")]
+        transport: String,
+        /// Print one JSON object instead of the summary.
+        #[arg(long)]
+        json: bool,
+        /// Kill b.example's process with SIGKILL twice during the run and restart it.
+        #[arg(long)]
+        chaos: bool,
+        /// Senders per provider.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Keep the working directory (configs, certificates, stores, logs).
+        #[arg(long)]
+        keep: bool,
+        /// Use this working directory instead of a temporary one.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Cmd::Run { config } => {
+            init_tracing();
+            relay_node::run(&config).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::CheckConfig { config } => {
+            let c = relay_node::NodeConfig::load(&config)?;
+            println!(
+                "{}: ok ({} as {}, {} peers, {} hosted rooms)",
+                config.display(),
+                c.domain,
+                if c.rooms.is_empty() {
+                    "follower"
+                } else {
+                    "hub"
+                },
+                c.peers.len(),
+                c.rooms.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Keygen {
+            domains,
+            out,
+            force,
+        } => {
+            for p in mimi_relay::keygen::keygen(&domains, &out, force)? {
+                println!("wrote {}", p.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Demo {
+            messages,
+            transport,
+            json,
+            chaos,
+            clients,
+            keep,
+            dir,
+        } => {
+            let opts = DemoOptions {
+                messages,
+                transport,
+                chaos,
+                clients: clients.max(1),
+                dir,
+                keep,
+                settle: Duration::from_secs(60),
+                progress: !json,
+                ..DemoOptions::default()
+            };
+            if !json {
+                eprintln!(
+                    "starting a.example (hub), b.example and c.example over {}{} ...",
+                    opts.transport,
+                    if chaos { ", with chaos" } else { "" }
+                );
+            }
+            let report = demo::run(opts, Launcher::this_binary()?).await?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                eprintln!();
+                print!("{}", report.summary());
+            }
+            Ok(if report.is_clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}

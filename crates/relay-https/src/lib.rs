@@ -1,0 +1,390 @@
+//! The HTTPS transport of mimi-relay: the MIMI protocol draft's own binding (protocol-06 §4.1, §5).
+//!
+//! # Contract
+//!
+//! [`HttpsTransport::start`] binds a listener and starts one task per configured peer. It
+//! implements [`relay_core::transport::Transport`] (kind [`TransportKind::Https`]).
+//!
+//! **Serving.** HTTP/1.1 and HTTP/2 (ALPN `h2`, `http/1.1`) over mutual TLS; a connection is
+//! kept only if the client certificate authenticates a trusted provider
+//! ([`relay_tls::peer_domain`]). Every request must then carry
+//! - `Host` (or HTTP/2 `:authority`) naming our provider domain, port ignored: missing → 400,
+//!   another name → **421 Misdirected Request** (the request reached a server that cannot answer
+//!   for that provider; nothing is wrong with the peer's credentials);
+//! - `From: mimi@<domain>` equal to the certificate's provider → else **403**.
+//!
+//! Routes:
+//! - `GET /.well-known/mimi-protocol-directory` → 200, the [`Directory`] JSON for
+//!   `https://<our domain>:<bound port>/v1`;
+//! - `POST /v1/{endpoint}/{target}` (`GET` for `proxyDownload`, per [`Endpoint::method`]):
+//!   `endpoint` is a MIMI endpoint name, `target` its percent-encoded path parameter (a room
+//!   URI, user URI or domain). It is strictly percent-decoded into [`Request::target`];
+//!   unescaped `/` are accepted as-is. Optional `MIMI-Seq: <u64>` → [`Request::seq`]. The body
+//!   goes to [`Inbound::request`] as exact bytes.
+//!
+//! Answers carry [`Status::http_code`], `MIMI-Next-Seq: <u64>` when the node gave
+//! [`Response::next_seq`], `Retry-After: <secs>` (rounded up) for [`Response::retry_after`].
+//! Adapter-level refusals answer before the node sees anything, with a [`Rejection`] token as
+//! the body: unknown path or endpoint → 404, wrong method → 405, malformed percent-encoding or
+//! `MIMI-Seq` → 400, body over `max_body` → 413 (from `Content-Length` before reading, and again
+//! while streaming, so a lying client cannot make us buffer more than `max_body`), body not
+//! received within `request_timeout` → 408. Every answer leaves the connection usable, except
+//! that an HTTP/1.1 body we refused without reading cannot be skipped, so hyper closes that
+//! connection after the 413; on HTTP/2 (what peers use) only the stream is reset. The draft
+//! names no media type, so bodies are `application/octet-stream` and error reasons `text/plain`.
+//!
+//! The future of [`Inbound::request`] is dropped if the peer resets the stream or the
+//! connection breaks before the answer: the node must not depend on it running to completion.
+//!
+//! **Sending.** One HTTP/2 connection per peer (ALPN `h2`, TLS server name = the peer's domain,
+//! whose certificate must authenticate that same provider), opened on first use and reopened
+//! after a failure. [`Transport::send`] never blocks: a full per-peer queue
+//! ([`PEER_QUEUE`] jobs) answers [`TransportError::Busy`]. Each transmit becomes
+//! `POST https://{dest}/v1/{endpoint}/{percent-encoded target}` with `:authority` = the
+//! destination's domain, `From: mimi@<our domain>`, `Content-Length`, `MIMI-Seq` when set, and
+//! the segments streamed without concatenating them into one buffer (segments of 16 KiB or more
+//! go out untouched; smaller neighbours are joined into frames of up to 16 KiB, because HTTP/2
+//! servers treat bursts of tiny DATA frames as a flood). Requests leave in send order per peer
+//! and their answers are awaited concurrently. Every transmit gets exactly one
+//! [`Inbound::outcome`]:
+//! - any HTTP answer with a known status → `Ok(Response)` (unknown status or malformed
+//!   `MIMI-Next-Seq` → `BadResponse`);
+//! - unknown destination → `NoRoute`; cannot connect → `Unreachable` (everything queued for that
+//!   peer at that moment fails at once; the core's timers decide when to retry);
+//! - connection broken before the answer → `ConnectionLost`; no full answer within
+//!   `request_timeout` → `Timeout`; after shutdown → `Closed`.
+//!
+//! [`Transport::probe`] fetches the directory over the (possibly new) connection and reports
+//! `alive = (status == 200)`.
+//!
+//! **Shutdown.** [`HttpsTransport::shutdown`] stops accepting, lets open connections finish
+//! their in-flight requests (HTTP/2 GOAWAY), carries what is already queued, refuses new
+//! sends with `Closed`, and returns when all that is done, each part bounded by
+//! `request_timeout`. Dropping the transport without shutdown aborts everything at once; the
+//! outcomes still outstanding are then never reported.
+//!
+//! Payload bytes are never logged. Connects, disconnects and refusals are `tracing` events.
+
+mod body;
+mod client;
+mod path;
+mod server;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::HeaderValue;
+use mimi_wire::endpoint::Directory;
+use mimi_wire::uri::ProviderDomain;
+use relay_core::transport::{
+    Inbound, Transmit, TransmitId, Transport, TransportError, TransportKind,
+};
+use relay_tls::{PeerTrust, TlsError, TlsIdentity};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tracing::info;
+
+#[cfg(doc)]
+use mimi_wire::endpoint::Endpoint;
+#[cfg(doc)]
+use relay_core::transport::{Request, Response, Status};
+
+pub use server::Rejection;
+
+/// Request header: the per-(room, destination) sequence number of the first segment.
+pub const MIMI_SEQ: &str = "mimi-seq";
+/// Response header: the receiver's next expected sequence number.
+pub const MIMI_NEXT_SEQ: &str = "mimi-next-seq";
+/// Media type of request and success bodies; the draft names none.
+pub const CONTENT_TYPE_BODY: &str = "application/octet-stream";
+/// Media type of error reasons.
+pub const CONTENT_TYPE_REASON: &str = "text/plain; charset=utf-8";
+/// How many jobs may wait for one peer's task before `send` answers `Busy`.
+pub const PEER_QUEUE: usize = 1024;
+
+/// Everything the HTTPS adapter needs.
+pub struct HttpsConfig {
+    /// Our provider's certificate and key; its domain is what `Host` must name and what we
+    /// send in `From`.
+    pub identity: TlsIdentity,
+    /// Which peer certificates authenticate which providers.
+    pub trust: PeerTrust,
+    /// Where to listen; port 0 picks a free one (see the address `start` returns).
+    pub listen: SocketAddr,
+    /// Where to reach each peer provider. Others are `NoRoute`.
+    pub peers: BTreeMap<ProviderDomain, SocketAddr>,
+    /// Largest request or response body accepted, in bytes.
+    pub max_body: usize,
+    /// Bounds each outbound request (connect included), each inbound upload and handshake,
+    /// and each phase of a graceful shutdown.
+    pub request_timeout: Duration,
+}
+
+impl fmt::Debug for HttpsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Identity and trust stay out: key material has no place in logs.
+        f.debug_struct("HttpsConfig")
+            .field("domain", &self.identity.domain)
+            .field("listen", &self.listen)
+            .field("peers", &self.peers)
+            .field("max_body", &self.max_body)
+            .field("request_timeout", &self.request_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the adapter could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HttpsError {
+    /// The listening socket could not be bound.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The identity or trust could not be turned into a TLS configuration.
+    #[error("invalid tls configuration")]
+    Tls(#[from] TlsError),
+    /// `start` was not polled inside a tokio runtime.
+    #[error("https transport must start inside a tokio runtime")]
+    NoRuntime,
+}
+
+/// Outcomes decided inside `send`/`probe`, reported from a task so the node is never called
+/// back re-entrantly.
+enum Report {
+    Outcome(
+        TransmitId,
+        Result<relay_core::transport::Response, TransportError>,
+    ),
+    Probe(ProviderDomain, bool),
+}
+
+struct Tasks {
+    accept: JoinHandle<()>,
+    peers: Vec<JoinHandle<()>>,
+}
+
+/// The running HTTPS adapter. See the crate docs for the contract.
+pub struct HttpsTransport {
+    domain: ProviderDomain,
+    local_addr: SocketAddr,
+    peers: BTreeMap<ProviderDomain, mpsc::Sender<client::Job>>,
+    reports: mpsc::UnboundedSender<Report>,
+    closed: AtomicBool,
+    shutdown: watch::Sender<bool>,
+    /// Taken by the first `shutdown`.
+    tasks: Mutex<Option<Tasks>>,
+    /// Outlives `shutdown`: sends after it still get their `Closed` outcome.
+    reporter: JoinHandle<()>,
+}
+
+impl fmt::Debug for HttpsTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpsTransport")
+            .field("domain", &self.domain)
+            .field("local_addr", &self.local_addr)
+            .field("peers", &self.peers.keys().collect::<Vec<_>>())
+            .field("closed", &self.closed.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl HttpsTransport {
+    /// Binds the listener and starts the tasks; returns the transport and the bound address.
+    pub async fn start<I: Inbound>(
+        config: HttpsConfig,
+        inbound: I,
+    ) -> Result<(HttpsTransport, SocketAddr), HttpsError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| HttpsError::NoRuntime)?;
+        let HttpsConfig {
+            identity,
+            trust,
+            listen,
+            peers,
+            max_body,
+            request_timeout,
+        } = config;
+
+        let server_tls = relay_tls::server_config(
+            &identity,
+            &trust,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        )?;
+        let client_tls = relay_tls::client_config(&identity, &trust, vec![b"h2".to_vec()])?;
+        let domain = identity.domain.clone();
+        let trust = Arc::new(trust);
+
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|source| HttpsError::Bind {
+                addr: listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| HttpsError::Bind {
+            addr: listen,
+            source,
+        })?;
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+
+        let base = if local_addr.port() == 443 {
+            format!("https://{domain}/v1")
+        } else {
+            format!("https://{domain}:{}/v1", local_addr.port())
+        };
+        let directory = serde_json::to_vec(&Directory::for_base(&base))
+            .map(Bytes::from)
+            .unwrap_or_default();
+        let server_ctx = Arc::new(server::ServerCtx {
+            inbound: inbound.clone(),
+            domain: domain.clone(),
+            trust: trust.clone(),
+            directory,
+            max_body,
+            request_timeout,
+        });
+        let accept = runtime.spawn(server::accept_loop(
+            server_ctx,
+            listener,
+            TlsAcceptor::from(server_tls),
+            shutdown_rx.clone(),
+        ));
+
+        // The domain is a validated DNS name, so it is always a valid header value.
+        let from = HeaderValue::try_from(format!("mimi@{domain}"))
+            .unwrap_or_else(|_| HeaderValue::from_static("mimi@invalid"));
+        let connector = TlsConnector::from(client_tls);
+        let mut senders = BTreeMap::new();
+        let mut peer_tasks = Vec::with_capacity(peers.len());
+        for (dest, addr) in peers {
+            let (tx, rx) = mpsc::channel(PEER_QUEUE);
+            let ctx = client::PeerCtx {
+                dest: dest.clone(),
+                addr,
+                from: from.clone(),
+                connector: connector.clone(),
+                trust: trust.clone(),
+                max_body,
+                request_timeout,
+                inbound: inbound.clone(),
+            };
+            peer_tasks.push(runtime.spawn(client::run_peer(ctx, rx, shutdown_rx.clone())));
+            senders.insert(dest, tx);
+        }
+
+        let (reports, mut report_rx) = mpsc::unbounded_channel();
+        let reporter = runtime.spawn(async move {
+            while let Some(report) = report_rx.recv().await {
+                match report {
+                    Report::Outcome(id, outcome) => inbound.outcome(id, outcome),
+                    Report::Probe(peer, alive) => inbound.probe_outcome(peer, alive),
+                }
+            }
+        });
+
+        info!(%domain, addr = %local_addr, peers = senders.len(), "https transport started");
+        let transport = HttpsTransport {
+            domain,
+            local_addr,
+            peers: senders,
+            reports,
+            closed: AtomicBool::new(false),
+            shutdown,
+            tasks: Mutex::new(Some(Tasks {
+                accept,
+                peers: peer_tasks,
+            })),
+            reporter,
+        };
+        Ok((transport, local_addr))
+    }
+
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting and sending, finishes what is in flight, then returns. Idempotent.
+    pub async fn shutdown(&self) {
+        self.closed.store(true, Ordering::Release);
+        let _ = self.shutdown.send(true);
+        let tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(tasks) = tasks else { return };
+        let _ = tasks.accept.await;
+        for peer in tasks.peers {
+            let _ = peer.await;
+        }
+        info!(domain = %self.domain, "https transport shut down");
+    }
+
+    fn report(&self, report: Report) {
+        // Fails only once the reporter is gone, i.e. the transport is being dropped.
+        let _ = self.reports.send(report);
+    }
+}
+
+impl Drop for HttpsTransport {
+    fn drop(&mut self) {
+        let tasks = self
+            .tasks
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(tasks) = tasks {
+            tasks.accept.abort();
+            for peer in tasks.peers {
+                peer.abort();
+            }
+        }
+        self.reporter.abort();
+    }
+}
+
+impl Transport for HttpsTransport {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Https
+    }
+
+    fn send(&self, transmit: Transmit) {
+        let id = transmit.id;
+        if self.closed.load(Ordering::Acquire) {
+            self.report(Report::Outcome(id, Err(TransportError::Closed)));
+            return;
+        }
+        let Some(queue) = self.peers.get(&transmit.dest) else {
+            let dest = transmit.dest;
+            self.report(Report::Outcome(id, Err(TransportError::NoRoute(dest))));
+            return;
+        };
+        match queue.try_send(client::Job::Transmit(transmit)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.report(Report::Outcome(id, Err(TransportError::Busy)));
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.report(Report::Outcome(id, Err(TransportError::Closed)));
+            }
+        }
+    }
+
+    fn probe(&self, peer: &ProviderDomain) {
+        let queued = !self.closed.load(Ordering::Acquire)
+            && self
+                .peers
+                .get(peer)
+                .is_some_and(|q| q.try_send(client::Job::Probe).is_ok());
+        if !queued {
+            self.report(Report::Probe(peer.clone(), false));
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! The loopback HTTP API: the local clients' submit and inbox, room creation, `/metrics` and
+//! `/healthz`. Plain HTTP on loopback only (the config refuses anything else).
+//!
+//! Inbox records travel in a small binary form so a reader can keep up with the relay:
+//! per record `offset u64, accepted_ms u64, from u16-len string, room u16-len string,
+//! fanout u32-len bytes`, all big-endian.
+
+use std::sync::mpsc::Sender;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response as HttpResponse};
+use axum::routing::{get, post};
+use bytes::{BufMut, BytesMut};
+use mimi_wire::uri::{ProviderDomain, RoomId};
+use relay_core::Response;
+use relay_core::store::InboxRecord;
+use serde::Deserialize;
+use tokio::sync::{oneshot, watch};
+
+use crate::core_loop::Event;
+use crate::metrics;
+
+#[derive(Clone)]
+pub(crate) struct ApiState {
+    pub tx: Sender<Event>,
+    pub inbox_next: watch::Receiver<u64>,
+    pub max_body: usize,
+}
+
+pub(crate) fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics_page))
+        .route("/v1/client/submit/{room}", post(submit))
+        .route("/v1/client/inbox", get(inbox))
+        .route("/v1/client/rooms", post(create_room))
+        .layer(axum::extract::DefaultBodyLimit::max(state.max_body))
+        .with_state(state)
+}
+
+async fn ask<T>(tx: &Sender<Event>, make: impl FnOnce(oneshot::Sender<T>) -> Event) -> Option<T> {
+    let (reply, rx) = oneshot::channel();
+    tx.send(make(reply)).ok()?;
+    rx.await.ok()
+}
+
+fn unavailable() -> HttpResponse {
+    (StatusCode::SERVICE_UNAVAILABLE, "node is shutting down\n").into_response()
+}
+
+pub(crate) fn to_http(r: Response) -> HttpResponse {
+    let status =
+        StatusCode::from_u16(r.status.http_code()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut headers = HeaderMap::new();
+    if let Some(ra) = r.retry_after {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(ra.as_secs().max(1)));
+    }
+    (status, headers, r.body).into_response()
+}
+
+async fn submit(State(s): State<ApiState>, Path(room): Path<String>, body: Bytes) -> HttpResponse {
+    match ask(&s.tx, |reply| Event::Submit { room, body, reply }).await {
+        Some(r) => to_http(r),
+        None => unavailable(),
+    }
+}
+
+#[derive(Deserialize)]
+struct InboxQuery {
+    #[serde(default)]
+    after: u64,
+    #[serde(default = "default_max")]
+    max: usize,
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+fn default_max() -> usize {
+    1024
+}
+
+/// Returns records after `after` (and lets the node forget those up to it); waits up to
+/// `wait_ms` for the first one to arrive.
+async fn inbox(State(mut s): State<ApiState>, Query(q): Query<InboxQuery>) -> HttpResponse {
+    let max = q.max.clamp(1, 65_536);
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(q.wait_ms.min(30_000));
+    loop {
+        s.inbox_next.borrow_and_update();
+        let Some(items) = ask(&s.tx, |reply| Event::Inbox {
+            after: q.after,
+            max,
+            reply,
+        })
+        .await
+        else {
+            return unavailable();
+        };
+        if !items.is_empty() || tokio::time::Instant::now() >= deadline {
+            return (StatusCode::OK, encode_inbox(&items)).into_response();
+        }
+        // Wake on the next delivery; a delivery between the read and here marked the watch
+        // changed already, so nothing is missed.
+        if tokio::time::timeout_at(deadline, s.inbox_next.changed())
+            .await
+            .is_err()
+        {
+            return (StatusCode::OK, Bytes::new()).into_response();
+        }
+    }
+}
+
+pub fn encode_inbox(items: &[(u64, InboxRecord)]) -> Bytes {
+    let len: usize = items.iter().map(|(_, r)| 24 + r.fanout.len() + 64).sum();
+    let mut b = BytesMut::with_capacity(len);
+    for (offset, r) in items {
+        b.put_u64(*offset);
+        b.put_u64(r.accepted_ms);
+        put_str(&mut b, r.from.as_str());
+        put_str(&mut b, r.room.as_str());
+        b.put_u32(r.fanout.len() as u32);
+        b.put_slice(&r.fanout);
+    }
+    b.freeze()
+}
+
+fn put_str(b: &mut BytesMut, s: &str) {
+    b.put_u16(s.len() as u16);
+    b.put_slice(s.as_bytes());
+}
+
+#[derive(Deserialize)]
+struct NewRoom {
+    id: String,
+    followers: Vec<String>,
+}
+
+async fn create_room(
+    State(s): State<ApiState>,
+    axum::Json(r): axum::Json<NewRoom>,
+) -> HttpResponse {
+    let room: RoomId = match r.id.parse() {
+        Ok(r) => r,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("id: {e}\n")).into_response(),
+    };
+    let mut followers = Vec::new();
+    for f in &r.followers {
+        match f.parse::<ProviderDomain>() {
+            Ok(d) => followers.push(d),
+            Err(e) => {
+                return (StatusCode::BAD_REQUEST, format!("followers: {f:?}: {e}\n"))
+                    .into_response();
+            }
+        }
+    }
+    match ask(&s.tx, |reply| Event::CreateRoom {
+        room,
+        followers,
+        reply,
+    })
+    .await
+    {
+        Some(Ok(())) => (StatusCode::CREATED, "created\n").into_response(),
+        Some(Err(e)) => (StatusCode::UNPROCESSABLE_ENTITY, format!("{e}\n")).into_response(),
+        None => unavailable(),
+    }
+}
+
+async fn metrics_page(State(s): State<ApiState>) -> HttpResponse {
+    match ask(&s.tx, |reply| Event::Stats { reply }).await {
+        Some(stats) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            metrics::render(&stats),
+        )
+            .into_response(),
+        None => unavailable(),
+    }
+}

@@ -1,0 +1,204 @@
+//! A client of a node's loopback API, for the demo, the load harness and tests.
+
+use std::net::SocketAddr;
+
+use bytes::{Buf, Bytes};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use mimi_wire::uri::RoomId;
+
+/// Why a call to the local API failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("http: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("bad request: {0}")]
+    Build(#[from] hyper::http::Error),
+    #[error("malformed inbox record")]
+    Malformed,
+    #[error("status {status}: {body}")]
+    Status { status: StatusCode, body: String },
+}
+
+/// One delivered event as read from a node's inbox.
+#[derive(Debug, Clone)]
+pub struct InboxItem {
+    pub offset: u64,
+    pub accepted_ms: u64,
+    pub from: String,
+    pub room: String,
+    pub fanout: Bytes,
+}
+
+/// One keep-alive HTTP/1.1 connection to a node's API; reconnects after a failure.
+#[derive(Debug)]
+pub struct LocalClient {
+    addr: SocketAddr,
+    conn: Option<SendRequest<Full<Bytes>>>,
+}
+
+impl LocalClient {
+    pub fn new(addr: SocketAddr) -> Self {
+        LocalClient { addr, conn: None }
+    }
+
+    async fn call(
+        &mut self,
+        req: Request<Full<Bytes>>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let result = self.try_call(req).await;
+        if result.is_err() {
+            self.conn = None; // a fresh connection next time
+        }
+        result
+    }
+
+    async fn try_call(
+        &mut self,
+        req: Request<Full<Bytes>>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        if self.conn.as_ref().is_none_or(|c| c.is_closed()) {
+            let stream = tokio::net::TcpStream::connect(self.addr)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    addr: self.addr,
+                    source,
+                })?;
+            let _ = stream.set_nodelay(true);
+            let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            self.conn = Some(send);
+        }
+        let Some(send) = self.conn.as_mut() else {
+            return Err(ClientError::Malformed);
+        };
+        send.ready().await?;
+        let resp = send.send_request(req).await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok((status, body))
+    }
+
+    fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<Request<Full<Bytes>>, ClientError> {
+        Ok(Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, self.addr.to_string())
+            .body(Full::new(body))?)
+    }
+
+    /// Submits a SubmitMessageRequest for `room`; returns the HTTP status and the body
+    /// (a SubmitMessageResponse when the status is 200).
+    pub async fn submit(
+        &mut self,
+        room: &RoomId,
+        body: Bytes,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let path = format!("/v1/client/submit/{}", room.to_path_segment());
+        let req = self.request(Method::POST, &path, body)?;
+        self.call(req).await
+    }
+
+    /// Reads records after `after`, waiting up to `wait_ms` for the first one.
+    pub async fn inbox(
+        &mut self,
+        after: u64,
+        max: usize,
+        wait_ms: u64,
+    ) -> Result<Vec<InboxItem>, ClientError> {
+        let path = format!("/v1/client/inbox?after={after}&max={max}&wait_ms={wait_ms}");
+        let req = self.request(Method::GET, &path, Bytes::new())?;
+        let (status, body) = self.call(req).await?;
+        if status != StatusCode::OK {
+            return Err(ClientError::Status {
+                status,
+                body: String::from_utf8_lossy(&body).into(),
+            });
+        }
+        decode_inbox(body)
+    }
+
+    pub async fn create_room(
+        &mut self,
+        room: &RoomId,
+        followers: &[&str],
+    ) -> Result<(), ClientError> {
+        let json = serde_json::json!({ "id": room.as_str(), "followers": followers }).to_string();
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri("/v1/client/rooms")
+            .header(hyper::header::HOST, self.addr.to_string())
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(json)))?;
+        let (status, body) = self.call(req).await?;
+        if status != StatusCode::CREATED {
+            return Err(ClientError::Status {
+                status,
+                body: String::from_utf8_lossy(&body).into(),
+            });
+        }
+        Ok(())
+    }
+
+    pub async fn get(&mut self, path: &str) -> Result<(StatusCode, Bytes), ClientError> {
+        let req = self.request(Method::GET, path, Bytes::new())?;
+        self.call(req).await
+    }
+}
+
+/// Decodes the API's binary inbox form (see the `api` module).
+pub fn decode_inbox(mut b: Bytes) -> Result<Vec<InboxItem>, ClientError> {
+    let mut items = Vec::new();
+    while b.has_remaining() {
+        if b.remaining() < 16 {
+            return Err(ClientError::Malformed);
+        }
+        let offset = b.get_u64();
+        let accepted_ms = b.get_u64();
+        let from = take_str(&mut b)?;
+        let room = take_str(&mut b)?;
+        if b.remaining() < 4 {
+            return Err(ClientError::Malformed);
+        }
+        let n = b.get_u32() as usize;
+        if b.remaining() < n {
+            return Err(ClientError::Malformed);
+        }
+        let fanout = b.split_to(n);
+        items.push(InboxItem {
+            offset,
+            accepted_ms,
+            from,
+            room,
+            fanout,
+        });
+    }
+    Ok(items)
+}
+
+fn take_str(b: &mut Bytes) -> Result<String, ClientError> {
+    if b.remaining() < 2 {
+        return Err(ClientError::Malformed);
+    }
+    let n = b.get_u16() as usize;
+    if b.remaining() < n {
+        return Err(ClientError::Malformed);
+    }
+    String::from_utf8(b.split_to(n).to_vec()).map_err(|_| ClientError::Malformed)
+}

@@ -1,0 +1,415 @@
+//! The node's TOML configuration, validated at start. Every error names the file, the key and
+//! what is wrong with it.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use mimi_wire::uri::{ProviderDomain, RoomId};
+use relay_core::TransportKind;
+use serde::Deserialize;
+
+/// A configuration that could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: {source}")]
+    Parse {
+        file: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("{file}: {key}: {message}")]
+    Invalid {
+        file: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    node: RawNode,
+    tls: RawTls,
+    #[serde(default)]
+    listen: RawListen,
+    #[serde(default)]
+    peers: Vec<RawPeer>,
+    #[serde(default)]
+    rooms: Vec<RawRoom>,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    domain: String,
+    data_dir: PathBuf,
+    admin: String,
+    #[serde(default)]
+    store: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawListen {
+    https: Option<String>,
+    quic: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    domain: String,
+    transport: String,
+    address: String,
+    cert: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoom {
+    id: String,
+    followers: Vec<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_body: Option<usize>,
+    max_queue: Option<usize>,
+    request_timeout_ms: Option<u64>,
+}
+
+/// Where the node keeps its durable state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    /// The embedded crash-safe store (the default).
+    Durable,
+    /// Memory only: everything is lost on exit. For benchmarks and tests.
+    Memory,
+}
+
+/// A peer provider, as configured.
+#[derive(Clone, Debug)]
+pub struct PeerConfig {
+    pub domain: ProviderDomain,
+    pub transport: TransportKind,
+    pub address: SocketAddr,
+    /// The peer's trusted certificate (PEM), already resolved against the config's directory.
+    pub cert: PathBuf,
+}
+
+/// A room this node hosts as hub.
+#[derive(Clone, Debug)]
+pub struct RoomConfig {
+    pub id: RoomId,
+    pub followers: Vec<ProviderDomain>,
+}
+
+/// A validated node configuration. Relative paths are resolved against the config file's
+/// directory.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub file: PathBuf,
+    pub domain: ProviderDomain,
+    pub data_dir: PathBuf,
+    pub store: StoreKind,
+    /// The loopback listener for the local client API and `/metrics`.
+    pub admin: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub https: Option<SocketAddr>,
+    pub quic: Option<SocketAddr>,
+    pub peers: Vec<PeerConfig>,
+    pub rooms: Vec<RoomConfig>,
+    pub max_body: usize,
+    pub max_queue: usize,
+    pub request_timeout: Duration,
+}
+
+struct Ctx<'a> {
+    file: &'a Path,
+}
+
+impl Ctx<'_> {
+    fn err(&self, key: impl fmt::Display, message: impl fmt::Display) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_path_buf(),
+            key: key.to_string(),
+            message: message.to_string(),
+        }
+    }
+
+    fn addr(&self, key: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+        s.parse()
+            .map_err(|_| self.err(key, format!("{s:?} is not an address like 127.0.0.1:4433")))
+    }
+
+    fn domain(&self, key: impl fmt::Display, s: &str) -> Result<ProviderDomain, ConfigError> {
+        s.parse()
+            .map_err(|e| self.err(key, format!("{s:?} is not a provider domain: {e}")))
+    }
+}
+
+impl NodeConfig {
+    /// Reads and validates `file`.
+    pub fn load(file: &Path) -> Result<NodeConfig, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.to_path_buf(),
+            source,
+        })?;
+        Self::parse(file, &text)
+    }
+
+    /// Validates `text` as if read from `file` (relative paths resolve against its directory).
+    pub fn parse(file: &Path, text: &str) -> Result<NodeConfig, ConfigError> {
+        let raw: Raw = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            file: file.to_path_buf(),
+            source: Box::new(source),
+        })?;
+        let cx = Ctx { file };
+        let base = file.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+
+        let domain = cx.domain("node.domain", &raw.node.domain)?;
+        let admin = cx.addr("node.admin", &raw.node.admin)?;
+        if !admin.ip().is_loopback() {
+            return Err(cx.err(
+                "node.admin",
+                "the client API has no authentication, so it must listen on loopback",
+            ));
+        }
+        let store = match raw.node.store.as_deref() {
+            None | Some("durable") => StoreKind::Durable,
+            Some("memory") => StoreKind::Memory,
+            Some(other) => {
+                return Err(cx.err(
+                    "node.store",
+                    format!("{other:?}: expected durable or memory"),
+                ));
+            }
+        };
+        let https = raw
+            .listen
+            .https
+            .as_deref()
+            .map(|s| cx.addr("listen.https", s))
+            .transpose()?;
+        let quic = raw
+            .listen
+            .quic
+            .as_deref()
+            .map(|s| cx.addr("listen.quic", s))
+            .transpose()?;
+
+        let mut peers = Vec::new();
+        let mut seen = BTreeSet::new();
+        for (i, p) in raw.peers.iter().enumerate() {
+            let key = |k: &str| format!("peers[{i}].{k}");
+            let d = cx.domain(key("domain"), &p.domain)?;
+            if d == domain {
+                return Err(cx.err(key("domain"), "a node cannot be its own peer"));
+            }
+            if !seen.insert(d.clone()) {
+                return Err(cx.err(key("domain"), format!("{d} is listed twice")));
+            }
+            let transport: TransportKind = p
+                .transport
+                .parse()
+                .map_err(|e| cx.err(key("transport"), e))?;
+            let listening = match transport {
+                TransportKind::Https => https.is_some(),
+                TransportKind::Quic => quic.is_some(),
+                _ => false,
+            };
+            if !listening {
+                return Err(cx.err(
+                    key("transport"),
+                    format!("peer {d} uses {transport}, but listen.{transport} is not set"),
+                ));
+            }
+            let cert = resolve(&p.cert);
+            if !cert.is_file() {
+                return Err(cx.err(key("cert"), format!("{} does not exist", cert.display())));
+            }
+            peers.push(PeerConfig {
+                domain: d,
+                transport,
+                address: cx.addr(&key("address"), &p.address)?,
+                cert,
+            });
+        }
+
+        let mut rooms = Vec::new();
+        for (i, r) in raw.rooms.iter().enumerate() {
+            let key = |k: &str| format!("rooms[{i}].{k}");
+            let id: RoomId =
+                r.id.parse()
+                    .map_err(|e| cx.err(key("id"), format!("{:?}: {e}", r.id)))?;
+            if id.domain() != domain.as_str() {
+                return Err(cx.err(
+                    key("id"),
+                    format!(
+                        "{id} is hosted by {}, not by this node ({domain})",
+                        id.domain()
+                    ),
+                ));
+            }
+            let mut followers = Vec::new();
+            for (j, f) in r.followers.iter().enumerate() {
+                let fd = cx.domain(key(&format!("followers[{j}]")), f)?;
+                if !peers.iter().any(|p| p.domain == fd) {
+                    return Err(cx.err(
+                        key(&format!("followers[{j}]")),
+                        format!("{fd} is not among the peers"),
+                    ));
+                }
+                followers.push(fd);
+            }
+            rooms.push(RoomConfig { id, followers });
+        }
+
+        let cert = resolve(&raw.tls.cert);
+        let key = resolve(&raw.tls.key);
+        for (k, p) in [("tls.cert", &cert), ("tls.key", &key)] {
+            if !p.is_file() {
+                return Err(cx.err(k, format!("{} does not exist", p.display())));
+            }
+        }
+        let max_body = raw.limits.max_body.unwrap_or(1 << 20);
+        if !(1024..=64 << 20).contains(&max_body) {
+            return Err(cx.err("limits.max_body", "must be between 1024 and 67108864 bytes"));
+        }
+        let max_queue = raw.limits.max_queue.unwrap_or(100_000);
+        if max_queue == 0 {
+            return Err(cx.err("limits.max_queue", "must be at least 1"));
+        }
+        let request_timeout = Duration::from_millis(raw.limits.request_timeout_ms.unwrap_or(5_000));
+        if request_timeout < Duration::from_millis(10) {
+            return Err(cx.err("limits.request_timeout_ms", "must be at least 10"));
+        }
+
+        Ok(NodeConfig {
+            file: file.to_path_buf(),
+            domain,
+            data_dir: resolve(&raw.node.data_dir),
+            store,
+            admin,
+            cert,
+            key,
+            https,
+            quic,
+            peers,
+            rooms,
+            max_body,
+            max_queue,
+            request_timeout,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_files(text: &str) -> (tempfile::TempDir, Result<NodeConfig, ConfigError>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for f in ["a.crt", "a.key", "b.crt"] {
+            std::fs::write(dir.path().join(f), "x").expect("write");
+        }
+        let file = dir.path().join("node.toml");
+        let r = NodeConfig::parse(&file, text);
+        (dir, r)
+    }
+
+    const GOOD: &str = r#"
+[node]
+domain = "a.example"
+data_dir = "data"
+admin = "127.0.0.1:9100"
+[tls]
+cert = "a.crt"
+key = "a.key"
+[listen]
+quic = "127.0.0.1:4433"
+[[peers]]
+domain = "b.example"
+transport = "quic"
+address = "127.0.0.1:4434"
+cert = "b.crt"
+[[rooms]]
+id = "mimi://a.example/r/clubhouse"
+followers = ["b.example"]
+"#;
+
+    #[test]
+    fn good_config_resolves_paths() {
+        let (dir, r) = with_files(GOOD);
+        let c = r.expect("valid");
+        assert_eq!(c.domain.as_str(), "a.example");
+        assert_eq!(c.data_dir, dir.path().join("data"));
+        assert_eq!(c.peers[0].cert, dir.path().join("b.crt"));
+        assert_eq!(c.rooms[0].followers.len(), 1);
+        assert_eq!(c.store, StoreKind::Durable);
+    }
+
+    fn invalid(text: &str) -> (String, String) {
+        match with_files(text).1 {
+            Err(ConfigError::Invalid { key, message, .. }) => (key, message),
+            other => panic!("expected an invalid-key error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let (k, _) = invalid(&GOOD.replace("\"quic\"\naddress", "\"carrier-pigeon\"\naddress"));
+        assert_eq!(k, "peers[0].transport");
+        let (k, m) = invalid(&GOOD.replace("127.0.0.1:4434", "nowhere"));
+        assert_eq!(k, "peers[0].address");
+        assert!(m.contains("nowhere"));
+        let (k, _) =
+            invalid(&GOOD.replace("followers = [\"b.example\"]", "followers = [\"z.example\"]"));
+        assert_eq!(k, "rooms[0].followers[0]");
+        let (k, _) = invalid(&GOOD.replace("mimi://a.example/r/", "mimi://b.example/r/"));
+        assert_eq!(k, "rooms[0].id");
+        let (k, _) = invalid(&GOOD.replace("b.crt", "missing.crt"));
+        assert_eq!(k, "peers[0].cert");
+        let (k, _) =
+            invalid(&GOOD.replace("admin = \"127.0.0.1:9100\"", "admin = \"0.0.0.0:9100\""));
+        assert_eq!(k, "node.admin");
+        let (k, _) = invalid(&GOOD.replace("[listen]\nquic = \"127.0.0.1:4433\"", "[listen]"));
+        assert_eq!(k, "peers[0].transport");
+    }
+
+    #[test]
+    fn unknown_keys_are_parse_errors_with_the_file() {
+        let (_d, r) = with_files(&GOOD.replace("[tls]", "[tls]\ncolour = \"blue\""));
+        let e = r.expect_err("unknown key");
+        let s = e.to_string();
+        assert!(s.contains("node.toml") && s.contains("colour"), "{s}");
+    }
+}

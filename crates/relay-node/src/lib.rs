@@ -1,0 +1,352 @@
+//! One mimi-relay node: configuration, the core thread, the transports, the loopback API,
+//! metrics and graceful shutdown.
+//!
+//! Contract: [`Node::start`] validates everything before it listens; once it returns, every
+//! configured transport accepts peers and the API serves local clients. A reply that says
+//! "accepted" is sent only after the store commit that made it durable. [`Node::shutdown`]
+//! stops accepting, lets the core commit what it holds, and returns when it has.
+
+mod api;
+pub mod client;
+pub mod config;
+mod core_loop;
+pub mod metrics;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, Sender};
+use std::time::Duration;
+
+use mimi_wire::uri::ProviderDomain;
+use relay_core::{
+    Inbound, MemStore, Relay, RelayConfig, Request, Response, Status, Store, StoreError,
+    TransmitId, TransportError, TransportKind,
+};
+use relay_tls::{PeerTrust, TlsIdentity};
+use tokio::sync::{oneshot, watch};
+use tracing::{error, info};
+
+pub use api::encode_inbox;
+pub use config::{ConfigError, NodeConfig, StoreKind};
+use core_loop::{CoreLoop, Event, PENDING_REQUESTS, Transports};
+
+/// Requests from peers waiting for the core before new ones are answered 503.
+const MAX_PENDING_REQUESTS: usize = 16_384;
+
+/// A node that could not start or stopped on an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("tls: {0}")]
+    Tls(#[from] relay_tls::TlsError),
+    #[error("store at {path}: {source}")]
+    Store {
+        path: String,
+        #[source]
+        source: StoreError,
+    },
+    #[error("https transport: {0}")]
+    Https(#[from] relay_https::HttpsError),
+    #[error("quic transport: {0}")]
+    Quic(#[from] relay_quic::QuicError),
+    #[error("api listener on {addr}: {source}")]
+    Api {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("room {room}: {source}")]
+    Room {
+        room: String,
+        #[source]
+        source: relay_core::RoomError,
+    },
+    #[error("the core thread stopped: {0}")]
+    Core(String),
+}
+
+/// What the transports call into: forwards to the core thread.
+#[derive(Clone)]
+struct NodeInbound {
+    tx: Sender<Event>,
+}
+
+impl Inbound for NodeInbound {
+    fn request(&self, req: Request) -> impl Future<Output = Response> + Send {
+        let tx = self.tx.clone();
+        async move {
+            if PENDING_REQUESTS.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING_REQUESTS {
+                PENDING_REQUESTS.fetch_sub(1, Ordering::Relaxed);
+                let mut r = Response::error(Status::Unavailable, "relay overloaded");
+                r.retry_after = Some(Duration::from_secs(1));
+                return r;
+            }
+            let (reply, rx) = oneshot::channel();
+            if tx.send(Event::Request { req, reply }).is_err() {
+                PENDING_REQUESTS.fetch_sub(1, Ordering::Relaxed);
+                return Response::error(Status::Unavailable, "relay shutting down");
+            }
+            rx.await
+                .unwrap_or_else(|_| Response::error(Status::Unavailable, "relay shutting down"))
+        }
+    }
+
+    fn outcome(&self, id: TransmitId, outcome: Result<Response, TransportError>) {
+        let _ = self.tx.send(Event::Outcome { id, outcome });
+    }
+
+    fn probe_outcome(&self, peer: ProviderDomain, alive: bool) {
+        let _ = self.tx.send(Event::Probe { peer, alive });
+    }
+}
+
+/// A running node.
+pub struct Node {
+    pub domain: ProviderDomain,
+    pub admin: SocketAddr,
+    pub https: Option<SocketAddr>,
+    pub quic: Option<SocketAddr>,
+    tx: Sender<Event>,
+    transports: Arc<Transports>,
+    core: Option<std::thread::JoinHandle<Result<(), StoreError>>>,
+    api_stop: Option<oneshot::Sender<()>>,
+    api_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("domain", &self.domain)
+            .field("admin", &self.admin)
+            .finish()
+    }
+}
+
+impl Node {
+    /// Starts a node from a validated config. Must run inside a tokio runtime.
+    pub async fn start(cfg: NodeConfig) -> Result<Node, NodeError> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let identity = TlsIdentity::load(cfg.domain.clone(), &cfg.cert, &cfg.key)?;
+        let mut trust = PeerTrust::new();
+        for p in &cfg.peers {
+            trust.load_pem(p.domain.clone(), &p.cert)?;
+        }
+
+        let mut core_cfg = RelayConfig::new(cfg.domain.clone());
+        for p in &cfg.peers {
+            core_cfg = core_cfg.with_route(p.domain.clone(), p.transport);
+        }
+        core_cfg.limits.max_body = cfg.max_body;
+        core_cfg.max_queue = cfg.max_queue;
+        core_cfg.transmit_timeout = cfg.request_timeout + Duration::from_secs(1);
+        core_cfg.seed = rand_seed();
+
+        let store_path = cfg.data_dir.join("relay.redb");
+        let store_err = |source| NodeError::Store {
+            path: store_path.display().to_string(),
+            source,
+        };
+        let (tx, rx) = mpsc::channel();
+        let (inbox_tx, inbox_rx) = watch::channel(0);
+        let inbound = NodeInbound { tx: tx.clone() };
+
+        let mut transports = Transports::default();
+        let peers_of = |kind: TransportKind| {
+            cfg.peers
+                .iter()
+                .filter(|p| p.transport == kind)
+                .map(|p| (p.domain.clone(), p.address))
+                .collect()
+        };
+        let mut https_addr = None;
+        if let Some(listen) = cfg.https {
+            let hc = relay_https::HttpsConfig {
+                identity: identity.clone(),
+                trust: trust.clone(),
+                listen,
+                peers: peers_of(TransportKind::Https),
+                max_body: cfg.max_body,
+                request_timeout: cfg.request_timeout,
+            };
+            let (t, addr) = relay_https::HttpsTransport::start(hc, inbound.clone()).await?;
+            https_addr = Some(addr);
+            transports.https = Some(Arc::new(t));
+        }
+        let mut quic_addr = None;
+        if let Some(listen) = cfg.quic {
+            let qc = relay_quic::QuicConfig {
+                identity: identity.clone(),
+                trust: trust.clone(),
+                listen,
+                peers: peers_of(TransportKind::Quic),
+                max_body: cfg.max_body,
+                request_timeout: cfg.request_timeout,
+            };
+            let (t, addr) = relay_quic::QuicTransport::start(qc, inbound.clone()).await?;
+            quic_addr = Some(addr);
+            transports.quic = Some(Arc::new(t));
+        }
+        let transports = Arc::new(transports);
+
+        let core = match cfg.store {
+            StoreKind::Durable => {
+                std::fs::create_dir_all(&cfg.data_dir)
+                    .map_err(|e| store_err(StoreError::new("create data_dir", e)))?;
+                let store = relay_store::DurableStore::open(&store_path).map_err(store_err)?;
+                spawn_core(
+                    core_cfg,
+                    store,
+                    &cfg,
+                    rx,
+                    tx.clone(),
+                    transports.clone(),
+                    inbox_tx,
+                )?
+            }
+            StoreKind::Memory => spawn_core(
+                core_cfg,
+                MemStore::new(),
+                &cfg,
+                rx,
+                tx.clone(),
+                transports.clone(),
+                inbox_tx,
+            )?,
+        };
+
+        let listener = tokio::net::TcpListener::bind(cfg.admin)
+            .await
+            .map_err(|source| NodeError::Api {
+                addr: cfg.admin,
+                source,
+            })?;
+        let admin = listener.local_addr().map_err(|source| NodeError::Api {
+            addr: cfg.admin,
+            source,
+        })?;
+        let app = api::router(api::ApiState {
+            tx: tx.clone(),
+            inbox_next: inbox_rx,
+            max_body: cfg.max_body,
+        });
+        let (api_stop, stop_rx) = oneshot::channel::<()>();
+        let api_task = tokio::spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async {
+                let _ = stop_rx.await;
+            });
+            if let Err(e) = serve.await {
+                error!(error = %e, "api server failed");
+            }
+        });
+        info!(domain = %cfg.domain, admin = %admin, https = ?https_addr, quic = ?quic_addr, "node started");
+        Ok(Node {
+            domain: cfg.domain,
+            admin,
+            https: https_addr,
+            quic: quic_addr,
+            tx,
+            transports,
+            core: Some(core),
+            api_stop: Some(api_stop),
+            api_task: Some(api_task),
+        })
+    }
+
+    /// Stops accepting, lets the core commit, and waits for it.
+    pub async fn shutdown(mut self) -> Result<(), NodeError> {
+        if let Some(t) = &self.transports.https {
+            t.shutdown().await;
+        }
+        if let Some(t) = &self.transports.quic {
+            t.shutdown().await;
+        }
+        if let Some(stop) = self.api_stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.api_task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+        let _ = self.tx.send(Event::Shutdown);
+        let core = self.core.take();
+        let joined = tokio::task::spawn_blocking(move || core.map(|c| c.join())).await;
+        match joined {
+            Ok(Some(Ok(Ok(())))) | Ok(None) => Ok(()),
+            Ok(Some(Ok(Err(e)))) => Err(NodeError::Core(e.to_string())),
+            Ok(Some(Err(_))) | Err(_) => Err(NodeError::Core("panicked".into())),
+        }
+    }
+
+    /// Waits until the core thread stops on its own (a store failure).
+    pub fn core_finished(&self) -> bool {
+        self.core.as_ref().is_none_or(|c| c.is_finished())
+    }
+}
+
+fn spawn_core<S: Store + Send + 'static>(
+    core_cfg: RelayConfig,
+    mut store: S,
+    cfg: &NodeConfig,
+    rx: mpsc::Receiver<Event>,
+    tx: Sender<Event>,
+    transports: Arc<Transports>,
+    inbox_next: watch::Sender<u64>,
+) -> Result<std::thread::JoinHandle<Result<(), StoreError>>, NodeError> {
+    let store_err = |source| NodeError::Store {
+        path: cfg.data_dir.display().to_string(),
+        source,
+    };
+    let snapshot = store.load().map_err(store_err)?;
+    let mut relay = Relay::new(core_cfg, snapshot, core_loop::now());
+    for room in &cfg.rooms {
+        relay
+            .handle_create_room(&mut store, room.id.clone(), room.followers.clone())
+            .map_err(|source| NodeError::Room {
+                room: room.id.to_string(),
+                source,
+            })?;
+    }
+    store.commit().map_err(store_err)?;
+    inbox_next.send_replace(relay.inbox_next());
+    let core = CoreLoop {
+        relay,
+        store,
+        rx,
+        tx,
+        transports,
+        inbox_next,
+    };
+    std::thread::Builder::new()
+        .name("relay-core".into())
+        .spawn(move || core.run())
+        .map_err(|e| NodeError::Core(e.to_string()))
+}
+
+fn rand_seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ (u64::from(std::process::id()) << 32)
+}
+
+/// Runs a node from `config` until SIGTERM or Ctrl-C, then shuts it down gracefully.
+pub async fn run(config: &std::path::Path) -> Result<(), NodeError> {
+    let cfg = NodeConfig::load(config)?;
+    let node = Node::start(cfg).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| NodeError::Core(format!("cannot install SIGTERM handler: {e}")))?;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = tokio::signal::ctrl_c() => { info!("interrupt: shutting down"); break; }
+            _ = tick.tick() => {
+                if node.core_finished() { break; }
+            }
+        }
+    }
+    node.shutdown().await
+}

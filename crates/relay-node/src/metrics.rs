@@ -1,0 +1,170 @@
+//! Renders the core's counters in the Prometheus text exposition format (version 0.0.4).
+//! Written by hand: the format is a few lines, and the counters already live in the core.
+
+use std::fmt::Write;
+
+use relay_core::stats::Histogram;
+use relay_core::{RejectReason, RelayStats};
+
+pub fn render(s: &RelayStats) -> String {
+    let mut out = String::with_capacity(4096);
+    let mut counter = |name: &str, help: &str, value: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+        );
+    };
+    counter(
+        "mimi_relay_accepted_total",
+        "Submissions accepted by this hub.",
+        s.accepted,
+    );
+    counter(
+        "mimi_relay_delivered_total",
+        "Events delivered to local clients.",
+        s.delivered,
+    );
+    counter(
+        "mimi_relay_dedupe_hits_total",
+        "Duplicates answered and not delivered again.",
+        s.dedupe_hits,
+    );
+    counter(
+        "mimi_relay_retries_total",
+        "Events sent again after a failure or a gap.",
+        s.retries,
+    );
+    counter(
+        "mimi_relay_probes_total",
+        "Liveness probes sent to down peers.",
+        s.probes,
+    );
+
+    let _ = writeln!(
+        out,
+        "# HELP mimi_relay_rejects_total Requests refused, by reason."
+    );
+    let _ = writeln!(out, "# TYPE mimi_relay_rejects_total counter");
+    for r in RejectReason::ALL {
+        let _ = writeln!(
+            out,
+            "mimi_relay_rejects_total{{reason=\"{}\"}} {}",
+            r.as_str(),
+            s.rejects[r as usize]
+        );
+    }
+
+    let per_peer: [(&str, &str, &str, fn(&relay_core::stats::PeerStats) -> u64); 6] = [
+        (
+            "mimi_relay_messages_in_total",
+            "counter",
+            "Events received from a peer and delivered.",
+            |p| p.msgs_in,
+        ),
+        (
+            "mimi_relay_messages_out_total",
+            "counter",
+            "Events acknowledged by a peer.",
+            |p| p.msgs_out,
+        ),
+        (
+            "mimi_relay_requests_in_total",
+            "counter",
+            "Requests received from a peer.",
+            |p| p.requests_in,
+        ),
+        (
+            "mimi_relay_transmits_total",
+            "counter",
+            "Requests sent to a peer.",
+            |p| p.transmits,
+        ),
+        (
+            "mimi_relay_peer_failures_total",
+            "counter",
+            "Failed exchanges that started a backoff.",
+            |p| p.failures,
+        ),
+        (
+            "mimi_relay_queue_depth",
+            "gauge",
+            "Events waiting for a peer, over all rooms.",
+            |p| p.queue_depth,
+        ),
+    ];
+    for (name, kind, help, get) in per_peer {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (domain, p) in &s.peers {
+            let transport = p.transport.map_or("none", |t| t.as_str());
+            let _ = writeln!(
+                out,
+                "{name}{{peer=\"{domain}\",transport=\"{transport}\"}} {}",
+                get(p)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP mimi_relay_peer_up Whether a peer is considered reachable."
+    );
+    let _ = writeln!(out, "# TYPE mimi_relay_peer_up gauge");
+    for (domain, p) in &s.peers {
+        let transport = p.transport.map_or("none", |t| t.as_str());
+        let _ = writeln!(
+            out,
+            "mimi_relay_peer_up{{peer=\"{domain}\",transport=\"{transport}\"}} {}",
+            u8::from(p.up)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP mimi_relay_inbox_depth Delivered events not yet read by local clients."
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE mimi_relay_inbox_depth gauge\nmimi_relay_inbox_depth {}",
+        s.inbox_depth
+    );
+    histogram(
+        &mut out,
+        "mimi_relay_delivery_latency_seconds",
+        "Time from the hub's acceptance to the follower's acknowledgement.",
+        &s.latency,
+    );
+    out
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    let mut cumulative = 0;
+    for (i, bound) in Histogram::BOUNDS_US.iter().enumerate() {
+        cumulative += h.counts[i];
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"{}\"}} {cumulative}",
+            *bound as f64 / 1e6
+        );
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
+    let _ = writeln!(out, "{name}_sum {}", h.sum_us as f64 / 1e6);
+    let _ = writeln!(out, "{name}_count {}", h.count);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_end_at_count() {
+        let mut s = RelayStats::default();
+        s.latency.record(std::time::Duration::from_micros(50));
+        s.latency.record(std::time::Duration::from_micros(700));
+        s.latency.record(std::time::Duration::from_secs(60));
+        let text = render(&s);
+        assert!(text.contains("mimi_relay_delivery_latency_seconds_bucket{le=\"0.0001\"} 1"));
+        assert!(text.contains("mimi_relay_delivery_latency_seconds_bucket{le=\"0.001\"} 2"));
+        assert!(text.contains("mimi_relay_delivery_latency_seconds_bucket{le=\"10\"} 2"));
+        assert!(text.contains("mimi_relay_delivery_latency_seconds_bucket{le=\"+Inf\"} 3"));
+        assert!(text.contains("mimi_relay_rejects_total{reason=\"queue_full\"} 0"));
+    }
+}
