@@ -49,6 +49,8 @@ pub struct DemoOptions {
     pub messages: usize,
     pub transport: String,
     pub chaos: bool,
+    /// Which provider chaos kills: 0 = a.example (the hub), 1 = b.example, 2 = c.example.
+    pub chaos_node: usize,
     /// Senders per provider.
     pub clients: usize,
     pub payload: usize,
@@ -66,6 +68,7 @@ impl Default for DemoOptions {
             messages: 1000,
             transport: "quic".into(),
             chaos: false,
+            chaos_node: 1,
             clients: 4,
             payload: 1024,
             dir: None,
@@ -91,6 +94,7 @@ pub struct DemoReport {
     pub p99_us: u64,
     pub msgs_per_s: f64,
     pub chaos_kills: u32,
+    pub chaos_victim: String,
     pub submit_retries: u64,
     pub elapsed_ms: u64,
 }
@@ -138,8 +142,8 @@ impl DemoReport {
         if self.chaos_kills > 0 {
             let _ = writeln!(
                 s,
-                "  chaos          b.example killed with SIGKILL {} times and restarted; {} submissions retried",
-                self.chaos_kills, self.submit_retries
+                "  chaos          {} killed with SIGKILL {} times and restarted; {} submissions retried",
+                self.chaos_victim, self.chaos_kills, self.submit_retries
             );
         }
         let _ = writeln!(
@@ -499,7 +503,7 @@ pub async fn run(opts: DemoOptions, launcher: Launcher) -> Result<DemoReport> {
         }));
     }
 
-    // Chaos: kill b.example with SIGKILL at about a quarter and about 60% of the run.
+    // Chaos: kill one provider with SIGKILL at about a quarter and about 60% of the run.
     let mut kills = 0;
     if opts.chaos {
         for share in [0.25, 0.6] {
@@ -513,12 +517,13 @@ pub async fn run(opts: DemoOptions, launcher: Launcher) -> Result<DemoReport> {
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
+            let victim = opts.chaos_node.min(2);
             let mut n = nodes.lock().await;
-            n.kill9(1)?;
+            n.kill9(victim)?;
             kills += 1;
             tokio::time::sleep(Duration::from_millis(300)).await;
-            n.spawn(1)?;
-            n.wait_healthy(1, Duration::from_secs(20)).await?;
+            n.spawn(victim)?;
+            n.wait_healthy(victim, Duration::from_secs(20)).await?;
         }
     }
 
@@ -575,6 +580,11 @@ pub async fn run(opts: DemoOptions, launcher: Launcher) -> Result<DemoReport> {
         p99_us: pct(0.99),
         msgs_per_s: delivered as f64 / elapsed.as_secs_f64().max(1e-9),
         chaos_kills: kills,
+        chaos_victim: if opts.chaos {
+            PROVIDERS[opts.chaos_node.min(2)].to_owned()
+        } else {
+            String::new()
+        },
         submit_retries: t.retries,
         elapsed_ms: elapsed.as_millis() as u64,
     };

@@ -1,0 +1,1 @@
+//! Multi-node tests through the public interfaces; see tests/ in this crate.
