@@ -1,0 +1,534 @@
+//! The sending side: one task per peer owning its connection, one task pair per room stream,
+//! and one timer for every transmit's deadline.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use mimi_wire::uri::ProviderDomain;
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+use relay_core::transport::{Response, Status, Transmit, TransmitId, TransportError};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::framing::{Body, Frame, encode_ping, encode_request};
+use crate::stream::FrameReader;
+use crate::{MAX_IN_FLIGHT_PER_PEER, codes};
+
+/// Most transmits written in one batch, and the body bytes after which a batch is cut.
+const MAX_BATCH: usize = 256;
+const MAX_BATCH_BYTES: usize = 1 << 20;
+/// A room stream unused for between one and two of these is finished.
+const ROOM_IDLE: Duration = Duration::from_secs(30);
+
+/// Where outcomes go: the node's [`relay_core::transport::Inbound`] without its generic
+/// request side, so that the sending side needs no type parameter.
+pub(crate) trait Sink: Send + Sync + 'static {
+    fn outcome(&self, id: TransmitId, outcome: Result<Response, TransportError>);
+    fn probe_outcome(&self, peer: ProviderDomain, alive: bool);
+}
+
+/// State shared by everything that sends to one peer.
+pub(crate) struct PeerShared {
+    pub(crate) domain: ProviderDomain,
+    pub(crate) sink: Arc<dyn Sink>,
+    in_flight: AtomicUsize,
+    closed: Arc<AtomicBool>,
+}
+
+impl PeerShared {
+    pub(crate) fn new(
+        domain: ProviderDomain,
+        sink: Arc<dyn Sink>,
+        closed: Arc<AtomicBool>,
+    ) -> Self {
+        PeerShared {
+            domain,
+            sink,
+            in_flight: AtomicUsize::new(0),
+            closed,
+        }
+    }
+}
+
+/// One transmit's right to exactly one outcome. Whoever finishes it first reports; a ticket
+/// dropped unfinished (its stream, queue or task died) reports `ConnectionLost`, or `Closed`
+/// after shutdown. The timer holds only a weak reference, so dropping the owner's reference
+/// reports at once.
+pub(crate) struct Ticket {
+    id: TransmitId,
+    done: AtomicBool,
+    peer: Arc<PeerShared>,
+}
+
+impl Ticket {
+    /// A ticket for a new transmit, or `None` if the peer has too many unanswered already.
+    pub(crate) fn issue(peer: &Arc<PeerShared>, id: TransmitId) -> Option<Arc<Ticket>> {
+        if peer.in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_IN_FLIGHT_PER_PEER {
+            peer.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Arc::new(Ticket {
+            id,
+            done: AtomicBool::new(false),
+            peer: peer.clone(),
+        }))
+    }
+
+    pub(crate) fn finish(&self, outcome: Result<Response, TransportError>) {
+        if !self.done.swap(true, Ordering::AcqRel) {
+            self.peer.in_flight.fetch_sub(1, Ordering::AcqRel);
+            self.peer.sink.outcome(self.id, outcome);
+        }
+    }
+
+    fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.is_done() {
+            let error = if self.peer.closed.load(Ordering::Acquire) {
+                TransportError::Closed
+            } else {
+                TransportError::ConnectionLost
+            };
+            self.finish(Err(error));
+        }
+    }
+}
+
+pub(crate) enum Command {
+    Transmit(Transmit, Arc<Ticket>),
+    Probe,
+}
+
+impl Command {
+    fn fail(self, reason: &str) {
+        match self {
+            Command::Transmit(_, ticket) => {
+                ticket.finish(Err(TransportError::Unreachable(reason.to_owned())));
+            }
+            Command::Probe => {}
+        }
+    }
+}
+
+/// Reports `Timeout` for every ticket still unfinished at its deadline. Deadlines arrive in
+/// order (`send` time plus a constant), so a queue suffices.
+pub(crate) async fn timer_task(mut rx: mpsc::UnboundedReceiver<(Instant, Weak<Ticket>)>) {
+    let mut queue: VecDeque<(Instant, Weak<Ticket>)> = VecDeque::new();
+    let mut sleep = pin!(tokio::time::sleep(Duration::from_secs(3600)));
+    loop {
+        tokio::select! {
+            item = rx.recv() => match item {
+                Some(item) => {
+                    queue.push_back(item);
+                    while let Ok(item) = rx.try_recv() {
+                        queue.push_back(item);
+                    }
+                }
+                None => return,
+            },
+            () = &mut sleep, if !queue.is_empty() => {}
+        }
+        let now = Instant::now();
+        while let Some((deadline, ticket)) = queue.front() {
+            if ticket.strong_count() > 0 {
+                if *deadline > now {
+                    break;
+                }
+                if let Some(ticket) = ticket.upgrade() {
+                    ticket.finish(Err(TransportError::Timeout));
+                }
+            }
+            queue.pop_front();
+        }
+        if let Some((deadline, _)) = queue.front()
+            && sleep.deadline() != *deadline
+        {
+            sleep.as_mut().reset(*deadline);
+        }
+    }
+}
+
+struct Room {
+    tx: mpsc::UnboundedSender<(Transmit, Arc<Ticket>)>,
+    used: bool,
+}
+
+/// Owns the connection to one peer and routes its transmits to room streams.
+pub(crate) struct PeerTask {
+    shared: Arc<PeerShared>,
+    addr: SocketAddr,
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    max_body: usize,
+    request_timeout: Duration,
+    conn: Option<Connection>,
+    rooms: HashMap<String, Room>,
+    nonce: Arc<AtomicU64>,
+}
+
+impl PeerTask {
+    pub(crate) fn new(
+        shared: Arc<PeerShared>,
+        addr: SocketAddr,
+        endpoint: quinn::Endpoint,
+        client: quinn::ClientConfig,
+        max_body: usize,
+        request_timeout: Duration,
+    ) -> Self {
+        PeerTask {
+            shared,
+            addr,
+            endpoint,
+            client,
+            max_body,
+            request_timeout,
+            conn: None,
+            rooms: HashMap::new(),
+            nonce: Arc::new(AtomicU64::new(1)),
+        }
+    }
+
+    pub(crate) async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Command>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut sweep = tokio::time::interval(ROOM_IDLE);
+        loop {
+            tokio::select! {
+                command = rx.recv() => match command {
+                    Some(command) => self.handle(command, &mut rx).await,
+                    None => break,
+                },
+                _ = sweep.tick() => self.close_idle_rooms(),
+                _ = stop.changed() => break,
+            }
+        }
+        // Queued commands are dropped with `rx`; their tickets report `Closed`.
+    }
+
+    async fn handle(&mut self, command: Command, rx: &mut mpsc::UnboundedReceiver<Command>) {
+        let conn = match self.connection().await {
+            Ok(conn) => conn,
+            Err(reason) => {
+                if matches!(command, Command::Probe) {
+                    self.shared
+                        .sink
+                        .probe_outcome(self.shared.domain.clone(), false);
+                }
+                command.fail(&reason);
+                // Everything that queued up while we tried fails the same way; the next
+                // command tries again.
+                while let Ok(command) = rx.try_recv() {
+                    if matches!(command, Command::Probe) {
+                        self.shared
+                            .sink
+                            .probe_outcome(self.shared.domain.clone(), false);
+                    }
+                    command.fail(&reason);
+                }
+                return;
+            }
+        };
+        match command {
+            Command::Transmit(transmit, ticket) => self.route(&conn, transmit, ticket),
+            Command::Probe => {
+                let nonce = self.nonce.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(probe(
+                    conn,
+                    self.shared.clone(),
+                    nonce,
+                    self.request_timeout,
+                ));
+            }
+        }
+    }
+
+    /// The live connection, dialling if there is none.
+    async fn connection(&mut self) -> Result<Connection, String> {
+        let peer = &self.shared.domain;
+        if let Some(conn) = &self.conn {
+            match conn.close_reason() {
+                None => return Ok(conn.clone()),
+                Some(reason) => {
+                    tracing::info!(%peer, %reason, "outbound quic connection lost");
+                    self.conn = None;
+                    // Their tasks end with the connection; new streams go on the new one.
+                    self.rooms.clear();
+                }
+            }
+        }
+        let connecting = self
+            .endpoint
+            .connect_with(self.client.clone(), self.addr, peer.as_str())
+            .map_err(|e| format!("cannot connect to {}: {e}", self.addr))?;
+        match tokio::time::timeout(self.request_timeout, connecting).await {
+            Ok(Ok(conn)) => {
+                tracing::info!(%peer, addr = %self.addr, "outbound quic connection established");
+                self.conn = Some(conn.clone());
+                Ok(conn)
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(%peer, addr = %self.addr, %error, "quic connect failed");
+                Err(format!("connecting to {}: {error}", self.addr))
+            }
+            Err(_) => {
+                tracing::warn!(%peer, addr = %self.addr, "quic connect timed out");
+                Err(format!("connecting to {} timed out", self.addr))
+            }
+        }
+    }
+
+    fn route(&mut self, conn: &Connection, transmit: Transmit, ticket: Arc<Ticket>) {
+        if ticket.is_done() {
+            return; // timed out while queued
+        }
+        let mut item = (transmit, ticket);
+        if let Some(room) = self.rooms.get_mut(&item.0.target) {
+            match room.tx.send(item) {
+                Ok(()) => {
+                    room.used = true;
+                    return;
+                }
+                // The room's stream died: open a new one below.
+                Err(mpsc::error::SendError(back)) => item = back,
+            }
+        }
+        let target = item.0.target.clone();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(item);
+        tokio::spawn(room_writer(
+            conn.clone(),
+            self.shared.clone(),
+            target.clone(),
+            rx,
+            self.max_body,
+        ));
+        self.rooms.insert(target, Room { tx, used: true });
+    }
+
+    /// Finishes room streams unused since the last sweep, so that rooms that went quiet do not
+    /// hold a stream forever.
+    fn close_idle_rooms(&mut self) {
+        self.rooms
+            .retain(|_, room| std::mem::take(&mut room.used) && !room.tx.is_closed());
+    }
+}
+
+/// Requests written on a room stream and not yet answered, by request id.
+#[derive(Default)]
+struct RoomState {
+    pending: BTreeMap<u64, Arc<Ticket>>,
+    /// Set when the stream failed: nothing more may be registered.
+    dead: bool,
+}
+
+fn lock(state: &Mutex<RoomState>) -> MutexGuard<'_, RoomState> {
+    // A panic elsewhere cannot leave the map inconsistent: every change is one insert/remove.
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Marks the stream dead and drops what it still owes; the tickets report `ConnectionLost`.
+fn fail_pending(state: &Mutex<RoomState>) {
+    let lost = {
+        let mut st = lock(state);
+        st.dead = true;
+        std::mem::take(&mut st.pending)
+    };
+    drop(lost);
+}
+
+/// Writes one room's requests on its own stream, in batches.
+async fn room_writer(
+    conn: Connection,
+    peer: Arc<PeerShared>,
+    target: String,
+    mut rx: mpsc::UnboundedReceiver<(Transmit, Arc<Ticket>)>,
+    max_body: usize,
+) {
+    let domain = &peer.domain;
+    let (mut send, recv) = match conn.open_bi().await {
+        Ok(streams) => streams,
+        Err(error) => {
+            tracing::debug!(peer = %domain, %error, "cannot open a room stream");
+            return; // `rx` is dropped: queued tickets report `ConnectionLost`
+        }
+    };
+    let stream = send.id();
+    tracing::debug!(peer = %domain, ?stream, room = %target, "room stream opened");
+    let state = Arc::new(Mutex::new(RoomState::default()));
+    let mut reader = tokio::spawn(read_responses(
+        recv,
+        state.clone(),
+        max_body,
+        domain.clone(),
+        stream,
+    ));
+    let mut next_id: u64 = 0;
+    let mut heads = BytesMut::new();
+    let mut out: Vec<Bytes> = Vec::new();
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut unframable = Vec::new();
+    loop {
+        let first = tokio::select! {
+            item = rx.recv() => item,
+            _ = &mut reader => {
+                // The answers side ended first: the stream is gone.
+                fail_pending(&state);
+                return;
+            }
+        };
+        let Some(first) = first else {
+            // The peer task let go of this room: no more requests.
+            let _ = send.finish();
+            return;
+        };
+        batch.push(first);
+        let mut bytes = 0;
+        while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(item) => {
+                    bytes += item.0.body_len();
+                    batch.push(item);
+                }
+                Err(_) => break,
+            }
+        }
+        {
+            let mut st = lock(&state);
+            if st.dead {
+                break;
+            }
+            for (transmit, ticket) in batch.drain(..) {
+                if ticket.is_done() {
+                    continue; // timed out while queued: do not send it late
+                }
+                let id = next_id;
+                match encode_request(
+                    &mut heads,
+                    id,
+                    transmit.endpoint.code(),
+                    &transmit.target,
+                    transmit.seq,
+                    transmit.body_len(),
+                ) {
+                    Ok(()) => {
+                        next_id += 1;
+                        out.push(heads.split().freeze());
+                        out.extend(transmit.body.into_iter().filter(|b| !b.is_empty()));
+                        st.pending.insert(id, ticket);
+                    }
+                    Err(error) => unframable.push((ticket, error)),
+                }
+            }
+        }
+        for (ticket, error) in unframable.drain(..) {
+            ticket.finish(Err(TransportError::Unreachable(format!(
+                "cannot frame the request: {error}"
+            ))));
+        }
+        if out.is_empty() {
+            continue;
+        }
+        if let Err(error) = send.write_all_chunks(&mut out).await {
+            tracing::debug!(peer = %domain, ?stream, %error, "writing requests failed");
+            break;
+        }
+        out.clear();
+    }
+    // Failed: what was written gets `ConnectionLost`, and so does what is still queued (when
+    // `rx` and `batch` drop).
+    fail_pending(&state);
+    reader.abort();
+    let _ = send.reset(VarInt::from_u32(codes::SHUTDOWN));
+}
+
+/// Reads a room stream's answers and reports each transmit's outcome.
+async fn read_responses(
+    recv: RecvStream,
+    state: Arc<Mutex<RoomState>>,
+    max_body: usize,
+    peer: ProviderDomain,
+    stream: quinn::StreamId,
+) {
+    let mut reader = FrameReader::new(recv, max_body);
+    loop {
+        let frame = match reader.next().await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => {
+                tracing::debug!(%peer, ?stream, "room stream finished");
+                break;
+            }
+            Err(error) => {
+                tracing::debug!(%peer, ?stream, %error, "room stream failed");
+                break;
+            }
+        };
+        let Frame::Response {
+            id,
+            status,
+            next_seq,
+            retry_after_ms,
+            body,
+        } = frame
+        else {
+            tracing::warn!(%peer, ?stream, "unexpected frame on a room stream, resetting it");
+            reader.stop(codes::FRAME_ERROR);
+            break;
+        };
+        let Some(ticket) = lock(&state).pending.remove(&id) else {
+            // Its outcome was already reported (a timeout); the late answer is dropped.
+            tracing::debug!(%peer, ?stream, id, "answer to an unknown or expired request");
+            continue;
+        };
+        let outcome = match (Status::from_http_code(status), body) {
+            (Some(status), Body::Bytes(body)) => Ok(Response {
+                status,
+                body,
+                next_seq,
+                retry_after: retry_after_ms.map(Duration::from_millis),
+            }),
+            (None, _) => Err(TransportError::BadResponse(format!(
+                "unknown status {status}"
+            ))),
+            (Some(_), Body::TooLarge(n)) => Err(TransportError::BadResponse(format!(
+                "response body of {n} bytes is over the limit"
+            ))),
+        };
+        ticket.finish(outcome);
+    }
+    fail_pending(&state);
+}
+
+/// One ping on a fresh stream; reports whether the pong came back in time.
+async fn probe(conn: Connection, peer: Arc<PeerShared>, nonce: u64, timeout: Duration) {
+    let round_trip = async {
+        let (mut send, recv): (SendStream, RecvStream) = conn.open_bi().await.ok()?;
+        let mut ping = BytesMut::new();
+        encode_ping(&mut ping, nonce, false);
+        send.write_all(&ping).await.ok()?;
+        send.finish().ok()?;
+        match FrameReader::new(recv, 0).next().await {
+            Ok(Some(Frame::Pong(n))) if n == nonce => Some(()),
+            _ => None,
+        }
+    };
+    let alive = matches!(
+        tokio::time::timeout(timeout, round_trip).await,
+        Ok(Some(()))
+    );
+    tracing::debug!(peer = %peer.domain, alive, "quic probe");
+    peer.sink.probe_outcome(peer.domain.clone(), alive);
+}

@@ -1,0 +1,350 @@
+//! The QUIC transport adapter of mimi-relay.
+//!
+//! Contract:
+//! - **Authentication** is mutual TLS from `relay-tls` (pinned peer certificates, ALPN
+//!   [`ALPN`], no 0-RTT). A peer's provider domain is its certificate, not its address: an
+//!   inbound connection's requests carry the domain `relay_tls::peer_domain` derives from the
+//!   verified client certificate, and outbound connections dial the configured address of
+//!   `Transmit::dest` with that domain as the TLS server name.
+//! - **Streams.** One connection per peer and direction, opened lazily by the first send or
+//!   probe and re-opened after loss. Each distinct `Transmit::target` (a room) gets one
+//!   long-lived bidirectional stream opened by the sender, so per-room order holds without
+//!   head-of-line blocking across rooms. Requests on a stream are pipelined; the receiver
+//!   handles them in order through [`Inbound::request`] (at most [`MAX_OUTSTANDING_PER_STREAM`]
+//!   at a time, then it stops reading: flow control pushes back) and answers in order. The
+//!   byte format is in `FRAMING.md` and [`framing`].
+//! - **Outcomes.** Every [`Transmit`] handed to [`Transport::send`] gets exactly one
+//!   [`Inbound::outcome`]: the peer's response, or `NoRoute` (unknown peer), `Busy` (more than
+//!   [`MAX_IN_FLIGHT_PER_PEER`] unanswered transmits for that peer), `Unreachable` (connect
+//!   failed), `ConnectionLost` (the stream or connection died first), `Timeout` (no answer
+//!   within `request_timeout` of the `send` call) or `Closed` (after [`QuicTransport::shutdown`]).
+//!   Each probe gets exactly one [`Inbound::probe_outcome`].
+//! - **Limits.** A received body over `max_body` is never allocated: the request is answered
+//!   413 and its bytes are skipped, keeping the stream usable. A malformed frame resets that
+//!   stream only; the connection stays up.
+//! - Payload bytes are passed as [`bytes::Bytes`] and never copied on send; on receive a body
+//!   that lies within one QUIC chunk is sliced, not copied. Payloads are never logged.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mimi_wire::uri::ProviderDomain;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{TransportConfig, VarInt};
+use relay_core::transport::{Inbound, Transmit, Transport, TransportError, TransportKind};
+use relay_tls::{PeerTrust, TlsError, TlsIdentity};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+mod client;
+pub mod framing;
+mod server;
+mod stream;
+
+use client::{Command, PeerShared, Sink, Ticket};
+
+/// The ALPN protocol identifier of this adapter.
+pub const ALPN: &[u8] = b"mimi-relay/1";
+
+/// How many requests of one stream the receiver handles at once before it stops reading.
+pub const MAX_OUTSTANDING_PER_STREAM: usize = 64;
+
+/// How many transmits to one peer may be unanswered before `send` reports `Busy`.
+pub const MAX_IN_FLIGHT_PER_PEER: usize = 65_536;
+
+/// How many room streams a peer may have open towards us at once.
+const MAX_STREAMS: u32 = 4096;
+const CONNECTION_WINDOW: u32 = 16 << 20;
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+const KEEP_ALIVE: Duration = Duration::from_secs(1);
+
+/// QUIC application error codes (connection close and stream reset).
+pub mod codes {
+    /// The endpoint is shutting down.
+    pub const SHUTDOWN: u32 = 0;
+    /// The peer's certificate authenticates no configured provider.
+    pub const UNTRUSTED_PEER: u32 = 1;
+    /// A stream carried bytes that are not valid frames; that stream is reset.
+    pub const FRAME_ERROR: u32 = 2;
+}
+
+/// The adapter's configuration.
+#[derive(Debug, Clone)]
+pub struct QuicConfig {
+    pub identity: TlsIdentity,
+    pub trust: PeerTrust,
+    /// Where to listen; port 0 picks a free port (see the address `start` returns).
+    pub listen: SocketAddr,
+    /// The UDP address of each peer provider we send to.
+    pub peers: BTreeMap<ProviderDomain, SocketAddr>,
+    /// The largest request or response body accepted from a peer.
+    pub max_body: usize,
+    /// How long a transmit may wait for its answer, counted from `send`.
+    pub request_timeout: Duration,
+}
+
+/// Errors starting the adapter.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QuicError {
+    #[error("invalid TLS setup")]
+    Tls(#[from] TlsError),
+    #[error("the TLS configuration cannot be used for QUIC")]
+    Crypto(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+struct InboundSink<I>(I);
+
+impl<I: Inbound> Sink for InboundSink<I> {
+    fn outcome(
+        &self,
+        id: relay_core::transport::TransmitId,
+        outcome: Result<relay_core::transport::Response, TransportError>,
+    ) {
+        self.0.outcome(id, outcome);
+    }
+
+    fn probe_outcome(&self, peer: ProviderDomain, alive: bool) {
+        self.0.probe_outcome(peer, alive);
+    }
+}
+
+struct PeerHandle {
+    tx: mpsc::UnboundedSender<Command>,
+    shared: Arc<PeerShared>,
+}
+
+/// The running QUIC adapter. Dropping it closes the endpoint; [`QuicTransport::shutdown`]
+/// does so gracefully.
+pub struct QuicTransport {
+    endpoint: quinn::Endpoint,
+    peers: BTreeMap<ProviderDomain, PeerHandle>,
+    sink: Arc<dyn Sink>,
+    timer: mpsc::UnboundedSender<(Instant, std::sync::Weak<Ticket>)>,
+    request_timeout: Duration,
+    closed: Arc<AtomicBool>,
+    stop: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl fmt::Debug for QuicTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QuicTransport")
+            .field("local_addr", &self.endpoint.local_addr().ok())
+            .field("peers", &self.peers.keys().collect::<Vec<_>>())
+            .field("closed", &self.closed.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// The stateless-reset key and the connection-ID key, derived from the node's private key so
+/// that they survive a restart: a peer still holding a connection to our previous incarnation
+/// gets a valid stateless reset (RFC 9000 section 10.3) on its next packet and reconnects at
+/// once, instead of waiting for the idle timeout.
+fn restart_keys(identity: &TlsIdentity) -> (ring::hmac::Key, u64) {
+    let derive = |label: &[u8]| {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(label);
+        ctx.update(identity.key.secret_der());
+        ctx.finish()
+    };
+    let reset = derive(b"mimi-relay/1 stateless reset key\0");
+    let cid = derive(b"mimi-relay/1 connection id key\0");
+    let mut k = [0u8; 8];
+    k.copy_from_slice(&cid.as_ref()[..8]);
+    (
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset.as_ref()),
+        u64::from_le_bytes(k),
+    )
+}
+
+fn transport_config() -> TransportConfig {
+    let mut t = TransportConfig::default();
+    t.max_idle_timeout(Some(
+        VarInt::from_u32(IDLE_TIMEOUT.as_millis() as u32).into(),
+    ))
+    .keep_alive_interval(Some(KEEP_ALIVE))
+    .max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS))
+    .max_concurrent_uni_streams(VarInt::from_u32(0))
+    // Bounds what one peer can make us buffer across all its streams (quinn's default is
+    // unlimited).
+    .receive_window(VarInt::from_u32(CONNECTION_WINDOW));
+    t
+}
+
+impl QuicTransport {
+    /// Binds the endpoint, starts accepting peers and returns the adapter with the bound
+    /// address. Must be called inside a tokio runtime.
+    pub async fn start<I: Inbound>(
+        config: QuicConfig,
+        inbound: I,
+    ) -> Result<(QuicTransport, SocketAddr), QuicError> {
+        let alpn = vec![ALPN.to_vec()];
+        let server_tls = relay_tls::server_config(&config.identity, &config.trust, alpn.clone())?;
+        let client_tls = relay_tls::client_config(&config.identity, &config.trust, alpn)?;
+        let transport = Arc::new(transport_config());
+        let mut server =
+            quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server_tls)?));
+        server.transport_config(transport.clone());
+        let mut client =
+            quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client_tls)?));
+        client.transport_config(transport);
+
+        let bind_err = |source| QuicError::Bind {
+            addr: config.listen,
+            source,
+        };
+        let socket = std::net::UdpSocket::bind(config.listen).map_err(bind_err)?;
+        let (reset, cid_key) = restart_keys(&config.identity);
+        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset));
+        // quinn only answers with a reset for connection IDs its generator recognises, so the
+        // generator's key must survive the restart too.
+        endpoint_config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
+        let endpoint = quinn::Endpoint::new(
+            endpoint_config,
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind_err)?;
+        let local = endpoint.local_addr().map_err(bind_err)?;
+        tracing::info!(%local, domain = %config.identity.domain, "quic adapter listening");
+
+        let closed = Arc::new(AtomicBool::new(false));
+        let (stop, stop_rx) = watch::channel(false);
+        let sink: Arc<dyn Sink> = Arc::new(InboundSink(inbound.clone()));
+        let (timer, timer_rx) = mpsc::unbounded_channel();
+        let mut tasks = vec![
+            tokio::spawn(client::timer_task(timer_rx)),
+            tokio::spawn(server::accept_loop(
+                endpoint.clone(),
+                Arc::new(server::ServerCtx {
+                    inbound,
+                    trust: config.trust.clone(),
+                    max_body: config.max_body,
+                }),
+            )),
+        ];
+        let mut peers = BTreeMap::new();
+        for (domain, addr) in config.peers {
+            let shared = Arc::new(PeerShared::new(
+                domain.clone(),
+                sink.clone(),
+                closed.clone(),
+            ));
+            let (tx, rx) = mpsc::unbounded_channel();
+            let task = client::PeerTask::new(
+                shared.clone(),
+                addr,
+                endpoint.clone(),
+                client.clone(),
+                config.max_body,
+                config.request_timeout,
+            );
+            tasks.push(tokio::spawn(task.run(rx, stop_rx.clone())));
+            peers.insert(domain, PeerHandle { tx, shared });
+        }
+        let transport = QuicTransport {
+            endpoint,
+            peers,
+            sink,
+            timer,
+            request_timeout: config.request_timeout,
+            closed,
+            stop,
+            tasks: Mutex::new(tasks),
+        };
+        Ok((transport, local))
+    }
+
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.local_addr().ok()
+    }
+
+    /// Closes every connection, fails what is still queued with `Closed` (unanswered requests
+    /// on the wire with `ConnectionLost` or `Closed`), and waits briefly for the peers to
+    /// acknowledge the close.
+    pub async fn shutdown(&self) {
+        self.closed.store(true, Ordering::Release);
+        let _ = self.stop.send(true);
+        self.endpoint
+            .close(VarInt::from_u32(codes::SHUTDOWN), b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        let tasks = match self.tasks.lock() {
+            Ok(mut t) => std::mem::take(&mut *t),
+            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+        };
+        for task in tasks {
+            task.abort();
+            let _ = task.await;
+        }
+        tracing::info!("quic adapter shut down");
+    }
+}
+
+impl Drop for QuicTransport {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::Release);
+        let _ = self.stop.send(true);
+        self.endpoint
+            .close(VarInt::from_u32(codes::SHUTDOWN), b"shutdown");
+        if let Ok(tasks) = self.tasks.get_mut() {
+            for task in tasks.drain(..) {
+                task.abort();
+            }
+        }
+    }
+}
+
+impl Transport for QuicTransport {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Quic
+    }
+
+    fn send(&self, transmit: Transmit) {
+        if self.closed.load(Ordering::Acquire) {
+            self.sink.outcome(transmit.id, Err(TransportError::Closed));
+            return;
+        }
+        let Some(peer) = self.peers.get(&transmit.dest) else {
+            let dest = transmit.dest.clone();
+            self.sink
+                .outcome(transmit.id, Err(TransportError::NoRoute(dest)));
+            return;
+        };
+        let Some(ticket) = Ticket::issue(&peer.shared, transmit.id) else {
+            self.sink.outcome(transmit.id, Err(TransportError::Busy));
+            return;
+        };
+        let deadline = Instant::now() + self.request_timeout;
+        // If the timer is gone we are shutting down; the ticket still reports on drop.
+        let _ = self.timer.send((deadline, Arc::downgrade(&ticket)));
+        // On failure the command is dropped and the ticket reports `Closed`/`ConnectionLost`.
+        let _ = peer.tx.send(Command::Transmit(transmit, ticket));
+    }
+
+    fn probe(&self, peer: &ProviderDomain) {
+        let sent = !self.closed.load(Ordering::Acquire)
+            && self
+                .peers
+                .get(peer)
+                .is_some_and(|p| p.tx.send(Command::Probe).is_ok());
+        if !sent {
+            self.sink.probe_outcome(peer.clone(), false);
+        }
+    }
+}
