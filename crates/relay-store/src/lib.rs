@@ -1,0 +1,596 @@
+//! Durable state of mimi-relay: [`DurableStore`], the core's [`Store`] on an embedded,
+//! crash-safe database ([redb](https://docs.rs/redb), one file, copy-on-write B-trees).
+//!
+//! # Contract
+//!
+//! - [`Store::apply`] only encodes the op into an in-memory buffer that keeps its capacity
+//!   across commits, and keeps a reference-counted handle to the payload: no I/O, and no
+//!   allocation per op once the buffer has grown. Ops applied but not committed are lost on a
+//!   crash and are dropped when the store is dropped.
+//! - [`Store::commit`] writes every buffered op in one write transaction and returns after one
+//!   `fdatasync`: when it returns `Ok`, the whole batch survives `kill -9` and power loss; when
+//!   it returns `Err` or the process dies first, none of it is visible after reopening (a commit
+//!   is atomic). On `Err` the ops stay buffered, so a retried commit writes them. A commit with
+//!   nothing buffered does nothing, and costs no fsync.
+//! - [`Store::load`] returns the [`Snapshot`] that [`MemStore`] would hold after the same
+//!   sequence of committed ops, given what the core guarantees: per-queue `qseq`, inbox offsets
+//!   and per-room `room_seq` of `SubmitSeen` are issued in increasing order. Stored data that
+//!   does not decode is a [`StoreError`] whose source is a [`DecodeError`], never a panic.
+//! - One process at a time: opening a file another process has open fails.
+//!
+//! # Layout
+//!
+//! One table per kind of state; see the table definitions below. Composite keys are
+//! length-prefixed strings and big-endian numbers (see `codec`), so a queue is a contiguous key
+//! range ordered by `qseq` and an `Ack` is one range delete.
+
+mod codec;
+
+use std::collections::{HashSet, VecDeque};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+
+pub use codec::DecodeError;
+pub use relay_core::store::{
+    InboxRecord, MemStore, OwnedOp, RoomSnapshot, Snapshot, Store, StoreError, StoreOp, SubmitSeen,
+};
+
+use codec::{PendingLog, Reader, Tag};
+
+type Bytes2Bytes = TableDefinition<'static, &'static [u8], &'static [u8]>;
+
+/// room -> followers (`u16` count, then domains). A row exists for every room any op named
+/// as a room (`Room`, `RoomSeq`, `SubmitSeen`), as in [`Snapshot::rooms`].
+const ROOMS: Bytes2Bytes = TableDefinition::new("rooms");
+/// room -> next_seq, last_ms. Apart from `ROOMS` because it changes with every message.
+const ROOM_SEQS: Bytes2Bytes = TableDefinition::new("room_seqs");
+/// (room, dest, qseq) -> fanout bytes.
+const QUEUES: Bytes2Bytes = TableDefinition::new("queues");
+/// (room, dest) -> (): every queue ever enqueued to, so an emptied queue loads as empty.
+const QUEUE_KEYS: Bytes2Bytes = TableDefinition::new("queue_keys");
+/// (room, dest) -> highest acknowledged qseq.
+const ACKED: Bytes2Bytes = TableDefinition::new("acked");
+/// (hub, room) -> next expected seq.
+const CURSORS: Bytes2Bytes = TableDefinition::new("cursors");
+/// offset -> room, from, accepted_ms, fanout bytes.
+const INBOX: Bytes2Bytes = TableDefinition::new("inbox");
+/// (room, room_seq) -> submission key (u128), accepted_ms.
+const SEEN: Bytes2Bytes = TableDefinition::new("submit_seen");
+/// Format version and the inbox trim mark.
+const META: Bytes2Bytes = TableDefinition::new("meta");
+
+const META_FORMAT: &[u8] = b"format";
+const META_INBOX_TRIMMED: &[u8] = b"inbox_trimmed";
+/// Bumped on any change to the layout above.
+const FORMAT: u64 = 1;
+/// A `ROOMS` value with no followers.
+const NO_FOLLOWERS: &[u8] = &[0, 0];
+
+/// The core's state in one redb file. See the crate documentation for the contract.
+pub struct DurableStore {
+    db: Database,
+    path: PathBuf,
+    pending: PendingLog,
+}
+
+// The node moves the store into its own task or thread.
+const _: fn() = || {
+    fn send<T: Send>() {}
+    send::<DurableStore>();
+};
+
+impl fmt::Debug for DurableStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DurableStore")
+            .field("path", &self.path)
+            .field("pending_ops", &self.pending.ops)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why an internal step failed; becomes the source of a [`StoreError`].
+#[derive(Debug)]
+enum Fail {
+    Db(redb::Error),
+    Decode(DecodeError),
+}
+
+impl Fail {
+    fn into_store(self, op: &'static str) -> StoreError {
+        match self {
+            Fail::Db(e) => StoreError::new(op, e),
+            Fail::Decode(e) => StoreError::new(op, e),
+        }
+    }
+}
+
+impl From<DecodeError> for Fail {
+    fn from(e: DecodeError) -> Self {
+        Fail::Decode(e)
+    }
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Fail {
+            fn from(e: $t) -> Self {
+                Fail::Db(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+impl DurableStore {
+    /// Opens the database file at `path`, creating it (not its directory) if missing.
+    ///
+    /// After a crash this also recovers the file to its last commit, which reads the whole file.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_owned();
+        let db = Database::create(&path).map_err(|e| Fail::from(e).into_store("open"))?;
+        let store = DurableStore {
+            db,
+            path,
+            pending: PendingLog::default(),
+        };
+        store.init().map_err(|e| e.into_store("open"))?;
+        Ok(store)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Ops applied since the last successful commit.
+    pub fn pending_ops(&self) -> usize {
+        self.pending.ops
+    }
+
+    /// Creates the tables of a new file, or checks the format of an existing one.
+    fn init(&self) -> Result<(), Fail> {
+        let tx = self.db.begin_write()?;
+        let found = {
+            let meta = tx.open_table(META)?;
+            let v = meta.get(META_FORMAT)?;
+            v.map(|v| codec::read_u64_value("meta", v.value()))
+                .transpose()?
+        };
+        match found {
+            Some(FORMAT) => tx.abort()?,
+            Some(found) => {
+                return Err(DecodeError::UnsupportedFormat {
+                    found,
+                    expected: FORMAT,
+                }
+                .into());
+            }
+            None => {
+                tx.open_table(META)?
+                    .insert(META_FORMAT, FORMAT.to_be_bytes().as_slice())?;
+                for t in [
+                    ROOMS, ROOM_SEQS, QUEUES, QUEUE_KEYS, ACKED, CURSORS, INBOX, SEEN,
+                ] {
+                    tx.open_table(t)?;
+                }
+                tx.commit()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_pending(&self) -> Result<(), Fail> {
+        let mut tx = self.db.begin_write()?;
+        // The default, stated because the contract depends on it: fsync before commit returns.
+        tx.set_durability(Durability::Immediate)?;
+        {
+            let mut rooms = tx.open_table(ROOMS)?;
+            let mut room_seqs = tx.open_table(ROOM_SEQS)?;
+            let mut queues = tx.open_table(QUEUES)?;
+            let mut queue_keys = tx.open_table(QUEUE_KEYS)?;
+            let mut acked = tx.open_table(ACKED)?;
+            let mut cursors = tx.open_table(CURSORS)?;
+            let mut inbox = tx.open_table(INBOX)?;
+            let mut seen = tx.open_table(SEEN)?;
+            let mut meta = tx.open_table(META)?;
+
+            let mut payloads = self.pending.payloads.iter();
+            let mut next_payload = || payloads.next().ok_or_else(|| bug("payload missing"));
+            // Rows checked in this commit: most ops repeat the room or queue of the one before.
+            let mut have_room: HashSet<&[u8]> = HashSet::new();
+            let mut have_queue: HashSet<&[u8]> = HashSet::new();
+            let (mut lo, mut hi, mut value) = (Vec::new(), Vec::new(), Vec::new());
+
+            let mut records = self.pending.records();
+            while let Some(codec::Record { tag, key, val }) = records.next_record()? {
+                match tag {
+                    Tag::Room => {
+                        rooms.insert(key, val)?;
+                        have_room.insert(key);
+                    }
+                    Tag::RoomSeq => {
+                        ensure(&mut rooms, &mut have_room, key, NO_FOLLOWERS)?;
+                        room_seqs.insert(key, val)?;
+                    }
+                    Tag::Enqueue => {
+                        let fanout: &Bytes = next_payload()?;
+                        queues.insert(key, fanout.as_ref())?;
+                        let prefix = key.get(..key.len().saturating_sub(8)).unwrap_or_default();
+                        ensure(&mut queue_keys, &mut have_queue, prefix, &[])?;
+                    }
+                    Tag::Ack => {
+                        let upto = codec::read_u64_value("pending log", val)?;
+                        key_range(&mut lo, &mut hi, key, 0, upto);
+                        queues.retain_in(lo.as_slice()..=hi.as_slice(), |_, _| false)?;
+                        raise_mark(&mut acked, key, upto)?;
+                    }
+                    Tag::Cursor => {
+                        cursors.insert(key, val)?;
+                    }
+                    Tag::Inbox => {
+                        let fanout = next_payload()?;
+                        value.clear();
+                        value.extend_from_slice(val);
+                        value.extend_from_slice(fanout);
+                        inbox.insert(key, value.as_slice())?;
+                    }
+                    Tag::InboxTrim => {
+                        let upto = codec::read_u64_value("pending log", val)?;
+                        key_range(&mut lo, &mut hi, &[], 0, upto);
+                        inbox.retain_in(lo.as_slice()..=hi.as_slice(), |_, _| false)?;
+                        raise_mark(&mut meta, META_INBOX_TRIMMED, upto)?;
+                    }
+                    Tag::SubmitSeen => {
+                        let room = Reader::new("pending log", key).str_bytes()?;
+                        ensure(&mut rooms, &mut have_room, room, NO_FOLLOWERS)?;
+                        seen.insert(key, val)?;
+                    }
+                    Tag::SubmitForget => {
+                        let upto = codec::read_u64_value("pending log", val)?;
+                        key_range(&mut lo, &mut hi, key, 0, upto);
+                        seen.retain_in(lo.as_slice()..=hi.as_slice(), |_, _| false)?;
+                    }
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn read_all(&self) -> Result<Snapshot, Fail> {
+        let tx = self.db.begin_read()?;
+        let mut snap = Snapshot::default();
+
+        for row in tx.open_table(ROOMS)?.iter()? {
+            let (k, v) = row?;
+            let room = codec::read_room_key("rooms", k.value())?;
+            snap.rooms.entry(room).or_default().followers =
+                codec::decode_followers("rooms", v.value())?;
+        }
+        for row in tx.open_table(ROOM_SEQS)?.iter()? {
+            let (k, v) = row?;
+            let room = codec::read_room_key("room_seqs", k.value())?;
+            let mut r = Reader::new("room_seqs", v.value());
+            let (next_seq, last_ms) = (r.u64()?, r.u64()?);
+            r.finish()?;
+            let entry = snap.rooms.entry(room).or_default();
+            entry.next_seq = next_seq;
+            entry.last_ms = last_ms;
+        }
+        for row in tx.open_table(SEEN)?.iter()? {
+            let (k, v) = row?;
+            let mut r = Reader::new("submit_seen", k.value());
+            let (room, room_seq) = (r.room()?, r.u64()?);
+            r.finish()?;
+            let mut r = Reader::new("submit_seen", v.value());
+            let (key, accepted_ms) = (r.u128()?, r.u64()?);
+            r.finish()?;
+            let seen = SubmitSeen {
+                key,
+                room_seq,
+                accepted_ms,
+            };
+            snap.rooms.entry(room).or_default().seen.push_back(seen);
+        }
+
+        for row in tx.open_table(QUEUE_KEYS)?.iter()? {
+            let (k, _) = row?;
+            let mut r = Reader::new("queue_keys", k.value());
+            let key = (r.room()?, r.domain()?);
+            r.finish()?;
+            snap.queues.entry(key).or_default();
+        }
+        // Entries of one queue are adjacent: parse its (room, dest) prefix once.
+        let mut prefix: Vec<u8> = Vec::new();
+        let mut entries: Option<&mut VecDeque<(u64, Bytes)>> = None;
+        for row in tx.open_table(QUEUES)?.iter()? {
+            let (k, v) = row?;
+            let k = k.value();
+            let mut r = Reader::new("queues", k);
+            r.str_bytes()?;
+            r.str_bytes()?;
+            let this_prefix = k.get(..k.len() - r.rest().len()).unwrap_or_default();
+            let mut r = Reader::new("queues", k.get(this_prefix.len()..).unwrap_or_default());
+            let qseq = r.u64()?;
+            r.finish()?;
+            let q = match entries.take() {
+                Some(q) if prefix == this_prefix => q,
+                _ => {
+                    let mut r = Reader::new("queues", this_prefix);
+                    let key = (r.room()?, r.domain()?);
+                    prefix.clear();
+                    prefix.extend_from_slice(this_prefix);
+                    snap.queues.entry(key).or_default()
+                }
+            };
+            q.push_back((qseq, Bytes::copy_from_slice(v.value())));
+            entries = Some(q);
+        }
+
+        for row in tx.open_table(ACKED)?.iter()? {
+            let (k, v) = row?;
+            let mut r = Reader::new("acked", k.value());
+            let key = (r.room()?, r.domain()?);
+            r.finish()?;
+            snap.acked
+                .insert(key, codec::read_u64_value("acked", v.value())?);
+        }
+        for row in tx.open_table(CURSORS)?.iter()? {
+            let (k, v) = row?;
+            let mut r = Reader::new("cursors", k.value());
+            let key = (r.domain()?, r.room()?);
+            r.finish()?;
+            snap.cursors
+                .insert(key, codec::read_u64_value("cursors", v.value())?);
+        }
+        for row in tx.open_table(INBOX)?.iter()? {
+            let (k, v) = row?;
+            let offset = codec::read_u64_value("inbox", k.value())?;
+            snap.inbox
+                .push_back((offset, codec::decode_inbox("inbox", v.value())?));
+        }
+        if let Some(v) = tx.open_table(META)?.get(META_INBOX_TRIMMED)? {
+            snap.inbox_trimmed = codec::read_u64_value("meta", v.value())?;
+        }
+        Ok(snap)
+    }
+}
+
+impl Store for DurableStore {
+    fn load(&mut self) -> Result<Snapshot, StoreError> {
+        self.read_all().map_err(|e| e.into_store("load"))
+    }
+
+    fn apply(&mut self, op: StoreOp<'_>) {
+        self.pending.push(op);
+    }
+
+    fn commit(&mut self) -> Result<(), StoreError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        if self.pending.unsupported {
+            return Err(StoreError::new("commit", UnsupportedOp));
+        }
+        self.write_pending().map_err(|e| e.into_store("commit"))?;
+        self.pending.clear();
+        Ok(())
+    }
+}
+
+/// The core sent a [`StoreOp`] variant newer than this crate.
+#[derive(Debug, thiserror::Error)]
+#[error("store op not supported by this relay-store version")]
+struct UnsupportedOp;
+
+/// The pending log is written and read only by this crate; an inconsistency in it is our bug,
+/// reported as an error rather than a panic.
+fn bug(what: &'static str) -> Fail {
+    Fail::Decode(DecodeError::Corrupt {
+        table: "pending log",
+        what,
+    })
+}
+
+/// Inserts `key` with `value` unless the row exists; checks each key once per commit.
+fn ensure<'k>(
+    table: &mut redb::Table<'_, &'static [u8], &'static [u8]>,
+    checked: &mut HashSet<&'k [u8]>,
+    key: &'k [u8],
+    value: &[u8],
+) -> Result<(), Fail> {
+    if checked.insert(key) && table.get(key)?.is_none() {
+        table.insert(key, value)?;
+    }
+    Ok(())
+}
+
+/// Sets the `u64` at `key` to `max(stored, n)`.
+fn raise_mark(
+    table: &mut redb::Table<'_, &'static [u8], &'static [u8]>,
+    key: &[u8],
+    n: u64,
+) -> Result<(), Fail> {
+    let old = match table.get(key)? {
+        Some(v) => codec::read_u64_value("mark", v.value())?,
+        None => 0,
+    };
+    // A missing mark is created even when n is 0, as MemStore does.
+    table.insert(key, n.max(old).to_be_bytes().as_slice())?;
+    Ok(())
+}
+
+/// `prefix ++ from` ..= `prefix ++ to`, big-endian.
+fn key_range(lo: &mut Vec<u8>, hi: &mut Vec<u8>, prefix: &[u8], from: u64, to: u64) {
+    lo.clear();
+    lo.extend_from_slice(prefix);
+    codec::put_u64(lo, from);
+    hi.clear();
+    hi.extend_from_slice(prefix);
+    codec::put_u64(hi, to);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mimi_wire::uri::{ProviderDomain, RoomId};
+
+    fn ids() -> (RoomId, ProviderDomain) {
+        let room = RoomId::parse("mimi://a.example/r/x").expect("room");
+        (room, ProviderDomain::parse("b.example").expect("domain"))
+    }
+
+    fn enqueue(store: &mut DurableStore, qseq: u64) {
+        let (room, dest) = ids();
+        let fanout = Bytes::from(vec![qseq as u8; 64]);
+        store.apply(StoreOp::Enqueue {
+            room: &room,
+            dest: &dest,
+            qseq,
+            fanout: &fanout,
+        });
+    }
+
+    #[test]
+    fn empty_commit_writes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.redb");
+        let mut store = DurableStore::open(&path).expect("open");
+        let before = std::fs::read(&path).expect("read");
+        store.commit().expect("commit");
+        store.commit().expect("commit");
+        assert_eq!(
+            std::fs::read(&path).expect("read"),
+            before,
+            "empty commit touched the file"
+        );
+        enqueue(&mut store, 1);
+        assert_eq!(store.pending_ops(), 1);
+        store.commit().expect("commit");
+        assert_eq!(store.pending_ops(), 0);
+        assert_ne!(std::fs::read(&path).expect("read"), before);
+    }
+
+    #[test]
+    fn uncommitted_ops_are_dropped_with_the_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.redb");
+        let mut store = DurableStore::open(&path).expect("open");
+        enqueue(&mut store, 1);
+        store.commit().expect("commit");
+        enqueue(&mut store, 2);
+        drop(store);
+        let snap = DurableStore::open(&path)
+            .expect("reopen")
+            .load()
+            .expect("load");
+        let q: Vec<u64> = snap.queues.values().flatten().map(|(s, _)| *s).collect();
+        assert_eq!(q, [1]);
+    }
+
+    #[test]
+    fn second_open_of_the_same_file_fails() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.redb");
+        let _store = DurableStore::open(&path).expect("open");
+        assert!(DurableStore::open(&path).is_err());
+    }
+
+    /// Writes `value` under `key` in `table` behind the store's back.
+    fn tamper(path: &Path, table: Bytes2Bytes, key: &[u8], value: &[u8]) {
+        let db = Database::create(path).expect("db");
+        let tx = db.begin_write().expect("tx");
+        tx.open_table(table)
+            .expect("table")
+            .insert(key, value)
+            .expect("insert");
+        tx.commit().expect("commit");
+    }
+
+    fn load_error(path: &Path) -> StoreError {
+        let mut store = DurableStore::open(path).expect("open");
+        store.load().expect_err("corrupt data loaded")
+    }
+
+    #[test]
+    fn corrupt_records_are_errors_not_panics() {
+        let (room, dest) = ids();
+        let mut prefix = Vec::new();
+        codec::queue_prefix(&mut prefix, &room, &dest);
+        let mut bad_qseq = prefix.clone();
+        bad_qseq.extend_from_slice(&[1, 2, 3]);
+        let mut bad_room = Vec::new();
+        codec::put_str(&mut bad_room, "mimi://a.example/u/not-a-room");
+        codec::put_str(&mut bad_room, "b.example");
+        let cases: [(Bytes2Bytes, &[u8], &[u8]); 9] = [
+            (QUEUES, &bad_qseq, b"x"),
+            (QUEUES, &[0, 200, b'a'], b"x"),
+            (QUEUE_KEYS, &bad_room, b""),
+            (ACKED, &prefix, &[1, 2]),
+            (ROOMS, room.as_str().as_bytes(), &[0, 1, 0, 0]),
+            (ROOM_SEQS, room.as_str().as_bytes(), &[0; 15]),
+            (INBOX, &[0; 8], &[0, 3, b'a']),
+            (SEEN, &prefix, &[0; 24]),
+            (META, META_INBOX_TRIMMED, &[]),
+        ];
+        for (i, (table, key, value)) in cases.into_iter().enumerate() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("s.redb");
+            drop(DurableStore::open(&path).expect("create"));
+            tamper(&path, table, key, value);
+            let e = load_error(&path);
+            let source = std::error::Error::source(&e).expect("source");
+            assert!(
+                source.downcast_ref::<DecodeError>().is_some(),
+                "case {i}: {source}"
+            );
+        }
+    }
+
+    #[test]
+    fn corrupt_mark_fails_the_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.redb");
+        drop(DurableStore::open(&path).expect("create"));
+        let (room, dest) = ids();
+        let mut prefix = Vec::new();
+        codec::queue_prefix(&mut prefix, &room, &dest);
+        tamper(&path, ACKED, &prefix, b"bad");
+        let mut store = DurableStore::open(&path).expect("open");
+        store.apply(StoreOp::Ack {
+            room: &room,
+            dest: &dest,
+            upto: 1,
+        });
+        assert!(store.commit().is_err());
+        assert_eq!(store.pending_ops(), 1, "a failed commit keeps its ops");
+    }
+
+    #[test]
+    fn other_format_versions_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.redb");
+        drop(DurableStore::open(&path).expect("create"));
+        tamper(&path, META, META_FORMAT, &99u64.to_be_bytes());
+        let e = DurableStore::open(&path).expect_err("opened a future format");
+        let source = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<DecodeError>());
+        assert_eq!(
+            source,
+            Some(&DecodeError::UnsupportedFormat {
+                found: 99,
+                expected: FORMAT
+            })
+        );
+    }
+}
