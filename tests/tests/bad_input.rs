@@ -37,15 +37,15 @@ impl Peer {
         let domain: ProviderDomain = me.parse().expect("domain");
         let id = TlsIdentity::load(
             domain,
-            &dir.join(format!("{me}.crt")),
-            &dir.join(format!("{me}.key")),
+            dir.join(format!("{me}.crt")),
+            dir.join(format!("{me}.key")),
         )
         .expect("identity");
         let mut trust = PeerTrust::new();
         trust
             .load_pem(
                 "a.example".parse().expect("domain"),
-                &dir.join("a.example.crt"),
+                dir.join("a.example.crt"),
             )
             .expect("trust");
         let tls =

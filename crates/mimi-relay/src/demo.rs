@@ -48,6 +48,8 @@ impl Launcher {
 pub struct DemoOptions {
     pub messages: usize,
     pub transport: String,
+    /// `durable` (the default) or `memory`.
+    pub store: String,
     pub chaos: bool,
     /// Which provider chaos kills: 0 = a.example (the hub), 1 = b.example, 2 = c.example.
     pub chaos_node: usize,
@@ -67,6 +69,7 @@ impl Default for DemoOptions {
         DemoOptions {
             messages: 1000,
             transport: "quic".into(),
+            store: "durable".into(),
             chaos: false,
             chaos_node: 1,
             clients: 4,
@@ -84,6 +87,7 @@ impl Default for DemoOptions {
 #[derive(Clone, Debug, Serialize)]
 pub struct DemoReport {
     pub transport: String,
+    pub store: String,
     pub sent: u64,
     pub expected: u64,
     pub delivered: u64,
@@ -113,7 +117,11 @@ impl DemoReport {
             s,
             "mimi-relay demo: 3 providers on loopback, room {ROOM} hosted by a.example"
         );
-        let _ = writeln!(s, "  transport      {}", self.transport);
+        let _ = writeln!(
+            s,
+            "  transport      {} (store: {})",
+            self.transport, self.store
+        );
         let _ = writeln!(
             s,
             "  sent           {} messages (~1 KiB each) from a, b and c",
@@ -174,7 +182,7 @@ fn free_udp() -> Result<u16> {
 }
 
 /// Writes certificates and the three node configs.
-fn prepare(dir: &Path, transport: &str) -> Result<Layout> {
+fn prepare(dir: &Path, transport: &str, store: &str) -> Result<Layout> {
     std::fs::create_dir_all(dir.join("certs"))?;
     for p in PROVIDERS {
         let d: ProviderDomain = p.parse()?;
@@ -196,7 +204,7 @@ fn prepare(dir: &Path, transport: &str) -> Result<Layout> {
     for (i, p) in PROVIDERS.iter().enumerate() {
         let (admin, listen) = ports[i];
         let mut t = format!(
-            "[node]\ndomain = \"{p}\"\ndata_dir = \"data/{p}\"\nadmin = \"127.0.0.1:{admin}\"\n\n\
+            "[node]\ndomain = \"{p}\"\ndata_dir = \"data/{p}\"\nadmin = \"127.0.0.1:{admin}\"\nstore = \"{store}\"\n\n\
              [tls]\ncert = \"certs/{p}.crt\"\nkey = \"certs/{p}.key\"\n\n\
              [listen]\n{transport} = \"127.0.0.1:{listen}\"\n"
         );
@@ -400,7 +408,13 @@ pub async fn run(opts: DemoOptions, launcher: Launcher) -> Result<DemoReport> {
             (t.path().to_path_buf(), Some(t))
         }
     };
-    let layout = prepare(&dir, &opts.transport)?;
+    if !["durable", "memory"].contains(&opts.store.as_str()) {
+        bail!("--store {}: expected durable or memory", opts.store);
+    }
+    if opts.chaos && opts.store == "memory" {
+        bail!("--chaos kills nodes: it needs --store durable");
+    }
+    let layout = prepare(&dir, &opts.transport, &opts.store)?;
     let mut nodes = Nodes {
         launcher,
         children: vec![None, None, None],
@@ -555,46 +569,56 @@ pub async fn run(opts: DemoOptions, launcher: Launcher) -> Result<DemoReport> {
         let _ = r.await;
     }
 
-    let t = tally.lock().expect("tally lock");
-    let delivered: u64 = t.seen.iter().map(|s| s.len() as u64).sum();
-    let mut lat = t.latencies_us.clone();
-    lat.sort_unstable();
-    let pct = |p: f64| -> u64 {
-        if lat.is_empty() {
-            0
-        } else {
-            lat[((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1]
+    let report = {
+        let t = tally.lock().expect("tally lock");
+        let delivered: u64 = t.seen.iter().map(|s| s.len() as u64).sum();
+        let mut lat = t.latencies_us.clone();
+        lat.sort_unstable();
+        let pct = |p: f64| -> u64 {
+            if lat.is_empty() {
+                0
+            } else {
+                lat[((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1]
+            }
+        };
+        let end = t.last_delivery.unwrap_or(started);
+        let elapsed = end.duration_since(started);
+        DemoReport {
+            transport: opts.transport.clone(),
+            store: opts.store.clone(),
+            sent: t.accepted,
+            expected,
+            delivered,
+            lost: expected.saturating_sub(delivered),
+            duplicated: t.duplicated,
+            out_of_order: t.out_of_order,
+            p50_us: pct(0.50),
+            p99_us: pct(0.99),
+            msgs_per_s: delivered as f64 / elapsed.as_secs_f64().max(1e-9),
+            chaos_kills: kills,
+            chaos_victim: if opts.chaos {
+                PROVIDERS[opts.chaos_node.min(2)].to_owned()
+            } else {
+                String::new()
+            },
+            submit_retries: t.retries,
+            elapsed_ms: elapsed.as_millis() as u64,
         }
     };
-    let end = t.last_delivery.unwrap_or(started);
-    let elapsed = end.duration_since(started);
-    let report = DemoReport {
-        transport: opts.transport.clone(),
-        sent: t.accepted,
-        expected,
-        delivered,
-        lost: expected.saturating_sub(delivered),
-        duplicated: t.duplicated,
-        out_of_order: t.out_of_order,
-        p50_us: pct(0.50),
-        p99_us: pct(0.99),
-        msgs_per_s: delivered as f64 / elapsed.as_secs_f64().max(1e-9),
-        chaos_kills: kills,
-        chaos_victim: if opts.chaos {
-            PROVIDERS[opts.chaos_node.min(2)].to_owned()
-        } else {
-            String::new()
-        },
-        submit_retries: t.retries,
-        elapsed_ms: elapsed.as_millis() as u64,
-    };
-    drop(t);
+    if opts.keep {
+        // Keep each node's final metrics beside its log.
+        for (i, admin) in admins.iter().enumerate() {
+            if let Ok((_, body)) = LocalClient::new(*admin).get("/metrics").await {
+                let _ = std::fs::write(dir.join(format!("{}.metrics", PROVIDERS[i])), &body);
+            }
+        }
+    }
     nodes.lock().await.stop_all();
-    if opts.keep || !report.is_clean() {
-        if let Some(t) = temp {
-            let kept = t.keep();
-            eprintln!("demo files kept in {}", kept.display());
-        }
+    if (opts.keep || !report.is_clean())
+        && let Some(t) = temp
+    {
+        let kept = t.keep();
+        eprintln!("demo files kept in {}", kept.display());
     }
     Ok(report)
 }

@@ -49,6 +49,9 @@ enum Cmd {
         /// Transport between the providers: quic or https.
         #[arg(long, default_value = "quic")]
         transport: String,
+        /// Where nodes keep their state: durable (redb, fsync per commit) or memory.
+        #[arg(long, default_value = "durable")]
+        store: String,
         /// Print one JSON object instead of the summary.
         #[arg(long)]
         json: bool,
@@ -125,6 +128,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Demo {
             messages,
             transport,
+            store,
             json,
             chaos,
             clients,
@@ -134,6 +138,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let opts = DemoOptions {
                 messages,
                 transport,
+                store,
                 chaos,
                 clients: clients.max(1),
                 dir,

@@ -22,7 +22,7 @@ pub mod transport;
 pub use config::{RelayConfig, RetryPolicy};
 pub use relay::{Now, Output, Relay, ReplyToken, RoomError};
 pub use stats::{RejectReason, RelayStats};
-pub use store::{MemStore, Snapshot, Store, StoreError, StoreOp};
+pub use store::{MemStore, SealedCommit, Snapshot, Store, StoreError, StoreOp};
 pub use transport::{
     Inbound, Request, Response, Status, Transmit, TransmitId, Transport, TransportError,
     TransportKind,

@@ -126,6 +126,9 @@ impl StoreError {
     }
 }
 
+/// The write of a sealed batch of changes; it may run on another thread.
+pub type SealedCommit = Box<dyn FnOnce() -> Result<(), StoreError> + Send>;
+
 /// Durable state behind the core.
 pub trait Store {
     /// Reads everything back after a restart.
@@ -134,6 +137,13 @@ pub trait Store {
     fn apply(&mut self, op: StoreOp<'_>);
     /// Makes every change applied so far durable, atomically.
     fn commit(&mut self) -> Result<(), StoreError>;
+    /// Takes every change applied so far as one batch whose write the caller runs, possibly on
+    /// another thread while the core goes on (pipelined group commit). Batches must be written
+    /// in the order they were sealed, one at a time. `None`: everything applied is durable
+    /// already. The default commits here and now.
+    fn seal(&mut self) -> Result<Option<SealedCommit>, StoreError> {
+        self.commit().map(|()| None)
+    }
 }
 
 /// Applies ops to a [`Snapshot`]: the in-memory store, and the reference durable stores are

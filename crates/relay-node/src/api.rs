@@ -171,10 +171,10 @@ async fn create_room(
 
 async fn metrics_page(State(s): State<ApiState>) -> HttpResponse {
     match ask(&s.tx, |reply| Event::Stats { reply }).await {
-        Some(stats) => (
+        Some((stats, store)) => (
             StatusCode::OK,
             [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            metrics::render(&stats),
+            metrics::render(&stats, &store),
         )
             .into_response(),
         None => unavailable(),

@@ -4,7 +4,7 @@
 //! Each turn drains what is waiting, commits the store once (group commit), and only then
 //! releases the replies and transmits the core produced.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
@@ -14,8 +14,8 @@ use bytes::Bytes;
 use mimi_wire::uri::{ProviderDomain, RoomId};
 use relay_core::store::InboxRecord;
 use relay_core::{
-    Now, Output, Relay, RelayStats, ReplyToken, Request, Response, RoomError, Status, Store,
-    StoreError, TransmitId, Transport, TransportError, TransportKind,
+    Now, Output, Relay, RelayStats, ReplyToken, Request, Response, RoomError, SealedCommit, Status,
+    Store, StoreError, TransmitId, Transport, TransportError, TransportKind,
 };
 use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
@@ -51,7 +51,13 @@ pub(crate) enum Event {
         reply: oneshot::Sender<Vec<(u64, InboxRecord)>>,
     },
     Stats {
-        reply: oneshot::Sender<RelayStats>,
+        reply: oneshot::Sender<(RelayStats, StoreStats)>,
+    },
+    /// From the committer thread: batch `id` is written (or failed).
+    Committed {
+        id: u64,
+        result: Result<(), StoreError>,
+        took: Duration,
     },
     Shutdown,
 }
@@ -87,66 +93,168 @@ pub(crate) fn now() -> Now {
 /// Requests waiting in the channel, for backpressure towards peers.
 pub(crate) static PENDING_REQUESTS: AtomicUsize = AtomicUsize::new(0);
 
+/// What the core thread measures of the store.
+#[derive(Clone, Debug, Default)]
+pub struct StoreStats {
+    /// Commits that wrote something.
+    pub commits: u64,
+    /// Events handled in turns that ended with such a commit.
+    pub events: u64,
+    /// Time spent in commits (write and fsync).
+    pub commit_time: relay_core::stats::Histogram,
+}
+
 pub(crate) struct CoreLoop<S: Store> {
     pub relay: Relay,
     pub store: S,
     pub rx: Receiver<Event>,
-    /// To feed outcomes back into ourselves (a transport missing for a route).
+    /// To feed outcomes back into ourselves (a transport missing for a route), and for the
+    /// committer thread to report.
     pub tx: Sender<Event>,
     pub transports: Arc<Transports>,
     pub inbox_next: watch::Sender<u64>,
+    pub store_stats: StoreStats,
+}
+
+/// Something to hand out once the commit it depends on is durable.
+enum Held {
+    Output(Output),
+    Inbox(
+        oneshot::Sender<Vec<(u64, InboxRecord)>>,
+        Vec<(u64, InboxRecord)>,
+    ),
+    Room(
+        oneshot::Sender<Result<(), RoomError>>,
+        Result<(), RoomError>,
+    ),
+}
+
+/// Pipelined group commit: while one batch is being written and synced on the committer
+/// thread, the core goes on handling inputs into the next batch. Everything the core produces
+/// is tagged with the batch that holds its changes and handed out only when that batch is
+/// durable.
+struct Pipeline {
+    /// The batch now collecting changes.
+    open: u64,
+    /// The highest batch known durable.
+    durable: u64,
+    /// The batch being written, with the inputs it covers.
+    writing: Option<(u64, u64)>,
+    held: VecDeque<(u64, Held)>,
+    inputs_in_open: u64,
 }
 
 impl<S: Store> CoreLoop<S> {
     /// Runs until `Shutdown` or until every sender is gone. A store failure stops the node:
     /// what the core holds in memory is then ahead of the disk, and must not be acknowledged.
     pub fn run(mut self) -> Result<(), StoreError> {
+        let (jobs, job_rx) = std::sync::mpsc::channel::<(u64, SealedCommit)>();
+        let report = self.tx.clone();
+        let committer = std::thread::Builder::new()
+            .name("relay-commit".into())
+            .spawn(move || {
+                for (id, write) in job_rx {
+                    let started = Instant::now();
+                    let result = write();
+                    let took = started.elapsed();
+                    if report.send(Event::Committed { id, result, took }).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| StoreError::new("start committer", e))?;
+
         let mut replies: HashMap<ReplyToken, oneshot::Sender<Response>> = HashMap::new();
         let mut next_token = 0u64;
         let mut stopping = false;
-        while !stopping {
+        let mut p = Pipeline {
+            open: 1,
+            durable: 0,
+            writing: None,
+            held: VecDeque::new(),
+            inputs_in_open: 0,
+        };
+        let result = loop {
             let wait = self
                 .relay
                 .poll_timeout()
                 .map_or(Duration::from_secs(1), |t| {
                     t.saturating_duration_since(Instant::now())
                 });
-            let first = match self.rx.recv_timeout(wait) {
+            let mut next = match self.rx.recv_timeout(wait) {
                 Ok(ev) => Some(ev),
                 Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Disconnected) => break Ok(()),
             };
-            let mut next = first;
-            let mut handled = 0;
+            let mut handled = 0u64;
+            let mut failed = None;
             while let Some(ev) = next.take() {
                 handled += 1;
-                if let Event::Shutdown = ev {
-                    stopping = true;
-                } else {
-                    self.handle(ev, &mut replies, &mut next_token);
+                match ev {
+                    Event::Shutdown => stopping = true,
+                    Event::Committed { id, result, took } => {
+                        let inputs = p.writing.take().map_or(0, |(_, n)| n);
+                        match result {
+                            Ok(()) => {
+                                p.durable = id;
+                                self.store_stats.commits += 1;
+                                self.store_stats.events += inputs;
+                                self.store_stats.commit_time.record(took);
+                            }
+                            Err(e) => failed = Some(e),
+                        }
+                    }
+                    ev => {
+                        p.inputs_in_open += 1;
+                        self.handle(ev, &mut replies, &mut next_token, &mut p);
+                    }
                 }
-                if handled < 4096 {
+                if handled < 4096 && failed.is_none() {
                     next = self.rx.try_recv().ok();
                 }
             }
-            self.relay.handle_timeout(now(), &mut self.store);
-            if let Err(e) = self.store.commit() {
-                error!(error = %e, source = ?std::error::Error::source(&e), "store commit failed; stopping");
-                for (_, r) in replies.drain() {
-                    let _ = r.send(Response::error(Status::Internal, "storage failure"));
-                }
-                return Err(e);
+            if let Some(e) = failed {
+                break Err(e);
             }
-            self.release(&mut replies);
+            self.relay.handle_timeout(now(), &mut self.store);
+            while let Some(out) = self.relay.poll_output() {
+                p.held.push_back((p.open, Held::Output(out)));
+            }
+            if p.writing.is_none() {
+                match self.store.seal() {
+                    Ok(Some(write)) => {
+                        p.writing = Some((p.open, std::mem::take(&mut p.inputs_in_open)));
+                        if jobs.send((p.open, write)).is_err() {
+                            break Err(StoreError::new("commit", CommitterGone));
+                        }
+                    }
+                    // Nothing to write: everything applied so far is durable.
+                    Ok(None) => p.durable = p.open,
+                    Err(e) => break Err(e),
+                }
+                p.open += 1;
+            }
+            self.release(&mut replies, &mut p);
             self.inbox_next.send_if_modified(|v| {
                 let n = self.relay.inbox_next();
                 let changed = *v != n;
                 *v = n;
                 changed
             });
+            if stopping && p.writing.is_none() && p.held.is_empty() {
+                break Ok(());
+            }
+        };
+        drop(jobs);
+        let _ = committer.join();
+        if let Err(e) = &result {
+            error!(error = %e, source = ?std::error::Error::source(e), "store commit failed; stopping");
+            for (_, r) in replies.drain() {
+                let _ = r.send(Response::error(Status::Internal, "storage failure"));
+            }
         }
         info!("core loop stopped");
-        Ok(())
+        result
     }
 
     fn handle(
@@ -154,6 +262,7 @@ impl<S: Store> CoreLoop<S> {
         ev: Event,
         replies: &mut HashMap<ReplyToken, oneshot::Sender<Response>>,
         next_token: &mut u64,
+        p: &mut Pipeline,
     ) {
         let now = now();
         let mut token = |reply| {
@@ -185,24 +294,44 @@ impl<S: Store> CoreLoop<S> {
                 let r = self
                     .relay
                     .handle_create_room(&mut self.store, room, followers);
-                let _ = reply.send(r);
+                p.held.push_back((p.open, Held::Room(reply, r)));
             }
             Event::Inbox { after, max, reply } => {
                 self.relay.handle_inbox_read(&mut self.store, after);
+                // Only what is durable may be shown: a record shown and then lost in a crash
+                // would be delivered again.
                 let items = self.relay.inbox_after(after).take(max).cloned().collect();
-                let _ = reply.send(items);
+                p.held.push_back((p.open, Held::Inbox(reply, items)));
             }
             Event::Stats { reply } => {
-                let _ = reply.send(self.relay.stats());
+                let _ = reply.send((self.relay.stats(), self.store_stats.clone()));
             }
-            Event::Shutdown => {}
+            Event::Shutdown | Event::Committed { .. } => {}
         }
     }
 
-    /// Hands out everything the core produced, after the commit that made it durable.
-    fn release(&mut self, replies: &mut HashMap<ReplyToken, oneshot::Sender<Response>>) {
+    /// Hands out everything whose batch is durable.
+    fn release(
+        &mut self,
+        replies: &mut HashMap<ReplyToken, oneshot::Sender<Response>>,
+        p: &mut Pipeline,
+    ) {
         let transports = Some(&*self.transports);
-        while let Some(out) = self.relay.poll_output() {
+        while p.held.front().is_some_and(|(tag, _)| *tag <= p.durable) {
+            let Some((_, held)) = p.held.pop_front() else {
+                break;
+            };
+            let out = match held {
+                Held::Inbox(reply, items) => {
+                    let _ = reply.send(items);
+                    continue;
+                }
+                Held::Room(reply, r) => {
+                    let _ = reply.send(r);
+                    continue;
+                }
+                Held::Output(out) => out,
+            };
             match out {
                 Output::Reply { token, response } => {
                     if let Some(r) = replies.remove(&token) {
@@ -233,3 +362,8 @@ impl<S: Store> CoreLoop<S> {
         }
     }
 }
+
+/// The committer thread is gone (it only stops when the core loop drops its job queue).
+#[derive(Debug, thiserror::Error)]
+#[error("the committer thread stopped")]
+struct CommitterGone;

@@ -29,6 +29,7 @@ use tracing::{error, info};
 
 pub use api::encode_inbox;
 pub use config::{ConfigError, NodeConfig, StoreKind};
+pub use core_loop::StoreStats;
 use core_loop::{CoreLoop, Event, PENDING_REQUESTS, Transports};
 
 /// Requests from peers waiting for the core before new ones are answered 503.
@@ -317,6 +318,7 @@ fn spawn_core<S: Store + Send + 'static>(
         tx,
         transports,
         inbox_next,
+        store_stats: Default::default(),
     };
     std::thread::Builder::new()
         .name("relay-core".into())

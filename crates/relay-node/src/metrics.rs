@@ -3,10 +3,20 @@
 
 use std::fmt::Write;
 
-use relay_core::stats::Histogram;
+use relay_core::stats::{Histogram, PeerStats};
 use relay_core::{RejectReason, RelayStats};
 
-pub fn render(s: &RelayStats) -> String {
+use crate::core_loop::StoreStats;
+
+/// Name, type, help and value of one per-peer metric.
+type PeerMetric = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&PeerStats) -> u64,
+);
+
+pub fn render(s: &RelayStats, store: &StoreStats) -> String {
     let mut out = String::with_capacity(4096);
     let mut counter = |name: &str, help: &str, value: u64| {
         let _ = writeln!(
@@ -54,7 +64,7 @@ pub fn render(s: &RelayStats) -> String {
         );
     }
 
-    let per_peer: [(&str, &str, &str, fn(&relay_core::stats::PeerStats) -> u64); 6] = [
+    let per_peer: [PeerMetric; 6] = [
         (
             "mimi_relay_messages_in_total",
             "counter",
@@ -131,6 +141,30 @@ pub fn render(s: &RelayStats) -> String {
         "Time from the hub's acceptance to the follower's acknowledgement.",
         &s.latency,
     );
+    let _ = writeln!(
+        out,
+        "# HELP mimi_relay_store_commits_total Store commits that wrote something (one fsync each)."
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE mimi_relay_store_commits_total counter\nmimi_relay_store_commits_total {}",
+        store.commits
+    );
+    let _ = writeln!(
+        out,
+        "# HELP mimi_relay_store_commit_events_total Inputs handled in turns that ended in such a commit."
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE mimi_relay_store_commit_events_total counter\nmimi_relay_store_commit_events_total {}",
+        store.events
+    );
+    histogram(
+        &mut out,
+        "mimi_relay_store_commit_seconds",
+        "Time spent writing and syncing one commit.",
+        &store.commit_time,
+    );
     out
 }
 
@@ -160,7 +194,7 @@ mod tests {
         s.latency.record(std::time::Duration::from_micros(50));
         s.latency.record(std::time::Duration::from_micros(700));
         s.latency.record(std::time::Duration::from_secs(60));
-        let text = render(&s);
+        let text = render(&s, &StoreStats::default());
         assert!(text.contains("mimi_relay_delivery_latency_seconds_bucket{le=\"0.0001\"} 1"));
         assert!(text.contains("mimi_relay_delivery_latency_seconds_bucket{le=\"0.001\"} 2"));
         assert!(text.contains("mimi_relay_delivery_latency_seconds_bucket{le=\"10\"} 2"));

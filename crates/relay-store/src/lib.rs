@@ -29,13 +29,15 @@ mod codec;
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 pub use codec::DecodeError;
 pub use relay_core::store::{
-    InboxRecord, MemStore, OwnedOp, RoomSnapshot, Snapshot, Store, StoreError, StoreOp, SubmitSeen,
+    InboxRecord, MemStore, OwnedOp, RoomSnapshot, SealedCommit, Snapshot, Store, StoreError,
+    StoreOp, SubmitSeen,
 };
 
 use codec::{PendingLog, Reader, Tag};
@@ -71,7 +73,7 @@ const NO_FOLLOWERS: &[u8] = &[0, 0];
 
 /// The core's state in one redb file. See the crate documentation for the contract.
 pub struct DurableStore {
-    db: Database,
+    db: Arc<Database>,
     path: PathBuf,
     pending: PendingLog,
 }
@@ -140,7 +142,7 @@ impl DurableStore {
         let path = path.as_ref().to_owned();
         let db = Database::create(&path).map_err(|e| Fail::from(e).into_store("open"))?;
         let store = DurableStore {
-            db,
+            db: Arc::new(db),
             path,
             pending: PendingLog::default(),
         };
@@ -191,7 +193,14 @@ impl DurableStore {
     }
 
     fn write_pending(&self) -> Result<(), Fail> {
-        let mut tx = self.db.begin_write()?;
+        write_log(&self.db, &self.pending)
+    }
+}
+
+/// Writes one batch of ops in one write transaction, durably.
+fn write_log(db: &Database, pending: &PendingLog) -> Result<(), Fail> {
+    {
+        let mut tx = db.begin_write()?;
         // The default, stated because the contract depends on it: fsync before commit returns.
         tx.set_durability(Durability::Immediate)?;
         {
@@ -205,14 +214,14 @@ impl DurableStore {
             let mut seen = tx.open_table(SEEN)?;
             let mut meta = tx.open_table(META)?;
 
-            let mut payloads = self.pending.payloads.iter();
+            let mut payloads = pending.payloads.iter();
             let mut next_payload = || payloads.next().ok_or_else(|| bug("payload missing"));
             // Rows checked in this commit: most ops repeat the room or queue of the one before.
             let mut have_room: HashSet<&[u8]> = HashSet::new();
             let mut have_queue: HashSet<&[u8]> = HashSet::new();
             let (mut lo, mut hi, mut value) = (Vec::new(), Vec::new(), Vec::new());
 
-            let mut records = self.pending.records();
+            let mut records = pending.records();
             while let Some(codec::Record { tag, key, val }) = records.next_record()? {
                 match tag {
                     Tag::Room => {
@@ -267,7 +276,9 @@ impl DurableStore {
         tx.commit()?;
         Ok(())
     }
+}
 
+impl DurableStore {
     fn read_all(&self) -> Result<Snapshot, Fail> {
         let tx = self.db.begin_read()?;
         let mut snap = Snapshot::default();
@@ -387,6 +398,20 @@ impl Store for DurableStore {
         self.pending.clear();
         Ok(())
     }
+
+    fn seal(&mut self) -> Result<Option<SealedCommit>, StoreError> {
+        if self.pending.is_empty() {
+            return Ok(None);
+        }
+        if self.pending.unsupported {
+            return Err(StoreError::new("commit", UnsupportedOp));
+        }
+        let batch = std::mem::take(&mut self.pending);
+        let db = Arc::clone(&self.db);
+        Ok(Some(Box::new(move || {
+            write_log(&db, &batch).map_err(|e| e.into_store("commit"))
+        })))
+    }
 }
 
 /// The core sent a [`StoreOp`] variant newer than this crate.
@@ -480,6 +505,36 @@ mod tests {
         store.commit().expect("commit");
         assert_eq!(store.pending_ops(), 0);
         assert_ne!(std::fs::read(&path).expect("read"), before);
+    }
+
+    #[test]
+    fn sealed_batches_written_on_another_thread_are_durable_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.redb");
+        let mut store = DurableStore::open(&path).expect("open");
+        assert!(
+            store.seal().expect("seal").is_none(),
+            "nothing applied: nothing to write"
+        );
+        enqueue(&mut store, 1);
+        let first = store.seal().expect("seal").expect("a batch");
+        assert_eq!(store.pending_ops(), 0, "sealing takes the pending ops");
+        enqueue(&mut store, 2);
+        let second = store.seal().expect("seal").expect("a batch");
+        enqueue(&mut store, 3); // applied but never sealed: lost like any uncommitted op
+        std::thread::spawn(move || {
+            first().expect("write first");
+            second().expect("write second");
+        })
+        .join()
+        .expect("writer thread");
+        drop(store);
+        let snap = DurableStore::open(&path)
+            .expect("reopen")
+            .load()
+            .expect("load");
+        let seqs: Vec<u64> = snap.queues.values().flatten().map(|(q, _)| *q).collect();
+        assert_eq!(seqs, [1, 2]);
     }
 
     #[test]
