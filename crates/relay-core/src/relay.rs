@@ -99,6 +99,10 @@ struct OutQueue {
     /// Bumped on every rewind, so outcomes of transmits sent before it are not counted twice.
     generation: u64,
     in_ready: bool,
+    /// Consecutive refusals by a peer that answered: backs off this queue alone, since the
+    /// peer itself is alive.
+    refusals: u32,
+    held_until: Option<Instant>,
 }
 
 impl OutQueue {
@@ -159,6 +163,8 @@ pub struct Relay {
     inbox_next: u64,
     inflight: HashMap<TransmitId, InFlight>,
     deadlines: BTreeSet<(Instant, TransmitId)>,
+    /// Queues held back after a refusal, by release time.
+    held: BTreeSet<(Instant, QueueIdx)>,
     next_transmit: u64,
     outputs: VecDeque<Output>,
     rng: SplitMix64,
@@ -185,6 +191,7 @@ impl Relay {
             inbox_next: snapshot.inbox_trimmed + 1,
             inflight: HashMap::new(),
             deadlines: BTreeSet::new(),
+            held: BTreeSet::new(),
             next_transmit: 1,
             outputs: VecDeque::new(),
             stats: RelayStats::default(),
@@ -296,6 +303,8 @@ impl Relay {
             inflight: 0,
             generation: 0,
             in_ready: false,
+            refusals: 0,
+            held_until: None,
         });
         self.queue_by_key
             .insert((room.as_str().to_owned(), dest.clone()), qi);
@@ -784,24 +793,43 @@ impl Relay {
         match outcome {
             Ok(resp) if resp.status.is_success() => {
                 let upto = resp.next_seq.map_or(last, |n| n.saturating_sub(1));
+                self.queues[qi].refusals = 0;
                 self.ack(now, store, qi, upto);
                 self.peer_alive(self.queues[qi].peer, now);
             }
-            Ok(resp) if resp.status == Status::OutOfOrder && resp.next_seq.is_some() => {
+            Ok(resp)
+                if resp.status == Status::OutOfOrder
+                    && resp.next_seq.is_some_and(|n| n > self.queues[qi].acked) =>
+            {
                 let next = resp.next_seq.unwrap_or(1);
                 self.ack(now, store, qi, next.saturating_sub(1));
                 if current {
                     self.rewind(qi, next);
                 }
             }
-            other => {
+            Ok(resp) if resp.status == Status::OutOfOrder => {
+                // The follower expects events it already acknowledged: it lost its state. They
+                // are gone here; keep retrying with backoff (never a hot loop) and say so.
                 let q = &self.queues[qi];
-                match &other {
-                    Ok(resp) => {
-                        warn!(room = %q.room, dest = %q.dest, status = resp.status.http_code(),
-                        reason = %String::from_utf8_lossy(&resp.body), "notify refused; will retry")
-                    }
-                    Err(e) => debug!(room = %q.room, dest = %q.dest, error = %e, "notify failed"),
+                tracing::error!(room = %q.room, dest = %q.dest, expected = ?resp.next_seq,
+                    acknowledged = q.acked, "follower lost acknowledged state; cannot resend");
+                self.stats.rejects[RejectReason::OutOfOrder as usize] += 1;
+                if current {
+                    self.refused(qi, now);
+                }
+            }
+            Ok(resp) if resp.status != Status::Unavailable => {
+                let q = &self.queues[qi];
+                warn!(room = %q.room, dest = %q.dest, status = resp.status.http_code(),
+                    reason = %String::from_utf8_lossy(&resp.body), "notify refused; will retry");
+                if current {
+                    self.refused(qi, now);
+                }
+            }
+            other => {
+                if let Err(e) = &other {
+                    let q = &self.queues[qi];
+                    debug!(room = %q.room, dest = %q.dest, error = %e, "notify failed");
                 }
                 if current {
                     let from = self.queues[qi].acked + 1;
@@ -810,6 +838,22 @@ impl Relay {
                 }
             }
         }
+    }
+
+    /// A peer that answered refused this queue's events: rewind and hold the queue alone.
+    fn refused(&mut self, qi: QueueIdx, now: Now) {
+        let from = self.queues[qi].acked + 1;
+        self.rewind(qi, from);
+        let jitter = self.rng.unit();
+        let policy = &self.cfg.retry;
+        let q = &mut self.queues[qi];
+        q.refusals += 1;
+        let delay = policy
+            .backoff(q.refusals)
+            .mul_f64(1.0 - policy.jitter / 2.0 + policy.jitter * jitter);
+        let until = now.mono + delay;
+        q.held_until = Some(until);
+        self.held.insert((until, qi));
     }
 
     fn ack<S: Store>(&mut self, now: Now, store: &mut S, qi: QueueIdx, upto: u64) {
@@ -836,7 +880,8 @@ impl Relay {
 
     fn rewind(&mut self, qi: QueueIdx, from: u64) {
         let q = &mut self.queues[qi];
-        let from = from.max(q.acked + 1);
+        // Never before the first unacknowledged event, never past the last queued one.
+        let from = from.max(q.acked + 1).min(q.next_qseq());
         if from < q.send_next {
             self.stats.retries += q.send_next - from;
         }
@@ -922,6 +967,16 @@ impl Relay {
                 self.deadlines.remove(&(at, id));
             }
         }
+        while let Some(&(at, qi)) = self.held.first() {
+            if at > now.mono {
+                break;
+            }
+            self.held.pop_first();
+            if self.queues[qi].held_until == Some(at) {
+                self.queues[qi].held_until = None;
+                self.mark_ready(qi);
+            }
+        }
         for p in 0..self.peers.len() {
             match self.peers[p].liveness {
                 Liveness::Backoff { until } if until <= now.mono => {
@@ -978,6 +1033,9 @@ impl Relay {
     /// When `handle_timeout` must next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let mut t = self.deadlines.first().map(|(at, _)| *at);
+        if let Some(&(at, _)) = self.held.first() {
+            t = Some(t.map_or(at, |t| t.min(at)));
+        }
         for p in &self.peers {
             let at = match p.liveness {
                 Liveness::Backoff { until } => until,
@@ -1026,6 +1084,9 @@ impl Relay {
             let peer = self.queues[qi].peer;
             if !matches!(self.peers[peer].liveness, Liveness::Up) {
                 continue; // re-readied when the peer comes back
+            }
+            if self.queues[qi].held_until.is_some_and(|t| t > now.mono) {
+                continue; // re-readied when its hold ends
             }
             let kind = self.peers[peer].kind;
             let window = self.cfg.pipeline_for(kind);

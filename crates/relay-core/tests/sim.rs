@@ -874,3 +874,32 @@ fn req(
         body: Bytes::from(body),
     }
 }
+
+#[test]
+fn a_follower_that_lost_its_store_gets_backoff_not_a_hot_loop() {
+    let mut sim = Sim::new(12, perfect(), 1, 50);
+    sim.run(60_000);
+    sim.check();
+    // b loses everything, as if its data directory were deleted, then a client at a sends more.
+    sim.nodes[1].store = MemStore::new();
+    sim.schedule(0, Ev::Crash { node: 1 });
+    sim.schedule(10, Ev::Restart { node: 1 });
+    sim.clients[0].total += 20;
+    sim.schedule(20, Ev::ClientSubmit { client: 0 });
+    let start = sim.now_ms;
+    let before = sim.nodes[0].relay.stats().peers[&domain("b.example")].transmits;
+    while sim.now_ms < start + 10_000 && sim.advance() {}
+    let after = sim.nodes[0].relay.stats().peers[&domain("b.example")].transmits;
+    // Backoff capped at 5 s and probing every ~0.5 s: a few dozen attempts in 10 s, not thousands.
+    assert!(
+        after - before < 100,
+        "{} transmits to b in 10 s",
+        after - before
+    );
+    assert!(sim.nodes[0].relay.stats().rejects[relay_core::RejectReason::OutOfOrder as usize] > 0);
+    // c, which kept its state, got the new messages.
+    assert_eq!(
+        sim.received[2].iter().filter(|(c, _, _)| *c == 0).count(),
+        70
+    );
+}
