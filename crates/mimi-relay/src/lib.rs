@@ -1,5 +1,6 @@
-//! The pieces of the `mimi-relay` binary that tests reuse: the demo harness and key generation.
+//! The pieces of the `mimi-relay` binary that tests reuse: the demo harness, the local client and key generation.
 //! The binary itself (`main.rs`) is only argument parsing.
 
+pub mod client;
 pub mod demo;
 pub mod keygen;

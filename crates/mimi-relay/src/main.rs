@@ -41,6 +41,14 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Act as a local client of a running node (its loopback API, `node.admin`).
+    Client {
+        /// The node's admin address, e.g. 127.0.0.1:9102.
+        #[arg(long)]
+        admin: std::net::SocketAddr,
+        #[command(subcommand)]
+        action: ClientCmd,
+    },
     /// Start three providers on loopback, run a room across them and report what arrived.
     Demo {
         /// Messages to submit, spread over the three providers.
@@ -67,6 +75,29 @@ enum Cmd {
         /// Use this working directory instead of a temporary one.
         #[arg(long)]
         dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClientCmd {
+    /// Submit a text as an application message (wrapped in an MLS PrivateMessage frame; the
+    /// relay never decrypts, so the demo payload is the text itself).
+    Send {
+        #[arg(long)]
+        room: String,
+        /// The sending user's URI; it must belong to the node's provider.
+        #[arg(long)]
+        from: String,
+        text: String,
+    },
+    /// Print the events delivered to this provider after OFFSET (and let the node forget those
+    /// up to it).
+    Inbox {
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// Wait this long for the first event.
+        #[arg(long, default_value_t = 0)]
+        wait_ms: u64,
     },
 }
 
@@ -113,6 +144,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 c.peers.len(),
                 c.rooms.len()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Client { admin, action } => {
+            mimi_relay::client::run(admin, action.into()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Keygen {
@@ -166,6 +201,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+    }
+}
+
+impl From<ClientCmd> for mimi_relay::client::Action {
+    fn from(c: ClientCmd) -> Self {
+        match c {
+            ClientCmd::Send { room, from, text } => Self::Send { room, from, text },
+            ClientCmd::Inbox { after, wait_ms } => Self::Inbox { after, wait_ms },
         }
     }
 }
