@@ -514,19 +514,13 @@ impl Relay {
         let is_member = *sender == self.cfg.local || r.followers.iter().any(|(f, _)| f == sender);
         if !is_member || view.app_message.wire_format != WireFormat::PrivateMessage {
             self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
-            return Response::new(
-                Status::Ok,
-                encode_submit(&SubmitMessageResponse::not_allowed()),
-            );
+            return submit_answer(&SubmitMessageResponse::not_allowed());
         }
         let key = submit_key(sender, body);
         if let Some(seen) = r.seen.get(&key) {
             self.stats.dedupe_hits += 1;
-            debug!(msg = %MsgId(key), room = %r.id, seq = seen.room_seq, "duplicate submission");
-            return Response::new(
-                Status::Ok,
-                encode_submit(&SubmitMessageResponse::accepted(seen.accepted_ms)),
-            );
+            debug!(msg = %MsgId::of(view.app_message.bytes), room = %r.id, seq = seen.room_seq, "duplicate submission");
+            return submit_answer(&SubmitMessageResponse::accepted(seen.accepted_ms));
         }
         // Backpressure: refuse before accepting anything, never drop after.
         let max_queue = self.cfg.max_queue;
@@ -575,7 +569,7 @@ impl Relay {
                 upto_seq: s.room_seq,
             });
         }
-        debug!(msg = %MsgId(key), room = %r.id, seq = room_seq, from = %sender, "accepted");
+        debug!(msg = %MsgId::of(view.app_message.bytes), room = %r.id, seq = room_seq, from = %sender, "accepted");
         self.stats.accepted += 1;
 
         for i in 0..self.rooms[ri].followers.len() {
@@ -606,10 +600,7 @@ impl Relay {
             };
             self.deliver_local(store, record);
         }
-        Response::new(
-            Status::Ok,
-            encode_submit(&SubmitMessageResponse::accepted(accepted_ms)),
-        )
+        submit_answer(&SubmitMessageResponse::accepted(accepted_ms))
     }
 
     fn deliver_local<S: Store>(&mut self, store: &mut S, record: InboxRecord) {
@@ -687,6 +678,7 @@ impl Relay {
                 let skip = (cursor.next - first) as usize;
                 duplicates = skip.min(fanouts.len()) as u64;
                 for f in fanouts.iter().skip(skip) {
+                    debug!(msg = %MsgId::of(f.message.bytes), room = %room, "delivered");
                     fresh.push((f.bytes.as_ptr() as usize - base, f.bytes.len(), f.timestamp));
                 }
                 cursor.next = cursor.next.max(first + fanouts.len() as u64);
@@ -706,6 +698,7 @@ impl Relay {
                     {
                         cursor.recent.remove(&old);
                     }
+                    debug!(msg = %MsgId::of(f.message.bytes), room = %room, "delivered");
                     fresh.push((f.bytes.as_ptr() as usize - base, f.bytes.len(), f.timestamp));
                 }
             }
@@ -1145,11 +1138,12 @@ impl Relay {
     }
 }
 
-fn encode_submit(resp: &SubmitMessageResponse) -> Bytes {
+/// A 200 carrying a SubmitMessageResponse.
+fn submit_answer(resp: &SubmitMessageResponse) -> Response {
     match resp.encode() {
-        Ok(v) => Bytes::from(v),
-        // Encoding our own fixed-size struct cannot fail; answer 500 rather than panic if it does.
-        Err(_) => Bytes::new(),
+        Ok(v) => Response::new(Status::Ok, v),
+        // Encoding our own small struct cannot fail; if it ever does, answer 500, not panic.
+        Err(_) => Response::error(Status::Internal, "cannot encode SubmitMessageResponse"),
     }
 }
 
@@ -1181,12 +1175,19 @@ fn xxh3_128(bytes: &[u8]) -> u128 {
     xxhash_rust::xxh3::xxh3_128(bytes)
 }
 
-/// A short per-message id for logs: the top 64 bits of the dedupe hash.
-struct MsgId(u128);
+/// The same at the hub and at every follower: a hash of the exact MLSMessage bytes. Field
+/// values of `debug!` are computed only when debug logging is on.
+struct MsgId(u64);
+
+impl MsgId {
+    fn of(mls: &[u8]) -> MsgId {
+        MsgId(xxhash_rust::xxh3::xxh3_64(mls))
+    }
+}
 
 impl std::fmt::Display for MsgId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:016x}", (self.0 >> 64) as u64)
+        write!(f, "{:016x}", self.0)
     }
 }
 
