@@ -25,8 +25,8 @@ const ROOM: &str = "mimi://a.example/r/clubhouse";
 struct Outcomes(mpsc::UnboundedSender<(TransmitId, Result<Response, TransportError>)>);
 
 impl Inbound for Outcomes {
-    fn request(&self, _: Request) -> impl Future<Output = Response> + Send {
-        async { Response::error(Status::NotFound, "this test peer serves nothing") }
+    async fn request(&self, _: Request) -> Response {
+        Response::error(Status::NotFound, "this test peer serves nothing")
     }
     fn outcome(&self, id: TransmitId, outcome: Result<Response, TransportError>) {
         let _ = self.0.send((id, outcome));
