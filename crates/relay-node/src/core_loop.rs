@@ -90,9 +90,6 @@ pub(crate) fn now() -> Now {
     }
 }
 
-/// Requests waiting in the channel, for backpressure towards peers.
-pub(crate) static PENDING_REQUESTS: AtomicUsize = AtomicUsize::new(0);
-
 /// What the core thread measures of the store.
 #[derive(Clone, Debug, Default)]
 pub struct StoreStats {
@@ -114,6 +111,8 @@ pub(crate) struct CoreLoop<S: Store> {
     pub transports: Arc<Transports>,
     pub inbox_next: watch::Sender<u64>,
     pub store_stats: StoreStats,
+    /// Requests from peers waiting in the channel, for backpressure (see `NodeInbound`).
+    pub pending_requests: Arc<AtomicUsize>,
 }
 
 /// Something to hand out once the commit it depends on is durable.
@@ -273,7 +272,7 @@ impl<S: Store> CoreLoop<S> {
         };
         match ev {
             Event::Request { req, reply } => {
-                PENDING_REQUESTS.fetch_sub(1, Ordering::Relaxed);
+                self.pending_requests.fetch_sub(1, Ordering::Relaxed);
                 let t = token(reply);
                 self.relay.handle_request(now, &mut self.store, t, req);
             }

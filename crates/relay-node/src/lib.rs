@@ -30,7 +30,7 @@ use tracing::{error, info};
 pub use api::encode_inbox;
 pub use config::{ConfigError, NodeConfig, StoreKind};
 pub use core_loop::StoreStats;
-use core_loop::{CoreLoop, Event, PENDING_REQUESTS, Transports};
+use core_loop::{CoreLoop, Event, Transports};
 
 /// Requests from peers waiting for the core before new ones are answered 503.
 const MAX_PENDING_REQUESTS: usize = 16_384;
@@ -73,21 +73,24 @@ pub enum NodeError {
 #[derive(Clone)]
 struct NodeInbound {
     tx: Sender<Event>,
+    /// Requests sent to the core thread and not yet taken; shared with it.
+    pending: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Inbound for NodeInbound {
     fn request(&self, req: Request) -> impl Future<Output = Response> + Send {
         let tx = self.tx.clone();
+        let pending = self.pending.clone();
         async move {
-            if PENDING_REQUESTS.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING_REQUESTS {
-                PENDING_REQUESTS.fetch_sub(1, Ordering::Relaxed);
+            if pending.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING_REQUESTS {
+                pending.fetch_sub(1, Ordering::Relaxed);
                 let mut r = Response::error(Status::Unavailable, "relay overloaded");
                 r.retry_after = Some(Duration::from_secs(1));
                 return r;
             }
             let (reply, rx) = oneshot::channel();
             if tx.send(Event::Request { req, reply }).is_err() {
-                PENDING_REQUESTS.fetch_sub(1, Ordering::Relaxed);
+                pending.fetch_sub(1, Ordering::Relaxed);
                 return Response::error(Status::Unavailable, "relay shutting down");
             }
             rx.await
@@ -152,7 +155,11 @@ impl Node {
         };
         let (tx, rx) = mpsc::channel();
         let (inbox_tx, inbox_rx) = watch::channel(0);
-        let inbound = NodeInbound { tx: tx.clone() };
+        let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let inbound = NodeInbound {
+            tx: tx.clone(),
+            pending: pending.clone(),
+        };
 
         let mut transports = Transports::default();
         let peers_of = |kind: TransportKind| {
@@ -192,30 +199,21 @@ impl Node {
         }
         let transports = Arc::new(transports);
 
+        let wiring = Wiring {
+            rx,
+            tx: tx.clone(),
+            transports: transports.clone(),
+            inbox_next: inbox_tx,
+            pending,
+        };
         let core = match cfg.store {
             StoreKind::Durable => {
                 std::fs::create_dir_all(&cfg.data_dir)
                     .map_err(|e| store_err(StoreError::new("create data_dir", e)))?;
                 let store = relay_store::DurableStore::open(&store_path).map_err(store_err)?;
-                spawn_core(
-                    core_cfg,
-                    store,
-                    &cfg,
-                    rx,
-                    tx.clone(),
-                    transports.clone(),
-                    inbox_tx,
-                )?
+                spawn_core(core_cfg, store, &cfg, wiring)?
             }
-            StoreKind::Memory => spawn_core(
-                core_cfg,
-                MemStore::new(),
-                &cfg,
-                rx,
-                tx.clone(),
-                transports.clone(),
-                inbox_tx,
-            )?,
+            StoreKind::Memory => spawn_core(core_cfg, MemStore::new(), &cfg, wiring)?,
         };
 
         let listener = tokio::net::TcpListener::bind(cfg.admin)
@@ -286,14 +284,20 @@ impl Node {
     }
 }
 
-fn spawn_core<S: Store + Send + 'static>(
-    core_cfg: RelayConfig,
-    mut store: S,
-    cfg: &NodeConfig,
+/// The channels and handles the core thread is wired to.
+struct Wiring {
     rx: mpsc::Receiver<Event>,
     tx: Sender<Event>,
     transports: Arc<Transports>,
     inbox_next: watch::Sender<u64>,
+    pending: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+fn spawn_core<S: Store + Send + 'static>(
+    core_cfg: RelayConfig,
+    mut store: S,
+    cfg: &NodeConfig,
+    w: Wiring,
 ) -> Result<std::thread::JoinHandle<Result<(), StoreError>>, NodeError> {
     let store_err = |source| NodeError::Store {
         path: cfg.data_dir.display().to_string(),
@@ -310,15 +314,16 @@ fn spawn_core<S: Store + Send + 'static>(
             })?;
     }
     store.commit().map_err(store_err)?;
-    inbox_next.send_replace(relay.inbox_next());
+    w.inbox_next.send_replace(relay.inbox_next());
     let core = CoreLoop {
         relay,
         store,
-        rx,
-        tx,
-        transports,
-        inbox_next,
+        rx: w.rx,
+        tx: w.tx,
+        transports: w.transports,
+        inbox_next: w.inbox_next,
         store_stats: Default::default(),
+        pending_requests: w.pending,
     };
     std::thread::Builder::new()
         .name("relay-core".into())
