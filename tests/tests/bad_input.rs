@@ -9,23 +9,12 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http2::SendRequest;
 use hyper::{Request, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use mimi_relay_tests::{ROOM, certificates, fanout, hub_config, submit_body};
 use mimi_wire::proto::{SubmitMessageResponse, SubmitStatus};
 use mimi_wire::uri::{ProviderDomain, RoomId};
+use relay_node::Node;
 use relay_node::client::LocalClient;
-use relay_node::{Node, NodeConfig};
 use relay_tls::{PeerTrust, TlsIdentity};
-
-const ROOM: &str = "mimi://a.example/r/clubhouse";
-
-fn submit_body(provider: &str, n: u8) -> Vec<u8> {
-    let mls = mimi_wire::mls::private_message(b"g", 1, &[n; 300]);
-    let uri = format!("mimi://{provider}/u/bob");
-    let mut body = vec![1u8];
-    body.extend_from_slice(&mls);
-    body.push(uri.len() as u8);
-    body.extend_from_slice(uri.as_bytes());
-    body
-}
 
 struct Peer {
     send: SendRequest<Full<Bytes>>,
@@ -70,7 +59,7 @@ impl Peer {
         endpoint: &str,
         target: &str,
         seq: Option<u64>,
-        body: Vec<u8>,
+        body: impl Into<Bytes>,
     ) -> (StatusCode, Bytes) {
         let seg = RoomId::parse(target)
             .map(|r| r.to_path_segment())
@@ -80,7 +69,7 @@ impl Peer {
         if let Some(s) = seq {
             req = req.header("mimi-seq", s.to_string());
         }
-        let req = req.body(Full::new(Bytes::from(body))).expect("request");
+        let req = req.body(Full::new(body.into())).expect("request");
         self.send.ready().await.expect("connection still usable");
         let resp = self
             .send
@@ -95,48 +84,14 @@ impl Peer {
     }
 }
 
-fn config(dir: &std::path::Path) -> NodeConfig {
-    let text = format!(
-        r#"
-[node]
-domain = "a.example"
-data_dir = "data"
-admin = "127.0.0.1:0"
-store = "memory"
-[tls]
-cert = "a.example.crt"
-key = "a.example.key"
-[listen]
-https = "127.0.0.1:0"
-[[peers]]
-domain = "b.example"
-transport = "https"
-address = "127.0.0.1:9"
-cert = "b.example.crt"
-[[peers]]
-domain = "c.example"
-transport = "https"
-address = "127.0.0.1:9"
-cert = "c.example.crt"
-[[rooms]]
-id = "{ROOM}"
-followers = ["b.example", "c.example"]
-[limits]
-max_body = 65536
-"#
-    );
-    NodeConfig::parse(&dir.join("a.toml"), &text).expect("config")
-}
-
 #[tokio::test]
 async fn bad_input_gets_typed_answers_and_the_connection_survives() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().expect("tempdir");
-    let domains: Vec<String> = ["a.example", "b.example", "c.example"]
-        .map(String::from)
-        .to_vec();
-    mimi_relay::keygen::keygen(&domains, dir.path(), false).expect("keygen");
-    let node = Node::start(config(dir.path())).await.expect("node starts");
+    certificates(dir.path());
+    let node = Node::start(hub_config(dir.path(), "https"))
+        .await
+        .expect("node starts");
     let addr = node.https.expect("https listener");
     let mut b = Peer::connect(dir.path(), "b.example", addr).await;
 
@@ -218,9 +173,7 @@ async fn bad_input_gets_typed_answers_and_the_connection_survives() {
     assert!(matches!(resp.status, SubmitStatus::Accepted { .. }));
 
     // /notify for a room b hosts: replayed with and without our sequence header.
-    let mut fanout = 1_700_000_000_000u64.to_be_bytes().to_vec();
-    fanout.extend_from_slice(&mimi_wire::mls::private_message(b"x", 3, b"hello from b"));
-    fanout.push(0);
+    let event = fanout(1_700_000_000_000, b"hello from b");
     for _ in 0..2 {
         let (s, _) = b
             .post(
@@ -228,12 +181,12 @@ async fn bad_input_gets_typed_answers_and_the_connection_survives() {
                 "notify",
                 "mimi://b.example/r/x",
                 Some(1),
-                fanout.clone(),
+                event.clone(),
             )
             .await;
         assert_eq!(s, StatusCode::CREATED);
     }
-    let mut other = fanout.clone();
+    let mut other = event.clone();
     other[7] ^= 1; // another timestamp: another event
     for _ in 0..2 {
         let (s, _) = b
@@ -254,7 +207,7 @@ async fn bad_input_gets_typed_answers_and_the_connection_survives() {
             "notify",
             "mimi://c.example/r/z",
             Some(1),
-            fanout.clone(),
+            event.clone(),
         )
         .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
@@ -276,7 +229,7 @@ async fn bad_input_gets_typed_answers_and_the_connection_survives() {
                 .collect::<Vec<_>>()
         )
     );
-    assert_eq!(&items[1].fanout[..], &fanout[..]);
+    assert_eq!(&items[1].fanout[..], &event[..]);
     assert_eq!(&items[2].fanout[..], &other[..]);
 
     let (_, metrics) = api.get("/metrics").await.expect("metrics");

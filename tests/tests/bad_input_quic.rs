@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
+use mimi_relay_tests::{ROOM, certificates, fanout, hub_config, submit_body};
 use mimi_wire::endpoint::Endpoint;
 use mimi_wire::proto::{SubmitMessageResponse, SubmitStatus};
 use mimi_wire::uri::ProviderDomain;
@@ -13,13 +14,11 @@ use relay_core::{
     Inbound, Request, Response, Status, Transmit, TransmitId, Transport, TransportError,
     TransportKind,
 };
+use relay_node::Node;
 use relay_node::client::LocalClient;
-use relay_node::{Node, NodeConfig};
 use relay_quic::{QuicConfig, QuicTransport};
 use relay_tls::{PeerTrust, TlsIdentity};
 use tokio::sync::mpsc;
-
-const ROOM: &str = "mimi://a.example/r/clubhouse";
 
 #[derive(Clone)]
 struct Outcomes(mpsc::UnboundedSender<(TransmitId, Result<Response, TransportError>)>);
@@ -32,49 +31,6 @@ impl Inbound for Outcomes {
         let _ = self.0.send((id, outcome));
     }
     fn probe_outcome(&self, _: ProviderDomain, _: bool) {}
-}
-
-fn submit_body(provider: &str, n: u8) -> Bytes {
-    let mls = mimi_wire::mls::private_message(b"g", 1, &[n; 300]);
-    let uri = format!("mimi://{provider}/u/bob");
-    let mut body = vec![1u8];
-    body.extend_from_slice(&mls);
-    body.push(uri.len() as u8);
-    body.extend_from_slice(uri.as_bytes());
-    Bytes::from(body)
-}
-
-fn config(dir: &std::path::Path) -> NodeConfig {
-    let text = format!(
-        r#"
-[node]
-domain = "a.example"
-data_dir = "data"
-admin = "127.0.0.1:0"
-store = "memory"
-[tls]
-cert = "a.example.crt"
-key = "a.example.key"
-[listen]
-quic = "127.0.0.1:0"
-[[peers]]
-domain = "b.example"
-transport = "quic"
-address = "127.0.0.1:9"
-cert = "b.example.crt"
-[[peers]]
-domain = "c.example"
-transport = "quic"
-address = "127.0.0.1:9"
-cert = "c.example.crt"
-[[rooms]]
-id = "{ROOM}"
-followers = ["b.example", "c.example"]
-[limits]
-max_body = 65536
-"#
-    );
-    NodeConfig::parse(&dir.join("a.toml"), &text).expect("config")
 }
 
 struct Peer {
@@ -115,11 +71,10 @@ impl Peer {
 async fn bad_input_over_quic_gets_typed_answers_and_the_stream_survives() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().expect("tempdir");
-    let domains: Vec<String> = ["a.example", "b.example", "c.example"]
-        .map(String::from)
-        .to_vec();
-    mimi_relay::keygen::keygen(&domains, dir.path(), false).expect("keygen");
-    let node = Node::start(config(dir.path())).await.expect("node starts");
+    certificates(dir.path());
+    let node = Node::start(hub_config(dir.path(), "quic"))
+        .await
+        .expect("node starts");
 
     let p = dir.path();
     let identity = TlsIdentity::load(
@@ -215,16 +170,14 @@ async fn bad_input_over_quic_gets_typed_answers_and_the_stream_survives() {
     assert!(matches!(resp.status, SubmitStatus::Accepted { .. }));
 
     // /notify for a room b hosts, replayed: 201 both times, delivered once.
-    let mut fanout = 1_700_000_000_000u64.to_be_bytes().to_vec();
-    fanout.extend_from_slice(&mimi_wire::mls::private_message(b"x", 3, b"hello from b"));
-    fanout.push(0);
+    let event = fanout(1_700_000_000_000, b"hello from b");
     for _ in 0..2 {
         let r = b
             .send(
                 Endpoint::Notify,
                 "mimi://b.example/r/x",
                 Some(1),
-                Bytes::from(fanout.clone()),
+                Bytes::from(event.clone()),
             )
             .await;
         assert_eq!((r.status, r.next_seq), (Status::Created, Some(2)));
@@ -235,7 +188,7 @@ async fn bad_input_over_quic_gets_typed_answers_and_the_stream_survives() {
             Endpoint::Notify,
             "mimi://b.example/r/x",
             Some(5),
-            Bytes::from(fanout.clone()),
+            Bytes::from(event.clone()),
         )
         .await;
     assert_eq!((r.status, r.next_seq), (Status::OutOfOrder, Some(2)));
@@ -249,7 +202,7 @@ async fn bad_input_over_quic_gets_typed_answers_and_the_stream_survives() {
         2,
         "the accepted submission and the notify, once each"
     );
-    assert_eq!(&items[1].fanout[..], &fanout[..], "exact bytes");
+    assert_eq!(&items[1].fanout[..], &event[..], "exact bytes");
 
     b.quic.shutdown().await;
     node.shutdown().await.expect("clean shutdown");
