@@ -54,6 +54,8 @@ pub struct RelayConfig {
     pub limits: Limits,
     /// Events waiting per (room, destination) before submissions are refused.
     pub max_queue: usize,
+    /// Delivered events waiting for local clients before peers and submitters get 503.
+    pub max_inbox: usize,
     /// FanoutMessages per /notify transmit.
     pub max_batch: usize,
     /// Body bytes per /notify transmit (a single larger event still goes alone).
@@ -77,6 +79,7 @@ impl RelayConfig {
             routes: BTreeMap::new(),
             limits: Limits::default(),
             max_queue: 100_000,
+            max_inbox: 1_000_000,
             max_batch: 64,
             max_batch_bytes: 256 * 1024,
             pipeline: BTreeMap::from([(TransportKind::Https, 1), (TransportKind::Quic, 8)]),

@@ -473,6 +473,13 @@ impl Relay {
         id
     }
 
+    /// 503 with a Retry-After: the submitter (or hub) tries again; nothing was accepted.
+    fn queue_full(&mut self, text: &'static str) -> Response {
+        let mut response = self.reject(RejectReason::QueueFull, Status::Unavailable, text);
+        response.retry_after = Some(std::time::Duration::from_secs(1));
+        response
+    }
+
     fn reject(&mut self, reason: RejectReason, status: Status, text: &'static str) -> Response {
         self.stats.rejects[reason as usize] += 1;
         debug!(reason = reason.as_str(), "rejected");
@@ -529,13 +536,10 @@ impl Relay {
             .iter()
             .any(|(f, q)| f != sender && self.queues[*q].entries.len() >= max_queue);
         if full {
-            let mut response = self.reject(
-                RejectReason::QueueFull,
-                Status::Unavailable,
-                "outbound queue full",
-            );
-            response.retry_after = Some(std::time::Duration::from_secs(1));
-            return response;
+            return self.queue_full("outbound queue full");
+        }
+        if *sender != self.cfg.local && self.inbox.len() >= self.cfg.max_inbox {
+            return self.queue_full("local inbox full: local clients are not reading");
         }
 
         let r = &mut self.rooms[ri];
@@ -633,6 +637,10 @@ impl Relay {
                 Status::Forbidden,
                 "only the room's hub may notify",
             );
+        }
+        if self.inbox.len() >= self.cfg.max_inbox {
+            // The hub keeps the events and retries: backpressure, not loss.
+            return self.queue_full("local inbox full: local clients are not reading");
         }
         let fanouts = match split_fanout_sequence(&req.body, &self.cfg.limits) {
             Ok(f) => f,

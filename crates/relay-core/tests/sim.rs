@@ -80,6 +80,8 @@ struct Node {
     /// Tokens of local client submissions.
     client_tokens: HashMap<ReplyToken, usize>,
     read_upto: u64,
+    /// The local reader does not read before this virtual time (ms).
+    reader_away_until: u64,
 }
 
 enum Ev {
@@ -185,6 +187,7 @@ impl Sim {
                 peer_tokens: HashMap::new(),
                 client_tokens: HashMap::new(),
                 read_upto: 0,
+                reader_away_until: 0,
             });
         }
         let mut clients = Vec::new();
@@ -322,6 +325,9 @@ impl Sim {
     }
 
     fn read_inbox(&mut self, n: usize) {
+        if self.now_ms < self.nodes[n].reader_away_until {
+            return;
+        }
         let node = &mut self.nodes[n];
         let mut last = node.read_upto;
         for (offset, rec) in node.relay.inbox_after(node.read_upto) {
@@ -901,5 +907,25 @@ fn a_follower_that_lost_its_store_gets_backoff_not_a_hot_loop() {
     assert_eq!(
         sim.received[2].iter().filter(|(c, _, _)| *c == 0).count(),
         70
+    );
+}
+
+#[test]
+fn a_full_inbox_pushes_back_on_the_hub_and_loses_nothing() {
+    let mut sim = Sim::new(21, perfect(), 1, 40);
+    for i in 0..3 {
+        sim.nodes[i].cfg.max_inbox = 5;
+        let now = sim.now();
+        let n = &mut sim.nodes[i];
+        n.relay = Relay::new(n.cfg.clone(), n.store.load().expect("load"), now);
+    }
+    // c's local reader is away for 3 s: c's inbox fills up at 5 and the hub must hold the rest.
+    sim.nodes[2].reader_away_until = 3_000;
+    sim.run(600_000);
+    sim.check();
+    let full = sim.nodes[2].relay.stats().rejects[relay_core::RejectReason::QueueFull as usize];
+    assert!(
+        full > 0,
+        "c must have refused notifies while its inbox was full"
     );
 }

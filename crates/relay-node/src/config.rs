@@ -95,6 +95,7 @@ struct RawRoom {
 struct RawLimits {
     max_body: Option<usize>,
     max_queue: Option<usize>,
+    max_inbox: Option<usize>,
     request_timeout_ms: Option<u64>,
 }
 
@@ -142,6 +143,7 @@ pub struct NodeConfig {
     pub rooms: Vec<RoomConfig>,
     pub max_body: usize,
     pub max_queue: usize,
+    pub max_inbox: usize,
     pub request_timeout: Duration,
 }
 
@@ -308,6 +310,10 @@ impl NodeConfig {
         if max_queue == 0 {
             return Err(cx.err("limits.max_queue", "must be at least 1"));
         }
+        let max_inbox = raw.limits.max_inbox.unwrap_or(1_000_000);
+        if max_inbox == 0 {
+            return Err(cx.err("limits.max_inbox", "must be at least 1"));
+        }
         let request_timeout = Duration::from_millis(raw.limits.request_timeout_ms.unwrap_or(5_000));
         if request_timeout < Duration::from_millis(10) {
             return Err(cx.err("limits.request_timeout_ms", "must be at least 10"));
@@ -327,6 +333,7 @@ impl NodeConfig {
             rooms,
             max_body,
             max_queue,
+            max_inbox,
             request_timeout,
         })
     }

@@ -145,6 +145,7 @@ impl Node {
         }
         core_cfg.limits.max_body = cfg.max_body;
         core_cfg.max_queue = cfg.max_queue;
+        core_cfg.max_inbox = cfg.max_inbox;
         core_cfg.transmit_timeout = cfg.request_timeout + Duration::from_secs(1);
         core_cfg.seed = rand_seed();
 
