@@ -101,6 +101,8 @@ pub struct DemoReport {
     pub chaos_victim: String,
     pub submit_retries: u64,
     pub elapsed_ms: u64,
+    /// Nodes that did not exit with success within 10 s of SIGTERM at the end.
+    pub unclean_shutdowns: u32,
 }
 
 impl DemoReport {
@@ -109,6 +111,7 @@ impl DemoReport {
             && self.duplicated == 0
             && self.out_of_order == 0
             && self.delivered == self.expected
+            && self.unclean_shutdowns == 0
     }
 
     pub fn summary(&self) -> String {
@@ -152,6 +155,13 @@ impl DemoReport {
                 s,
                 "  chaos          {} killed with SIGKILL {} times and restarted; {} submissions retried",
                 self.chaos_victim, self.chaos_kills, self.submit_retries
+            );
+        }
+        if self.unclean_shutdowns > 0 {
+            let _ = writeln!(
+                s,
+                "  shutdown       {} node(s) did not exit cleanly within 10 s of SIGTERM",
+                self.unclean_shutdowns
             );
         }
         let _ = writeln!(
@@ -303,8 +313,9 @@ impl Nodes {
         }
     }
 
-    /// SIGTERM to every node (graceful shutdown), then SIGKILL whatever is still running.
-    fn stop_all(&mut self) {
+    /// SIGTERM to every node (graceful shutdown), then SIGKILL whatever is still running
+    /// after 10 s. Returns how many nodes did not exit cleanly on SIGTERM.
+    fn stop_all(&mut self) -> usize {
         for c in self.children.iter_mut().flatten() {
             if let Ok(pid) = i32::try_from(c.id()) {
                 let _ = nix::sys::signal::kill(
@@ -314,25 +325,32 @@ impl Nodes {
             }
         }
         let deadline = Instant::now() + Duration::from_secs(10);
+        let mut unclean = 0;
         for slot in self.children.iter_mut() {
             if let Some(c) = slot.as_mut() {
+                let mut status = None;
                 while Instant::now() < deadline {
-                    if matches!(c.try_wait(), Ok(Some(_))) {
+                    if let Ok(Some(s)) = c.try_wait() {
+                        status = Some(s);
                         break;
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                let _ = c.kill();
+                if !status.is_some_and(|s| s.success()) {
+                    unclean += 1;
+                    let _ = c.kill();
+                }
                 let _ = c.wait();
             }
             *slot = None;
         }
+        unclean
     }
 }
 
 impl Drop for Nodes {
     fn drop(&mut self) {
-        self.stop_all();
+        let _ = self.stop_all();
     }
 }
 
@@ -569,7 +587,7 @@ pub async fn run(opts: DemoOptions, launcher: Launcher) -> Result<DemoReport> {
         let _ = r.await;
     }
 
-    let report = {
+    let mut report = {
         let t = tally.lock().expect("tally lock");
         let delivered: u64 = t.seen.iter().map(|s| s.len() as u64).sum();
         let mut lat = t.latencies_us.clone();
@@ -603,6 +621,7 @@ pub async fn run(opts: DemoOptions, launcher: Launcher) -> Result<DemoReport> {
             },
             submit_retries: t.retries,
             elapsed_ms: elapsed.as_millis() as u64,
+            unclean_shutdowns: 0,
         }
     };
     if opts.keep {
@@ -613,7 +632,7 @@ pub async fn run(opts: DemoOptions, launcher: Launcher) -> Result<DemoReport> {
             }
         }
     }
-    nodes.lock().await.stop_all();
+    report.unclean_shutdowns = nodes.lock().await.stop_all() as u32;
     if (opts.keep || !report.is_clean())
         && let Some(t) = temp
     {

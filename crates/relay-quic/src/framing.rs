@@ -659,6 +659,30 @@ mod tests {
     }
 
     #[test]
+    fn mutated_and_random_bytes_never_panic() {
+        // A deterministic stand-in for the fuzz target in fuzz/: flip bytes of valid frames and
+        // feed pure noise, in every chunking; decoding must only ever return Ok or Err.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let (wire, _) = sample();
+        for _ in 0..2000 {
+            let mut w = wire.clone();
+            for _ in 0..(next() % 4 + 1) {
+                let i = (next() as usize) % w.len();
+                w[i] = next() as u8;
+            }
+            let _ = decode_all(&w, (next() % 40 + 1) as usize, (next() % 64) as usize);
+            let noise: Vec<u8> = (0..(next() % 200)).map(|_| next() as u8).collect();
+            let _ = decode_all(&noise, (next() % 16 + 1) as usize, 1 << 20);
+        }
+    }
+
+    #[test]
     fn body_inside_one_chunk_is_not_copied() {
         let wire = Bytes::from(request(1, "t", None, b"payload"));
         let mut q = ChunkQueue::new();
