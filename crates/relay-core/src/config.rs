@@ -56,7 +56,8 @@ pub struct RelayConfig {
     pub max_queue: usize,
     /// Delivered events waiting for local clients before peers and submitters get 503.
     pub max_inbox: usize,
-    /// FanoutMessages per /notify transmit.
+    /// FanoutMessages per /notify transmit. Large, since HTTPS keeps one transmit in flight per
+    /// queue.
     pub max_batch: usize,
     /// Body bytes per /notify transmit (a single larger event still goes alone).
     pub max_batch_bytes: usize,
@@ -80,7 +81,7 @@ impl RelayConfig {
             limits: Limits::default(),
             max_queue: 100_000,
             max_inbox: 1_000_000,
-            max_batch: 64,
+            max_batch: 256,
             max_batch_bytes: 256 * 1024,
             pipeline: BTreeMap::from([(TransportKind::Https, 1), (TransportKind::Quic, 8)]),
             retry: RetryPolicy::default(),

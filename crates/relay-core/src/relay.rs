@@ -103,6 +103,8 @@ struct OutQueue {
     /// peer itself is alive.
     refusals: u32,
     held_until: Option<Instant>,
+    /// Body bytes per transmit: the configured batch size, halved on each 413 from the peer.
+    batch_bytes: usize,
 }
 
 impl OutQueue {
@@ -138,6 +140,8 @@ enum InFlight {
     Notify {
         queue: QueueIdx,
         last: u64,
+        /// FanoutMessages in the transmit.
+        events: usize,
         generation: u64,
         deadline: Instant,
     },
@@ -145,6 +149,14 @@ enum InFlight {
         token: ReplyToken,
         deadline: Instant,
     },
+}
+
+/// What an in-flight `/notify` carried.
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    last: u64,
+    events: usize,
+    generation: u64,
 }
 
 /// The routing core of one relay node.
@@ -305,6 +317,7 @@ impl Relay {
             in_ready: false,
             refusals: 0,
             held_until: None,
+            batch_bytes: self.cfg.max_batch_bytes,
         });
         self.queue_by_key
             .insert((room.as_str().to_owned(), dest.clone()), qi);
@@ -768,11 +781,17 @@ impl Relay {
             InFlight::Notify {
                 queue,
                 last,
+                events,
                 generation,
                 deadline,
             } => {
                 self.deadlines.remove(&(deadline, id));
-                self.notify_outcome(now, store, queue, last, generation, outcome);
+                let sent = Sent {
+                    last,
+                    events,
+                    generation,
+                };
+                self.notify_outcome(now, store, queue, sent, outcome);
             }
         }
         self.pump(now);
@@ -783,10 +802,14 @@ impl Relay {
         now: Now,
         store: &mut S,
         qi: QueueIdx,
-        last: u64,
-        generation: u64,
+        sent: Sent,
         outcome: Result<Response, TransportError>,
     ) {
+        let Sent {
+            last,
+            events,
+            generation,
+        } = sent;
         let current = self.queues[qi].generation == generation;
         if current {
             self.queues[qi].inflight = self.queues[qi].inflight.saturating_sub(1);
@@ -817,6 +840,17 @@ impl Relay {
                 self.stats.rejects[RejectReason::OutOfOrder as usize] += 1;
                 if current {
                     self.refused(qi, now);
+                }
+            }
+            Ok(resp) if resp.status == Status::TooLarge && events > 1 => {
+                // The follower's body limit is below our batch size: halve the batches to it
+                // and go on at once. (One event over its limit is refused like any other.)
+                let q = &mut self.queues[qi];
+                q.batch_bytes = (q.batch_bytes / 2).max(1);
+                debug!(room = %q.room, dest = %q.dest, batch_bytes = q.batch_bytes, "batch too large for the follower; smaller batches");
+                if current {
+                    let from = self.queues[qi].acked + 1;
+                    self.rewind(qi, from);
                 }
             }
             Ok(resp) if resp.status != Status::Unavailable => {
@@ -1101,7 +1135,7 @@ impl Relay {
                 let mut bytes = 0usize;
                 for e in q.entries.range(start..) {
                     if body.len() >= self.cfg.max_batch
-                        || (!body.is_empty() && bytes + e.fanout.len() > self.cfg.max_batch_bytes)
+                        || (!body.is_empty() && bytes + e.fanout.len() > q.batch_bytes)
                     {
                         break;
                     }
@@ -1118,6 +1152,7 @@ impl Relay {
                     InFlight::Notify {
                         queue: qi,
                         last,
+                        events: body.len(),
                         generation: q.generation,
                         deadline,
                     },

@@ -929,3 +929,17 @@ fn a_full_inbox_pushes_back_on_the_hub_and_loses_nothing() {
         "c must have refused notifies while its inbox was full"
     );
 }
+
+#[test]
+fn batches_shrink_to_a_follower_with_a_small_body_limit() {
+    let mut sim = Sim::new(33, perfect(), 2, 60);
+    // c accepts bodies of at most 3 KiB: two ~1.1 KiB FanoutMessages, not the hub's 8.
+    sim.nodes[2].cfg.limits.max_body = 3 * 1024;
+    let now = sim.now();
+    let c = &mut sim.nodes[2];
+    c.relay = Relay::new(c.cfg.clone(), c.store.load().expect("load"), now);
+    sim.run(600_000);
+    sim.check();
+    let c_stats = sim.nodes[2].relay.stats();
+    assert!(c_stats.rejects[relay_core::RejectReason::TooLarge as usize] > 0);
+}
