@@ -20,10 +20,12 @@ fn main() {
         return;
     }
     let filter = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
-    let cases: [(&str, &str, usize); 3] = [
+    let cases: [(&str, &str, usize); 4] = [
         ("quic_follower_killed_twice", "quic", 1),
         ("https_follower_killed_twice", "https", 2),
         ("quic_hub_killed_twice", "quic", 0),
+        // One room over both transports: c, reached over HTTPS, is killed.
+        ("mixed_follower_killed_twice", "mixed", 2),
     ];
     let mut failed = 0;
     for (name, transport, victim) in cases {

@@ -122,8 +122,14 @@ impl DemoReport {
         );
         let _ = writeln!(
             s,
-            "  transport      {} (store: {})",
-            self.transport, self.store
+            "  transport      {}{} (store: {})",
+            self.transport,
+            if self.transport == "mixed" {
+                ": a-b and b-c over quic, a-c over https"
+            } else {
+                ""
+            },
+            self.store
         );
         let _ = writeln!(
             s,
@@ -200,30 +206,39 @@ fn prepare(dir: &Path, transport: &str, store: &str) -> Result<Layout> {
         std::fs::write(dir.join(format!("certs/{p}.crt")), g.cert_pem)?;
         std::fs::write(dir.join(format!("certs/{p}.key")), g.key_pem)?;
     }
+    // Every node listens on both transports; each pair of providers uses the one chosen for it.
+    let pair = |i: usize, j: usize| -> &str {
+        match transport {
+            // a-b over QUIC, a-c over the draft's HTTPS, b-c over QUIC.
+            "mixed" if i.min(j) == 0 && i.max(j) == 2 => "https",
+            "mixed" => "quic",
+            t => t,
+        }
+    };
     let mut ports = Vec::new();
     for _ in PROVIDERS {
-        let listen = if transport == "quic" {
-            free_udp()?
-        } else {
-            free_tcp()?
-        };
-        ports.push((free_tcp()?, listen));
+        ports.push((free_tcp()?, free_udp()?, free_tcp()?)); // admin, quic, https
     }
     let mut configs = Vec::new();
     let mut admins = Vec::new();
     for (i, p) in PROVIDERS.iter().enumerate() {
-        let (admin, listen) = ports[i];
+        let (admin, quic, https) = ports[i];
         let mut t = format!(
             "[node]\ndomain = \"{p}\"\ndata_dir = \"data/{p}\"\nadmin = \"127.0.0.1:{admin}\"\nstore = \"{store}\"\n\n\
              [tls]\ncert = \"certs/{p}.crt\"\nkey = \"certs/{p}.key\"\n\n\
-             [listen]\n{transport} = \"127.0.0.1:{listen}\"\n"
+             [listen]\nquic = \"127.0.0.1:{quic}\"\nhttps = \"127.0.0.1:{https}\"\n"
         );
         for (j, q) in PROVIDERS.iter().enumerate() {
             if i != j {
+                let via = pair(i, j);
+                let port = if via == "quic" {
+                    ports[j].1
+                } else {
+                    ports[j].2
+                };
                 let _ = write!(
                     t,
-                    "\n[[peers]]\ndomain = \"{q}\"\ntransport = \"{transport}\"\naddress = \"127.0.0.1:{}\"\ncert = \"certs/{q}.crt\"\n",
-                    ports[j].1
+                    "\n[[peers]]\ndomain = \"{q}\"\ntransport = \"{via}\"\naddress = \"127.0.0.1:{port}\"\ncert = \"certs/{q}.crt\"\n"
                 );
             }
         }
@@ -414,8 +429,11 @@ fn submit_accepted(status: hyper::StatusCode, body: &[u8]) -> bool {
 
 /// Runs the demo and returns its figures.
 pub async fn run(opts: DemoOptions, launcher: Launcher) -> Result<DemoReport> {
-    if !["quic", "https"].contains(&opts.transport.as_str()) {
-        bail!("--transport {}: expected quic or https", opts.transport);
+    if !["quic", "https", "mixed"].contains(&opts.transport.as_str()) {
+        bail!(
+            "--transport {}: expected quic, https or mixed",
+            opts.transport
+        );
     }
     let (dir, temp) = match &opts.dir {
         Some(d) => (d.clone(), None),

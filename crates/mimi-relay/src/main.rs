@@ -54,7 +54,8 @@ enum Cmd {
         /// Messages to submit, spread over the three providers.
         #[arg(long, default_value_t = 1000)]
         messages: usize,
-        /// Transport between the providers: quic or https.
+        /// Transport between the providers: quic, https, or mixed (a-b over QUIC, a-c over
+        /// HTTPS, in one room).
         #[arg(long, default_value = "quic")]
         transport: String,
         /// Where nodes keep their state: durable (redb, fsync per commit) or memory.
