@@ -15,6 +15,7 @@
 
 pub mod config;
 mod relay;
+pub mod rng;
 pub mod stats;
 pub mod store;
 pub mod transport;

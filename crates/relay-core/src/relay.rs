@@ -12,6 +12,7 @@ use tracing::{debug, info, warn};
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::config::RelayConfig;
+use crate::rng::SplitMix64;
 use crate::stats::{Histogram, PeerStats, RejectReason, RelayStats};
 use crate::store::{InboxRecord, Snapshot, Store, StoreOp, SubmitSeen};
 use crate::transport::{
@@ -190,7 +191,7 @@ impl Relay {
     /// Builds the core from its configuration and what the store kept.
     pub fn new(cfg: RelayConfig, snapshot: Snapshot, now: Now) -> Relay {
         let mut relay = Relay {
-            rng: SplitMix64(cfg.seed),
+            rng: SplitMix64::new(cfg.seed),
             peers: Vec::new(),
             peer_by_domain: BTreeMap::new(),
             rooms: Vec::new(),
@@ -1234,25 +1235,6 @@ impl std::fmt::Display for MsgId {
     }
 }
 
-/// A small deterministic generator for jitter (no dependency, reproducible in simulation).
-#[derive(Debug, Clone)]
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1269,14 +1251,5 @@ mod tests {
     fn fanout_is_timestamp_message_absent_frank() {
         let f = encode_fanout(0x0102_0304_0506_0708, b"mls");
         assert_eq!(&f[..], &[1, 2, 3, 4, 5, 6, 7, 8, b'm', b'l', b's', 0]);
-    }
-
-    #[test]
-    fn jitter_is_in_unit_interval() {
-        let mut r = SplitMix64(1);
-        for _ in 0..1000 {
-            let u = r.unit();
-            assert!((0.0..1.0).contains(&u));
-        }
     }
 }

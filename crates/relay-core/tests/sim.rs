@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use mimi_wire::endpoint::Endpoint;
 use mimi_wire::uri::{ProviderDomain, RoomId};
+use relay_core::rng::SplitMix64;
 use relay_core::{
     MemStore, Now, Output, Relay, RelayConfig, ReplyToken, Request, Response, Status, Store,
     Transmit, TransmitId, TransportError, TransportKind,
@@ -20,21 +21,13 @@ fn domain(s: &str) -> ProviderDomain {
     s.parse().expect("test domain")
 }
 
-#[derive(Clone, Copy)]
-struct Rng(u64);
+struct Rng(SplitMix64);
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
     fn chance(&mut self, p: f64) -> bool {
-        ((self.next() >> 11) as f64 / (1u64 << 53) as f64) < p
+        self.0.unit() < p
     }
     fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
+        lo + self.0.below(hi - lo + 1)
     }
 }
 
@@ -205,7 +198,7 @@ impl Sim {
         let mut sim = Sim {
             now_ms: 0,
             base,
-            rng: Rng(seed),
+            rng: Rng(SplitMix64::new(seed)),
             nodes,
             clients,
             events: BinaryHeap::new(),

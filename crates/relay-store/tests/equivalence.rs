@@ -7,21 +7,18 @@ use std::path::Path;
 
 use bytes::Bytes;
 use mimi_wire::uri::{ProviderDomain, RoomId};
+use relay_core::rng::SplitMix64;
 use relay_store::{DurableStore, InboxRecord, MemStore, Snapshot, Store, StoreOp, SubmitSeen};
 
 /// splitmix64: deterministic, so a failing seed reproduces.
-struct Rng(u64);
+struct Rng(SplitMix64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.0.below(n)
     }
     fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
         &xs[self.below(xs.len() as u64) as usize]
@@ -168,7 +165,7 @@ fn reopen(path: &Path) -> DurableStore {
 fn run(seed: u64, ops: usize) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("store.redb");
-    let mut rng = Rng(seed);
+    let mut rng = Rng(SplitMix64::new(seed));
     let mut g = Gen::new();
     let mut mem = MemStore::new();
     let mut durable = DurableStore::open(&path).expect("open");
