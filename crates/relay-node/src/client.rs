@@ -13,15 +13,15 @@ use mimi_wire::uri::RoomId;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
-    #[error("cannot connect to {addr}: {source}")]
+    #[error("cannot connect to {addr}")]
     Connect {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
-    #[error("http: {0}")]
+    #[error("http")]
     Http(#[from] hyper::Error),
-    #[error("bad request: {0}")]
+    #[error("cannot build the request")]
     Build(#[from] hyper::http::Error),
     #[error("malformed inbox record")]
     Malformed,

@@ -15,17 +15,16 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
-    #[error("{file}: cannot read: {source}")]
+    // The cause is part of the message (not a `source`): it is what names the key and line.
+    #[error("{file}: cannot read: {reason}")]
     Read {
         file: PathBuf,
-        #[source]
-        source: std::io::Error,
+        reason: std::io::Error,
     },
-    #[error("{file}: {source}")]
+    #[error("{file}: {reason}")]
     Parse {
         file: PathBuf,
-        #[source]
-        source: Box<toml::de::Error>,
+        reason: Box<toml::de::Error>,
     },
     #[error("{file}: {key}: {message}")]
     Invalid {
@@ -174,18 +173,18 @@ impl Ctx<'_> {
 impl NodeConfig {
     /// Reads and validates `file`.
     pub fn load(file: &Path) -> Result<NodeConfig, ConfigError> {
-        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(file).map_err(|reason| ConfigError::Read {
             file: file.to_path_buf(),
-            source,
+            reason,
         })?;
         Self::parse(file, &text)
     }
 
     /// Validates `text` as if read from `file` (relative paths resolve against its directory).
     pub fn parse(file: &Path, text: &str) -> Result<NodeConfig, ConfigError> {
-        let raw: Raw = toml::from_str(text).map_err(|source| ConfigError::Parse {
+        let raw: Raw = toml::from_str(text).map_err(|e| ConfigError::Parse {
             file: file.to_path_buf(),
-            source: Box::new(source),
+            reason: Box::new(e),
         })?;
         let cx = Ctx { file };
         let base = file.parent().unwrap_or(Path::new("."));

@@ -41,25 +41,25 @@ const MAX_PENDING_REQUESTS: usize = 16_384;
 pub enum NodeError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("tls: {0}")]
+    #[error("tls")]
     Tls(#[from] relay_tls::TlsError),
-    #[error("store at {path}: {source}")]
+    #[error("store at {path}")]
     Store {
         path: String,
         #[source]
         source: StoreError,
     },
-    #[error("https transport: {0}")]
+    #[error("https transport")]
     Https(#[from] relay_https::HttpsError),
-    #[error("quic transport: {0}")]
+    #[error("quic transport")]
     Quic(#[from] relay_quic::QuicError),
-    #[error("api listener on {addr}: {source}")]
+    #[error("api listener on {addr}")]
     Api {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
-    #[error("room {room}: {source}")]
+    #[error("room {room}")]
     Room {
         room: String,
         #[source]
