@@ -64,9 +64,12 @@ enum Cmd {
         /// Print one JSON object instead of the summary.
         #[arg(long)]
         json: bool,
-        /// Kill b.example's process with SIGKILL twice during the run and restart it.
+        /// Kill a follower's process (b.example) with SIGKILL twice during the run and restart it.
         #[arg(long)]
         chaos: bool,
+        /// Which provider --chaos kills: a (the hub), b or c.
+        #[arg(long, default_value = "b", value_parser = ["a", "b", "c"])]
+        chaos_victim: String,
         /// Senders per provider.
         #[arg(long, default_value_t = 4)]
         clients: usize,
@@ -169,6 +172,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             store,
             json,
             chaos,
+            chaos_victim,
             clients,
             keep,
             dir,
@@ -178,6 +182,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 transport,
                 store,
                 chaos,
+                chaos_node: match chaos_victim.as_str() {
+                    "a" => 0,
+                    "c" => 2,
+                    _ => 1,
+                },
                 clients: clients.max(1),
                 dir,
                 keep,
