@@ -111,7 +111,7 @@ pub(crate) struct CoreLoop<S: Store> {
     pub transports: Arc<Transports>,
     pub inbox_next: watch::Sender<u64>,
     pub store_stats: StoreStats,
-    /// Requests from peers waiting in the channel, for backpressure (see `NodeInbound`).
+    /// Weight of the requests from peers waiting in the channel (see `NodeInbound`).
     pub pending_requests: Arc<AtomicUsize>,
 }
 
@@ -272,7 +272,8 @@ impl<S: Store> CoreLoop<S> {
         };
         match ev {
             Event::Request { req, reply } => {
-                self.pending_requests.fetch_sub(1, Ordering::Relaxed);
+                self.pending_requests
+                    .fetch_sub(crate::request_weight(&req), Ordering::Relaxed);
                 let t = token(reply);
                 self.relay.handle_request(now, &mut self.store, t, req);
             }

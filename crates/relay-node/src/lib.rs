@@ -32,8 +32,15 @@ pub use config::{ConfigError, NodeConfig, StoreKind};
 pub use core_loop::StoreStats;
 use core_loop::{CoreLoop, Event, Transports};
 
-/// Requests from peers waiting for the core before new ones are answered 503.
-const MAX_PENDING_REQUESTS: usize = 16_384;
+/// What requests from peers waiting for the core may weigh (see [`request_weight`]) before
+/// new ones are answered 503: bounds the memory peers can make us hold.
+const MAX_PENDING_WEIGHT: usize = 256 << 20;
+
+/// A request's weight against [`MAX_PENDING_WEIGHT`]: its body plus a fixed overhead, so many
+/// small requests count too.
+pub(crate) fn request_weight(req: &Request) -> usize {
+    req.body.len() + 1024
+}
 
 /// A node that could not start or stopped on an error.
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +80,7 @@ pub enum NodeError {
 #[derive(Clone)]
 struct NodeInbound {
     tx: Sender<Event>,
-    /// Requests sent to the core thread and not yet taken; shared with it.
+    /// Weight of the requests sent to the core thread and not yet taken; shared with it.
     pending: Arc<std::sync::atomic::AtomicUsize>,
 }
 
@@ -81,16 +88,17 @@ impl Inbound for NodeInbound {
     fn request(&self, req: Request) -> impl Future<Output = Response> + Send {
         let tx = self.tx.clone();
         let pending = self.pending.clone();
+        let weight = request_weight(&req);
         async move {
-            if pending.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING_REQUESTS {
-                pending.fetch_sub(1, Ordering::Relaxed);
+            if pending.fetch_add(weight, Ordering::Relaxed) + weight > MAX_PENDING_WEIGHT {
+                pending.fetch_sub(weight, Ordering::Relaxed);
                 let mut r = Response::error(Status::Unavailable, "relay overloaded");
                 r.retry_after = Some(Duration::from_secs(1));
                 return r;
             }
             let (reply, rx) = oneshot::channel();
             if tx.send(Event::Request { req, reply }).is_err() {
-                pending.fetch_sub(1, Ordering::Relaxed);
+                pending.fetch_sub(weight, Ordering::Relaxed);
                 return Response::error(Status::Unavailable, "relay shutting down");
             }
             rx.await
