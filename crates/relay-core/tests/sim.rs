@@ -109,6 +109,8 @@ enum Ev {
 
 struct Client {
     node: usize,
+    /// 0: a's clubhouse; 1: b's second room. Also encoded in the id (>= 1000 for room 1).
+    room: usize,
     id: u32,
     next: u32,
     total: u32,
@@ -188,6 +190,7 @@ impl Sim {
             for k in 0..clients_per_node {
                 clients.push(Client {
                     node,
+                    room: 0,
                     id: node as u32 * 100 + k,
                     next: 0,
                     total: msgs,
@@ -469,7 +472,11 @@ impl Sim {
                 let token = ReplyToken(node.next_token);
                 node.next_token += 1;
                 node.client_tokens.insert(token, client);
-                let room = room();
+                let room = if self.clients[client].room == 0 {
+                    room()
+                } else {
+                    room2()
+                };
                 node.relay
                     .handle_client_submit(now, &mut node.store, token, room.as_str(), body);
                 self.flush(n);
@@ -544,14 +551,18 @@ impl Sim {
         for (n, got) in self.received.iter().enumerate() {
             let mut seen: BTreeMap<(u32, u32), usize> = BTreeMap::new();
             let mut last_per_client: HashMap<u32, u32> = HashMap::new();
-            let mut last_ms = 0;
+            let mut last_ms = [0u64; 2];
             for &(c, k, ms) in got {
                 *seen.entry((c, k)).or_default() += 1;
                 if let Some(prev) = last_per_client.insert(c, k) {
                     assert!(k > prev, "node {n}: client {c} message {k} after {prev}");
                 }
-                assert!(ms >= last_ms, "node {n}: hub timestamps went back");
-                last_ms = ms;
+                let r = (c / 1000) as usize;
+                assert!(
+                    ms >= last_ms[r],
+                    "node {n}: room {r}'s hub timestamps went back"
+                );
+                last_ms[r] = ms;
             }
             for c in &self.clients {
                 if c.node == n {
@@ -566,27 +577,68 @@ impl Sim {
                     );
                 }
             }
-            let own = got.iter().filter(|(c, _, _)| c / 100 == n as u32).count();
+            let own = got
+                .iter()
+                .filter(|(c, _, _)| (c % 1000) / 100 == n as u32)
+                .count();
             assert_eq!(own, 0, "node {n} got its own clients' messages back");
         }
-        // b and c see a's messages in the same (hub) order.
-        let from_a = |n: usize| -> Vec<(u32, u32)> {
+        // The followers of each room see its hub's own messages in the same (hub) order.
+        let from = |n: usize, hub: u32, room: u32| -> Vec<(u32, u32)> {
             self.received[n]
                 .iter()
-                .filter(|(c, _, _)| c / 100 == 0)
+                .filter(|(c, _, _)| c / 1000 == room && (c % 1000) / 100 == hub)
                 .map(|(c, k, _)| (*c, *k))
                 .collect()
         };
         assert_eq!(
-            from_a(1),
-            from_a(2),
-            "followers disagree on the hub's order"
+            from(1, 0, 0),
+            from(2, 0, 0),
+            "a's followers disagree on its order"
         );
+        assert_eq!(
+            from(0, 1, 1),
+            from(2, 1, 1),
+            "b's followers disagree on its order"
+        );
+    }
+
+    /// b also hosts a room, followed by a and c; every provider gets senders in it too.
+    fn with_second_room(mut self, clients_per_node: u32, msgs: u32) -> Sim {
+        let b = &mut self.nodes[1];
+        b.relay
+            .handle_create_room(
+                &mut b.store,
+                room2(),
+                vec![domain("a.example"), domain("c.example")],
+            )
+            .expect("room");
+        b.store.commit().expect("commit");
+        for node in 0..3 {
+            for k in 0..clients_per_node {
+                self.clients.push(Client {
+                    node,
+                    room: 1,
+                    id: 1000 + node as u32 * 100 + k,
+                    next: 0,
+                    total: msgs,
+                    waiting: false,
+                });
+                let c = self.clients.len() - 1;
+                let at = self.rng.range(0, 5);
+                self.schedule(at, Ev::ClientSubmit { client: c });
+            }
+        }
+        self
     }
 }
 
 fn room() -> RoomId {
     "mimi://a.example/r/clubhouse".parse().expect("room id")
+}
+
+fn room2() -> RoomId {
+    "mimi://b.example/r/annex".parse().expect("room id")
 }
 
 fn perfect() -> Link {
@@ -935,4 +987,25 @@ fn batches_shrink_to_a_follower_with_a_small_body_limit() {
     sim.check();
     let c_stats = sim.nodes[2].relay.stats();
     assert!(c_stats.rejects[relay_core::RejectReason::TooLarge as usize] > 0);
+}
+
+#[test]
+fn a_node_is_hub_of_one_room_and_follower_of_another_through_loss_and_restarts() {
+    let link = Link {
+        loss: 0.05,
+        min_delay_ms: 1,
+        max_delay_ms: 20,
+        report_loss: true,
+    };
+    let mut sim = Sim::new(44, link, 2, 40).with_second_room(2, 40);
+    sim.schedule(300, Ev::Crash { node: 1 });
+    sim.schedule(800, Ev::Restart { node: 1 });
+    sim.schedule(1500, Ev::Crash { node: 0 });
+    sim.schedule(1700, Ev::Restart { node: 0 });
+    sim.run(600_000);
+    sim.check();
+    assert_eq!(
+        sim.received.iter().map(Vec::len).sum::<usize>(),
+        2 * 12 * 40
+    );
 }
