@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use bytes::Bytes;
+use mimi_wire::proto::SubmitMessageRequest;
 use relay_node::NodeConfig;
 
 /// The room every fixture node hosts.
@@ -20,19 +21,15 @@ pub fn certificates(dir: &Path) {
 /// A SubmitMessageRequest from `mimi://{provider}/u/bob` whose ciphertext is 300 bytes of `n`.
 pub fn submit_body(provider: &str, n: u8) -> Bytes {
     let mls = mimi_wire::mls::private_message(b"g", 1, &[n; 300]);
-    let uri = format!("mimi://{provider}/u/bob");
-    let mut body = vec![1u8]; // Protocol mls10
-    body.extend_from_slice(&mls);
-    body.push(uri.len() as u8); // one-byte varint: the URI is short
-    body.extend_from_slice(uri.as_bytes());
-    Bytes::from(body)
+    let req = SubmitMessageRequest::mls10(mls, format!("mimi://{provider}/u/bob"));
+    Bytes::from(req.and_then(|r| r.encode()).expect("a valid request"))
 }
 
 /// A FanoutMessage of an application message: timestamp, MLSMessage, absent Frank.
 pub fn fanout(timestamp_ms: u64, text: &[u8]) -> Vec<u8> {
-    let mut f = timestamp_ms.to_be_bytes().to_vec();
-    f.extend_from_slice(&mimi_wire::mls::private_message(b"x", 3, text));
-    f.push(0);
+    let mut f = Vec::new();
+    let mls = mimi_wire::mls::private_message(b"x", 3, text);
+    mimi_wire::proto::encode_fanout_application(timestamp_ms, &mls, &mut f);
     f
 }
 

@@ -4,10 +4,7 @@ use std::net::SocketAddr;
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
-use mimi_wire::proto::{
-    FanoutMessage, IdentifierUri, MlsMessage, Protocol, SubmitMessageRequest,
-    SubmitMessageResponse, SubmitStatus,
-};
+use mimi_wire::proto::{FanoutMessage, SubmitMessageRequest, SubmitMessageResponse, SubmitStatus};
 use mimi_wire::uri::RoomId;
 use relay_node::client::LocalClient;
 
@@ -30,11 +27,7 @@ pub async fn run(admin: SocketAddr, action: Action) -> Result<()> {
         Action::Send { room, from, text } => {
             let room: RoomId = room.parse().with_context(|| format!("--room {room:?}"))?;
             let mls = mimi_wire::mls::private_message(room.as_str().as_bytes(), 1, text.as_bytes());
-            let req = SubmitMessageRequest {
-                protocol: Protocol::Mls10,
-                app_message: MlsMessage::from_bytes(mls)?,
-                sending_uri: IdentifierUri::new(from),
-            };
+            let req = SubmitMessageRequest::mls10(mls, from)?;
             let (status, body) = client.submit(&room, Bytes::from(req.encode()?)).await?;
             if !status.is_success() {
                 bail!("{status}: {}", String::from_utf8_lossy(&body).trim());
@@ -64,42 +57,14 @@ pub async fn run(admin: SocketAddr, action: Action) -> Result<()> {
     Ok(())
 }
 
-/// The ciphertext of a PrivateMessage (RFC 9420 section 6.3.1), shown when it is printable:
-/// `mimi-relay client send` puts the text there, since the relay itself never decrypts.
+/// The ciphertext of a PrivateMessage, shown when it is printable text: `mimi-relay client
+/// send` puts the text there, since the relay itself never decrypts.
 fn payload(mls: &[u8]) -> Option<String> {
     let view = mimi_wire::mls::MlsMessageView::parse(mls).ok()?;
-    if view.wire_format != mimi_wire::mls::WireFormat::PrivateMessage {
-        return None;
-    }
-    let mut rest = mls.get(4..)?; // version, wire_format
-    let _group = vector(&mut rest)?;
-    rest = rest.get(9..)?; // epoch u64, content_type u8
-    let _aad = vector(&mut rest)?;
-    let _sender_data = vector(&mut rest)?;
-    let text = std::str::from_utf8(vector(&mut rest)?).ok()?;
+    let text = std::str::from_utf8(view.private_ciphertext()?).ok()?;
     text.chars()
         .all(|c| !c.is_control())
         .then(|| format!("{text:?}"))
-}
-
-/// Takes one MLS variable-length vector (RFC 9420 section 2.1.2) off the front of `b`.
-fn vector<'a>(b: &mut &'a [u8]) -> Option<&'a [u8]> {
-    let first = *b.first()?;
-    let (len, head): (usize, usize) = match first >> 6 {
-        0 => (usize::from(first & 0x3f), 1),
-        1 => (
-            usize::from(u16::from_be_bytes([first & 0x3f, *b.get(1)?])),
-            2,
-        ),
-        2 => {
-            let v = u32::from_be_bytes([first & 0x3f, *b.get(1)?, *b.get(2)?, *b.get(3)?]);
-            (usize::try_from(v).ok()?, 4)
-        }
-        _ => return None,
-    };
-    let v = b.get(head..head.checked_add(len)?)?;
-    *b = &b[head + len..];
-    Some(v)
 }
 
 #[cfg(test)]

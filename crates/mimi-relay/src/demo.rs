@@ -382,18 +382,12 @@ fn message(provider: &str, sender: u32, counter: u32, size: usize, rng: &mut u64
         ct.extend_from_slice(&rng.to_le_bytes());
     }
     ct.truncate(size.max(12));
-    let req = mimi_wire::proto::SubmitMessageRequest {
-        protocol: mimi_wire::proto::Protocol::Mls10,
-        app_message: mimi_wire::proto::MlsMessage::from_bytes(mimi_wire::mls::private_message(
-            b"clubhouse-group",
-            1,
-            &ct,
-        ))
-        .expect("a private message we just built"),
-        sending_uri: mimi_wire::proto::IdentifierUri::new(format!(
-            "mimi://{provider}/u/sender{sender}"
-        )),
-    };
+    let mls = mimi_wire::mls::private_message(b"clubhouse-group", 1, &ct);
+    let req = mimi_wire::proto::SubmitMessageRequest::mls10(
+        mls,
+        format!("mimi://{provider}/u/sender{sender}"),
+    )
+    .expect("a private application message we just built");
     Bytes::from(req.encode().expect("encoding a request we just built"))
 }
 

@@ -122,6 +122,22 @@ impl<'a> MlsMessageView<'a> {
         Ok(view)
     }
 
+    /// The `ciphertext` of a PrivateMessage (RFC 9420 section 6.3.1); None for other formats.
+    pub fn private_ciphertext(&self) -> Option<&'a [u8]> {
+        if self.wire_format != WireFormat::PrivateMessage {
+            return None;
+        }
+        let mut r = Reader::new(self.bytes, Limits::default());
+        r.u16().ok()?; // version
+        r.u16().ok()?; // wire_format
+        r.vec("group_id").ok()?;
+        r.u64().ok()?;
+        r.u8().ok()?;
+        r.vec("authenticated_data").ok()?;
+        r.vec("encrypted_sender_data").ok()?;
+        r.vec("ciphertext").ok()
+    }
+
     pub(crate) fn read(r: &mut Reader<'a>) -> Result<MlsMessageView<'a>, WireError> {
         let start = r.position();
         if r.u16()? != MLS10 {
@@ -446,6 +462,24 @@ pub fn private_message(group_id: &[u8], epoch: u64, ciphertext: &[u8]) -> Vec<u8
         "private_message: vector longer than 2^30-1 bytes"
     );
     out
+}
+
+#[cfg(test)]
+mod view_tests {
+    use super::*;
+
+    #[test]
+    fn private_ciphertext_is_the_last_vector() {
+        let long = vec![7u8; 300];
+        for ct in [&b"hello"[..], &long[..], &[][..]] {
+            let mls = private_message(b"group", 9, ct);
+            let view = MlsMessageView::parse(&mls).expect("valid");
+            assert_eq!(view.private_ciphertext(), Some(ct));
+        }
+        let gi = testdata::mls_message(4, &testdata::group_info(b"g", 1));
+        let view = MlsMessageView::parse(&gi).expect("valid");
+        assert_eq!(view.private_ciphertext(), None);
+    }
 }
 
 #[cfg(test)]

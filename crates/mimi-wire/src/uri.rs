@@ -8,6 +8,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -69,7 +70,8 @@ pub enum UriKind {
 /// A syntactically valid MIMI URI.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MimiUri {
-    text: String,
+    // Shared, so that the relay's many copies of a room or provider name cost no allocation.
+    text: Arc<str>,
     domain_end: usize,
     kind_end: usize,
 }
@@ -96,7 +98,7 @@ impl MimiUri {
         }
         let domain_end = SCHEME.len() + domain.len();
         Ok(MimiUri {
-            text: s.to_owned(),
+            text: Arc::from(s),
             domain_end,
             kind_end: domain_end + 1 + kind.len(),
         })
@@ -137,7 +139,7 @@ impl MimiUri {
 
     /// The domain as a [`ProviderDomain`].
     pub fn provider(&self) -> ProviderDomain {
-        ProviderDomain(self.domain().to_owned())
+        ProviderDomain(Arc::from(self.domain()))
     }
 }
 
@@ -242,7 +244,7 @@ impl fmt::Display for RoomId {
 /// A provider's lower-case DNS name: at most 253 bytes, labels of 1..=63 bytes of
 /// `a-z`, `0-9` and inner `-`, no trailing dot.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ProviderDomain(String);
+pub struct ProviderDomain(Arc<str>);
 
 impl ProviderDomain {
     /// Validate a domain name.
@@ -251,7 +253,7 @@ impl ProviderDomain {
             return Err(UriError::EmptyDomain);
         }
         validate_domain(s)?;
-        Ok(ProviderDomain(s.to_owned()))
+        Ok(ProviderDomain(Arc::from(s)))
     }
 
     /// The name.

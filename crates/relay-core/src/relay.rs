@@ -1,15 +1,17 @@
 //! The routing state machine: `handle_*` in, `poll_*` out, time and storage passed in.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::time::Instant;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use mimi_wire::endpoint::Endpoint;
 use mimi_wire::mls::WireFormat;
-use mimi_wire::proto::{SubmitMessageResponse, SubmitMessageView, split_fanout_sequence};
+use mimi_wire::proto::{
+    SubmitMessageResponse, SubmitMessageView, encode_fanout_application, split_fanout_sequence,
+};
 use mimi_wire::uri::{ProviderDomain, RoomId};
 use tracing::{debug, info, warn};
-use xxhash_rust::xxh3::Xxh3;
 
 use crate::config::RelayConfig;
 use crate::rng::SplitMix64;
@@ -120,7 +122,7 @@ struct HubRoom {
     followers: Vec<(ProviderDomain, QueueIdx)>,
     next_seq: u64,
     last_ms: u64,
-    seen: HashMap<u128, SubmitSeen>,
+    seen: FastMap<u128, SubmitSeen>,
     seen_order: VecDeque<u128>,
 }
 
@@ -132,7 +134,7 @@ struct Cursor {
     next: u64,
     /// Hashes of recent FanoutMessages received without a sequence number (the draft's
     /// byte-exact duplicate rule).
-    recent: HashMap<u128, ()>,
+    recent: FastMap<u128, ()>,
     recent_order: VecDeque<u128>,
 }
 
@@ -152,6 +154,35 @@ enum InFlight {
     },
 }
 
+/// Maps keyed by our own numbers (transmit ids) or by 128-bit content hashes, which need no
+/// SipHash: a multiply spreads them well, at a fraction of the cost on the per-message path.
+type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<MulHasher>>;
+
+#[derive(Default)]
+struct MulHasher(u64);
+
+impl Hasher for MulHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn write_u128(&mut self, n: u128) {
+        self.write_u64(n as u64 ^ (n >> 64) as u64);
+    }
+}
+
 /// What an in-flight `/notify` carried.
 #[derive(Debug, Clone, Copy)]
 struct Sent {
@@ -167,14 +198,14 @@ pub struct Relay {
     peers: Vec<Peer>,
     peer_by_domain: BTreeMap<ProviderDomain, PeerIdx>,
     rooms: Vec<HubRoom>,
-    room_by_id: HashMap<String, RoomIdx>,
+    room_by_id: FastMap<String, RoomIdx>,
     queues: Vec<OutQueue>,
     queue_by_key: HashMap<(String, ProviderDomain), QueueIdx>,
     ready: VecDeque<QueueIdx>,
     cursors: HashMap<(ProviderDomain, String), Cursor>,
     inbox: VecDeque<(u64, InboxRecord)>,
     inbox_next: u64,
-    inflight: HashMap<TransmitId, InFlight>,
+    inflight: FastMap<TransmitId, InFlight>,
     deadlines: BTreeSet<(Instant, TransmitId)>,
     /// Queues held back after a refusal, by release time.
     held: BTreeSet<(Instant, QueueIdx)>,
@@ -195,14 +226,14 @@ impl Relay {
             peers: Vec::new(),
             peer_by_domain: BTreeMap::new(),
             rooms: Vec::new(),
-            room_by_id: HashMap::new(),
+            room_by_id: FastMap::default(),
             queues: Vec::new(),
             queue_by_key: HashMap::new(),
             ready: VecDeque::new(),
             cursors: HashMap::new(),
             inbox: VecDeque::new(),
             inbox_next: snapshot.inbox_trimmed + 1,
-            inflight: HashMap::new(),
+            inflight: FastMap::default(),
             deadlines: BTreeSet::new(),
             held: BTreeSet::new(),
             next_transmit: 1,
@@ -260,7 +291,7 @@ impl Relay {
                     hub,
                     room,
                     next,
-                    recent: HashMap::new(),
+                    recent: FastMap::default(),
                     recent_order: VecDeque::new(),
                 },
             );
@@ -345,7 +376,7 @@ impl Relay {
             followers: list,
             next_seq: 1,
             last_ms: 0,
-            seen: HashMap::new(),
+            seen: FastMap::default(),
             seen_order: VecDeque::new(),
         });
         i
@@ -679,7 +710,7 @@ impl Relay {
             hub: req.from.clone(),
             room: room.clone(),
             next: 1,
-            recent: HashMap::new(),
+            recent: FastMap::default(),
             recent_order: VecDeque::new(),
         });
         let base = req.body.as_ptr() as usize;
@@ -1114,7 +1145,6 @@ impl Relay {
 
     /// Turns ready queues into transmits, within each queue's pipeline window.
     fn pump(&mut self, now: Now) {
-        let mut parked = Vec::new();
         while let Some(qi) = self.ready.pop_front() {
             self.queues[qi].in_ready = false;
             let peer = self.queues[qi].peer;
@@ -1172,12 +1202,7 @@ impl Relay {
                     body,
                 }));
             }
-            if self.queues[qi].send_next < self.queues[qi].next_qseq() {
-                parked.push(qi); // window full: waits for an outcome to re-ready it
-            }
-        }
-        for qi in parked {
-            self.queues[qi].in_ready = false;
+            // What is left waits for an outcome (window full), which re-readies the queue.
         }
     }
 }
@@ -1193,11 +1218,9 @@ fn submit_answer(resp: &SubmitMessageResponse) -> Response {
 
 /// A FanoutMessage for an application message: timestamp, the exact MLSMessage, no Frank.
 fn encode_fanout(accepted_ms: u64, mls: &[u8]) -> Bytes {
-    let mut b = BytesMut::with_capacity(8 + mls.len() + 1);
-    b.put_u64(accepted_ms);
-    b.put_slice(mls);
-    b.put_u8(0); // optional<Frank>: absent
-    b.freeze()
+    let mut v = Vec::new();
+    encode_fanout_application(accepted_ms, mls, &mut v);
+    Bytes::from(v)
 }
 
 /// Whether `uri` is `mimi://{domain}/...`.
@@ -1208,11 +1231,9 @@ fn uri_in_domain(uri: &str, domain: &str) -> bool {
 }
 
 fn submit_key(sender: &ProviderDomain, body: &[u8]) -> u128 {
-    let mut h = Xxh3::new();
-    h.update(sender.as_str().as_bytes());
-    h.update(&[0]);
-    h.update(body);
-    h.digest128()
+    // One pass over the body: the provider goes in through the seed.
+    let seed = xxhash_rust::xxh3::xxh3_64(sender.as_str().as_bytes());
+    xxhash_rust::xxh3::xxh3_128_with_seed(body, seed)
 }
 
 fn xxh3_128(bytes: &[u8]) -> u128 {

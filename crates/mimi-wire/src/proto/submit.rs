@@ -17,6 +17,19 @@ pub struct SubmitMessageRequest {
     pub sending_uri: IdentifierUri,
 }
 
+impl SubmitMessageRequest {
+    /// An MLS 1.0 request: `mls` must be one PrivateMessage of content type application.
+    pub fn mls10(mls: Vec<u8>, sending_uri: impl Into<String>) -> Result<Self, WireError> {
+        let app_message = MlsMessage::from_bytes(mls)?;
+        check_app_message(&app_message.view())?;
+        Ok(SubmitMessageRequest {
+            protocol: Protocol::Mls10,
+            app_message,
+            sending_uri: IdentifierUri::new(sending_uri),
+        })
+    }
+}
+
 fn check_app_message(m: &MlsMessageView<'_>) -> Result<(), WireError> {
     if m.is_private_application() {
         Ok(())
