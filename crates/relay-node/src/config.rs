@@ -103,7 +103,8 @@ struct RawLimits {
 pub enum StoreKind {
     /// The embedded crash-safe store (the default).
     Durable,
-    /// Memory only: everything is lost on exit. For benchmarks and tests.
+    /// Memory only: the core's own state and nothing more; everything is lost on exit. For
+    /// benchmarks and tests.
     Memory,
 }
 

@@ -222,7 +222,8 @@ impl Node {
                 let store = relay_store::DurableStore::open(&store_path).map_err(store_err)?;
                 spawn_core(core_cfg, store, &cfg, wiring)?
             }
-            StoreKind::Memory => spawn_core(core_cfg, MemStore::new(), &cfg, wiring)?,
+            // Nothing outlives the process here, so nothing is kept beside the core's own state.
+            StoreKind::Memory => spawn_core(core_cfg, MemStore::discarding(), &cfg, wiring)?,
         };
 
         let listener = tokio::net::TcpListener::bind(cfg.admin)
