@@ -114,45 +114,38 @@ fn round<S: Store>(
     store.commit().expect("commit");
 }
 
+type NewStore = fn() -> MemStore;
+
 fn routing(c: &mut Criterion) {
     let mut g = c.benchmark_group("hub_fanout_1KiB_to_2_followers");
     g.throughput(Throughput::Elements(BATCH));
-    g.bench_function("mem_store", |b| {
-        let mut store = MemStore::new();
-        let mut relay = hub(&mut store);
-        let base = Instant::now();
-        let mut tick = 0;
-        let mut counter = 0u32;
-        b.iter_batched(
-            || {
-                // Fresh bodies each round: identical ones would be answered from the dedupe window.
-                counter = counter.wrapping_add(1);
-                (0..BATCH as u32)
-                    .map(|i| submit_body(counter, i))
-                    .collect::<Vec<_>>()
-            },
-            |v| round(&mut relay, &mut store, &v, base, &mut tick),
-            criterion::BatchSize::LargeInput,
-        );
-    });
-    g.bench_function("discarding_store", |b| {
-        // What a node with `store = "memory"` uses: the core's own state is all there is.
-        let mut store = MemStore::discarding();
-        let mut relay = hub(&mut store);
-        let base = Instant::now();
-        let mut tick = 0;
-        let mut counter = 0u32;
-        b.iter_batched(
-            || {
-                counter = counter.wrapping_add(1);
-                (0..BATCH as u32)
-                    .map(|i| submit_body(counter, i))
-                    .collect::<Vec<_>>()
-            },
-            |v| round(&mut relay, &mut store, &v, base, &mut tick),
-            criterion::BatchSize::LargeInput,
-        );
-    });
+    // The test store, which records every change so a crash can be simulated, and the store of
+    // a `store = "memory"` node, which keeps nothing beside the core's own state.
+    // Criterion calls each function several times: every call starts from a fresh store.
+    let stores: [(&str, NewStore); 2] = [
+        ("mem_store", MemStore::new),
+        ("discarding_store", MemStore::discarding),
+    ];
+    for (name, new_store) in stores {
+        g.bench_function(name, |b| {
+            let mut store = new_store();
+            let mut relay = hub(&mut store);
+            let base = Instant::now();
+            let mut tick = 0;
+            let mut counter = 0u32;
+            b.iter_batched(
+                || {
+                    // Fresh bodies each round: identical ones would be answered from the dedupe window.
+                    counter = counter.wrapping_add(1);
+                    (0..BATCH as u32)
+                        .map(|i| submit_body(counter, i))
+                        .collect::<Vec<_>>()
+                },
+                |v| round(&mut relay, &mut store, &v, base, &mut tick),
+                criterion::BatchSize::LargeInput,
+            );
+        });
+    }
     g.finish();
 }
 

@@ -67,7 +67,8 @@ pub struct RelayConfig {
     pub retry: RetryPolicy,
     /// A transmit with no outcome after this long counts as failed.
     pub transmit_timeout: Duration,
-    /// Accepted submissions remembered per room to answer retries without fanning out twice.
+    /// Accepted submissions remembered per room to answer retries without fanning out twice:
+    /// at least the last half of this many, at most this many.
     pub submit_window: usize,
     /// Seed of the jitter generator (deterministic in simulation).
     pub seed: u64,

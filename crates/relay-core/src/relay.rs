@@ -122,8 +122,37 @@ struct HubRoom {
     followers: Vec<(ProviderDomain, QueueIdx)>,
     next_seq: u64,
     last_ms: u64,
-    seen: FastMap<u128, SubmitSeen>,
-    seen_order: VecDeque<u128>,
+    seen: SeenWindow,
+}
+
+/// Accepted submissions a room remembers, in two generations: new ones go into `current`;
+/// when it holds half the window, `previous` is dropped whole and `current` takes its place.
+/// So the room remembers at least the last `window / 2` and at most `window` submissions,
+/// and no submission pays for a random removal.
+#[derive(Debug, Default)]
+struct SeenWindow {
+    current: FastMap<u128, SubmitSeen>,
+    previous: FastMap<u128, SubmitSeen>,
+    /// The highest room sequence in `previous`.
+    previous_upto: u64,
+}
+
+impl SeenWindow {
+    fn get(&self, key: &u128) -> Option<&SubmitSeen> {
+        self.current.get(key).or_else(|| self.previous.get(key))
+    }
+
+    /// Remembers `seen`; returns the sequence up to which submissions were forgotten, if any.
+    fn insert(&mut self, seen: SubmitSeen, window: usize) -> Option<u64> {
+        self.current.insert(seen.key, seen);
+        if self.current.len() < (window / 2).max(1) {
+            return None;
+        }
+        let forgotten = (!self.previous.is_empty()).then_some(self.previous_upto);
+        self.previous = std::mem::take(&mut self.current);
+        self.previous_upto = seen.room_seq;
+        forgotten
+    }
 }
 
 /// A follower's view of one (hub, room) stream.
@@ -250,9 +279,10 @@ impl Relay {
             let r = &mut relay.rooms[idx];
             r.next_seq = snap.next_seq.max(1);
             r.last_ms = snap.last_ms;
+            // What the store kept is at most one window: the next rotation forgets it all.
             for seen in snap.seen {
-                r.seen.insert(seen.key, seen);
-                r.seen_order.push_back(seen.key);
+                r.seen.previous.insert(seen.key, seen);
+                r.seen.previous_upto = seen.room_seq;
             }
         }
         for ((room, dest), acked) in &snapshot.acked {
@@ -376,8 +406,7 @@ impl Relay {
             followers: list,
             next_seq: 1,
             last_ms: 0,
-            seen: FastMap::default(),
-            seen_order: VecDeque::new(),
+            seen: SeenWindow::default(),
         });
         i
     }
@@ -598,8 +627,7 @@ impl Relay {
             room_seq,
             accepted_ms,
         };
-        r.seen.insert(key, seen);
-        r.seen_order.push_back(key);
+        let forgotten = r.seen.insert(seen, self.cfg.submit_window);
         store.apply(StoreOp::RoomSeq {
             room: &r.id,
             next_seq: r.next_seq,
@@ -609,13 +637,10 @@ impl Relay {
             room: &r.id,
             seen: &seen,
         });
-        if r.seen_order.len() > self.cfg.submit_window
-            && let Some(old) = r.seen_order.pop_front()
-            && let Some(s) = r.seen.remove(&old)
-        {
+        if let Some(upto_seq) = forgotten {
             store.apply(StoreOp::SubmitForget {
                 room: &r.id,
-                upto_seq: s.room_seq,
+                upto_seq,
             });
         }
         debug!(msg = %MsgId::of(view.app_message.bytes), room = %r.id, seq = room_seq, from = %sender, "accepted");
@@ -1259,6 +1284,34 @@ impl std::fmt::Display for MsgId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seen_window_keeps_between_half_and_all_of_the_window() {
+        let mut w = SeenWindow::default();
+        let seen = |n: u64| SubmitSeen {
+            key: u128::from(n) * 7919,
+            room_seq: n,
+            accepted_ms: n,
+        };
+        let mut forgotten = Vec::new();
+        for n in 1..=10 {
+            forgotten.extend(w.insert(seen(n), 4));
+            let remembered: Vec<u64> = (1..=n)
+                .filter(|k| w.get(&(u128::from(*k) * 7919)).is_some())
+                .collect();
+            assert!(
+                remembered.len() >= 2.min(n as usize) && remembered.len() <= 4,
+                "{remembered:?}"
+            );
+            assert_eq!(
+                remembered.last(),
+                Some(&n),
+                "the newest is always remembered"
+            );
+        }
+        // Generations of two: forgotten up to 2 when 5..6 filled, up to 4 when 7..8, ...
+        assert_eq!(forgotten, [2, 4, 6, 8]);
+    }
 
     #[test]
     fn uri_domain_match_is_exact() {

@@ -1009,3 +1009,38 @@ fn a_node_is_hub_of_one_room_and_follower_of_another_through_loss_and_restarts()
         2 * 12 * 40
     );
 }
+
+#[test]
+fn a_small_dedupe_window_rotates_and_survives_hub_restarts() {
+    // One sender per provider, so a retry comes after few newer submissions and a window that
+    // remembers at least 32 covers it; lost answers make senders retry, also across the
+    // hub's restarts, where only the reloaded window can recognise them.
+    let link = Link {
+        loss: 0.1,
+        min_delay_ms: 1,
+        max_delay_ms: 10,
+        report_loss: true,
+    };
+    let mut sim = Sim::new(55, link, 1, 150);
+    sim.nodes[0].cfg.submit_window = 64;
+    let now = sim.now();
+    let hub = &mut sim.nodes[0];
+    hub.relay = Relay::new(hub.cfg.clone(), hub.store.load().expect("load"), now);
+    for at in [150, 450, 750, 1050] {
+        sim.schedule(at, Ev::Crash { node: 0 });
+        sim.schedule(at + 30, Ev::Restart { node: 0 });
+    }
+    sim.run(600_000);
+    sim.check();
+    let kept = sim.nodes[0]
+        .store
+        .committed()
+        .rooms
+        .values()
+        .map(|r| r.seen.len())
+        .sum::<usize>();
+    assert!(
+        kept <= 64,
+        "the store keeps at most one window, kept {kept}"
+    );
+}
