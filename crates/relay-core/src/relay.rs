@@ -149,7 +149,10 @@ impl SeenWindow {
             return None;
         }
         let forgotten = (!self.previous.is_empty()).then_some(self.previous_upto);
-        self.previous = std::mem::take(&mut self.current);
+        // The dropped generation's table becomes the new current one: no regrowth, no rehash.
+        let mut recycled = std::mem::take(&mut self.previous);
+        recycled.clear();
+        self.previous = std::mem::replace(&mut self.current, recycled);
         self.previous_upto = seen.room_seq;
         forgotten
     }
