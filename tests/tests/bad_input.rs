@@ -92,7 +92,7 @@ async fn bad_input_gets_typed_answers_and_the_connection_survives() {
     let node = Node::start(hub_config(dir.path(), "https"))
         .await
         .expect("node starts");
-    let addr = node.https.expect("https listener");
+    let addr = node.listening[&relay_core::TransportKind::Https];
     let mut b = Peer::connect(dir.path(), "b.example", addr).await;
 
     // Malformed TLS-PL.

@@ -40,11 +40,7 @@ fn example_configs_validate_and_agree() {
                 .iter()
                 .find(|o| o.domain == p.domain)
                 .expect("peer is a provider");
-            let listens = match p.transport {
-                relay_core::TransportKind::Quic => other.quic,
-                relay_core::TransportKind::Https => other.https,
-                _ => None,
-            };
+            let listens = other.listen.get(&p.transport).copied();
             assert_eq!(
                 listens,
                 Some(p.address),

@@ -7,7 +7,7 @@
 //! were sent in. Latency is from the first submission attempt to the receiving provider's
 //! inbox, as seen by the local reader.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
 use mimi_wire::uri::{ProviderDomain, RoomId};
+use relay_core::TransportKind;
 use relay_node::client::LocalClient;
 use serde::Serialize;
 
@@ -197,6 +198,16 @@ fn free_udp() -> Result<u16> {
     Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// The transport each pair of providers uses: one kind everywhere, or the mixed room.
+fn pair_transport(transport: &str, i: usize, j: usize) -> Result<TransportKind> {
+    Ok(match transport {
+        // a-b over QUIC, a-c over the draft's HTTPS, b-c over QUIC.
+        "mixed" if i.min(j) == 0 && i.max(j) == 2 => TransportKind::Https,
+        "mixed" => TransportKind::Quic,
+        t => t.parse()?,
+    })
+}
+
 /// Writes certificates and the three node configs.
 fn prepare(dir: &Path, transport: &str, store: &str) -> Result<Layout> {
     std::fs::create_dir_all(dir.join("certs"))?;
@@ -206,36 +217,45 @@ fn prepare(dir: &Path, transport: &str, store: &str) -> Result<Layout> {
         std::fs::write(dir.join(format!("certs/{p}.crt")), g.cert_pem)?;
         std::fs::write(dir.join(format!("certs/{p}.key")), g.key_pem)?;
     }
-    // Every node listens on both transports; each pair of providers uses the one chosen for it.
-    let pair = |i: usize, j: usize| -> &str {
-        match transport {
-            // a-b over QUIC, a-c over the draft's HTTPS, b-c over QUIC.
-            "mixed" if i.min(j) == 0 && i.max(j) == 2 => "https",
-            "mixed" => "quic",
-            t => t,
+    // Every node listens on each transport the room uses; each pair uses the one chosen for it.
+    let mut kinds = BTreeSet::new();
+    for i in 0..PROVIDERS.len() {
+        for j in 0..PROVIDERS.len() {
+            if i != j {
+                kinds.insert(pair_transport(transport, i, j)?);
+            }
         }
-    };
-    let mut ports = Vec::new();
+    }
+    let mut admins_ports = Vec::new();
+    let mut ports: Vec<BTreeMap<TransportKind, u16>> = Vec::new();
     for _ in PROVIDERS {
-        ports.push((free_tcp()?, free_udp()?, free_tcp()?)); // admin, quic, https
+        admins_ports.push(free_tcp()?);
+        let mut m = BTreeMap::new();
+        for &k in &kinds {
+            let port = if k == TransportKind::Quic {
+                free_udp()?
+            } else {
+                free_tcp()?
+            };
+            m.insert(k, port);
+        }
+        ports.push(m);
     }
     let mut configs = Vec::new();
     let mut admins = Vec::new();
     for (i, p) in PROVIDERS.iter().enumerate() {
-        let (admin, quic, https) = ports[i];
+        let admin = admins_ports[i];
         let mut t = format!(
             "[node]\ndomain = \"{p}\"\ndata_dir = \"data/{p}\"\nadmin = \"127.0.0.1:{admin}\"\nstore = \"{store}\"\n\n\
-             [tls]\ncert = \"certs/{p}.crt\"\nkey = \"certs/{p}.key\"\n\n\
-             [listen]\nquic = \"127.0.0.1:{quic}\"\nhttps = \"127.0.0.1:{https}\"\n"
+             [tls]\ncert = \"certs/{p}.crt\"\nkey = \"certs/{p}.key\"\n\n[listen]\n"
         );
+        for (k, port) in &ports[i] {
+            let _ = writeln!(t, "{k} = \"127.0.0.1:{port}\"");
+        }
         for (j, q) in PROVIDERS.iter().enumerate() {
             if i != j {
-                let via = pair(i, j);
-                let port = if via == "quic" {
-                    ports[j].1
-                } else {
-                    ports[j].2
-                };
+                let via = pair_transport(transport, i, j)?;
+                let port = ports[j][&via];
                 let _ = write!(
                     t,
                     "\n[[peers]]\ndomain = \"{q}\"\ntransport = \"{via}\"\naddress = \"127.0.0.1:{port}\"\ncert = \"certs/{q}.crt\"\n"
@@ -423,10 +443,11 @@ fn submit_accepted(status: hyper::StatusCode, body: &[u8]) -> bool {
 
 /// Runs the demo and returns its figures.
 pub async fn run(opts: DemoOptions, launcher: Launcher) -> Result<DemoReport> {
-    if !["quic", "https", "mixed"].contains(&opts.transport.as_str()) {
+    if opts.transport != "mixed" && opts.transport.parse::<TransportKind>().is_err() {
         bail!(
-            "--transport {}: expected quic, https or mixed",
-            opts.transport
+            "--transport {}: expected one of {} or mixed",
+            opts.transport,
+            TransportKind::ALL.map(TransportKind::as_str).join(", ")
         );
     }
     let (dir, temp) = match &opts.dir {

@@ -84,7 +84,12 @@ impl RelayConfig {
             max_inbox: 1_000_000,
             max_batch: 256,
             max_batch_bytes: 256 * 1024,
-            pipeline: BTreeMap::from([(TransportKind::Https, 1), (TransportKind::Quic, 8)]),
+            pipeline: BTreeMap::from([
+                (TransportKind::Https, 1),
+                (TransportKind::Quic, 8),
+                (TransportKind::Xmpp, 8),
+                (TransportKind::Matrix, 8),
+            ]),
             retry: RetryPolicy::default(),
             transmit_timeout: Duration::from_secs(10),
             submit_window: 65_536,

@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,16 +22,27 @@ pub enum TransportKind {
     Https,
     /// QUIC with mutual TLS and one stream per room.
     Quic,
+    /// XMPP: relay-to-relay XML streams, or a component of an XMPP server.
+    Xmpp,
+    /// Matrix federation: signed transactions between servers.
+    Matrix,
 }
 
 impl TransportKind {
     /// Every transport this build carries.
-    pub const ALL: [TransportKind; 2] = [TransportKind::Https, TransportKind::Quic];
+    pub const ALL: [TransportKind; 4] = [
+        TransportKind::Https,
+        TransportKind::Quic,
+        TransportKind::Xmpp,
+        TransportKind::Matrix,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             TransportKind::Https => "https",
             TransportKind::Quic => "quic",
+            TransportKind::Xmpp => "xmpp",
+            TransportKind::Matrix => "matrix",
         }
     }
 }
@@ -47,6 +59,8 @@ impl std::str::FromStr for TransportKind {
         match s {
             "https" => Ok(TransportKind::Https),
             "quic" => Ok(TransportKind::Quic),
+            "xmpp" => Ok(TransportKind::Xmpp),
+            "matrix" => Ok(TransportKind::Matrix),
             _ => Err(UnknownTransport(s.to_owned())),
         }
     }
@@ -54,7 +68,7 @@ impl std::str::FromStr for TransportKind {
 
 /// A transport name that this build does not know.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("unknown transport {0:?} (expected one of: https, quic)")]
+#[error("unknown transport {0:?} (expected one of: https, quic, xmpp, matrix)")]
 pub struct UnknownTransport(pub String);
 
 /// Identifies one outbound transmit so that its outcome can be matched.
@@ -218,6 +232,8 @@ pub trait Transport: Send + Sync + 'static {
     fn send(&self, transmit: Transmit);
     /// A cheap liveness check of `peer` (connect and one round trip).
     fn probe(&self, peer: &ProviderDomain);
+    /// Stops accepting, closes connections politely, and resolves when the sockets are closed.
+    fn shutdown(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
 }
 
 /// Implemented by the node and handed to each adapter at start.

@@ -351,6 +351,10 @@ impl Drop for HttpsTransport {
 }
 
 impl Transport for HttpsTransport {
+    fn shutdown(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(HttpsTransport::shutdown(self))
+    }
+
     fn kind(&self) -> TransportKind {
         TransportKind::Https
     }

@@ -1,7 +1,7 @@
 //! The node's TOML configuration, validated at start. Every error names the file, the key and
 //! what is wrong with it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -71,6 +71,8 @@ struct RawTls {
 struct RawListen {
     https: Option<String>,
     quic: Option<String>,
+    xmpp: Option<String>,
+    matrix: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -137,8 +139,8 @@ pub struct NodeConfig {
     pub admin: SocketAddr,
     pub cert: PathBuf,
     pub key: PathBuf,
-    pub https: Option<SocketAddr>,
-    pub quic: Option<SocketAddr>,
+    /// Where each configured transport listens for peers.
+    pub listen: BTreeMap<TransportKind, SocketAddr>,
     pub peers: Vec<PeerConfig>,
     pub rooms: Vec<RoomConfig>,
     pub max_body: usize,
@@ -215,18 +217,17 @@ impl NodeConfig {
                 ));
             }
         };
-        let https = raw
-            .listen
-            .https
-            .as_deref()
-            .map(|s| cx.addr("listen.https", s))
-            .transpose()?;
-        let quic = raw
-            .listen
-            .quic
-            .as_deref()
-            .map(|s| cx.addr("listen.quic", s))
-            .transpose()?;
+        let mut listen = BTreeMap::new();
+        for (kind, addr) in [
+            (TransportKind::Https, &raw.listen.https),
+            (TransportKind::Quic, &raw.listen.quic),
+            (TransportKind::Xmpp, &raw.listen.xmpp),
+            (TransportKind::Matrix, &raw.listen.matrix),
+        ] {
+            if let Some(s) = addr {
+                listen.insert(kind, cx.addr(&format!("listen.{kind}"), s)?);
+            }
+        }
 
         let mut peers = Vec::new();
         let mut seen = BTreeSet::new();
@@ -243,12 +244,7 @@ impl NodeConfig {
                 .transport
                 .parse()
                 .map_err(|e| cx.err(key("transport"), e))?;
-            let listening = match transport {
-                TransportKind::Https => https.is_some(),
-                TransportKind::Quic => quic.is_some(),
-                _ => false,
-            };
-            if !listening {
+            if !listen.contains_key(&transport) {
                 return Err(cx.err(
                     key("transport"),
                     format!("peer {d} uses {transport}, but listen.{transport} is not set"),
@@ -327,8 +323,7 @@ impl NodeConfig {
             admin,
             cert,
             key,
-            https,
-            quic,
+            listen,
             peers,
             rooms,
             max_body,

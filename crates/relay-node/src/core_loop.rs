@@ -4,7 +4,7 @@
 //! Each turn drains what is waiting, commits the store once (group commit), and only then
 //! releases the replies and transmits the core produced.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
@@ -62,20 +62,13 @@ pub(crate) enum Event {
     Shutdown,
 }
 
-/// The transports this node runs, by kind: a closed set, so a match rather than dynamic dispatch.
+/// The transports this node runs, by kind.
 #[derive(Default)]
-pub(crate) struct Transports {
-    pub https: Option<Arc<relay_https::HttpsTransport>>,
-    pub quic: Option<Arc<relay_quic::QuicTransport>>,
-}
+pub(crate) struct Transports(pub BTreeMap<TransportKind, Arc<dyn Transport>>);
 
 impl Transports {
     fn get(&self, kind: TransportKind) -> Option<&dyn Transport> {
-        match kind {
-            TransportKind::Https => self.https.as_deref().map(|t| t as &dyn Transport),
-            TransportKind::Quic => self.quic.as_deref().map(|t| t as &dyn Transport),
-            _ => None,
-        }
+        self.0.get(&kind).map(|t| &**t)
     }
 }
 

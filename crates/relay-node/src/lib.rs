@@ -12,6 +12,7 @@ pub mod config;
 mod core_loop;
 pub mod metrics;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -21,7 +22,7 @@ use std::time::Duration;
 use mimi_wire::uri::ProviderDomain;
 use relay_core::{
     Inbound, MemStore, Relay, RelayConfig, Request, Response, Status, Store, StoreError,
-    TransmitId, TransportError, TransportKind,
+    TransmitId, Transport, TransportError, TransportKind,
 };
 use relay_tls::{PeerTrust, TlsIdentity};
 use tokio::sync::{oneshot, watch};
@@ -60,6 +61,8 @@ pub enum NodeError {
     Https(#[from] relay_https::HttpsError),
     #[error("quic transport")]
     Quic(#[from] relay_quic::QuicError),
+    #[error("transport {0} is not part of this build")]
+    NotBuilt(TransportKind),
     #[error("api listener on {addr}")]
     Api {
         addr: SocketAddr,
@@ -119,8 +122,8 @@ impl Inbound for NodeInbound {
 pub struct Node {
     pub domain: ProviderDomain,
     pub admin: SocketAddr,
-    pub https: Option<SocketAddr>,
-    pub quic: Option<SocketAddr>,
+    /// The bound address of each transport, by kind.
+    pub listening: BTreeMap<TransportKind, SocketAddr>,
     tx: Sender<Event>,
     transports: Arc<Transports>,
     core: Option<std::thread::JoinHandle<Result<(), StoreError>>>,
@@ -171,40 +174,43 @@ impl Node {
         };
 
         let mut transports = Transports::default();
-        let peers_of = |kind: TransportKind| {
-            cfg.peers
+        let mut listening = BTreeMap::new();
+        for (&kind, &listen) in &cfg.listen {
+            let peers = cfg
+                .peers
                 .iter()
                 .filter(|p| p.transport == kind)
                 .map(|p| (p.domain.clone(), p.address))
-                .collect()
-        };
-        let mut https_addr = None;
-        if let Some(listen) = cfg.https {
-            let hc = relay_https::HttpsConfig {
-                identity: identity.clone(),
-                trust: trust.clone(),
-                listen,
-                peers: peers_of(TransportKind::Https),
-                max_body: cfg.max_body,
-                request_timeout: cfg.request_timeout,
+                .collect();
+            let (t, addr): (Arc<dyn Transport>, SocketAddr) = match kind {
+                TransportKind::Https => {
+                    let hc = relay_https::HttpsConfig {
+                        identity: identity.clone(),
+                        trust: trust.clone(),
+                        listen,
+                        peers,
+                        max_body: cfg.max_body,
+                        request_timeout: cfg.request_timeout,
+                    };
+                    let (t, addr) = relay_https::HttpsTransport::start(hc, inbound.clone()).await?;
+                    (Arc::new(t), addr)
+                }
+                TransportKind::Quic => {
+                    let qc = relay_quic::QuicConfig {
+                        identity: identity.clone(),
+                        trust: trust.clone(),
+                        listen,
+                        peers,
+                        max_body: cfg.max_body,
+                        request_timeout: cfg.request_timeout,
+                    };
+                    let (t, addr) = relay_quic::QuicTransport::start(qc, inbound.clone()).await?;
+                    (Arc::new(t), addr)
+                }
+                other => return Err(NodeError::NotBuilt(other)),
             };
-            let (t, addr) = relay_https::HttpsTransport::start(hc, inbound.clone()).await?;
-            https_addr = Some(addr);
-            transports.https = Some(Arc::new(t));
-        }
-        let mut quic_addr = None;
-        if let Some(listen) = cfg.quic {
-            let qc = relay_quic::QuicConfig {
-                identity: identity.clone(),
-                trust: trust.clone(),
-                listen,
-                peers: peers_of(TransportKind::Quic),
-                max_body: cfg.max_body,
-                request_timeout: cfg.request_timeout,
-            };
-            let (t, addr) = relay_quic::QuicTransport::start(qc, inbound.clone()).await?;
-            quic_addr = Some(addr);
-            transports.quic = Some(Arc::new(t));
+            transports.0.insert(kind, t);
+            listening.insert(kind, addr);
         }
         let transports = Arc::new(transports);
 
@@ -250,12 +256,11 @@ impl Node {
                 error!(error = %e, "api server failed");
             }
         });
-        info!(domain = %cfg.domain, admin = %admin, https = ?https_addr, quic = ?quic_addr, "node started");
+        info!(domain = %cfg.domain, admin = %admin, listen = ?listening, "node started");
         Ok(Node {
             domain: cfg.domain,
             admin,
-            https: https_addr,
-            quic: quic_addr,
+            listening,
             tx,
             transports,
             core: Some(core),
@@ -266,10 +271,7 @@ impl Node {
 
     /// Stops accepting, lets the core commit, and waits for it.
     pub async fn shutdown(mut self) -> Result<(), NodeError> {
-        if let Some(t) = &self.transports.https {
-            t.shutdown().await;
-        }
-        if let Some(t) = &self.transports.quic {
+        for t in self.transports.0.values() {
             t.shutdown().await;
         }
         if let Some(stop) = self.api_stop.take() {

@@ -311,6 +311,10 @@ impl Drop for QuicTransport {
 }
 
 impl Transport for QuicTransport {
+    fn shutdown(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(QuicTransport::shutdown(self))
+    }
+
     fn kind(&self) -> TransportKind {
         TransportKind::Quic
     }
