@@ -487,6 +487,11 @@ impl<I: Inbound> Link<I> {
         let mut last_read = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
+            // Items already buffered (after a handshake, or held back while too many requests
+            // were being answered) come before reading more.
+            if let Some(end) = self.scan(reader, writer) {
+                return end;
+            }
             if let Some(bytes) = self.take_out()
                 && writer.send(bytes).is_err()
             {
@@ -532,23 +537,6 @@ impl<I: Inbound> Link<I> {
                         Ok(false) => return Ended::Lost("connection closed".into()),
                         Err(e) => return Ended::Lost(e.to_string()),
                     }
-                    while self.serving.len() < MAX_SERVING {
-                        let item = match reader.scanner.next() {
-                            Ok(Some(item)) => item,
-                            Ok(None) => break,
-                            Err(ScanError::Restricted) => return self.refuse(writer, "restricted-xml"),
-                            Err(_) => return self.refuse(writer, "not-well-formed"),
-                        };
-                        if let Some(end) = self.item(item) {
-                            if let Ended::WeRefused(cond) = end {
-                                return self.refuse(writer, cond);
-                            }
-                            if let Some(bytes) = self.take_out() {
-                                let _ = writer.send(bytes);
-                            }
-                            return end;
-                        }
-                    }
                 }
                 _ = tick.tick() => {
                     if self.is_busy() && last_read.elapsed() > SILENCE {
@@ -560,6 +548,32 @@ impl<I: Inbound> Link<I> {
                 }
             }
         }
+    }
+
+    /// Handles the items the scanner holds, while there is room to answer them.
+    fn scan<R>(
+        &mut self,
+        reader: &mut Reader<R>,
+        writer: &mpsc::UnboundedSender<Bytes>,
+    ) -> Option<Ended> {
+        while self.serving.len() < MAX_SERVING {
+            let item = match reader.scanner.next() {
+                Ok(Some(item)) => item,
+                Ok(None) => break,
+                Err(ScanError::Restricted) => return Some(self.refuse(writer, "restricted-xml")),
+                Err(_) => return Some(self.refuse(writer, "not-well-formed")),
+            };
+            if let Some(end) = self.item(item) {
+                if let Ended::WeRefused(cond) = end {
+                    return Some(self.refuse(writer, cond));
+                }
+                if let Some(bytes) = self.take_out() {
+                    let _ = writer.send(bytes);
+                }
+                return Some(end);
+            }
+        }
+        None
     }
 
     fn refuse(&mut self, writer: &mpsc::UnboundedSender<Bytes>, cond: &'static str) -> Ended {
