@@ -329,7 +329,7 @@ impl Raw {
     async fn item(&mut self) -> Result<Item> {
         let mut buf = vec![0u8; 65536];
         loop {
-            if let Some(item) = self.scanner.next()? {
+            if let Some(item) = self.scanner.poll_item()? {
                 return Ok(item);
             }
             let n = tokio::time::timeout(Duration::from_secs(30), self.tcp.read(&mut buf))
@@ -412,7 +412,7 @@ async fn raw_ceiling(
     let mut results = 0u32;
     let mut buf = vec![0u8; 65536];
     while results < count {
-        while let Some(item) = scanner.next()? {
+        while let Some(item) = scanner.poll_item()? {
             if let Item::Element(e) = item
                 && e.starts_with(b"<iq")
             {

@@ -261,7 +261,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     /// The next item, reading as needed (for handshakes).
     pub(crate) async fn item(&mut self) -> Result<Item, HandshakeError> {
         loop {
-            if let Some(item) = self.scanner.next()? {
+            if let Some(item) = self.scanner.poll_item()? {
                 return Ok(item);
             }
             if !self.fill().await? {
@@ -557,7 +557,7 @@ impl<I: Inbound> Link<I> {
         writer: &mpsc::UnboundedSender<Bytes>,
     ) -> Option<Ended> {
         while self.serving.len() < MAX_SERVING {
-            let item = match reader.scanner.next() {
+            let item = match reader.scanner.poll_item() {
                 Ok(Some(item)) => item,
                 Ok(None) => break,
                 Err(ScanError::Restricted) => return Some(self.refuse(writer, "restricted-xml")),

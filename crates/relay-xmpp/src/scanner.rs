@@ -1,7 +1,7 @@
 //! Splits an XML stream into its header and its top-level elements without parsing them, so
 //! that the size limit is enforced before anything is parsed or allocated beyond it.
 //!
-//! Sans-IO: [`Scanner::push`] the bytes as they arrive, then [`Scanner::next`] until it says
+//! Sans-IO: [`Scanner::push`] the bytes as they arrive, then [`Scanner::poll_item`] until it says
 //! it needs more. The scanner only tracks tags, quotes and depth; well-formedness of an
 //! element's inside is checked by the parser once the element is whole. RFC 6120 section 11.1
 //! restricts what an XMPP stream may hold: comments, processing instructions and DTDs are
@@ -101,7 +101,7 @@ impl Scanner {
     }
 
     /// The next item, `Ok(None)` if more bytes are needed.
-    pub fn next(&mut self) -> Result<Option<Item>, ScanError> {
+    pub fn poll_item(&mut self) -> Result<Option<Item>, ScanError> {
         loop {
             match self.phase {
                 Phase::Done => return Ok(None),
@@ -273,7 +273,7 @@ impl Scanner {
     /// The current element's start tag as an empty element, if it is complete and small.
     fn head(&self) -> Option<Bytes> {
         let end = self.head_end?;
-        if end > MAX_HEAD || end < 2 {
+        if !(2..=MAX_HEAD).contains(&end) {
             return None;
         }
         let tag = &self.buf[..end];
@@ -310,7 +310,7 @@ mod tests {
 
     fn all(s: &mut Scanner) -> Vec<Item> {
         let mut v = Vec::new();
-        while let Some(item) = s.next().unwrap() {
+        while let Some(item) = s.poll_item().unwrap() {
             v.push(item);
         }
         v
@@ -372,11 +372,11 @@ mod tests {
     fn refuses_comments_and_stray_text() {
         let mut s = Scanner::new(1000);
         s.push(format!("{HEAD}<!-- hi -->").as_bytes());
-        assert!(matches!(s.next(), Ok(Some(Item::Header(_)))));
-        assert_eq!(s.next(), Err(ScanError::Restricted));
+        assert!(matches!(s.poll_item(), Ok(Some(Item::Header(_)))));
+        assert_eq!(s.poll_item(), Err(ScanError::Restricted));
         let mut s = Scanner::new(1000);
         s.push(format!("{HEAD}hello<iq/>").as_bytes());
-        assert!(matches!(s.next(), Ok(Some(Item::Header(_)))));
-        assert!(matches!(s.next(), Err(ScanError::NotWellFormed(_))));
+        assert!(matches!(s.poll_item(), Ok(Some(Item::Header(_)))));
+        assert!(matches!(s.poll_item(), Err(ScanError::NotWellFormed(_))));
     }
 }
