@@ -257,10 +257,14 @@ impl XmppTransport {
     pub async fn shutdown(&self) {
         self.closed.store(true, Ordering::Release);
         let _ = self.stop.send(true);
-        let tasks = match self.tasks.lock() {
+        let mut tasks = match self.tasks.lock() {
             Ok(mut t) => std::mem::take(&mut *t),
             Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
         };
+        // The first task is the timer, which only ends with the adapter.
+        if !tasks.is_empty() {
+            tasks.remove(0).abort();
+        }
         for mut task in tasks {
             if tokio::time::timeout(Duration::from_secs(1), &mut task)
                 .await

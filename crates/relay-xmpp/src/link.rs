@@ -539,7 +539,9 @@ impl<I: Inbound> Link<I> {
                     }
                 }
                 _ = tick.tick() => {
-                    if self.is_busy() && last_read.elapsed() > SILENCE {
+                    // Only with stream management: resuming is lossless. A component's
+                    // server may legitimately hold our IQs while it reaches a peer.
+                    if self.sm.is_some() && self.is_busy() && last_read.elapsed() > SILENCE {
                         return Ended::Lost("peer silent".into());
                     }
                     if self.sm.as_ref().is_some_and(|s| !s.unacked.is_empty()) {
