@@ -474,3 +474,187 @@ async fn malformed_xml_ends_the_stream_with_not_well_formed() {
     assert!(raw.until("<restricted-xml").await);
     b.shutdown().await;
 }
+
+/// A minimal XEP-0114 server: checks each component's handshake and routes stanzas by the
+/// domain of `to`; a stanza for no connected component is bounced `service-unavailable`.
+async fn component_router(secret: &'static str) -> SocketAddr {
+    use relay_xmpp::scanner::{Item, Scanner};
+    type Routes =
+        Arc<std::sync::Mutex<std::collections::HashMap<String, mpsc::UnboundedSender<Bytes>>>>;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let routes: Routes = Arc::default();
+    tokio::spawn(async move {
+        let mut n = 0;
+        while let Ok((tcp, _)) = listener.accept().await {
+            n += 1;
+            let routes = routes.clone();
+            tokio::spawn(async move {
+                let (mut rd, mut wr) = tcp.into_split();
+                let mut sc = Scanner::new(1 << 22);
+                let mut buf = vec![0u8; 65536];
+                let mut next = async |sc: &mut Scanner| loop {
+                    if let Some(item) = sc.poll_item().unwrap() {
+                        return Some(item);
+                    }
+                    match rd.read(&mut buf).await {
+                        Ok(0) | Err(_) => return None,
+                        Ok(k) => sc.push(&buf[..k]),
+                    }
+                };
+                let Some(Item::Header(h)) = next(&mut sc).await else {
+                    return;
+                };
+                let jid = relay_xmpp::binding::parse(&h)
+                    .unwrap()
+                    .attr("to")
+                    .unwrap()
+                    .to_owned();
+                let id = format!("s{n}");
+                wr.write_all(format!("<stream:stream xmlns='jabber:component:accept' xmlns:stream='http://etherx.jabber.org/streams' from='{jid}' id='{id}'>").as_bytes()).await.unwrap();
+                let Some(Item::Element(hs)) = next(&mut sc).await else {
+                    return;
+                };
+                let hs = relay_xmpp::binding::parse(&hs).unwrap();
+                if hs.text() != relay_xmpp::handshake_digest(&id, secret) {
+                    let _ = wr.write_all(b"<stream:error><not-authorized xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error></stream:stream>").await;
+                    return;
+                }
+                wr.write_all(b"<handshake/>").await.unwrap();
+                let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+                routes.lock().unwrap().insert(jid.clone(), tx.clone());
+                tokio::spawn(async move {
+                    while let Some(b) = rx.recv().await {
+                        if wr.write_all(&b).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                while let Some(Item::Element(e)) = next(&mut sc).await {
+                    let el = relay_xmpp::binding::parse(&e).unwrap();
+                    let to = el.attr("to").unwrap_or_default().to_owned();
+                    let route = routes.lock().unwrap().get(&to).cloned();
+                    match route {
+                        Some(r) => {
+                            let _ = r.send(e);
+                        }
+                        None if el.attr("type") == Some("set") => {
+                            let bounce = format!(
+                                "<iq type='error' id='{}' from='{to}' to='{}'><error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>",
+                                el.attr("id").unwrap_or_default(),
+                                el.attr("from").unwrap_or_default()
+                            );
+                            let _ = tx.send(Bytes::from(bounce));
+                        }
+                        None => {}
+                    }
+                }
+                routes.lock().unwrap().remove(&jid);
+            });
+        }
+    });
+    addr
+}
+
+fn component_config(
+    me: &TlsIdentity,
+    server: SocketAddr,
+    secret: &str,
+    peer: &ProviderDomain,
+    peer_jid: &str,
+) -> XmppConfig {
+    let mut c = config(me, PeerTrust::new(), &[]);
+    c.component = Some(relay_xmpp::ComponentConfig {
+        server,
+        jid: format!("relay.{}", me.domain),
+        secret: secret.to_owned(),
+        peers: [(peer.clone(), peer_jid.to_owned())].into(),
+    });
+    c
+}
+
+#[tokio::test]
+async fn component_mode_carries_requests_both_ways_through_a_server() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let server = component_router("s3cret").await;
+    let a_id = identity("a.example");
+    let b_id = identity("b.example");
+    let (a_fake, mut a_rx) = fake(None);
+    let (b_fake, mut b_rx) = fake(None);
+    let (a, _) = XmppTransport::start(
+        component_config(&a_id, server, "s3cret", &b_id.domain, "relay.b.example"),
+        a_fake,
+    )
+    .await
+    .unwrap();
+    // Until b's component is connected, the server bounces: the transmit fails, unanswered.
+    a.send(transmit(0, &b_id.domain, "mimi://a.example/r/x", 0, vec![]));
+    let (_, early) = a_rx.outcome().await;
+    assert!(
+        matches!(&early, Err(TransportError::Unreachable(c)) if c == "service-unavailable"),
+        "{early:?}"
+    );
+    let (b, _) = XmppTransport::start(
+        component_config(&b_id, server, "s3cret", &a_id.domain, "relay.a.example"),
+        b_fake,
+    )
+    .await
+    .unwrap();
+    b.probe(&a_id.domain);
+    assert_eq!(b_rx.probe().await, (a_id.domain.clone(), true));
+    for i in 1..=200u64 {
+        let body = vec![Bytes::from(format!("a{i}").into_bytes())];
+        a.send(transmit(i, &b_id.domain, "mimi://a.example/r/x", i, body));
+    }
+    for i in 1..=200u64 {
+        let r = b_rx.request().await;
+        assert_eq!(r.from, a_id.domain);
+        assert_eq!(r.seq, Some(i));
+        assert_eq!(r.body, Bytes::from(format!("a{i}").into_bytes()));
+    }
+    for _ in 1..=200 {
+        let (id, outcome) = a_rx.outcome().await;
+        let r = outcome.unwrap();
+        assert_eq!((r.status, r.next_seq), (Status::Created, Some(id.0 + 1)));
+    }
+    // And the other way on the same component streams.
+    b.send(transmit(
+        7,
+        &a_id.domain,
+        "mimi://a.example/r/x",
+        3,
+        vec![Bytes::from_static(b"hi")],
+    ));
+    assert_eq!(&a_rx.request().await.body[..], b"hi");
+    let (id, outcome) = b_rx.outcome().await;
+    assert_eq!(
+        (id, outcome.unwrap().status),
+        (TransmitId(7), Status::Created)
+    );
+    a_rx.no_more_outcomes().await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn component_with_a_wrong_secret_is_refused_and_reports_unreachable() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let server = component_router("s3cret").await;
+    let a_id = identity("a.example");
+    let b = domain("b.example");
+    let (a_fake, mut a_rx) = fake(None);
+    let (a, _) = XmppTransport::start(
+        component_config(&a_id, server, "wrong", &b, "relay.b.example"),
+        a_fake,
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    a.send(transmit(1, &b, "r", 0, vec![]));
+    let (_, outcome) = a_rx.outcome().await;
+    assert!(
+        matches!(&outcome, Err(TransportError::Unreachable(why)) if why.contains("not-authorized")),
+        "{outcome:?}"
+    );
+    a.shutdown().await;
+}
