@@ -25,7 +25,7 @@ use crate::link::{
 use crate::scanner::Item;
 
 /// How long a responder keeps a broken session for its initiator to resume.
-const RESUME_WINDOW: Duration = Duration::from_secs(60);
+const RESUME_WINDOW: Duration = Duration::from_secs(crate::RESUME_WINDOW_SECS);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Our stream header, sent by both sides.
