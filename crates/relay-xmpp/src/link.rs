@@ -688,7 +688,8 @@ impl<I: Inbound> Link<I> {
             return Some(Ended::PeerRefused(cond));
         }
         if el.ns() != NS_COMPONENT {
-            return Some(Ended::WeRefused("invalid-namespace"));
+            // RFC 6120 section 4.9.3.24: a first-level child we do not support.
+            return Some(Ended::WeRefused("unsupported-stanza-type"));
         }
         match el.name() {
             "iq" => {}

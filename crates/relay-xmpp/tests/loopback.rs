@@ -466,6 +466,14 @@ async fn malformed_xml_ends_the_stream_with_not_well_formed() {
         assert!(raw.until("<not-well-formed").await, "{bad}");
         assert!(!raw.ends().await);
     }
+    // A first-level element in a namespace we do not know.
+    let mut raw = Raw::open(&a_id, &b_id, addr, "a.example").await;
+    raw.send("<enable xmlns='urn:xmpp:sm:3'/>").await;
+    assert!(raw.until("<enabled").await);
+    raw.send("<x xmlns='urn:example:other' from='a.example'/>")
+        .await;
+    assert!(raw.until("<unsupported-stanza-type").await);
+    assert!(!raw.ends().await);
     // Comments are restricted XML (RFC 6120 section 11.1).
     let mut raw = Raw::open(&a_id, &b_id, addr, "a.example").await;
     raw.send("<enable xmlns='urn:xmpp:sm:3'/>").await;
@@ -657,4 +665,45 @@ async fn component_with_a_wrong_secret_is_refused_and_reports_unreachable() {
         "{outcome:?}"
     );
     a.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_session_is_resumable_only_by_the_provider_that_created_it() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let a_id = identity("a.example");
+    let b_id = identity("b.example");
+    let c_id = identity("c.example");
+    let (b_fake, _b_rx) = fake(None);
+    let (b, addr) = XmppTransport::start(config(&b_id, trusting(&[&a_id, &c_id]), &[]), b_fake)
+        .await
+        .unwrap();
+    let mut raw = Raw::open(&a_id, &b_id, addr, "a.example").await;
+    raw.send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>")
+        .await;
+    assert!(raw.until("<enabled xmlns='urn:xmpp:sm:3' id='").await);
+    let id: String = raw.seen.chars().take_while(|&c| c != '\'').collect();
+    assert!(!id.is_empty());
+    drop(raw); // the connection breaks; b parks the session
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut thief = Raw::open(&c_id, &b_id, addr, "c.example").await;
+    thief
+        .send(&format!(
+            "<resume xmlns='urn:xmpp:sm:3' previd='{id}' h='0'/>"
+        ))
+        .await;
+    assert!(thief.until("<failed xmlns='urn:xmpp:sm:3'>").await);
+    let mut owner = Raw::open(&a_id, &b_id, addr, "a.example").await;
+    owner
+        .send(&format!(
+            "<resume xmlns='urn:xmpp:sm:3' previd='{id}' h='0'/>"
+        ))
+        .await;
+    assert!(
+        owner
+            .until(&format!(
+                "<resumed xmlns='urn:xmpp:sm:3' previd='{id}' h='0'/>"
+            ))
+            .await
+    );
+    b.shutdown().await;
 }
