@@ -27,6 +27,8 @@ use crate::scanner::Item;
 /// How long a responder keeps a broken session for its initiator to resume.
 const RESUME_WINDOW: Duration = Duration::from_secs(crate::RESUME_WINDOW_SECS);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Broken sessions kept at once; the oldest goes first.
+const MAX_PARKED: usize = 1024;
 
 /// Our stream header, sent by both sides.
 fn header(from: &str, to: &str, id: Option<&str>) -> Vec<u8> {
@@ -268,6 +270,23 @@ impl Sessions {
     fn park(&self, id: &str, parked: Parked) {
         let mut map = self.lock();
         map.retain(|_, (_, s)| !matches!(s, Slot::Parked(p) if p.since.elapsed() > RESUME_WINDOW));
+        // A peer that keeps opening and dropping sessions cannot make us keep them all.
+        let parked_count = map
+            .values()
+            .filter(|(_, s)| matches!(s, Slot::Parked(_)))
+            .count();
+        if parked_count >= MAX_PARKED {
+            let oldest = map
+                .iter()
+                .filter_map(|(k, (_, s))| match s {
+                    Slot::Parked(p) => Some((p.since, k.clone())),
+                    Slot::Attached(_) => None,
+                })
+                .min();
+            if let Some((_, k)) = oldest {
+                map.remove(&k);
+            }
+        }
         map.insert(id.to_owned(), (parked.peer.clone(), Slot::Parked(parked)));
     }
 

@@ -34,6 +34,9 @@ pub const MAX_SERVING: usize = 256;
 pub const MAX_IN_FLIGHT_PER_PEER: usize = 65_536;
 /// Commands taken from the queue per write batch.
 const MAX_BATCH: usize = 256;
+/// Stanzas a peer may leave unacknowledged before the stream ends with `resource-constraint`:
+/// bounds what a peer that never acknowledges can make us keep.
+pub const MAX_UNACKED: usize = 65_536;
 /// With something unanswered, a connection silent for this long is considered dead.
 const SILENCE: Duration = Duration::from_secs(5);
 
@@ -499,6 +502,13 @@ impl<I: Inbound> Link<I> {
             }
             if writer.is_closed() {
                 return Ended::Lost("write failed".into());
+            }
+            if self
+                .sm
+                .as_ref()
+                .is_some_and(|s| s.unacked.len() > MAX_UNACKED)
+            {
+                return self.refuse(writer, "resource-constraint");
             }
             let can_read = self.serving.len() < MAX_SERVING;
             tokio::select! {
