@@ -292,9 +292,7 @@ impl Extensions {
             return Some(std::mem::replace(&mut slot.1, value));
         }
         let enc = key.encoded_key();
-        let at = self
-            .entries
-            .partition_point(|(k, _)| k.encoded_key() < enc);
+        let at = self.entries.partition_point(|(k, _)| k.encoded_key() < enc);
         self.entries.insert(at, (key, value));
         None
     }
@@ -359,9 +357,8 @@ impl MessageId {
         message: &[u8],
         salt: &[u8; 16],
     ) -> Result<MessageId, ContentError> {
-        let len16 = |s: &str| {
-            u16::try_from(s.len()).map_err(|_| ContentError::UriTooLong { len: s.len() })
-        };
+        let len16 =
+            |s: &str| u16::try_from(s.len()).map_err(|_| ContentError::UriTooLong { len: s.len() });
         let mut h = Sha256::new();
         h.update(len16(sender_uri)?.to_be_bytes());
         h.update(sender_uri.as_bytes());
@@ -773,8 +770,7 @@ fn encode_extensions(
                 field: "extension key",
             });
         }
-        if (*k == ExtensionKey::SENDER_URI || *k == ExtensionKey::ROOM_URI)
-            && v.as_text().is_none()
+        if (*k == ExtensionKey::SENDER_URI || *k == ExtensionKey::ROOM_URI) && v.as_text().is_none()
         {
             return Err(ContentError::WrongType {
                 at: 0,
@@ -835,11 +831,12 @@ fn decode_part(
         3 => {
             d.item(&mut seq)?;
             let sem_at = d.pos();
-            let semantics = PartSemantics::from_u8(d.uint_max("partSemantics", 255)? as u8)
-                .ok_or(ContentError::BadValue {
+            let semantics = PartSemantics::from_u8(d.uint_max("partSemantics", 255)? as u8).ok_or(
+                ContentError::BadValue {
                     at: sem_at,
                     field: "partSemantics",
-                })?;
+                },
+            )?;
             d.item(&mut seq)?;
             let parts_at = d.pos();
             let mut ps = d.array("parts")?;
