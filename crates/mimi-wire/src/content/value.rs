@@ -75,10 +75,8 @@ impl Value {
             max,
         };
         match self {
-            Value::Int(i) => {
-                if *i < -(1i128 << 64) || *i >= (1i128 << 64) {
-                    return Err(bad("integer out of cbor range"));
-                }
+            Value::Int(i) if *i < -(1i128 << 64) || *i >= (1i128 << 64) => {
+                return Err(bad("integer out of cbor range"));
             }
             Value::Simple(s) if (20..=31).contains(s) => return Err(bad("simple value")),
             Value::Array(items) => {
