@@ -430,17 +430,34 @@ impl<'a> Dec<'a> {
             MAJOR_TAG => {
                 let tag = h.arg.unwrap_or(0);
                 let inner = self.value(level + 1, max)?;
-                // Bignums that fit an integer, or with leading zeros, are not preferred
-                // serialization (section 4.2.1 via 3.4.3).
-                if let (2 | 3, Value::Bytes(b)) = (tag, &inner)
-                    && (b.len() <= 8 || b.first() == Some(&0))
-                {
-                    self.canonical = false;
-                }
-                Ok(Value::Tag(tag, Box::new(inner)))
+                Ok(self.preferred_bignum(tag, inner))
             }
             _ => self.simple(&h),
         }
+    }
+
+    /// A bignum (tags 2 and 3) that fits an integer, or has leading zeros, is not preferred
+    /// serialization (sections 3.4.3 and 4.2.1): read it as what the deterministic form
+    /// would say, and flag the input, so re-encoding gives the deterministic bytes.
+    fn preferred_bignum(&mut self, tag: u64, inner: Value) -> Value {
+        let Value::Bytes(b) = &inner else {
+            return Value::Tag(tag, Box::new(inner));
+        };
+        if tag != 2 && tag != 3 {
+            return Value::Tag(tag, Box::new(inner));
+        }
+        let digits = &b[b.iter().take_while(|&&x| x == 0).count()..];
+        if digits.len() <= 8 {
+            self.canonical = false;
+            let n = digits.iter().fold(0u64, |n, &d| n << 8 | u64::from(d));
+            let n = i128::from(n);
+            return Value::Int(if tag == 2 { n } else { -1 - n });
+        }
+        if digits.len() != b.len() {
+            self.canonical = false;
+            return Value::Tag(tag, Box::new(Value::Bytes(digits.to_vec())));
+        }
+        Value::Tag(tag, Box::new(inner))
     }
 
     /// Check a map key against the previous one: duplicates are errors, disorder is only
