@@ -501,6 +501,17 @@ impl NestedPart {
         }
     }
 
+    /// Content type and content of a single (inline) part; `None` for the other forms.
+    pub fn as_single(&self) -> Option<(&str, &[u8])> {
+        match &self.body {
+            PartBody::Single {
+                content_type,
+                content,
+            } => Some((content_type, content)),
+            _ => None,
+        }
+    }
+
     /// This part's cardinality.
     pub fn cardinality(&self) -> Cardinality {
         match self.body {
@@ -566,6 +577,13 @@ impl MimiContent {
             salt,
             NestedPart::single(Disposition::RENDER, MARKDOWN, text.as_bytes()),
         )
+    }
+
+    /// A markdown reply to `target` (the draft's `reply` example shape).
+    pub fn reply(salt: [u8; 16], target: MessageId, text: &str) -> Self {
+        let mut m = Self::markdown(salt, text);
+        m.in_reply_to = Some(target);
+        m
     }
 
     /// A reaction (`text/plain`, disposition reaction) to `target`.
@@ -753,7 +771,9 @@ fn decode_extensions(d: &mut Dec<'_>, limits: &ContentLimits) -> Result<Extensio
         entries.push((key, value));
     }
     // Out-of-order input (already noted as non-canonical) is kept sorted.
-    entries.sort_by_cached_key(|(k, _)| k.encoded_key());
+    if !d.canonical {
+        entries.sort_by_cached_key(|(k, _)| k.encoded_key());
+    }
     Ok(Extensions { entries })
 }
 

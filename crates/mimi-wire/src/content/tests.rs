@@ -78,6 +78,12 @@ fn builders_roundtrip() {
     assert_eq!(bytes2, bytes);
     assert_eq!(message_id(SENDER, ROOM, &bytes).unwrap(), id);
 
+    let reply = MimiContent::reply(salt(), id, "sure");
+    let back = MimiContent::decode(&reply.encode().unwrap()).unwrap();
+    assert_eq!(back.in_reply_to, Some(id));
+    assert_eq!(back.nested_part.as_single(), Some((MARKDOWN, &b"sure"[..])));
+    assert_eq!(NestedPart::null(Disposition::RENDER).as_single(), None);
+
     let r = MimiContent::reaction(salt(), id, "👍");
     let back = MimiContent::decode(&r.encode().unwrap()).unwrap();
     assert_eq!(back.in_reply_to, Some(id));
