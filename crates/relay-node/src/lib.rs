@@ -61,6 +61,10 @@ pub enum NodeError {
     Https(#[from] relay_https::HttpsError),
     #[error("quic transport")]
     Quic(#[from] relay_quic::QuicError),
+    #[error("matrix transport")]
+    Matrix(#[from] relay_matrix::MatrixError),
+    #[error("matrix signing key")]
+    MatrixKey(#[from] relay_matrix::keys::KeyError),
     #[error("transport {0} is not part of this build")]
     NotBuilt(TransportKind),
     #[error("api listener on {addr}")]
@@ -205,6 +209,28 @@ impl Node {
                         request_timeout: cfg.request_timeout,
                     };
                     let (t, addr) = relay_quic::QuicTransport::start(qc, inbound.clone()).await?;
+                    (Arc::new(t), addr)
+                }
+                TransportKind::Matrix => {
+                    // The Matrix server name is the provider domain; the ed25519 signing key
+                    // is derived from the TLS key (see relay_matrix::SigningKey::derive).
+                    let mc = relay_matrix::MatrixConfig {
+                        identity: identity.clone(),
+                        trust: trust.clone(),
+                        signing_key: relay_matrix::SigningKey::derive(&identity.key)?,
+                        server_name: cfg.domain.to_string(),
+                        listen,
+                        peers: peers
+                            .into_iter()
+                            .map(|(d, addr): (ProviderDomain, SocketAddr)| {
+                                let server_name = d.to_string();
+                                (d, relay_matrix::MatrixPeer { server_name, addr })
+                            })
+                            .collect(),
+                        request_timeout: cfg.request_timeout,
+                        edu_sink: None,
+                    };
+                    let (t, addr) = relay_matrix::MatrixTransport::start(mc, inbound.clone()).await?;
                     (Arc::new(t), addr)
                 }
                 other => return Err(NodeError::NotBuilt(other)),
