@@ -230,7 +230,8 @@ impl Node {
                         request_timeout: cfg.request_timeout,
                         edu_sink: None,
                     };
-                    let (t, addr) = relay_matrix::MatrixTransport::start(mc, inbound.clone()).await?;
+                    let (t, addr) =
+                        relay_matrix::MatrixTransport::start(mc, inbound.clone()).await?;
                     (Arc::new(t), addr)
                 }
                 other => return Err(NodeError::NotBuilt(other)),
