@@ -18,7 +18,7 @@
 //!   not a transaction, over 50 PDUs / 100 EDUs, malformed MIMI EDUs → 400 `M_BAD_JSON`;
 //!   missing or bad signature, unknown origin or key, wrong destination → 401
 //!   `M_UNAUTHORIZED`; transaction `origin` other than the signer → 403 `M_FORBIDDEN`.
-//!   A transaction id already answered (per origin, the last [`server::TXN_MEMORY`]) gets the
+//!   A transaction id already answered (by origin and id; the last [`server::TXN_MEMORY`] are kept) gets the
 //!   stored answer and delivers nothing; one still running is awaited, not run twice.
 //!   The MIMI requests of a transaction go to [`Inbound::request`] in transaction order; the
 //!   200 answer carries each answer under `org.mimi-relay.responses`. Other EDU types (for
