@@ -74,7 +74,9 @@ fn xmatrix(c: &mut Criterion) {
 
 fn ed25519(c: &mut Criterion) {
     const N: usize = 64;
-    let keys: Vec<DalekKey> = (0..N).map(|i| DalekKey::from_bytes(&[i as u8 + 1; 32])).collect();
+    let keys: Vec<DalekKey> = (0..N)
+        .map(|i| DalekKey::from_bytes(&[i as u8 + 1; 32]))
+        .collect();
     let msgs: Vec<Vec<u8>> = (0..N).map(|i| vec![i as u8; 300]).collect();
     let sigs: Vec<ed25519_dalek::Signature> =
         keys.iter().zip(&msgs).map(|(k, m)| k.sign(m)).collect();
