@@ -16,7 +16,17 @@ server_name="127.0.0.1:$fed_port"
 
 if ! "$venv/bin/python" -c 'import synapse' 2>/dev/null; then
   echo "== installing matrix-synapse into $venv"
-  python3 -m venv "$venv"
+  if ! python3 -m venv "$venv" 2>/dev/null; then
+    # Debian ships venv support separately.
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      apt-get install -y -q python3-venv >/dev/null
+      rm -rf "$venv"
+      python3 -m venv "$venv"
+    else
+      echo "python3 -m venv failed; install python3-venv" >&2
+      exit 1
+    fi
+  fi
   "$venv/bin/pip" install -q matrix-synapse
 fi
 echo "== synapse $("$venv/bin/python" -c 'import synapse; print(synapse.__version__)')"
@@ -46,12 +56,15 @@ echo "== starting synapse ($server_name, client API 127.0.0.1:$client_port)"
 "$venv/bin/python" -m synapse.app.homeserver --config-path "$work/homeserver.yaml" \
   >"$work/synapse.out" 2>&1 &
 pid=$!
+up() {
+  "$venv/bin/python" -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$client_port/_matrix/client/versions', timeout=1)" 2>/dev/null
+}
 for _ in $(seq 300); do
-  if curl -fsS "http://127.0.0.1:$client_port/_matrix/client/versions" >/dev/null 2>&1; then break; fi
-  if ! kill -0 "$pid" 2>/dev/null; then cat "$work/synapse.out" >&2; echo "synapse exited" >&2; exit 1; fi
+  if up; then break; fi
+  if ! kill -0 "$pid" 2>/dev/null; then tail -n 40 "$work/synapse.out" >&2; echo "synapse exited" >&2; exit 1; fi
   sleep 0.1
 done
-curl -fsS "http://127.0.0.1:$client_port/_matrix/client/versions" >/dev/null
+up || { echo "synapse did not start within 30 s" >&2; exit 1; }
 
 echo "== federation test"
 status=0
