@@ -300,11 +300,11 @@ async fn send<I: Inbound>(
         }
         Begin::Wait(mut rx) => {
             stats.replayed.fetch_add(1, Ordering::Relaxed);
-            let answer = rx
-                .wait_for(Option::is_some)
+            // Bounded: a first attempt that died leaves nothing to wait for.
+            let answer = tokio::time::timeout(ctx.request_timeout, rx.wait_for(Option::is_some))
                 .await
                 .ok()
-                .and_then(|a| a.clone());
+                .and_then(|r| r.ok().and_then(|a| a.clone()));
             return match answer {
                 Some(a) => Ok(json(StatusCode::OK, a)),
                 None => Err(matrix_error(503, "M_UNKNOWN", "try again")),
@@ -330,6 +330,7 @@ async fn send<I: Inbound>(
     let from = dial.domain.clone();
     let inbound = ctx.inbound.clone();
     let txns = ctx.txns.clone();
+    let held = key.clone();
     let task = tokio::spawn(async move {
         let futures: Vec<_> = requests
             .iter()
@@ -356,7 +357,11 @@ async fn send<I: Inbound>(
     });
     match task.await {
         Ok(answer) => Ok(json(StatusCode::OK, answer)),
-        Err(_) => Err(matrix_error(500, "M_UNKNOWN", "internal error")),
+        Err(_) => {
+            // Our bug (a panic) or shutdown: forget the id so a retry runs again.
+            ctx.txns.abandon(&held);
+            Err(matrix_error(500, "M_UNKNOWN", "internal error"))
+        }
     }
 }
 
@@ -482,6 +487,13 @@ impl TxnCache {
                 inner.map.insert(key.clone(), TxnState::Running(rx));
                 Begin::Run(tx)
             }
+        }
+    }
+
+    fn abandon(&self, key: &TxnKey) {
+        let mut inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if matches!(inner.map.get(key), Some(TxnState::Running(_))) {
+            inner.map.remove(key);
         }
     }
 
