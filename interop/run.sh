@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Interop against third-party servers on loopback.
 #
+#   interop/run.sh synapse  real Synapse federating with relay-matrix (interop/synapse/run.sh).
 #   interop/run.sh xmpp   relay A as an XEP-0114 component of Prosody (127.0.0.1), relay B as a
 #                         component of ejabberd (127.0.0.2), the servers federating over s2s;
 #                         runs tests/tests/xmpp_interop.rs across them.
@@ -13,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 
-usage() { echo "usage: $0 xmpp" >&2; exit 2; }
+usage() { echo "usage: $0 xmpp|synapse..." >&2; exit 2; }
 [ $# -ge 1 ] || usage
 
 need_root() {
@@ -195,7 +196,10 @@ INET
   return "$status"
 }
 
-case "$1" in
-  xmpp) xmpp ;;
-  *) usage ;;
-esac
+for case in "$@"; do
+  case "$case" in
+    xmpp) xmpp ;;
+    synapse) "$REPO/interop/synapse/run.sh" ;;
+    *) usage ;;
+  esac
+done

@@ -28,6 +28,8 @@ fn main() {
         ("mixed_follower_killed_twice", "mixed", 2),
         // XMPP direct mode: b's sessions die with it, so a's resumptions fail and it retries.
         ("xmpp_follower_killed_twice", "xmpp", 1),
+        // Signed federation transactions; the hub's keys are re-fetched after each restart.
+        ("matrix_follower_killed_twice", "matrix", 1),
     ];
     let mut failed = 0;
     for (name, transport, victim) in cases {

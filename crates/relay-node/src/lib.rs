@@ -63,6 +63,10 @@ pub enum NodeError {
     Quic(#[from] relay_quic::QuicError),
     #[error("xmpp transport")]
     Xmpp(#[from] relay_xmpp::XmppError),
+    #[error("matrix transport")]
+    Matrix(#[from] relay_matrix::MatrixError),
+    #[error("matrix signing key")]
+    MatrixKey(#[from] relay_matrix::keys::KeyError),
     #[error("transport {0} is not part of this build")]
     NotBuilt(TransportKind),
     #[error("api listener on {addr}")]
@@ -226,6 +230,29 @@ impl Node {
                         request_timeout: cfg.request_timeout,
                     };
                     let (t, addr) = relay_xmpp::XmppTransport::start(xc, inbound.clone()).await?;
+                    (Arc::new(t), addr)
+                }
+                TransportKind::Matrix => {
+                    // The Matrix server name is the provider domain; the ed25519 signing key
+                    // is derived from the TLS key (see relay_matrix::SigningKey::derive).
+                    let mc = relay_matrix::MatrixConfig {
+                        identity: identity.clone(),
+                        trust: trust.clone(),
+                        signing_key: relay_matrix::SigningKey::derive(&identity.key)?,
+                        server_name: cfg.domain.to_string(),
+                        listen,
+                        peers: peers
+                            .into_iter()
+                            .map(|(d, addr): (ProviderDomain, SocketAddr)| {
+                                let server_name = d.to_string();
+                                (d, relay_matrix::MatrixPeer { server_name, addr })
+                            })
+                            .collect(),
+                        request_timeout: cfg.request_timeout,
+                        edu_sink: None,
+                    };
+                    let (t, addr) =
+                        relay_matrix::MatrixTransport::start(mc, inbound.clone()).await?;
                     (Arc::new(t), addr)
                 }
                 other => return Err(NodeError::NotBuilt(other)),

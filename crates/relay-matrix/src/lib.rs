@@ -1,0 +1,430 @@
+//! The Matrix federation transport of mimi-relay: MIMI requests as EDUs inside X-Matrix-signed
+//! federation transactions (the binding is specified in ARCHITECTURE.md, "Matrix binding").
+//!
+//! # Contract
+//!
+//! [`MatrixTransport::start`] binds an HTTPS listener and starts one task per configured peer.
+//! It implements [`relay_core::transport::Transport`] (kind [`TransportKind::Matrix`]).
+//!
+//! **Serving.** The relay is a Matrix federation server for [`MatrixConfig::server_name`]:
+//! - `GET /_matrix/key/v2/server`: its ed25519 verify key, self-signed, valid one week;
+//! - `GET /_matrix/federation/v1/version`;
+//! - `PUT /_matrix/federation/v1/send/{txnId}`: the request must carry an `Authorization:
+//!   X-Matrix` header naming a configured peer as origin, us (or nobody) as destination, and a
+//!   valid signature by one of the origin's keys. Keys are fetched from the peer's key endpoint
+//!   (over TLS with the peer's pinned certificate) and cached. Refusals use the codes a
+//!   homeserver gives, before anything is delivered: body over [`wire::MAX_TXN_BODY`] or an
+//!   event over 65,536 bytes → 413 `M_TOO_LARGE`; not JSON → 400 `M_NOT_JSON`; not an object,
+//!   not a transaction, over 50 PDUs / 100 EDUs, malformed MIMI EDUs → 400 `M_BAD_JSON`;
+//!   missing or bad signature, unknown origin or key, wrong destination → 401
+//!   `M_UNAUTHORIZED`; transaction `origin` other than the signer → 403 `M_FORBIDDEN`.
+//!   A transaction id already answered (by origin and id; the last [`server::TXN_MEMORY`] are kept) gets the
+//!   stored answer and delivers nothing; one still running is awaited, not run twice.
+//!   The MIMI requests of a transaction go to [`Inbound::request`] in transaction order; the
+//!   200 answer carries each answer under `org.mimi-relay.responses`. Other EDU types (for
+//!   example `m.direct_to_device` from a homeserver) go to [`MatrixConfig::edu_sink`]; PDUs are
+//!   ignored (the relay joins no rooms).
+//!
+//! TLS: the listener presents the relay's certificate and asks for no client certificate
+//! (Matrix authenticates requests, not connections), so a homeserver can federate with it.
+//!
+//! **Sending.** One task and one HTTP/1.1 connection per peer; the peer's certificate must be
+//! the one pinned for its provider domain. One transaction is in flight per destination, as
+//! the Matrix spec requires; transmits queued meanwhile are packed into the next transaction
+//! (at most 100 EDUs; a transmit over 45,000 bytes becomes several fragments in one
+//! transaction; one that needs more than 100 is answered 413 locally so the core halves its
+//! batch). [`Transport::send`] never blocks: a full queue ([`PEER_QUEUE`]) answers
+//! [`TransportError::Busy`]. Every transmit gets one outcome: its answer from the `/send`
+//! response; a refused transaction maps to 403 (401/403), 413, 503 (429, with
+//! `retry_after_ms`) or its status; connect failure → `Unreachable`; a broken connection →
+//! `ConnectionLost`; no answer within `request_timeout` → `Timeout`. A failed transaction is
+//! not retried by the adapter: the core's timers re-send, and its sequence numbers and
+//! submission window make that idempotent.
+//!
+//! Payload bytes are never logged.
+
+pub mod client;
+pub mod keys;
+pub mod server;
+pub mod wire;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mimi_wire::uri::ProviderDomain;
+use relay_core::transport::{
+    Inbound, Response, Transmit, TransmitId, Transport, TransportError, TransportKind,
+};
+use relay_tls::{PeerTrust, TlsError, TlsIdentity};
+use ruma::OwnedServerName;
+use serde_json::value::RawValue;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tracing::info;
+
+pub use keys::SigningKey;
+
+/// How many jobs may wait for one peer's task before `send` answers `Busy`.
+pub const PEER_QUEUE: usize = 4096;
+
+/// One peer: where to reach it and its Matrix server name.
+#[derive(Clone, Debug)]
+pub struct MatrixPeer {
+    pub server_name: String,
+    pub addr: SocketAddr,
+}
+
+/// An EDU of a type other than the binding's, received in a verified transaction.
+#[derive(Debug, Clone)]
+pub struct ReceivedEdu {
+    pub origin: String,
+    pub edu_type: String,
+    pub content: Box<RawValue>,
+}
+
+/// Counters, readable at any time.
+#[derive(Debug, Default)]
+pub struct MatrixStats {
+    pub txns_sent: AtomicU64,
+    pub edus_sent: AtomicU64,
+    pub txns_received: AtomicU64,
+    pub edus_received: AtomicU64,
+    /// Transactions answered from the stored answer (retries).
+    pub replayed: AtomicU64,
+    /// Transactions refused before delivery.
+    pub rejected: AtomicU64,
+    /// Time spent verifying X-Matrix signatures, in nanoseconds.
+    pub verify_ns: AtomicU64,
+}
+
+/// Everything the Matrix adapter needs.
+pub struct MatrixConfig {
+    /// The TLS certificate and key we present; the key of client connections too.
+    pub identity: TlsIdentity,
+    /// Pinned certificates of the peers, by provider domain.
+    pub trust: PeerTrust,
+    pub signing_key: SigningKey,
+    /// Our Matrix server name (the provider domain, or `host:port` for a homeserver test).
+    pub server_name: String,
+    pub listen: SocketAddr,
+    pub peers: BTreeMap<ProviderDomain, MatrixPeer>,
+    pub request_timeout: Duration,
+    /// Where EDUs of other types go; dropped if `None`.
+    pub edu_sink: Option<mpsc::UnboundedSender<ReceivedEdu>>,
+}
+
+impl fmt::Debug for MatrixConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MatrixConfig")
+            .field("server_name", &self.server_name)
+            .field("key_id", &self.signing_key.id())
+            .field("listen", &self.listen)
+            .field("peers", &self.peers)
+            .field("request_timeout", &self.request_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the adapter could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MatrixError {
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid tls configuration")]
+    Tls(#[from] TlsError),
+    #[error("cannot build the tls server configuration")]
+    Rustls(#[source] rustls::Error),
+    #[error("{0:?} is not a matrix server name")]
+    ServerName(String),
+    #[error("matrix transport must start inside a tokio runtime")]
+    NoRuntime,
+}
+
+enum Report {
+    Outcome(TransmitId, Result<Response, TransportError>),
+    Probe(ProviderDomain, bool),
+}
+
+struct Tasks {
+    accept: JoinHandle<()>,
+    peers: Vec<JoinHandle<()>>,
+}
+
+/// The running Matrix adapter. See the crate docs for the contract.
+pub struct MatrixTransport {
+    server_name: OwnedServerName,
+    local_addr: SocketAddr,
+    peers: BTreeMap<ProviderDomain, mpsc::Sender<client::Job>>,
+    reports: mpsc::UnboundedSender<Report>,
+    closed: AtomicBool,
+    shutdown: watch::Sender<bool>,
+    tasks: Mutex<Option<Tasks>>,
+    reporter: JoinHandle<()>,
+    stats: Arc<MatrixStats>,
+}
+
+impl fmt::Debug for MatrixTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MatrixTransport")
+            .field("server_name", &self.server_name)
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+fn server_name(s: &str) -> Result<OwnedServerName, MatrixError> {
+    OwnedServerName::try_from(s.to_owned()).map_err(|_| MatrixError::ServerName(s.to_owned()))
+}
+
+impl MatrixTransport {
+    /// Binds the listener and starts the tasks; returns the transport and the bound address.
+    pub async fn start<I: Inbound>(
+        config: MatrixConfig,
+        inbound: I,
+    ) -> Result<(MatrixTransport, SocketAddr), MatrixError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| MatrixError::NoRuntime)?;
+        let MatrixConfig {
+            identity,
+            trust,
+            signing_key,
+            server_name: ours,
+            listen,
+            peers,
+            request_timeout,
+            edu_sink,
+        } = config;
+        let ours = server_name(&ours)?;
+
+        let mut server_tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(MatrixError::Rustls)?
+        .with_no_client_auth()
+        .with_single_cert(identity.cert_chain.clone(), identity.key.clone_key())
+        .map_err(MatrixError::Rustls)?;
+        server_tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let client_tls = relay_tls::client_config(&identity, &trust, vec![b"http/1.1".to_vec()])?;
+        let connector = TlsConnector::from(client_tls);
+
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|source| MatrixError::Bind {
+                addr: listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| MatrixError::Bind {
+            addr: listen,
+            source,
+        })?;
+
+        let mut dials = BTreeMap::new();
+        for (domain, p) in &peers {
+            let dial = client::Dial {
+                domain: domain.clone(),
+                addr: p.addr,
+                server_name: server_name(&p.server_name)?,
+                connector: connector.clone(),
+                timeout: request_timeout,
+            };
+            dials.insert(domain.clone(), dial);
+        }
+
+        let key = Arc::new(signing_key);
+        let stats = Arc::new(MatrixStats::default());
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let ctx = Arc::new(server::ServerCtx {
+            inbound: inbound.clone(),
+            server_name: ours.clone(),
+            key: key.clone(),
+            peers: dials
+                .values()
+                .map(|d| (d.server_name.clone(), d.clone()))
+                .collect(),
+            keys: server::KeyCache::default(),
+            txns: server::TxnCache::default(),
+            edu_sink,
+            request_timeout,
+            stats: stats.clone(),
+        });
+        let accept = runtime.spawn(server::accept_loop(
+            ctx,
+            listener,
+            TlsAcceptor::from(Arc::new(server_tls)),
+            shutdown_rx.clone(),
+        ));
+
+        let mut senders = BTreeMap::new();
+        let mut peer_tasks = Vec::new();
+        for (domain, dial) in dials {
+            let (tx, rx) = mpsc::channel(PEER_QUEUE);
+            let ctx = client::PeerCtx {
+                dial,
+                origin: ours.clone(),
+                key: key.clone(),
+                inbound: inbound.clone(),
+                stats: stats.clone(),
+            };
+            peer_tasks.push(runtime.spawn(client::run_peer(ctx, rx, shutdown_rx.clone())));
+            senders.insert(domain, tx);
+        }
+
+        let (reports, mut report_rx) = mpsc::unbounded_channel();
+        let reporter = runtime.spawn(async move {
+            while let Some(report) = report_rx.recv().await {
+                match report {
+                    Report::Outcome(id, outcome) => inbound.outcome(id, outcome),
+                    Report::Probe(peer, alive) => inbound.probe_outcome(peer, alive),
+                }
+            }
+        });
+        info!(server = %ours, key = key.id(), addr = %local_addr, peers = senders.len(), "matrix transport started");
+        Ok((
+            MatrixTransport {
+                server_name: ours,
+                local_addr,
+                peers: senders,
+                reports,
+                closed: AtomicBool::new(false),
+                shutdown,
+                tasks: Mutex::new(Some(Tasks {
+                    accept,
+                    peers: peer_tasks,
+                })),
+                reporter,
+                stats,
+            },
+            local_addr,
+        ))
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn stats(&self) -> &MatrixStats {
+        &self.stats
+    }
+
+    /// Queues an EDU of any type (for example `m.direct_to_device`) for `dest`; it travels in
+    /// the same transactions as the MIMI traffic. Resolves once the peer answered the
+    /// transaction (200) or it failed.
+    pub fn send_edu(
+        &self,
+        dest: &ProviderDomain,
+        edu_type: &str,
+        content: Box<RawValue>,
+    ) -> oneshot::Receiver<Result<(), TransportError>> {
+        let (done, rx) = oneshot::channel();
+        let job = client::Job::Edu {
+            edu_type: edu_type.to_owned(),
+            content,
+            done,
+        };
+        if self.closed.load(Ordering::Acquire) {
+            fail(job, TransportError::Closed);
+            return rx;
+        }
+        match self.peers.get(dest) {
+            None => fail(job, TransportError::NoRoute(dest.clone())),
+            Some(q) => match q.try_send(job) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(j)) => fail(j, TransportError::Busy),
+                Err(mpsc::error::TrySendError::Closed(j)) => fail(j, TransportError::Closed),
+            },
+        }
+        rx
+    }
+
+    /// Stops accepting and sending, finishes what is in flight, then returns. Idempotent.
+    pub async fn shutdown(&self) {
+        self.closed.store(true, Ordering::Release);
+        let _ = self.shutdown.send(true);
+        let tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(tasks) = tasks else { return };
+        let _ = tasks.accept.await;
+        for p in tasks.peers {
+            let _ = p.await;
+        }
+        info!(server = %self.server_name, "matrix transport shut down");
+    }
+
+    fn report(&self, r: Report) {
+        let _ = self.reports.send(r);
+    }
+}
+
+fn fail(job: client::Job, e: TransportError) {
+    if let client::Job::Edu { done, .. } = job {
+        let _ = done.send(Err(e));
+    }
+}
+
+impl Drop for MatrixTransport {
+    fn drop(&mut self) {
+        let tasks = self
+            .tasks
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(tasks) = tasks {
+            tasks.accept.abort();
+            for p in tasks.peers {
+                p.abort();
+            }
+        }
+        self.reporter.abort();
+    }
+}
+
+impl Transport for MatrixTransport {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Matrix
+    }
+
+    fn send(&self, transmit: Transmit) {
+        let id = transmit.id;
+        if self.closed.load(Ordering::Acquire) {
+            return self.report(Report::Outcome(id, Err(TransportError::Closed)));
+        }
+        let Some(q) = self.peers.get(&transmit.dest) else {
+            let dest = transmit.dest;
+            return self.report(Report::Outcome(id, Err(TransportError::NoRoute(dest))));
+        };
+        match q.try_send(client::Job::Transmit(transmit)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.report(Report::Outcome(id, Err(TransportError::Busy)))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.report(Report::Outcome(id, Err(TransportError::Closed)))
+            }
+        }
+    }
+
+    fn probe(&self, peer: &ProviderDomain) {
+        let queued = !self.closed.load(Ordering::Acquire)
+            && self
+                .peers
+                .get(peer)
+                .is_some_and(|q| q.try_send(client::Job::Probe).is_ok());
+        if !queued {
+            self.report(Report::Probe(peer.clone(), false));
+        }
+    }
+
+    fn shutdown(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(MatrixTransport::shutdown(self))
+    }
+}
