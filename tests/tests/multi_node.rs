@@ -20,7 +20,7 @@ fn main() {
         return;
     }
     let filter = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
-    let cases: [(&str, &str, usize); 5] = [
+    let cases: [(&str, &str, usize); 6] = [
         ("quic_follower_killed_twice", "quic", 1),
         ("https_follower_killed_twice", "https", 2),
         ("quic_hub_killed_twice", "quic", 0),
