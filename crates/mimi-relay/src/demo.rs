@@ -184,10 +184,12 @@ impl DemoReport {
     }
 }
 
-struct Layout {
-    dir: PathBuf,
-    configs: Vec<PathBuf>,
-    admins: Vec<SocketAddr>,
+/// The three providers' files: one config per provider and the API addresses.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub dir: PathBuf,
+    pub configs: Vec<PathBuf>,
+    pub admins: Vec<SocketAddr>,
 }
 
 fn free_tcp() -> Result<u16> {
@@ -208,8 +210,9 @@ fn pair_transport(transport: &str, i: usize, j: usize) -> Result<TransportKind> 
     })
 }
 
-/// Writes certificates and the three node configs.
-fn prepare(dir: &Path, transport: &str, store: &str) -> Result<Layout> {
+/// Writes certificates and the three node configs; with `static_room`, a.example hosts the
+/// opaque-payload room (the load mode) from its config.
+pub fn prepare(dir: &Path, transport: &str, store: &str, static_room: bool) -> Result<Layout> {
     std::fs::create_dir_all(dir.join("certs"))?;
     for p in PROVIDERS {
         let d: ProviderDomain = p.parse()?;
@@ -262,7 +265,7 @@ fn prepare(dir: &Path, transport: &str, store: &str) -> Result<Layout> {
                 );
             }
         }
-        if i == 0 {
+        if i == 0 && static_room {
             let _ = write!(
                 t,
                 "\n[[rooms]]\nid = \"{ROOM}\"\nfollowers = [\"b.example\", \"c.example\"]\n"
@@ -465,7 +468,7 @@ pub async fn run(opts: DemoOptions, launcher: Launcher) -> Result<DemoReport> {
     if opts.chaos && opts.store == "memory" {
         bail!("--chaos kills nodes: it needs --store durable");
     }
-    let layout = prepare(&dir, &opts.transport, &opts.store)?;
+    let layout = prepare(&dir, &opts.transport, &opts.store, true)?;
     let mut nodes = Nodes {
         launcher,
         children: vec![None, None, None],

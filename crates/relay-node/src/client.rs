@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use bytes::{Buf, Bytes};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
-use hyper::{Method, Request, StatusCode};
+pub use hyper::StatusCode;
+use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 use mimi_wire::uri::RoomId;
 

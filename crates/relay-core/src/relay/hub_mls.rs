@@ -31,6 +31,7 @@ const REC_MLS_STATE: u8 = 1;
 const REC_MLS_META: u8 = 2;
 const REC_KP_OWNER: u8 = 3;
 const REC_KEY_PACKAGE: u8 = 4;
+const REC_KP_USED: u8 = 5;
 
 /// The hub's MLS view of one hosted room.
 #[derive(Debug)]
@@ -41,6 +42,8 @@ pub(super) struct MlsRoom {
     /// The last accepted commit (hash of the /update body and its answer), so an exact retry
     /// is answered with success instead of wrongEpoch.
     pub last_commit: Option<(u128, u64)>,
+    /// Refs of the KeyPackages accepted commits added: each may be used once.
+    pub used_key_packages: BTreeSet<Vec<u8>>,
 }
 
 /// Key packages this provider holds for its local users: user -> client -> (id, KeyPackage).
@@ -123,6 +126,7 @@ impl Relay {
         mut validator: Box<dyn MlsValidator>,
         records: &BTreeMap<Vec<u8>, Bytes>,
     ) {
+        let mut used = Vec::new();
         for (k, v) in records {
             match k.split_first() {
                 Some((&REC_MLS_STATE, room)) => {
@@ -142,10 +146,18 @@ impl Relay {
                                     members: g.members,
                                     roles,
                                     last_commit: None,
+                                    used_key_packages: BTreeSet::new(),
                                 },
                             );
                         }
                         Err(e) => tracing::error!(room, error = %e, "stored MLS state refused"),
+                    }
+                }
+                Some((&REC_KP_USED, rest)) => {
+                    if let Some(at) = rest.iter().position(|b| *b == 0)
+                        && let Ok(room) = std::str::from_utf8(&rest[..at])
+                    {
+                        used.push((room.to_owned(), rest[at + 1..].to_vec()));
                     }
                 }
                 Some((&REC_KP_OWNER, r)) => {
@@ -157,6 +169,11 @@ impl Relay {
                     }
                 }
                 _ => {}
+            }
+        }
+        for (room, r) in used {
+            if let Some(mr) = self.mls.rooms.get_mut(&room) {
+                mr.used_key_packages.insert(r);
             }
         }
         self.mls.validator = Some(validator);
@@ -252,6 +269,7 @@ impl Relay {
             members: g.members.clone(),
             roles,
             last_commit: None,
+            used_key_packages: BTreeSet::new(),
         };
         store.apply(StoreOp::Room {
             room: &room,
@@ -425,6 +443,13 @@ impl Relay {
         }
         if effect.is_commit {
             mr.last_commit = Some((body_key, accepted_ms));
+            for r in &effect.key_package_refs {
+                mr.used_key_packages.insert(r.clone());
+                store.apply(StoreOp::Record {
+                    key: &key(REC_KP_USED, &[room.as_bytes(), r]),
+                    value: Some(&[]),
+                });
+            }
         }
         let after: BTreeSet<ProviderDomain> = mr
             .members
@@ -437,6 +462,7 @@ impl Relay {
             members: Vec::new(),
             roles: mr.roles.clone(),
             last_commit: None,
+            used_key_packages: BTreeSet::new(),
         };
         self.persist_mls(store, room, &snapshot, &merged);
 
@@ -462,8 +488,10 @@ impl Relay {
             Ok(f) => Bytes::from(f),
             Err(_) => return Response::error(Status::Internal, "cannot encode FanoutMessage"),
         };
-        // The commit goes to everyone who was or is in the room (a removed member learns it).
-        let mut dests: Vec<ProviderDomain> = all.iter().filter(|d| *d != sender).cloned().collect();
+        // The commit goes to every provider that was in the room (a removed member learns
+        // it); providers new to the room join by the Welcome.
+        let mut dests: Vec<ProviderDomain> =
+            before.iter().filter(|d| *d != sender).cloned().collect();
         let local_gets_it = *sender != self.cfg.local;
         self.fan_out(now, store, ri, &fanout, &dests, local_gets_it);
 
@@ -546,6 +574,13 @@ impl Relay {
         }
         if effect.removed.iter().any(|u| *u != effect.sender) && !manages {
             return Err("only admins and owners may remove others".into());
+        }
+        if effect
+            .key_package_refs
+            .iter()
+            .any(|r| mr.used_key_packages.contains(r))
+        {
+            return Err("a KeyPackage is used a second time".into());
         }
         for u in &effect.added {
             if mr.roles.get(u) == Some(&Role::Banned) {
