@@ -88,6 +88,8 @@ pub struct MlsClient {
     group: Option<MlsGroup>,
     api: LocalClient,
     inbox_after: u64,
+    /// Events polled but not yet taken by [`MlsClient::next_event`].
+    backlog: std::collections::VecDeque<Event>,
 }
 
 impl std::fmt::Debug for MlsClient {
@@ -145,6 +147,7 @@ impl MlsClient {
             group: None,
             api: LocalClient::new(admin),
             inbox_after: 0,
+            backlog: std::collections::VecDeque::new(),
         })
     }
 
@@ -403,6 +406,15 @@ impl MlsClient {
             events.push(self.apply(&item.fanout));
         }
         Ok(events)
+    }
+
+    /// The next event in hub order, polling (up to `wait_ms`) when none is waiting.
+    pub async fn next_event(&mut self, wait_ms: u64) -> Result<Option<Event>, MlsClientError> {
+        if self.backlog.is_empty() {
+            let events = self.poll(wait_ms).await?;
+            self.backlog.extend(events);
+        }
+        Ok(self.backlog.pop_front())
     }
 
     fn apply(&mut self, fanout: &[u8]) -> Event {
