@@ -31,7 +31,11 @@ impl Net {
     }
 
     fn admins(&self) -> [std::net::SocketAddr; 3] {
-        [self.nodes[0].admin, self.nodes[1].admin, self.nodes[2].admin]
+        [
+            self.nodes[0].admin,
+            self.nodes[1].admin,
+            self.nodes[2].admin,
+        ]
     }
 
     async fn stop(self) {
@@ -74,7 +78,11 @@ async fn wait_for(c: &mut MlsClient, mut want: impl FnMut(&Event) -> bool) {
                 return;
             }
         }
-        assert!(std::time::Instant::now() < deadline, "{} waited in vain", c.user);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} waited in vain",
+            c.user
+        );
     }
 }
 
@@ -89,13 +97,21 @@ async fn room_of_three(net: &Net, room: &RoomId) -> [MlsClient; 3] {
     alice.create_room(room).await.unwrap();
     let kb = alice.claim(BOB, room).await.unwrap().unwrap();
     let kc = alice.claim(CAROL, room).await.unwrap().unwrap();
-    assert_eq!(alice.add(room, &[kb, kc]).await.unwrap(), UpdateResult::Accepted);
+    assert_eq!(
+        alice.add(room, &[kb, kc]).await.unwrap(),
+        UpdateResult::Accepted
+    );
     wait_for(&mut bob, |e| matches!(e, Event::Joined { epoch: 1 })).await;
     wait_for(&mut carol, |e| matches!(e, Event::Joined { epoch: 1 })).await;
     [alice, bob, carol]
 }
 
-async fn check_message(room: &RoomId, from: &mut MlsClient, to: &mut [&mut MlsClient], text: &[u8]) {
+async fn check_message(
+    room: &RoomId,
+    from: &mut MlsClient,
+    to: &mut [&mut MlsClient],
+    text: &[u8],
+) {
     assert_eq!(from.send(room, text).await.unwrap(), SubmitResult::Accepted);
     for c in to {
         let sender = from.user.clone();
@@ -118,7 +134,10 @@ async fn epoch_race_one_commit_wins_the_other_rebases() {
     let (rb, rc) = (rb.unwrap(), rc.unwrap());
     let outcomes = [&rb, &rc];
     assert_eq!(
-        outcomes.iter().filter(|r| ***r == UpdateResult::Accepted).count(),
+        outcomes
+            .iter()
+            .filter(|r| ***r == UpdateResult::Accepted)
+            .count(),
         1,
         "{rb:?} {rc:?}"
     );
@@ -133,7 +152,10 @@ async fn epoch_race_one_commit_wins_the_other_rebases() {
     };
     // The loser applies the winner's commit, then commits again for epoch 2.
     wait_for(loser, |e| matches!(e, Event::Commit { epoch: 2, .. })).await;
-    assert_eq!(loser.self_update(&room).await.unwrap(), UpdateResult::Accepted);
+    assert_eq!(
+        loser.self_update(&room).await.unwrap(),
+        UpdateResult::Accepted
+    );
     assert_eq!(loser.epoch(), Some(3));
     wait_for(winner, |e| matches!(e, Event::Commit { epoch: 3, .. })).await;
     wait_for(&mut alice, |e| matches!(e, Event::Commit { epoch: 2, .. })).await;
@@ -158,12 +180,22 @@ async fn a_key_package_is_handed_out_and_used_once() {
         "NoCompatibleMaterial"
     );
     assert_eq!(
-        alice.claim("mimi://b.example/u/nobody", &room).await.unwrap().unwrap_err(),
+        alice
+            .claim("mimi://b.example/u/nobody", &room)
+            .await
+            .unwrap()
+            .unwrap_err(),
         "UserUnknown"
     );
-    assert_eq!(alice.add(&room, &[kp.clone()]).await.unwrap(), UpdateResult::Accepted);
+    assert_eq!(
+        alice.add(&room, &[kp.clone()]).await.unwrap(),
+        UpdateResult::Accepted
+    );
     wait_for(&mut bob, |e| matches!(e, Event::Joined { epoch: 1 })).await;
-    assert_eq!(alice.remove(&room, BOB).await.unwrap(), UpdateResult::Accepted);
+    assert_eq!(
+        alice.remove(&room, BOB).await.unwrap(),
+        UpdateResult::Accepted
+    );
     // Adding bob again with the KeyPackage already used is refused by the hub.
     match alice.add(&room, &[kp]).await.unwrap() {
         UpdateResult::Refused(why) => assert!(why.contains("second time"), "{why}"),
@@ -203,7 +235,10 @@ async fn a_refused_commit_does_not_break_the_room() {
     // A commit for an old epoch: wrongEpoch with the current one; a message of the old
     // epoch: epochTooOld.
     let stale = bob.prepare_self_update().unwrap();
-    assert_eq!(alice.self_update(&room).await.unwrap(), UpdateResult::Accepted);
+    assert_eq!(
+        alice.self_update(&room).await.unwrap(),
+        UpdateResult::Accepted
+    );
     assert_eq!(
         bob.send_update(&room, stale).await.unwrap(),
         UpdateResult::WrongEpoch(2)
@@ -215,7 +250,13 @@ async fn a_refused_commit_does_not_break_the_room() {
     // Everyone still talks at the room's epoch.
     wait_for(&mut bob, |e| matches!(e, Event::Commit { epoch: 2, .. })).await;
     wait_for(&mut carol, |e| matches!(e, Event::Commit { epoch: 2, .. })).await;
-    check_message(&room, &mut bob, &mut [&mut alice, &mut carol], b"still here").await;
+    check_message(
+        &room,
+        &mut bob,
+        &mut [&mut alice, &mut carol],
+        b"still here",
+    )
+    .await;
     check_message(&room, &mut carol, &mut [&mut alice, &mut bob], b"me too").await;
     net.stop().await;
 }

@@ -69,14 +69,24 @@ pub enum SubmitResult {
 /// What [`MlsClient::poll`] saw, in inbox (hub) order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    Joined { epoch: u64 },
-    Commit { epoch: u64, removed_me: bool },
-    Message { sender: String, payload: Vec<u8> },
+    Joined {
+        epoch: u64,
+    },
+    Commit {
+        epoch: u64,
+        removed_me: bool,
+    },
+    Message {
+        sender: String,
+        payload: Vec<u8>,
+    },
     /// A group message that arrived before this client joined (for the provider's other
     /// clients): not for us.
     NotJoined,
     /// Could not be applied or decrypted (counted by the demo; must stay 0).
-    Failed { what: String },
+    Failed {
+        what: String,
+    },
 }
 
 /// One user with one MLS client.
@@ -184,11 +194,7 @@ impl MlsClient {
                     self.credential.clone(),
                 )
                 .map_err(mls)?;
-            kps.push(
-                b.key_package()
-                    .tls_serialize_detached()
-                    .map_err(mls)?,
-            );
+            kps.push(b.key_package().tls_serialize_detached().map_err(mls)?);
         }
         let (user, client) = (self.user.clone(), self.client_uri());
         self.api.publish_key_packages(&user, &client, &kps).await?;
@@ -339,7 +345,11 @@ impl MlsClient {
     }
 
     /// Commits removing the members whose identity is `user`.
-    pub async fn remove(&mut self, room: &RoomId, user: &str) -> Result<UpdateResult, MlsClientError> {
+    pub async fn remove(
+        &mut self,
+        room: &RoomId,
+        user: &str,
+    ) -> Result<UpdateResult, MlsClientError> {
         let group = self.group.as_mut().ok_or(MlsClientError::NoGroup)?;
         let leaves: Vec<LeafNodeIndex> = group
             .members()
@@ -380,7 +390,11 @@ impl MlsClient {
     }
 
     /// Encrypts `payload` and submits it to the room.
-    pub async fn send(&mut self, room: &RoomId, payload: &[u8]) -> Result<SubmitResult, MlsClientError> {
+    pub async fn send(
+        &mut self,
+        room: &RoomId,
+        payload: &[u8],
+    ) -> Result<SubmitResult, MlsClientError> {
         let group = self.group.as_mut().ok_or(MlsClientError::NoGroup)?;
         let msg = group
             .create_message(&self.provider, &self.signer, payload)
@@ -461,7 +475,8 @@ impl MlsClient {
             Ok(p) => p,
             Err(e) => return failed(format!("process: {e}")),
         };
-        let sender = String::from_utf8_lossy(processed.credential().serialized_content()).into_owned();
+        let sender =
+            String::from_utf8_lossy(processed.credential().serialized_content()).into_owned();
         match processed.into_content() {
             ProcessedMessageContent::ApplicationMessage(a) => Event::Message {
                 sender,

@@ -181,9 +181,12 @@ pub async fn run(admins: [SocketAddr; 3], room: &RoomId) -> Result<ScenarioRepor
     let epoch = clients[0].epoch().unwrap_or(0);
     report.mls_epochs.push(epoch);
     for c in clients.iter_mut().skip(1) {
-        expect("joining by Welcome", c, &mut report, |e| {
-            matches!(e, Event::Joined { epoch: e } if *e == epoch)
-        })
+        expect(
+            "joining by Welcome",
+            c,
+            &mut report,
+            |e| matches!(e, Event::Joined { epoch: e } if *e == epoch),
+        )
         .await?;
     }
 
@@ -214,17 +217,40 @@ pub async fn run(admins: [SocketAddr; 3], room: &RoomId) -> Result<ScenarioRepor
     }
     let epoch = clients[0].epoch().unwrap_or(0);
     report.mls_epochs.push(epoch);
-    expect("bob sees the removal", &mut clients[1], &mut report, |e| {
-        matches!(e, Event::Commit { epoch: e, removed_me: false } if *e == epoch)
-    })
+    expect(
+        "bob sees the removal",
+        &mut clients[1],
+        &mut report,
+        |e| matches!(e, Event::Commit { epoch: e, removed_me: false } if *e == epoch),
+    )
     .await?;
-    expect("carol sees her removal", &mut clients[2], &mut report, |e| {
-        matches!(e, Event::Commit { removed_me: true, .. })
-    })
+    expect(
+        "carol sees her removal",
+        &mut clients[2],
+        &mut report,
+        |e| {
+            matches!(
+                e,
+                Event::Commit {
+                    removed_me: true,
+                    ..
+                }
+            )
+        },
+    )
     .await?;
 
     let last = payload("text/markdown", "Just the two of us now");
-    send_and_check("after the removal", room, &mut clients, 0, &[1], last, &mut report).await?;
+    send_and_check(
+        "after the removal",
+        room,
+        &mut clients,
+        0,
+        &[1],
+        last,
+        &mut report,
+    )
+    .await?;
     // carol's provider no longer follows the room: nothing more arrives there.
     let late = clients[2]
         .next_event(300)

@@ -219,8 +219,7 @@ impl Snapshot {
             }
             StoreOp::Record { key, value } => match value {
                 Some(v) => {
-                    self.records
-                        .insert(key.to_vec(), Bytes::copy_from_slice(v));
+                    self.records.insert(key.to_vec(), Bytes::copy_from_slice(v));
                 }
                 None => {
                     self.records.remove(key);

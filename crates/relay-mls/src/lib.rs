@@ -11,13 +11,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use openmls::group::GroupId;
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
-    KeyPackageIn, LeafNodeIndex, MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent,
-    Proposal, ProposalStore, ProtocolMessage, ProtocolVersion, PublicGroup, QueuedProposal,
-    RatchetTreeIn, Sender, StagedCommit,
+    KeyPackageIn, LeafNodeIndex, MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent, Proposal,
+    ProposalStore, ProtocolMessage, ProtocolVersion, PublicGroup, QueuedProposal, RatchetTreeIn,
+    Sender, StagedCommit,
 };
-use openmls::group::GroupId;
 use openmls_memory_storage::MemoryStorage;
 use openmls_rust_crypto::RustCrypto;
 use relay_core::mls::{GroupState, HandshakeEffect, MlsReject, MlsValidator};
@@ -137,14 +137,9 @@ impl MlsValidator for OpenMlsValidator {
         };
         let tree = RatchetTreeIn::tls_deserialize_exact(ratchet_tree).map_err(invalid)?;
         let storage = MemoryStorage::default();
-        let (group, _gi) = PublicGroup::from_external(
-            &self.crypto,
-            &storage,
-            tree,
-            vgi,
-            ProposalStore::new(),
-        )
-        .map_err(invalid)?;
+        let (group, _gi) =
+            PublicGroup::from_external(&self.crypto, &storage, tree, vgi, ProposalStore::new())
+                .map_err(invalid)?;
         let r = Room {
             storage,
             group,
@@ -203,17 +198,16 @@ impl MlsValidator for OpenMlsValidator {
                 effect.epoch = current + 1;
                 for add in staged.add_proposals() {
                     let kp = add.add_proposal().key_package();
-                    effect
-                        .added
-                        .push(identity(kp.leaf_node().credential()));
+                    effect.added.push(identity(kp.leaf_node().credential()));
                     if let Ok(r) = kp.hash_ref(&self.crypto) {
                         effect.key_package_refs.push(r.as_slice().to_vec());
                     }
                 }
                 for rm in staged.remove_proposals() {
-                    effect
-                        .removed
-                        .push(Self::leaf_identity(&r.group, rm.remove_proposal().removed()));
+                    effect.removed.push(Self::leaf_identity(
+                        &r.group,
+                        rm.remove_proposal().removed(),
+                    ));
                 }
                 r.staged = Some(Staged::Commit(staged));
             }

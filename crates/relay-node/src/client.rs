@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 
 use bytes::{Buf, Bytes};
 use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::SendRequest;
 pub use hyper::StatusCode;
+use hyper::client::conn::http1::SendRequest;
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 use mimi_wire::uri::RoomId;
@@ -173,8 +173,11 @@ impl LocalClient {
         room: &RoomId,
         body: Bytes,
     ) -> Result<(StatusCode, Bytes), ClientError> {
-        self.post(&format!("/v1/client/update/{}", room.to_path_segment()), body)
-            .await
+        self.post(
+            &format!("/v1/client/update/{}", room.to_path_segment()),
+            body,
+        )
+        .await
     }
 
     /// Sends a KeyMaterialRequest (through this node and the room's hub).

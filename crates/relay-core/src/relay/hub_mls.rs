@@ -11,20 +11,19 @@ use bytes::Bytes;
 use mimi_wire::endpoint::Endpoint;
 use mimi_wire::mls::WireFormat;
 use mimi_wire::proto::{
-    ClientKeyMaterial, ClientKeyMaterialStatus, FanoutExtra, FanoutMessage,
-    HandshakeBundle, IdentifierUri, KeyMaterialRequest, KeyMaterialResponse, KeyMaterialUserCode,
-    KeyPackage, MlsMessage, Protocol, SubmitMessageResponse, UpdateOutcome, UpdateRequest,
-    UpdateRoomResponse,
+    ClientKeyMaterial, ClientKeyMaterialStatus, FanoutExtra, FanoutMessage, HandshakeBundle,
+    IdentifierUri, KeyMaterialRequest, KeyMaterialResponse, KeyMaterialUserCode, KeyPackage,
+    MlsMessage, Protocol, SubmitMessageResponse, UpdateOutcome, UpdateRequest, UpdateRoomResponse,
 };
 use mimi_wire::uri::{ProviderDomain, RoomId};
 use tracing::{debug, info};
 
 use super::{Entry, InFlight, Output, Relay, ReplyToken, submit_answer, uri_in_domain, xxh3_128};
+use crate::Now;
 use crate::mls::{GroupState, HandshakeEffect, MlsReject, MlsValidator, Role};
 use crate::stats::RejectReason;
 use crate::store::{InboxRecord, Store, StoreOp};
 use crate::transport::{Response, Status, Transmit};
-use crate::Now;
 
 /// Record key spaces (first byte of a [`StoreOp::Record`] key).
 const REC_MLS_STATE: u8 = 1;
@@ -259,11 +258,7 @@ impl Relay {
             }
             return Err(MlsRoomError::ForeignCreator(m.clone()));
         }
-        let roles = g
-            .members
-            .iter()
-            .map(|m| (m.clone(), Role::Owner))
-            .collect();
+        let roles = g.members.iter().map(|m| (m.clone(), Role::Owner)).collect();
         let mr = MlsRoom {
             epoch: g.epoch,
             members: g.members.clone(),
@@ -310,7 +305,9 @@ impl Relay {
         match epoch {
             Some(e) if e < current => {
                 self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
-                Some(submit_answer(&SubmitMessageResponse::epoch_too_old(current)))
+                Some(submit_answer(&SubmitMessageResponse::epoch_too_old(
+                    current,
+                )))
             }
             Some(e) if e == current => None,
             _ => {
@@ -423,8 +420,7 @@ impl Relay {
         let accepted_ms = now.unix_ms.max(r.last_ms);
         r.last_ms = accepted_ms;
         let room_id = r.id.clone();
-        let before: BTreeSet<ProviderDomain> =
-            r.followers.iter().map(|(f, _)| f.clone()).collect();
+        let before: BTreeSet<ProviderDomain> = r.followers.iter().map(|(f, _)| f.clone()).collect();
         let Some(mr) = self.mls.rooms.get_mut(room) else {
             return Response::error(Status::Internal, "room state vanished");
         };
@@ -434,7 +430,9 @@ impl Relay {
             mr.roles.entry(u.clone()).or_insert(Role::Regular);
         }
         if effect.external {
-            mr.roles.entry(effect.sender.clone()).or_insert(Role::Regular);
+            mr.roles
+                .entry(effect.sender.clone())
+                .or_insert(Role::Regular);
         }
         for u in &effect.removed {
             if mr.roles.get(u) != Some(&Role::Banned) && !mr.members.contains(u) {
@@ -790,7 +788,8 @@ impl Relay {
                 "requestingUser is not of the asking provider",
             ));
         }
-        let Some(target_domain) = user_domain(target).and_then(|d| d.parse::<ProviderDomain>().ok())
+        let Some(target_domain) =
+            user_domain(target).and_then(|d| d.parse::<ProviderDomain>().ok())
         else {
             return Some(self.reject(
                 RejectReason::Malformed,
