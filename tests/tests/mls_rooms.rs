@@ -188,7 +188,7 @@ async fn a_key_package_is_handed_out_and_used_once() {
         "UserUnknown"
     );
     assert_eq!(
-        alice.add(&room, &[kp.clone()]).await.unwrap(),
+        alice.add(&room, std::slice::from_ref(&kp)).await.unwrap(),
         UpdateResult::Accepted
     );
     wait_for(&mut bob, |e| matches!(e, Event::Joined { epoch: 1 })).await;
