@@ -260,3 +260,141 @@ async fn a_refused_commit_does_not_break_the_room() {
     check_message(&room, &mut carol, &mut [&mut alice, &mut bob], b"me too").await;
     net.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identifier_queries_consent_and_abuse_reports() {
+    use mimi_wire::proto::{
+        AbuseReport, ConsentEntry, ConsentOperation, IdentifierQueryCode, IdentifierRequest,
+        IdentifierResponse, IdentifierUri, QueryElement, SearchIdentifierType, VLBytes,
+    };
+    use relay_node::client::{LocalClient, StatusCode};
+    let net = Net::start("https").await;
+    let a = net.admins();
+    let mut at_a = LocalClient::new(a[0]);
+    let mut at_b = LocalClient::new(a[1]);
+    at_b.list_in_directory(4, "+12125551212", BOB)
+        .await
+        .unwrap();
+    at_b.list_in_directory(1, "im:bob@b.example", BOB)
+        .await
+        .unwrap();
+    // A provider lists only its own users.
+    assert!(at_b.list_in_directory(4, "+1999", ALICE).await.is_err());
+
+    let query = |elems: Vec<(SearchIdentifierType, &str)>| {
+        let req = IdentifierRequest {
+            query_elements: elems
+                .into_iter()
+                .map(|(t, v)| QueryElement {
+                    search_type: t,
+                    field_name: None,
+                    search_value: VLBytes::new(v.as_bytes().to_vec()),
+                })
+                .collect(),
+            id_request_extensions: VLBytes::new(Vec::new()),
+        };
+        bytes::Bytes::from(req.encode().unwrap())
+    };
+    for (elems, code, uris) in [
+        (
+            vec![(SearchIdentifierType::Phone, "+12125551212")],
+            IdentifierQueryCode::Success,
+            vec![BOB],
+        ),
+        (
+            vec![
+                (SearchIdentifierType::Phone, "+12125551212"),
+                (SearchIdentifierType::Handle, "im:bob@b.example"),
+            ],
+            IdentifierQueryCode::Success,
+            vec![BOB],
+        ),
+        (
+            vec![(SearchIdentifierType::Phone, "+10000000000")],
+            IdentifierQueryCode::NotFound,
+            vec![],
+        ),
+        (
+            vec![(SearchIdentifierType::PartialName, "bo")],
+            IdentifierQueryCode::UnsupportedField,
+            vec![],
+        ),
+    ] {
+        let (st, body) = at_a
+            .post("/v1/client/identifierQuery/b.example", query(elems))
+            .await
+            .unwrap();
+        assert_eq!(st, StatusCode::OK);
+        let r = IdentifierResponse::decode(&body).unwrap();
+        assert_eq!(r.response_code, code);
+        let got: Vec<&str> = r.uris.iter().map(IdentifierUri::as_str).collect();
+        assert_eq!(got, uris);
+        assert!(
+            r.found_profiles.is_empty(),
+            "no profile fields are given out"
+        );
+    }
+
+    let entry = |op, requester: &str, target: &str| {
+        let e = ConsentEntry {
+            operation: op,
+            requester_uri: IdentifierUri::new(requester),
+            target_uri: IdentifierUri::new(target),
+            room_id: None,
+            client_key_packages: Vec::new(),
+            consent_extensions: VLBytes::new(Vec::new()),
+        };
+        bytes::Bytes::from(e.encode().unwrap())
+    };
+    let (st, _) = at_a
+        .post(
+            "/v1/client/requestConsent",
+            entry(ConsentOperation::Request, ALICE, BOB),
+        )
+        .await
+        .unwrap();
+    assert_eq!(st, StatusCode::CREATED);
+    let (st, _) = at_b
+        .post(
+            "/v1/client/updateConsent",
+            entry(ConsentOperation::Grant, ALICE, BOB),
+        )
+        .await
+        .unwrap();
+    assert_eq!(st, StatusCode::CREATED);
+    // a.example may not ask in carol's name... nor for one of its own users as the target.
+    let (st, _) = at_a
+        .post(
+            "/v1/client/requestConsent",
+            entry(ConsentOperation::Request, CAROL, BOB),
+        )
+        .await
+        .unwrap();
+    assert_eq!(st, StatusCode::FORBIDDEN);
+
+    let room: RoomId = "mimi://a.example/r/abuse".parse().unwrap();
+    let mut alice = MlsClient::new(ALICE, a[0]).unwrap();
+    alice.create_room(&room).await.unwrap();
+    let report = AbuseReport {
+        reporting_user: IdentifierUri::new(BOB),
+        alleged_abuser_uri: IdentifierUri::new(ALICE),
+        reason_code: 0,
+        note: VLBytes::new(b"spam".to_vec()),
+        messages: Vec::new(),
+        abuse_extensions: VLBytes::new(Vec::new()),
+    };
+    let body = bytes::Bytes::from(report.encode().unwrap());
+    let path = format!("/v1/client/reportAbuse/{}", room.to_path_segment());
+    let (st, _) = at_b.post(&path, body.clone()).await.unwrap();
+    assert_eq!(st, StatusCode::CREATED);
+    let unknown = format!(
+        "/v1/client/reportAbuse/{}",
+        "mimi://a.example/r/none"
+            .parse::<RoomId>()
+            .unwrap()
+            .to_path_segment()
+    );
+    let (st, _) = at_b.post(&unknown, body).await.unwrap();
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    net.stop().await;
+}

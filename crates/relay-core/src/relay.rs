@@ -14,6 +14,7 @@ use mimi_wire::uri::{ProviderDomain, RoomId};
 use tracing::{debug, info, warn};
 
 mod hub_mls;
+mod services;
 pub use hub_mls::MlsRoomError;
 
 use crate::config::RelayConfig;
@@ -252,6 +253,7 @@ pub struct Relay {
     stats: RelayStats,
     latency: Histogram,
     mls: hub_mls::MlsState,
+    services: services::Services,
 }
 
 const RECENT_WINDOW: usize = 4096;
@@ -279,9 +281,11 @@ impl Relay {
             stats: RelayStats::default(),
             latency: Histogram::default(),
             mls: hub_mls::MlsState::default(),
+            services: services::Services::default(),
             cfg,
         };
         relay.restore_key_packages(&snapshot.records);
+        relay.restore_services(&snapshot.records);
         for (domain, kind) in relay.cfg.routes.clone() {
             relay.add_peer(domain, kind);
         }
@@ -492,11 +496,17 @@ impl Relay {
                         }
                     }
                 }
-                _ => self.reject(
-                    RejectReason::NotImplemented,
-                    Status::NotImplemented,
-                    "endpoint not served by this relay yet",
-                ),
+                endpoint => {
+                    let from = req.from.clone();
+                    match self.service_request(store, &from, endpoint, &req.target, &req.body) {
+                        Some(r) => r,
+                        None => self.reject(
+                            RejectReason::NotImplemented,
+                            Status::NotImplemented,
+                            "endpoint not served by this relay",
+                        ),
+                    }
+                }
             }
         };
         self.outputs.push_back(Output::Reply { token, response });

@@ -256,7 +256,10 @@ impl Hub {
 
 fn submit(h: &mut Hub, from: &str, user: &str, epoch: u64) -> SubmitStatus {
     let mls = mimi_wire::mls::private_message(b"group", epoch, b"ciphertext");
-    let body = SubmitMessageRequest::mls10(mls, user).unwrap().encode().unwrap();
+    let body = SubmitMessageRequest::mls10(mls, user)
+        .unwrap()
+        .encode()
+        .unwrap();
     let (r, _) = h.ask(from, Endpoint::SubmitMessage, Bytes::from(body));
     SubmitMessageResponse::decode(&r.body).unwrap().status
 }
@@ -305,7 +308,10 @@ fn invalid_handshakes_and_policy_refusals_change_nothing() {
     let p = h.relay.mls_participants(ROOM).unwrap();
     assert_eq!(
         p,
-        vec![(ALICE.to_owned(), Role::Owner), (CAROL.to_owned(), Role::Regular)]
+        vec![
+            (ALICE.to_owned(), Role::Owner),
+            (CAROL.to_owned(), Role::Regular)
+        ]
     );
 }
 

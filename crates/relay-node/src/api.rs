@@ -42,6 +42,14 @@ pub(crate) fn router(state: ApiState) -> Router {
         .route("/v1/client/keyMaterial", post(key_material))
         .route("/v1/client/keyPackages", post(publish_key_packages))
         .route("/v1/client/mlsRooms/{room}", post(create_mls_room))
+        .route("/v1/client/directory", post(directory_entry))
+        .route(
+            "/v1/client/identifierQuery/{domain}",
+            post(identifier_query),
+        )
+        .route("/v1/client/requestConsent", post(request_consent))
+        .route("/v1/client/updateConsent", post(update_consent))
+        .route("/v1/client/reportAbuse/{room}", post(report_abuse))
         .layer(axum::extract::DefaultBodyLimit::max(state.max_body))
         .with_state(state)
 }
@@ -105,6 +113,86 @@ async fn key_material(State(s): State<ApiState>, body: Bytes) -> HttpResponse {
     .await
     {
         Some(r) => to_http(r),
+        None => unavailable(),
+    }
+}
+
+async fn client_request(
+    s: &ApiState,
+    endpoint: mimi_wire::endpoint::Endpoint,
+    target: String,
+    body: Bytes,
+) -> HttpResponse {
+    match ask(&s.tx, |reply| Event::ClientRequest {
+        endpoint,
+        target,
+        body,
+        reply,
+    })
+    .await
+    {
+        Some(r) => to_http(r),
+        None => unavailable(),
+    }
+}
+
+/// `POST /v1/client/identifierQuery/{domain}`: an IdentifierRequest (§5.8), sent straight to
+/// that provider.
+async fn identifier_query(
+    State(s): State<ApiState>,
+    Path(domain): Path<String>,
+    body: Bytes,
+) -> HttpResponse {
+    let e = mimi_wire::endpoint::Endpoint::IdentifierQuery;
+    client_request(&s, e, domain, body).await
+}
+
+/// `POST /v1/client/requestConsent`: a ConsentEntry (§5.7) for the target's provider.
+async fn request_consent(State(s): State<ApiState>, body: Bytes) -> HttpResponse {
+    let e = mimi_wire::endpoint::Endpoint::RequestConsent;
+    client_request(&s, e, String::new(), body).await
+}
+
+/// `POST /v1/client/updateConsent`: a ConsentEntry (§5.7) for the requester's provider.
+async fn update_consent(State(s): State<ApiState>, body: Bytes) -> HttpResponse {
+    let e = mimi_wire::endpoint::Endpoint::UpdateConsent;
+    client_request(&s, e, String::new(), body).await
+}
+
+/// `POST /v1/client/reportAbuse/{room}`: an AbuseReport (§5.9) for the room's hub.
+async fn report_abuse(
+    State(s): State<ApiState>,
+    Path(room): Path<String>,
+    body: Bytes,
+) -> HttpResponse {
+    let e = mimi_wire::endpoint::Endpoint::ReportAbuse;
+    client_request(&s, e, room, body).await
+}
+
+/// `POST /v1/client/directory`: search type (u8: handle 1, nick 2, email 3, phone 4), the
+/// exact value and the user URI (u16-length strings).
+async fn directory_entry(State(s): State<ApiState>, mut body: Bytes) -> HttpResponse {
+    use bytes::Buf;
+    let parsed = (|| {
+        let t = (body.remaining() >= 1).then(|| body.get_u8())?;
+        let search_type = mimi_wire::proto::SearchIdentifierType::from_u8(t).ok()?;
+        let value = String::from_utf8(take_field(&mut body, false)?.to_vec()).ok()?;
+        let user = String::from_utf8(take_field(&mut body, false)?.to_vec()).ok()?;
+        body.is_empty().then_some((search_type, value, user))
+    })();
+    let Some((search_type, value, user)) = parsed else {
+        return (StatusCode::BAD_REQUEST, "malformed directory entry\n").into_response();
+    };
+    match ask(&s.tx, |reply| Event::DirectoryEntry {
+        search_type,
+        value,
+        user,
+        reply,
+    })
+    .await
+    {
+        Some(Ok(())) => (StatusCode::CREATED, "listed\n").into_response(),
+        Some(Err(e)) => (StatusCode::UNPROCESSABLE_ENTITY, format!("{e}\n")).into_response(),
         None => unavailable(),
     }
 }

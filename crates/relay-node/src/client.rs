@@ -218,6 +218,21 @@ impl LocalClient {
         expect_created(self.post(&path, Bytes::from(b)).await?)
     }
 
+    /// Lists local `user` under an exact identifier (search type code, value).
+    pub async fn list_in_directory(
+        &mut self,
+        search_type: u8,
+        value: &str,
+        user: &str,
+    ) -> Result<(), ClientError> {
+        let mut b = vec![search_type];
+        for s in [value, user] {
+            b.extend_from_slice(&(s.len() as u16).to_be_bytes());
+            b.extend_from_slice(s.as_bytes());
+        }
+        expect_created(self.post("/v1/client/directory", Bytes::from(b)).await?)
+    }
+
     pub async fn get(&mut self, path: &str) -> Result<(StatusCode, Bytes), ClientError> {
         let req = self.request(Method::GET, path, Bytes::new())?;
         self.call(req).await

@@ -60,6 +60,13 @@ pub(crate) enum Event {
         key_packages: Vec<Bytes>,
         reply: oneshot::Sender<Result<usize, &'static str>>,
     },
+    /// Lists a local user in the identifier directory.
+    DirectoryEntry {
+        search_type: mimi_wire::proto::SearchIdentifierType,
+        value: String,
+        user: String,
+        reply: oneshot::Sender<Result<(), &'static str>>,
+    },
     /// A local client creates an MLS room hosted here.
     CreateMlsRoom {
         room: RoomId,
@@ -335,6 +342,22 @@ impl<S: Store> CoreLoop<S> {
                     &client,
                     key_packages,
                 );
+                p.held.push_back((
+                    p.open,
+                    Held::Send(Box::new(move || {
+                        let _ = reply.send(r);
+                    })),
+                ));
+            }
+            Event::DirectoryEntry {
+                search_type,
+                value,
+                user,
+                reply,
+            } => {
+                let r =
+                    self.relay
+                        .handle_directory_entry(&mut self.store, search_type, &value, &user);
                 p.held.push_back((
                     p.open,
                     Held::Send(Box::new(move || {

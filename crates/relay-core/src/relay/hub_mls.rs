@@ -942,11 +942,7 @@ impl Relay {
                 )),
             },
             Endpoint::KeyMaterial => self.key_material(now, store, token, &local, target, &body),
-            _ => Some(self.reject(
-                RejectReason::NotImplemented,
-                Status::NotImplemented,
-                "endpoint not served to local clients",
-            )),
+            _ => self.client_service(now, store, token, endpoint, target, body),
         };
         if let Some(response) = response {
             self.outputs.push_back(Output::Reply { token, response });
