@@ -83,6 +83,8 @@ pub enum Event {
     /// A group message that arrived before this client joined (for the provider's other
     /// clients): not for us.
     NotJoined,
+    /// This client's own commit, fanned out by the hub after the client merged it.
+    OwnCommit,
     /// Could not be applied or decrypted (counted by the demo; must stay 0).
     Failed {
         what: String,
@@ -471,6 +473,12 @@ impl MlsClient {
             Ok(p) => p,
             Err(e) => return failed(format!("protocol message: {e}")),
         };
+        if let ProtocolMessage::PublicMessage(p) = &pm
+            && p.epoch() < group.epoch()
+            && matches!(p.sender(), Sender::Member(i) if *i == group.own_leaf_index())
+        {
+            return Event::OwnCommit;
+        }
         let processed = match group.process_message(&self.provider, pm) {
             Ok(p) => p,
             Err(e) => return failed(format!("process: {e}")),

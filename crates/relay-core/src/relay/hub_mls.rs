@@ -487,11 +487,10 @@ impl Relay {
             Err(_) => return Response::error(Status::Internal, "cannot encode FanoutMessage"),
         };
         // The commit goes to every provider that was in the room (a removed member learns
-        // it); providers new to the room join by the Welcome.
-        let mut dests: Vec<ProviderDomain> =
-            before.iter().filter(|d| *d != sender).cloned().collect();
-        let local_gets_it = *sender != self.cfg.local;
-        self.fan_out(now, store, ri, &fanout, &dests, local_gets_it);
+        // it), the sender's included: its other clients need it, and the committer knows its
+        // own by epoch and leaf. Providers new to the room join by the Welcome.
+        let mut dests: Vec<ProviderDomain> = before.iter().cloned().collect();
+        self.fan_out(now, store, ri, &fanout, &dests, true);
 
         // The Welcome goes to the providers of the new members' KeyPackages.
         if let HandshakeBundle::Commit {
