@@ -20,12 +20,14 @@ fn main() {
         return;
     }
     let filter = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
-    let cases: [(&str, &str, usize); 4] = [
+    let cases: [(&str, &str, usize); 5] = [
         ("quic_follower_killed_twice", "quic", 1),
         ("https_follower_killed_twice", "https", 2),
         ("quic_hub_killed_twice", "quic", 0),
         // One room over both transports: c, reached over HTTPS, is killed.
         ("mixed_follower_killed_twice", "mixed", 2),
+        // XMPP direct mode: b's sessions die with it, so a's resumptions fail and it retries.
+        ("xmpp_follower_killed_twice", "xmpp", 1),
     ];
     let mut failed = 0;
     for (name, transport, victim) in cases {

@@ -1,6 +1,7 @@
-//! The pieces of the `mimi-relay` binary that tests reuse: the demo harness, the local client and key generation.
+//! The pieces of the `mimi-relay` binary that tests reuse: the demo harness, the local client, key generation and content inspection.
 //! The binary itself (`main.rs`) is only argument parsing.
 
 pub mod client;
+pub mod content;
 pub mod demo;
 pub mod keygen;

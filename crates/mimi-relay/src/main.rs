@@ -54,6 +54,11 @@ enum Cmd {
         #[command(subcommand)]
         action: ClientCmd,
     },
+    /// Work with MIMI content (draft-ietf-mimi-content-08) files.
+    Content {
+        #[command(subcommand)]
+        action: mimi_relay::content::ContentCmd,
+    },
     /// Start three providers on loopback, run a room across them and report what arrived.
     Demo {
         /// Messages to submit, spread over the three providers.
@@ -163,6 +168,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Client { admin, action } => {
             mimi_relay::client::run(admin, action.into()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Content { action } => {
+            mimi_relay::content::run(action)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Keygen {

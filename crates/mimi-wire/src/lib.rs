@@ -1,6 +1,7 @@
 //! MIMI wire formats for the mimi-relay: the protocol-06 message bodies (§5) in the TLS
-//! presentation language, a minimal MLS (RFC 9420) framing reader, MIMI URIs and the
-//! endpoint directory.
+//! presentation language, a minimal MLS (RFC 9420) framing reader, MIMI URIs, the
+//! endpoint directory, and the MIMI content format (draft-ietf-mimi-content-08, CBOR) in
+//! [`content`].
 //!
 //! Contract:
 //! * No I/O, no clocks, no randomness.
@@ -16,6 +17,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub(crate) mod codec;
+pub mod content;
 pub mod endpoint;
 mod error;
 pub mod mls;

@@ -47,6 +47,20 @@ struct Raw {
     rooms: Vec<RawRoom>,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    xmpp: Option<RawXmpp>,
+}
+
+/// `[xmpp]`: reach XMPP peers through an XMPP server as an XEP-0114 component.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawXmpp {
+    server: String,
+    component: String,
+    secret: String,
+    /// Provider domain to that provider's component address.
+    #[serde(default)]
+    peers: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -120,6 +134,28 @@ pub struct PeerConfig {
     pub cert: PathBuf,
 }
 
+/// Component mode of the XMPP transport (`[xmpp]`).
+#[derive(Clone)]
+pub struct XmppComponentConfig {
+    /// The XMPP server's component port.
+    pub server: SocketAddr,
+    /// Our component address, e.g. `relay.a.localhost`.
+    pub component: String,
+    pub secret: String,
+    /// The component address of each peer reached through the server.
+    pub peers: BTreeMap<ProviderDomain, String>,
+}
+
+impl fmt::Debug for XmppComponentConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("XmppComponentConfig")
+            .field("server", &self.server)
+            .field("component", &self.component)
+            .field("peers", &self.peers)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A room this node hosts as hub.
 #[derive(Clone, Debug)]
 pub struct RoomConfig {
@@ -147,6 +183,8 @@ pub struct NodeConfig {
     pub max_queue: usize,
     pub max_inbox: usize,
     pub request_timeout: Duration,
+    /// `[xmpp]`: XMPP peers reached as a component of an XMPP server.
+    pub xmpp: Option<XmppComponentConfig>,
 }
 
 struct Ctx<'a> {
@@ -315,6 +353,11 @@ impl NodeConfig {
             return Err(cx.err("limits.request_timeout_ms", "must be at least 10"));
         }
 
+        let xmpp = match &raw.xmpp {
+            None => None,
+            Some(x) => Some(xmpp_component(&cx, x, &peers)?),
+        };
+
         Ok(NodeConfig {
             file: file.to_path_buf(),
             domain,
@@ -330,8 +373,57 @@ impl NodeConfig {
             max_queue,
             max_inbox,
             request_timeout,
+            xmpp,
         })
     }
+}
+
+fn xmpp_component(
+    cx: &Ctx<'_>,
+    x: &RawXmpp,
+    peers: &[PeerConfig],
+) -> Result<XmppComponentConfig, ConfigError> {
+    let server = cx.addr("xmpp.server", &x.server)?;
+    let is_jid = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 1023
+            && !s.contains(['@', '/', ' ', '<', '>', '&', '\'', '"'])
+            && s.split('.').all(|l| !l.is_empty())
+    };
+    if !is_jid(&x.component) {
+        return Err(cx.err(
+            "xmpp.component",
+            format!(
+                "{:?} is not a component address like relay.a.example",
+                x.component
+            ),
+        ));
+    }
+    if x.secret.is_empty() {
+        return Err(cx.err("xmpp.secret", "must not be empty"));
+    }
+    let mut out = BTreeMap::new();
+    for (domain, jid) in &x.peers {
+        let key = format!("xmpp.peers.{domain}");
+        let d = cx.domain(&key, domain)?;
+        match peers.iter().find(|p| p.domain == d) {
+            Some(p) if p.transport == TransportKind::Xmpp => {}
+            Some(p) => {
+                return Err(cx.err(&key, format!("peer {d} uses {}, not xmpp", p.transport)));
+            }
+            None => return Err(cx.err(&key, format!("{d} is not among the peers"))),
+        }
+        if !is_jid(jid) {
+            return Err(cx.err(&key, format!("{jid:?} is not a component address")));
+        }
+        out.insert(d, jid.to_ascii_lowercase());
+    }
+    Ok(XmppComponentConfig {
+        server,
+        component: x.component.to_ascii_lowercase(),
+        secret: x.secret.clone(),
+        peers: out,
+    })
 }
 
 #[cfg(test)]
@@ -405,6 +497,29 @@ followers = ["b.example"]
         assert_eq!(k, "node.admin");
         let (k, _) = invalid(&GOOD.replace("[listen]\nquic = \"127.0.0.1:4433\"", "[listen]"));
         assert_eq!(k, "peers[0].transport");
+    }
+
+    #[test]
+    fn xmpp_component_section_is_validated_by_key() {
+        let xmpp = GOOD.replace("quic", "xmpp");
+        let ok = format!(
+            "{xmpp}\n[xmpp]\nserver = \"127.0.0.1:5347\"\ncomponent = \"relay.a.localhost\"\nsecret = \"s\"\npeers = {{ \"b.example\" = \"relay.b.localhost\" }}\n"
+        );
+        let (_d, r) = with_files(&ok);
+        let x = r.expect("valid").xmpp.expect("xmpp section");
+        assert_eq!(
+            x.peers.values().next().map(String::as_str),
+            Some("relay.b.localhost")
+        );
+        let (k, _) = invalid(&ok.replace("127.0.0.1:5347", "nowhere"));
+        assert_eq!(k, "xmpp.server");
+        let (k, _) = invalid(&ok.replace("relay.a.localhost", "a@b"));
+        assert_eq!(k, "xmpp.component");
+        let (k, _) = invalid(&ok.replace("secret = \"s\"", "secret = \"\""));
+        assert_eq!(k, "xmpp.secret");
+        let (k, m) = invalid(&ok.replace("\"b.example\" =", "\"z.example\" ="));
+        assert_eq!(k, "xmpp.peers.z.example");
+        assert!(m.contains("not among the peers"), "{m}");
     }
 
     #[test]

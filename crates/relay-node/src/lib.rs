@@ -61,6 +61,8 @@ pub enum NodeError {
     Https(#[from] relay_https::HttpsError),
     #[error("quic transport")]
     Quic(#[from] relay_quic::QuicError),
+    #[error("xmpp transport")]
+    Xmpp(#[from] relay_xmpp::XmppError),
     #[error("transport {0} is not part of this build")]
     NotBuilt(TransportKind),
     #[error("api listener on {addr}")]
@@ -205,6 +207,25 @@ impl Node {
                         request_timeout: cfg.request_timeout,
                     };
                     let (t, addr) = relay_quic::QuicTransport::start(qc, inbound.clone()).await?;
+                    (Arc::new(t), addr)
+                }
+                TransportKind::Xmpp => {
+                    let component = cfg.xmpp.as_ref().map(|x| relay_xmpp::ComponentConfig {
+                        server: x.server,
+                        jid: x.component.clone(),
+                        secret: x.secret.clone(),
+                        peers: x.peers.clone(),
+                    });
+                    let xc = relay_xmpp::XmppConfig {
+                        identity: identity.clone(),
+                        trust: trust.clone(),
+                        listen,
+                        peers,
+                        component,
+                        max_body: cfg.max_body,
+                        request_timeout: cfg.request_timeout,
+                    };
+                    let (t, addr) = relay_xmpp::XmppTransport::start(xc, inbound.clone()).await?;
                     (Arc::new(t), addr)
                 }
                 other => return Err(NodeError::NotBuilt(other)),

@@ -1,0 +1,553 @@
+//! Direct mode: relay-to-relay XML streams over mutual TLS, with XEP-0198 stream management.
+//!
+//! Each node dials each peer it sends to (the initiator) and answers the streams its peers dial
+//! (the responder), as the QUIC adapter does with its connections.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mimi_wire::uri::ProviderDomain;
+use relay_core::transport::{Inbound, TransportError};
+use relay_tls::PeerTrust;
+use rustls::pki_types::ServerName;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::binding::{self, NS_COMPONENT, NS_SM, NS_STREAM};
+use crate::link::{
+    Addressing, Command, Ended, HandshakeError, Link, Reader, Sink, Sm, spawn_writer, token,
+};
+use crate::scanner::Item;
+
+/// How long a responder keeps a broken session for its initiator to resume.
+const RESUME_WINDOW: Duration = Duration::from_secs(crate::RESUME_WINDOW_SECS);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Broken sessions kept at once; the oldest goes first.
+const MAX_PARKED: usize = 1024;
+
+/// Our stream header, sent by both sides.
+fn header(from: &str, to: &str, id: Option<&str>) -> Vec<u8> {
+    let mut h = Vec::new();
+    let _ = write!(
+        h,
+        "<?xml version='1.0'?><stream:stream xmlns='{NS_COMPONENT}' xmlns:stream='{NS_STREAM}' \
+         from='{}' to='{}' version='1.0'",
+        binding::escape(from),
+        binding::escape(to)
+    );
+    if let Some(id) = id {
+        let _ = write!(h, " id='{id}'");
+    }
+    h.push(b'>');
+    h
+}
+
+/// The sending side towards one peer: connects, enables or resumes the session, and keeps
+/// resuming it across broken connections until there is nothing left to resume.
+pub(crate) struct Initiator<I> {
+    pub(crate) link: Link<I>,
+    pub(crate) peer: ProviderDomain,
+    pub(crate) addr: SocketAddr,
+    pub(crate) connector: TlsConnector,
+    pub(crate) max_stanza: usize,
+    pub(crate) connect_timeout: Duration,
+}
+
+impl<I: Inbound> Initiator<I> {
+    pub(crate) async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Command>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut failures: u32 = 0;
+        loop {
+            if !self.link.is_busy() {
+                tokio::select! {
+                    c = rx.recv() => match c {
+                        Some(c) => self.link.backlog.push_back(c),
+                        None => return,
+                    },
+                    _ = stop.changed() => return,
+                }
+            }
+            let connected = tokio::time::timeout(self.connect_timeout, self.connect()).await;
+            let (mut reader, writer, wtask) = match connected {
+                Ok(Ok(c)) => c,
+                Ok(Err(error)) => {
+                    failures += 1;
+                    tracing::debug!(peer = %self.peer, %error, failures, "xmpp connect failed");
+                    self.after_failure(failures, &error.to_string(), &mut rx, &mut stop)
+                        .await;
+                    continue;
+                }
+                Err(_) => {
+                    failures += 1;
+                    self.after_failure(failures, "connect timed out", &mut rx, &mut stop)
+                        .await;
+                    continue;
+                }
+            };
+            failures = 0;
+            let ended = self
+                .link
+                .drive(&mut reader, &writer, Some(&mut rx), &mut stop)
+                .await;
+            drop(writer);
+            self.link.reset_connection();
+            match &ended {
+                Ended::Stopped => {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), wtask).await;
+                    return;
+                }
+                Ended::Lost(reason) => {
+                    tracing::info!(peer = %self.peer, %reason, "xmpp stream lost, resuming");
+                }
+                other => {
+                    // A stream error ends the session: what was in flight is retried by the
+                    // core.
+                    tracing::warn!(peer = %self.peer, ?other, "xmpp stream ended");
+                    self.link.fail_all(&TransportError::ConnectionLost);
+                }
+            }
+            wtask.abort();
+        }
+    }
+
+    /// After a failed connect: retry soon while the session may still be resumed, give up on
+    /// it (failing what it owes) after a few attempts.
+    async fn after_failure(
+        &mut self,
+        failures: u32,
+        reason: &str,
+        rx: &mut mpsc::UnboundedReceiver<Command>,
+        stop: &mut watch::Receiver<bool>,
+    ) {
+        if failures >= 3 {
+            let error = TransportError::Unreachable(reason.to_owned());
+            self.link.fail_all(&error);
+            while let Ok(c) = rx.try_recv() {
+                self.link.backlog.push_back(c);
+            }
+            self.link.fail_all(&error);
+            return;
+        }
+        let pause = Duration::from_millis(50 << failures);
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            _ = stop.changed() => {}
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    async fn connect(
+        &mut self,
+    ) -> Result<
+        (
+            Reader<tokio::io::ReadHalf<tokio_rustls::client::TlsStream<TcpStream>>>,
+            mpsc::UnboundedSender<bytes::Bytes>,
+            tokio::task::JoinHandle<()>,
+        ),
+        HandshakeError,
+    > {
+        let tcp = TcpStream::connect(self.addr).await?;
+        let _ = tcp.set_nodelay(true);
+        let name = ServerName::try_from(self.peer.as_str().to_owned())
+            .map_err(|_| HandshakeError::Protocol("peer domain as a tls name"))?;
+        let tls = self
+            .connector
+            .connect(name, tcp)
+            .await
+            .map_err(HandshakeError::Tls)?;
+        let (r, w) = tokio::io::split(tls);
+        let mut reader = Reader::new(r, self.max_stanza);
+        let (writer, wtask) = spawn_writer(w);
+        let hello = header(&self.link.addr.local, self.peer.as_str(), None);
+        writer.send(hello.into()).map_err(|_| HandshakeError::Eof)?;
+        let handshake = async {
+            match reader.item().await? {
+                Item::Header(h) => {
+                    let h = binding::parse(&h).map_err(|_| HandshakeError::Protocol("header"))?;
+                    if h.attr("from").map(binding::jid_domain).as_deref()
+                        != Some(&self.peer.as_str().to_ascii_lowercase())
+                    {
+                        return Err(HandshakeError::Protocol("header from another domain"));
+                    }
+                }
+                _ => return Err(HandshakeError::Protocol("element before the header")),
+            }
+            let features = reader.element().await?;
+            if !features.is("features", NS_STREAM) {
+                return Err(HandshakeError::Protocol("element instead of features"));
+            }
+            if let Some(sm) = &self.link.sm {
+                let resume = format!(
+                    "<resume xmlns='{NS_SM}' previd='{}' h='{}'/>",
+                    sm.id, sm.h_in
+                );
+                writer
+                    .send(resume.into())
+                    .map_err(|_| HandshakeError::Eof)?;
+                let answer = reader.element().await?;
+                if answer.is("resumed", NS_SM) {
+                    let h = answer.attr("h").and_then(|h| h.parse::<u32>().ok());
+                    let acked = match (h, self.link.sm.as_mut()) {
+                        (Some(h), Some(sm)) => sm.ack(h),
+                        _ => false,
+                    };
+                    if !acked {
+                        return Err(HandshakeError::Protocol("resumed with a bad h"));
+                    }
+                    tracing::info!(peer = %self.peer, "xmpp session resumed");
+                    self.link.resend_unacked();
+                    return Ok(());
+                }
+                if !answer.is("failed", NS_SM) {
+                    return Err(HandshakeError::Protocol("answer to resume"));
+                }
+                // The peer lost the session (it restarted): what we await will not come.
+                tracing::info!(peer = %self.peer, "xmpp session not resumable, starting anew");
+                self.link.fail_all(&TransportError::ConnectionLost);
+            }
+            writer
+                .send(format!("<enable xmlns='{NS_SM}' resume='true'/>").into())
+                .map_err(|_| HandshakeError::Eof)?;
+            let enabled = reader.element().await?;
+            let id = enabled
+                .attr("id")
+                .filter(|_| enabled.is("enabled", NS_SM))
+                .ok_or(HandshakeError::Protocol("answer to enable"))?;
+            self.link.sm = Some(Sm::new(id.to_owned()));
+            Ok(())
+        };
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+            Ok(Ok(())) => Ok((reader, writer, wtask)),
+            Ok(Err(e)) => {
+                wtask.abort();
+                Err(e)
+            }
+            Err(_) => {
+                wtask.abort();
+                Err(HandshakeError::Timeout)
+            }
+        }
+    }
+}
+
+/// A responder's session between connections.
+enum Slot {
+    /// A connection is driving it; sending on the channel asks that connection to let go.
+    Attached(watch::Sender<bool>),
+    Parked(Parked),
+}
+
+struct Parked {
+    peer: ProviderDomain,
+    sm: Sm,
+    since: Instant,
+}
+
+/// Sessions a responder keeps for resumption, by id.
+#[derive(Default)]
+pub(crate) struct Sessions(Mutex<HashMap<String, (ProviderDomain, Slot)>>);
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (ProviderDomain, Slot)>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn attach(&self, id: &str, peer: &ProviderDomain) -> watch::Receiver<bool> {
+        let (tx, rx) = watch::channel(false);
+        self.lock()
+            .insert(id.to_owned(), (peer.clone(), Slot::Attached(tx)));
+        rx
+    }
+
+    fn park(&self, id: &str, parked: Parked) {
+        let mut map = self.lock();
+        map.retain(|_, (_, s)| !matches!(s, Slot::Parked(p) if p.since.elapsed() > RESUME_WINDOW));
+        // A peer that keeps opening and dropping sessions cannot make us keep them all.
+        let parked_count = map
+            .values()
+            .filter(|(_, s)| matches!(s, Slot::Parked(_)))
+            .count();
+        if parked_count >= MAX_PARKED {
+            let oldest = map
+                .iter()
+                .filter_map(|(k, (_, s))| match s {
+                    Slot::Parked(p) => Some((p.since, k.clone())),
+                    Slot::Attached(_) => None,
+                })
+                .min();
+            if let Some((_, k)) = oldest {
+                map.remove(&k);
+            }
+        }
+        map.insert(id.to_owned(), (parked.peer.clone(), Slot::Parked(parked)));
+    }
+
+    fn forget(&self, id: &str) {
+        self.lock().remove(id);
+    }
+
+    /// Takes session `id` of `peer` for resumption, asking a connection still attached to it
+    /// to let go first.
+    async fn take(&self, id: &str, peer: &ProviderDomain) -> Option<Sm> {
+        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+        loop {
+            {
+                let mut map = self.lock();
+                match map.get(id) {
+                    Some((owner, _)) if owner != peer => return None,
+                    None => return None,
+                    Some((_, Slot::Attached(tx))) => {
+                        let _ = tx.send(true);
+                    }
+                    Some((_, Slot::Parked(p))) if p.since.elapsed() > RESUME_WINDOW => {
+                        map.remove(id);
+                        return None;
+                    }
+                    Some((_, Slot::Parked(_))) => {
+                        if let Some((_, Slot::Parked(p))) = map.remove(id) {
+                            return Some(p.sm);
+                        }
+                        return None;
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+pub(crate) struct ResponderCtx<I> {
+    pub(crate) inbound: I,
+    pub(crate) sink: Arc<dyn Sink>,
+    pub(crate) local: ProviderDomain,
+    pub(crate) trust: PeerTrust,
+    pub(crate) acceptor: TlsAcceptor,
+    pub(crate) max_body: usize,
+    pub(crate) sessions: Sessions,
+}
+
+pub(crate) async fn accept_loop<I: Inbound>(
+    listener: TcpListener,
+    ctx: Arc<ResponderCtx<I>>,
+    stop: watch::Receiver<bool>,
+) {
+    loop {
+        let mut stop_accept = stop.clone();
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop_accept.changed() => return,
+        };
+        match accepted {
+            Ok((tcp, remote)) => {
+                let _ = tcp.set_nodelay(true);
+                tokio::spawn(respond(tcp, remote, ctx.clone(), stop.clone()));
+            }
+            Err(error) => {
+                tracing::warn!(%error, "xmpp accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn respond<I: Inbound>(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    ctx: Arc<ResponderCtx<I>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, ctx.acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(error)) => {
+            tracing::warn!(%remote, %error, "inbound xmpp tls handshake failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    let peer = match tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .ok_or(relay_tls::TlsError::NoPeerCertificate)
+        .and_then(|chain| relay_tls::peer_domain(&ctx.trust, chain))
+    {
+        Ok(peer) => peer,
+        Err(error) => {
+            tracing::warn!(%remote, %error, "refusing inbound xmpp stream");
+            return;
+        }
+    };
+    let (r, w) = tokio::io::split(tls);
+    let mut reader = Reader::new(r, binding::max_stanza(ctx.max_body));
+    let (writer, wtask) = spawn_writer(w);
+    let mut link = Link::new(
+        Addressing::direct(&ctx.local, &peer),
+        ctx.max_body,
+        Some(ctx.inbound.clone()),
+        ctx.sink.clone(),
+    );
+    let session = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        open(&mut link, &mut reader, &writer, &ctx, &peer),
+    )
+    .await
+    {
+        Ok(Ok(session)) => session,
+        Ok(Err(Refusal::Stream(cond))) => {
+            let mut out = Vec::new();
+            binding::write_stream_error(&mut out, cond);
+            let _ = writer.send(out.into());
+            tracing::warn!(%remote, %peer, condition = cond, "refusing inbound xmpp stream");
+            drop(writer);
+            let _ = tokio::time::timeout(Duration::from_secs(1), wtask).await;
+            return;
+        }
+        Ok(Err(Refusal::Handshake(error))) => {
+            tracing::debug!(%remote, %peer, %error, "inbound xmpp stream failed to open");
+            return;
+        }
+        Err(_) => return,
+    };
+    tracing::info!(%peer, %remote, resumable = session.is_some(), "inbound xmpp stream");
+    let mut detach = match &session {
+        Some(id) => ctx.sessions.attach(id, &peer),
+        None => watch::channel(false).1,
+    };
+    let ended = tokio::select! {
+        ended = link.drive(&mut reader, &writer, None, &mut stop) => ended,
+        _ = detach.changed() => Ended::Lost("replaced by a resumption".into()),
+    };
+    drop(writer);
+    link.reset_connection();
+    tracing::info!(%peer, %remote, ?ended, "inbound xmpp stream ended");
+    match (session, ended) {
+        (Some(id), Ended::Lost(_)) => {
+            // Keep answering what was asked; the answers wait for the resumption.
+            link.settle_serving().await;
+            if let Some(sm) = link.sm.take() {
+                ctx.sessions.park(
+                    &id,
+                    Parked {
+                        peer,
+                        sm,
+                        since: Instant::now(),
+                    },
+                );
+            }
+            wtask.abort();
+        }
+        (Some(id), _) => {
+            ctx.sessions.forget(&id);
+            let _ = tokio::time::timeout(Duration::from_secs(1), wtask).await;
+        }
+        (None, _) => {
+            let _ = tokio::time::timeout(Duration::from_secs(1), wtask).await;
+        }
+    }
+}
+
+enum Refusal {
+    Stream(&'static str),
+    Handshake(HandshakeError),
+}
+
+impl From<HandshakeError> for Refusal {
+    fn from(e: HandshakeError) -> Self {
+        Refusal::Handshake(e)
+    }
+}
+
+/// The responder's half of opening: check the header, offer stream management, then enable
+/// a session or resume one. Returns the session id.
+async fn open<I: Inbound, R: tokio::io::AsyncRead + Unpin>(
+    link: &mut Link<I>,
+    reader: &mut Reader<R>,
+    writer: &mpsc::UnboundedSender<bytes::Bytes>,
+    ctx: &ResponderCtx<I>,
+    peer: &ProviderDomain,
+) -> Result<Option<String>, Refusal> {
+    let h = match reader.item().await? {
+        Item::Header(h) => h,
+        _ => return Err(Refusal::Stream("not-well-formed")),
+    };
+    let h = binding::parse(&h).map_err(|_| Refusal::Stream("not-well-formed"))?;
+    let local = ctx.local.as_str();
+    let mut hello = header(local, peer.as_str(), Some(&token()));
+    if h.ns() != NS_STREAM || h.name() != "stream" {
+        writer.send(hello.into()).ok();
+        return Err(Refusal::Stream("invalid-namespace"));
+    }
+    let _ = write!(
+        hello,
+        "<stream:features><sm xmlns='{NS_SM}'/></stream:features>"
+    );
+    writer.send(hello.into()).map_err(|_| HandshakeError::Eof)?;
+    // The stream's `from` must be the provider the certificate authenticated.
+    if h.attr("from").map(binding::jid_domain) != Some(peer.as_str().to_ascii_lowercase()) {
+        return Err(Refusal::Stream("invalid-from"));
+    }
+    if h.attr("to").map(binding::jid_domain) != Some(local.to_ascii_lowercase()) {
+        return Err(Refusal::Stream("host-unknown"));
+    }
+    loop {
+        let e = reader.element().await?;
+        if e.is("enable", NS_SM) {
+            let id = token();
+            link.sm = Some(Sm::new(id.clone()));
+            writer
+                .send(format!("<enabled xmlns='{NS_SM}' id='{id}' resume='true'/>").into())
+                .map_err(|_| HandshakeError::Eof)?;
+            return Ok(Some(id));
+        }
+        if e.is("resume", NS_SM) {
+            let previd = e.attr("previd").unwrap_or_default().to_owned();
+            let h = e.attr("h").and_then(|h| h.parse::<u32>().ok());
+            let taken = ctx.sessions.take(&previd, peer).await;
+            let resumed = match (h, taken) {
+                (Some(h), Some(mut sm)) => sm.ack(h).then_some(sm),
+                _ => None,
+            };
+            match resumed {
+                Some(sm) => {
+                    let answer = format!(
+                        "<resumed xmlns='{NS_SM}' previd='{}' h='{}'/>",
+                        binding::escape(&previd),
+                        sm.h_in
+                    );
+                    link.sm = Some(sm);
+                    link.write_raw(answer.as_bytes());
+                    link.resend_unacked();
+                    if let Some(bytes) = link.take_out() {
+                        writer.send(bytes).map_err(|_| HandshakeError::Eof)?;
+                    }
+                    return Ok(Some(previd));
+                }
+                _ => {
+                    writer
+                        .send(
+                            format!(
+                                "<failed xmlns='{NS_SM}'><item-not-found xmlns='{}'/></failed>",
+                                binding::NS_STANZAS
+                            )
+                            .into(),
+                        )
+                        .map_err(|_| HandshakeError::Eof)?;
+                    // The initiator goes on with `<enable/>`.
+                }
+            }
+            continue;
+        }
+        return Err(Refusal::Stream("unsupported-stanza-type"));
+    }
+}

@@ -1,0 +1,334 @@
+//! The XMPP transport adapter of mimi-relay.
+//!
+//! Contract (the wire format is specified in ARCHITECTURE.md, "The XMPP binding"):
+//! - **A MIMI request is an IQ set** carrying `<mimi xmlns='urn:mimi-relay:0' endpoint=..
+//!   target=.. seq=..>` with the exact body bytes in base64; the answer is an IQ result (2xx) or
+//!   an IQ error whose application condition is the same `<mimi status=.. next-seq=..>`
+//!   element. Probes are XEP-0199 pings.
+//! - **Direct mode** (no XMPP server): each node dials each peer it sends to over TCP + mutual
+//!   TLS (`relay-tls`, pinned certificates, ALPN [`ALPN`]) and opens a
+//!   `jabber:component:accept` stream; the certificate authenticates the provider, and the
+//!   stream header's and every stanza's `from` must be that provider (else the stream ends with
+//!   `invalid-from`). XEP-0198 stream management is mandatory: the responder keeps a broken
+//!   session for [`RESUME_WINDOW_SECS`] seconds, and the initiator resumes it, both resending
+//!   exactly the stanzas the other did not acknowledge, so a cut connection loses and repeats
+//!   nothing.
+//! - **Component mode**: with a [`ComponentConfig`], the peers it names are reached through an
+//!   XMPP server this relay is an XEP-0114 component of; peers' relays are components of their
+//!   own servers, and the servers federate.
+//! - **Limits**: a stanza over `max_body` (as base64, plus 16 KiB) is skipped unparsed and, if
+//!   its head shows an IQ request, answered 413 with the stream kept; malformed XML ends the
+//!   stream (`not-well-formed`), an unknown payload namespace gets `service-unavailable`.
+//! - **Outcomes**: every [`Transmit`] gets exactly one [`Inbound::outcome`]: the peer's answer,
+//!   or `NoRoute`, `Busy`, `Unreachable`, `ConnectionLost`, `Timeout` (from `send`, after
+//!   `request_timeout`) or `Closed`. Every probe gets one [`Inbound::probe_outcome`].
+//! - Requests on one connection are answered in the order they arrived (per-room order holds
+//!   since one peer's requests share one ordered stream). Payloads are never logged.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mimi_wire::uri::ProviderDomain;
+use relay_core::transport::{Inbound, Transmit, Transport, TransportError, TransportKind};
+use relay_tls::{PeerTrust, TlsError, TlsIdentity};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+pub mod binding;
+mod component;
+mod direct;
+mod link;
+pub mod scanner;
+
+pub use component::handshake_digest;
+pub use link::{Ended, HandshakeError, MAX_SERVING};
+
+use link::{Addressing, Command, InboundSink, Link, PeerShared, Sink, Ticket};
+
+/// The ALPN identifier of direct-mode streams.
+pub const ALPN: &[u8] = b"mimi-relay-xmpp/1";
+/// How long a responder keeps a broken direct-mode session for resumption.
+pub const RESUME_WINDOW_SECS: u64 = 60;
+
+/// Reaching peers through an XMPP server as an XEP-0114 component.
+#[derive(Clone)]
+pub struct ComponentConfig {
+    /// The server's component port (plain TCP).
+    pub server: SocketAddr,
+    /// Our component address, e.g. `relay.a.localhost`.
+    pub jid: String,
+    pub secret: String,
+    /// The component address of each peer provider reached this way.
+    pub peers: BTreeMap<ProviderDomain, String>,
+}
+
+impl fmt::Debug for ComponentConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ComponentConfig")
+            .field("server", &self.server)
+            .field("jid", &self.jid)
+            .field("peers", &self.peers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The adapter's configuration.
+#[derive(Debug, Clone)]
+pub struct XmppConfig {
+    pub identity: TlsIdentity,
+    pub trust: PeerTrust,
+    /// Where direct-mode streams are accepted; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// The TCP address of each peer reached directly.
+    pub peers: BTreeMap<ProviderDomain, SocketAddr>,
+    /// Peers reached through an XMPP server instead.
+    pub component: Option<ComponentConfig>,
+    pub max_body: usize,
+    pub request_timeout: Duration,
+}
+
+/// Errors starting the adapter.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum XmppError {
+    #[error("invalid TLS setup")]
+    Tls(#[from] TlsError),
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+struct PeerHandle {
+    tx: mpsc::UnboundedSender<Command>,
+    shared: Arc<PeerShared>,
+}
+
+/// The running XMPP adapter.
+pub struct XmppTransport {
+    local: SocketAddr,
+    peers: BTreeMap<ProviderDomain, PeerHandle>,
+    sink: Arc<dyn Sink>,
+    timer: mpsc::UnboundedSender<(Instant, std::sync::Weak<Ticket>)>,
+    request_timeout: Duration,
+    closed: Arc<AtomicBool>,
+    stop: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl fmt::Debug for XmppTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("XmppTransport")
+            .field("local", &self.local)
+            .field("peers", &self.peers.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl XmppTransport {
+    /// Listens for direct-mode peers, starts one task per peer (or one component stream) and
+    /// returns the adapter with the bound address. Must be called inside a tokio runtime.
+    pub async fn start<I: Inbound>(
+        config: XmppConfig,
+        inbound: I,
+    ) -> Result<(XmppTransport, SocketAddr), XmppError> {
+        let alpn = vec![ALPN.to_vec()];
+        let server_tls = relay_tls::server_config(&config.identity, &config.trust, alpn.clone())?;
+        let client_tls = relay_tls::client_config(&config.identity, &config.trust, alpn)?;
+        let bind_err = |source| XmppError::Bind {
+            addr: config.listen,
+            source,
+        };
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(bind_err)?;
+        let local = listener.local_addr().map_err(bind_err)?;
+        let domain = config.identity.domain.clone();
+        tracing::info!(%local, %domain, "xmpp adapter listening");
+
+        let closed = Arc::new(AtomicBool::new(false));
+        let (stop, stop_rx) = watch::channel(false);
+        let sink: Arc<dyn Sink> = Arc::new(InboundSink(inbound.clone()));
+        let (timer, timer_rx) = mpsc::unbounded_channel();
+        let max_stanza = binding::max_stanza(config.max_body);
+        let ctx = Arc::new(direct::ResponderCtx {
+            inbound: inbound.clone(),
+            sink: sink.clone(),
+            local: domain.clone(),
+            trust: config.trust.clone(),
+            acceptor: tokio_rustls::TlsAcceptor::from(server_tls),
+            max_body: config.max_body,
+            sessions: direct::Sessions::default(),
+        });
+        let mut tasks = vec![
+            tokio::spawn(link::timer_task(timer_rx)),
+            tokio::spawn(direct::accept_loop(listener, ctx, stop_rx.clone())),
+        ];
+        let connector = tokio_rustls::TlsConnector::from(client_tls);
+        let mut peers = BTreeMap::new();
+        let via_component: BTreeMap<_, _> = config
+            .component
+            .as_ref()
+            .map(|c| c.peers.clone())
+            .unwrap_or_default();
+        for (peer, addr) in &config.peers {
+            if via_component.contains_key(peer) {
+                continue;
+            }
+            let shared = Arc::new(PeerShared::new(sink.clone(), closed.clone()));
+            let (tx, rx) = mpsc::unbounded_channel();
+            let link = Link::<I>::new(
+                Addressing::direct(&domain, peer),
+                config.max_body,
+                None,
+                sink.clone(),
+            );
+            let task = direct::Initiator {
+                link,
+                peer: peer.clone(),
+                addr: *addr,
+                connector: connector.clone(),
+                max_stanza,
+                connect_timeout: config.request_timeout,
+            };
+            tasks.push(tokio::spawn(task.run(rx, stop_rx.clone())));
+            peers.insert(peer.clone(), PeerHandle { tx, shared });
+        }
+        if let Some(c) = config.component {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let shared = Arc::new(PeerShared::new(sink.clone(), closed.clone()));
+            let addr = Addressing {
+                local: c.jid.clone(),
+                by_jid: c
+                    .peers
+                    .iter()
+                    .map(|(d, j)| (binding::jid_domain(j), d.clone()))
+                    .collect::<HashMap<_, _>>(),
+                by_domain: c.peers.clone().into_iter().collect(),
+                strict: false,
+            };
+            let link = Link::new(addr, config.max_body, Some(inbound.clone()), sink.clone());
+            let task = component::Component {
+                link,
+                server: c.server,
+                secret: c.secret.clone(),
+                max_stanza,
+            };
+            tasks.push(tokio::spawn(task.run(rx, stop_rx.clone())));
+            for peer in c.peers.keys() {
+                peers.insert(
+                    peer.clone(),
+                    PeerHandle {
+                        tx: tx.clone(),
+                        shared: shared.clone(),
+                    },
+                );
+            }
+        }
+        Ok((
+            XmppTransport {
+                local,
+                peers,
+                sink,
+                timer,
+                request_timeout: config.request_timeout,
+                closed,
+                stop,
+                tasks: Mutex::new(tasks),
+            },
+            local,
+        ))
+    }
+
+    /// The bound TCP address of the direct-mode listener.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Ends every stream politely, fails what is still owed with `Closed`, and returns once
+    /// the tasks are gone.
+    pub async fn shutdown(&self) {
+        self.closed.store(true, Ordering::Release);
+        let _ = self.stop.send(true);
+        let mut tasks = match self.tasks.lock() {
+            Ok(mut t) => std::mem::take(&mut *t),
+            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+        };
+        // The first task is the timer, which only ends with the adapter.
+        if !tasks.is_empty() {
+            tasks.remove(0).abort();
+        }
+        for mut task in tasks {
+            if tokio::time::timeout(Duration::from_secs(1), &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
+            }
+        }
+        tracing::info!("xmpp adapter shut down");
+    }
+}
+
+impl Drop for XmppTransport {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::Release);
+        let _ = self.stop.send(true);
+        if let Ok(tasks) = self.tasks.get_mut() {
+            for task in tasks.drain(..) {
+                task.abort();
+            }
+        }
+    }
+}
+
+impl Transport for XmppTransport {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Xmpp
+    }
+
+    fn send(&self, transmit: Transmit) {
+        if self.closed.load(Ordering::Acquire) {
+            self.sink.outcome(transmit.id, Err(TransportError::Closed));
+            return;
+        }
+        let Some(peer) = self.peers.get(&transmit.dest) else {
+            let dest = transmit.dest.clone();
+            self.sink
+                .outcome(transmit.id, Err(TransportError::NoRoute(dest)));
+            return;
+        };
+        let Some(ticket) = Ticket::issue(&peer.shared, transmit.id) else {
+            self.sink.outcome(transmit.id, Err(TransportError::Busy));
+            return;
+        };
+        let _ = self.timer.send((
+            Instant::now() + self.request_timeout,
+            Arc::downgrade(&ticket),
+        ));
+        // On failure the command is dropped and the ticket reports `Closed`/`ConnectionLost`.
+        let _ = peer.tx.send(Command::Transmit(transmit, ticket));
+    }
+
+    fn probe(&self, peer: &ProviderDomain) {
+        let sent = !self.closed.load(Ordering::Acquire)
+            && self
+                .peers
+                .get(peer)
+                .is_some_and(|p| p.tx.send(Command::Probe(peer.clone())).is_ok());
+        if !sent {
+            self.sink.probe_outcome(peer.clone(), false);
+        }
+    }
+
+    fn shutdown(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(XmppTransport::shutdown(self))
+    }
+}

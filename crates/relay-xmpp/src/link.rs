@@ -1,0 +1,859 @@
+//! One XMPP session and the loop that drives it over a byte stream, shared by the three roles
+//! (direct initiator, direct responder, component).
+//!
+//! A [`Link`] holds what outlives one TCP connection: the stream-management counters and the
+//! stanzas sent but not acknowledged (XEP-0198), the requests we await answers for, and the
+//! requests we are answering. [`Link::drive`] runs it over one connection until that ends.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::FutureExt;
+use futures::stream::{FuturesOrdered, StreamExt};
+use mimi_wire::uri::ProviderDomain;
+use minidom::Element;
+use relay_core::transport::{
+    Inbound, Request, Response, Status, Transmit, TransmitId, TransportError, TransportKind,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::binding::{self, Iq, NS_COMPONENT, NS_SM, NS_STREAM};
+use crate::scanner::{Item, ScanError, Scanner};
+
+/// Requests of one link being answered at once; beyond it the link stops reading and TCP
+/// pushes back.
+pub const MAX_SERVING: usize = 256;
+/// Transmits to one peer that may be unanswered before `send` reports `Busy`.
+pub const MAX_IN_FLIGHT_PER_PEER: usize = 65_536;
+/// Commands taken from the queue per write batch.
+const MAX_BATCH: usize = 256;
+/// Stanzas a peer may leave unacknowledged before the stream ends with `resource-constraint`:
+/// bounds what a peer that never acknowledges can make us keep.
+pub const MAX_UNACKED: usize = 65_536;
+/// With something unanswered, a connection silent for this long is considered dead.
+const SILENCE: Duration = Duration::from_secs(5);
+
+/// Where outcomes go: the node's [`Inbound`] without its generic request side.
+pub(crate) trait Sink: Send + Sync + 'static {
+    fn outcome(&self, id: TransmitId, outcome: Result<Response, TransportError>);
+    fn probe_outcome(&self, peer: ProviderDomain, alive: bool);
+}
+
+pub(crate) struct InboundSink<I>(pub(crate) I);
+
+impl<I: Inbound> Sink for InboundSink<I> {
+    fn outcome(&self, id: TransmitId, outcome: Result<Response, TransportError>) {
+        self.0.outcome(id, outcome);
+    }
+    fn probe_outcome(&self, peer: ProviderDomain, alive: bool) {
+        self.0.probe_outcome(peer, alive);
+    }
+}
+
+/// Counts a peer's unanswered transmits; shared by `send` and the peer's task.
+pub(crate) struct PeerShared {
+    pub(crate) sink: Arc<dyn Sink>,
+    in_flight: AtomicUsize,
+    closed: Arc<AtomicBool>,
+}
+
+impl PeerShared {
+    pub(crate) fn new(sink: Arc<dyn Sink>, closed: Arc<AtomicBool>) -> Self {
+        PeerShared {
+            sink,
+            in_flight: AtomicUsize::new(0),
+            closed,
+        }
+    }
+}
+
+/// One transmit's right to exactly one outcome; dropped unfinished it reports
+/// `ConnectionLost` (or `Closed` after shutdown). The timer holds a weak reference.
+pub(crate) struct Ticket {
+    id: TransmitId,
+    done: AtomicBool,
+    peer: Arc<PeerShared>,
+}
+
+impl Ticket {
+    pub(crate) fn issue(peer: &Arc<PeerShared>, id: TransmitId) -> Option<Arc<Ticket>> {
+        if peer.in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_IN_FLIGHT_PER_PEER {
+            peer.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Arc::new(Ticket {
+            id,
+            done: AtomicBool::new(false),
+            peer: peer.clone(),
+        }))
+    }
+
+    pub(crate) fn finish(&self, outcome: Result<Response, TransportError>) {
+        if !self.done.swap(true, Ordering::AcqRel) {
+            self.peer.in_flight.fetch_sub(1, Ordering::AcqRel);
+            self.peer.sink.outcome(self.id, outcome);
+        }
+    }
+
+    pub(crate) fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.is_done() {
+            let error = if self.peer.closed.load(Ordering::Acquire) {
+                TransportError::Closed
+            } else {
+                TransportError::ConnectionLost
+            };
+            self.finish(Err(error));
+        }
+    }
+}
+
+/// Reports `Timeout` for tickets unfinished at their deadline (deadlines arrive in order).
+pub(crate) async fn timer_task(mut rx: mpsc::UnboundedReceiver<(Instant, Weak<Ticket>)>) {
+    let mut queue: VecDeque<(Instant, Weak<Ticket>)> = VecDeque::new();
+    let mut sleep = std::pin::pin!(tokio::time::sleep(Duration::from_secs(3600)));
+    loop {
+        tokio::select! {
+            item = rx.recv() => match item {
+                Some(item) => queue.push_back(item),
+                None => return,
+            },
+            () = &mut sleep, if !queue.is_empty() => {}
+        }
+        let now = Instant::now();
+        while let Some((deadline, ticket)) = queue.front() {
+            if ticket.strong_count() > 0 {
+                if *deadline > now {
+                    break;
+                }
+                if let Some(ticket) = ticket.upgrade() {
+                    ticket.finish(Err(TransportError::Timeout));
+                }
+            }
+            queue.pop_front();
+        }
+        if let Some((deadline, _)) = queue.front() {
+            sleep.as_mut().reset(*deadline);
+        }
+    }
+}
+
+pub(crate) enum Command {
+    Transmit(Transmit, Arc<Ticket>),
+    Probe(ProviderDomain),
+}
+
+enum Awaiting {
+    Transmit(Arc<Ticket>),
+    Probe(ProviderDomain),
+}
+
+/// Who may talk on a link, and under which XMPP address.
+#[derive(Clone, Debug)]
+pub(crate) struct Addressing {
+    /// Our own address, the `from` of what we send.
+    pub(crate) local: String,
+    /// Peer address domain (lower-case) to provider.
+    pub(crate) by_jid: HashMap<String, ProviderDomain>,
+    /// Provider to peer address.
+    pub(crate) by_domain: HashMap<ProviderDomain, String>,
+    /// Direct mode: a stanza from outside `by_jid` is forged and ends the stream
+    /// (`invalid-from`). Component mode: the server vouches for `from`, so an unknown sender
+    /// only gets its IQ refused.
+    pub(crate) strict: bool,
+}
+
+impl Addressing {
+    pub(crate) fn direct(local: &ProviderDomain, peer: &ProviderDomain) -> Self {
+        Addressing {
+            local: local.as_str().to_owned(),
+            by_jid: HashMap::from([(peer.as_str().to_ascii_lowercase(), peer.clone())]),
+            by_domain: HashMap::from([(peer.clone(), peer.as_str().to_owned())]),
+            strict: true,
+        }
+    }
+}
+
+/// XEP-0198 state of one session.
+#[derive(Debug)]
+pub(crate) struct Sm {
+    pub(crate) id: String,
+    /// Stanzas received and handled.
+    pub(crate) h_in: u32,
+    /// Stanzas sent (the number of the last one).
+    pub(crate) sent: u32,
+    /// Sent and not acknowledged, with their numbers.
+    pub(crate) unacked: VecDeque<(u32, Bytes)>,
+}
+
+impl Sm {
+    pub(crate) fn new(id: String) -> Self {
+        Sm {
+            id,
+            h_in: 0,
+            sent: 0,
+            unacked: VecDeque::new(),
+        }
+    }
+
+    /// Forgets what the peer has handled; `false` if it claims more than was sent.
+    pub(crate) fn ack(&mut self, h: u32) -> bool {
+        if h > self.sent {
+            return false;
+        }
+        while self.unacked.front().is_some_and(|(n, _)| *n <= h) {
+            self.unacked.pop_front();
+        }
+        true
+    }
+}
+
+/// How one connection of a link ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// The peer closed its stream politely.
+    Closed,
+    /// The connection broke (read or write failed, or it went silent).
+    Lost(String),
+    /// We sent a stream error with this condition and closed.
+    WeRefused(&'static str),
+    /// The peer sent a stream error with this condition.
+    PeerRefused(String),
+    /// Our side is shutting down.
+    Stopped,
+}
+
+type Answer = Pin<Box<dyn Future<Output = Vec<u8>> + Send>>;
+
+/// Reads one connection.
+pub(crate) struct Reader<R> {
+    pub(crate) io: R,
+    pub(crate) scanner: Scanner,
+    buf: BytesMut,
+}
+
+impl<R: AsyncRead + Unpin> Reader<R> {
+    pub(crate) fn new(io: R, max: usize) -> Self {
+        Reader {
+            io,
+            scanner: Scanner::new(max),
+            buf: BytesMut::with_capacity(64 * 1024),
+        }
+    }
+
+    /// Reads more bytes into the scanner; `false` at end of input.
+    async fn fill(&mut self) -> std::io::Result<bool> {
+        self.buf.clear();
+        let n = self.io.read_buf(&mut self.buf).await?;
+        self.scanner.push(&self.buf[..n]);
+        Ok(n > 0)
+    }
+
+    /// The next item, reading as needed (for handshakes).
+    pub(crate) async fn item(&mut self) -> Result<Item, HandshakeError> {
+        loop {
+            if let Some(item) = self.scanner.poll_item()? {
+                return Ok(item);
+            }
+            if !self.fill().await? {
+                return Err(HandshakeError::Eof);
+            }
+        }
+    }
+
+    /// The next parsed element (for handshakes).
+    pub(crate) async fn element(&mut self) -> Result<Element, HandshakeError> {
+        match self.item().await? {
+            Item::Element(bytes) => {
+                let e = binding::parse(&bytes).map_err(|_| HandshakeError::Protocol("xml"))?;
+                if e.is("error", NS_STREAM) {
+                    let cond = e
+                        .children()
+                        .next()
+                        .map_or_else(String::new, |c| c.name().to_owned());
+                    return Err(HandshakeError::Refused(cond));
+                }
+                Ok(e)
+            }
+            Item::Header(_) => Err(HandshakeError::Protocol("second header")),
+            Item::TooLarge { .. } => Err(HandshakeError::Protocol("oversize element")),
+            Item::End => Err(HandshakeError::Eof),
+        }
+    }
+}
+
+/// Why a stream could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandshakeError {
+    #[error("i/o")]
+    Io(#[from] std::io::Error),
+    #[error("stream ended during the handshake")]
+    Eof,
+    #[error("malformed stream")]
+    Scan(#[from] ScanError),
+    #[error("unexpected {0} during the handshake")]
+    Protocol(&'static str),
+    #[error("peer refused the stream: {0}")]
+    Refused(String),
+    #[error("tls")]
+    Tls(#[source] std::io::Error),
+    #[error("timed out")]
+    Timeout,
+}
+
+/// Writes whatever the link hands it, in order, on its own task so that reading never waits
+/// for a slow write (both peers writing at once cannot deadlock).
+pub(crate) fn spawn_writer<W: AsyncWrite + Unpin + Send + 'static>(
+    mut io: W,
+) -> (mpsc::UnboundedSender<Bytes>, tokio::task::JoinHandle<()>) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+    let task = tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut chunk = first;
+            loop {
+                if io.write_all(&chunk).await.is_err() {
+                    return;
+                }
+                match rx.try_recv() {
+                    Ok(next) => chunk = next,
+                    Err(_) => break,
+                }
+            }
+            if io.flush().await.is_err() {
+                return;
+            }
+        }
+        let _ = io.shutdown().await;
+    });
+    (tx, task)
+}
+
+pub(crate) struct Link<I> {
+    pub(crate) addr: Addressing,
+    pub(crate) max_body: usize,
+    pub(crate) sm: Option<Sm>,
+    awaiting: HashMap<String, Awaiting>,
+    /// Commands taken while no connection was up.
+    pub(crate) backlog: VecDeque<Command>,
+    pub(crate) serving: FuturesOrdered<Answer>,
+    inbound: Option<I>,
+    next_id: u64,
+    out: Vec<u8>,
+    sink: Arc<dyn Sink>,
+}
+
+impl<I: Inbound> Link<I> {
+    pub(crate) fn new(
+        addr: Addressing,
+        max_body: usize,
+        inbound: Option<I>,
+        sink: Arc<dyn Sink>,
+    ) -> Self {
+        Link {
+            addr,
+            max_body,
+            sm: None,
+            awaiting: HashMap::new(),
+            backlog: VecDeque::new(),
+            serving: FuturesOrdered::new(),
+            inbound,
+            next_id: 1,
+            out: Vec::new(),
+            sink,
+        }
+    }
+
+    /// Whether anything is owed to or by the peer.
+    pub(crate) fn is_busy(&self) -> bool {
+        !self.awaiting.is_empty()
+            || !self.backlog.is_empty()
+            || self.sm.as_ref().is_some_and(|s| !s.unacked.is_empty())
+    }
+
+    /// Fails everything we await and forgets the session: nothing of it will be resent.
+    pub(crate) fn fail_all(&mut self, error: &TransportError) {
+        self.sm = None;
+        for (_, a) in self.awaiting.drain() {
+            match a {
+                Awaiting::Transmit(t) => t.finish(Err(error.clone())),
+                Awaiting::Probe(p) => self.sink.probe_outcome(p, false),
+            }
+        }
+        for c in self.backlog.drain(..) {
+            match c {
+                Command::Transmit(_, t) => t.finish(Err(error.clone())),
+                Command::Probe(p) => self.sink.probe_outcome(p, false),
+            }
+        }
+    }
+
+    /// Queues one stanza for writing, numbering it when stream management is on.
+    fn emit(&mut self, stanza: Vec<u8>) {
+        match &mut self.sm {
+            Some(sm) => {
+                sm.sent = sm.sent.wrapping_add(1);
+                self.out.extend_from_slice(&stanza);
+                sm.unacked.push_back((sm.sent, Bytes::from(stanza)));
+            }
+            None => self.out.extend_from_slice(&stanza),
+        }
+    }
+
+    /// Queues again every stanza not acknowledged (after a resumption).
+    pub(crate) fn resend_unacked(&mut self) {
+        if let Some(sm) = &self.sm {
+            for (_, s) in &sm.unacked {
+                self.out.extend_from_slice(s);
+            }
+            if !sm.unacked.is_empty() {
+                self.request_ack();
+            }
+        }
+    }
+
+    fn request_ack(&mut self) {
+        if self.sm.is_some() {
+            let _ = write!(self.out, "<r xmlns='{NS_SM}'/>");
+        }
+    }
+
+    pub(crate) fn write_raw(&mut self, bytes: &[u8]) {
+        self.out.extend_from_slice(bytes);
+    }
+
+    pub(crate) fn take_out(&mut self) -> Option<Bytes> {
+        (!self.out.is_empty()).then(|| Bytes::from(std::mem::take(&mut self.out)))
+    }
+
+    fn command(&mut self, c: Command) {
+        match c {
+            Command::Transmit(t, ticket) => {
+                if ticket.is_done() {
+                    return; // timed out while queued: do not send it late
+                }
+                let Some(to) = self.addr.by_domain.get(&t.dest).cloned() else {
+                    ticket.finish(Err(TransportError::NoRoute(t.dest.clone())));
+                    return;
+                };
+                let id = format!("m{}", self.next_id);
+                self.next_id += 1;
+                let mut s = Vec::with_capacity(t.body_len() * 4 / 3 + 256);
+                binding::write_request(&mut s, &id, &self.addr.local, &to, &t);
+                self.awaiting.insert(id, Awaiting::Transmit(ticket));
+                self.emit(s);
+            }
+            Command::Probe(peer) => {
+                let Some(to) = self.addr.by_domain.get(&peer).cloned() else {
+                    self.sink.probe_outcome(peer, false);
+                    return;
+                };
+                let id = format!("p{}", self.next_id);
+                self.next_id += 1;
+                let mut s = Vec::new();
+                binding::write_ping(&mut s, &id, &self.addr.local, &to);
+                self.awaiting.insert(id, Awaiting::Probe(peer));
+                self.emit(s);
+            }
+        }
+    }
+
+    /// Runs the link over one connection until it ends. `rx` feeds our own requests (absent on
+    /// a responder); `stop` ends it politely.
+    pub(crate) async fn drive<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut Reader<R>,
+        writer: &mpsc::UnboundedSender<Bytes>,
+        mut rx: Option<&mut mpsc::UnboundedReceiver<Command>>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Ended {
+        let backlog: Vec<Command> = self.backlog.drain(..).collect();
+        let had_backlog = !backlog.is_empty();
+        for c in backlog {
+            self.command(c);
+        }
+        if had_backlog {
+            self.request_ack();
+        }
+        let mut last_read = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            // Items already buffered (after a handshake, or held back while too many requests
+            // were being answered) come before reading more.
+            if let Some(end) = self.scan(reader, writer) {
+                return end;
+            }
+            if let Some(bytes) = self.take_out()
+                && writer.send(bytes).is_err()
+            {
+                return Ended::Lost("write failed".into());
+            }
+            if writer.is_closed() {
+                return Ended::Lost("write failed".into());
+            }
+            if self
+                .sm
+                .as_ref()
+                .is_some_and(|s| s.unacked.len() > MAX_UNACKED)
+            {
+                return self.refuse(writer, "resource-constraint");
+            }
+            let can_read = self.serving.len() < MAX_SERVING;
+            tokio::select! {
+                biased;
+                _ = stop.changed() => {
+                    let _ = writer.send(Bytes::from_static(b"</stream:stream>"));
+                    return Ended::Stopped;
+                }
+                Some(answer) = self.serving.next(), if !self.serving.is_empty() => {
+                    self.emit(answer);
+                    while let Some(Some(answer)) = self.serving.next().now_or_never() {
+                        self.emit(answer);
+                    }
+                    self.request_ack();
+                }
+                c = recv(&mut rx) => {
+                    let Some(c) = c else {
+                        let _ = writer.send(Bytes::from_static(b"</stream:stream>"));
+                        return Ended::Stopped;
+                    };
+                    self.command(c);
+                    let mut n = 1;
+                    while n < MAX_BATCH {
+                        let Some(rx) = rx.as_mut() else { break };
+                        match rx.try_recv() {
+                            Ok(c) => self.command(c),
+                            Err(_) => break,
+                        }
+                        n += 1;
+                    }
+                    self.request_ack();
+                }
+                read = reader.fill(), if can_read => {
+                    match read {
+                        Ok(true) => last_read = Instant::now(),
+                        Ok(false) => return Ended::Lost("connection closed".into()),
+                        Err(e) => return Ended::Lost(e.to_string()),
+                    }
+                }
+                _ = tick.tick() => {
+                    // Only with stream management: resuming is lossless. A component's
+                    // server may legitimately hold our IQs while it reaches a peer.
+                    if self.sm.is_some() && self.is_busy() && last_read.elapsed() > SILENCE {
+                        return Ended::Lost("peer silent".into());
+                    }
+                    if self.sm.as_ref().is_some_and(|s| !s.unacked.is_empty()) {
+                        self.request_ack();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles the items the scanner holds, while there is room to answer them.
+    fn scan<R>(
+        &mut self,
+        reader: &mut Reader<R>,
+        writer: &mpsc::UnboundedSender<Bytes>,
+    ) -> Option<Ended> {
+        while self.serving.len() < MAX_SERVING {
+            let item = match reader.scanner.poll_item() {
+                Ok(Some(item)) => item,
+                Ok(None) => break,
+                Err(ScanError::Restricted) => return Some(self.refuse(writer, "restricted-xml")),
+                Err(_) => return Some(self.refuse(writer, "not-well-formed")),
+            };
+            if let Some(end) = self.item(item) {
+                if let Ended::WeRefused(cond) = end {
+                    return Some(self.refuse(writer, cond));
+                }
+                if let Some(bytes) = self.take_out() {
+                    let _ = writer.send(bytes);
+                }
+                return Some(end);
+            }
+        }
+        None
+    }
+
+    fn refuse(&mut self, writer: &mpsc::UnboundedSender<Bytes>, cond: &'static str) -> Ended {
+        tracing::warn!(
+            condition = cond,
+            "ending an xmpp stream with a stream error"
+        );
+        binding::write_stream_error(&mut self.out, cond);
+        if let Some(bytes) = self.take_out() {
+            let _ = writer.send(bytes);
+        }
+        Ended::WeRefused(cond)
+    }
+
+    /// Handles one item; `Some` if the stream ends.
+    fn item(&mut self, item: Item) -> Option<Ended> {
+        match item {
+            Item::End => Some(Ended::Closed),
+            Item::Header(_) => Some(Ended::WeRefused("not-well-formed")),
+            Item::TooLarge { head, len } => {
+                tracing::debug!(len, "oversize stanza skipped unparsed");
+                let Some(el) = head.and_then(|h| binding::parse(&h).ok()) else {
+                    return Some(Ended::WeRefused("policy-violation"));
+                };
+                let is_request = el.is("iq", NS_COMPONENT)
+                    && matches!(el.attr("type"), Some("set" | "get"))
+                    && el.attr("id").is_some();
+                if !is_request {
+                    return Some(Ended::WeRefused("policy-violation"));
+                }
+                if let Some(end) = self.check_from(&el) {
+                    return end;
+                }
+                self.count_in();
+                let id = el.attr("id").unwrap_or_default().to_owned();
+                let to = el.attr("from").unwrap_or_default().to_owned();
+                let mut s = Vec::new();
+                let r = Response::error(Status::TooLarge, "stanza over the limit");
+                binding::write_answer(&mut s, &id, &self.addr.local, &to, &r);
+                self.serving.push_back(Box::pin(std::future::ready(s)));
+                None
+            }
+            Item::Element(bytes) => {
+                let Ok(el) = binding::parse(&bytes) else {
+                    return Some(Ended::WeRefused("not-well-formed"));
+                };
+                self.element(el)
+            }
+        }
+    }
+
+    fn count_in(&mut self) {
+        if let Some(sm) = &mut self.sm {
+            sm.h_in = sm.h_in.wrapping_add(1);
+        }
+    }
+
+    /// `Some(end)` if the stanza's `from` must end the stream, `Some(None)` if the stanza is
+    /// refused alone (and already answered), `None` if the sender is a known peer.
+    fn check_from(&mut self, el: &Element) -> Option<Option<Ended>> {
+        let Some(from) = el.attr("from") else {
+            return Some(Some(Ended::WeRefused("improper-addressing")));
+        };
+        if self.addr.by_jid.contains_key(&binding::jid_domain(from)) {
+            return None;
+        }
+        if self.addr.strict {
+            return Some(Some(Ended::WeRefused("invalid-from")));
+        }
+        // A server routed us a stanza from someone who is not a configured peer.
+        self.count_in();
+        if el.is("iq", NS_COMPONENT)
+            && matches!(el.attr("type"), Some("set" | "get"))
+            && let Some(id) = el.attr("id")
+        {
+            let mut s = Vec::new();
+            let r = Response::error(Status::Forbidden, "not a configured peer");
+            binding::write_answer(&mut s, id, &self.addr.local, from, &r);
+            self.serving.push_back(Box::pin(std::future::ready(s)));
+        }
+        Some(None)
+    }
+
+    fn element(&mut self, el: Element) -> Option<Ended> {
+        if el.ns() == NS_SM {
+            match el.name() {
+                "r" => {
+                    let h = self.sm.as_ref().map_or(0, |s| s.h_in);
+                    let _ = write!(self.out, "<a xmlns='{NS_SM}' h='{h}'/>");
+                }
+                "a" => {
+                    let h = el.attr("h").and_then(|h| h.parse::<u32>().ok());
+                    let ok = match (h, &mut self.sm) {
+                        (Some(h), Some(sm)) => sm.ack(h),
+                        _ => false,
+                    };
+                    if !ok {
+                        return Some(Ended::WeRefused("undefined-condition"));
+                    }
+                }
+                _ => return Some(Ended::WeRefused("unsupported-stanza-type")),
+            }
+            return None;
+        }
+        if el.is("error", NS_STREAM) {
+            let cond = el
+                .children()
+                .next()
+                .map_or_else(String::new, |c| c.name().to_owned());
+            return Some(Ended::PeerRefused(cond));
+        }
+        if el.ns() != NS_COMPONENT {
+            // RFC 6120 section 4.9.3.24: a first-level child we do not support.
+            return Some(Ended::WeRefused("unsupported-stanza-type"));
+        }
+        match el.name() {
+            "iq" => {}
+            // Not part of the binding: handled (counted) and dropped.
+            "message" | "presence" => {
+                if let Some(end) = self.check_from(&el) {
+                    return end;
+                }
+                self.count_in();
+                return None;
+            }
+            _ => return Some(Ended::WeRefused("unsupported-stanza-type")),
+        }
+        if let Some(end) = self.check_from(&el) {
+            return end;
+        }
+        self.count_in();
+        let from_attr = el.attr("from").unwrap_or_default().to_owned();
+        let Some(from) = self
+            .addr
+            .by_jid
+            .get(&binding::jid_domain(&from_attr))
+            .cloned()
+        else {
+            return None; // checked above
+        };
+        let Some((id, iq)) = binding::classify(&el, self.max_body) else {
+            return Some(Ended::WeRefused("bad-format"));
+        };
+        let local = self.addr.local.clone();
+        match iq {
+            Iq::Request(Ok(r)) => {
+                let answer: Answer = match &self.inbound {
+                    Some(inbound) => {
+                        let inbound = inbound.clone();
+                        let request = Request {
+                            from,
+                            transport: TransportKind::Xmpp,
+                            endpoint: r.endpoint,
+                            target: r.target,
+                            seq: r.seq,
+                            body: r.body,
+                        };
+                        Box::pin(async move {
+                            let response = inbound.request(request).await;
+                            let mut s = Vec::with_capacity(response.body.len() * 4 / 3 + 256);
+                            binding::write_answer(&mut s, &id, &local, &from_attr, &response);
+                            s
+                        })
+                    }
+                    None => {
+                        let mut s = Vec::new();
+                        binding::write_plain_error(
+                            &mut s,
+                            &id,
+                            &local,
+                            &from_attr,
+                            "service-unavailable",
+                            "cancel",
+                        );
+                        Box::pin(std::future::ready(s))
+                    }
+                };
+                self.serving.push_back(answer);
+            }
+            Iq::Request(Err((status, why))) => {
+                let mut s = Vec::new();
+                binding::write_answer(
+                    &mut s,
+                    &id,
+                    &local,
+                    &from_attr,
+                    &Response::error(status, why),
+                );
+                self.serving.push_back(Box::pin(std::future::ready(s)));
+            }
+            Iq::Ping => {
+                let mut s = Vec::new();
+                binding::write_empty_result(&mut s, &id, &local, &from_attr);
+                self.serving.push_back(Box::pin(std::future::ready(s)));
+            }
+            Iq::Unsupported => {
+                let mut s = Vec::new();
+                binding::write_plain_error(
+                    &mut s,
+                    &id,
+                    &local,
+                    &from_attr,
+                    "service-unavailable",
+                    "cancel",
+                );
+                self.serving.push_back(Box::pin(std::future::ready(s)));
+            }
+            Iq::Answer(outcome) => match self.awaiting.remove(&id) {
+                Some(Awaiting::Transmit(t)) => {
+                    t.finish(outcome.map_err(TransportError::BadResponse));
+                }
+                Some(Awaiting::Probe(p)) => self.sink.probe_outcome(p, true),
+                None => tracing::debug!(id, "answer to an unknown or expired request"),
+            },
+            Iq::Pong => match self.awaiting.remove(&id) {
+                Some(Awaiting::Probe(p)) => self.sink.probe_outcome(p, true),
+                Some(Awaiting::Transmit(t)) => t.finish(Err(TransportError::BadResponse(
+                    "empty result to a request".into(),
+                ))),
+                None => {}
+            },
+            Iq::Failed(cond) => match self.awaiting.remove(&id) {
+                Some(Awaiting::Transmit(t)) => t.finish(Err(TransportError::Unreachable(cond))),
+                Some(Awaiting::Probe(p)) => self.sink.probe_outcome(p, false),
+                None => {}
+            },
+        }
+        None
+    }
+
+    /// Emits the answers still being worked on, without a connection to send them on: they
+    /// wait among the unacknowledged stanzas for a resumption.
+    pub(crate) async fn settle_serving(&mut self) {
+        while let Some(answer) = self.serving.next().await {
+            self.emit(answer);
+        }
+        self.out.clear();
+    }
+
+    /// Drops the connection-bound leftovers (unsent bytes) after a connection ended.
+    pub(crate) fn reset_connection(&mut self) {
+        self.out.clear();
+    }
+
+    /// Fails what we await when there is no session to resume (no stream management).
+    pub(crate) fn fail_awaiting(&mut self, error: &TransportError) {
+        for (_, a) in self.awaiting.drain() {
+            match a {
+                Awaiting::Transmit(t) => t.finish(Err(error.clone())),
+                Awaiting::Probe(p) => self.sink.probe_outcome(p, false),
+            }
+        }
+    }
+}
+
+async fn recv(rx: &mut Option<&mut mpsc::UnboundedReceiver<Command>>) -> Option<Command> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A random hex token (stream and session ids).
+pub(crate) fn token() -> String {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 12];
+    // SystemRandom only fails if the OS has no randomness at all; a fixed id then still works
+    // (it only weakens resumption ids, which are also bound to the authenticated peer).
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    hex::encode(b)
+}

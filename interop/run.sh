@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# Interop against third-party servers on loopback.
+#
+#   interop/run.sh xmpp   relay A as an XEP-0114 component of Prosody (127.0.0.1), relay B as a
+#                         component of ejabberd (127.0.0.2), the servers federating over s2s;
+#                         runs tests/tests/xmpp_interop.rs across them.
+#
+# Installs the servers from Debian packages if they are missing (needs root then), runs them as
+# this script's own processes with configs in a temporary directory (never the system
+# services), stops everything it started, and exits non-zero on any failure.
+# Facts behind the configs: ../shared/notes/third-party-servers.md of the project notes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+
+usage() { echo "usage: $0 xmpp" >&2; exit 2; }
+[ $# -ge 1 ] || usage
+
+need_root() {
+  if [ "$(id -u)" != 0 ]; then
+    echo "interop: $1 needs root (install packages, /etc/hosts, run ejabberd as its user)" >&2
+    exit 1
+  fi
+}
+
+xmpp() {
+  need_root "xmpp"
+  if ! command -v prosody >/dev/null || ! command -v ejabberdctl >/dev/null || ! dpkg -s lua-unbound >/dev/null 2>&1; then
+    echo "== installing prosody and ejabberd (apt-get)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq -o DPkg::Lock::Timeout=600 --no-install-recommends prosody lua-unbound ejabberd >/dev/null
+  fi
+  # Name resolution for s2s: each server resolves the other's domains to its own address.
+  for line in "127.0.0.1 a.localhost relay.a.localhost bench.a.localhost bench2.a.localhost" \
+              "127.0.0.2 b.localhost relay.b.localhost bench.b.localhost"; do
+    grep -qxF "$line" /etc/hosts || echo "$line" >> /etc/hosts
+  done
+
+  WORK=$(mktemp -d /tmp/mimi-xmpp-interop.XXXXXX)
+  chmod 755 "$WORK"
+  PROSODY_PID=""
+  EJ=""
+  SECRET_A="secret-a-$RANDOM$RANDOM"
+  SECRET_B="secret-b-$RANDOM$RANDOM"
+  cleanup() {
+    set +e
+    if [ -n "$PROSODY_PID" ]; then
+      kill "$PROSODY_PID" 2>/dev/null
+      wait "$PROSODY_PID" 2>/dev/null
+    fi
+    if [ -n "$EJ" ]; then
+      $EJ stop >/dev/null 2>&1
+      for _ in $(seq 1 50); do $EJ status >/dev/null 2>&1 || break; sleep 0.2; done
+      # epmd outlives ejabberd: stop the one bound to our loopback address, by its pid.
+      for pid in $(pgrep -x epmd); do
+        if { tr '\0' ' ' < "/proc/$pid/environ"; } 2>/dev/null | grep -q "ERL_EPMD_ADDRESS=127.0.0.1"; then
+          kill "$pid" 2>/dev/null
+        fi
+      done
+    fi
+    if [ "${KEEP_WORK:-}" = 1 ]; then echo "interop: kept $WORK"; else rm -rf "$WORK"; fi
+  }
+  trap cleanup EXIT
+
+  echo "== prosody on 127.0.0.1 (a.localhost)"
+  mkdir -p "$WORK/prosody/data"
+  cat > "$WORK/prosody/prosody.cfg.lua" <<LUA
+run_as_root = true
+daemonize = false
+pidfile = "$WORK/prosody/prosody.pid"
+data_path = "$WORK/prosody/data"
+log = { ${PROSODY_LOG_LEVEL:-warn} = "$WORK/prosody/prosody.log" }
+interfaces = { "127.0.0.1" }
+component_interfaces = { "127.0.0.1" }
+local_interfaces = { "127.0.0.1" }
+c2s_ports = { 5222 }
+s2s_ports = { 5269 }
+component_ports = { 5347 }
+c2s_require_encryption = false
+s2s_require_encryption = false
+s2s_secure_auth = false
+allow_unencrypted_plain_auth = true
+-- Its resolver treats *.localhost specially; read /etc/hosts and ask no one else.
+unbound = { hoststxt = true; resolvconf = false; forward = "127.0.0.1"; options = { ["local-zone:"] = "localhost. static" } }
+modules_enabled = { "disco"; "dialback"; "ping"; }
+modules_disabled = { "tls"; }
+VirtualHost "a.localhost"
+Component "relay.a.localhost"
+  component_secret = "$SECRET_A"
+Component "bench.a.localhost"
+  component_secret = "$SECRET_A"
+Component "bench2.a.localhost"
+  component_secret = "$SECRET_A"
+LUA
+  prosody --config "$WORK/prosody/prosody.cfg.lua" -F >"$WORK/prosody/stdout.log" 2>&1 &
+  PROSODY_PID=$!
+
+  echo "== ejabberd on 127.0.0.2 (b.localhost)"
+  mkdir -p "$WORK/ejabberd/spool" "$WORK/ejabberd/logs"
+  cat > "$WORK/ejabberd/ejabberd.yml" <<YML
+hosts:
+  - b.localhost
+loglevel: ${EJABBERD_LOG_LEVEL:-warning}
+certfiles: []
+listen:
+  - port: 5222
+    ip: "127.0.0.2"
+    module: ejabberd_c2s
+    starttls: false
+    shaper: c2s_shaper
+  - port: 5269
+    ip: "127.0.0.2"
+    module: ejabberd_s2s_in
+  - port: 5347
+    ip: "127.0.0.2"
+    module: ejabberd_service
+    hosts:
+      relay.b.localhost:
+        password: "$SECRET_B"
+      bench.b.localhost:
+        password: "$SECRET_B"
+s2s_use_starttls: false
+outgoing_s2s_families: [ipv4]
+shaper:
+  normal: 1000000
+shaper_rules:
+  c2s_shaper: none
+  s2s_shaper: none
+acl:
+  local:
+    user_regexp: ""
+access_rules:
+  local:
+    allow: local
+  c2s:
+    allow: all
+  s2s:
+    allow: all
+auth_method: internal
+modules:
+  mod_disco: {}
+  mod_ping: {}
+  mod_s2s_dialback: {}
+YML
+  cat > "$WORK/ejabberd/ejabberdctl.cfg" <<CFG
+ERLANG_NODE=ejabberd@localhost
+INET_DIST_INTERFACE=127.0.0.1
+ERL_EPMD_ADDRESS=127.0.0.1
+CFG
+  cat > "$WORK/ejabberd/inetrc" <<INET
+{lookup,["file","native"]}.
+{hosts_file,"/etc/hosts"}.
+INET
+  chown -R ejabberd: "$WORK/ejabberd"
+  export ERL_INETRC="$WORK/ejabberd/inetrc" ERL_EPMD_ADDRESS=127.0.0.1
+  EJ="ejabberdctl --config-dir $WORK/ejabberd --spool $WORK/ejabberd/spool --logs $WORK/ejabberd/logs"
+  $EJ start
+  up=""
+  for _ in $(seq 1 100); do
+    if $EJ status >/dev/null 2>&1; then up=1; break; fi
+    sleep 0.2
+  done
+  if [ -z "$up" ]; then
+    echo "interop: ejabberd did not start; its log:" >&2
+    tail -n 30 "$WORK/ejabberd/logs/"*.log >&2 || true
+    exit 1
+  fi
+  for _ in $(seq 1 50); do
+    (exec 3<>/dev/tcp/127.0.0.1/5347) 2>/dev/null && break
+    sleep 0.1
+  done
+  if ! kill -0 "$PROSODY_PID" 2>/dev/null; then
+    echo "interop: prosody did not start:" >&2
+    cat "$WORK/prosody/stdout.log" "$WORK/prosody/prosody.log" >&2 || true
+    exit 1
+  fi
+
+  if [ "${HOLD:-}" = 1 ]; then
+    # Debugging aid: keep the servers up (configs and logs in $WORK) until interrupted.
+    echo "interop: servers up, configs and logs in $WORK; Ctrl-C to stop"
+    sleep infinity & wait $! || true
+    return 0
+  fi
+  echo "== relay A (component of prosody) -> s2s -> relay B (component of ejabberd)"
+  status=0
+  MIMI_XMPP_INTEROP=1 PROSODY_SECRET="$SECRET_A" EJABBERD_SECRET="$SECRET_B" \
+    PROSODY_COMPONENT=127.0.0.1:5347 EJABBERD_COMPONENT=127.0.0.2:5347 \
+    RAW_COMPONENT_A=bench RAW_COMPONENT_B=bench2 \
+    cargo test ${CARGO_PROFILE:-} --locked -q -p mimi-relay-tests --test xmpp_interop || status=$?
+  if [ "$status" != 0 ]; then
+    echo "interop: failed; server logs:" >&2
+    tail -n 20 "$WORK/prosody/prosody.log" "$WORK/ejabberd/logs/"*.log >&2 || true
+  fi
+  return "$status"
+}
+
+case "$1" in
+  xmpp) xmpp ;;
+  *) usage ;;
+esac
