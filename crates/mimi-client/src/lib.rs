@@ -163,6 +163,15 @@ impl MlsClient {
         })
     }
 
+    /// 16 random bytes, for a MIMI content salt.
+    pub fn salt(&self) -> Result<[u8; 16], MlsClientError> {
+        use openmls_traits::random::OpenMlsRand as _;
+        self.provider
+            .rand()
+            .random_array::<16>()
+            .map_err(|e| MlsClientError::Mls(format!("{e:?}")))
+    }
+
     /// The client's URI (one client per user here).
     pub fn client_uri(&self) -> String {
         format!("{}/c1", self.user)

@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use mimi_wire::content::{self, Disposition, MessageId, MimiContent, NestedPart};
 use mimi_wire::uri::RoomId;
 
 use crate::{Event, MlsClient, MlsClientError, SubmitResult, UpdateResult};
@@ -46,10 +47,23 @@ pub enum ScenarioError {
     },
 }
 
-/// The payload of one demo message: a media type and a body (MIMI content's text/markdown
-/// part; a reply and a reaction name the message they refer to).
-pub fn payload(kind: &str, body: &str) -> Vec<u8> {
-    format!("{kind}\n{body}").into_bytes()
+/// One MIMI content message (draft-ietf-mimi-content-08): a text/markdown part, or a
+/// reaction, optionally in reply to an earlier message's ID.
+fn content(
+    c: &MlsClient,
+    part: NestedPart,
+    in_reply_to: Option<MessageId>,
+) -> Result<Vec<u8>, ScenarioError> {
+    let mut m = MimiContent::new(c.salt().map_err(at("content"))?, part);
+    m.in_reply_to = in_reply_to;
+    m.encode().map_err(|e| ScenarioError::Refused {
+        step: "content",
+        detail: e.to_string(),
+    })
+}
+
+fn markdown(text: &str) -> NestedPart {
+    NestedPart::single(Disposition::RENDER, content::MARKDOWN, text.as_bytes())
 }
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -190,16 +204,49 @@ pub async fn run(admins: [SocketAddr; 3], room: &RoomId) -> Result<ScenarioRepor
         .await?;
     }
 
-    let texts = [
-        (0, payload("text/markdown", "Hello **bob** and *carol*")),
-        (1, payload("text/markdown", "Hi alice")),
-        (2, payload("text/markdown", "Hello from c.example")),
-        (1, payload("reply:0", "Replying to alice: welcome!")),
-        (2, payload("reaction:1", "\u{1F44D}")),
+    // Each message's ID as every receiver computes it from the bytes it decrypted.
+    let mut ids: Vec<MessageId> = Vec::new();
+    let plan: [(usize, Option<usize>, bool, &str); 5] = [
+        (0, None, false, "Hello **bob** and *carol*"),
+        (1, None, false, "Hi alice"),
+        (2, None, false, "Hello from `c.example`"),
+        (1, Some(0), false, "> welcome\n\nThanks, alice!"),
+        (2, Some(1), true, "\u{1F44D}"),
     ];
-    for (from, body) in texts {
+    for (from, reply_to, reaction, text) in plan {
+        let part = if reaction {
+            NestedPart::single(Disposition::REACTION, content::PLAIN_TEXT, text.as_bytes())
+        } else {
+            markdown(text)
+        };
+        let body = content(
+            &clients[from],
+            part,
+            reply_to.and_then(|i| ids.get(i).copied()),
+        )?;
         let to: Vec<usize> = (0..3).filter(|i| *i != from).collect();
-        send_and_check("messages", room, &mut clients, from, &to, body, &mut report).await?;
+        send_and_check(
+            "messages",
+            room,
+            &mut clients,
+            from,
+            &to,
+            body.clone(),
+            &mut report,
+        )
+        .await?;
+        // Receivers decode what they got; a reply or reaction must name an earlier message.
+        match MimiContent::decode(&body) {
+            Ok(m) if m.in_reply_to.is_none_or(|r| ids.contains(&r)) => {}
+            _ => report.decrypt_failures += 1,
+        }
+        let id = content::message_id(&clients[from].user, room.as_str(), &body).map_err(|e| {
+            ScenarioError::Refused {
+                step: "message id",
+                detail: e.to_string(),
+            }
+        })?;
+        ids.push(id);
     }
 
     match clients[0]
@@ -240,7 +287,7 @@ pub async fn run(admins: [SocketAddr; 3], room: &RoomId) -> Result<ScenarioRepor
     )
     .await?;
 
-    let last = payload("text/markdown", "Just the two of us now");
+    let last = content(&clients[0], markdown("Just the two of us now"), None)?;
     send_and_check(
         "after the removal",
         room,
