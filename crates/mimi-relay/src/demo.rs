@@ -25,6 +25,8 @@ use serde::Serialize;
 const MAGIC: &[u8; 4] = b"MDMO";
 const PROVIDERS: [&str; 3] = ["a.example", "b.example", "c.example"];
 const ROOM: &str = "mimi://a.example/r/clubhouse";
+/// The MLS room of the scenario phase.
+const MLS_ROOM: &str = "mimi://a.example/r/mls-demo";
 
 /// How to start one node process: the program and the arguments before the config path.
 #[derive(Clone, Debug)]
@@ -63,6 +65,8 @@ pub struct DemoOptions {
     /// How long to wait for the last deliveries after the last submission.
     pub settle: Duration,
     pub progress: bool,
+    /// Run the MLS scenario (openmls clients, hub validation) before the load phase.
+    pub mls: bool,
 }
 
 impl Default for DemoOptions {
@@ -79,6 +83,7 @@ impl Default for DemoOptions {
             keep: false,
             settle: Duration::from_secs(60),
             progress: false,
+            mls: true,
         }
     }
 }
@@ -104,6 +109,17 @@ pub struct DemoReport {
     pub elapsed_ms: u64,
     /// Nodes that did not exit with success within 10 s of SIGTERM at the end.
     pub unclean_shutdowns: u32,
+    /// Epochs the MLS room went through (empty when the MLS phase did not run).
+    pub mls_epochs: Vec<u64>,
+    /// MLS messages sent, and summed over receivers, decrypted exactly as sent.
+    pub mls_messages: u64,
+    pub mls_decrypted: u64,
+    /// MLS messages or handshakes a client could not apply or decrypt as sent (must be 0).
+    pub decrypt_failures: u64,
+    /// Wall time of the MLS phase.
+    pub mls_ms: u64,
+    /// Why the MLS phase stopped, if it did not finish.
+    pub mls_error: Option<String>,
 }
 
 impl DemoReport {
@@ -113,6 +129,8 @@ impl DemoReport {
             && self.out_of_order == 0
             && self.delivered == self.expected
             && self.unclean_shutdowns == 0
+            && self.decrypt_failures == 0
+            && self.mls_error.is_none()
     }
 
     pub fn summary(&self) -> String {
@@ -132,9 +150,29 @@ impl DemoReport {
             },
             self.store
         );
+        if !self.mls_epochs.is_empty() || self.mls_error.is_some() {
+            let _ = writeln!(
+                s,
+                "  mls room       {MLS_ROOM}: alice@a adds bob@b and carol@c (key material via the hub), \
+                 texts, a reply, a reaction, carol removed"
+            );
+            let _ = writeln!(
+                s,
+                "  mls            epochs {:?}; {} messages, {} decryptions as sent, {} failures; {} ms{}",
+                self.mls_epochs,
+                self.mls_messages,
+                self.mls_decrypted,
+                self.decrypt_failures,
+                self.mls_ms,
+                self.mls_error
+                    .as_deref()
+                    .map(|e| format!("; STOPPED: {e}"))
+                    .unwrap_or_default()
+            );
+        }
         let _ = writeln!(
             s,
-            "  sent           {} messages (~1 KiB each) from a, b and c",
+            "  sent           {} messages (~1 KiB each, opaque payloads) from a, b and c",
             self.sent
         );
         let _ = writeln!(
@@ -184,10 +222,12 @@ impl DemoReport {
     }
 }
 
-struct Layout {
-    dir: PathBuf,
-    configs: Vec<PathBuf>,
-    admins: Vec<SocketAddr>,
+/// The three providers' files: one config per provider and the API addresses.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub dir: PathBuf,
+    pub configs: Vec<PathBuf>,
+    pub admins: Vec<SocketAddr>,
 }
 
 fn free_tcp() -> Result<u16> {
@@ -208,8 +248,9 @@ fn pair_transport(transport: &str, i: usize, j: usize) -> Result<TransportKind> 
     })
 }
 
-/// Writes certificates and the three node configs.
-fn prepare(dir: &Path, transport: &str, store: &str) -> Result<Layout> {
+/// Writes certificates and the three node configs; with `static_room`, a.example hosts the
+/// opaque-payload room (the load mode) from its config.
+pub fn prepare(dir: &Path, transport: &str, store: &str, static_room: bool) -> Result<Layout> {
     std::fs::create_dir_all(dir.join("certs"))?;
     for p in PROVIDERS {
         let d: ProviderDomain = p.parse()?;
@@ -262,7 +303,7 @@ fn prepare(dir: &Path, transport: &str, store: &str) -> Result<Layout> {
                 );
             }
         }
-        if i == 0 {
+        if i == 0 && static_room {
             let _ = write!(
                 t,
                 "\n[[rooms]]\nid = \"{ROOM}\"\nfollowers = [\"b.example\", \"c.example\"]\n"
@@ -441,6 +482,16 @@ fn submit_accepted(status: hyper::StatusCode, body: &[u8]) -> bool {
         )
 }
 
+#[derive(Default)]
+struct MlsPhase {
+    epochs: Vec<u64>,
+    messages: u64,
+    decrypted: u64,
+    failures: u64,
+    ms: u64,
+    error: Option<String>,
+}
+
 /// Runs the demo and returns its figures.
 pub async fn run(opts: DemoOptions, launcher: Launcher) -> Result<DemoReport> {
     if opts.transport != "mixed" && opts.transport.parse::<TransportKind>().is_err() {
@@ -465,7 +516,7 @@ pub async fn run(opts: DemoOptions, launcher: Launcher) -> Result<DemoReport> {
     if opts.chaos && opts.store == "memory" {
         bail!("--chaos kills nodes: it needs --store durable");
     }
-    let layout = prepare(&dir, &opts.transport, &opts.store)?;
+    let layout = prepare(&dir, &opts.transport, &opts.store, true)?;
     let mut nodes = Nodes {
         launcher,
         children: vec![None, None, None],
@@ -478,6 +529,23 @@ pub async fn run(opts: DemoOptions, launcher: Launcher) -> Result<DemoReport> {
         nodes.wait_healthy(i, Duration::from_secs(20)).await?;
     }
     let admins = nodes.layout.admins.clone();
+
+    // The MLS phase: real openmls clients, the hub validating every commit.
+    let mut mls = MlsPhase::default();
+    if opts.mls {
+        let room: RoomId = MLS_ROOM.parse()?;
+        let t = Instant::now();
+        match mimi_client::scenario::run([admins[0], admins[1], admins[2]], &room).await {
+            Ok(r) => {
+                mls.epochs = r.mls_epochs;
+                mls.messages = r.messages_sent;
+                mls.decrypted = r.messages_decrypted;
+                mls.failures = r.decrypt_failures;
+            }
+            Err(e) => mls.error = Some(format!("{:#}", anyhow::Error::from(e))),
+        }
+        mls.ms = t.elapsed().as_millis() as u64;
+    }
     let nodes = Arc::new(tokio::sync::Mutex::new(nodes));
     let room: RoomId = ROOM.parse()?;
 
@@ -655,6 +723,12 @@ pub async fn run(opts: DemoOptions, launcher: Launcher) -> Result<DemoReport> {
             submit_retries: t.retries,
             elapsed_ms: elapsed.as_millis() as u64,
             unclean_shutdowns: 0,
+            mls_epochs: mls.epochs,
+            mls_messages: mls.messages,
+            mls_decrypted: mls.decrypted,
+            decrypt_failures: mls.failures,
+            mls_ms: mls.ms,
+            mls_error: mls.error,
         }
     };
     if opts.keep {

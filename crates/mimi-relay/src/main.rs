@@ -89,6 +89,10 @@ enum Cmd {
         /// Use this working directory instead of a temporary one.
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// What to run: both (the MLS room scenario, then the opaque-payload load), mls, or
+        /// load.
+        #[arg(long, default_value = "both", value_parser = ["both", "mls", "load"])]
+        mode: String,
     },
 }
 
@@ -190,9 +194,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             clients,
             keep,
             dir,
+            mode,
         } => {
             let opts = DemoOptions {
-                messages,
+                messages: if mode == "mls" { 0 } else { messages },
+                mls: mode != "load",
                 transport,
                 store,
                 chaos,

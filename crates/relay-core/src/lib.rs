@@ -14,6 +14,7 @@
 //! hub (same provider, same body bytes) and answered without a second fan-out.
 
 pub mod config;
+pub mod mls;
 mod relay;
 pub mod rng;
 pub mod stats;
@@ -21,7 +22,7 @@ pub mod store;
 pub mod transport;
 
 pub use config::{RelayConfig, RetryPolicy};
-pub use relay::{Now, Output, Relay, ReplyToken, RoomError};
+pub use relay::{MlsRoomError, Now, Output, Relay, ReplyToken, RoomError};
 pub use stats::{RejectReason, RelayStats};
 pub use store::{MemStore, SealedCommit, Snapshot, Store, StoreError, StoreOp};
 pub use transport::{

@@ -13,6 +13,10 @@ use mimi_wire::proto::{
 use mimi_wire::uri::{ProviderDomain, RoomId};
 use tracing::{debug, info, warn};
 
+mod hub_mls;
+mod services;
+pub use hub_mls::MlsRoomError;
+
 use crate::config::RelayConfig;
 use crate::rng::SplitMix64;
 use crate::stats::{Histogram, PeerStats, RejectReason, RelayStats};
@@ -183,6 +187,8 @@ enum InFlight {
     Forward {
         token: ReplyToken,
         deadline: Instant,
+        /// A /keyMaterial claim the hub forwarded to this provider.
+        key_material_of: Option<ProviderDomain>,
     },
 }
 
@@ -246,6 +252,8 @@ pub struct Relay {
     rng: SplitMix64,
     stats: RelayStats,
     latency: Histogram,
+    mls: hub_mls::MlsState,
+    services: services::Services,
 }
 
 const RECENT_WINDOW: usize = 4096;
@@ -272,8 +280,12 @@ impl Relay {
             outputs: VecDeque::new(),
             stats: RelayStats::default(),
             latency: Histogram::default(),
+            mls: hub_mls::MlsState::default(),
+            services: services::Services::default(),
             cfg,
         };
+        relay.restore_key_packages(&snapshot.records);
+        relay.restore_services(&snapshot.records);
         for (domain, kind) in relay.cfg.routes.clone() {
             relay.add_peer(domain, kind);
         }
@@ -469,11 +481,32 @@ impl Relay {
                     let from = req.from.clone();
                     self.submit(now, store, &from, &req.target, &req.body)
                 }
-                _ => self.reject(
-                    RejectReason::NotImplemented,
-                    Status::NotImplemented,
-                    "endpoint not served by this relay yet",
-                ),
+                Endpoint::Update => {
+                    let from = req.from.clone();
+                    self.update(now, store, &from, &req.target, &req.body)
+                }
+                Endpoint::KeyMaterial => {
+                    let from = req.from.clone();
+                    match self.key_material(now, store, token, &from, &req.target, &req.body) {
+                        Some(r) => r,
+                        None => {
+                            // Forwarded: answered when the provider answers.
+                            self.pump(now);
+                            return;
+                        }
+                    }
+                }
+                endpoint => {
+                    let from = req.from.clone();
+                    match self.service_request(store, &from, endpoint, &req.target, &req.body) {
+                        Some(r) => r,
+                        None => self.reject(
+                            RejectReason::NotImplemented,
+                            Status::NotImplemented,
+                            "endpoint not served by this relay",
+                        ),
+                    }
+                }
             }
         };
         self.outputs.push_back(Output::Reply { token, response });
@@ -528,8 +561,14 @@ impl Relay {
         };
         let id = self.next_id();
         let deadline = now.mono + self.cfg.transmit_timeout;
-        self.inflight
-            .insert(id, InFlight::Forward { token, deadline });
+        self.inflight.insert(
+            id,
+            InFlight::Forward {
+                token,
+                deadline,
+                key_material_of: None,
+            },
+        );
         self.deadlines.insert((deadline, id));
         let p = &mut self.peers[peer];
         p.stats.transmits += 1;
@@ -600,6 +639,13 @@ impl Relay {
             self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
             return submit_answer(&SubmitMessageResponse::not_allowed());
         }
+        if !self.mls.rooms.is_empty()
+            && let Some(refused) =
+                self.check_mls_submit(room, view.sending_uri, view.app_message.epoch)
+        {
+            return refused;
+        }
+        let r = &self.rooms[ri];
         let key = submit_key(sender, body);
         if let Some(seen) = r.seen.get(&key) {
             self.stats.dedupe_hits += 1;
@@ -825,10 +871,19 @@ impl Relay {
             return;
         };
         match flight {
-            InFlight::Forward { token, deadline } => {
+            InFlight::Forward {
+                token,
+                deadline,
+                key_material_of,
+            } => {
                 self.deadlines.remove(&(deadline, id));
                 let response = match outcome {
-                    Ok(r) => r,
+                    Ok(r) => {
+                        if let Some(p) = key_material_of {
+                            self.remember_key_material(store, &p, &r);
+                        }
+                        r
+                    }
                     Err(e) => {
                         debug!(error = %e, "forwarding a submission to the hub failed");
                         let mut r = Response::error(Status::BadGateway, "hub unreachable");

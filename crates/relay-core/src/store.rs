@@ -59,6 +59,12 @@ pub enum StoreOp<'a> {
     },
     /// The oldest remembered submissions of `room` up to `upto_seq` fell out of the window.
     SubmitForget { room: &'a RoomId, upto_seq: u64 },
+    /// A keyed state record (MLS room state, key material, directory, consent, abuse
+    /// reports); `None` deletes it. The core names the keys (see `record_key`).
+    Record {
+        key: &'a [u8],
+        value: Option<&'a [u8]>,
+    },
 }
 
 /// A delivered event as the local clients read it.
@@ -94,6 +100,8 @@ pub struct Snapshot {
     pub inbox: VecDeque<(u64, InboxRecord)>,
     /// Highest trimmed inbox offset, so numbering continues.
     pub inbox_trimmed: u64,
+    /// Keyed state records ([`StoreOp::Record`]).
+    pub records: BTreeMap<Vec<u8>, Bytes>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -209,6 +217,14 @@ impl Snapshot {
                     }
                 }
             }
+            StoreOp::Record { key, value } => match value {
+                Some(v) => {
+                    self.records.insert(key.to_vec(), Bytes::copy_from_slice(v));
+                }
+                None => {
+                    self.records.remove(key);
+                }
+            },
         }
     }
 }
@@ -310,6 +326,10 @@ pub enum OwnedOp {
         room: RoomId,
         upto_seq: u64,
     },
+    Record {
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+    },
 }
 
 impl From<StoreOp<'_>> for OwnedOp {
@@ -362,6 +382,10 @@ impl From<StoreOp<'_>> for OwnedOp {
                 room: room.clone(),
                 upto_seq,
             },
+            StoreOp::Record { key, value } => OwnedOp::Record {
+                key: key.to_vec(),
+                value: value.map(<[u8]>::to_vec),
+            },
         }
     }
 }
@@ -409,6 +433,10 @@ impl OwnedOp {
             OwnedOp::SubmitForget { room, upto_seq } => StoreOp::SubmitForget {
                 room,
                 upto_seq: *upto_seq,
+            },
+            OwnedOp::Record { key, value } => StoreOp::Record {
+                key,
+                value: value.as_deref(),
             },
         }
     }

@@ -38,6 +38,18 @@ pub(crate) fn router(state: ApiState) -> Router {
         .route("/v1/client/submit/{room}", post(submit))
         .route("/v1/client/inbox", get(inbox))
         .route("/v1/client/rooms", post(create_room))
+        .route("/v1/client/update/{room}", post(update))
+        .route("/v1/client/keyMaterial", post(key_material))
+        .route("/v1/client/keyPackages", post(publish_key_packages))
+        .route("/v1/client/mlsRooms/{room}", post(create_mls_room))
+        .route("/v1/client/directory", post(directory_entry))
+        .route(
+            "/v1/client/identifierQuery/{domain}",
+            post(identifier_query),
+        )
+        .route("/v1/client/requestConsent", post(request_consent))
+        .route("/v1/client/updateConsent", post(update_consent))
+        .route("/v1/client/reportAbuse/{room}", post(report_abuse))
         .layer(axum::extract::DefaultBodyLimit::max(state.max_body))
         .with_state(state)
 }
@@ -65,6 +77,190 @@ pub(crate) fn to_http(r: Response) -> HttpResponse {
 async fn submit(State(s): State<ApiState>, Path(room): Path<String>, body: Bytes) -> HttpResponse {
     match ask(&s.tx, |reply| Event::Submit { room, body, reply }).await {
         Some(r) => to_http(r),
+        None => unavailable(),
+    }
+}
+
+/// `POST /v1/client/update/{room}`: an UpdateRequest (protocol-06 §5.3) for the room's hub.
+async fn update(State(s): State<ApiState>, Path(room): Path<String>, body: Bytes) -> HttpResponse {
+    let endpoint = mimi_wire::endpoint::Endpoint::Update;
+    match ask(&s.tx, |reply| Event::ClientRequest {
+        endpoint,
+        target: room,
+        body,
+        reply,
+    })
+    .await
+    {
+        Some(r) => to_http(r),
+        None => unavailable(),
+    }
+}
+
+/// `POST /v1/client/keyMaterial`: a KeyMaterialRequest (§5.2); the target is its targetUser.
+async fn key_material(State(s): State<ApiState>, body: Bytes) -> HttpResponse {
+    let target = match mimi_wire::proto::KeyMaterialRequest::decode(&body) {
+        Ok(r) => r.target_user.as_str().to_owned(),
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    };
+    let endpoint = mimi_wire::endpoint::Endpoint::KeyMaterial;
+    match ask(&s.tx, |reply| Event::ClientRequest {
+        endpoint,
+        target,
+        body,
+        reply,
+    })
+    .await
+    {
+        Some(r) => to_http(r),
+        None => unavailable(),
+    }
+}
+
+async fn client_request(
+    s: &ApiState,
+    endpoint: mimi_wire::endpoint::Endpoint,
+    target: String,
+    body: Bytes,
+) -> HttpResponse {
+    match ask(&s.tx, |reply| Event::ClientRequest {
+        endpoint,
+        target,
+        body,
+        reply,
+    })
+    .await
+    {
+        Some(r) => to_http(r),
+        None => unavailable(),
+    }
+}
+
+/// `POST /v1/client/identifierQuery/{domain}`: an IdentifierRequest (§5.8), sent straight to
+/// that provider.
+async fn identifier_query(
+    State(s): State<ApiState>,
+    Path(domain): Path<String>,
+    body: Bytes,
+) -> HttpResponse {
+    let e = mimi_wire::endpoint::Endpoint::IdentifierQuery;
+    client_request(&s, e, domain, body).await
+}
+
+/// `POST /v1/client/requestConsent`: a ConsentEntry (§5.7) for the target's provider.
+async fn request_consent(State(s): State<ApiState>, body: Bytes) -> HttpResponse {
+    let e = mimi_wire::endpoint::Endpoint::RequestConsent;
+    client_request(&s, e, String::new(), body).await
+}
+
+/// `POST /v1/client/updateConsent`: a ConsentEntry (§5.7) for the requester's provider.
+async fn update_consent(State(s): State<ApiState>, body: Bytes) -> HttpResponse {
+    let e = mimi_wire::endpoint::Endpoint::UpdateConsent;
+    client_request(&s, e, String::new(), body).await
+}
+
+/// `POST /v1/client/reportAbuse/{room}`: an AbuseReport (§5.9) for the room's hub.
+async fn report_abuse(
+    State(s): State<ApiState>,
+    Path(room): Path<String>,
+    body: Bytes,
+) -> HttpResponse {
+    let e = mimi_wire::endpoint::Endpoint::ReportAbuse;
+    client_request(&s, e, room, body).await
+}
+
+/// `POST /v1/client/directory`: search type (u8: handle 1, nick 2, email 3, phone 4), the
+/// exact value and the user URI (u16-length strings).
+async fn directory_entry(State(s): State<ApiState>, mut body: Bytes) -> HttpResponse {
+    use bytes::Buf;
+    let parsed = (|| {
+        let t = (body.remaining() >= 1).then(|| body.get_u8())?;
+        let search_type = mimi_wire::proto::SearchIdentifierType::from_u8(t).ok()?;
+        let value = String::from_utf8(take_field(&mut body, false)?.to_vec()).ok()?;
+        let user = String::from_utf8(take_field(&mut body, false)?.to_vec()).ok()?;
+        body.is_empty().then_some((search_type, value, user))
+    })();
+    let Some((search_type, value, user)) = parsed else {
+        return (StatusCode::BAD_REQUEST, "malformed directory entry\n").into_response();
+    };
+    match ask(&s.tx, |reply| Event::DirectoryEntry {
+        search_type,
+        value,
+        user,
+        reply,
+    })
+    .await
+    {
+        Some(Ok(())) => (StatusCode::CREATED, "listed\n").into_response(),
+        Some(Err(e)) => (StatusCode::UNPROCESSABLE_ENTITY, format!("{e}\n")).into_response(),
+        None => unavailable(),
+    }
+}
+
+/// Reads a u16-length string or a u32-length byte string off the front of `b`.
+fn take_field(b: &mut Bytes, wide: bool) -> Option<Bytes> {
+    use bytes::Buf;
+    let n = if wide {
+        (b.remaining() >= 4).then(|| b.get_u32() as usize)?
+    } else {
+        (b.remaining() >= 2).then(|| usize::from(b.get_u16()))?
+    };
+    (b.remaining() >= n).then(|| b.split_to(n))
+}
+
+/// `POST /v1/client/keyPackages`: `user` and `client` (u16-length strings), then KeyPackages
+/// (bare structs, each u32-length). Each is handed out once to a /keyMaterial claim.
+async fn publish_key_packages(State(s): State<ApiState>, mut body: Bytes) -> HttpResponse {
+    let parsed = (|| {
+        let user = String::from_utf8(take_field(&mut body, false)?.to_vec()).ok()?;
+        let client = String::from_utf8(take_field(&mut body, false)?.to_vec()).ok()?;
+        let mut kps = Vec::new();
+        while !body.is_empty() {
+            kps.push(take_field(&mut body, true)?);
+        }
+        Some((user, client, kps))
+    })();
+    let Some((user, client, key_packages)) = parsed else {
+        return (StatusCode::BAD_REQUEST, "malformed key package list\n").into_response();
+    };
+    match ask(&s.tx, |reply| Event::PublishKeyPackages {
+        user,
+        client,
+        key_packages,
+        reply,
+    })
+    .await
+    {
+        Some(Ok(n)) => (StatusCode::CREATED, format!("{n}\n")).into_response(),
+        Some(Err(e)) => (StatusCode::UNPROCESSABLE_ENTITY, format!("{e}\n")).into_response(),
+        None => unavailable(),
+    }
+}
+
+/// `POST /v1/client/mlsRooms/{room}`: hosts an MLS room here from its creator's GroupInfo
+/// (an MLSMessage, u32-length) followed by the exported ratchet tree.
+async fn create_mls_room(
+    State(s): State<ApiState>,
+    Path(room): Path<String>,
+    mut body: Bytes,
+) -> HttpResponse {
+    let room: RoomId = match room.parse() {
+        Ok(r) => r,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("room: {e}\n")).into_response(),
+    };
+    let Some(group_info) = take_field(&mut body, true) else {
+        return (StatusCode::BAD_REQUEST, "malformed body\n").into_response();
+    };
+    match ask(&s.tx, |reply| Event::CreateMlsRoom {
+        room,
+        group_info,
+        ratchet_tree: body,
+        reply,
+    })
+    .await
+    {
+        Some(Ok(())) => (StatusCode::CREATED, "created\n").into_response(),
+        Some(Err(e)) => (StatusCode::UNPROCESSABLE_ENTITY, format!("{e}\n")).into_response(),
         None => unavailable(),
     }
 }

@@ -4,8 +4,9 @@ use std::net::SocketAddr;
 
 use bytes::{Buf, Bytes};
 use http_body_util::{BodyExt, Full};
+pub use hyper::StatusCode;
 use hyper::client::conn::http1::SendRequest;
-use hyper::{Method, Request, StatusCode};
+use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 use mimi_wire::uri::RoomId;
 
@@ -156,9 +157,96 @@ impl LocalClient {
         Ok(())
     }
 
+    /// Posts `body` to `path` and returns the status and the answer.
+    pub async fn post(
+        &mut self,
+        path: &str,
+        body: Bytes,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let req = self.request(Method::POST, path, body)?;
+        self.call(req).await
+    }
+
+    /// Sends an UpdateRequest for `room` (to its hub, through this node).
+    pub async fn update(
+        &mut self,
+        room: &RoomId,
+        body: Bytes,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        self.post(
+            &format!("/v1/client/update/{}", room.to_path_segment()),
+            body,
+        )
+        .await
+    }
+
+    /// Sends a KeyMaterialRequest (through this node and the room's hub).
+    pub async fn key_material(&mut self, body: Bytes) -> Result<(StatusCode, Bytes), ClientError> {
+        self.post("/v1/client/keyMaterial", body).await
+    }
+
+    /// Publishes KeyPackages (bare structs) of `client` of local `user`.
+    pub async fn publish_key_packages(
+        &mut self,
+        user: &str,
+        client: &str,
+        key_packages: &[Vec<u8>],
+    ) -> Result<(), ClientError> {
+        let mut b = Vec::new();
+        for s in [user, client] {
+            b.extend_from_slice(&(s.len() as u16).to_be_bytes());
+            b.extend_from_slice(s.as_bytes());
+        }
+        for kp in key_packages {
+            b.extend_from_slice(&(kp.len() as u32).to_be_bytes());
+            b.extend_from_slice(kp);
+        }
+        expect_created(self.post("/v1/client/keyPackages", Bytes::from(b)).await?)
+    }
+
+    /// Hosts an MLS room at this node from its creator's GroupInfo and ratchet tree.
+    pub async fn create_mls_room(
+        &mut self,
+        room: &RoomId,
+        group_info: &[u8],
+        ratchet_tree: &[u8],
+    ) -> Result<(), ClientError> {
+        let mut b = (group_info.len() as u32).to_be_bytes().to_vec();
+        b.extend_from_slice(group_info);
+        b.extend_from_slice(ratchet_tree);
+        let path = format!("/v1/client/mlsRooms/{}", room.to_path_segment());
+        expect_created(self.post(&path, Bytes::from(b)).await?)
+    }
+
+    /// Lists local `user` under an exact identifier (search type code, value).
+    pub async fn list_in_directory(
+        &mut self,
+        search_type: u8,
+        value: &str,
+        user: &str,
+    ) -> Result<(), ClientError> {
+        let mut b = vec![search_type];
+        for s in [value, user] {
+            b.extend_from_slice(&(s.len() as u16).to_be_bytes());
+            b.extend_from_slice(s.as_bytes());
+        }
+        expect_created(self.post("/v1/client/directory", Bytes::from(b)).await?)
+    }
+
     pub async fn get(&mut self, path: &str) -> Result<(StatusCode, Bytes), ClientError> {
         let req = self.request(Method::GET, path, Bytes::new())?;
         self.call(req).await
+    }
+}
+
+fn expect_created((status, body): (StatusCode, Bytes)) -> Result<(), ClientError> {
+    if status == StatusCode::CREATED {
+        Ok(())
+    } else {
+        Err(ClientError::Status {
+            status,
+            body: String::from_utf8_lossy(&body).into(),
+        })
     }
 }
 

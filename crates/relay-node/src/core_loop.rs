@@ -45,6 +45,35 @@ pub(crate) enum Event {
         followers: Vec<ProviderDomain>,
         reply: oneshot::Sender<Result<(), RoomError>>,
     },
+    /// A local client's request for another endpoint than /submitMessage (/update,
+    /// /keyMaterial): answered here or forwarded.
+    ClientRequest {
+        endpoint: mimi_wire::endpoint::Endpoint,
+        target: String,
+        body: Bytes,
+        reply: oneshot::Sender<Response>,
+    },
+    /// A local client publishes KeyPackages.
+    PublishKeyPackages {
+        user: String,
+        client: String,
+        key_packages: Vec<Bytes>,
+        reply: oneshot::Sender<Result<usize, &'static str>>,
+    },
+    /// Lists a local user in the identifier directory.
+    DirectoryEntry {
+        search_type: mimi_wire::proto::SearchIdentifierType,
+        value: String,
+        user: String,
+        reply: oneshot::Sender<Result<(), &'static str>>,
+    },
+    /// A local client creates an MLS room hosted here.
+    CreateMlsRoom {
+        room: RoomId,
+        group_info: Bytes,
+        ratchet_tree: Bytes,
+        reply: oneshot::Sender<Result<(), relay_core::MlsRoomError>>,
+    },
     Inbox {
         after: u64,
         max: usize,
@@ -119,6 +148,8 @@ enum Held {
         oneshot::Sender<Result<(), RoomError>>,
         Result<(), RoomError>,
     ),
+    /// Any other answer to a local client.
+    Send(Box<dyn FnOnce() + Send>),
 }
 
 /// Pipelined group commit: while one batch is being written and synced on the committer
@@ -289,6 +320,70 @@ impl<S: Store> CoreLoop<S> {
                     .handle_create_room(&mut self.store, room, followers);
                 p.held.push_back((p.open, Held::Room(reply, r)));
             }
+            Event::ClientRequest {
+                endpoint,
+                target,
+                body,
+                reply,
+            } => {
+                let t = token(reply);
+                self.relay
+                    .handle_client_request(now, &mut self.store, t, endpoint, &target, body);
+            }
+            Event::PublishKeyPackages {
+                user,
+                client,
+                key_packages,
+                reply,
+            } => {
+                let r = self.relay.handle_publish_key_packages(
+                    &mut self.store,
+                    &user,
+                    &client,
+                    key_packages,
+                );
+                p.held.push_back((
+                    p.open,
+                    Held::Send(Box::new(move || {
+                        let _ = reply.send(r);
+                    })),
+                ));
+            }
+            Event::DirectoryEntry {
+                search_type,
+                value,
+                user,
+                reply,
+            } => {
+                let r =
+                    self.relay
+                        .handle_directory_entry(&mut self.store, search_type, &value, &user);
+                p.held.push_back((
+                    p.open,
+                    Held::Send(Box::new(move || {
+                        let _ = reply.send(r);
+                    })),
+                ));
+            }
+            Event::CreateMlsRoom {
+                room,
+                group_info,
+                ratchet_tree,
+                reply,
+            } => {
+                let r = self.relay.handle_create_mls_room(
+                    &mut self.store,
+                    room,
+                    &group_info,
+                    &ratchet_tree,
+                );
+                p.held.push_back((
+                    p.open,
+                    Held::Send(Box::new(move || {
+                        let _ = reply.send(r);
+                    })),
+                ));
+            }
             Event::Inbox { after, max, reply } => {
                 self.relay.handle_inbox_read(&mut self.store, after);
                 // Only what is durable may be shown: a record shown and then lost in a crash
@@ -321,6 +416,10 @@ impl<S: Store> CoreLoop<S> {
                 }
                 Held::Room(reply, r) => {
                     let _ = reply.send(r);
+                    continue;
+                }
+                Held::Send(f) => {
+                    f();
                     continue;
                 }
                 Held::Output(out) => out,

@@ -364,7 +364,9 @@ fn spawn_core<S: Store + Send + 'static>(
         source,
     };
     let snapshot = store.load().map_err(store_err)?;
+    let records = snapshot.records.clone();
     let mut relay = Relay::new(core_cfg, snapshot, core_loop::now());
+    relay.set_mls_validator(Box::new(relay_mls::OpenMlsValidator::new()), &records);
     for room in &cfg.rooms {
         relay
             .handle_create_room(&mut store, room.id.clone(), room.followers.clone())

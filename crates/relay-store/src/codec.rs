@@ -164,9 +164,10 @@ pub(crate) enum Tag {
     InboxTrim,
     SubmitSeen,
     SubmitForget,
+    Record,
 }
 
-const TAGS: [Tag; 9] = [
+const TAGS: [Tag; 10] = [
     Tag::Room,
     Tag::RoomSeq,
     Tag::Enqueue,
@@ -176,6 +177,7 @@ const TAGS: [Tag; 9] = [
     Tag::InboxTrim,
     Tag::SubmitSeen,
     Tag::SubmitForget,
+    Tag::Record,
 ];
 
 /// Ops applied since the last commit, pre-encoded into the table layout so that `apply` costs a
@@ -305,6 +307,19 @@ impl PendingLog {
                 Tag::SubmitForget,
                 |k| put_str(k, room.as_str()),
                 |v| put_u64(v, upto_seq),
+            ),
+            // The value is a presence byte (1 put, 0 delete) and the bytes.
+            StoreOp::Record { key, value } => self.record(
+                Tag::Record,
+                |k| k.extend_from_slice(key),
+                |v| {
+                    if let Some(value) = value {
+                        v.push(1);
+                        v.extend_from_slice(value);
+                    } else {
+                        v.push(0);
+                    }
+                },
             ),
             _ => self.unsupported = true,
         }

@@ -63,6 +63,8 @@ const INBOX: Bytes2Bytes = TableDefinition::new("inbox");
 const SEEN: Bytes2Bytes = TableDefinition::new("submit_seen");
 /// Format version and the inbox trim mark.
 const META: Bytes2Bytes = TableDefinition::new("meta");
+/// Keyed state records (MLS room state, key material, directory, consent, abuse reports).
+const RECORDS: Bytes2Bytes = TableDefinition::new("records");
 
 const META_FORMAT: &[u8] = b"format";
 const META_INBOX_TRIMMED: &[u8] = b"inbox_trimmed";
@@ -182,7 +184,7 @@ impl DurableStore {
                 tx.open_table(META)?
                     .insert(META_FORMAT, FORMAT.to_be_bytes().as_slice())?;
                 for t in [
-                    ROOMS, ROOM_SEQS, QUEUES, QUEUE_KEYS, ACKED, CURSORS, INBOX, SEEN,
+                    ROOMS, ROOM_SEQS, QUEUES, QUEUE_KEYS, ACKED, CURSORS, INBOX, SEEN, RECORDS,
                 ] {
                     tx.open_table(t)?;
                 }
@@ -213,6 +215,7 @@ fn write_log(db: &Database, pending: &PendingLog) -> Result<(), Fail> {
             let mut inbox = tx.open_table(INBOX)?;
             let mut seen = tx.open_table(SEEN)?;
             let mut meta = tx.open_table(META)?;
+            let mut state_records = tx.open_table(RECORDS)?;
 
             let mut payloads = pending.payloads.iter();
             let mut next_payload = || payloads.next().ok_or_else(|| bug("payload missing"));
@@ -270,6 +273,15 @@ fn write_log(db: &Database, pending: &PendingLog) -> Result<(), Fail> {
                         key_range(&mut lo, &mut hi, key, 0, upto);
                         seen.retain_in(lo.as_slice()..=hi.as_slice(), |_, _| false)?;
                     }
+                    Tag::Record => match val.split_first() {
+                        Some((1, value)) => {
+                            state_records.insert(key, value)?;
+                        }
+                        Some((0, [])) => {
+                            state_records.remove(key)?;
+                        }
+                        _ => return Err(bug("record presence byte")),
+                    },
                 }
             }
         }
@@ -373,6 +385,18 @@ impl DurableStore {
         }
         if let Some(v) = tx.open_table(META)?.get(META_INBOX_TRIMMED)? {
             snap.inbox_trimmed = codec::read_u64_value("meta", v.value())?;
+        }
+        // Stores written before state records existed have no such table yet.
+        match tx.open_table(RECORDS) {
+            Ok(table) => {
+                for row in table.iter()? {
+                    let (k, v) = row?;
+                    snap.records
+                        .insert(k.value().to_vec(), Bytes::copy_from_slice(v.value()));
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(e.into()),
         }
         Ok(snap)
     }

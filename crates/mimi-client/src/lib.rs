@@ -1,0 +1,525 @@
+//! Demo MLS clients for mimi-relay.
+//!
+//! Contract: a [`MlsClient`] is one user with one MLS client (openmls `MlsGroup`, ciphersuite
+//! MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519, basic credential whose identity is the user
+//! URI) that talks only to its own provider's loopback client API
+//! ([`relay_node::client::LocalClient`]). Handshakes go out as PublicMessages (the hub
+//! validates them, protocol-06 §5.3); application messages are PrivateMessages the relays
+//! never read. [`MlsClient::poll`] reads the provider's inbox and applies what arrived in the
+//! hub's order: Welcomes, commits, and application messages it decrypts.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use mimi_wire::proto::{
+    ClientKeyMaterialStatus, FanoutExtra, FanoutMessage, GroupInfoOption, HandshakeBundle,
+    IdentifierUri, KeyMaterialRequest, KeyMaterialResponse, MlsMessage, PartialGroupInfo, Protocol,
+    RatchetTreeOption, RatchetTreePresence, SubmitMessageRequest, SubmitMessageResponse,
+    SubmitStatus, UpdateOutcome, UpdateRequest, UpdateRoomResponse, VLBytes,
+};
+use mimi_wire::uri::RoomId;
+use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
+use openmls::prelude::*;
+use openmls_basic_credential::SignatureKeyPair;
+use openmls_rust_crypto::OpenMlsRustCrypto;
+use openmls_traits::signatures::Signer as _;
+use relay_node::client::{ClientError, LocalClient, StatusCode};
+
+/// The one ciphersuite the demo clients use.
+pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
+
+/// Why a client step failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MlsClientError {
+    #[error("local API")]
+    Api(#[from] ClientError),
+    #[error("the node answered {status}: {body}")]
+    Status { status: u16, body: String },
+    #[error("openmls: {0}")]
+    Mls(String),
+    #[error("wire: {0}")]
+    Wire(#[from] mimi_wire::WireError),
+    #[error("no group yet")]
+    NoGroup,
+    #[error("no key material for {user}: {status:?}")]
+    NoKeyMaterial { user: String, status: String },
+}
+
+fn mls(e: impl std::fmt::Display) -> MlsClientError {
+    MlsClientError::Mls(e.to_string())
+}
+
+/// How the hub answered an /update.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpdateResult {
+    Accepted,
+    WrongEpoch(u64),
+    Refused(String),
+}
+
+/// How the hub answered a /submitMessage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubmitResult {
+    Accepted,
+    EpochTooOld(u64),
+    NotAllowed,
+}
+
+/// What [`MlsClient::poll`] saw, in inbox (hub) order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Joined {
+        epoch: u64,
+    },
+    Commit {
+        epoch: u64,
+        removed_me: bool,
+    },
+    Message {
+        sender: String,
+        payload: Vec<u8>,
+    },
+    /// A group message that arrived before this client joined (for the provider's other
+    /// clients): not for us.
+    NotJoined,
+    /// This client's own commit, fanned out by the hub after the client merged it.
+    OwnCommit,
+    /// Could not be applied or decrypted (counted by the demo; must stay 0).
+    Failed {
+        what: String,
+    },
+}
+
+/// One user with one MLS client.
+pub struct MlsClient {
+    pub user: String,
+    provider: OpenMlsRustCrypto,
+    signer: SignatureKeyPair,
+    credential: CredentialWithKey,
+    group: Option<MlsGroup>,
+    api: LocalClient,
+    inbox_after: u64,
+    /// Events polled but not yet taken by [`MlsClient::next_event`].
+    backlog: std::collections::VecDeque<Event>,
+}
+
+impl std::fmt::Debug for MlsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MlsClient")
+            .field("user", &self.user)
+            .field("epoch", &self.epoch())
+            .finish()
+    }
+}
+
+fn group_config() -> MlsGroupCreateConfig {
+    MlsGroupCreateConfig::builder()
+        .ciphersuite(CIPHERSUITE)
+        .use_ratchet_tree_extension(true)
+        .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
+        .build()
+}
+
+fn join_config() -> MlsGroupJoinConfig {
+    MlsGroupJoinConfig::builder()
+        .use_ratchet_tree_extension(true)
+        .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
+        .build()
+}
+
+/// The bare struct inside an MLSMessage (its 4-byte version and wire format header removed).
+fn bare(msg: &MlsMessageOut) -> Result<Vec<u8>, MlsClientError> {
+    let b = msg.to_bytes().map_err(mls)?;
+    Ok(b.get(4..).unwrap_or_default().to_vec())
+}
+
+fn status(status: StatusCode, body: &[u8]) -> MlsClientError {
+    MlsClientError::Status {
+        status: status.as_u16(),
+        body: String::from_utf8_lossy(body).into_owned(),
+    }
+}
+
+impl MlsClient {
+    /// A client of `user` (e.g. `mimi://b.example/u/bob`) at the node whose API is `admin`.
+    pub fn new(user: &str, admin: SocketAddr) -> Result<Self, MlsClientError> {
+        let provider = OpenMlsRustCrypto::default();
+        let signer = SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).map_err(mls)?;
+        signer.store(provider.storage()).map_err(mls)?;
+        let credential = CredentialWithKey {
+            credential: BasicCredential::new(user.as_bytes().to_vec()).into(),
+            signature_key: signer.public().into(),
+        };
+        Ok(MlsClient {
+            user: user.to_owned(),
+            provider,
+            signer,
+            credential,
+            group: None,
+            api: LocalClient::new(admin),
+            inbox_after: 0,
+            backlog: std::collections::VecDeque::new(),
+        })
+    }
+
+    /// 16 random bytes, for a MIMI content salt.
+    pub fn salt(&self) -> Result<[u8; 16], MlsClientError> {
+        use openmls_traits::random::OpenMlsRand as _;
+        self.provider
+            .rand()
+            .random_array::<16>()
+            .map_err(|e| MlsClientError::Mls(format!("{e:?}")))
+    }
+
+    /// The client's URI (one client per user here).
+    pub fn client_uri(&self) -> String {
+        format!("{}/c1", self.user)
+    }
+
+    pub fn epoch(&self) -> Option<u64> {
+        self.group.as_ref().map(|g| g.epoch().as_u64())
+    }
+
+    /// User URIs of the group's members, by leaf.
+    pub fn members(&self) -> Vec<String> {
+        self.group
+            .as_ref()
+            .map(|g| {
+                g.members()
+                    .map(|m| String::from_utf8_lossy(m.credential.serialized_content()).into())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Makes `n` KeyPackages and publishes them at the provider.
+    pub async fn publish_key_packages(&mut self, n: usize) -> Result<(), MlsClientError> {
+        let mut kps = Vec::new();
+        for _ in 0..n {
+            let b = KeyPackage::builder()
+                .build(
+                    CIPHERSUITE,
+                    &self.provider,
+                    &self.signer,
+                    self.credential.clone(),
+                )
+                .map_err(mls)?;
+            kps.push(b.key_package().tls_serialize_detached().map_err(mls)?);
+        }
+        let (user, client) = (self.user.clone(), self.client_uri());
+        self.api.publish_key_packages(&user, &client, &kps).await?;
+        Ok(())
+    }
+
+    /// Creates the MLS group and has the provider host it as `room`.
+    pub async fn create_room(&mut self, room: &RoomId) -> Result<(), MlsClientError> {
+        let group = MlsGroup::new_with_group_id(
+            &self.provider,
+            &self.signer,
+            &group_config(),
+            GroupId::from_slice(room.as_str().as_bytes()),
+            self.credential.clone(),
+        )
+        .map_err(mls)?;
+        let gi = group
+            .export_group_info(self.provider.crypto(), &self.signer, false)
+            .map_err(mls)?
+            .to_bytes()
+            .map_err(mls)?;
+        let tree = group
+            .export_ratchet_tree()
+            .tls_serialize_detached()
+            .map_err(mls)?;
+        self.api.create_mls_room(room, &gi, &tree).await?;
+        self.group = Some(group);
+        Ok(())
+    }
+
+    /// Claims one KeyPackage of `target` for `room` through the provider and the hub.
+    pub async fn claim(
+        &mut self,
+        target: &str,
+        room: &RoomId,
+    ) -> Result<Result<KeyPackage, String>, MlsClientError> {
+        let cred = self
+            .credential
+            .credential
+            .tls_serialize_detached()
+            .map_err(mls)?;
+        let rc = RequiredCapabilitiesExtension::new(&[], &[], &[])
+            .tls_serialize_detached()
+            .map_err(mls)?;
+        let mut req = KeyMaterialRequest {
+            protocol: Protocol::Mls10,
+            requesting_user: IdentifierUri::new(self.user.clone()),
+            target_user: IdentifierUri::new(target),
+            room_id: IdentifierUri::new(room.as_str()),
+            acceptable_ciphersuites: vec![u16::from(CIPHERSUITE)],
+            required_capabilities: mimi_wire::proto::RequiredCapabilities::from_bytes(rc)?,
+            requester_signature_key: VLBytes::new(self.signer.public().to_vec()),
+            requester_credential: mimi_wire::proto::Credential::from_bytes(cred)?,
+            signature: VLBytes::new(Vec::new()),
+        };
+        let sig = self
+            .signer
+            .sign(&req.tbs()?)
+            .map_err(|e| MlsClientError::Mls(format!("{e:?}")))?;
+        req.signature = VLBytes::new(sig);
+        let (st, body) = self.api.key_material(Bytes::from(req.encode()?)).await?;
+        if !st.is_success() {
+            return Err(status(st, &body));
+        }
+        let resp = KeyMaterialResponse::decode(&body)?;
+        for c in resp.clients {
+            if let ClientKeyMaterialStatus::Success { key_package } = c.status {
+                let kp = KeyPackageIn::tls_deserialize_exact(key_package.as_bytes())
+                    .map_err(mls)?
+                    .validate(self.provider.crypto(), ProtocolVersion::Mls10)
+                    .map_err(mls)?;
+                return Ok(Ok(kp));
+            }
+        }
+        Ok(Err(format!("{:?}", resp.user_status)))
+    }
+
+    fn bundle(
+        commit: &MlsMessageOut,
+        welcome: Option<&MlsMessageOut>,
+        group_info: Option<&openmls::messages::group_info::GroupInfo>,
+    ) -> Result<Bytes, MlsClientError> {
+        let group_info_option = match group_info {
+            Some(gi) => GroupInfoOption::Full(mimi_wire::proto::GroupInfo::from_bytes(
+                gi.tls_serialize_detached().map_err(mls)?,
+            )?),
+            None => GroupInfoOption::Partial(PartialGroupInfo {
+                ratchet_tree_presence: RatchetTreePresence::NoRatchetTree,
+                group_info_extensions: VLBytes::new(Vec::new()),
+                signature: VLBytes::new(Vec::new()),
+            }),
+        };
+        let welcome = match welcome {
+            Some(w) => Some(mimi_wire::proto::Welcome::from_bytes(bare(w)?)?),
+            None => None,
+        };
+        let req = UpdateRequest {
+            bundle: HandshakeBundle::Commit {
+                commit: MlsMessage::from_bytes(commit.to_bytes().map_err(mls)?)?,
+                welcome,
+                group_info_option,
+                // The Welcome's GroupInfo carries the tree (ratchet_tree extension).
+                ratchet_tree_option: RatchetTreeOption::OutOfBand {
+                    tree_signature: VLBytes::new(Vec::new()),
+                },
+            },
+        };
+        Ok(Bytes::from(req.encode()?))
+    }
+
+    async fn send_commit(
+        &mut self,
+        room: &RoomId,
+        body: Bytes,
+    ) -> Result<UpdateResult, MlsClientError> {
+        let (st, b) = self.api.update(room, body).await?;
+        if !st.is_success() {
+            return Err(status(st, &b));
+        }
+        let resp = UpdateRoomResponse::decode(&b)?;
+        let group = self.group.as_mut().ok_or(MlsClientError::NoGroup)?;
+        let result = match resp.outcome {
+            UpdateOutcome::Success { .. } => {
+                group.merge_pending_commit(&self.provider).map_err(mls)?;
+                return Ok(UpdateResult::Accepted);
+            }
+            UpdateOutcome::WrongEpoch { current_epoch } => UpdateResult::WrongEpoch(current_epoch),
+            _ => UpdateResult::Refused(resp.error_description),
+        };
+        group
+            .clear_pending_commit(self.provider.storage())
+            .map_err(mls)?;
+        Ok(result)
+    }
+
+    /// Commits adding `key_packages`, with a Welcome for them.
+    pub async fn add(
+        &mut self,
+        room: &RoomId,
+        key_packages: &[KeyPackage],
+    ) -> Result<UpdateResult, MlsClientError> {
+        let group = self.group.as_mut().ok_or(MlsClientError::NoGroup)?;
+        let (commit, welcome, gi) = group
+            .add_members(&self.provider, &self.signer, key_packages)
+            .map_err(mls)?;
+        let body = Self::bundle(&commit, Some(&welcome), gi.as_ref())?;
+        self.send_commit(room, body).await
+    }
+
+    /// Commits removing the members whose identity is `user`.
+    pub async fn remove(
+        &mut self,
+        room: &RoomId,
+        user: &str,
+    ) -> Result<UpdateResult, MlsClientError> {
+        let group = self.group.as_mut().ok_or(MlsClientError::NoGroup)?;
+        let leaves: Vec<LeafNodeIndex> = group
+            .members()
+            .filter(|m| m.credential.serialized_content() == user.as_bytes())
+            .map(|m| m.index)
+            .collect();
+        let (commit, welcome, gi) = group
+            .remove_members(&self.provider, &self.signer, &leaves)
+            .map_err(mls)?;
+        let body = Self::bundle(&commit, welcome.as_ref(), gi.as_ref())?;
+        self.send_commit(room, body).await
+    }
+
+    /// Builds (without sending) a commit that updates the own leaf; it stays pending until
+    /// [`MlsClient::send_update`] learns the hub's answer.
+    pub fn prepare_self_update(&mut self) -> Result<Bytes, MlsClientError> {
+        let group = self.group.as_mut().ok_or(MlsClientError::NoGroup)?;
+        let bundle = group
+            .self_update(&self.provider, &self.signer, LeafNodeParameters::default())
+            .map_err(mls)?;
+        let (commit, _welcome, gi) = bundle.into_contents();
+        Self::bundle(&commit, None, gi.as_ref())
+    }
+
+    /// Sends an UpdateRequest built by this client and applies the hub's answer.
+    pub async fn send_update(
+        &mut self,
+        room: &RoomId,
+        body: Bytes,
+    ) -> Result<UpdateResult, MlsClientError> {
+        self.send_commit(room, body).await
+    }
+
+    /// Commits an update of the own leaf.
+    pub async fn self_update(&mut self, room: &RoomId) -> Result<UpdateResult, MlsClientError> {
+        let body = self.prepare_self_update()?;
+        self.send_commit(room, body).await
+    }
+
+    /// Encrypts `payload` and submits it to the room.
+    pub async fn send(
+        &mut self,
+        room: &RoomId,
+        payload: &[u8],
+    ) -> Result<SubmitResult, MlsClientError> {
+        let group = self.group.as_mut().ok_or(MlsClientError::NoGroup)?;
+        let msg = group
+            .create_message(&self.provider, &self.signer, payload)
+            .map_err(mls)?;
+        let req = SubmitMessageRequest::mls10(msg.to_bytes().map_err(mls)?, self.user.clone())?;
+        let (st, b) = self.api.submit(room, Bytes::from(req.encode()?)).await?;
+        if !st.is_success() {
+            return Err(status(st, &b));
+        }
+        Ok(match SubmitMessageResponse::decode(&b)?.status {
+            SubmitStatus::Accepted { .. } => SubmitResult::Accepted,
+            SubmitStatus::EpochTooOld { current_epoch } => SubmitResult::EpochTooOld(current_epoch),
+            SubmitStatus::NotAllowed => SubmitResult::NotAllowed,
+        })
+    }
+
+    /// Reads the provider's inbox (waiting up to `wait_ms` for something) and applies it.
+    pub async fn poll(&mut self, wait_ms: u64) -> Result<Vec<Event>, MlsClientError> {
+        let items = self.api.inbox(self.inbox_after, 1024, wait_ms).await?;
+        let mut events = Vec::new();
+        for item in items {
+            self.inbox_after = self.inbox_after.max(item.offset);
+            events.push(self.apply(&item.fanout));
+        }
+        Ok(events)
+    }
+
+    /// The next event in hub order, polling (up to `wait_ms`) when none is waiting.
+    pub async fn next_event(&mut self, wait_ms: u64) -> Result<Option<Event>, MlsClientError> {
+        if self.backlog.is_empty() {
+            let events = self.poll(wait_ms).await?;
+            self.backlog.extend(events);
+        }
+        Ok(self.backlog.pop_front())
+    }
+
+    fn apply(&mut self, fanout: &[u8]) -> Event {
+        let failed = |what: String| Event::Failed { what };
+        let f = match FanoutMessage::decode(fanout) {
+            Ok(f) => f,
+            Err(e) => return failed(format!("fanout: {e}")),
+        };
+        let msg = match MlsMessageIn::tls_deserialize_exact(f.message.as_bytes()) {
+            Ok(m) => m,
+            Err(e) => return failed(format!("mls message: {e}")),
+        };
+        if let FanoutExtra::Welcome { .. } = f.extra {
+            if self.group.is_some() {
+                // A Welcome for others (or one we used already).
+                return Event::Joined {
+                    epoch: self.epoch().unwrap_or(0),
+                };
+            }
+            let MlsMessageBodyIn::Welcome(w) = msg.extract() else {
+                return failed("welcome body".into());
+            };
+            return match StagedWelcome::new_from_welcome(&self.provider, &join_config(), w, None)
+                .and_then(|s| s.into_group(&self.provider))
+            {
+                Ok(g) => {
+                    let epoch = g.epoch().as_u64();
+                    self.group = Some(g);
+                    Event::Joined { epoch }
+                }
+                // Not for us: the Welcome names other KeyPackages.
+                Err(WelcomeError::NoMatchingKeyPackage) => Event::Joined { epoch: 0 },
+                Err(e) => failed(format!("welcome: {e}")),
+            };
+        }
+        let Some(group) = self.group.as_mut() else {
+            return Event::NotJoined;
+        };
+        let pm = match msg.try_into_protocol_message() {
+            Ok(p) => p,
+            Err(e) => return failed(format!("protocol message: {e}")),
+        };
+        if let ProtocolMessage::PublicMessage(p) = &pm
+            && p.epoch() < group.epoch()
+            && matches!(p.sender(), Sender::Member(i) if *i == group.own_leaf_index())
+        {
+            return Event::OwnCommit;
+        }
+        let processed = match group.process_message(&self.provider, pm) {
+            Ok(p) => p,
+            Err(e) => return failed(format!("process: {e}")),
+        };
+        let sender =
+            String::from_utf8_lossy(processed.credential().serialized_content()).into_owned();
+        match processed.into_content() {
+            ProcessedMessageContent::ApplicationMessage(a) => Event::Message {
+                sender,
+                payload: a.into_bytes(),
+            },
+            ProcessedMessageContent::StagedCommitMessage(c) => {
+                let removed_me = c.self_removed();
+                match group.merge_staged_commit(&self.provider, *c) {
+                    Ok(()) => Event::Commit {
+                        epoch: group.epoch().as_u64(),
+                        removed_me,
+                    },
+                    Err(e) => failed(format!("merge: {e}")),
+                }
+            }
+            ProcessedMessageContent::ProposalMessage(p) => {
+                match group.store_pending_proposal(self.provider.storage(), *p) {
+                    Ok(()) => Event::Commit {
+                        epoch: group.epoch().as_u64(),
+                        removed_me: false,
+                    },
+                    Err(e) => failed(format!("proposal: {e}")),
+                }
+            }
+            _ => failed("unexpected handshake".into()),
+        }
+    }
+}
+pub mod scenario;

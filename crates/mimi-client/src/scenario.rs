@@ -1,0 +1,309 @@
+//! The demo's MLS room: alice at a.example hosts it, adds bob (b.example) and carol
+//! (c.example) with key material claimed through the hub, all three talk (texts, a reply, a
+//! reaction), alice removes carol, and every client checks that it decrypts exactly what was
+//! sent, in the hub's order.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mimi_wire::content::{self, Disposition, MessageId, MimiContent, NestedPart};
+use mimi_wire::uri::RoomId;
+
+use crate::{Event, MlsClient, MlsClientError, SubmitResult, UpdateResult};
+
+/// What the scenario saw.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScenarioReport {
+    /// Epochs the room went through, in order (0 is the creation).
+    pub mls_epochs: Vec<u64>,
+    /// Application messages sent and, summed over receivers, decrypted as sent.
+    pub messages_sent: u64,
+    pub messages_decrypted: u64,
+    /// Anything a client could not apply or decrypt, or decrypted differently than sent
+    /// (must be 0).
+    pub decrypt_failures: u64,
+    /// Whether the removed member's provider got nothing after the removal.
+    pub removed_member_cut_off: bool,
+    pub elapsed_ms: u64,
+}
+
+/// Why the scenario stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ScenarioError {
+    #[error("{step}")]
+    Client {
+        step: &'static str,
+        #[source]
+        source: MlsClientError,
+    },
+    #[error("{step}: {detail}")]
+    Refused { step: &'static str, detail: String },
+    #[error("{step}: {who} saw nothing within {timeout:?}")]
+    Timeout {
+        step: &'static str,
+        who: String,
+        timeout: Duration,
+    },
+}
+
+/// One MIMI content message (draft-ietf-mimi-content-08): a text/markdown part, or a
+/// reaction, optionally in reply to an earlier message's ID.
+fn content(
+    c: &MlsClient,
+    part: NestedPart,
+    in_reply_to: Option<MessageId>,
+) -> Result<Vec<u8>, ScenarioError> {
+    let mut m = MimiContent::new(c.salt().map_err(at("content"))?, part);
+    m.in_reply_to = in_reply_to;
+    m.encode().map_err(|e| ScenarioError::Refused {
+        step: "content",
+        detail: e.to_string(),
+    })
+}
+
+fn markdown(text: &str) -> NestedPart {
+    NestedPart::single(Disposition::RENDER, content::MARKDOWN, text.as_bytes())
+}
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn at(step: &'static str) -> impl FnOnce(MlsClientError) -> ScenarioError {
+    move |source| ScenarioError::Client { step, source }
+}
+
+/// Polls `c` until `want` says yes; counts failed events and unwanted messages.
+async fn expect(
+    step: &'static str,
+    c: &mut MlsClient,
+    report: &mut ScenarioReport,
+    mut want: impl FnMut(&Event) -> bool,
+) -> Result<(), ScenarioError> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(e) = c.next_event(200).await.map_err(at(step))? {
+            if want(&e) {
+                return Ok(());
+            }
+            match e {
+                Event::Failed { .. } | Event::Message { .. } => report.decrypt_failures += 1,
+                _ => {}
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(ScenarioError::Timeout {
+                step,
+                who: c.user.clone(),
+                timeout: WAIT,
+            });
+        }
+    }
+}
+
+async fn send_and_check(
+    step: &'static str,
+    room: &RoomId,
+    clients: &mut [MlsClient],
+    from: usize,
+    to: &[usize],
+    body: Vec<u8>,
+    report: &mut ScenarioReport,
+) -> Result<(), ScenarioError> {
+    match clients[from].send(room, &body).await.map_err(at(step))? {
+        SubmitResult::Accepted => {}
+        other => {
+            return Err(ScenarioError::Refused {
+                step,
+                detail: format!("{other:?}"),
+            });
+        }
+    }
+    report.messages_sent += 1;
+    let sender = clients[from].user.clone();
+    for &i in to {
+        let mut ok = false;
+        expect(step, &mut clients[i], report, |e| match e {
+            Event::Message { sender: s, payload } => {
+                ok = *s == sender && *payload == body;
+                true
+            }
+            _ => false,
+        })
+        .await?;
+        if ok {
+            report.messages_decrypted += 1;
+        } else {
+            report.decrypt_failures += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Runs the scenario against the loopback APIs of a.example, b.example and c.example.
+pub async fn run(admins: [SocketAddr; 3], room: &RoomId) -> Result<ScenarioReport, ScenarioError> {
+    let started = Instant::now();
+    let mut report = ScenarioReport::default();
+    let users = [
+        "mimi://a.example/u/alice",
+        "mimi://b.example/u/bob",
+        "mimi://c.example/u/carol",
+    ];
+    let mut clients = Vec::new();
+    for (u, a) in users.iter().zip(admins) {
+        clients.push(MlsClient::new(u, a).map_err(at("client setup"))?);
+    }
+    for c in clients.iter_mut().skip(1) {
+        c.publish_key_packages(2)
+            .await
+            .map_err(at("publishing key packages"))?;
+    }
+    clients[0]
+        .create_room(room)
+        .await
+        .map_err(at("creating the room"))?;
+    report.mls_epochs.push(clients[0].epoch().unwrap_or(0));
+
+    let mut kps = Vec::new();
+    for u in &users[1..] {
+        match clients[0]
+            .claim(u, room)
+            .await
+            .map_err(at("claiming key material"))?
+        {
+            Ok(kp) => kps.push(kp),
+            Err(status) => {
+                return Err(ScenarioError::Refused {
+                    step: "claiming key material",
+                    detail: format!("{u}: {status}"),
+                });
+            }
+        }
+    }
+    match clients[0]
+        .add(room, &kps)
+        .await
+        .map_err(at("adding bob and carol"))?
+    {
+        UpdateResult::Accepted => {}
+        other => {
+            return Err(ScenarioError::Refused {
+                step: "adding bob and carol",
+                detail: format!("{other:?}"),
+            });
+        }
+    }
+    let epoch = clients[0].epoch().unwrap_or(0);
+    report.mls_epochs.push(epoch);
+    for c in clients.iter_mut().skip(1) {
+        expect(
+            "joining by Welcome",
+            c,
+            &mut report,
+            |e| matches!(e, Event::Joined { epoch: e } if *e == epoch),
+        )
+        .await?;
+    }
+
+    // Each message's ID as every receiver computes it from the bytes it decrypted.
+    let mut ids: Vec<MessageId> = Vec::new();
+    let plan: [(usize, Option<usize>, bool, &str); 5] = [
+        (0, None, false, "Hello **bob** and *carol*"),
+        (1, None, false, "Hi alice"),
+        (2, None, false, "Hello from `c.example`"),
+        (1, Some(0), false, "> welcome\n\nThanks, alice!"),
+        (2, Some(1), true, "\u{1F44D}"),
+    ];
+    for (from, reply_to, reaction, text) in plan {
+        let part = if reaction {
+            NestedPart::single(Disposition::REACTION, content::PLAIN_TEXT, text.as_bytes())
+        } else {
+            markdown(text)
+        };
+        let body = content(
+            &clients[from],
+            part,
+            reply_to.and_then(|i| ids.get(i).copied()),
+        )?;
+        let to: Vec<usize> = (0..3).filter(|i| *i != from).collect();
+        send_and_check(
+            "messages",
+            room,
+            &mut clients,
+            from,
+            &to,
+            body.clone(),
+            &mut report,
+        )
+        .await?;
+        // Receivers decode what they got; a reply or reaction must name an earlier message.
+        match MimiContent::decode(&body) {
+            Ok(m) if m.in_reply_to.is_none_or(|r| ids.contains(&r)) => {}
+            _ => report.decrypt_failures += 1,
+        }
+        let id = content::message_id(&clients[from].user, room.as_str(), &body).map_err(|e| {
+            ScenarioError::Refused {
+                step: "message id",
+                detail: e.to_string(),
+            }
+        })?;
+        ids.push(id);
+    }
+
+    match clients[0]
+        .remove(room, users[2])
+        .await
+        .map_err(at("removing carol"))?
+    {
+        UpdateResult::Accepted => {}
+        other => {
+            return Err(ScenarioError::Refused {
+                step: "removing carol",
+                detail: format!("{other:?}"),
+            });
+        }
+    }
+    let epoch = clients[0].epoch().unwrap_or(0);
+    report.mls_epochs.push(epoch);
+    expect(
+        "bob sees the removal",
+        &mut clients[1],
+        &mut report,
+        |e| matches!(e, Event::Commit { epoch: e, removed_me: false } if *e == epoch),
+    )
+    .await?;
+    expect(
+        "carol sees her removal",
+        &mut clients[2],
+        &mut report,
+        |e| {
+            matches!(
+                e,
+                Event::Commit {
+                    removed_me: true,
+                    ..
+                }
+            )
+        },
+    )
+    .await?;
+
+    let last = content(&clients[0], markdown("Just the two of us now"), None)?;
+    send_and_check(
+        "after the removal",
+        room,
+        &mut clients,
+        0,
+        &[1],
+        last,
+        &mut report,
+    )
+    .await?;
+    // carol's provider no longer follows the room: nothing more arrives there.
+    let late = clients[2]
+        .next_event(300)
+        .await
+        .map_err(at("after the removal"))?;
+    report.removed_member_cut_off = late.is_none();
+    report.elapsed_ms = started.elapsed().as_millis() as u64;
+    Ok(report)
+}

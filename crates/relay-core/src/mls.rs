@@ -1,0 +1,154 @@
+//! The hub's MLS policy point, without naming an MLS library.
+//!
+//! A room the hub hosts with MLS state (created from its first member's GroupInfo and ratchet
+//! tree) has its handshake messages checked by an [`MlsValidator`] before they are ordered and
+//! fanned out (draft-ietf-mimi-protocol-06 §5.3): a commit for another epoch is refused with
+//! the current epoch, the first valid commit of an epoch wins, an invalid commit or proposal
+//! is refused. The validator only ever reads public framing (PublicMessage commits and
+//! proposals, GroupInfo, KeyPackages, Welcome headers): the hub never decrypts a
+//! PrivateMessage. The core keeps the outcome (epoch, participant list, the validator's
+//! opaque state) and persists it through the [`crate::Store`].
+
+use std::fmt;
+
+/// The base roles of draft-ietf-mimi-room-policy (-02 §4 "base roles"), as the hub keeps
+/// them per participant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// May not rejoin or be added.
+    Banned,
+    /// An ordinary participant: sends messages, leaves, updates its own leaf.
+    Regular,
+    /// Adds and removes participants.
+    Admin,
+    /// The room's creator: everything an admin may, and changes roles.
+    Owner,
+}
+
+impl Role {
+    pub fn as_u8(self) -> u8 {
+        match self {
+            Role::Banned => 0,
+            Role::Regular => 1,
+            Role::Admin => 2,
+            Role::Owner => 3,
+        }
+    }
+
+    pub fn from_u8(v: u8) -> Option<Role> {
+        Some(match v {
+            0 => Role::Banned,
+            1 => Role::Regular,
+            2 => Role::Admin,
+            3 => Role::Owner,
+            _ => return None,
+        })
+    }
+
+    /// Whether this role may add or remove other participants.
+    pub fn may_manage_members(self) -> bool {
+        matches!(self, Role::Admin | Role::Owner)
+    }
+}
+
+/// What a handshake message does once merged, as far as the hub's policy needs to know.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HandshakeEffect {
+    /// The user URI of the member that sent it (for an external commit: the joiner).
+    pub sender: String,
+    /// Whether it is a commit (else a proposal).
+    pub is_commit: bool,
+    /// Whether it is an external commit (a join by GroupInfo).
+    pub external: bool,
+    /// User URIs added by it.
+    pub added: Vec<String>,
+    /// User URIs removed by it.
+    pub removed: Vec<String>,
+    /// The epoch after a commit; the current one for a proposal.
+    pub epoch: u64,
+    /// Refs (hash outputs) of the KeyPackages it adds, so the hub can route the Welcome.
+    pub key_package_refs: Vec<Vec<u8>>,
+}
+
+/// The group's public state after a create or a merged commit.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GroupState {
+    pub epoch: u64,
+    /// User URIs of the members (one per leaf; a user with two clients appears twice).
+    pub members: Vec<String>,
+    /// The validator's own encoding of its state, persisted by the core and given back to
+    /// [`MlsValidator::restore`] after a restart.
+    pub state: Vec<u8>,
+}
+
+/// Why a handshake message (or a room's initial state) was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MlsReject {
+    /// The message is for another epoch than the group's current one.
+    #[error("wrong epoch: the group is at {current}")]
+    WrongEpoch { current: u64 },
+    /// The message failed MLS validation (signature, membership tag, tree, proposals).
+    #[error("invalid: {0}")]
+    Invalid(String),
+    /// Valid MLS, refused by the hub's policy (PrivateMessage handshakes, unsupported forms).
+    #[error("not allowed: {0}")]
+    NotAllowed(String),
+    /// The room has no MLS state at this validator.
+    #[error("no such group")]
+    NoGroup,
+}
+
+/// The MLS checks the hub delegates. One implementation lives in `relay-mls` (openmls); the
+/// core's tests use a fake. Calls are synchronous and made on the core's thread.
+pub trait MlsValidator: fmt::Debug + Send {
+    /// Starts tracking `room` from its creator's GroupInfo (an MLSMessage) and the exported
+    /// ratchet tree (TLS-encoded `RatchetTree`).
+    fn create(
+        &mut self,
+        room: &str,
+        group_info: &[u8],
+        ratchet_tree: &[u8],
+    ) -> Result<GroupState, MlsReject>;
+
+    /// Restores a room from a state it produced before.
+    fn restore(&mut self, room: &str, state: &[u8]) -> Result<GroupState, MlsReject>;
+
+    /// Checks one handshake MLSMessage (a PublicMessage commit or proposal, or an external
+    /// commit) against the room's state, and stages it without merging.
+    fn stage(&mut self, room: &str, message: &[u8]) -> Result<HandshakeEffect, MlsReject>;
+
+    /// Merges what [`MlsValidator::stage`] staged last (a commit moves to the next epoch, a
+    /// proposal is queued for the next commit).
+    fn merge(&mut self, room: &str) -> Result<GroupState, MlsReject>;
+
+    /// Drops what was staged (the hub's policy refused it).
+    fn discard(&mut self, room: &str);
+
+    /// The ref of a KeyPackage (its MLSMessage or bare struct), as a Welcome names it.
+    fn key_package_ref(&self, key_package: &[u8]) -> Option<Vec<u8>>;
+}
+
+/// Roles of a room's participants, keyed by user URI, encoded for the store.
+pub(crate) fn encode_roles(roles: &std::collections::BTreeMap<String, Role>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (user, role) in roles {
+        out.push(role.as_u8());
+        let n = u16::try_from(user.len()).unwrap_or(u16::MAX);
+        out.extend_from_slice(&n.to_be_bytes());
+        out.extend_from_slice(&user.as_bytes()[..usize::from(n)]);
+    }
+    out
+}
+
+pub(crate) fn decode_roles(mut b: &[u8]) -> Option<std::collections::BTreeMap<String, Role>> {
+    let mut roles = std::collections::BTreeMap::new();
+    while !b.is_empty() {
+        let role = Role::from_u8(*b.first()?)?;
+        let n = usize::from(u16::from_be_bytes([*b.get(1)?, *b.get(2)?]));
+        let user = std::str::from_utf8(b.get(3..3 + n)?).ok()?;
+        roles.insert(user.to_owned(), role);
+        b = b.get(3 + n..)?;
+    }
+    Some(roles)
+}

@@ -1,0 +1,951 @@
+//! MLS rooms at the hub (protocol-06 §5.3, §5.4) and key material at the provider (§5.2).
+//!
+//! A room created with MLS state has every /update checked by the [`MlsValidator`] and by
+//! the room's policy (base roles of draft-ietf-mimi-room-policy) before it is ordered and
+//! fanned out like an application message; its followers are the providers of its members.
+//! Key packages published by local clients are handed out once each.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use bytes::Bytes;
+use mimi_wire::endpoint::Endpoint;
+use mimi_wire::mls::WireFormat;
+use mimi_wire::proto::{
+    ClientKeyMaterial, ClientKeyMaterialStatus, FanoutExtra, FanoutMessage, HandshakeBundle,
+    IdentifierUri, KeyMaterialRequest, KeyMaterialResponse, KeyMaterialUserCode, KeyPackage,
+    MlsMessage, Protocol, SubmitMessageResponse, UpdateOutcome, UpdateRequest, UpdateRoomResponse,
+};
+use mimi_wire::uri::{ProviderDomain, RoomId};
+use tracing::{debug, info};
+
+use super::{Entry, InFlight, Output, Relay, ReplyToken, submit_answer, uri_in_domain, xxh3_128};
+use crate::Now;
+use crate::mls::{GroupState, HandshakeEffect, MlsReject, MlsValidator, Role};
+use crate::stats::RejectReason;
+use crate::store::{InboxRecord, Store, StoreOp};
+use crate::transport::{Response, Status, Transmit};
+
+/// Record key spaces (first byte of a [`StoreOp::Record`] key).
+const REC_MLS_STATE: u8 = 1;
+const REC_MLS_META: u8 = 2;
+const REC_KP_OWNER: u8 = 3;
+const REC_KEY_PACKAGE: u8 = 4;
+const REC_KP_USED: u8 = 5;
+
+/// The hub's MLS view of one hosted room.
+#[derive(Debug)]
+pub(super) struct MlsRoom {
+    pub epoch: u64,
+    pub members: Vec<String>,
+    pub roles: BTreeMap<String, Role>,
+    /// The last accepted commit (hash of the /update body and its answer), so an exact retry
+    /// is answered with success instead of wrongEpoch.
+    pub last_commit: Option<(u128, u64)>,
+    /// Refs of the KeyPackages accepted commits added: each may be used once.
+    pub used_key_packages: BTreeSet<Vec<u8>>,
+}
+
+/// Key packages this provider holds for its local users: user -> client -> (id, KeyPackage).
+#[derive(Debug, Default)]
+pub(super) struct KeyDirectory {
+    pub users: BTreeMap<String, BTreeMap<String, VecDeque<(u64, Bytes)>>>,
+    pub next_id: u64,
+}
+
+/// MLS and key material state of a [`Relay`].
+#[derive(Debug, Default)]
+pub(super) struct MlsState {
+    pub validator: Option<Box<dyn MlsValidator>>,
+    pub rooms: HashMap<String, MlsRoom>,
+    /// KeyPackageRef -> the provider that handed the KeyPackage out (for the Welcome).
+    pub kp_owner: HashMap<Vec<u8>, ProviderDomain>,
+    pub keys: KeyDirectory,
+}
+
+/// Why a local MLS room could not be created.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MlsRoomError {
+    #[error("this relay has no MLS validator")]
+    NoValidator,
+    #[error("room {0} is not hosted here")]
+    NotLocal(String),
+    #[error("room {0} exists already")]
+    Exists(String),
+    #[error("the initial group state was refused")]
+    Refused(#[source] MlsReject),
+    #[error("the creator {0} is not a user of this provider")]
+    ForeignCreator(String),
+    #[error("no route to provider {0} of a member")]
+    NoRoute(String),
+}
+
+fn key(space: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let mut k = vec![space];
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            k.push(0);
+        }
+        k.extend_from_slice(p);
+    }
+    k
+}
+
+fn user_domain(user: &str) -> Option<&str> {
+    user.strip_prefix("mimi://")?.split('/').next()
+}
+
+fn encode_meta(room: &MlsRoom) -> Vec<u8> {
+    let mut v = room.epoch.to_be_bytes().to_vec();
+    v.extend_from_slice(&crate::mls::encode_roles(&room.roles));
+    v
+}
+
+fn update_answer(resp: &UpdateRoomResponse) -> Response {
+    match resp.encode() {
+        Ok(v) => Response::new(Status::Ok, v),
+        Err(_) => Response::error(Status::Internal, "cannot encode UpdateRoomResponse"),
+    }
+}
+
+fn invalid(description: String) -> UpdateRoomResponse {
+    UpdateRoomResponse {
+        error_description: description,
+        outcome: UpdateOutcome::InvalidProposal {
+            invalid_proposals: Vec::new(),
+        },
+    }
+}
+
+impl Relay {
+    /// Gives the core its MLS validator and restores MLS rooms and key material from the
+    /// store's records. Call once, right after [`Relay::new`].
+    pub fn set_mls_validator(
+        &mut self,
+        mut validator: Box<dyn MlsValidator>,
+        records: &BTreeMap<Vec<u8>, Bytes>,
+    ) {
+        let mut used = Vec::new();
+        for (k, v) in records {
+            match k.split_first() {
+                Some((&REC_MLS_STATE, room)) => {
+                    let Ok(room) = std::str::from_utf8(room) else {
+                        continue;
+                    };
+                    match validator.restore(room, v) {
+                        Ok(g) => {
+                            let roles = records
+                                .get(&key(REC_MLS_META, &[room.as_bytes()]))
+                                .and_then(|m| crate::mls::decode_roles(m.get(8..)?))
+                                .unwrap_or_default();
+                            self.mls.rooms.insert(
+                                room.to_owned(),
+                                MlsRoom {
+                                    epoch: g.epoch,
+                                    members: g.members,
+                                    roles,
+                                    last_commit: None,
+                                    used_key_packages: BTreeSet::new(),
+                                },
+                            );
+                        }
+                        Err(e) => tracing::error!(room, error = %e, "stored MLS state refused"),
+                    }
+                }
+                Some((&REC_KP_USED, rest)) => {
+                    if let Some(at) = rest.iter().position(|b| *b == 0)
+                        && let Ok(room) = std::str::from_utf8(&rest[..at])
+                    {
+                        used.push((room.to_owned(), rest[at + 1..].to_vec()));
+                    }
+                }
+                Some((&REC_KP_OWNER, r)) => {
+                    if let Some(d) = std::str::from_utf8(v)
+                        .ok()
+                        .and_then(|d| d.parse::<ProviderDomain>().ok())
+                    {
+                        self.mls.kp_owner.insert(r.to_vec(), d);
+                    }
+                }
+                _ => {}
+            }
+        }
+        for (room, r) in used {
+            if let Some(mr) = self.mls.rooms.get_mut(&room) {
+                mr.used_key_packages.insert(r);
+            }
+        }
+        self.mls.validator = Some(validator);
+    }
+
+    /// Restores the local key packages (no validator needed). Called from `Relay::new`.
+    pub(super) fn restore_key_packages(&mut self, records: &BTreeMap<Vec<u8>, Bytes>) {
+        for (k, v) in records {
+            let Some((&REC_KEY_PACKAGE, rest)) = k.split_first() else {
+                continue;
+            };
+            // key: user 0 client 0 id(8)
+            let mut parts = rest.splitn(3, |b| *b == 0);
+            let (Some(user), Some(client), Some(id)) = (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let (Ok(user), Ok(client), Ok(id)) = (
+                std::str::from_utf8(user),
+                std::str::from_utf8(client),
+                <[u8; 8]>::try_from(id),
+            ) else {
+                continue;
+            };
+            let id = u64::from_be_bytes(id);
+            self.mls.keys.next_id = self.mls.keys.next_id.max(id + 1);
+            self.mls
+                .keys
+                .users
+                .entry(user.to_owned())
+                .or_default()
+                .entry(client.to_owned())
+                .or_default()
+                .push_back((id, v.clone()));
+        }
+    }
+
+    /// The epoch of a hosted MLS room.
+    pub fn mls_epoch(&self, room: &str) -> Option<u64> {
+        self.mls.rooms.get(room).map(|r| r.epoch)
+    }
+
+    /// The participant list of a hosted MLS room, with roles.
+    pub fn mls_participants(&self, room: &str) -> Option<Vec<(String, Role)>> {
+        let r = self.mls.rooms.get(room)?;
+        Some(
+            r.members
+                .iter()
+                .map(|m| (m.clone(), r.roles.get(m).copied().unwrap_or(Role::Regular)))
+                .collect(),
+        )
+    }
+
+    /// Hosts `room` as an MLS room whose first member (its owner) made the group.
+    pub fn handle_create_mls_room<S: Store>(
+        &mut self,
+        store: &mut S,
+        room: RoomId,
+        group_info: &[u8],
+        ratchet_tree: &[u8],
+    ) -> Result<(), MlsRoomError> {
+        if room.domain() != self.cfg.local.as_str() {
+            return Err(MlsRoomError::NotLocal(room.as_str().to_owned()));
+        }
+        if self.mls.rooms.contains_key(room.as_str()) || self.room_by_id.contains_key(room.as_str())
+        {
+            return Err(MlsRoomError::Exists(room.as_str().to_owned()));
+        }
+        let Some(v) = self.mls.validator.as_mut() else {
+            return Err(MlsRoomError::NoValidator);
+        };
+        let g = v
+            .create(room.as_str(), group_info, ratchet_tree)
+            .map_err(MlsRoomError::Refused)?;
+        let local = self.cfg.local.as_str().to_owned();
+        if let Some(m) = g
+            .members
+            .iter()
+            .find(|m| user_domain(m) != Some(local.as_str()))
+        {
+            if let Some(v) = self.mls.validator.as_mut() {
+                v.discard(room.as_str());
+            }
+            return Err(MlsRoomError::ForeignCreator(m.clone()));
+        }
+        let roles = g.members.iter().map(|m| (m.clone(), Role::Owner)).collect();
+        let mr = MlsRoom {
+            epoch: g.epoch,
+            members: g.members.clone(),
+            roles,
+            last_commit: None,
+            used_key_packages: BTreeSet::new(),
+        };
+        store.apply(StoreOp::Room {
+            room: &room,
+            followers: &[],
+        });
+        self.persist_mls(store, room.as_str(), &mr, &g);
+        info!(room = %room, epoch = g.epoch, "hosting MLS room");
+        self.mls.rooms.insert(room.as_str().to_owned(), mr);
+        self.ensure_room(room, &[]);
+        Ok(())
+    }
+
+    fn persist_mls<S: Store>(&self, store: &mut S, room: &str, mr: &MlsRoom, g: &GroupState) {
+        store.apply(StoreOp::Record {
+            key: &key(REC_MLS_STATE, &[room.as_bytes()]),
+            value: Some(&g.state),
+        });
+        store.apply(StoreOp::Record {
+            key: &key(REC_MLS_META, &[room.as_bytes()]),
+            value: Some(&encode_meta(mr)),
+        });
+    }
+
+    /// The MLS part of /submitMessage for a room with MLS state: the sending user must be a
+    /// member and the message of the current epoch. `None`: go on.
+    pub(super) fn check_mls_submit(
+        &mut self,
+        room: &str,
+        sending_uri: &str,
+        epoch: Option<u64>,
+    ) -> Option<Response> {
+        let r = self.mls.rooms.get(room)?;
+        let current = r.epoch;
+        if !r.members.iter().any(|m| m == sending_uri) {
+            self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
+            return Some(submit_answer(&SubmitMessageResponse::not_allowed()));
+        }
+        match epoch {
+            Some(e) if e < current => {
+                self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
+                Some(submit_answer(&SubmitMessageResponse::epoch_too_old(
+                    current,
+                )))
+            }
+            Some(e) if e == current => None,
+            _ => {
+                self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
+                Some(submit_answer(&SubmitMessageResponse::not_allowed()))
+            }
+        }
+    }
+
+    /// The hub's side of /update (from a follower, or from a local client).
+    pub(super) fn update<S: Store>(
+        &mut self,
+        now: Now,
+        store: &mut S,
+        sender: &ProviderDomain,
+        room: &str,
+        body: &Bytes,
+    ) -> Response {
+        let Some(&ri) = self.room_by_id.get(room) else {
+            return self.reject(RejectReason::UnknownRoom, Status::NotFound, "unknown room");
+        };
+        let Some(current) = self.mls.rooms.get(room).map(|r| r.epoch) else {
+            self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
+            return update_answer(&UpdateRoomResponse::not_allowed(
+                "room has no MLS state at its hub",
+            ));
+        };
+        let req = match UpdateRequest::decode(body) {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(error = %e, "malformed UpdateRequest");
+                return self.reject(
+                    RejectReason::Malformed,
+                    Status::BadRequest,
+                    "malformed UpdateRequest",
+                );
+            }
+        };
+        let body_key = xxh3_128(body);
+        if let Some((k, ts)) = self.mls.rooms.get(room).and_then(|r| r.last_commit)
+            && k == body_key
+        {
+            self.stats.dedupe_hits += 1;
+            return update_answer(&UpdateRoomResponse::success(ts));
+        }
+        let msg = req.bundle.message();
+        if msg.wire_format() != WireFormat::PublicMessage {
+            self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
+            return update_answer(&UpdateRoomResponse::not_allowed(
+                "handshake messages must be PublicMessages: the hub validates them",
+            ));
+        }
+        if let Some(e) = msg.epoch()
+            && e != current
+        {
+            self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
+            return update_answer(&UpdateRoomResponse::wrong_epoch(current));
+        }
+        let Some(v) = self.mls.validator.as_mut() else {
+            return self.reject(
+                RejectReason::NotImplemented,
+                Status::NotImplemented,
+                "no MLS validator",
+            );
+        };
+        let effect = match v.stage(room, msg.as_bytes()) {
+            Ok(e) => e,
+            Err(reject) => {
+                self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
+                debug!(room, error = %reject, "handshake refused");
+                return update_answer(&match reject {
+                    MlsReject::WrongEpoch { current } => UpdateRoomResponse::wrong_epoch(current),
+                    MlsReject::Invalid(d) => invalid(d),
+                    MlsReject::NotAllowed(d) => UpdateRoomResponse::not_allowed(d),
+                    MlsReject::NoGroup => UpdateRoomResponse::not_allowed("no such group"),
+                });
+            }
+        };
+        if let Err(why) = self.policy(sender, room, &effect) {
+            if let Some(v) = self.mls.validator.as_mut() {
+                v.discard(room);
+            }
+            self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
+            debug!(room, why, "handshake refused by policy");
+            return update_answer(&UpdateRoomResponse::not_allowed(why));
+        }
+        // Backpressure before anything is accepted.
+        let max_queue = self.cfg.max_queue;
+        if self.rooms[ri]
+            .followers
+            .iter()
+            .any(|(_, q)| self.queues[*q].entries.len() >= max_queue)
+        {
+            if let Some(v) = self.mls.validator.as_mut() {
+                v.discard(room);
+            }
+            return self.queue_full("outbound queue full");
+        }
+        let merged = match self.mls.validator.as_mut().map(|v| v.merge(room)) {
+            Some(Ok(g)) => g,
+            Some(Err(e)) => {
+                tracing::error!(room, error = %e, "merging a staged handshake failed");
+                return Response::error(Status::Internal, "cannot merge the staged handshake");
+            }
+            None => return Response::error(Status::Internal, "validator vanished"),
+        };
+
+        // The room's new state and participant list.
+        let r = &mut self.rooms[ri];
+        let accepted_ms = now.unix_ms.max(r.last_ms);
+        r.last_ms = accepted_ms;
+        let room_id = r.id.clone();
+        let before: BTreeSet<ProviderDomain> = r.followers.iter().map(|(f, _)| f.clone()).collect();
+        let Some(mr) = self.mls.rooms.get_mut(room) else {
+            return Response::error(Status::Internal, "room state vanished");
+        };
+        mr.epoch = merged.epoch;
+        mr.members = merged.members.clone();
+        for u in &effect.added {
+            mr.roles.entry(u.clone()).or_insert(Role::Regular);
+        }
+        if effect.external {
+            mr.roles
+                .entry(effect.sender.clone())
+                .or_insert(Role::Regular);
+        }
+        for u in &effect.removed {
+            if mr.roles.get(u) != Some(&Role::Banned) && !mr.members.contains(u) {
+                mr.roles.remove(u);
+            }
+        }
+        if effect.is_commit {
+            mr.last_commit = Some((body_key, accepted_ms));
+            for r in &effect.key_package_refs {
+                mr.used_key_packages.insert(r.clone());
+                store.apply(StoreOp::Record {
+                    key: &key(REC_KP_USED, &[room.as_bytes(), r]),
+                    value: Some(&[]),
+                });
+            }
+        }
+        let after: BTreeSet<ProviderDomain> = mr
+            .members
+            .iter()
+            .filter_map(|m| user_domain(m)?.parse::<ProviderDomain>().ok())
+            .filter(|d| *d != self.cfg.local)
+            .collect();
+        let snapshot = MlsRoom {
+            epoch: mr.epoch,
+            members: Vec::new(),
+            roles: mr.roles.clone(),
+            last_commit: None,
+            used_key_packages: BTreeSet::new(),
+        };
+        self.persist_mls(store, room, &snapshot, &merged);
+
+        // New followers get queues first, so the fan-out below reaches them.
+        let all: Vec<ProviderDomain> = before.union(&after).cloned().collect();
+        self.ensure_room(room_id.clone(), &all);
+
+        let extra = match &req.bundle {
+            HandshakeBundle::Commit { .. } => FanoutExtra::Commit {
+                external_proposals: Vec::new(),
+            },
+            HandshakeBundle::Proposal { more_proposals, .. } => FanoutExtra::Proposal {
+                more_proposals: more_proposals.clone(),
+            },
+        };
+        let fanout = match (FanoutMessage {
+            timestamp: accepted_ms,
+            message: msg.clone(),
+            extra,
+        })
+        .encode()
+        {
+            Ok(f) => Bytes::from(f),
+            Err(_) => return Response::error(Status::Internal, "cannot encode FanoutMessage"),
+        };
+        // The commit goes to every provider that was in the room (a removed member learns
+        // it), the sender's included: its other clients need it, and the committer knows its
+        // own by epoch and leaf. Providers new to the room join by the Welcome.
+        let mut dests: Vec<ProviderDomain> = before.iter().cloned().collect();
+        self.fan_out(now, store, ri, &fanout, &dests, true);
+
+        // The Welcome goes to the providers of the new members' KeyPackages.
+        if let HandshakeBundle::Commit {
+            welcome: Some(welcome),
+            ratchet_tree_option,
+            ..
+        } = &req.bundle
+        {
+            let mut targets: BTreeSet<ProviderDomain> = BTreeSet::new();
+            for r in &effect.key_package_refs {
+                if let Some(p) = self.mls.kp_owner.get(r) {
+                    targets.insert(p.clone());
+                }
+            }
+            for u in &effect.added {
+                if let Some(d) = user_domain(u).and_then(|d| d.parse::<ProviderDomain>().ok()) {
+                    targets.insert(d);
+                }
+            }
+            let mut mls = vec![0, 1, 0, 3]; // mls10, wire format welcome
+            mls.extend_from_slice(welcome.as_bytes());
+            let msg = MlsMessage::from_bytes(mls);
+            let wf = msg.and_then(|message| {
+                FanoutMessage {
+                    timestamp: accepted_ms,
+                    message,
+                    extra: FanoutExtra::Welcome {
+                        ratchet_tree_option: ratchet_tree_option.clone(),
+                    },
+                }
+                .encode()
+            });
+            match wf {
+                Ok(wf) => {
+                    let wf = Bytes::from(wf);
+                    let local = targets.remove(&self.cfg.local);
+                    dests = targets.into_iter().collect();
+                    self.fan_out(now, store, ri, &wf, &dests, local);
+                }
+                Err(e) => debug!(error = %e, "welcome not fanned out: malformed"),
+            }
+        }
+        // Providers with no member left stop following (their queues still drain).
+        let followers: Vec<ProviderDomain> = after.into_iter().collect();
+        store.apply(StoreOp::Room {
+            room: &room_id,
+            followers: &followers,
+        });
+        self.ensure_room(room_id, &followers);
+        self.stats.accepted += 1;
+        info!(room, epoch = merged.epoch, commit = effect.is_commit, from = %sender, "handshake accepted");
+        update_answer(&UpdateRoomResponse::success(accepted_ms))
+    }
+
+    /// The room policy's answer to a staged handshake.
+    fn policy(
+        &self,
+        sender: &ProviderDomain,
+        room: &str,
+        effect: &HandshakeEffect,
+    ) -> Result<(), String> {
+        if !uri_in_domain(&effect.sender, sender.as_str()) {
+            return Err(format!(
+                "sender {} is not a user of the authenticated provider",
+                effect.sender
+            ));
+        }
+        let Some(mr) = self.mls.rooms.get(room) else {
+            return Err("no such room".into());
+        };
+        let role = mr.roles.get(&effect.sender).copied();
+        if role == Some(Role::Banned) {
+            return Err("the sender is banned from the room".into());
+        }
+        let manages = role.is_some_and(Role::may_manage_members);
+        if !effect.added.is_empty() && !manages {
+            return Err("only admins and owners may add participants".into());
+        }
+        if effect.removed.iter().any(|u| *u != effect.sender) && !manages {
+            return Err("only admins and owners may remove others".into());
+        }
+        if effect
+            .key_package_refs
+            .iter()
+            .any(|r| mr.used_key_packages.contains(r))
+        {
+            return Err("a KeyPackage is used a second time".into());
+        }
+        for u in &effect.added {
+            if mr.roles.get(u) == Some(&Role::Banned) {
+                return Err(format!("{u} is banned from the room"));
+            }
+            let Some(d) = user_domain(u).and_then(|d| d.parse::<ProviderDomain>().ok()) else {
+                return Err(format!("{u} is not a MIMI user URI"));
+            };
+            if d != self.cfg.local && !self.peer_by_domain.contains_key(&d) {
+                return Err(format!("no route to provider {d}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends one FanoutMessage to the queues of `dests` (and the local inbox), in the
+    /// room's order.
+    fn fan_out<S: Store>(
+        &mut self,
+        now: Now,
+        store: &mut S,
+        ri: usize,
+        fanout: &Bytes,
+        dests: &[ProviderDomain],
+        local: bool,
+    ) {
+        let r = &mut self.rooms[ri];
+        r.next_seq += 1;
+        store.apply(StoreOp::RoomSeq {
+            room: &r.id,
+            next_seq: r.next_seq,
+            last_ms: r.last_ms,
+        });
+        let accepted_ms = r.last_ms;
+        for d in dests {
+            let Some(qi) = self.queue_for(&self.rooms[ri].id.clone(), d) else {
+                continue;
+            };
+            let q = &mut self.queues[qi];
+            let qseq = q.next_qseq();
+            store.apply(StoreOp::Enqueue {
+                room: &q.room,
+                dest: &q.dest,
+                qseq,
+                fanout,
+            });
+            q.entries.push_back(Entry {
+                fanout: fanout.clone(),
+                enqueued: now.mono,
+            });
+            self.mark_ready(qi);
+        }
+        if local {
+            let record = InboxRecord {
+                room: self.rooms[ri].id.clone(),
+                from: self.cfg.local.clone(),
+                accepted_ms,
+                fanout: fanout.clone(),
+            };
+            self.deliver_local(store, record);
+        }
+    }
+
+    /// A local client publishes KeyPackages (bare `KeyPackage` structs) for one of its
+    /// clients.
+    pub fn handle_publish_key_packages<S: Store>(
+        &mut self,
+        store: &mut S,
+        user: &str,
+        client: &str,
+        key_packages: Vec<Bytes>,
+    ) -> Result<usize, &'static str> {
+        if user_domain(user) != Some(self.cfg.local.as_str()) {
+            return Err("user is not of this provider");
+        }
+        if client.as_bytes().contains(&0) || user.as_bytes().contains(&0) {
+            return Err("NUL in a URI");
+        }
+        for kp in &key_packages {
+            if KeyPackage::from_bytes(kp.to_vec()).is_err() {
+                return Err("not a KeyPackage");
+            }
+        }
+        let n = key_packages.len();
+        for kp in key_packages {
+            let id = self.mls.keys.next_id;
+            self.mls.keys.next_id += 1;
+            store.apply(StoreOp::Record {
+                key: &key(
+                    REC_KEY_PACKAGE,
+                    &[user.as_bytes(), client.as_bytes(), &id.to_be_bytes()],
+                ),
+                value: Some(&kp),
+            });
+            self.mls
+                .keys
+                .users
+                .entry(user.to_owned())
+                .or_default()
+                .entry(client.to_owned())
+                .or_default()
+                .push_back((id, kp));
+        }
+        Ok(n)
+    }
+
+    /// Answers a KeyMaterialRequest for a local user: each client's first KeyPackage of an
+    /// acceptable ciphersuite, handed out once.
+    fn claim_local<S: Store>(&mut self, store: &mut S, req: &KeyMaterialRequest) -> Response {
+        let user = req.target_user.as_str().to_owned();
+        let mut resp = KeyMaterialResponse {
+            protocol: Protocol::Mls10,
+            user_status: KeyMaterialUserCode::UserUnknown,
+            user_uri: req.target_user.clone(),
+            clients: Vec::new(),
+        };
+        if let Some(clients) = self.mls.keys.users.get_mut(&user) {
+            let acceptable = |kp: &Bytes| {
+                let suite = kp.get(2..4).map(|s| u16::from_be_bytes([s[0], s[1]]));
+                req.acceptable_ciphersuites.is_empty()
+                    || suite.is_some_and(|s| req.acceptable_ciphersuites.contains(&s))
+            };
+            let mut ok = 0;
+            for (client, kps) in clients.iter_mut() {
+                let status = if kps.is_empty() {
+                    ClientKeyMaterialStatus::KeyMaterialExhausted
+                } else if let Some(i) = kps.iter().position(|(_, kp)| acceptable(kp)) {
+                    let Some((id, kp)) = kps.remove(i) else {
+                        continue;
+                    };
+                    store.apply(StoreOp::Record {
+                        key: &key(
+                            REC_KEY_PACKAGE,
+                            &[user.as_bytes(), client.as_bytes(), &id.to_be_bytes()],
+                        ),
+                        value: None,
+                    });
+                    match KeyPackage::from_bytes(kp.to_vec()) {
+                        Ok(key_package) => {
+                            ok += 1;
+                            ClientKeyMaterialStatus::Success { key_package }
+                        }
+                        Err(_) => ClientKeyMaterialStatus::KeyMaterialExhausted,
+                    }
+                } else {
+                    ClientKeyMaterialStatus::NothingCompatible {
+                        client_capabilities: None,
+                    }
+                };
+                resp.clients.push(ClientKeyMaterial {
+                    client_uri: IdentifierUri::new(client.clone()),
+                    status,
+                });
+            }
+            resp.user_status = if ok == 0 {
+                KeyMaterialUserCode::NoCompatibleMaterial
+            } else if ok == resp.clients.len() {
+                KeyMaterialUserCode::Success
+            } else {
+                KeyMaterialUserCode::PartialSuccess
+            };
+        }
+        match resp.encode() {
+            Ok(v) => Response::new(Status::Ok, v),
+            Err(_) => Response::error(Status::Internal, "cannot encode KeyMaterialResponse"),
+        }
+    }
+
+    /// /keyMaterial from a peer or a local client. Answered here for local users; a hub
+    /// forwards claims for a room it hosts to the target's provider and remembers whose
+    /// KeyPackages it saw; anyone else forwards to the room's hub.
+    pub(super) fn key_material<S: Store>(
+        &mut self,
+        now: Now,
+        store: &mut S,
+        token: ReplyToken,
+        from: &ProviderDomain,
+        target: &str,
+        body: &Bytes,
+    ) -> Option<Response> {
+        let req = match KeyMaterialRequest::decode(body) {
+            Ok(r) => r,
+            Err(_) => {
+                return Some(self.reject(
+                    RejectReason::Malformed,
+                    Status::BadRequest,
+                    "malformed KeyMaterialRequest",
+                ));
+            }
+        };
+        if req.target_user.as_str() != target {
+            return Some(self.reject(
+                RejectReason::Malformed,
+                Status::BadRequest,
+                "targetUser differs from the path",
+            ));
+        }
+        let room = req.room_id.as_str();
+        let room_hub = room.parse::<RoomId>().ok().map(|r| r.domain().to_owned());
+        // The requester's provider asks, or the room's hub on its behalf.
+        let requester_ok = uri_in_domain(req.requesting_user.as_str(), from.as_str())
+            || room_hub.as_deref() == Some(from.as_str());
+        if !requester_ok {
+            return Some(self.reject(
+                RejectReason::Forbidden,
+                Status::Forbidden,
+                "requestingUser is not of the asking provider",
+            ));
+        }
+        let Some(target_domain) =
+            user_domain(target).and_then(|d| d.parse::<ProviderDomain>().ok())
+        else {
+            return Some(self.reject(
+                RejectReason::Malformed,
+                Status::BadRequest,
+                "targetUser is not a MIMI URI",
+            ));
+        };
+        if target_domain == self.cfg.local {
+            return Some(self.claim_local(store, &req));
+        }
+        let we_host = room_hub.as_deref() == Some(self.cfg.local.as_str())
+            && self.room_by_id.contains_key(room);
+        let dest = if we_host || room_hub.is_none() {
+            target_domain.clone()
+        } else if let Some(h) = room_hub.and_then(|h| h.parse::<ProviderDomain>().ok()) {
+            if h == *from {
+                // The hub asked us for a user we do not host.
+                return Some(self.reject(
+                    RejectReason::NoRoute,
+                    Status::NotFound,
+                    "targetUser is not a user of this provider",
+                ));
+            }
+            h
+        } else {
+            return Some(self.reject(
+                RejectReason::Malformed,
+                Status::BadRequest,
+                "roomId is not a room URI",
+            ));
+        };
+        let remember = we_host.then(|| target_domain.clone());
+        self.forward(
+            now,
+            token,
+            dest,
+            Endpoint::KeyMaterial,
+            target,
+            body.clone(),
+            remember,
+        )
+    }
+
+    /// Sends a request to `dest` and answers `token` with its answer. `None` when sent.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn forward(
+        &mut self,
+        now: Now,
+        token: ReplyToken,
+        dest: ProviderDomain,
+        endpoint: Endpoint,
+        target: &str,
+        body: Bytes,
+        key_material_of: Option<ProviderDomain>,
+    ) -> Option<Response> {
+        let Some(&peer) = self.peer_by_domain.get(&dest) else {
+            return Some(self.reject(
+                RejectReason::NoRoute,
+                Status::BadGateway,
+                "no route to the provider",
+            ));
+        };
+        let id = self.next_id();
+        let deadline = now.mono + self.cfg.transmit_timeout;
+        self.inflight.insert(
+            id,
+            InFlight::Forward {
+                token,
+                deadline,
+                key_material_of,
+            },
+        );
+        self.deadlines.insert((deadline, id));
+        let p = &mut self.peers[peer];
+        p.stats.transmits += 1;
+        self.outputs.push_back(Output::Transmit(Transmit {
+            id,
+            dest: p.domain.clone(),
+            transport: p.kind,
+            endpoint,
+            target: target.to_owned(),
+            seq: None,
+            body: vec![body],
+        }));
+        None
+    }
+
+    /// A forwarded /keyMaterial answer passing through the hub: remember which provider each
+    /// handed-out KeyPackage came from, so the Welcome that uses it reaches that provider.
+    pub(super) fn remember_key_material<S: Store>(
+        &mut self,
+        store: &mut S,
+        provider: &ProviderDomain,
+        response: &Response,
+    ) {
+        if response.status != Status::Ok {
+            return;
+        }
+        let Ok(resp) = KeyMaterialResponse::decode(&response.body) else {
+            return;
+        };
+        for c in &resp.clients {
+            if let ClientKeyMaterialStatus::Success { key_package } = &c.status
+                && let Some(r) = self
+                    .mls
+                    .validator
+                    .as_ref()
+                    .and_then(|v| v.key_package_ref(key_package.as_bytes()))
+            {
+                store.apply(StoreOp::Record {
+                    key: &key(REC_KP_OWNER, &[&r]),
+                    value: Some(provider.as_str().as_bytes()),
+                });
+                self.mls.kp_owner.insert(r, provider.clone());
+            }
+        }
+    }
+
+    /// A request from one of this provider's clients for an endpoint other than
+    /// /submitMessage: handled here when we are the one to answer, else forwarded.
+    pub fn handle_client_request<S: Store>(
+        &mut self,
+        now: Now,
+        store: &mut S,
+        token: ReplyToken,
+        endpoint: Endpoint,
+        target: &str,
+        body: Bytes,
+    ) {
+        let local = self.cfg.local.clone();
+        let response = match endpoint {
+            Endpoint::Update if self.room_by_id.contains_key(target) => {
+                Some(self.update(now, store, &local, target, &body))
+            }
+            Endpoint::Update => match target.parse::<RoomId>() {
+                Ok(r) => match r.domain().parse::<ProviderDomain>() {
+                    Ok(hub) if hub != local => {
+                        self.forward(now, token, hub, endpoint, target, body, None)
+                    }
+                    _ => Some(self.reject(
+                        RejectReason::UnknownRoom,
+                        Status::NotFound,
+                        "unknown room",
+                    )),
+                },
+                Err(_) => Some(self.reject(
+                    RejectReason::Malformed,
+                    Status::BadRequest,
+                    "not a room URI",
+                )),
+            },
+            Endpoint::KeyMaterial => self.key_material(now, store, token, &local, target, &body),
+            _ => self.client_service(now, store, token, endpoint, target, body),
+        };
+        if let Some(response) = response {
+            self.outputs.push_back(Output::Reply { token, response });
+        }
+        self.pump(now);
+    }
+}

@@ -1,0 +1,361 @@
+//! The provider-to-provider services outside a room's message flow: the identifier directory
+//! (protocol-06 §5.8), explicit consent (§5.7) and abuse reports (§5.9).
+//!
+//! Privacy: an identifier query is answered with the matching user URIs only (no profile
+//! fields), and nothing about who asked is stored, logged with the query, or passed on.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use mimi_wire::endpoint::Endpoint;
+use mimi_wire::proto::{
+    AbuseReport, ConsentEntry, ConsentOperation, IdentifierQueryCode, IdentifierRequest,
+    IdentifierResponse, IdentifierUri, SearchIdentifierType, VLBytes,
+};
+use mimi_wire::uri::{ProviderDomain, RoomId};
+use tracing::info;
+
+use super::{Relay, ReplyToken, uri_in_domain};
+use crate::Now;
+use crate::stats::RejectReason;
+use crate::store::{Store, StoreOp};
+use crate::transport::{Response, Status};
+
+const REC_DIRECTORY: u8 = 6;
+const REC_CONSENT: u8 = 7;
+const REC_ABUSE: u8 = 8;
+
+/// Directory, consent and abuse-report state of a [`Relay`].
+#[derive(Debug, Default)]
+pub(super) struct Services {
+    /// (search type, exact value) -> user URI.
+    pub directory: BTreeMap<(u8, String), String>,
+    /// (requester, target, room or "") -> the last operation.
+    pub consent: BTreeMap<(String, String, String), ConsentOperation>,
+    pub abuse_reports: u64,
+}
+
+fn created() -> Response {
+    Response::new(Status::Created, Bytes::new())
+}
+
+fn user_domain(user: &str) -> Option<&str> {
+    user.strip_prefix("mimi://")?.split('/').next()
+}
+
+impl Relay {
+    /// Restores the directory, consent and the abuse report count. Called from `Relay::new`.
+    pub(super) fn restore_services(&mut self, records: &BTreeMap<Vec<u8>, Bytes>) {
+        for (k, v) in records {
+            match k.split_first() {
+                Some((&REC_DIRECTORY, rest)) => {
+                    if let (Some((&t, value)), Ok(user)) =
+                        (rest.split_first(), std::str::from_utf8(v))
+                        && let Ok(value) = std::str::from_utf8(value)
+                    {
+                        self.services
+                            .directory
+                            .insert((t, value.to_owned()), user.to_owned());
+                    }
+                }
+                Some((&REC_CONSENT, rest)) => {
+                    let parts: Vec<&[u8]> = rest.split(|b| *b == 0).collect();
+                    if let ([r, t, room], Some(op)) = (
+                        parts.as_slice(),
+                        v.first().and_then(|o| ConsentOperation::from_u8(*o).ok()),
+                    ) {
+                        let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+                        self.services.consent.insert((s(r), s(t), s(room)), op);
+                    }
+                }
+                Some((&REC_ABUSE, _)) => self.services.abuse_reports += 1,
+                _ => {}
+            }
+        }
+    }
+
+    /// Abuse reports kept for the operator.
+    pub fn abuse_reports(&self) -> u64 {
+        self.services.abuse_reports
+    }
+
+    /// The last consent operation for this scope, if any.
+    pub fn consent(
+        &self,
+        requester: &str,
+        target: &str,
+        room: Option<&str>,
+    ) -> Option<ConsentOperation> {
+        self.services
+            .consent
+            .get(&(
+                requester.to_owned(),
+                target.to_owned(),
+                room.unwrap_or("").to_owned(),
+            ))
+            .copied()
+    }
+
+    /// Lists a local user in the directory under an exact identifier (handle, nick, email or
+    /// phone number).
+    pub fn handle_directory_entry<S: Store>(
+        &mut self,
+        store: &mut S,
+        search_type: SearchIdentifierType,
+        value: &str,
+        user: &str,
+    ) -> Result<(), &'static str> {
+        if user_domain(user) != Some(self.cfg.local.as_str()) {
+            return Err("user is not of this provider");
+        }
+        if !matches!(
+            search_type,
+            SearchIdentifierType::Handle
+                | SearchIdentifierType::Nick
+                | SearchIdentifierType::Email
+                | SearchIdentifierType::Phone
+        ) {
+            return Err("only exact identifiers are listed");
+        }
+        let mut k = vec![REC_DIRECTORY, search_type.as_u8()];
+        k.extend_from_slice(value.as_bytes());
+        store.apply(StoreOp::Record {
+            key: &k,
+            value: Some(user.as_bytes()),
+        });
+        self.services
+            .directory
+            .insert((search_type.as_u8(), value.to_owned()), user.to_owned());
+        Ok(())
+    }
+
+    /// §5.8: every query element must match one listed user exactly.
+    fn identifier_query(&mut self, body: &Bytes) -> Response {
+        let Ok(req) = IdentifierRequest::decode(body) else {
+            return self.reject(
+                RejectReason::Malformed,
+                Status::BadRequest,
+                "malformed IdentifierRequest",
+            );
+        };
+        let mut code = IdentifierQueryCode::Success;
+        let mut found: Option<&String> = None;
+        for q in &req.query_elements {
+            if !matches!(
+                q.search_type,
+                SearchIdentifierType::Handle
+                    | SearchIdentifierType::Nick
+                    | SearchIdentifierType::Email
+                    | SearchIdentifierType::Phone
+            ) {
+                code = IdentifierQueryCode::UnsupportedField;
+                break;
+            }
+            let value = String::from_utf8_lossy(q.search_value.as_slice()).into_owned();
+            match self.services.directory.get(&(q.search_type.as_u8(), value)) {
+                Some(u) if found.is_none_or(|f| f == u) => found = Some(u),
+                _ => {
+                    code = IdentifierQueryCode::NotFound;
+                    break;
+                }
+            }
+        }
+        if req.query_elements.is_empty() {
+            code = IdentifierQueryCode::Ambiguous;
+        }
+        let uris = match (code, found) {
+            (IdentifierQueryCode::Success, Some(u)) => vec![IdentifierUri::new(u.clone())],
+            _ => Vec::new(),
+        };
+        let resp = IdentifierResponse {
+            response_code: if uris.is_empty() && code == IdentifierQueryCode::Success {
+                IdentifierQueryCode::NotFound
+            } else {
+                code
+            },
+            uris,
+            found_profiles: Vec::new(),
+            id_response_extensions: VLBytes::new(Vec::new()),
+        };
+        match resp.encode() {
+            Ok(v) => Response::new(Status::Ok, v),
+            Err(_) => Response::error(Status::Internal, "cannot encode IdentifierResponse"),
+        }
+    }
+
+    /// §5.7: `requestConsent` (we host the target) or `updateConsent` (we host the
+    /// requester), from `from`, which must host the other side.
+    fn consent_entry<S: Store>(
+        &mut self,
+        store: &mut S,
+        from: &ProviderDomain,
+        endpoint: Endpoint,
+        body: &Bytes,
+    ) -> Response {
+        let Ok(entry) = ConsentEntry::decode(body) else {
+            return self.reject(
+                RejectReason::Malformed,
+                Status::BadRequest,
+                "malformed ConsentEntry",
+            );
+        };
+        let (ours, theirs, ops): (&str, &str, &[ConsentOperation]) = match endpoint {
+            Endpoint::RequestConsent => (
+                entry.target_uri.as_str(),
+                entry.requester_uri.as_str(),
+                &[ConsentOperation::Request, ConsentOperation::Cancel],
+            ),
+            _ => (
+                entry.requester_uri.as_str(),
+                entry.target_uri.as_str(),
+                &[ConsentOperation::Grant, ConsentOperation::Revoke],
+            ),
+        };
+        if !ops.contains(&entry.operation) {
+            return self.reject(
+                RejectReason::Malformed,
+                Status::BadRequest,
+                "consent operation does not fit the endpoint",
+            );
+        }
+        if !uri_in_domain(ours, self.cfg.local.as_str()) || !uri_in_domain(theirs, from.as_str()) {
+            return self.reject(
+                RejectReason::Forbidden,
+                Status::Forbidden,
+                "consent users are not of these providers",
+            );
+        }
+        let room = entry.room_id.as_ref().map_or("", |r| r.as_str()).to_owned();
+        let (r, t) = (entry.requester_uri.as_str(), entry.target_uri.as_str());
+        if r.contains('\0') || t.contains('\0') || room.contains('\0') {
+            return self.reject(RejectReason::Malformed, Status::BadRequest, "NUL in a URI");
+        }
+        let scope = (r.to_owned(), t.to_owned(), room);
+        // A cancel with no matching request is accepted and does nothing (§5.7).
+        if entry.operation == ConsentOperation::Cancel
+            && self.services.consent.get(&scope) != Some(&ConsentOperation::Request)
+        {
+            return created();
+        }
+        let mut k = vec![REC_CONSENT];
+        k.extend_from_slice(scope.0.as_bytes());
+        k.push(0);
+        k.extend_from_slice(scope.1.as_bytes());
+        k.push(0);
+        k.extend_from_slice(scope.2.as_bytes());
+        store.apply(StoreOp::Record {
+            key: &k,
+            value: Some(&[entry.operation.as_u8()]),
+        });
+        self.services.consent.insert(scope, entry.operation);
+        created()
+    }
+
+    /// §5.9: abuse reports go to the hub of the room, which keeps them for its operator.
+    fn report_abuse<S: Store>(&mut self, store: &mut S, room: &str, body: &Bytes) -> Response {
+        if !self.room_by_id.contains_key(room) {
+            return self.reject(RejectReason::UnknownRoom, Status::NotFound, "unknown room");
+        }
+        if AbuseReport::decode(body).is_err() {
+            return self.reject(
+                RejectReason::Malformed,
+                Status::BadRequest,
+                "malformed AbuseReport",
+            );
+        }
+        self.services.abuse_reports += 1;
+        let mut k = vec![REC_ABUSE];
+        k.extend_from_slice(&self.services.abuse_reports.to_be_bytes());
+        k.extend_from_slice(room.as_bytes());
+        store.apply(StoreOp::Record {
+            key: &k,
+            value: Some(body),
+        });
+        info!(
+            room,
+            reports = self.services.abuse_reports,
+            "abuse report kept for the operator"
+        );
+        created()
+    }
+
+    /// Requests from peers for the services here. `None`: not one of them.
+    pub(super) fn service_request<S: Store>(
+        &mut self,
+        store: &mut S,
+        from: &ProviderDomain,
+        endpoint: Endpoint,
+        target: &str,
+        body: &Bytes,
+    ) -> Option<Response> {
+        Some(match endpoint {
+            Endpoint::IdentifierQuery if target == self.cfg.local.as_str() => {
+                self.identifier_query(body)
+            }
+            Endpoint::IdentifierQuery => {
+                self.reject(RejectReason::NoRoute, Status::NotFound, "not this provider")
+            }
+            Endpoint::RequestConsent | Endpoint::UpdateConsent => {
+                self.consent_entry(store, from, endpoint, body)
+            }
+            Endpoint::ReportAbuse => self.report_abuse(store, target, body),
+            _ => return None,
+        })
+    }
+
+    /// A local client's request for a service: answered here or sent to the provider that
+    /// answers it (the target's for identifier queries and consent; the hub for abuse).
+    pub(super) fn client_service<S: Store>(
+        &mut self,
+        now: Now,
+        store: &mut S,
+        token: ReplyToken,
+        endpoint: Endpoint,
+        target: &str,
+        body: Bytes,
+    ) -> Option<Response> {
+        let mut fwd_target = target.to_owned();
+        let dest = match endpoint {
+            Endpoint::IdentifierQuery => target.parse::<ProviderDomain>().ok(),
+            Endpoint::RequestConsent | Endpoint::UpdateConsent => {
+                let Ok(entry) = ConsentEntry::decode(&body) else {
+                    return Some(self.reject(
+                        RejectReason::Malformed,
+                        Status::BadRequest,
+                        "malformed ConsentEntry",
+                    ));
+                };
+                let other = if endpoint == Endpoint::RequestConsent {
+                    entry.target_uri
+                } else {
+                    entry.requester_uri
+                };
+                fwd_target = other.as_str().to_owned();
+                user_domain(other.as_str()).and_then(|d| d.parse().ok())
+            }
+            Endpoint::ReportAbuse => target
+                .parse::<RoomId>()
+                .ok()
+                .and_then(|r| r.domain().parse().ok()),
+            _ => {
+                return Some(self.reject(
+                    RejectReason::NotImplemented,
+                    Status::NotImplemented,
+                    "endpoint not served to local clients",
+                ));
+            }
+        };
+        let Some(dest) = dest else {
+            return Some(self.reject(
+                RejectReason::Malformed,
+                Status::BadRequest,
+                "no provider to send this to",
+            ));
+        };
+        if dest == self.cfg.local {
+            let local = self.cfg.local.clone();
+            return self.service_request(store, &local, endpoint, &fwd_target, &body);
+        }
+        self.forward(now, token, dest, endpoint, &fwd_target, body, None)
+    }
+}

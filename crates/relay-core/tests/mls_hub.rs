@@ -1,0 +1,353 @@
+//! The hub's MLS rules in the core, with a fake validator (no MLS library): wrong epochs,
+//! first commit wins, invalid handshakes, the room policy, epochTooOld, and a restart.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use mimi_wire::endpoint::Endpoint;
+use mimi_wire::proto::{
+    SubmitMessageRequest, SubmitMessageResponse, SubmitStatus, UpdateOutcome, UpdateRoomResponse,
+};
+use mimi_wire::uri::{ProviderDomain, RoomId};
+use relay_core::mls::{GroupState, HandshakeEffect, MlsReject, MlsValidator, Role};
+use relay_core::{
+    MemStore, Now, Output, Relay, RelayConfig, ReplyToken, Request, Response, Store, TransportKind,
+};
+
+const ROOM: &str = "mimi://a.example/r/fake";
+const ALICE: &str = "mimi://a.example/u/alice";
+const BOB: &str = "mimi://b.example/u/bob";
+const CAROL: &str = "mimi://c.example/u/carol";
+
+/// A validator whose "MLS" is the authenticated data of a PublicMessage: `add URI`,
+/// `remove URI`, `noop` or `bad`; the sender is the member at the leaf index.
+#[derive(Debug, Default)]
+struct Fake {
+    epoch: u64,
+    members: Vec<String>,
+    staged: Option<(u64, Vec<String>)>,
+}
+
+fn enc(epoch: u64, members: &[String]) -> Vec<u8> {
+    let mut v = epoch.to_be_bytes().to_vec();
+    v.extend_from_slice(members.join(" ").as_bytes());
+    v
+}
+
+impl MlsValidator for Fake {
+    fn create(&mut self, _: &str, _gi: &[u8], tree: &[u8]) -> Result<GroupState, MlsReject> {
+        self.epoch = 0;
+        self.members = vec![String::from_utf8(tree.to_vec()).unwrap()];
+        Ok(GroupState {
+            epoch: 0,
+            members: self.members.clone(),
+            state: enc(0, &self.members),
+        })
+    }
+
+    fn restore(&mut self, _: &str, state: &[u8]) -> Result<GroupState, MlsReject> {
+        self.epoch = u64::from_be_bytes(state[..8].try_into().unwrap());
+        self.members = std::str::from_utf8(&state[8..])
+            .unwrap()
+            .split(' ')
+            .map(str::to_owned)
+            .collect();
+        Ok(GroupState {
+            epoch: self.epoch,
+            members: self.members.clone(),
+            state: state.to_vec(),
+        })
+    }
+
+    fn stage(&mut self, _: &str, message: &[u8]) -> Result<HandshakeEffect, MlsReject> {
+        let (epoch, leaf, aad) = parse(message);
+        if epoch != self.epoch {
+            return Err(MlsReject::WrongEpoch {
+                current: self.epoch,
+            });
+        }
+        let sender = self.members.get(leaf as usize).cloned().unwrap_or_default();
+        let mut effect = HandshakeEffect {
+            sender,
+            is_commit: true,
+            epoch: self.epoch + 1,
+            ..HandshakeEffect::default()
+        };
+        let mut members = self.members.clone();
+        match aad.split_once(' ') {
+            Some(("add", u)) => {
+                effect.added.push(u.to_owned());
+                members.push(u.to_owned());
+            }
+            Some(("remove", u)) => {
+                effect.removed.push(u.to_owned());
+                members.retain(|m| m != u);
+            }
+            _ if aad == "noop" => {}
+            _ => return Err(MlsReject::Invalid("bad signature".into())),
+        }
+        self.staged = Some((self.epoch + 1, members));
+        Ok(effect)
+    }
+
+    fn merge(&mut self, _: &str) -> Result<GroupState, MlsReject> {
+        let (epoch, members) = self.staged.take().unwrap();
+        self.epoch = epoch;
+        self.members = members;
+        Ok(GroupState {
+            epoch,
+            members: self.members.clone(),
+            state: enc(epoch, &self.members),
+        })
+    }
+
+    fn discard(&mut self, _: &str) {
+        self.staged = None;
+    }
+
+    fn key_package_ref(&self, _: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+}
+
+fn varint(out: &mut Vec<u8>, n: usize) {
+    assert!(n < 64);
+    out.push(n as u8);
+}
+
+fn vec(out: &mut Vec<u8>, b: &[u8]) {
+    varint(out, b.len());
+    out.extend_from_slice(b);
+}
+
+/// A PublicMessage commit (no proposals, no path) from a member: RFC 9420 §6.2.
+fn commit(epoch: u64, leaf: u32, aad: &str) -> Vec<u8> {
+    let mut b = vec![0, 1, 0, 1]; // mls10, public message
+    vec(&mut b, b"group");
+    b.extend_from_slice(&epoch.to_be_bytes());
+    b.push(1); // member
+    b.extend_from_slice(&leaf.to_be_bytes());
+    vec(&mut b, aad.as_bytes());
+    b.push(3); // commit
+    b.extend_from_slice(&[0, 0]); // proposals<V> empty, no path
+    vec(&mut b, &[9; 32]); // signature
+    vec(&mut b, &[8; 32]); // confirmation tag
+    vec(&mut b, &[7; 32]); // membership tag
+    b
+}
+
+fn parse(m: &[u8]) -> (u64, u32, String) {
+    let gid = m[4] as usize;
+    let at = 5 + gid;
+    let epoch = u64::from_be_bytes(m[at..at + 8].try_into().unwrap());
+    let leaf = u32::from_be_bytes(m[at + 9..at + 13].try_into().unwrap());
+    let n = m[at + 13] as usize;
+    let aad = String::from_utf8(m[at + 14..at + 14 + n].to_vec()).unwrap();
+    (epoch, leaf, aad)
+}
+
+/// UpdateRequest: the commit, no Welcome, a partial GroupInfo, tree from the DS.
+fn update_body(epoch: u64, leaf: u32, aad: &str) -> Bytes {
+    let mut b = commit(epoch, leaf, aad);
+    b.extend_from_slice(&[0, 2, 0, 0, 0, 4]);
+    Bytes::from(b)
+}
+
+fn d(s: &str) -> ProviderDomain {
+    s.parse().unwrap()
+}
+
+struct Hub {
+    relay: Relay,
+    store: MemStore,
+    now: Now,
+    token: u64,
+}
+
+impl Hub {
+    fn new() -> Hub {
+        let cfg = RelayConfig::new(d("a.example"))
+            .with_route(d("b.example"), TransportKind::Quic)
+            .with_route(d("c.example"), TransportKind::Https);
+        let now = Now {
+            mono: Instant::now(),
+            unix_ms: 1_700_000_000_000,
+        };
+        let mut store = MemStore::new();
+        let snap = store.load().unwrap();
+        let records = snap.records.clone();
+        let mut relay = Relay::new(cfg, snap, now);
+        relay.set_mls_validator(Box::<Fake>::default(), &records);
+        Hub {
+            relay,
+            store,
+            now,
+            token: 0,
+        }
+    }
+
+    /// The same hub after a restart from what was committed.
+    fn restart(mut self) -> Hub {
+        self.store.commit().unwrap();
+        let mut store = self.store.clone();
+        let snap = store.load().unwrap();
+        let records = snap.records.clone();
+        let cfg = self.relay.config().clone();
+        let mut relay = Relay::new(cfg, snap, self.now);
+        relay.set_mls_validator(Box::<Fake>::default(), &records);
+        Hub {
+            relay,
+            store,
+            now: self.now,
+            token: 0,
+        }
+    }
+
+    fn ask(&mut self, from: &str, endpoint: Endpoint, body: Bytes) -> (Response, usize) {
+        self.token += 1;
+        let token = ReplyToken(self.token);
+        let req = Request {
+            from: d(from),
+            transport: TransportKind::Quic,
+            endpoint,
+            target: ROOM.into(),
+            seq: None,
+            body,
+        };
+        self.relay
+            .handle_request(self.now, &mut self.store, token, req);
+        let mut reply = None;
+        let mut notifies = 0;
+        while let Some(o) = self.relay.poll_output() {
+            match o {
+                Output::Reply { token: t, response } if t == token => reply = Some(response),
+                Output::Transmit(t) if t.endpoint == Endpoint::Notify => notifies += 1,
+                _ => {}
+            }
+        }
+        (reply.unwrap(), notifies)
+    }
+
+    fn update(&mut self, from: &str, body: Bytes) -> (UpdateOutcome, usize) {
+        let (r, n) = self.ask(from, Endpoint::Update, body);
+        (UpdateRoomResponse::decode(&r.body).unwrap().outcome, n)
+    }
+
+    /// alice (leaf 0) hosts the room; bob (leaf 1) and carol (leaf 2) are added: epoch 2.
+    fn room_of_three() -> Hub {
+        let mut h = Hub::new();
+        h.relay
+            .handle_create_mls_room(
+                &mut h.store,
+                ROOM.parse::<RoomId>().unwrap(),
+                b"gi",
+                ALICE.as_bytes(),
+            )
+            .unwrap();
+        // alice's own commits come through her provider, the hub itself.
+        for (e, u) in [(0, BOB), (1, CAROL)] {
+            let (o, _) = h.update("a.example", update_body(e, 0, &format!("add {u}")));
+            assert!(matches!(o, UpdateOutcome::Success { .. }), "{o:?}");
+        }
+        h
+    }
+}
+
+fn submit(h: &mut Hub, from: &str, user: &str, epoch: u64) -> SubmitStatus {
+    let mls = mimi_wire::mls::private_message(b"group", epoch, b"ciphertext");
+    let body = SubmitMessageRequest::mls10(mls, user)
+        .unwrap()
+        .encode()
+        .unwrap();
+    let (r, _) = h.ask(from, Endpoint::SubmitMessage, Bytes::from(body));
+    SubmitMessageResponse::decode(&r.body).unwrap().status
+}
+
+#[test]
+fn wrong_epoch_is_answered_with_the_current_one() {
+    let mut h = Hub::room_of_three();
+    assert_eq!(h.relay.mls_epoch(ROOM), Some(2));
+    let (o, n) = h.update("b.example", update_body(1, 1, "noop"));
+    assert_eq!(o, UpdateOutcome::WrongEpoch { current_epoch: 2 });
+    assert_eq!(n, 0, "nothing fanned out");
+}
+
+#[test]
+fn the_first_valid_commit_of_an_epoch_wins_and_is_fanned_out() {
+    let mut h = Hub::room_of_three();
+    let (o, n) = h.update("b.example", update_body(2, 1, "noop"));
+    assert!(matches!(o, UpdateOutcome::Success { .. }), "{o:?}");
+    assert_eq!(n, 2, "to b.example (its other clients) and c.example");
+    let (o, _) = h.update("c.example", update_body(2, 2, "noop"));
+    assert_eq!(o, UpdateOutcome::WrongEpoch { current_epoch: 3 });
+    // carol rebases onto epoch 3 and wins that one.
+    let (o, _) = h.update("c.example", update_body(3, 2, "noop"));
+    assert!(matches!(o, UpdateOutcome::Success { .. }), "{o:?}");
+    assert_eq!(h.relay.mls_epoch(ROOM), Some(4));
+}
+
+#[test]
+fn invalid_handshakes_and_policy_refusals_change_nothing() {
+    let mut h = Hub::room_of_three();
+    let (o, n) = h.update("b.example", update_body(2, 1, "bad"));
+    assert!(matches!(o, UpdateOutcome::InvalidProposal { .. }), "{o:?}");
+    assert_eq!(n, 0);
+    // bob is a regular participant: he may not remove carol, nor add anyone.
+    let (o, _) = h.update("b.example", update_body(2, 1, &format!("remove {CAROL}")));
+    assert_eq!(o, UpdateOutcome::NotAllowed);
+    let (o, _) = h.update("b.example", update_body(2, 1, "add mimi://b.example/u/eve"));
+    assert_eq!(o, UpdateOutcome::NotAllowed);
+    // b.example may not commit as carol (leaf 2, a c.example user).
+    let (o, _) = h.update("b.example", update_body(2, 2, "noop"));
+    assert_eq!(o, UpdateOutcome::NotAllowed);
+    assert_eq!(h.relay.mls_epoch(ROOM), Some(2));
+    // bob may leave by himself; then the room goes on with alice and carol.
+    let (o, _) = h.update("b.example", update_body(2, 1, &format!("remove {BOB}")));
+    assert!(matches!(o, UpdateOutcome::Success { .. }), "{o:?}");
+    let p = h.relay.mls_participants(ROOM).unwrap();
+    assert_eq!(
+        p,
+        vec![
+            (ALICE.to_owned(), Role::Owner),
+            (CAROL.to_owned(), Role::Regular)
+        ]
+    );
+}
+
+#[test]
+fn submissions_of_an_old_epoch_or_by_non_members_are_refused() {
+    let mut h = Hub::room_of_three();
+    assert_eq!(
+        submit(&mut h, "b.example", BOB, 1),
+        SubmitStatus::EpochTooOld { current_epoch: 2 }
+    );
+    assert!(matches!(
+        submit(&mut h, "b.example", BOB, 2),
+        SubmitStatus::Accepted { .. }
+    ));
+    assert_eq!(
+        submit(&mut h, "b.example", "mimi://b.example/u/mallory", 2),
+        SubmitStatus::NotAllowed
+    );
+}
+
+#[test]
+fn the_room_state_survives_a_restart() {
+    let mut h = Hub::room_of_three();
+    let (o, _) = h.update("c.example", update_body(2, 2, "noop"));
+    assert!(matches!(o, UpdateOutcome::Success { .. }), "{o:?}");
+    let mut h = h.restart();
+    assert_eq!(h.relay.mls_epoch(ROOM), Some(3));
+    let (o, _) = h.update("b.example", update_body(2, 1, "noop"));
+    assert_eq!(o, UpdateOutcome::WrongEpoch { current_epoch: 3 });
+    let depth = |h: &Hub, p: &str| h.relay.stats().peers[&d(p)].queue_depth;
+    let before = (depth(&h, "b.example"), depth(&h, "c.example"));
+    let (o, _) = h.update("b.example", update_body(3, 1, "noop"));
+    assert!(matches!(o, UpdateOutcome::Success { .. }), "{o:?}");
+    assert_eq!(
+        (depth(&h, "b.example"), depth(&h, "c.example")),
+        (before.0 + 1, before.1 + 1),
+        "b.example and c.example still follow after the restart"
+    );
+}

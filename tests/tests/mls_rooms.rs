@@ -1,0 +1,400 @@
+//! MLS rooms end to end through three in-process nodes on loopback: the demo scenario over
+//! HTTPS and QUIC, an epoch race between two followers, a reused KeyPackage, and a refused
+//! commit that must not break the room for the others.
+#![allow(clippy::unwrap_used)]
+
+use mimi_client::scenario;
+use mimi_client::{Event, MlsClient, SubmitResult, UpdateResult};
+use mimi_relay::demo;
+use mimi_wire::uri::RoomId;
+use relay_node::{Node, NodeConfig};
+
+const ALICE: &str = "mimi://a.example/u/alice";
+const BOB: &str = "mimi://b.example/u/bob";
+const CAROL: &str = "mimi://c.example/u/carol";
+
+struct Net {
+    _dir: tempfile::TempDir,
+    nodes: Vec<Node>,
+}
+
+impl Net {
+    async fn start(transport: &str) -> Net {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let layout = demo::prepare(dir.path(), transport, "durable", false).unwrap();
+        let mut nodes = Vec::new();
+        for c in &layout.configs {
+            nodes.push(Node::start(NodeConfig::load(c).unwrap()).await.unwrap());
+        }
+        Net { _dir: dir, nodes }
+    }
+
+    fn admins(&self) -> [std::net::SocketAddr; 3] {
+        [
+            self.nodes[0].admin,
+            self.nodes[1].admin,
+            self.nodes[2].admin,
+        ]
+    }
+
+    async fn stop(self) {
+        for n in self.nodes {
+            n.shutdown().await.unwrap();
+        }
+    }
+}
+
+async fn scenario_over(transport: &str) {
+    let net = Net::start(transport).await;
+    let room: RoomId = "mimi://a.example/r/mls".parse().unwrap();
+    let r = scenario::run(net.admins(), &room).await.unwrap();
+    assert_eq!(r.decrypt_failures, 0, "{r:?}");
+    assert_eq!(r.mls_epochs, vec![0, 1, 2], "{r:?}");
+    // 4 messages to two receivers, one to one receiver.
+    assert_eq!(r.messages_sent, 6, "{r:?}");
+    assert_eq!(r.messages_decrypted, 11, "{r:?}");
+    assert!(r.removed_member_cut_off, "{r:?}");
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_scenario_over_https() {
+    scenario_over("https").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_scenario_over_quic() {
+    scenario_over("quic").await;
+}
+
+/// Polls until `want`; panics on anything failed or after 20 s.
+async fn wait_for(c: &mut MlsClient, mut want: impl FnMut(&Event) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Some(e) = c.next_event(200).await.unwrap() {
+            assert!(!matches!(e, Event::Failed { .. }), "{}: {e:?}", c.user);
+            if want(&e) {
+                return;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} waited in vain",
+            c.user
+        );
+    }
+}
+
+/// alice hosts `room` with bob and carol in it (epoch 1).
+async fn room_of_three(net: &Net, room: &RoomId) -> [MlsClient; 3] {
+    let a = net.admins();
+    let mut alice = MlsClient::new(ALICE, a[0]).unwrap();
+    let mut bob = MlsClient::new(BOB, a[1]).unwrap();
+    let mut carol = MlsClient::new(CAROL, a[2]).unwrap();
+    bob.publish_key_packages(1).await.unwrap();
+    carol.publish_key_packages(1).await.unwrap();
+    alice.create_room(room).await.unwrap();
+    let kb = alice.claim(BOB, room).await.unwrap().unwrap();
+    let kc = alice.claim(CAROL, room).await.unwrap().unwrap();
+    assert_eq!(
+        alice.add(room, &[kb, kc]).await.unwrap(),
+        UpdateResult::Accepted
+    );
+    wait_for(&mut bob, |e| matches!(e, Event::Joined { epoch: 1 })).await;
+    wait_for(&mut carol, |e| matches!(e, Event::Joined { epoch: 1 })).await;
+    [alice, bob, carol]
+}
+
+async fn check_message(
+    room: &RoomId,
+    from: &mut MlsClient,
+    to: &mut [&mut MlsClient],
+    text: &[u8],
+) {
+    assert_eq!(from.send(room, text).await.unwrap(), SubmitResult::Accepted);
+    for c in to {
+        let sender = from.user.clone();
+        wait_for(c, |e| {
+            matches!(e, Event::Message { sender: s, payload } if *s == sender && payload == text)
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn epoch_race_one_commit_wins_the_other_rebases() {
+    let net = Net::start("quic").await;
+    let room: RoomId = "mimi://a.example/r/race".parse().unwrap();
+    let [mut alice, mut bob, mut carol] = room_of_three(&net, &room).await;
+    // Both followers commit for epoch 1 at once.
+    let bb = bob.prepare_self_update().unwrap();
+    let cb = carol.prepare_self_update().unwrap();
+    let (rb, rc) = tokio::join!(bob.send_update(&room, bb), carol.send_update(&room, cb));
+    let (rb, rc) = (rb.unwrap(), rc.unwrap());
+    let outcomes = [&rb, &rc];
+    assert_eq!(
+        outcomes
+            .iter()
+            .filter(|r| ***r == UpdateResult::Accepted)
+            .count(),
+        1,
+        "{rb:?} {rc:?}"
+    );
+    assert!(
+        outcomes.iter().any(|r| **r == UpdateResult::WrongEpoch(2)),
+        "{rb:?} {rc:?}"
+    );
+    let (winner, loser) = if rb == UpdateResult::Accepted {
+        (&mut bob, &mut carol)
+    } else {
+        (&mut carol, &mut bob)
+    };
+    // The loser applies the winner's commit, then commits again for epoch 2.
+    wait_for(loser, |e| matches!(e, Event::Commit { epoch: 2, .. })).await;
+    assert_eq!(
+        loser.self_update(&room).await.unwrap(),
+        UpdateResult::Accepted
+    );
+    assert_eq!(loser.epoch(), Some(3));
+    wait_for(winner, |e| matches!(e, Event::Commit { epoch: 3, .. })).await;
+    wait_for(&mut alice, |e| matches!(e, Event::Commit { epoch: 2, .. })).await;
+    wait_for(&mut alice, |e| matches!(e, Event::Commit { epoch: 3, .. })).await;
+    check_message(&room, &mut alice, &mut [winner, loser], b"all at epoch 3").await;
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_package_is_handed_out_and_used_once() {
+    let net = Net::start("https").await;
+    let a = net.admins();
+    let room: RoomId = "mimi://a.example/r/once".parse().unwrap();
+    let mut alice = MlsClient::new(ALICE, a[0]).unwrap();
+    let mut bob = MlsClient::new(BOB, a[1]).unwrap();
+    bob.publish_key_packages(1).await.unwrap();
+    alice.create_room(&room).await.unwrap();
+    let kp = alice.claim(BOB, &room).await.unwrap().unwrap();
+    // The only KeyPackage is gone: the provider has nothing more for bob.
+    assert_eq!(
+        alice.claim(BOB, &room).await.unwrap().unwrap_err(),
+        "NoCompatibleMaterial"
+    );
+    assert_eq!(
+        alice
+            .claim("mimi://b.example/u/nobody", &room)
+            .await
+            .unwrap()
+            .unwrap_err(),
+        "UserUnknown"
+    );
+    assert_eq!(
+        alice.add(&room, std::slice::from_ref(&kp)).await.unwrap(),
+        UpdateResult::Accepted
+    );
+    wait_for(&mut bob, |e| matches!(e, Event::Joined { epoch: 1 })).await;
+    assert_eq!(
+        alice.remove(&room, BOB).await.unwrap(),
+        UpdateResult::Accepted
+    );
+    // Adding bob again with the KeyPackage already used is refused by the hub.
+    match alice.add(&room, &[kp]).await.unwrap() {
+        UpdateResult::Refused(why) => assert!(why.contains("second time"), "{why}"),
+        other => panic!("reused KeyPackage accepted: {other:?}"),
+    }
+    assert_eq!(alice.epoch(), Some(2));
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_commit_does_not_break_the_room() {
+    let net = Net::start("quic").await;
+    let room: RoomId = "mimi://a.example/r/refused".parse().unwrap();
+    let [mut alice, mut bob, mut carol] = room_of_three(&net, &room).await;
+
+    // bob, an ordinary participant, may not remove carol.
+    match bob.remove(&room, CAROL).await.unwrap() {
+        UpdateResult::Refused(why) => assert!(why.contains("only admins"), "{why}"),
+        other => panic!("policy let a regular member remove another: {other:?}"),
+    }
+    // A tampered commit fails MLS validation: invalidProposal.
+    let body = carol.prepare_self_update().unwrap();
+    let mut req = mimi_wire::proto::UpdateRequest::decode(&body).unwrap();
+    if let mimi_wire::proto::HandshakeBundle::Commit { commit, .. } = &mut req.bundle {
+        let mut b = commit.as_bytes().to_vec();
+        // Inside the signed content (the hub cannot check the membership tag at the end:
+        // it has no membership key).
+        let mid = b.len() / 2;
+        b[mid] ^= 0x5a;
+        *commit = mimi_wire::proto::MlsMessage::from_bytes(b).unwrap();
+    }
+    let tampered = bytes::Bytes::from(req.encode().unwrap());
+    assert!(matches!(
+        carol.send_update(&room, tampered).await.unwrap(),
+        UpdateResult::Refused(_)
+    ));
+    // A commit for an old epoch: wrongEpoch with the current one; a message of the old
+    // epoch: epochTooOld.
+    let stale = bob.prepare_self_update().unwrap();
+    assert_eq!(
+        alice.self_update(&room).await.unwrap(),
+        UpdateResult::Accepted
+    );
+    assert_eq!(
+        bob.send_update(&room, stale).await.unwrap(),
+        UpdateResult::WrongEpoch(2)
+    );
+    assert_eq!(
+        bob.send(&room, b"from epoch 1").await.unwrap(),
+        SubmitResult::EpochTooOld(2)
+    );
+    // Everyone still talks at the room's epoch.
+    wait_for(&mut bob, |e| matches!(e, Event::Commit { epoch: 2, .. })).await;
+    wait_for(&mut carol, |e| matches!(e, Event::Commit { epoch: 2, .. })).await;
+    check_message(
+        &room,
+        &mut bob,
+        &mut [&mut alice, &mut carol],
+        b"still here",
+    )
+    .await;
+    check_message(&room, &mut carol, &mut [&mut alice, &mut bob], b"me too").await;
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identifier_queries_consent_and_abuse_reports() {
+    use mimi_wire::proto::{
+        AbuseReport, ConsentEntry, ConsentOperation, IdentifierQueryCode, IdentifierRequest,
+        IdentifierResponse, IdentifierUri, QueryElement, SearchIdentifierType, VLBytes,
+    };
+    use relay_node::client::{LocalClient, StatusCode};
+    let net = Net::start("https").await;
+    let a = net.admins();
+    let mut at_a = LocalClient::new(a[0]);
+    let mut at_b = LocalClient::new(a[1]);
+    at_b.list_in_directory(4, "+12125551212", BOB)
+        .await
+        .unwrap();
+    at_b.list_in_directory(1, "im:bob@b.example", BOB)
+        .await
+        .unwrap();
+    // A provider lists only its own users.
+    assert!(at_b.list_in_directory(4, "+1999", ALICE).await.is_err());
+
+    let query = |elems: Vec<(SearchIdentifierType, &str)>| {
+        let req = IdentifierRequest {
+            query_elements: elems
+                .into_iter()
+                .map(|(t, v)| QueryElement {
+                    search_type: t,
+                    field_name: None,
+                    search_value: VLBytes::new(v.as_bytes().to_vec()),
+                })
+                .collect(),
+            id_request_extensions: VLBytes::new(Vec::new()),
+        };
+        bytes::Bytes::from(req.encode().unwrap())
+    };
+    for (elems, code, uris) in [
+        (
+            vec![(SearchIdentifierType::Phone, "+12125551212")],
+            IdentifierQueryCode::Success,
+            vec![BOB],
+        ),
+        (
+            vec![
+                (SearchIdentifierType::Phone, "+12125551212"),
+                (SearchIdentifierType::Handle, "im:bob@b.example"),
+            ],
+            IdentifierQueryCode::Success,
+            vec![BOB],
+        ),
+        (
+            vec![(SearchIdentifierType::Phone, "+10000000000")],
+            IdentifierQueryCode::NotFound,
+            vec![],
+        ),
+        (
+            vec![(SearchIdentifierType::PartialName, "bo")],
+            IdentifierQueryCode::UnsupportedField,
+            vec![],
+        ),
+    ] {
+        let (st, body) = at_a
+            .post("/v1/client/identifierQuery/b.example", query(elems))
+            .await
+            .unwrap();
+        assert_eq!(st, StatusCode::OK);
+        let r = IdentifierResponse::decode(&body).unwrap();
+        assert_eq!(r.response_code, code);
+        let got: Vec<&str> = r.uris.iter().map(IdentifierUri::as_str).collect();
+        assert_eq!(got, uris);
+        assert!(
+            r.found_profiles.is_empty(),
+            "no profile fields are given out"
+        );
+    }
+
+    let entry = |op, requester: &str, target: &str| {
+        let e = ConsentEntry {
+            operation: op,
+            requester_uri: IdentifierUri::new(requester),
+            target_uri: IdentifierUri::new(target),
+            room_id: None,
+            client_key_packages: Vec::new(),
+            consent_extensions: VLBytes::new(Vec::new()),
+        };
+        bytes::Bytes::from(e.encode().unwrap())
+    };
+    let (st, _) = at_a
+        .post(
+            "/v1/client/requestConsent",
+            entry(ConsentOperation::Request, ALICE, BOB),
+        )
+        .await
+        .unwrap();
+    assert_eq!(st, StatusCode::CREATED);
+    let (st, _) = at_b
+        .post(
+            "/v1/client/updateConsent",
+            entry(ConsentOperation::Grant, ALICE, BOB),
+        )
+        .await
+        .unwrap();
+    assert_eq!(st, StatusCode::CREATED);
+    // a.example may not ask in carol's name... nor for one of its own users as the target.
+    let (st, _) = at_a
+        .post(
+            "/v1/client/requestConsent",
+            entry(ConsentOperation::Request, CAROL, BOB),
+        )
+        .await
+        .unwrap();
+    assert_eq!(st, StatusCode::FORBIDDEN);
+
+    let room: RoomId = "mimi://a.example/r/abuse".parse().unwrap();
+    let mut alice = MlsClient::new(ALICE, a[0]).unwrap();
+    alice.create_room(&room).await.unwrap();
+    let report = AbuseReport {
+        reporting_user: IdentifierUri::new(BOB),
+        alleged_abuser_uri: IdentifierUri::new(ALICE),
+        reason_code: 0,
+        note: VLBytes::new(b"spam".to_vec()),
+        messages: Vec::new(),
+        abuse_extensions: VLBytes::new(Vec::new()),
+    };
+    let body = bytes::Bytes::from(report.encode().unwrap());
+    let path = format!("/v1/client/reportAbuse/{}", room.to_path_segment());
+    let (st, _) = at_b.post(&path, body.clone()).await.unwrap();
+    assert_eq!(st, StatusCode::CREATED);
+    let unknown = format!(
+        "/v1/client/reportAbuse/{}",
+        "mimi://a.example/r/none"
+            .parse::<RoomId>()
+            .unwrap()
+            .to_path_segment()
+    );
+    let (st, _) = at_b.post(&unknown, body).await.unwrap();
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    net.stop().await;
+}
