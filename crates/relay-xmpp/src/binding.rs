@@ -346,6 +346,11 @@ fn answer(m: &Element, max: usize) -> Result<Response, String> {
 pub fn classify(iq: Element, max_body: usize) -> Option<(String, Iq)> {
     let id = iq.attr("id")?.to_owned();
     let kind = iq.attr("type")?.to_owned();
+    // RFC 6120 section 8.2.3: a get/set has exactly one child (xmpp-parsers would take the
+    // first of several).
+    if matches!(kind.as_str(), "get" | "set") && iq.children().count() != 1 {
+        return Some((id, Iq::Unsupported));
+    }
     let Ok(parsed) = XmppIq::try_from(iq) else {
         // An id and a known type, but not a well-formed IQ (e.g. a get/set without exactly
         // one child, RFC 6120 section 8.2.3): refuse a request, ignore an answer.
@@ -484,5 +489,80 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(jid_domain("relay@B.example/x"), "b.example");
+    }
+
+    #[test]
+    fn stanzas_are_written_in_the_component_namespace() {
+        // xmpp-parsers' `component` feature makes its stanzas ours (`jabber:component:accept`);
+        // without it they would be `jabber:client` and servers would refuse them.
+        assert_eq!(NS_COMPONENT, "jabber:component:accept");
+        let mut out = Vec::new();
+        write_ping(&mut out, "p1", "a.example", "b.example");
+        let text = String::from_utf8(out.clone()).unwrap();
+        assert!(
+            text.starts_with("<iq xmlns='jabber:component:accept'"),
+            "{text}"
+        );
+        assert!(text.contains("<ping xmlns='urn:xmpp:ping'/>"), "{text}");
+        let (id, iq) = classify(parse(&out).unwrap(), 10).unwrap();
+        assert_eq!(id, "p1");
+        assert!(matches!(iq, Iq::Ping), "{iq:?}");
+        // A client-namespace IQ is not one of ours.
+        let e = parse(
+            b"<iq xmlns='jabber:client' type='get' id='c'><ping xmlns='urn:xmpp:ping'/></iq>",
+        )
+        .unwrap();
+        assert_eq!(e.ns(), "jabber:client");
+    }
+
+    #[test]
+    fn every_stream_error_we_send_keeps_its_condition() {
+        for cond in [
+            "bad-format",
+            "host-unknown",
+            "improper-addressing",
+            "invalid-from",
+            "invalid-namespace",
+            "not-well-formed",
+            "policy-violation",
+            "resource-constraint",
+            "restricted-xml",
+            "undefined-condition",
+            "unsupported-stanza-type",
+        ] {
+            let mut out = Vec::new();
+            write_stream_error(&mut out, cond);
+            let text = String::from_utf8(out).unwrap();
+            let end = "</stream:stream>";
+            assert!(text.ends_with(end), "{text}");
+            let e = parse(&text.as_bytes()[..text.len() - end.len()]).unwrap();
+            assert_eq!(peer_stream_error(&e).as_deref(), Some(cond), "{text}");
+        }
+    }
+
+    #[test]
+    fn iq_errors_without_a_mimi_answer_carry_their_condition() {
+        let mut out = Vec::new();
+        write_plain_error(
+            &mut out,
+            "z",
+            "b.example",
+            "a.example",
+            DefinedCondition::ServiceUnavailable,
+            ErrorType::Cancel,
+        );
+        match classify(parse(&out).unwrap(), 10) {
+            Some((id, Iq::Failed(c))) => {
+                assert_eq!(id, "z");
+                assert_eq!(c, "service-unavailable");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A get without exactly one child is no IQ request we serve.
+        let e = parse(b"<iq type='get' id='two' from='a'><ping xmlns='urn:xmpp:ping'/><ping xmlns='urn:xmpp:ping'/></iq>").unwrap();
+        assert!(matches!(classify(e, 10), Some((_, Iq::Unsupported))));
+        // No type: not an IQ at all.
+        let e = parse(b"<iq id='none'/>").unwrap();
+        assert!(classify(e, 10).is_none());
     }
 }
