@@ -1,10 +1,12 @@
 //! The MIMI-over-XMPP binding: how a [`Transmit`] becomes an IQ and an IQ becomes a
 //! [`Request`] or a [`Response`] (the spec is in ARCHITECTURE.md, "The XMPP binding").
 //!
-//! Stanzas are written by hand (they have one fixed shape, and the body is base64-encoded
-//! straight from its segments) and read with minidom once the scanner has bounded their size.
+//! The XMPP framing is xmpp-parsers' typed stanzas (`Iq`, `Ping`, `StanzaError`,
+//! `StreamError`); only our `<mimi/>` payload is read and built here, with minidom. Stanzas
+//! are parsed once the scanner has bounded their size.
+//!
+//! [`Request`]: relay_core::transport::Request
 
-use std::borrow::Cow;
 use std::io::Write;
 use std::time::Duration;
 
@@ -13,22 +15,29 @@ use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use mimi_wire::endpoint::Endpoint;
 use minidom::Element;
+use minidom::rxml::{Namespace, NcName};
 use relay_core::transport::{Response, Status, Transmit};
+use xmpp_parsers::iq::Iq as XmppIq;
+use xmpp_parsers::jid::Jid;
+use xmpp_parsers::ping::Ping;
+use xmpp_parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
+use xmpp_parsers::stream_error::{self, StreamError};
 
 /// Our namespace for the `<mimi/>` payload element.
 pub const NS_MIMI: &str = "urn:mimi-relay:0";
-/// The stream's default namespace, in both modes (XEP-0114).
-pub const NS_COMPONENT: &str = "jabber:component:accept";
-pub const NS_STREAM: &str = "http://etherx.jabber.org/streams";
-pub const NS_SM: &str = "urn:xmpp:sm:3";
-pub const NS_STANZAS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
-pub const NS_STREAM_ERRORS: &str = "urn:ietf:params:xml:ns:xmpp-streams";
-pub const NS_PING: &str = "urn:xmpp:ping";
+/// The stream's default namespace, in both modes (XEP-0114). It is also xmpp-parsers'
+/// default stanza namespace, because we build it with its `component` feature.
+pub const NS_COMPONENT: &str = xmpp_parsers::ns::DEFAULT_NS;
+pub const NS_STREAM: &str = xmpp_parsers::ns::STREAM;
+pub const NS_SM: &str = xmpp_parsers::ns::SM;
+pub const NS_STANZAS: &str = xmpp_parsers::ns::XMPP_STANZAS;
+pub const NS_STREAM_ERRORS: &str = xmpp_parsers::ns::XMPP_STREAMS;
+pub const NS_PING: &str = xmpp_parsers::ns::PING;
 
-/// Escapes an attribute value or text.
-pub fn escape(s: &str) -> Cow<'_, str> {
+/// Escapes an attribute value or text (for the stream header, which is not an element).
+pub fn escape(s: &str) -> std::borrow::Cow<'_, str> {
     if !s.contains(['&', '<', '>', '"', '\'']) {
-        return Cow::Borrowed(s);
+        return std::borrow::Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len() + 16);
     for c in s.chars() {
@@ -41,108 +50,145 @@ pub fn escape(s: &str) -> Cow<'_, str> {
             c => out.push(c),
         }
     }
-    Cow::Owned(out)
+    std::borrow::Cow::Owned(out)
 }
 
-fn iq_head(out: &mut Vec<u8>, kind: &str, id: &str, from: &str, to: &str) {
-    let _ = write!(
-        out,
-        "<iq type='{kind}' id='{}' from='{}' to='{}'>",
-        escape(id),
-        escape(from),
-        escape(to)
-    );
+/// An address as a JID; `None` (the attribute is left out) if it is not one.
+fn jid(s: &str) -> Option<Jid> {
+    Jid::new(s).ok()
 }
 
-fn base64_segments<'a>(out: &mut Vec<u8>, segments: impl IntoIterator<Item = &'a Bytes>) {
-    let mut w = base64::write::EncoderWriter::new(out, &STANDARD);
+/// Appends one serialized element (a stanza or a nonza).
+pub fn write(out: &mut Vec<u8>, e: impl Into<Element>) {
+    let e: Element = e.into();
+    // Writing into a Vec cannot fail, and every name we write is valid.
+    let _ = e.write_to(out);
+}
+
+/// Sets an attribute of our own element (the names are literals of this module).
+fn set_attr(e: &mut Element, name: &'static str, value: String) {
+    if let Ok(name) = NcName::try_from(name) {
+        e.set_attr(Namespace::NONE, name, value);
+    }
+}
+
+fn base64_segments<'a>(segments: impl IntoIterator<Item = &'a Bytes>) -> String {
+    let mut w = base64::write::EncoderStringWriter::new(&STANDARD);
     for s in segments {
-        // Writing into a Vec cannot fail.
+        // Writing into a String cannot fail.
         let _ = w.write_all(s);
     }
-    let _ = w.finish();
+    w.into_inner()
+}
+
+/// The `<mimi/>` element of a request.
+pub fn mimi_request(t: &Transmit) -> Element {
+    let mut m = Element::bare("mimi", NS_MIMI);
+    set_attr(&mut m, "endpoint", t.endpoint.as_str().to_owned());
+    set_attr(&mut m, "target", t.target.clone());
+    if let Some(seq) = t.seq {
+        set_attr(&mut m, "seq", seq.to_string());
+    }
+    m.append_text(base64_segments(&t.body));
+    m
 }
 
 /// Appends the IQ set carrying `t`.
 pub fn write_request(out: &mut Vec<u8>, id: &str, from: &str, to: &str, t: &Transmit) {
-    iq_head(out, "set", id, from, to);
-    let _ = write!(
-        out,
-        "<mimi xmlns='{NS_MIMI}' endpoint='{}' target='{}'",
-        t.endpoint.as_str(),
-        escape(&t.target)
-    );
-    if let Some(seq) = t.seq {
-        let _ = write!(out, " seq='{seq}'");
-    }
-    out.push(b'>');
-    base64_segments(out, &t.body);
-    out.extend_from_slice(b"</mimi></iq>");
+    let iq = XmppIq::Set {
+        from: jid(from),
+        to: jid(to),
+        id: id.to_owned(),
+        payload: mimi_request(t),
+    };
+    write(out, iq);
 }
 
 /// Appends an XEP-0199 ping.
 pub fn write_ping(out: &mut Vec<u8>, id: &str, from: &str, to: &str) {
-    iq_head(out, "get", id, from, to);
-    let _ = write!(out, "<ping xmlns='{NS_PING}'/></iq>");
+    let iq = XmppIq::Get {
+        from: jid(from),
+        to: jid(to),
+        id: id.to_owned(),
+        payload: Ping.into(),
+    };
+    write(out, iq);
 }
 
 /// Appends an empty IQ result (the answer to a ping).
 pub fn write_empty_result(out: &mut Vec<u8>, id: &str, from: &str, to: &str) {
-    let _ = write!(
-        out,
-        "<iq type='result' id='{}' from='{}' to='{}'/>",
-        escape(id),
-        escape(from),
-        escape(to)
-    );
+    let iq = XmppIq::Result {
+        from: jid(from),
+        to: jid(to),
+        id: id.to_owned(),
+        payload: None,
+    };
+    write(out, iq);
 }
 
 /// The RFC 6120 section 8.3 condition and error type a status maps to.
-pub fn condition(status: Status) -> (&'static str, &'static str) {
+pub fn condition(status: Status) -> (DefinedCondition, ErrorType) {
     match status {
-        Status::BadRequest => ("bad-request", "modify"),
-        Status::Forbidden => ("forbidden", "auth"),
-        Status::NotFound => ("item-not-found", "cancel"),
-        Status::OutOfOrder => ("unexpected-request", "wait"),
-        Status::TooLarge => ("policy-violation", "modify"),
-        Status::NotImplemented => ("feature-not-implemented", "cancel"),
-        Status::BadGateway => ("remote-server-not-found", "wait"),
-        Status::Unavailable => ("resource-constraint", "wait"),
-        _ => ("internal-server-error", "wait"),
+        Status::BadRequest => (DefinedCondition::BadRequest, ErrorType::Modify),
+        Status::Forbidden => (DefinedCondition::Forbidden, ErrorType::Auth),
+        Status::NotFound => (DefinedCondition::ItemNotFound, ErrorType::Cancel),
+        Status::OutOfOrder => (DefinedCondition::UnexpectedRequest, ErrorType::Wait),
+        Status::TooLarge => (DefinedCondition::PolicyViolation, ErrorType::Modify),
+        Status::NotImplemented => (DefinedCondition::FeatureNotImplemented, ErrorType::Cancel),
+        Status::BadGateway => (DefinedCondition::RemoteServerNotFound, ErrorType::Wait),
+        Status::Unavailable => (DefinedCondition::ResourceConstraint, ErrorType::Wait),
+        _ => (DefinedCondition::InternalServerError, ErrorType::Wait),
     }
 }
 
-fn mimi_answer(out: &mut Vec<u8>, r: &Response) {
-    let _ = write!(
-        out,
-        "<mimi xmlns='{NS_MIMI}' status='{}'",
-        r.status.http_code()
-    );
+/// The `<mimi/>` element of an answer.
+pub fn mimi_answer(r: &Response) -> Element {
+    let mut m = Element::bare("mimi", NS_MIMI);
+    set_attr(&mut m, "status", r.status.http_code().to_string());
     if let Some(n) = r.next_seq {
-        let _ = write!(out, " next-seq='{n}'");
+        set_attr(&mut m, "next-seq", n.to_string());
     }
     if let Some(d) = r.retry_after {
-        let _ = write!(out, " retry-after-ms='{}'", d.as_millis());
+        set_attr(&mut m, "retry-after-ms", d.as_millis().to_string());
     }
-    out.push(b'>');
-    base64_segments(out, [&r.body]);
-    out.extend_from_slice(b"</mimi>");
+    if !r.body.is_empty() {
+        m.append_text(base64_segments([&r.body]));
+    }
+    m
+}
+
+fn stanza_error(cond: DefinedCondition, kind: ErrorType, other: Option<Element>) -> StanzaError {
+    StanzaError {
+        type_: kind,
+        by: None,
+        defined_condition: cond,
+        texts: Default::default(),
+        other,
+    }
 }
 
 /// Appends the answer to request `id`: an IQ result for a success, else an IQ error with the
 /// condition of [`condition`] and the `<mimi/>` answer as its application condition.
 pub fn write_answer(out: &mut Vec<u8>, id: &str, from: &str, to: &str, r: &Response) {
-    if r.status.is_success() {
-        iq_head(out, "result", id, from, to);
-        mimi_answer(out, r);
-        out.extend_from_slice(b"</iq>");
+    let (from, to, id) = (jid(from), jid(to), id.to_owned());
+    let iq = if r.status.is_success() {
+        XmppIq::Result {
+            from,
+            to,
+            id,
+            payload: Some(mimi_answer(r)),
+        }
     } else {
-        iq_head(out, "error", id, from, to);
         let (cond, kind) = condition(r.status);
-        let _ = write!(out, "<error type='{kind}'><{cond} xmlns='{NS_STANZAS}'/>");
-        mimi_answer(out, r);
-        out.extend_from_slice(b"</error></iq>");
-    }
+        XmppIq::Error {
+            from,
+            to,
+            id,
+            error: stanza_error(cond, kind, Some(mimi_answer(r))),
+            payload: None,
+        }
+    };
+    write(out, iq);
 }
 
 /// Appends an IQ error without a MIMI answer (for IQs that are not MIMI requests).
@@ -151,22 +197,69 @@ pub fn write_plain_error(
     id: &str,
     from: &str,
     to: &str,
-    cond: &str,
-    kind: &str,
+    cond: DefinedCondition,
+    kind: ErrorType,
 ) {
-    iq_head(out, "error", id, from, to);
-    let _ = write!(
-        out,
-        "<error type='{kind}'><{cond} xmlns='{NS_STANZAS}'/></error></iq>"
-    );
+    let iq = XmppIq::Error {
+        from: jid(from),
+        to: jid(to),
+        id: id.to_owned(),
+        error: stanza_error(cond, kind, None),
+        payload: None,
+    };
+    write(out, iq);
+}
+
+/// The typed RFC 6120 section 4.9.3 condition of a stream error we send.
+pub fn stream_condition(name: &str) -> stream_error::DefinedCondition {
+    use stream_error::DefinedCondition as C;
+    match name {
+        "bad-format" => C::BadFormat,
+        "host-unknown" => C::HostUnknown,
+        "improper-addressing" => C::ImproperAddressing,
+        "invalid-from" => C::InvalidFrom,
+        "invalid-namespace" => C::InvalidNamespace,
+        "not-authorized" => C::NotAuthorized,
+        "not-well-formed" => C::NotWellFormed,
+        "policy-violation" => C::PolicyViolation,
+        "resource-constraint" => C::ResourceConstraint,
+        "restricted-xml" => C::RestrictedXml,
+        "system-shutdown" => C::SystemShutdown,
+        "unsupported-stanza-type" => C::UnsupportedStanzaType,
+        _ => C::UndefinedCondition,
+    }
+}
+
+/// The name of an element's first child: the condition of a stanza or stream error.
+fn condition_name(e: impl Into<Element>) -> String {
+    let e: Element = e.into();
+    e.name().to_owned()
 }
 
 /// Appends a stream error (RFC 6120 section 4.9) and the end of our stream.
 pub fn write_stream_error(out: &mut Vec<u8>, cond: &str) {
-    let _ = write!(
-        out,
-        "<stream:error><{cond} xmlns='{NS_STREAM_ERRORS}'/></stream:error></stream:stream>"
-    );
+    let error = StreamError {
+        condition: stream_condition(cond),
+        texts: Default::default(),
+        application_specific: Vec::new(),
+    };
+    write(out, error);
+    out.extend_from_slice(b"</stream:stream>");
+}
+
+/// The condition of a stream error the peer sent (`<stream:error/>`), if `e` is one.
+pub fn peer_stream_error(e: &Element) -> Option<String> {
+    if !e.is("error", NS_STREAM) {
+        return None;
+    }
+    Some(match StreamError::try_from(e.clone()) {
+        Ok(error) => condition_name(error.condition),
+        // Not one we can read: still a stream error.
+        Err(_) => e
+            .children()
+            .next()
+            .map_or_else(|| "undefined-condition".to_owned(), |c| c.name().to_owned()),
+    })
 }
 
 /// Parses one element the scanner bounded, in the stream's namespaces.
@@ -248,40 +341,48 @@ fn answer(m: &Element, max: usize) -> Result<Response, String> {
     })
 }
 
-/// Classifies an `<iq/>` element. `None` if it is not a valid IQ at all (no id or type):
-/// RFC 6120 section 8.2.3 makes that a stream-level `bad-request`... we answer it as such.
-pub fn classify(iq: &Element, max_body: usize) -> Option<(String, Iq)> {
+/// Classifies an `<iq/>` element (read with xmpp-parsers' `Iq`). `None` if it is not a valid
+/// IQ at all (no id or type): RFC 6120 section 8.2.3 makes that a stream-level `bad-format`.
+pub fn classify(iq: Element, max_body: usize) -> Option<(String, Iq)> {
     let id = iq.attr("id")?.to_owned();
-    let kind = iq.attr("type")?;
-    let c = match kind {
-        "set" | "get" => {
-            let mut children = iq.children();
-            let (Some(child), None) = (children.next(), children.next()) else {
-                return Some((id, Iq::Unsupported));
-            };
-            if kind == "get" && child.is("ping", NS_PING) {
+    let kind = iq.attr("type")?.to_owned();
+    // RFC 6120 section 8.2.3: a get/set has exactly one child (xmpp-parsers would take the
+    // first of several).
+    if matches!(kind.as_str(), "get" | "set") && iq.children().count() != 1 {
+        return Some((id, Iq::Unsupported));
+    }
+    let Ok(parsed) = XmppIq::try_from(iq) else {
+        // An id and a known type, but not a well-formed IQ (e.g. a get/set without exactly
+        // one child, RFC 6120 section 8.2.3): refuse a request, ignore an answer.
+        return match kind.as_str() {
+            "get" | "set" => Some((id, Iq::Unsupported)),
+            "result" | "error" => Some((id, Iq::Failed("malformed iq".to_owned()))),
+            _ => None,
+        };
+    };
+    let c = match parsed {
+        XmppIq::Get { payload, .. } => {
+            if Ping::try_from(payload).is_ok() {
                 Iq::Ping
-            } else if kind == "set" && child.is("mimi", NS_MIMI) {
-                Iq::Request(request(child, max_body))
             } else {
                 Iq::Unsupported
             }
         }
-        "result" => match iq.get_child("mimi", NS_MIMI) {
-            Some(m) => Iq::Answer(answer(m, max_body)),
-            None => Iq::Pong,
-        },
-        "error" => {
-            let err = iq.get_child("error", NS_COMPONENT);
-            match err.and_then(|e| e.get_child("mimi", NS_MIMI)) {
-                Some(m) => Iq::Answer(answer(m, max_body)),
-                None => Iq::Failed(
-                    err.and_then(|e| e.children().find(|c| c.ns() == NS_STANZAS))
-                        .map_or_else(|| "iq error".to_owned(), |c| c.name().to_owned()),
-                ),
+        XmppIq::Set { payload, .. } => {
+            if payload.is("mimi", NS_MIMI) {
+                Iq::Request(request(&payload, max_body))
+            } else {
+                Iq::Unsupported
             }
         }
-        _ => return None,
+        XmppIq::Result { payload, .. } => match payload.filter(|p| p.is("mimi", NS_MIMI)) {
+            Some(m) => Iq::Answer(answer(&m, max_body)),
+            None => Iq::Pong,
+        },
+        XmppIq::Error { error, .. } => match error.other.filter(|o| o.is("mimi", NS_MIMI)) {
+            Some(m) => Iq::Answer(answer(&m, max_body)),
+            None => Iq::Failed(condition_name(error.defined_condition)),
+        },
     };
     Some((id, c))
 }
@@ -341,7 +442,7 @@ mod tests {
         write_request(&mut out, "m1", "a.example", "b.example", &t);
         let e = parse(&out).unwrap();
         assert_eq!(e.attr("from"), Some("a.example"));
-        let (id, iq) = classify(&e, 1024).unwrap();
+        let (id, iq) = classify(e, 1024).unwrap();
         assert_eq!(id, "m1");
         let Iq::Request(Ok(r)) = iq else {
             panic!("{iq:?}")
@@ -362,7 +463,7 @@ mod tests {
             write_answer(&mut out, "m9", "b.example", "a.example", &r);
             let e = parse(&out).unwrap();
             assert_eq!(e.attr("type"), Some(kind));
-            let (_, iq) = classify(&e, 1024).unwrap();
+            let (_, iq) = classify(e, 1024).unwrap();
             let Iq::Answer(Ok(back)) = iq else {
                 panic!("{iq:?}")
             };
@@ -375,18 +476,93 @@ mod tests {
         let t = transmit(vec![Bytes::from(vec![7u8; 2000])]);
         let mut out = Vec::new();
         write_request(&mut out, "m1", "a", "b", &t);
-        let (_, iq) = classify(&parse(&out).unwrap(), 1000).unwrap();
+        let (_, iq) = classify(parse(&out).unwrap(), 1000).unwrap();
         assert!(
             matches!(iq, Iq::Request(Err((Status::TooLarge, _)))),
             "{iq:?}"
         );
         let e = parse(b"<iq type='set' id='z'><q xmlns='urn:other'/></iq>").unwrap();
-        assert!(matches!(classify(&e, 10), Some((_, Iq::Unsupported))));
+        assert!(matches!(classify(e, 10), Some((_, Iq::Unsupported))));
         let e = parse(b"<iq type='error' id='z'><error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>").unwrap();
-        match classify(&e, 10) {
+        match classify(e, 10) {
             Some((_, Iq::Failed(c))) => assert_eq!(c, "service-unavailable"),
             other => panic!("{other:?}"),
         }
         assert_eq!(jid_domain("relay@B.example/x"), "b.example");
+    }
+
+    #[test]
+    fn stanzas_are_written_in_the_component_namespace() {
+        // xmpp-parsers' `component` feature makes its stanzas ours (`jabber:component:accept`);
+        // without it they would be `jabber:client` and servers would refuse them.
+        assert_eq!(NS_COMPONENT, "jabber:component:accept");
+        let mut out = Vec::new();
+        write_ping(&mut out, "p1", "a.example", "b.example");
+        let text = String::from_utf8(out.clone()).unwrap();
+        assert!(
+            text.starts_with("<iq xmlns='jabber:component:accept'"),
+            "{text}"
+        );
+        assert!(text.contains("<ping xmlns='urn:xmpp:ping'/>"), "{text}");
+        let (id, iq) = classify(parse(&out).unwrap(), 10).unwrap();
+        assert_eq!(id, "p1");
+        assert!(matches!(iq, Iq::Ping), "{iq:?}");
+        // A client-namespace IQ is not one of ours.
+        let e = parse(
+            b"<iq xmlns='jabber:client' type='get' id='c'><ping xmlns='urn:xmpp:ping'/></iq>",
+        )
+        .unwrap();
+        assert_eq!(e.ns(), "jabber:client");
+    }
+
+    #[test]
+    fn every_stream_error_we_send_keeps_its_condition() {
+        for cond in [
+            "bad-format",
+            "host-unknown",
+            "improper-addressing",
+            "invalid-from",
+            "invalid-namespace",
+            "not-well-formed",
+            "policy-violation",
+            "resource-constraint",
+            "restricted-xml",
+            "undefined-condition",
+            "unsupported-stanza-type",
+        ] {
+            let mut out = Vec::new();
+            write_stream_error(&mut out, cond);
+            let text = String::from_utf8(out).unwrap();
+            let end = "</stream:stream>";
+            assert!(text.ends_with(end), "{text}");
+            let e = parse(&text.as_bytes()[..text.len() - end.len()]).unwrap();
+            assert_eq!(peer_stream_error(&e).as_deref(), Some(cond), "{text}");
+        }
+    }
+
+    #[test]
+    fn iq_errors_without_a_mimi_answer_carry_their_condition() {
+        let mut out = Vec::new();
+        write_plain_error(
+            &mut out,
+            "z",
+            "b.example",
+            "a.example",
+            DefinedCondition::ServiceUnavailable,
+            ErrorType::Cancel,
+        );
+        match classify(parse(&out).unwrap(), 10) {
+            Some((id, Iq::Failed(c))) => {
+                assert_eq!(id, "z");
+                assert_eq!(c, "service-unavailable");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A get without exactly one child is no IQ request we serve.
+        let e = parse(b"<iq type='get' id='two' from='a'><ping xmlns='urn:xmpp:ping'/><ping xmlns='urn:xmpp:ping'/></iq>").unwrap();
+        assert!(matches!(classify(e, 10), Some((_, Iq::Unsupported))));
+        // No type: not an IQ at all.
+        let e = parse(b"<iq id='none'/>").unwrap();
+        assert!(classify(e, 10).is_none());
     }
 }

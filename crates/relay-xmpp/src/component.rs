@@ -7,8 +7,10 @@
 //! and the core retries; the per-queue sequence numbers make those retries harmless.
 
 use std::io::Write;
+
 use std::net::SocketAddr;
 use std::time::Duration;
+use xmpp_parsers::component::Handshake;
 
 use relay_core::transport::{Inbound, TransportError};
 use tokio::net::TcpStream;
@@ -28,12 +30,13 @@ pub(crate) struct Component<I> {
     pub(crate) max_stanza: usize,
 }
 
-/// hex(SHA-1(stream id || secret)), XEP-0114 section 3.
+/// hex(SHA-1(stream id || secret)), XEP-0114 section 3: the text of the `<handshake/>`
+/// xmpp-parsers builds.
 pub fn handshake_digest(stream_id: &str, secret: &str) -> String {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
-    ctx.update(stream_id.as_bytes());
-    ctx.update(secret.as_bytes());
-    hex::encode(ctx.finish())
+    Handshake::from_stream_id_and_password(stream_id.to_owned(), secret)
+        .data
+        .map(hex::encode)
+        .unwrap_or_default()
 }
 
 impl<I: Inbound> Component<I> {
@@ -116,12 +119,14 @@ impl<I: Inbound> Component<I> {
                     .ok_or(HandshakeError::Protocol("header without an id"))?,
                 _ => return Err(HandshakeError::Protocol("element before the header")),
             };
-            let digest = handshake_digest(&id, &secret);
-            writer
-                .send(format!("<handshake>{digest}</handshake>").into())
-                .map_err(|_| HandshakeError::Eof)?;
-            let answer = reader.element().await?;
-            if !answer.is("handshake", NS_COMPONENT) {
+            let mut out = Vec::new();
+            binding::write(
+                &mut out,
+                Handshake::from_stream_id_and_password(id, &secret),
+            );
+            writer.send(out.into()).map_err(|_| HandshakeError::Eof)?;
+            // The server accepts with an empty `<handshake/>`.
+            if Handshake::try_from(reader.element().await?).is_err() {
                 return Err(HandshakeError::Protocol("answer to the handshake"));
             }
             Ok(())

@@ -18,6 +18,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
+use xmpp_parsers::sm;
+use xmpp_parsers::stanza_error::DefinedCondition;
+use xmpp_parsers::stream_features::StreamFeatures;
+
 use crate::binding::{self, NS_COMPONENT, NS_SM, NS_STREAM};
 use crate::link::{
     Addressing, Command, Ended, HandshakeError, Link, Reader, Sink, Sm, spawn_writer, token,
@@ -29,6 +33,16 @@ const RESUME_WINDOW: Duration = Duration::from_secs(crate::RESUME_WINDOW_SECS);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Broken sessions kept at once; the oldest goes first.
 const MAX_PARKED: usize = 1024;
+
+/// Sends one nonza during the handshake.
+fn send(
+    writer: &mpsc::UnboundedSender<bytes::Bytes>,
+    e: impl Into<minidom::Element>,
+) -> Result<(), HandshakeError> {
+    let mut out = Vec::new();
+    binding::write(&mut out, e);
+    writer.send(out.into()).map_err(|_| HandshakeError::Eof)
+}
 
 /// Our stream header, sent by both sides.
 fn header(from: &str, to: &str, id: Option<&str>) -> Vec<u8> {
@@ -180,23 +194,22 @@ impl<I: Inbound> Initiator<I> {
                 }
                 _ => return Err(HandshakeError::Protocol("element before the header")),
             }
-            let features = reader.element().await?;
-            if !features.is("features", NS_STREAM) {
-                return Err(HandshakeError::Protocol("element instead of features"));
+            let features = StreamFeatures::try_from(reader.element().await?)
+                .map_err(|_| HandshakeError::Protocol("element instead of features"))?;
+            if features.stream_management.is_none() {
+                return Err(HandshakeError::Protocol("no stream management offered"));
             }
             if let Some(sm) = &self.link.sm {
-                let resume = format!(
-                    "<resume xmlns='{NS_SM}' previd='{}' h='{}'/>",
-                    sm.id, sm.h_in
-                );
-                writer
-                    .send(resume.into())
-                    .map_err(|_| HandshakeError::Eof)?;
+                let resume = sm::Resume {
+                    h: sm.h_in,
+                    previd: sm::StreamId(sm.id.clone()),
+                };
+                send(&writer, resume)?;
                 let answer = reader.element().await?;
                 if answer.is("resumed", NS_SM) {
-                    let h = answer.attr("h").and_then(|h| h.parse::<u32>().ok());
-                    let acked = match (h, self.link.sm.as_mut()) {
-                        (Some(h), Some(sm)) => sm.ack(h),
+                    let resumed = sm::Resumed::try_from(answer).ok();
+                    let acked = match (resumed, self.link.sm.as_mut()) {
+                        (Some(r), Some(sm)) => sm.ack(r.h),
                         _ => false,
                     };
                     if !acked {
@@ -206,22 +219,19 @@ impl<I: Inbound> Initiator<I> {
                     self.link.resend_unacked();
                     return Ok(());
                 }
-                if !answer.is("failed", NS_SM) {
+                if sm::Failed::try_from(answer).is_err() {
                     return Err(HandshakeError::Protocol("answer to resume"));
                 }
                 // The peer lost the session (it restarted): what we await will not come.
                 tracing::info!(peer = %self.peer, "xmpp session not resumable, starting anew");
                 self.link.fail_all(&TransportError::ConnectionLost);
             }
-            writer
-                .send(format!("<enable xmlns='{NS_SM}' resume='true'/>").into())
-                .map_err(|_| HandshakeError::Eof)?;
-            let enabled = reader.element().await?;
-            let id = enabled
-                .attr("id")
-                .filter(|_| enabled.is("enabled", NS_SM))
+            send(&writer, sm::Enable::new().with_resume())?;
+            let id = sm::Enabled::try_from(reader.element().await?)
+                .ok()
+                .and_then(|e| e.id)
                 .ok_or(HandshakeError::Protocol("answer to enable"))?;
-            self.link.sm = Some(Sm::new(id.to_owned()));
+            self.link.sm = Some(Sm::new(id.0));
             Ok(())
         };
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
@@ -488,10 +498,11 @@ async fn open<I: Inbound, R: tokio::io::AsyncRead + Unpin>(
         writer.send(hello.into()).ok();
         return Err(Refusal::Stream("invalid-namespace"));
     }
-    let _ = write!(
-        hello,
-        "<stream:features><sm xmlns='{NS_SM}'/></stream:features>"
-    );
+    let features = StreamFeatures {
+        stream_management: Some(sm::StreamManagement { optional: false }),
+        ..Default::default()
+    };
+    binding::write(&mut hello, features);
     writer.send(hello.into()).map_err(|_| HandshakeError::Eof)?;
     // The stream's `from` must be the provider the certificate authenticated.
     if h.attr("from").map(binding::jid_domain) != Some(peer.as_str().to_ascii_lowercase()) {
@@ -503,30 +514,45 @@ async fn open<I: Inbound, R: tokio::io::AsyncRead + Unpin>(
     loop {
         let e = reader.element().await?;
         if e.is("enable", NS_SM) {
+            if sm::Enable::try_from(e).is_err() {
+                return Err(Refusal::Stream("bad-format"));
+            }
             let id = token();
             link.sm = Some(Sm::new(id.clone()));
-            writer
-                .send(format!("<enabled xmlns='{NS_SM}' id='{id}' resume='true'/>").into())
-                .map_err(|_| HandshakeError::Eof)?;
+            let enabled = sm::Enabled {
+                id: Some(sm::StreamId(id.clone())),
+                location: None,
+                max: None,
+                resume: true,
+            };
+            send(writer, enabled)?;
             return Ok(Some(id));
         }
         if e.is("resume", NS_SM) {
-            let previd = e.attr("previd").unwrap_or_default().to_owned();
-            let h = e.attr("h").and_then(|h| h.parse::<u32>().ok());
-            let taken = ctx.sessions.take(&previd, peer).await;
-            let resumed = match (h, taken) {
-                (Some(h), Some(mut sm)) => sm.ack(h).then_some(sm),
+            // A resume we cannot read resumes nothing: it gets `<failed/>` below.
+            let resume = sm::Resume::try_from(e).ok();
+            let previd = resume
+                .as_ref()
+                .map(|r| r.previd.0.clone())
+                .unwrap_or_default();
+            let taken = match &resume {
+                Some(r) => ctx.sessions.take(&r.previd.0, peer).await,
+                None => None,
+            };
+            let resumed = match (resume, taken) {
+                (Some(r), Some(mut sm)) => sm.ack(r.h).then_some(sm),
                 _ => None,
             };
             match resumed {
                 Some(sm) => {
-                    let answer = format!(
-                        "<resumed xmlns='{NS_SM}' previd='{}' h='{}'/>",
-                        binding::escape(&previd),
-                        sm.h_in
-                    );
+                    let mut answer = Vec::new();
+                    let resumed = sm::Resumed {
+                        h: sm.h_in,
+                        previd: sm::StreamId(previd.clone()),
+                    };
+                    binding::write(&mut answer, resumed);
                     link.sm = Some(sm);
-                    link.write_raw(answer.as_bytes());
+                    link.write_raw(&answer);
                     link.resend_unacked();
                     if let Some(bytes) = link.take_out() {
                         writer.send(bytes).map_err(|_| HandshakeError::Eof)?;
@@ -534,15 +560,11 @@ async fn open<I: Inbound, R: tokio::io::AsyncRead + Unpin>(
                     return Ok(Some(previd));
                 }
                 _ => {
-                    writer
-                        .send(
-                            format!(
-                                "<failed xmlns='{NS_SM}'><item-not-found xmlns='{}'/></failed>",
-                                binding::NS_STANZAS
-                            )
-                            .into(),
-                        )
-                        .map_err(|_| HandshakeError::Eof)?;
+                    let failed = sm::Failed {
+                        h: None,
+                        error: Some(DefinedCondition::ItemNotFound),
+                    };
+                    send(writer, failed)?;
                     // The initiator goes on with `<enable/>`.
                 }
             }

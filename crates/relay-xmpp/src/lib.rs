@@ -1,4 +1,6 @@
-//! The XMPP transport adapter of mimi-relay.
+//! The XMPP transport adapter of mimi-relay. Stanzas are xmpp-parsers' typed ones (built with
+//! its `component` feature: `jabber:component:accept`); only the `<mimi/>` payload, the stream
+//! header and the pre-parse size scanner are ours (ARCHITECTURE.md says why not tokio-xmpp).
 //!
 //! Contract (the wire format is specified in ARCHITECTURE.md, "The XMPP binding"):
 //! - **A MIMI request is an IQ set** carrying `<mimi xmlns='urn:mimi-relay:0' endpoint=..

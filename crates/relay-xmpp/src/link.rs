@@ -6,7 +6,6 @@
 //! requests we are answering. [`Link::drive`] runs it over one connection until that ends.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::Write;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
@@ -24,7 +23,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::binding::{self, Iq, NS_COMPONENT, NS_SM, NS_STREAM};
+use xmpp_parsers::sm;
+use xmpp_parsers::stanza_error::{DefinedCondition, ErrorType};
+
+use crate::binding::{self, Iq, NS_COMPONENT, NS_SM};
 use crate::scanner::{Item, ScanError, Scanner};
 
 /// Requests of one link being answered at once; beyond it the link stops reading and TCP
@@ -278,11 +280,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         match self.item().await? {
             Item::Element(bytes) => {
                 let e = binding::parse(&bytes).map_err(|_| HandshakeError::Protocol("xml"))?;
-                if e.is("error", NS_STREAM) {
-                    let cond = e
-                        .children()
-                        .next()
-                        .map_or_else(String::new, |c| c.name().to_owned());
+                if let Some(cond) = binding::peer_stream_error(&e) {
                     return Err(HandshakeError::Refused(cond));
                 }
                 Ok(e)
@@ -426,7 +424,7 @@ impl<I: Inbound> Link<I> {
 
     fn request_ack(&mut self) {
         if self.sm.is_some() {
-            let _ = write!(self.out, "<r xmlns='{NS_SM}'/>");
+            binding::write(&mut self.out, sm::R);
         }
     }
 
@@ -674,12 +672,12 @@ impl<I: Inbound> Link<I> {
             match el.name() {
                 "r" => {
                     let h = self.sm.as_ref().map_or(0, |s| s.h_in);
-                    let _ = write!(self.out, "<a xmlns='{NS_SM}' h='{h}'/>");
+                    binding::write(&mut self.out, sm::A::new(h));
                 }
                 "a" => {
-                    let h = el.attr("h").and_then(|h| h.parse::<u32>().ok());
-                    let ok = match (h, &mut self.sm) {
-                        (Some(h), Some(sm)) => sm.ack(h),
+                    let a = sm::A::try_from(el).ok();
+                    let ok = match (a, &mut self.sm) {
+                        (Some(a), Some(sm)) => sm.ack(a.h),
                         _ => false,
                     };
                     if !ok {
@@ -690,11 +688,7 @@ impl<I: Inbound> Link<I> {
             }
             return None;
         }
-        if el.is("error", NS_STREAM) {
-            let cond = el
-                .children()
-                .next()
-                .map_or_else(String::new, |c| c.name().to_owned());
+        if let Some(cond) = binding::peer_stream_error(&el) {
             return Some(Ended::PeerRefused(cond));
         }
         if el.ns() != NS_COMPONENT {
@@ -726,7 +720,7 @@ impl<I: Inbound> Link<I> {
         else {
             return None; // checked above
         };
-        let Some((id, iq)) = binding::classify(&el, self.max_body) else {
+        let Some((id, iq)) = binding::classify(el, self.max_body) else {
             return Some(Ended::WeRefused("bad-format"));
         };
         let local = self.addr.local.clone();
@@ -757,8 +751,8 @@ impl<I: Inbound> Link<I> {
                             &id,
                             &local,
                             &from_attr,
-                            "service-unavailable",
-                            "cancel",
+                            DefinedCondition::ServiceUnavailable,
+                            ErrorType::Cancel,
                         );
                         Box::pin(std::future::ready(s))
                     }
@@ -788,8 +782,8 @@ impl<I: Inbound> Link<I> {
                     &id,
                     &local,
                     &from_attr,
-                    "service-unavailable",
-                    "cancel",
+                    DefinedCondition::ServiceUnavailable,
+                    ErrorType::Cancel,
                 );
                 self.serving.push_back(Box::pin(std::future::ready(s)));
             }

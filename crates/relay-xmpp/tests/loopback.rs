@@ -338,13 +338,47 @@ impl Raw {
                 self.seen.drain(..i + needle.len());
                 return true;
             }
-            let mut buf = vec![0u8; 65536];
-            match timeout(WAIT, self.tls.read(&mut buf))
-                .await
-                .expect("in time")
-            {
-                Ok(0) | Err(_) => return false,
-                Ok(n) => self.seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+            if !self.read_more().await {
+                return false;
+            }
+        }
+    }
+
+    /// Reads until a start tag `<name ..>` carrying every one of `attrs` (in any order) has
+    /// been received (consuming up to it); `false` if the stream ended first.
+    async fn until_tag(&mut self, name: &str, attrs: &[&str]) -> bool {
+        self.tag(name, attrs).await.is_some()
+    }
+
+    /// The next start tag `<name ..>` carrying every one of `attrs`, as [`Raw::until_tag`].
+    async fn tag(&mut self, name: &str, attrs: &[&str]) -> Option<String> {
+        let open = format!("<{name} ");
+        loop {
+            while let Some(i) = self.seen.find(&open) {
+                let Some(len) = self.seen[i..].find('>') else {
+                    break;
+                };
+                let tag: String = self.seen.drain(..i + len + 1).skip(i).collect();
+                if attrs.iter().all(|a| tag.contains(a)) {
+                    return Some(tag);
+                }
+            }
+            if !self.read_more().await {
+                return None;
+            }
+        }
+    }
+
+    async fn read_more(&mut self) -> bool {
+        let mut buf = vec![0u8; 65536];
+        match timeout(WAIT, self.tls.read(&mut buf))
+            .await
+            .expect("in time")
+        {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                self.seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+                true
             }
         }
     }
@@ -407,10 +441,13 @@ async fn unknown_namespace_and_oversize_stanza_get_iq_errors_and_the_stream_surv
     assert!(raw.until("status='400'").await);
     // The stream is still up: a ping and a real request are answered.
     raw.send(PING).await;
-    assert!(raw.until("<iq type='result' id='ping1'").await);
+    assert!(raw.until_tag("iq", &["type='result'", "id='ping1'"]).await);
     raw.send("<iq type='set' id='ok1' from='a.example' to='b.example'><mimi xmlns='urn:mimi-relay:0' endpoint='notify' target='mimi://a.example/r/x' seq='5'>aGVsbG8=</mimi></iq>").await;
     assert!(raw.until("id='ok1'").await);
-    assert!(raw.until("status='201' next-seq='6'").await);
+    assert!(
+        raw.until_tag("mimi", &["status='201'", "next-seq='6'"])
+            .await
+    );
     let req = b_rx.request().await;
     assert_eq!(req.from, a_id.domain);
     assert_eq!(&req.body[..], b"hello");
@@ -680,8 +717,12 @@ async fn a_session_is_resumable_only_by_the_provider_that_created_it() {
     let mut raw = Raw::open(&a_id, &b_id, addr, "a.example").await;
     raw.send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>")
         .await;
-    assert!(raw.until("<enabled xmlns='urn:xmpp:sm:3' id='").await);
-    let id: String = raw.seen.chars().take_while(|&c| c != '\'').collect();
+    let enabled = raw
+        .tag("enabled", &["xmlns='urn:xmpp:sm:3'", "resume='true'"])
+        .await
+        .unwrap();
+    let (_, id) = enabled.split_once(" id='").unwrap();
+    let id: String = id.chars().take_while(|&c| c != '\'').collect();
     assert!(!id.is_empty());
     drop(raw); // the connection breaks; b parks the session
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -691,18 +732,17 @@ async fn a_session_is_resumable_only_by_the_provider_that_created_it() {
             "<resume xmlns='urn:xmpp:sm:3' previd='{id}' h='0'/>"
         ))
         .await;
-    assert!(thief.until("<failed xmlns='urn:xmpp:sm:3'>").await);
+    assert!(thief.until_tag("failed", &["xmlns='urn:xmpp:sm:3'"]).await);
     let mut owner = Raw::open(&a_id, &b_id, addr, "a.example").await;
     owner
         .send(&format!(
             "<resume xmlns='urn:xmpp:sm:3' previd='{id}' h='0'/>"
         ))
         .await;
+    let previd = format!("previd='{id}'");
     assert!(
         owner
-            .until(&format!(
-                "<resumed xmlns='urn:xmpp:sm:3' previd='{id}' h='0'/>"
-            ))
+            .until_tag("resumed", &["xmlns='urn:xmpp:sm:3'", &previd, "h='0'"])
             .await
     );
     b.shutdown().await;
