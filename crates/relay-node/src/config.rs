@@ -523,6 +523,19 @@ followers = ["b.example"]
     }
 
     #[test]
+    fn matrix_peers_need_listen_matrix() {
+        let text = GOOD.replace("transport = \"quic\"", "transport = \"matrix\"");
+        let (k, m) = invalid(&text);
+        assert_eq!(k, "peers[0].transport");
+        assert!(m.contains("listen.matrix"), "{m}");
+        let (_d, r) =
+            with_files(&text.replace("[listen]", "[listen]\nmatrix = \"127.0.0.1:8448\""));
+        let c = r.expect("valid");
+        assert_eq!(c.peers[0].transport, TransportKind::Matrix);
+        assert!(c.listen.contains_key(&TransportKind::Matrix));
+    }
+
+    #[test]
     fn unknown_keys_are_parse_errors_with_the_file() {
         let (_d, r) = with_files(&GOOD.replace("[tls]", "[tls]\ncolour = \"blue\""));
         let e = r.expect_err("unknown key");
