@@ -54,6 +54,8 @@ enum Cmd {
         #[command(subcommand)]
         action: ClientCmd,
     },
+    /// Compare the transports under the same load and network conditions (the transport lab).
+    Bench(mimi_relay::bench::BenchArgs),
     /// Start three providers on loopback, run a room across them and report what arrived.
     Demo {
         /// Messages to submit, spread over the three providers.
@@ -170,6 +172,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 println!("wrote {}", p.display());
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench(args) => {
+            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            let clean = mimi_relay::bench::main(args, command).await?;
+            Ok(if clean {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Cmd::Demo {
             messages,
