@@ -106,7 +106,7 @@ impl BenchArgs {
         for t in &self.transports {
             super::check_transport(t)?;
         }
-        if !(self.duration > 0.0) {
+        if self.duration.is_nan() || self.duration <= 0.0 {
             bail!("--duration must be positive");
         }
         Ok(BenchOptions {

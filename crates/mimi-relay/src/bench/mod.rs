@@ -552,6 +552,8 @@ pub async fn run(opts: BenchOptions, launcher: Launcher, command: String) -> Res
         rows,
     };
     report::write(&opts.out, &report)?;
+    // Only when empty: kept or failed rows leave their logs there.
+    let _ = std::fs::remove_dir(opts.out.join("work"));
     Ok(report)
 }
 
@@ -1232,9 +1234,9 @@ mod tests {
     fn clean_messages_exclude_those_with_a_drop_in_their_window() {
         let epoch = Instant::now();
         let mut rx = Rx::new(epoch, 1).unwrap();
-        // Message 0 scheduled at 10 ms, message 1 at 100 ms; a drop at 11 ms hits message 0.
+        // Message 0 scheduled at 10 ms, message 1 at 60 ms; a drop at 11 ms hits message 0.
         rx.record(0, 0, 0, 10_000_000, epoch + Duration::from_millis(200));
-        rx.record(0, 0, 1, 100_000_000, epoch + Duration::from_millis(120));
+        rx.record(0, 0, 1, 60_000_000, epoch + Duration::from_millis(80));
         let drops = [netlab::Drop {
             at: Duration::from_millis(11),
             from: 0,
@@ -1245,7 +1247,10 @@ mod tests {
         fill_latency(&mut row, &rx, &drops, &profile, epoch);
         assert_eq!(row.clean_msgs, 1);
         assert_eq!(row.clean_p99_us, Some(20_000));
-        // The drop lies within 2 RTT before message 1.
+        // The drop lies within 2 RTT (80 ms) before message 1.
         assert_eq!(row.hol_exposed_msgs, 1);
+        // Without drops every message is clean and none is exposed.
+        fill_latency(&mut row, &rx, &[], &profile, epoch);
+        assert_eq!((row.clean_msgs, row.hol_exposed_msgs), (2, 0));
     }
 }
