@@ -452,6 +452,9 @@ pub async fn run(opts: BenchOptions, launcher: Launcher, command: String) -> Res
     }
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating {}", opts.out.display()))?;
+    // Nodes run in their own working directory: every path handed to them must be absolute.
+    let mut opts = opts;
+    opts.out = std::fs::canonicalize(&opts.out)?;
     let progress = Progress { on: opts.progress };
     let mut rows = Vec::new();
     let net = if use_netns { "netns" } else { "loopback" };
