@@ -32,6 +32,9 @@ pub struct BenchArgs {
     /// Open-loop arrival rate over all rooms, messages/s; 0 = closed loop (maximum throughput).
     #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
+    /// Closed loop: messages per room in flight (sent, not yet delivered everywhere), at most.
+    #[arg(long, default_value_t = 64)]
+    pub window: u64,
     /// Seconds of the measured phase of each row.
     #[arg(long, default_value_t = 10.0)]
     pub duration: f64,
@@ -121,6 +124,7 @@ impl BenchArgs {
                 ..SizeMix::default()
             },
             rate: (self.rate > 0.0).then_some(self.rate),
+            window: self.window.max(1),
             duration: Duration::from_secs_f64(self.duration),
             store: self.store.clone(),
             net: match self.net.as_str() {

@@ -109,6 +109,8 @@ pub struct BenchOptions {
     pub sizes: SizeMix,
     /// Open-loop arrival rate over all rooms (messages/s); None = closed loop.
     pub rate: Option<f64>,
+    /// Closed loop: messages per room sent but not yet delivered to every follower, at most.
+    pub window: u64,
     pub duration: Duration,
     /// `memory` or `durable`.
     pub store: String,
@@ -139,6 +141,7 @@ impl Default for BenchOptions {
             followers: 1,
             sizes: SizeMix::default(),
             rate: None,
+            window: 64,
             duration: Duration::from_secs(10),
             store: "memory".into(),
             net: NetMode::Auto,
@@ -200,7 +203,7 @@ impl Row {
             note: String::new(),
             mode: match opts.rate {
                 Some(r) => format!("open-loop {r} msg/s"),
-                None => "closed-loop".into(),
+                None => format!("closed-loop, window {} per room", opts.window),
             },
             rooms: opts.rooms,
             followers: opts.followers,
@@ -315,6 +318,8 @@ pub(crate) struct Rx {
     pub(crate) samples: Vec<(u64, u64)>,
     pub(crate) first: Option<Instant>,
     pub(crate) last_delivery: Option<Instant>,
+    /// First deliveries per stream over the whole row (all receivers): the closed loop's window.
+    pub(crate) per_stream: HashMap<u32, u64>,
 }
 
 impl Rx {
@@ -331,6 +336,7 @@ impl Rx {
             samples: Vec::new(),
             first: None,
             last_delivery: None,
+            per_stream: HashMap::new(),
         })
     }
 
@@ -354,6 +360,7 @@ impl Rx {
             }
         }
         self.delivered += 1;
+        *self.per_stream.entry(stream).or_default() += 1;
         let sched = self.epoch + Duration::from_nanos(sched_ns);
         let us = now.saturating_duration_since(sched).as_micros() as u64;
         let _ = self.hist.record(us.max(1));
@@ -369,6 +376,26 @@ impl Rx {
         self.delivered = 0;
         self.first = None;
         self.last_delivery = None;
+    }
+}
+
+/// Closed loop: waits until message `counter` of `stream` is within `window` messages of the
+/// oldest one not yet delivered to all `receivers`, so that the backlog stays bounded and
+/// throughput is what the path delivers, not what a queue absorbs.
+pub(crate) async fn wait_window(
+    rx: &Mutex<Rx>,
+    stream: u32,
+    counter: u64,
+    receivers: u64,
+    window: u64,
+    stop: &AtomicBool,
+) {
+    let need = (counter + 1).saturating_sub(window) * receivers;
+    while lock(rx).per_stream.get(&stream).copied().unwrap_or(0) < need {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -776,6 +803,7 @@ async fn drive(
     counters: &Arc<Vec<AtomicU64>>,
     accepted: &Arc<AtomicU64>,
     stop: &Arc<AtomicBool>,
+    window: Option<(Arc<Mutex<Rx>>, u64, u64)>,
 ) -> Result<u64> {
     let mut tasks = Vec::new();
     let start = Instant::now();
@@ -784,6 +812,7 @@ async fn drive(
         let counters = counters.clone();
         let accepted = accepted.clone();
         let stop = stop.clone();
+        let window = window.clone();
         let interval = rate.map(|rate| Duration::from_secs_f64(rooms as f64 / rate.max(1e-3)));
         tasks.push(tokio::spawn(async move {
             let room: RoomId = room_id(r).parse().map_err(|e| anyhow!("room id: {e}"))?;
@@ -803,6 +832,11 @@ async fn drive(
                 tokio::time::sleep_until(sched.into()).await;
                 k += 1;
                 let counter = counters[r].fetch_add(1, Ordering::Relaxed) as u32;
+                let mut sched = sched;
+                if let Some((rx, receivers, w)) = &window {
+                    wait_window(rx, r as u32, u64::from(counter), *receivers, *w, &stop).await;
+                    sched = Instant::now();
+                }
                 let sched_ns = sched.duration_since(epoch).as_nanos() as u64;
                 let size = sizes.pick(&mut rng);
                 let ct = ciphertext(marker_bytes(r as u32, counter, sched_ns), size, &mut rng);
@@ -1077,6 +1111,9 @@ async fn run_relay(
         &counters,
         &accepted,
         &stop,
+        opts.rate
+            .is_none()
+            .then(|| (rx.clone(), opts.followers as u64, opts.window)),
     );
     tokio::pin!(drive_fut);
     let phase_start = Instant::now();
@@ -1138,6 +1175,7 @@ async fn run_relay(
             &counters,
             &accepted2,
             &stop,
+            None,
         );
         tokio::pin!(f);
         let mut cut = false;

@@ -296,6 +296,11 @@ pub(crate) async fn run(
                     }
                 }
                 let _ = w.shutdown().await;
+                // Read until the receiver closes: closing a socket with unread input (the
+                // server's session tickets) would reset it and drop what is still unsent.
+                let mut t = w.into_inner();
+                let mut sink = Vec::new();
+                let _ = t.read_to_end(&mut sink).await;
             }));
             for _ in 0..opts.rooms {
                 room_tx.push(tx.clone());
@@ -319,12 +324,17 @@ pub(crate) async fn run(
         let sizes = opts.sizes.clone();
         let sent = sent.clone();
         let stop = stop.clone();
+        let window = opts.rate.is_none().then(|| (rx.clone(), opts.window));
         senders.push(tokio::spawn(async move {
             let mut rng = 0x2545_f491_4f6c_dd1d ^ ((r as u64 + 1) << 20);
             let mut counter = 0u32;
-            while let Some(sched) = sch.next().await {
+            while let Some(mut sched) = sch.next().await {
                 if stop.load(Ordering::Relaxed) {
                     break;
+                }
+                if let Some((rx, w)) = &window {
+                    super::wait_window(rx, r as u32, u64::from(counter), 1, *w, &stop).await;
+                    sched = Instant::now();
                 }
                 let f = frame(r as u32, counter, sched, epoch, &sizes, &mut rng);
                 counter += 1;
