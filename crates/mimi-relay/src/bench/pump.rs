@@ -122,7 +122,12 @@ impl Schedule {
         if sched >= self.until {
             return None;
         }
-        tokio::time::sleep_until(sched.into()).await;
+        if self.interval.is_some() {
+            tokio::time::sleep_until(sched.into()).await;
+        } else {
+            // Closed loop: no timer (tokio's rounds up to the next millisecond).
+            tokio::task::yield_now().await;
+        }
         self.k += 1;
         Some(sched)
     }

@@ -243,7 +243,9 @@ const METHOD: &str = "\
 - **recovery ms**: with namespaces only. After the main phase, traffic at a low rate, the link is
   cut (every packet discarded) for 5 s, then restored; recovery is from the restore until every
   message scheduled before it was delivered.
-- **lost/dup/ooo**: per follower and room, each message counted once; must all be 0.
+- **lost/dup/ooo**: per follower and room, each message counted once; must all be 0. *Lost*
+  counts what had not arrived when the settle time (30 s after the last send) ran out and the
+  nodes were stopped: a backlog too slow to drain shows up here too.
 - Baselines carry the same messages on one hop (hub namespace to follower namespace) with no
   relay logic; the ratio column divides a transport's figure by its carrier's (QUIC by
   bare-quinn, the TCP-based ones by bare-tls).
