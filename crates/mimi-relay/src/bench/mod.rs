@@ -560,6 +560,9 @@ pub async fn run(opts: BenchOptions, launcher: Launcher, command: String) -> Res
                     if msg.contains("not part of this build") {
                         row.status = "gap".into();
                         row.note = format!("transport {t} is not part of this build");
+                        let _ = std::fs::remove_dir_all(
+                            opts.out.join("work").join(format!("{}-{t}", profile.name)),
+                        );
                     } else {
                         row.status = "error".into();
                         row.note = msg.lines().next().unwrap_or_default().to_owned();
