@@ -59,6 +59,8 @@ enum Cmd {
         #[command(subcommand)]
         action: mimi_relay::content::ContentCmd,
     },
+    /// Compare the transports under the same load and network conditions (the transport lab).
+    Bench(mimi_relay::bench::BenchArgs),
     /// Start three providers on loopback, run a room across them and report what arrived.
     Demo {
         /// Messages to submit, spread over the three providers.
@@ -183,6 +185,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 println!("wrote {}", p.display());
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench(args) => {
+            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            let clean = mimi_relay::bench::main(args, command).await?;
+            Ok(if clean {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Cmd::Demo {
             messages,

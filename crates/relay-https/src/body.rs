@@ -40,7 +40,7 @@ impl Segments {
     }
 }
 
-fn coalesce(segments: Vec<Bytes>) -> Vec<Bytes> {
+pub(crate) fn coalesce(segments: Vec<Bytes>) -> Vec<Bytes> {
     fn flush(out: &mut Vec<Bytes>, pending: &mut Vec<Bytes>) {
         match pending.len() {
             0 => {}

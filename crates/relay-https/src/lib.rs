@@ -98,6 +98,29 @@ use relay_core::transport::{Request, Response, Status};
 
 pub use server::Rejection;
 
+/// The adapter's own framing steps (the request target in the path, the body's DATA frames),
+/// public for its criterion bench; not a stable API. HTTP/1.1 and HTTP/2 framing proper is
+/// hyper's.
+#[doc(hidden)]
+pub mod framing {
+    use bytes::Bytes;
+
+    /// The `/v1/{endpoint}/{target}` path segment of `target`.
+    pub fn encode_target(target: &str) -> String {
+        crate::path::encode_target(target)
+    }
+
+    /// The target of a raw path segment; None if it is refused.
+    pub fn decode_target(raw: &str) -> Option<String> {
+        crate::path::decode_target(raw).ok()
+    }
+
+    /// The DATA frames (HTTP/2) or writes (HTTP/1.1) a body of these segments goes out as.
+    pub fn body_frames(segments: Vec<Bytes>) -> Vec<Bytes> {
+        crate::body::coalesce(segments)
+    }
+}
+
 /// Request header: the per-(room, destination) sequence number of the first segment.
 pub const MIMI_SEQ: &str = "mimi-seq";
 /// Response header: the receiver's next expected sequence number.

@@ -1,0 +1,161 @@
+//! The `mimi-relay bench` arguments.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+
+use super::{BenchOptions, NetMode, Profile, SizeMix};
+use crate::demo::Launcher;
+
+/// Compare the transports under the same load and network conditions.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Transports to compare, comma-separated: https, quic, xmpp, matrix, and the baselines
+    /// bare-quinn and bare-tls.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "https,quic,xmpp,matrix,bare-quinn,bare-tls"
+    )]
+    pub transports: Vec<String>,
+    /// Network profiles, comma-separated: lan, wan (40 ms RTT), lossy (40 ms, 1%), bad
+    /// (100 ms, 5% in bursts of 3), custom (from --delay-ms, --loss, --burst, --rate-mbit).
+    #[arg(long, value_delimiter = ',', default_value = "lan")]
+    pub profile: Vec<String>,
+    /// Rooms hosted by the hub (a.example).
+    #[arg(long, default_value_t = 16)]
+    pub rooms: usize,
+    /// Follower providers, members of every room besides the hub.
+    #[arg(long, default_value_t = 1)]
+    pub followers: usize,
+    /// Open-loop arrival rate over all rooms, messages/s; 0 = closed loop (maximum throughput).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// Closed loop: messages per room in flight (sent, not yet delivered everywhere), at most.
+    #[arg(long, default_value_t = 64)]
+    pub window: u64,
+    /// Seconds of the measured phase of each row.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Application message size (MLS ciphertext bytes).
+    #[arg(long, default_value_t = 1024)]
+    pub size: usize,
+    /// Share of commit-sized messages (1.5-4 KiB).
+    #[arg(long, default_value_t = 0.04)]
+    pub commit_share: f64,
+    /// Share of Welcome-sized messages (8-32 KiB).
+    #[arg(long, default_value_t = 0.01)]
+    pub welcome_share: f64,
+    /// Node store: memory or durable.
+    #[arg(long, default_value = "memory")]
+    pub store: String,
+    /// Where nodes run: auto (namespaces when root), loopback, netns.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "loopback", "netns"])]
+    pub net: String,
+    /// custom profile: round-trip delay in ms.
+    #[arg(long, default_value_t = 0.0)]
+    pub delay_ms: f64,
+    /// custom profile: loss share per direction (0.01 = 1%).
+    #[arg(long, default_value_t = 0.0)]
+    pub loss: f64,
+    /// custom profile: mean loss burst in packets.
+    #[arg(long, default_value_t = 1.0)]
+    pub burst: f64,
+    /// custom profile: share of packets reordered (sent without the delay).
+    #[arg(long, default_value_t = 0.0)]
+    pub reorder: f64,
+    /// custom profile: bandwidth cap per direction, Mbit/s.
+    #[arg(long)]
+    pub rate_mbit: Option<f64>,
+    /// Skip the cut-link recovery phase.
+    #[arg(long)]
+    pub no_recovery: bool,
+    /// Output directory: results.json, report.md, plots.
+    #[arg(long, default_value = "bench-out")]
+    pub out: PathBuf,
+    /// Keep the nodes' working directories (OUT/work).
+    #[arg(long)]
+    pub keep: bool,
+    /// No progress line.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl BenchArgs {
+    pub fn options(&self) -> Result<BenchOptions> {
+        let mut profiles = Vec::new();
+        for p in &self.profile {
+            profiles.push(match p.as_str() {
+                "custom" => {
+                    if !(0.0..1.0).contains(&self.loss) || self.burst < 1.0 {
+                        bail!("--loss must be in [0, 1) and --burst at least 1");
+                    }
+                    Profile {
+                        name: "custom".into(),
+                        rtt_ms: self.delay_ms.max(0.0),
+                        loss: self.loss,
+                        burst: self.burst,
+                        reorder: self.reorder.clamp(0.0, 1.0),
+                        rate_mbit: self.rate_mbit,
+                    }
+                }
+                name => match Profile::named(name) {
+                    Some(p) => p,
+                    None => bail!("--profile {name}: expected lan, wan, lossy, bad or custom"),
+                },
+            });
+        }
+        for t in &self.transports {
+            super::check_transport(t)?;
+        }
+        if self.duration.is_nan() || self.duration <= 0.0 {
+            bail!("--duration must be positive");
+        }
+        Ok(BenchOptions {
+            transports: self.transports.clone(),
+            profiles,
+            rooms: self.rooms,
+            followers: self.followers,
+            sizes: SizeMix {
+                app: self.size.max(20),
+                commit_share: self.commit_share.clamp(0.0, 1.0),
+                welcome_share: self.welcome_share.clamp(0.0, 1.0),
+                ..SizeMix::default()
+            },
+            rate: (self.rate > 0.0).then_some(self.rate),
+            window: self.window.max(1),
+            duration: Duration::from_secs_f64(self.duration),
+            store: self.store.clone(),
+            net: match self.net.as_str() {
+                "loopback" => NetMode::Loopback,
+                "netns" => NetMode::Netns,
+                _ => NetMode::Auto,
+            },
+            out: self.out.clone(),
+            recovery: !self.no_recovery,
+            progress: !self.quiet,
+            keep: self.keep,
+            settle: Duration::from_secs(30),
+        })
+    }
+}
+
+/// `mimi-relay bench`: runs the lab, prints the table, fails when any delivery was lost,
+/// duplicated or out of order.
+pub async fn main(args: BenchArgs, command: String) -> Result<bool> {
+    let opts = args.options()?;
+    let out = opts.out.clone();
+    let report = tokio::select! {
+        r = super::run(opts, Launcher::this_binary()?, command) => r?,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted; nodes stopped and namespaces removed"),
+    };
+    print!("{}", super::report::table(&report.rows));
+    eprintln!("network: {}", report.net_note);
+    eprintln!("wrote {}/results.json, report.md and plots", out.display());
+    Ok(report
+        .rows
+        .iter()
+        .filter(|r| r.status == "ok")
+        .all(super::Row::is_clean))
+}

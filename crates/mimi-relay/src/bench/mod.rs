@@ -1,0 +1,1311 @@
+//! The transport comparison lab behind `mimi-relay bench`: for each network profile and each
+//! transport, it starts one hub and F follower nodes (separate processes of this binary, each in
+//! its own network namespace when root), drives rooms hosted by the hub through the hub's
+//! loopback client API, reads every follower's inbox, and measures what arrived: throughput,
+//! latency from the scheduled send time (open loop, so that a slow relay cannot hide its queue:
+//! no coordinated omission), bytes on the link, CPU of the node processes, setup and recovery
+//! time, and lost/duplicated/out-of-order deliveries. A bare quinn stream pump and a bare
+//! TLS-over-TCP pump carry the same messages through the same link as baselines.
+//!
+//! A transport that this build lacks (its node exits with "not part of this build") becomes a
+//! `gap` row, not a failure of the run.
+
+mod cli;
+pub mod netlab;
+mod pump;
+mod report;
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use mimi_wire::uri::{ProviderDomain, RoomId};
+use relay_core::TransportKind;
+use relay_node::client::LocalClient;
+use serde::Serialize;
+
+use crate::demo::Launcher;
+pub use cli::{BenchArgs, main};
+use netlab::NetLab;
+pub use netlab::Profile;
+
+const MAGIC: &[u8; 4] = b"MLAB";
+/// The stream id of the setup probe (rooms use 0..rooms).
+const PROBE_STREAM: u32 = u32::MAX;
+
+/// Sizes of the messages: application messages of `app` bytes of MLS ciphertext, with a share
+/// of commit-sized and Welcome-sized ones mixed in. The sizes follow what OpenMLS produces for
+/// small groups (a commit with an update path of a few KiB, a Welcome of several KiB to tens
+/// of KiB as the group grows); the relay never looks inside, so only the size matters.
+#[derive(Clone, Debug, Serialize)]
+pub struct SizeMix {
+    pub app: usize,
+    pub commit_share: f64,
+    pub commit: (usize, usize),
+    pub welcome_share: f64,
+    pub welcome: (usize, usize),
+}
+
+impl Default for SizeMix {
+    fn default() -> Self {
+        SizeMix {
+            app: 1024,
+            commit_share: 0.04,
+            commit: (1536, 4096),
+            welcome_share: 0.01,
+            welcome: (8192, 32768),
+        }
+    }
+}
+
+impl SizeMix {
+    fn pick(&self, rng: &mut u64) -> usize {
+        let u = unit(rng);
+        let range = |(lo, hi): (usize, usize), rng: &mut u64| {
+            lo + (unit(rng) * (hi.saturating_sub(lo)) as f64) as usize
+        };
+        if u < self.welcome_share {
+            range(self.welcome, rng)
+        } else if u < self.welcome_share + self.commit_share {
+            range(self.commit, rng)
+        } else {
+            self.app
+        }
+    }
+}
+
+fn unit(rng: &mut u64) -> f64 {
+    *rng ^= *rng << 13;
+    *rng ^= *rng >> 7;
+    *rng ^= *rng << 17;
+    (*rng >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Where the nodes run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetMode {
+    /// Namespaces when root, else loopback.
+    Auto,
+    Loopback,
+    Netns,
+}
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Relay transports plus `bare-quinn` / `bare-tls`.
+    pub transports: Vec<String>,
+    pub profiles: Vec<Profile>,
+    pub rooms: usize,
+    /// Follower providers per room (each room has the hub plus these).
+    pub followers: usize,
+    pub sizes: SizeMix,
+    /// Open-loop arrival rate over all rooms (messages/s); None = closed loop.
+    pub rate: Option<f64>,
+    /// Closed loop: messages per room sent but not yet delivered to every follower, at most.
+    pub window: u64,
+    pub duration: Duration,
+    /// `memory` or `durable`.
+    pub store: String,
+    pub net: NetMode,
+    pub out: PathBuf,
+    /// Cut the link for 5 s after the main phase and time the recovery (needs namespaces).
+    pub recovery: bool,
+    pub progress: bool,
+    /// Keep the nodes' working directories under OUT/work.
+    pub keep: bool,
+    /// How long to wait for the last deliveries after a phase.
+    pub settle: Duration,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            transports: vec![
+                "https".into(),
+                "quic".into(),
+                "xmpp".into(),
+                "matrix".into(),
+                "bare-quinn".into(),
+                "bare-tls".into(),
+            ],
+            profiles: vec![Profile::named("lan").unwrap_or_else(|| unreachable!())],
+            rooms: 16,
+            followers: 1,
+            sizes: SizeMix::default(),
+            rate: None,
+            window: 64,
+            duration: Duration::from_secs(10),
+            store: "memory".into(),
+            net: NetMode::Auto,
+            out: PathBuf::from("bench-out"),
+            recovery: true,
+            progress: true,
+            keep: false,
+            settle: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One result row: a transport (or baseline) under one profile.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    pub transport: String,
+    pub profile: String,
+    /// `netns` (packet-level impairment) or `loopback` (no impairment possible).
+    pub net: String,
+    /// `ok`, `gap` (transport not in this build) or `error`.
+    pub status: String,
+    pub note: String,
+    pub mode: String,
+    pub rooms: usize,
+    pub followers: usize,
+    pub sent: u64,
+    pub delivered: u64,
+    pub msgs_per_s: Option<f64>,
+    pub p50_us: Option<u64>,
+    pub p99_us: Option<u64>,
+    pub p999_us: Option<u64>,
+    pub max_us: Option<u64>,
+    /// p99 of messages with no packet dropped on the link within their own send window.
+    pub clean_p99_us: Option<u64>,
+    /// p99 of those clean messages that had another message's drop within 2 RTT before them:
+    /// the ones exposed to head-of-line blocking.
+    pub hol_p99_us: Option<u64>,
+    pub clean_msgs: u64,
+    pub hol_exposed_msgs: u64,
+    pub wire_bytes_per_msg: Option<f64>,
+    pub cpu_us_per_msg: Option<f64>,
+    pub setup_ms: Option<f64>,
+    pub recovery_ms: Option<f64>,
+    pub link_drops: Option<u64>,
+    pub lost: Option<u64>,
+    pub duplicated: Option<u64>,
+    pub out_of_order: Option<u64>,
+    /// (quantile, latency µs) points of the latency distribution, for the CDF plot.
+    pub cdf: Vec<(f64, u64)>,
+}
+
+impl Row {
+    fn empty(transport: &str, profile: &str, net: &str, opts: &BenchOptions) -> Row {
+        Row {
+            transport: transport.to_owned(),
+            profile: profile.to_owned(),
+            net: net.to_owned(),
+            status: "ok".into(),
+            note: String::new(),
+            mode: match opts.rate {
+                Some(r) => format!("open-loop {r} msg/s"),
+                None => format!("closed-loop, window {} per room", opts.window),
+            },
+            rooms: opts.rooms,
+            followers: opts.followers,
+            sent: 0,
+            delivered: 0,
+            msgs_per_s: None,
+            p50_us: None,
+            p99_us: None,
+            p999_us: None,
+            max_us: None,
+            clean_p99_us: None,
+            hol_p99_us: None,
+            clean_msgs: 0,
+            hol_exposed_msgs: 0,
+            wire_bytes_per_msg: None,
+            cpu_us_per_msg: None,
+            setup_ms: None,
+            recovery_ms: None,
+            link_drops: None,
+            lost: None,
+            duplicated: None,
+            out_of_order: None,
+            cdf: Vec::new(),
+        }
+    }
+
+    /// Nothing lost, nothing twice, nothing out of order (gaps and errors are not clean).
+    pub fn is_clean(&self) -> bool {
+        self.status == "ok"
+            && self.lost == Some(0)
+            && self.duplicated == Some(0)
+            && self.out_of_order == Some(0)
+    }
+}
+
+/// The whole run: rows plus how it was made.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub net: String,
+    pub net_note: String,
+    pub started_unix: u64,
+    pub machine: String,
+    pub command: String,
+    pub sizes: SizeMix,
+    pub profiles: Vec<Profile>,
+    pub duration_s: f64,
+    pub rows: Vec<Row>,
+}
+
+/// Parses `--transports`: relay transport names and the two baselines.
+pub fn check_transport(name: &str) -> Result<()> {
+    if name == "bare-quinn" || name == "bare-tls" || name.parse::<TransportKind>().is_ok() {
+        Ok(())
+    } else {
+        bail!(
+            "unknown transport {name:?}: expected {} or bare-quinn, bare-tls",
+            TransportKind::ALL.map(TransportKind::as_str).join(", ")
+        )
+    }
+}
+
+/// The message marker inside the MLS ciphertext: stream (room), counter, scheduled send time.
+fn marker_bytes(stream: u32, counter: u32, sched_ns: u64) -> [u8; 20] {
+    let mut m = [0u8; 20];
+    m[..4].copy_from_slice(MAGIC);
+    m[4..8].copy_from_slice(&stream.to_be_bytes());
+    m[8..12].copy_from_slice(&counter.to_be_bytes());
+    m[12..20].copy_from_slice(&sched_ns.to_be_bytes());
+    m
+}
+
+fn find_marker(b: &[u8]) -> Option<(u32, u32, u64)> {
+    let at = b.windows(4).position(|w| w == MAGIC)?;
+    let s = u32::from_be_bytes(b.get(at + 4..at + 8)?.try_into().ok()?);
+    let c = u32::from_be_bytes(b.get(at + 8..at + 12)?.try_into().ok()?);
+    let t = u64::from_be_bytes(b.get(at + 12..at + 20)?.try_into().ok()?);
+    Some((s, c, t))
+}
+
+/// A ciphertext of `size` bytes starting with the marker.
+fn ciphertext(marker: [u8; 20], size: usize, rng: &mut u64) -> Vec<u8> {
+    let mut ct = Vec::with_capacity(size.max(20) + 8);
+    ct.extend_from_slice(&marker);
+    while ct.len() < size {
+        unit(rng);
+        ct.extend_from_slice(&rng.to_le_bytes());
+    }
+    ct.truncate(size.max(20));
+    ct
+}
+
+fn submit_body(hub: &str, room: u32, ct: &[u8]) -> Result<Bytes> {
+    let mls = mimi_wire::mls::private_message(format!("room{room}").as_bytes(), 1, ct);
+    let req = mimi_wire::proto::SubmitMessageRequest::mls10(mls, format!("mimi://{hub}/u/bench"))
+        .map_err(|e| anyhow!("building a submit request: {e}"))?;
+    Ok(Bytes::from(
+        req.encode()
+            .map_err(|e| anyhow!("encoding a submit request: {e}"))?,
+    ))
+}
+
+/// What the receivers saw.
+pub(crate) struct Rx {
+    epoch: Instant,
+    seen: Vec<HashSet<(u32, u32)>>,
+    last: Vec<HashMap<u32, u32>>,
+    pub(crate) delivered: u64,
+    pub(crate) duplicated: u64,
+    pub(crate) out_of_order: u64,
+    pub(crate) hist: Histogram<u64>,
+    /// (scheduled ns since epoch, latency µs) of each first delivery in this phase.
+    pub(crate) samples: Vec<(u64, u64)>,
+    pub(crate) first: Option<Instant>,
+    pub(crate) last_delivery: Option<Instant>,
+    /// First deliveries per stream over the whole row (all receivers): the closed loop's window.
+    pub(crate) per_stream: HashMap<u32, u64>,
+}
+
+impl Rx {
+    pub(crate) fn new(epoch: Instant, receivers: usize) -> Result<Rx> {
+        Ok(Rx {
+            epoch,
+            seen: vec![HashSet::new(); receivers],
+            last: vec![HashMap::new(); receivers],
+            delivered: 0,
+            duplicated: 0,
+            out_of_order: 0,
+            hist: Histogram::new_with_bounds(1, 3_600_000_000, 3)
+                .map_err(|e| anyhow!("histogram: {e}"))?,
+            samples: Vec::new(),
+            first: None,
+            last_delivery: None,
+            per_stream: HashMap::new(),
+        })
+    }
+
+    /// Records one delivery of (stream, counter) at receiver `r`.
+    pub(crate) fn record(
+        &mut self,
+        r: usize,
+        stream: u32,
+        counter: u32,
+        sched_ns: u64,
+        now: Instant,
+    ) {
+        if !self.seen[r].insert((stream, counter)) {
+            self.duplicated += 1;
+            return;
+        }
+        match self.last[r].get(&stream) {
+            Some(prev) if counter < *prev => self.out_of_order += 1,
+            _ => {
+                self.last[r].insert(stream, counter);
+            }
+        }
+        self.delivered += 1;
+        *self.per_stream.entry(stream).or_default() += 1;
+        let sched = self.epoch + Duration::from_nanos(sched_ns);
+        let us = now.saturating_duration_since(sched).as_micros() as u64;
+        let _ = self.hist.record(us.max(1));
+        self.samples.push((sched_ns, us));
+        self.first.get_or_insert(now);
+        self.last_delivery = Some(now);
+    }
+
+    /// Starts a new measuring phase: latency and timing restart, duplicate and order checks go on.
+    pub(crate) fn new_phase(&mut self) {
+        self.hist.reset();
+        self.samples.clear();
+        self.delivered = 0;
+        self.first = None;
+        self.last_delivery = None;
+    }
+}
+
+/// Closed loop: waits until message `counter` of `stream` is within `window` messages of the
+/// oldest one not yet delivered to all `receivers`, so that the backlog stays bounded and
+/// throughput is what the path delivers, not what a queue absorbs.
+pub(crate) async fn wait_window(
+    rx: &Mutex<Rx>,
+    stream: u32,
+    counter: u64,
+    receivers: u64,
+    window: u64,
+    stop: &AtomicBool,
+) {
+    let need = (counter + 1).saturating_sub(window) * receivers;
+    let mut spins = 0u32;
+    while lock(rx).per_stream.get(&stream).copied().unwrap_or(0) < need {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        // Yield a few times before sleeping: a timer costs up to a millisecond.
+        spins += 1;
+        if spins < 64 {
+            tokio::task::yield_now().await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+pub(crate) fn lock(rx: &Mutex<Rx>) -> std::sync::MutexGuard<'_, Rx> {
+    rx.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// User+system CPU of a process in microseconds (Linux USER_HZ is 100).
+pub(crate) fn cpu_us(pid: u32) -> Option<u64> {
+    cpu_us_at(&format!("/proc/{pid}/stat"))
+}
+
+/// User+system CPU from a `stat` file of /proc (a process's or a thread's).
+pub(crate) fn cpu_us_at(path: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks * 10_000)
+}
+
+fn provider(i: usize) -> String {
+    format!("{}.example", (b'a' + (i as u8 % 26)) as char)
+}
+
+fn room_id(r: usize) -> String {
+    format!("mimi://a.example/r/room{r}")
+}
+
+/// The progress line on stderr.
+#[derive(Clone)]
+pub(crate) struct Progress {
+    on: bool,
+}
+
+impl Progress {
+    pub(crate) fn line(&self, s: &str) {
+        if self.on {
+            eprint!("\r\x1b[2K{s}");
+        }
+    }
+    pub(crate) fn done(&self, s: &str) {
+        if self.on {
+            eprintln!("\r\x1b[2K{s}");
+        } else {
+            eprintln!("{s}");
+        }
+    }
+}
+
+/// Runs the whole comparison and writes `results.json`, `report.md` and the plots into
+/// `opts.out`.
+pub async fn run(opts: BenchOptions, launcher: Launcher, command: String) -> Result<BenchReport> {
+    for t in &opts.transports {
+        check_transport(t)?;
+    }
+    if opts.rooms == 0 || opts.followers == 0 || opts.followers > 25 {
+        bail!("--rooms must be at least 1 and --followers 1 to 25");
+    }
+    if !["durable", "memory"].contains(&opts.store.as_str()) {
+        bail!("--store {}: expected durable or memory", opts.store);
+    }
+    let (use_netns, net_note) = match (opts.net, netlab::available()) {
+        (NetMode::Loopback, _) => (false, "loopback (asked for): no impairment applied".into()),
+        (_, Ok(())) => (
+            true,
+            "network namespaces linked by TUN devices through the lab's userspace forwarder \
+             (kernel netem is not used)"
+                .to_owned(),
+        ),
+        (NetMode::Netns, Err(why)) => bail!("--net netns: namespaces unavailable: {why}"),
+        (NetMode::Auto, Err(why)) => (
+            false,
+            format!(
+                "loopback: namespaces unavailable ({why}), so profiles other than lan are NOT applied"
+            ),
+        ),
+    };
+    if !use_netns && opts.profiles.iter().any(Profile::is_impaired) {
+        eprintln!("warning: {net_note}");
+    }
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("creating {}", opts.out.display()))?;
+    // Nodes run in their own working directory: every path handed to them must be absolute.
+    let mut opts = opts;
+    opts.out = std::fs::canonicalize(&opts.out)?;
+    let progress = Progress { on: opts.progress };
+    let mut rows = Vec::new();
+    let net = if use_netns { "netns" } else { "loopback" };
+    for profile in &opts.profiles {
+        let epoch = Instant::now();
+        let lab = if use_netns {
+            Some(NetLab::create(1 + opts.followers, profile, epoch)?)
+        } else {
+            None
+        };
+        for t in &opts.transports {
+            let mut row = Row::empty(t, &profile.name, net, &opts);
+            let label = format!("[{} / {}]", t, profile.name);
+            let result = match t.as_str() {
+                "bare-quinn" => {
+                    pump::run(
+                        pump::Carrier::Quinn,
+                        &opts,
+                        profile,
+                        lab.as_ref(),
+                        epoch,
+                        &mut row,
+                        &progress,
+                        &label,
+                    )
+                    .await
+                }
+                "bare-tls" => {
+                    pump::run(
+                        pump::Carrier::Tls,
+                        &opts,
+                        profile,
+                        lab.as_ref(),
+                        epoch,
+                        &mut row,
+                        &progress,
+                        &label,
+                    )
+                    .await
+                }
+                kind => {
+                    let kind: TransportKind = kind.parse()?;
+                    run_relay(
+                        kind,
+                        &opts,
+                        profile,
+                        lab.as_ref(),
+                        epoch,
+                        &launcher,
+                        &mut row,
+                        &progress,
+                        &label,
+                    )
+                    .await
+                }
+            };
+            match result {
+                Ok(()) => progress.done(&format!(
+                    "{label} {:.0} msg/s, p50 {} us, p99 {} us, lost/dup/ooo {}/{}/{}",
+                    row.msgs_per_s.unwrap_or(0.0),
+                    row.p50_us.unwrap_or(0),
+                    row.p99_us.unwrap_or(0),
+                    row.lost.unwrap_or(0),
+                    row.duplicated.unwrap_or(0),
+                    row.out_of_order.unwrap_or(0)
+                )),
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    if msg.contains("not part of this build") {
+                        row.status = "gap".into();
+                        row.note = format!("transport {t} is not part of this build");
+                        let _ = std::fs::remove_dir_all(
+                            opts.out.join("work").join(format!("{}-{t}", profile.name)),
+                        );
+                    } else {
+                        row.status = "error".into();
+                        row.note = msg.lines().next().unwrap_or_default().to_owned();
+                    }
+                    progress.done(&format!("{label} {}: {}", row.status, row.note));
+                }
+            }
+            rows.push(row);
+        }
+        if let Some(lab) = &lab {
+            lab.set_cut(false);
+        }
+        drop(lab);
+    }
+    let report = BenchReport {
+        net: net.into(),
+        net_note,
+        started_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        machine: report::machine(),
+        command,
+        sizes: opts.sizes.clone(),
+        profiles: opts.profiles.clone(),
+        duration_s: opts.duration.as_secs_f64(),
+        rows,
+    };
+    report::write(&opts.out, &report)?;
+    // Only when empty: kept or failed rows leave their logs there.
+    let _ = std::fs::remove_dir(opts.out.join("work"));
+    Ok(report)
+}
+
+/// The node processes of one relay run.
+struct Nodes {
+    children: Vec<Child>,
+    dir: PathBuf,
+}
+
+impl Nodes {
+    fn stop(&mut self) {
+        for c in &self.children {
+            if let Ok(pid) = i32::try_from(c.id()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for c in &mut self.children {
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.children.clear();
+    }
+
+    fn log_tail(&self, i: usize) -> String {
+        let log = std::fs::read_to_string(self.dir.join(format!("{}.log", provider(i))))
+            .unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl std::ops::Drop for Nodes {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Ports inside a namespace: the same in every one (each has its own stack).
+fn netns_port(kind: TransportKind) -> u16 {
+    7000 + TransportKind::ALL
+        .iter()
+        .position(|k| *k == kind)
+        .unwrap_or(0) as u16
+}
+
+const NETNS_ADMIN: u16 = 9100;
+
+/// Writes certificates and node configs; returns (config paths, admin address each node
+/// listens on inside its own stack).
+fn prepare(
+    dir: &Path,
+    kind: TransportKind,
+    n: usize,
+    rooms: usize,
+    store: &str,
+    netns: bool,
+) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir.join("certs"))?;
+    for i in 0..n {
+        let p = provider(i);
+        let d: ProviderDomain = p.parse()?;
+        let g = relay_tls::generate(&d)?;
+        std::fs::write(dir.join(format!("certs/{p}.crt")), g.cert_pem)?;
+        std::fs::write(dir.join(format!("certs/{p}.key")), g.key_pem)?;
+    }
+    let free = |udp: bool| -> Result<u16> {
+        Ok(if udp {
+            std::net::UdpSocket::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port()
+        } else {
+            std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port()
+        })
+    };
+    let mut addrs = Vec::new();
+    let mut admins = Vec::new();
+    for i in 0..n {
+        if netns {
+            addrs.push(SocketAddr::from((NetLab::addr(i), netns_port(kind))));
+            admins.push(NETNS_ADMIN);
+        } else {
+            addrs.push(SocketAddr::from((
+                Ipv4Addr::LOCALHOST,
+                free(kind == TransportKind::Quic)?,
+            )));
+            admins.push(free(false)?);
+        }
+    }
+    let mut configs = Vec::new();
+    for i in 0..n {
+        let p = provider(i);
+        let mut t = format!(
+            "[node]\ndomain = \"{p}\"\ndata_dir = \"data/{p}\"\nadmin = \"127.0.0.1:{}\"\nstore = \"{store}\"\n\n\
+             [tls]\ncert = \"certs/{p}.crt\"\nkey = \"certs/{p}.key\"\n\n[listen]\n{kind} = \"{}\"\n",
+            admins[i], addrs[i]
+        );
+        for (j, a) in addrs.iter().enumerate() {
+            if i != j {
+                let q = provider(j);
+                let _ = write!(
+                    t,
+                    "\n[[peers]]\ndomain = \"{q}\"\ntransport = \"{kind}\"\naddress = \"{a}\"\ncert = \"certs/{q}.crt\"\n"
+                );
+            }
+        }
+        if i == 0 {
+            let followers: Vec<String> = (1..n).map(|j| format!("\"{}\"", provider(j))).collect();
+            for r in 0..rooms {
+                let _ = write!(
+                    t,
+                    "\n[[rooms]]\nid = \"{}\"\nfollowers = [{}]\n",
+                    room_id(r),
+                    followers.join(", ")
+                );
+            }
+        }
+        let path = dir.join(format!("{p}.toml"));
+        std::fs::write(&path, t)?;
+        configs.push(path);
+    }
+    let _ = admins;
+    Ok(configs)
+}
+
+/// A TCP proxy from a root-namespace loopback port to a port inside a namespace, so that the
+/// lab's clients reach each node's loopback-only API. Returns the local address.
+async fn admin_proxy(ns_path: String, target: SocketAddr) -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let path = ns_path.clone();
+            tokio::spawn(async move {
+                let out = tokio::task::spawn_blocking(move || {
+                    netlab::in_namespace(&path, move || {
+                        let s = std::net::TcpStream::connect(target)?;
+                        s.set_nodelay(true)?;
+                        s.set_nonblocking(true)?;
+                        Ok(s)
+                    })
+                })
+                .await;
+                let Ok(Ok(s)) = out else { return };
+                let Ok(mut s) = tokio::net::TcpStream::from_std(s) else {
+                    return;
+                };
+                let _ = inbound.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut s).await;
+            });
+        }
+    });
+    Ok(local)
+}
+
+/// Reads a node's admin address from its config (loopback run) or maps it through a proxy.
+async fn admin_addr(config: &Path, lab: Option<&NetLab>, i: usize) -> Result<SocketAddr> {
+    let c = relay_node::NodeConfig::load(config)?;
+    match lab {
+        None => Ok(c.admin),
+        Some(lab) => admin_proxy(lab.path(i), c.admin).await,
+    }
+}
+
+async fn wait_healthy(nodes: &mut Nodes, admins: &[SocketAddr]) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (i, admin) in admins.iter().enumerate() {
+        let mut client = LocalClient::new(*admin);
+        loop {
+            if let Ok((s, _)) = client.get("/healthz").await
+                && s.is_success()
+            {
+                break;
+            }
+            if let Some(status) = nodes.children[i].try_wait()? {
+                bail!(
+                    "{} exited with {status} at start: {}",
+                    provider(i),
+                    nodes.log_tail(i)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not become healthy: {}",
+                    provider(i),
+                    nodes.log_tail(i)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Submits messages into every room until `until`: open loop at `rate` (spread over rooms) or
+/// closed loop. Returns the messages accepted. Each room's messages go one after another, so
+/// their order at every follower must be the order of their counters.
+#[allow(clippy::too_many_arguments)]
+async fn drive(
+    hub_admin: SocketAddr,
+    rooms: usize,
+    rate: Option<f64>,
+    until: Instant,
+    sizes: &SizeMix,
+    epoch: Instant,
+    counters: &Arc<Vec<AtomicU64>>,
+    accepted: &Arc<AtomicU64>,
+    stop: &Arc<AtomicBool>,
+    window: Option<(Arc<Mutex<Rx>>, u64, u64)>,
+) -> Result<u64> {
+    let mut tasks = Vec::new();
+    let start = Instant::now();
+    for r in 0..rooms {
+        let sizes = sizes.clone();
+        let counters = counters.clone();
+        let accepted = accepted.clone();
+        let stop = stop.clone();
+        let window = window.clone();
+        let interval = rate.map(|rate| Duration::from_secs_f64(rooms as f64 / rate.max(1e-3)));
+        tasks.push(tokio::spawn(async move {
+            let room: RoomId = room_id(r).parse().map_err(|e| anyhow!("room id: {e}"))?;
+            let mut client = LocalClient::new(hub_admin);
+            let mut rng = 0x2545_f491_4f6c_dd1d ^ ((r as u64 + 1) << 20);
+            // Stagger the rooms' schedules over one interval.
+            let offset = interval.map(|i| i.mul_f64(r as f64 / rooms as f64));
+            let mut k = 0u32;
+            loop {
+                let sched = match (interval, offset) {
+                    (Some(i), Some(o)) => start + o + i * k,
+                    _ => Instant::now(),
+                };
+                if sched >= until || stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                // Closed loop: no timer (tokio's rounds up to the next millisecond).
+                if interval.is_some() {
+                    tokio::time::sleep_until(sched.into()).await;
+                }
+                k += 1;
+                let counter = counters[r].fetch_add(1, Ordering::Relaxed) as u32;
+                let mut sched = sched;
+                if let Some((rx, receivers, w)) = &window {
+                    wait_window(rx, r as u32, u64::from(counter), *receivers, *w, &stop).await;
+                    sched = Instant::now();
+                }
+                let sched_ns = sched.duration_since(epoch).as_nanos() as u64;
+                let size = sizes.pick(&mut rng);
+                let ct = ciphertext(marker_bytes(r as u32, counter, sched_ns), size, &mut rng);
+                let body = submit_body("a.example", r as u32, &ct)?;
+                loop {
+                    match client.submit(&room, body.clone()).await {
+                        Ok((s, b)) if accepted_response(s, &b) => break,
+                        _ if stop.load(Ordering::Relaxed) => return Ok::<(), anyhow::Error>(()),
+                        _ => tokio::time::sleep(Duration::from_millis(10)).await,
+                    }
+                }
+                accepted.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await
+            .map_err(|e| anyhow!("a sender task failed: {e}"))??;
+    }
+    Ok(accepted.load(Ordering::Relaxed))
+}
+
+fn accepted_response(status: hyper::StatusCode, body: &[u8]) -> bool {
+    status == hyper::StatusCode::OK
+        && matches!(
+            mimi_wire::proto::SubmitMessageResponse::decode(body).map(|r| r.status),
+            Ok(mimi_wire::proto::SubmitStatus::Accepted { .. })
+        )
+}
+
+/// Inbox readers: one per follower (receiver index = follower - 1), plus one that drains the
+/// hub's own inbox so that it never fills.
+fn start_readers(
+    admins: &[SocketAddr],
+    rx: &Arc<Mutex<Rx>>,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut v = Vec::new();
+    for (i, admin) in admins.iter().copied().enumerate() {
+        let rx = rx.clone();
+        let stop = stop.clone();
+        v.push(tokio::spawn(async move {
+            let mut client = LocalClient::new(admin);
+            let mut after = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                match client.inbox(after, 4096, 100).await {
+                    Ok(items) => {
+                        let now = Instant::now();
+                        if i == 0 {
+                            if let Some(last) = items.last() {
+                                after = after.max(last.offset);
+                            }
+                            continue;
+                        }
+                        let mut t = lock(&rx);
+                        for item in items {
+                            after = after.max(item.offset);
+                            if let Some((s, c, sched)) = find_marker(&item.fanout) {
+                                t.record(i - 1, s, c, sched, now);
+                            }
+                        }
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        }));
+    }
+    v
+}
+
+/// Waits until `expected` deliveries or the settle time; returns whether all arrived.
+async fn settle(rx: &Arc<Mutex<Rx>>, expected: u64, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if lock(rx).delivered >= expected {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Fills the latency, HOL and throughput figures of `row` from a finished phase.
+pub(crate) fn fill_latency(
+    row: &mut Row,
+    rx: &Rx,
+    drops: &[netlab::Drop],
+    profile: &Profile,
+    epoch: Instant,
+) {
+    let h = &rx.hist;
+    if h.is_empty() {
+        return;
+    }
+    row.p50_us = Some(h.value_at_quantile(0.50));
+    row.p99_us = Some(h.value_at_quantile(0.99));
+    row.p999_us = Some(h.value_at_quantile(0.999));
+    row.max_us = Some(h.max());
+    row.cdf = [
+        0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99,
+        0.995, 0.999, 0.9995, 0.9999, 1.0,
+    ]
+    .iter()
+    .map(|q| (*q, h.value_at_quantile(*q)))
+    .collect();
+    // Throughput over the phase: from its start (the epoch of its first schedule) to the last
+    // delivery; the first delivery stands in when unknown.
+    let _ = epoch;
+    if let (Some(first), Some(last)) = (rx.first, rx.last_delivery) {
+        let first_sched = rx
+            .samples
+            .iter()
+            .map(|(s, _)| *s)
+            .min()
+            .map(|s| rx.epoch + Duration::from_nanos(s))
+            .unwrap_or(first);
+        let secs = last.saturating_duration_since(first_sched).as_secs_f64();
+        if secs > 0.0 {
+            row.msgs_per_s = Some(rx.delivered as f64 / secs);
+        }
+    }
+    // Head-of-line: a message is "clean" when no packet was dropped within its own send window
+    // [sched, sched + W]: the packets that carried it left in that window (W = 5 ms covers
+    // the hub's submit and commit before it sends). Encrypted packets cannot be opened, so this
+    // attribution by time is an approximation: a drop in the window may have hit another room's
+    // packet, which only makes the clean set smaller, never dirtier.
+    let mut times: Vec<u64> = drops.iter().map(|d| d.at.as_nanos() as u64).collect();
+    times.sort_unstable();
+    let w = 5_000_000u64;
+    let rtt2 = (profile.rtt_ms * 2e6) as u64 + w;
+    let mut clean = Vec::new();
+    let mut exposed = Vec::new();
+    for (sched, us) in &rx.samples {
+        let lo = times.partition_point(|t| *t < *sched);
+        let own = times.get(lo).is_some_and(|t| *t <= sched + w);
+        if own {
+            continue;
+        }
+        clean.push(*us);
+        let before = times.partition_point(|t| *t < sched.saturating_sub(rtt2));
+        if lo > before {
+            exposed.push(*us);
+        }
+    }
+    let p99 = |v: &mut Vec<u64>| -> Option<u64> {
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_unstable();
+        Some(v[((v.len() as f64 * 0.99).ceil() as usize).clamp(1, v.len()) - 1])
+    };
+    row.clean_msgs = clean.len() as u64;
+    row.hol_exposed_msgs = exposed.len() as u64;
+    row.clean_p99_us = p99(&mut clean);
+    row.hol_p99_us = p99(&mut exposed);
+}
+
+/// One relay transport under one profile.
+#[allow(clippy::too_many_arguments)]
+async fn run_relay(
+    kind: TransportKind,
+    opts: &BenchOptions,
+    profile: &Profile,
+    lab: Option<&NetLab>,
+    epoch: Instant,
+    launcher: &Launcher,
+    row: &mut Row,
+    progress: &Progress,
+    label: &str,
+) -> Result<()> {
+    let n = 1 + opts.followers;
+    let dir = opts
+        .out
+        .join("work")
+        .join(format!("{}-{}", profile.name, kind));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let configs = prepare(&dir, kind, n, opts.rooms, &opts.store, lab.is_some())?;
+    let mut nodes = Nodes {
+        children: Vec::new(),
+        dir: dir.clone(),
+    };
+    let started = Instant::now();
+    for (i, cfg) in configs.iter().enumerate() {
+        let log = std::fs::File::create(dir.join(format!("{}.log", provider(i))))?;
+        let mut cmd = match lab {
+            Some(lab) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", lab.namespace(i)])
+                    .arg(&launcher.program);
+                c
+            }
+            None => Command::new(&launcher.program),
+        };
+        cmd.args(&launcher.args)
+            .arg(cfg)
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        for (k, v) in &launcher.env {
+            cmd.env(k, v);
+        }
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "warn");
+        }
+        nodes.children.push(cmd.spawn().context("starting a node")?);
+    }
+    let mut admins = Vec::new();
+    for (i, cfg) in configs.iter().enumerate() {
+        admins.push(admin_addr(cfg, lab, i).await?);
+    }
+    progress.line(&format!("{label} starting {n} nodes"));
+    wait_healthy(&mut nodes, &admins).await?;
+    let startup = started.elapsed();
+
+    let rx = Arc::new(Mutex::new(Rx::new(epoch, opts.followers)?));
+    let stop_readers = Arc::new(AtomicBool::new(false));
+    let readers = start_readers(&admins, &rx, &stop_readers);
+    let counters: Arc<Vec<AtomicU64>> =
+        Arc::new((0..opts.rooms).map(|_| AtomicU64::new(0)).collect());
+    let stop = Arc::new(AtomicBool::new(false));
+
+    // Setup: the first message of the run opens the hub's connection to each follower; its
+    // latency (submit to delivery at every follower) is the setup time.
+    {
+        let room: RoomId = room_id(0).parse().map_err(|e| anyhow!("room id: {e}"))?;
+        let mut client = LocalClient::new(admins[0]);
+        let mut rng = 7u64;
+        let t0 = Instant::now();
+        let ct = ciphertext(
+            marker_bytes(PROBE_STREAM, 0, t0.duration_since(epoch).as_nanos() as u64),
+            opts.sizes.app,
+            &mut rng,
+        );
+        let body = submit_body("a.example", 0, &ct)?;
+        let deadline = t0 + Duration::from_secs(30);
+        loop {
+            match client.submit(&room, body.clone()).await {
+                Ok((s, b)) if accepted_response(s, &b) => break,
+                _ if Instant::now() > deadline => bail!("the setup message was not accepted"),
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+        if !settle(&rx, opts.followers as u64, Duration::from_secs(30)).await {
+            bail!("the setup message did not reach every follower within 30 s");
+        }
+        let last = lock(&rx).last_delivery.unwrap_or(t0);
+        row.setup_ms = Some(last.duration_since(t0).as_secs_f64() * 1e3);
+        lock(&rx).new_phase();
+    }
+
+    // The measured phase.
+    let pids: Vec<u32> = nodes.children.iter().map(Child::id).collect();
+    let cpu0: u64 = pids.iter().filter_map(|p| cpu_us(*p)).sum();
+    let link0 = lab.map(NetLab::snapshot).unwrap_or_default();
+    if let Some(lab) = lab {
+        lab.take_drops();
+    }
+    let accepted = Arc::new(AtomicU64::new(0));
+    let until = Instant::now() + opts.duration;
+    let drive_fut = drive(
+        admins[0],
+        opts.rooms,
+        opts.rate,
+        until,
+        &opts.sizes,
+        epoch,
+        &counters,
+        &accepted,
+        &stop,
+        opts.rate
+            .is_none()
+            .then(|| (rx.clone(), opts.followers as u64, opts.window)),
+    );
+    tokio::pin!(drive_fut);
+    let phase_start = Instant::now();
+    let sent = loop {
+        tokio::select! {
+            r = &mut drive_fut => break r?,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {
+                let d = lock(&rx).delivered;
+                progress.line(&format!(
+                    "{label} {:.1}/{:.0} s  accepted {}  delivered {}",
+                    phase_start.elapsed().as_secs_f64().min(opts.duration.as_secs_f64()),
+                    opts.duration.as_secs_f64(),
+                    accepted.load(Ordering::Relaxed),
+                    d
+                ));
+            }
+        }
+    };
+    let expected = sent * opts.followers as u64;
+    progress.line(&format!("{label} waiting for the last deliveries"));
+    settle(&rx, expected, opts.settle).await;
+    // A moment more, so that late duplicates would be seen.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let cpu1: u64 = pids.iter().filter_map(|p| cpu_us(*p)).sum();
+    let link = lab.map(NetLab::snapshot).unwrap_or_default().since(link0);
+    let drops = lab.map(NetLab::take_drops).unwrap_or_default();
+    {
+        let t = lock(&rx);
+        row.sent = sent;
+        row.delivered = t.delivered;
+        fill_latency(row, &t, &drops, profile, epoch);
+        if t.delivered > 0 {
+            row.cpu_us_per_msg = Some(cpu1.saturating_sub(cpu0) as f64 / t.delivered as f64);
+            if lab.is_some() {
+                row.wire_bytes_per_msg = Some(link.bytes as f64 / t.delivered as f64);
+            }
+        }
+        row.link_drops = lab.map(|_| link.dropped);
+    }
+    let mut lost = expected.saturating_sub(lock(&rx).delivered);
+
+    // Recovery: traffic at a low rate, the link cut for 5 s, then restored; the recovery time
+    // runs from the restore until every message scheduled before it has been delivered.
+    if let (Some(lab), true) = (lab, opts.recovery) {
+        lock(&rx).new_phase();
+        // Low enough for the worst profile's carrier (QUIC in `bad` delivers ~50 msg/s).
+        let rate = Some(20.0);
+        let accepted2 = Arc::new(AtomicU64::new(0));
+        let t0 = Instant::now();
+        let until2 = t0 + Duration::from_secs(8);
+        let cut_at = t0 + Duration::from_secs(1);
+        let restore_at = cut_at + Duration::from_secs(5);
+        let f = drive(
+            admins[0],
+            opts.rooms,
+            rate,
+            until2,
+            &opts.sizes,
+            epoch,
+            &counters,
+            &accepted2,
+            &stop,
+            None,
+        );
+        tokio::pin!(f);
+        let mut cut = false;
+        let mut restored = false;
+        let sent2 = loop {
+            tokio::select! {
+                r = &mut f => break r?,
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {
+                    let now = Instant::now();
+                    if !cut && now >= cut_at { lab.set_cut(true); cut = true; }
+                    if cut && !restored && now >= restore_at { lab.set_cut(false); restored = true; }
+                    progress.line(&format!("{label} recovery: link {}", if cut && !restored { "cut" } else { "up" }));
+                }
+            }
+        };
+        lab.set_cut(false);
+        let expected2 = sent2 * opts.followers as u64;
+        let all = settle(&rx, expected2, opts.settle.max(Duration::from_secs(30))).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let t = lock(&rx);
+        lost += expected2.saturating_sub(t.delivered);
+        let restore_ns = restore_at.duration_since(epoch).as_nanos() as u64;
+        let restore_rel = restore_at.duration_since(epoch);
+        let done = t
+            .samples
+            .iter()
+            .filter(|(s, _)| *s < restore_ns)
+            .map(|(s, us)| Duration::from_nanos(*s) + Duration::from_micros(*us))
+            .max();
+        if all && let Some(done) = done {
+            row.recovery_ms = Some(done.saturating_sub(restore_rel).as_secs_f64() * 1e3);
+        }
+        row.sent += sent2;
+    }
+
+    stop.store(true, Ordering::Relaxed);
+    stop_readers.store(true, Ordering::Relaxed);
+    for r in readers {
+        let _ = r.await;
+    }
+    {
+        let t = lock(&rx);
+        row.lost = Some(lost);
+        row.duplicated = Some(t.duplicated);
+        row.out_of_order = Some(t.out_of_order);
+    }
+    nodes.stop();
+    if !opts.keep && row.lost == Some(0) {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let _ = startup;
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marker_round_trips_inside_a_ciphertext() {
+        let mut rng = 1;
+        let ct = ciphertext(marker_bytes(3, 77, 123_456_789), 1024, &mut rng);
+        assert_eq!(ct.len(), 1024);
+        let body = submit_body("a.example", 3, &ct).unwrap();
+        assert_eq!(find_marker(&body), Some((3, 77, 123_456_789)));
+    }
+
+    #[test]
+    fn size_mix_has_the_configured_shares() {
+        let mix = SizeMix::default();
+        let mut rng = 99;
+        let n = 100_000;
+        let sizes: Vec<usize> = (0..n).map(|_| mix.pick(&mut rng)).collect();
+        let app = sizes.iter().filter(|s| **s == mix.app).count() as f64 / n as f64;
+        let welcome = sizes.iter().filter(|s| **s >= mix.welcome.0).count() as f64 / n as f64;
+        assert!((app - 0.95).abs() < 0.01, "app share {app}");
+        assert!((welcome - 0.01).abs() < 0.003, "welcome share {welcome}");
+    }
+
+    #[test]
+    fn rx_counts_duplicates_and_reordering() {
+        let epoch = Instant::now();
+        let mut rx = Rx::new(epoch, 1).unwrap();
+        let now = epoch + Duration::from_millis(5);
+        rx.record(0, 1, 0, 0, now);
+        rx.record(0, 1, 2, 0, now);
+        rx.record(0, 1, 1, 0, now);
+        rx.record(0, 1, 2, 0, now);
+        assert_eq!(rx.delivered, 3);
+        assert_eq!(rx.duplicated, 1);
+        assert_eq!(rx.out_of_order, 1);
+        assert_eq!(rx.hist.len(), 3);
+    }
+
+    #[test]
+    fn clean_messages_exclude_those_with_a_drop_in_their_window() {
+        let epoch = Instant::now();
+        let mut rx = Rx::new(epoch, 1).unwrap();
+        // Message 0 scheduled at 10 ms, message 1 at 60 ms; a drop at 11 ms hits message 0.
+        rx.record(0, 0, 0, 10_000_000, epoch + Duration::from_millis(200));
+        rx.record(0, 0, 1, 60_000_000, epoch + Duration::from_millis(80));
+        let drops = [netlab::Drop {
+            at: Duration::from_millis(11),
+            from: 0,
+            to: 1,
+        }];
+        let profile = Profile::named("wan").unwrap();
+        let mut row = Row::empty("quic", "wan", "netns", &BenchOptions::default());
+        fill_latency(&mut row, &rx, &drops, &profile, epoch);
+        assert_eq!(row.clean_msgs, 1);
+        assert_eq!(row.clean_p99_us, Some(20_000));
+        // The drop lies within 2 RTT (80 ms) before message 1.
+        assert_eq!(row.hol_exposed_msgs, 1);
+        // Without drops every message is clean and none is exposed.
+        fill_latency(&mut row, &rx, &[], &profile, epoch);
+        assert_eq!((row.clean_msgs, row.hol_exposed_msgs), (2, 0));
+    }
+}

@@ -1,0 +1,398 @@
+//! The lab's outputs: `results.json`, `report.md` and SVG plots (latency CDF per profile,
+//! throughput against loss).
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow};
+use plotters::prelude::*;
+
+use super::{BenchReport, Row};
+
+/// CPU model and core count of this machine, and the kernel.
+pub(crate) fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown cpu".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    format!("{cpu}, {cores} cores, Linux {kernel}")
+}
+
+pub(crate) fn write(out: &Path, report: &BenchReport) -> Result<()> {
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&report.rows)?,
+    )
+    .context("writing results.json")?;
+    std::fs::write(out.join("run.json"), serde_json::to_string_pretty(&report)?)?;
+    let mut plots = Vec::new();
+    let mut profiles: Vec<&str> = Vec::new();
+    for r in &report.rows {
+        if !profiles.contains(&r.profile.as_str()) {
+            profiles.push(&r.profile);
+        }
+    }
+    for p in &profiles {
+        let name = format!("latency-cdf-{p}.svg");
+        let rows: Vec<&Row> = report
+            .rows
+            .iter()
+            .filter(|r| r.profile == *p && !r.cdf.is_empty())
+            .collect();
+        if !rows.is_empty() {
+            cdf_plot(&out.join(&name), p, &rows)?;
+            plots.push(name);
+        }
+    }
+    if profiles.len() > 1 {
+        let name = "throughput-vs-loss.svg".to_owned();
+        throughput_plot(&out.join(&name), report)?;
+        plots.push(name);
+    }
+    std::fs::write(out.join("report.md"), markdown(report, &plots))?;
+    Ok(())
+}
+
+fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "–".into())
+}
+
+fn ms(us: Option<u64>) -> String {
+    us.map(|u| format!("{:.1}", u as f64 / 1000.0))
+        .unwrap_or_else(|| "–".into())
+}
+
+/// The baseline a transport is compared with: QUIC against bare quinn, the TCP-based
+/// transports against bare TLS.
+fn carrier(transport: &str) -> &'static str {
+    if transport == "quic" {
+        "bare-quinn"
+    } else {
+        "bare-tls"
+    }
+}
+
+/// The results table in Markdown (also used by the README).
+pub(crate) fn table(rows: &[Row]) -> String {
+    let mut s = String::new();
+    s.push_str("| transport | profile | msgs/s | p50 ms | p99 ms | p99.9 ms | clean p99 ms | HOL-exposed p99 ms | wire B/msg | CPU µs/msg | setup ms | recovery ms | link drops | lost/dup/ooo | vs carrier (msgs/s, p99) |\n");
+    s.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n");
+    for r in rows {
+        if r.status != "ok" {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | | | | | | | | | | | | {} |",
+                r.transport, r.profile, r.status, r.note
+            );
+            continue;
+        }
+        let ratio = if r.transport.starts_with("bare-") {
+            "baseline".to_owned()
+        } else {
+            rows.iter()
+                .find(|b| b.transport == carrier(&r.transport) && b.profile == r.profile)
+                .and_then(|b| {
+                    Some(format!(
+                        "{:.2}x / {:.2}x ({})",
+                        r.msgs_per_s? / b.msgs_per_s?,
+                        r.p99_us? as f64 / b.p99_us?.max(1) as f64,
+                        b.transport
+                    ))
+                })
+                .unwrap_or_else(|| "–".into())
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}/{}/{} | {} |",
+            r.transport,
+            r.profile,
+            r.msgs_per_s.map(|v| format!("{v:.0}")).unwrap_or_default(),
+            ms(r.p50_us),
+            ms(r.p99_us),
+            ms(r.p999_us),
+            ms(r.clean_p99_us),
+            ms(r.hol_p99_us),
+            r.wire_bytes_per_msg
+                .map(|v| format!("{v:.0}"))
+                .unwrap_or_else(|| "–".into()),
+            r.cpu_us_per_msg
+                .map(|v| format!("{v:.0}"))
+                .unwrap_or_else(|| "–".into()),
+            r.setup_ms
+                .map(|v| format!("{v:.1}"))
+                .unwrap_or_else(|| "–".into()),
+            r.recovery_ms
+                .map(|v| format!("{v:.0}"))
+                .unwrap_or_else(|| "–".into()),
+            opt(r.link_drops),
+            opt(r.lost),
+            opt(r.duplicated),
+            opt(r.out_of_order),
+            ratio
+        );
+    }
+    s
+}
+
+fn markdown(report: &BenchReport, plots: &[String]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# mimi-relay transport comparison\n");
+    let _ = writeln!(s, "- command: `{}`", report.command);
+    let _ = writeln!(s, "- machine: {}", report.machine);
+    let _ = writeln!(s, "- network: {}", report.net_note);
+    let _ = writeln!(
+        s,
+        "- workload: {} s per row; sizes: {} B application messages, {:.0}% commits of {}-{} B, {:.0}% Welcomes of {}-{} B",
+        report.duration_s,
+        report.sizes.app,
+        report.sizes.commit_share * 100.0,
+        report.sizes.commit.0,
+        report.sizes.commit.1,
+        report.sizes.welcome_share * 100.0,
+        report.sizes.welcome.0,
+        report.sizes.welcome.1
+    );
+    if let Some(r) = report.rows.first() {
+        let _ = writeln!(
+            s,
+            "- {} rooms hosted by a.example, {} follower provider(s); {}",
+            r.rooms, r.followers, r.mode
+        );
+    }
+    for p in &report.profiles {
+        let _ = writeln!(
+            s,
+            "- profile `{}`: RTT {} ms, loss {:.1}%, mean burst {} packets, reorder {:.1}%, rate {}",
+            p.name,
+            p.rtt_ms,
+            p.loss * 100.0,
+            p.burst,
+            p.reorder * 100.0,
+            p.rate_mbit
+                .map(|r| format!("{r} Mbit/s"))
+                .unwrap_or_else(|| "uncapped".into())
+        );
+    }
+    let _ = writeln!(s, "\n{}", table(&report.rows));
+    let gaps: Vec<&Row> = report.rows.iter().filter(|r| r.status != "ok").collect();
+    if !gaps.is_empty() {
+        let _ = writeln!(s, "Not measured:\n");
+        for g in gaps {
+            let _ = writeln!(
+                s,
+                "- {} / {}: {} ({})",
+                g.transport, g.profile, g.status, g.note
+            );
+        }
+        s.push('\n');
+    }
+    let bad: Vec<&Row> = report
+        .rows
+        .iter()
+        .filter(|r| r.status == "ok" && !r.is_clean())
+        .collect();
+    if !bad.is_empty() {
+        let _ = writeln!(
+            s,
+            "**Integrity failures** (lost, duplicated or out of order deliveries): {}\n",
+            bad.iter()
+                .map(|r| format!("{}/{}", r.transport, r.profile))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    s.push_str(METHOD);
+    for p in plots {
+        let _ = writeln!(s, "\n![{p}]({p})");
+    }
+    s
+}
+
+const METHOD: &str = "\
+## How the figures are made
+
+- **msgs/s**: distinct deliveries at the followers (or at the baseline's receiver) divided by the
+  time from the first scheduled send to the last delivery of the measured phase.
+- **latency**: from the *scheduled* send time to the moment the lab's reader got the message from
+  the follower's inbox (relay) or the receiver's socket (baselines). In open loop the schedule is
+  fixed in advance, so queueing in the relay counts (no coordinated omission); in closed loop each
+  room sends its next message when the previous one was accepted. HDR histograms, 3 digits.
+- **wire B/msg**: bytes of every IP packet offered to the impaired link (both directions, dropped
+  ones and retransmissions included) divided by deliveries. Only with namespaces.
+- **CPU µs/msg**: user+system time of the node processes (from /proc/PID/stat) over the phase,
+  divided by deliveries. For the baselines: this process minus the forwarder thread.
+- **setup ms**: the first message of the row, from before any connection existed to its delivery
+  (relay: handshake made on demand by the hub; baselines: handshake, then the message).
+- **clean p99 / HOL-exposed p99**: the forwarder logs every packet its loss model drops. The
+  packets are encrypted, so losses are attributed by time: a message is *clean* when no packet
+  was dropped on the link within its own send window (5 ms from its scheduled time, covering
+  the hub's submit and commit). *HOL-exposed* messages are clean ones with another drop within
+  two RTTs before them: their delay beyond the path is head-of-line blocking behind other
+  rooms' losses. It is an approximation: a drop inside the window may have hit another room.
+- **recovery ms**: with namespaces only. After the main phase, traffic at a low rate, the link is
+  cut (every packet discarded) for 5 s, then restored; recovery is from the restore until every
+  message scheduled before it was delivered.
+- **lost/dup/ooo**: per follower and room, each message counted once; must all be 0. *Lost*
+  counts what had not arrived when the settle time (30 s after the last send) ran out and the
+  nodes were stopped: a backlog too slow to drain shows up here too.
+- Baselines carry the same messages on one hop (hub namespace to follower namespace) with no
+  relay logic; the ratio column divides a transport's figure by its carrier's (QUIC by
+  bare-quinn, the TCP-based ones by bare-tls).
+";
+
+const COLORS: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+];
+
+fn color(transport: &str, all: &[String]) -> RGBColor {
+    let i = all.iter().position(|t| t == transport).unwrap_or(0);
+    COLORS[i % COLORS.len()]
+}
+
+fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+    anyhow!("plotting: {e:?}")
+}
+
+fn cdf_plot(path: &Path, profile: &str, rows: &[&Row]) -> Result<()> {
+    let all: Vec<String> = rows.iter().map(|r| r.transport.clone()).collect();
+    let max_ms = rows
+        .iter()
+        .flat_map(|r| r.cdf.iter().map(|(_, us)| *us as f64 / 1000.0))
+        .fold(1.0f64, f64::max);
+    let min_ms = rows
+        .iter()
+        .flat_map(|r| r.cdf.iter().map(|(_, us)| *us as f64 / 1000.0))
+        .fold(f64::MAX, f64::min)
+        .max(0.01);
+    let root = SVGBackend::new(path, (720, 440)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("latency CDF, profile {profile}"),
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d((min_ms * 0.8..max_ms * 1.2).log_scale(), 0.0..1.0f64)
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("latency (ms, log scale)")
+        .y_desc("share of messages")
+        .draw()
+        .map_err(plot_err)?;
+    for r in rows {
+        let c = color(&r.transport, &all);
+        chart
+            .draw_series(LineSeries::new(
+                r.cdf
+                    .iter()
+                    .map(|(q, us)| ((*us as f64 / 1000.0).max(min_ms), *q)),
+                c.stroke_width(2),
+            ))
+            .map_err(plot_err)?
+            .label(r.transport.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+fn throughput_plot(path: &Path, report: &BenchReport) -> Result<()> {
+    let loss_of = |name: &str| {
+        report
+            .profiles
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.loss * 100.0)
+            .unwrap_or(0.0)
+    };
+    let mut all: Vec<String> = Vec::new();
+    for r in &report.rows {
+        if r.status == "ok" && !all.contains(&r.transport) {
+            all.push(r.transport.clone());
+        }
+    }
+    let max_loss = report
+        .profiles
+        .iter()
+        .map(|p| p.loss * 100.0)
+        .fold(1.0f64, f64::max);
+    let max_rate = report
+        .rows
+        .iter()
+        .filter_map(|r| r.msgs_per_s)
+        .fold(1.0f64, f64::max);
+    let root = SVGBackend::new(path, (720, 440)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "delivered messages/s against packet loss",
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..max_loss * 1.1, 0.0..max_rate * 1.15)
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("packet loss per direction (%)")
+        .y_desc("msgs/s")
+        .draw()
+        .map_err(plot_err)?;
+    for t in &all {
+        let c = color(t, &all);
+        // One point per profile; profiles with the same loss (lan, wan) differ in RTT, so the
+        // line joins them in the order of the run.
+        let pts: Vec<(f64, f64)> = report
+            .rows
+            .iter()
+            .filter(|r| &r.transport == t && r.status == "ok")
+            .filter_map(|r| Some((loss_of(&r.profile), r.msgs_per_s?)))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
+            .map_err(plot_err)?
+            .label(t.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+        chart
+            .draw_series(pts.into_iter().map(|p| Circle::new(p, 3, c.filled())))
+            .map_err(plot_err)?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
