@@ -449,3 +449,49 @@ impl MlsValidator for OpenMlsValidator {
         resp.encode().map_err(invalid)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use openmls::prelude::tls_codec::Serialize as _;
+    use openmls_basic_credential::SignatureKeyPair;
+    use openmls_traits::signatures::Signer as _;
+
+    fn signed_request(user: &str) -> GroupInfoRequest {
+        let signer = SignatureKeyPair::new(HUB_CIPHERSUITE.signature_algorithm()).unwrap();
+        let cred = openmls::prelude::Credential::from(BasicCredential::new(user.into()))
+            .tls_serialize_detached()
+            .unwrap();
+        let mut req = GroupInfoRequest {
+            protocol: Protocol::Mls10,
+            cipher_suite: u16::from(HUB_CIPHERSUITE),
+            requesting_signature_key: VLBytes::new(signer.public().to_vec()),
+            requesting_credential: mimi_wire::proto::Credential::from_bytes(cred).unwrap(),
+            group_info_public_key: VLBytes::new(vec![7; 32]),
+            joining_code: VLBytes::new(Vec::new()),
+            signature: VLBytes::new(Vec::new()),
+        };
+        let tbs = sign_content(REQUEST_LABEL, &req.tbs().unwrap()).unwrap();
+        req.signature = VLBytes::new(signer.sign(&tbs).unwrap());
+        req
+    }
+
+    #[test]
+    fn group_info_request_signature_is_checked() {
+        let v = OpenMlsValidator::for_hub("a.example");
+        let user = "mimi://b.example/u/dave";
+        let req = signed_request(user);
+        assert_eq!(
+            v.group_info_requester(&req.encode().unwrap()).unwrap(),
+            user
+        );
+        // Another HPKE key under the same signature: refused.
+        let mut forged = req;
+        forged.group_info_public_key = VLBytes::new(vec![8; 32]);
+        assert!(matches!(
+            v.group_info_requester(&forged.encode().unwrap()),
+            Err(MlsReject::NotAllowed(_))
+        ));
+    }
+}
