@@ -456,5 +456,16 @@ async fn external_join_with_group_info_from_the_hub() {
         b"welcome dave",
     )
     .await;
+
+    // The hub now serves the GroupInfo dave's external commit carried (epoch 2).
+    let mut erin = MlsClient::new("mimi://b.example/u/erin", a[1]).unwrap();
+    assert_eq!(
+        erin.join_external(&room).await.unwrap(),
+        Ok(UpdateResult::Accepted)
+    );
+    assert_eq!(erin.epoch(), Some(3));
+    wait_for(&mut alice, |e| matches!(e, Event::Commit { epoch: 3, .. })).await;
+    wait_for(&mut dave, |e| matches!(e, Event::Commit { epoch: 3, .. })).await;
+    check_message(&room, &mut erin, &mut [&mut alice], b"hello from erin").await;
     net.stop().await;
 }
