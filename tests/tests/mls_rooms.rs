@@ -1,11 +1,13 @@
 //! MLS rooms end to end through three in-process nodes on loopback: the demo scenario over
 //! HTTPS and QUIC, an epoch race between two followers, a reused KeyPackage, and a refused
-//! commit that must not break the room for the others.
+//! commit that must not break the room for the others, and a join by external commit with
+//! the GroupInfo fetched from the hub (/groupInfo).
 #![allow(clippy::unwrap_used)]
 
 use mimi_client::scenario;
 use mimi_client::{Event, MlsClient, SubmitResult, UpdateResult};
 use mimi_relay::demo;
+use mimi_wire::proto::GroupInfoCode;
 use mimi_wire::uri::RoomId;
 use relay_node::{Node, NodeConfig};
 
@@ -396,5 +398,74 @@ async fn identifier_queries_consent_and_abuse_reports() {
     );
     let (st, _) = at_b.post(&unknown, body).await.unwrap();
     assert_eq!(st, StatusCode::NOT_FOUND);
+    net.stop().await;
+}
+
+/// protocol-06 §3.6 and §5.6: dave, a user of b (a provider with a member in the room),
+/// fetches the GroupInfo through b from hub a, joins by external commit sent via /update,
+/// the members process it, and dave and alice read each other. carol, of c (no member in
+/// the room), is refused with notAuthorized; an unknown room answers noSuchRoom.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_join_with_group_info_from_the_hub() {
+    let net = Net::start("https").await;
+    let a = net.admins();
+    let room: RoomId = "mimi://a.example/r/open".parse().unwrap();
+    let mut alice = MlsClient::new(ALICE, a[0]).unwrap();
+    let mut bob = MlsClient::new(BOB, a[1]).unwrap();
+    let mut carol = MlsClient::new(CAROL, a[2]).unwrap();
+    let mut dave = MlsClient::new("mimi://b.example/u/dave", a[1]).unwrap();
+    bob.publish_key_packages(1).await.unwrap();
+    alice.create_room(&room).await.unwrap();
+    let kb = alice.claim(BOB, &room).await.unwrap().unwrap();
+    assert_eq!(
+        alice.add(&room, &[kb]).await.unwrap(),
+        UpdateResult::Accepted
+    );
+    wait_for(&mut bob, |e| matches!(e, Event::Joined { epoch: 1 })).await;
+
+    // Refused by the join policy: c has no member in the room.
+    assert_eq!(
+        carol.join_external(&room).await.unwrap(),
+        Err(GroupInfoCode::NotAuthorized)
+    );
+    let nowhere: RoomId = "mimi://a.example/r/nowhere".parse().unwrap();
+    assert_eq!(
+        carol.fetch_group_info(&nowhere).await.unwrap().err(),
+        Some(GroupInfoCode::NoSuchRoom)
+    );
+    assert_eq!(carol.epoch(), None);
+
+    assert_eq!(
+        dave.join_external(&room).await.unwrap(),
+        Ok(UpdateResult::Accepted)
+    );
+    assert_eq!(dave.epoch(), Some(2));
+    wait_for(&mut alice, |e| matches!(e, Event::Commit { epoch: 2, .. })).await;
+    wait_for(&mut bob, |e| matches!(e, Event::Commit { epoch: 2, .. })).await;
+    let mut members = alice.members();
+    members.sort();
+    assert_eq!(members, [ALICE, BOB, "mimi://b.example/u/dave"]);
+
+    // (The hub does not echo a submission to its sender's provider, so bob, also of b, is
+    // not a receiver of dave's message.)
+    check_message(&room, &mut dave, &mut [&mut alice], b"hello from dave").await;
+    check_message(
+        &room,
+        &mut alice,
+        &mut [&mut dave, &mut bob],
+        b"welcome dave",
+    )
+    .await;
+
+    // The hub now serves the GroupInfo dave's external commit carried (epoch 2).
+    let mut erin = MlsClient::new("mimi://b.example/u/erin", a[1]).unwrap();
+    assert_eq!(
+        erin.join_external(&room).await.unwrap(),
+        Ok(UpdateResult::Accepted)
+    );
+    assert_eq!(erin.epoch(), Some(3));
+    wait_for(&mut alice, |e| matches!(e, Event::Commit { epoch: 3, .. })).await;
+    wait_for(&mut dave, |e| matches!(e, Event::Commit { epoch: 3, .. })).await;
+    check_message(&room, &mut erin, &mut [&mut alice], b"hello from erin").await;
     net.stop().await;
 }

@@ -12,12 +12,14 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 use mimi_wire::proto::{
-    ClientKeyMaterialStatus, FanoutExtra, FanoutMessage, GroupInfoOption, HandshakeBundle,
+    ClientKeyMaterialStatus, FanoutExtra, FanoutMessage, GroupInfoCode, GroupInfoOption,
+    GroupInfoRatchetTreeTbe, GroupInfoRequest, GroupInfoResponse, GroupInfoStatus, HandshakeBundle,
     IdentifierUri, KeyMaterialRequest, KeyMaterialResponse, MlsMessage, PartialGroupInfo, Protocol,
     RatchetTreeOption, RatchetTreePresence, SubmitMessageRequest, SubmitMessageResponse,
     SubmitStatus, UpdateOutcome, UpdateRequest, UpdateRoomResponse, VLBytes,
 };
 use mimi_wire::uri::RoomId;
+use openmls::messages::group_info::VerifiableGroupInfo;
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::*;
 use openmls_basic_credential::SignatureKeyPair;
@@ -98,6 +100,9 @@ pub struct MlsClient {
     signer: SignatureKeyPair,
     credential: CredentialWithKey,
     group: Option<MlsGroup>,
+    /// The epoch this client joined at by external commit (0 otherwise): what its
+    /// provider's inbox holds from earlier epochs predates it.
+    joined_epoch: u64,
     api: LocalClient,
     inbox_after: u64,
     /// Events polled but not yet taken by [`MlsClient::next_event`].
@@ -157,6 +162,7 @@ impl MlsClient {
             signer,
             credential,
             group: None,
+            joined_epoch: 0,
             api: LocalClient::new(admin),
             inbox_after: 0,
             backlog: std::collections::VecDeque::new(),
@@ -400,6 +406,148 @@ impl MlsClient {
         self.send_commit(room, body).await
     }
 
+    /// Fetches the room's GroupInfo and ratchet tree through the provider from the hub
+    /// (protocol-06 §5.6): a signed GroupInfoRequest with a fresh HPKE key; the answer's
+    /// hub signature is checked and its payload decrypted. `Ok(Err(code))`: the hub refused.
+    pub async fn fetch_group_info(
+        &mut self,
+        room: &RoomId,
+    ) -> Result<Result<(VerifiableGroupInfo, RatchetTreeIn), GroupInfoCode>, MlsClientError> {
+        let crypto = self.provider.crypto();
+        let ikm = self.provider.rand().random_vec(32).map_err(mls)?;
+        let hpke = crypto
+            .derive_hpke_keypair(CIPHERSUITE.hpke_config(), &ikm)
+            .map_err(mls)?;
+        let cred = self
+            .credential
+            .credential
+            .tls_serialize_detached()
+            .map_err(mls)?;
+        let mut req = GroupInfoRequest {
+            protocol: Protocol::Mls10,
+            cipher_suite: u16::from(CIPHERSUITE),
+            requesting_signature_key: VLBytes::new(self.signer.public().to_vec()),
+            requesting_credential: mimi_wire::proto::Credential::from_bytes(cred)?,
+            group_info_public_key: VLBytes::new(hpke.public.clone()),
+            joining_code: VLBytes::new(Vec::new()),
+            signature: VLBytes::new(Vec::new()),
+        };
+        let tbs = relay_mls::sign_content(relay_mls::REQUEST_LABEL, &req.tbs()?).map_err(mls)?;
+        let sig = self
+            .signer
+            .sign(&tbs)
+            .map_err(|e| MlsClientError::Mls(format!("{e:?}")))?;
+        req.signature = VLBytes::new(sig);
+        let (st, body) = self
+            .api
+            .group_info(room, Bytes::from(req.encode()?))
+            .await?;
+        if !st.is_success() {
+            return Err(status(st, &body));
+        }
+        let resp = GroupInfoResponse::decode(&body)?;
+        let tbs = resp.tbs()?;
+        let (
+            GroupInfoStatus::Success {
+                hub_sender,
+                encrypted_groupinfo_and_tree,
+                signature,
+                ..
+            },
+            Some(tbs),
+        ) = (&resp.status, tbs)
+        else {
+            return Ok(Err(resp.code()));
+        };
+        let signed = relay_mls::sign_content(relay_mls::RESPONSE_LABEL, &tbs).map_err(mls)?;
+        crypto
+            .verify_signature(
+                CIPHERSUITE.signature_algorithm(),
+                &signed,
+                hub_sender.signature_key.as_slice(),
+                signature.as_slice(),
+            )
+            .map_err(|_| {
+                MlsClientError::Mls("bad hub signature on the GroupInfoResponse".into())
+            })?;
+        let info = relay_mls::encrypt_context(relay_mls::ENCRYPT_LABEL, room.as_str().as_bytes())
+            .map_err(mls)?;
+        let ct = openmls_traits::types::HpkeCiphertext {
+            kem_output: encrypted_groupinfo_and_tree
+                .kem_output
+                .as_slice()
+                .to_vec()
+                .into(),
+            ciphertext: encrypted_groupinfo_and_tree
+                .ciphertext
+                .as_slice()
+                .to_vec()
+                .into(),
+        };
+        let plain = crypto
+            .hpke_open(CIPHERSUITE.hpke_config(), &ct, &hpke.private, &info, &[])
+            .map_err(mls)?;
+        let tbe = GroupInfoRatchetTreeTbe::decode(&plain)?;
+        let vgi =
+            VerifiableGroupInfo::tls_deserialize_exact(tbe.group_info.as_bytes()).map_err(mls)?;
+        let RatchetTreeOption::Full { ratchet_tree } = tbe.ratchet_tree_option else {
+            return Err(MlsClientError::Mls("the hub sent no ratchet tree".into()));
+        };
+        let tree = openmls::prelude::tls_codec::VLBytes::new(ratchet_tree.as_slice().to_vec())
+            .tls_serialize_detached()
+            .map_err(mls)?;
+        let tree = RatchetTreeIn::tls_deserialize_exact(&tree).map_err(mls)?;
+        Ok(Ok((vgi, tree)))
+    }
+
+    /// Joins `room` by external commit (RFC 9420 §12.4.3.2): fetches the GroupInfo from the
+    /// hub, commits, and sends the commit by /update. `Ok(Err(code))`: the hub refused the
+    /// GroupInfo.
+    pub async fn join_external(
+        &mut self,
+        room: &RoomId,
+    ) -> Result<Result<UpdateResult, GroupInfoCode>, MlsClientError> {
+        let (vgi, tree) = match self.fetch_group_info(room).await? {
+            Ok(x) => x,
+            Err(code) => return Ok(Err(code)),
+        };
+        let (group, bundle) = MlsGroup::external_commit_builder()
+            .with_ratchet_tree(tree)
+            .with_config(join_config())
+            .build_group(&self.provider, vgi, self.credential.clone())
+            .map_err(mls)?
+            .load_psks(self.provider.storage())
+            .map_err(mls)?
+            .build(
+                self.provider.rand(),
+                self.provider.crypto(),
+                &self.signer,
+                |_| true,
+            )
+            .map_err(mls)?
+            .finalize(&self.provider)
+            .map_err(mls)?;
+        let (commit, _welcome, gi) = bundle.into_contents();
+        let body = Self::bundle(&commit, None, gi.as_ref())?;
+        let (st, b) = self.api.update(room, body).await?;
+        if !st.is_success() {
+            return Err(status(st, &b));
+        }
+        let resp = UpdateRoomResponse::decode(&b)?;
+        // An external commit cannot be cleared: a refused one drops the group.
+        Ok(Ok(match resp.outcome {
+            UpdateOutcome::Success { .. } => {
+                let mut group = group;
+                group.merge_pending_commit(&self.provider).map_err(mls)?;
+                self.joined_epoch = group.epoch().as_u64();
+                self.group = Some(group);
+                UpdateResult::Accepted
+            }
+            UpdateOutcome::WrongEpoch { current_epoch } => UpdateResult::WrongEpoch(current_epoch),
+            _ => UpdateResult::Refused(resp.error_description),
+        }))
+    }
+
     /// Encrypts `payload` and submits it to the room.
     pub async fn send(
         &mut self,
@@ -475,6 +623,7 @@ impl MlsClient {
                 Err(e) => failed(format!("welcome: {e}")),
             };
         }
+        let joined_epoch = self.joined_epoch;
         let Some(group) = self.group.as_mut() else {
             return Event::NotJoined;
         };
@@ -482,6 +631,18 @@ impl MlsClient {
             Ok(p) => p,
             Err(e) => return failed(format!("protocol message: {e}")),
         };
+        if pm.epoch().as_u64() < joined_epoch {
+            // From before our external join; the last of them is our own join commit.
+            return match &pm {
+                ProtocolMessage::PublicMessage(p)
+                    if matches!(p.sender(), Sender::NewMemberCommit)
+                        && p.epoch().as_u64() + 1 == joined_epoch =>
+                {
+                    Event::OwnCommit
+                }
+                _ => Event::NotJoined,
+            };
+        }
         if let ProtocolMessage::PublicMessage(p) = &pm
             && p.epoch() < group.epoch()
             && matches!(p.sender(), Sender::Member(i) if *i == group.own_leaf_index())

@@ -127,6 +127,27 @@ pub trait MlsValidator: fmt::Debug + Send {
 
     /// The ref of a KeyPackage (its MLSMessage or bare struct), as a Welcome names it.
     fn key_package_ref(&self, key_package: &[u8]) -> Option<Vec<u8>>;
+
+    /// Checks a `GroupInfoRequest` (protocol-06 §5.6): its signature by
+    /// `requestingSignatureKey`. Returns the requester's identity (the user URI of its
+    /// credential). A validator without a GroupInfo service refuses.
+    fn group_info_requester(&self, request: &[u8]) -> Result<String, MlsReject> {
+        let _ = request;
+        Err(MlsReject::NotAllowed("no GroupInfo service".into()))
+    }
+
+    /// Builds the success `GroupInfoResponse` for `request` (already checked): `group_info`
+    /// (a bare GroupInfo of the room's current epoch, as a member made it) with the room's
+    /// ratchet tree, HPKE-encrypted to the requester and signed by the hub.
+    fn group_info_response(
+        &mut self,
+        room: &str,
+        group_info: &[u8],
+        request: &[u8],
+    ) -> Result<Vec<u8>, MlsReject> {
+        let _ = (room, group_info, request);
+        Err(MlsReject::NotAllowed("no GroupInfo service".into()))
+    }
 }
 
 /// Roles of a room's participants, keyed by user URI, encoded for the store.

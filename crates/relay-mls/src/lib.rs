@@ -8,11 +8,22 @@
 //! never sees a PrivateMessage's plaintext: openmls refuses PrivateMessages in a public group,
 //! and the core only ever passes handshake PublicMessages. The whole state of a room (its
 //! openmls storage entries) is one opaque byte string the core persists.
+//!
+//! For /groupInfo (protocol-06 §5.6) it checks the request's SignWithLabel signature and
+//! answers with the GroupInfo a member made plus the public group's ratchet tree,
+//! EncryptWithLabel'd to the requester's HPKE key and signed by the hub's own Ed25519 key
+//! (generated per validator, so per node process: see [`OpenMlsValidator::hub_signature_key`]).
 
 use std::collections::{BTreeMap, HashMap};
 
+use mimi_wire::proto::{
+    ExternalSender, GroupInfoRatchetTreeTbe, GroupInfoRequest, GroupInfoResponse, GroupInfoStatus,
+    Protocol, RatchetTreeOption, VLBytes,
+};
 use openmls::group::GroupId;
+use openmls::messages::group_info::VerifiableGroupInfo;
 use openmls::prelude::tls_codec::Deserialize as _;
+use openmls::prelude::{BasicCredential, Ciphersuite};
 use openmls::prelude::{
     KeyPackageIn, LeafNodeIndex, MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent, Proposal,
     ProposalStore, ProtocolMessage, ProtocolVersion, PublicGroup, QueuedProposal, RatchetTreeIn,
@@ -20,6 +31,7 @@ use openmls::prelude::{
 };
 use openmls_memory_storage::MemoryStorage;
 use openmls_rust_crypto::RustCrypto;
+use openmls_traits::crypto::OpenMlsCrypto as _;
 use relay_core::mls::{GroupState, HandshakeEffect, MlsReject, MlsValidator};
 use tracing::debug;
 
@@ -39,7 +51,50 @@ struct Room {
 pub struct OpenMlsValidator {
     crypto: RustCrypto,
     rooms: HashMap<String, Room>,
+    /// The hub's signature key pair (private, public) for GroupInfoResponses, made on first
+    /// use.
+    hub_key: std::sync::OnceLock<(Vec<u8>, Vec<u8>)>,
+    /// The hub's identity in its basic credential (`mimi://<domain>`).
+    hub_identity: String,
 }
+
+/// The ciphersuite of GroupInfoRequests and responses this hub serves (the demo clients').
+pub const HUB_CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
+
+/// `SignContent` of RFC 9420 §5.1.2 for SignWithLabel / VerifyWithLabel.
+pub fn sign_content(
+    label: &str,
+    content: &[u8],
+) -> Result<Vec<u8>, openmls::prelude::tls_codec::Error> {
+    labeled(label, content)
+}
+
+/// `EncryptContext` of RFC 9420 §5.1.3 for EncryptWithLabel / DecryptWithLabel (the HPKE
+/// info; the aad is empty).
+pub fn encrypt_context(
+    label: &str,
+    context: &[u8],
+) -> Result<Vec<u8>, openmls::prelude::tls_codec::Error> {
+    labeled(label, context)
+}
+
+fn labeled(label: &str, content: &[u8]) -> Result<Vec<u8>, openmls::prelude::tls_codec::Error> {
+    use openmls::prelude::tls_codec::Serialize as _;
+    let mut out =
+        openmls::prelude::tls_codec::VLBytes::new(format!("MLS 1.0 {label}").into_bytes())
+            .tls_serialize_detached()?;
+    out.extend(
+        openmls::prelude::tls_codec::VLBytes::new(content.to_vec()).tls_serialize_detached()?,
+    );
+    Ok(out)
+}
+
+/// The label of the GroupInfoRequest signature (protocol-06 §5.6).
+pub const REQUEST_LABEL: &str = "GroupInfoRequestTBS";
+/// The label of the GroupInfoResponse signature.
+pub const RESPONSE_LABEL: &str = "GroupInfoResponseTBS";
+/// The label of the GroupInfo encryption.
+pub const ENCRYPT_LABEL: &str = "GroupInfo and ratchet_tree encryption";
 
 impl std::fmt::Debug for OpenMlsValidator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -60,6 +115,30 @@ fn invalid(e: impl std::fmt::Display) -> MlsReject {
 impl OpenMlsValidator {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A validator whose GroupInfoResponses name the hub `mimi://<domain>`.
+    pub fn for_hub(domain: &str) -> Self {
+        Self {
+            hub_identity: format!("mimi://{domain}"),
+            ..Self::default()
+        }
+    }
+
+    /// The hub's signature public key (made on first use; lives as long as the validator).
+    pub fn hub_signature_key(&self) -> Result<&[u8], MlsReject> {
+        Ok(&self.hub_key()?.1)
+    }
+
+    fn hub_key(&self) -> Result<&(Vec<u8>, Vec<u8>), MlsReject> {
+        if let Some(k) = self.hub_key.get() {
+            return Ok(k);
+        }
+        let k = self
+            .crypto
+            .signature_key_gen(HUB_CIPHERSUITE.signature_algorithm())
+            .map_err(|e| invalid(format!("{e:?}")))?;
+        Ok(self.hub_key.get_or_init(|| k))
     }
 
     fn summary(room: &Room) -> GroupState {
@@ -261,5 +340,158 @@ impl MlsValidator for OpenMlsValidator {
         };
         let kp = kp.validate(&self.crypto, ProtocolVersion::Mls10).ok()?;
         Some(kp.hash_ref(&self.crypto).ok()?.as_slice().to_vec())
+    }
+
+    fn group_info_requester(&self, request: &[u8]) -> Result<String, MlsReject> {
+        let req = GroupInfoRequest::decode(request).map_err(invalid)?;
+        if req.cipher_suite != u16::from(HUB_CIPHERSUITE) {
+            return Err(MlsReject::NotAllowed("unsupported ciphersuite".into()));
+        }
+        let tbs = sign_content(REQUEST_LABEL, &req.tbs().map_err(invalid)?).map_err(invalid)?;
+        self.crypto
+            .verify_signature(
+                HUB_CIPHERSUITE.signature_algorithm(),
+                &tbs,
+                req.requesting_signature_key.as_slice(),
+                req.signature.as_slice(),
+            )
+            .map_err(|_| MlsReject::NotAllowed("bad GroupInfoRequest signature".into()))?;
+        let cred = openmls::prelude::Credential::tls_deserialize_exact(
+            req.requesting_credential.as_bytes(),
+        )
+        .map_err(invalid)?;
+        Ok(identity(&cred))
+    }
+
+    fn group_info_response(
+        &mut self,
+        room: &str,
+        group_info: &[u8],
+        request: &[u8],
+    ) -> Result<Vec<u8>, MlsReject> {
+        use openmls::prelude::tls_codec::Serialize as _;
+        let r = self.rooms.get(room).ok_or(MlsReject::NoGroup)?;
+        let req = GroupInfoRequest::decode(request).map_err(invalid)?;
+        // The GroupInfo must be of the group's current epoch, else the joiner's commit
+        // would be refused with wrongEpoch.
+        let vgi = VerifiableGroupInfo::tls_deserialize_exact(group_info).map_err(invalid)?;
+        let current = r.group.group_context().epoch();
+        if vgi.epoch() != current {
+            return Err(MlsReject::WrongEpoch {
+                current: current.as_u64(),
+            });
+        }
+        let tree = r
+            .group
+            .export_ratchet_tree()
+            .tls_serialize_detached()
+            .map_err(invalid)?;
+        // RatchetTreeOption.full holds the node vector's contents (without its length).
+        let nodes =
+            openmls::prelude::tls_codec::VLBytes::tls_deserialize_exact(&tree).map_err(invalid)?;
+        let tbe = GroupInfoRatchetTreeTbe {
+            group_info: mimi_wire::proto::GroupInfo::from_bytes(group_info.to_vec())
+                .map_err(invalid)?,
+            ratchet_tree_option: RatchetTreeOption::Full {
+                ratchet_tree: VLBytes::new(nodes.as_slice().to_vec()),
+            },
+            // Proposals the hub accepted in this epoch are not kept as MLSMessages yet.
+            pending_proposals: Vec::new(),
+        };
+        let info = encrypt_context(ENCRYPT_LABEL, room.as_bytes()).map_err(invalid)?;
+        let ct = self
+            .crypto
+            .hpke_seal(
+                HUB_CIPHERSUITE.hpke_config(),
+                req.group_info_public_key.as_slice(),
+                &info,
+                &[],
+                &tbe.encode().map_err(invalid)?,
+            )
+            .map_err(|e| invalid(format!("hpke: {e:?}")))?;
+        let (sk, pk) = self.hub_key()?.clone();
+        let cred = openmls::prelude::Credential::from(BasicCredential::new(
+            self.hub_identity.clone().into_bytes(),
+        ))
+        .tls_serialize_detached()
+        .map_err(invalid)?;
+        let mut resp = GroupInfoResponse {
+            protocol: Protocol::Mls10,
+            room_id: VLBytes::new(room.as_bytes().to_vec()),
+            status: GroupInfoStatus::Success {
+                cipher_suite: u16::from(HUB_CIPHERSUITE),
+                hub_sender: ExternalSender {
+                    signature_key: VLBytes::new(pk),
+                    credential: mimi_wire::proto::Credential::from_bytes(cred).map_err(invalid)?,
+                },
+                encrypted_groupinfo_and_tree: mimi_wire::proto::HpkeCiphertext {
+                    kem_output: VLBytes::new(ct.kem_output.as_slice().to_vec()),
+                    ciphertext: VLBytes::new(ct.ciphertext.as_slice().to_vec()),
+                },
+                signature: VLBytes::new(Vec::new()),
+            },
+        };
+        let tbs = resp
+            .tbs()
+            .map_err(invalid)?
+            .ok_or_else(|| invalid("no TBS"))?;
+        let sig = self
+            .crypto
+            .sign(
+                HUB_CIPHERSUITE.signature_algorithm(),
+                &sign_content(RESPONSE_LABEL, &tbs).map_err(invalid)?,
+                &sk,
+            )
+            .map_err(|e| invalid(format!("sign: {e:?}")))?;
+        if let GroupInfoStatus::Success { signature, .. } = &mut resp.status {
+            *signature = VLBytes::new(sig);
+        }
+        resp.encode().map_err(invalid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use openmls::prelude::tls_codec::Serialize as _;
+    use openmls_basic_credential::SignatureKeyPair;
+    use openmls_traits::signatures::Signer as _;
+
+    fn signed_request(user: &str) -> GroupInfoRequest {
+        let signer = SignatureKeyPair::new(HUB_CIPHERSUITE.signature_algorithm()).unwrap();
+        let cred = openmls::prelude::Credential::from(BasicCredential::new(user.into()))
+            .tls_serialize_detached()
+            .unwrap();
+        let mut req = GroupInfoRequest {
+            protocol: Protocol::Mls10,
+            cipher_suite: u16::from(HUB_CIPHERSUITE),
+            requesting_signature_key: VLBytes::new(signer.public().to_vec()),
+            requesting_credential: mimi_wire::proto::Credential::from_bytes(cred).unwrap(),
+            group_info_public_key: VLBytes::new(vec![7; 32]),
+            joining_code: VLBytes::new(Vec::new()),
+            signature: VLBytes::new(Vec::new()),
+        };
+        let tbs = sign_content(REQUEST_LABEL, &req.tbs().unwrap()).unwrap();
+        req.signature = VLBytes::new(signer.sign(&tbs).unwrap());
+        req
+    }
+
+    #[test]
+    fn group_info_request_signature_is_checked() {
+        let v = OpenMlsValidator::for_hub("a.example");
+        let user = "mimi://b.example/u/dave";
+        let req = signed_request(user);
+        assert_eq!(
+            v.group_info_requester(&req.encode().unwrap()).unwrap(),
+            user
+        );
+        // Another HPKE key under the same signature: refused.
+        let mut forged = req;
+        forged.group_info_public_key = VLBytes::new(vec![8; 32]);
+        assert!(matches!(
+            v.group_info_requester(&forged.encode().unwrap()),
+            Err(MlsReject::NotAllowed(_))
+        ));
     }
 }

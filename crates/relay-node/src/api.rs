@@ -50,6 +50,7 @@ pub(crate) fn router(state: ApiState) -> Router {
         .route("/v1/client/requestConsent", post(request_consent))
         .route("/v1/client/updateConsent", post(update_consent))
         .route("/v1/client/reportAbuse/{room}", post(report_abuse))
+        .route("/v1/client/groupInfo/{room}", post(group_info))
         .layer(axum::extract::DefaultBodyLimit::max(state.max_body))
         .with_state(state)
 }
@@ -166,6 +167,16 @@ async fn report_abuse(
     body: Bytes,
 ) -> HttpResponse {
     let e = mimi_wire::endpoint::Endpoint::ReportAbuse;
+    client_request(&s, e, room, body).await
+}
+
+/// `POST /v1/client/groupInfo/{room}`: a GroupInfoRequest (§5.6) for the room's hub.
+async fn group_info(
+    State(s): State<ApiState>,
+    Path(room): Path<String>,
+    body: Bytes,
+) -> HttpResponse {
+    let e = mimi_wire::endpoint::Endpoint::GroupInfo;
     client_request(&s, e, room, body).await
 }
 

@@ -180,6 +180,19 @@ impl LocalClient {
         .await
     }
 
+    /// Sends a GroupInfoRequest for `room` (through this node to the room's hub).
+    pub async fn group_info(
+        &mut self,
+        room: &RoomId,
+        body: Bytes,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        self.post(
+            &format!("/v1/client/groupInfo/{}", room.to_path_segment()),
+            body,
+        )
+        .await
+    }
+
     /// Sends a KeyMaterialRequest (through this node and the room's hub).
     pub async fn key_material(&mut self, body: Bytes) -> Result<(StatusCode, Bytes), ClientError> {
         self.post("/v1/client/keyMaterial", body).await

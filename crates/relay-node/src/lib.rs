@@ -366,7 +366,8 @@ fn spawn_core<S: Store + Send + 'static>(
     let snapshot = store.load().map_err(store_err)?;
     let records = snapshot.records.clone();
     let mut relay = Relay::new(core_cfg, snapshot, core_loop::now());
-    relay.set_mls_validator(Box::new(relay_mls::OpenMlsValidator::new()), &records);
+    let validator = relay_mls::OpenMlsValidator::for_hub(cfg.domain.as_str());
+    relay.set_mls_validator(Box::new(validator), &records);
     for room in &cfg.rooms {
         relay
             .handle_create_room(&mut store, room.id.clone(), room.followers.clone())

@@ -27,6 +27,26 @@ pub struct GroupInfoRequest {
     pub signature: VLBytes,
 }
 
+impl GroupInfoRequest {
+    /// `GroupInfoRequestTBS`: the request without its signature. `joiningCode` is encoded as
+    /// the TBS's `optional` (absent when empty).
+    pub fn tbs(&self) -> Result<Vec<u8>, WireError> {
+        let mut out = Vec::new();
+        self.protocol.encode_to(&mut out)?;
+        out.put_u16(self.cipher_suite);
+        put_vlbytes(&mut out, &self.requesting_signature_key)?;
+        self.requesting_credential.encode_to(&mut out)?;
+        put_vlbytes(&mut out, &self.group_info_public_key)?;
+        if self.joining_code.as_slice().is_empty() {
+            out.push(0);
+        } else {
+            out.push(1);
+            put_vlbytes(&mut out, &self.joining_code)?;
+        }
+        Ok(out)
+    }
+}
+
 impl<'a> Decode<'a> for GroupInfoRequest {
     fn decode_from(r: &mut Reader<'a>) -> Result<Self, WireError> {
         Ok(GroupInfoRequest {
@@ -105,6 +125,30 @@ impl GroupInfoResponse {
             GroupInfoStatus::NotAuthorized => GroupInfoCode::NotAuthorized,
             GroupInfoStatus::NoSuchRoom => GroupInfoCode::NoSuchRoom,
         }
+    }
+}
+
+impl GroupInfoResponse {
+    /// `GroupInfoResponseTBS` of a success: the response without its signature. `None` for
+    /// the other codes (they carry no signature).
+    pub fn tbs(&self) -> Result<Option<Vec<u8>>, WireError> {
+        let GroupInfoStatus::Success {
+            cipher_suite,
+            hub_sender,
+            encrypted_groupinfo_and_tree,
+            ..
+        } = &self.status
+        else {
+            return Ok(None);
+        };
+        let mut out = Vec::new();
+        self.protocol.encode_to(&mut out)?;
+        put_vlbytes(&mut out, &self.room_id)?;
+        self.code().encode_to(&mut out)?;
+        out.put_u16(*cipher_suite);
+        hub_sender.encode_to(&mut out)?;
+        encrypted_groupinfo_and_tree.encode_to(&mut out)?;
+        Ok(Some(out))
     }
 }
 

@@ -11,9 +11,10 @@ use bytes::Bytes;
 use mimi_wire::endpoint::Endpoint;
 use mimi_wire::mls::WireFormat;
 use mimi_wire::proto::{
-    ClientKeyMaterial, ClientKeyMaterialStatus, FanoutExtra, FanoutMessage, HandshakeBundle,
-    IdentifierUri, KeyMaterialRequest, KeyMaterialResponse, KeyMaterialUserCode, KeyPackage,
-    MlsMessage, Protocol, SubmitMessageResponse, UpdateOutcome, UpdateRequest, UpdateRoomResponse,
+    ClientKeyMaterial, ClientKeyMaterialStatus, FanoutExtra, FanoutMessage, GroupInfoOption,
+    GroupInfoRequest, GroupInfoResponse, GroupInfoStatus, HandshakeBundle, IdentifierUri,
+    KeyMaterialRequest, KeyMaterialResponse, KeyMaterialUserCode, KeyPackage, MlsMessage, Protocol,
+    SubmitMessageResponse, UpdateOutcome, UpdateRequest, UpdateRoomResponse, VLBytes,
 };
 use mimi_wire::uri::{ProviderDomain, RoomId};
 use tracing::{debug, info};
@@ -31,6 +32,7 @@ const REC_MLS_META: u8 = 2;
 const REC_KP_OWNER: u8 = 3;
 const REC_KEY_PACKAGE: u8 = 4;
 const REC_KP_USED: u8 = 5;
+const REC_GROUP_INFO: u8 = 6;
 
 /// The hub's MLS view of one hosted room.
 #[derive(Debug)]
@@ -43,6 +45,9 @@ pub(super) struct MlsRoom {
     pub last_commit: Option<(u128, u64)>,
     /// Refs of the KeyPackages accepted commits added: each may be used once.
     pub used_key_packages: BTreeSet<Vec<u8>>,
+    /// The current epoch's GroupInfo (bare struct) as its committer sent it, for /groupInfo;
+    /// `None` when the last commit came without a full GroupInfo.
+    pub group_info: Option<Bytes>,
 }
 
 /// Key packages this provider holds for its local users: user -> client -> (id, KeyPackage).
@@ -146,6 +151,9 @@ impl Relay {
                                     roles,
                                     last_commit: None,
                                     used_key_packages: BTreeSet::new(),
+                                    group_info: records
+                                        .get(&key(REC_GROUP_INFO, &[room.as_bytes()]))
+                                        .cloned(),
                                 },
                             );
                         }
@@ -259,12 +267,18 @@ impl Relay {
             return Err(MlsRoomError::ForeignCreator(m.clone()));
         }
         let roles = g.members.iter().map(|m| (m.clone(), Role::Owner)).collect();
+        // The creator's GroupInfo is an MLSMessage: keep the bare struct (after the version
+        // and the wire format group_info(4)).
+        let group_info = group_info
+            .strip_prefix(&[0, 1, 0, 4][..])
+            .map(Bytes::copy_from_slice);
         let mr = MlsRoom {
             epoch: g.epoch,
             members: g.members.clone(),
             roles,
             last_commit: None,
             used_key_packages: BTreeSet::new(),
+            group_info,
         };
         store.apply(StoreOp::Room {
             room: &room,
@@ -278,6 +292,10 @@ impl Relay {
     }
 
     fn persist_mls<S: Store>(&self, store: &mut S, room: &str, mr: &MlsRoom, g: &GroupState) {
+        store.apply(StoreOp::Record {
+            key: &key(REC_GROUP_INFO, &[room.as_bytes()]),
+            value: mr.group_info.as_deref(),
+        });
         store.apply(StoreOp::Record {
             key: &key(REC_MLS_STATE, &[room.as_bytes()]),
             value: Some(&g.state),
@@ -441,6 +459,13 @@ impl Relay {
         }
         if effect.is_commit {
             mr.last_commit = Some((body_key, accepted_ms));
+            mr.group_info = match &req.bundle {
+                HandshakeBundle::Commit {
+                    group_info_option: GroupInfoOption::Full(gi),
+                    ..
+                } => Some(Bytes::copy_from_slice(gi.as_bytes())),
+                _ => None,
+            };
             for r in &effect.key_package_refs {
                 mr.used_key_packages.insert(r.clone());
                 store.apply(StoreOp::Record {
@@ -461,6 +486,7 @@ impl Relay {
             roles: mr.roles.clone(),
             last_commit: None,
             used_key_packages: BTreeSet::new(),
+            group_info: mr.group_info.clone(),
         };
         self.persist_mls(store, room, &snapshot, &merged);
 
@@ -565,6 +591,9 @@ impl Relay {
         if role == Some(Role::Banned) {
             return Err("the sender is banned from the room".into());
         }
+        if effect.external && !Self::may_join(mr, &effect.sender) {
+            return Err(format!("{} may not join by external commit", effect.sender));
+        }
         let manages = role.is_some_and(Role::may_manage_members);
         if !effect.added.is_empty() && !manages {
             return Err("only admins and owners may add participants".into());
@@ -591,6 +620,83 @@ impl Relay {
             }
         }
         Ok(())
+    }
+
+    /// The join policy for external commits (and so for /groupInfo): a user the room already
+    /// lists (a new client of a participant, protocol-06 §3.6), or any user of a provider
+    /// that has a member in the room (that provider vouches for its users). Banned users never.
+    fn may_join(mr: &MlsRoom, user: &str) -> bool {
+        match mr.roles.get(user) {
+            Some(Role::Banned) => false,
+            Some(_) => true,
+            None => user_domain(user)
+                .is_some_and(|d| mr.members.iter().any(|m| user_domain(m) == Some(d))),
+        }
+    }
+
+    /// /groupInfo at the hub (protocol-06 §5.6): the requester (a user of the asking
+    /// provider, proven by the request's signature) gets the current GroupInfo and ratchet
+    /// tree, encrypted to it, if the join policy lets it in; else notAuthorized. An unknown
+    /// room gets noSuchRoom.
+    pub(super) fn group_info(
+        &mut self,
+        from: &ProviderDomain,
+        room: &str,
+        body: &Bytes,
+    ) -> Response {
+        let code_answer = |status: GroupInfoStatus| {
+            let resp = GroupInfoResponse {
+                protocol: Protocol::Mls10,
+                room_id: VLBytes::new(room.as_bytes().to_vec()),
+                status,
+            };
+            match resp.encode() {
+                Ok(v) => Response::new(Status::Ok, v),
+                Err(_) => Response::error(Status::Internal, "cannot encode GroupInfoResponse"),
+            }
+        };
+        if GroupInfoRequest::decode(body).is_err() {
+            return self.reject(
+                RejectReason::Malformed,
+                Status::BadRequest,
+                "malformed GroupInfoRequest",
+            );
+        }
+        let Some(mr) = self.mls.rooms.get(room) else {
+            return code_answer(GroupInfoStatus::NoSuchRoom);
+        };
+        let Some(v) = self.mls.validator.as_mut() else {
+            return code_answer(GroupInfoStatus::NoSuchRoom);
+        };
+        let requester = match v.group_info_requester(body) {
+            Ok(u) => u,
+            Err(e) => {
+                debug!(room, error = %e, "GroupInfoRequest refused");
+                self.stats.rejects[RejectReason::Forbidden as usize] += 1;
+                return code_answer(GroupInfoStatus::NotAuthorized);
+            }
+        };
+        if !uri_in_domain(&requester, from.as_str()) || !Self::may_join(mr, &requester) {
+            debug!(room, requester, "GroupInfo refused by the join policy");
+            self.stats.rejects[RejectReason::Forbidden as usize] += 1;
+            return code_answer(GroupInfoStatus::NotAuthorized);
+        }
+        let Some(gi) = mr.group_info.clone() else {
+            return Response::error(
+                Status::Unavailable,
+                "no GroupInfo for the current epoch: the last commit carried none",
+            );
+        };
+        match v.group_info_response(room, &gi, body) {
+            Ok(resp) => {
+                info!(room, requester, "GroupInfo handed out");
+                Response::new(Status::Ok, resp)
+            }
+            Err(e) => {
+                tracing::warn!(room, error = %e, "cannot answer /groupInfo");
+                Response::error(Status::Internal, "cannot build the GroupInfoResponse")
+            }
+        }
     }
 
     /// Appends one FanoutMessage to the queues of `dests` (and the local inbox), in the

@@ -299,6 +299,7 @@ impl Relay {
                 self.consent_entry(store, from, endpoint, body)
             }
             Endpoint::ReportAbuse => self.report_abuse(store, target, body),
+            Endpoint::GroupInfo => self.group_info(from, target, body),
             _ => return None,
         })
     }
@@ -333,7 +334,7 @@ impl Relay {
                 fwd_target = other.as_str().to_owned();
                 user_domain(other.as_str()).and_then(|d| d.parse().ok())
             }
-            Endpoint::ReportAbuse => target
+            Endpoint::ReportAbuse | Endpoint::GroupInfo => target
                 .parse::<RoomId>()
                 .ok()
                 .and_then(|r| r.domain().parse().ok()),
