@@ -84,18 +84,7 @@ async fn submit(State(s): State<ApiState>, Path(room): Path<String>, body: Bytes
 
 /// `POST /v1/client/update/{room}`: an UpdateRequest (protocol-06 §5.3) for the room's hub.
 async fn update(State(s): State<ApiState>, Path(room): Path<String>, body: Bytes) -> HttpResponse {
-    let endpoint = mimi_wire::endpoint::Endpoint::Update;
-    match ask(&s.tx, |reply| Event::ClientRequest {
-        endpoint,
-        target: room,
-        body,
-        reply,
-    })
-    .await
-    {
-        Some(r) => to_http(r),
-        None => unavailable(),
-    }
+    client_request(&s, mimi_wire::endpoint::Endpoint::Update, room, body).await
 }
 
 /// `POST /v1/client/keyMaterial`: a KeyMaterialRequest (§5.2); the target is its targetUser.
@@ -104,18 +93,7 @@ async fn key_material(State(s): State<ApiState>, body: Bytes) -> HttpResponse {
         Ok(r) => r.target_user.as_str().to_owned(),
         Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
     };
-    let endpoint = mimi_wire::endpoint::Endpoint::KeyMaterial;
-    match ask(&s.tx, |reply| Event::ClientRequest {
-        endpoint,
-        target,
-        body,
-        reply,
-    })
-    .await
-    {
-        Some(r) => to_http(r),
-        None => unavailable(),
-    }
+    client_request(&s, mimi_wire::endpoint::Endpoint::KeyMaterial, target, body).await
 }
 
 async fn client_request(
