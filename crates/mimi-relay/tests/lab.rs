@@ -3,35 +3,102 @@
 //! rows of results.json exist and that nothing was lost, duplicated or reordered.
 #![allow(clippy::unwrap_used)]
 
-use std::process::Command;
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 /// One lab run at a time: two would compete for the same cores and skew each other.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// The longest one lab run of these tests may take: the rows bound themselves well below this,
+/// so reaching it means the harness itself is wedged.
+const WATCHDOG: Duration = Duration::from_secs(900);
+
 fn bench(args: &[&str]) -> (Vec<Value>, tempfile::TempDir) {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let out = tempfile::tempdir().unwrap();
-    let run = Command::new(env!("CARGO_BIN_EXE_mimi-relay"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mimi-relay"))
         .arg("bench")
         .args(args)
         .arg("--out")
         .arg(out.path())
         .arg("--quiet")
-        .output()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    assert!(
-        run.status.success(),
-        "mimi-relay bench failed: {}\n{}\n{}",
-        run.status,
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr)
-    );
+    // Drain both pipes on threads, so that a full pipe cannot stall the child.
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + WATCHDOG;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
+    if !status.is_some_and(|s| s.success()) {
+        panic!(
+            "mimi-relay bench {}\n{stdout}\n{stderr}\n{}",
+            status.map_or(format!("was killed after {WATCHDOG:?}"), |s| format!(
+                "failed: {s}"
+            )),
+            node_logs(out.path())
+        );
+    }
     let text = std::fs::read_to_string(out.path().join("results.json")).unwrap();
     let rows: Vec<Value> = serde_json::from_str(&text).unwrap();
     assert!(out.path().join("report.md").exists());
+    // A row that failed keeps its nodes' logs under work/: show them with the failure.
+    if rows
+        .iter()
+        .any(|r| r["status"] != "ok" && r["status"] != "gap")
+    {
+        eprintln!("{stderr}\n{}", node_logs(out.path()));
+    }
     (rows, out)
+}
+
+/// The last lines of every node log the lab kept (it keeps those of failed rows).
+fn node_logs(out: &Path) -> String {
+    let mut text = String::new();
+    let Ok(rows) = std::fs::read_dir(out.join("work")) else {
+        return text;
+    };
+    for dir in rows.flatten() {
+        let Ok(files) = std::fs::read_dir(dir.path()) else {
+            continue;
+        };
+        for f in files.flatten() {
+            if f.path().extension().is_some_and(|e| e == "log") {
+                let log = std::fs::read_to_string(f.path()).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                text += &format!("--- {}\n", f.path().display());
+                for l in tail.into_iter().rev() {
+                    text += l;
+                    text += "\n";
+                }
+            }
+        }
+    }
+    text
 }
 
 fn row<'a>(rows: &'a [Value], transport: &str, profile: &str) -> &'a Value {

@@ -1,6 +1,7 @@
 //! A client of a node's loopback API, for the demo, the load harness and tests.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use http_body_util::{BodyExt, Full};
@@ -28,6 +29,8 @@ pub enum ClientError {
     Malformed,
     #[error("status {status}: {body}")]
     Status { status: StatusCode, body: String },
+    #[error("no answer from {addr} within {after:?}")]
+    Timeout { addr: SocketAddr, after: Duration },
 }
 
 /// One delivered event as read from a node's inbox.
@@ -40,23 +43,54 @@ pub struct InboxItem {
     pub fanout: Bytes,
 }
 
+/// How long one call may take beyond the wait it asked for (an inbox long poll).
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// One keep-alive HTTP/1.1 connection to a node's API; reconnects after a failure.
 #[derive(Debug)]
 pub struct LocalClient {
     addr: SocketAddr,
     conn: Option<SendRequest<Full<Bytes>>>,
+    timeout: Duration,
 }
 
 impl LocalClient {
     pub fn new(addr: SocketAddr) -> Self {
-        LocalClient { addr, conn: None }
+        LocalClient {
+            addr,
+            conn: None,
+            timeout: DEFAULT_CALL_TIMEOUT,
+        }
+    }
+
+    /// Bounds every call (connect, request and whole answer) by `timeout`, beyond any wait
+    /// the call itself asks the node for.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     async fn call(
         &mut self,
         req: Request<Full<Bytes>>,
     ) -> Result<(StatusCode, Bytes), ClientError> {
-        let result = self.try_call(req).await;
+        self.call_waiting(req, Duration::ZERO).await
+    }
+
+    /// A call that the node may hold for `wait` before answering (a long poll).
+    async fn call_waiting(
+        &mut self,
+        req: Request<Full<Bytes>>,
+        wait: Duration,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let after = self.timeout + wait;
+        let result = match tokio::time::timeout(after, self.try_call(req)).await {
+            Ok(r) => r,
+            Err(_) => Err(ClientError::Timeout {
+                addr: self.addr,
+                after,
+            }),
+        };
         if result.is_err() {
             self.conn = None; // a fresh connection next time
         }
@@ -125,7 +159,9 @@ impl LocalClient {
     ) -> Result<Vec<InboxItem>, ClientError> {
         let path = format!("/v1/client/inbox?after={after}&max={max}&wait_ms={wait_ms}");
         let req = self.request(Method::GET, &path, Bytes::new())?;
-        let (status, body) = self.call(req).await?;
+        let (status, body) = self
+            .call_waiting(req, Duration::from_millis(wait_ms))
+            .await?;
         if status != StatusCode::OK {
             return Err(ClientError::Status {
                 status,

@@ -49,6 +49,16 @@ struct Raw {
     limits: RawLimits,
     #[serde(default)]
     xmpp: Option<RawXmpp>,
+    #[serde(default)]
+    quic: RawQuic,
+}
+
+/// `[quic]`: tuning of the QUIC transport.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawQuic {
+    /// cubic (quinn's default), new_reno or bbr.
+    congestion: Option<String>,
 }
 
 /// `[xmpp]`: reach XMPP peers through an XMPP server as an XEP-0114 component.
@@ -185,6 +195,8 @@ pub struct NodeConfig {
     pub request_timeout: Duration,
     /// `[xmpp]`: XMPP peers reached as a component of an XMPP server.
     pub xmpp: Option<XmppComponentConfig>,
+    /// `[quic] congestion`: the QUIC connections' congestion controller.
+    pub quic_congestion: relay_quic::Congestion,
 }
 
 struct Ctx<'a> {
@@ -357,6 +369,10 @@ impl NodeConfig {
             None => None,
             Some(x) => Some(xmpp_component(&cx, x, &peers)?),
         };
+        let quic_congestion = match &raw.quic.congestion {
+            None => relay_quic::Congestion::default(),
+            Some(c) => c.parse().map_err(|e| cx.err("quic.congestion", e))?,
+        };
 
         Ok(NodeConfig {
             file: file.to_path_buf(),
@@ -374,6 +390,7 @@ impl NodeConfig {
             max_inbox,
             request_timeout,
             xmpp,
+            quic_congestion,
         })
     }
 }
@@ -520,6 +537,23 @@ followers = ["b.example"]
         let (k, m) = invalid(&ok.replace("\"b.example\" =", "\"z.example\" ="));
         assert_eq!(k, "xmpp.peers.z.example");
         assert!(m.contains("not among the peers"), "{m}");
+    }
+
+    #[test]
+    fn quic_congestion_is_parsed_and_validated() {
+        let (_d, r) = with_files(GOOD);
+        assert_eq!(
+            r.expect("valid").quic_congestion,
+            relay_quic::Congestion::Cubic
+        );
+        let (_d, r) = with_files(&format!("{GOOD}\n[quic]\ncongestion = \"bbr\"\n"));
+        assert_eq!(
+            r.expect("valid").quic_congestion,
+            relay_quic::Congestion::Bbr
+        );
+        let (k, m) = invalid(&format!("{GOOD}\n[quic]\ncongestion = \"vegas\"\n"));
+        assert_eq!(k, "quic.congestion");
+        assert!(m.contains("vegas") && m.contains("bbr"), "{m}");
     }
 
     #[test]

@@ -209,6 +209,7 @@ impl Node {
                         peers,
                         max_body: cfg.max_body,
                         request_timeout: cfg.request_timeout,
+                        congestion: cfg.quic_congestion,
                     };
                     let (t, addr) = relay_quic::QuicTransport::start(qc, inbound.clone()).await?;
                     (Arc::new(t), addr)

@@ -1,11 +1,12 @@
 //! The sending side: one task per peer owning its connection, one task pair per room stream,
 //! and one timer for every transmit's deadline.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -63,6 +64,9 @@ pub(crate) struct Ticket {
     id: TransmitId,
     done: AtomicBool,
     peer: Arc<PeerShared>,
+    /// The room stream this transmit was routed to: while that stream keeps being answered,
+    /// the transmit is making progress and its deadline moves (see [`timer_task`]).
+    room: OnceLock<Weak<Mutex<RoomState>>>,
 }
 
 impl Ticket {
@@ -76,6 +80,7 @@ impl Ticket {
             id,
             done: AtomicBool::new(false),
             peer: peer.clone(),
+            room: OnceLock::new(),
         }))
     }
 
@@ -88,6 +93,12 @@ impl Ticket {
 
     fn is_done(&self) -> bool {
         self.done.load(Ordering::Acquire)
+    }
+
+    /// When this transmit's room stream last got an answer, if it has a stream and one came.
+    fn last_progress(&self) -> Option<Instant> {
+        let room = self.room.get()?.upgrade()?;
+        lock(&room).last_answer
     }
 }
 
@@ -120,46 +131,88 @@ impl Command {
     }
 }
 
-/// Reports `Timeout` for every ticket still unfinished at its deadline. Deadlines arrive in
-/// order (`send` time plus a constant), so a queue suffices.
-pub(crate) async fn timer_task(mut rx: mpsc::UnboundedReceiver<(Instant, Weak<Ticket>)>) {
-    let mut queue: VecDeque<(Instant, Weak<Ticket>)> = VecDeque::new();
+/// A ticket's deadline in the timer's heap (earliest first; `seq` keeps equal times in
+/// arrival order).
+struct Deadline {
+    at: Instant,
+    seq: u64,
+    ticket: Weak<Ticket>,
+}
+
+impl PartialEq for Deadline {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for Deadline {}
+impl PartialOrd for Deadline {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Deadline {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
+}
+
+/// Reports `Timeout` for every ticket still unfinished at its deadline: `timeout` after
+/// `send`, or after the last answer on its room stream if that came later. A stream that keeps
+/// being answered is a slow link, not a dead one: failing its queued transmits would only make
+/// the core send them again on the same congested path (a retransmission storm). A stream
+/// that goes `timeout` without any answer times out everything on it.
+pub(crate) async fn timer_task(
+    mut rx: mpsc::UnboundedReceiver<(Instant, Weak<Ticket>)>,
+    timeout: Duration,
+) {
+    let mut heap: BinaryHeap<Reverse<Deadline>> = BinaryHeap::new();
+    let mut seq = 0u64;
+    let mut push = |heap: &mut BinaryHeap<Reverse<Deadline>>, at, ticket| {
+        seq += 1;
+        heap.push(Reverse(Deadline { at, seq, ticket }));
+    };
     let mut sleep = pin!(tokio::time::sleep(Duration::from_secs(3600)));
     loop {
         tokio::select! {
             item = rx.recv() => match item {
-                Some(item) => {
-                    queue.push_back(item);
-                    while let Ok(item) = rx.try_recv() {
-                        queue.push_back(item);
+                Some((at, ticket)) => {
+                    push(&mut heap, at, ticket);
+                    while let Ok((at, ticket)) = rx.try_recv() {
+                        push(&mut heap, at, ticket);
                     }
                 }
                 None => return,
             },
-            () = &mut sleep, if !queue.is_empty() => {}
+            () = &mut sleep, if !heap.is_empty() => {}
         }
         let now = Instant::now();
-        while let Some((deadline, ticket)) = queue.front() {
-            if ticket.strong_count() > 0 {
-                if *deadline > now {
-                    break;
-                }
-                if let Some(ticket) = ticket.upgrade() {
-                    ticket.finish(Err(TransportError::Timeout));
-                }
+        while let Some(Reverse(d)) = heap.peek() {
+            if d.at > now {
+                break;
             }
-            queue.pop_front();
+            let Some(Reverse(d)) = heap.pop() else { break };
+            let Some(ticket) = d.ticket.upgrade() else {
+                continue;
+            };
+            if ticket.is_done() {
+                continue;
+            }
+            match ticket.last_progress().map(|t| t + timeout) {
+                Some(later) if later > now => push(&mut heap, later, d.ticket),
+                _ => ticket.finish(Err(TransportError::Timeout)),
+            }
         }
-        if let Some((deadline, _)) = queue.front()
-            && sleep.deadline() != *deadline
+        if let Some(Reverse(d)) = heap.peek()
+            && sleep.deadline() != d.at
         {
-            sleep.as_mut().reset(*deadline);
+            sleep.as_mut().reset(d.at);
         }
     }
 }
 
 struct Room {
     tx: mpsc::UnboundedSender<(Transmit, Arc<Ticket>)>,
+    state: Arc<Mutex<RoomState>>,
     used: bool,
 }
 
@@ -295,6 +348,7 @@ impl PeerTask {
         }
         let mut item = (transmit, ticket);
         if let Some(room) = self.rooms.get_mut(&item.0.target) {
+            let _ = item.1.room.set(Arc::downgrade(&room.state));
             match room.tx.send(item) {
                 Ok(()) => {
                     room.used = true;
@@ -305,6 +359,10 @@ impl PeerTask {
             }
         }
         let target = item.0.target.clone();
+        let state = Arc::new(Mutex::new(RoomState::default()));
+        // A ticket whose first stream died keeps that stream's clock: it is only read for
+        // answers after the ticket's own deadline, and a dead stream gets none.
+        let _ = item.1.room.set(Arc::downgrade(&state));
         let (tx, rx) = mpsc::unbounded_channel();
         let _ = tx.send(item);
         tokio::spawn(room_writer(
@@ -312,9 +370,17 @@ impl PeerTask {
             self.shared.clone(),
             target.clone(),
             rx,
+            state.clone(),
             self.max_body,
         ));
-        self.rooms.insert(target, Room { tx, used: true });
+        self.rooms.insert(
+            target,
+            Room {
+                tx,
+                state,
+                used: true,
+            },
+        );
     }
 
     /// Finishes room streams unused since the last sweep, so that rooms that went quiet do not
@@ -331,6 +397,8 @@ struct RoomState {
     pending: BTreeMap<u64, Arc<Ticket>>,
     /// Set when the stream failed: nothing more may be registered.
     dead: bool,
+    /// When the stream last got an answer.
+    last_answer: Option<Instant>,
 }
 
 fn lock(state: &Mutex<RoomState>) -> MutexGuard<'_, RoomState> {
@@ -356,6 +424,7 @@ async fn room_writer(
     peer: Arc<PeerShared>,
     target: String,
     mut rx: mpsc::UnboundedReceiver<(Transmit, Arc<Ticket>)>,
+    state: Arc<Mutex<RoomState>>,
     max_body: usize,
 ) {
     let domain = &peer.domain;
@@ -368,7 +437,6 @@ async fn room_writer(
     };
     let stream = send.id();
     tracing::debug!(peer = %domain, ?stream, room = %target, "room stream opened");
-    let state = Arc::new(Mutex::new(RoomState::default()));
     let mut reader = tokio::spawn(read_responses(
         recv,
         state.clone(),
@@ -488,7 +556,14 @@ async fn read_responses(
             reader.stop(codes::FRAME_ERROR);
             break;
         };
-        let Some(ticket) = lock(&state).pending.remove(&id) else {
+        let ticket = {
+            let mut st = lock(&state);
+            if !st.dead {
+                st.last_answer = Some(Instant::now());
+            }
+            st.pending.remove(&id)
+        };
+        let Some(ticket) = ticket else {
             // Its outcome was already reported (a timeout); the late answer is dropped.
             tracing::debug!(%peer, ?stream, id, "answer to an unknown or expired request");
             continue;

@@ -86,6 +86,61 @@ pub struct QuicConfig {
     pub max_body: usize,
     /// How long a transmit may wait for its answer, counted from `send`.
     pub request_timeout: Duration,
+    /// The congestion controller of every connection.
+    pub congestion: Congestion,
+}
+
+/// Which congestion controller quinn runs. Cubic is quinn's default; BBR does not read random
+/// loss as congestion, which matters on lossy links (quinn marks its BBR experimental).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Congestion {
+    #[default]
+    Cubic,
+    NewReno,
+    Bbr,
+}
+
+impl Congestion {
+    pub const ALL: [Congestion; 3] = [Congestion::Cubic, Congestion::NewReno, Congestion::Bbr];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Congestion::Cubic => "cubic",
+            Congestion::NewReno => "new_reno",
+            Congestion::Bbr => "bbr",
+        }
+    }
+
+    /// Sets this controller on `t`.
+    pub fn apply(self, t: &mut TransportConfig) {
+        use quinn::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
+        match self {
+            Congestion::Cubic => t.congestion_controller_factory(Arc::new(CubicConfig::default())),
+            Congestion::NewReno => {
+                t.congestion_controller_factory(Arc::new(NewRenoConfig::default()))
+            }
+            Congestion::Bbr => t.congestion_controller_factory(Arc::new(BbrConfig::default())),
+        };
+    }
+}
+
+impl std::str::FromStr for Congestion {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Congestion::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown congestion controller {s:?}: expected cubic, new_reno or bbr")
+            })
+    }
+}
+
+impl fmt::Display for Congestion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Errors starting the adapter.
@@ -169,8 +224,9 @@ fn restart_keys(identity: &TlsIdentity) -> (ring::hmac::Key, u64) {
     )
 }
 
-fn transport_config() -> TransportConfig {
+fn transport_config(congestion: Congestion) -> TransportConfig {
     let mut t = TransportConfig::default();
+    congestion.apply(&mut t);
     t.max_idle_timeout(Some(
         VarInt::from_u32(IDLE_TIMEOUT.as_millis() as u32).into(),
     ))
@@ -193,7 +249,7 @@ impl QuicTransport {
         let alpn = vec![ALPN.to_vec()];
         let server_tls = relay_tls::server_config(&config.identity, &config.trust, alpn.clone())?;
         let client_tls = relay_tls::client_config(&config.identity, &config.trust, alpn)?;
-        let transport = Arc::new(transport_config());
+        let transport = Arc::new(transport_config(config.congestion));
         let mut server =
             quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server_tls)?));
         server.transport_config(transport.clone());
@@ -228,7 +284,7 @@ impl QuicTransport {
         let sink: Arc<dyn Sink> = Arc::new(InboundSink(inbound.clone()));
         let (timer, timer_rx) = mpsc::unbounded_channel();
         let mut tasks = vec![
-            tokio::spawn(client::timer_task(timer_rx)),
+            tokio::spawn(client::timer_task(timer_rx, config.request_timeout)),
             tokio::spawn(server::accept_loop(
                 endpoint.clone(),
                 Arc::new(server::ServerCtx {

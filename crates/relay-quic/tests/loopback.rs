@@ -13,7 +13,7 @@ use relay_core::transport::{
     TransportKind,
 };
 use relay_quic::framing::{Body, ChunkQueue, Decoder, Frame, encode_request};
-use relay_quic::{ALPN, QuicConfig, QuicTransport, codes};
+use relay_quic::{ALPN, Congestion, QuicConfig, QuicTransport, codes};
 use relay_tls::{PeerTrust, TlsIdentity};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::timeout;
@@ -141,6 +141,7 @@ fn config(me: &TlsIdentity, trust: PeerTrust, peers: &[(&TlsIdentity, SocketAddr
             .collect(),
         max_body: 64 * 1024,
         request_timeout: Duration::from_secs(10),
+        congestion: Congestion::default(),
     }
 }
 
@@ -220,8 +221,19 @@ async fn request_response_round_trip() {
 
 #[tokio::test]
 async fn ten_thousand_pipelined_requests_keep_order_and_get_one_outcome_each() {
+    pipelined(Congestion::Cubic).await;
+}
+
+#[tokio::test]
+async fn every_congestion_controller_carries_the_pipeline() {
+    for cc in [Congestion::NewReno, Congestion::Bbr] {
+        pipelined(cc).await;
+    }
+}
+
+async fn pipelined(congestion: Congestion) {
     const N: u64 = 10_000;
-    let mut p = pair(None, |_| {}).await;
+    let mut p = pair(None, |c| c.congestion = congestion).await;
     let b = p.b_id.domain.clone();
     for i in 0..N {
         let body = vec![Bytes::from(format!("message {i}").into_bytes())];
@@ -366,6 +378,46 @@ async fn unanswered_requests_time_out() {
     assert_eq!((id, outcome), (TransmitId(1), Err(TransportError::Timeout)));
     // The late answer is dropped, not reported a second time.
     gate.add_permits(1);
+    p.a_rx.no_more_outcomes().await;
+    p.a.shutdown().await;
+    p.b.shutdown().await;
+}
+
+/// A slow but answering stream is not a dead one: requests queued behind others are not
+/// timed out (the core would only send them again on the same path) while answers keep
+/// coming; once answers stop, what is left times out.
+#[tokio::test]
+async fn a_stream_that_keeps_answering_does_not_time_out_its_queue() {
+    const N: u64 = 12;
+    let gate = Arc::new(Semaphore::new(0));
+    let mut p = pair(Some(gate.clone()), |c| {
+        c.request_timeout = Duration::from_millis(400)
+    })
+    .await;
+    let b = p.b_id.domain.clone();
+    for i in 0..N {
+        let body = vec![Bytes::from(format!("m{i}").into_bytes())];
+        p.a.send(transmit(i, &b, "mimi://b.example/r/slow", i, body));
+    }
+    // One answer every 100 ms: the last of the first ten is answered ~1 s after its send,
+    // well past the 400 ms timeout counted from `send`.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        gate.add_permits(1);
+    }
+    let mut answered = 0;
+    for _ in 0..10 {
+        let (id, outcome) = p.a_rx.outcome().await;
+        assert!(outcome.is_ok(), "transmit {id:?} got {outcome:?}");
+        answered += 1;
+    }
+    assert_eq!(answered, 10);
+    // No more answers: the last two time out, 400 ms after the last answer.
+    for _ in 10..N {
+        let (id, outcome) = p.a_rx.outcome().await;
+        assert!(id.0 >= 10);
+        assert_eq!(outcome, Err(TransportError::Timeout));
+    }
     p.a_rx.no_more_outcomes().await;
     p.a.shutdown().await;
     p.b.shutdown().await;

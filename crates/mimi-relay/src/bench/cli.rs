@@ -80,6 +80,9 @@ pub struct BenchArgs {
     /// No progress line.
     #[arg(long)]
     pub quiet: bool,
+    /// Congestion controller of QUIC (the relay's and bare quinn's): cubic, new_reno or bbr.
+    #[arg(long, default_value = "cubic")]
+    pub quic_cc: String,
 }
 
 impl BenchArgs {
@@ -137,6 +140,10 @@ impl BenchArgs {
             progress: !self.quiet,
             keep: self.keep,
             settle: Duration::from_secs(30),
+            quic_cc: self
+                .quic_cc
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--quic-cc: {e}"))?,
         })
     }
 }

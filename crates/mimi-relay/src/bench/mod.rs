@@ -123,6 +123,8 @@ pub struct BenchOptions {
     pub keep: bool,
     /// How long to wait for the last deliveries after a phase.
     pub settle: Duration,
+    /// The congestion controller of the relay's QUIC transport and of the bare-quinn pump.
+    pub quic_cc: relay_quic::Congestion,
 }
 
 impl Default for BenchOptions {
@@ -150,6 +152,7 @@ impl Default for BenchOptions {
             progress: true,
             keep: false,
             settle: Duration::from_secs(30),
+            quic_cc: relay_quic::Congestion::default(),
         }
     }
 }
@@ -406,8 +409,8 @@ pub(crate) async fn wait_window(
     }
 }
 
-pub(crate) fn lock(rx: &Mutex<Rx>) -> std::sync::MutexGuard<'_, Rx> {
-    rx.lock().unwrap_or_else(|e| e.into_inner())
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// User+system CPU of a process in microseconds (Linux USER_HZ is 100).
@@ -436,14 +439,21 @@ fn room_id(r: usize) -> String {
 #[derive(Clone)]
 pub(crate) struct Progress {
     on: bool,
+    /// The last step reported, to say where a row that ran out of time was.
+    last: Arc<Mutex<String>>,
 }
 
 impl Progress {
     pub(crate) fn line(&self, s: &str) {
+        s.clone_into(&mut lock(&self.last));
         if self.on {
             eprint!("\r\x1b[2K{s}");
         }
     }
+    pub(crate) fn last(&self) -> String {
+        lock(&self.last).clone()
+    }
+
     pub(crate) fn done(&self, s: &str) {
         if self.on {
             eprintln!("\r\x1b[2K{s}");
@@ -489,7 +499,11 @@ pub async fn run(opts: BenchOptions, launcher: Launcher, command: String) -> Res
     // Nodes run in their own working directory: every path handed to them must be absolute.
     let mut opts = opts;
     opts.out = std::fs::canonicalize(&opts.out)?;
-    let progress = Progress { on: opts.progress };
+    let progress = Progress {
+        on: opts.progress,
+        last: Arc::default(),
+    };
+    let budget = row_budget(&opts);
     let mut rows = Vec::new();
     let net = if use_netns { "netns" } else { "loopback" };
     for profile in &opts.profiles {
@@ -502,48 +516,59 @@ pub async fn run(opts: BenchOptions, launcher: Launcher, command: String) -> Res
         for t in &opts.transports {
             let mut row = Row::empty(t, &profile.name, net, &opts);
             let label = format!("[{} / {}]", t, profile.name);
-            let result = match t.as_str() {
-                "bare-quinn" => {
-                    pump::run(
-                        pump::Carrier::Quinn,
-                        &opts,
-                        profile,
-                        lab.as_ref(),
-                        epoch,
-                        &mut row,
-                        &progress,
-                        &label,
-                    )
-                    .await
+            let one_row = async {
+                match t.as_str() {
+                    "bare-quinn" => {
+                        pump::run(
+                            pump::Carrier::Quinn,
+                            &opts,
+                            profile,
+                            lab.as_ref(),
+                            epoch,
+                            &mut row,
+                            &progress,
+                            &label,
+                        )
+                        .await
+                    }
+                    "bare-tls" => {
+                        pump::run(
+                            pump::Carrier::Tls,
+                            &opts,
+                            profile,
+                            lab.as_ref(),
+                            epoch,
+                            &mut row,
+                            &progress,
+                            &label,
+                        )
+                        .await
+                    }
+                    kind => {
+                        let kind: TransportKind = kind.parse()?;
+                        run_relay(
+                            kind,
+                            &opts,
+                            profile,
+                            lab.as_ref(),
+                            epoch,
+                            &launcher,
+                            &mut row,
+                            &progress,
+                            &label,
+                        )
+                        .await
+                    }
                 }
-                "bare-tls" => {
-                    pump::run(
-                        pump::Carrier::Tls,
-                        &opts,
-                        profile,
-                        lab.as_ref(),
-                        epoch,
-                        &mut row,
-                        &progress,
-                        &label,
-                    )
-                    .await
-                }
-                kind => {
-                    let kind: TransportKind = kind.parse()?;
-                    run_relay(
-                        kind,
-                        &opts,
-                        profile,
-                        lab.as_ref(),
-                        epoch,
-                        &launcher,
-                        &mut row,
-                        &progress,
-                        &label,
-                    )
-                    .await
-                }
+            };
+            // Every wait inside a row is bounded; this bounds the row as a whole, so that a
+            // wedged node or link fails its row instead of the whole run.
+            let result = match tokio::time::timeout(budget, one_row).await {
+                Ok(r) => r,
+                Err(_) => Err(anyhow!(
+                    "did not finish within {budget:?}; last step: {}",
+                    progress.last().trim()
+                )),
             };
             match result {
                 Ok(()) => progress.done(&format!(
@@ -595,6 +620,17 @@ pub async fn run(opts: BenchOptions, launcher: Launcher, command: String) -> Res
     // Only when empty: kept or failed rows leave their logs there.
     let _ = std::fs::remove_dir(opts.out.join("work"));
     Ok(report)
+}
+
+/// The longest a row may take: node start, setup, the phase, its settle time and the
+/// recovery phase, each at its own limit, and a margin.
+fn row_budget(opts: &BenchOptions) -> Duration {
+    let recovery = if opts.recovery {
+        Duration::from_secs(8) + opts.settle.max(Duration::from_secs(30))
+    } else {
+        Duration::ZERO
+    };
+    Duration::from_secs(30 + 30 + 60) + opts.duration + opts.settle + recovery
 }
 
 /// The node processes of one relay run.
@@ -657,10 +693,10 @@ fn prepare(
     dir: &Path,
     kind: TransportKind,
     n: usize,
-    rooms: usize,
-    store: &str,
+    opts: &BenchOptions,
     netns: bool,
 ) -> Result<Vec<PathBuf>> {
+    let (rooms, store) = (opts.rooms, &opts.store);
     std::fs::create_dir_all(dir.join("certs"))?;
     for i in 0..n {
         let p = provider(i);
@@ -711,6 +747,9 @@ fn prepare(
                 );
             }
         }
+        if kind == TransportKind::Quic {
+            let _ = write!(t, "\n[quic]\ncongestion = \"{}\"\n", opts.quic_cc);
+        }
         if i == 0 {
             let followers: Vec<String> = (1..n).map(|j| format!("\"{}\"", provider(j))).collect();
             for r in 0..rooms {
@@ -741,7 +780,8 @@ async fn admin_proxy(ns_path: String, target: SocketAddr) -> Result<SocketAddr> 
             tokio::spawn(async move {
                 let out = tokio::task::spawn_blocking(move || {
                     netlab::in_namespace(&path, move || {
-                        let s = std::net::TcpStream::connect(target)?;
+                        let s =
+                            std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
                         s.set_nodelay(true)?;
                         s.set_nonblocking(true)?;
                         Ok(s)
@@ -772,7 +812,7 @@ async fn admin_addr(config: &Path, lab: Option<&NetLab>, i: usize) -> Result<Soc
 async fn wait_healthy(nodes: &mut Nodes, admins: &[SocketAddr]) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     for (i, admin) in admins.iter().enumerate() {
-        let mut client = LocalClient::new(*admin);
+        let mut client = LocalClient::new(*admin).with_timeout(Duration::from_secs(2));
         loop {
             if let Ok((s, _)) = client.get("/healthz").await
                 && s.is_success()
@@ -815,7 +855,8 @@ async fn drive(
     stop: &Arc<AtomicBool>,
     window: Option<(Arc<Mutex<Rx>>, u64, u64)>,
 ) -> Result<u64> {
-    let mut tasks = Vec::new();
+    // A JoinSet: if the row is abandoned (its time is up), the senders stop with it.
+    let mut tasks = tokio::task::JoinSet::new();
     let start = Instant::now();
     for r in 0..rooms {
         let sizes = sizes.clone();
@@ -824,7 +865,7 @@ async fn drive(
         let stop = stop.clone();
         let window = window.clone();
         let interval = rate.map(|rate| Duration::from_secs_f64(rooms as f64 / rate.max(1e-3)));
-        tasks.push(tokio::spawn(async move {
+        tasks.spawn(async move {
             let room: RoomId = room_id(r).parse().map_err(|e| anyhow!("room id: {e}"))?;
             let mut client = LocalClient::new(hub_admin);
             let mut rng = 0x2545_f491_4f6c_dd1d ^ ((r as u64 + 1) << 20);
@@ -854,21 +895,33 @@ async fn drive(
                 let size = sizes.pick(&mut rng);
                 let ct = ciphertext(marker_bytes(r as u32, counter, sched_ns), size, &mut rng);
                 let body = submit_body("a.example", r as u32, &ct)?;
+                // A refusal (busy, or a call that failed) is retried, for a bounded time:
+                // a hub that refuses for that long is reported, not waited on forever.
+                let refused_since = Instant::now();
                 loop {
-                    match client.submit(&room, body.clone()).await {
+                    let answer = client.submit(&room, body.clone()).await;
+                    match answer {
                         Ok((s, b)) if accepted_response(s, &b) => break,
                         _ if stop.load(Ordering::Relaxed) => return Ok::<(), anyhow::Error>(()),
+                        _ if refused_since.elapsed() > SUBMIT_PATIENCE => {
+                            let why = match answer {
+                                Ok((s, b)) => format!("{s}: {}", String::from_utf8_lossy(&b)),
+                                Err(e) => format!("{e:#}"),
+                            };
+                            bail!(
+                                "the hub refused a message of room {r} for {SUBMIT_PATIENCE:?}: {why}"
+                            );
+                        }
                         _ => tokio::time::sleep(Duration::from_millis(10)).await,
                     }
                 }
                 accepted.fetch_add(1, Ordering::Relaxed);
             }
             Ok(())
-        }));
+        });
     }
-    for t in tasks {
-        t.await
-            .map_err(|e| anyhow!("a sender task failed: {e}"))??;
+    while let Some(t) = tasks.join_next().await {
+        t.map_err(|e| anyhow!("a sender task failed: {e}"))??;
     }
     Ok(accepted.load(Ordering::Relaxed))
 }
@@ -887,12 +940,12 @@ fn start_readers(
     admins: &[SocketAddr],
     rx: &Arc<Mutex<Rx>>,
     stop: &Arc<AtomicBool>,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    let mut v = Vec::new();
+) -> tokio::task::JoinSet<()> {
+    let mut v = tokio::task::JoinSet::new();
     for (i, admin) in admins.iter().copied().enumerate() {
         let rx = rx.clone();
         let stop = stop.clone();
-        v.push(tokio::spawn(async move {
+        v.spawn(async move {
             let mut client = LocalClient::new(admin);
             let mut after = 0u64;
             while !stop.load(Ordering::Relaxed) {
@@ -916,10 +969,13 @@ fn start_readers(
                     Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
                 }
             }
-        }));
+        });
     }
     v
 }
+
+/// How long a sender retries a refused message before the row fails.
+const SUBMIT_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Waits until `expected` deliveries or the settle time; returns whether all arrived.
 async fn settle(rx: &Arc<Mutex<Rx>>, expected: u64, timeout: Duration) -> bool {
@@ -1030,7 +1086,7 @@ async fn run_relay(
         .join(format!("{}-{}", profile.name, kind));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let configs = prepare(&dir, kind, n, opts.rooms, &opts.store, lab.is_some())?;
+    let configs = prepare(&dir, kind, n, opts, lab.is_some())?;
     let mut nodes = Nodes {
         children: Vec::new(),
         dir: dir.clone(),
@@ -1227,9 +1283,8 @@ async fn run_relay(
 
     stop.store(true, Ordering::Relaxed);
     stop_readers.store(true, Ordering::Relaxed);
-    for r in readers {
-        let _ = r.await;
-    }
+    let mut readers = readers;
+    while readers.join_next().await.is_some() {}
     {
         let t = lock(&rx);
         row.lost = Some(lost);

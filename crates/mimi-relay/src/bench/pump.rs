@@ -25,6 +25,7 @@ pub(crate) enum Carrier {
 }
 
 const PORT: u16 = 7100;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const ALPN: &[u8] = b"mimi-relay-bench";
 
 struct Tls {
@@ -159,13 +160,15 @@ pub(crate) async fn run(
     let probe = frame(super::PROBE_STREAM, 0, t0, epoch, &opts.sizes, &mut rng);
     // Sender side: one send function per room.
     let mut room_tx: Vec<tokio::sync::mpsc::Sender<Bytes>> = Vec::new();
-    let mut tasks = Vec::new();
+    // A JoinSet: if the row is abandoned (its time is up), its tasks stop with it.
+    let mut tasks = tokio::task::JoinSet::new();
     match carrier {
         Carrier::Quinn => {
             let mut sc = quinn::ServerConfig::with_crypto(Arc::new(
                 QuicServerConfig::try_from(tls.server).map_err(|e| anyhow!("quic tls: {e}"))?,
             ));
             let mut tc = quinn::TransportConfig::default();
+            opts.quic_cc.apply(&mut tc);
             tc.max_concurrent_bidi_streams(quinn::VarInt::from_u32(4096));
             sc.transport_config(Arc::new(tc));
             let (ssock, csock) = sockets_udp(lab)?;
@@ -182,12 +185,17 @@ pub(crate) async fn run(
                 csock,
                 Arc::new(quinn::TokioRuntime),
             )?;
-            client.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+            let mut cc = quinn::ClientConfig::new(Arc::new(
                 QuicClientConfig::try_from(tls.client).map_err(|e| anyhow!("quic tls: {e}"))?,
-            )));
+            ));
+            // The sender is the client: its controller is the one that matters.
+            let mut ct = quinn::TransportConfig::default();
+            opts.quic_cc.apply(&mut ct);
+            cc.transport_config(Arc::new(ct));
+            client.set_default_client_config(cc);
             let rx2 = rx.clone();
             let srv = server.clone();
-            tasks.push(tokio::spawn(async move {
+            tasks.spawn(async move {
                 while let Some(inc) = srv.accept().await {
                     let rx = rx2.clone();
                     tokio::spawn(async move {
@@ -197,7 +205,7 @@ pub(crate) async fn run(
                         }
                     });
                 }
-            }));
+            });
             let conn = client
                 .connect(server_addr, "b.example")?
                 .await
@@ -209,7 +217,7 @@ pub(crate) async fn run(
                 let (mut send, _recv) = conn.open_bi().await?;
                 let (tx, mut rxq) = tokio::sync::mpsc::channel::<Bytes>(64);
                 room_tx.push(tx);
-                tasks.push(tokio::spawn(async move {
+                tasks.spawn(async move {
                     let _recv = _recv;
                     while let Some(f) = rxq.recv().await {
                         if send.write_all(&f).await.is_err() {
@@ -218,14 +226,14 @@ pub(crate) async fn run(
                     }
                     let _ = send.finish();
                     let _ = send.stopped().await;
-                }));
+                });
             }
             setup(&rx, t0, row).await?;
             // Keep the endpoints alive until the end of this function.
-            tasks.push(tokio::spawn(async move {
+            tasks.spawn(async move {
                 let _keep = (client, server, conn);
                 futures::future::pending::<()>().await;
-            }));
+            });
         }
         Carrier::Tls => {
             let (listener, server_addr) = match lab {
@@ -248,7 +256,7 @@ pub(crate) async fn run(
             let listener = tokio::net::TcpListener::from_std(listener)?;
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.server);
             let rx2 = rx.clone();
-            tasks.push(tokio::spawn(async move {
+            tasks.spawn(async move {
                 while let Ok((s, _)) = listener.accept().await {
                     let _ = s.set_nodelay(true);
                     let acceptor = acceptor.clone();
@@ -259,10 +267,11 @@ pub(crate) async fn run(
                         }
                     });
                 }
-            }));
+            });
             let stream = match lab {
                 Some(lab) => lab.in_ns(0, move || {
-                    let s = std::net::TcpStream::connect(server_addr)?;
+                    // Bounded: this blocks a runtime thread, which no timer can interrupt.
+                    let s = std::net::TcpStream::connect_timeout(&server_addr, CONNECT_TIMEOUT)?;
                     s.set_nonblocking(true)?;
                     Ok(s)
                 })?,
@@ -284,7 +293,7 @@ pub(crate) async fn run(
             tx.send(probe)
                 .await
                 .map_err(|_| anyhow!("tls writer gone"))?;
-            tasks.push(tokio::spawn(async move {
+            tasks.spawn(async move {
                 // Coalesce: write what is queued, flush when the queue is empty.
                 let mut w = tokio::io::BufWriter::with_capacity(65536, t);
                 while let Some(f) = rxq.recv().await {
@@ -306,7 +315,7 @@ pub(crate) async fn run(
                 let mut t = w.into_inner();
                 let mut sink = Vec::new();
                 let _ = t.read_to_end(&mut sink).await;
-            }));
+            });
             for _ in 0..opts.rooms {
                 room_tx.push(tx.clone());
             }
@@ -377,9 +386,7 @@ pub(crate) async fn run(
     let link = lab.map(NetLab::snapshot).unwrap_or_default().since(link0);
     let drops = lab.map(NetLab::take_drops).unwrap_or_default();
     stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.abort();
-    }
+    tasks.abort_all();
     let t = lock(&rx);
     row.sent = sent;
     row.delivered = t.delivered;
