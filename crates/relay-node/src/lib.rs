@@ -163,7 +163,11 @@ impl Node {
         core_cfg.limits.max_body = cfg.max_body;
         core_cfg.max_queue = cfg.max_queue;
         core_cfg.max_inbox = cfg.max_inbox;
-        core_cfg.transmit_timeout = cfg.request_timeout + Duration::from_secs(1);
+        // The transports time out unanswered transmits themselves (QUIC counts from the last
+        // answer on the room's stream, so a slow link is not taken for a dead one). The core's
+        // own deadline only catches a transport that never reports: it must not be the one to
+        // fire on a merely congested path, or its re-sends would feed the congestion.
+        core_cfg.transmit_timeout = cfg.request_timeout * 4 + Duration::from_secs(1);
         core_cfg.seed = rand_seed();
 
         let store_path = cfg.data_dir.join("relay.redb");

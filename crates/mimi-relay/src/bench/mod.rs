@@ -1154,7 +1154,11 @@ async fn run_relay(
             }
         }
         if !settle(&rx, opts.followers as u64, Duration::from_secs(30)).await {
-            bail!("the setup message did not reach every follower within 30 s");
+            // Whether packets cross the lab's link at all tells a dead link from a slow relay.
+            bail!(
+                "the setup message did not reach every follower within 30 s{}",
+                pump::link_note(lab)
+            );
         }
         let last = lock(&rx).last_delivery.unwrap_or(t0);
         row.setup_ms = Some(last.duration_since(t0).as_secs_f64() * 1e3);

@@ -215,8 +215,8 @@ impl NetLab {
                 .spawn(move || forwarder_thread(n, pid, profile2, shared, tx))?,
         );
         let devs = rx
-            .recv()
-            .context("the forwarder thread stopped")?
+            .recv_timeout(Duration::from_secs(30))
+            .context("the forwarder thread did not start")?
             .map_err(|e| anyhow::anyhow!("creating TUN devices: {e}"))?;
         for (i, dev) in devs.iter().enumerate() {
             let ns = format!("{PREFIX}{pid}x{i}");

@@ -26,6 +26,18 @@ pub(crate) enum Carrier {
 
 const PORT: u16 = 7100;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the lab's link carried so far, for errors: none at all means a dead link.
+pub(crate) fn link_note(lab: Option<&NetLab>) -> String {
+    lab.map_or_else(String::new, |l| {
+        let s = l.snapshot();
+        format!(
+            " (the lab link forwarded {} packets, dropped {})",
+            s.packets, s.dropped
+        )
+    })
+}
 const ALPN: &[u8] = b"mimi-relay-bench";
 
 struct Tls {
@@ -206,10 +218,16 @@ pub(crate) async fn run(
                     });
                 }
             });
-            let conn = client
-                .connect(server_addr, "b.example")?
-                .await
-                .context("bare quinn handshake")?;
+            let conn =
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, client.connect(server_addr, "b.example")?)
+                    .await
+                    .map_err(|_| {
+                        anyhow!(
+                            "bare quinn handshake: no answer within {HANDSHAKE_TIMEOUT:?}{}",
+                            link_note(lab)
+                        )
+                    })?
+                    .context("bare quinn handshake")?;
             let (mut s, _r) = conn.open_bi().await?;
             s.write_all(&probe).await?;
             s.finish()?;
@@ -228,7 +246,7 @@ pub(crate) async fn run(
                     let _ = send.stopped().await;
                 });
             }
-            setup(&rx, t0, row).await?;
+            setup(&rx, t0, row, lab).await?;
             // Keep the endpoints alive until the end of this function.
             tasks.spawn(async move {
                 let _keep = (client, server, conn);
@@ -285,10 +303,18 @@ pub(crate) async fn run(
             stream.set_nodelay(true)?;
             let name = rustls::pki_types::ServerName::try_from("b.example")
                 .map_err(|e| anyhow!("server name: {e}"))?;
-            let t = tokio_rustls::TlsConnector::from(tls.client)
-                .connect(name, stream)
-                .await
-                .context("bare tls handshake")?;
+            let t = tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                tokio_rustls::TlsConnector::from(tls.client).connect(name, stream),
+            )
+            .await
+            .map_err(|_| {
+                anyhow!(
+                    "bare tls handshake: no answer within {HANDSHAKE_TIMEOUT:?}{}",
+                    link_note(lab)
+                )
+            })?
+            .context("bare tls handshake")?;
             let (tx, mut rxq) = tokio::sync::mpsc::channel::<Bytes>(4096);
             tx.send(probe)
                 .await
@@ -320,7 +346,7 @@ pub(crate) async fn run(
                 room_tx.push(tx.clone());
             }
             drop(tx);
-            setup(&rx, t0, row).await?;
+            setup(&rx, t0, row, lab).await?;
         }
     }
     lock(&rx).new_phase();
@@ -421,9 +447,17 @@ fn sockets_udp(lab: Option<&NetLab>) -> Result<(std::net::UdpSocket, std::net::U
 }
 
 /// Waits for the probe frame; the setup time is from before the handshake to its delivery.
-async fn setup(rx: &Arc<Mutex<Rx>>, t0: Instant, row: &mut Row) -> Result<()> {
+async fn setup(
+    rx: &Arc<Mutex<Rx>>,
+    t0: Instant,
+    row: &mut Row,
+    lab: Option<&NetLab>,
+) -> Result<()> {
     if !super::settle(rx, 1, Duration::from_secs(30)).await {
-        bail!("the first message did not arrive within 30 s");
+        bail!(
+            "the first message did not arrive within 30 s{}",
+            link_note(lab)
+        );
     }
     let last = lock(rx).last_delivery.unwrap_or(t0);
     row.setup_ms = Some(last.duration_since(t0).as_secs_f64() * 1e3);
