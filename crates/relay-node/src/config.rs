@@ -57,7 +57,7 @@ struct Raw {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawQuic {
-    /// cubic (quinn's default), new_reno or bbr.
+    /// bbr (the default), cubic or new_reno.
     congestion: Option<String>,
 }
 
@@ -544,12 +544,12 @@ followers = ["b.example"]
         let (_d, r) = with_files(GOOD);
         assert_eq!(
             r.expect("valid").quic_congestion,
-            relay_quic::Congestion::Cubic
+            relay_quic::Congestion::Bbr
         );
-        let (_d, r) = with_files(&format!("{GOOD}\n[quic]\ncongestion = \"bbr\"\n"));
+        let (_d, r) = with_files(&format!("{GOOD}\n[quic]\ncongestion = \"cubic\"\n"));
         assert_eq!(
             r.expect("valid").quic_congestion,
-            relay_quic::Congestion::Bbr
+            relay_quic::Congestion::Cubic
         );
         let (k, m) = invalid(&format!("{GOOD}\n[quic]\ncongestion = \"vegas\"\n"));
         assert_eq!(k, "quic.congestion");

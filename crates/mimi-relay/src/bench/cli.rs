@@ -80,9 +80,10 @@ pub struct BenchArgs {
     /// No progress line.
     #[arg(long)]
     pub quiet: bool,
-    /// Congestion controller of QUIC (the relay's and bare quinn's): cubic, new_reno or bbr.
-    #[arg(long, default_value = "cubic")]
-    pub quic_cc: String,
+    /// Congestion controller of QUIC (the relay's and bare quinn's): bbr, cubic or new_reno;
+    /// the relay's default when not given.
+    #[arg(long)]
+    pub quic_cc: Option<String>,
 }
 
 impl BenchArgs {
@@ -140,10 +141,10 @@ impl BenchArgs {
             progress: !self.quiet,
             keep: self.keep,
             settle: Duration::from_secs(30),
-            quic_cc: self
-                .quic_cc
-                .parse()
-                .map_err(|e| anyhow::anyhow!("--quic-cc: {e}"))?,
+            quic_cc: match &self.quic_cc {
+                None => relay_quic::Congestion::default(),
+                Some(c) => c.parse().map_err(|e| anyhow::anyhow!("--quic-cc: {e}"))?,
+            },
         })
     }
 }

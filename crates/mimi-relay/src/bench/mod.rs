@@ -253,6 +253,8 @@ pub struct BenchReport {
     pub sizes: SizeMix,
     pub profiles: Vec<Profile>,
     pub duration_s: f64,
+    /// The QUIC congestion controller (relay and bare quinn).
+    pub quic_cc: String,
     pub rows: Vec<Row>,
 }
 
@@ -614,6 +616,7 @@ pub async fn run(opts: BenchOptions, launcher: Launcher, command: String) -> Res
         sizes: opts.sizes.clone(),
         profiles: opts.profiles.clone(),
         duration_s: opts.duration.as_secs_f64(),
+        quic_cc: opts.quic_cc.to_string(),
         rows,
     };
     report::write(&opts.out, &report)?;

@@ -151,6 +151,7 @@ fn markdown(report: &BenchReport, plots: &[String]) -> String {
     let _ = writeln!(s, "- command: `{}`", report.command);
     let _ = writeln!(s, "- machine: {}", report.machine);
     let _ = writeln!(s, "- network: {}", report.net_note);
+    let _ = writeln!(s, "- QUIC congestion controller: {}", report.quic_cc);
     let _ = writeln!(
         s,
         "- workload: {} s per row; sizes: {} B application messages, {:.0}% commits of {}-{} B, {:.0}% Welcomes of {}-{} B",
