@@ -321,6 +321,8 @@ pub(crate) struct Rx {
     pub(crate) hist: Histogram<u64>,
     /// (scheduled ns since epoch, latency µs) of each first delivery in this phase.
     pub(crate) samples: Vec<(u64, u64)>,
+    /// The stream (room) of each sample, in the same order.
+    pub(crate) sample_streams: Vec<u32>,
     pub(crate) first: Option<Instant>,
     pub(crate) last_delivery: Option<Instant>,
     /// First deliveries per stream over the whole row (all receivers): the closed loop's window.
@@ -339,6 +341,7 @@ impl Rx {
             hist: Histogram::new_with_bounds(1, 3_600_000_000, 3)
                 .map_err(|e| anyhow!("histogram: {e}"))?,
             samples: Vec::new(),
+            sample_streams: Vec::new(),
             first: None,
             last_delivery: None,
             per_stream: HashMap::new(),
@@ -370,6 +373,7 @@ impl Rx {
         let us = now.saturating_duration_since(sched).as_micros() as u64;
         let _ = self.hist.record(us.max(1));
         self.samples.push((sched_ns, us));
+        self.sample_streams.push(stream);
         self.first.get_or_insert(now);
         self.last_delivery = Some(now);
     }
@@ -378,6 +382,7 @@ impl Rx {
     pub(crate) fn new_phase(&mut self) {
         self.hist.reset();
         self.samples.clear();
+        self.sample_streams.clear();
         self.delivered = 0;
         self.first = None;
         self.last_delivery = None;
@@ -1033,27 +1038,46 @@ pub(crate) fn fill_latency(
             row.msgs_per_s = Some(rx.delivered as f64 / secs);
         }
     }
-    // Head-of-line: a message is "clean" when no packet was dropped within its own send window
-    // [sched, sched + W]: the packets that carried it left in that window (W = 5 ms covers
-    // the hub's submit and commit before it sends). Encrypted packets cannot be opened, so this
-    // attribution by time is an approximation: a drop in the window may have hit another room's
-    // packet, which only makes the clean set smaller, never dirtier.
+    // Head-of-line. A message is "clean" when its room lost nothing it had to wait for: no
+    // packet was dropped within its own send window [sched, sched + W] (the packets that
+    // carried it left then; W = 5 ms covers the hub's submit and commit), and no earlier
+    // message of its room that was not clean was still undelivered when it was sent (per-room
+    // order makes it wait for that one, whatever the transport). Encrypted packets cannot be
+    // opened, so drops are attributed by time: a drop in the window may have hit another
+    // room's packet, which only makes the clean set smaller, never dirtier. A clean message
+    // is "exposed" when other packets were dropped within 2 RTT before it: on one ordered
+    // byte stream (TCP) it may wait for their retransmission, on independent streams (QUIC)
+    // it should not.
     let mut times: Vec<u64> = drops.iter().map(|d| d.at.as_nanos() as u64).collect();
     times.sort_unstable();
     let w = 5_000_000u64;
     let rtt2 = (profile.rtt_ms * 2e6) as u64 + w;
+    let mut order: Vec<usize> = (0..rx.samples.len()).collect();
+    let stream_of = |i: usize| rx.sample_streams.get(i).copied().unwrap_or(0);
+    order.sort_unstable_by_key(|&i| (stream_of(i), rx.samples[i].0));
     let mut clean = Vec::new();
     let mut exposed = Vec::new();
-    for (sched, us) in &rx.samples {
-        let lo = times.partition_point(|t| *t < *sched);
+    // Per stream: until when an earlier message that was not clean stayed undelivered.
+    let mut blocked_until: Option<(u32, u64)> = None;
+    for i in order {
+        let (sched, us) = rx.samples[i];
+        let stream = stream_of(i);
+        let done = sched + us * 1000;
+        let lo = times.partition_point(|t| *t < sched);
         let own = times.get(lo).is_some_and(|t| *t <= sched + w);
-        if own {
+        let waited = matches!(blocked_until, Some((s, until)) if s == stream && until > sched);
+        if own || waited {
+            let until = match blocked_until {
+                Some((s, until)) if s == stream => until.max(done),
+                _ => done,
+            };
+            blocked_until = Some((stream, until));
             continue;
         }
-        clean.push(*us);
+        clean.push(us);
         let before = times.partition_point(|t| *t < sched.saturating_sub(rtt2));
         if lo > before {
-            exposed.push(*us);
+            exposed.push(us);
         }
     }
     let p99 = |v: &mut Vec<u64>| -> Option<u64> {
@@ -1351,9 +1375,10 @@ mod tests {
     fn clean_messages_exclude_those_with_a_drop_in_their_window() {
         let epoch = Instant::now();
         let mut rx = Rx::new(epoch, 1).unwrap();
-        // Message 0 scheduled at 10 ms, message 1 at 60 ms; a drop at 11 ms hits message 0.
+        // Room 0 sends at 10 ms and a drop at 11 ms hits it (delivered at 200 ms); room 1
+        // sends at 60 ms, unhurt (delivered at 80 ms).
         rx.record(0, 0, 0, 10_000_000, epoch + Duration::from_millis(200));
-        rx.record(0, 0, 1, 60_000_000, epoch + Duration::from_millis(80));
+        rx.record(0, 1, 0, 60_000_000, epoch + Duration::from_millis(80));
         let drops = [netlab::Drop {
             at: Duration::from_millis(11),
             from: 0,
@@ -1364,10 +1389,36 @@ mod tests {
         fill_latency(&mut row, &rx, &drops, &profile, epoch);
         assert_eq!(row.clean_msgs, 1);
         assert_eq!(row.clean_p99_us, Some(20_000));
-        // The drop lies within 2 RTT (80 ms) before message 1.
+        // The drop lies within 2 RTT (80 ms) before room 1's message.
         assert_eq!(row.hol_exposed_msgs, 1);
         // Without drops every message is clean and none is exposed.
         fill_latency(&mut row, &rx, &[], &profile, epoch);
         assert_eq!((row.clean_msgs, row.hol_exposed_msgs), (2, 0));
+    }
+
+    #[test]
+    fn a_message_waiting_for_a_lost_one_of_its_own_room_is_not_clean() {
+        let epoch = Instant::now();
+        let mut rx = Rx::new(epoch, 1).unwrap();
+        let ms = |m| epoch + Duration::from_millis(m);
+        // Room 0: message 0 at 10 ms is hit (delivered at 300 ms); message 1 at 60 ms waits
+        // for it (delivered at 300 ms too); message 2 at 400 ms comes after both: clean.
+        rx.record(0, 0, 0, 10_000_000, ms(300));
+        rx.record(0, 0, 1, 60_000_000, ms(300));
+        rx.record(0, 0, 2, 400_000_000, ms(420));
+        // Room 1 at 70 ms, while room 0 waits: clean, and exposed to room 0's loss.
+        rx.record(0, 1, 0, 70_000_000, ms(90));
+        let drops = [netlab::Drop {
+            at: Duration::from_millis(11),
+            from: 0,
+            to: 1,
+        }];
+        let profile = Profile::named("wan").unwrap();
+        let mut row = Row::empty("quic", "wan", "netns", &BenchOptions::default());
+        fill_latency(&mut row, &rx, &drops, &profile, epoch);
+        assert_eq!(row.clean_msgs, 2, "room 0's third message and room 1's");
+        assert_eq!(row.clean_p99_us, Some(20_000));
+        assert_eq!(row.hol_exposed_msgs, 1, "room 1's message");
+        assert_eq!(row.hol_p99_us, Some(20_000));
     }
 }

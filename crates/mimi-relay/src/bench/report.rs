@@ -236,11 +236,14 @@ const METHOD: &str = "\
 - **setup ms**: the first message of the row, from before any connection existed to its delivery
   (relay: handshake made on demand by the hub; baselines: handshake, then the message).
 - **clean p99 / HOL-exposed p99**: the forwarder logs every packet its loss model drops. The
-  packets are encrypted, so losses are attributed by time: a message is *clean* when no packet
-  was dropped on the link within its own send window (5 ms from its scheduled time, covering
-  the hub's submit and commit). *HOL-exposed* messages are clean ones with another drop within
-  two RTTs before them: their delay beyond the path is head-of-line blocking behind other
-  rooms' losses. It is an approximation: a drop inside the window may have hit another room.
+  packets are encrypted, so losses are attributed by time. A message is *clean* when its room
+  lost nothing it had to wait for: no packet was dropped within its own send window (5 ms from
+  its scheduled time, covering the hub's submit and commit), and no earlier message of its
+  room that was not clean was still undelivered when it was sent (per-room order makes it wait
+  for that one on any transport). *HOL-exposed* messages are clean ones with another drop
+  within two RTTs before them: their delay beyond the path is head-of-line blocking behind
+  other rooms' losses. It is an approximation: a drop inside the window may have hit another
+  room, which only makes the clean set smaller.
 - **recovery ms**: with namespaces only. After the main phase, traffic at a low rate, the link is
   cut (every packet discarded) for 5 s, then restored; recovery is from the restore until every
   message scheduled before it was delivered.
