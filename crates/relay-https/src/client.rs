@@ -24,6 +24,7 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn};
 
@@ -50,6 +51,24 @@ pub(crate) struct PeerCtx<I> {
     pub(crate) max_body: usize,
     pub(crate) request_timeout: Duration,
     pub(crate) inbound: I,
+    /// When the peer last answered a request.
+    pub(crate) last_answer: std::sync::Mutex<Option<Instant>>,
+}
+
+impl<I> PeerCtx<I> {
+    fn last_answer(&self) -> Option<Instant> {
+        *self
+            .last_answer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn answered(&self) {
+        *self
+            .last_answer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Instant::now());
+    }
 }
 
 type Sender = http2::SendRequest<Segments>;
@@ -117,15 +136,27 @@ async fn dispatch<I: Inbound>(
             let answer = sender.send_request(request);
             let ctx = ctx.clone();
             inflight.spawn(async move {
-                let outcome = match tokio::time::timeout(ctx.request_timeout, async {
+                let sent = Instant::now();
+                let work = async {
                     let resp = answer.await.map_err(|e| classify(&ctx.dest, &e))?;
                     read_response(resp, ctx.max_body).await
-                })
-                .await
-                {
-                    Ok(outcome) => outcome,
-                    Err(_) => Err(TransportError::Timeout),
                 };
+                tokio::pin!(work);
+                // The timeout counts from the later of the send and the peer's last answer:
+                // a connection that keeps answering is slow (TCP backing off under loss), not
+                // dead, and failing this request would only have the core send it again on
+                // the same connection.
+                let outcome = loop {
+                    let since = ctx.last_answer().map_or(sent, |t| t.max(sent));
+                    match tokio::time::timeout_at(since + ctx.request_timeout, &mut work).await {
+                        Ok(outcome) => break outcome,
+                        Err(_) if ctx.last_answer().is_some_and(|t| t > since) => {}
+                        Err(_) => break Err(TransportError::Timeout),
+                    }
+                };
+                if outcome.is_ok() {
+                    ctx.answered();
+                }
                 ctx.inbound.outcome(id, outcome);
             });
         }

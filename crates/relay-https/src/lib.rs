@@ -300,6 +300,7 @@ impl HttpsTransport {
                 max_body,
                 request_timeout,
                 inbound: inbound.clone(),
+                last_answer: Default::default(),
             };
             peer_tasks.push(runtime.spawn(client::run_peer(ctx, rx, shutdown_rx.clone())));
             senders.insert(dest, tx);

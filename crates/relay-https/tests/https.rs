@@ -98,6 +98,8 @@ struct FakeInner {
     received: watch::Sender<usize>,
     hang: AtomicBool,
     delay: Mutex<Duration>,
+    /// The n-th request (from 1) is answered after n times this.
+    stagger: Mutex<Duration>,
     outcomes: mpsc::UnboundedSender<Outcome>,
     probes: mpsc::UnboundedSender<(ProviderDomain, bool)>,
 }
@@ -117,6 +119,7 @@ impl Fake {
                 received: watch::channel(0).0,
                 hang: AtomicBool::new(false),
                 delay: Mutex::new(Duration::ZERO),
+                stagger: Mutex::new(Duration::ZERO),
                 outcomes: otx,
                 probes: ptx,
             }),
@@ -154,7 +157,15 @@ impl Inbound for Fake {
             if let Ok(mut r) = inner.requests.lock() {
                 r.push(request.clone());
             }
-            inner.received.send_modify(|n| *n += 1);
+            let mut nth = 0;
+            inner.received.send_modify(|n| {
+                *n += 1;
+                nth = *n;
+            });
+            let stagger = inner.stagger.lock().map(|d| *d).unwrap_or_default();
+            if !stagger.is_zero() {
+                tokio::time::sleep(stagger * nth as u32).await;
+            }
             if inner.hang.load(Ordering::SeqCst) {
                 std::future::pending::<()>().await;
             }
@@ -933,5 +944,46 @@ async fn slow_answer_times_out_and_the_connection_is_reused() -> Result<()> {
     ));
     let (id, outcome) = ea.outcome().await?;
     assert_eq!((id, outcome?.status), (TransmitId(2), Status::Created));
+    Ok(())
+}
+
+/// A peer that keeps answering is slow, not dead: requests waiting behind others are not timed
+/// out (the core would only send them again on the same connection); once the answers stop,
+/// what is left times out.
+#[tokio::test]
+async fn a_peer_that_keeps_answering_does_not_time_out_the_queue() -> Result<()> {
+    let a = Provider::new("a.example")?;
+    let b = Provider::new("b.example")?;
+    let (fb, _) = Fake::new();
+    *fb.inner.stagger.lock().expect("lock") = Duration::from_millis(100);
+    let (_tb, b_addr) =
+        HttpsTransport::start(b.config(&[&a], &[], any_port(), 1024)?, fb.clone()).await?;
+    let (fa, mut ea) = Fake::new();
+    let mut config = a.config(&[&b], &[(&b, b_addr)], any_port(), 1024)?;
+    config.request_timeout = Duration::from_millis(350);
+    let (ta, _) = HttpsTransport::start(config, fa).await?;
+    // Answered 100, 200, ... 800 ms after they arrive: the last ones long after 350 ms.
+    for i in 0..8 {
+        let body = vec![Bytes::from(format!("m{i}").into_bytes())];
+        ta.send(transmit(i, &b, Endpoint::Notify, ROOM, Some(i), body));
+    }
+    for _ in 0..8 {
+        let (id, outcome) = ea.outcome().await?;
+        assert!(outcome.is_ok(), "transmit {id:?} got {outcome:?}");
+    }
+    // Now the peer stops answering: the next one times out.
+    fb.inner.hang.store(true, Ordering::SeqCst);
+    ta.send(transmit(
+        8,
+        &b,
+        Endpoint::Notify,
+        ROOM,
+        Some(8),
+        vec![Bytes::from_static(b"x")],
+    ));
+    assert_eq!(
+        ea.outcome().await?,
+        (TransmitId(8), Err(TransportError::Timeout))
+    );
     Ok(())
 }
