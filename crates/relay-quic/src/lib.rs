@@ -92,8 +92,8 @@ pub struct QuicConfig {
 
 /// Which congestion controller quinn runs. Ours defaults to BBR, quinn's to Cubic: Cubic reads
 /// every random loss as congestion, and in the lab (benches/results) the relay over QUIC fell
-/// from 9,381 msgs/s with BBR to 324 with Cubic at 1% loss and 40 ms RTT, while on clean links
-/// Cubic was only 10-20% ahead at saturation. Quinn marks its BBR experimental; `cubic` stays
+/// from 9,025 msgs/s with BBR to 314 with Cubic at 1% loss and 40 ms RTT, while on clean links
+/// neither was ahead beyond run-to-run noise. Quinn marks its BBR experimental; `cubic` stays
 /// one setting away (`[quic] congestion`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Congestion {
