@@ -907,17 +907,43 @@ async fn full_peer_queue_answers_busy() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn slow_answer_times_out_and_the_connection_is_reused() -> Result<()> {
+/// b.example answering through `fb`, and a.example sending to it with `request_timeout`.
+struct TimedPair {
+    b: Provider,
+    fb: Fake,
+    ta: HttpsTransport,
+    ea: FakeEvents,
+    _tb: HttpsTransport,
+}
+
+async fn timed_pair(request_timeout: Duration) -> Result<TimedPair> {
     let a = Provider::new("a.example")?;
     let b = Provider::new("b.example")?;
     let (fb, _) = Fake::new();
-    let (_tb, b_addr) =
+    let (tb, b_addr) =
         HttpsTransport::start(b.config(&[&a], &[], any_port(), 1024)?, fb.clone()).await?;
-    let (fa, mut ea) = Fake::new();
+    let (fa, ea) = Fake::new();
     let mut config = a.config(&[&b], &[(&b, b_addr)], any_port(), 1024)?;
-    config.request_timeout = Duration::from_millis(300);
+    config.request_timeout = request_timeout;
     let (ta, _) = HttpsTransport::start(config, fa).await?;
+    Ok(TimedPair {
+        b,
+        fb,
+        ta,
+        ea,
+        _tb: tb,
+    })
+}
+
+#[tokio::test]
+async fn slow_answer_times_out_and_the_connection_is_reused() -> Result<()> {
+    let TimedPair {
+        b,
+        fb,
+        ta,
+        mut ea,
+        _tb,
+    } = timed_pair(Duration::from_millis(300)).await?;
 
     fb.inner.hang.store(true, Ordering::SeqCst);
     ta.send(transmit(
@@ -952,16 +978,14 @@ async fn slow_answer_times_out_and_the_connection_is_reused() -> Result<()> {
 /// what is left times out.
 #[tokio::test]
 async fn a_peer_that_keeps_answering_does_not_time_out_the_queue() -> Result<()> {
-    let a = Provider::new("a.example")?;
-    let b = Provider::new("b.example")?;
-    let (fb, _) = Fake::new();
+    let TimedPair {
+        b,
+        fb,
+        ta,
+        mut ea,
+        _tb,
+    } = timed_pair(Duration::from_millis(350)).await?;
     *fb.inner.stagger.lock().expect("lock") = Duration::from_millis(100);
-    let (_tb, b_addr) =
-        HttpsTransport::start(b.config(&[&a], &[], any_port(), 1024)?, fb.clone()).await?;
-    let (fa, mut ea) = Fake::new();
-    let mut config = a.config(&[&b], &[(&b, b_addr)], any_port(), 1024)?;
-    config.request_timeout = Duration::from_millis(350);
-    let (ta, _) = HttpsTransport::start(config, fa).await?;
     // Answered 100, 200, ... 800 ms after they arrive: the last ones long after 350 ms.
     for i in 0..8 {
         let body = vec![Bytes::from(format!("m{i}").into_bytes())];

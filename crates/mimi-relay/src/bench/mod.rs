@@ -524,10 +524,15 @@ pub async fn run(opts: BenchOptions, launcher: Launcher, command: String) -> Res
             let mut row = Row::empty(t, &profile.name, net, &opts);
             let label = format!("[{} / {}]", t, profile.name);
             let one_row = async {
-                match t.as_str() {
-                    "bare-quinn" => {
+                let carrier = match t.as_str() {
+                    "bare-quinn" => Some(pump::Carrier::Quinn),
+                    "bare-tls" => Some(pump::Carrier::Tls),
+                    _ => None,
+                };
+                match (carrier, t.as_str()) {
+                    (Some(carrier), _) => {
                         pump::run(
-                            pump::Carrier::Quinn,
+                            carrier,
                             &opts,
                             profile,
                             lab.as_ref(),
@@ -538,20 +543,7 @@ pub async fn run(opts: BenchOptions, launcher: Launcher, command: String) -> Res
                         )
                         .await
                     }
-                    "bare-tls" => {
-                        pump::run(
-                            pump::Carrier::Tls,
-                            &opts,
-                            profile,
-                            lab.as_ref(),
-                            epoch,
-                            &mut row,
-                            &progress,
-                            &label,
-                        )
-                        .await
-                    }
-                    kind => {
+                    (None, kind) => {
                         let kind: TransportKind = kind.parse()?;
                         run_relay(
                             kind,
@@ -1371,6 +1363,22 @@ mod tests {
         assert_eq!(rx.hist.len(), 3);
     }
 
+    fn drop_at(ms: u64) -> netlab::Drop {
+        netlab::Drop {
+            at: Duration::from_millis(ms),
+            from: 0,
+            to: 1,
+        }
+    }
+
+    /// The figures of a `wan` row from what `rx` received and the link dropped.
+    fn wan_row(rx: &Rx, drops: &[netlab::Drop], epoch: Instant) -> Row {
+        let profile = Profile::named("wan").unwrap();
+        let mut row = Row::empty("quic", "wan", "netns", &BenchOptions::default());
+        fill_latency(&mut row, rx, drops, &profile, epoch);
+        row
+    }
+
     #[test]
     fn clean_messages_exclude_those_with_a_drop_in_their_window() {
         let epoch = Instant::now();
@@ -1379,20 +1387,13 @@ mod tests {
         // sends at 60 ms, unhurt (delivered at 80 ms).
         rx.record(0, 0, 0, 10_000_000, epoch + Duration::from_millis(200));
         rx.record(0, 1, 0, 60_000_000, epoch + Duration::from_millis(80));
-        let drops = [netlab::Drop {
-            at: Duration::from_millis(11),
-            from: 0,
-            to: 1,
-        }];
-        let profile = Profile::named("wan").unwrap();
-        let mut row = Row::empty("quic", "wan", "netns", &BenchOptions::default());
-        fill_latency(&mut row, &rx, &drops, &profile, epoch);
+        let row = wan_row(&rx, &[drop_at(11)], epoch);
         assert_eq!(row.clean_msgs, 1);
         assert_eq!(row.clean_p99_us, Some(20_000));
         // The drop lies within 2 RTT (80 ms) before room 1's message.
         assert_eq!(row.hol_exposed_msgs, 1);
         // Without drops every message is clean and none is exposed.
-        fill_latency(&mut row, &rx, &[], &profile, epoch);
+        let row = wan_row(&rx, &[], epoch);
         assert_eq!((row.clean_msgs, row.hol_exposed_msgs), (2, 0));
     }
 
@@ -1408,14 +1409,7 @@ mod tests {
         rx.record(0, 0, 2, 400_000_000, ms(420));
         // Room 1 at 70 ms, while room 0 waits: clean, and exposed to room 0's loss.
         rx.record(0, 1, 0, 70_000_000, ms(90));
-        let drops = [netlab::Drop {
-            at: Duration::from_millis(11),
-            from: 0,
-            to: 1,
-        }];
-        let profile = Profile::named("wan").unwrap();
-        let mut row = Row::empty("quic", "wan", "netns", &BenchOptions::default());
-        fill_latency(&mut row, &rx, &drops, &profile, epoch);
+        let row = wan_row(&rx, &[drop_at(11)], epoch);
         assert_eq!(row.clean_msgs, 2, "room 0's third message and room 1's");
         assert_eq!(row.clean_p99_us, Some(20_000));
         assert_eq!(row.hol_exposed_msgs, 1, "room 1's message");
