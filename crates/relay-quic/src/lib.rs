@@ -42,6 +42,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 mod client;
+mod congestion;
 pub mod framing;
 mod server;
 mod stream;
@@ -116,13 +117,15 @@ impl Congestion {
 
     /// Sets this controller on `t`.
     pub fn apply(self, t: &mut TransportConfig) {
-        use quinn::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
+        use quinn::congestion::{CubicConfig, NewRenoConfig};
         match self {
             Congestion::Cubic => t.congestion_controller_factory(Arc::new(CubicConfig::default())),
             Congestion::NewReno => {
                 t.congestion_controller_factory(Arc::new(NewRenoConfig::default()))
             }
-            Congestion::Bbr => t.congestion_controller_factory(Arc::new(BbrConfig::default())),
+            Congestion::Bbr => {
+                t.congestion_controller_factory(Arc::new(congestion::FlooredBbrConfig::default()))
+            }
         };
     }
 }
