@@ -1,8 +1,7 @@
 //! The sending side: one task per peer owning its connection, one task pair per room stream,
 //! and one timer for every transmit's deadline.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -131,31 +130,6 @@ impl Command {
     }
 }
 
-/// A ticket's deadline in the timer's heap (earliest first; `seq` keeps equal times in
-/// arrival order).
-struct Deadline {
-    at: Instant,
-    seq: u64,
-    ticket: Weak<Ticket>,
-}
-
-impl PartialEq for Deadline {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at, self.seq) == (other.at, other.seq)
-    }
-}
-impl Eq for Deadline {}
-impl PartialOrd for Deadline {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Deadline {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (self.at, self.seq).cmp(&(other.at, other.seq))
-    }
-}
-
 /// Reports `Timeout` for every ticket still unfinished at its deadline: `timeout` after
 /// `send`, or after the last answer on its room stream if that came later. A stream that keeps
 /// being answered is a slow link, not a dead one: failing its queued transmits would only make
@@ -165,47 +139,48 @@ pub(crate) async fn timer_task(
     mut rx: mpsc::UnboundedReceiver<(Instant, Weak<Ticket>)>,
     timeout: Duration,
 ) {
-    let mut heap: BinaryHeap<Reverse<Deadline>> = BinaryHeap::new();
+    // Earliest deadline first; `seq` keeps equal times apart, in arrival order.
+    let mut deadlines: BTreeMap<(Instant, u64), Weak<Ticket>> = BTreeMap::new();
     let mut seq = 0u64;
-    let mut push = |heap: &mut BinaryHeap<Reverse<Deadline>>, at, ticket| {
+    let mut push = |deadlines: &mut BTreeMap<_, _>, at, ticket| {
         seq += 1;
-        heap.push(Reverse(Deadline { at, seq, ticket }));
+        deadlines.insert((at, seq), ticket);
     };
     let mut sleep = pin!(tokio::time::sleep(Duration::from_secs(3600)));
     loop {
         tokio::select! {
             item = rx.recv() => match item {
                 Some((at, ticket)) => {
-                    push(&mut heap, at, ticket);
+                    push(&mut deadlines, at, ticket);
                     while let Ok((at, ticket)) = rx.try_recv() {
-                        push(&mut heap, at, ticket);
+                        push(&mut deadlines, at, ticket);
                     }
                 }
                 None => return,
             },
-            () = &mut sleep, if !heap.is_empty() => {}
+            () = &mut sleep, if !deadlines.is_empty() => {}
         }
         let now = Instant::now();
-        while let Some(Reverse(d)) = heap.peek() {
-            if d.at > now {
+        while let Some(entry) = deadlines.first_entry() {
+            if entry.key().0 > now {
                 break;
             }
-            let Some(Reverse(d)) = heap.pop() else { break };
-            let Some(ticket) = d.ticket.upgrade() else {
+            let weak = entry.remove();
+            let Some(ticket) = weak.upgrade() else {
                 continue;
             };
             if ticket.is_done() {
                 continue;
             }
             match ticket.last_progress().map(|t| t + timeout) {
-                Some(later) if later > now => push(&mut heap, later, d.ticket),
+                Some(later) if later > now => push(&mut deadlines, later, weak),
                 _ => ticket.finish(Err(TransportError::Timeout)),
             }
         }
-        if let Some(Reverse(d)) = heap.peek()
-            && sleep.deadline() != d.at
+        if let Some(&(at, _)) = deadlines.keys().next()
+            && sleep.deadline() != at
         {
-            sleep.as_mut().reset(d.at);
+            sleep.as_mut().reset(at);
         }
     }
 }

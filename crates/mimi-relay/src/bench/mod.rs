@@ -319,10 +319,8 @@ pub(crate) struct Rx {
     pub(crate) duplicated: u64,
     pub(crate) out_of_order: u64,
     pub(crate) hist: Histogram<u64>,
-    /// (scheduled ns since epoch, latency µs) of each first delivery in this phase.
-    pub(crate) samples: Vec<(u64, u64)>,
-    /// The stream (room) of each sample, in the same order.
-    pub(crate) sample_streams: Vec<u32>,
+    /// (stream, scheduled ns since epoch, latency µs) of each first delivery in this phase.
+    pub(crate) samples: Vec<(u32, u64, u64)>,
     pub(crate) first: Option<Instant>,
     pub(crate) last_delivery: Option<Instant>,
     /// First deliveries per stream over the whole row (all receivers): the closed loop's window.
@@ -341,7 +339,6 @@ impl Rx {
             hist: Histogram::new_with_bounds(1, 3_600_000_000, 3)
                 .map_err(|e| anyhow!("histogram: {e}"))?,
             samples: Vec::new(),
-            sample_streams: Vec::new(),
             first: None,
             last_delivery: None,
             per_stream: HashMap::new(),
@@ -372,8 +369,7 @@ impl Rx {
         let sched = self.epoch + Duration::from_nanos(sched_ns);
         let us = now.saturating_duration_since(sched).as_micros() as u64;
         let _ = self.hist.record(us.max(1));
-        self.samples.push((sched_ns, us));
-        self.sample_streams.push(stream);
+        self.samples.push((stream, sched_ns, us));
         self.first.get_or_insert(now);
         self.last_delivery = Some(now);
     }
@@ -382,7 +378,6 @@ impl Rx {
     pub(crate) fn new_phase(&mut self) {
         self.hist.reset();
         self.samples.clear();
-        self.sample_streams.clear();
         self.delivered = 0;
         self.first = None;
         self.last_delivery = None;
@@ -529,8 +524,8 @@ pub async fn run(opts: BenchOptions, launcher: Launcher, command: String) -> Res
                     "bare-tls" => Some(pump::Carrier::Tls),
                     _ => None,
                 };
-                match (carrier, t.as_str()) {
-                    (Some(carrier), _) => {
+                match carrier {
+                    Some(carrier) => {
                         pump::run(
                             carrier,
                             &opts,
@@ -543,8 +538,8 @@ pub async fn run(opts: BenchOptions, launcher: Launcher, command: String) -> Res
                         )
                         .await
                     }
-                    (None, kind) => {
-                        let kind: TransportKind = kind.parse()?;
+                    None => {
+                        let kind: TransportKind = t.parse()?;
                         run_relay(
                             kind,
                             &opts,
@@ -1021,7 +1016,7 @@ pub(crate) fn fill_latency(
         let first_sched = rx
             .samples
             .iter()
-            .map(|(s, _)| *s)
+            .map(|(_, s, _)| *s)
             .min()
             .map(|s| rx.epoch + Duration::from_nanos(s))
             .unwrap_or(first);
@@ -1044,16 +1039,14 @@ pub(crate) fn fill_latency(
     times.sort_unstable();
     let w = 5_000_000u64;
     let rtt2 = (profile.rtt_ms * 2e6) as u64 + w;
-    let mut order: Vec<usize> = (0..rx.samples.len()).collect();
-    let stream_of = |i: usize| rx.sample_streams.get(i).copied().unwrap_or(0);
-    order.sort_unstable_by_key(|&i| (stream_of(i), rx.samples[i].0));
+    // Each room's messages in the order they were sent.
+    let mut by_room = rx.samples.clone();
+    by_room.sort_unstable_by_key(|&(stream, sched, _)| (stream, sched));
     let mut clean = Vec::new();
     let mut exposed = Vec::new();
     // Per stream: until when an earlier message that was not clean stayed undelivered.
     let mut blocked_until: Option<(u32, u64)> = None;
-    for i in order {
-        let (sched, us) = rx.samples[i];
-        let stream = stream_of(i);
+    for (stream, sched, us) in by_room {
         let done = sched + us * 1000;
         let lo = times.partition_point(|t| *t < sched);
         let own = times.get(lo).is_some_and(|t| *t <= sched + w);
@@ -1176,7 +1169,7 @@ async fn run_relay(
             // Whether packets cross the lab's link at all tells a dead link from a slow relay.
             bail!(
                 "the setup message did not reach every follower within 30 s{}",
-                pump::link_note(lab)
+                netlab::link_note(lab)
             );
         }
         let last = lock(&rx).last_delivery.unwrap_or(t0);
@@ -1295,8 +1288,8 @@ async fn run_relay(
         let done = t
             .samples
             .iter()
-            .filter(|(s, _)| *s < restore_ns)
-            .map(|(s, us)| Duration::from_nanos(*s) + Duration::from_micros(*us))
+            .filter(|(_, s, _)| *s < restore_ns)
+            .map(|(_, s, us)| Duration::from_nanos(*s) + Duration::from_micros(*us))
             .max();
         if all && let Some(done) = done {
             row.recovery_ms = Some(done.saturating_sub(restore_rel).as_secs_f64() * 1e3);

@@ -274,6 +274,17 @@ impl NetLab {
     }
 }
 
+/// What the lab's link carried so far, for errors: none at all means a dead link.
+pub(crate) fn link_note(lab: Option<&NetLab>) -> String {
+    lab.map_or_else(String::new, |l| {
+        let s = l.snapshot();
+        format!(
+            " (the lab link forwarded {} packets, dropped {})",
+            s.packets, s.dropped
+        )
+    })
+}
+
 /// Runs `f` on a fresh thread inside the network namespace at `path`.
 pub fn in_namespace<T, F>(path: &str, f: F) -> Result<T>
 where

@@ -27,17 +27,6 @@ pub(crate) enum Carrier {
 const PORT: u16 = 7100;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// What the lab's link carried so far, for errors: none at all means a dead link.
-pub(crate) fn link_note(lab: Option<&NetLab>) -> String {
-    lab.map_or_else(String::new, |l| {
-        let s = l.snapshot();
-        format!(
-            " (the lab link forwarded {} packets, dropped {})",
-            s.packets, s.dropped
-        )
-    })
-}
 const ALPN: &[u8] = b"mimi-relay-bench";
 
 struct Tls {
@@ -224,7 +213,7 @@ pub(crate) async fn run(
                     .map_err(|_| {
                         anyhow!(
                             "bare quinn handshake: no answer within {HANDSHAKE_TIMEOUT:?}{}",
-                            link_note(lab)
+                            super::netlab::link_note(lab)
                         )
                     })?
                     .context("bare quinn handshake")?;
@@ -311,7 +300,7 @@ pub(crate) async fn run(
             .map_err(|_| {
                 anyhow!(
                     "bare tls handshake: no answer within {HANDSHAKE_TIMEOUT:?}{}",
-                    link_note(lab)
+                    super::netlab::link_note(lab)
                 )
             })?
             .context("bare tls handshake")?;
@@ -456,7 +445,7 @@ async fn setup(
     if !super::settle(rx, 1, Duration::from_secs(30)).await {
         bail!(
             "the first message did not arrive within 30 s{}",
-            link_note(lab)
+            super::netlab::link_note(lab)
         );
     }
     let last = lock(rx).last_delivery.unwrap_or(t0);
