@@ -249,6 +249,8 @@ pub struct Relay {
     held: BTreeSet<(Instant, QueueIdx)>,
     next_transmit: u64,
     outputs: VecDeque<Output>,
+    /// Set by inputs that may have made queues ready; `poll_output` pumps.
+    pump_due: Option<Now>,
     rng: SplitMix64,
     stats: RelayStats,
     latency: Histogram,
@@ -278,6 +280,7 @@ impl Relay {
             held: BTreeSet::new(),
             next_transmit: 1,
             outputs: VecDeque::new(),
+            pump_due: None,
             stats: RelayStats::default(),
             latency: Histogram::default(),
             mls: hub_mls::MlsState::default(),
@@ -1177,11 +1180,17 @@ impl Relay {
     }
 
     pub fn poll_output(&mut self) -> Option<Output> {
+        if let Some(now) = self.pump_due.take() {
+            self.pump_now(now);
+        }
         self.outputs.pop_front()
     }
 
     /// When `handle_timeout` must next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        if let Some(due) = self.pump_due {
+            return Some(due.mono);
+        }
         let mut t = self.deadlines.first().map(|(at, _)| *at);
         if let Some(&(at, _)) = self.held.first() {
             t = Some(t.map_or(at, |t| t.min(at)));
@@ -1226,8 +1235,14 @@ impl Relay {
         }
     }
 
-    /// Turns ready queues into transmits, within each queue's pipeline window.
+    /// Asks for ready queues to become transmits at the next `poll_output`: a burst of inputs
+    /// handled together then leaves as one transmit per queue, not one per input.
     fn pump(&mut self, now: Now) {
+        self.pump_due = Some(now);
+    }
+
+    /// Turns ready queues into transmits, within each queue's pipeline window.
+    fn pump_now(&mut self, now: Now) {
         while let Some(qi) = self.ready.pop_front() {
             self.queues[qi].in_ready = false;
             let peer = self.queues[qi].peer;
