@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
 pub use hyper::StatusCode;
 use hyper::client::conn::http1::SendRequest;
@@ -25,7 +25,7 @@ pub enum ClientError {
     Http(#[from] hyper::Error),
     #[error("cannot build the request")]
     Build(#[from] hyper::http::Error),
-    #[error("malformed inbox record")]
+    #[error("malformed answer (inbox record or batch answer)")]
     Malformed,
     #[error("status {status}: {body}")]
     Status { status: StatusCode, body: String },
@@ -148,6 +148,34 @@ impl LocalClient {
         let path = format!("/v1/client/submit/{}", room.to_path_segment());
         let req = self.request(Method::POST, &path, body)?;
         self.call(req).await
+    }
+
+    /// Submits several SubmitMessageRequests for `room` in one call (`submitBatch`); returns
+    /// each one's HTTP status and body, in order.
+    pub async fn submit_batch(
+        &mut self,
+        room: &RoomId,
+        bodies: &[Bytes],
+    ) -> Result<Vec<(StatusCode, Bytes)>, ClientError> {
+        let mut b = BytesMut::with_capacity(bodies.iter().map(|x| x.len() + 4).sum());
+        for body in bodies {
+            b.put_u32(body.len() as u32);
+            b.put_slice(body);
+        }
+        let path = format!("/v1/client/submitBatch/{}", room.to_path_segment());
+        let req = self.request(Method::POST, &path, b.freeze())?;
+        let (status, body) = self.call(req).await?;
+        if status != StatusCode::OK {
+            return Err(ClientError::Status {
+                status,
+                body: String::from_utf8_lossy(&body).into(),
+            });
+        }
+        let answers = decode_batch_answer(body)?;
+        if answers.len() != bodies.len() {
+            return Err(ClientError::Malformed);
+        }
+        Ok(answers)
     }
 
     /// Reads records after `after`, waiting up to `wait_ms` for the first one.
@@ -327,6 +355,23 @@ pub fn decode_inbox(mut b: Bytes) -> Result<Vec<InboxItem>, ClientError> {
         });
     }
     Ok(items)
+}
+
+/// Decodes a `submitBatch` answer: `status u16, length u32, body` per submission.
+fn decode_batch_answer(mut b: Bytes) -> Result<Vec<(StatusCode, Bytes)>, ClientError> {
+    let mut answers = Vec::new();
+    while b.has_remaining() {
+        if b.remaining() < 6 {
+            return Err(ClientError::Malformed);
+        }
+        let status = StatusCode::from_u16(b.get_u16()).map_err(|_| ClientError::Malformed)?;
+        let n = b.get_u32() as usize;
+        if b.remaining() < n {
+            return Err(ClientError::Malformed);
+        }
+        answers.push((status, b.split_to(n)));
+    }
+    Ok(answers)
 }
 
 fn take_str(b: &mut Bytes) -> Result<String, ClientError> {

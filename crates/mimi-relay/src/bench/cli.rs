@@ -35,6 +35,10 @@ pub struct BenchArgs {
     /// Closed loop: messages per room in flight (sent, not yet delivered everywhere), at most.
     #[arg(long, default_value_t = 64)]
     pub window: u64,
+    /// Closed loop: most messages a room's sender hands the hub in one submitBatch call
+    /// (1 = one /submit per message).
+    #[arg(long, default_value_t = 16)]
+    pub submit_batch: u64,
     /// Seconds of the measured phase of each row.
     #[arg(long, default_value_t = 10.0)]
     pub duration: f64,
@@ -113,6 +117,9 @@ impl BenchArgs {
         for t in &self.transports {
             super::check_transport(t)?;
         }
+        if !(1..=4096).contains(&self.submit_batch) {
+            bail!("--submit-batch must be between 1 and 4096");
+        }
         if self.duration.is_nan() || self.duration <= 0.0 {
             bail!("--duration must be positive");
         }
@@ -120,6 +127,7 @@ impl BenchArgs {
             transports: self.transports.clone(),
             profiles,
             rooms: self.rooms,
+            submit_batch: self.submit_batch,
             followers: self.followers,
             sizes: SizeMix {
                 app: self.size.max(20),

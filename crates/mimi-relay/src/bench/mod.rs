@@ -111,6 +111,8 @@ pub struct BenchOptions {
     pub rate: Option<f64>,
     /// Closed loop: messages per room sent but not yet delivered to every follower, at most.
     pub window: u64,
+    /// Closed loop: most messages per submitBatch call to the hub.
+    pub submit_batch: u64,
     pub duration: Duration,
     /// `memory` or `durable`.
     pub store: String,
@@ -144,6 +146,7 @@ impl Default for BenchOptions {
             sizes: SizeMix::default(),
             rate: None,
             window: 64,
+            submit_batch: 16,
             duration: Duration::from_secs(10),
             store: "memory".into(),
             net: NetMode::Auto,
@@ -387,6 +390,21 @@ impl Rx {
 /// Closed loop: waits until message `counter` of `stream` is within `window` messages of the
 /// oldest one not yet delivered to all `receivers`, so that the backlog stays bounded and
 /// throughput is what the path delivers, not what a queue absorbs.
+/// Closed loop: waits until `stream` has room in its window and returns how many messages
+/// it has room for, `sent` having been sent so far.
+pub(crate) async fn window_free(
+    rx: &Mutex<Rx>,
+    stream: u32,
+    sent: u64,
+    receivers: u64,
+    window: u64,
+    stop: &AtomicBool,
+) -> u64 {
+    wait_window(rx, stream, sent, receivers, window, stop).await;
+    let delivered = lock(rx).per_stream.get(&stream).copied().unwrap_or(0) / receivers.max(1);
+    (window + delivered).saturating_sub(sent).max(1)
+}
+
 pub(crate) async fn wait_window(
     rx: &Mutex<Rx>,
     stream: u32,
@@ -837,6 +855,18 @@ async fn wait_healthy(nodes: &mut Nodes, admins: &[SocketAddr]) -> Result<()> {
 /// Submits messages into every room until `until`: open loop at `rate` (spread over rooms) or
 /// closed loop. Returns the messages accepted. Each room's messages go one after another, so
 /// their order at every follower must be the order of their counters.
+/// A closed loop's limits for the senders of `drive`.
+#[derive(Clone)]
+struct ClosedLoop {
+    rx: Arc<Mutex<Rx>>,
+    /// Deliveries that complete one message (one per follower).
+    receivers: u64,
+    /// Messages per room in flight, at most.
+    window: u64,
+    /// Messages per submitBatch call, at most.
+    batch: u64,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn drive(
     hub_admin: SocketAddr,
@@ -848,7 +878,7 @@ async fn drive(
     counters: &Arc<Vec<AtomicU64>>,
     accepted: &Arc<AtomicU64>,
     stop: &Arc<AtomicBool>,
-    window: Option<(Arc<Mutex<Rx>>, u64, u64)>,
+    window: Option<ClosedLoop>,
 ) -> Result<u64> {
     // A JoinSet: if the row is abandoned (its time is up), the senders stop with it.
     let mut tasks = tokio::task::JoinSet::new();
@@ -879,46 +909,82 @@ async fn drive(
                 if interval.is_some() {
                     tokio::time::sleep_until(sched.into()).await;
                 }
-                k += 1;
-                let counter = counters[r].fetch_add(1, Ordering::Relaxed) as u32;
-                let mut sched = sched;
-                if let Some((rx, receivers, w)) = &window {
-                    wait_window(rx, r as u32, u64::from(counter), *receivers, *w, &stop).await;
-                    sched = Instant::now();
-                }
-                let sched_ns = sched.duration_since(epoch).as_nanos() as u64;
-                let size = sizes.pick(&mut rng);
-                let ct = ciphertext(marker_bytes(r as u32, counter, sched_ns), size, &mut rng);
-                let body = submit_body("a.example", r as u32, &ct)?;
-                // A refusal (busy, or a call that failed) is retried, for a bounded time:
-                // a hub that refuses for that long is reported, not waited on forever.
-                let refused_since = Instant::now();
-                loop {
-                    let answer = client.submit(&room, body.clone()).await;
-                    match answer {
-                        Ok((s, b)) if accepted_response(s, &b) => break,
-                        _ if stop.load(Ordering::Relaxed) => return Ok::<(), anyhow::Error>(()),
-                        _ if refused_since.elapsed() > SUBMIT_PATIENCE => {
-                            let why = match answer {
-                                Ok((s, b)) => format!("{s}: {}", String::from_utf8_lossy(&b)),
-                                Err(e) => format!("{e:#}"),
-                            };
-                            bail!(
-                                "the hub refused a message of room {r} for {SUBMIT_PATIENCE:?}: {why}"
-                            );
-                        }
-                        _ => tokio::time::sleep(Duration::from_millis(10)).await,
+                // Open loop: one message when it is due. Closed loop: every message the
+                // window has room for, handed to the hub in one submitBatch, as a provider's
+                // front end with a backlog would.
+                let (n, sched) = match &window {
+                    Some(c) => {
+                        let sent = counters[r].load(Ordering::Relaxed);
+                        let free =
+                            window_free(&c.rx, r as u32, sent, c.receivers, c.window, &stop).await;
+                        (free.min(c.batch), Instant::now())
                     }
+                    None => (1, sched),
+                };
+                if stop.load(Ordering::Relaxed) {
+                    break;
                 }
-                accepted.fetch_add(1, Ordering::Relaxed);
+                k += n as u32;
+                let sched_ns = sched.duration_since(epoch).as_nanos() as u64;
+                let mut batch = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    let counter = counters[r].fetch_add(1, Ordering::Relaxed) as u32;
+                    let size = sizes.pick(&mut rng);
+                    let ct = ciphertext(marker_bytes(r as u32, counter, sched_ns), size, &mut rng);
+                    batch.push(submit_body("a.example", r as u32, &ct)?);
+                }
+                submit_in_order(&mut client, &room, &batch, r, &stop).await?;
+                accepted.fetch_add(n, Ordering::Relaxed);
             }
-            Ok(())
+            Ok::<(), anyhow::Error>(())
         });
     }
     while let Some(t) = tasks.join_next().await {
         t.map_err(|e| anyhow!("a sender task failed: {e}"))??;
     }
     Ok(accepted.load(Ordering::Relaxed))
+}
+
+/// Submits `batch` (one message, or a closed loop's burst), retrying refusals for a bounded
+/// time. A retry starts at the first refused message: those after it that were accepted are
+/// answered from the hub's dedupe window, never fanned out twice.
+async fn submit_in_order(
+    client: &mut LocalClient,
+    room: &RoomId,
+    batch: &[Bytes],
+    r: usize,
+    stop: &AtomicBool,
+) -> Result<()> {
+    let refused_since = Instant::now();
+    let mut rest = batch;
+    loop {
+        let why = if let [one] = rest {
+            match client.submit(room, one.clone()).await {
+                Ok((s, b)) if accepted_response(s, &b) => return Ok(()),
+                Ok((s, b)) => format!("{s}: {}", String::from_utf8_lossy(&b)),
+                Err(e) => format!("{e:#}"),
+            }
+        } else {
+            match client.submit_batch(room, rest).await {
+                Ok(answers) => match answers.iter().position(|(s, b)| !accepted_response(*s, b)) {
+                    None => return Ok(()),
+                    Some(i) => {
+                        rest = &rest[i..];
+                        let (s, b) = &answers[i];
+                        format!("{s}: {}", String::from_utf8_lossy(b))
+                    }
+                },
+                Err(e) => format!("{e:#}"),
+            }
+        };
+        if stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if refused_since.elapsed() > SUBMIT_PATIENCE {
+            bail!("the hub refused a message of room {r} for {SUBMIT_PATIENCE:?}: {why}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 fn accepted_response(status: hyper::StatusCode, body: &[u8]) -> bool {
@@ -1196,9 +1262,12 @@ async fn run_relay(
         &counters,
         &accepted,
         &stop,
-        opts.rate
-            .is_none()
-            .then(|| (rx.clone(), opts.followers as u64, opts.window)),
+        opts.rate.is_none().then(|| ClosedLoop {
+            rx: rx.clone(),
+            receivers: opts.followers as u64,
+            window: opts.window,
+            batch: opts.submit_batch,
+        }),
     );
     tokio::pin!(drive_fut);
     let phase_start = Instant::now();
