@@ -67,3 +67,14 @@ max_body = 65536
     );
     NodeConfig::parse(&dir.join("a.toml"), &text).expect("config")
 }
+
+/// A running [`hub_config`] node over `transport`, with its directory (kept while it runs).
+pub async fn start_hub(transport: &str) -> (tempfile::TempDir, relay_node::Node) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().expect("tempdir");
+    certificates(dir.path());
+    let node = relay_node::Node::start(hub_config(dir.path(), transport))
+        .await
+        .expect("node starts");
+    (dir, node)
+}

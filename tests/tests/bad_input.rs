@@ -9,10 +9,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http2::SendRequest;
 use hyper::{Request, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use mimi_relay_tests::{ROOM, certificates, fanout, hub_config, submit_body};
+use mimi_relay_tests::{ROOM, fanout, start_hub, submit_body};
 use mimi_wire::proto::{SubmitMessageResponse, SubmitStatus};
 use mimi_wire::uri::{ProviderDomain, RoomId};
-use relay_node::Node;
 use relay_node::client::LocalClient;
 use relay_tls::{PeerTrust, TlsIdentity};
 
@@ -86,12 +85,7 @@ impl Peer {
 
 #[tokio::test]
 async fn bad_input_gets_typed_answers_and_the_connection_survives() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let dir = tempfile::tempdir().expect("tempdir");
-    certificates(dir.path());
-    let node = Node::start(hub_config(dir.path(), "https"))
-        .await
-        .expect("node starts");
+    let (dir, node) = start_hub("https").await;
     let addr = node.listening[&relay_core::TransportKind::Https];
     let mut b = Peer::connect(dir.path(), "b.example", addr).await;
 

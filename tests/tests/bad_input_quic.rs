@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use mimi_relay_tests::{ROOM, certificates, fanout, hub_config, submit_body};
+use mimi_relay_tests::{ROOM, fanout, start_hub, submit_body};
 use mimi_wire::endpoint::Endpoint;
 use mimi_wire::proto::{SubmitMessageResponse, SubmitStatus};
 use mimi_wire::uri::ProviderDomain;
@@ -14,7 +14,6 @@ use relay_core::{
     Inbound, Request, Response, Status, Transmit, TransmitId, Transport, TransportError,
     TransportKind,
 };
-use relay_node::Node;
 use relay_node::client::LocalClient;
 use relay_quic::{QuicConfig, QuicTransport};
 use relay_tls::{PeerTrust, TlsIdentity};
@@ -69,12 +68,7 @@ impl Peer {
 
 #[tokio::test]
 async fn bad_input_over_quic_gets_typed_answers_and_the_stream_survives() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let dir = tempfile::tempdir().expect("tempdir");
-    certificates(dir.path());
-    let node = Node::start(hub_config(dir.path(), "quic"))
-        .await
-        .expect("node starts");
+    let (dir, node) = start_hub("quic").await;
 
     let p = dir.path();
     let identity = TlsIdentity::load(

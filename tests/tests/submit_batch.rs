@@ -4,10 +4,9 @@
 
 use bytes::Bytes;
 use hyper::StatusCode;
-use mimi_relay_tests::{ROOM, certificates, hub_config, submit_body};
+use mimi_relay_tests::{ROOM, start_hub, submit_body};
 use mimi_wire::proto::{SubmitMessageResponse, SubmitStatus};
 use mimi_wire::uri::RoomId;
-use relay_node::Node;
 use relay_node::client::LocalClient;
 
 fn accepted(answer: &(StatusCode, Bytes)) -> bool {
@@ -29,12 +28,7 @@ async fn metric(api: &mut LocalClient, name: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_is_answered_in_order_and_never_accepted_twice() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let dir = tempfile::tempdir().expect("tempdir");
-    certificates(dir.path());
-    let node = Node::start(hub_config(dir.path(), "https"))
-        .await
-        .expect("node starts");
+    let (_dir, node) = start_hub("https").await;
     let room: RoomId = ROOM.parse().expect("room");
     let mut api = LocalClient::new(node.admin);
 

@@ -387,9 +387,6 @@ impl Rx {
     }
 }
 
-/// Closed loop: waits until message `counter` of `stream` is within `window` messages of the
-/// oldest one not yet delivered to all `receivers`, so that the backlog stays bounded and
-/// throughput is what the path delivers, not what a queue absorbs.
 /// Closed loop: waits until `stream` has room in its window and returns how many messages
 /// it has room for, `sent` having been sent so far.
 pub(crate) async fn window_free(
@@ -405,6 +402,9 @@ pub(crate) async fn window_free(
     (window + delivered).saturating_sub(sent).max(1)
 }
 
+/// Closed loop: waits until message `counter` of `stream` is within `window` messages of the
+/// oldest one not yet delivered to all `receivers`, so that the backlog stays bounded and
+/// throughput is what the path delivers, not what a queue absorbs.
 pub(crate) async fn wait_window(
     rx: &Mutex<Rx>,
     stream: u32,
@@ -852,9 +852,6 @@ async fn wait_healthy(nodes: &mut Nodes, admins: &[SocketAddr]) -> Result<()> {
     Ok(())
 }
 
-/// Submits messages into every room until `until`: open loop at `rate` (spread over rooms) or
-/// closed loop. Returns the messages accepted. Each room's messages go one after another, so
-/// their order at every follower must be the order of their counters.
 /// A closed loop's limits for the senders of `drive`.
 #[derive(Clone)]
 struct ClosedLoop {
@@ -867,6 +864,9 @@ struct ClosedLoop {
     batch: u64,
 }
 
+/// Submits messages into every room until `until`: open loop at `rate` (spread over rooms) or
+/// closed loop. Returns the messages accepted. Each room's messages go one after another, so
+/// their order at every follower must be the order of their counters.
 #[allow(clippy::too_many_arguments)]
 async fn drive(
     hub_admin: SocketAddr,
@@ -933,8 +933,11 @@ async fn drive(
                     let ct = ciphertext(marker_bytes(r as u32, counter, sched_ns), size, &mut rng);
                     batch.push(submit_body("a.example", r as u32, &ct)?);
                 }
-                submit_in_order(&mut client, &room, &batch, r, &stop).await?;
-                accepted.fetch_add(n, Ordering::Relaxed);
+                let done = submit_in_order(&mut client, &room, &batch, r, &stop).await?;
+                accepted.fetch_add(done as u64, Ordering::Relaxed);
+                if done < batch.len() {
+                    break; // stopped while the hub was refusing
+                }
             }
             Ok::<(), anyhow::Error>(())
         });
@@ -947,27 +950,28 @@ async fn drive(
 
 /// Submits `batch` (one message, or a closed loop's burst), retrying refusals for a bounded
 /// time. A retry starts at the first refused message: those after it that were accepted are
-/// answered from the hub's dedupe window, never fanned out twice.
+/// answered from the hub's dedupe window, never fanned out twice. Returns how many were
+/// accepted: all of them, unless `stop` came first.
 async fn submit_in_order(
     client: &mut LocalClient,
     room: &RoomId,
     batch: &[Bytes],
     r: usize,
     stop: &AtomicBool,
-) -> Result<()> {
+) -> Result<usize> {
     let refused_since = Instant::now();
     let mut rest = batch;
     loop {
         let why = if let [one] = rest {
             match client.submit(room, one.clone()).await {
-                Ok((s, b)) if accepted_response(s, &b) => return Ok(()),
+                Ok((s, b)) if accepted_response(s, &b) => return Ok(batch.len()),
                 Ok((s, b)) => format!("{s}: {}", String::from_utf8_lossy(&b)),
                 Err(e) => format!("{e:#}"),
             }
         } else {
             match client.submit_batch(room, rest).await {
                 Ok(answers) => match answers.iter().position(|(s, b)| !accepted_response(*s, b)) {
-                    None => return Ok(()),
+                    None => return Ok(batch.len()),
                     Some(i) => {
                         rest = &rest[i..];
                         let (s, b) = &answers[i];
@@ -978,7 +982,7 @@ async fn submit_in_order(
             }
         };
         if stop.load(Ordering::Relaxed) {
-            return Ok(());
+            return Ok(batch.len() - rest.len());
         }
         if refused_since.elapsed() > SUBMIT_PATIENCE {
             bail!("the hub refused a message of room {r} for {SUBMIT_PATIENCE:?}: {why}");
