@@ -1,12 +1,11 @@
 //! The local API's `submitBatch` against a running hub: answers in order, each submission
-//! accepted or refused on its own, a retried batch never accepted twice, and a malformed batch
+//! (of any room) accepted or refused on its own, a retried batch never accepted twice, and a malformed batch
 //! refused without hurting the connection.
 
 use bytes::Bytes;
 use hyper::StatusCode;
 use mimi_relay_tests::{ROOM, start_hub, submit_body};
 use mimi_wire::proto::{SubmitMessageResponse, SubmitStatus};
-use mimi_wire::uri::RoomId;
 use relay_node::client::LocalClient;
 
 fn accepted(answer: &(StatusCode, Bytes)) -> bool {
@@ -29,19 +28,20 @@ async fn metric(api: &mut LocalClient, name: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_is_answered_in_order_and_never_accepted_twice() {
     let (_dir, node) = start_hub("https").await;
-    let room: RoomId = ROOM.parse().expect("room");
     let mut api = LocalClient::new(node.admin);
 
     let batch = [
-        submit_body("a.example", 1),
-        submit_body("a.example", 2),
-        Bytes::from_static(&[1, 0xff, 0xff]), // malformed TLS-PL
-        submit_body("a.example", 3),
+        (ROOM, submit_body("a.example", 1)),
+        (ROOM, submit_body("a.example", 2)),
+        (ROOM, Bytes::from_static(&[1, 0xff, 0xff])), // malformed TLS-PL
+        ("mimi://a.example/r/nowhere", submit_body("a.example", 5)),
+        (ROOM, submit_body("a.example", 3)),
     ];
-    let answers = api.submit_batch(&room, &batch).await.expect("batch");
-    assert_eq!(answers.len(), 4);
-    assert!(accepted(&answers[0]) && accepted(&answers[1]) && accepted(&answers[3]));
+    let answers = api.submit_batch(&batch).await.expect("batch");
+    assert_eq!(answers.len(), 5);
+    assert!(accepted(&answers[0]) && accepted(&answers[1]) && accepted(&answers[4]));
     assert_eq!(answers[2].0, StatusCode::BAD_REQUEST);
+    assert_eq!(answers[3].0, StatusCode::NOT_FOUND);
     // Each accepted one answers what a single /submit would have, with its own timestamp.
     assert_eq!(
         metric(&mut api, "mimi_relay_accepted_total").await,
@@ -49,7 +49,7 @@ async fn a_batch_is_answered_in_order_and_never_accepted_twice() {
     );
 
     // The same batch again (a client that lost the answer): the dedupe window answers.
-    let again = api.submit_batch(&room, &batch).await.expect("batch again");
+    let again = api.submit_batch(&batch).await.expect("batch again");
     assert_eq!(
         again.iter().map(|a| a.0).collect::<Vec<_>>(),
         answers.iter().map(|a| a.0).collect::<Vec<_>>()
@@ -68,10 +68,16 @@ async fn a_batch_is_answered_in_order_and_never_accepted_twice() {
     );
 
     // Malformed framing is refused as a whole; the connection keeps working.
-    for bad in [&[0u8, 0, 0][..], &[0, 0, 0, 9, 1, 2][..], &[][..]] {
-        let path = format!("/v1/client/submitBatch/{}", room.to_path_segment());
+    // A cut room length, a request shorter than its length, a room that is not UTF-8, nothing.
+    let bad: [&[u8]; 4] = [
+        &[0],
+        &[0, 1, b'r', 0, 0, 0, 9, 1, 2],
+        &[0, 1, 0xff, 0, 0, 0, 0],
+        &[],
+    ];
+    for bad in bad {
         let (s, why) = api
-            .post(&path, Bytes::copy_from_slice(bad))
+            .post("/v1/client/submitBatch", Bytes::copy_from_slice(bad))
             .await
             .expect("answer");
         assert_eq!(
@@ -82,7 +88,7 @@ async fn a_batch_is_answered_in_order_and_never_accepted_twice() {
         );
     }
     let more = api
-        .submit_batch(&room, &[submit_body("a.example", 4)])
+        .submit_batch(&[(ROOM, submit_body("a.example", 4))])
         .await
         .expect("a batch after bad ones");
     assert!(accepted(&more[0]));

@@ -36,7 +36,7 @@ pub(crate) fn router(state: ApiState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics_page))
         .route("/v1/client/submit/{room}", post(submit))
-        .route("/v1/client/submitBatch/{room}", post(submit_batch))
+        .route("/v1/client/submitBatch", post(submit_batch))
         .route("/v1/client/inbox", get(inbox))
         .route("/v1/client/rooms", post(create_room))
         .route("/v1/client/update/{room}", post(update))
@@ -86,25 +86,21 @@ async fn submit(State(s): State<ApiState>, Path(room): Path<String>, body: Bytes
 /// Most submissions one `submitBatch` call may carry.
 pub const MAX_BATCH: usize = 4096;
 
-/// `POST /v1/client/submitBatch/{room}`: SubmitMessageRequests for one room, each prefixed by
-/// its length (u32, big-endian), for a provider front end that hands the relay bursts. They
-/// reach the core in order, back to back, so the hub fans them out in one transmit per
-/// follower. The answer lists each one's outcome in the same order: `status u16, length u32,
-/// body` (the body `/submit` would have answered). Each is accepted or refused on its own,
-/// and a retried batch is answered from the dedupe window, never fanned out twice.
-async fn submit_batch(
-    State(s): State<ApiState>,
-    Path(room): Path<String>,
-    body: Bytes,
-) -> HttpResponse {
+/// `POST /v1/client/submitBatch`: SubmitMessageRequests for any rooms, for a provider front end
+/// that hands the relay what it has in one call. Each item is `room u16-len string, request
+/// u32-len bytes`, big-endian. They reach the core in order, back to back, so the hub fans
+/// each room's out in one transmit per follower. The answer lists each one's outcome in the
+/// same order: `status u16, body u32-len` (what `/submit` would have answered). Each is
+/// accepted or refused on its own; a retried batch is answered from the dedupe window, never
+/// fanned out twice.
+async fn submit_batch(State(s): State<ApiState>, body: Bytes) -> HttpResponse {
     let items = match split_batch(body) {
         Ok(items) => items,
         Err(why) => return (StatusCode::BAD_REQUEST, why).into_response(),
     };
     let mut answers = Vec::with_capacity(items.len());
-    for body in items {
+    for (room, body) in items {
         let (reply, answer) = oneshot::channel();
-        let room = room.clone();
         if s.tx.send(Event::Submit { room, body, reply }).is_err() {
             return unavailable();
         }
@@ -122,22 +118,17 @@ async fn submit_batch(
     (StatusCode::OK, out.freeze()).into_response()
 }
 
-/// Splits a `submitBatch` body into its requests.
-fn split_batch(mut b: Bytes) -> Result<Vec<Bytes>, &'static str> {
+/// Splits a `submitBatch` body into (room, request) items.
+fn split_batch(mut b: Bytes) -> Result<Vec<(String, Bytes)>, &'static str> {
     let mut items = Vec::new();
     while !b.is_empty() {
         if items.len() == MAX_BATCH {
             return Err("more than 4096 submissions in one batch\n");
         }
-        if b.len() < 4 {
-            return Err("truncated length prefix\n");
-        }
-        let n = u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
-        if b.len() - 4 < n {
-            return Err("a submission is shorter than its length prefix\n");
-        }
-        let _ = b.split_to(4);
-        items.push(b.split_to(n));
+        let room = take_field(&mut b, false).ok_or("truncated room\n")?;
+        let room = String::from_utf8(room.to_vec()).map_err(|_| "room is not UTF-8\n")?;
+        let body = take_field(&mut b, true).ok_or("truncated submission\n")?;
+        items.push((room, body));
     }
     if items.is_empty() {
         return Err("empty batch\n");

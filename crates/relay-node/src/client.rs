@@ -150,20 +150,24 @@ impl LocalClient {
         self.call(req).await
     }
 
-    /// Submits several SubmitMessageRequests for `room` in one call (`submitBatch`); returns
+    /// Submits (room URI, SubmitMessageRequest) items in one call (`submitBatch`); returns
     /// each one's HTTP status and body, in order.
     pub async fn submit_batch(
         &mut self,
-        room: &RoomId,
-        bodies: &[Bytes],
+        items: &[(&str, Bytes)],
     ) -> Result<Vec<(StatusCode, Bytes)>, ClientError> {
-        let mut b = BytesMut::with_capacity(bodies.iter().map(|x| x.len() + 4).sum());
-        for body in bodies {
+        let size = items.iter().map(|(r, x)| r.len() + x.len() + 6).sum();
+        let mut b = BytesMut::with_capacity(size);
+        for (room, body) in items {
+            let Ok(n) = u16::try_from(room.len()) else {
+                return Err(ClientError::Malformed);
+            };
+            b.put_u16(n);
+            b.put_slice(room.as_bytes());
             b.put_u32(body.len() as u32);
             b.put_slice(body);
         }
-        let path = format!("/v1/client/submitBatch/{}", room.to_path_segment());
-        let req = self.request(Method::POST, &path, b.freeze())?;
+        let req = self.request(Method::POST, "/v1/client/submitBatch", b.freeze())?;
         let (status, body) = self.call(req).await?;
         if status != StatusCode::OK {
             return Err(ClientError::Status {
@@ -172,7 +176,7 @@ impl LocalClient {
             });
         }
         let answers = decode_batch_answer(body)?;
-        if answers.len() != bodies.len() {
+        if answers.len() != items.len() {
             return Err(ClientError::Malformed);
         }
         Ok(answers)

@@ -302,6 +302,10 @@ impl Node {
         });
         let (api_stop, stop_rx) = oneshot::channel::<()>();
         let api_task = tokio::spawn(async move {
+            // Answers go out at once: a client waits on each one.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let serve = axum::serve(listener, app).with_graceful_shutdown(async {
                 let _ = stop_rx.await;
             });

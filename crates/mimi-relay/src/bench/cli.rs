@@ -35,9 +35,9 @@ pub struct BenchArgs {
     /// Closed loop: messages per room in flight (sent, not yet delivered everywhere), at most.
     #[arg(long, default_value_t = 64)]
     pub window: u64,
-    /// Closed loop: most messages a room's sender hands the hub in one submitBatch call
-    /// (1 = one /submit per message).
-    #[arg(long, default_value_t = 16)]
+    /// Most messages the driver hands the hub in one submitBatch call: those already due
+    /// (open loop) or that the rooms' windows have room for (closed loop).
+    #[arg(long, default_value_t = 1024)]
     pub submit_batch: u64,
     /// Seconds of the measured phase of each row.
     #[arg(long, default_value_t = 10.0)]

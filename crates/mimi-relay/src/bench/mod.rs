@@ -111,7 +111,7 @@ pub struct BenchOptions {
     pub rate: Option<f64>,
     /// Closed loop: messages per room sent but not yet delivered to every follower, at most.
     pub window: u64,
-    /// Closed loop: most messages per submitBatch call to the hub.
+    /// Most messages per submitBatch call to the hub.
     pub submit_batch: u64,
     pub duration: Duration,
     /// `memory` or `durable`.
@@ -146,7 +146,7 @@ impl Default for BenchOptions {
             sizes: SizeMix::default(),
             rate: None,
             window: 64,
-            submit_batch: 16,
+            submit_batch: 1024,
             duration: Duration::from_secs(10),
             store: "memory".into(),
             net: NetMode::Auto,
@@ -328,6 +328,8 @@ pub(crate) struct Rx {
     pub(crate) last_delivery: Option<Instant>,
     /// First deliveries per stream over the whole row (all receivers): the closed loop's window.
     pub(crate) per_stream: HashMap<u32, u64>,
+    /// Notified after deliveries are recorded (a closed loop waits on it when its windows are full).
+    pub(crate) progress: Arc<tokio::sync::Notify>,
 }
 
 impl Rx {
@@ -345,6 +347,7 @@ impl Rx {
             first: None,
             last_delivery: None,
             per_stream: HashMap::new(),
+            progress: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -385,21 +388,6 @@ impl Rx {
         self.first = None;
         self.last_delivery = None;
     }
-}
-
-/// Closed loop: waits until `stream` has room in its window and returns how many messages
-/// it has room for, `sent` having been sent so far.
-pub(crate) async fn window_free(
-    rx: &Mutex<Rx>,
-    stream: u32,
-    sent: u64,
-    receivers: u64,
-    window: u64,
-    stop: &AtomicBool,
-) -> u64 {
-    wait_window(rx, stream, sent, receivers, window, stop).await;
-    let delivered = lock(rx).per_stream.get(&stream).copied().unwrap_or(0) / receivers.max(1);
-    (window + delivered).saturating_sub(sent).max(1)
 }
 
 /// Closed loop: waits until message `counter` of `stream` is within `window` messages of the
@@ -852,7 +840,7 @@ async fn wait_healthy(nodes: &mut Nodes, admins: &[SocketAddr]) -> Result<()> {
     Ok(())
 }
 
-/// A closed loop's limits for the senders of `drive`.
+/// A closed loop's limits for `drive`.
 #[derive(Clone)]
 struct ClosedLoop {
     rx: Arc<Mutex<Rx>>,
@@ -860,13 +848,14 @@ struct ClosedLoop {
     receivers: u64,
     /// Messages per room in flight, at most.
     window: u64,
-    /// Messages per submitBatch call, at most.
-    batch: u64,
 }
 
 /// Submits messages into every room until `until`: open loop at `rate` (spread over rooms) or
-/// closed loop. Returns the messages accepted. Each room's messages go one after another, so
-/// their order at every follower must be the order of their counters.
+/// closed loop. Returns the messages accepted. Like a provider's front end, it hands the hub
+/// everything it has in one `submitBatch` call at a time (at most `batch_max` messages):
+/// in the open loop every message already due, each with its own scheduled time, in the
+/// closed loop what the rooms' windows have room for. Calls go one after another and each
+/// room's messages in order, so their order at every follower must be that of their counters.
 #[allow(clippy::too_many_arguments)]
 async fn drive(
     hub_admin: SocketAddr,
@@ -879,113 +868,140 @@ async fn drive(
     accepted: &Arc<AtomicU64>,
     stop: &Arc<AtomicBool>,
     window: Option<ClosedLoop>,
+    batch_max: u64,
 ) -> Result<u64> {
-    // A JoinSet: if the row is abandoned (its time is up), the senders stop with it.
-    let mut tasks = tokio::task::JoinSet::new();
+    let room_ids: Vec<String> = (0..rooms).map(room_id).collect();
+    let mut rngs: Vec<u64> = (0..rooms)
+        .map(|r| 0x2545_f491_4f6c_dd1d ^ ((r as u64 + 1) << 20))
+        .collect();
+    let mut client = LocalClient::new(hub_admin);
     let start = Instant::now();
-    for r in 0..rooms {
-        let sizes = sizes.clone();
-        let counters = counters.clone();
-        let accepted = accepted.clone();
-        let stop = stop.clone();
-        let window = window.clone();
-        let interval = rate.map(|rate| Duration::from_secs_f64(rooms as f64 / rate.max(1e-3)));
-        tasks.spawn(async move {
-            let room: RoomId = room_id(r).parse().map_err(|e| anyhow!("room id: {e}"))?;
-            let mut client = LocalClient::new(hub_admin);
-            let mut rng = 0x2545_f491_4f6c_dd1d ^ ((r as u64 + 1) << 20);
-            // Stagger the rooms' schedules over one interval.
-            let offset = interval.map(|i| i.mul_f64(r as f64 / rooms as f64));
-            let mut k = 0u32;
-            loop {
-                let sched = match (interval, offset) {
-                    (Some(i), Some(o)) => start + o + i * k,
-                    _ => Instant::now(),
-                };
-                if sched >= until || stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                // Closed loop: no timer (tokio's rounds up to the next millisecond).
-                if interval.is_some() {
-                    tokio::time::sleep_until(sched.into()).await;
-                }
-                // Open loop: one message when it is due. Closed loop: every message the
-                // window has room for, handed to the hub in one submitBatch, as a provider's
-                // front end with a backlog would.
-                let (n, sched) = match &window {
-                    Some(c) => {
-                        let sent = counters[r].load(Ordering::Relaxed);
-                        let free =
-                            window_free(&c.rx, r as u32, sent, c.receivers, c.window, &stop).await;
-                        (free.min(c.batch), Instant::now())
+    let interval = rate.map(|rate| Duration::from_secs_f64(rooms as f64 / rate.max(1e-3)));
+    // Open loop: message k of room r is due at `start + offset(r) + k * interval`, the rooms'
+    // schedules staggered over one interval.
+    let due =
+        |r: usize, k: u32| interval.map(|i| start + i.mul_f64(r as f64 / rooms as f64) + i * k);
+    let mut next_k = vec![0u32; rooms];
+    let mut first_room = 0usize;
+    let batch_max = batch_max.max(1) as usize;
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let now = Instant::now();
+        // (room, scheduled time) of each message to hand over now; rooms take turns first.
+        let mut picks: Vec<(usize, Instant)> = Vec::new();
+        let mut wake = None;
+        if let Some(c) = &window {
+            if now >= until {
+                break;
+            }
+            let t = lock(&c.rx);
+            for r in (0..rooms).map(|i| (first_room + i) % rooms) {
+                let sent = counters[r].load(Ordering::Relaxed);
+                let done = t.per_stream.get(&(r as u32)).copied().unwrap_or(0) / c.receivers;
+                let free = (c.window + done).saturating_sub(sent) as usize;
+                let n = free.min(batch_max - picks.len());
+                picks.extend(std::iter::repeat_n((r, now), n));
+            }
+            wake = Some(t.progress.clone());
+        } else {
+            let mut next_due: Option<Instant> = None;
+            for r in (0..rooms).map(|i| (first_room + i) % rooms) {
+                while let Some(at) = due(r, next_k[r]).filter(|at| *at < until) {
+                    if at > now || picks.len() == batch_max {
+                        next_due = Some(next_due.map_or(at, |d| d.min(at)));
+                        break;
                     }
-                    None => (1, sched),
-                };
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                k += n as u32;
-                let sched_ns = sched.duration_since(epoch).as_nanos() as u64;
-                let mut batch = Vec::with_capacity(n as usize);
-                for _ in 0..n {
-                    let counter = counters[r].fetch_add(1, Ordering::Relaxed) as u32;
-                    let size = sizes.pick(&mut rng);
-                    let ct = ciphertext(marker_bytes(r as u32, counter, sched_ns), size, &mut rng);
-                    batch.push(submit_body("a.example", r as u32, &ct)?);
-                }
-                let done = submit_in_order(&mut client, &room, &batch, r, &stop).await?;
-                accepted.fetch_add(done as u64, Ordering::Relaxed);
-                if done < batch.len() {
-                    break; // stopped while the hub was refusing
+                    picks.push((r, at));
+                    next_k[r] += 1;
                 }
             }
-            Ok::<(), anyhow::Error>(())
-        });
-    }
-    while let Some(t) = tasks.join_next().await {
-        t.map_err(|e| anyhow!("a sender task failed: {e}"))??;
+            if picks.is_empty() {
+                match next_due {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => break, // every room's schedule has ended
+                }
+                continue;
+            }
+        }
+        if picks.is_empty() {
+            // Every window is full: wait for the readers to record a delivery.
+            if let Some(w) = wake {
+                let _ = tokio::time::timeout(Duration::from_millis(5), w.notified()).await;
+            }
+            continue;
+        }
+        first_room = (first_room + 1) % rooms;
+        let mut batch = Vec::with_capacity(picks.len());
+        for (r, sched) in picks {
+            let sched_ns = sched.duration_since(epoch).as_nanos() as u64;
+            let counter = counters[r].fetch_add(1, Ordering::Relaxed) as u32;
+            let size = sizes.pick(&mut rngs[r]);
+            let ct = ciphertext(
+                marker_bytes(r as u32, counter, sched_ns),
+                size,
+                &mut rngs[r],
+            );
+            batch.push((
+                room_ids[r].as_str(),
+                submit_body("a.example", r as u32, &ct)?,
+            ));
+        }
+        // Calls of at most CALL_BYTES, under the node's body limit (1 MiB by default).
+        let mut rest = &batch[..];
+        while !rest.is_empty() {
+            let mut bytes = 0;
+            let n = rest
+                .iter()
+                .take_while(|(_, b)| {
+                    bytes += b.len();
+                    bytes <= CALL_BYTES
+                })
+                .count()
+                .max(1);
+            let done = submit_in_order(&mut client, &rest[..n], stop).await?;
+            accepted.fetch_add(done as u64, Ordering::Relaxed);
+            if done < n {
+                return Ok(accepted.load(Ordering::Relaxed)); // stopped while the hub refused
+            }
+            rest = &rest[n..];
+        }
     }
     Ok(accepted.load(Ordering::Relaxed))
 }
 
-/// Submits `batch` (one message, or a closed loop's burst), retrying refusals for a bounded
-/// time. A retry starts at the first refused message: those after it that were accepted are
-/// answered from the hub's dedupe window, never fanned out twice. Returns how many were
-/// accepted: all of them, unless `stop` came first.
+/// Submits `batch` of (room, SubmitMessageRequest), retrying refusals for a bounded time. A
+/// retry starts at the first refused message: those after it that were accepted are answered
+/// from the hub's dedupe window, never fanned out twice. Returns how many were accepted: all
+/// of them, unless `stop` came first.
 async fn submit_in_order(
     client: &mut LocalClient,
-    room: &RoomId,
-    batch: &[Bytes],
-    r: usize,
+    batch: &[(&str, Bytes)],
     stop: &AtomicBool,
 ) -> Result<usize> {
     let refused_since = Instant::now();
     let mut rest = batch;
     loop {
-        let why = if let [one] = rest {
-            match client.submit(room, one.clone()).await {
-                Ok((s, b)) if accepted_response(s, &b) => return Ok(batch.len()),
-                Ok((s, b)) => format!("{s}: {}", String::from_utf8_lossy(&b)),
-                Err(e) => format!("{e:#}"),
-            }
-        } else {
-            match client.submit_batch(room, rest).await {
-                Ok(answers) => match answers.iter().position(|(s, b)| !accepted_response(*s, b)) {
-                    None => return Ok(batch.len()),
-                    Some(i) => {
-                        rest = &rest[i..];
-                        let (s, b) = &answers[i];
-                        format!("{s}: {}", String::from_utf8_lossy(b))
-                    }
-                },
-                Err(e) => format!("{e:#}"),
-            }
+        let why = match client.submit_batch(rest).await {
+            Ok(answers) => match answers.iter().position(|(s, b)| !accepted_response(*s, b)) {
+                None => return Ok(batch.len()),
+                Some(i) => {
+                    rest = &rest[i..];
+                    let (s, b) = &answers[i];
+                    format!("{s}: {}", String::from_utf8_lossy(b))
+                }
+            },
+            Err(e) => format!("{e:#}"),
         };
         if stop.load(Ordering::Relaxed) {
             return Ok(batch.len() - rest.len());
         }
         if refused_since.elapsed() > SUBMIT_PATIENCE {
-            bail!("the hub refused a message of room {r} for {SUBMIT_PATIENCE:?}: {why}");
+            bail!(
+                "the hub refused a message of {} for {SUBMIT_PATIENCE:?}: {why}",
+                rest[0].0
+            );
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -1030,6 +1046,7 @@ fn start_readers(
                                 t.record(i - 1, s, c, sched, now);
                             }
                         }
+                        t.progress.notify_one();
                     }
                     Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
                 }
@@ -1038,6 +1055,9 @@ fn start_readers(
     }
     v
 }
+
+/// Request bytes per submitBatch call, at most (one larger request still goes alone).
+const CALL_BYTES: usize = 256 * 1024;
 
 /// How long a sender retries a refused message before the row fails.
 const SUBMIT_PATIENCE: Duration = Duration::from_secs(30);
@@ -1270,8 +1290,8 @@ async fn run_relay(
             rx: rx.clone(),
             receivers: opts.followers as u64,
             window: opts.window,
-            batch: opts.submit_batch,
         }),
+        opts.submit_batch,
     );
     tokio::pin!(drive_fut);
     let phase_start = Instant::now();
@@ -1335,6 +1355,7 @@ async fn run_relay(
             &accepted2,
             &stop,
             None,
+            opts.submit_batch,
         );
         tokio::pin!(f);
         let mut cut = false;
