@@ -1056,3 +1056,39 @@ fn small_dedupe_window(seed: u64) {
         "the store keeps at most one window, kept {kept}"
     );
 }
+
+#[test]
+fn a_burst_of_submissions_leaves_as_one_transmit_per_follower() {
+    let mut sim = Sim::new(5, perfect(), 0, 0);
+    let now = sim.now();
+    let hub = &mut sim.nodes[0];
+    for k in 0..5 {
+        let body = submit_body("a.example", 0, k);
+        hub.relay.handle_client_submit(
+            now,
+            &mut hub.store,
+            ReplyToken(u64::from(k)),
+            room().as_str(),
+            body,
+        );
+    }
+    let mut replies = 0;
+    let mut transmits = Vec::new();
+    while let Some(out) = hub.relay.poll_output() {
+        match out {
+            Output::Reply { .. } => replies += 1,
+            Output::Transmit(t) => transmits.push((t.dest, t.seq, t.body.len())),
+            Output::Probe(_) => {}
+        }
+    }
+    assert_eq!(replies, 5);
+    transmits.sort();
+    assert_eq!(
+        transmits,
+        vec![
+            (domain("b.example"), Some(1), 5),
+            (domain("c.example"), Some(1), 5)
+        ],
+        "each follower gets the five events in one /notify"
+    );
+}

@@ -27,6 +27,8 @@ pub enum ClientError {
     Build(#[from] hyper::http::Error),
     #[error("malformed answer (inbox record or batch answer)")]
     Malformed,
+    #[error("a room URI of {0} bytes (at most 65535)")]
+    RoomTooLong(usize),
     #[error("status {status}: {body}")]
     Status { status: StatusCode, body: String },
     #[error("no answer from {addr} within {after:?}")]
@@ -160,7 +162,7 @@ impl LocalClient {
         let mut b = BytesMut::with_capacity(size);
         for (room, body) in items {
             let Ok(n) = u16::try_from(room.len()) else {
-                return Err(ClientError::Malformed);
+                return Err(ClientError::RoomTooLong(room.len()));
             };
             b.put_u16(n);
             b.put_slice(room.as_bytes());
