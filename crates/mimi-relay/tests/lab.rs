@@ -152,6 +152,32 @@ fn lan_on_loopback_delivers_everything_once_in_order() {
     assert!(out.path().join("latency-cdf-lan.svg").exists());
 }
 
+#[test]
+fn closed_loop_batches_stay_in_order_within_the_window() {
+    // Small windows and calls, so the front end waits on full windows and splits its bursts.
+    let (rows, _out) = bench(&[
+        "--net",
+        "loopback",
+        "--profile",
+        "lan",
+        "--transports",
+        "https,quic,bare-quinn",
+        "--duration",
+        "1",
+        "--rooms",
+        "4",
+        "--window",
+        "8",
+        "--submit-batch",
+        "5",
+    ]);
+    for t in ["https", "quic", "bare-quinn"] {
+        let r = row(&rows, t, "lan");
+        assert_clean(r);
+        assert!(r["delivered"].as_u64().unwrap() > 100, "{t}: {r}");
+    }
+}
+
 fn namespaces_usable() -> bool {
     use std::os::unix::fs::MetadataExt;
     let root = std::fs::metadata("/proc/self").map(|m| m.uid()).ok() == Some(0);
