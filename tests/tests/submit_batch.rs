@@ -98,3 +98,40 @@ async fn a_batch_is_answered_in_order_and_never_accepted_twice() {
     );
     node.shutdown().await.expect("clean shutdown");
 }
+
+/// A client given a connector opens its connection only through it (the lab opens its sockets
+/// in the node's network namespace this way), once per connection, and a connector that fails
+/// gives a typed `Connect` error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connector_opens_the_connection_and_its_failure_is_typed() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let (_dir, node) = start_hub("https").await;
+    let opened = Arc::new(AtomicUsize::new(0));
+    let count = opened.clone();
+    let mut api = LocalClient::new(node.admin).with_connector(Arc::new(move |addr| {
+        count.fetch_add(1, Ordering::SeqCst);
+        std::net::TcpStream::connect(addr)
+    }));
+    let batch = [(ROOM, submit_body("a.example", 1))];
+    assert!(accepted(&api.submit_batch(&batch).await.expect("batch")[0]));
+    assert!(accepted(&api.submit_batch(&batch).await.expect("again")[0]));
+    assert_eq!(
+        opened.load(Ordering::SeqCst),
+        1,
+        "one keep-alive connection"
+    );
+
+    let mut refused = LocalClient::new(node.admin).with_connector(Arc::new(|_| {
+        Err(std::io::Error::other("no route into that namespace"))
+    }));
+    match refused.submit_batch(&batch).await {
+        Err(relay_node::client::ClientError::Connect { addr, source }) => {
+            assert_eq!(addr, node.admin);
+            assert!(source.to_string().contains("no route"), "{source}");
+        }
+        other => panic!("expected a Connect error, got {other:?}"),
+    }
+    node.shutdown().await.expect("shutdown");
+}

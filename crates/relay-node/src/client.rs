@@ -1,6 +1,7 @@
 //! A client of a node's loopback API, for the demo, the load harness and tests.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -48,12 +49,27 @@ pub struct InboxItem {
 /// How long one call may take beyond the wait it asked for (an inbox long poll).
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Opens a blocking TCP connection to the API's address: for a caller that must open its
+/// sockets elsewhere than in its own network namespace (the transport lab).
+pub type Connector = Arc<dyn Fn(SocketAddr) -> std::io::Result<std::net::TcpStream> + Send + Sync>;
+
 /// One keep-alive HTTP/1.1 connection to a node's API; reconnects after a failure.
-#[derive(Debug)]
 pub struct LocalClient {
     addr: SocketAddr,
     conn: Option<SendRequest<Full<Bytes>>>,
     timeout: Duration,
+    connector: Option<Connector>,
+}
+
+impl std::fmt::Debug for LocalClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalClient")
+            .field("addr", &self.addr)
+            .field("connected", &self.conn.is_some())
+            .field("timeout", &self.timeout)
+            .field("connector", &self.connector.is_some())
+            .finish()
+    }
 }
 
 impl LocalClient {
@@ -62,7 +78,14 @@ impl LocalClient {
             addr,
             conn: None,
             timeout: DEFAULT_CALL_TIMEOUT,
+            connector: None,
         }
+    }
+
+    /// Connects through `connector` (run on a blocking thread) instead of from here.
+    pub fn with_connector(mut self, connector: Connector) -> Self {
+        self.connector = Some(connector);
+        self
     }
 
     /// Bounds every call (connect, request and whole answer) by `timeout`, beyond any wait
@@ -104,12 +127,23 @@ impl LocalClient {
         req: Request<Full<Bytes>>,
     ) -> Result<(StatusCode, Bytes), ClientError> {
         if self.conn.as_ref().is_none_or(|c| c.is_closed()) {
-            let stream = tokio::net::TcpStream::connect(self.addr)
-                .await
-                .map_err(|source| ClientError::Connect {
-                    addr: self.addr,
-                    source,
-                })?;
+            let addr = self.addr;
+            let connect_failed = |source| ClientError::Connect { addr, source };
+            let stream = match &self.connector {
+                None => tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(connect_failed)?,
+                Some(c) => {
+                    let c = c.clone();
+                    let std = tokio::task::spawn_blocking(move || c(addr))
+                        .await
+                        .map_err(std::io::Error::other)
+                        .and_then(|r| r)
+                        .and_then(|s| s.set_nonblocking(true).map(|()| s))
+                        .map_err(connect_failed)?;
+                    tokio::net::TcpStream::from_std(std).map_err(connect_failed)?
+                }
+            };
             let _ = stream.set_nodelay(true);
             let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
             tokio::spawn(async move {

@@ -770,50 +770,46 @@ fn prepare(
     Ok(configs)
 }
 
-/// A TCP proxy from a root-namespace loopback port to a port inside a namespace, so that the
-/// lab's clients reach each node's loopback-only API. Returns the local address.
-async fn admin_proxy(ns_path: String, target: SocketAddr) -> Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let local = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut inbound, _)) = listener.accept().await {
-            let path = ns_path.clone();
-            tokio::spawn(async move {
-                let out = tokio::task::spawn_blocking(move || {
-                    netlab::in_namespace(&path, move || {
-                        let s =
-                            std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
-                        s.set_nodelay(true)?;
-                        s.set_nonblocking(true)?;
-                        Ok(s)
-                    })
-                })
-                .await;
-                let Ok(Ok(s)) = out else { return };
-                let Ok(mut s) = tokio::net::TcpStream::from_std(s) else {
-                    return;
-                };
-                let _ = inbound.set_nodelay(true);
-                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut s).await;
-            });
-        }
-    });
-    Ok(local)
+/// How the lab reaches one node's API, which listens on its own namespace's loopback: with
+/// sockets opened in that namespace (they stay there, whichever thread then uses them), so
+/// that no proxy in between spends the lab's CPU on copies.
+#[derive(Clone)]
+struct Admin {
+    addr: SocketAddr,
+    connector: Option<relay_node::client::Connector>,
 }
 
-/// Reads a node's admin address from its config (loopback run) or maps it through a proxy.
-async fn admin_addr(config: &Path, lab: Option<&NetLab>, i: usize) -> Result<SocketAddr> {
-    let c = relay_node::NodeConfig::load(config)?;
-    match lab {
-        None => Ok(c.admin),
-        Some(lab) => admin_proxy(lab.path(i), c.admin).await,
+impl Admin {
+    /// Reads a node's API address from its config; in namespace `i` when there is a lab.
+    fn of_node(config: &Path, lab: Option<&NetLab>, i: usize) -> Result<Admin> {
+        let addr = relay_node::NodeConfig::load(config)?.admin;
+        let connector = lab.map(|lab| -> relay_node::client::Connector {
+            let path = lab.path(i);
+            Arc::new(move |addr| {
+                netlab::in_namespace(&path, move || {
+                    let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+                    s.set_nodelay(true)?;
+                    Ok(s)
+                })
+                .map_err(|e| std::io::Error::other(format!("{e:#}")))
+            })
+        });
+        Ok(Admin { addr, connector })
+    }
+
+    fn client(&self) -> LocalClient {
+        let c = LocalClient::new(self.addr);
+        match &self.connector {
+            Some(f) => c.with_connector(f.clone()),
+            None => c,
+        }
     }
 }
 
-async fn wait_healthy(nodes: &mut Nodes, admins: &[SocketAddr]) -> Result<()> {
+async fn wait_healthy(nodes: &mut Nodes, admins: &[Admin]) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     for (i, admin) in admins.iter().enumerate() {
-        let mut client = LocalClient::new(*admin).with_timeout(Duration::from_secs(2));
+        let mut client = admin.client().with_timeout(Duration::from_secs(2));
         loop {
             if let Ok((s, _)) = client.get("/healthz").await
                 && s.is_success()
@@ -858,7 +854,7 @@ struct ClosedLoop {
 /// room's messages in order, so their order at every follower must be that of their counters.
 #[allow(clippy::too_many_arguments)]
 async fn drive(
-    hub_admin: SocketAddr,
+    hub: &Admin,
     rooms: usize,
     rate: Option<f64>,
     until: Instant,
@@ -874,7 +870,7 @@ async fn drive(
     let mut rngs: Vec<u64> = (0..rooms)
         .map(|r| 0x2545_f491_4f6c_dd1d ^ ((r as u64 + 1) << 20))
         .collect();
-    let mut client = LocalClient::new(hub_admin);
+    let mut client = hub.client();
     let start = Instant::now();
     let interval = rate.map(|rate| Duration::from_secs_f64(rooms as f64 / rate.max(1e-3)));
     // Open loop: message k of room r is due at `start + offset(r) + k * interval`, the rooms'
@@ -1018,16 +1014,16 @@ fn accepted_response(status: hyper::StatusCode, body: &[u8]) -> bool {
 /// Inbox readers: one per follower (receiver index = follower - 1), plus one that drains the
 /// hub's own inbox so that it never fills.
 fn start_readers(
-    admins: &[SocketAddr],
+    admins: &[Admin],
     rx: &Arc<Mutex<Rx>>,
     stop: &Arc<AtomicBool>,
 ) -> tokio::task::JoinSet<()> {
     let mut v = tokio::task::JoinSet::new();
-    for (i, admin) in admins.iter().copied().enumerate() {
+    for (i, admin) in admins.iter().cloned().enumerate() {
         let rx = rx.clone();
         let stop = stop.clone();
         v.spawn(async move {
-            let mut client = LocalClient::new(admin);
+            let mut client = admin.client();
             let mut after = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 match client.inbox(after, 4096, 100).await {
@@ -1221,7 +1217,7 @@ async fn run_relay(
     }
     let mut admins = Vec::new();
     for (i, cfg) in configs.iter().enumerate() {
-        admins.push(admin_addr(cfg, lab, i).await?);
+        admins.push(Admin::of_node(cfg, lab, i)?);
     }
     progress.line(&format!("{label} starting {n} nodes"));
     wait_healthy(&mut nodes, &admins).await?;
@@ -1238,7 +1234,7 @@ async fn run_relay(
     // latency (submit to delivery at every follower) is the setup time.
     {
         let room: RoomId = room_id(0).parse().map_err(|e| anyhow!("room id: {e}"))?;
-        let mut client = LocalClient::new(admins[0]);
+        let mut client = admins[0].client();
         let mut rng = 7u64;
         let t0 = Instant::now();
         let ct = ciphertext(
@@ -1277,7 +1273,7 @@ async fn run_relay(
     let accepted = Arc::new(AtomicU64::new(0));
     let until = Instant::now() + opts.duration;
     let drive_fut = drive(
-        admins[0],
+        &admins[0],
         opts.rooms,
         opts.rate,
         until,
@@ -1345,7 +1341,7 @@ async fn run_relay(
         let cut_at = t0 + Duration::from_secs(1);
         let restore_at = cut_at + Duration::from_secs(5);
         let f = drive(
-            admins[0],
+            &admins[0],
             opts.rooms,
             rate,
             until2,
