@@ -135,13 +135,13 @@ impl LocalClient {
                     .map_err(connect_failed)?,
                 Some(c) => {
                     let c = c.clone();
-                    let std = tokio::task::spawn_blocking(move || c(addr))
+                    let opened = tokio::task::spawn_blocking(move || c(addr))
                         .await
                         .map_err(std::io::Error::other)
                         .and_then(|r| r)
                         .and_then(|s| s.set_nonblocking(true).map(|()| s))
                         .map_err(connect_failed)?;
-                    tokio::net::TcpStream::from_std(std).map_err(connect_failed)?
+                    tokio::net::TcpStream::from_std(opened).map_err(connect_failed)?
                 }
             };
             let _ = stream.set_nodelay(true);
