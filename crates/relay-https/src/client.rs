@@ -241,8 +241,12 @@ async fn connect_inner<I: Inbound>(ctx: &PeerCtx<I>) -> Result<Sender, ConnectEr
         // Window sized from measured bandwidth-delay: many concurrent notifies share one
         // connection, and the fixed 64 KiB default would throttle them.
         .adaptive_window(true)
-        // Pings notice a dead peer between requests, so the next send reconnects promptly.
-        .keep_alive_interval(Duration::from_secs(30))
+        // While requests are open, a ping goes out after `request_timeout` without a frame
+        // from the peer and must be acked within as long. A peer slow to answer still acks
+        // (h2 does, not the handler) and keeps its connection; one stuck in TCP backoff or
+        // black-holed is closed, so the next send (or the core's probe) reconnects instead of
+        // waiting on it.
+        .keep_alive_interval(ctx.request_timeout)
         .keep_alive_timeout(ctx.request_timeout)
         .handshake(TokioIo::new(tls))
         .await

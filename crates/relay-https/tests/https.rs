@@ -1011,3 +1011,114 @@ async fn a_peer_that_keeps_answering_does_not_time_out_the_queue() -> Result<()>
     );
     Ok(())
 }
+
+/// A TCP relay in front of b.example whose existing connections can be frozen: their bytes
+/// stop moving both ways while the sockets stay open, as on a black-holed path. Connections
+/// accepted afterwards carry traffic.
+struct FreezingRelay {
+    addr: SocketAddr,
+    conns: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
+}
+
+impl FreezingRelay {
+    async fn start(target: SocketAddr) -> Result<FreezingRelay> {
+        let listener = tokio::net::TcpListener::bind(any_port()).await?;
+        let addr = listener.local_addr()?;
+        let conns: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+        let registry = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                    continue;
+                };
+                let frozen = Arc::new(AtomicBool::new(false));
+                registry.lock().expect("lock").push(frozen.clone());
+                let (ri, wi) = inbound.into_split();
+                let (ro, wo) = outbound.into_split();
+                tokio::spawn(pipe(ri, wo, frozen.clone()));
+                tokio::spawn(pipe(ro, wi, frozen));
+            }
+        });
+        Ok(FreezingRelay { addr, conns })
+    }
+
+    fn freeze_existing(&self) -> usize {
+        let conns = self.conns.lock().expect("lock");
+        for c in conns.iter() {
+            c.store(true, Ordering::SeqCst);
+        }
+        conns.len()
+    }
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let Ok(n) = from.read(&mut buf).await else {
+            return;
+        };
+        if n == 0 || frozen.load(Ordering::SeqCst) {
+            // Frozen: hold the sockets open and move nothing more.
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A connection that moves no bytes at all (a black-holed path, or TCP deep in backoff) is
+/// closed by the h2 ping within about two request timeouts, and the next transmit goes on a
+/// new connection instead of waiting on the dead one.
+#[tokio::test]
+async fn a_connection_that_moves_nothing_is_replaced() -> Result<()> {
+    let request_timeout = Duration::from_millis(300);
+    let a = Provider::new("a.example")?;
+    let b = Provider::new("b.example")?;
+    let (fb, _) = Fake::new();
+    let (_tb, b_addr) =
+        HttpsTransport::start(b.config(&[&a], &[], any_port(), 1024)?, fb.clone()).await?;
+    let relay = FreezingRelay::start(b_addr).await?;
+    let (fa, mut ea) = Fake::new();
+    let mut config = a.config(&[&b], &[(&b, relay.addr)], any_port(), 1024)?;
+    config.request_timeout = request_timeout;
+    let (ta, _) = HttpsTransport::start(config, fa).await?;
+    let notify = |id: u64| {
+        let body = vec![Bytes::from(format!("m{id}").into_bytes())];
+        transmit(id, &b, Endpoint::Notify, ROOM, Some(id), body)
+    };
+
+    ta.send(notify(0));
+    let (id, outcome) = ea.outcome().await?;
+    assert_eq!((id, outcome?.status), (TransmitId(0), Status::Created));
+    assert_eq!(relay.freeze_existing(), 1, "one connection so far");
+
+    ta.send(notify(1));
+    let (id, outcome) = ea.outcome().await?;
+    assert_eq!(id, TransmitId(1));
+    assert!(
+        matches!(
+            outcome,
+            Err(TransportError::Timeout | TransportError::ConnectionLost)
+        ),
+        "{outcome:?}"
+    );
+    // The ping goes out after one request timeout without a frame and fails after another.
+    tokio::time::sleep(request_timeout * 3).await;
+
+    ta.send(notify(2));
+    let (id, outcome) = ea.outcome().await?;
+    assert_eq!((id, outcome?.status), (TransmitId(2), Status::Created));
+    assert_eq!(
+        relay.conns.lock().expect("lock").len(),
+        2,
+        "a new connection"
+    );
+    assert_eq!(fb.requests().len(), 2, "the frozen request never arrived");
+    Ok(())
+}
