@@ -40,8 +40,8 @@
 //! whose certificate must authenticate that same provider), opened on first use and reopened
 //! after a failure. While requests are open, a connection from which no frame came for
 //! `request_timeout` is pinged and closed if the ping is not acked within as long, so a path
-//! that moves nothing is left for a new connection. [`Transport::send`] never blocks: a full per-peer queue
-//! ([`PEER_QUEUE`] jobs) answers [`TransportError::Busy`]. Each transmit becomes
+//! that moves nothing is left for a new connection. [`Transport::send`] never blocks: a full
+//! per-peer queue ([`PEER_QUEUE`] jobs) answers [`TransportError::Busy`]. Each transmit becomes
 //! `POST https://{dest}/v1/{endpoint}/{percent-encoded target}` with `:authority` = the
 //! destination's domain, `From: mimi@<our domain>`, `Content-Length`, `MIMI-Seq` when set, and
 //! the segments streamed without concatenating them into one buffer (segments of 16 KiB or more

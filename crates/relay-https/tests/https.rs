@@ -1059,10 +1059,11 @@ async fn pipe(
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 16 * 1024];
     loop {
-        let Ok(n) = from.read(&mut buf).await else {
-            return;
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
         };
-        if n == 0 || frozen.load(Ordering::SeqCst) {
+        if frozen.load(Ordering::SeqCst) {
             // Frozen: hold the sockets open and move nothing more.
             std::future::pending::<()>().await;
         }
