@@ -21,6 +21,7 @@ use relay_core::store::InboxRecord;
 use serde::Deserialize;
 use tokio::sync::{oneshot, watch};
 
+use crate::client::MAX_BATCH;
 use crate::core_loop::Event;
 use crate::metrics;
 
@@ -83,9 +84,6 @@ async fn submit(State(s): State<ApiState>, Path(room): Path<String>, body: Bytes
     }
 }
 
-/// Most submissions one `submitBatch` call may carry.
-pub const MAX_BATCH: usize = 4096;
-
 /// `POST /v1/client/submitBatch`: SubmitMessageRequests for any rooms, for a provider front end
 /// that hands the relay what it has in one call. Each item is `room u16-len string, request
 /// u32-len bytes`, big-endian. They reach the core in order, back to back, so the hub fans
@@ -119,11 +117,11 @@ async fn submit_batch(State(s): State<ApiState>, body: Bytes) -> HttpResponse {
 }
 
 /// Splits a `submitBatch` body into (room, request) items.
-fn split_batch(mut b: Bytes) -> Result<Vec<(String, Bytes)>, &'static str> {
+fn split_batch(mut b: Bytes) -> Result<Vec<(String, Bytes)>, String> {
     let mut items = Vec::new();
     while !b.is_empty() {
         if items.len() == MAX_BATCH {
-            return Err("more than 4096 submissions in one batch\n");
+            return Err(format!("more than {MAX_BATCH} submissions in one batch\n"));
         }
         let room = take_field(&mut b, false).ok_or("truncated room\n")?;
         let room = String::from_utf8(room.to_vec()).map_err(|_| "room is not UTF-8\n")?;
@@ -131,7 +129,7 @@ fn split_batch(mut b: Bytes) -> Result<Vec<(String, Bytes)>, &'static str> {
         items.push((room, body));
     }
     if items.is_empty() {
-        return Err("empty batch\n");
+        return Err("empty batch\n".into());
     }
     Ok(items)
 }

@@ -46,6 +46,9 @@ pub struct InboxItem {
     pub fanout: Bytes,
 }
 
+/// Most submissions one `submitBatch` call may carry.
+pub const MAX_BATCH: usize = 4096;
+
 /// How long one call may take beyond the wait it asked for (an inbox long poll).
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 

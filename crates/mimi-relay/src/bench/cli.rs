@@ -117,8 +117,9 @@ impl BenchArgs {
         for t in &self.transports {
             super::check_transport(t)?;
         }
-        if !(1..=4096).contains(&self.submit_batch) {
-            bail!("--submit-batch must be between 1 and 4096");
+        let most = relay_node::client::MAX_BATCH as u64;
+        if !(1..=most).contains(&self.submit_batch) {
+            bail!("--submit-batch must be between 1 and {most}");
         }
         if self.duration.is_nan() || self.duration <= 0.0 {
             bail!("--duration must be positive");
