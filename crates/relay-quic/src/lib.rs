@@ -22,6 +22,9 @@
 //! - **Limits.** A received body over `max_body` is never allocated: the request is answered
 //!   413 and its bytes are skipped, keeping the stream usable. A malformed frame resets that
 //!   stream only; the connection stays up.
+//! - **Socket.** The endpoint asks the kernel for [`socket::SOCKET_BUFFER`] bytes of UDP
+//!   buffer each way, since QUIC's flow control does not stop a burst at the socket; it warns
+//!   at start when it gets less.
 //! - Payload bytes are passed as [`bytes::Bytes`] and never copied on send; on receive a body
 //!   that lies within one QUIC chunk is sliced, not copied. Payloads are never logged.
 
@@ -45,6 +48,7 @@ mod client;
 mod congestion;
 pub mod framing;
 mod server;
+pub mod socket;
 mod stream;
 
 use client::{Command, PeerShared, Sink, Ticket};
@@ -268,6 +272,19 @@ impl QuicTransport {
             source,
         };
         let socket = std::net::UdpSocket::bind(config.listen).map_err(bind_err)?;
+        match socket::enlarge_buffers(&socket) {
+            Ok(b) if b.are_enough() => {
+                tracing::debug!(recv = b.recv, send = b.send, "udp socket buffers");
+            }
+            Ok(b) => tracing::warn!(
+                recv = b.recv,
+                send = b.send,
+                wanted = socket::SOCKET_BUFFER,
+                "udp socket buffers are small: bursts may be dropped by the kernel; raise \
+                 net.core.rmem_max and net.core.wmem_max, or grant CAP_NET_ADMIN"
+            ),
+            Err(error) => tracing::warn!(%error, "cannot read the udp socket buffer sizes"),
+        }
         let (reset, cid_key) = restart_keys(&config.identity);
         let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset));
         // quinn only answers with a reset for connection IDs its generator recognises, so the

@@ -192,6 +192,9 @@ pub struct Row {
     pub setup_ms: Option<f64>,
     pub recovery_ms: Option<f64>,
     pub link_drops: Option<u64>,
+    /// UDP datagrams the kernel dropped at a full socket receive buffer (netns only): losses
+    /// the link did not cause, which the clean/HOL split cannot see.
+    pub socket_drops: Option<u64>,
     pub lost: Option<u64>,
     pub duplicated: Option<u64>,
     pub out_of_order: Option<u64>,
@@ -229,6 +232,7 @@ impl Row {
             setup_ms: None,
             recovery_ms: None,
             link_drops: None,
+            socket_drops: None,
             lost: None,
             duplicated: None,
             out_of_order: None,
@@ -415,6 +419,16 @@ pub(crate) async fn wait_window(
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
+}
+
+/// The lab's socket-drop counter, if there is a lab and it can be read.
+pub(crate) fn socket_drops(lab: Option<&NetLab>) -> Option<u64> {
+    lab?.socket_drops().ok()
+}
+
+/// Socket drops since `before` (see [`socket_drops`]).
+pub(crate) fn socket_drops_since(lab: Option<&NetLab>, before: Option<u64>) -> Option<u64> {
+    Some(socket_drops(lab)?.saturating_sub(before?))
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -1265,6 +1279,7 @@ async fn run_relay(
 
     // The measured phase.
     let pids: Vec<u32> = nodes.children.iter().map(Child::id).collect();
+    let sock0 = socket_drops(lab);
     let cpu0: u64 = pids.iter().filter_map(|p| cpu_us(*p)).sum();
     let link0 = lab.map(NetLab::snapshot).unwrap_or_default();
     if let Some(lab) = lab {
@@ -1314,6 +1329,7 @@ async fn run_relay(
     let cpu1: u64 = pids.iter().filter_map(|p| cpu_us(*p)).sum();
     let link = lab.map(NetLab::snapshot).unwrap_or_default().since(link0);
     let drops = lab.map(NetLab::take_drops).unwrap_or_default();
+    row.socket_drops = socket_drops_since(lab, sock0);
     {
         let t = lock(&rx);
         row.sent = sent;

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use serde::Serialize;
 
 /// Delay, loss, reordering and rate of a link, applied to each direction independently.
@@ -217,7 +217,7 @@ impl NetLab {
         let devs = rx
             .recv_timeout(Duration::from_secs(30))
             .context("the forwarder thread did not start")?
-            .map_err(|e| anyhow::anyhow!("creating TUN devices: {e}"))?;
+            .map_err(|e| anyhow!("creating TUN devices: {e}"))?;
         for (i, dev) in devs.iter().enumerate() {
             let ns = format!("{PREFIX}{pid}x{i}");
             ip(&["netns", "add", &ns])?;
@@ -268,10 +268,34 @@ impl NetLab {
         super::cpu_us_at(&format!("/proc/self/task/{tid}/stat"))
     }
 
+    /// UDP datagrams the kernel discarded because a socket's receive buffer was full, summed
+    /// over the lab's namespaces. These are losses the link did not cause and its drop log
+    /// does not hold: a receiver that fell behind (TCP's window prevents them for TCP).
+    pub fn socket_drops(&self) -> Result<u64> {
+        let mut total = 0;
+        for i in 0..self.names.len() {
+            // A thread's own view of /proc/net follows the namespace it joined.
+            let snmp = self.in_ns(i, || std::fs::read_to_string("/proc/thread-self/net/snmp"))?;
+            total += udp_rcvbuf_errors(&snmp)
+                .ok_or_else(|| anyhow!("no Udp RcvbufErrors counter in /proc/net/snmp"))?;
+        }
+        Ok(total)
+    }
+
     /// The loss model's drops so far, and forgets them.
     pub fn take_drops(&self) -> Vec<Drop> {
         std::mem::take(&mut *self.shared.drops.lock().unwrap_or_else(|e| e.into_inner()))
     }
+}
+
+/// The `RcvbufErrors` counter of the `Udp:` table in /proc/net/snmp (a header line of names,
+/// then a line of values).
+pub(crate) fn udp_rcvbuf_errors(snmp: &str) -> Option<u64> {
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let names = udp.next()?;
+    let values = udp.next()?;
+    let i = names.split_whitespace().position(|f| f == "RcvbufErrors")?;
+    values.split_whitespace().nth(i)?.parse().ok()
 }
 
 /// What the lab's link carried so far, for errors: none at all means a dead link.
@@ -569,6 +593,19 @@ mod tests {
         let mean_burst = f64::from(lost) / f64::from(bursts);
         assert!((share - 0.05).abs() < 0.01, "loss share {share}");
         assert!((mean_burst - 3.0).abs() < 0.5, "mean burst {mean_burst}");
+    }
+
+    #[test]
+    fn udp_receive_buffer_drops_are_read_from_the_udp_table() {
+        // The layout of /proc/net/snmp (Linux 6.x), UdpLite after Udp.
+        let snmp = "Tcp: RtoAlgorithm RtoMin\nTcp: 1 200\n\
+            Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors InCsumErrors IgnoredMulti MemErrors\n\
+            Udp: 87219 0 151 62826 151 0 0 0 0\n\
+            UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors InCsumErrors IgnoredMulti MemErrors\n\
+            UdpLite: 0 0 7 0 7 0 0 0 0\n";
+        assert_eq!(udp_rcvbuf_errors(snmp), Some(151));
+        assert_eq!(udp_rcvbuf_errors("Udp: InDatagrams\nUdp: 5\n"), None);
+        assert_eq!(udp_rcvbuf_errors(""), None);
     }
 
     #[test]

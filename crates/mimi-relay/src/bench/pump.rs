@@ -340,6 +340,7 @@ pub(crate) async fn run(
     }
     lock(&rx).new_phase();
 
+    let sock0 = super::socket_drops(lab);
     let cpu0 = cpu();
     let link0 = lab.map(NetLab::snapshot).unwrap_or_default();
     if let Some(lab) = lab {
@@ -400,6 +401,7 @@ pub(crate) async fn run(
     let cpu1 = cpu();
     let link = lab.map(NetLab::snapshot).unwrap_or_default().since(link0);
     let drops = lab.map(NetLab::take_drops).unwrap_or_default();
+    row.socket_drops = super::socket_drops_since(lab, sock0);
     stop.store(true, Ordering::Relaxed);
     tasks.abort_all();
     let t = lock(&rx);
@@ -420,8 +422,10 @@ pub(crate) async fn run(
     Ok(())
 }
 
+/// The pump's two UDP sockets, with the kernel buffers the relay's QUIC endpoint asks for, so
+/// that the baseline and the relay meet the same socket.
 fn sockets_udp(lab: Option<&NetLab>) -> Result<(std::net::UdpSocket, std::net::UdpSocket)> {
-    Ok(match lab {
+    let (server, client) = match lab {
         Some(lab) => (
             lab.in_ns(1, || std::net::UdpSocket::bind((NetLab::addr(1), PORT)))?,
             lab.in_ns(0, || {
@@ -432,7 +436,11 @@ fn sockets_udp(lab: Option<&NetLab>) -> Result<(std::net::UdpSocket, std::net::U
             std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?,
             std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?,
         ),
-    })
+    };
+    for s in [&server, &client] {
+        relay_quic::socket::enlarge_buffers(s)?;
+    }
+    Ok((server, client))
 }
 
 /// Waits for the probe frame; the setup time is from before the handshake to its delivery.
