@@ -11,7 +11,7 @@
 
 use std::net::UdpSocket;
 
-use nix::sys::socket::{getsockopt, setsockopt, sockopt};
+use nix::sys::socket::{GetSockOpt, SetSockOpt, getsockopt, setsockopt, sockopt};
 
 /// Bytes of kernel buffer asked for in each direction. quic-go asks for 7 MiB for the same
 /// reason; 8 MiB holds about 5,000 full datagrams.
@@ -43,22 +43,30 @@ impl SocketBuffers {
 /// by `net.core.rmem_max` / `wmem_max`; the forcing one, allowed with `CAP_NET_ADMIN`, is not.
 /// A buffer is never made smaller than it was. Returns what the kernel granted.
 pub fn enlarge_buffers(socket: &UdpSocket) -> std::io::Result<SocketBuffers> {
-    let before = SocketBuffers::of(socket)?;
-    if before.recv < SOCKET_BUFFER {
-        let _ = setsockopt(socket, sockopt::RcvBuf, &SOCKET_BUFFER);
+    raise(socket, sockopt::RcvBuf, |_s| {
         #[cfg(any(target_os = "linux", target_os = "android"))]
-        if getsockopt(socket, sockopt::RcvBuf)? < SOCKET_BUFFER {
-            let _ = setsockopt(socket, sockopt::RcvBufForce, &SOCKET_BUFFER);
-        }
-    }
-    if before.send < SOCKET_BUFFER {
-        let _ = setsockopt(socket, sockopt::SndBuf, &SOCKET_BUFFER);
+        let _ = setsockopt(_s, sockopt::RcvBufForce, &SOCKET_BUFFER);
+    })?;
+    raise(socket, sockopt::SndBuf, |_s| {
         #[cfg(any(target_os = "linux", target_os = "android"))]
-        if getsockopt(socket, sockopt::SndBuf)? < SOCKET_BUFFER {
-            let _ = setsockopt(socket, sockopt::SndBufForce, &SOCKET_BUFFER);
-        }
-    }
+        let _ = setsockopt(_s, sockopt::SndBufForce, &SOCKET_BUFFER);
+    })?;
     SocketBuffers::of(socket)
+}
+
+/// One direction: the plain option first, then `force` if the kernel capped it.
+fn raise<O>(socket: &UdpSocket, plain: O, force: impl FnOnce(&UdpSocket)) -> nix::Result<()>
+where
+    O: GetSockOpt<Val = usize> + SetSockOpt<Val = usize> + Copy,
+{
+    if getsockopt(socket, plain)? >= SOCKET_BUFFER {
+        return Ok(());
+    }
+    let _ = setsockopt(socket, plain, &SOCKET_BUFFER);
+    if getsockopt(socket, plain)? < SOCKET_BUFFER {
+        force(socket);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

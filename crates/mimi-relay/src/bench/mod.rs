@@ -421,16 +421,6 @@ pub(crate) async fn wait_window(
     }
 }
 
-/// The lab's socket-drop counter, if there is a lab and it can be read.
-pub(crate) fn socket_drops(lab: Option<&NetLab>) -> Option<u64> {
-    lab?.socket_drops().ok()
-}
-
-/// Socket drops since `before` (see [`socket_drops`]).
-pub(crate) fn socket_drops_since(lab: Option<&NetLab>, before: Option<u64>) -> Option<u64> {
-    Some(socket_drops(lab)?.saturating_sub(before?))
-}
-
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -1279,7 +1269,6 @@ async fn run_relay(
 
     // The measured phase.
     let pids: Vec<u32> = nodes.children.iter().map(Child::id).collect();
-    let sock0 = socket_drops(lab);
     let cpu0: u64 = pids.iter().filter_map(|p| cpu_us(*p)).sum();
     let link0 = lab.map(NetLab::snapshot).unwrap_or_default();
     if let Some(lab) = lab {
@@ -1329,7 +1318,6 @@ async fn run_relay(
     let cpu1: u64 = pids.iter().filter_map(|p| cpu_us(*p)).sum();
     let link = lab.map(NetLab::snapshot).unwrap_or_default().since(link0);
     let drops = lab.map(NetLab::take_drops).unwrap_or_default();
-    row.socket_drops = socket_drops_since(lab, sock0);
     {
         let t = lock(&rx);
         row.sent = sent;
@@ -1342,6 +1330,7 @@ async fn run_relay(
             }
         }
         row.link_drops = lab.map(|_| link.dropped);
+        row.socket_drops = link.socket_drops;
     }
     let mut lost = expected.saturating_sub(lock(&rx).delivered);
 

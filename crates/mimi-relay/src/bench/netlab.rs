@@ -73,12 +73,14 @@ pub struct LinkCounters {
     pub dropped: AtomicU64,
 }
 
-/// A snapshot of [`LinkCounters`].
+/// A snapshot of [`LinkCounters`], with the kernel's socket drops beside them.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LinkSnapshot {
     pub packets: u64,
     pub bytes: u64,
     pub dropped: u64,
+    /// [`NetLab::socket_drops`], if it could be read.
+    pub socket_drops: Option<u64>,
 }
 
 impl LinkSnapshot {
@@ -87,6 +89,10 @@ impl LinkSnapshot {
             packets: self.packets.saturating_sub(earlier.packets),
             bytes: self.bytes.saturating_sub(earlier.bytes),
             dropped: self.dropped.saturating_sub(earlier.dropped),
+            socket_drops: self
+                .socket_drops
+                .zip(earlier.socket_drops)
+                .map(|(now, then)| now.saturating_sub(then)),
         }
     }
 }
@@ -259,6 +265,7 @@ impl NetLab {
             packets: c.packets.load(Ordering::Relaxed),
             bytes: c.bytes.load(Ordering::Relaxed),
             dropped: c.dropped.load(Ordering::Relaxed),
+            socket_drops: self.socket_drops().ok(),
         }
     }
 

@@ -340,7 +340,6 @@ pub(crate) async fn run(
     }
     lock(&rx).new_phase();
 
-    let sock0 = super::socket_drops(lab);
     let cpu0 = cpu();
     let link0 = lab.map(NetLab::snapshot).unwrap_or_default();
     if let Some(lab) = lab {
@@ -401,7 +400,6 @@ pub(crate) async fn run(
     let cpu1 = cpu();
     let link = lab.map(NetLab::snapshot).unwrap_or_default().since(link0);
     let drops = lab.map(NetLab::take_drops).unwrap_or_default();
-    row.socket_drops = super::socket_drops_since(lab, sock0);
     stop.store(true, Ordering::Relaxed);
     tasks.abort_all();
     let t = lock(&rx);
@@ -415,6 +413,7 @@ pub(crate) async fn run(
         }
     }
     row.link_drops = lab.map(|_| link.dropped);
+    row.socket_drops = link.socket_drops;
     row.lost = Some(sent.saturating_sub(t.delivered));
     row.duplicated = Some(t.duplicated);
     row.out_of_order = Some(t.out_of_order);
