@@ -66,6 +66,10 @@ pub struct BenchArgs {
     /// custom profile: mean loss burst in packets.
     #[arg(long, default_value_t = 1.0)]
     pub burst: f64,
+    /// custom profile: longest a loss burst lasts, in ms (0 = counted in packets only, as
+    /// netem's gemodel does).
+    #[arg(long, default_value_t = 0.0)]
+    pub burst_ms: f64,
     /// custom profile: share of packets reordered (sent without the delay).
     #[arg(long, default_value_t = 0.0)]
     pub reorder: f64,
@@ -99,11 +103,15 @@ impl BenchArgs {
                     if !(0.0..1.0).contains(&self.loss) || self.burst < 1.0 {
                         bail!("--loss must be in [0, 1) and --burst at least 1");
                     }
+                    if !self.burst_ms.is_finite() || self.burst_ms < 0.0 {
+                        bail!("--burst-ms must be 0 or more");
+                    }
                     Profile {
                         name: "custom".into(),
                         rtt_ms: self.delay_ms.max(0.0),
                         loss: self.loss,
                         burst: self.burst,
+                        burst_ms: (self.burst_ms > 0.0).then_some(self.burst_ms),
                         reorder: self.reorder.clamp(0.0, 1.0),
                         rate_mbit: self.rate_mbit,
                     }

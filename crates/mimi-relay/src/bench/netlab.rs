@@ -29,6 +29,10 @@ pub struct Profile {
     pub loss: f64,
     /// Mean length of a loss burst in packets (1 = independent losses).
     pub burst: f64,
+    /// Longest a loss burst lasts in time; None = counted in packets only (netem's gemodel).
+    /// A burst stands for a fade of the link: counted only in packets, one that hits a
+    /// connection with little in flight also swallows retransmissions sent seconds later.
+    pub burst_ms: Option<f64>,
     /// Share of packets sent without the delay, so that they overtake (netem's reorder).
     pub reorder: f64,
     /// Bandwidth cap per direction; None = uncapped.
@@ -37,21 +41,23 @@ pub struct Profile {
 
 impl Profile {
     /// The named profiles: lan, wan (40 ms RTT), lossy (40 ms, 1%), bad (100 ms, 5% in bursts
-    /// of 3). The quic-interop-runner's simulator scenarios use the same kinds of knobs.
+    /// of 3 packets, each over within 50 ms). The quic-interop-runner's simulator scenarios use
+    /// the same kinds of knobs.
     pub fn named(name: &str) -> Option<Profile> {
-        let p = |rtt_ms, loss, burst| Profile {
+        let p = |rtt_ms, loss, burst, burst_ms| Profile {
             name: name.to_owned(),
             rtt_ms,
             loss,
             burst,
+            burst_ms,
             reorder: 0.0,
             rate_mbit: None,
         };
         Some(match name {
-            "lan" => p(0.0, 0.0, 1.0),
-            "wan" => p(40.0, 0.0, 1.0),
-            "lossy" => p(40.0, 0.01, 1.0),
-            "bad" => p(100.0, 0.05, 3.0),
+            "lan" => p(0.0, 0.0, 1.0, None),
+            "wan" => p(40.0, 0.0, 1.0, None),
+            "lossy" => p(40.0, 0.01, 1.0, None),
+            "bad" => p(100.0, 0.05, 3.0, Some(BAD_BURST_MS)),
             _ => return None,
         })
     }
@@ -64,6 +70,11 @@ impl Profile {
         Duration::from_secs_f64(self.rtt_ms.max(0.0) / 2000.0)
     }
 }
+
+/// How long a burst of `bad` lasts at most: a busy flow still loses its ~3 packets back to
+/// back, but a burst cannot also take the retransmissions sent one timeout (200 ms or more)
+/// later, which turned single bursts into TCP stalls of 6-15 s (ARCHITECTURE.md).
+pub const BAD_BURST_MS: f64 = 50.0;
 
 /// Counters of the forwarder; bytes are whole IP packets as offered to the link.
 #[derive(Debug, Default)]
@@ -350,6 +361,8 @@ struct LinkState {
     rng: u64,
     /// Gilbert-Elliott: in the bad state every packet is lost.
     bad: bool,
+    /// When the current burst began.
+    bad_since: Instant,
     /// When the serializer of a rate-capped link is free again.
     next_free: Instant,
 }
@@ -362,20 +375,29 @@ impl LinkState {
         (self.rng >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    /// Whether the loss model drops the next packet. With mean burst length b and loss share
-    /// l, the good-to-bad probability is p = l/(b(1-l)) and bad-to-good r = 1/b (stationary
-    /// loss p/(p+r) = l, mean sojourn in bad 1/r = b).
-    fn lose(&mut self, loss: f64, burst: f64) -> bool {
+    /// Whether the loss model drops a packet offered at `now`. With mean burst length b and
+    /// loss share l, the good-to-bad probability is p = l/(b(1-l)) and bad-to-good r = 1/b
+    /// (stationary loss p/(p+r) = l, mean sojourn in bad 1/r = b). A burst older than
+    /// `burst_max` is over before the packet is drawn for.
+    fn lose(&mut self, loss: f64, burst: f64, burst_max: Option<Duration>, now: Instant) -> bool {
         if loss <= 0.0 {
             return false;
         }
         if burst <= 1.0 {
             return self.rand() < loss;
         }
+        if self.bad && burst_max.is_some_and(|m| now.saturating_duration_since(self.bad_since) > m)
+        {
+            self.bad = false;
+        }
         let r = 1.0 / burst;
         let p = (loss * r / (1.0 - loss)).min(1.0);
         let u = self.rand();
-        self.bad = if self.bad { u >= r } else { u < p };
+        let was_bad = self.bad;
+        self.bad = if was_bad { u >= r } else { u < p };
+        if self.bad && !was_bad {
+            self.bad_since = now;
+        }
         self.bad
     }
 }
@@ -465,10 +487,15 @@ async fn reader(
         .map(|to| LinkState {
             rng: 0x9e37_79b9_7f4a_7c15 ^ ((from as u64) << 32 | to as u64).wrapping_add(1),
             bad: false,
+            bad_since: Instant::now(),
             next_free: Instant::now(),
         })
         .collect();
     let delay = profile.one_way();
+    let burst_max = profile
+        .burst_ms
+        .filter(|ms| *ms > 0.0)
+        .map(|ms| Duration::from_secs_f64(ms / 1000.0));
     let mut seq = 0u64;
     let mut buf = vec![0u8; 65536];
     loop {
@@ -499,7 +526,7 @@ async fn reader(
             .bytes
             .fetch_add(len as u64, Ordering::Relaxed);
         let link = &mut links[to];
-        let mut drop = link.lose(profile.loss, profile.burst);
+        let mut drop = link.lose(profile.loss, profile.burst, burst_max, now);
         let mut depart = now;
         if let Some(mbit) = profile.rate_mbit.filter(|m| *m > 0.0) {
             let tx = Duration::from_secs_f64(len as f64 * 8.0 / (mbit * 1e6));
@@ -577,17 +604,24 @@ async fn writer(tun: Arc<tokio_tun::Tun>, q: Queue) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn gilbert_elliott_matches_loss_and_burst() {
-        let mut l = LinkState {
+    fn link() -> LinkState {
+        LinkState {
             rng: 12345,
             bad: false,
+            bad_since: Instant::now(),
             next_free: Instant::now(),
-        };
+        }
+    }
+
+    #[test]
+    fn gilbert_elliott_matches_loss_and_burst() {
+        let mut l = link();
+        let now = Instant::now();
         let n = 200_000;
         let (mut lost, mut bursts, mut prev) = (0u32, 0u32, false);
         for _ in 0..n {
-            let d = l.lose(0.05, 3.0);
+            // Back to back (no time passes), so a time bound on bursts never applies.
+            let d = l.lose(0.05, 3.0, Some(Duration::from_millis(50)), now);
             if d {
                 lost += 1;
                 if !prev {
@@ -600,6 +634,35 @@ mod tests {
         let mean_burst = f64::from(lost) / f64::from(bursts);
         assert!((share - 0.05).abs() < 0.01, "loss share {share}");
         assert!((mean_burst - 3.0).abs() < 0.5, "mean burst {mean_burst}");
+    }
+
+    #[test]
+    fn a_burst_is_over_once_its_time_is_up() {
+        // A link in a burst loses the next packet with probability 1 - 1/3; once the burst is
+        // older than its bound, only a new burst (p = 0.05/(3*0.95), under 2%) can take it.
+        let share = |age: Duration, bound: Option<Duration>| {
+            let mut l = link();
+            let start = Instant::now();
+            let n = 20_000;
+            let lost = (0..n)
+                .filter(|_| {
+                    l.bad = true;
+                    l.bad_since = start;
+                    l.lose(0.05, 3.0, bound, start + age)
+                })
+                .count();
+            lost as f64 / f64::from(n)
+        };
+        let bound = Some(Duration::from_millis(50));
+        let young = share(Duration::from_millis(10), bound);
+        let old = share(Duration::from_millis(200), bound);
+        let unbounded = share(Duration::from_millis(200), None);
+        assert!((young - 2.0 / 3.0).abs() < 0.03, "young burst {young}");
+        assert!(old < 0.03, "expired burst {old}");
+        assert!(
+            (unbounded - 2.0 / 3.0).abs() < 0.03,
+            "packet-only burst {unbounded}"
+        );
     }
 
     #[test]

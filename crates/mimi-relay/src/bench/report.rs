@@ -175,11 +175,15 @@ fn markdown(report: &BenchReport, plots: &[String]) -> String {
     for p in &report.profiles {
         let _ = writeln!(
             s,
-            "- profile `{}`: RTT {} ms, loss {:.1}%, mean burst {} packets, reorder {:.1}%, rate {}",
+            "- profile `{}`: RTT {} ms, loss {:.1}%, mean burst {} packets{}, reorder {:.1}%, rate {}",
             p.name,
             p.rtt_ms,
             p.loss * 100.0,
             p.burst,
+            p.burst_ms
+                .filter(|_| p.burst > 1.0)
+                .map(|ms| format!(" (each over within {ms} ms)"))
+                .unwrap_or_default(),
             p.reorder * 100.0,
             p.rate_mbit
                 .map(|r| format!("{r} Mbit/s"))
