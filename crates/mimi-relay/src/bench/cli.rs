@@ -20,7 +20,8 @@ pub struct BenchArgs {
     )]
     pub transports: Vec<String>,
     /// Network profiles, comma-separated: lan, wan (40 ms RTT), lossy (40 ms, 1%), bad
-    /// (100 ms, 5% in bursts of 3), custom (from --delay-ms, --loss, --burst, --rate-mbit).
+    /// (100 ms, 5% in bursts of 3 packets, each over within 50 ms), custom (from --delay-ms,
+    /// --loss, --burst, --burst-ms, --rate-mbit).
     #[arg(long, value_delimiter = ',', default_value = "lan")]
     pub profile: Vec<String>,
     /// Rooms hosted by the hub (a.example).
