@@ -73,7 +73,7 @@ impl Profile {
 
 /// How long a burst of `bad` lasts at most: a busy flow still loses its ~3 packets back to
 /// back, but a burst cannot also take the retransmissions sent one timeout (200 ms or more)
-/// later, which turned single bursts into TCP stalls of 6-15 s (ARCHITECTURE.md).
+/// later, which turned single bursts into TCP stalls of 5-15 s (ARCHITECTURE.md).
 pub const BAD_BURST_MS: f64 = 50.0;
 
 /// Counters of the forwarder; bytes are whole IP packets as offered to the link.
