@@ -231,6 +231,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     opts.transport,
                     if chaos { ", with chaos" } else { "" }
                 );
+                if (opts.transport == "quic" || opts.transport == "mixed")
+                    && let Some(note) = demo::udp_buffer_note()
+                {
+                    eprintln!("{note}");
+                }
             }
             let report = demo::run(opts, Launcher::this_binary()?).await?;
             if json {
