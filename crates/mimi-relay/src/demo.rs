@@ -248,25 +248,17 @@ fn pair_transport(transport: &str, i: usize, j: usize) -> Result<TransportKind> 
     })
 }
 
-/// Writes certificates and the three node configs; with `static_room`, a.example hosts the
-/// opaque-payload room (the load mode) from its config.
 /// A line for the terminal when the kernel keeps UDP socket buffers under what the QUIC
-/// endpoint asks for: the nodes log it only to their own files, and small buffers drop
-/// datagrams under load (README, "Comparing transports").
+/// endpoint asks for: the nodes log it only to their own files. A socket of this process gets
+/// what theirs will, since they run as the same user.
 pub fn udp_buffer_note() -> Option<String> {
     let socket = UdpSocket::bind("127.0.0.1:0").ok()?;
     let got = relay_quic::socket::enlarge_buffers(&socket).ok()?;
-    (!got.are_enough()).then(|| {
-        format!(
-            "note: the kernel holds UDP receive buffers to {} KiB where QUIC asks for {} KiB, \
-             so bursts may be dropped; raise net.core.rmem_max and net.core.wmem_max",
-            // getsockopt reports twice what was set (Linux's bookkeeping share).
-            got.recv / 2 / 1024,
-            relay_quic::socket::SOCKET_BUFFER / 1024
-        )
-    })
+    got.shortfall().map(|advice| format!("note: {advice}"))
 }
 
+/// Writes certificates and the three node configs; with `static_room`, a.example hosts the
+/// opaque-payload room (the load mode) from its config.
 pub fn prepare(dir: &Path, transport: &str, store: &str, static_room: bool) -> Result<Layout> {
     std::fs::create_dir_all(dir.join("certs"))?;
     for p in PROVIDERS {

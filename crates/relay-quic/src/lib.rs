@@ -273,16 +273,10 @@ impl QuicTransport {
         };
         let socket = std::net::UdpSocket::bind(config.listen).map_err(bind_err)?;
         match socket::enlarge_buffers(&socket) {
-            Ok(b) if b.are_enough() => {
-                tracing::debug!(recv = b.recv, send = b.send, "udp socket buffers");
-            }
-            Ok(b) => tracing::warn!(
-                recv = b.recv,
-                send = b.send,
-                wanted = socket::SOCKET_BUFFER,
-                "udp socket buffers are small: bursts may be dropped by the kernel; raise \
-                 net.core.rmem_max and net.core.wmem_max, or grant CAP_NET_ADMIN"
-            ),
+            Ok(b) => match b.shortfall() {
+                None => tracing::debug!(recv = b.recv, send = b.send, "udp socket buffers"),
+                Some(advice) => tracing::warn!(recv = b.recv, send = b.send, "{advice}"),
+            },
             Err(error) => tracing::warn!(%error, "cannot read the udp socket buffer sizes"),
         }
         let (reset, cid_key) = restart_keys(&config.identity);

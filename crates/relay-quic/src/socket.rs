@@ -33,9 +33,24 @@ impl SocketBuffers {
         })
     }
 
-    /// Whether both directions hold at least [`SOCKET_BUFFER`] bytes of data.
+    /// Whether both directions reach [`SOCKET_BUFFER`] as `getsockopt` reports them.
     pub fn are_enough(&self) -> bool {
         self.recv >= SOCKET_BUFFER && self.send >= SOCKET_BUFFER
+    }
+
+    /// What to tell an operator when the buffers are short of what the endpoint asks for.
+    pub fn shortfall(&self) -> Option<String> {
+        (!self.are_enough()).then(|| {
+            format!(
+                "the kernel holds UDP socket buffers to {} KiB (receive) and {} KiB (send) where \
+                 QUIC asks for {} KiB, so bursts may be dropped; raise net.core.rmem_max and \
+                 net.core.wmem_max, or grant CAP_NET_ADMIN",
+                // getsockopt reports twice what was set (Linux's bookkeeping share).
+                self.recv / 2 / 1024,
+                self.send / 2 / 1024,
+                SOCKET_BUFFER / 1024
+            )
+        })
     }
 }
 
@@ -82,6 +97,23 @@ mod tests {
             .parse()
             .ok()?;
         Some(v * 2)
+    }
+
+    #[test]
+    fn shortfall_names_the_sizes_set_and_is_none_when_enough() {
+        // Linux's default cap of 212,992 bytes, reported doubled.
+        let small = SocketBuffers {
+            recv: 425_984,
+            send: 425_984,
+        };
+        let advice = small.shortfall().unwrap();
+        assert!(advice.contains("208 KiB (receive)"), "{advice}");
+        assert!(advice.contains("8192 KiB"), "{advice}");
+        let big = SocketBuffers {
+            recv: 2 * SOCKET_BUFFER,
+            send: 2 * SOCKET_BUFFER,
+        };
+        assert_eq!(big.shortfall(), None);
     }
 
     #[test]

@@ -69,6 +69,13 @@ impl Profile {
     fn one_way(&self) -> Duration {
         Duration::from_secs_f64(self.rtt_ms.max(0.0) / 2000.0)
     }
+
+    /// The time bound on a loss burst; none for 0 or less (a hand-made profile).
+    fn burst_max(&self) -> Option<Duration> {
+        self.burst_ms
+            .filter(|ms| *ms > 0.0)
+            .map(|ms| Duration::from_secs_f64(ms / 1000.0))
+    }
 }
 
 /// How long a burst of `bad` lasts at most: a busy flow still loses its ~3 packets back to
@@ -492,10 +499,7 @@ async fn reader(
         })
         .collect();
     let delay = profile.one_way();
-    let burst_max = profile
-        .burst_ms
-        .filter(|ms| *ms > 0.0)
-        .map(|ms| Duration::from_secs_f64(ms / 1000.0));
+    let burst_max = profile.burst_max();
     let mut seq = 0u64;
     let mut buf = vec![0u8; 65536];
     loop {
