@@ -181,6 +181,45 @@ fn closed_loop_batches_stay_in_order_within_the_window() {
     }
 }
 
+#[test]
+fn repeated_rows_give_each_run_and_their_median() {
+    let (rows, out) = bench(&[
+        "--net",
+        "loopback",
+        "--profile",
+        "lan",
+        "--transports",
+        "quic,bare-quinn",
+        "--duration",
+        "1",
+        "--rooms",
+        "2",
+        "--rate",
+        "100",
+        "--repeat",
+        "3",
+    ]);
+    assert_eq!(rows.len(), 2, "one row per transport, not per run");
+    for t in ["quic", "bare-quinn"] {
+        let r = row(&rows, t, "lan");
+        assert_clean(r);
+        let runs = r["repeats"].as_array().unwrap();
+        assert_eq!(runs.len(), 3, "{r}");
+        let mut p99: Vec<u64> = runs.iter().map(|x| x["p99_us"].as_u64().unwrap()).collect();
+        p99.sort_unstable();
+        assert_eq!(
+            r["p99_us"].as_u64(),
+            Some(p99[1]),
+            "the median run's p99: {r}"
+        );
+        // Three runs of about 100 messages each are counted together.
+        assert!(r["delivered"].as_u64().unwrap() >= 3 * 90, "{r}");
+    }
+    let report = std::fs::read_to_string(out.path().join("report.md")).unwrap();
+    assert!(report.contains("3 runs of every row"), "{report}");
+    assert!(report.contains("Each run (in round order"), "{report}");
+}
+
 fn namespaces_usable() -> bool {
     use std::os::unix::fs::MetadataExt;
     let root = std::fs::metadata("/proc/self").map(|m| m.uid()).ok() == Some(0);

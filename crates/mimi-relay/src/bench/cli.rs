@@ -43,6 +43,10 @@ pub struct BenchArgs {
     /// Seconds of the measured phase of each row.
     #[arg(long, default_value_t = 10.0)]
     pub duration: f64,
+    /// Runs of every row, interleaved (each round runs every transport once, the next round
+    /// starting one transport further on); the report gives each figure's median.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
     /// Application message size (MLS ciphertext bytes).
     #[arg(long, default_value_t = 1024)]
     pub size: usize,
@@ -95,6 +99,9 @@ pub struct BenchArgs {
     pub quic_cc: Option<String>,
 }
 
+/// Most runs of a row: enough for a median that shrugs off two outliers.
+const MAX_REPEAT: usize = 15;
+
 impl BenchArgs {
     pub fn options(&self) -> Result<BenchOptions> {
         let mut profiles = Vec::new();
@@ -133,6 +140,9 @@ impl BenchArgs {
         if self.duration.is_nan() || self.duration <= 0.0 {
             bail!("--duration must be positive");
         }
+        if !(1..=MAX_REPEAT).contains(&self.repeat) {
+            bail!("--repeat must be between 1 and {MAX_REPEAT}");
+        }
         Ok(BenchOptions {
             transports: self.transports.clone(),
             profiles,
@@ -148,6 +158,7 @@ impl BenchArgs {
             rate: (self.rate > 0.0).then_some(self.rate),
             window: self.window.max(1),
             duration: Duration::from_secs_f64(self.duration),
+            repeat: self.repeat,
             store: self.store.clone(),
             net: match self.net.as_str() {
                 "loopback" => NetMode::Loopback,
@@ -177,6 +188,9 @@ pub async fn main(args: BenchArgs, command: String) -> Result<bool> {
         _ = tokio::signal::ctrl_c() => bail!("interrupted; nodes stopped and namespaces removed"),
     };
     print!("{}", super::report::table(&report.rows));
+    if report.repeat > 1 {
+        print!("\n{}", super::report::runs_table(&report.rows));
+    }
     eprintln!("network: {}", report.net_note);
     eprintln!("wrote {}/results.json, report.md and plots", out.display());
     Ok(report

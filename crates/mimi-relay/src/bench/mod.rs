@@ -114,6 +114,8 @@ pub struct BenchOptions {
     /// Most messages per submitBatch call to the hub.
     pub submit_batch: u64,
     pub duration: Duration,
+    /// Runs of every row, interleaved by round; the report gives medians.
+    pub repeat: usize,
     /// `memory` or `durable`.
     pub store: String,
     pub net: NetMode,
@@ -148,6 +150,7 @@ impl Default for BenchOptions {
             window: 64,
             submit_batch: 1024,
             duration: Duration::from_secs(10),
+            repeat: 1,
             store: "memory".into(),
             net: NetMode::Auto,
             out: PathBuf::from("bench-out"),
@@ -200,6 +203,16 @@ pub struct Row {
     pub out_of_order: Option<u64>,
     /// (quantile, latency µs) points of the latency distribution, for the CDF plot.
     pub cdf: Vec<(f64, u64)>,
+    /// With `--repeat`: each run's own figures, in round order; the row's are their medians.
+    pub repeats: Vec<Repeat>,
+}
+
+/// One run's headline figures, when a row is the median of several.
+#[derive(Clone, Debug, Serialize)]
+pub struct Repeat {
+    pub msgs_per_s: Option<f64>,
+    pub p99_us: Option<u64>,
+    pub clean_p99_us: Option<u64>,
 }
 
 impl Row {
@@ -237,6 +250,73 @@ impl Row {
             duplicated: None,
             out_of_order: None,
             cdf: Vec::new(),
+            repeats: Vec::new(),
+        }
+    }
+
+    /// One row from the runs of a repeated row: each figure the median of the runs' (the
+    /// mean of the middle two for an even count), the largest latency the largest, counts
+    /// summed, and the CDF the median at each quantile. A failed run fails the row: a median
+    /// must not quietly stand on fewer runs than were asked for.
+    fn median_of(mut runs: Vec<Row>) -> Row {
+        if runs.len() <= 1 {
+            return runs
+                .pop()
+                .unwrap_or_else(|| unreachable!("a row runs at least once"));
+        }
+        let n = runs.len();
+        if let Some(k) = runs.iter().position(|r| r.status != "ok") {
+            let mut bad = runs.swap_remove(k);
+            bad.note = format!("run {} of {n}: {}", k + 1, bad.note);
+            return bad;
+        }
+        let repeats = runs
+            .iter()
+            .map(|r| Repeat {
+                msgs_per_s: r.msgs_per_s,
+                p99_us: r.p99_us,
+                clean_p99_us: r.clean_p99_us,
+            })
+            .collect();
+        let f = |get: fn(&Row) -> Option<f64>| median_f64(runs.iter().filter_map(get).collect());
+        let u = |get: fn(&Row) -> Option<u64>| median_u64(runs.iter().filter_map(get).collect());
+        let sum = |get: fn(&Row) -> Option<u64>| runs.iter().map(get).sum::<Option<u64>>();
+        let cdf = runs[0]
+            .cdf
+            .iter()
+            .enumerate()
+            .map(|(i, (q, _))| {
+                let at = runs
+                    .iter()
+                    .filter_map(|r| r.cdf.get(i).map(|p| p.1))
+                    .collect();
+                (*q, median_u64(at).unwrap_or(0))
+            })
+            .collect();
+        Row {
+            sent: runs.iter().map(|r| r.sent).sum(),
+            delivered: runs.iter().map(|r| r.delivered).sum(),
+            msgs_per_s: f(|r| r.msgs_per_s),
+            p50_us: u(|r| r.p50_us),
+            p99_us: u(|r| r.p99_us),
+            p999_us: u(|r| r.p999_us),
+            max_us: runs.iter().filter_map(|r| r.max_us).max(),
+            clean_p99_us: u(|r| r.clean_p99_us),
+            hol_p99_us: u(|r| r.hol_p99_us),
+            clean_msgs: runs.iter().map(|r| r.clean_msgs).sum(),
+            hol_exposed_msgs: runs.iter().map(|r| r.hol_exposed_msgs).sum(),
+            wire_bytes_per_msg: f(|r| r.wire_bytes_per_msg),
+            cpu_us_per_msg: f(|r| r.cpu_us_per_msg),
+            setup_ms: f(|r| r.setup_ms),
+            recovery_ms: f(|r| r.recovery_ms),
+            link_drops: sum(|r| r.link_drops),
+            socket_drops: sum(|r| r.socket_drops),
+            lost: sum(|r| r.lost),
+            duplicated: sum(|r| r.duplicated),
+            out_of_order: sum(|r| r.out_of_order),
+            cdf,
+            repeats,
+            ..runs.swap_remove(0)
         }
     }
 
@@ -246,6 +326,26 @@ impl Row {
             && self.lost == Some(0)
             && self.duplicated == Some(0)
             && self.out_of_order == Some(0)
+    }
+}
+
+fn median_f64(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
+fn median_u64(mut v: Vec<u64>) -> Option<u64> {
+    v.sort_unstable();
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some(v[n / 2 - 1].midpoint(v[n / 2])),
     }
 }
 
@@ -262,6 +362,8 @@ pub struct BenchReport {
     pub duration_s: f64,
     /// The QUIC congestion controller (relay and bare quinn).
     pub quic_cc: String,
+    /// Runs per row (`--repeat`); with more than one, the rows' figures are medians.
+    pub repeat: usize,
     pub rows: Vec<Row>,
 }
 
@@ -525,9 +627,27 @@ pub async fn run(opts: BenchOptions, launcher: Launcher, command: String) -> Res
         } else {
             None
         };
-        for t in &opts.transports {
+        // runs[i]: the runs of transport i, in round order.
+        let mut runs: Vec<Vec<Row>> = vec![Vec::new(); opts.transports.len()];
+        let order = (0..opts.repeat).flat_map(|round| {
+            let n = opts.transports.len();
+            (0..n).map(move |i| (round, (round + i) % n))
+        });
+        for (round, ti) in order {
+            let t = &opts.transports[ti];
             let mut row = Row::empty(t, &profile.name, net, &opts);
-            let label = format!("[{} / {}]", t, profile.name);
+            let (label, work) = if opts.repeat == 1 {
+                (
+                    format!("[{} / {}]", t, profile.name),
+                    format!("{}-{t}", profile.name),
+                )
+            } else {
+                (
+                    format!("[{} / {} / run {}]", t, profile.name, round + 1),
+                    format!("{}-{t}-{}", profile.name, round + 1),
+                )
+            };
+            let work = opts.out.join("work").join(work);
             let one_row = async {
                 let carrier = match t.as_str() {
                     "bare-quinn" => Some(pump::Carrier::Quinn),
@@ -552,6 +672,7 @@ pub async fn run(opts: BenchOptions, launcher: Launcher, command: String) -> Res
                         let kind: TransportKind = t.parse()?;
                         run_relay(
                             kind,
+                            &work,
                             &opts,
                             profile,
                             lab.as_ref(),
@@ -589,9 +710,7 @@ pub async fn run(opts: BenchOptions, launcher: Launcher, command: String) -> Res
                     if msg.contains("not part of this build") {
                         row.status = "gap".into();
                         row.note = format!("transport {t} is not part of this build");
-                        let _ = std::fs::remove_dir_all(
-                            opts.out.join("work").join(format!("{}-{t}", profile.name)),
-                        );
+                        let _ = std::fs::remove_dir_all(&work);
                     } else {
                         row.status = "error".into();
                         row.note = msg.lines().next().unwrap_or_default().to_owned();
@@ -599,8 +718,9 @@ pub async fn run(opts: BenchOptions, launcher: Launcher, command: String) -> Res
                     progress.done(&format!("{label} {}: {}", row.status, row.note));
                 }
             }
-            rows.push(row);
+            runs[ti].push(row);
         }
+        rows.extend(runs.into_iter().map(Row::median_of));
         if let Some(lab) = &lab {
             lab.set_cut(false);
         }
@@ -619,6 +739,7 @@ pub async fn run(opts: BenchOptions, launcher: Launcher, command: String) -> Res
         profiles: opts.profiles.clone(),
         duration_s: opts.duration.as_secs_f64(),
         quic_cc: opts.quic_cc.to_string(),
+        repeat: opts.repeat,
         rows,
     };
     report::write(&opts.out, &report)?;
@@ -1172,6 +1293,7 @@ pub(crate) fn fill_latency(
 #[allow(clippy::too_many_arguments)]
 async fn run_relay(
     kind: TransportKind,
+    work: &Path,
     opts: &BenchOptions,
     profile: &Profile,
     lab: Option<&NetLab>,
@@ -1182,10 +1304,7 @@ async fn run_relay(
     label: &str,
 ) -> Result<()> {
     let n = 1 + opts.followers;
-    let dir = opts
-        .out
-        .join("work")
-        .join(format!("{}-{}", profile.name, kind));
+    let dir = work.to_path_buf();
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let configs = prepare(&dir, kind, n, opts, lab.is_some())?;
@@ -1502,5 +1621,59 @@ mod tests {
         assert_eq!(row.clean_p99_us, Some(20_000));
         assert_eq!(row.hol_exposed_msgs, 1, "room 1's message");
         assert_eq!(row.hol_p99_us, Some(20_000));
+    }
+
+    fn run_of(msgs: f64, p99: u64, lost: u64) -> Row {
+        let mut r = Row::empty("quic", "wan", "netns", &BenchOptions::default());
+        r.sent = 100;
+        r.delivered = 100 - lost;
+        r.msgs_per_s = Some(msgs);
+        r.p99_us = Some(p99);
+        r.max_us = Some(p99 * 2);
+        r.lost = Some(lost);
+        r.duplicated = Some(0);
+        r.out_of_order = Some(0);
+        r.link_drops = Some(3);
+        r.cdf = vec![(0.5, p99 / 2), (0.99, p99)];
+        r
+    }
+
+    #[test]
+    fn a_repeated_row_takes_each_figures_median_and_sums_the_counts() {
+        let row = Row::median_of(vec![
+            run_of(900.0, 30, 0),
+            run_of(1000.0, 90, 1),
+            run_of(1100.0, 10, 0),
+        ]);
+        assert_eq!(row.status, "ok");
+        // Medians figure by figure: p99 from the third run, msgs/s from the second.
+        assert_eq!(row.msgs_per_s, Some(1000.0));
+        assert_eq!(row.p99_us, Some(30));
+        assert_eq!(row.max_us, Some(180), "the largest of all runs");
+        assert_eq!(row.cdf, vec![(0.5, 15), (0.99, 30)]);
+        // Counts are totals: one run's loss is not voted away.
+        assert_eq!((row.sent, row.delivered), (300, 299));
+        assert_eq!(row.lost, Some(1));
+        assert!(!row.is_clean());
+        assert_eq!(row.link_drops, Some(9));
+        // Each run stays on record, in round order.
+        let p99s: Vec<_> = row.repeats.iter().map(|r| r.p99_us).collect();
+        assert_eq!(p99s, vec![Some(30), Some(90), Some(10)]);
+        // An even count takes the mean of the middle two.
+        let row = Row::median_of(vec![run_of(900.0, 30, 0), run_of(1000.0, 90, 0)]);
+        assert_eq!((row.msgs_per_s, row.p99_us), (Some(950.0), Some(60)));
+        // One run is the row itself, with no list of runs.
+        let row = Row::median_of(vec![run_of(900.0, 30, 0)]);
+        assert!(row.repeats.is_empty());
+    }
+
+    #[test]
+    fn a_failed_run_fails_the_repeated_row() {
+        let mut failed = run_of(0.0, 0, 0);
+        failed.status = "error".into();
+        failed.note = "did not finish".into();
+        let row = Row::median_of(vec![run_of(900.0, 30, 0), failed, run_of(1000.0, 20, 0)]);
+        assert_eq!(row.status, "error");
+        assert_eq!(row.note, "run 2 of 3: did not finish");
     }
 }

@@ -146,6 +146,60 @@ pub(crate) fn table(rows: &[Row]) -> String {
     s
 }
 
+/// Each run of a repeated row, and its ratio to the carrier's run of the same round: how
+/// often a target held, which a median alone does not show.
+pub(crate) fn runs_table(rows: &[Row]) -> String {
+    let mut s = String::new();
+    s.push_str(
+        "Each run (in round order; a transport's run k is paired with its carrier's run k):\n\n",
+    );
+    s.push_str("| transport | profile | msgs/s | p99 ms | vs carrier (msgs/s, p99) |\n");
+    s.push_str("|---|---|---|---|---|\n");
+    let list = |v: Vec<String>| v.join(", ");
+    for r in rows.iter().filter(|r| !r.repeats.is_empty()) {
+        let paired = rows
+            .iter()
+            .find(|b| b.transport == carrier(&r.transport) && b.profile == r.profile)
+            .filter(|_| !r.transport.starts_with("bare-"));
+        let ratios = match paired {
+            None => "–".to_owned(),
+            Some(b) => list(
+                r.repeats
+                    .iter()
+                    .zip(&b.repeats)
+                    .map(
+                        |(x, y)| match (x.msgs_per_s, y.msgs_per_s, x.p99_us, y.p99_us) {
+                            (Some(xm), Some(ym), Some(xp), Some(yp)) => {
+                                format!("{:.2}x / {:.2}x", xm / ym, xp as f64 / yp.max(1) as f64)
+                            }
+                            _ => "–".into(),
+                        },
+                    )
+                    .collect(),
+            ),
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} |",
+            r.transport,
+            r.profile,
+            list(
+                r.repeats
+                    .iter()
+                    .map(|x| x
+                        .msgs_per_s
+                        .map(|v| format!("{v:.0}"))
+                        .unwrap_or("–".into()))
+                    .collect()
+            ),
+            list(r.repeats.iter().map(|x| ms(x.p99_us)).collect()),
+            ratios
+        );
+    }
+    s.push('\n');
+    s
+}
+
 fn markdown(report: &BenchReport, plots: &[String]) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# mimi-relay transport comparison\n");
@@ -190,7 +244,20 @@ fn markdown(report: &BenchReport, plots: &[String]) -> String {
                 .unwrap_or_else(|| "uncapped".into())
         );
     }
+    if report.repeat > 1 {
+        let _ = writeln!(
+            s,
+            "- {} runs of every row, interleaved: each round runs every transport once, the next \
+             round starting one transport further on; each figure below is the median of the \
+             runs (the mean of the middle two for an even count), counts are totals, and the \
+             ratios divide the medians",
+            report.repeat
+        );
+    }
     let _ = writeln!(s, "\n{}", table(&report.rows));
+    if report.repeat > 1 {
+        s.push_str(&runs_table(&report.rows));
+    }
     let gaps: Vec<&Row> = report.rows.iter().filter(|r| r.status != "ok").collect();
     if !gaps.is_empty() {
         let _ = writeln!(s, "Not measured:\n");
