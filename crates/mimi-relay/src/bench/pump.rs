@@ -27,6 +27,8 @@ pub(crate) enum Carrier {
 const PORT: u16 = 7100;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a row waits for quinn's endpoints to drain, and the next to find the port free.
+const ENDPOINT_DRAIN: Duration = Duration::from_secs(5);
 const ALPN: &[u8] = b"mimi-relay-bench";
 
 struct Tls {
@@ -163,6 +165,8 @@ pub(crate) async fn run(
     let mut room_tx: Vec<tokio::sync::mpsc::Sender<Bytes>> = Vec::new();
     // A JoinSet: if the row is abandoned (its time is up), its tasks stop with it.
     let mut tasks = tokio::task::JoinSet::new();
+    // Quinn's endpoints, closed at the end so that the next row can bind the same port.
+    let mut endpoints: Option<(quinn::Endpoint, quinn::Endpoint)> = None;
     match carrier {
         Carrier::Quinn => {
             let mut sc = quinn::ServerConfig::with_crypto(Arc::new(
@@ -236,11 +240,12 @@ pub(crate) async fn run(
                 });
             }
             setup(&rx, t0, row, lab).await?;
-            // Keep the endpoints alive until the end of this function.
+            // Keep the connection alive until the end of this function.
             tasks.spawn(async move {
-                let _keep = (client, server, conn);
+                let _keep = conn;
                 futures::future::pending::<()>().await;
             });
+            endpoints = Some((client, server));
         }
         Carrier::Tls => {
             let (listener, server_addr) = match lab {
@@ -402,6 +407,18 @@ pub(crate) async fn run(
     let drops = lab.map(NetLab::take_drops).unwrap_or_default();
     stop.store(true, Ordering::Relaxed);
     tasks.abort_all();
+    if let Some((client, server)) = endpoints {
+        // A closed connection drains for three PTOs (over a second in `bad`) before its
+        // endpoint lets go of the socket; the next run of this row binds the same port.
+        client.close(0u32.into(), b"row over");
+        server.close(0u32.into(), b"row over");
+        let idle = async { tokio::join!(client.wait_idle(), server.wait_idle()) };
+        if tokio::time::timeout(ENDPOINT_DRAIN, idle).await.is_err() {
+            progress.done(&format!(
+                "{label} note: quinn's endpoints still draining after {ENDPOINT_DRAIN:?}"
+            ));
+        }
+    }
     let t = lock(&rx);
     row.sent = sent;
     row.delivered = t.delivered;
@@ -426,7 +443,7 @@ pub(crate) async fn run(
 fn sockets_udp(lab: Option<&NetLab>) -> Result<(std::net::UdpSocket, std::net::UdpSocket)> {
     let (server, client) = match lab {
         Some(lab) => (
-            lab.in_ns(1, || std::net::UdpSocket::bind((NetLab::addr(1), PORT)))?,
+            lab.in_ns(1, bind_server)?,
             lab.in_ns(0, || {
                 std::net::UdpSocket::bind(SocketAddr::from((NetLab::addr(0), 0)))
             })?,
@@ -440,6 +457,20 @@ fn sockets_udp(lab: Option<&NetLab>) -> Result<(std::net::UdpSocket, std::net::U
         relay_quic::socket::enlarge_buffers(s)?;
     }
     Ok((server, client))
+}
+
+/// The pump's server socket in the follower's namespace, on the fixed port. The previous
+/// row's endpoint may still hold it while it drains (see [`ENDPOINT_DRAIN`]): retry until then.
+fn bind_server() -> std::io::Result<std::net::UdpSocket> {
+    let until = Instant::now() + ENDPOINT_DRAIN;
+    loop {
+        match std::net::UdpSocket::bind((NetLab::addr(1), PORT)) {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
 }
 
 /// Waits for the probe frame; the setup time is from before the handshake to its delivery.

@@ -160,7 +160,7 @@ pub(crate) fn runs_table(rows: &[Row]) -> String {
         let paired = rows
             .iter()
             .find(|b| b.transport == carrier(&r.transport) && b.profile == r.profile)
-            .filter(|_| !r.transport.starts_with("bare-"));
+            .filter(|b| !r.transport.starts_with("bare-") && !b.repeats.is_empty());
         let ratios = match paired {
             None => "–".to_owned(),
             Some(b) => list(
