@@ -17,8 +17,16 @@ use nix::sys::socket::{GetSockOpt, SetSockOpt, getsockopt, setsockopt, sockopt};
 /// reason; 8 MiB holds about 5,000 full datagrams.
 pub const SOCKET_BUFFER: usize = 8 << 20;
 
-/// The kernel's buffer sizes of a socket as `getsockopt` reports them. Linux reports twice
-/// the value set, the other half being its bookkeeping allowance.
+/// Bytes `getsockopt` reports per byte of buffer asked for: Linux reports twice the value
+/// set, the other half being its bookkeeping allowance.
+const REPORTED_PER_BYTE: usize = if cfg!(any(target_os = "linux", target_os = "android")) {
+    2
+} else {
+    1
+};
+
+/// The kernel's buffer sizes of a socket as `getsockopt` reports them (see
+/// [`REPORTED_PER_BYTE`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SocketBuffers {
     pub recv: usize,
@@ -33,21 +41,28 @@ impl SocketBuffers {
         })
     }
 
-    /// Whether both directions reach [`SOCKET_BUFFER`] as `getsockopt` reports them.
+    /// The sizes as set, receive and send: what compares with [`SOCKET_BUFFER`].
+    pub fn granted(&self) -> (usize, usize) {
+        (self.recv / REPORTED_PER_BYTE, self.send / REPORTED_PER_BYTE)
+    }
+
+    /// Whether both directions got [`SOCKET_BUFFER`]. A reported 8 MiB on Linux is 4 MiB set:
+    /// not enough.
     pub fn are_enough(&self) -> bool {
-        self.recv >= SOCKET_BUFFER && self.send >= SOCKET_BUFFER
+        let (recv, send) = self.granted();
+        recv >= SOCKET_BUFFER && send >= SOCKET_BUFFER
     }
 
     /// What to tell an operator when the buffers are short of what the endpoint asks for.
     pub fn shortfall(&self) -> Option<String> {
+        let (recv, send) = self.granted();
         (!self.are_enough()).then(|| {
             format!(
                 "the kernel holds UDP socket buffers to {} KiB (receive) and {} KiB (send) where \
                  QUIC asks for {} KiB, so bursts may be dropped; raise net.core.rmem_max and \
                  net.core.wmem_max, or grant CAP_NET_ADMIN",
-                // getsockopt reports twice what was set (Linux's bookkeeping share).
-                self.recv / 2 / 1024,
-                self.send / 2 / 1024,
+                recv / 1024,
+                send / 1024,
                 SOCKET_BUFFER / 1024
             )
         })
@@ -74,11 +89,12 @@ fn raise<O>(socket: &UdpSocket, plain: O, force: impl FnOnce(&UdpSocket)) -> nix
 where
     O: GetSockOpt<Val = usize> + SetSockOpt<Val = usize> + Copy,
 {
-    if getsockopt(socket, plain)? >= SOCKET_BUFFER {
+    let goal = SOCKET_BUFFER * REPORTED_PER_BYTE;
+    if getsockopt(socket, plain)? >= goal {
         return Ok(());
     }
     let _ = setsockopt(socket, plain, &SOCKET_BUFFER);
-    if getsockopt(socket, plain)? < SOCKET_BUFFER {
+    if getsockopt(socket, plain)? < goal {
         force(socket);
     }
     Ok(())
@@ -96,7 +112,7 @@ mod tests {
             .trim()
             .parse()
             .ok()?;
-        Some(v * 2)
+        Some(v * REPORTED_PER_BYTE)
     }
 
     #[test]
@@ -110,10 +126,22 @@ mod tests {
         assert!(advice.contains("208 KiB (receive)"), "{advice}");
         assert!(advice.contains("8192 KiB"), "{advice}");
         let big = SocketBuffers {
-            recv: 2 * SOCKET_BUFFER,
-            send: 2 * SOCKET_BUFFER,
+            recv: REPORTED_PER_BYTE * SOCKET_BUFFER,
+            send: REPORTED_PER_BYTE * SOCKET_BUFFER,
         };
         assert_eq!(big.shortfall(), None);
+        // Half of it set, which Linux reports as the full figure, is short.
+        if REPORTED_PER_BYTE == 2 {
+            let half = SocketBuffers {
+                recv: SOCKET_BUFFER,
+                send: 2 * SOCKET_BUFFER,
+            };
+            let advice = half.shortfall().unwrap();
+            assert!(
+                advice.contains("4096 KiB (receive) and 8192 KiB (send)"),
+                "{advice}"
+            );
+        }
     }
 
     #[test]
@@ -126,11 +154,11 @@ mod tests {
         // Without privilege the plain option still reaches the sysctl cap (or the goal).
         if let (Some(rcap), Some(wcap)) = (plain_cap("rmem_max"), plain_cap("wmem_max")) {
             assert!(
-                after.recv >= rcap.min(SOCKET_BUFFER),
+                after.recv >= rcap.min(REPORTED_PER_BYTE * SOCKET_BUFFER),
                 "{after:?} cap {rcap}"
             );
             assert!(
-                after.send >= wcap.min(SOCKET_BUFFER),
+                after.send >= wcap.min(REPORTED_PER_BYTE * SOCKET_BUFFER),
                 "{after:?} cap {wcap}"
             );
         }
