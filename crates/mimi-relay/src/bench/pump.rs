@@ -408,8 +408,8 @@ pub(crate) async fn run(
     stop.store(true, Ordering::Relaxed);
     tasks.abort_all();
     if let Some((client, server)) = endpoints {
-        // A closed connection drains for three PTOs (over a second in `bad`) before its
-        // endpoint lets go of the socket; the next run of this row binds the same port.
+        // A closed connection drains for three PTOs (hundreds of milliseconds with an RTT)
+        // before its endpoint lets go of the socket; the next run of this row binds that port.
         client.close(0u32.into(), b"row over");
         server.close(0u32.into(), b"row over");
         let idle = async { tokio::join!(client.wait_idle(), server.wait_idle()) };
