@@ -329,24 +329,27 @@ impl Row {
     }
 }
 
-fn median_f64(mut v: Vec<f64>) -> Option<f64> {
-    v.sort_by(f64::total_cmp);
+/// The median of `v`; for an even count, `mid` of the middle two.
+fn median<T: Copy>(
+    mut v: Vec<T>,
+    cmp: fn(&T, &T) -> std::cmp::Ordering,
+    mid: fn(T, T) -> T,
+) -> Option<T> {
+    v.sort_by(cmp);
     let n = v.len();
     match n {
         0 => None,
         _ if n % 2 == 1 => Some(v[n / 2]),
-        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+        _ => Some(mid(v[n / 2 - 1], v[n / 2])),
     }
 }
 
-fn median_u64(mut v: Vec<u64>) -> Option<u64> {
-    v.sort_unstable();
-    let n = v.len();
-    match n {
-        0 => None,
-        _ if n % 2 == 1 => Some(v[n / 2]),
-        _ => Some(v[n / 2 - 1].midpoint(v[n / 2])),
-    }
+fn median_f64(v: Vec<f64>) -> Option<f64> {
+    median(v, f64::total_cmp, |a, b| (a + b) / 2.0)
+}
+
+fn median_u64(v: Vec<u64>) -> Option<u64> {
+    median(v, Ord::cmp, u64::midpoint)
 }
 
 /// The whole run: rows plus how it was made.

@@ -83,6 +83,30 @@ fn carrier(transport: &str) -> &'static str {
     }
 }
 
+/// The row a transport's row is compared with: its carrier's in the same profile (none for
+/// a baseline, or when the carrier was not run).
+fn carrier_row<'a>(rows: &'a [Row], r: &Row) -> Option<&'a Row> {
+    if r.transport.starts_with("bare-") {
+        return None;
+    }
+    rows.iter()
+        .find(|b| b.transport == carrier(&r.transport) && b.profile == r.profile)
+}
+
+/// "msgs/s ratio / p99 ratio" of a transport's figures to its carrier's.
+fn ratio(
+    msgs: Option<f64>,
+    p99: Option<u64>,
+    base_msgs: Option<f64>,
+    base_p99: Option<u64>,
+) -> Option<String> {
+    Some(format!(
+        "{:.2}x / {:.2}x",
+        msgs? / base_msgs?,
+        p99? as f64 / base_p99?.max(1) as f64
+    ))
+}
+
 /// The results table in Markdown (also used by the README).
 pub(crate) fn table(rows: &[Row]) -> String {
     let mut s = String::new();
@@ -100,15 +124,10 @@ pub(crate) fn table(rows: &[Row]) -> String {
         let ratio = if r.transport.starts_with("bare-") {
             "baseline".to_owned()
         } else {
-            rows.iter()
-                .find(|b| b.transport == carrier(&r.transport) && b.profile == r.profile)
+            carrier_row(rows, r)
                 .and_then(|b| {
-                    Some(format!(
-                        "{:.2}x / {:.2}x ({})",
-                        r.msgs_per_s? / b.msgs_per_s?,
-                        r.p99_us? as f64 / b.p99_us?.max(1) as f64,
-                        b.transport
-                    ))
+                    let x = ratio(r.msgs_per_s, r.p99_us, b.msgs_per_s, b.p99_us)?;
+                    Some(format!("{x} ({})", b.transport))
                 })
                 .unwrap_or_else(|| "–".into())
         };
@@ -157,24 +176,16 @@ pub(crate) fn runs_table(rows: &[Row]) -> String {
     s.push_str("|---|---|---|---|---|\n");
     let list = |v: Vec<String>| v.join(", ");
     for r in rows.iter().filter(|r| !r.repeats.is_empty()) {
-        let paired = rows
-            .iter()
-            .find(|b| b.transport == carrier(&r.transport) && b.profile == r.profile)
-            .filter(|b| !r.transport.starts_with("bare-") && !b.repeats.is_empty());
-        let ratios = match paired {
+        let ratios = match carrier_row(rows, r).filter(|b| !b.repeats.is_empty()) {
             None => "–".to_owned(),
             Some(b) => list(
                 r.repeats
                     .iter()
                     .zip(&b.repeats)
-                    .map(
-                        |(x, y)| match (x.msgs_per_s, y.msgs_per_s, x.p99_us, y.p99_us) {
-                            (Some(xm), Some(ym), Some(xp), Some(yp)) => {
-                                format!("{:.2}x / {:.2}x", xm / ym, xp as f64 / yp.max(1) as f64)
-                            }
-                            _ => "–".into(),
-                        },
-                    )
+                    .map(|(x, y)| {
+                        ratio(x.msgs_per_s, x.p99_us, y.msgs_per_s, y.p99_us)
+                            .unwrap_or_else(|| "–".into())
+                    })
                     .collect(),
             ),
         };
