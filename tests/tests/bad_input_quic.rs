@@ -96,6 +96,7 @@ async fn bad_input_over_quic_gets_typed_answers_and_the_stream_survives() {
         max_body: 1 << 20,
         request_timeout: Duration::from_secs(5),
         congestion: Default::default(),
+        adapter: Default::default(),
     };
     let (quic, _) = QuicTransport::start(cfg, Outcomes(tx))
         .await

@@ -133,6 +133,11 @@ pub const CONTENT_TYPE_BODY: &str = "application/octet-stream";
 pub const CONTENT_TYPE_REASON: &str = "text/plain; charset=utf-8";
 /// How many jobs may wait for one peer's task before `send` answers `Busy`.
 pub const PEER_QUEUE: usize = 1024;
+/// HTTP/2 streams per connection at most, whatever `max_streams_per_conn` says: every open
+/// stream may hold a body in assembly.
+pub const MAX_H2_STREAMS: u32 = 64;
+/// At most one failed-handshake warning per this interval; the rest are counted.
+const HANDSHAKE_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Everything the HTTPS adapter needs.
 pub struct HttpsConfig {
@@ -150,6 +155,8 @@ pub struct HttpsConfig {
     /// Bounds each outbound request (connect included), each inbound upload and handshake,
     /// and each phase of a graceful shutdown.
     pub request_timeout: Duration,
+    /// Per-peer budgets and refusal counters shared with the other adapters.
+    pub adapter: relay_adapter::AdapterContext,
 }
 
 impl fmt::Debug for HttpsConfig {
@@ -238,6 +245,7 @@ impl HttpsTransport {
             peers,
             max_body,
             request_timeout,
+            adapter,
         } = config;
 
         let server_tls = relay_tls::server_config(
@@ -277,6 +285,15 @@ impl HttpsTransport {
             directory,
             max_body,
             request_timeout,
+            body_deadline: request_timeout.min(adapter.limits.frame_deadline),
+            gate: relay_adapter::Gate::new(adapter.limits.clone(), adapter.stats.clone()),
+            budget: relay_adapter::ByteBudget::new(
+                adapter.limits.max_peer_bytes,
+                adapter.stats.clone(),
+            ),
+            stats: adapter.stats.clone(),
+            handshake_log: relay_adapter::LogLimiter::new(HANDSHAKE_LOG_INTERVAL),
+            h2_streams: adapter.limits.max_streams_per_conn.min(MAX_H2_STREAMS),
         });
         let accept = runtime.spawn(server::accept_loop(
             server_ctx,

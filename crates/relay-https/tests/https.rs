@@ -75,6 +75,7 @@ impl Provider {
             peers: peers.iter().map(|(p, a)| (p.domain.clone(), *a)).collect(),
             max_body,
             request_timeout: Duration::from_secs(5),
+            adapter: Default::default(),
         })
     }
 }

@@ -117,6 +117,8 @@ pub struct MatrixConfig {
     pub request_timeout: Duration,
     /// Where EDUs of other types go; dropped if `None`.
     pub edu_sink: Option<mpsc::UnboundedSender<ReceivedEdu>>,
+    /// Per-peer budgets and refusal counters shared with the other adapters.
+    pub adapter: relay_adapter::AdapterContext,
 }
 
 impl fmt::Debug for MatrixConfig {
@@ -203,6 +205,7 @@ impl MatrixTransport {
             peers,
             request_timeout,
             edu_sink,
+            adapter: _,
         } = config;
         let ours = server_name(&ours)?;
 

@@ -119,6 +119,7 @@ async fn synapse_federates_with_the_relay_both_ways() {
             )]),
             request_timeout: Duration::from_secs(10),
             edu_sink: Some(sink),
+            adapter: Default::default(),
         },
         rec.clone(),
     )

@@ -5,6 +5,8 @@
 //! per record `offset u64, accepted_ms u64, from u16-len string, room u16-len string,
 //! fanout u32-len bytes`, all big-endian.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::mpsc::Sender;
 use std::time::Duration;
 
@@ -16,8 +18,8 @@ use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::routing::{get, post};
 use bytes::{BufMut, BytesMut};
 use mimi_wire::uri::{ProviderDomain, RoomId};
-use relay_core::Response;
 use relay_core::store::InboxRecord;
+use relay_core::{Response, TransportKind};
 use serde::Deserialize;
 use tokio::sync::{oneshot, watch};
 
@@ -30,6 +32,8 @@ pub(crate) struct ApiState {
     pub tx: Sender<Event>,
     pub inbox_next: watch::Receiver<u64>,
     pub max_body: usize,
+    /// Each transport adapter's refusal counters, for /metrics.
+    pub adapter_stats: Arc<BTreeMap<TransportKind, Arc<relay_adapter::AdapterStats>>>,
 }
 
 pub(crate) fn router(state: ApiState) -> Router {
@@ -411,7 +415,11 @@ async fn metrics_page(State(s): State<ApiState>) -> HttpResponse {
         Some((stats, store)) => (
             StatusCode::OK,
             [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            metrics::render(&stats, &store),
+            {
+                let mut text = metrics::render(&stats, &store);
+                metrics::render_adapters(&mut text, &s.adapter_stats);
+                text
+            },
         )
             .into_response(),
         None => unavailable(),

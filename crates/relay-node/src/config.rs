@@ -122,6 +122,14 @@ struct RawLimits {
     max_queue: Option<usize>,
     max_inbox: Option<usize>,
     request_timeout_ms: Option<u64>,
+    max_conns_per_peer: Option<usize>,
+    max_handshakes: Option<usize>,
+    max_streams_per_conn: Option<u32>,
+    max_peer_bytes: Option<usize>,
+    frame_deadline_ms: Option<u64>,
+    max_parked_per_peer: Option<usize>,
+    max_unacked: Option<usize>,
+    max_xml_depth: Option<usize>,
 }
 
 /// Where the node keeps its durable state.
@@ -193,6 +201,8 @@ pub struct NodeConfig {
     pub max_queue: usize,
     pub max_inbox: usize,
     pub request_timeout: Duration,
+    /// The per-peer budgets every transport adapter enforces.
+    pub adapter_limits: relay_adapter::Limits,
     /// `[xmpp]`: XMPP peers reached as a component of an XMPP server.
     pub xmpp: Option<XmppComponentConfig>,
     /// `[quic] congestion`: the QUIC connections' congestion controller.
@@ -365,6 +375,8 @@ impl NodeConfig {
             return Err(cx.err("limits.request_timeout_ms", "must be at least 10"));
         }
 
+        let adapter_limits = adapter_limits(&cx, &raw.limits, max_body)?;
+
         let xmpp = match &raw.xmpp {
             None => None,
             Some(x) => Some(xmpp_component(&cx, x, &peers)?),
@@ -389,10 +401,91 @@ impl NodeConfig {
             max_queue,
             max_inbox,
             request_timeout,
+            adapter_limits,
             xmpp,
             quic_congestion,
         })
     }
+}
+
+/// `[limits]`'s adapter budgets: defaults from [`relay_adapter::Limits`], each bounded so that
+/// a typo cannot switch a bound off.
+fn adapter_limits(
+    cx: &Ctx<'_>,
+    raw: &RawLimits,
+    max_body: usize,
+) -> Result<relay_adapter::Limits, ConfigError> {
+    let d = relay_adapter::Limits::default();
+    let range = |key: &str, v: Option<usize>, def: usize, lo: usize, hi: usize| match v {
+        None => Ok(def),
+        Some(v) if (lo..=hi).contains(&v) => Ok(v),
+        Some(_) => Err(cx.err(key, format!("must be between {lo} and {hi}"))),
+    };
+    let l = relay_adapter::Limits {
+        max_conns_per_peer: range(
+            "limits.max_conns_per_peer",
+            raw.max_conns_per_peer,
+            d.max_conns_per_peer,
+            1,
+            1024,
+        )?,
+        max_handshakes: range(
+            "limits.max_handshakes",
+            raw.max_handshakes,
+            d.max_handshakes,
+            1,
+            65_536,
+        )?,
+        max_streams_per_conn: range(
+            "limits.max_streams_per_conn",
+            raw.max_streams_per_conn.map(|v| v as usize),
+            d.max_streams_per_conn as usize,
+            1,
+            65_536,
+        )? as u32,
+        max_peer_bytes: range(
+            "limits.max_peer_bytes",
+            raw.max_peer_bytes,
+            d.max_peer_bytes.max(2 * max_body),
+            2 * max_body,
+            16 << 30,
+        )
+        .map_err(|_| {
+            cx.err(
+                "limits.max_peer_bytes",
+                format!("must be at least twice max_body ({} bytes)", 2 * max_body),
+            )
+        })?,
+        frame_deadline: std::time::Duration::from_millis(range(
+            "limits.frame_deadline_ms",
+            raw.frame_deadline_ms.map(|v| v as usize),
+            d.frame_deadline.as_millis() as usize,
+            100,
+            600_000,
+        )? as u64),
+        max_parked_per_peer: range(
+            "limits.max_parked_per_peer",
+            raw.max_parked_per_peer,
+            d.max_parked_per_peer,
+            0,
+            1024,
+        )?,
+        max_unacked: range(
+            "limits.max_unacked",
+            raw.max_unacked,
+            d.max_unacked,
+            16,
+            1 << 20,
+        )?,
+        max_xml_depth: range(
+            "limits.max_xml_depth",
+            raw.max_xml_depth,
+            d.max_xml_depth,
+            4,
+            256,
+        )?,
+    };
+    Ok(l)
 }
 
 fn xmpp_component(

@@ -185,6 +185,7 @@ impl Node {
 
         let mut transports = Transports::default();
         let mut listening = BTreeMap::new();
+        let mut adapter_stats = BTreeMap::new();
         for (&kind, &listen) in &cfg.listen {
             let peers = cfg
                 .peers
@@ -192,6 +193,12 @@ impl Node {
                 .filter(|p| p.transport == kind)
                 .map(|p| (p.domain.clone(), p.address))
                 .collect();
+            // One set of refusal counters per transport, so /metrics can tell them apart.
+            let adapter = relay_adapter::AdapterContext {
+                limits: cfg.adapter_limits.clone(),
+                stats: Arc::new(relay_adapter::AdapterStats::default()),
+            };
+            adapter_stats.insert(kind, adapter.stats.clone());
             let (t, addr): (Arc<dyn Transport>, SocketAddr) = match kind {
                 TransportKind::Https => {
                     let hc = relay_https::HttpsConfig {
@@ -201,6 +208,7 @@ impl Node {
                         peers,
                         max_body: cfg.max_body,
                         request_timeout: cfg.request_timeout,
+                        adapter: adapter.clone(),
                     };
                     let (t, addr) = relay_https::HttpsTransport::start(hc, inbound.clone()).await?;
                     (Arc::new(t), addr)
@@ -214,6 +222,7 @@ impl Node {
                         max_body: cfg.max_body,
                         request_timeout: cfg.request_timeout,
                         congestion: cfg.quic_congestion,
+                        adapter: adapter.clone(),
                     };
                     let (t, addr) = relay_quic::QuicTransport::start(qc, inbound.clone()).await?;
                     (Arc::new(t), addr)
@@ -233,6 +242,7 @@ impl Node {
                         component,
                         max_body: cfg.max_body,
                         request_timeout: cfg.request_timeout,
+                        adapter: adapter.clone(),
                     };
                     let (t, addr) = relay_xmpp::XmppTransport::start(xc, inbound.clone()).await?;
                     (Arc::new(t), addr)
@@ -255,6 +265,7 @@ impl Node {
                             .collect(),
                         request_timeout: cfg.request_timeout,
                         edu_sink: None,
+                        adapter: adapter.clone(),
                     };
                     let (t, addr) =
                         relay_matrix::MatrixTransport::start(mc, inbound.clone()).await?;
@@ -299,6 +310,7 @@ impl Node {
             tx: tx.clone(),
             inbox_next: inbox_rx,
             max_body: cfg.max_body,
+            adapter_stats: Arc::new(adapter_stats),
         });
         let (api_stop, stop_rx) = oneshot::channel::<()>();
         let api_task = tokio::spawn(async move {

@@ -168,6 +168,42 @@ pub fn render(s: &RelayStats, store: &StoreStats) -> String {
     out
 }
 
+/// The adapters' budget refusals and failed handshakes, by transport.
+pub fn render_adapters(
+    out: &mut String,
+    adapters: &std::collections::BTreeMap<
+        relay_core::TransportKind,
+        std::sync::Arc<relay_adapter::AdapterStats>,
+    >,
+) {
+    let name = "mimi_relay_budget_refusals_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Peers refused for going over a per-peer or per-node budget.\n# TYPE {name} counter"
+    );
+    for (kind, st) in adapters {
+        for b in relay_adapter::Budget::ALL {
+            let _ = writeln!(
+                out,
+                "{name}{{transport=\"{kind}\",budget=\"{b}\"}} {}",
+                st.refusals(b)
+            );
+        }
+    }
+    let name = "mimi_relay_failed_handshakes_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Inbound connections that failed to authenticate.\n# TYPE {name} counter"
+    );
+    for (kind, st) in adapters {
+        let _ = writeln!(
+            out,
+            "{name}{{transport=\"{kind}\"}} {}",
+            st.failed_handshakes()
+        );
+    }
+}
+
 fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
     let mut cumulative = 0;

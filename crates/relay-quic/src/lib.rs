@@ -93,6 +93,8 @@ pub struct QuicConfig {
     pub request_timeout: Duration,
     /// The congestion controller of every connection.
     pub congestion: Congestion,
+    /// Per-peer budgets and refusal counters shared with the other adapters.
+    pub adapter: relay_adapter::AdapterContext,
 }
 
 /// Which congestion controller quinn runs. Ours defaults to BBR, quinn's to Cubic: Cubic reads

@@ -142,6 +142,7 @@ fn config(me: &TlsIdentity, trust: PeerTrust, peers: &[(&TlsIdentity, SocketAddr
         max_body: 64 * 1024,
         request_timeout: Duration::from_secs(10),
         congestion: Congestion::default(),
+        adapter: Default::default(),
     }
 }
 

@@ -92,6 +92,8 @@ pub struct XmppConfig {
     pub component: Option<ComponentConfig>,
     pub max_body: usize,
     pub request_timeout: Duration,
+    /// Per-peer budgets and refusal counters shared with the other adapters.
+    pub adapter: relay_adapter::AdapterContext,
 }
 
 /// Errors starting the adapter.

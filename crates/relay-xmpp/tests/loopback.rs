@@ -147,6 +147,7 @@ fn config(me: &TlsIdentity, trust: PeerTrust, peers: &[(&TlsIdentity, SocketAddr
         component: None,
         max_body: 64 * 1024,
         request_timeout: Duration::from_secs(10),
+        adapter: Default::default(),
     }
 }
 

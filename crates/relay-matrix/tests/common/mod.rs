@@ -110,6 +110,7 @@ pub async fn start(
         )]),
         request_timeout: Duration::from_secs(5),
         edu_sink: Some(sink),
+        adapter: Default::default(),
     };
     let (transport, addr) = MatrixTransport::start(cfg, rec.clone()).await.unwrap();
     Side {
