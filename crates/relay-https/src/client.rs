@@ -241,6 +241,9 @@ async fn connect_inner<I: Inbound>(ctx: &PeerCtx<I>) -> Result<Sender, ConnectEr
         // Window sized from measured bandwidth-delay: many concurrent notifies share one
         // connection, and the fixed 64 KiB default would throttle them.
         .adaptive_window(true)
+        // Our servers allow this many streams: a burst sent before their SETTINGS arrive
+        // stays within it instead of being refused.
+        .initial_max_send_streams(crate::MAX_H2_STREAMS as usize)
         // While requests are open, a ping goes out after `request_timeout` without a frame
         // from the peer and must be acked within as long. A peer slow to answer still acks
         // (h2 does, not the handler) and keeps its connection; one stuck in TCP backoff or

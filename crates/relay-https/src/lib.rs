@@ -33,6 +33,19 @@
 //! connection after the 413; on HTTP/2 (what peers use) only the stream is reset. The draft
 //! names no media type, so bodies are `application/octet-stream` and error reasons `text/plain`.
 //!
+//! **Budgets** (from [`HttpsConfig::adapter`], one [`relay_adapter::Gate`] and
+//! [`relay_adapter::ByteBudget`] per listener). A TCP connection takes a handshake slot
+//! (`max_handshakes` node-wide) before TLS starts, or is closed at once; once its certificate
+//! names the peer it takes one of the peer's `max_conns_per_peer` slots instead, or is closed.
+//! A failed handshake is counted and logged at WARN at most once per 10 s. HTTP/2 connections
+//! allow `min(max_streams_per_conn, MAX_H2_STREAMS)` streams. Every body byte read counts in
+//! the peer's `max_peer_bytes` from the moment it arrives (or, with `Content-Length`, the whole
+//! announced length at once) until the node has answered; a request that would go over is
+//! answered **503** `over-budget` with `Retry-After: 1`, and other peers are unaffected. A body
+//! must arrive within the shorter of `request_timeout` and `frame_deadline` (else 408). HTTP/2
+//! itself buffers at most its adaptive connection window (16 MiB at most) of bytes not yet
+//! read per connection.
+//!
 //! The future of [`Inbound::request`] is dropped if the peer resets the stream or the
 //! connection breaks before the answer: the node must not depend on it running to completion.
 //!

@@ -5,16 +5,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, FROM, HOST, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use mimi_wire::endpoint::{DIRECTORY_PATH, Endpoint};
 use mimi_wire::uri::ProviderDomain;
+use relay_adapter::{AdapterStats, Budget, ByteBudget, Gate, HandshakePermit, Held, LogLimiter};
 use relay_core::transport::{Inbound, Request, Response, TransportKind};
 use relay_tls::PeerTrust;
 use tokio::net::{TcpListener, TcpStream};
@@ -55,6 +56,8 @@ pub enum Rejection {
     BodyTimeout,
     /// 400: the body stream broke off.
     BodyAborted,
+    /// 503 with `Retry-After`: the peer already holds its share of bytes in this adapter.
+    OverBudget,
 }
 
 impl Rejection {
@@ -73,6 +76,7 @@ impl Rejection {
             Rejection::TooLarge => "too-large",
             Rejection::BodyTimeout => "body-timeout",
             Rejection::BodyAborted => "body-aborted",
+            Rejection::OverBudget => "over-budget",
         }
     }
 
@@ -89,6 +93,7 @@ impl Rejection {
             Rejection::BodyTimeout => 408,
             Rejection::TooLarge => 413,
             Rejection::WrongHost => 421,
+            Rejection::OverBudget => 503,
         }
     }
 }
@@ -105,7 +110,22 @@ pub(crate) struct ServerCtx<I> {
     pub(crate) max_body: usize,
     /// Bounds the TLS handshake, the body upload and the graceful drain.
     pub(crate) request_timeout: Duration,
+    /// A body must arrive in full within this (the shorter of `request_timeout` and the
+    /// limits' `frame_deadline`).
+    pub(crate) body_deadline: Duration,
+    /// Handshakes node-wide, then connections per peer.
+    pub(crate) gate: Arc<Gate>,
+    /// Body bytes each peer holds, from the first byte until the node answered.
+    pub(crate) budget: Arc<ByteBudget>,
+    pub(crate) stats: Arc<AdapterStats>,
+    pub(crate) handshake_log: LogLimiter,
+    /// HTTP/2 streams one connection may have open.
+    pub(crate) h2_streams: u32,
 }
+
+/// Retry-After (seconds) of an over-budget refusal: the peer's bytes free up as the node
+/// answers its other requests.
+const OVER_BUDGET_RETRY_SECS: u64 = 1;
 
 /// Accepts until shutdown, then lets open connections finish (bounded by the request timeout).
 pub(crate) async fn accept_loop<I: Inbound>(
@@ -119,11 +139,17 @@ pub(crate) async fn accept_loop<I: Inbound>(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, remote)) => {
+                    // Capped before any TLS work: a handshake flood cannot take every slot.
+                    let Some(permit) = ctx.gate.handshake() else {
+                        debug!(%remote, "https connection refused: too many handshakes");
+                        continue;
+                    };
                     conns.spawn(serve_conn(
                         ctx.clone(),
                         acceptor.clone(),
                         tcp,
                         remote,
+                        permit,
                         shutdown.clone(),
                     ));
                 }
@@ -158,31 +184,31 @@ async fn serve_conn<I: Inbound>(
     acceptor: TlsAcceptor,
     tcp: TcpStream,
     remote: SocketAddr,
+    handshake: HandshakePermit,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let _ = tcp.set_nodelay(true);
+    let failed = |error: &dyn std::fmt::Display| {
+        relay_adapter::failed_handshake(&ctx.stats, &ctx.handshake_log, "https", &remote, error);
+    };
     let tls = match tokio::time::timeout(ctx.request_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
-        Ok(Err(error)) => {
-            warn!(%remote, %error, "https tls handshake refused");
-            return;
-        }
-        Err(_) => {
-            warn!(%remote, "https tls handshake timed out");
-            return;
-        }
+        Ok(Err(error)) => return failed(&error),
+        Err(_) => return failed(&"tls handshake timed out"),
     };
     let peer = match tls.get_ref().1.peer_certificates() {
         Some(certs) => match relay_tls::peer_domain(&ctx.trust, certs) {
             Ok(peer) => peer,
-            Err(error) => {
-                warn!(%remote, %error, "https peer certificate names no trusted provider");
-                return;
-            }
+            Err(error) => return failed(&error),
         },
         // Unreachable with a server config that requires client certificates.
-        None => {
-            warn!(%remote, "https peer presented no certificate");
+        None => return failed(&"no client certificate"),
+    };
+    drop(handshake);
+    let _permit = match ctx.gate.peer(&peer) {
+        Ok(permit) => permit,
+        Err(error) => {
+            debug!(%remote, %peer, %error, "https connection refused");
             return;
         }
     };
@@ -199,9 +225,12 @@ async fn serve_conn<I: Inbound>(
     };
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new());
+    // The adaptive window lets h2 buffer at most its connection window (16 MiB at most) of
+    // body bytes not yet read; what has been read is counted in the peer's budget.
     builder
         .http2()
         .timer(TokioTimer::new())
+        .max_concurrent_streams(ctx.h2_streams)
         .adaptive_window(true);
     let conn = builder.serve_connection(TokioIo::new(tls), service);
     tokio::pin!(conn);
@@ -281,13 +310,25 @@ async fn route<I: Inbound>(
     if announced.is_some_and(|n| n > ctx.max_body as u64) {
         return Err(Rejection::TooLarge);
     }
+    // The announced length is reserved at once, so a peer over budget is refused unread.
+    let mut held = ctx
+        .budget
+        .reserve(peer, announced.unwrap_or(0) as usize)
+        .map_err(|_| Rejection::OverBudget)?;
     // And cap while streaming: a client may lie or send no length at all.
-    let limited = Limited::new(req.into_body(), ctx.max_body);
-    let body = match tokio::time::timeout(ctx.request_timeout, limited.collect()).await {
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(e)) if e.is::<LengthLimitError>() => return Err(Rejection::TooLarge),
-        Ok(Err(_)) => return Err(Rejection::BodyAborted),
-        Err(_) => return Err(Rejection::BodyTimeout),
+    let read = read_body(req.into_body(), ctx.max_body, &mut held);
+    let body = match tokio::time::timeout(ctx.body_deadline, read).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(rejection)) => {
+            if rejection == Rejection::TooLarge {
+                ctx.stats.refused(Budget::BodySize);
+            }
+            return Err(rejection);
+        }
+        Err(_) => {
+            ctx.stats.refused(Budget::FrameDeadline);
+            return Err(Rejection::BodyTimeout);
+        }
     };
 
     let request = Request {
@@ -299,8 +340,48 @@ async fn route<I: Inbound>(
         body,
     };
     let response = ctx.inbound.request(request).await;
+    // The body's bytes count until the node has answered.
+    drop(held);
     debug!(%peer, %endpoint, status = response.status.http_code(), "https request answered");
     Ok(to_http(response))
+}
+
+/// Reads a body of at most `max` bytes, each byte counted in `held` as it arrives. One
+/// data frame is passed on uncopied; several are joined.
+async fn read_body<B>(mut body: B, max: usize, held: &mut Held) -> Result<Bytes, Rejection>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+{
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut len = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| Rejection::BodyAborted)?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers carry nothing for us
+        };
+        len = len.saturating_add(data.len());
+        if len > max {
+            return Err(Rejection::TooLarge);
+        }
+        if len > held.bytes() {
+            held.grow(len - held.bytes())
+                .map_err(|_| Rejection::OverBudget)?;
+        }
+        if !data.is_empty() {
+            chunks.push(data);
+        }
+    }
+    Ok(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.swap_remove(0),
+        _ => {
+            let mut joined = BytesMut::with_capacity(len);
+            for c in chunks {
+                joined.extend_from_slice(&c);
+            }
+            joined.freeze()
+        }
+    })
 }
 
 /// `Host` (HTTP/1.1) or `:authority` (HTTP/2) must name us; the port is ignored (§4.1).
@@ -378,11 +459,16 @@ fn to_http(response: Response) -> HttpResponse {
 }
 
 fn reject(rejection: Rejection) -> HttpResponse {
-    answer(
+    let mut resp = answer(
         rejection.http_code(),
         Bytes::from_static(rejection.as_str().as_bytes()),
         Some(CONTENT_TYPE_REASON),
-    )
+    );
+    if rejection == Rejection::OverBudget {
+        resp.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(OVER_BUDGET_RETRY_SECS));
+    }
+    resp
 }
 
 fn answer(code: u16, body: Bytes, content_type: Option<&'static str>) -> HttpResponse {

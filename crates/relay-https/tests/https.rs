@@ -14,7 +14,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Body, Frame, SizeHint};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mimi_wire::endpoint::{Directory, Endpoint};
 use mimi_wire::uri::ProviderDomain;
@@ -1122,5 +1122,265 @@ async fn a_connection_that_moves_nothing_is_replaced() -> Result<()> {
         "a new connection"
     );
     assert_eq!(fb.requests().len(), 2, "the frozen request never arrived");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Budgets: connections, handshakes, bytes
+
+/// b.example serving a.example and c.example under `limits`.
+struct Budgeted {
+    a: Provider,
+    b: Provider,
+    c: Provider,
+    _tb: HttpsTransport,
+    b_addr: SocketAddr,
+    stats: Arc<relay_adapter::AdapterStats>,
+}
+
+async fn budgeted(limits: relay_adapter::Limits, max_body: usize) -> Result<Budgeted> {
+    let a = Provider::new("a.example")?;
+    let b = Provider::new("b.example")?;
+    let c = Provider::new("c.example")?;
+    let (fb, _eb) = Fake::new();
+    let mut cfg = b.config(&[&a, &c], &[], any_port(), max_body)?;
+    cfg.adapter.limits = limits;
+    let stats = cfg.adapter.stats.clone();
+    let (tb, b_addr) = HttpsTransport::start(cfg, fb).await?;
+    Ok(Budgeted {
+        a,
+        b,
+        c,
+        _tb: tb,
+        b_addr,
+        stats,
+    })
+}
+
+/// A request body fed by the test, one chunk at a time; it ends when the sender is dropped.
+struct Fed(mpsc::Receiver<Bytes>);
+
+impl Body for Fed {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.get_mut()
+            .0
+            .poll_recv(cx)
+            .map(|c| c.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+fn fed() -> (mpsc::Sender<Bytes>, RawBody) {
+    let (tx, rx) = mpsc::channel(4);
+    (tx, Fed(rx).boxed())
+}
+
+async fn notify_from(
+    h2: &mut hyper::client::conn::http2::SendRequest<RawBody>,
+    who: &ProviderDomain,
+    body: RawBody,
+) -> Result<http::Response<Incoming>> {
+    let from = format!("mimi@{who}");
+    let req = raw_request(
+        "POST",
+        "https://b.example/v1/notify/x",
+        &[("from", &from)],
+        body,
+    )?;
+    Ok(h2.send_request(req).await?)
+}
+
+/// Before the fix a peer could open any number of connections.
+#[tokio::test]
+async fn a_peer_at_its_connection_cap_is_refused_while_another_peer_connects() -> Result<()> {
+    let limits = relay_adapter::Limits {
+        max_conns_per_peer: 1,
+        ..Default::default()
+    };
+    let p = budgeted(limits, 1 << 20).await?;
+    let mut first = raw_h2(&p.a, &p.b, p.b_addr).await?;
+    let resp = notify_from(&mut first, &p.a.domain, full(b"x")).await?;
+    assert_eq!(status_and_body(resp).await?.0, 201);
+
+    // A second connection of a.example is closed once it has authenticated.
+    let refused = match raw_h2(&p.a, &p.b, p.b_addr).await {
+        Err(_) => true,
+        Ok(mut second) => timeout(WAIT, notify_from(&mut second, &p.a.domain, full(b"x")))
+            .await?
+            .is_err(),
+    };
+    assert!(refused, "a.example's second connection was served");
+    assert_eq!(p.stats.refusals(relay_adapter::Budget::ConnsPerPeer), 1);
+
+    // c.example has its own share.
+    let mut other = raw_h2(&p.c, &p.b, p.b_addr).await?;
+    assert_eq!(
+        notify_from(&mut other, &p.c.domain, full(b"x"))
+            .await?
+            .status(),
+        201
+    );
+
+    // The slot comes back when the first connection goes.
+    drop(first);
+    let mut served = false;
+    for _ in 0..100 {
+        if let Ok(mut again) = raw_h2(&p.a, &p.b, p.b_addr).await
+            && let Ok(Ok(r)) = timeout(WAIT, notify_from(&mut again, &p.a.domain, full(b"x"))).await
+        {
+            served = r.status() == 201;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served, "a.example could not connect again");
+    Ok(())
+}
+
+/// Before the fix every TCP connection started a TLS handshake, however many were open.
+#[tokio::test]
+async fn handshakes_over_the_node_cap_are_refused_and_failures_counted() -> Result<()> {
+    let limits = relay_adapter::Limits {
+        max_handshakes: 1,
+        ..Default::default()
+    };
+    let p = budgeted(limits, 1 << 20).await?;
+    // A connection that never says a word holds the only handshake slot.
+    let idle = tokio::net::TcpStream::connect(p.b_addr).await?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let refused = match raw_h2(&p.a, &p.b, p.b_addr).await {
+        Err(_) => true,
+        Ok(mut h2) => timeout(WAIT, notify_from(&mut h2, &p.a.domain, full(b"x")))
+            .await?
+            .is_err(),
+    };
+    assert!(refused, "a handshake over the cap was served");
+    assert!(p.stats.refusals(relay_adapter::Budget::Handshakes) >= 1);
+
+    // Its end is a failed handshake (counted, not a WARN each) and frees the slot.
+    drop(idle);
+    let mut served = false;
+    for _ in 0..100 {
+        if let Ok(mut h2) = raw_h2(&p.a, &p.b, p.b_addr).await
+            && let Ok(Ok(r)) = timeout(WAIT, notify_from(&mut h2, &p.a.domain, full(b"x"))).await
+        {
+            served = r.status() == 201;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served, "the slot never came back");
+    assert!(p.stats.failed_handshakes() >= 1);
+    Ok(())
+}
+
+/// Before the fix a peer's bodies in assembly were bounded only by streams times `max_body`.
+#[tokio::test]
+async fn a_peer_over_its_byte_budget_gets_503_while_another_peer_is_served() -> Result<()> {
+    let limits = relay_adapter::Limits {
+        max_peer_bytes: 64 * 1024,
+        ..Default::default()
+    };
+    let p = budgeted(limits, 1 << 20).await?;
+    let mut h2 = raw_h2(&p.a, &p.b, p.b_addr).await?;
+    // A body that is 60 KiB in and goes no further.
+    let (feed, body) = fed();
+    let mut stuck = h2.clone();
+    let a = p.a.domain.clone();
+    let pending = tokio::spawn(async move { notify_from(&mut stuck, &a, body).await });
+    feed.send(Bytes::from(vec![1u8; 60 * 1024])).await?;
+
+    let mut refused = None;
+    for _ in 0..100 {
+        let resp = notify_from(
+            &mut h2,
+            &p.a.domain,
+            Full::new(Bytes::from(vec![2u8; 8 * 1024])).boxed(),
+        )
+        .await?;
+        if resp.status() == 503 {
+            refused = Some(resp);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let resp = refused.context("a.example was never refused")?;
+    assert_eq!(
+        resp.headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let (_, body) = status_and_body(resp).await?;
+    assert_eq!(&body[..], Rejection::OverBudget.as_str().as_bytes());
+
+    // c.example's share is its own.
+    let mut other = raw_h2(&p.c, &p.b, p.b_addr).await?;
+    let big = Full::new(Bytes::from(vec![3u8; 60 * 1024])).boxed();
+    assert_eq!(
+        notify_from(&mut other, &p.c.domain, big).await?.status(),
+        201
+    );
+
+    // Once the stuck body is done, a.example is served again.
+    drop(feed);
+    assert_eq!(timeout(WAIT, pending).await???.status(), 201);
+    let small = Full::new(Bytes::from(vec![2u8; 8 * 1024])).boxed();
+    assert_eq!(
+        notify_from(&mut h2, &p.a.domain, small).await?.status(),
+        201
+    );
+    Ok(())
+}
+
+/// Before the fix 40 streams of 16 KiB each were all held, waiting for the rest of their
+/// bodies; now what does not fit in the peer's budget is refused at once.
+#[tokio::test]
+async fn many_h2_streams_with_partial_bodies_are_held_to_the_budget() -> Result<()> {
+    const STREAMS: usize = 40;
+    const CHUNK: usize = 16 * 1024;
+    const BUDGET: usize = 256 * 1024;
+    let limits = relay_adapter::Limits {
+        max_peer_bytes: BUDGET,
+        ..Default::default()
+    };
+    let p = budgeted(limits, 1 << 20).await?;
+    let h2 = raw_h2(&p.a, &p.b, p.b_addr).await?;
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let mut feeds = Vec::new();
+    for _ in 0..STREAMS {
+        let (feed, body) = fed();
+        feed.send(Bytes::from(vec![7u8; CHUNK])).await?;
+        feeds.push(feed);
+        let mut h2 = h2.clone();
+        let a = p.a.domain.clone();
+        let done = done_tx.clone();
+        tokio::spawn(async move {
+            let status = notify_from(&mut h2, &a, body)
+                .await
+                .map(|r| r.status().as_u16());
+            let _ = done.send(status.ok());
+        });
+    }
+    // Those that fit stay open; the rest are answered 503.
+    let must_refuse = STREAMS - BUDGET / CHUNK;
+    for _ in 0..must_refuse {
+        let status = timeout(WAIT, done_rx.recv()).await?.flatten();
+        assert_eq!(status, Some(503));
+    }
+    assert!(p.stats.refusals(relay_adapter::Budget::PeerBytes) >= must_refuse as u64);
+    // c.example is served meanwhile.
+    let mut other = raw_h2(&p.c, &p.b, p.b_addr).await?;
+    assert_eq!(
+        notify_from(&mut other, &p.c.domain, full(b"x"))
+            .await?
+            .status(),
+        201
+    );
+    drop(feeds);
     Ok(())
 }
