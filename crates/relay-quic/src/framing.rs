@@ -326,6 +326,13 @@ impl Decoder {
         self.skip == 0
     }
 
+    /// The size on the wire of the frame at the front of `q`, once its length field is there;
+    /// `None` while skipping an over-limit body or before four bytes arrived.
+    pub fn next_frame_len(&self, q: &ChunkQueue) -> Option<usize> {
+        let mut len = [0u8; 4];
+        (self.skip == 0 && q.peek(0, &mut len)).then(|| 4 + u32::from_be_bytes(len) as usize)
+    }
+
     /// The next whole frame, `Ok(None)` if more bytes are needed.
     pub fn decode(&mut self, q: &mut ChunkQueue) -> Result<Option<Frame>, FrameError> {
         if self.skip > 0 {

@@ -21,7 +21,18 @@
 //!   Each probe gets exactly one [`Inbound::probe_outcome`].
 //! - **Limits.** A received body over `max_body` is never allocated: the request is answered
 //!   413 and its bytes are skipped, keeping the stream usable. A malformed frame resets that
-//!   stream only; the connection stays up.
+//!   stream only; the connection stays up. From `adapter.limits`: a peer may open
+//!   `max_streams_per_conn` streams at once per connection and hold `max_conns_per_peer`
+//!   connections (the next is closed with [`codes::TOO_MANY_CONNECTIONS`]); the bytes it has
+//!   in frames in assembly and in requests awaiting the node's answer, across all its
+//!   connections, stay within `max_peer_bytes` (a frame is admitted whole or not read: the
+//!   stream stops reading and QUIC flow control pushes back on that peer alone); a frame not
+//!   complete `frame_deadline` after it started resets its stream with
+//!   [`codes::FRAME_DEADLINE`].
+//! - **Before authentication.** At most `max_handshakes` inbound handshakes at once, the rest
+//!   refused; from half that many on, an address not yet validated is sent a Retry first
+//!   ([`QuicStats::retries_sent`]). Failed handshakes are counted and logged at most once per
+//!   10 s (`relay_adapter::failed_handshake`).
 //! - **Socket.** The endpoint asks the kernel for [`socket::SOCKET_BUFFER`] bytes of UDP
 //!   buffer each way, since QUIC's flow control does not stop a burst at the socket; it warns
 //!   at start when it gets less.
@@ -38,6 +49,7 @@ use std::time::Duration;
 use mimi_wire::uri::ProviderDomain;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{TransportConfig, VarInt};
+use relay_adapter::{ByteBudget, Gate};
 use relay_core::transport::{Inbound, Transmit, Transport, TransportError, TransportKind};
 use relay_tls::{PeerTrust, TlsError, TlsIdentity};
 use tokio::sync::{mpsc, watch};
@@ -62,8 +74,6 @@ pub const MAX_OUTSTANDING_PER_STREAM: usize = 64;
 /// How many transmits to one peer may be unanswered before `send` reports `Busy`.
 pub const MAX_IN_FLIGHT_PER_PEER: usize = 65_536;
 
-/// How many room streams a peer may have open towards us at once.
-const MAX_STREAMS: u32 = 4096;
 const CONNECTION_WINDOW: u32 = 16 << 20;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 const KEEP_ALIVE: Duration = Duration::from_secs(1);
@@ -76,6 +86,27 @@ pub mod codes {
     pub const UNTRUSTED_PEER: u32 = 1;
     /// A stream carried bytes that are not valid frames; that stream is reset.
     pub const FRAME_ERROR: u32 = 2;
+    /// The peer already holds `max_conns_per_peer` connections; the new one is closed.
+    pub const TOO_MANY_CONNECTIONS: u32 = 3;
+    /// A frame was started but not completed within `frame_deadline`; that stream is reset.
+    pub const FRAME_DEADLINE: u32 = 4;
+}
+
+/// Counters of this adapter that [`relay_adapter::AdapterStats`] has no name for.
+#[derive(Debug, Default)]
+pub struct QuicStats {
+    retries: std::sync::atomic::AtomicU64,
+}
+
+impl QuicStats {
+    /// Retry packets sent to unvalidated addresses while handshakes were piling up.
+    pub fn retries_sent(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn retry_sent(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// The adapter's configuration.
@@ -196,6 +227,9 @@ struct PeerHandle {
 /// does so gracefully.
 pub struct QuicTransport {
     endpoint: quinn::Endpoint,
+    gate: Arc<Gate>,
+    budget: Arc<ByteBudget>,
+    stats: Arc<QuicStats>,
     peers: BTreeMap<ProviderDomain, PeerHandle>,
     sink: Arc<dyn Sink>,
     timer: mpsc::UnboundedSender<(Instant, std::sync::Weak<Ticket>)>,
@@ -236,14 +270,15 @@ fn restart_keys(identity: &TlsIdentity) -> (ring::hmac::Key, u64) {
     )
 }
 
-fn transport_config(congestion: Congestion) -> TransportConfig {
+/// `max_streams` bounds the bidirectional streams the peer may have open at once.
+fn transport_config(congestion: Congestion, max_streams: u32) -> TransportConfig {
     let mut t = TransportConfig::default();
     congestion.apply(&mut t);
     t.max_idle_timeout(Some(
         VarInt::from_u32(IDLE_TIMEOUT.as_millis() as u32).into(),
     ))
     .keep_alive_interval(Some(KEEP_ALIVE))
-    .max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS))
+    .max_concurrent_bidi_streams(VarInt::from_u32(max_streams))
     .max_concurrent_uni_streams(VarInt::from_u32(0))
     // Bounds what one peer can make us buffer across all its streams (quinn's default is
     // unlimited).
@@ -261,13 +296,17 @@ impl QuicTransport {
         let alpn = vec![ALPN.to_vec()];
         let server_tls = relay_tls::server_config(&config.identity, &config.trust, alpn.clone())?;
         let client_tls = relay_tls::client_config(&config.identity, &config.trust, alpn)?;
-        let transport = Arc::new(transport_config(config.congestion));
+        let limits = &config.adapter.limits;
         let mut server =
             quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server_tls)?));
-        server.transport_config(transport.clone());
+        server.transport_config(Arc::new(transport_config(
+            config.congestion,
+            limits.max_streams_per_conn,
+        )));
         let mut client =
             quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client_tls)?));
-        client.transport_config(transport);
+        // A peer we dial never opens streams towards us.
+        client.transport_config(Arc::new(transport_config(config.congestion, 0)));
 
         let bind_err = |source| QuicError::Bind {
             addr: config.listen,
@@ -302,15 +341,23 @@ impl QuicTransport {
         let (stop, stop_rx) = watch::channel(false);
         let sink: Arc<dyn Sink> = Arc::new(InboundSink(inbound.clone()));
         let (timer, timer_rx) = mpsc::unbounded_channel();
+        let limits = config.adapter.limits.clone();
+        let gate = Gate::new(limits.clone(), config.adapter.stats.clone());
+        let budget = ByteBudget::new(limits.max_peer_bytes, config.adapter.stats.clone());
+        let stats = Arc::new(QuicStats::default());
         let mut tasks = vec![
             tokio::spawn(client::timer_task(timer_rx, config.request_timeout)),
             tokio::spawn(server::accept_loop(
                 endpoint.clone(),
-                Arc::new(server::ServerCtx {
+                Arc::new(server::ServerCtx::new(
                     inbound,
-                    trust: config.trust.clone(),
-                    max_body: config.max_body,
-                }),
+                    config.trust.clone(),
+                    config.max_body,
+                    config.adapter.clone(),
+                    gate.clone(),
+                    budget.clone(),
+                    stats.clone(),
+                )),
             )),
         ];
         let mut peers = BTreeMap::new();
@@ -334,6 +381,9 @@ impl QuicTransport {
         }
         let transport = QuicTransport {
             endpoint,
+            gate,
+            budget,
+            stats,
             peers,
             sink,
             timer,
@@ -343,6 +393,27 @@ impl QuicTransport {
             tasks: Mutex::new(tasks),
         };
         Ok((transport, local))
+    }
+
+    /// This adapter's own counters.
+    pub fn stats(&self) -> &QuicStats {
+        &self.stats
+    }
+
+    /// Inbound connections that have not finished authenticating.
+    pub fn handshakes_in_progress(&self) -> usize {
+        self.gate.handshakes_in_progress()
+    }
+
+    /// Inbound connections `peer` holds now.
+    pub fn peer_connections(&self, peer: &ProviderDomain) -> usize {
+        self.gate.peer_conns(peer)
+    }
+
+    /// Bytes `peer` holds in this adapter now: frames in assembly and requests waiting for
+    /// the node's answer.
+    pub fn peer_bytes(&self, peer: &ProviderDomain) -> usize {
+        self.budget.held(peer)
     }
 
     /// The bound UDP address.

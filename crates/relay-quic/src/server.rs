@@ -1,8 +1,10 @@
 //! The receiving side: accept peers, authenticate them by certificate, answer their requests
 //! in order per stream.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
@@ -11,25 +13,89 @@ use futures::stream::{FuturesOrdered, StreamExt};
 use mimi_wire::endpoint::Endpoint;
 use mimi_wire::uri::ProviderDomain;
 use quinn::{Connection, Incoming, RecvStream, SendStream, VarInt};
+use relay_adapter::{AdapterContext, Budget, ByteBudget, Gate, HandshakePermit, LogLimiter};
 use relay_core::transport::{Inbound, Request, Response, Status, TransportKind};
 use relay_tls::PeerTrust;
 use rustls::pki_types::CertificateDer;
+use tokio::sync::Notify;
 
 use crate::framing::{
     Body, Frame, FrameError, KIND_PONG, KIND_RESPONSE, encode_ping, encode_response,
 };
-use crate::stream::{FrameReader, ReadFail};
-use crate::{MAX_OUTSTANDING_PER_STREAM, codes};
+use crate::stream::{FrameReader, Ledger, ReadFail};
+use crate::{MAX_OUTSTANDING_PER_STREAM, QuicStats, codes};
+
+/// At most one WARN line per this interval for failed handshakes; the rest are counted.
+const FAILED_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 pub(crate) struct ServerCtx<I> {
-    pub(crate) inbound: I,
-    pub(crate) trust: PeerTrust,
-    pub(crate) max_body: usize,
+    inbound: I,
+    trust: PeerTrust,
+    max_body: usize,
+    adapter: AdapterContext,
+    gate: Arc<Gate>,
+    budget: Arc<ByteBudget>,
+    stats: Arc<QuicStats>,
+    failed_log: LogLimiter,
+    /// Wakes the streams of a peer waiting for its byte budget; shared by its connections.
+    wakers: Mutex<HashMap<ProviderDomain, Weak<Notify>>>,
+}
+
+impl<I> ServerCtx<I> {
+    pub(crate) fn new(
+        inbound: I,
+        trust: PeerTrust,
+        max_body: usize,
+        adapter: AdapterContext,
+        gate: Arc<Gate>,
+        budget: Arc<ByteBudget>,
+        stats: Arc<QuicStats>,
+    ) -> Self {
+        ServerCtx {
+            inbound,
+            trust,
+            max_body,
+            adapter,
+            gate,
+            budget,
+            stats,
+            failed_log: LogLimiter::new(FAILED_LOG_INTERVAL),
+            wakers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn waker(&self, peer: &ProviderDomain) -> Arc<Notify> {
+        let mut map = self.wakers.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(wake) = map.get(peer).and_then(Weak::upgrade) {
+            return wake;
+        }
+        map.retain(|_, w| w.strong_count() > 0);
+        let wake = Arc::new(Notify::new());
+        map.insert(peer.clone(), Arc::downgrade(&wake));
+        wake
+    }
 }
 
 pub(crate) async fn accept_loop<I: Inbound>(endpoint: quinn::Endpoint, ctx: Arc<ServerCtx<I>>) {
-    while let Some(incoming) = endpoint.accept().await {
-        tokio::spawn(serve_connection(incoming, ctx.clone()));
+    let retry_from = ctx.gate.limits().max_handshakes / 2;
+    while let Some(mut incoming) = endpoint.accept().await {
+        // Under handshake load an address must first prove it receives what we send (RFC 9000
+        // section 8.1.2): a spoofed flood then costs us one small packet each, no TLS work.
+        if !incoming.remote_address_validated() && ctx.gate.handshakes_in_progress() >= retry_from {
+            match incoming.retry() {
+                Ok(()) => {
+                    ctx.stats.retry_sent();
+                    continue;
+                }
+                Err(e) => incoming = e.into_incoming(),
+            }
+        }
+        let Some(permit) = ctx.gate.handshake() else {
+            tracing::debug!(remote = %incoming.remote_address(), "too many quic handshakes, refusing");
+            incoming.refuse();
+            continue;
+        };
+        tokio::spawn(serve_connection(incoming, permit, ctx.clone()));
     }
 }
 
@@ -44,30 +110,50 @@ fn authenticate(
     relay_tls::peer_domain(trust, &chain)
 }
 
-async fn serve_connection<I: Inbound>(incoming: Incoming, ctx: Arc<ServerCtx<I>>) {
+async fn serve_connection<I: Inbound>(
+    incoming: Incoming,
+    handshake: HandshakePermit,
+    ctx: Arc<ServerCtx<I>>,
+) {
     let remote = incoming.remote_address();
+    let failed = |error: &dyn std::fmt::Display| {
+        relay_adapter::failed_handshake(&ctx.adapter.stats, &ctx.failed_log, "quic", &remote, error)
+    };
     let conn = match incoming.await {
         Ok(conn) => conn,
-        Err(error) => {
-            tracing::warn!(%remote, %error, "inbound quic handshake failed");
-            return;
-        }
+        Err(error) => return failed(&error),
     };
     let from = match authenticate(&conn, &ctx.trust) {
         Ok(domain) => domain,
         Err(error) => {
             // The TLS verifier already refused unpinned certificates; this is the ambiguous
             // case (one certificate pinned for two providers).
-            tracing::warn!(%remote, %error, "refusing inbound quic connection");
+            failed(&error);
             conn.close(VarInt::from_u32(codes::UNTRUSTED_PEER), b"untrusted peer");
             return;
         }
     };
+    drop(handshake);
+    let Ok(_permit) = ctx.gate.peer(&from) else {
+        tracing::debug!(peer = %from, %remote, "refusing a quic connection over the peer's cap");
+        conn.close(
+            VarInt::from_u32(codes::TOO_MANY_CONNECTIONS),
+            b"too many connections from this peer",
+        );
+        return;
+    };
     tracing::info!(peer = %from, %remote, "inbound quic connection");
+    let wake = ctx.waker(&from);
     let reason = loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
-                tokio::spawn(serve_stream(send, recv, from.clone(), ctx.clone()));
+                let ledger = Ledger::new(
+                    ctx.budget.clone(),
+                    from.clone(),
+                    wake.clone(),
+                    ctx.adapter.stats.clone(),
+                );
+                tokio::spawn(serve_stream(send, recv, from.clone(), ledger, ctx.clone()));
             }
             Err(reason) => break reason,
         }
@@ -170,14 +256,24 @@ fn encode_reply(reply: Reply, heads: &mut BytesMut, out: &mut Vec<Bytes>) {
     }
 }
 
+/// An answer with the bytes its request holds until it is ready.
+fn holding<F: Future<Output = Reply>>(
+    answer: F,
+    held: usize,
+) -> impl Future<Output = (Reply, usize)> {
+    answer.map(move |reply| (reply, held))
+}
+
 async fn serve_stream<I: Inbound>(
     mut send: SendStream,
     recv: RecvStream,
     from: ProviderDomain,
+    ledger: Ledger,
     ctx: Arc<ServerCtx<I>>,
 ) {
     let stream = send.id();
-    let mut reader = FrameReader::new(recv, ctx.max_body);
+    let limits = &ctx.adapter.limits;
+    let mut reader = FrameReader::limited(recv, ctx.max_body, ledger, limits.frame_deadline);
     let mut pending = FuturesOrdered::new();
     let mut heads = BytesMut::new();
     let mut out: Vec<Bytes> = Vec::new();
@@ -188,12 +284,16 @@ async fn serve_stream<I: Inbound>(
         }
         tokio::select! {
             biased;
-            Some(reply) = pending.next(), if !pending.is_empty() => {
+            Some((reply, held)) = pending.next(), if !pending.is_empty() => {
                 // Coalesce every answer that is ready into one write.
                 encode_reply(reply, &mut heads, &mut out);
-                while let Some(Some(reply)) = pending.next().now_or_never() {
+                let mut answered = held;
+                while let Some(Some((reply, held))) = pending.next().now_or_never() {
                     encode_reply(reply, &mut heads, &mut out);
+                    answered += held;
                 }
+                // The requests are answered: their bytes leave the peer's budget.
+                reader.release(answered);
                 if !heads.is_empty() {
                     out.push(heads.split().freeze());
                 }
@@ -203,42 +303,49 @@ async fn serve_stream<I: Inbound>(
                 }
                 out.clear();
             }
-            frame = reader.next(), if !eof && pending.len() < MAX_OUTSTANDING_PER_STREAM => {
+            frame = reader.next_frame(), if !eof && pending.len() < MAX_OUTSTANDING_PER_STREAM => {
                 match frame {
-                    Ok(Some(frame)) => match handle(&ctx, &from, frame) {
-                        Ok(answer) => pending.push_back(answer),
-                        Err(error) => break Some(error),
+                    Ok(Some((frame, held))) => match handle(&ctx, &from, frame) {
+                        Ok(answer) => pending.push_back(holding(answer, held)),
+                        Err(error) => break Some(ReadFail::Frame(error)),
                     },
                     Ok(None) => eof = true,
-                    Err(ReadFail::Frame(error)) => break Some(error),
                     Err(ReadFail::Read(error)) => {
                         tracing::debug!(peer = %from, ?stream, %error, "request stream ended");
                         return;
                     }
+                    Err(fail) => break Some(fail),
                 }
                 // Take every request that is already buffered before answering, so that
                 // answers are written in batches.
                 while !eof && pending.len() < MAX_OUTSTANDING_PER_STREAM {
-                    match reader.try_next() {
-                        Ok(Some(frame)) => match handle(&ctx, &from, frame) {
-                            Ok(answer) => pending.push_back(answer),
-                            Err(error) => break 'serve Some(error),
+                    match reader.try_next_frame() {
+                        Ok(Some((frame, held))) => match handle(&ctx, &from, frame) {
+                            Ok(answer) => pending.push_back(holding(answer, held)),
+                            Err(error) => break 'serve Some(ReadFail::Frame(error)),
                         },
                         Ok(None) => break,
-                        Err(error) => break 'serve Some(error),
+                        Err(error) => break 'serve Some(ReadFail::Frame(error)),
                     }
                 }
             }
         }
     };
-    match fail {
+    let code = match fail {
         None => {
             let _ = send.finish();
+            return;
+        }
+        Some(ReadFail::Deadline) => {
+            ctx.adapter.stats.refused(Budget::FrameDeadline);
+            tracing::debug!(peer = %from, ?stream, "frame past its deadline, resetting the stream");
+            codes::FRAME_DEADLINE
         }
         Some(error) => {
             tracing::warn!(peer = %from, ?stream, %error, "malformed frame, resetting the stream");
-            reader.stop(codes::FRAME_ERROR);
-            let _ = send.reset(VarInt::from_u32(codes::FRAME_ERROR));
+            codes::FRAME_ERROR
         }
-    }
+    };
+    reader.stop(code);
+    let _ = send.reset(VarInt::from_u32(code));
 }

@@ -1,0 +1,501 @@
+//! Hostile peers against a running QUIC adapter over loopback: streams, bytes, deadlines,
+//! connections and handshakes are each bounded per peer, and an honest peer keeps being
+//! served meanwhile. Limits are small so that every case runs in well under a second or two.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use mimi_wire::endpoint::Endpoint;
+use mimi_wire::uri::ProviderDomain;
+use quinn::{ConnectionError, RecvStream, SendStream, VarInt};
+use relay_adapter::{AdapterStats, Budget, Limits};
+use relay_core::transport::{
+    Inbound, Request, Response, Status, Transmit, TransmitId, Transport, TransportError,
+    TransportKind,
+};
+use relay_quic::framing::{ChunkQueue, Decoder, Frame, encode_ping, encode_request};
+use relay_quic::{ALPN, Congestion, QuicConfig, QuicTransport, codes};
+use relay_tls::{PeerTrust, TlsIdentity};
+use tokio::sync::mpsc;
+use tokio::time::{sleep, timeout};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+type Outcome = (TransmitId, Result<Response, TransportError>);
+
+/// The node side: answers every request `201` at once, and reports outcomes.
+#[derive(Clone)]
+struct Fake {
+    outcomes: mpsc::UnboundedSender<Outcome>,
+}
+
+impl Inbound for Fake {
+    async fn request(&self, request: Request) -> Response {
+        Response {
+            status: Status::Created,
+            body: Bytes::new(),
+            next_seq: request.seq.map(|s| s + 1),
+            retry_after: None,
+        }
+    }
+
+    fn outcome(&self, id: TransmitId, outcome: Result<Response, TransportError>) {
+        let _ = self.outcomes.send((id, outcome));
+    }
+
+    fn probe_outcome(&self, _: ProviderDomain, _: bool) {}
+}
+
+fn fake() -> (Fake, mpsc::UnboundedReceiver<Outcome>) {
+    let (outcomes, rx) = mpsc::unbounded_channel();
+    (Fake { outcomes }, rx)
+}
+
+fn identity(name: &str) -> TlsIdentity {
+    let d: ProviderDomain = name.parse().expect("valid test domain");
+    let g = relay_tls::generate(&d).expect("generate");
+    TlsIdentity::from_pem(d, &g.cert_pem, &g.key_pem).expect("identity")
+}
+
+fn trusting(ids: &[&TlsIdentity]) -> PeerTrust {
+    let mut trust = PeerTrust::new();
+    for id in ids {
+        trust.add(id.domain.clone(), id.cert().expect("cert").clone());
+    }
+    trust
+}
+
+fn config(me: &TlsIdentity, trust: PeerTrust, limits: Limits) -> QuicConfig {
+    QuicConfig {
+        identity: me.clone(),
+        trust,
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        peers: Default::default(),
+        max_body: 64 * 1024,
+        request_timeout: Duration::from_secs(5),
+        congestion: Congestion::default(),
+        adapter: relay_adapter::AdapterContext {
+            limits,
+            stats: Arc::new(AdapterStats::default()),
+        },
+    }
+}
+
+/// Node b, which trusts a (the hostile peer) and c (an honest one).
+struct Server {
+    b: QuicTransport,
+    addr: SocketAddr,
+    stats: Arc<AdapterStats>,
+    a: TlsIdentity,
+    b_id: TlsIdentity,
+    c: TlsIdentity,
+}
+
+async fn server(limits: Limits, max_body: usize) -> Server {
+    let a = identity("a.example");
+    let b_id = identity("b.example");
+    let c = identity("c.example");
+    let mut cfg = config(&b_id, trusting(&[&a, &c]), limits);
+    cfg.max_body = max_body;
+    let stats = cfg.adapter.stats.clone();
+    let (fake, _) = fake();
+    let (b, addr) = QuicTransport::start(cfg, fake).await.expect("start b");
+    Server {
+        b,
+        addr,
+        stats,
+        a,
+        b_id,
+        c,
+    }
+}
+
+fn client_config(me: &TlsIdentity, server: &TlsIdentity) -> quinn::ClientConfig {
+    let tls = relay_tls::client_config(me, &trusting(&[server]), vec![ALPN.to_vec()])
+        .expect("client tls");
+    quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls"),
+    ))
+}
+
+fn client_endpoint() -> quinn::Endpoint {
+    quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("bind")
+}
+
+/// A raw connection from `me` to the server, bypassing the adapter's own sending side.
+async fn connect(
+    endpoint: &quinn::Endpoint,
+    me: &TlsIdentity,
+    s: &Server,
+) -> Result<quinn::Connection, ConnectionError> {
+    endpoint
+        .connect_with(client_config(me, &s.b_id), s.addr, "b.example")
+        .expect("connect")
+        .await
+}
+
+async fn next_frame(recv: &mut RecvStream, queue: &mut ChunkQueue) -> Option<Frame> {
+    let mut decoder = Decoder::new(1 << 20);
+    loop {
+        if let Some(frame) = decoder.decode(queue).expect("valid frames") {
+            return Some(frame);
+        }
+        queue.push(recv.read_chunk(usize::MAX, true).await.ok()??.bytes);
+    }
+}
+
+/// Sends a ping on a fresh stream and waits for the pong: the connection is serving.
+async fn ping(conn: &quinn::Connection) -> bool {
+    let exchange = async {
+        let (mut send, mut recv) = conn.open_bi().await.ok()?;
+        let mut wire = BytesMut::new();
+        encode_ping(&mut wire, 77, false);
+        send.write_all(&wire).await.ok()?;
+        send.finish().ok()?;
+        next_frame(&mut recv, &mut ChunkQueue::new()).await
+    };
+    matches!(timeout(WAIT, exchange).await, Ok(Some(Frame::Pong(77))))
+}
+
+fn request_head(id: u64, body_len: usize) -> BytesMut {
+    let mut wire = BytesMut::new();
+    encode_request(
+        &mut wire,
+        id,
+        Endpoint::Notify.code(),
+        "mimi://b.example/r/room",
+        Some(0),
+        body_len,
+    )
+    .expect("encode");
+    wire
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Failed before the fix: the receiver allowed 4096 concurrent streams whatever the limits.
+#[tokio::test]
+async fn concurrent_streams_per_connection_are_capped() {
+    let s = server(
+        Limits {
+            max_streams_per_conn: 4,
+            ..Limits::default()
+        },
+        1024,
+    )
+    .await;
+    let ep = client_endpoint();
+    let conn = connect(&ep, &s.a, &s).await.expect("handshake");
+    let mut open: Vec<(SendStream, RecvStream)> = Vec::new();
+    for _ in 0..4 {
+        let (mut send, recv) = conn.open_bi().await.expect("within the cap");
+        send.write_all(&request_head(0, 10)[..5])
+            .await
+            .expect("write");
+        open.push((send, recv));
+    }
+    assert!(
+        timeout(Duration::from_millis(300), conn.open_bi())
+            .await
+            .is_err(),
+        "a fifth concurrent stream must wait for credit"
+    );
+    // Closing one stream gives the credit back.
+    let (mut send, _recv) = open.remove(0);
+    send.reset(VarInt::from_u32(0)).expect("reset");
+    drop(_recv);
+    assert!(
+        timeout(WAIT, conn.open_bi()).await.is_ok(),
+        "credit returns once a stream is closed"
+    );
+    conn.close(VarInt::from_u32(0), b"done");
+    s.b.shutdown().await;
+}
+
+/// Failed before the fix: every stream buffered its partial frame with no per-peer bound, so
+/// nothing was ever refused.
+#[tokio::test]
+async fn partial_frames_of_one_peer_are_held_to_its_budget_while_another_is_served() {
+    const BUDGET: usize = 96 * 1024;
+    let s = server(
+        Limits {
+            max_peer_bytes: BUDGET,
+            max_streams_per_conn: 64,
+            ..Limits::default()
+        },
+        64 * 1024,
+    )
+    .await;
+    let ep = client_endpoint();
+    let conn = connect(&ep, &s.a, &s).await.expect("handshake");
+    // 32 streams, each with a 60 KiB request of which 40 KiB is sent: 1.25 MiB if buffered.
+    let mut streams = Vec::new();
+    for i in 0..32 {
+        let (mut send, recv) = conn.open_bi().await.expect("stream");
+        let mut wire = request_head(i, 60 * 1024);
+        wire.extend_from_slice(&[0xAB; 40 * 1024]);
+        let wire = wire.freeze();
+        streams.push((
+            tokio::spawn(async move {
+                let _ = send.write_all(&wire).await;
+                send
+            }),
+            recv,
+        ));
+    }
+    let a = s.a.domain.clone();
+    eventually("the hostile peer is refused", || {
+        s.stats.refusals(Budget::PeerBytes) > 0
+    })
+    .await;
+    sleep(Duration::from_millis(200)).await;
+    assert!(
+        s.b.peer_bytes(&a) <= BUDGET,
+        "{} bytes held",
+        s.b.peer_bytes(&a)
+    );
+
+    // c, honest, still gets its answers at once.
+    let (fake, mut outcomes) = fake();
+    let mut c_cfg = config(&s.c, trusting(&[&s.b_id]), Limits::default());
+    c_cfg.peers.insert(s.b_id.domain.clone(), s.addr);
+    let (c, _) = QuicTransport::start(c_cfg, fake).await.expect("start c");
+    for i in 0..20 {
+        c.send(Transmit {
+            id: TransmitId(i),
+            dest: s.b_id.domain.clone(),
+            transport: TransportKind::Quic,
+            endpoint: Endpoint::Notify,
+            target: format!("mimi://b.example/r/room{}", i % 4),
+            seq: Some(i),
+            body: vec![Bytes::from(vec![1u8; 8 * 1024])],
+        });
+    }
+    for _ in 0..20 {
+        let (_, outcome) = timeout(WAIT, outcomes.recv())
+            .await
+            .expect("c is answered")
+            .expect("open");
+        assert_eq!(outcome.expect("answered").status, Status::Created);
+    }
+    assert!(s.b.peer_bytes(&a) <= BUDGET);
+    // Once a's streams go, so do its bytes.
+    conn.close(VarInt::from_u32(0), b"done");
+    eventually("a's bytes are given back", || s.b.peer_bytes(&a) == 0).await;
+    c.shutdown().await;
+    s.b.shutdown().await;
+}
+
+/// Failed before the fix: a partial frame was kept forever.
+#[tokio::test]
+async fn a_partial_frame_past_the_deadline_resets_its_stream_only() {
+    let s = server(
+        Limits {
+            frame_deadline: Duration::from_millis(300),
+            ..Limits::default()
+        },
+        1024,
+    )
+    .await;
+    let ep = client_endpoint();
+    let conn = connect(&ep, &s.a, &s).await.expect("handshake");
+
+    // An idle stream between frames is not a started frame: it is never reset.
+    let (mut idle_send, mut idle_recv) = conn.open_bi().await.expect("stream");
+    let mut wire = BytesMut::new();
+    encode_ping(&mut wire, 1, false);
+    idle_send.write_all(&wire).await.expect("write");
+    let mut idle_queue = ChunkQueue::new();
+    assert_eq!(
+        next_frame(&mut idle_recv, &mut idle_queue).await,
+        Some(Frame::Pong(1))
+    );
+
+    let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+    let head = request_head(1, 100);
+    send.write_all(&head[..10]).await.expect("half a head");
+    let err = timeout(WAIT, recv.read_to_end(1024))
+        .await
+        .expect("refused in time")
+        .expect_err("stream reset");
+    assert!(
+        matches!(err, quinn::ReadToEndError::Read(quinn::ReadError::Reset(code)) if code == VarInt::from_u32(codes::FRAME_DEADLINE)),
+        "{err:?}"
+    );
+    assert_eq!(s.stats.refusals(Budget::FrameDeadline), 1);
+
+    // The connection and the idle stream carry on.
+    assert!(ping(&conn).await);
+    let mut wire = BytesMut::new();
+    encode_ping(&mut wire, 2, false);
+    idle_send.write_all(&wire).await.expect("write");
+    assert_eq!(
+        next_frame(&mut idle_recv, &mut idle_queue).await,
+        Some(Frame::Pong(2))
+    );
+    conn.close(VarInt::from_u32(0), b"done");
+    s.b.shutdown().await;
+}
+
+/// Failed before the fix: a peer could open any number of connections.
+#[tokio::test]
+async fn connections_past_the_per_peer_cap_are_closed_while_another_peer_connects() {
+    let s = server(
+        Limits {
+            max_conns_per_peer: 2,
+            ..Limits::default()
+        },
+        1024,
+    )
+    .await;
+    let ep = client_endpoint();
+    let first = connect(&ep, &s.a, &s).await.expect("first");
+    assert!(ping(&first).await);
+    let second = connect(&ep, &s.a, &s).await.expect("second");
+    assert!(ping(&second).await);
+    let third = connect(&ep, &s.a, &s).await.expect("handshake completes");
+    let reason = timeout(WAIT, third.closed()).await.expect("closed by b");
+    assert!(
+        matches!(&reason, ConnectionError::ApplicationClosed(c) if c.error_code == VarInt::from_u32(codes::TOO_MANY_CONNECTIONS)),
+        "{reason:?}"
+    );
+    assert_eq!(s.stats.refusals(Budget::ConnsPerPeer), 1);
+    assert!(ping(&first).await, "the first two are untouched");
+
+    let c = connect(&ep, &s.c, &s).await.expect("c is not a");
+    assert!(ping(&c).await);
+
+    // A closed connection gives its slot back.
+    first.close(VarInt::from_u32(0), b"bye");
+    eventually("a's slot is freed", || {
+        s.b.peer_connections(&s.a.domain) == 1
+    })
+    .await;
+    let again = connect(&ep, &s.a, &s).await.expect("handshake");
+    assert!(ping(&again).await);
+    s.b.shutdown().await;
+}
+
+/// Failed before the fix: a failed handshake was one WARN line each and counted nowhere.
+#[tokio::test]
+async fn failed_handshakes_are_counted() {
+    let s = server(Limits::default(), 1024).await;
+    let mallory = identity("a.example");
+    let ep = client_endpoint();
+    for _ in 0..5 {
+        // TLS 1.3: the client may finish before b refuses its certificate, then b closes.
+        if let Ok(conn) = connect(&ep, &mallory, &s).await {
+            timeout(WAIT, conn.closed()).await.expect("closed by b");
+        }
+    }
+    eventually("five failures counted", || s.stats.failed_handshakes() == 5).await;
+    let ok = connect(&ep, &s.a, &s).await.expect("a real peer");
+    assert!(ping(&ok).await);
+    s.b.shutdown().await;
+}
+
+/// A handshake that never completes: a QUIC Initial from a socket that then goes quiet. If
+/// the server answers with Retry, the Initial is sent again with the token (so the address is
+/// validated), and then the socket goes quiet.
+async fn half_open(s: &Server) -> tokio::net::UdpSocket {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let mut ep = quinn_proto::Endpoint::new(
+        Arc::new(quinn_proto::EndpointConfig::default()),
+        None,
+        false,
+        None,
+    );
+    let now = std::time::Instant::now();
+    let (_, mut conn) = ep
+        .connect(now, client_config(&s.a, &s.b_id), s.addr, "b.example")
+        .expect("connect");
+    let mut buf = Vec::new();
+    let flush = |conn: &mut quinn_proto::Connection, buf: &mut Vec<u8>| {
+        let mut out = Vec::new();
+        while let Some(t) = conn.poll_transmit(std::time::Instant::now(), 1, buf) {
+            out.push(buf[..t.size].to_vec());
+            buf.clear();
+        }
+        out
+    };
+    for d in flush(&mut conn, &mut buf) {
+        socket.send_to(&d, s.addr).await.expect("send");
+    }
+    let mut rx = vec![0u8; 65536];
+    let Ok(Ok((n, from))) = timeout(Duration::from_secs(1), socket.recv_from(&mut rx)).await else {
+        return socket;
+    };
+    // A long header of type Retry (QUIC v1: form bit set, type 3).
+    if n > 0 && rx[0] & 0x80 != 0 && (rx[0] >> 4) & 0x03 == 3 {
+        let mut resp = Vec::new();
+        if let Some(quinn_proto::DatagramEvent::ConnectionEvent(_, event)) = ep.handle(
+            std::time::Instant::now(),
+            from,
+            None,
+            None,
+            BytesMut::from(&rx[..n]),
+            &mut resp,
+        ) {
+            conn.handle_event(event);
+            for d in flush(&mut conn, &mut buf) {
+                socket.send_to(&d, s.addr).await.expect("send");
+            }
+        }
+    }
+    socket
+}
+
+/// Failed before the fix: no Retry was ever sent and handshakes were not capped.
+#[tokio::test]
+async fn handshake_load_gets_retry_and_the_cap_refuses_the_rest() {
+    let s = server(
+        Limits {
+            max_handshakes: 2,
+            ..Limits::default()
+        },
+        1024,
+    )
+    .await;
+    let ep = client_endpoint();
+    let before = connect(&ep, &s.c, &s).await.expect("no load yet");
+    assert_eq!(s.b.stats().retries_sent(), 0, "no Retry without load");
+
+    // One handshake stuck in progress: half of the cap.
+    let _stuck = half_open(&s).await;
+    eventually("one handshake in progress", || {
+        s.b.handshakes_in_progress() == 1
+    })
+    .await;
+    let conn = connect(&ep, &s.a, &s)
+        .await
+        .expect("connects after a Retry");
+    assert!(ping(&conn).await);
+    assert_eq!(s.b.stats().retries_sent(), 1);
+
+    // A second, validated, stuck handshake fills the cap: the next is refused.
+    let _stuck2 = half_open(&s).await;
+    eventually("two handshakes in progress", || {
+        s.b.handshakes_in_progress() == 2
+    })
+    .await;
+    let refused = connect(&ep, &s.a, &s).await;
+    assert!(
+        matches!(refused, Err(ConnectionError::ConnectionClosed(_))),
+        "{refused:?}"
+    );
+    assert!(s.stats.refusals(Budget::Handshakes) >= 1);
+    // Connections made before are untouched.
+    assert!(ping(&before).await);
+    assert!(ping(&conn).await);
+    s.b.shutdown().await;
+}
