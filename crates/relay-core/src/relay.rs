@@ -112,6 +112,10 @@ struct OutQueue {
     held_until: Option<Instant>,
     /// Body bytes per transmit: the configured batch size, halved on each 413 from the peer.
     batch_bytes: usize,
+    /// The follower must be told, before anything else, that events up to `acked` are gone
+    /// for it (its backlog was dropped, or it lost what it had acknowledged): a gap marker,
+    /// `/notify` with an empty body and `seq = acked + 1`.
+    needs_skip: bool,
 }
 
 impl OutQueue {
@@ -172,6 +176,21 @@ struct Cursor {
     /// byte-exact duplicate rule).
     recent: FastMap<u128, ()>,
     recent_order: VecDeque<u128>,
+}
+
+impl Cursor {
+    /// Keeps `h` among the last `RECENT_WINDOW` delivered hashes.
+    fn remember(&mut self, h: u128) {
+        if self.recent.insert(h, ()).is_some() {
+            return;
+        }
+        self.recent_order.push_back(h);
+        if self.recent_order.len() > RECENT_WINDOW
+            && let Some(old) = self.recent_order.pop_front()
+        {
+            self.recent.remove(&old);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -263,6 +282,10 @@ const RECENT_WINDOW: usize = 4096;
 impl Relay {
     /// Builds the core from its configuration and what the store kept.
     pub fn new(cfg: RelayConfig, snapshot: Snapshot, now: Now) -> Relay {
+        // Inbox offsets go on from the wall clock (ms x 1024) at every start, so a local reader
+        // that kept its position is never past the new offsets, even when the store was lost or
+        // restored from a backup (unless more than 1024 events a millisecond were delivered).
+        let inbox_next = (snapshot.inbox_trimmed + 1).max(now.unix_ms << 10);
         let mut relay = Relay {
             rng: SplitMix64::new(cfg.seed),
             peers: Vec::new(),
@@ -274,7 +297,7 @@ impl Relay {
             ready: VecDeque::new(),
             cursors: HashMap::new(),
             inbox: VecDeque::new(),
-            inbox_next: snapshot.inbox_trimmed + 1,
+            inbox_next,
             inflight: FastMap::default(),
             deadlines: BTreeSet::new(),
             held: BTreeSet::new(),
@@ -398,6 +421,7 @@ impl Relay {
             refusals: 0,
             held_until: None,
             batch_bytes: self.cfg.max_batch_bytes,
+            needs_skip: false,
         });
         self.queue_by_key
             .insert((room.as_str().to_owned(), dest.clone()), qi);
@@ -655,15 +679,9 @@ impl Relay {
             debug!(msg = %MsgId::of(view.app_message.bytes), room = %r.id, seq = seen.room_seq, "duplicate submission");
             return submit_answer(&SubmitMessageResponse::accepted(seen.accepted_ms));
         }
-        // Backpressure: refuse before accepting anything, never drop after.
-        let max_queue = self.cfg.max_queue;
-        let full = r
-            .followers
-            .iter()
-            .any(|(f, q)| f != sender && self.queues[*q].entries.len() >= max_queue);
-        if full {
-            return self.queue_full("outbound queue full");
-        }
+        // A follower whose queue is full lags: its backlog is dropped for a gap marker, and the
+        // room goes on for everyone else (one stalled follower must not halt a room).
+        self.drop_lagging(now, store, ri);
         if *sender != self.cfg.local && self.inbox.len() >= self.cfg.max_inbox {
             return self.queue_full("local inbox full: local clients are not reading");
         }
@@ -729,6 +747,39 @@ impl Relay {
         submit_answer(&SubmitMessageResponse::accepted(accepted_ms))
     }
 
+    /// Drops the backlog of every follower of room `ri` whose queue holds `max_queue` events:
+    /// it is marked lagging and will be sent a gap marker before new events.
+    pub(super) fn drop_lagging<S: Store>(&mut self, now: Now, store: &mut S, ri: RoomIdx) {
+        let max_queue = self.cfg.max_queue;
+        for i in 0..self.rooms[ri].followers.len() {
+            let qi = self.rooms[ri].followers[i].1;
+            if self.queues[qi].entries.len() < max_queue {
+                continue;
+            }
+            let q = &mut self.queues[qi];
+            let dropped = q.entries.len() as u64;
+            let upto = q.next_qseq() - 1;
+            q.entries.clear();
+            q.acked = upto;
+            q.send_next = upto + 1;
+            q.inflight = 0;
+            q.generation += 1;
+            q.needs_skip = true;
+            store.apply(StoreOp::Ack {
+                room: &q.room,
+                dest: &q.dest,
+                upto,
+            });
+            tracing::error!(room = %q.room, peer = %q.dest, dropped, max_queue,
+                "follower lagging: its queue is full; backlog dropped, it will be sent a gap \
+                 marker and must resynchronise its clients");
+            self.stats.lagging += 1;
+            self.stats.lag_dropped += dropped;
+            self.mark_ready(qi);
+        }
+        self.pump(now);
+    }
+
     fn deliver_local<S: Store>(&mut self, store: &mut S, record: InboxRecord) {
         let offset = self.inbox_next;
         self.inbox_next += 1;
@@ -759,6 +810,11 @@ impl Relay {
                 Status::Forbidden,
                 "only the room's hub may notify",
             );
+        }
+        if req.body.is_empty()
+            && let Some(seq) = req.seq
+        {
+            return self.skip_marker(store, &room, req, seq);
         }
         if self.inbox.len() >= self.cfg.max_inbox {
             // The hub keeps the events and retries: backpressure, not loss.
@@ -805,11 +861,30 @@ impl Relay {
                     response.next_seq = Some(next);
                     return response;
                 }
-                let skip = (cursor.next - first) as usize;
-                duplicates = skip.min(fanouts.len()) as u64;
-                for f in fanouts.iter().skip(skip) {
+                // Numbers already seen are duplicates, unless the bytes say otherwise: a number
+                // within the window of recent hashes whose bytes are not among them was reused
+                // by a hub that lost or restored its store, so it is a new event.
+                let recent_from = cursor.next.saturating_sub(cursor.recent_order.len() as u64);
+                let mut reused = 0u64;
+                for (i, f) in fanouts.iter().enumerate() {
+                    let seq = first + i as u64;
+                    let h = xxh3_128(f.bytes);
+                    if cursor.recent.contains_key(&h) || (seq < cursor.next && seq < recent_from) {
+                        duplicates += 1;
+                        continue;
+                    }
+                    if seq < cursor.next {
+                        reused += 1;
+                    }
+                    cursor.remember(h);
                     debug!(msg = %MsgId::of(f.message.bytes), room = %room, "delivered");
                     fresh.push((f.bytes.as_ptr() as usize - base, f.bytes.len(), f.timestamp));
+                }
+                if reused > 0 {
+                    warn!(room = %room, hub = %req.from, reused, first,
+                        "hub reused sequence numbers with other bytes (restored from a backup?): \
+                         delivered by content");
+                    self.stats.reused_seq += reused;
                 }
                 cursor.next = cursor.next.max(first + fanouts.len() as u64);
             }
@@ -818,16 +893,11 @@ impl Relay {
                 // hub are a duplicate.
                 for f in &fanouts {
                     let h = xxh3_128(f.bytes);
-                    if cursor.recent.insert(h, ()).is_some() {
+                    if cursor.recent.contains_key(&h) {
                         duplicates += 1;
                         continue;
                     }
-                    cursor.recent_order.push_back(h);
-                    if cursor.recent_order.len() > RECENT_WINDOW
-                        && let Some(old) = cursor.recent_order.pop_front()
-                    {
-                        cursor.recent.remove(&old);
-                    }
+                    cursor.remember(h);
                     debug!(msg = %MsgId::of(f.message.bytes), room = %room, "delivered");
                     fresh.push((f.bytes.as_ptr() as usize - base, f.bytes.len(), f.timestamp));
                 }
@@ -858,6 +928,43 @@ impl Relay {
         if req.seq.is_some() {
             response.next_seq = Some(next);
         }
+        response
+    }
+
+    /// A gap marker from the room's hub: every event before `seq` is gone for us (we lagged
+    /// and the hub dropped our backlog, or we lost our store). Move on and say so loudly: our
+    /// clients must resynchronise the room (an external join).
+    fn skip_marker<S: Store>(
+        &mut self,
+        store: &mut S,
+        room: &RoomId,
+        req: &Request,
+        seq: u64,
+    ) -> Response {
+        let key = (req.from.clone(), req.target.clone());
+        let cursor = self.cursors.entry(key).or_insert_with(|| Cursor {
+            hub: req.from.clone(),
+            room: room.clone(),
+            next: 1,
+            recent: FastMap::default(),
+            recent_order: VecDeque::new(),
+        });
+        if seq > cursor.next {
+            let missed = seq - cursor.next;
+            tracing::error!(room = %room, hub = %req.from, missed, from = cursor.next,
+                "hub reports a gap: events it could not deliver to us; the room's clients here \
+                 must resynchronise");
+            cursor.next = seq;
+            self.stats.gaps += 1;
+            self.stats.gap_events += missed;
+            store.apply(StoreOp::Cursor {
+                hub: &cursor.hub,
+                room: &cursor.room,
+                next: seq,
+            });
+        }
+        let mut response = Response::new(Status::Created, Bytes::new());
+        response.next_seq = Some(cursor.next);
         response
     }
 
@@ -933,9 +1040,25 @@ impl Relay {
             self.queues[qi].inflight = self.queues[qi].inflight.saturating_sub(1);
         }
         match outcome {
+            Ok(resp)
+                if resp.status.is_success()
+                    && resp
+                        .next_seq
+                        .is_some_and(|n| n > self.queues[qi].next_qseq()) =>
+            {
+                // Never acknowledge what was not assigned: that would drop pending events.
+                let next = resp.next_seq.unwrap_or(1);
+                self.queues[qi].refusals = 0;
+                self.renumber_from(store, qi, next);
+                self.peer_alive(self.queues[qi].peer, now);
+            }
             Ok(resp) if resp.status.is_success() => {
                 let upto = resp.next_seq.map_or(last, |n| n.saturating_sub(1));
                 self.queues[qi].refusals = 0;
+                if events == 0 && current {
+                    self.queues[qi].needs_skip = false;
+                    self.mark_ready(qi);
+                }
                 self.ack(now, store, qi, upto);
                 self.peer_alive(self.queues[qi].peer, now);
             }
@@ -950,14 +1073,21 @@ impl Relay {
                 }
             }
             Ok(resp) if resp.status == Status::OutOfOrder => {
-                // The follower expects events it already acknowledged: it lost its state. They
-                // are gone here; keep retrying with backoff (never a hot loop) and say so.
-                let q = &self.queues[qi];
-                tracing::error!(room = %q.room, dest = %q.dest, expected = ?resp.next_seq,
-                    acknowledged = q.acked, "follower lost acknowledged state; cannot resend");
+                // The follower expects events we no longer hold: it lost its store, or we
+                // dropped its backlog while it lagged. Tell it the gap and go on from here.
+                let q = &mut self.queues[qi];
+                if !q.needs_skip {
+                    tracing::error!(room = %q.room, peer = %q.dest, expected = ?resp.next_seq,
+                        acknowledged = q.acked,
+                        "follower expects events this hub no longer holds (it lost its store?); \
+                         sending it a gap marker");
+                    self.stats.resyncs += 1;
+                }
                 self.stats.rejects[RejectReason::OutOfOrder as usize] += 1;
                 if current {
-                    self.refused(qi, now);
+                    self.queues[qi].needs_skip = true;
+                    let from = self.queues[qi].acked + 1;
+                    self.rewind(qi, from);
                 }
             }
             Ok(resp) if resp.status == Status::TooLarge && events > 1 => {
@@ -1229,7 +1359,7 @@ impl Relay {
 
     fn mark_ready(&mut self, qi: QueueIdx) {
         let q = &mut self.queues[qi];
-        if !q.in_ready && q.send_next < q.next_qseq() {
+        if !q.in_ready && (q.send_next < q.next_qseq() || q.needs_skip) {
             q.in_ready = true;
             self.ready.push_back(qi);
         }
@@ -1253,6 +1383,13 @@ impl Relay {
                 continue; // re-readied when its hold ends
             }
             let kind = self.peers[peer].kind;
+            if self.queues[qi].needs_skip {
+                // The marker goes alone, and nothing follows it until it is acknowledged.
+                if self.queues[qi].inflight == 0 {
+                    self.send_skip(now, qi, peer, kind);
+                }
+                continue;
+            }
             let window = self.cfg.pipeline_for(kind);
             while self.queues[qi].inflight < window
                 && self.queues[qi].send_next < self.queues[qi].next_qseq()
@@ -1302,6 +1439,70 @@ impl Relay {
             }
             // What is left waits for an outcome (window full), which re-readies the queue.
         }
+    }
+}
+
+impl Relay {
+    /// A gap marker: `/notify` with no FanoutMessages and `seq = acked + 1`, telling the
+    /// follower that every event before it is gone for it.
+    fn send_skip(&mut self, now: Now, qi: QueueIdx, peer: PeerIdx, kind: TransportKind) {
+        let id = self.next_id();
+        let q = &mut self.queues[qi];
+        q.inflight += 1;
+        let deadline = now.mono + self.cfg.transmit_timeout;
+        self.inflight.insert(
+            id,
+            InFlight::Notify {
+                queue: qi,
+                last: q.acked,
+                events: 0,
+                generation: q.generation,
+                deadline,
+            },
+        );
+        self.deadlines.insert((deadline, id));
+        self.peers[peer].stats.transmits += 1;
+        self.outputs.push_back(Output::Transmit(Transmit {
+            id,
+            dest: q.dest.clone(),
+            transport: kind,
+            endpoint: Endpoint::Notify,
+            target: q.room.as_str().to_owned(),
+            seq: Some(q.acked + 1),
+            body: Vec::new(),
+        }));
+    }
+
+    /// The follower acknowledged more than this hub ever assigned: the hub lost its store or
+    /// was restored from a backup, and numbered events the follower had already had. Renumber
+    /// what is pending from the follower's cursor, so none of it is taken for a duplicate.
+    fn renumber_from<S: Store>(&mut self, store: &mut S, qi: QueueIdx, next: u64) {
+        let q = &mut self.queues[qi];
+        let pending: Vec<Bytes> = q.entries.iter().map(|e| e.fanout.clone()).collect();
+        tracing::error!(room = %q.room, peer = %q.dest, follower_next = next,
+            assigned_upto = q.next_qseq() - 1, pending = pending.len(),
+            "follower is ahead of this hub's queue: this hub lost or restored its store; \
+             pending events renumbered from the follower's cursor");
+        let upto = next - 1;
+        store.apply(StoreOp::Ack {
+            room: &q.room,
+            dest: &q.dest,
+            upto,
+        });
+        for (i, fanout) in pending.iter().enumerate() {
+            store.apply(StoreOp::Enqueue {
+                room: &q.room,
+                dest: &q.dest,
+                qseq: next + i as u64,
+                fanout,
+            });
+        }
+        q.acked = upto;
+        q.send_next = next;
+        q.inflight = 0;
+        q.generation += 1;
+        self.stats.resyncs += 1;
+        self.mark_ready(qi);
     }
 }
 

@@ -118,6 +118,19 @@ pub struct RelayStats {
     pub rejects: [u64; RejectReason::ALL.len()],
     pub peers: BTreeMap<ProviderDomain, PeerStats>,
     pub inbox_depth: u64,
+    /// Hub: times a follower's queue reached `max_queue` and its backlog was dropped.
+    pub lagging: u64,
+    /// Hub: events dropped from lagging followers' queues (they get a gap marker instead).
+    pub lag_dropped: u64,
+    /// Hub: queues renumbered because a follower was ahead of them (this hub lost or restored
+    /// its store) or behind what we kept (the follower lost its store).
+    pub resyncs: u64,
+    /// Follower: gaps a hub told us of (events it could not deliver), and the events in them.
+    pub gaps: u64,
+    pub gap_events: u64,
+    /// Follower: events whose sequence number we had seen with other bytes (a hub that reused
+    /// numbers after a restore), delivered by their content.
+    pub reused_seq: u64,
     /// Time from the hub's acceptance to the follower's acknowledgement.
     pub latency: Histogram,
 }

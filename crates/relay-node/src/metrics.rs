@@ -49,6 +49,36 @@ pub fn render(s: &RelayStats, store: &StoreStats) -> String {
         "Liveness probes sent to down peers.",
         s.probes,
     );
+    counter(
+        "mimi_relay_lagging_total",
+        "Hub: times a follower's queue reached max_queue and its backlog was dropped.",
+        s.lagging,
+    );
+    counter(
+        "mimi_relay_lag_dropped_total",
+        "Hub: events dropped from lagging followers' queues (each told by a gap marker).",
+        s.lag_dropped,
+    );
+    counter(
+        "mimi_relay_resyncs_total",
+        "Hub: queues resynchronised with a follower after either side lost or restored its store.",
+        s.resyncs,
+    );
+    counter(
+        "mimi_relay_gaps_total",
+        "Follower: gaps a hub reported (events it could not deliver to us).",
+        s.gaps,
+    );
+    counter(
+        "mimi_relay_gap_events_total",
+        "Follower: events inside the gaps hubs reported.",
+        s.gap_events,
+    );
+    counter(
+        "mimi_relay_reused_seq_total",
+        "Follower: events whose sequence number a hub had used before for other bytes.",
+        s.reused_seq,
+    );
 
     let _ = writeln!(
         out,

@@ -412,18 +412,9 @@ impl Relay {
             debug!(room, why, "handshake refused by policy");
             return update_answer(&UpdateRoomResponse::not_allowed(why));
         }
-        // Backpressure before anything is accepted.
-        let max_queue = self.cfg.max_queue;
-        if self.rooms[ri]
-            .followers
-            .iter()
-            .any(|(_, q)| self.queues[*q].entries.len() >= max_queue)
-        {
-            if let Some(v) = self.mls.validator.as_mut() {
-                v.discard(room);
-            }
-            return self.queue_full("outbound queue full");
-        }
+        // A lagging follower loses its backlog, not the room: the commit that removes it
+        // must get through.
+        self.drop_lagging(now, store, ri);
         let merged = match self.mls.validator.as_mut().map(|v| v.merge(room)) {
             Some(Ok(g)) => g,
             Some(Err(e)) => {
