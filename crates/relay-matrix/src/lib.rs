@@ -25,6 +25,28 @@
 //!   example `m.direct_to_device` from a homeserver) go to [`MatrixConfig::edu_sink`]; PDUs are
 //!   ignored (the relay joins no rooms).
 //!
+//! `/send` does the cheap checks first: the `Authorization` header (at most
+//! [`server::MAX_AUTH_HEADER`] bytes and [`server::MAX_AUTH_PARAMS`] parameters) must name a
+//! configured peer as origin and us (or nobody) as destination before a byte of the body is
+//! read (else 401, the body left unread); then the body (size, deadline, byte budget), JSON
+//! (nested at most [`server::MAX_JSON_DEPTH`] deep, else 400 `M_BAD_JSON`), the origin's keys
+//! and the signature. Keys are fetched once at a time per origin (other requests wait for that
+//! fetch, up to `request_timeout`, then 503); a failed fetch is not repeated for
+//! [`server::FAILED_FETCH_TTL`], requests meanwhile get 401.
+//!
+//! **Budgets** (from [`MatrixConfig::adapter`]). A TCP connection takes a handshake slot
+//! (`max_handshakes` node-wide) before TLS, or is closed at once. Matrix authenticates requests,
+//! not connections, so a connection keeps that slot until its first verified `/send` binds it
+//! to the origin's `max_conns_per_peer` slots (over the cap: 429 `M_LIMIT_EXCEEDED` with
+//! `retry_after_ms`); one still unbound after `request_timeout` is closed. Body bytes count
+//! from arrival (or the announced `Content-Length`) until the transaction is answered: on a
+//! connection bound to the origin, in the origin's `max_peer_bytes`; on any other, in a
+//! separate pool per claimed origin, so someone claiming to be a peer can never use up that
+//! peer's own share. Over budget: 429 `M_LIMIT_EXCEEDED` (Matrix's own backpressure) with
+//! `Retry-After`. A body must arrive within `min(request_timeout, frame_deadline)` (else 408).
+//! HTTP/2 allows `min(max_streams_per_conn, MAX_H2_STREAMS)` streams per connection. Failed
+//! handshakes are counted and logged at WARN at most once per 10 s.
+//!
 //! TLS: the listener presents the relay's certificate and asks for no client certificate
 //! (Matrix authenticates requests, not connections), so a homeserver can federate with it.
 //!
@@ -72,6 +94,11 @@ pub use keys::SigningKey;
 
 /// How many jobs may wait for one peer's task before `send` answers `Busy`.
 pub const PEER_QUEUE: usize = 4096;
+/// HTTP/2 streams per connection at most, whatever `max_streams_per_conn` says: every open
+/// stream may hold a body in assembly.
+pub const MAX_H2_STREAMS: u32 = 64;
+/// At most one failed-handshake warning per this interval; the rest are counted.
+const HANDSHAKE_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// One peer: where to reach it and its Matrix server name.
 #[derive(Clone, Debug)]
@@ -205,7 +232,7 @@ impl MatrixTransport {
             peers,
             request_timeout,
             edu_sink,
-            adapter: _,
+            adapter,
         } = config;
         let ours = server_name(&ours)?;
 
@@ -260,6 +287,19 @@ impl MatrixTransport {
             edu_sink,
             request_timeout,
             stats: stats.clone(),
+            body_deadline: request_timeout.min(adapter.limits.frame_deadline),
+            gate: relay_adapter::Gate::new(adapter.limits.clone(), adapter.stats.clone()),
+            budget: relay_adapter::ByteBudget::new(
+                adapter.limits.max_peer_bytes,
+                adapter.stats.clone(),
+            ),
+            preauth: relay_adapter::ByteBudget::new(
+                adapter.limits.max_peer_bytes,
+                adapter.stats.clone(),
+            ),
+            adapter_stats: adapter.stats.clone(),
+            handshake_log: relay_adapter::LogLimiter::new(HANDSHAKE_LOG_INTERVAL),
+            h2_streams: adapter.limits.max_streams_per_conn.min(MAX_H2_STREAMS),
         });
         let accept = runtime.spawn(server::accept_loop(
             ctx,

@@ -11,14 +11,19 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::header::CONTENT_TYPE;
-use http::{HeaderValue, Method, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use bytes::{Bytes, BytesMut};
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use mimi_wire::uri::ProviderDomain;
+use relay_adapter::{
+    AdapterStats, Budget, ByteBudget, Gate, HandshakePermit, Held, LogLimiter, OverBudget,
+    PeerPermit,
+};
 use relay_core::transport::{Inbound, Request, Response, Status, TransportKind};
 use ruma::api::federation::authentication::XMatrix;
 use ruma::signatures::PublicKeyMap;
@@ -44,6 +49,17 @@ pub const TXN_MEMORY: usize = 4096;
 const REFETCH_AFTER: Duration = Duration::from_secs(5);
 /// Keys are re-fetched after this long even if their document says they are valid longer.
 const KEY_CACHE_TTL: Duration = Duration::from_secs(3600);
+/// A failed key fetch is not repeated for this long: requests meanwhile are refused at once.
+pub const FAILED_FETCH_TTL: Duration = Duration::from_secs(10);
+/// Longest `Authorization` header read; an X-Matrix header is about 300 bytes.
+pub const MAX_AUTH_HEADER: usize = 2048;
+/// Most `,`-separated parameters in it (X-Matrix has four).
+pub const MAX_AUTH_PARAMS: usize = 8;
+/// Deepest JSON nesting accepted in a transaction, below serde_json's own limit of 128, so
+/// everything accepted also parses where the signature is checked.
+pub const MAX_JSON_DEPTH: usize = 100;
+/// How long a peer over one of its budgets is asked to wait.
+const RETRY_AFTER_MS: u64 = 1000;
 
 type HttpResponse = http::Response<Full<Bytes>>;
 
@@ -59,6 +75,47 @@ pub(crate) struct ServerCtx<I> {
     pub(crate) edu_sink: Option<tokio::sync::mpsc::UnboundedSender<ReceivedEdu>>,
     pub(crate) request_timeout: Duration,
     pub(crate) stats: Arc<MatrixStats>,
+    /// A body must arrive in full within this.
+    pub(crate) body_deadline: Duration,
+    /// Handshakes and not yet authenticated connections node-wide, then connections per peer.
+    pub(crate) gate: Arc<Gate>,
+    /// Body bytes of each peer on connections it has authenticated, until delivered.
+    pub(crate) budget: Arc<ByteBudget>,
+    /// Body bytes on connections not yet authenticated, by the origin they claim: someone
+    /// who claims to be a peer can exhaust only this, never the peer's own share.
+    pub(crate) preauth: Arc<ByteBudget>,
+    pub(crate) adapter_stats: Arc<AdapterStats>,
+    pub(crate) handshake_log: LogLimiter,
+    /// HTTP/2 streams one connection may have open.
+    pub(crate) h2_streams: u32,
+}
+
+/// Whom a connection belongs to. Matrix authenticates requests, not connections: a
+/// connection holds a handshake slot until its first verified request names its peer, then
+/// counts against that peer's connection cap.
+pub(crate) struct ConnAuth(Mutex<ConnState>);
+
+enum ConnState {
+    Pending(#[allow(dead_code)] HandshakePermit),
+    Bound(PeerPermit),
+}
+
+impl ConnAuth {
+    fn bound_to(&self) -> Option<ProviderDomain> {
+        match &*self.0.lock().unwrap_or_else(|e| e.into_inner()) {
+            ConnState::Pending(_) => None,
+            ConnState::Bound(p) => Some(p.peer().clone()),
+        }
+    }
+
+    /// Binds a pending connection to `peer`; a bound one stays with its first peer.
+    fn bind(&self, gate: &Arc<Gate>, peer: &ProviderDomain) -> Result<(), OverBudget> {
+        let mut state = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let ConnState::Pending(_) = &*state {
+            *state = ConnState::Bound(gate.peer(peer)?);
+        }
+        Ok(())
+    }
 }
 
 /// Accepts until shutdown, then lets open connections finish (bounded by the request timeout).
@@ -73,7 +130,12 @@ pub(crate) async fn accept_loop<I: Inbound>(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, remote)) => {
-                    conns.spawn(serve_conn(ctx.clone(), acceptor.clone(), tcp, remote, shutdown.clone()));
+                    // Capped before any TLS work: a handshake flood cannot take every slot.
+                    let Some(permit) = ctx.gate.handshake() else {
+                        debug!(%remote, "matrix connection refused: too many handshakes");
+                        continue;
+                    };
+                    conns.spawn(serve_conn(ctx.clone(), acceptor.clone(), tcp, remote, permit, shutdown.clone()));
                 }
                 Err(error) => {
                     warn!(%error, "matrix accept failed");
@@ -101,6 +163,7 @@ async fn serve_conn<I: Inbound>(
     acceptor: TlsAcceptor,
     tcp: TcpStream,
     remote: SocketAddr,
+    handshake: HandshakePermit,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let _ = tcp.set_nodelay(true);
@@ -108,27 +171,68 @@ async fn serve_conn<I: Inbound>(
     let tls = match tokio::time::timeout(ctx.request_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {
-            debug!(%remote, %error, "matrix tls handshake refused");
-            return;
+            let s = &ctx.adapter_stats;
+            return relay_adapter::failed_handshake(
+                s,
+                &ctx.handshake_log,
+                "matrix",
+                &remote,
+                &error,
+            );
         }
-        Err(_) => return,
+        Err(_) => {
+            let (s, why) = (&ctx.adapter_stats, &"tls handshake timed out");
+            return relay_adapter::failed_handshake(s, &ctx.handshake_log, "matrix", &remote, why);
+        }
     };
+    let auth = Arc::new(ConnAuth(Mutex::new(ConnState::Pending(handshake))));
     let service = {
         let ctx = ctx.clone();
+        let auth = auth.clone();
         service_fn(move |req| {
             let ctx = ctx.clone();
-            async move { Ok::<_, Infallible>(handle(ctx, req).await) }
+            let auth = auth.clone();
+            async move { Ok::<_, Infallible>(handle(ctx, &auth, req).await) }
         })
     };
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(ctx.h2_streams);
     let conn = builder.serve_connection(TokioIo::new(tls), service);
     tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => if let Err(error) = r { debug!(%remote, %error, "matrix connection ended"); },
-        _ = shutdown.changed() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(ctx.request_timeout, conn).await;
+    // A connection that has not authenticated a request by then gives its slot back.
+    let unbound = tokio::time::sleep(ctx.request_timeout);
+    tokio::pin!(unbound);
+    let mut checked = false;
+    let mut draining = false;
+    let drain = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(drain);
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(error) = r {
+                    debug!(%remote, %error, "matrix connection ended");
+                }
+                break;
+            }
+            _ = &mut unbound, if !checked => {
+                checked = true;
+                if auth.bound_to().is_none() && !draining {
+                    debug!(%remote, "matrix connection closed: no authenticated request");
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                    drain.as_mut().reset(tokio::time::Instant::now() + ctx.request_timeout);
+                }
+            }
+            _ = shutdown.changed(), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+                drain.as_mut().reset(tokio::time::Instant::now() + ctx.request_timeout);
+            }
+            _ = &mut drain, if draining => break,
         }
     }
 }
@@ -147,6 +251,23 @@ pub(crate) fn matrix_error(status: u16, errcode: &str, error: &str) -> HttpRespo
     )
 }
 
+/// 429 `M_LIMIT_EXCEEDED` with `retry_after_ms` and `Retry-After`: Matrix's own backpressure,
+/// for a peer over one of its budgets.
+fn limit_exceeded(why: &str) -> HttpResponse {
+    let body = serde_json::to_vec(&MatrixError {
+        errcode: "M_LIMIT_EXCEEDED".to_owned(),
+        error: why.to_owned(),
+        retry_after_ms: Some(RETRY_AFTER_MS),
+    })
+    .unwrap_or_default();
+    let mut r = json(StatusCode::TOO_MANY_REQUESTS, Bytes::from(body));
+    r.headers_mut().insert(
+        RETRY_AFTER,
+        HeaderValue::from(RETRY_AFTER_MS.div_ceil(1000)),
+    );
+    r
+}
+
 fn json(status: StatusCode, body: Bytes) -> HttpResponse {
     let mut r = http::Response::new(Full::new(body));
     *r.status_mut() = status;
@@ -157,7 +278,11 @@ fn json(status: StatusCode, body: Bytes) -> HttpResponse {
 
 const SEND_PREFIX: &str = "/_matrix/federation/v1/send/";
 
-async fn handle<I: Inbound>(ctx: Arc<ServerCtx<I>>, req: http::Request<Incoming>) -> HttpResponse {
+async fn handle<I: Inbound>(
+    ctx: Arc<ServerCtx<I>>,
+    auth: &ConnAuth,
+    req: http::Request<Incoming>,
+) -> HttpResponse {
     let path = req.uri().path().to_owned();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/_matrix/key/v2/server") => json(
@@ -170,7 +295,7 @@ async fn handle<I: Inbound>(ctx: Arc<ServerCtx<I>>, req: http::Request<Incoming>
         ),
         (&Method::PUT, p) if p.starts_with(SEND_PREFIX) => {
             let txn_id = p[SEND_PREFIX.len()..].to_owned();
-            match send(&ctx, req, txn_id).await {
+            match send(&ctx, auth, req, txn_id).await {
                 Ok(r) | Err(r) => r,
             }
         }
@@ -184,11 +309,14 @@ async fn handle<I: Inbound>(ctx: Arc<ServerCtx<I>>, req: http::Request<Incoming>
     }
 }
 
-/// `PUT /_matrix/federation/v1/send/{txnId}`, checked in the order Synapse checks: size, JSON,
-/// signature, then the transaction's contents. Every refusal happens before anything is
-/// delivered.
+/// `PUT /_matrix/federation/v1/send/{txnId}`. Cheap checks first: the `Authorization` header
+/// (bounded) must name a configured peer as origin and us as destination before a byte of the
+/// body is read; then the body within its size, deadline and the peer's byte budget; then
+/// JSON (bounded depth), the origin's keys, the signature, and the transaction's contents.
+/// Every refusal happens before anything is delivered.
 async fn send<I: Inbound>(
     ctx: &Arc<ServerCtx<I>>,
+    auth: &ConnAuth,
     req: http::Request<Incoming>,
     txn_id: String,
 ) -> Result<HttpResponse, HttpResponse> {
@@ -196,47 +324,89 @@ async fn send<I: Inbound>(
     if txn_id.is_empty() || txn_id.contains('/') {
         return Err(matrix_error(404, "M_UNRECOGNIZED", "unrecognized request"));
     }
-    let (parts, body) = req.into_parts();
-    let body = tokio::time::timeout(
-        ctx.request_timeout,
-        Limited::new(body, MAX_TXN_BODY).collect(),
-    )
-    .await
-    .map_err(|_| matrix_error(408, "M_UNKNOWN", "body timed out"))?
-    .map_err(|_| {
-        stats.rejected.fetch_add(1, Ordering::Relaxed);
-        matrix_error(413, "M_TOO_LARGE", "transaction too large")
-    })?
-    .to_bytes();
-
     let reject = |status: u16, code: &str, why: &str| {
         stats.rejected.fetch_add(1, Ordering::Relaxed);
         matrix_error(status, code, why)
     };
-    // Well-formed JSON and an object, before anything else (Synapse's order).
-    let raw: &RawValue =
-        serde_json::from_slice(&body).map_err(|_| reject(400, "M_NOT_JSON", "content not json"))?;
-    if !raw.get().trim_start().starts_with('{') {
-        return Err(reject(400, "M_BAD_JSON", "content must be a json object"));
-    }
+    let unauthenticated = |why: &str| {
+        ctx.adapter_stats.refused(Budget::Unauthenticated);
+        reject(401, "M_UNAUTHORIZED", why)
+    };
+    let (parts, body) = req.into_parts();
 
-    let xm = XMatrix::extract_from_http_headers(&parts.headers)
-        .map_err(|_| reject(401, "M_UNAUTHORIZED", "missing or malformed authorization"))?;
+    let xm = x_matrix(&parts.headers)
+        .ok_or_else(|| unauthenticated("missing or malformed authorization"))?;
     if xm
         .destination
         .as_deref()
         .is_some_and(|d| d != &*ctx.server_name)
     {
-        return Err(reject(401, "M_UNAUTHORIZED", "wrong destination"));
+        return Err(unauthenticated("wrong destination"));
     }
     let Some(dial) = ctx.peers.get(&xm.origin) else {
-        return Err(reject(401, "M_UNAUTHORIZED", "unknown origin server"));
+        return Err(unauthenticated("unknown origin server"));
     };
-    let keys = ctx
+    let peer = &dial.domain;
+    let bound = auth.bound_to();
+    if bound.is_none() && ctx.gate.peer_conns(peer) >= ctx.gate.limits().max_conns_per_peer {
+        ctx.adapter_stats.refused(Budget::ConnsPerPeer);
+        return Err(limit_exceeded("too many connections"));
+    }
+
+    // Announced oversize bodies are refused unread; the rest are capped while streaming.
+    let announced = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_TXN_BODY as u64) {
+        ctx.adapter_stats.refused(Budget::BodySize);
+        return Err(reject(413, "M_TOO_LARGE", "transaction too large"));
+    }
+    let budget = if bound.as_ref() == Some(peer) {
+        &ctx.budget
+    } else {
+        &ctx.preauth
+    };
+    let mut held = budget
+        .reserve(peer, announced.unwrap_or(0) as usize)
+        .map_err(|_| limit_exceeded("over the byte budget"))?;
+    let read = read_body(body, MAX_TXN_BODY, &mut held);
+    let body = match tokio::time::timeout(ctx.body_deadline, read).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(BodyRefusal::TooLarge)) => {
+            ctx.adapter_stats.refused(Budget::BodySize);
+            return Err(reject(413, "M_TOO_LARGE", "transaction too large"));
+        }
+        Ok(Err(BodyRefusal::OverBudget)) => return Err(limit_exceeded("over the byte budget")),
+        Ok(Err(BodyRefusal::Aborted)) => return Err(reject(400, "M_UNKNOWN", "body broke off")),
+        Err(_) => {
+            ctx.adapter_stats.refused(Budget::FrameDeadline);
+            return Err(reject(408, "M_UNKNOWN", "body timed out"));
+        }
+    };
+
+    // Well-formed JSON and an object; nested no deeper than anything downstream parses.
+    let raw: &RawValue =
+        serde_json::from_slice(&body).map_err(|_| reject(400, "M_NOT_JSON", "content not json"))?;
+    if !raw.get().trim_start().starts_with('{') {
+        return Err(reject(400, "M_BAD_JSON", "content must be a json object"));
+    }
+    if !json_depth_within(&body, MAX_JSON_DEPTH) {
+        return Err(reject(400, "M_BAD_JSON", "json nested too deeply"));
+    }
+
+    let keys = match ctx
         .keys
-        .keys_for(dial, xm.key.as_str())
+        .keys_for(dial, xm.key.as_str(), ctx.request_timeout)
         .await
-        .map_err(|why| reject(401, "M_UNAUTHORIZED", &why))?;
+    {
+        Ok(keys) => keys,
+        Err(KeyRefusal::Busy) => {
+            return Err(reject(503, "M_UNKNOWN", "origin keys not available yet"));
+        }
+        Err(e) => return Err(unauthenticated(e.as_str())),
+    };
     let check = http::Request::builder()
         .method(parts.method.clone())
         .uri(parts.uri.clone())
@@ -250,8 +420,12 @@ async fn send<I: Inbound>(
         .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
     verified.map_err(|e| {
         debug!(origin = %xm.origin, error = %e, "x-matrix signature refused");
-        reject(401, "M_UNAUTHORIZED", "invalid signature")
+        unauthenticated("invalid signature")
     })?;
+    // Verified: the connection is this peer's from now on (if it is under its cap).
+    if auth.bind(&ctx.gate, peer).is_err() {
+        return Err(limit_exceeded("too many connections"));
+    }
 
     let txn: IncomingTxn<'_> = serde_json::from_slice(&body)
         .map_err(|_| reject(400, "M_BAD_JSON", "not a transaction"))?;
@@ -330,8 +504,10 @@ async fn send<I: Inbound>(
     let from = dial.domain.clone();
     let inbound = ctx.inbound.clone();
     let txns = ctx.txns.clone();
-    let held = key.clone();
+    let txn_key = key.clone();
     let task = tokio::spawn(async move {
+        // The body's bytes count until every request in it has been answered.
+        let _held = held;
         let futures: Vec<_> = requests
             .iter()
             .map(|r| {
@@ -359,10 +535,80 @@ async fn send<I: Inbound>(
         Ok(answer) => Ok(json(StatusCode::OK, answer)),
         Err(_) => {
             // Our bug (a panic) or shutdown: forget the id so a retry runs again.
-            ctx.txns.abandon(&held);
+            ctx.txns.abandon(&txn_key);
             Err(matrix_error(500, "M_UNKNOWN", "internal error"))
         }
     }
+}
+
+/// The `Authorization: X-Matrix` header, parsed only if it is short and has few parameters.
+fn x_matrix(headers: &HeaderMap) -> Option<XMatrix> {
+    let value = headers.get(AUTHORIZATION)?;
+    let bytes = value.as_bytes();
+    if bytes.len() > MAX_AUTH_HEADER
+        || bytes.iter().filter(|&&b| b == b',').count() >= MAX_AUTH_PARAMS
+    {
+        return None;
+    }
+    XMatrix::extract_from_http_headers(headers).ok()
+}
+
+/// Whether JSON text nests no deeper than `max`, by one linear scan (no recursion).
+pub(crate) fn json_depth_within(text: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in text {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max {
+                    return false;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    true
+}
+
+enum BodyRefusal {
+    TooLarge,
+    OverBudget,
+    Aborted,
+}
+
+/// Reads a body of at most `max` bytes, each byte counted in `held` as it arrives.
+async fn read_body<B>(mut body: B, max: usize, held: &mut Held) -> Result<Bytes, BodyRefusal>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+{
+    let mut out = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| BodyRefusal::Aborted)?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers carry nothing for us
+        };
+        let len = out.len().saturating_add(data.len());
+        if len > max {
+            return Err(BodyRefusal::TooLarge);
+        }
+        if len > held.bytes() {
+            held.grow(len - held.bytes())
+                .map_err(|_| BodyRefusal::OverBudget)?;
+        }
+        out.extend_from_slice(&data);
+    }
+    Ok(out.freeze())
 }
 
 /// Polls the futures in index order on every wake, so each is first polled (and, for the
@@ -392,64 +638,122 @@ async fn join_in_order<F: Future<Output = Response>>(futures: Vec<F>) -> Vec<Res
         .collect()
 }
 
-/// Verified peer keys, fetched from the peer's key endpoint on first use.
+/// Why the origin's keys cannot verify a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeyRefusal {
+    /// The origin's current keys do not include the key id.
+    UnknownKey,
+    /// Fetching the keys failed, now or within [`FAILED_FETCH_TTL`].
+    FetchFailed,
+    /// A fetch for this origin is in flight and did not finish in time.
+    Busy,
+}
+
+impl KeyRefusal {
+    fn as_str(self) -> &'static str {
+        match self {
+            KeyRefusal::UnknownKey => "unknown key",
+            KeyRefusal::FetchFailed => "cannot fetch the origin's keys",
+            KeyRefusal::Busy => "origin keys not available yet",
+        }
+    }
+}
+
+/// Verified peer keys, fetched from the peer's key endpoint on first use. One fetch in flight
+/// per origin (others wait for it); a failed fetch is remembered for [`FAILED_FETCH_TTL`].
+/// Entries exist only for configured peers.
 #[derive(Default)]
 pub(crate) struct KeyCache {
-    entries: Mutex<HashMap<OwnedServerName, (ServerKeys, Instant)>>,
-    /// One fetch at a time per node keeps a flood of bad key ids from becoming a flood of
-    /// fetches.
-    fetch: tokio::sync::Mutex<()>,
+    entries: Mutex<HashMap<OwnedServerName, KeyEntry>>,
+}
+
+#[derive(Default)]
+struct KeyEntry {
+    keys: Option<(ServerKeys, Instant)>,
+    failed_at: Option<Instant>,
+    /// Set while a fetch is in flight; its sender is dropped when the fetch ends, however.
+    fetching: Option<watch::Receiver<()>>,
+}
+
+enum Step {
+    Done(Result<ServerKeys, KeyRefusal>),
+    Wait(watch::Receiver<()>),
+    Fetch(watch::Sender<()>),
 }
 
 impl KeyCache {
-    fn cached(&self, server: &ServerName) -> Option<(ServerKeys, Instant)> {
-        self.entries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(server)
-            .cloned()
+    fn step(&self, server: &ServerName, key_id: &str) -> Step {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let e = entries.entry(server.to_owned()).or_default();
+        if let Some((k, at)) = &e.keys
+            && k.valid_until_ms > now_ms()
+            && at.elapsed() < KEY_CACHE_TTL
+        {
+            if k.keys.contains_key(key_id) {
+                return Step::Done(Ok(k.clone()));
+            }
+            // An unknown key id refetches, but not more often than this.
+            if at.elapsed() < REFETCH_AFTER {
+                return Step::Done(Err(KeyRefusal::UnknownKey));
+            }
+        }
+        if e.failed_at.is_some_and(|t| t.elapsed() < FAILED_FETCH_TTL) {
+            return Step::Done(Err(KeyRefusal::FetchFailed));
+        }
+        if let Some(rx) = &e.fetching
+            && rx.has_changed().is_ok()
+        {
+            return Step::Wait(rx.clone());
+        }
+        let (tx, rx) = watch::channel(());
+        e.fetching = Some(rx);
+        Step::Fetch(tx)
     }
 
-    /// The keys of `dial`'s server, if they include `key_id`.
-    pub(crate) async fn keys_for(&self, dial: &Dial, key_id: &str) -> Result<ServerKeys, String> {
-        let fresh = |k: &ServerKeys, at: Instant| {
-            k.valid_until_ms > now_ms() && at.elapsed() < KEY_CACHE_TTL
-        };
-        if let Some((k, at)) = self.cached(&dial.server_name)
-            && fresh(&k, at)
-            && (k.keys.contains_key(key_id) || at.elapsed() < REFETCH_AFTER)
-        {
-            return if k.keys.contains_key(key_id) {
-                Ok(k)
-            } else {
-                Err("unknown key".to_owned())
-            };
+    /// The keys of `dial`'s server, if they include `key_id`; waits up to `wait` for a fetch
+    /// another request started.
+    pub(crate) async fn keys_for(
+        &self,
+        dial: &Dial,
+        key_id: &str,
+        wait: Duration,
+    ) -> Result<ServerKeys, KeyRefusal> {
+        // Twice at most: a fetch we waited for was either finished or abandoned.
+        for _ in 0..2 {
+            match self.step(&dial.server_name, key_id) {
+                Step::Done(result) => return result,
+                Step::Wait(mut rx) => {
+                    // Returns when the fetcher drops its sender, whatever the outcome.
+                    if tokio::time::timeout(wait, rx.changed()).await.is_err() {
+                        return Err(KeyRefusal::Busy);
+                    }
+                }
+                Step::Fetch(done) => {
+                    let fetched = dial.fetch_keys().await;
+                    let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+                    let e = entries.entry(dial.server_name.clone()).or_default();
+                    e.fetching = None;
+                    drop(done);
+                    return match fetched {
+                        Ok(keys) => {
+                            e.keys = Some((keys.clone(), Instant::now()));
+                            e.failed_at = None;
+                            if keys.keys.contains_key(key_id) {
+                                Ok(keys)
+                            } else {
+                                Err(KeyRefusal::UnknownKey)
+                            }
+                        }
+                        Err(error) => {
+                            warn!(server = %dial.server_name, %error, "cannot fetch server keys");
+                            e.failed_at = Some(Instant::now());
+                            Err(KeyRefusal::FetchFailed)
+                        }
+                    };
+                }
+            }
         }
-        let _one = self.fetch.lock().await;
-        // Another request may have fetched while we waited.
-        if let Some((k, at)) = self.cached(&dial.server_name)
-            && fresh(&k, at)
-            && at.elapsed() < REFETCH_AFTER
-        {
-            return if k.keys.contains_key(key_id) {
-                Ok(k)
-            } else {
-                Err("unknown key".to_owned())
-            };
-        }
-        let keys = dial.fetch_keys().await.map_err(|e| {
-            warn!(server = %dial.server_name, error = %e, "cannot fetch server keys");
-            format!("cannot fetch the origin's keys: {e}")
-        })?;
-        self.entries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(dial.server_name.clone(), (keys.clone(), Instant::now()));
-        if keys.keys.contains_key(key_id) {
-            Ok(keys)
-        } else {
-            Err("unknown key".to_owned())
-        }
+        Err(KeyRefusal::Busy)
     }
 }
 

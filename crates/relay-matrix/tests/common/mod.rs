@@ -1,7 +1,6 @@
 //! Two Matrix adapters on loopback with generated certificates, and a recording inbound.
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -91,8 +90,31 @@ pub async fn start(
     peer_addr: SocketAddr,
     seed: [u8; 32],
 ) -> Side {
+    start_with(
+        d,
+        g,
+        listen,
+        &[(peer, pg, peer_addr)],
+        seed,
+        Default::default(),
+    )
+    .await
+}
+
+/// Starts `d` with several peers and the given budgets.
+pub async fn start_with(
+    d: &ProviderDomain,
+    g: &relay_tls::GeneratedCert,
+    listen: SocketAddr,
+    peers: &[(&ProviderDomain, &relay_tls::GeneratedCert, SocketAddr)],
+    seed: [u8; 32],
+    adapter: relay_adapter::AdapterContext,
+) -> Side {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let mut trust = PeerTrust::new();
-    trust.add_pem(peer.clone(), &pg.cert_pem).unwrap();
+    for (peer, pg, _) in peers {
+        trust.add_pem((*peer).clone(), &pg.cert_pem).unwrap();
+    }
     let (sink, edus) = mpsc::unbounded_channel();
     let rec = Recorder::default();
     let cfg = MatrixConfig {
@@ -101,16 +123,21 @@ pub async fn start(
         signing_key: SigningKey::from_seed(seed).unwrap(),
         server_name: d.to_string(),
         listen,
-        peers: BTreeMap::from([(
-            peer.clone(),
-            MatrixPeer {
-                server_name: peer.to_string(),
-                addr: peer_addr,
-            },
-        )]),
+        peers: peers
+            .iter()
+            .map(|(peer, _, addr)| {
+                (
+                    (*peer).clone(),
+                    MatrixPeer {
+                        server_name: peer.to_string(),
+                        addr: *addr,
+                    },
+                )
+            })
+            .collect(),
         request_timeout: Duration::from_secs(5),
         edu_sink: Some(sink),
-        adapter: Default::default(),
+        adapter,
     };
     let (transport, addr) = MatrixTransport::start(cfg, rec.clone()).await.unwrap();
     Side {
