@@ -34,6 +34,8 @@ pub(crate) struct ApiState {
     pub max_body: usize,
     /// Each transport adapter's refusal counters, for /metrics.
     pub adapter_stats: Arc<BTreeMap<TransportKind, Arc<relay_adapter::AdapterStats>>>,
+    /// The per-peer fair queue in front of the core, for its refusal counts.
+    pub ingress: Arc<crate::ingress::Ingress>,
 }
 
 pub(crate) fn router(state: ApiState) -> Router {
@@ -418,6 +420,7 @@ async fn metrics_page(State(s): State<ApiState>) -> HttpResponse {
             {
                 let mut text = metrics::render(&stats, &store);
                 metrics::render_adapters(&mut text, &s.adapter_stats);
+                metrics::render_ingress(&mut text, s.ingress.refusals());
                 text
             },
         )

@@ -6,7 +6,6 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -14,19 +13,20 @@ use bytes::Bytes;
 use mimi_wire::uri::{ProviderDomain, RoomId};
 use relay_core::store::InboxRecord;
 use relay_core::{
-    Now, Output, Relay, RelayStats, ReplyToken, Request, Response, RoomError, SealedCommit, Status,
-    Store, StoreError, TransmitId, Transport, TransportError, TransportKind,
+    Now, Output, Relay, RelayStats, ReplyToken, Response, RoomError, SealedCommit, Status, Store,
+    StoreError, TransmitId, Transport, TransportError, TransportKind,
 };
 use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
 
+/// Requests taken from the fair queue per wake-up of the core thread.
+const INGRESS_BATCH: usize = 256;
+
 /// Inputs of the core thread.
 #[derive(Debug)]
 pub(crate) enum Event {
-    Request {
-        req: Request,
-        reply: oneshot::Sender<Response>,
-    },
+    /// Requests from peers are waiting in the fair queue.
+    Ingress,
     Outcome {
         id: TransmitId,
         outcome: Result<Response, TransportError>,
@@ -133,8 +133,8 @@ pub(crate) struct CoreLoop<S: Store> {
     pub transports: Arc<Transports>,
     pub inbox_next: watch::Sender<u64>,
     pub store_stats: StoreStats,
-    /// Weight of the requests from peers waiting in the channel (see `NodeInbound`).
-    pub pending_requests: Arc<AtomicUsize>,
+    /// Requests from peers, queued per peer (see `NodeInbound`).
+    pub ingress: Arc<crate::ingress::Ingress>,
 }
 
 /// Something to hand out once the commit it depends on is durable.
@@ -228,6 +228,11 @@ impl<S: Store> CoreLoop<S> {
                         }
                     }
                     ev => {
+                        if matches!(ev, Event::Ingress) {
+                            // A wake-up carries up to a batch of requests: count them, so a
+                            // turn (and the commit that ends it) stays bounded.
+                            handled += INGRESS_BATCH as u64 - 1;
+                        }
                         p.inputs_in_open += 1;
                         self.handle(ev, &mut replies, &mut next_token, &mut p);
                     }
@@ -295,11 +300,16 @@ impl<S: Store> CoreLoop<S> {
             t
         };
         match ev {
-            Event::Request { req, reply } => {
-                self.pending_requests
-                    .fetch_sub(crate::request_weight(&req), Ordering::Relaxed);
-                let t = token(reply);
-                self.relay.handle_request(now, &mut self.store, t, req);
+            Event::Ingress => {
+                let mut batch = Vec::new();
+                // A bounded helping per wake-up, so outcomes and local clients interleave.
+                if self.ingress.pop_batch(INGRESS_BATCH, &mut batch) {
+                    let _ = self.tx.send(Event::Ingress);
+                }
+                for (req, reply) in batch {
+                    let t = token(reply);
+                    self.relay.handle_request(now, &mut self.store, t, req);
+                }
             }
             Event::Outcome { id, outcome } => {
                 self.relay.handle_outcome(now, &mut self.store, id, outcome);

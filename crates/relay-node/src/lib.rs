@@ -10,12 +10,12 @@ mod api;
 pub mod client;
 pub mod config;
 mod core_loop;
+mod ingress;
 pub mod metrics;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Sender};
 use std::time::Duration;
 
@@ -85,30 +85,37 @@ pub enum NodeError {
     Core(String),
 }
 
-/// What the transports call into: forwards to the core thread.
+/// What the transports call into: requests go through the per-peer fair queue, the rest
+/// straight to the core thread.
 #[derive(Clone)]
 struct NodeInbound {
     tx: Sender<Event>,
-    /// Weight of the requests sent to the core thread and not yet taken; shared with it.
-    pending: Arc<std::sync::atomic::AtomicUsize>,
+    ingress: Arc<ingress::Ingress>,
 }
 
 impl Inbound for NodeInbound {
     fn request(&self, req: Request) -> impl Future<Output = Response> + Send {
         let tx = self.tx.clone();
-        let pending = self.pending.clone();
+        let ingress = self.ingress.clone();
         let weight = request_weight(&req);
         async move {
-            if pending.fetch_add(weight, Ordering::Relaxed) + weight > MAX_PENDING_WEIGHT {
-                pending.fetch_sub(weight, Ordering::Relaxed);
-                let mut r = Response::error(Status::Unavailable, "relay overloaded");
-                r.retry_after = Some(Duration::from_secs(1));
-                return r;
-            }
             let (reply, rx) = oneshot::channel();
-            if tx.send(Event::Request { req, reply }).is_err() {
-                pending.fetch_sub(weight, Ordering::Relaxed);
-                return Response::error(Status::Unavailable, "relay shutting down");
+            match ingress.push(weight, (req, reply)) {
+                Ok(true) => {
+                    if tx.send(Event::Ingress).is_err() {
+                        return Response::error(Status::Unavailable, "relay shutting down");
+                    }
+                }
+                Ok(false) => {}
+                Err((why, _)) => {
+                    let text = match why {
+                        ingress::Refused::PeerShare => "relay overloaded by this peer's requests",
+                        ingress::Refused::Total => "relay overloaded",
+                    };
+                    let mut r = Response::error(Status::Unavailable, text);
+                    r.retry_after = Some(Duration::from_secs(1));
+                    return r;
+                }
             }
             rx.await
                 .unwrap_or_else(|_| Response::error(Status::Unavailable, "relay shutting down"))
@@ -177,10 +184,13 @@ impl Node {
         };
         let (tx, rx) = mpsc::channel();
         let (inbox_tx, inbox_rx) = watch::channel(0);
-        let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let ingress = Arc::new(ingress::Ingress::new(
+            cfg.adapter_limits.max_peer_bytes.min(MAX_PENDING_WEIGHT),
+            MAX_PENDING_WEIGHT,
+        ));
         let inbound = NodeInbound {
             tx: tx.clone(),
-            pending: pending.clone(),
+            ingress: ingress.clone(),
         };
 
         let mut transports = Transports::default();
@@ -283,7 +293,7 @@ impl Node {
             tx: tx.clone(),
             transports: transports.clone(),
             inbox_next: inbox_tx,
-            pending,
+            ingress: ingress.clone(),
         };
         let core = match cfg.store {
             StoreKind::Durable => {
@@ -311,6 +321,7 @@ impl Node {
             inbox_next: inbox_rx,
             max_body: cfg.max_body,
             adapter_stats: Arc::new(adapter_stats),
+            ingress,
         });
         let (api_stop, stop_rx) = oneshot::channel::<()>();
         let api_task = tokio::spawn(async move {
@@ -371,7 +382,7 @@ struct Wiring {
     tx: Sender<Event>,
     transports: Arc<Transports>,
     inbox_next: watch::Sender<u64>,
-    pending: Arc<std::sync::atomic::AtomicUsize>,
+    ingress: Arc<ingress::Ingress>,
 }
 
 fn spawn_core<S: Store + Send + 'static>(
@@ -407,7 +418,7 @@ fn spawn_core<S: Store + Send + 'static>(
         transports: w.transports,
         inbox_next: w.inbox_next,
         store_stats: Default::default(),
-        pending_requests: w.pending,
+        ingress: w.ingress,
     };
     std::thread::Builder::new()
         .name("relay-core".into())

@@ -234,6 +234,15 @@ pub fn render_adapters(
     }
 }
 
+/// Requests refused before the core: a peer over its share, or the node over its total.
+pub fn render_ingress(out: &mut String, (share, total): (u64, u64)) {
+    let name = "mimi_relay_ingress_refusals_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Peer requests answered 503 before the core, by cause.\n# TYPE {name} counter\n{name}{{cause=\"peer_share\"}} {share}\n{name}{{cause=\"total\"}} {total}"
+    );
+}
+
 fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
     let mut cumulative = 0;
