@@ -173,3 +173,112 @@ pub(crate) fn decode_roles(mut b: &[u8]) -> Option<std::collections::BTreeMap<St
     }
     Some(roles)
 }
+
+/// Runs a validator with every call under panic isolation: third-party MLS code that panics on
+/// a peer's input becomes a typed refusal and a count, not the end of the core thread. The
+/// room's staged state is dropped after such a panic, since it may be half-built.
+#[derive(Debug)]
+pub struct Isolated {
+    inner: Box<dyn MlsValidator>,
+    /// Calls that panicked, shared with whoever reports it.
+    panics: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Isolated {
+    pub fn new(
+        inner: Box<dyn MlsValidator>,
+        panics: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> Self {
+        Self { inner, panics }
+    }
+
+    fn run<T>(
+        &mut self,
+        what: &'static str,
+        room: &str,
+        f: impl FnOnce(&mut dyn MlsValidator) -> Result<T, MlsReject>,
+    ) -> Result<T, MlsReject> {
+        let inner = &mut *self.inner;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(inner))) {
+            Ok(r) => r,
+            Err(_) => {
+                self.panics
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(
+                    room,
+                    call = what,
+                    "the MLS validator panicked on this input; refused"
+                );
+                let inner = &mut *self.inner;
+                let _ =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.discard(room)));
+                Err(MlsReject::Invalid(format!(
+                    "the MLS validator failed on this input ({what})"
+                )))
+            }
+        }
+    }
+}
+
+impl MlsValidator for Isolated {
+    fn create(
+        &mut self,
+        room: &str,
+        group_info: &[u8],
+        ratchet_tree: &[u8],
+    ) -> Result<GroupState, MlsReject> {
+        self.run("create", room, |v| v.create(room, group_info, ratchet_tree))
+    }
+
+    fn restore(&mut self, room: &str, state: &[u8]) -> Result<GroupState, MlsReject> {
+        self.run("restore", room, |v| v.restore(room, state))
+    }
+
+    fn stage(&mut self, room: &str, message: &[u8]) -> Result<HandshakeEffect, MlsReject> {
+        self.run("stage", room, |v| v.stage(room, message))
+    }
+
+    fn merge(&mut self, room: &str) -> Result<GroupState, MlsReject> {
+        self.run("merge", room, |v| v.merge(room))
+    }
+
+    fn discard(&mut self, room: &str) {
+        let _ = self.run("discard", room, |v| {
+            v.discard(room);
+            Ok(())
+        });
+    }
+
+    fn key_package_ref(&self, key_package: &[u8]) -> Option<Vec<u8>> {
+        let inner = &*self.inner;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            inner.key_package_ref(key_package)
+        }))
+        .ok()
+        .flatten()
+    }
+
+    fn group_info_requester(&self, request: &[u8]) -> Result<String, MlsReject> {
+        let inner = &*self.inner;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            inner.group_info_requester(request)
+        }))
+        .unwrap_or_else(|_| {
+            tracing::error!("the MLS validator panicked on a GroupInfoRequest; refused");
+            Err(MlsReject::Invalid(
+                "the MLS validator failed on this input".into(),
+            ))
+        })
+    }
+
+    fn group_info_response(
+        &mut self,
+        room: &str,
+        group_info: &[u8],
+        request: &[u8],
+    ) -> Result<Vec<u8>, MlsReject> {
+        self.run("group_info_response", room, |v| {
+            v.group_info_response(room, group_info, request)
+        })
+    }
+}

@@ -1354,6 +1354,7 @@ impl Relay {
             s.peers.insert(p.domain.clone(), ps);
         }
         s.inbox_depth = self.inbox.len() as u64;
+        s.mls_panics = self.mls.panics.load(std::sync::atomic::Ordering::Relaxed);
         s
     }
 

@@ -131,6 +131,8 @@ pub struct RelayStats {
     /// Follower: events whose sequence number we had seen with other bytes (a hub that reused
     /// numbers after a restore), delivered by their content.
     pub reused_seq: u64,
+    /// Calls into the MLS validator that panicked (refused, the node went on).
+    pub mls_panics: u64,
     /// Time from the hub's acceptance to the follower's acknowledgement.
     pub latency: Histogram,
 }

@@ -20,6 +20,11 @@ const ALICE: &str = "mimi://a.example/u/alice";
 const BOB: &str = "mimi://b.example/u/bob";
 const CAROL: &str = "mimi://c.example/u/carol";
 
+thread_local! {
+    /// Calls of `Fake::stage` on this test's thread: the expensive MLS work.
+    static STAGED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 /// A validator whose "MLS" is the authenticated data of a PublicMessage: `add URI`,
 /// `remove URI`, `noop` or `bad`; the sender is the member at the leaf index.
 #[derive(Debug, Default)]
@@ -61,7 +66,11 @@ impl MlsValidator for Fake {
     }
 
     fn stage(&mut self, _: &str, message: &[u8]) -> Result<HandshakeEffect, MlsReject> {
+        STAGED.with(|s| s.set(s.get() + 1));
         let (epoch, leaf, aad) = parse(message);
+        if aad == "panic" {
+            panic!("a third-party validator's bug, reached by a peer's input");
+        }
         if epoch != self.epoch {
             return Err(MlsReject::WrongEpoch {
                 current: self.epoch,
@@ -169,7 +178,8 @@ impl Hub {
     fn new() -> Hub {
         let cfg = RelayConfig::new(d("a.example"))
             .with_route(d("b.example"), TransportKind::Quic)
-            .with_route(d("c.example"), TransportKind::Https);
+            .with_route(d("c.example"), TransportKind::Https)
+            .with_route(d("d.example"), TransportKind::Https);
         let now = Now {
             mono: Instant::now(),
             unix_ms: 1_700_000_000_000,
@@ -349,5 +359,32 @@ fn the_room_state_survives_a_restart() {
         (depth(&h, "b.example"), depth(&h, "c.example")),
         (before.0 + 1, before.1 + 1),
         "b.example and c.example still follow after the restart"
+    );
+}
+
+#[test]
+fn a_validator_panic_is_a_refusal_and_the_hub_goes_on() {
+    // Before: the panic unwound through the core thread and ended the node.
+    let mut h = Hub::room_of_three();
+    let (o, n) = h.update("b.example", update_body(2, 1, "panic"));
+    assert!(matches!(o, UpdateOutcome::InvalidProposal { .. }), "{o:?}");
+    assert_eq!(n, 0);
+    assert_eq!(h.relay.stats().mls_panics, 1);
+    let (o, _) = h.update("b.example", update_body(2, 1, "noop"));
+    assert!(matches!(o, UpdateOutcome::Success { .. }), "{o:?}");
+}
+
+#[test]
+fn a_provider_with_no_member_in_the_room_costs_no_mls_work() {
+    // Before: d.example's commit went through MLS validation before any membership check.
+    let mut h = Hub::room_of_three();
+    let before = STAGED.with(|s| s.get());
+    let (o, n) = h.update("d.example", update_body(2, 1, "noop"));
+    assert_eq!(o, UpdateOutcome::NotAllowed);
+    assert_eq!(n, 0);
+    assert_eq!(
+        STAGED.with(|s| s.get()),
+        before,
+        "no MLS work for a non-member"
     );
 }

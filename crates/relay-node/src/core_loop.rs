@@ -121,6 +121,8 @@ pub struct StoreStats {
     pub events: u64,
     /// Time spent in commits (write and fsync).
     pub commit_time: relay_core::stats::Histogram,
+    /// Peer requests whose handling panicked (refused with 500; the node went on).
+    pub panics: u64,
 }
 
 pub(crate) struct CoreLoop<S: Store> {
@@ -307,8 +309,24 @@ impl<S: Store> CoreLoop<S> {
                     let _ = self.tx.send(Event::Ingress);
                 }
                 for (req, reply) in batch {
-                    let t = token(reply);
-                    self.relay.handle_request(now, &mut self.store, t, req);
+                    *next_token += 1;
+                    let t = ReplyToken(*next_token);
+                    replies.insert(t, reply);
+                    // A decoder's bug reached by a peer's input refuses that request; it does
+                    // not end the node for every other peer.
+                    let (relay, store) = (&mut self.relay, &mut self.store);
+                    let run =
+                        std::panic::AssertUnwindSafe(|| relay.handle_request(now, store, t, req));
+                    if std::panic::catch_unwind(run).is_err() {
+                        self.store_stats.panics += 1;
+                        error!("handling a peer's request panicked; refused with 500");
+                        if let Some(r) = replies.remove(&t) {
+                            let _ = r.send(Response::error(
+                                Status::Internal,
+                                "internal error handling this request",
+                            ));
+                        }
+                    }
                 }
             }
             Event::Outcome { id, outcome } => {

@@ -50,6 +50,11 @@ pub fn render(s: &RelayStats, store: &StoreStats) -> String {
         s.probes,
     );
     counter(
+        "mimi_relay_panics_total",
+        "Peer requests (or MLS validator calls) that panicked and were refused; the node went on.",
+        store.panics + s.mls_panics,
+    );
+    counter(
         "mimi_relay_lagging_total",
         "Hub: times a follower's queue reached max_queue and its backlog was dropped.",
         s.lagging,

@@ -61,6 +61,8 @@ pub(super) struct KeyDirectory {
 #[derive(Debug, Default)]
 pub(super) struct MlsState {
     pub validator: Option<Box<dyn MlsValidator>>,
+    /// Validator calls that panicked (see [`crate::mls::Isolated`]).
+    pub panics: std::sync::Arc<std::sync::atomic::AtomicU64>,
     pub rooms: HashMap<String, MlsRoom>,
     /// KeyPackageRef -> the provider that handed the KeyPackage out (for the Welcome).
     pub kp_owner: HashMap<Vec<u8>, ProviderDomain>,
@@ -127,9 +129,13 @@ impl Relay {
     /// store's records. Call once, right after [`Relay::new`].
     pub fn set_mls_validator(
         &mut self,
-        mut validator: Box<dyn MlsValidator>,
+        validator: Box<dyn MlsValidator>,
         records: &BTreeMap<Vec<u8>, Bytes>,
     ) {
+        let mut validator: Box<dyn MlsValidator> = Box::new(crate::mls::Isolated::new(
+            validator,
+            self.mls.panics.clone(),
+        ));
         let mut used = Vec::new();
         for (k, v) in records {
             match k.split_first() {
@@ -353,6 +359,14 @@ impl Relay {
                 "room has no MLS state at its hub",
             ));
         };
+        // Cheap checks before MLS work: only a provider that takes part in the room (or has a
+        // member in it, for an external join) gets its handshake validated at all.
+        if !self.takes_part(sender, ri, room) {
+            self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
+            return update_answer(&UpdateRoomResponse::not_allowed(
+                "the provider takes no part in the room",
+            ));
+        }
         let req = match UpdateRequest::decode(body) {
             Ok(r) => r,
             Err(e) => {
@@ -611,6 +625,19 @@ impl Relay {
             }
         }
         Ok(())
+    }
+
+    /// Whether `sender` is this hub, a follower of the room, or the provider of one of its
+    /// listed users.
+    fn takes_part(&self, sender: &ProviderDomain, ri: usize, room: &str) -> bool {
+        if *sender == self.cfg.local || self.rooms[ri].followers.iter().any(|(f, _)| f == sender) {
+            return true;
+        }
+        let of_sender = |u: &String| user_domain(u) == Some(sender.as_str());
+        self.mls
+            .rooms
+            .get(room)
+            .is_some_and(|mr| mr.members.iter().any(of_sender) || mr.roles.keys().any(of_sender))
     }
 
     /// The join policy for external commits (and so for /groupInfo): a user the room already
