@@ -840,6 +840,22 @@ mod tests {
     }
 
     #[test]
+    fn json_depth_counts_brackets_outside_strings_only() {
+        assert!(json_depth_within(br#"{"a":[1,{"b":2}]}"#, 3));
+        assert!(!json_depth_within(br#"{"a":[1,{"b":2}]}"#, 2));
+        // Brackets inside strings, escaped quotes included, do not count.
+        assert!(json_depth_within(br#"{"a":"[[[\"{{{"}"#, 1));
+        let deep = "[".repeat(150_000);
+        assert!(!json_depth_within(deep.as_bytes(), MAX_JSON_DEPTH));
+        let ok = format!(
+            "{}{}",
+            "[".repeat(MAX_JSON_DEPTH),
+            "]".repeat(MAX_JSON_DEPTH)
+        );
+        assert!(json_depth_within(ok.as_bytes(), MAX_JSON_DEPTH));
+    }
+
+    #[test]
     fn txn_cache_replays_and_forgets_the_oldest() {
         let c = TxnCache::default();
         let k = |i: usize| ("o".to_owned(), i.to_string());

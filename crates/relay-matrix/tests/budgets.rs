@@ -318,3 +318,161 @@ async fn a_peer_at_its_connection_cap_is_refused_while_another_peer_is_served() 
     assert_eq!(put(&mut other, &p, h, body).await.0, 200);
     drop((a, c));
 }
+
+/// A request body fed by the test; it ends when the sender is dropped.
+struct Fed(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for Fed {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        self.get_mut()
+            .0
+            .poll_recv(cx)
+            .map(|c| c.map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
+
+type H2Body = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+
+fn signed_put(origin: &str, seed: u8, id: &str, body: Vec<u8>) -> http::Request<H2Body> {
+    let path = format!("/_matrix/federation/v1/send/{id}");
+    let key = SigningKey::from_seed([seed; 32]).unwrap();
+    let auth = sign_request(&name(origin), &name("b.example"), &key, &path, &body).unwrap();
+    let mut req = http::Request::new(Full::new(Bytes::from(body)).boxed());
+    *req.method_mut() = Method::PUT;
+    *req.uri_mut() = format!("https://b.example{path}").parse().unwrap();
+    req.headers_mut().insert(http::header::AUTHORIZATION, auth);
+    req
+}
+
+/// Before the fix a peer's bodies in assembly were bounded only by streams times 6.6 MB.
+/// Bytes on a connection not yet bound to a.example (an impostor's, say) come from another
+/// pool and leave a.example's share alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_over_its_byte_budget_gets_429_while_another_peer_is_served() {
+    let (da, db, dc) = (
+        domain("a.example"),
+        domain("b.example"),
+        domain("c.example"),
+    );
+    let (ga, gb, gc) = (
+        relay_tls::generate(&da).unwrap(),
+        relay_tls::generate(&db).unwrap(),
+        relay_tls::generate(&dc).unwrap(),
+    );
+    let (la, lb, lc) = (loopback(), loopback(), loopback());
+    let a = start(&da, &ga, la, &db, &gb, lb, [1; 32]).await;
+    let c = start(&dc, &gc, lc, &db, &gb, lb, [3; 32]).await;
+    let adapter = relay_adapter::AdapterContext {
+        limits: relay_adapter::Limits {
+            max_peer_bytes: 64 * 1024,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let b = start_with(
+        &db,
+        &gb,
+        lb,
+        &[(&da, &ga, a.addr), (&dc, &gc, c.addr)],
+        [2; 32],
+        adapter.clone(),
+    )
+    .await;
+
+    // An h2 connection of a.example, bound by a first verified transaction.
+    let mut trust = relay_tls::PeerTrust::new();
+    trust.add_pem(db.clone(), &gb.cert_pem).unwrap();
+    let cfg = relay_tls::client_config(&identity(&da, &ga), &trust, vec![b"h2".to_vec()]).unwrap();
+    let tcp = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    let sni = rustls::pki_types::ServerName::try_from("b.example".to_owned()).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(sni, tcp)
+        .await
+        .unwrap();
+    let (mut h2, driver) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(driver);
+    let small = || txn("a.example");
+    let r = h2
+        .send_request(signed_put("a.example", 1, "s0", small()))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // An impostor's stalled 60 KB, claiming a.example on a connection of its own.
+    let mut impostor = tls_to(&dc, &gc, &db, &gb.cert_pem, b.addr).await;
+    let key = SigningKey::from_seed([9; 32]).unwrap();
+    let path = "/_matrix/federation/v1/send/imp";
+    let auth = sign_request(&name("a.example"), &name("b.example"), &key, path, b"{}").unwrap();
+    let head = format!(
+        "PUT {path} HTTP/1.1\r\nhost: b.example\r\nauthorization: {}\r\n\
+         content-length: 61440\r\n\r\n",
+        auth.to_str().unwrap()
+    );
+    impostor.write_all(head.as_bytes()).await.unwrap();
+    impostor.write_all(&vec![b' '; 60 * 1024]).await.unwrap();
+    impostor.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = h2
+        .send_request(signed_put("a.example", 1, "s1", small()))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the impostor spent a.example's share");
+
+    // a.example's own stream, almost 64 KiB in and stalled. (Set up again if a request of
+    // the setup above still held a few bytes when it arrived and it was refused itself.)
+    let mut stalled_stream = None;
+    for attempt in 0..20 {
+        let (feed, rx) = tokio::sync::mpsc::channel(2);
+        let mut stalled = signed_put("a.example", 1, &format!("big{attempt}"), Vec::new());
+        *stalled.body_mut() = Fed(rx).boxed();
+        let mut h2b = h2.clone();
+        let pending = tokio::spawn(async move { h2b.send_request(stalled).await });
+        // Leaves less than a small transaction's worth of the 64 KiB.
+        feed.send(Bytes::from(vec![b' '; 65_500])).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if !pending.is_finished() {
+            stalled_stream = Some((feed, pending));
+            break;
+        }
+    }
+    let (feed, pending) = stalled_stream.expect("the stalled stream was never held");
+
+    let mut refused = false;
+    for i in 0..100 {
+        let r = h2
+            .send_request(signed_put("a.example", 1, &format!("t{i}"), small()))
+            .await
+            .unwrap();
+        if r.status() == 429 {
+            assert!(r.headers().contains_key(http::header::RETRY_AFTER));
+            let body = r.into_body().collect().await.unwrap().to_bytes();
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(errcode(&v), "M_LIMIT_EXCEEDED", "{v}");
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "a.example was never refused");
+    assert!(adapter.stats.refusals(relay_adapter::Budget::PeerBytes) >= 1);
+
+    // c.example is served meanwhile.
+    let mut other = http1(tls_to(&dc, &gc, &db, &gb.cert_pem, b.addr).await).await;
+    let path = "/_matrix/federation/v1/send/c1";
+    let body = txn("c.example");
+    let kc = SigningKey::from_seed([3; 32]).unwrap();
+    let auth = sign_request(&name("c.example"), &name("b.example"), &kc, path, &body).unwrap();
+    assert_eq!(put(&mut other, path, auth, body).await.0, 200);
+    drop(feed);
+    pending.abort();
+}
