@@ -13,9 +13,14 @@ use tokio::time::{Instant, Sleep};
 
 use crate::framing::{ChunkQueue, Decoder, Frame, FrameError};
 
-/// The budget is taken in pieces of at least this many bytes, so that a stream of small frames
+/// The budget is taken and given back in pieces of this many bytes: a stream of small frames
 /// takes the budget's lock about once per piece rather than once per frame.
 const PIECE: usize = 16 * 1024;
+
+/// What a stream reserves to read when it does not know the next frame's length yet (it is
+/// idle between frames, or has fewer than four bytes of one): small, since a peer may keep a
+/// thousand room streams idle per connection.
+const IDLE: usize = 1024;
 
 /// The longest frame head: a request with a 65,535-byte target and a sequence number.
 const MAX_HEAD: usize = 4 + 1 + 8 + 1 + 2 + 65_535 + 9 + 4;
@@ -67,10 +72,11 @@ impl Ledger {
         self.reserved - self.used
     }
 
-    /// Makes room for `want` more bytes, all or nothing: a frame whose length is known is
-    /// admitted whole, so frames in assembly cannot split the budget between them and all
-    /// wait for the rest. False when the peer is at its budget.
-    fn ensure(&mut self, want: usize) -> bool {
+    /// Makes room for `want` more bytes, all or nothing, reserving at least `at_least` when it
+    /// must reserve: a frame whose length is known is admitted whole, so frames in assembly
+    /// cannot split the budget between them and all wait for the rest. False when the peer is
+    /// at its budget.
+    fn ensure(&mut self, want: usize, at_least: usize) -> bool {
         let slack = self.slack();
         if slack >= want {
             return true;
@@ -83,10 +89,19 @@ impl Ledger {
             .limit()
             .saturating_sub(self.budget.held(&self.peer));
         if need <= headroom {
-            let n = need.max(PIECE).min(headroom);
-            if let Ok(held) = self.budget.reserve(&self.peer, n) {
+            // In pieces of at most PIECE, so that what a large frame held goes back piece by
+            // piece as the stream drains, not only once it is empty.
+            let mut left = need.max(at_least).min(headroom);
+            while left > 0 {
+                let n = left.min(PIECE);
+                let Ok(held) = self.budget.reserve(&self.peer, n) else {
+                    break;
+                };
                 self.reserved += n;
                 self.pieces.push(held);
+                left -= n;
+            }
+            if self.slack() >= want {
                 self.stalled = false;
                 return true;
             }
@@ -223,18 +238,19 @@ impl FrameReader {
             }
             // The rest of the frame at the front, whole (an over-limit body is skipped, so only
             // its head is held), or any room at all between frames.
-            let want = match self.decoder.next_frame_len(&self.queue) {
+            let (want, at_least) = match self.decoder.next_frame_len(&self.queue) {
                 Some(len) => {
                     let len = if len > self.max_body.saturating_add(MAX_HEAD) {
                         len.min(MAX_HEAD)
                     } else {
                         len
                     };
-                    len.saturating_sub(self.queue.len()).max(1)
+                    (len.saturating_sub(self.queue.len()).max(1), PIECE)
                 }
-                None => 1,
+                None if self.decoder.is_idle() => (1, IDLE),
+                None => (1, PIECE),
             };
-            if !l.ledger.ensure(want) {
+            if !l.ledger.ensure(want, at_least) {
                 // Over budget: stop reading (QUIC flow control pushes back on the peer) until
                 // another stream of the peer gives bytes back.
                 let wake = l.ledger.wake.clone();
@@ -242,7 +258,7 @@ impl FrameReader {
                 tokio::pin!(notified);
                 // Registered before looking again, so a release in between is not missed.
                 notified.as_mut().enable();
-                if !l.ledger.ensure(want) {
+                if !l.ledger.ensure(want, at_least) {
                     tokio::select! {
                         () = notified => {}
                         () = &mut l.timer, if l.armed => return Err(ReadFail::Deadline),
@@ -293,5 +309,43 @@ impl FrameReader {
     /// Tells the peer to stop sending on this stream.
     pub(crate) fn stop(&mut self, code: u32) {
         let _ = self.recv.stop(VarInt::from_u32(code));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ledger(budget: &Arc<ByteBudget>, stats: &Arc<AdapterStats>) -> Ledger {
+        let peer: ProviderDomain = "a.example".parse().expect("domain");
+        Ledger::new(budget.clone(), peer, Arc::new(Notify::new()), stats.clone())
+    }
+
+    #[test]
+    fn a_frame_is_admitted_whole_or_not_at_all_and_pieces_go_back() {
+        let stats = Arc::new(AdapterStats::default());
+        let budget = ByteBudget::new(100 * 1024, stats.clone());
+        let peer: ProviderDomain = "a.example".parse().expect("domain");
+        let mut one = ledger(&budget, &stats);
+        let mut two = ledger(&budget, &stats);
+        assert!(one.ensure(70 * 1024, PIECE));
+        one.charge(70 * 1024);
+        // 30 KiB left: a 40 KiB frame is not started at all.
+        assert!(!two.ensure(40 * 1024, PIECE));
+        assert!(!two.ensure(40 * 1024, PIECE));
+        assert_eq!(two.reserved, 0);
+        assert_eq!(
+            stats.refusals(Budget::PeerBytes),
+            1,
+            "one stall, one refusal"
+        );
+        // Answering most of it gives pieces back, keeping one piece of slack.
+        one.release(60 * 1024);
+        assert!(budget.held(&peer) <= 10 * 1024 + PIECE + PIECE);
+        assert!(two.ensure(40 * 1024, PIECE));
+        one.release(10 * 1024);
+        assert_eq!(one.reserved, 0);
+        drop(two);
+        assert_eq!(budget.held(&peer), 0);
     }
 }

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -18,21 +19,28 @@ use relay_core::transport::{
 use relay_quic::framing::{ChunkQueue, Decoder, Frame, encode_ping, encode_request};
 use relay_quic::{ALPN, Congestion, QuicConfig, QuicTransport, codes};
 use relay_tls::{PeerTrust, TlsIdentity};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::time::{sleep, timeout};
 
 const WAIT: Duration = Duration::from_secs(10);
 
 type Outcome = (TransmitId, Result<Response, TransportError>);
 
-/// The node side: answers every request `201` at once, and reports outcomes.
+/// The node side: answers every request `201` (once `gate` lets it, if set), counts the
+/// requests it was handed, and reports outcomes.
 #[derive(Clone)]
 struct Fake {
     outcomes: mpsc::UnboundedSender<Outcome>,
+    seen: Arc<AtomicUsize>,
+    gate: Option<Arc<Semaphore>>,
 }
 
 impl Inbound for Fake {
     async fn request(&self, request: Request) -> Response {
+        self.seen.fetch_add(1, Ordering::Relaxed);
+        if let Some(gate) = &self.gate {
+            let _ = gate.acquire().await.map(|p| p.forget());
+        }
         Response {
             status: Status::Created,
             body: Bytes::new(),
@@ -50,7 +58,12 @@ impl Inbound for Fake {
 
 fn fake() -> (Fake, mpsc::UnboundedReceiver<Outcome>) {
     let (outcomes, rx) = mpsc::unbounded_channel();
-    (Fake { outcomes }, rx)
+    let fake = Fake {
+        outcomes,
+        seen: Arc::default(),
+        gate: None,
+    };
+    (fake, rx)
 }
 
 fn identity(name: &str) -> TlsIdentity {
@@ -94,13 +107,16 @@ struct Server {
 }
 
 async fn server(limits: Limits, max_body: usize) -> Server {
+    server_with(limits, max_body, fake().0).await
+}
+
+async fn server_with(limits: Limits, max_body: usize, fake: Fake) -> Server {
     let a = identity("a.example");
     let b_id = identity("b.example");
     let c = identity("c.example");
     let mut cfg = config(&b_id, trusting(&[&a, &c]), limits);
     cfg.max_body = max_body;
     let stats = cfg.adapter.stats.clone();
-    let (fake, _) = fake();
     let (b, addr) = QuicTransport::start(cfg, fake).await.expect("start b");
     Server {
         b,
@@ -291,6 +307,72 @@ async fn partial_frames_of_one_peer_are_held_to_its_budget_while_another_is_serv
     conn.close(VarInt::from_u32(0), b"done");
     eventually("a's bytes are given back", || s.b.peer_bytes(&a) == 0).await;
     c.shutdown().await;
+    s.b.shutdown().await;
+}
+
+/// Failed before the fix: requests waiting for the node's answer were not bounded per peer,
+/// so all forty reached the node at once.
+#[tokio::test]
+async fn requests_awaiting_the_node_count_against_the_budget_and_all_are_answered() {
+    const BUDGET: usize = 96 * 1024;
+    let gate = Arc::new(Semaphore::new(0));
+    let (mut b_fake, _) = fake();
+    b_fake.gate = Some(gate.clone());
+    let seen = b_fake.seen.clone();
+    let s = server_with(
+        Limits {
+            max_peer_bytes: BUDGET,
+            ..Limits::default()
+        },
+        64 * 1024,
+        b_fake,
+    )
+    .await;
+    let (a_fake, mut outcomes) = fake();
+    let mut a_cfg = config(&s.a, trusting(&[&s.b_id]), Limits::default());
+    a_cfg.peers.insert(s.b_id.domain.clone(), s.addr);
+    a_cfg.request_timeout = Duration::from_secs(20);
+    let (a, _) = QuicTransport::start(a_cfg, a_fake).await.expect("start a");
+    for i in 0..40 {
+        a.send(Transmit {
+            id: TransmitId(i),
+            dest: s.b_id.domain.clone(),
+            transport: TransportKind::Quic,
+            endpoint: Endpoint::Notify,
+            target: "mimi://b.example/r/slow".to_owned(),
+            seq: Some(i),
+            body: vec![Bytes::from(vec![2u8; 8 * 1024])],
+        });
+    }
+    eventually("a is held at its budget", || {
+        s.stats.refusals(Budget::PeerBytes) > 0
+    })
+    .await;
+    sleep(Duration::from_millis(200)).await;
+    let handed = seen.load(Ordering::Relaxed);
+    assert!(
+        handed * 8 * 1024 <= BUDGET,
+        "{handed} requests of 8 KiB handed to the node"
+    );
+    assert!(s.b.peer_bytes(&s.a.domain) <= BUDGET);
+    // The node catches up: everything is answered, in order, nothing lost.
+    gate.add_permits(1000);
+    for i in 0..40 {
+        let (id, outcome) = timeout(WAIT, outcomes.recv())
+            .await
+            .expect("answered in time")
+            .expect("open");
+        assert_eq!(id, TransmitId(i));
+        assert_eq!(outcome.expect("answered").status, Status::Created);
+    }
+    // An idle stream keeps only a small reservation to read its next frame; gone with it.
+    sleep(Duration::from_millis(100)).await;
+    assert!(s.b.peer_bytes(&s.a.domain) <= 1024);
+    a.shutdown().await;
+    eventually("the bytes are given back", || {
+        s.b.peer_bytes(&s.a.domain) == 0
+    })
+    .await;
     s.b.shutdown().await;
 }
 
