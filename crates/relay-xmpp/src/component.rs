@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
 use crate::binding::{self, NS_COMPONENT, NS_STREAM};
-use crate::link::{Command, Ended, HandshakeError, Link, Reader, spawn_writer};
+use crate::link::{Command, Ended, HandshakeError, Link, Reader, Writer, send_now, spawn_writer};
 use crate::scanner::Item;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -91,7 +91,7 @@ impl<I: Inbound> Component<I> {
     ) -> Result<
         (
             Reader<tokio::net::tcp::OwnedReadHalf>,
-            mpsc::UnboundedSender<bytes::Bytes>,
+            Writer,
             tokio::task::JoinHandle<()>,
         ),
         HandshakeError,
@@ -101,7 +101,7 @@ impl<I: Inbound> Component<I> {
             .map_err(|_| HandshakeError::Timeout)??;
         let _ = tcp.set_nodelay(true);
         let (r, w) = tcp.into_split();
-        let mut reader = Reader::new(r, self.max_stanza);
+        let mut reader = Reader::new(r, self.max_stanza, self.link.limits().max_xml_depth);
         let (writer, wtask) = spawn_writer(w);
         let mut hello = Vec::new();
         let _ = write!(
@@ -109,7 +109,7 @@ impl<I: Inbound> Component<I> {
             "<?xml version='1.0'?><stream:stream xmlns='{NS_COMPONENT}' xmlns:stream='{NS_STREAM}' to='{}'>",
             binding::escape(&self.link.addr.local)
         );
-        writer.send(hello.into()).map_err(|_| HandshakeError::Eof)?;
+        send_now(&writer, hello.into())?;
         let secret = self.secret.clone();
         let handshake = async {
             let id = match reader.item().await? {
@@ -124,7 +124,7 @@ impl<I: Inbound> Component<I> {
                 &mut out,
                 Handshake::from_stream_id_and_password(id, &secret),
             );
-            writer.send(out.into()).map_err(|_| HandshakeError::Eof)?;
+            send_now(&writer, out.into())?;
             // The server accepts with an empty `<handshake/>`.
             if Handshake::try_from(reader.element().await?).is_err() {
                 return Err(HandshakeError::Protocol("answer to the handshake"));

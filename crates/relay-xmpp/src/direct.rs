@@ -10,6 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mimi_wire::uri::ProviderDomain;
+use relay_adapter::{
+    AdapterContext, AdapterStats, Budget, ByteBudget, Gate, HandshakePermit, LogLimiter,
+};
 use relay_core::transport::{Inbound, TransportError};
 use relay_tls::PeerTrust;
 use rustls::pki_types::ServerName;
@@ -24,24 +27,22 @@ use xmpp_parsers::stream_features::StreamFeatures;
 
 use crate::binding::{self, NS_COMPONENT, NS_SM, NS_STREAM};
 use crate::link::{
-    Addressing, Command, Ended, HandshakeError, Link, Reader, Sink, Sm, spawn_writer, token,
+    Addressing, Command, Ended, HandshakeError, Link, Reader, Sink, Sm, Writer, send_last,
+    send_now, spawn_writer, token,
 };
 use crate::scanner::Item;
 
 /// How long a responder keeps a broken session for its initiator to resume.
 const RESUME_WINDOW: Duration = Duration::from_secs(crate::RESUME_WINDOW_SECS);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Broken sessions kept at once; the oldest goes first.
-const MAX_PARKED: usize = 1024;
+/// At most one failed-handshake warning per this interval (each is counted).
+const FAILED_HANDSHAKE_LOG: Duration = Duration::from_secs(10);
 
 /// Sends one nonza during the handshake.
-fn send(
-    writer: &mpsc::UnboundedSender<bytes::Bytes>,
-    e: impl Into<minidom::Element>,
-) -> Result<(), HandshakeError> {
+fn send(writer: &Writer, e: impl Into<minidom::Element>) -> Result<(), HandshakeError> {
     let mut out = Vec::new();
     binding::write(&mut out, e);
-    writer.send(out.into()).map_err(|_| HandshakeError::Eof)
+    send_now(writer, out.into())
 }
 
 /// Our stream header, sent by both sides.
@@ -163,7 +164,7 @@ impl<I: Inbound> Initiator<I> {
     ) -> Result<
         (
             Reader<tokio::io::ReadHalf<tokio_rustls::client::TlsStream<TcpStream>>>,
-            mpsc::UnboundedSender<bytes::Bytes>,
+            Writer,
             tokio::task::JoinHandle<()>,
         ),
         HandshakeError,
@@ -178,10 +179,10 @@ impl<I: Inbound> Initiator<I> {
             .await
             .map_err(HandshakeError::Tls)?;
         let (r, w) = tokio::io::split(tls);
-        let mut reader = Reader::new(r, self.max_stanza);
+        let mut reader = Reader::new(r, self.max_stanza, self.link.limits().max_xml_depth);
         let (writer, wtask) = spawn_writer(w);
         let hello = header(&self.link.addr.local, self.peer.as_str(), None);
-        writer.send(hello.into()).map_err(|_| HandshakeError::Eof)?;
+        send_now(&writer, hello.into())?;
         let handshake = async {
             match reader.item().await? {
                 Item::Header(h) => {
@@ -259,11 +260,16 @@ struct Parked {
     peer: ProviderDomain,
     sm: Sm,
     since: Instant,
+    /// Parking order, set by [`Sessions::park`] (instants may tie).
+    order: u64,
 }
 
 /// Sessions a responder keeps for resumption, by id.
 #[derive(Default)]
-pub(crate) struct Sessions(Mutex<HashMap<String, (ProviderDomain, Slot)>>);
+pub(crate) struct Sessions(
+    Mutex<HashMap<String, (ProviderDomain, Slot)>>,
+    std::sync::atomic::AtomicU64,
+);
 
 impl Sessions {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (ProviderDomain, Slot)>> {
@@ -277,27 +283,35 @@ impl Sessions {
         rx
     }
 
-    fn park(&self, id: &str, parked: Parked) {
+    /// Keeps a broken session for resumption. Each peer keeps at most `max_parked` (its
+    /// oldest goes first), so no peer can evict another's sessions.
+    fn park(&self, id: &str, mut parked: Parked, max_parked: usize, stats: &AdapterStats) {
+        parked.order = self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut map = self.lock();
         map.retain(|_, (_, s)| !matches!(s, Slot::Parked(p) if p.since.elapsed() > RESUME_WINDOW));
-        // A peer that keeps opening and dropping sessions cannot make us keep them all.
-        let parked_count = map
-            .values()
-            .filter(|(_, s)| matches!(s, Slot::Parked(_)))
-            .count();
-        if parked_count >= MAX_PARKED {
-            let oldest = map
-                .iter()
-                .filter_map(|(k, (_, s))| match s {
-                    Slot::Parked(p) => Some((p.since, k.clone())),
-                    Slot::Attached(_) => None,
-                })
-                .min();
-            if let Some((_, k)) = oldest {
-                map.remove(&k);
-            }
+        let mut own: Vec<(u64, String)> = map
+            .iter()
+            .filter_map(|(k, (owner, s))| match s {
+                Slot::Parked(p) if *owner == parked.peer => Some((p.order, k.clone())),
+                _ => None,
+            })
+            .collect();
+        own.sort();
+        let excess = (own.len() + 1).saturating_sub(max_parked.max(1));
+        for (_, k) in own.into_iter().take(excess) {
+            stats.refused(Budget::Parked);
+            map.remove(&k);
         }
         map.insert(id.to_owned(), (parked.peer.clone(), Slot::Parked(parked)));
+    }
+
+    /// Sessions parked for `peer` now.
+    #[cfg(test)]
+    fn parked(&self, peer: &ProviderDomain) -> usize {
+        self.lock()
+            .values()
+            .filter(|(owner, s)| owner == peer && matches!(s, Slot::Parked(_)))
+            .count()
     }
 
     fn forget(&self, id: &str) {
@@ -345,6 +359,29 @@ pub(crate) struct ResponderCtx<I> {
     pub(crate) acceptor: TlsAcceptor,
     pub(crate) max_body: usize,
     pub(crate) sessions: Sessions,
+    pub(crate) adapter: AdapterContext,
+    /// Connection caps: unauthenticated node-wide, then per peer.
+    pub(crate) gate: Arc<Gate>,
+    /// Bytes of requests at the node, per peer (shared by all of a peer's streams).
+    pub(crate) budget: Arc<ByteBudget>,
+    pub(crate) failed_log: LogLimiter,
+}
+
+impl<I> ResponderCtx<I> {
+    fn failed(&self, remote: SocketAddr, error: &dyn std::fmt::Display) {
+        relay_adapter::failed_handshake(
+            &self.adapter.stats,
+            &self.failed_log,
+            "xmpp",
+            &remote,
+            error,
+        );
+    }
+}
+
+/// A fresh limiter for failed-handshake warnings.
+pub(crate) fn failed_log() -> LogLimiter {
+    LogLimiter::new(FAILED_HANDSHAKE_LOG)
 }
 
 pub(crate) async fn accept_loop<I: Inbound>(
@@ -360,8 +397,14 @@ pub(crate) async fn accept_loop<I: Inbound>(
         };
         match accepted {
             Ok((tcp, remote)) => {
+                // Over the node's cap on unauthenticated connections: closed at once, before
+                // any TLS work.
+                let Some(permit) = ctx.gate.handshake() else {
+                    tracing::debug!(%remote, "too many xmpp handshakes, closing");
+                    continue;
+                };
                 let _ = tcp.set_nodelay(true);
-                tokio::spawn(respond(tcp, remote, ctx.clone(), stop.clone()));
+                tokio::spawn(respond(tcp, remote, ctx.clone(), stop.clone(), permit));
             }
             Err(error) => {
                 tracing::warn!(%error, "xmpp accept failed");
@@ -376,14 +419,12 @@ async fn respond<I: Inbound>(
     remote: SocketAddr,
     ctx: Arc<ResponderCtx<I>>,
     mut stop: watch::Receiver<bool>,
+    handshake: HandshakePermit,
 ) {
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, ctx.acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
-        Ok(Err(error)) => {
-            tracing::warn!(%remote, %error, "inbound xmpp tls handshake failed");
-            return;
-        }
-        Err(_) => return,
+        Ok(Err(error)) => return ctx.failed(remote, &error),
+        Err(_) => return ctx.failed(remote, &"tls handshake timed out"),
     };
     let peer = match tls
         .get_ref()
@@ -394,18 +435,34 @@ async fn respond<I: Inbound>(
     {
         Ok(peer) => peer,
         Err(error) => {
-            tracing::warn!(%remote, %error, "refusing inbound xmpp stream");
-            return;
+            ctx.adapter.stats.refused(Budget::Unauthenticated);
+            return ctx.failed(remote, &error);
         }
     };
     let (r, w) = tokio::io::split(tls);
-    let mut reader = Reader::new(r, binding::max_stanza(ctx.max_body));
+    let limits = &ctx.adapter.limits;
+    let mut reader = Reader::new(r, binding::max_stanza(ctx.max_body), limits.max_xml_depth);
     let (writer, wtask) = spawn_writer(w);
+    let _peer_permit = match ctx.gate.peer(&peer) {
+        Ok(permit) => permit,
+        Err(over) => {
+            // Authenticated but over its connection cap: told so politely.
+            tracing::debug!(%remote, %peer, %over, "refusing inbound xmpp stream");
+            let mut out = header(ctx.local.as_str(), peer.as_str(), Some(&token()));
+            binding::write_stream_error(&mut out, "policy-violation");
+            send_last(&writer, out.into()).await;
+            drop(writer);
+            let _ = tokio::time::timeout(Duration::from_secs(1), wtask).await;
+            return;
+        }
+    };
     let mut link = Link::new(
         Addressing::direct(&ctx.local, &peer),
         ctx.max_body,
         Some(ctx.inbound.clone()),
         ctx.sink.clone(),
+        &ctx.adapter,
+        Some(ctx.budget.clone()),
     );
     let session = match tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
@@ -417,8 +474,8 @@ async fn respond<I: Inbound>(
         Ok(Err(Refusal::Stream(cond))) => {
             let mut out = Vec::new();
             binding::write_stream_error(&mut out, cond);
-            let _ = writer.send(out.into());
-            tracing::warn!(%remote, %peer, condition = cond, "refusing inbound xmpp stream");
+            send_last(&writer, out.into()).await;
+            ctx.failed(remote, &format_args!("{peer}: {cond}"));
             drop(writer);
             let _ = tokio::time::timeout(Duration::from_secs(1), wtask).await;
             return;
@@ -429,6 +486,7 @@ async fn respond<I: Inbound>(
         }
         Err(_) => return,
     };
+    drop(handshake);
     tracing::info!(%peer, %remote, resumable = session.is_some(), "inbound xmpp stream");
     let mut detach = match &session {
         Some(id) => ctx.sessions.attach(id, &peer),
@@ -452,7 +510,10 @@ async fn respond<I: Inbound>(
                         peer,
                         sm,
                         since: Instant::now(),
+                        order: 0,
                     },
+                    ctx.adapter.limits.max_parked_per_peer,
+                    &ctx.adapter.stats,
                 );
             }
             wtask.abort();
@@ -483,19 +544,21 @@ impl From<HandshakeError> for Refusal {
 async fn open<I: Inbound, R: tokio::io::AsyncRead + Unpin>(
     link: &mut Link<I>,
     reader: &mut Reader<R>,
-    writer: &mpsc::UnboundedSender<bytes::Bytes>,
+    writer: &Writer,
     ctx: &ResponderCtx<I>,
     peer: &ProviderDomain,
 ) -> Result<Option<String>, Refusal> {
-    let h = match reader.item().await? {
-        Item::Header(h) => h,
-        _ => return Err(Refusal::Stream("not-well-formed")),
+    let h = match reader.item().await {
+        Ok(Item::Header(h)) => h,
+        Ok(_) => return Err(Refusal::Stream("not-well-formed")),
+        Err(HandshakeError::Scan(e)) => return Err(Refusal::Stream(e.condition())),
+        Err(e) => return Err(e.into()),
     };
     let h = binding::parse(&h).map_err(|_| Refusal::Stream("not-well-formed"))?;
     let local = ctx.local.as_str();
     let mut hello = header(local, peer.as_str(), Some(&token()));
     if h.ns() != NS_STREAM || h.name() != "stream" {
-        writer.send(hello.into()).ok();
+        let _ = send_now(writer, hello.into());
         return Err(Refusal::Stream("invalid-namespace"));
     }
     let features = StreamFeatures {
@@ -503,7 +566,7 @@ async fn open<I: Inbound, R: tokio::io::AsyncRead + Unpin>(
         ..Default::default()
     };
     binding::write(&mut hello, features);
-    writer.send(hello.into()).map_err(|_| HandshakeError::Eof)?;
+    send_now(writer, hello.into())?;
     // The stream's `from` must be the provider the certificate authenticated.
     if h.attr("from").map(binding::jid_domain) != Some(peer.as_str().to_ascii_lowercase()) {
         return Err(Refusal::Stream("invalid-from"));
@@ -555,7 +618,7 @@ async fn open<I: Inbound, R: tokio::io::AsyncRead + Unpin>(
                     link.write_raw(&answer);
                     link.resend_unacked();
                     if let Some(bytes) = link.take_out() {
-                        writer.send(bytes).map_err(|_| HandshakeError::Eof)?;
+                        send_now(writer, bytes)?;
                     }
                     return Ok(Some(previd));
                 }
@@ -571,5 +634,38 @@ async fn open<I: Inbound, R: tokio::io::AsyncRead + Unpin>(
             continue;
         }
         return Err(Refusal::Stream("unsupported-stanza-type"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn parked(peer: &ProviderDomain) -> Parked {
+        Parked {
+            peer: peer.clone(),
+            sm: Sm::new(String::new()),
+            since: Instant::now(),
+            order: 0,
+        }
+    }
+
+    #[test]
+    fn a_peer_parking_many_sessions_evicts_only_its_own_oldest() {
+        let stats = AdapterStats::default();
+        let sessions = Sessions::default();
+        let a: ProviderDomain = "a.example".parse().unwrap();
+        let c: ProviderDomain = "c.example".parse().unwrap();
+        sessions.park("c1", parked(&c), 4, &stats);
+        for i in 0..100 {
+            sessions.park(&format!("a{i}"), parked(&a), 4, &stats);
+        }
+        assert_eq!(sessions.parked(&a), 4);
+        assert_eq!(sessions.parked(&c), 1, "another peer's session survives");
+        assert_eq!(stats.refusals(Budget::Parked), 96);
+        let map = sessions.lock();
+        assert!(map.contains_key("a99") && map.contains_key("a96"));
+        assert!(!map.contains_key("a95"), "the oldest went first");
     }
 }

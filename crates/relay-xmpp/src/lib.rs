@@ -21,6 +21,16 @@
 //! - **Limits**: a stanza over `max_body` (as base64, plus 16 KiB) is skipped unparsed and, if
 //!   its head shows an IQ request, answered 413 with the stream kept; malformed XML ends the
 //!   stream (`not-well-formed`), an unknown payload namespace gets `service-unavailable`.
+//!   Per peer (`[limits]`, `relay_adapter::Limits`): XML nested over `max_xml_depth`, a tag
+//!   over 16 KiB or a stanza unfinished after `frame_deadline` ends that stream with
+//!   `policy-violation` before anything is parsed; unauthenticated connections are capped
+//!   node-wide (`max_handshakes`, closed before TLS) and streams per peer (`max_conns_per_peer`,
+//!   `policy-violation`); requests at the node count against `max_peer_bytes` (over it: IQ
+//!   error `resource-constraint` with status 503 and `retry-after-ms`); a peer keeps at most
+//!   `max_parked_per_peer` resumable sessions (its own oldest goes); we send our own stanzas
+//!   only while fewer than `max_unacked / 2` are unacknowledged, and a peer leaving more than
+//!   `max_unacked` of ours unacknowledged gets `policy-violation` (the session is dropped, the
+//!   sender's core retries). A peer that does not read stops being read (bounded writer queue).
 //! - **Outcomes**: every [`Transmit`] gets exactly one [`Inbound::outcome`]: the peer's answer,
 //!   or `NoRoute`, `Busy`, `Unreachable`, `ConnectionLost`, `Timeout` (from `send`, after
 //!   `request_timeout`) or `Closed`. Every probe gets one [`Inbound::probe_outcome`].
@@ -162,6 +172,8 @@ impl XmppTransport {
         let sink: Arc<dyn Sink> = Arc::new(InboundSink(inbound.clone()));
         let (timer, timer_rx) = mpsc::unbounded_channel();
         let max_stanza = binding::max_stanza(config.max_body);
+        let (limits, stats) = (&config.adapter.limits, &config.adapter.stats);
+        let budget = relay_adapter::ByteBudget::new(limits.max_peer_bytes, stats.clone());
         let ctx = Arc::new(direct::ResponderCtx {
             inbound: inbound.clone(),
             sink: sink.clone(),
@@ -170,6 +182,10 @@ impl XmppTransport {
             acceptor: tokio_rustls::TlsAcceptor::from(server_tls),
             max_body: config.max_body,
             sessions: direct::Sessions::default(),
+            adapter: config.adapter.clone(),
+            gate: relay_adapter::Gate::new(limits.clone(), stats.clone()),
+            budget: budget.clone(),
+            failed_log: direct::failed_log(),
         });
         let mut tasks = vec![
             tokio::spawn(link::timer_task(timer_rx)),
@@ -193,6 +209,8 @@ impl XmppTransport {
                 config.max_body,
                 None,
                 sink.clone(),
+                &config.adapter,
+                None,
             );
             let task = direct::Initiator {
                 link,
@@ -218,7 +236,14 @@ impl XmppTransport {
                 by_domain: c.peers.clone().into_iter().collect(),
                 strict: false,
             };
-            let link = Link::new(addr, config.max_body, Some(inbound.clone()), sink.clone());
+            let link = Link::new(
+                addr,
+                config.max_body,
+                Some(inbound.clone()),
+                sink.clone(),
+                &config.adapter,
+                Some(budget.clone()),
+            );
             let task = component::Component {
                 link,
                 server: c.server,
@@ -334,5 +359,62 @@ impl Transport for XmppTransport {
 
     fn shutdown(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
         Box::pin(XmppTransport::shutdown(self))
+    }
+}
+
+/// Fuzzing entry point (for a `cargo fuzz` target outside the workspace): drives the scanner
+/// over `data` in chunks (the first byte picks the chunk size) and parses and classifies
+/// every element it returns, as a stream would. Must never panic, whatever `data` holds.
+#[doc(hidden)]
+pub fn fuzz_scan(data: &[u8]) {
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    let chunk = usize::from(first).max(1);
+    let mut scanner = scanner::Scanner::new(64 * 1024).with_max_depth(16);
+    for part in rest.chunks(chunk) {
+        scanner.push(part);
+        loop {
+            match scanner.poll_item() {
+                Ok(Some(scanner::Item::Element(bytes) | scanner::Item::Header(bytes))) => {
+                    if let Ok(el) = binding::parse(&bytes) {
+                        let _ = binding::peer_stream_error(&el);
+                        let _ = binding::classify(el, 4096);
+                    }
+                }
+                Ok(Some(scanner::Item::TooLarge { head, .. })) => {
+                    if let Some(head) = head {
+                        let _ = binding::parse(&head);
+                    }
+                }
+                Ok(Some(scanner::Item::End)) | Ok(None) => break,
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod fuzz_tests {
+    #[test]
+    fn fuzz_scan_survives_odd_inputs() {
+        let head = "<stream:stream xmlns='jabber:component:accept' xmlns:stream='http://etherx.jabber.org/streams'>";
+        for body in [
+            "<iq type='set' id='1'><mimi xmlns='urn:mimi-relay:0' endpoint='notify' target='t'>AA==</mimi></iq>",
+            "<iq type='result' id='1'><mimi xmlns='urn:mimi-relay:0' status='999'/></iq>",
+            "<stream:error><x/></stream:error>",
+            "<a><b><c></a>",
+            "</",
+            "<iq a='>'/>",
+        ] {
+            for chunk in [1u8, 3, 255] {
+                let mut data = vec![chunk];
+                data.extend_from_slice(head.as_bytes());
+                data.extend_from_slice(body.as_bytes());
+                super::fuzz_scan(&data);
+            }
+        }
+        super::fuzz_scan(&[]);
+        super::fuzz_scan(&[0, b'<']);
     }
 }

@@ -16,6 +16,7 @@ use futures::FutureExt;
 use futures::stream::{FuturesOrdered, StreamExt};
 use mimi_wire::uri::ProviderDomain;
 use minidom::Element;
+use relay_adapter::{AdapterContext, AdapterStats, Budget, ByteBudget, Limits};
 use relay_core::transport::{
     Inbound, Request, Response, Status, Transmit, TransmitId, TransportError, TransportKind,
 };
@@ -36,11 +37,18 @@ pub const MAX_SERVING: usize = 256;
 pub const MAX_IN_FLIGHT_PER_PEER: usize = 65_536;
 /// Commands taken from the queue per write batch.
 const MAX_BATCH: usize = 256;
-/// Stanzas a peer may leave unacknowledged before the stream ends with `resource-constraint`:
-/// bounds what a peer that never acknowledges can make us keep.
-pub const MAX_UNACKED: usize = 65_536;
 /// With something unanswered, a connection silent for this long is considered dead.
 const SILENCE: Duration = Duration::from_secs(5);
+/// Chunks queued for a connection's writer task (the channel is bounded).
+const WRITE_QUEUE: usize = 8;
+/// Output held for a peer whose writer queue is full; past it the link stops reading from
+/// that peer (and taking commands for it) until the peer reads.
+const MAX_OUT: usize = 256 * 1024;
+/// What a request costs in the per-peer byte budget beyond its body (ids, addresses, the
+/// answer's framing).
+const REQUEST_OVERHEAD: usize = 512;
+/// When a peer over its byte budget should try again.
+const BUDGET_RETRY: Duration = Duration::from_secs(1);
 
 /// Where outcomes go: the node's [`Inbound`] without its generic request side.
 pub(crate) trait Sink: Send + Sync + 'static {
@@ -247,10 +255,11 @@ pub(crate) struct Reader<R> {
 }
 
 impl<R: AsyncRead + Unpin> Reader<R> {
-    pub(crate) fn new(io: R, max: usize) -> Self {
+    /// A reader refusing stanzas over `max` bytes (skipped) or nested over `max_depth`.
+    pub(crate) fn new(io: R, max: usize, max_depth: usize) -> Self {
         Reader {
             io,
-            scanner: Scanner::new(max),
+            scanner: Scanner::new(max).with_max_depth(max_depth),
             buf: BytesMut::with_capacity(64 * 1024),
         }
     }
@@ -313,11 +322,12 @@ pub enum HandshakeError {
 }
 
 /// Writes whatever the link hands it, in order, on its own task so that reading never waits
-/// for a slow write (both peers writing at once cannot deadlock).
+/// for a slow write (both peers writing at once cannot deadlock). The queue is bounded: a
+/// peer that does not read fills it, and the link then stops reading from that peer.
 pub(crate) fn spawn_writer<W: AsyncWrite + Unpin + Send + 'static>(
     mut io: W,
-) -> (mpsc::UnboundedSender<Bytes>, tokio::task::JoinHandle<()>) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+) -> (Writer, tokio::task::JoinHandle<()>) {
+    let (tx, mut rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
     let task = tokio::spawn(async move {
         while let Some(first) = rx.recv().await {
             let mut chunk = first;
@@ -339,6 +349,19 @@ pub(crate) fn spawn_writer<W: AsyncWrite + Unpin + Send + 'static>(
     (tx, task)
 }
 
+/// The sending half of a connection, as the link sees it.
+pub(crate) type Writer = mpsc::Sender<Bytes>;
+
+/// Sends one chunk during a handshake, when the writer queue is all but empty.
+pub(crate) fn send_now(writer: &Writer, bytes: Bytes) -> Result<(), HandshakeError> {
+    writer.try_send(bytes).map_err(|_| HandshakeError::Eof)
+}
+
+/// Queues `bytes` and the stream's end, waiting a little for room (the stream ends anyway).
+pub(crate) async fn send_last(writer: &Writer, bytes: Bytes) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer.send(bytes)).await;
+}
+
 pub(crate) struct Link<I> {
     pub(crate) addr: Addressing,
     pub(crate) max_body: usize,
@@ -351,6 +374,10 @@ pub(crate) struct Link<I> {
     next_id: u64,
     out: Vec<u8>,
     sink: Arc<dyn Sink>,
+    limits: Limits,
+    stats: Arc<AdapterStats>,
+    /// Bytes of requests handed to the node and not yet answered, per peer.
+    budget: Option<Arc<ByteBudget>>,
 }
 
 impl<I: Inbound> Link<I> {
@@ -359,6 +386,8 @@ impl<I: Inbound> Link<I> {
         max_body: usize,
         inbound: Option<I>,
         sink: Arc<dyn Sink>,
+        adapter: &AdapterContext,
+        budget: Option<Arc<ByteBudget>>,
     ) -> Self {
         Link {
             addr,
@@ -371,7 +400,22 @@ impl<I: Inbound> Link<I> {
             next_id: 1,
             out: Vec::new(),
             sink,
+            limits: adapter.limits.clone(),
+            stats: adapter.stats.clone(),
+            budget,
         }
+    }
+
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Whether more of our own stanzas may be sent: the peer has acknowledged enough. Half
+    /// of `max_unacked`, so that a peer answering as fast as it can never pushes our
+    /// answers it has not yet acknowledged past `max_unacked` on its side.
+    fn has_window(&self) -> bool {
+        let window = (self.limits.max_unacked / 2).max(1);
+        self.sm.as_ref().is_none_or(|s| s.unacked.len() < window) && self.out.len() < MAX_OUT
     }
 
     /// Whether anything is owed to or by the peer.
@@ -470,51 +514,79 @@ impl<I: Inbound> Link<I> {
 
     /// Runs the link over one connection until it ends. `rx` feeds our own requests (absent on
     /// a responder); `stop` ends it politely.
+    ///
+    /// Bounds per connection: the writer queue and [`MAX_OUT`] (a peer that does not read
+    /// stops being read), [`MAX_SERVING`] requests at the node at once, our own stanzas sent
+    /// only while the peer has acknowledged all but half of `max_unacked`, and a peer that
+    /// leaves more than `max_unacked` of our stanzas unacknowledged, or takes longer than
+    /// `frame_deadline` to finish a stanza it started, gets `policy-violation`.
     pub(crate) async fn drive<R: AsyncRead + Unpin>(
         &mut self,
         reader: &mut Reader<R>,
-        writer: &mpsc::UnboundedSender<Bytes>,
+        writer: &Writer,
         mut rx: Option<&mut mpsc::UnboundedReceiver<Command>>,
         stop: &mut watch::Receiver<bool>,
     ) -> Ended {
-        let backlog: Vec<Command> = self.backlog.drain(..).collect();
-        let had_backlog = !backlog.is_empty();
-        for c in backlog {
-            self.command(c);
-        }
-        if had_backlog {
-            self.request_ack();
-        }
         let mut last_read = Instant::now();
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut partial_since: Option<Instant> = None;
+        let deadline = self.limits.frame_deadline;
+        let period = (deadline / 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let mut tick = tokio::time::interval(period);
         loop {
             // Items already buffered (after a handshake, or held back while too many requests
             // were being answered) come before reading more.
-            if let Some(end) = self.scan(reader, writer) {
-                return end;
-            }
-            if let Some(bytes) = self.take_out()
-                && writer.send(bytes).is_err()
-            {
-                return Ended::Lost("write failed".into());
-            }
-            if writer.is_closed() {
-                return Ended::Lost("write failed".into());
+            if let Some(end) = self.scan(reader) {
+                return self.end(writer, end).await;
             }
             if self
                 .sm
                 .as_ref()
-                .is_some_and(|s| s.unacked.len() > MAX_UNACKED)
+                .is_some_and(|s| s.unacked.len() > self.limits.max_unacked)
             {
-                return self.refuse(writer, "resource-constraint");
+                self.stats.refused(Budget::Unacked);
+                return self.refuse(writer, "policy-violation").await;
             }
-            let can_read = self.serving.len() < MAX_SERVING;
+            // Our own requests, as far as the peer's acknowledgements allow.
+            let mut sent = false;
+            while self.has_window() {
+                let Some(c) = self.backlog.pop_front() else {
+                    break;
+                };
+                self.command(c);
+                sent = true;
+            }
+            if sent {
+                self.request_ack();
+            }
+            if !self.out.is_empty() {
+                match writer.try_reserve() {
+                    Ok(permit) => permit.send(Bytes::from(std::mem::take(&mut self.out))),
+                    Err(mpsc::error::TrySendError::Full(())) => {}
+                    Err(mpsc::error::TrySendError::Closed(())) => {
+                        return Ended::Lost("write failed".into());
+                    }
+                }
+            }
+            if writer.is_closed() {
+                return Ended::Lost("write failed".into());
+            }
+            let can_read = self.serving.len() < MAX_SERVING && self.out.len() < MAX_OUT;
+            partial_since = if can_read && reader.scanner.is_partial() {
+                partial_since.or(Some(Instant::now()))
+            } else {
+                None
+            };
+            let can_take = rx.is_some() && self.backlog.is_empty() && self.has_window();
             tokio::select! {
                 biased;
                 _ = stop.changed() => {
-                    let _ = writer.send(Bytes::from_static(b"</stream:stream>"));
-                    return Ended::Stopped;
+                    self.out.extend_from_slice(b"</stream:stream>");
+                    return self.end(writer, Ended::Stopped).await;
                 }
+                permit = writer.reserve(), if !self.out.is_empty() => match permit {
+                    Ok(permit) => permit.send(Bytes::from(std::mem::take(&mut self.out))),
+                    Err(_) => return Ended::Lost("write failed".into()),
+                },
                 Some(answer) = self.serving.next(), if !self.serving.is_empty() => {
                     self.emit(answer);
                     while let Some(Some(answer)) = self.serving.next().now_or_never() {
@@ -522,14 +594,14 @@ impl<I: Inbound> Link<I> {
                     }
                     self.request_ack();
                 }
-                c = recv(&mut rx) => {
+                c = recv(&mut rx), if can_take => {
                     let Some(c) = c else {
-                        let _ = writer.send(Bytes::from_static(b"</stream:stream>"));
-                        return Ended::Stopped;
+                        self.out.extend_from_slice(b"</stream:stream>");
+                        return self.end(writer, Ended::Stopped).await;
                     };
                     self.command(c);
                     let mut n = 1;
-                    while n < MAX_BATCH {
+                    while n < MAX_BATCH && self.has_window() {
                         let Some(rx) = rx.as_mut() else { break };
                         match rx.try_recv() {
                             Ok(c) => self.command(c),
@@ -547,6 +619,11 @@ impl<I: Inbound> Link<I> {
                     }
                 }
                 _ = tick.tick() => {
+                    if partial_since.is_some_and(|t| t.elapsed() > deadline) {
+                        // A started stanza (or an unterminated tag) that does not finish.
+                        self.stats.refused(Budget::FrameDeadline);
+                        return self.refuse(writer, "policy-violation").await;
+                    }
                     // Only with stream management: resuming is lossless. A component's
                     // server may legitimately hold our IQs while it reaches a peer.
                     if self.sm.is_some() && self.is_busy() && last_read.elapsed() > SILENCE {
@@ -561,39 +638,50 @@ impl<I: Inbound> Link<I> {
     }
 
     /// Handles the items the scanner holds, while there is room to answer them.
-    fn scan<R>(
-        &mut self,
-        reader: &mut Reader<R>,
-        writer: &mpsc::UnboundedSender<Bytes>,
-    ) -> Option<Ended> {
-        while self.serving.len() < MAX_SERVING {
+    fn scan<R>(&mut self, reader: &mut Reader<R>) -> Option<Ended> {
+        while self.serving.len() < MAX_SERVING && self.out.len() < MAX_OUT {
             let item = match reader.scanner.poll_item() {
                 Ok(Some(item)) => item,
                 Ok(None) => break,
-                Err(ScanError::Restricted) => return Some(self.refuse(writer, "restricted-xml")),
-                Err(_) => return Some(self.refuse(writer, "not-well-formed")),
+                Err(e) => {
+                    match e {
+                        ScanError::TooDeep(_) => self.stats.refused(Budget::XmlDepth),
+                        ScanError::TagTooLong(_) => self.stats.refused(Budget::BodySize),
+                        _ => {}
+                    }
+                    tracing::debug!(error = %e, "refusing an xmpp stream");
+                    return Some(Ended::WeRefused(e.condition()));
+                }
             };
             if let Some(end) = self.item(item) {
-                if let Ended::WeRefused(cond) = end {
-                    return Some(self.refuse(writer, cond));
-                }
-                if let Some(bytes) = self.take_out() {
-                    let _ = writer.send(bytes);
-                }
                 return Some(end);
             }
         }
         None
     }
 
-    fn refuse(&mut self, writer: &mpsc::UnboundedSender<Bytes>, cond: &'static str) -> Ended {
-        tracing::warn!(
+    /// Ends the connection: a stream error if we refuse, then whatever output is left.
+    async fn end(&mut self, writer: &Writer, ended: Ended) -> Ended {
+        match ended {
+            Ended::WeRefused(cond) => self.refuse(writer, cond).await,
+            Ended::Lost(_) => ended,
+            _ => {
+                if let Some(bytes) = self.take_out() {
+                    send_last(writer, bytes).await;
+                }
+                ended
+            }
+        }
+    }
+
+    async fn refuse(&mut self, writer: &Writer, cond: &'static str) -> Ended {
+        tracing::info!(
             condition = cond,
             "ending an xmpp stream with a stream error"
         );
         binding::write_stream_error(&mut self.out, cond);
         if let Some(bytes) = self.take_out() {
-            let _ = writer.send(bytes);
+            send_last(writer, bytes).await;
         }
         Ended::WeRefused(cond)
     }
@@ -726,6 +814,24 @@ impl<I: Inbound> Link<I> {
         let local = self.addr.local.clone();
         match iq {
             Iq::Request(Ok(r)) => {
+                // What the node has not answered yet counts against this peer's share only.
+                let held = match &self.budget {
+                    Some(budget) if self.inbound.is_some() => {
+                        match budget.reserve(&from, r.body.len() + REQUEST_OVERHEAD) {
+                            Ok(held) => Some(held),
+                            Err(_) => {
+                                let mut s = Vec::new();
+                                let mut busy =
+                                    Response::error(Status::Unavailable, "peer over its budget");
+                                busy.retry_after = Some(BUDGET_RETRY);
+                                binding::write_answer(&mut s, &id, &local, &from_attr, &busy);
+                                self.serving.push_back(Box::pin(std::future::ready(s)));
+                                return None;
+                            }
+                        }
+                    }
+                    _ => None,
+                };
                 let answer: Answer = match &self.inbound {
                     Some(inbound) => {
                         let inbound = inbound.clone();
@@ -739,6 +845,7 @@ impl<I: Inbound> Link<I> {
                         };
                         Box::pin(async move {
                             let response = inbound.request(request).await;
+                            drop(held);
                             let mut s = Vec::with_capacity(response.body.len() * 4 / 3 + 256);
                             binding::write_answer(&mut s, &id, &local, &from_attr, &response);
                             s
