@@ -10,7 +10,11 @@ use mimi_wire::content::{ContentLimits, MessageDerivedValues, MimiContent, messa
 fuzz_target!(|data: &[u8]| {
     if let Ok(d) = MimiContent::decode_with_limits(data, &ContentLimits::default()) {
         let again = d.content.encode().expect("a decoded message re-encodes");
-        assert_eq!(again == data, d.canonical, "canonical flag matches the round trip");
+        assert_eq!(
+            again == data,
+            d.canonical,
+            "canonical flag matches the round trip"
+        );
         let back = MimiContent::decode_canonical(&again).expect("the encoding is canonical");
         assert_eq!(back.encode().expect("re-encode"), again);
         message_id("mimi://a.example/u/a", "mimi://a.example/r/r", data).expect("id");

@@ -7,7 +7,9 @@ use libfuzzer_sys::fuzz_target;
 use relay_quic::framing::{ChunkQueue, Decoder};
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&step, rest)) = data.split_first() else { return };
+    let Some((&step, rest)) = data.split_first() else {
+        return;
+    };
     let mut q = ChunkQueue::new();
     let mut d = Decoder::new(4096);
     for piece in rest.chunks(usize::from(step).max(1)) {

@@ -136,6 +136,65 @@ pub mod framing {
     }
 }
 
+/// Entry points for the `cargo fuzz` targets in `fuzz/` (outside the workspace); not an API.
+#[doc(hidden)]
+pub mod fuzz {
+    use mimi_wire::endpoint::{DIRECTORY_PATH, Endpoint};
+    use mimi_wire::uri::ProviderDomain;
+
+    use crate::server::{Rejection, check_from, check_host, header_u64};
+
+    /// What the server reads of a request before its body.
+    #[derive(Debug, PartialEq, Eq)]
+    pub enum Head {
+        Directory,
+        WrongMethod(Endpoint),
+        Request {
+            endpoint: Endpoint,
+            target: String,
+            seq: Option<u64>,
+            announced: Option<u64>,
+        },
+    }
+
+    /// A request's line and headers through the checks `server::route` makes before it
+    /// reads the body, in its order: `Host`/`:authority`, `From`, the path, `MIMI-Seq`.
+    pub fn request_head<B>(
+        req: &http::Request<B>,
+        ours: &ProviderDomain,
+        peer: &ProviderDomain,
+    ) -> Result<Head, Rejection> {
+        check_host(req, ours)?;
+        check_from(req.headers(), peer)?;
+        let path = req.uri().path();
+        if path == DIRECTORY_PATH {
+            return Ok(Head::Directory);
+        }
+        let rest = path.strip_prefix("/v1/").ok_or(Rejection::NotFound)?;
+        let (name, raw_target) = rest.split_once('/').ok_or(Rejection::NotFound)?;
+        let endpoint: Endpoint = name.parse().map_err(|_| Rejection::NotFound)?;
+        if req.method().as_str() != endpoint.method() {
+            return Ok(Head::WrongMethod(endpoint));
+        }
+        if raw_target.is_empty() {
+            return Err(Rejection::NotFound);
+        }
+        let target = crate::path::decode_target(raw_target).map_err(|_| Rejection::BadEncoding)?;
+        let seq = header_u64(req.headers(), crate::MIMI_SEQ).map_err(|()| Rejection::BadSeq)?;
+        let announced = req
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        Ok(Head::Request {
+            endpoint,
+            target,
+            seq,
+            announced,
+        })
+    }
+}
+
 /// Request header: the per-(room, destination) sequence number of the first segment.
 pub const MIMI_SEQ: &str = "mimi-seq";
 /// Response header: the receiver's next expected sequence number.

@@ -385,7 +385,10 @@ where
 }
 
 /// `Host` (HTTP/1.1) or `:authority` (HTTP/2) must name us; the port is ignored (§4.1).
-fn check_host<B>(req: &http::Request<B>, ours: &ProviderDomain) -> Result<(), Rejection> {
+pub(crate) fn check_host<B>(
+    req: &http::Request<B>,
+    ours: &ProviderDomain,
+) -> Result<(), Rejection> {
     let header = req
         .headers()
         .get(HOST)
@@ -411,7 +414,7 @@ fn strip_port(host: &str) -> &str {
 }
 
 /// `From: mimi@<domain>` must be present and name the certificate's provider (§4.1).
-fn check_from(headers: &HeaderMap, peer: &ProviderDomain) -> Result<(), Rejection> {
+pub(crate) fn check_from(headers: &HeaderMap, peer: &ProviderDomain) -> Result<(), Rejection> {
     let value = headers.get(FROM).ok_or(Rejection::MissingFrom)?;
     let value = value.to_str().map_err(|_| Rejection::MalformedFrom)?.trim();
     let (local, domain) = value.split_once('@').ok_or(Rejection::MalformedFrom)?;

@@ -471,3 +471,64 @@ impl Transport for MatrixTransport {
         Box::pin(MatrixTransport::shutdown(self))
     }
 }
+
+/// Entry points for the `cargo fuzz` targets in `fuzz/` (outside the workspace); not an API.
+#[doc(hidden)]
+pub mod fuzz {
+    use crate::server::{MAX_JSON_DEPTH, json_depth_within as depth_within, x_matrix};
+    use crate::wire::{
+        Assembled, EDU_REQUEST, IncomingTxn, MAX_EDUS, MAX_EVENT_BYTES, MAX_PDUS, Reassembler,
+        RequestContent,
+    };
+    use serde_json::value::RawValue;
+
+    /// The bounded `Authorization: X-Matrix` parser on one header value: (origin, key id,
+    /// destination) if it is accepted.
+    pub fn x_matrix_header(value: &[u8]) -> Option<(String, String, Option<String>)> {
+        let value = http::HeaderValue::from_bytes(value).ok()?;
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::AUTHORIZATION, value);
+        let xm = x_matrix(&headers)?;
+        Some((
+            xm.origin.to_string(),
+            xm.key.to_string(),
+            xm.destination.map(|d| d.to_string()),
+        ))
+    }
+
+    /// The linear JSON depth scan.
+    pub fn json_depth_within(text: &[u8], max: usize) -> bool {
+        depth_within(text, max)
+    }
+
+    /// A `/send` body through the checks `server::send` makes, in its order (the signature
+    /// check between them left out): the requests it carries, or why it is refused.
+    pub fn send_body(body: &[u8]) -> Result<Vec<Assembled>, String> {
+        let raw: &RawValue = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+        if !raw.get().trim_start().starts_with('{') {
+            return Err("not an object".into());
+        }
+        if !depth_within(body, MAX_JSON_DEPTH) {
+            return Err("too deep".into());
+        }
+        let txn: IncomingTxn<'_> = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+        if txn.pdus.len() > MAX_PDUS || txn.edus.len() > MAX_EDUS {
+            return Err("too many".into());
+        }
+        if txn.pdus.iter().any(|p| p.get().len() > MAX_EVENT_BYTES) {
+            return Err("pdu too large".into());
+        }
+        let mut reassembler = Reassembler::default();
+        for edu in &txn.edus {
+            if edu.content.get().len() + edu.edu_type.len() + 30 > MAX_EVENT_BYTES {
+                return Err("edu too large".into());
+            }
+            if edu.edu_type == EDU_REQUEST {
+                let c: RequestContent =
+                    serde_json::from_str(edu.content.get()).map_err(|e| e.to_string())?;
+                reassembler.push(c).map_err(|e| e.to_string())?;
+            }
+        }
+        reassembler.finish().map_err(|e| e.to_string())
+    }
+}

@@ -542,7 +542,7 @@ async fn send<I: Inbound>(
 }
 
 /// The `Authorization: X-Matrix` header, parsed only if it is short and has few parameters.
-fn x_matrix(headers: &HeaderMap) -> Option<XMatrix> {
+pub(crate) fn x_matrix(headers: &HeaderMap) -> Option<XMatrix> {
     let value = headers.get(AUTHORIZATION)?;
     let bytes = value.as_bytes();
     if bytes.len() > MAX_AUTH_HEADER
