@@ -428,3 +428,12 @@ async fn metrics_page(State(s): State<ApiState>) -> HttpResponse {
         None => unavailable(),
     }
 }
+
+/// Entry points for the `cargo fuzz` targets in `fuzz/` (outside the workspace); not an API.
+#[doc(hidden)]
+pub mod fuzz {
+    /// The `submitBatch` body parser.
+    pub fn split_batch(body: bytes::Bytes) -> Result<Vec<(String, bytes::Bytes)>, String> {
+        super::split_batch(body)
+    }
+}

@@ -29,6 +29,8 @@ use tokio::sync::{oneshot, watch};
 use tracing::{error, info};
 
 pub use api::encode_inbox;
+#[doc(hidden)]
+pub use api::fuzz;
 pub use config::{ConfigError, NodeConfig, StoreKind};
 pub use core_loop::StoreStats;
 use core_loop::{CoreLoop, Event, Transports};
