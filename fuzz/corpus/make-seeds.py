@@ -81,3 +81,10 @@ for t in ("https_request", "core_sequences"):
     for i, n in enumerate((16, 64, 256, 1024)):
         put(t, f"random-{i}", bytes(rng.randrange(256) for _ in range(n)))
 put("https_request", "ascii", b"\x00\x09a.example/v1/notify/mimi%3A%2F%2Fa.example%2Fr%2Fclub" + b"\x01" * 40)
+
+# mimi_content: the draft's examples, as the interop suite has them.
+ex = os.path.join(HERE, "..", "..", "interop", "mimi-content-examples")
+for name in sorted(os.listdir(ex)):
+    if name.endswith(".cbor"):
+        with open(os.path.join(ex, name), "rb") as f:
+            put("mimi_content", name[:-5], f.read())

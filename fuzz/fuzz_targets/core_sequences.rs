@@ -202,8 +202,7 @@ struct Harness {
     transmits: Vec<Transmit>,
     /// Inbox offsets checked so far, and what each delivered event was.
     seen_upto: u64,
-    /// With the life (restarts so far) it was delivered in and whether by a `/notify`
-    /// without a sequence number.
+    /// With the life (restarts so far) it was delivered in and whether by a `/notify`.
     delivered: HashMap<(String, String, Vec<u8>), (u32, bool)>,
     life: u32,
     read_upto: u64,
@@ -225,9 +224,9 @@ impl Harness {
     }
 
     /// The node's batch epilogue: commit, then release the outputs; then the checks.
-    /// `source`: the submitter and body of a `/submitMessage`; `seqless`: the input was a
-    /// request without a sequence number.
-    fn flush(&mut self, source: Option<(&str, &[u8])>, seqless: bool, inbox_was_full: bool) {
+    /// `source`: the submitter and body of a `/submitMessage`; `by_notify`: the input was a
+    /// `/notify`.
+    fn flush(&mut self, source: Option<(&str, &[u8])>, by_notify: bool, inbox_was_full: bool) {
         self.store.commit().expect("mem commit");
         while let Some(out) = self.relay.poll_output() {
             match out {
@@ -266,19 +265,20 @@ impl Harness {
                 rec.from.as_str().to_owned(),
                 what,
             );
-            if let Some(&(life, was_seqless)) = self.delivered.get(&key) {
+            if let Some(&(life, prev_by_notify)) = self.delivered.get(&key) {
                 // Known (reported to the lead, issue 14): a follower forgets the hashes of
-                // recent events when it restarts, so the same bytes from a hub after a
-                // restart, by a `/notify` without a sequence number, are delivered again.
-                // Input: artifacts/core_sequences/seqless-notify-redelivered-after-restart.
-                let known = life < self.life && (was_seqless || seqless);
+                // the events it delivered when it restarts, so the same FanoutMessage bytes
+                // from a hub after a restart are delivered again when they come without a
+                // sequence number or under a new one. Inputs in
+                // artifacts/core_sequences/*-after-restart.
+                let known = prev_by_notify && life < self.life;
                 assert!(
                     known,
                     "delivered twice: offset {offset} in {} from {}",
                     rec.room, rec.from
                 );
             }
-            self.delivered.insert(key, (self.life, seqless));
+            self.delivered.insert(key, (self.life, by_notify));
             last = *offset;
         }
         assert!(
@@ -334,7 +334,7 @@ impl Harness {
                 };
                 self.relay.handle_request(now, &mut self.store, token, req);
                 let source = (endpoint == Endpoint::SubmitMessage).then_some((name, &b[..]));
-                self.flush(source, seq.is_none(), full);
+                self.flush(source, endpoint == Endpoint::Notify, full);
             }
             Op::Notify { hub, seq, events } => {
                 self.step(&Op::Request {
