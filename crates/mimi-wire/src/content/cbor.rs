@@ -460,8 +460,9 @@ impl<'a> Dec<'a> {
         Value::Tag(tag, Box::new(inner))
     }
 
-    /// Check a map key against the previous one: duplicates are errors, disorder is only
-    /// non-canonical.
+    /// Check a map key against the greatest key so far (`last`): duplicates are errors,
+    /// disorder is only non-canonical. `last` stays the greatest key, so a key repeated after
+    /// an out-of-order one (`1, 3, 2, 3`) is still caught.
     pub(crate) fn note_key_order<K>(
         &mut self,
         at: usize,
@@ -473,7 +474,7 @@ impl<'a> Dec<'a> {
         K: EncodeKey,
     {
         match last.as_deref().map(|l| cmp_keys(l, &enc)) {
-            Some(Ordering::Less) | None => {}
+            Some(Ordering::Less) | None => *last = Some(enc),
             Some(Ordering::Equal) => return Err(ContentError::DuplicateKey { at }),
             Some(Ordering::Greater) => {
                 self.canonical = false;
@@ -483,7 +484,6 @@ impl<'a> Dec<'a> {
                 }
             }
         }
-        *last = Some(enc);
         Ok(())
     }
 

@@ -571,6 +571,26 @@ fn malformed_and_mistyped_input_gives_typed_errors() {
             |e| matches!(e, E::DuplicateKey { .. }),
         ),
         (
+            // Found by fuzzing: after the out-of-order 6, the repeated 7 was compared with 6
+            // only, decoded, and then could not be re-encoded.
+            "duplicate of the greatest key after an out-of-order one",
+            raw_message(
+                &[0xa4, 0x05, 0x00, 0x07, 0x00, 0x06, 0x00, 0x07, 0x01],
+                &body,
+            ),
+            |e| matches!(e, E::DuplicateKey { .. }),
+        ),
+        (
+            "duplicate key after disorder, in a nested map",
+            raw_message(
+                &[
+                    0xa1, 0x05, 0xa4, 0x01, 0x00, 0x03, 0x00, 0x02, 0x00, 0x03, 0x00,
+                ],
+                &body,
+            ),
+            |e| matches!(e, E::DuplicateKey { .. }),
+        ),
+        (
             "sender uri not text",
             raw_message(&[0xa1, 0x01, 0x40], &body),
             |e| matches!(e, E::WrongType { .. }),
