@@ -43,6 +43,7 @@ domain = "a.example"
 data_dir = "data"
 admin = "127.0.0.1:0"
 store = "memory"
+follows = ["mimi://b.example/r/x", "mimi://b.example/r/y", "mimi://c.example/r/z"]
 [tls]
 cert = "a.example.crt"
 key = "a.example.key"

@@ -78,8 +78,13 @@ fn marker(fanout: &[u8]) -> Option<(u32, u32)> {
 
 fn node_config(dir: &std::path::Path, me: &str, peer: &str, server: &str, secret: &str) -> String {
     let (mine, theirs) = (me.replace(".example", ""), peer.replace(".example", ""));
+    let follows = if me == "a.example" {
+        String::new()
+    } else {
+        format!("follows = [\"{ROOM}\"]\n")
+    };
     let mut t = format!(
-        "[node]\ndomain = \"{me}\"\ndata_dir = \"data/{me}\"\nadmin = \"127.0.0.1:0\"\nstore = \"memory\"\n\
+        "[node]\ndomain = \"{me}\"\ndata_dir = \"data/{me}\"\nadmin = \"127.0.0.1:0\"\nstore = \"memory\"\n{follows}\
          [tls]\ncert = \"{me}.crt\"\nkey = \"{me}.key\"\n[listen]\nxmpp = \"127.0.0.1:0\"\n\
          [[peers]]\ndomain = \"{peer}\"\ntransport = \"xmpp\"\naddress = \"127.0.0.1:9\"\ncert = \"{peer}.crt\"\n"
     );

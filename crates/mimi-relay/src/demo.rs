@@ -295,8 +295,14 @@ pub fn prepare(dir: &Path, transport: &str, store: &str, static_room: bool) -> R
     let mut admins = Vec::new();
     for (i, p) in PROVIDERS.iter().enumerate() {
         let admin = admins_ports[i];
+        // The followers' users take part in the load room from the start.
+        let follows = if i != 0 && static_room {
+            format!("follows = [\"{ROOM}\"]\n")
+        } else {
+            String::new()
+        };
         let mut t = format!(
-            "[node]\ndomain = \"{p}\"\ndata_dir = \"data/{p}\"\nadmin = \"127.0.0.1:{admin}\"\nstore = \"{store}\"\n\n\
+            "[node]\ndomain = \"{p}\"\ndata_dir = \"data/{p}\"\nadmin = \"127.0.0.1:{admin}\"\nstore = \"{store}\"\n{follows}\n\
              [tls]\ncert = \"certs/{p}.crt\"\nkey = \"certs/{p}.key\"\n\n[listen]\n"
         );
         for (k, port) in &ports[i] {

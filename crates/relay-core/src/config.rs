@@ -73,6 +73,9 @@ pub struct RelayConfig {
     /// at least the last half of this many, at most this many.
     pub submit_window: usize,
     /// Seed of the jitter generator (deterministic in simulation).
+    /// Rooms hosted elsewhere that this node follows from the start (besides those its
+    /// clients join): a `/notify` for any other room is refused.
+    pub follows: Vec<mimi_wire::uri::RoomId>,
     pub seed: u64,
 }
 
@@ -96,6 +99,7 @@ impl RelayConfig {
             transmit_timeout: Duration::from_secs(10),
             submit_window: 65_536,
             seed: 0x6d69_6d69,
+            follows: Vec::new(),
         }
     }
 

@@ -62,6 +62,8 @@ pub enum RoomError {
     NoRoute(ProviderDomain),
     #[error("the hub {0} cannot be its own follower")]
     SelfFollower(ProviderDomain),
+    #[error("room {0} is hosted here: a node follows only rooms hosted elsewhere")]
+    HostedHere(String),
 }
 
 type QueueIdx = usize;
@@ -275,7 +277,13 @@ pub struct Relay {
     latency: Histogram,
     mls: hub_mls::MlsState,
     services: services::Services,
+    /// Rooms hosted elsewhere that this node follows: a local client took part in them, a
+    /// local user's key material was claimed for them, or the config names them.
+    followed: std::collections::HashSet<String>,
 }
+
+/// Store record of a followed room: this byte, then the room id.
+const REC_FOLLOW: u8 = 10;
 
 const RECENT_WINDOW: usize = 4096;
 
@@ -308,8 +316,22 @@ impl Relay {
             latency: Histogram::default(),
             mls: hub_mls::MlsState::default(),
             services: services::Services::default(),
+            followed: std::collections::HashSet::new(),
             cfg,
         };
+        for room in &relay.cfg.follows {
+            relay.followed.insert(room.as_str().to_owned());
+        }
+        for k in snapshot.records.keys() {
+            if let Some((&REC_FOLLOW, room)) = k.split_first()
+                && let Ok(room) = std::str::from_utf8(room)
+            {
+                relay.followed.insert(room.to_owned());
+            }
+        }
+        for (_, room) in snapshot.cursors.keys() {
+            relay.followed.insert(room.as_str().to_owned());
+        }
         relay.restore_key_packages(&snapshot.records);
         relay.restore_services(&snapshot.records);
         for (domain, kind) in relay.cfg.routes.clone() {
@@ -484,6 +506,49 @@ impl Relay {
         Ok(())
     }
 
+    /// Follows `room`, hosted elsewhere: its hub's `/notify`s are taken from now on. A
+    /// provider front end calls this when one of its users joins a room by other means than
+    /// this node sees (the node itself follows on a client's submission or a key claim).
+    pub fn handle_follow_room<S: Store>(
+        &mut self,
+        store: &mut S,
+        room: &RoomId,
+    ) -> Result<(), RoomError> {
+        if room.domain() == self.cfg.local.as_str() {
+            return Err(RoomError::HostedHere(room.as_str().to_owned()));
+        }
+        self.follow(store, room.as_str());
+        Ok(())
+    }
+
+    /// Marks `room` followed (a no-op for rooms hosted here and for ones followed already).
+    pub(super) fn follow<S: Store>(&mut self, store: &mut S, room: &str) {
+        if self.followed.contains(room) || self.room_by_id.contains_key(room) {
+            return;
+        }
+        let Ok(id) = room.parse::<RoomId>() else {
+            return;
+        };
+        if id.domain() == self.cfg.local.as_str() {
+            return;
+        }
+        let mut key = vec![REC_FOLLOW];
+        key.extend_from_slice(room.as_bytes());
+        store.apply(StoreOp::Record {
+            key: &key,
+            value: Some(b""),
+        });
+        info!(room, "following room");
+        self.followed.insert(room.to_owned());
+    }
+
+    /// Rooms followed here (hosted elsewhere), sorted.
+    pub fn followed_rooms(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.followed.iter().cloned().collect();
+        v.sort();
+        v
+    }
+
     /// A request from an authenticated peer.
     pub fn handle_request<S: Store>(
         &mut self,
@@ -586,6 +651,8 @@ impl Relay {
             self.outputs.push_back(Output::Reply { token, response });
             return;
         };
+        // A local client sends into the room: its events are wanted here.
+        self.follow(store, room);
         let id = self.next_id();
         let deadline = now.mono + self.cfg.transmit_timeout;
         self.inflight.insert(
@@ -809,6 +876,14 @@ impl Relay {
                 RejectReason::Forbidden,
                 Status::Forbidden,
                 "only the room's hub may notify",
+            );
+        }
+        // Nor does a hub get to make us keep state for rooms nobody here takes part in.
+        if !self.followed.contains(req.target.as_str()) {
+            return self.reject(
+                RejectReason::UnknownRoom,
+                Status::NotFound,
+                "room not followed here: no local user takes part in it",
             );
         }
         if req.body.is_empty()

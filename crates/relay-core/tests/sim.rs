@@ -154,6 +154,11 @@ impl Sim {
             cfg.transmit_timeout = Duration::from_millis(500);
             cfg.seed = seed ^ i as u64;
             cfg.max_batch = 8;
+            // The followers' configs name the room they follow (as an operator's would), so a
+            // follower that lost its store still takes its hub's events.
+            if i != 0 {
+                cfg.follows = vec![room()];
+            }
             let mut store = MemStore::new();
             let now = Now {
                 mono: base,
@@ -614,6 +619,14 @@ impl Sim {
             )
             .expect("room");
         b.store.commit().expect("commit");
+        for n in [0, 2] {
+            let node = &mut self.nodes[n];
+            node.cfg.follows.push(room2());
+            node.relay
+                .handle_follow_room(&mut node.store, &room2())
+                .expect("follow");
+            node.store.commit().expect("commit");
+        }
         for node in 0..3 {
             for k in 0..clients_per_node {
                 self.clients.push(Client {
@@ -915,7 +928,7 @@ fn bad_requests_get_typed_answers_and_change_nothing() {
             ),
             Status::Forbidden,
         ),
-        // a notify body that is not a FanoutMessage sequence
+        // a notify for a room nobody here follows: no state kept for it
         (
             req(
                 &b,
@@ -924,7 +937,7 @@ fn bad_requests_get_typed_answers_and_change_nothing() {
                 Some(1),
                 vec![0; 3],
             ),
-            Status::BadRequest,
+            Status::NotFound,
         ),
     ];
     for (i, (r, want)) in cases.into_iter().enumerate() {
@@ -939,6 +952,68 @@ fn bad_requests_get_typed_answers_and_change_nothing() {
     }
     assert_eq!(sim.nodes[0].relay.stats().accepted, 0);
     assert_eq!(sim.nodes[0].relay.inbox_after(0).count(), 0);
+}
+
+#[test]
+fn a_follower_takes_notify_only_for_rooms_it_follows() {
+    // Before: any room under the hub's domain was taken, and a cursor kept for each.
+    let mut sim = Sim::new(5, perfect(), 0, 0);
+    let now = sim.now();
+    let a = domain("a.example");
+    let unjoined: RoomId = "mimi://a.example/r/unjoined".parse().expect("room");
+    let mut fanout = 1_700_000_000_000u64.to_be_bytes().to_vec();
+    fanout.extend_from_slice(&mimi_wire::mls::private_message(
+        b"g",
+        1,
+        b"SIM!\0\0\0\x01\0\0\0\x02",
+    ));
+    fanout.push(0);
+    let ask = |sim: &mut Sim, i: u64| {
+        let b = &mut sim.nodes[1];
+        let r = req(
+            &a,
+            Endpoint::Notify,
+            unjoined.as_str(),
+            Some(1),
+            fanout.clone(),
+        );
+        b.relay.handle_request(now, &mut b.store, ReplyToken(i), r);
+        match b.relay.poll_output() {
+            Some(Output::Reply { response, .. }) => response.status,
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    };
+    assert_eq!(ask(&mut sim, 1), Status::NotFound);
+    assert_eq!(sim.nodes[1].relay.inbox_after(0).count(), 0);
+    assert_eq!(
+        sim.nodes[1].relay.followed_rooms(),
+        vec![room().as_str().to_owned()]
+    );
+    // A local client sends into the room: from then on its hub's events are taken.
+    let b = &mut sim.nodes[1];
+    b.relay.handle_client_submit(
+        now,
+        &mut b.store,
+        ReplyToken(2),
+        unjoined.as_str(),
+        submit_body("b.example", 7, 0),
+    );
+    while b.relay.poll_output().is_some() {}
+    b.store.commit().expect("commit");
+    assert_eq!(ask(&mut sim, 3), Status::Created);
+    assert_eq!(sim.nodes[1].relay.inbox_after(0).count(), 1);
+    // And the follow outlives a restart.
+    sim.crash(1);
+    sim.restart(1);
+    assert!(
+        sim.nodes[1]
+            .relay
+            .followed_rooms()
+            .contains(&unjoined.as_str().to_owned())
+    );
+    // A room hosted here cannot be followed.
+    let b = &mut sim.nodes[1];
+    assert!(b.relay.handle_follow_room(&mut b.store, &room2()).is_err());
 }
 
 #[test]

@@ -46,6 +46,7 @@ pub(crate) fn router(state: ApiState) -> Router {
         .route("/v1/client/submitBatch", post(submit_batch))
         .route("/v1/client/inbox", get(inbox))
         .route("/v1/client/rooms", post(create_room))
+        .route("/v1/client/follow/{room}", post(follow_room))
         .route("/v1/client/update/{room}", post(update))
         .route("/v1/client/keyMaterial", post(key_material))
         .route("/v1/client/keyPackages", post(publish_key_packages))
@@ -407,6 +408,20 @@ async fn create_room(
     .await
     {
         Some(Ok(())) => (StatusCode::CREATED, "created\n").into_response(),
+        Some(Err(e)) => (StatusCode::UNPROCESSABLE_ENTITY, format!("{e}\n")).into_response(),
+        None => unavailable(),
+    }
+}
+
+/// A provider front end says its users take part in `room` (hosted elsewhere): the node takes
+/// the room's `/notify`s from now on.
+async fn follow_room(State(s): State<ApiState>, Path(room): Path<String>) -> HttpResponse {
+    let room: RoomId = match room.parse() {
+        Ok(r) => r,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("room: {e}\n")).into_response(),
+    };
+    match ask(&s.tx, |reply| Event::FollowRoom { room, reply }).await {
+        Some(Ok(())) => (StatusCode::CREATED, "following\n").into_response(),
         Some(Err(e)) => (StatusCode::UNPROCESSABLE_ENTITY, format!("{e}\n")).into_response(),
         None => unavailable(),
     }

@@ -264,6 +264,24 @@ impl LocalClient {
         Ok(())
     }
 
+    /// Tells the node that its users take part in `room`, hosted elsewhere.
+    pub async fn follow_room(&mut self, room: &RoomId) -> Result<(), ClientError> {
+        let path = format!("/v1/client/follow/{}", room.to_path_segment());
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(path)
+            .header(hyper::header::HOST, self.addr.to_string())
+            .body(Full::new(Bytes::new()))?;
+        let (status, body) = self.call(req).await?;
+        if status != StatusCode::CREATED {
+            return Err(ClientError::Status {
+                status,
+                body: String::from_utf8_lossy(&body).into(),
+            });
+        }
+        Ok(())
+    }
+
     /// Posts `body` to `path` and returns the status and the answer.
     pub async fn post(
         &mut self,

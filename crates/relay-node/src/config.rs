@@ -81,6 +81,9 @@ struct RawNode {
     admin: String,
     #[serde(default)]
     store: Option<String>,
+    /// Rooms hosted by peers that this node follows from the start.
+    #[serde(default)]
+    follows: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -197,6 +200,8 @@ pub struct NodeConfig {
     pub listen: BTreeMap<TransportKind, SocketAddr>,
     pub peers: Vec<PeerConfig>,
     pub rooms: Vec<RoomConfig>,
+    /// `[node] follows`: rooms hosted by peers whose events this node takes from the start.
+    pub follows: Vec<RoomId>,
     pub max_body: usize,
     pub max_queue: usize,
     pub max_inbox: usize,
@@ -350,6 +355,26 @@ impl NodeConfig {
             }
             rooms.push(RoomConfig { id, followers });
         }
+        let mut follows = Vec::new();
+        for (i, f) in raw.node.follows.iter().enumerate() {
+            let key = format!("node.follows[{i}]");
+            let id: RoomId = f
+                .parse()
+                .map_err(|e| cx.err(&key, format!("{f:?} is not a room URI: {e}")))?;
+            if id.domain() == domain.as_str() {
+                return Err(cx.err(
+                    &key,
+                    format!("{id} is hosted here; list it under [[rooms]], not follows"),
+                ));
+            }
+            if !peers.iter().any(|p| p.domain.as_str() == id.domain()) {
+                return Err(cx.err(
+                    &key,
+                    format!("the room's hub {} is not among the peers", id.domain()),
+                ));
+            }
+            follows.push(id);
+        }
 
         let cert = resolve(&raw.tls.cert);
         let key = resolve(&raw.tls.key);
@@ -397,6 +422,7 @@ impl NodeConfig {
             listen,
             peers,
             rooms,
+            follows,
             max_body,
             max_queue,
             max_inbox,
@@ -416,6 +442,7 @@ fn adapter_limits(
     max_body: usize,
 ) -> Result<relay_adapter::Limits, ConfigError> {
     let d = relay_adapter::Limits::default();
+    let min_peer_bytes = 2 * max_body + (64 << 10);
     let range = |key: &str, v: Option<usize>, def: usize, lo: usize, hi: usize| match v {
         None => Ok(def),
         Some(v) if (lo..=hi).contains(&v) => Ok(v),
@@ -443,17 +470,22 @@ fn adapter_limits(
             1,
             65_536,
         )? as u32,
+        // A peer must be able to have at least two of the largest frames (body and head) in
+        // flight, or a full-size one could never be admitted.
         max_peer_bytes: range(
             "limits.max_peer_bytes",
             raw.max_peer_bytes,
-            d.max_peer_bytes.max(2 * max_body),
-            2 * max_body,
+            d.max_peer_bytes.max(min_peer_bytes),
+            min_peer_bytes,
             16 << 30,
         )
         .map_err(|_| {
             cx.err(
                 "limits.max_peer_bytes",
-                format!("must be at least twice max_body ({} bytes)", 2 * max_body),
+                format!(
+                    "must be at least {min_peer_bytes} bytes (twice max_body plus 64 KiB of \
+                     frame heads)"
+                ),
             )
         })?,
         frame_deadline: std::time::Duration::from_millis(range(
@@ -607,6 +639,53 @@ followers = ["b.example"]
         assert_eq!(k, "node.admin");
         let (k, _) = invalid(&GOOD.replace("[listen]\nquic = \"127.0.0.1:4433\"", "[listen]"));
         assert_eq!(k, "peers[0].transport");
+    }
+
+    #[test]
+    fn adapter_limits_have_defaults_and_are_bounded_by_key() {
+        let (_d, r) = with_files(GOOD);
+        assert_eq!(
+            r.expect("valid").adapter_limits,
+            relay_adapter::Limits::default()
+        );
+        let with = |kv: &str| format!("{GOOD}\n[limits]\n{kv}\n");
+        let (_d, r) = with_files(&with("max_conns_per_peer = 2\nframe_deadline_ms = 500"));
+        let l = r.expect("valid").adapter_limits;
+        assert_eq!(l.max_conns_per_peer, 2);
+        assert_eq!(l.frame_deadline, Duration::from_millis(500));
+        for (kv, key) in [
+            ("max_conns_per_peer = 0", "limits.max_conns_per_peer"),
+            ("max_handshakes = 0", "limits.max_handshakes"),
+            ("max_streams_per_conn = 0", "limits.max_streams_per_conn"),
+            ("max_peer_bytes = 1000", "limits.max_peer_bytes"),
+            ("frame_deadline_ms = 1", "limits.frame_deadline_ms"),
+            ("max_unacked = 1", "limits.max_unacked"),
+            ("max_xml_depth = 100000", "limits.max_xml_depth"),
+        ] {
+            let (k, m) = invalid(&with(kv));
+            assert_eq!(k, key, "{kv}: {m}");
+        }
+    }
+
+    #[test]
+    fn follows_name_rooms_of_peers() {
+        let text = GOOD.replace(
+            "admin = \"127.0.0.1:9100\"",
+            "admin = \"127.0.0.1:9100\"\nfollows = [\"mimi://b.example/r/annex\"]",
+        );
+        let (_d, r) = with_files(&text);
+        assert_eq!(
+            r.expect("valid").follows[0].as_str(),
+            "mimi://b.example/r/annex"
+        );
+        let (k, m) = invalid(&text.replace("mimi://b.example/r/annex", "mimi://z.example/r/x"));
+        assert_eq!(k, "node.follows[0]");
+        assert!(m.contains("not among the peers"), "{m}");
+        let (k, m) = invalid(&text.replace("mimi://b.example/r/annex", "mimi://a.example/r/x"));
+        assert_eq!(k, "node.follows[0]");
+        assert!(m.contains("hosted here"), "{m}");
+        let (k, _) = invalid(&text.replace("mimi://b.example/r/annex", "not a room"));
+        assert_eq!(k, "node.follows[0]");
     }
 
     #[test]

@@ -45,6 +45,11 @@ pub(crate) enum Event {
         followers: Vec<ProviderDomain>,
         reply: oneshot::Sender<Result<(), RoomError>>,
     },
+    /// A provider front end says its users take part in a room hosted elsewhere.
+    FollowRoom {
+        room: RoomId,
+        reply: oneshot::Sender<Result<(), RoomError>>,
+    },
     /// A local client's request for another endpoint than /submitMessage (/update,
     /// /keyMaterial): answered here or forwarded.
     ClientRequest {
@@ -346,6 +351,10 @@ impl<S: Store> CoreLoop<S> {
                 let r = self
                     .relay
                     .handle_create_room(&mut self.store, room, followers);
+                p.held.push_back((p.open, Held::Room(reply, r)));
+            }
+            Event::FollowRoom { room, reply } => {
+                let r = self.relay.handle_follow_room(&mut self.store, &room);
                 p.held.push_back((p.open, Held::Room(reply, r)));
             }
             Event::ClientRequest {

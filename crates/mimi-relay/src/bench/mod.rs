@@ -862,8 +862,15 @@ fn prepare(
     let mut configs = Vec::new();
     for i in 0..n {
         let p = provider(i);
+        // Every follower's users take part in every room of the hub.
+        let follows = if i == 0 {
+            String::new()
+        } else {
+            let rooms: Vec<String> = (0..rooms).map(|r| format!("\"{}\"", room_id(r))).collect();
+            format!("follows = [{}]\n", rooms.join(", "))
+        };
         let mut t = format!(
-            "[node]\ndomain = \"{p}\"\ndata_dir = \"data/{p}\"\nadmin = \"127.0.0.1:{}\"\nstore = \"{store}\"\n\n\
+            "[node]\ndomain = \"{p}\"\ndata_dir = \"data/{p}\"\nadmin = \"127.0.0.1:{}\"\nstore = \"{store}\"\n{follows}\n\
              [tls]\ncert = \"certs/{p}.crt\"\nkey = \"certs/{p}.key\"\n\n[listen]\n{kind} = \"{}\"\n",
             admins[i], addrs[i]
         );

@@ -32,7 +32,8 @@ const REC_MLS_META: u8 = 2;
 const REC_KP_OWNER: u8 = 3;
 const REC_KEY_PACKAGE: u8 = 4;
 const REC_KP_USED: u8 = 5;
-const REC_GROUP_INFO: u8 = 6;
+/// Not 6: that is the directory's (relay/services.rs), and the two once shared it.
+const REC_GROUP_INFO: u8 = 9;
 
 /// The hub's MLS view of one hosted room.
 #[derive(Debug)]
@@ -856,6 +857,11 @@ impl Relay {
                     status,
                 });
             }
+            if ok > 0 {
+                // A local user is being added to the room: its events (the Welcome first) are
+                // wanted here. Only on a real claim, so naming rooms costs a KeyPackage each.
+                self.follow(store, req.room_id.as_str());
+            }
             resp.user_status = if ok == 0 {
                 KeyMaterialUserCode::NoCompatibleMaterial
             } else if ok == resp.clients.len() {
@@ -1050,6 +1056,7 @@ impl Relay {
             Endpoint::Update => match target.parse::<RoomId>() {
                 Ok(r) => match r.domain().parse::<ProviderDomain>() {
                     Ok(hub) if hub != local => {
+                        self.follow(store, target);
                         self.forward(now, token, hub, endpoint, target, body, None)
                     }
                     _ => Some(self.reject(
