@@ -72,10 +72,16 @@ pub struct RelayConfig {
     /// Accepted submissions remembered per room to answer retries without fanning out twice:
     /// at least the last half of this many, at most this many.
     pub submit_window: usize,
-    /// Seed of the jitter generator (deterministic in simulation).
     /// Rooms hosted elsewhere that this node follows from the start (besides those its
     /// clients join): a `/notify` for any other room is refused.
     pub follows: Vec<mimi_wire::uri::RoomId>,
+    /// Abuse reports (§5.9) kept for the operator per reporting provider, and their bytes:
+    /// past either, that provider's reports are refused (503) and no one else's.
+    pub max_abuse_reports_per_peer: usize,
+    pub max_abuse_bytes_per_peer: usize,
+    /// Consent scopes (§5.7) stored per provider on the other side of them.
+    pub max_consent_per_peer: usize,
+    /// Seed of the jitter generator (deterministic in simulation).
     pub seed: u64,
 }
 
@@ -100,6 +106,9 @@ impl RelayConfig {
             submit_window: 65_536,
             seed: 0x6d69_6d69,
             follows: Vec::new(),
+            max_abuse_reports_per_peer: 1_000,
+            max_abuse_bytes_per_peer: 16 << 20,
+            max_consent_per_peer: 100_000,
         }
     }
 

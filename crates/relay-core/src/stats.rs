@@ -20,10 +20,12 @@ pub enum RejectReason {
     OutOfOrder,
     NotImplemented,
     NoRoute,
+    /// The peer is over one of its own budgets (stored abuse reports, consent records).
+    PeerBudget,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 9] = [
+    pub const ALL: [RejectReason; 10] = [
         RejectReason::Malformed,
         RejectReason::TooLarge,
         RejectReason::UnknownRoom,
@@ -33,6 +35,7 @@ impl RejectReason {
         RejectReason::OutOfOrder,
         RejectReason::NotImplemented,
         RejectReason::NoRoute,
+        RejectReason::PeerBudget,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -46,6 +49,7 @@ impl RejectReason {
             RejectReason::OutOfOrder => "out_of_order",
             RejectReason::NotImplemented => "not_implemented",
             RejectReason::NoRoute => "no_route",
+            RejectReason::PeerBudget => "peer_budget",
         }
     }
 }

@@ -133,6 +133,9 @@ struct RawLimits {
     max_parked_per_peer: Option<usize>,
     max_unacked: Option<usize>,
     max_xml_depth: Option<usize>,
+    max_abuse_reports_per_peer: Option<usize>,
+    max_abuse_bytes_per_peer: Option<usize>,
+    max_consent_per_peer: Option<usize>,
 }
 
 /// Where the node keeps its durable state.
@@ -206,6 +209,10 @@ pub struct NodeConfig {
     pub max_queue: usize,
     pub max_inbox: usize,
     pub request_timeout: Duration,
+    /// Stored abuse reports (count, bytes) and consent scopes per provider.
+    pub max_abuse_reports_per_peer: usize,
+    pub max_abuse_bytes_per_peer: usize,
+    pub max_consent_per_peer: usize,
     /// The per-peer budgets every transport adapter enforces.
     pub adapter_limits: relay_adapter::Limits,
     /// `[xmpp]`: XMPP peers reached as a component of an XMPP server.
@@ -401,6 +408,41 @@ impl NodeConfig {
         }
 
         let adapter_limits = adapter_limits(&cx, &raw.limits, max_body)?;
+        let per_peer = |key: &str, v: Option<usize>, default: usize, max: usize| {
+            let v = v.unwrap_or(default);
+            if !(1..=max).contains(&v) {
+                return Err(cx.err(
+                    &format!("limits.{key}"),
+                    format!("must be between 1 and {max}"),
+                ));
+            }
+            Ok(v)
+        };
+        let l = &raw.limits;
+        let max_abuse_reports_per_peer = per_peer(
+            "max_abuse_reports_per_peer",
+            l.max_abuse_reports_per_peer,
+            1_000,
+            1 << 20,
+        )?;
+        let max_abuse_bytes_per_peer = per_peer(
+            "max_abuse_bytes_per_peer",
+            l.max_abuse_bytes_per_peer,
+            16 << 20,
+            1 << 30,
+        )?;
+        if max_abuse_bytes_per_peer < max_body {
+            return Err(cx.err(
+                "limits.max_abuse_bytes_per_peer",
+                "must be at least max_body, or no report of the largest size could be kept",
+            ));
+        }
+        let max_consent_per_peer = per_peer(
+            "max_consent_per_peer",
+            l.max_consent_per_peer,
+            100_000,
+            1 << 24,
+        )?;
 
         let xmpp = match &raw.xmpp {
             None => None,
@@ -427,6 +469,9 @@ impl NodeConfig {
             max_queue,
             max_inbox,
             request_timeout,
+            max_abuse_reports_per_peer,
+            max_abuse_bytes_per_peer,
+            max_consent_per_peer,
             adapter_limits,
             xmpp,
             quic_congestion,
@@ -650,7 +695,10 @@ followers = ["b.example"]
         );
         let with = |kv: &str| format!("{GOOD}\n[limits]\n{kv}\n");
         let (_d, r) = with_files(&with("max_conns_per_peer = 2\nframe_deadline_ms = 500"));
-        let l = r.expect("valid").adapter_limits;
+        let cfg = r.expect("valid");
+        assert_eq!(cfg.max_abuse_reports_per_peer, 1_000);
+        assert_eq!(cfg.max_consent_per_peer, 100_000);
+        let l = cfg.adapter_limits;
         assert_eq!(l.max_conns_per_peer, 2);
         assert_eq!(l.frame_deadline, Duration::from_millis(500));
         for (kv, key) in [
@@ -661,6 +709,15 @@ followers = ["b.example"]
             ("frame_deadline_ms = 1", "limits.frame_deadline_ms"),
             ("max_unacked = 1", "limits.max_unacked"),
             ("max_xml_depth = 100000", "limits.max_xml_depth"),
+            (
+                "max_abuse_reports_per_peer = 0",
+                "limits.max_abuse_reports_per_peer",
+            ),
+            (
+                "max_abuse_bytes_per_peer = 4096",
+                "limits.max_abuse_bytes_per_peer",
+            ),
+            ("max_consent_per_peer = 0", "limits.max_consent_per_peer"),
         ] {
             let (k, m) = invalid(&with(kv));
             assert_eq!(k, key, "{kv}: {m}");

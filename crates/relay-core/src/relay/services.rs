@@ -4,7 +4,7 @@
 //! Privacy: an identifier query is answered with the matching user URIs only (no profile
 //! fields), and nothing about who asked is stored, logged with the query, or passed on.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 use mimi_wire::endpoint::Endpoint;
@@ -13,7 +13,7 @@ use mimi_wire::proto::{
     IdentifierResponse, IdentifierUri, SearchIdentifierType, VLBytes,
 };
 use mimi_wire::uri::{ProviderDomain, RoomId};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{Relay, ReplyToken, uri_in_domain};
 use crate::Now;
@@ -33,6 +33,12 @@ pub(super) struct Services {
     /// (requester, target, room or "") -> the last operation.
     pub consent: BTreeMap<(String, String, String), ConsentOperation>,
     pub abuse_reports: u64,
+    /// Per reporting provider: abuse reports kept and their bytes.
+    pub abuse_by_peer: BTreeMap<String, (usize, usize)>,
+    /// Per provider on the other side of a scope: consent scopes kept.
+    pub consent_by_peer: BTreeMap<String, usize>,
+    /// Providers already warned about being over a budget (one line each, not one a request).
+    pub warned: BTreeSet<(String, &'static str)>,
 }
 
 fn created() -> Response {
@@ -41,6 +47,15 @@ fn created() -> Response {
 
 fn user_domain(user: &str) -> Option<&str> {
     user.strip_prefix("mimi://")?.split('/').next()
+}
+
+/// The provider a consent scope is charged to: the side that is not us (either, when a
+/// local client asks about a local user).
+fn consent_peer<'a>(local: &str, requester: &'a str, target: &'a str) -> &'a str {
+    match user_domain(requester) {
+        Some(d) if d != local => d,
+        _ => user_domain(target).unwrap_or(""),
+    }
 }
 
 impl Relay {
@@ -65,10 +80,24 @@ impl Relay {
                         v.first().and_then(|o| ConsentOperation::from_u8(*o).ok()),
                     ) {
                         let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-                        self.services.consent.insert((s(r), s(t), s(room)), op);
+                        let (r, t) = (s(r), s(t));
+                        let peer = consent_peer(self.cfg.local.as_str(), &r, &t).to_owned();
+                        *self.services.consent_by_peer.entry(peer).or_default() += 1;
+                        self.services.consent.insert((r, t, s(room)), op);
                     }
                 }
-                Some((&REC_ABUSE, _)) => self.services.abuse_reports += 1,
+                Some((&REC_ABUSE, rest)) => {
+                    self.services.abuse_reports += 1;
+                    // counter (8 bytes), reporting provider, NUL, room. Records from before
+                    // the reporter was kept have no NUL and are charged to no one.
+                    let rest = rest.get(8..).unwrap_or_default();
+                    if let Some(end) = rest.iter().position(|b| *b == 0) {
+                        let peer = String::from_utf8_lossy(&rest[..end]).into_owned();
+                        let e = self.services.abuse_by_peer.entry(peer).or_default();
+                        e.0 += 1;
+                        e.1 += v.len();
+                    }
+                }
                 _ => {}
             }
         }
@@ -77,6 +106,24 @@ impl Relay {
     /// Abuse reports kept for the operator.
     pub fn abuse_reports(&self) -> u64 {
         self.services.abuse_reports
+    }
+
+    /// A provider over one of its service budgets: 503, retry much later (the operator has to
+    /// act, or the peer's records must be revoked), logged once per provider and budget.
+    fn over_budget(&mut self, peer: &str, budget: &'static str, limit: usize) -> Response {
+        if self.services.warned.insert((peer.to_owned(), budget)) {
+            warn!(
+                peer,
+                budget, limit, "provider over its budget; its requests are refused"
+            );
+        }
+        let mut r = self.reject(
+            RejectReason::PeerBudget,
+            Status::Unavailable,
+            "over this provider's budget of stored records",
+        );
+        r.retry_after = Some(std::time::Duration::from_secs(60));
+        r
     }
 
     /// The last consent operation for this scope, if any.
@@ -237,6 +284,21 @@ impl Relay {
         {
             return created();
         }
+        let peer = consent_peer(self.cfg.local.as_str(), r, t).to_owned();
+        let is_new = !self.services.consent.contains_key(&scope);
+        if is_new {
+            let held = self
+                .services
+                .consent_by_peer
+                .get(&peer)
+                .copied()
+                .unwrap_or(0);
+            if held >= self.cfg.max_consent_per_peer {
+                let limit = self.cfg.max_consent_per_peer;
+                return self.over_budget(&peer, "consent", limit);
+            }
+            *self.services.consent_by_peer.entry(peer).or_default() += 1;
+        }
         let mut k = vec![REC_CONSENT];
         k.extend_from_slice(scope.0.as_bytes());
         k.push(0);
@@ -252,7 +314,13 @@ impl Relay {
     }
 
     /// §5.9: abuse reports go to the hub of the room, which keeps them for its operator.
-    fn report_abuse<S: Store>(&mut self, store: &mut S, room: &str, body: &Bytes) -> Response {
+    fn report_abuse<S: Store>(
+        &mut self,
+        store: &mut S,
+        from: &ProviderDomain,
+        room: &str,
+        body: &Bytes,
+    ) -> Response {
         if !self.room_by_id.contains_key(room) {
             return self.reject(RejectReason::UnknownRoom, Status::NotFound, "unknown room");
         }
@@ -263,9 +331,33 @@ impl Relay {
                 "malformed AbuseReport",
             );
         }
+        let peer = from.as_str();
+        let (count, bytes) = self
+            .services
+            .abuse_by_peer
+            .get(peer)
+            .copied()
+            .unwrap_or_default();
+        if count >= self.cfg.max_abuse_reports_per_peer {
+            let limit = self.cfg.max_abuse_reports_per_peer;
+            return self.over_budget(peer, "abuse_reports", limit);
+        }
+        if bytes + body.len() > self.cfg.max_abuse_bytes_per_peer {
+            let limit = self.cfg.max_abuse_bytes_per_peer;
+            return self.over_budget(peer, "abuse_bytes", limit);
+        }
+        let e = self
+            .services
+            .abuse_by_peer
+            .entry(peer.to_owned())
+            .or_default();
+        e.0 += 1;
+        e.1 += body.len();
         self.services.abuse_reports += 1;
         let mut k = vec![REC_ABUSE];
         k.extend_from_slice(&self.services.abuse_reports.to_be_bytes());
+        k.extend_from_slice(peer.as_bytes());
+        k.push(0);
         k.extend_from_slice(room.as_bytes());
         store.apply(StoreOp::Record {
             key: &k,
@@ -298,7 +390,7 @@ impl Relay {
             Endpoint::RequestConsent | Endpoint::UpdateConsent => {
                 self.consent_entry(store, from, endpoint, body)
             }
-            Endpoint::ReportAbuse => self.report_abuse(store, target, body),
+            Endpoint::ReportAbuse => self.report_abuse(store, from, target, body),
             Endpoint::GroupInfo => self.group_info(from, target, body),
             _ => return None,
         })
@@ -358,5 +450,162 @@ impl Relay {
             return self.service_request(store, &local, endpoint, &fwd_target, &body);
         }
         self.forward(now, token, dest, endpoint, &fwd_target, body, None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use mimi_wire::proto::KeyPackage;
+
+    use super::*;
+    use crate::store::MemStore;
+    use crate::transport::{Request, TransportKind};
+    use crate::{Output, RelayConfig};
+
+    fn d(s: &str) -> ProviderDomain {
+        s.parse().unwrap()
+    }
+
+    fn now() -> Now {
+        Now {
+            mono: Instant::now(),
+            unix_ms: 1_700_000_000_000,
+        }
+    }
+
+    fn hub(store: &MemStore) -> Relay {
+        let mut cfg = RelayConfig::new(d("a.example"))
+            .with_route(d("b.example"), TransportKind::Https)
+            .with_route(d("c.example"), TransportKind::Https);
+        cfg.max_abuse_reports_per_peer = 3;
+        cfg.max_abuse_bytes_per_peer = 1 << 20;
+        cfg.max_consent_per_peer = 2;
+        Relay::new(cfg, store.committed().clone(), now())
+    }
+
+    fn ask(relay: &mut Relay, store: &mut MemStore, req: Request) -> Response {
+        relay.handle_request(now(), store, ReplyToken(7), req);
+        store.commit().unwrap();
+        loop {
+            match relay.poll_output().expect("an answer") {
+                Output::Reply { response, .. } => return response,
+                _ => continue,
+            }
+        }
+    }
+
+    fn req(from: &str, endpoint: Endpoint, target: &str, body: Vec<u8>) -> Request {
+        Request {
+            from: d(from),
+            transport: TransportKind::Https,
+            endpoint,
+            target: target.to_owned(),
+            seq: None,
+            body: Bytes::from(body),
+        }
+    }
+
+    fn report(note: &[u8]) -> Vec<u8> {
+        AbuseReport {
+            reporting_user: IdentifierUri::new("mimi://b.example/u/bob"),
+            alleged_abuser_uri: IdentifierUri::new("mimi://a.example/u/alice"),
+            reason_code: 0,
+            note: VLBytes::new(note.to_vec()),
+            messages: Vec::new(),
+            abuse_extensions: VLBytes::new(Vec::new()),
+        }
+        .encode()
+        .unwrap()
+    }
+
+    fn consent(requester: &str, target: &str) -> Vec<u8> {
+        ConsentEntry {
+            operation: ConsentOperation::Request,
+            requester_uri: IdentifierUri::new(requester),
+            target_uri: IdentifierUri::new(target),
+            room_id: None,
+            client_key_packages: Vec::<KeyPackage>::new(),
+            consent_extensions: VLBytes::new(Vec::new()),
+        }
+        .encode()
+        .unwrap()
+    }
+
+    #[test]
+    fn abuse_reports_are_capped_per_reporting_provider_across_restarts() {
+        let mut store = MemStore::new();
+        let mut relay = hub(&store);
+        let room = "mimi://a.example/r/abuse";
+        relay
+            .handle_create_room(
+                &mut store,
+                room.parse().unwrap(),
+                vec![d("b.example"), d("c.example")],
+            )
+            .unwrap();
+        for i in 0..3u8 {
+            let r = req("b.example", Endpoint::ReportAbuse, room, report(&[i]));
+            assert_eq!(ask(&mut relay, &mut store, r).status, Status::Created);
+        }
+        let r = req("b.example", Endpoint::ReportAbuse, room, report(b"4th"));
+        let refused = ask(&mut relay, &mut store, r);
+        assert_eq!(refused.status, Status::Unavailable);
+        assert!(refused.retry_after.is_some());
+        // Another provider's share is untouched.
+        let r = req("c.example", Endpoint::ReportAbuse, room, report(b"c"));
+        assert_eq!(ask(&mut relay, &mut store, r).status, Status::Created);
+        assert_eq!(relay.abuse_reports(), 4);
+        // The count is rebuilt from the store: b is still at its cap after a restart.
+        let mut relay = hub(&store);
+        let r = req("b.example", Endpoint::ReportAbuse, room, report(b"5th"));
+        assert_eq!(ask(&mut relay, &mut store, r).status, Status::Unavailable);
+        let r = req("c.example", Endpoint::ReportAbuse, room, report(b"c2"));
+        assert_eq!(ask(&mut relay, &mut store, r).status, Status::Created);
+        assert_eq!(relay.stats().rejects[RejectReason::PeerBudget as usize], 1);
+    }
+
+    #[test]
+    fn abuse_report_bytes_are_capped_per_provider() {
+        let mut store = MemStore::new();
+        let mut relay = hub(&store);
+        let room = "mimi://a.example/r/abuse";
+        relay
+            .handle_create_room(&mut store, room.parse().unwrap(), vec![d("b.example")])
+            .unwrap();
+        let big = vec![b'x'; 700 << 10];
+        let r = req("b.example", Endpoint::ReportAbuse, room, report(&big));
+        assert_eq!(ask(&mut relay, &mut store, r).status, Status::Created);
+        let r = req("b.example", Endpoint::ReportAbuse, room, report(&big));
+        assert_eq!(ask(&mut relay, &mut store, r).status, Status::Unavailable);
+        let r = req("b.example", Endpoint::ReportAbuse, room, report(b"small"));
+        assert_eq!(ask(&mut relay, &mut store, r).status, Status::Created);
+    }
+
+    #[test]
+    fn consent_scopes_are_capped_per_provider_and_updates_of_a_kept_scope_pass() {
+        let mut store = MemStore::new();
+        let mut relay = hub(&store);
+        let target = "mimi://a.example/u/alice";
+        for n in 0..2 {
+            let body = consent(&format!("mimi://b.example/u/{n}"), target);
+            let r = req("b.example", Endpoint::RequestConsent, target, body);
+            assert_eq!(ask(&mut relay, &mut store, r).status, Status::Created);
+        }
+        let body = consent("mimi://b.example/u/new", target);
+        let r = req("b.example", Endpoint::RequestConsent, target, body);
+        assert_eq!(ask(&mut relay, &mut store, r).status, Status::Unavailable);
+        // A scope already kept is not a new record.
+        let body = consent("mimi://b.example/u/0", target);
+        let r = req("b.example", Endpoint::RequestConsent, target, body);
+        assert_eq!(ask(&mut relay, &mut store, r).status, Status::Created);
+        let body = consent("mimi://c.example/u/carol", target);
+        let r = req("c.example", Endpoint::RequestConsent, target, body);
+        assert_eq!(ask(&mut relay, &mut store, r).status, Status::Created);
+        let mut relay = hub(&store);
+        let body = consent("mimi://b.example/u/new", target);
+        let r = req("b.example", Endpoint::RequestConsent, target, body);
+        assert_eq!(ask(&mut relay, &mut store, r).status, Status::Unavailable);
     }
 }
