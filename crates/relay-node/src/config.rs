@@ -412,7 +412,7 @@ impl NodeConfig {
             let v = v.unwrap_or(default);
             if !(1..=max).contains(&v) {
                 return Err(cx.err(
-                    &format!("limits.{key}"),
+                    format!("limits.{key}"),
                     format!("must be between 1 and {max}"),
                 ));
             }
