@@ -465,7 +465,7 @@ mod tests {
     use crate::{Output, RelayConfig};
 
     fn d(s: &str) -> ProviderDomain {
-        s.parse().unwrap()
+        s.parse().expect("test domain")
     }
 
     fn now() -> Now {
@@ -487,7 +487,7 @@ mod tests {
 
     fn ask(relay: &mut Relay, store: &mut MemStore, req: Request) -> Response {
         relay.handle_request(now(), store, ReplyToken(7), req);
-        store.commit().unwrap();
+        store.commit().expect("memory commit");
         loop {
             match relay.poll_output().expect("an answer") {
                 Output::Reply { response, .. } => return response,
@@ -517,7 +517,7 @@ mod tests {
             abuse_extensions: VLBytes::new(Vec::new()),
         }
         .encode()
-        .unwrap()
+        .expect("encodes")
     }
 
     fn consent(requester: &str, target: &str) -> Vec<u8> {
@@ -530,7 +530,7 @@ mod tests {
             consent_extensions: VLBytes::new(Vec::new()),
         }
         .encode()
-        .unwrap()
+        .expect("encodes")
     }
 
     #[test]
@@ -541,10 +541,10 @@ mod tests {
         relay
             .handle_create_room(
                 &mut store,
-                room.parse().unwrap(),
+                room.parse().expect("room id"),
                 vec![d("b.example"), d("c.example")],
             )
-            .unwrap();
+            .expect("room created");
         for i in 0..3u8 {
             let r = req("b.example", Endpoint::ReportAbuse, room, report(&[i]));
             assert_eq!(ask(&mut relay, &mut store, r).status, Status::Created);
@@ -572,8 +572,12 @@ mod tests {
         let mut relay = hub(&store);
         let room = "mimi://a.example/r/abuse";
         relay
-            .handle_create_room(&mut store, room.parse().unwrap(), vec![d("b.example")])
-            .unwrap();
+            .handle_create_room(
+                &mut store,
+                room.parse().expect("room id"),
+                vec![d("b.example")],
+            )
+            .expect("room created");
         let big = vec![b'x'; 700 << 10];
         let r = req("b.example", Endpoint::ReportAbuse, room, report(&big));
         assert_eq!(ask(&mut relay, &mut store, r).status, Status::Created);
