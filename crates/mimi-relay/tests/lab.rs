@@ -220,6 +220,93 @@ fn repeated_rows_give_each_run_and_their_median() {
     assert!(report.contains("Each run (in round order"), "{report}");
 }
 
+/// The row of `transport`'s `run` ("quiet" or "flood") of a hostile lab.
+fn hostile_row<'a>(rows: &'a [Value], transport: &str, run: &str) -> &'a Value {
+    rows.iter()
+        .find(|r| r["transport"] == transport && r["hostile"] == run)
+        .unwrap_or_else(|| panic!("no {run} row for {transport}"))
+}
+
+#[test]
+fn a_flooding_follower_is_refused_while_the_victim_gets_everything_once() {
+    let (rows, out) = bench(&[
+        "--net",
+        "loopback",
+        "--profile",
+        "lan",
+        "--transports",
+        "https,quic,xmpp,matrix,bare-tls",
+        "--duration",
+        "2",
+        "--rooms",
+        "2",
+        "--rate",
+        "100",
+        "--hostile",
+        "flood",
+    ]);
+    assert!(
+        rows.iter().all(|r| r["transport"] != "bare-tls"),
+        "a baseline has no relay to flood"
+    );
+    assert_eq!(
+        rows.len(),
+        8,
+        "a quiet and a flooded row per relay transport"
+    );
+    for t in ["https", "quic", "xmpp", "matrix"] {
+        let (quiet, flood) = (
+            hostile_row(&rows, t, "quiet"),
+            hostile_row(&rows, t, "flood"),
+        );
+        // Status ok: no node exited (that fails the row); the victim got every message once,
+        // in order, in both runs.
+        assert_clean(quiet);
+        assert_clean(flood);
+        assert_eq!(flood["followers"], 2, "{flood}");
+        assert_eq!(flood["sent"], flood["delivered"], "{flood}");
+        for k in ["victim_p99_ratio", "victim_rate_ratio"] {
+            assert!(flood[k].as_f64().is_some_and(|x| x > 0.0), "{k} in {flood}");
+        }
+        let peak = flood["hub_peak_rss_bytes"].as_u64().unwrap();
+        assert!(peak > 1 << 20, "{flood}");
+        assert!(quiet["hub_peak_rss_bytes"].as_u64().unwrap() > 1 << 20);
+        // The budget stands on the quiet run's peak.
+        assert!(
+            flood["rss_budget_bytes"].as_u64().unwrap()
+                > quiet["hub_peak_rss_bytes"].as_u64().unwrap(),
+            "{flood}"
+        );
+        assert!(flood["targets_met"].is_boolean(), "{flood}");
+        // The flood reached the hub and was refused there: answers with refusal statuses,
+        // counted by the hub itself too.
+        let f = &flood["flood"];
+        assert!(f["sent"].as_u64().unwrap() > 0, "{f}");
+        assert!(f["connections"].as_u64().unwrap() > 0, "{f}");
+        assert!(f["refused_4xx"].as_u64().unwrap() > 0, "{t}: {f}");
+        assert!(f["refused_2xx"].as_u64().unwrap() > 0, "{t}: {f}");
+        let counters = flood["hub_refusals"].as_object().unwrap();
+        assert!(
+            counters.keys().any(|k| k.starts_with("rejects_total")),
+            "{t}: the hub's core refused nothing: {counters:?}"
+        );
+        assert!(
+            counters
+                .keys()
+                .any(|k| k.starts_with("budget_refusals_total")),
+            "{t}: no adapter budget refused the flood: {counters:?}"
+        );
+        assert!(quiet["flood"].is_null(), "{quiet}");
+        assert!(
+            quiet["hub_refusals"].is_null(),
+            "nothing hostile in the quiet run: {quiet}"
+        );
+    }
+    let report = std::fs::read_to_string(out.path().join("report.md")).unwrap();
+    assert!(report.contains("## Hostile peer: flood"), "{report}");
+    assert!(report.contains("RSS budget"), "{report}");
+}
+
 fn namespaces_usable() -> bool {
     use std::os::unix::fs::MetadataExt;
     let root = std::fs::metadata("/proc/self").map(|m| m.uid()).ok() == Some(0);

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 
-use super::{BenchOptions, NetMode, Profile, SizeMix};
+use super::{BenchOptions, Hostile, NetMode, Profile, SizeMix};
 use crate::demo::Launcher;
 
 /// Compare the transports under the same load and network conditions.
@@ -97,6 +97,12 @@ pub struct BenchArgs {
     /// the relay's default when not given.
     #[arg(long)]
     pub quic_cc: Option<String>,
+    /// A hostile peer: `flood` runs each relay transport twice with two followers, quiet and
+    /// while the second follower's identity floods the hub with oversize, malformed and
+    /// valid-but-expensive requests; the first follower's traffic is measured in both (the
+    /// baselines are skipped, and --followers does not apply).
+    #[arg(long, default_value = "none", value_parser = ["none", "flood"])]
+    pub hostile: String,
 }
 
 /// Most runs of a row: enough for a median that shrugs off two outliers.
@@ -174,6 +180,10 @@ impl BenchArgs {
                 None => relay_quic::Congestion::default(),
                 Some(c) => c.parse().map_err(|e| anyhow::anyhow!("--quic-cc: {e}"))?,
             },
+            hostile: match self.hostile.as_str() {
+                "flood" => Hostile::Flood,
+                _ => Hostile::None,
+            },
         })
     }
 }
@@ -190,6 +200,13 @@ pub async fn main(args: BenchArgs, command: String) -> Result<bool> {
     print!("{}", super::report::table(&report.rows));
     if report.repeat > 1 {
         print!("\n{}", super::report::runs_table(&report.rows));
+    }
+    if report.hostile.is_some() {
+        print!(
+            "\n{}\n{}",
+            super::report::hostile_table(&report.rows),
+            super::report::hostile_words(&report.rows, report.hostile.as_ref())
+        );
     }
     eprintln!("network: {}", report.net_note);
     eprintln!("wrote {}/results.json, report.md and plots", out.display());

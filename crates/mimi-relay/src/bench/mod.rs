@@ -11,11 +11,12 @@
 //! `gap` row, not a failure of the run.
 
 mod cli;
+mod hostile;
 pub mod netlab;
 mod pump;
 mod report;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -34,6 +35,8 @@ use serde::Serialize;
 
 use crate::demo::Launcher;
 pub use cli::{BenchArgs, main};
+use hostile::Variant;
+pub use hostile::{FloodCounts, Hostile, HostileLimits};
 use netlab::NetLab;
 pub use netlab::Profile;
 
@@ -129,6 +132,8 @@ pub struct BenchOptions {
     pub settle: Duration,
     /// The congestion controller of the relay's QUIC transport and of the bare-quinn pump.
     pub quic_cc: relay_quic::Congestion,
+    /// `--hostile flood`: each relay transport runs quiet and flooded (see [`hostile`]).
+    pub hostile: Hostile,
 }
 
 impl Default for BenchOptions {
@@ -159,6 +164,7 @@ impl Default for BenchOptions {
             keep: false,
             settle: Duration::from_secs(30),
             quic_cc: relay_quic::Congestion::default(),
+            hostile: Hostile::None,
         }
     }
 }
@@ -205,6 +211,31 @@ pub struct Row {
     pub cdf: Vec<(f64, u64)>,
     /// With `--repeat`: each run's own figures, in round order; the row's are their medians.
     pub repeats: Vec<Repeat>,
+    /// `--hostile`: `quiet` or `flood`, the two runs of a transport (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostile: Option<String>,
+    /// On a flood row: the victim's p99 latency, flooded over quiet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub victim_p99_ratio: Option<f64>,
+    /// On a flood row: the victim's delivered msgs/s, flooded over quiet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub victim_rate_ratio: Option<f64>,
+    /// The hub process's peak resident set over the row (VmHWM), in bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hub_peak_rss_bytes: Option<u64>,
+    /// On a flood row: what the hub may hold by its configured budgets (the report gives the
+    /// formula): its quiet run's peak plus what the `[limits]` let its peers add.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_budget_bytes: Option<u64>,
+    /// On a flood row: what the flooder sent and how the hub answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flood: Option<FloodCounts>,
+    /// The hub's refusal counters from its `/metrics` at the end of the row (non-zero ones).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub hub_refusals: BTreeMap<String, u64>,
+    /// On a flood row: whether every target of the hostile scenario held.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub targets_met: Option<bool>,
 }
 
 /// One run's headline figures, when a row is the median of several.
@@ -251,6 +282,14 @@ impl Row {
             out_of_order: None,
             cdf: Vec::new(),
             repeats: Vec::new(),
+            hostile: None,
+            victim_p99_ratio: None,
+            victim_rate_ratio: None,
+            hub_peak_rss_bytes: None,
+            rss_budget_bytes: None,
+            flood: None,
+            hub_refusals: BTreeMap::new(),
+            targets_met: None,
         }
     }
 
@@ -293,7 +332,20 @@ impl Row {
                 (*q, median_u64(at).unwrap_or(0))
             })
             .collect();
+        let mut flood: Option<FloodCounts> = None;
+        let mut hub_refusals = BTreeMap::new();
+        for r in &runs {
+            if let Some(f) = &r.flood {
+                flood.get_or_insert_with(FloodCounts::default).add(f);
+            }
+            for (k, v) in &r.hub_refusals {
+                *hub_refusals.entry(k.clone()).or_insert(0) += v;
+            }
+        }
         Row {
+            hub_peak_rss_bytes: runs.iter().filter_map(|r| r.hub_peak_rss_bytes).max(),
+            flood,
+            hub_refusals,
             sent: runs.iter().map(|r| r.sent).sum(),
             delivered: runs.iter().map(|r| r.delivered).sum(),
             msgs_per_s: f(|r| r.msgs_per_s),
@@ -367,8 +419,54 @@ pub struct BenchReport {
     pub quic_cc: String,
     /// Runs per row (`--repeat`); with more than one, the rows' figures are medians.
     pub repeat: usize,
+    /// With `--hostile flood`: the hub's `[limits]` in the hostile rows.
+    pub hostile: Option<HostileLimits>,
+    /// What the run left out, and why.
+    pub notes: Vec<String>,
     pub rows: Vec<Row>,
 }
+
+/// Completes each flood row from its transport's quiet row: the victim's ratios, the hub's
+/// memory budget and whether every target held.
+fn hostile_figures(rows: &mut [Row]) {
+    let quiet: Vec<Row> = rows
+        .iter()
+        .filter(|r| r.hostile.as_deref() == Some("quiet") && r.status == "ok")
+        .cloned()
+        .collect();
+    for r in rows
+        .iter_mut()
+        .filter(|r| r.hostile.as_deref() == Some("flood") && r.status == "ok")
+    {
+        let Some(q) = quiet.iter().find(|q| q.transport == r.transport) else {
+            continue;
+        };
+        let (q_rate, q_p99, q_rss) = (&q.msgs_per_s, &q.p99_us, &q.hub_peak_rss_bytes);
+        r.victim_rate_ratio = match (r.msgs_per_s, q_rate) {
+            (Some(f), Some(q)) if *q > 0.0 => Some(f / q),
+            _ => None,
+        };
+        r.victim_p99_ratio = match (r.p99_us, q_p99) {
+            (Some(f), Some(q)) => Some(f as f64 / (*q).max(1) as f64),
+            _ => None,
+        };
+        let kind = r.transport.parse::<TransportKind>().ok();
+        r.rss_budget_bytes = match (q_rss, kind) {
+            (Some(q), Some(k)) => Some(q + hostile::LIMITS.allowance(k, HOSTILE_PEERS)),
+            _ => None,
+        };
+        r.targets_met = Some(
+            r.victim_rate_ratio
+                .is_some_and(|x| x >= hostile::RATE_TARGET)
+                && r.victim_p99_ratio.is_some_and(|x| x <= hostile::P99_TARGET)
+                && matches!((r.hub_peak_rss_bytes, r.rss_budget_bytes), (Some(p), Some(b)) if p <= b)
+                && r.is_clean(),
+        );
+    }
+}
+
+/// The hub's peers in a hostile row: the victim and the flooder.
+const HOSTILE_PEERS: u64 = 2;
 
 /// Parses `--transports`: relay transport names and the two baselines.
 pub fn check_transport(name: &str) -> Result<()> {
@@ -552,6 +650,43 @@ fn room_id(r: usize) -> String {
     format!("mimi://a.example/r/room{r}")
 }
 
+/// The room of the flooding follower in a hostile row (the victim is not a member).
+const FLOOD_ROOM: &str = "mimi://a.example/r/flood";
+
+/// What the flooder of a hostile row needs: the hub's listener as the flooding follower (the
+/// last node) reaches it, that follower's TLS identity from the row's config directory, and
+/// the hub's certificate to pin.
+fn flood_target(
+    kind: TransportKind,
+    configs: &[PathBuf],
+    lab: Option<&NetLab>,
+) -> Result<hostile::FloodTarget> {
+    let me = configs.len() - 1;
+    let hub_cfg = relay_node::NodeConfig::load(&configs[0])?;
+    let hub_addr = match lab {
+        Some(_) => SocketAddr::from((NetLab::addr(0), netns_port(kind))),
+        None => *hub_cfg
+            .listen
+            .get(&kind)
+            .ok_or_else(|| anyhow!("the hub does not listen on {kind}"))?,
+    };
+    let my_cfg = relay_node::NodeConfig::load(&configs[me])?;
+    let identity = relay_tls::TlsIdentity::load(my_cfg.domain.clone(), &my_cfg.cert, &my_cfg.key)?;
+    let mut trust = relay_tls::PeerTrust::new();
+    trust.load_pem(hub_cfg.domain.clone(), &hub_cfg.cert)?;
+    Ok(hostile::FloodTarget {
+        kind,
+        hub: hub_cfg.domain,
+        hub_addr,
+        trust,
+        identity,
+        member_room: FLOOD_ROOM.to_owned(),
+        victim_room: room_id(0),
+        limits: hostile::LIMITS,
+        netns: lab.map(|l| l.path(me)),
+    })
+}
+
 /// The progress line on stderr.
 #[derive(Clone)]
 pub(crate) struct Progress {
@@ -621,33 +756,75 @@ pub async fn run(opts: BenchOptions, launcher: Launcher, command: String) -> Res
         last: Arc::default(),
     };
     let budget = row_budget(&opts);
+    // The rows of each profile: every transport once, or, hostile, each relay transport quiet
+    // and flooded (the baselines carry no relay to flood).
+    let mut notes = Vec::new();
+    let units: Vec<(String, Variant)> = match opts.hostile {
+        Hostile::None => opts
+            .transports
+            .iter()
+            .map(|t| (t.clone(), Variant::Normal))
+            .collect(),
+        Hostile::Flood => {
+            let skipped: Vec<&str> = opts
+                .transports
+                .iter()
+                .filter(|t| t.starts_with("bare-"))
+                .map(String::as_str)
+                .collect();
+            if !skipped.is_empty() {
+                notes.push(format!(
+                    "--hostile flood: {} skipped (a baseline has no relay to flood)",
+                    skipped.join(", ")
+                ));
+            }
+            opts.transports
+                .iter()
+                .filter(|t| !t.starts_with("bare-"))
+                .flat_map(|t| [(t.clone(), Variant::Quiet), (t.clone(), Variant::Flood)])
+                .collect()
+        }
+    };
+    for n in &notes {
+        eprintln!("note: {n}");
+    }
     let mut rows = Vec::new();
     let net = if use_netns { "netns" } else { "loopback" };
     for profile in &opts.profiles {
         let epoch = Instant::now();
         let lab = if use_netns {
-            Some(NetLab::create(1 + opts.followers, profile, epoch)?)
+            let nodes = match opts.hostile {
+                Hostile::None => 1 + opts.followers,
+                Hostile::Flood => 3,
+            };
+            Some(NetLab::create(nodes, profile, epoch)?)
         } else {
             None
         };
-        // runs[i]: the runs of transport i, in round order.
-        let mut runs: Vec<Vec<Row>> = vec![Vec::new(); opts.transports.len()];
+        // runs[i]: the runs of unit i, in round order.
+        let mut runs: Vec<Vec<Row>> = vec![Vec::new(); units.len()];
         let order = (0..opts.repeat).flat_map(|round| {
-            let n = opts.transports.len();
+            let n = units.len();
             (0..n).map(move |i| (round, (round + i) % n))
         });
         for (round, ti) in order {
-            let t = &opts.transports[ti];
+            let (t, variant) = (&units[ti].0, units[ti].1);
             let mut row = Row::empty(t, &profile.name, net, &opts);
+            row.hostile = variant.label().map(str::to_owned);
+            let name = match variant.label() {
+                Some(v) => format!("{t} / {v}"),
+                None => t.clone(),
+            };
+            let dir = name.replace(" / ", "-");
             let (label, work) = if opts.repeat == 1 {
                 (
-                    format!("[{} / {}]", t, profile.name),
-                    format!("{}-{t}", profile.name),
+                    format!("[{name} / {}]", profile.name),
+                    format!("{}-{dir}", profile.name),
                 )
             } else {
                 (
-                    format!("[{} / {} / run {}]", t, profile.name, round + 1),
-                    format!("{}-{t}-{}", profile.name, round + 1),
+                    format!("[{name} / {} / run {}]", profile.name, round + 1),
+                    format!("{}-{dir}-{}", profile.name, round + 1),
                 )
             };
             let work = opts.out.join("work").join(work);
@@ -675,6 +852,7 @@ pub async fn run(opts: BenchOptions, launcher: Launcher, command: String) -> Res
                         let kind: TransportKind = t.parse()?;
                         run_relay(
                             kind,
+                            variant,
                             &work,
                             &opts,
                             profile,
@@ -723,7 +901,9 @@ pub async fn run(opts: BenchOptions, launcher: Launcher, command: String) -> Res
             }
             runs[ti].push(row);
         }
-        rows.extend(runs.into_iter().map(Row::median_of));
+        let mut profile_rows: Vec<Row> = runs.into_iter().map(Row::median_of).collect();
+        hostile_figures(&mut profile_rows);
+        rows.extend(profile_rows);
         if let Some(lab) = &lab {
             lab.set_cut(false);
         }
@@ -743,6 +923,8 @@ pub async fn run(opts: BenchOptions, launcher: Launcher, command: String) -> Res
         duration_s: opts.duration.as_secs_f64(),
         quic_cc: opts.quic_cc.to_string(),
         repeat: opts.repeat,
+        hostile: (opts.hostile == Hostile::Flood).then_some(hostile::LIMITS),
+        notes,
         rows,
     };
     report::write(&opts.out, &report)?;
@@ -824,7 +1006,9 @@ fn prepare(
     n: usize,
     opts: &BenchOptions,
     netns: bool,
+    variant: Variant,
 ) -> Result<Vec<PathBuf>> {
+    let hostile = variant != Variant::Normal;
     let (rooms, store) = (opts.rooms, &opts.store);
     std::fs::create_dir_all(dir.join("certs"))?;
     for i in 0..n {
@@ -834,15 +1018,19 @@ fn prepare(
         std::fs::write(dir.join(format!("certs/{p}.crt")), g.cert_pem)?;
         std::fs::write(dir.join(format!("certs/{p}.key")), g.key_pem)?;
     }
-    let free = |udp: bool| -> Result<u16> {
+    // Each port stays bound until all are picked, so that no two nodes are given the same one.
+    let mut held: (Vec<std::net::UdpSocket>, Vec<std::net::TcpListener>) = (Vec::new(), Vec::new());
+    let mut free = |udp: bool| -> Result<u16> {
         Ok(if udp {
-            std::net::UdpSocket::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port()
+            let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
+            let port = s.local_addr()?.port();
+            held.0.push(s);
+            port
         } else {
-            std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port()
+            let s = std::net::TcpListener::bind("127.0.0.1:0")?;
+            let port = s.local_addr()?.port();
+            held.1.push(s);
+            port
         })
     };
     let mut addrs = Vec::new();
@@ -859,12 +1047,16 @@ fn prepare(
             admins.push(free(false)?);
         }
     }
+    drop(held);
     let mut configs = Vec::new();
     for i in 0..n {
         let p = provider(i);
-        // Every follower's users take part in every room of the hub.
+        // Every follower's users take part in every room of the hub; in a hostile row the
+        // flooder's (the last follower's) only in a room of its own.
         let follows = if i == 0 {
             String::new()
+        } else if hostile && i == n - 1 {
+            format!("follows = [\"{FLOOD_ROOM}\"]\n")
         } else {
             let rooms: Vec<String> = (0..rooms).map(|r| format!("\"{}\"", room_id(r))).collect();
             format!("follows = [{}]\n", rooms.join(", "))
@@ -887,13 +1079,22 @@ fn prepare(
             let _ = write!(t, "\n[quic]\ncongestion = \"{}\"\n", opts.quic_cc);
         }
         if i == 0 {
-            let followers: Vec<String> = (1..n).map(|j| format!("\"{}\"", provider(j))).collect();
+            let members = if hostile { 1..n - 1 } else { 1..n };
+            let followers: Vec<String> = members.map(|j| format!("\"{}\"", provider(j))).collect();
             for r in 0..rooms {
                 let _ = write!(
                     t,
                     "\n[[rooms]]\nid = \"{}\"\nfollowers = [{}]\n",
                     room_id(r),
                     followers.join(", ")
+                );
+            }
+            if hostile {
+                let _ = write!(
+                    t,
+                    "\n[[rooms]]\nid = \"{FLOOD_ROOM}\"\nfollowers = [\"{}\"]\n{}",
+                    provider(n - 1),
+                    hostile::LIMITS.toml()
                 );
             }
         }
@@ -1146,10 +1347,11 @@ fn accepted_response(status: hyper::StatusCode, body: &[u8]) -> bool {
         )
 }
 
-/// Inbox readers: one per follower (receiver index = follower - 1), plus one that drains the
-/// hub's own inbox so that it never fills.
+/// Inbox readers: one per measured follower (receiver index = follower - 1), plus ones that
+/// drain the hub's own inbox and any unmeasured follower's, so that none fills.
 fn start_readers(
     admins: &[Admin],
+    measured: usize,
     rx: &Arc<Mutex<Rx>>,
     stop: &Arc<AtomicBool>,
 ) -> tokio::task::JoinSet<()> {
@@ -1164,7 +1366,7 @@ fn start_readers(
                 match client.inbox(after, 4096, 100).await {
                     Ok(items) => {
                         let now = Instant::now();
-                        if i == 0 {
+                        if i == 0 || i > measured {
                             if let Some(last) = items.last() {
                                 after = after.max(last.offset);
                             }
@@ -1303,6 +1505,7 @@ pub(crate) fn fill_latency(
 #[allow(clippy::too_many_arguments)]
 async fn run_relay(
     kind: TransportKind,
+    variant: Variant,
     work: &Path,
     opts: &BenchOptions,
     profile: &Profile,
@@ -1313,11 +1516,18 @@ async fn run_relay(
     progress: &Progress,
     label: &str,
 ) -> Result<()> {
-    let n = 1 + opts.followers;
+    // Hostile rows: the victim (b.example, measured) and the flooder's own node (c.example).
+    let (n, receivers) = match variant {
+        Variant::Normal => (1 + opts.followers, opts.followers),
+        Variant::Quiet | Variant::Flood => (3, 1),
+    };
+    if variant != Variant::Normal {
+        row.followers = n - 1;
+    }
     let dir = work.to_path_buf();
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let configs = prepare(&dir, kind, n, opts, lab.is_some())?;
+    let configs = prepare(&dir, kind, n, opts, lab.is_some(), variant)?;
     let mut nodes = Nodes {
         children: Vec::new(),
         dir: dir.clone(),
@@ -1356,9 +1566,9 @@ async fn run_relay(
     wait_healthy(&mut nodes, &admins).await?;
     let startup = started.elapsed();
 
-    let rx = Arc::new(Mutex::new(Rx::new(epoch, opts.followers)?));
+    let rx = Arc::new(Mutex::new(Rx::new(epoch, receivers)?));
     let stop_readers = Arc::new(AtomicBool::new(false));
-    let readers = start_readers(&admins, &rx, &stop_readers);
+    let readers = start_readers(&admins, receivers, &rx, &stop_readers);
     let counters: Arc<Vec<AtomicU64>> =
         Arc::new((0..opts.rooms).map(|_| AtomicU64::new(0)).collect());
     let stop = Arc::new(AtomicBool::new(false));
@@ -1384,7 +1594,7 @@ async fn run_relay(
                 _ => tokio::time::sleep(Duration::from_millis(10)).await,
             }
         }
-        if !settle(&rx, opts.followers as u64, Duration::from_secs(30)).await {
+        if !settle(&rx, receivers as u64, Duration::from_secs(30)).await {
             // Whether packets cross the lab's link at all tells a dead link from a slow relay.
             bail!(
                 "the setup message did not reach every follower within 30 s{}",
@@ -1404,6 +1614,13 @@ async fn run_relay(
         lab.take_drops();
     }
     let accepted = Arc::new(AtomicU64::new(0));
+    let flood = match variant {
+        Variant::Flood => {
+            progress.line(&format!("{label} starting the flood"));
+            Some(hostile::Flood::start(flood_target(kind, &configs, lab)?)?)
+        }
+        _ => None,
+    };
     let until = Instant::now() + opts.duration;
     let drive_fut = drive(
         &admins[0],
@@ -1417,7 +1634,7 @@ async fn run_relay(
         &stop,
         opts.rate.is_none().then(|| ClosedLoop {
             rx: rx.clone(),
-            receivers: opts.followers as u64,
+            receivers: receivers as u64,
             window: opts.window,
         }),
         opts.submit_batch,
@@ -1439,11 +1656,37 @@ async fn run_relay(
             }
         }
     };
-    let expected = sent * opts.followers as u64;
+    if let Some(f) = flood {
+        progress.line(&format!("{label} stopping the flood"));
+        row.flood = Some(f.stop().await);
+    }
+    let expected = sent * receivers as u64;
     progress.line(&format!("{label} waiting for the last deliveries"));
     settle(&rx, expected, opts.settle).await;
     // A moment more, so that late duplicates would be seen.
     tokio::time::sleep(Duration::from_millis(200)).await;
+    if variant != Variant::Normal {
+        // A node that died under the flood fails the row, with the end of its log.
+        for (i, c) in nodes.children.iter_mut().enumerate() {
+            if let Some(status) = c.try_wait()? {
+                bail!(
+                    "{} exited with {status} during the row: {}",
+                    provider(i),
+                    nodes.log_tail(i).replace('\n', " | ")
+                );
+            }
+        }
+        row.hub_peak_rss_bytes = nodes
+            .children
+            .first()
+            .and_then(|c| hostile::peak_rss(c.id()));
+        let mut client = admins[0].client().with_timeout(Duration::from_secs(5));
+        if let Ok((s, body)) = client.get("/metrics").await
+            && s.is_success()
+        {
+            row.hub_refusals = hostile::refusal_metrics(&String::from_utf8_lossy(&body));
+        }
+    }
     let cpu1: u64 = pids.iter().filter_map(|p| cpu_us(*p)).sum();
     let link = lab.map(NetLab::snapshot).unwrap_or_default().since(link0);
     let drops = lab.map(NetLab::take_drops).unwrap_or_default();
@@ -1465,7 +1708,7 @@ async fn run_relay(
 
     // Recovery: traffic at a low rate, the link cut for 5 s, then restored; the recovery time
     // runs from the restore until every message scheduled before it has been delivered.
-    if let (Some(lab), true) = (lab, opts.recovery) {
+    if let (Some(lab), true, Variant::Normal) = (lab, opts.recovery, variant) {
         lock(&rx).new_phase();
         // Low enough for the worst profile's carrier (QUIC in `bad` delivers ~50 msg/s).
         let rate = Some(20.0);
@@ -1502,7 +1745,7 @@ async fn run_relay(
             }
         };
         lab.set_cut(false);
-        let expected2 = sent2 * opts.followers as u64;
+        let expected2 = sent2 * receivers as u64;
         let all = settle(&rx, expected2, opts.settle.max(Duration::from_secs(30))).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         let t = lock(&rx);
