@@ -278,6 +278,10 @@ fn a_flooding_follower_is_refused_while_the_victim_gets_everything_once() {
             "{flood}"
         );
         assert!(flood["targets_met"].is_boolean(), "{flood}");
+        assert!(
+            flood["cpu"]["hub"].as_f64().is_some_and(|x| x > 0.0),
+            "{flood}"
+        );
         // The flood reached the hub and was refused there: answers with refusal statuses,
         // counted by the hub itself too.
         let f = &flood["flood"];

@@ -36,7 +36,7 @@ use serde::Serialize;
 use crate::demo::Launcher;
 pub use cli::{BenchArgs, main};
 use hostile::Variant;
-pub use hostile::{FloodCounts, Hostile, HostileLimits};
+pub use hostile::{CpuShares, FloodCounts, Hostile, HostileLimits};
 use netlab::NetLab;
 pub use netlab::Profile;
 
@@ -236,6 +236,10 @@ pub struct Row {
     /// On a flood row: whether every target of the hostile scenario held.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub targets_met: Option<bool>,
+    /// Hostile rows: where the machine's CPU went over the phase (the hub's, the lab's, and
+    /// processes outside the lab on a shared host).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<hostile::CpuShares>,
 }
 
 /// One run's headline figures, when a row is the median of several.
@@ -290,6 +294,7 @@ impl Row {
             flood: None,
             hub_refusals: BTreeMap::new(),
             targets_met: None,
+            cpu: None,
         }
     }
 
@@ -342,7 +347,9 @@ impl Row {
                 *hub_refusals.entry(k.clone()).or_insert(0) += v;
             }
         }
+        let cpus: Vec<&CpuShares> = runs.iter().filter_map(|r| r.cpu.as_ref()).collect();
         Row {
+            cpu: CpuShares::mean(&cpus),
             hub_peak_rss_bytes: runs.iter().filter_map(|r| r.hub_peak_rss_bytes).max(),
             flood,
             hub_refusals,
@@ -1609,6 +1616,7 @@ async fn run_relay(
     // The measured phase.
     let pids: Vec<u32> = nodes.children.iter().map(Child::id).collect();
     let cpu0: u64 = pids.iter().filter_map(|p| cpu_us(*p)).sum();
+    let machine0 = hostile::MachineCpu::now(&pids);
     let link0 = lab.map(NetLab::snapshot).unwrap_or_default();
     if let Some(lab) = lab {
         lab.take_drops();
@@ -1688,6 +1696,11 @@ async fn run_relay(
         }
     }
     let cpu1: u64 = pids.iter().filter_map(|p| cpu_us(*p)).sum();
+    if variant != Variant::Normal
+        && let (Some(a), Some(b)) = (machine0, hostile::MachineCpu::now(&pids))
+    {
+        row.cpu = Some(b.since(&a));
+    }
     let link = lab.map(NetLab::snapshot).unwrap_or_default().since(link0);
     let drops = lab.map(NetLab::take_drops).unwrap_or_default();
     {

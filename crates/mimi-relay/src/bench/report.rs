@@ -121,6 +121,11 @@ fn mib(b: Option<u64>) -> String {
         .unwrap_or_else(|| "–".into())
 }
 
+fn pct(x: Option<f64>) -> String {
+    x.map(|x| format!("{:.0}%", x * 100.0))
+        .unwrap_or_else(|| "–".into())
+}
+
 fn times(x: Option<f64>) -> String {
     x.map(|x| format!("{x:.2}x")).unwrap_or_else(|| "–".into())
 }
@@ -129,8 +134,8 @@ fn times(x: Option<f64>) -> String {
 /// memory against its budget, and what the flood sent and had refused.
 pub(crate) fn hostile_table(rows: &[Row]) -> String {
     let mut s = String::new();
-    s.push_str("| transport | profile | quiet msgs/s | flooded msgs/s | rate ratio | quiet p99 ms | flooded p99 ms | p99 ratio | hub peak RSS MiB (quiet / flooded) | RSS budget MiB | flood sent | accepted / refused 2xx / 4xx / 5xx / reset | flooder CPU ms | targets |\n");
-    s.push_str("|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---:|---|\n");
+    s.push_str("| transport | profile | quiet msgs/s | flooded msgs/s | rate ratio | quiet p99 ms | flooded p99 ms | p99 ratio | hub peak RSS MiB (quiet / flooded) | RSS budget MiB | flood sent | accepted / refused 2xx / 4xx / 5xx / reset | flooder CPU ms | machine CPU busy, quiet / flooded (others) | targets |\n");
+    s.push_str("|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---:|---|---|\n");
     for f in rows
         .iter()
         .filter(|r| r.hostile.as_deref() == Some("flood"))
@@ -145,7 +150,7 @@ pub(crate) fn hostile_table(rows: &[Row]) -> String {
         let flood = f.flood.as_ref();
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {} | {} / {} ({}) | {} |",
             f.transport,
             f.profile,
             rate(q),
@@ -165,6 +170,9 @@ pub(crate) fn hostile_table(rows: &[Row]) -> String {
                 ))
                 .unwrap_or_else(|| "–".into()),
             opt(flood.and_then(|c| c.flooder_cpu_ms)),
+            pct(q.and_then(|q| q.cpu.as_ref()).map(|c| c.machine_busy)),
+            pct(f.cpu.as_ref().map(|c| c.machine_busy)),
+            pct(f.cpu.as_ref().map(|c| c.others)),
             verdict(f)
         );
     }
@@ -243,7 +251,9 @@ pub(crate) fn hostile_words(rows: &[Row], limits: Option<&HostileLimits>) -> Str
              without an answer; flooder CPU {} ms), the victim received {} msgs/s against {} \
              quiet ({}) with a p99 of {} ms against {} ms quiet ({}), and lost, duplicated or \
              reordered nothing{}. The hub stayed up; its peak RSS was {} MiB (quiet run: {} \
-             MiB) of a {} MiB budget. {} The hub's own refusal counters: {}.\n",
+             MiB) of a {} MiB budget. Over the flooded phase the machine's cores were {} busy \
+             (hub {}, all nodes {}, lab process with the flooder {}, other processes {}; quiet \
+             run: {} busy). {} The hub's own refusal counters: {}.\n",
             f.transport,
             f.profile,
             flood.sent,
@@ -272,6 +282,12 @@ pub(crate) fn hostile_words(rows: &[Row], limits: Option<&HostileLimits>) -> Str
             mib(f.hub_peak_rss_bytes),
             mib(q.and_then(|q| q.hub_peak_rss_bytes)),
             mib(f.rss_budget_bytes),
+            pct(f.cpu.as_ref().map(|c| c.machine_busy)),
+            pct(f.cpu.as_ref().map(|c| c.hub)),
+            pct(f.cpu.as_ref().map(|c| c.nodes)),
+            pct(f.cpu.as_ref().map(|c| c.lab)),
+            pct(f.cpu.as_ref().map(|c| c.others)),
+            pct(q.and_then(|q| q.cpu.as_ref()).map(|c| c.machine_busy)),
             if missed.is_empty() {
                 "Every target held.".to_owned()
             } else {

@@ -352,14 +352,20 @@ pub(crate) enum Lane {
     Malformed,
 }
 
-/// The lanes of a flood: one more connection than the hub allows a peer.
+/// The lanes of a flood: one more connection than the hub allows a peer. The one over the cap
+/// is a valid lane that starts last (after [`SURPLUS_DELAY`]), so that every kind of abuse
+/// holds a connection first and the surplus one retries its way in whenever another closes.
 pub(crate) fn lanes(limits: &HostileLimits) -> Vec<Lane> {
     let mut v = vec![Lane::Oversize, Lane::Partial, Lane::Malformed];
-    while v.len() < limits.max_conns_per_peer + 1 {
+    while v.len() < limits.max_conns_per_peer {
         v.insert(0, Lane::Valid);
     }
+    v.push(Lane::Valid);
     v
 }
+
+/// How long the lanes over the connection cap wait before they start.
+pub(crate) const SURPLUS_DELAY: Duration = Duration::from_millis(500);
 
 /// One valid-but-expensive request of the mix.
 #[derive(Clone, Debug)]
@@ -539,7 +545,96 @@ where
     Fut: Future<Output = ()>,
 {
     let lanes = lanes(&t.limits);
-    futures::future::join_all(lanes.into_iter().enumerate().map(|(i, l)| f(l, i))).await;
+    let cap = t.limits.max_conns_per_peer;
+    let f = &f;
+    futures::future::join_all(lanes.into_iter().enumerate().map(|(i, l)| async move {
+        if i >= cap {
+            tokio::time::sleep(SURPLUS_DELAY).await;
+        }
+        f(l, i).await;
+    }))
+    .await;
+}
+
+/// Where the machine's CPU went over a phase, as shares of all its cores' time.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CpuShares {
+    /// Busy, by anything.
+    pub machine_busy: f64,
+    /// The hub process.
+    pub hub: f64,
+    /// All the row's nodes.
+    pub nodes: f64,
+    /// The lab process: driver, readers and, in a flooded row, the flooder.
+    pub lab: f64,
+    /// Everything else (another job on a shared host competes for the same cores).
+    pub others: f64,
+}
+
+impl CpuShares {
+    /// The mean of several runs' shares.
+    pub(crate) fn mean(runs: &[&CpuShares]) -> Option<CpuShares> {
+        let n = runs.len() as f64;
+        let avg = |f: fn(&CpuShares) -> f64| runs.iter().map(|c| f(c)).sum::<f64>() / n;
+        (!runs.is_empty()).then(|| CpuShares {
+            machine_busy: avg(|c| c.machine_busy),
+            hub: avg(|c| c.hub),
+            nodes: avg(|c| c.nodes),
+            lab: avg(|c| c.lab),
+            others: avg(|c| c.others),
+        })
+    }
+}
+
+/// CPU counters at one moment: the machine's (from /proc/stat, in USER_HZ ticks) and those of
+/// the row's processes.
+#[derive(Clone, Debug)]
+pub(crate) struct MachineCpu {
+    busy_ticks: u64,
+    total_ticks: u64,
+    hub_us: u64,
+    nodes_us: u64,
+    lab_us: u64,
+}
+
+impl MachineCpu {
+    /// `pids[0]` is the hub.
+    pub(crate) fn now(pids: &[u32]) -> Option<MachineCpu> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let ticks: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal ...
+        let idle = ticks.get(3)? + ticks.get(4).unwrap_or(&0);
+        let total: u64 = ticks.iter().take(8).sum();
+        Some(MachineCpu {
+            busy_ticks: total.saturating_sub(idle),
+            total_ticks: total,
+            hub_us: super::cpu_us(*pids.first()?)?,
+            nodes_us: pids.iter().filter_map(|p| super::cpu_us(*p)).sum(),
+            lab_us: super::cpu_us_at("/proc/self/stat")?,
+        })
+    }
+
+    pub(crate) fn since(&self, a: &MachineCpu) -> CpuShares {
+        // All cores' time over the interval, in µs (a tick is 10 ms).
+        let total_us = (self.total_ticks.saturating_sub(a.total_ticks) * 10_000).max(1) as f64;
+        let share = |x: u64, y: u64| x.saturating_sub(y) as f64 / total_us;
+        let busy = share(self.busy_ticks * 10_000, a.busy_ticks * 10_000);
+        let nodes = share(self.nodes_us, a.nodes_us);
+        let lab = share(self.lab_us, a.lab_us);
+        CpuShares {
+            machine_busy: busy,
+            hub: share(self.hub_us, a.hub_us),
+            nodes,
+            lab,
+            others: (busy - nodes - lab).max(0.0),
+        }
+    }
 }
 
 /// The peak resident set (VmHWM) of process `pid`, in bytes.
@@ -643,6 +738,11 @@ mod tests {
     fn lanes_try_one_connection_over_the_cap() {
         let l = lanes(&LIMITS);
         assert_eq!(l.len(), LIMITS.max_conns_per_peer + 1);
+        assert_eq!(
+            l.last(),
+            Some(&Lane::Valid),
+            "the surplus lane floods when it gets in"
+        );
         for k in [Lane::Valid, Lane::Oversize, Lane::Partial, Lane::Malformed] {
             assert!(l.contains(&k), "{k:?} in {l:?}");
         }
@@ -658,6 +758,30 @@ mod tests {
             "peers x max_peer_bytes + peers x conns x window + max_inbox x max_body"
         );
         assert!(l.allowance(TransportKind::Xmpp, 2) < https);
+    }
+
+    #[test]
+    fn cpu_shares_split_the_machine_between_the_lab_and_others() {
+        let at = |busy, total, hub, nodes, lab| MachineCpu {
+            busy_ticks: busy,
+            total_ticks: total,
+            hub_us: hub,
+            nodes_us: nodes,
+            lab_us: lab,
+        };
+        let a = at(100, 1000, 7, 9, 11);
+        // 4 s of core time (two cores, 2 s), 3 s of it busy: 1.5 s the nodes' (1 s the
+        // hub's), 0.5 s the lab's, so 1 s someone else's.
+        let b = at(400, 1400, 7 + 1_000_000, 9 + 1_500_000, 11 + 500_000);
+        let c = b.since(&a);
+        let near = |x: f64, y: f64| (x - y).abs() < 1e-9;
+        assert!(near(c.machine_busy, 0.75), "{c:?}");
+        assert!(
+            near(c.hub, 0.25) && near(c.nodes, 0.375) && near(c.lab, 0.125),
+            "{c:?}"
+        );
+        assert!(near(c.others, 0.25), "{c:?}");
+        assert!(MachineCpu::now(&[std::process::id()]).is_some());
     }
 
     #[test]

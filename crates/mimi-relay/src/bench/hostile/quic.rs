@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use quinn::{Connection, ConnectionError, ReadError, RecvStream, SendStream, VarInt};
+use quinn::{Connection, ConnectionError, ReadError, RecvStream, SendStream, VarInt, WriteError};
 use relay_quic::codes;
 use relay_quic::framing::{Body, ChunkQueue, Decoder, Frame, encode_request};
 
@@ -44,6 +44,14 @@ fn ended(e: &ReadError) -> String {
         ReadError::Reset(code) => format!("stream reset ({})", code_name(*code)),
         ReadError::ConnectionLost(c) => lost(c),
         other => format!("stream ended ({other})"),
+    }
+}
+
+fn write_failed(e: &WriteError) -> String {
+    match e {
+        WriteError::Stopped(code) => format!("stream stopped ({})", code_name(*code)),
+        WriteError::ConnectionLost(c) => lost(c),
+        other => format!("stream write failed ({other})"),
     }
 }
 
@@ -147,8 +155,12 @@ async fn batch(
     let mut submits = VecDeque::new();
     for (h, body, reply) in frames {
         tally.sent(1);
-        if send.write_all(&h).await.is_err() || send.write_all(&body).await.is_err() {
-            tally.outcome("stream reset (write)");
+        let written = match send.write_all(&h).await {
+            Ok(()) => send.write_all(&body).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            tally.outcome(&write_failed(&e));
             return Err(());
         }
         submits.push_back(reply);
@@ -268,8 +280,8 @@ async fn partial(conn: &Connection, t: &FloodTarget, tally: &Tally) {
             let mut h = head(k as u64, code, &t.victim_room, None, 64 << 10);
             h.extend_from_slice(&[0u8; 1024]);
             tally.sent(1);
-            if send.write_all(&h).await.is_err() {
-                tally.outcome("stream reset (write)");
+            if let Err(e) = send.write_all(&h).await {
+                tally.outcome(&write_failed(&e));
                 return;
             }
             let (mut q, mut dec) = (ChunkQueue::new(), Decoder::new(1 << 20));
@@ -331,8 +343,8 @@ async fn malformed(conn: &Connection, t: &FloodTarget, tally: &Tally) {
             let _ = relay_quic::framing::encode_response(&mut bad, 1, 200, None, None, 0);
         }
         tally.sent(1);
-        if send.write_all(&bad).await.is_err() {
-            tally.outcome("stream reset (write)");
+        if let Err(e) = send.write_all(&bad).await {
+            tally.outcome(&write_failed(&e));
             continue;
         }
         match tokio::time::timeout(
