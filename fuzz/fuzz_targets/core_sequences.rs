@@ -7,7 +7,7 @@
 //! nothing more from peers; inbox offsets never reused; every reply token answered once.
 #![no_main]
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -202,9 +202,7 @@ struct Harness {
     transmits: Vec<Transmit>,
     /// Inbox offsets checked so far, and what each delivered event was.
     seen_upto: u64,
-    /// With the life (restarts so far) it was delivered in and whether by a `/notify`.
-    delivered: HashMap<(String, String, Vec<u8>), (u32, bool)>,
-    life: u32,
+    delivered: HashSet<(String, String, Vec<u8>)>,
     read_upto: u64,
 }
 
@@ -224,9 +222,8 @@ impl Harness {
     }
 
     /// The node's batch epilogue: commit, then release the outputs; then the checks.
-    /// `source`: the submitter and body of a `/submitMessage`; `by_notify`: the input was a
-    /// `/notify`.
-    fn flush(&mut self, source: Option<(&str, &[u8])>, by_notify: bool, inbox_was_full: bool) {
+    /// `source`: the submitter and body of a `/submitMessage`.
+    fn flush(&mut self, source: Option<(&str, &[u8])>, inbox_was_full: bool) {
         self.store.commit().expect("mem commit");
         while let Some(out) = self.relay.poll_output() {
             match out {
@@ -265,20 +262,13 @@ impl Harness {
                 rec.from.as_str().to_owned(),
                 what,
             );
-            if let Some(&(life, prev_by_notify)) = self.delivered.get(&key) {
-                // Known (reported to the lead, issue 14): a follower forgets the hashes of
-                // the events it delivered when it restarts, so the same FanoutMessage bytes
-                // from a hub after a restart are delivered again when they come without a
-                // sequence number or under a new one. Inputs in
-                // artifacts/core_sequences/*-after-restart.
-                let known = prev_by_notify && life < self.life;
-                assert!(
-                    known,
-                    "delivered twice: offset {offset} in {} from {}",
-                    rec.room, rec.from
-                );
-            }
-            self.delivered.insert(key, (self.life, by_notify));
+            assert!(
+                !self.delivered.contains(&key),
+                "delivered twice: offset {offset} in {} from {}",
+                rec.room,
+                rec.from
+            );
+            self.delivered.insert(key);
             last = *offset;
         }
         assert!(
@@ -334,7 +324,7 @@ impl Harness {
                 };
                 self.relay.handle_request(now, &mut self.store, token, req);
                 let source = (endpoint == Endpoint::SubmitMessage).then_some((name, &b[..]));
-                self.flush(source, endpoint == Endpoint::Notify, full);
+                self.flush(source, full);
             }
             Op::Notify { hub, seq, events } => {
                 self.step(&Op::Request {
@@ -391,19 +381,19 @@ impl Harness {
                 };
                 self.relay
                     .handle_outcome(now, &mut self.store, t.id, outcome);
-                self.flush(None, false, false);
+                self.flush(None, false);
             }
             Op::Probe { peer, alive } => {
                 let d = domain(PEERS[usize::from(*peer) % PEERS.len()].0);
                 self.relay.handle_probe_outcome(now, &d, *alive);
-                self.flush(None, false, false);
+                self.flush(None, false);
             }
             Op::ClientSubmit { target: t, body: b } => {
                 let token = self.token();
                 let room = target(t);
                 self.relay
                     .handle_client_submit(now, &mut self.store, token, &room, body(b));
-                self.flush(None, false, false);
+                self.flush(None, false);
             }
             Op::ReadInbox(n) => {
                 let upto = self
@@ -416,19 +406,18 @@ impl Harness {
                     self.read_upto = upto;
                     self.relay.handle_inbox_read(&mut self.store, upto);
                 }
-                self.flush(None, false, false);
+                self.flush(None, false);
             }
             Op::Advance { ms, long } => {
                 let ms = u64::from(*ms) * if *long { 1000 } else { 1 };
                 self.now_ms += ms;
                 let now = self.now();
                 self.relay.handle_timeout(now, &mut self.store);
-                self.flush(None, false, false);
+                self.flush(None, false);
             }
             Op::Restart => {
                 let snapshot = self.store.load().expect("mem load");
                 self.relay = Relay::new(self.cfg.clone(), snapshot, now);
-                self.life += 1;
                 // The old process's transmits and pending answers died with it.
                 self.transmits.clear();
                 self.open_tokens.clear();
@@ -438,7 +427,7 @@ impl Harness {
                     self.relay.inbox_next(),
                     self.seen_upto
                 );
-                self.flush(None, false, false);
+                self.flush(None, false);
             }
         }
     }
@@ -479,8 +468,7 @@ fuzz_target!(|input: Input| {
         open_tokens: HashSet::new(),
         transmits: Vec::new(),
         seen_upto: 0,
-        delivered: HashMap::new(),
-        life: 0,
+        delivered: HashSet::new(),
         read_upto: 0,
     };
     // Local users take part in rooms of b, c and d (so the node follows them).

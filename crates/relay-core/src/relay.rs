@@ -174,18 +174,42 @@ struct Cursor {
     hub: ProviderDomain,
     room: RoomId,
     next: u64,
-    /// Hashes of recent FanoutMessages received without a sequence number (the draft's
-    /// byte-exact duplicate rule).
+    /// Hashes of recent delivered FanoutMessages (the draft's byte-exact duplicate rule),
+    /// kept in the store too, so a restart does not forget them.
     recent: FastMap<u128, ()>,
     recent_order: VecDeque<u128>,
+    /// How many hashes were ever remembered: numbers the next one, and picks its ring slot
+    /// in the store.
+    recent_n: u64,
 }
 
 impl Cursor {
-    /// Keeps `h` among the last `RECENT_WINDOW` delivered hashes.
-    fn remember(&mut self, h: u128) {
+    fn new(hub: ProviderDomain, room: RoomId, next: u64) -> Cursor {
+        Cursor {
+            hub,
+            room,
+            next,
+            recent: FastMap::default(),
+            recent_order: VecDeque::new(),
+            recent_n: 0,
+        }
+    }
+
+    /// Keeps `h` among the last `RECENT_WINDOW` delivered hashes, in memory and in the store.
+    fn remember<S: Store>(&mut self, store: &mut S, h: u128) {
         if self.recent.insert(h, ()).is_some() {
             return;
         }
+        let n = self.recent_n;
+        self.recent_n += 1;
+        store.apply(StoreOp::RecentHash {
+            hub: &self.hub,
+            room: &self.room,
+            // The store's ring holds as many slots as the window: slot n replaces n - window.
+            slot: (n % RECENT_WINDOW as u64) as u16,
+            n,
+            hash: h,
+        });
         self.recent_order.push_back(h);
         if self.recent_order.len() > RECENT_WINDOW
             && let Some(old) = self.recent_order.pop_front()
@@ -285,7 +309,10 @@ pub struct Relay {
 /// Store record of a followed room: this byte, then the room id.
 const REC_FOLLOW: u8 = 10;
 
+/// FanoutMessage hashes a follower remembers per (hub, room); at most `u16::MAX + 1`, the
+/// store's ring slots.
 const RECENT_WINDOW: usize = 4096;
+const _: () = assert!(RECENT_WINDOW <= 1 << 16);
 
 impl Relay {
     /// Builds the core from its configuration and what the store kept.
@@ -380,14 +407,23 @@ impl Relay {
         for ((hub, room), next) in snapshot.cursors {
             relay.cursors.insert(
                 (hub.clone(), room.as_str().to_owned()),
-                Cursor {
-                    hub,
-                    room,
-                    next,
-                    recent: FastMap::default(),
-                    recent_order: VecDeque::new(),
-                },
+                Cursor::new(hub, room, next),
             );
+        }
+        // A cursor fed only without sequence numbers has hashes but no stored `next`.
+        for ((hub, room), slots) in snapshot.recent {
+            let key = (hub.clone(), room.as_str().to_owned());
+            let cursor = relay
+                .cursors
+                .entry(key)
+                .or_insert_with(|| Cursor::new(hub, room, 1));
+            let mut hashes: Vec<(u64, u128)> = slots.into_values().collect();
+            hashes.sort_unstable();
+            for (n, h) in hashes {
+                cursor.recent.insert(h, ());
+                cursor.recent_order.push_back(h);
+                cursor.recent_n = n + 1;
+            }
         }
         for (offset, record) in snapshot.inbox {
             relay.inbox_next = relay.inbox_next.max(offset + 1);
@@ -914,13 +950,10 @@ impl Relay {
             );
         }
         let key = (req.from.clone(), req.target.clone());
-        let cursor = self.cursors.entry(key).or_insert_with(|| Cursor {
-            hub: req.from.clone(),
-            room: room.clone(),
-            next: 1,
-            recent: FastMap::default(),
-            recent_order: VecDeque::new(),
-        });
+        let cursor = self
+            .cursors
+            .entry(key)
+            .or_insert_with(|| Cursor::new(req.from.clone(), room.clone(), 1));
         let base = req.body.as_ptr() as usize;
         let mut fresh = Vec::with_capacity(fanouts.len());
         let mut duplicates = 0u64;
@@ -951,7 +984,7 @@ impl Relay {
                     if seq < cursor.next {
                         reused += 1;
                     }
-                    cursor.remember(h);
+                    cursor.remember(store, h);
                     debug!(msg = %MsgId::of(f.message.bytes), room = %room, "delivered");
                     fresh.push((f.bytes.as_ptr() as usize - base, f.bytes.len(), f.timestamp));
                 }
@@ -972,7 +1005,7 @@ impl Relay {
                         duplicates += 1;
                         continue;
                     }
-                    cursor.remember(h);
+                    cursor.remember(store, h);
                     debug!(msg = %MsgId::of(f.message.bytes), room = %room, "delivered");
                     fresh.push((f.bytes.as_ptr() as usize - base, f.bytes.len(), f.timestamp));
                 }
@@ -1017,13 +1050,10 @@ impl Relay {
         seq: u64,
     ) -> Response {
         let key = (req.from.clone(), req.target.clone());
-        let cursor = self.cursors.entry(key).or_insert_with(|| Cursor {
-            hub: req.from.clone(),
-            room: room.clone(),
-            next: 1,
-            recent: FastMap::default(),
-            recent_order: VecDeque::new(),
-        });
+        let cursor = self
+            .cursors
+            .entry(key)
+            .or_insert_with(|| Cursor::new(req.from.clone(), room.clone(), 1));
         if seq > cursor.next {
             let missed = seq - cursor.next;
             tracing::error!(room = %room, hub = %req.from, missed, from = cursor.next,

@@ -44,6 +44,17 @@ pub enum StoreOp<'a> {
         room: &'a RoomId,
         next: u64,
     },
+    /// A hash of a FanoutMessage a follower delivered from `hub` for `room`, so the same bytes
+    /// are known for a duplicate after a restart. The follower keeps a window of them as a ring:
+    /// `slot` replaces what the same slot held before, and `n` numbers the hashes in the order
+    /// they were remembered.
+    RecentHash {
+        hub: &'a ProviderDomain,
+        room: &'a RoomId,
+        slot: u16,
+        n: u64,
+        hash: u128,
+    },
     /// A delivered event, under its local inbox offset.
     Inbox {
         offset: u64,
@@ -97,6 +108,9 @@ pub struct Snapshot {
     /// Highest acknowledged sequence per (room, destination), so numbering continues.
     pub acked: BTreeMap<(RoomId, ProviderDomain), u64>,
     pub cursors: BTreeMap<(ProviderDomain, RoomId), u64>,
+    /// Each follower cursor's window of recent FanoutMessage hashes ([`StoreOp::RecentHash`]):
+    /// by slot, `(n, hash)`.
+    pub recent: BTreeMap<(ProviderDomain, RoomId), BTreeMap<u16, (u64, u128)>>,
     pub inbox: VecDeque<(u64, InboxRecord)>,
     /// Highest trimmed inbox offset, so numbering continues.
     pub inbox_trimmed: u64,
@@ -195,6 +209,18 @@ impl Snapshot {
             }
             StoreOp::Cursor { hub, room, next } => {
                 self.cursors.insert((hub.clone(), room.clone()), next);
+            }
+            StoreOp::RecentHash {
+                hub,
+                room,
+                slot,
+                n,
+                hash,
+            } => {
+                self.recent
+                    .entry((hub.clone(), room.clone()))
+                    .or_default()
+                    .insert(slot, (n, hash));
             }
             StoreOp::Inbox { offset, record } => self.inbox.push_back((offset, record.clone())),
             StoreOp::InboxTrim { upto } => {
@@ -311,6 +337,13 @@ pub enum OwnedOp {
         room: RoomId,
         next: u64,
     },
+    RecentHash {
+        hub: ProviderDomain,
+        room: RoomId,
+        slot: u16,
+        n: u64,
+        hash: u128,
+    },
     Inbox {
         offset: u64,
         record: InboxRecord,
@@ -369,6 +402,19 @@ impl From<StoreOp<'_>> for OwnedOp {
                 room: room.clone(),
                 next,
             },
+            StoreOp::RecentHash {
+                hub,
+                room,
+                slot,
+                n,
+                hash,
+            } => OwnedOp::RecentHash {
+                hub: hub.clone(),
+                room: room.clone(),
+                slot,
+                n,
+                hash,
+            },
             StoreOp::Inbox { offset, record } => OwnedOp::Inbox {
                 offset,
                 record: record.clone(),
@@ -423,6 +469,19 @@ impl OwnedOp {
                 hub,
                 room,
                 next: *next,
+            },
+            OwnedOp::RecentHash {
+                hub,
+                room,
+                slot,
+                n,
+                hash,
+            } => StoreOp::RecentHash {
+                hub,
+                room,
+                slot: *slot,
+                n: *n,
+                hash: *hash,
             },
             OwnedOp::Inbox { offset, record } => StoreOp::Inbox {
                 offset: *offset,

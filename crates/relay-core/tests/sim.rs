@@ -1081,6 +1081,53 @@ fn replayed_notify_without_sequence_is_delivered_once() {
     );
 }
 
+#[test]
+fn a_follower_restart_forgets_no_delivered_bytes() {
+    // Before: the window of recent hashes lived in memory only, so after a restart the same
+    // FanoutMessage bytes from the hub were delivered again, without a sequence number or
+    // under a new one.
+    let mut sim = Sim::new(4, perfect(), 0, 0);
+    let a = domain("a.example");
+    let fanout = |n: u8| {
+        let mut f = 1_700_000_000_000u64.to_be_bytes().to_vec();
+        let ct = [b'S', b'I', b'M', b'!', 0, 0, 0, 9, 0, 0, 0, n];
+        f.extend_from_slice(&mimi_wire::mls::private_message(b"g", 1, &ct));
+        f.push(0);
+        f
+    };
+    let notify = |sim: &mut Sim, token: u64, seq: Option<u64>, body: Vec<u8>| {
+        let now = sim.now();
+        let b = &mut sim.nodes[1];
+        let r = req(&a, Endpoint::Notify, room().as_str(), seq, body);
+        b.relay
+            .handle_request(now, &mut b.store, ReplyToken(token), r);
+        b.store.commit().expect("commit");
+        let status = match b.relay.poll_output() {
+            Some(Output::Reply { response, .. }) => response.status,
+            other => panic!("expected a reply, got {other:?}"),
+        };
+        sim.read_inbox(1);
+        status
+    };
+    let delivered = |sim: &Sim| sim.received[1].len();
+    assert_eq!(notify(&mut sim, 1, None, fanout(1)), Status::Created);
+    assert_eq!(notify(&mut sim, 2, Some(1), fanout(2)), Status::Created);
+    assert_eq!(delivered(&sim), 2);
+    sim.crash(1);
+    sim.restart(1);
+    // The same bytes again, without a number, and under the next number.
+    assert_eq!(notify(&mut sim, 3, None, fanout(1)), Status::Created);
+    assert_eq!(notify(&mut sim, 4, Some(2), fanout(2)), Status::Created);
+    assert_eq!(notify(&mut sim, 5, None, fanout(2)), Status::Created);
+    assert_eq!(delivered(&sim), 2, "delivered again after a restart");
+    assert_eq!(sim.nodes[1].relay.stats().dedupe_hits, 3);
+    // New bytes still go through, and the window stays bounded in the store.
+    assert_eq!(notify(&mut sim, 6, Some(3), fanout(3)), Status::Created);
+    assert_eq!(delivered(&sim), 3);
+    let recent = &sim.nodes[1].store.committed().recent;
+    assert_eq!(recent.values().map(|w| w.len()).sum::<usize>(), 3);
+}
+
 fn req(
     from: &ProviderDomain,
     endpoint: Endpoint,

@@ -165,9 +165,10 @@ pub(crate) enum Tag {
     SubmitSeen,
     SubmitForget,
     Record,
+    RecentHash,
 }
 
-const TAGS: [Tag; 10] = [
+const TAGS: [Tag; 11] = [
     Tag::Room,
     Tag::RoomSeq,
     Tag::Enqueue,
@@ -178,6 +179,7 @@ const TAGS: [Tag; 10] = [
     Tag::SubmitSeen,
     Tag::SubmitForget,
     Tag::Record,
+    Tag::RecentHash,
 ];
 
 /// Ops applied since the last commit, pre-encoded into the table layout so that `apply` costs a
@@ -280,6 +282,24 @@ impl PendingLog {
                     put_str(k, room.as_str());
                 },
                 |v| put_u64(v, next),
+            ),
+            StoreOp::RecentHash {
+                hub,
+                room,
+                slot,
+                n,
+                hash,
+            } => self.record(
+                Tag::RecentHash,
+                |k| {
+                    put_str(k, hub.as_str());
+                    put_str(k, room.as_str());
+                    k.extend_from_slice(&slot.to_be_bytes());
+                },
+                |v| {
+                    put_u64(v, n);
+                    v.extend_from_slice(&hash.to_be_bytes());
+                },
             ),
             StoreOp::Inbox { offset, record } => {
                 self.record(

@@ -57,6 +57,9 @@ const QUEUE_KEYS: Bytes2Bytes = TableDefinition::new("queue_keys");
 const ACKED: Bytes2Bytes = TableDefinition::new("acked");
 /// (hub, room) -> next expected seq.
 const CURSORS: Bytes2Bytes = TableDefinition::new("cursors");
+/// (hub, room, slot u16) -> n, hash (u128): each follower cursor's ring of recent FanoutMessage
+/// hashes.
+const RECENT: Bytes2Bytes = TableDefinition::new("recent_hashes");
 /// offset -> room, from, accepted_ms, fanout bytes.
 const INBOX: Bytes2Bytes = TableDefinition::new("inbox");
 /// (room, room_seq) -> submission key (u128), accepted_ms.
@@ -185,6 +188,7 @@ impl DurableStore {
                     .insert(META_FORMAT, FORMAT.to_be_bytes().as_slice())?;
                 for t in [
                     ROOMS, ROOM_SEQS, QUEUES, QUEUE_KEYS, ACKED, CURSORS, INBOX, SEEN, RECORDS,
+                    RECENT,
                 ] {
                     tx.open_table(t)?;
                 }
@@ -216,6 +220,7 @@ fn write_log(db: &Database, pending: &PendingLog) -> Result<(), Fail> {
             let mut seen = tx.open_table(SEEN)?;
             let mut meta = tx.open_table(META)?;
             let mut state_records = tx.open_table(RECORDS)?;
+            let mut recent = tx.open_table(RECENT)?;
 
             let mut payloads = pending.payloads.iter();
             let mut next_payload = || payloads.next().ok_or_else(|| bug("payload missing"));
@@ -249,6 +254,9 @@ fn write_log(db: &Database, pending: &PendingLog) -> Result<(), Fail> {
                     }
                     Tag::Cursor => {
                         cursors.insert(key, val)?;
+                    }
+                    Tag::RecentHash => {
+                        recent.insert(key, val)?;
                     }
                     Tag::Inbox => {
                         let fanout = next_payload()?;
@@ -376,6 +384,24 @@ impl DurableStore {
             r.finish()?;
             snap.cursors
                 .insert(key, codec::read_u64_value("cursors", v.value())?);
+        }
+        // Stores written before recent hashes were kept have no such table yet.
+        match tx.open_table(RECENT) {
+            Ok(table) => {
+                for row in table.iter()? {
+                    let (k, v) = row?;
+                    let mut r = Reader::new("recent_hashes", k.value());
+                    let key = (r.domain()?, r.room()?);
+                    let slot = r.u16()?;
+                    r.finish()?;
+                    let mut r = Reader::new("recent_hashes", v.value());
+                    let (n, hash) = (r.u64()?, r.u128()?);
+                    r.finish()?;
+                    snap.recent.entry(key).or_default().insert(slot, (n, hash));
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(e.into()),
         }
         for row in tx.open_table(INBOX)?.iter()? {
             let (k, v) = row?;
@@ -612,7 +638,11 @@ mod tests {
         let mut bad_room = Vec::new();
         codec::put_str(&mut bad_room, "mimi://a.example/u/not-a-room");
         codec::put_str(&mut bad_room, "b.example");
-        let cases: [(Bytes2Bytes, &[u8], &[u8]); 9] = [
+        let mut recent_key = Vec::new();
+        codec::put_str(&mut recent_key, dest.as_str());
+        codec::put_str(&mut recent_key, room.as_str());
+        recent_key.extend_from_slice(&[0, 1]);
+        let cases: [(Bytes2Bytes, &[u8], &[u8]); 10] = [
             (QUEUES, &bad_qseq, b"x"),
             (QUEUES, &[0, 200, b'a'], b"x"),
             (QUEUE_KEYS, &bad_room, b""),
@@ -622,6 +652,7 @@ mod tests {
             (INBOX, &[0; 8], &[0, 3, b'a']),
             (SEEN, &prefix, &[0; 24]),
             (META, META_INBOX_TRIMMED, &[]),
+            (RECENT, &recent_key, &[0; 23]),
         ];
         for (i, (table, key, value)) in cases.into_iter().enumerate() {
             let dir = tempfile::tempdir().expect("tempdir");

@@ -79,7 +79,7 @@ impl Gen {
         let d = rng.below(self.domains.len() as u64) as usize;
         let room = &self.rooms[r];
         let dest = &self.domains[d];
-        match rng.below(14) {
+        match rng.below(15) {
             0 => {
                 let followers: Vec<ProviderDomain> = self
                     .domains
@@ -146,6 +146,17 @@ impl Gen {
                     accepted_ms: rng.next(),
                 };
                 f(StoreOp::SubmitSeen { room, seen: &seen })
+            }
+            13 => {
+                // A small ring, so slots are replaced as well as filled.
+                let n = rng.below(40);
+                f(StoreOp::RecentHash {
+                    hub: dest,
+                    room,
+                    slot: (n % 8) as u16,
+                    n,
+                    hash: u128::from(rng.next()) << 64 | u128::from(rng.next()),
+                })
             }
             _ => {
                 let top = self.room_seq.get(&r).copied().unwrap_or(0);
