@@ -17,8 +17,8 @@ use mimi_wire::endpoint::Endpoint;
 use mimi_wire::proto::{SubmitMessageResponse, encode_fanout_application};
 use mimi_wire::uri::{ProviderDomain, RoomId};
 use relay_core::{
-    MemStore, Now, Output, Relay, RelayConfig, ReplyToken, Request, Response, Status, Store,
-    Transmit, TransportError, TransportKind,
+    InboxQuery, MemStore, Now, Output, Relay, RelayConfig, ReplyToken, Request, Response, Status,
+    Store, Transmit, TransportError, TransportKind,
 };
 
 const UNIX_BASE_MS: u64 = 1_700_000_000_000;
@@ -134,6 +134,9 @@ enum Op {
 struct Input {
     max_queue: u8,
     max_inbox: u8,
+    max_inbox_per_peer: u8,
+    /// In units of 256 bytes: small, so records leave memory and are read back.
+    max_inbox_memory: u8,
     max_batch: u8,
     ops: Vec<Op>,
 }
@@ -225,6 +228,9 @@ impl Harness {
     /// `source`: the submitter and body of a `/submitMessage`.
     fn flush(&mut self, source: Option<(&str, &[u8])>, inbox_was_full: bool) {
         self.store.commit().expect("mem commit");
+        // Everything is durable now: older inbox records leave memory, to be read back.
+        let next = self.relay.inbox_next();
+        self.relay.handle_inbox_durable(next);
         while let Some(out) = self.relay.poll_output() {
             match out {
                 Output::Transmit(t) => {
@@ -244,7 +250,11 @@ impl Harness {
         // Delivered events: each at most once.
         let mut last = self.seen_upto;
         let mut fresh = 0usize;
-        for (offset, rec) in self.relay.inbox_after(self.seen_upto) {
+        let fresh_records = self
+            .relay
+            .read_inbox(&self.store, InboxQuery::after(self.seen_upto))
+            .expect("inbox read");
+        for (offset, rec) in &fresh_records {
             fresh += 1;
             let what = match source {
                 // A hosted room's events are who submitted which bytes; the fanout carries
@@ -277,6 +287,12 @@ impl Harness {
         );
         self.seen_upto = last;
         let stats = self.relay.stats();
+        assert!(
+            stats.inbox_resident_bytes <= self.cfg.max_inbox_memory as u64,
+            "{} inbox bytes in memory, max_inbox_memory is {}",
+            stats.inbox_resident_bytes,
+            self.cfg.max_inbox_memory
+        );
         // Queues within max_queue, in the core and in what it stored.
         for (peer, s) in &stats.peers {
             assert!(
@@ -396,15 +412,16 @@ impl Harness {
                 self.flush(None, false);
             }
             Op::ReadInbox(n) => {
-                let upto = self
-                    .relay
-                    .inbox_after(self.read_upto)
-                    .take(usize::from(*n))
-                    .last()
-                    .map(|(o, _)| *o);
-                if let Some(upto) = upto {
+                let q = InboxQuery {
+                    max: usize::from(*n),
+                    ..InboxQuery::after(self.read_upto)
+                };
+                let read = self.relay.read_inbox(&self.store, q).expect("inbox read");
+                if let Some(&(upto, _)) = read.last() {
                     self.read_upto = upto;
-                    self.relay.handle_inbox_read(&mut self.store, upto);
+                    self.relay
+                        .handle_inbox_read(&mut self.store, upto)
+                        .expect("inbox trim");
                 }
                 self.flush(None, false);
             }
@@ -442,6 +459,8 @@ fuzz_target!(|input: Input| {
     }
     cfg.max_queue = 1 + usize::from(input.max_queue % 8);
     cfg.max_inbox = 1 + usize::from(input.max_inbox % 16);
+    cfg.max_inbox_per_peer = 1 + usize::from(input.max_inbox_per_peer % 16);
+    cfg.max_inbox_memory = 256 * usize::from(input.max_inbox_memory);
     cfg.max_batch = 1 + usize::from(input.max_batch % 8);
     cfg.transmit_timeout = Duration::from_millis(500);
     let base = Instant::now();

@@ -22,9 +22,9 @@ pub mod store;
 pub mod transport;
 
 pub use config::{RelayConfig, RetryPolicy};
-pub use relay::{MlsRoomError, Now, Output, Relay, ReplyToken, RoomError};
+pub use relay::{InboxQuery, MlsRoomError, Now, Output, Relay, ReplyToken, RoomError};
 pub use stats::{RejectReason, RelayStats};
-pub use store::{MemStore, SealedCommit, Snapshot, Store, StoreError, StoreOp};
+pub use store::{InboxRange, MemStore, SealedCommit, Snapshot, Store, StoreError, StoreOp};
 pub use transport::{
     Inbound, Request, Response, Status, Transmit, TransmitId, Transport, TransportError,
     TransportKind,

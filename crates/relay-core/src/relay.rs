@@ -14,8 +14,10 @@ use mimi_wire::uri::{ProviderDomain, RoomId};
 use tracing::{debug, info, warn};
 
 mod hub_mls;
+mod inbox;
 mod services;
 pub use hub_mls::MlsRoomError;
+pub use inbox::InboxQuery;
 
 use crate::config::RelayConfig;
 use crate::rng::SplitMix64;
@@ -286,8 +288,7 @@ pub struct Relay {
     queue_by_key: HashMap<(String, ProviderDomain), QueueIdx>,
     ready: VecDeque<QueueIdx>,
     cursors: HashMap<(ProviderDomain, String), Cursor>,
-    inbox: VecDeque<(u64, InboxRecord)>,
-    inbox_next: u64,
+    inbox: inbox::Inbox,
     inflight: FastMap<TransmitId, InFlight>,
     deadlines: BTreeSet<(Instant, TransmitId)>,
     /// Queues held back after a refusal, by release time.
@@ -317,10 +318,6 @@ const _: () = assert!(RECENT_WINDOW <= 1 << 16);
 impl Relay {
     /// Builds the core from its configuration and what the store kept.
     pub fn new(cfg: RelayConfig, snapshot: Snapshot, now: Now) -> Relay {
-        // Inbox offsets go on from the wall clock (ms x 1024) at every start, so a local reader
-        // that kept its position is never past the new offsets, even when the store was lost or
-        // restored from a backup (unless more than 1024 events a millisecond were delivered).
-        let inbox_next = (snapshot.inbox_trimmed + 1).max(now.unix_ms << 10);
         let mut relay = Relay {
             rng: SplitMix64::new(cfg.seed),
             peers: Vec::new(),
@@ -331,8 +328,7 @@ impl Relay {
             queue_by_key: HashMap::new(),
             ready: VecDeque::new(),
             cursors: HashMap::new(),
-            inbox: VecDeque::new(),
-            inbox_next,
+            inbox: inbox::Inbox::restore(&snapshot, now.unix_ms),
             inflight: FastMap::default(),
             deadlines: BTreeSet::new(),
             held: BTreeSet::new(),
@@ -424,10 +420,6 @@ impl Relay {
                 cursor.recent_order.push_back(h);
                 cursor.recent_n = n + 1;
             }
-        }
-        for (offset, record) in snapshot.inbox {
-            relay.inbox_next = relay.inbox_next.max(offset + 1);
-            relay.inbox.push_back((offset, record));
         }
         relay.pump(now);
         relay
@@ -785,8 +777,10 @@ impl Relay {
         // A follower whose queue is full lags: its backlog is dropped for a gap marker, and the
         // room goes on for everyone else (one stalled follower must not halt a room).
         self.drop_lagging(now, store, ri);
-        if *sender != self.cfg.local && self.inbox.len() >= self.cfg.max_inbox {
-            return self.queue_full("local inbox full: local clients are not reading");
+        if *sender != self.cfg.local
+            && let Some(refused) = self.inbox_refusal(&self.cfg.local.clone())
+        {
+            return refused;
         }
 
         let r = &mut self.rooms[ri];
@@ -883,17 +877,6 @@ impl Relay {
         self.pump(now);
     }
 
-    fn deliver_local<S: Store>(&mut self, store: &mut S, record: InboxRecord) {
-        let offset = self.inbox_next;
-        self.inbox_next += 1;
-        store.apply(StoreOp::Inbox {
-            offset,
-            record: &record,
-        });
-        self.inbox.push_back((offset, record));
-        self.stats.delivered += 1;
-    }
-
     /// The follower's side of /notify.
     fn notify<S: Store>(&mut self, _now: Now, store: &mut S, req: &Request) -> Response {
         let room = match req.target.parse::<RoomId>() {
@@ -927,9 +910,8 @@ impl Relay {
         {
             return self.skip_marker(store, &room, req, seq);
         }
-        if self.inbox.len() >= self.cfg.max_inbox {
-            // The hub keeps the events and retries: backpressure, not loss.
-            return self.queue_full("local inbox full: local clients are not reading");
+        if let Some(refused) = self.inbox_refusal(&req.from) {
+            return refused;
         }
         let fanouts = match split_fanout_sequence(&req.body, &self.cfg.limits) {
             Ok(f) => f,
@@ -1392,28 +1374,6 @@ impl Relay {
         self.pump(now);
     }
 
-    /// The local reader consumed the inbox up to and including `upto`.
-    pub fn handle_inbox_read<S: Store>(&mut self, store: &mut S, upto: u64) {
-        let before = self.inbox.len();
-        while self.inbox.front().is_some_and(|(o, _)| *o <= upto) {
-            self.inbox.pop_front();
-        }
-        if self.inbox.len() != before {
-            store.apply(StoreOp::InboxTrim { upto });
-        }
-    }
-
-    /// Delivered events after offset `after`, oldest first.
-    pub fn inbox_after(&self, after: u64) -> impl Iterator<Item = &(u64, InboxRecord)> {
-        let skip = self.inbox.partition_point(|(o, _)| *o <= after);
-        self.inbox.range(skip..)
-    }
-
-    /// The offset the next delivered event will get.
-    pub fn inbox_next(&self) -> u64 {
-        self.inbox_next
-    }
-
     pub fn poll_output(&mut self) -> Option<Output> {
         if let Some(now) = self.pump_due.take() {
             self.pump_now(now);
@@ -1458,7 +1418,8 @@ impl Relay {
                 .sum();
             s.peers.insert(p.domain.clone(), ps);
         }
-        s.inbox_depth = self.inbox.len() as u64;
+        s.inbox_depth = self.inbox.len();
+        s.inbox_resident_bytes = self.inbox.resident_bytes() as u64;
         s.mls_panics = self.mls.panics.load(std::sync::atomic::Ordering::Relaxed);
         s
     }

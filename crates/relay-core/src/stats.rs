@@ -20,10 +20,12 @@ pub enum RejectReason {
     OutOfOrder,
     NotImplemented,
     NoRoute,
+    /// The sender's share of the local inbox is full.
+    InboxShare,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 9] = [
+    pub const ALL: [RejectReason; 10] = [
         RejectReason::Malformed,
         RejectReason::TooLarge,
         RejectReason::UnknownRoom,
@@ -33,6 +35,7 @@ impl RejectReason {
         RejectReason::OutOfOrder,
         RejectReason::NotImplemented,
         RejectReason::NoRoute,
+        RejectReason::InboxShare,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -46,6 +49,7 @@ impl RejectReason {
             RejectReason::OutOfOrder => "out_of_order",
             RejectReason::NotImplemented => "not_implemented",
             RejectReason::NoRoute => "no_route",
+            RejectReason::InboxShare => "inbox_share",
         }
     }
 }
@@ -117,7 +121,10 @@ pub struct RelayStats {
     pub probes: u64,
     pub rejects: [u64; RejectReason::ALL.len()],
     pub peers: BTreeMap<ProviderDomain, PeerStats>,
+    /// Delivered events not trimmed yet, in memory or in the store only.
     pub inbox_depth: u64,
+    /// Bytes the inbox records kept in memory take (bounded by `max_inbox_memory`).
+    pub inbox_resident_bytes: u64,
     /// Hub: times a follower's queue reached `max_queue` and its backlog was dropped.
     pub lagging: u64,
     /// Hub: events dropped from lagging followers' queues (they get a gap marker instead).

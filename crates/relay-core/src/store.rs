@@ -111,11 +111,75 @@ pub struct Snapshot {
     /// Each follower cursor's window of recent FanoutMessage hashes ([`StoreOp::RecentHash`]):
     /// by slot, `(n, hash)`.
     pub recent: BTreeMap<(ProviderDomain, RoomId), BTreeMap<u16, (u64, u128)>>,
-    pub inbox: VecDeque<(u64, InboxRecord)>,
+    /// The inbox records not trimmed yet, summarised: the records themselves stay in the
+    /// store and are read with [`Store::read_inbox`], so a start loads none of their bodies.
+    pub inbox: InboxSummary,
     /// Highest trimmed inbox offset, so numbering continues.
     pub inbox_trimmed: u64,
     /// Keyed state records ([`StoreOp::Record`]).
     pub records: BTreeMap<Vec<u8>, Bytes>,
+}
+
+/// What the store holds of the inbox, without the records.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct InboxSummary {
+    /// The highest offset of a record not trimmed yet; 0 when there is none.
+    pub last: u64,
+    /// Records not trimmed yet, by the provider they came from ([`InboxRecord::from`]).
+    pub by_from: BTreeMap<ProviderDomain, u64>,
+}
+
+impl InboxSummary {
+    /// Records not trimmed yet.
+    pub fn len(&self) -> u64 {
+        self.by_from.values().sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_from.is_empty()
+    }
+
+    fn count(&mut self, from: &ProviderDomain, add: bool) {
+        if add {
+            *self.by_from.entry(from.clone()).or_default() += 1;
+        } else if let Some(n) = self.by_from.get_mut(from) {
+            *n -= 1;
+            if *n == 0 {
+                self.by_from.remove(from);
+            }
+        }
+    }
+}
+
+/// Limits of one inbox read ([`Store::read_inbox`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InboxRange {
+    /// Records with an offset above this...
+    pub after: u64,
+    /// ...and at most this.
+    pub upto: u64,
+    /// At most this many records...
+    pub max: usize,
+    /// ...and none after the one whose fanout bytes bring the total to this (the first
+    /// record is always taken, however large).
+    pub max_bytes: usize,
+}
+
+impl InboxRange {
+    /// Everything after `after`.
+    pub fn after(after: u64) -> InboxRange {
+        InboxRange {
+            after,
+            upto: u64::MAX,
+            max: usize::MAX,
+            max_bytes: usize::MAX,
+        }
+    }
+
+    /// Whether `records` reached the count or byte limit (so more may follow).
+    pub fn filled(&self, records: usize, bytes: usize) -> bool {
+        records >= self.max || (records > 0 && bytes >= self.max_bytes)
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -153,8 +217,19 @@ pub type SealedCommit = Box<dyn FnOnce() -> Result<(), StoreError> + Send>;
 
 /// Durable state behind the core.
 pub trait Store {
-    /// Reads everything back after a restart.
+    /// Reads everything back after a restart (the inbox only summarised: see
+    /// [`Store::read_inbox`]).
     fn load(&mut self) -> Result<Snapshot, StoreError>;
+    /// Committed inbox records within `range`, oldest first. The core reads here what it
+    /// does not keep in memory; it asks only for records it knows are committed.
+    fn read_inbox(&self, range: InboxRange) -> Result<Vec<(u64, InboxRecord)>, StoreError>;
+    /// How many committed inbox records with `after < offset <= upto` came from each provider
+    /// ([`InboxRecord::from`]).
+    fn count_inbox(
+        &self,
+        after: u64,
+        upto: u64,
+    ) -> Result<BTreeMap<ProviderDomain, u64>, StoreError>;
     /// Records one change; durable only after the next successful [`Store::commit`].
     fn apply(&mut self, op: StoreOp<'_>);
     /// Makes every change applied so far durable, atomically.
@@ -168,10 +243,43 @@ pub trait Store {
     }
 }
 
-/// Applies ops to a [`Snapshot`]: the in-memory store, and the reference durable stores are
-/// checked against.
+/// What [`MemStore`] holds: the reference durable stores are checked against.
+#[derive(Debug, Default, Clone)]
+struct MemState {
+    snapshot: Snapshot,
+    inbox: BTreeMap<u64, InboxRecord>,
+}
+
+impl MemState {
+    fn apply(&mut self, op: StoreOp<'_>) {
+        let snap = &mut self.snapshot;
+        match op {
+            StoreOp::Inbox { offset, record } => {
+                if let Some(old) = self.inbox.insert(offset, record.clone()) {
+                    snap.inbox.count(&old.from, false);
+                }
+                snap.inbox.count(&record.from, true);
+                snap.inbox.last = self.inbox.last_key_value().map_or(0, |(o, _)| *o);
+            }
+            StoreOp::InboxTrim { upto } => {
+                let kept = match upto.checked_add(1) {
+                    Some(from) => self.inbox.split_off(&from),
+                    None => BTreeMap::new(),
+                };
+                for record in std::mem::replace(&mut self.inbox, kept).values() {
+                    snap.inbox.count(&record.from, false);
+                }
+                snap.inbox.last = self.inbox.last_key_value().map_or(0, |(o, _)| *o);
+                snap.inbox_trimmed = snap.inbox_trimmed.max(upto);
+            }
+            op => snap.apply(op),
+        }
+    }
+}
+
 impl Snapshot {
-    pub fn apply(&mut self, op: StoreOp<'_>) {
+    /// Applies every op but the inbox's ([`MemState`] keeps the records).
+    fn apply(&mut self, op: StoreOp<'_>) {
         match op {
             StoreOp::Room { room, followers } => {
                 self.rooms.entry(room.clone()).or_default().followers = followers.to_vec();
@@ -222,13 +330,7 @@ impl Snapshot {
                     .or_default()
                     .insert(slot, (n, hash));
             }
-            StoreOp::Inbox { offset, record } => self.inbox.push_back((offset, record.clone())),
-            StoreOp::InboxTrim { upto } => {
-                while self.inbox.front().is_some_and(|(o, _)| *o <= upto) {
-                    self.inbox.pop_front();
-                }
-                self.inbox_trimmed = self.inbox_trimmed.max(upto);
-            }
+            StoreOp::Inbox { .. } | StoreOp::InboxTrim { .. } => {}
             StoreOp::SubmitSeen { room, seen } => {
                 self.rooms
                     .entry(room.clone())
@@ -260,7 +362,7 @@ impl Snapshot {
 /// (dropping uncommitted ops) behaves like a real one.
 #[derive(Debug, Default, Clone)]
 pub struct MemStore {
-    committed: Snapshot,
+    committed: MemState,
     pending: Vec<OwnedOp>,
     /// When false, ops are dropped instead of kept: a store for benchmarks of the routing alone.
     discard: bool,
@@ -285,13 +387,53 @@ impl MemStore {
     }
 
     pub fn committed(&self) -> &Snapshot {
-        &self.committed
+        &self.committed.snapshot
+    }
+
+    /// The committed inbox records.
+    pub fn committed_inbox(&self) -> &BTreeMap<u64, InboxRecord> {
+        &self.committed.inbox
     }
 }
 
 impl Store for MemStore {
     fn load(&mut self) -> Result<Snapshot, StoreError> {
-        Ok(self.committed.clone())
+        Ok(self.committed.snapshot.clone())
+    }
+
+    fn read_inbox(&self, range: InboxRange) -> Result<Vec<(u64, InboxRecord)>, StoreError> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let Some(from) = range.after.checked_add(1) else {
+            return Ok(out);
+        };
+        if from > range.upto {
+            return Ok(out);
+        }
+        for (offset, record) in self.committed.inbox.range(from..=range.upto) {
+            if range.filled(out.len(), bytes) {
+                break;
+            }
+            bytes = bytes.saturating_add(record.fanout.len());
+            out.push((*offset, record.clone()));
+        }
+        Ok(out)
+    }
+
+    fn count_inbox(
+        &self,
+        after: u64,
+        upto: u64,
+    ) -> Result<BTreeMap<ProviderDomain, u64>, StoreError> {
+        let mut out = BTreeMap::new();
+        if let Some(from) = after.checked_add(1)
+            && from <= upto
+        {
+            for record in self.committed.inbox.range(from..=upto).map(|(_, r)| r) {
+                *out.entry(record.from.clone()).or_default() += 1;
+            }
+        }
+        Ok(out)
     }
 
     fn apply(&mut self, op: StoreOp<'_>) {

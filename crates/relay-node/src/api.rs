@@ -334,14 +334,23 @@ async fn inbox(State(mut s): State<ApiState>, Query(q): Query<InboxQuery>) -> Ht
     let deadline = tokio::time::Instant::now() + Duration::from_millis(q.wait_ms.min(30_000));
     loop {
         s.inbox_next.borrow_and_update();
-        let Some(items) = ask(&s.tx, |reply| Event::Inbox {
+        let items = match ask(&s.tx, |reply| Event::Inbox {
             after: q.after,
             max,
             reply,
         })
         .await
-        else {
-            return unavailable();
+        {
+            Some(Ok(items)) => items,
+            Some(Err(())) => {
+                return (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    [(header::RETRY_AFTER, HeaderValue::from(1))],
+                    "cannot read the inbox from the store\n",
+                )
+                    .into_response();
+            }
+            None => return unavailable(),
         };
         if !items.is_empty() || tokio::time::Instant::now() >= deadline {
             return (StatusCode::OK, encode_inbox(&items)).into_response();

@@ -22,6 +22,10 @@ use tracing::{error, info, warn};
 /// Requests taken from the fair queue per wake-up of the core thread.
 const INGRESS_BATCH: usize = 256;
 
+/// Fanout bytes per inbox read (at least one record goes, however large): bounds what one read
+/// copies from the store and holds until its answer is sent.
+const INBOX_READ_BYTES: usize = 16 << 20;
+
 /// Inputs of the core thread.
 #[derive(Debug)]
 pub(crate) enum Event {
@@ -82,7 +86,8 @@ pub(crate) enum Event {
     Inbox {
         after: u64,
         max: usize,
-        reply: oneshot::Sender<Vec<(u64, InboxRecord)>>,
+        /// `Err`: the store could not be read (logged); the reader tries again.
+        reply: oneshot::Sender<Result<Vec<(u64, InboxRecord)>, ()>>,
     },
     Stats {
         reply: oneshot::Sender<(RelayStats, StoreStats)>,
@@ -148,7 +153,7 @@ pub(crate) struct CoreLoop<S: Store> {
 enum Held {
     Output(Output),
     Inbox(
-        oneshot::Sender<Vec<(u64, InboxRecord)>>,
+        oneshot::Sender<Result<Vec<(u64, InboxRecord)>, ()>>,
         Vec<(u64, InboxRecord)>,
     ),
     Room(
@@ -168,8 +173,9 @@ struct Pipeline {
     open: u64,
     /// The highest batch known durable.
     durable: u64,
-    /// The batch being written, with the inputs it covers.
-    writing: Option<(u64, u64)>,
+    /// The batch being written, with the inputs it covers and the inbox offset below which it
+    /// makes every record durable.
+    writing: Option<(u64, u64, u64)>,
     held: VecDeque<(u64, Held)>,
     inputs_in_open: u64,
 }
@@ -223,10 +229,12 @@ impl<S: Store> CoreLoop<S> {
                 match ev {
                     Event::Shutdown => stopping = true,
                     Event::Committed { id, result, took } => {
-                        let inputs = p.writing.take().map_or(0, |(_, n)| n);
+                        let (inputs, inbox_mark) =
+                            p.writing.take().map_or((0, 0), |(_, n, mark)| (n, mark));
                         match result {
                             Ok(()) => {
                                 p.durable = id;
+                                self.relay.handle_inbox_durable(inbox_mark);
                                 self.store_stats.commits += 1;
                                 self.store_stats.events += inputs;
                                 self.store_stats.commit_time.record(took);
@@ -258,13 +266,18 @@ impl<S: Store> CoreLoop<S> {
             if p.writing.is_none() {
                 match self.store.seal() {
                     Ok(Some(write)) => {
-                        p.writing = Some((p.open, std::mem::take(&mut p.inputs_in_open)));
+                        let inputs = std::mem::take(&mut p.inputs_in_open);
+                        p.writing = Some((p.open, inputs, self.relay.inbox_next()));
                         if jobs.send((p.open, write)).is_err() {
                             break Err(StoreError::new("commit", CommitterGone));
                         }
                     }
                     // Nothing to write: everything applied so far is durable.
-                    Ok(None) => p.durable = p.open,
+                    Ok(None) => {
+                        p.durable = p.open;
+                        let mark = self.relay.inbox_next();
+                        self.relay.handle_inbox_durable(mark);
+                    }
                     Err(e) => break Err(e),
                 }
                 p.open += 1;
@@ -422,11 +435,26 @@ impl<S: Store> CoreLoop<S> {
                 ));
             }
             Event::Inbox { after, max, reply } => {
-                self.relay.handle_inbox_read(&mut self.store, after);
-                // Only what is durable may be shown: a record shown and then lost in a crash
-                // would be delivered again.
-                let items = self.relay.inbox_after(after).take(max).cloned().collect();
-                p.held.push_back((p.open, Held::Inbox(reply, items)));
+                let q = relay_core::InboxQuery {
+                    after,
+                    max,
+                    max_bytes: INBOX_READ_BYTES,
+                    durable_only: false,
+                };
+                let read = self
+                    .relay
+                    .handle_inbox_read(&mut self.store, after)
+                    .and_then(|()| self.relay.read_inbox(&self.store, q));
+                match read {
+                    // Only what is durable may be shown: a record shown and then lost in a
+                    // crash would be delivered again.
+                    Ok(items) => p.held.push_back((p.open, Held::Inbox(reply, items))),
+                    Err(e) => {
+                        error!(error = %e, source = ?std::error::Error::source(&e),
+                            "cannot read the inbox from the store");
+                        let _ = reply.send(Err(()));
+                    }
+                }
             }
             Event::Stats { reply } => {
                 let _ = reply.send((self.relay.stats(), self.store_stats.clone()));
@@ -448,7 +476,7 @@ impl<S: Store> CoreLoop<S> {
             };
             let out = match held {
                 Held::Inbox(reply, items) => {
-                    let _ = reply.send(items);
+                    let _ = reply.send(Ok(items));
                     continue;
                 }
                 Held::Room(reply, r) => {

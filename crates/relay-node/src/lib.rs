@@ -172,6 +172,12 @@ impl Node {
         core_cfg.limits.max_body = cfg.max_body;
         core_cfg.max_queue = cfg.max_queue;
         core_cfg.max_inbox = cfg.max_inbox;
+        core_cfg.max_inbox_per_peer = cfg.max_inbox_per_peer;
+        core_cfg.max_inbox_memory = match cfg.store {
+            StoreKind::Durable => cfg.max_inbox_memory,
+            // Nothing to read back from: the inbox stays in memory, bounded by max_inbox.
+            StoreKind::Memory => usize::MAX,
+        };
         core_cfg.follows = cfg.follows.clone();
         // The transports time out unanswered transmits themselves (QUIC counts from the last
         // answer on the room's stream, so a slow link is not taken for a dead one). The core's
@@ -412,6 +418,7 @@ fn spawn_core<S: Store + Send + 'static>(
             })?;
     }
     store.commit().map_err(store_err)?;
+    relay.handle_inbox_durable(relay.inbox_next());
     w.inbox_next.send_replace(relay.inbox_next());
     let core = CoreLoop {
         relay,

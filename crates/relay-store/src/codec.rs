@@ -395,6 +395,27 @@ pub(crate) fn decode_inbox(table: &'static str, v: &[u8]) -> Result<InboxRecord,
     })
 }
 
+/// The `from` of a stored inbox value (its length-prefixed bytes), without reading the rest.
+pub(crate) fn inbox_from<'a>(table: &'static str, v: &'a [u8]) -> Result<&'a [u8], DecodeError> {
+    let mut r = Reader::new(table, v);
+    r.str_bytes()?;
+    let start = v.len() - r.buf.len();
+    r.str_bytes()?;
+    let end = v.len() - r.buf.len();
+    v.get(start..end).ok_or_else(|| r.corrupt("truncated"))
+}
+
+/// Reads a provider domain written by [`put_str`] as a whole key.
+pub(crate) fn read_domain_key(
+    table: &'static str,
+    key: &[u8],
+) -> Result<ProviderDomain, DecodeError> {
+    let mut r = Reader::new(table, key);
+    let d = r.domain()?;
+    r.finish()?;
+    Ok(d)
+}
+
 /// One pending write: key and value in the layout of the table `tag` selects.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Record<'a> {

@@ -16,6 +16,11 @@
 //!   sequence of committed ops, given what the core guarantees: per-queue `qseq`, inbox offsets
 //!   and per-room `room_seq` of `SubmitSeen` are issued in increasing order. Stored data that
 //!   does not decode is a [`StoreError`] whose source is a [`DecodeError`], never a panic.
+//!   It leaves the inbox's records on disk: the snapshot has only their last offset and how
+//!   many each provider sent, kept in a table of their own, so a start reads no record bodies.
+//! - [`Store::read_inbox`] and [`Store::count_inbox`] read what the last successful commit left
+//!   (one read transaction each, concurrent with a commit being written), never buffered ops;
+//!   [`MemStore`] answers the same for the same committed ops.
 //! - One process at a time: opening a file another process has open fails.
 //!
 //! # Layout
@@ -26,7 +31,7 @@
 
 mod codec;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -35,9 +40,10 @@ use bytes::Bytes;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 pub use codec::DecodeError;
+use mimi_wire::uri::ProviderDomain;
 pub use relay_core::store::{
-    InboxRecord, MemStore, OwnedOp, RoomSnapshot, SealedCommit, Snapshot, Store, StoreError,
-    StoreOp, SubmitSeen,
+    InboxRange, InboxRecord, InboxSummary, MemStore, OwnedOp, RoomSnapshot, SealedCommit, Snapshot,
+    Store, StoreError, StoreOp, SubmitSeen,
 };
 
 use codec::{PendingLog, Reader, Tag};
@@ -62,6 +68,9 @@ const CURSORS: Bytes2Bytes = TableDefinition::new("cursors");
 const RECENT: Bytes2Bytes = TableDefinition::new("recent_hashes");
 /// offset -> room, from, accepted_ms, fanout bytes.
 const INBOX: Bytes2Bytes = TableDefinition::new("inbox");
+/// from (length-prefixed) -> records of `INBOX` from that provider, so a start counts them
+/// without reading the records.
+const INBOX_COUNTS: Bytes2Bytes = TableDefinition::new("inbox_counts");
 /// (room, room_seq) -> submission key (u128), accepted_ms.
 const SEEN: Bytes2Bytes = TableDefinition::new("submit_seen");
 /// Format version and the inbox trim mark.
@@ -71,8 +80,10 @@ const RECORDS: Bytes2Bytes = TableDefinition::new("records");
 
 const META_FORMAT: &[u8] = b"format";
 const META_INBOX_TRIMMED: &[u8] = b"inbox_trimmed";
-/// Bumped on any change to the layout above.
-const FORMAT: u64 = 1;
+/// Bumped on any change to the layout above. Format 1 had no `INBOX_COUNTS`; it is
+/// migrated on open.
+const FORMAT: u64 = 2;
+const FORMAT_1: u64 = 1;
 /// A `ROOMS` value with no followers.
 const NO_FOLLOWERS: &[u8] = &[0, 0];
 
@@ -165,7 +176,8 @@ impl DurableStore {
         self.pending.ops
     }
 
-    /// Creates the tables of a new file, or checks the format of an existing one.
+    /// Creates the tables of a new file, or checks the format of an existing one (and
+    /// migrates an older one it can read).
     fn init(&self) -> Result<(), Fail> {
         let tx = self.db.begin_write()?;
         let found = {
@@ -176,6 +188,23 @@ impl DurableStore {
         };
         match found {
             Some(FORMAT) => tx.abort()?,
+            Some(FORMAT_1) => {
+                // Count the inbox once; from now on every commit keeps the counts.
+                let mut counts: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+                for row in tx.open_table(INBOX)?.iter()? {
+                    let (_, v) = row?;
+                    let from = codec::inbox_from("inbox", v.value())?;
+                    *counts.entry(from.to_vec()).or_default() += 1;
+                }
+                let mut table = tx.open_table(INBOX_COUNTS)?;
+                for (from, n) in counts {
+                    table.insert(from.as_slice(), n.to_be_bytes().as_slice())?;
+                }
+                drop(table);
+                tx.open_table(META)?
+                    .insert(META_FORMAT, FORMAT.to_be_bytes().as_slice())?;
+                tx.commit()?;
+            }
             Some(found) => {
                 return Err(DecodeError::UnsupportedFormat {
                     found,
@@ -187,7 +216,16 @@ impl DurableStore {
                 tx.open_table(META)?
                     .insert(META_FORMAT, FORMAT.to_be_bytes().as_slice())?;
                 for t in [
-                    ROOMS, ROOM_SEQS, QUEUES, QUEUE_KEYS, ACKED, CURSORS, INBOX, SEEN, RECORDS,
+                    ROOMS,
+                    ROOM_SEQS,
+                    QUEUES,
+                    QUEUE_KEYS,
+                    ACKED,
+                    CURSORS,
+                    INBOX,
+                    INBOX_COUNTS,
+                    SEEN,
+                    RECORDS,
                     RECENT,
                 ] {
                     tx.open_table(t)?;
@@ -217,6 +255,15 @@ fn write_log(db: &Database, pending: &PendingLog) -> Result<(), Fail> {
             let mut acked = tx.open_table(ACKED)?;
             let mut cursors = tx.open_table(CURSORS)?;
             let mut inbox = tx.open_table(INBOX)?;
+            let mut inbox_counts = tx.open_table(INBOX_COUNTS)?;
+            // Changes to `INBOX_COUNTS`, written once at the end.
+            let mut counted: HashMap<Vec<u8>, i64> = HashMap::new();
+            let mut count = |from: &[u8], by: i64| match counted.get_mut(from) {
+                Some(n) => *n += by,
+                None => {
+                    counted.insert(from.to_vec(), by);
+                }
+            };
             let mut seen = tx.open_table(SEEN)?;
             let mut meta = tx.open_table(META)?;
             let mut state_records = tx.open_table(RECORDS)?;
@@ -263,12 +310,25 @@ fn write_log(db: &Database, pending: &PendingLog) -> Result<(), Fail> {
                         value.clear();
                         value.extend_from_slice(val);
                         value.extend_from_slice(fanout);
-                        inbox.insert(key, value.as_slice())?;
+                        if let Some(old) = inbox.insert(key, value.as_slice())? {
+                            count(codec::inbox_from("inbox", old.value())?, -1);
+                        }
+                        count(codec::inbox_from("pending log", val)?, 1);
                     }
                     Tag::InboxTrim => {
                         let upto = codec::read_u64_value("pending log", val)?;
                         key_range(&mut lo, &mut hi, &[], 0, upto);
-                        inbox.retain_in(lo.as_slice()..=hi.as_slice(), |_, _| false)?;
+                        let mut corrupt = None;
+                        inbox.retain_in(lo.as_slice()..=hi.as_slice(), |_, v| {
+                            match codec::inbox_from("inbox", v) {
+                                Ok(from) => count(from, -1),
+                                Err(e) => corrupt = Some(e),
+                            }
+                            false
+                        })?;
+                        if let Some(e) = corrupt {
+                            return Err(e.into());
+                        }
                         raise_mark(&mut meta, META_INBOX_TRIMMED, upto)?;
                     }
                     Tag::SubmitSeen => {
@@ -290,6 +350,21 @@ fn write_log(db: &Database, pending: &PendingLog) -> Result<(), Fail> {
                         }
                         _ => return Err(bug("record presence byte")),
                     },
+                }
+            }
+            for (from, by) in counted {
+                let old = match inbox_counts.get(from.as_slice())? {
+                    Some(v) => codec::read_u64_value("inbox_counts", v.value())?,
+                    None => 0,
+                };
+                match old.checked_add_signed(by) {
+                    Some(0) => {
+                        inbox_counts.remove(from.as_slice())?;
+                    }
+                    Some(n) => {
+                        inbox_counts.insert(from.as_slice(), n.to_be_bytes().as_slice())?;
+                    }
+                    None => return Err(bug("inbox count below zero")),
                 }
             }
         }
@@ -403,11 +478,15 @@ impl DurableStore {
             Err(redb::TableError::TableDoesNotExist(_)) => {}
             Err(e) => return Err(e.into()),
         }
-        for row in tx.open_table(INBOX)?.iter()? {
+        // The inbox's records stay on disk (`read_inbox`): only its last offset and counts.
+        if let Some((k, _)) = tx.open_table(INBOX)?.last()? {
+            snap.inbox.last = codec::read_u64_value("inbox", k.value())?;
+        }
+        for row in tx.open_table(INBOX_COUNTS)?.iter()? {
             let (k, v) = row?;
-            let offset = codec::read_u64_value("inbox", k.value())?;
-            snap.inbox
-                .push_back((offset, codec::decode_inbox("inbox", v.value())?));
+            let from = codec::read_domain_key("inbox_counts", k.value())?;
+            let n = codec::read_u64_value("inbox_counts", v.value())?;
+            snap.inbox.by_from.insert(from, n);
         }
         if let Some(v) = tx.open_table(META)?.get(META_INBOX_TRIMMED)? {
             snap.inbox_trimmed = codec::read_u64_value("meta", v.value())?;
@@ -428,9 +507,79 @@ impl DurableStore {
     }
 }
 
+impl DurableStore {
+    /// The inbox keys `after < offset <= upto`, or `None` for an empty range.
+    fn inbox_keys(after: u64, upto: u64) -> Option<([u8; 8], [u8; 8])> {
+        let from = after.checked_add(1).filter(|f| *f <= upto)?;
+        Some((from.to_be_bytes(), upto.to_be_bytes()))
+    }
+
+    fn read_inbox_range(&self, range: InboxRange) -> Result<Vec<(u64, InboxRecord)>, Fail> {
+        let mut out = Vec::new();
+        let Some((lo, hi)) = Self::inbox_keys(range.after, range.upto) else {
+            return Ok(out);
+        };
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(INBOX)?;
+        let mut bytes = 0usize;
+        for row in table.range(lo.as_slice()..=hi.as_slice())? {
+            if range.filled(out.len(), bytes) {
+                break;
+            }
+            let (k, v) = row?;
+            let offset = codec::read_u64_value("inbox", k.value())?;
+            let record = codec::decode_inbox("inbox", v.value())?;
+            bytes = bytes.saturating_add(record.fanout.len());
+            out.push((offset, record));
+        }
+        Ok(out)
+    }
+
+    fn count_inbox_range(
+        &self,
+        after: u64,
+        upto: u64,
+    ) -> Result<BTreeMap<ProviderDomain, u64>, Fail> {
+        let mut counts: HashMap<Vec<u8>, u64> = HashMap::new();
+        if let Some((lo, hi)) = Self::inbox_keys(after, upto) {
+            let tx = self.db.begin_read()?;
+            let table = tx.open_table(INBOX)?;
+            for row in table.range(lo.as_slice()..=hi.as_slice())? {
+                let (_, v) = row?;
+                let from = codec::inbox_from("inbox", v.value())?;
+                match counts.get_mut(from) {
+                    Some(n) => *n += 1,
+                    None => {
+                        counts.insert(from.to_vec(), 1);
+                    }
+                }
+            }
+        }
+        let mut out = BTreeMap::new();
+        for (from, n) in counts {
+            out.insert(codec::read_domain_key("inbox", &from)?, n);
+        }
+        Ok(out)
+    }
+}
+
 impl Store for DurableStore {
     fn load(&mut self) -> Result<Snapshot, StoreError> {
         self.read_all().map_err(|e| e.into_store("load"))
+    }
+
+    fn read_inbox(&self, range: InboxRange) -> Result<Vec<(u64, InboxRecord)>, StoreError> {
+        self.read_inbox_range(range)
+            .map_err(|e| e.into_store("read inbox"))
+    }
+
+    fn count_inbox(
+        &self,
+        after: u64,
+        upto: u64,
+    ) -> Result<BTreeMap<ProviderDomain, u64>, StoreError> {
+        self.count_inbox_range(after, upto)
+            .map_err(|e| e.into_store("count inbox"))
     }
 
     fn apply(&mut self, op: StoreOp<'_>) {
@@ -642,14 +791,17 @@ mod tests {
         codec::put_str(&mut recent_key, dest.as_str());
         codec::put_str(&mut recent_key, room.as_str());
         recent_key.extend_from_slice(&[0, 1]);
-        let cases: [(Bytes2Bytes, &[u8], &[u8]); 10] = [
+        let mut counts_key = Vec::new();
+        codec::put_str(&mut counts_key, dest.as_str());
+        let cases: [(Bytes2Bytes, &[u8], &[u8]); 11] = [
             (QUEUES, &bad_qseq, b"x"),
             (QUEUES, &[0, 200, b'a'], b"x"),
             (QUEUE_KEYS, &bad_room, b""),
             (ACKED, &prefix, &[1, 2]),
             (ROOMS, room.as_str().as_bytes(), &[0, 1, 0, 0]),
             (ROOM_SEQS, room.as_str().as_bytes(), &[0; 15]),
-            (INBOX, &[0; 8], &[0, 3, b'a']),
+            (INBOX, &[0; 3], &[0, 3, b'a']),
+            (INBOX_COUNTS, &counts_key, &[1, 2]),
             (SEEN, &prefix, &[0; 24]),
             (META, META_INBOX_TRIMMED, &[]),
             (RECENT, &recent_key, &[0; 23]),
@@ -666,6 +818,60 @@ mod tests {
                 "case {i}: {source}"
             );
         }
+    }
+
+    #[test]
+    fn corrupt_inbox_records_are_read_errors_not_panics() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.redb");
+        drop(DurableStore::open(&path).expect("create"));
+        tamper(&path, INBOX, &7u64.to_be_bytes(), &[0, 3, b'a']);
+        let store = DurableStore::open(&path).expect("open");
+        for e in [
+            store.read_inbox(InboxRange::after(0)).expect_err("read"),
+            store.count_inbox(0, 9).map(|_| ()).expect_err("count"),
+        ] {
+            let source = std::error::Error::source(&e).expect("source");
+            assert!(source.downcast_ref::<DecodeError>().is_some(), "{source}");
+        }
+    }
+
+    #[test]
+    fn a_format_1_store_gets_its_inbox_counted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.redb");
+        let (room, from) = ids();
+        let mut store = DurableStore::open(&path).expect("create");
+        for offset in 1..=3 {
+            let record = InboxRecord {
+                room: room.clone(),
+                from: from.clone(),
+                accepted_ms: offset,
+                fanout: Bytes::from_static(b"f"),
+            };
+            store.apply(StoreOp::Inbox {
+                offset,
+                record: &record,
+            });
+        }
+        store.commit().expect("commit");
+        drop(store);
+        // As format 1 left it: no counts.
+        let db = Database::create(&path).expect("db");
+        let tx = db.begin_write().expect("tx");
+        tx.delete_table(INBOX_COUNTS).expect("delete");
+        tx.open_table(META)
+            .expect("meta")
+            .insert(META_FORMAT, FORMAT_1.to_be_bytes().as_slice())
+            .expect("insert");
+        tx.commit().expect("commit");
+        drop(db);
+        let snap = DurableStore::open(&path)
+            .expect("migrated")
+            .load()
+            .expect("load");
+        assert_eq!(snap.inbox.by_from.get(&from), Some(&3));
+        assert_eq!(snap.inbox.last, 3);
     }
 
     #[test]
