@@ -66,6 +66,8 @@ pub enum RoomError {
     SelfFollower(ProviderDomain),
     #[error("room {0} is hosted here: a node follows only rooms hosted elsewhere")]
     HostedHere(String),
+    #[error("the store is out of space: try again later")]
+    StorageFull,
 }
 
 type QueueIdx = usize;
@@ -525,6 +527,17 @@ impl Relay {
                 return Err(RoomError::NoRoute(f.clone()));
             }
         }
+        if let Some(&i) = self.room_by_id.get(room.as_str())
+            && self.rooms[i]
+                .followers
+                .iter()
+                .map(|(f, _)| f)
+                .eq(&followers)
+        {
+            // Nothing to store: a node restarting on a full disk re-creates its configured
+            // rooms without writing.
+            return Ok(());
+        }
         store.apply(StoreOp::Room {
             room: &room,
             followers: &followers,
@@ -709,6 +722,26 @@ impl Relay {
         let id = TransmitId(self.next_transmit);
         self.next_transmit += 1;
         id
+    }
+
+    /// The answer to a request while the store is out of space, if it is one that would
+    /// store something new (a submission, a `/notify`, an update, a key claim, consent, an
+    /// abuse report): 503 with a Retry-After, nothing taken. `None` for a request that only
+    /// reads (`/groupInfo`, `/identifierQuery`, a download), which is served as usual.
+    /// Acknowledgements of our own transmits and inbox reads are not requests: they go on.
+    pub fn storage_full_refusal(&mut self, endpoint: Endpoint) -> Option<Response> {
+        match endpoint {
+            Endpoint::GroupInfo | Endpoint::IdentifierQuery | Endpoint::ProxyDownload => None,
+            _ => {
+                let mut response = self.reject(
+                    RejectReason::StorageFull,
+                    Status::Unavailable,
+                    "storage full: nothing new is taken until space is freed",
+                );
+                response.retry_after = Some(std::time::Duration::from_secs(5));
+                Some(response)
+            }
+        }
     }
 
     /// 503 with a Retry-After: the submitter (or hub) tries again; nothing was accepted.

@@ -22,10 +22,12 @@ pub enum RejectReason {
     NoRoute,
     /// The sender's share of the local inbox is full.
     InboxShare,
+    /// The store is out of space: nothing new is taken until it has some again.
+    StorageFull,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 10] = [
+    pub const ALL: [RejectReason; 11] = [
         RejectReason::Malformed,
         RejectReason::TooLarge,
         RejectReason::UnknownRoom,
@@ -36,6 +38,7 @@ impl RejectReason {
         RejectReason::NotImplemented,
         RejectReason::NoRoute,
         RejectReason::InboxShare,
+        RejectReason::StorageFull,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -50,6 +53,7 @@ impl RejectReason {
             RejectReason::NotImplemented => "not_implemented",
             RejectReason::NoRoute => "no_route",
             RejectReason::InboxShare => "inbox_share",
+            RejectReason::StorageFull => "storage_full",
         }
     }
 }

@@ -191,13 +191,16 @@ pub struct RoomSnapshot {
     pub seen: VecDeque<SubmitSeen>,
 }
 
-/// A storage failure. The node treats it as fatal for the batch: nothing in it is acknowledged.
+/// A storage failure. Nothing in a batch whose commit failed is acknowledged. The node stops
+/// on one, unless it says the storage is full ([`StoreError::is_storage_full`]): then it
+/// refuses new work and writes the same batch again once there is space.
 #[derive(Debug, thiserror::Error)]
 #[error("store {op} failed")]
 pub struct StoreError {
     pub op: &'static str,
     #[source]
     pub source: Box<dyn std::error::Error + Send + Sync>,
+    full: bool,
 }
 
 impl StoreError {
@@ -208,12 +211,30 @@ impl StoreError {
         StoreError {
             op,
             source: source.into(),
+            full: false,
         }
+    }
+
+    /// The storage has no space left (a full disk, a quota): nothing was written, and the
+    /// same write may succeed once space is freed.
+    pub fn storage_full(
+        op: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        StoreError {
+            full: true,
+            ..StoreError::new(op, source)
+        }
+    }
+
+    pub fn is_storage_full(&self) -> bool {
+        self.full
     }
 }
 
-/// The write of a sealed batch of changes; it may run on another thread.
-pub type SealedCommit = Box<dyn FnOnce() -> Result<(), StoreError> + Send>;
+/// The write of a sealed batch of changes; it may run on another thread. After an error that
+/// says the storage is full it may be called again, and writes the same batch.
+pub type SealedCommit = Box<dyn FnMut() -> Result<(), StoreError> + Send>;
 
 /// Durable state behind the core.
 pub trait Store {
@@ -232,7 +253,8 @@ pub trait Store {
     ) -> Result<BTreeMap<ProviderDomain, u64>, StoreError>;
     /// Records one change; durable only after the next successful [`Store::commit`].
     fn apply(&mut self, op: StoreOp<'_>);
-    /// Makes every change applied so far durable, atomically.
+    /// Makes every change applied so far durable, atomically. On an error nothing is written,
+    /// and the changes stay applied for the next commit.
     fn commit(&mut self) -> Result<(), StoreError>;
     /// Takes every change applied so far as one batch whose write the caller runs, possibly on
     /// another thread while the core goes on (pipelined group commit). Batches must be written

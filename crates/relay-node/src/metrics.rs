@@ -203,6 +203,15 @@ pub fn render(s: &RelayStats, store: &StoreStats) -> String {
         "# TYPE mimi_relay_store_commit_events_total counter\nmimi_relay_store_commit_events_total {}",
         store.events
     );
+    let _ = writeln!(
+        out,
+        "# HELP mimi_relay_disk_full Whether the store is out of space (1): new work is refused until a commit succeeds."
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE mimi_relay_disk_full gauge\nmimi_relay_disk_full {}",
+        u8::from(store.disk_full)
+    );
     histogram(
         &mut out,
         "mimi_relay_store_commit_seconds",

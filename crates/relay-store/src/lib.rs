@@ -12,6 +12,13 @@
 //!   it returns `Err` or the process dies first, none of it is visible after reopening (a commit
 //!   is atomic). On `Err` the ops stay buffered, so a retried commit writes them. A commit with
 //!   nothing buffered does nothing, and costs no fsync.
+//! - A commit that fails for lack of space (a full disk, a quota) is a [`StoreError`] that
+//!   says so ([`StoreError::is_storage_full`]); so is a sealed batch's write, which may be
+//!   called again and writes the same batch. After any I/O failure the file is closed and
+//!   opened again (redb refuses everything after a failed write until then), so reads go on.
+//!   Opening a file of the current format needs no new space, so a store opens on a full
+//!   disk; only recovering a file that was not closed cleanly may need some (then opening
+//!   fails with a storage-full error until there is space).
 //! - [`Store::load`] returns the [`Snapshot`] that [`MemStore`] would hold after the same
 //!   sequence of committed ops, given what the core guarantees: per-queue `qseq`, inbox offsets
 //!   and per-room `room_seq` of `SubmitSeen` are issued in increasing order. Stored data that
@@ -30,10 +37,11 @@
 //! range ordered by `qseq` and an `Ack` is one range delete.
 
 mod codec;
+mod db;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -89,8 +97,7 @@ const NO_FOLLOWERS: &[u8] = &[0, 0];
 
 /// The core's state in one redb file. See the crate documentation for the contract.
 pub struct DurableStore {
-    db: Arc<Database>,
-    path: PathBuf,
+    db: Arc<db::Db>,
     pending: PendingLog,
 }
 
@@ -103,7 +110,7 @@ const _: fn() = || {
 impl fmt::Debug for DurableStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DurableStore")
-            .field("path", &self.path)
+            .field("path", &self.db.path())
             .field("pending_ops", &self.pending.ops)
             .finish_non_exhaustive()
     }
@@ -119,10 +126,28 @@ enum Fail {
 impl Fail {
     fn into_store(self, op: &'static str) -> StoreError {
         match self {
+            Fail::Db(redb::Error::Io(e)) if is_full(&e) => StoreError::storage_full(op, e),
             Fail::Db(e) => StoreError::new(op, e),
             Fail::Decode(e) => StoreError::new(op, e),
         }
     }
+
+    /// redb refuses every later operation after this one, until the file is reopened.
+    fn closes_db(&self) -> bool {
+        matches!(
+            self,
+            Fail::Db(redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::DatabaseClosed)
+        )
+    }
+}
+
+/// No space left for the write (a full disk, a quota, a file size limit).
+fn is_full(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        e.kind(),
+        ErrorKind::StorageFull | ErrorKind::QuotaExceeded | ErrorKind::FileTooLarge
+    )
 }
 
 impl From<DecodeError> for Fail {
@@ -155,90 +180,84 @@ impl DurableStore {
     ///
     /// After a crash this also recovers the file to its last commit, which reads the whole file.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
-        let path = path.as_ref().to_owned();
-        let db = Database::create(&path).map_err(|e| Fail::from(e).into_store("open"))?;
+        let db = db::Db::open(path.as_ref()).map_err(|e| e.into_store("open"))?;
         let store = DurableStore {
             db: Arc::new(db),
-            path,
             pending: PendingLog::default(),
         };
-        store.init().map_err(|e| e.into_store("open"))?;
+        store.db.with(init).map_err(|e| e.into_store("open"))?;
         Ok(store)
     }
 
     /// The database file.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.db.path()
     }
 
     /// Ops applied since the last successful commit.
     pub fn pending_ops(&self) -> usize {
         self.pending.ops
     }
+}
 
-    /// Creates the tables of a new file, or checks the format of an existing one (and
-    /// migrates an older one it can read).
-    fn init(&self) -> Result<(), Fail> {
-        let tx = self.db.begin_write()?;
-        let found = {
-            let meta = tx.open_table(META)?;
-            let v = meta.get(META_FORMAT)?;
-            v.map(|v| codec::read_u64_value("meta", v.value()))
-                .transpose()?
-        };
-        match found {
-            Some(FORMAT) => tx.abort()?,
-            Some(FORMAT_1) => {
-                // Count the inbox once; from now on every commit keeps the counts.
-                let mut counts: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
-                for row in tx.open_table(INBOX)?.iter()? {
-                    let (_, v) = row?;
-                    let from = codec::inbox_from("inbox", v.value())?;
-                    *counts.entry(from.to_vec()).or_default() += 1;
-                }
-                let mut table = tx.open_table(INBOX_COUNTS)?;
-                for (from, n) in counts {
-                    table.insert(from.as_slice(), n.to_be_bytes().as_slice())?;
-                }
-                drop(table);
-                tx.open_table(META)?
-                    .insert(META_FORMAT, FORMAT.to_be_bytes().as_slice())?;
-                tx.commit()?;
+/// Creates the tables of a new file, or checks the format of an existing one (and migrates an
+/// older one it can read). Opening a file of this format writes nothing.
+fn init(db: &Database) -> Result<(), Fail> {
+    let tx = db.begin_write()?;
+    let found = {
+        let meta = tx.open_table(META)?;
+        let v = meta.get(META_FORMAT)?;
+        v.map(|v| codec::read_u64_value("meta", v.value()))
+            .transpose()?
+    };
+    match found {
+        Some(FORMAT) => tx.abort()?,
+        Some(FORMAT_1) => {
+            // Count the inbox once; from now on every commit keeps the counts.
+            let mut counts: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+            for row in tx.open_table(INBOX)?.iter()? {
+                let (_, v) = row?;
+                let from = codec::inbox_from("inbox", v.value())?;
+                *counts.entry(from.to_vec()).or_default() += 1;
             }
-            Some(found) => {
-                return Err(DecodeError::UnsupportedFormat {
-                    found,
-                    expected: FORMAT,
-                }
-                .into());
+            let mut table = tx.open_table(INBOX_COUNTS)?;
+            for (from, n) in counts {
+                table.insert(from.as_slice(), n.to_be_bytes().as_slice())?;
             }
-            None => {
-                tx.open_table(META)?
-                    .insert(META_FORMAT, FORMAT.to_be_bytes().as_slice())?;
-                for t in [
-                    ROOMS,
-                    ROOM_SEQS,
-                    QUEUES,
-                    QUEUE_KEYS,
-                    ACKED,
-                    CURSORS,
-                    INBOX,
-                    INBOX_COUNTS,
-                    SEEN,
-                    RECORDS,
-                    RECENT,
-                ] {
-                    tx.open_table(t)?;
-                }
-                tx.commit()?;
-            }
+            drop(table);
+            tx.open_table(META)?
+                .insert(META_FORMAT, FORMAT.to_be_bytes().as_slice())?;
+            tx.commit()?;
         }
-        Ok(())
+        Some(found) => {
+            return Err(DecodeError::UnsupportedFormat {
+                found,
+                expected: FORMAT,
+            }
+            .into());
+        }
+        None => {
+            tx.open_table(META)?
+                .insert(META_FORMAT, FORMAT.to_be_bytes().as_slice())?;
+            for t in [
+                ROOMS,
+                ROOM_SEQS,
+                QUEUES,
+                QUEUE_KEYS,
+                ACKED,
+                CURSORS,
+                INBOX,
+                INBOX_COUNTS,
+                SEEN,
+                RECORDS,
+                RECENT,
+            ] {
+                tx.open_table(t)?;
+            }
+            tx.commit()?;
+        }
     }
-
-    fn write_pending(&self) -> Result<(), Fail> {
-        write_log(&self.db, &self.pending)
-    }
+    Ok(())
 }
 
 /// Writes one batch of ops in one write transaction, durably.
@@ -374,8 +393,8 @@ fn write_log(db: &Database, pending: &PendingLog) -> Result<(), Fail> {
 }
 
 impl DurableStore {
-    fn read_all(&self) -> Result<Snapshot, Fail> {
-        let tx = self.db.begin_read()?;
+    fn read_all(db: &Database) -> Result<Snapshot, Fail> {
+        let tx = db.begin_read()?;
         let mut snap = Snapshot::default();
 
         for row in tx.open_table(ROOMS)?.iter()? {
@@ -514,12 +533,12 @@ impl DurableStore {
         Some((from.to_be_bytes(), upto.to_be_bytes()))
     }
 
-    fn read_inbox_range(&self, range: InboxRange) -> Result<Vec<(u64, InboxRecord)>, Fail> {
+    fn read_inbox_range(db: &Database, range: InboxRange) -> Result<Vec<(u64, InboxRecord)>, Fail> {
         let mut out = Vec::new();
         let Some((lo, hi)) = Self::inbox_keys(range.after, range.upto) else {
             return Ok(out);
         };
-        let tx = self.db.begin_read()?;
+        let tx = db.begin_read()?;
         let table = tx.open_table(INBOX)?;
         let mut bytes = 0usize;
         for row in table.range(lo.as_slice()..=hi.as_slice())? {
@@ -536,13 +555,13 @@ impl DurableStore {
     }
 
     fn count_inbox_range(
-        &self,
+        db: &Database,
         after: u64,
         upto: u64,
     ) -> Result<BTreeMap<ProviderDomain, u64>, Fail> {
         let mut counts: HashMap<Vec<u8>, u64> = HashMap::new();
         if let Some((lo, hi)) = Self::inbox_keys(after, upto) {
-            let tx = self.db.begin_read()?;
+            let tx = db.begin_read()?;
             let table = tx.open_table(INBOX)?;
             for row in table.range(lo.as_slice()..=hi.as_slice())? {
                 let (_, v) = row?;
@@ -565,11 +584,14 @@ impl DurableStore {
 
 impl Store for DurableStore {
     fn load(&mut self) -> Result<Snapshot, StoreError> {
-        self.read_all().map_err(|e| e.into_store("load"))
+        self.db
+            .with(Self::read_all)
+            .map_err(|e| e.into_store("load"))
     }
 
     fn read_inbox(&self, range: InboxRange) -> Result<Vec<(u64, InboxRecord)>, StoreError> {
-        self.read_inbox_range(range)
+        self.db
+            .with(|db| Self::read_inbox_range(db, range))
             .map_err(|e| e.into_store("read inbox"))
     }
 
@@ -578,7 +600,8 @@ impl Store for DurableStore {
         after: u64,
         upto: u64,
     ) -> Result<BTreeMap<ProviderDomain, u64>, StoreError> {
-        self.count_inbox_range(after, upto)
+        self.db
+            .with(|db| Self::count_inbox_range(db, after, upto))
             .map_err(|e| e.into_store("count inbox"))
     }
 
@@ -593,7 +616,10 @@ impl Store for DurableStore {
         if self.pending.unsupported {
             return Err(StoreError::new("commit", UnsupportedOp));
         }
-        self.write_pending().map_err(|e| e.into_store("commit"))?;
+        let pending = &self.pending;
+        self.db
+            .with(|db| write_log(db, pending))
+            .map_err(|e| e.into_store("commit"))?;
         self.pending.clear();
         Ok(())
     }
@@ -607,8 +633,10 @@ impl Store for DurableStore {
         }
         let batch = std::mem::take(&mut self.pending);
         let db = Arc::clone(&self.db);
+        // Callable again after a failure: the batch stays with it until written.
         Ok(Some(Box::new(move || {
-            write_log(&db, &batch).map_err(|e| e.into_store("commit"))
+            db.with(|d| write_log(d, &batch))
+                .map_err(|e| e.into_store("commit"))
         })))
     }
 }
@@ -716,10 +744,10 @@ mod tests {
             "nothing applied: nothing to write"
         );
         enqueue(&mut store, 1);
-        let first = store.seal().expect("seal").expect("a batch");
+        let mut first = store.seal().expect("seal").expect("a batch");
         assert_eq!(store.pending_ops(), 0, "sealing takes the pending ops");
         enqueue(&mut store, 2);
-        let second = store.seal().expect("seal").expect("a batch");
+        let mut second = store.seal().expect("seal").expect("a batch");
         enqueue(&mut store, 3); // applied but never sealed: lost like any uncommitted op
         std::thread::spawn(move || {
             first().expect("write first");

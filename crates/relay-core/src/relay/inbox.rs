@@ -262,4 +262,10 @@ impl Relay {
     pub fn inbox_next(&self) -> u64 {
         self.inbox.next
     }
+
+    /// Records below this offset are durable, as far as the node said
+    /// ([`Relay::handle_inbox_durable`]): what an [`InboxQuery::durable_only`] read returns.
+    pub fn inbox_durable(&self) -> u64 {
+        self.inbox.durable_below
+    }
 }
