@@ -811,7 +811,7 @@ impl Relay {
         // room goes on for everyone else (one stalled follower must not halt a room).
         self.drop_lagging(now, store, ri);
         if *sender != self.cfg.local
-            && let Some(refused) = self.inbox_refusal(&self.cfg.local.clone())
+            && let Some(refused) = self.inbox_refusal(self.inbox.count(&self.cfg.local))
         {
             return refused;
         }
@@ -943,7 +943,7 @@ impl Relay {
         {
             return self.skip_marker(store, &room, req, seq);
         }
-        if let Some(refused) = self.inbox_refusal(&req.from) {
+        if let Some(refused) = self.inbox_refusal(self.inbox.count(&req.from)) {
             return refused;
         }
         let fanouts = match split_fanout_sequence(&req.body, &self.cfg.limits) {

@@ -152,14 +152,15 @@ impl Relay {
         self.stats.delivered += 1;
     }
 
-    /// The refusal of an event for the inbox from `from` (a hub, or this relay for the rooms
-    /// it hosts), when the inbox or that provider's share of it is full: the sender keeps the
-    /// event and retries, so this is backpressure, not loss.
-    pub(super) fn inbox_refusal(&mut self, from: &ProviderDomain) -> Option<Response> {
+    /// The refusal of an event for the inbox from a provider (a hub, or this relay for the
+    /// rooms it hosts) that has `from_count` records waiting, when the inbox or that
+    /// provider's share of it is full: the sender keeps the event and retries, so this is
+    /// backpressure, not loss.
+    pub(super) fn inbox_refusal(&mut self, from_count: u64) -> Option<Response> {
         if self.inbox.len() >= self.cfg.max_inbox as u64 {
             return Some(self.queue_full("local inbox full: local clients are not reading"));
         }
-        if self.inbox.count(from) >= self.cfg.max_inbox_per_peer as u64 {
+        if from_count >= self.cfg.max_inbox_per_peer as u64 {
             let mut response = self.reject(
                 RejectReason::InboxShare,
                 crate::transport::Status::Unavailable,
