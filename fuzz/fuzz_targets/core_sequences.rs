@@ -7,7 +7,7 @@
 //! nothing more from peers; inbox offsets never reused; every reply token answered once.
 #![no_main]
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -17,8 +17,8 @@ use mimi_wire::endpoint::Endpoint;
 use mimi_wire::proto::{SubmitMessageResponse, encode_fanout_application};
 use mimi_wire::uri::{ProviderDomain, RoomId};
 use relay_core::{
-    MemStore, Now, Output, Relay, RelayConfig, ReplyToken, Request, Response, Status, Store,
-    Transmit, TransportError, TransportKind,
+    InboxQuery, MemStore, Now, Output, Relay, RelayConfig, ReplyToken, Request, Response, Status,
+    Store, Transmit, TransportError, TransportKind,
 };
 
 const UNIX_BASE_MS: u64 = 1_700_000_000_000;
@@ -134,6 +134,9 @@ enum Op {
 struct Input {
     max_queue: u8,
     max_inbox: u8,
+    max_inbox_per_peer: u8,
+    /// In units of 256 bytes: small, so records leave memory and are read back.
+    max_inbox_memory: u8,
     max_batch: u8,
     ops: Vec<Op>,
 }
@@ -202,9 +205,7 @@ struct Harness {
     transmits: Vec<Transmit>,
     /// Inbox offsets checked so far, and what each delivered event was.
     seen_upto: u64,
-    /// With the life (restarts so far) it was delivered in and whether by a `/notify`.
-    delivered: HashMap<(String, String, Vec<u8>), (u32, bool)>,
-    life: u32,
+    delivered: HashSet<(String, String, Vec<u8>)>,
     read_upto: u64,
 }
 
@@ -224,10 +225,12 @@ impl Harness {
     }
 
     /// The node's batch epilogue: commit, then release the outputs; then the checks.
-    /// `source`: the submitter and body of a `/submitMessage`; `by_notify`: the input was a
-    /// `/notify`.
-    fn flush(&mut self, source: Option<(&str, &[u8])>, by_notify: bool, inbox_was_full: bool) {
+    /// `source`: the submitter and body of a `/submitMessage`.
+    fn flush(&mut self, source: Option<(&str, &[u8])>, inbox_was_full: bool) {
         self.store.commit().expect("mem commit");
+        // Everything is durable now: older inbox records leave memory, to be read back.
+        let next = self.relay.inbox_next();
+        self.relay.handle_inbox_durable(next);
         while let Some(out) = self.relay.poll_output() {
             match out {
                 Output::Transmit(t) => {
@@ -247,7 +250,11 @@ impl Harness {
         // Delivered events: each at most once.
         let mut last = self.seen_upto;
         let mut fresh = 0usize;
-        for (offset, rec) in self.relay.inbox_after(self.seen_upto) {
+        let fresh_records = self
+            .relay
+            .read_inbox(&self.store, InboxQuery::after(self.seen_upto))
+            .expect("inbox read");
+        for (offset, rec) in &fresh_records {
             fresh += 1;
             let what = match source {
                 // A hosted room's events are who submitted which bytes; the fanout carries
@@ -265,20 +272,13 @@ impl Harness {
                 rec.from.as_str().to_owned(),
                 what,
             );
-            if let Some(&(life, prev_by_notify)) = self.delivered.get(&key) {
-                // Known (reported to the lead, issue 14): a follower forgets the hashes of
-                // the events it delivered when it restarts, so the same FanoutMessage bytes
-                // from a hub after a restart are delivered again when they come without a
-                // sequence number or under a new one. Inputs in
-                // artifacts/core_sequences/*-after-restart.
-                let known = prev_by_notify && life < self.life;
-                assert!(
-                    known,
-                    "delivered twice: offset {offset} in {} from {}",
-                    rec.room, rec.from
-                );
-            }
-            self.delivered.insert(key, (self.life, by_notify));
+            assert!(
+                !self.delivered.contains(&key),
+                "delivered twice: offset {offset} in {} from {}",
+                rec.room,
+                rec.from
+            );
+            self.delivered.insert(key);
             last = *offset;
         }
         assert!(
@@ -287,6 +287,12 @@ impl Harness {
         );
         self.seen_upto = last;
         let stats = self.relay.stats();
+        assert!(
+            stats.inbox_resident_bytes <= self.cfg.max_inbox_memory as u64,
+            "{} inbox bytes in memory, max_inbox_memory is {}",
+            stats.inbox_resident_bytes,
+            self.cfg.max_inbox_memory
+        );
         // Queues within max_queue, in the core and in what it stored.
         for (peer, s) in &stats.peers {
             assert!(
@@ -334,7 +340,7 @@ impl Harness {
                 };
                 self.relay.handle_request(now, &mut self.store, token, req);
                 let source = (endpoint == Endpoint::SubmitMessage).then_some((name, &b[..]));
-                self.flush(source, endpoint == Endpoint::Notify, full);
+                self.flush(source, full);
             }
             Op::Notify { hub, seq, events } => {
                 self.step(&Op::Request {
@@ -391,44 +397,44 @@ impl Harness {
                 };
                 self.relay
                     .handle_outcome(now, &mut self.store, t.id, outcome);
-                self.flush(None, false, false);
+                self.flush(None, false);
             }
             Op::Probe { peer, alive } => {
                 let d = domain(PEERS[usize::from(*peer) % PEERS.len()].0);
                 self.relay.handle_probe_outcome(now, &d, *alive);
-                self.flush(None, false, false);
+                self.flush(None, false);
             }
             Op::ClientSubmit { target: t, body: b } => {
                 let token = self.token();
                 let room = target(t);
                 self.relay
                     .handle_client_submit(now, &mut self.store, token, &room, body(b));
-                self.flush(None, false, false);
+                self.flush(None, false);
             }
             Op::ReadInbox(n) => {
-                let upto = self
-                    .relay
-                    .inbox_after(self.read_upto)
-                    .take(usize::from(*n))
-                    .last()
-                    .map(|(o, _)| *o);
-                if let Some(upto) = upto {
+                let q = InboxQuery {
+                    max: usize::from(*n),
+                    ..InboxQuery::after(self.read_upto)
+                };
+                let read = self.relay.read_inbox(&self.store, q).expect("inbox read");
+                if let Some(&(upto, _)) = read.last() {
                     self.read_upto = upto;
-                    self.relay.handle_inbox_read(&mut self.store, upto);
+                    self.relay
+                        .handle_inbox_read(&mut self.store, upto)
+                        .expect("inbox trim");
                 }
-                self.flush(None, false, false);
+                self.flush(None, false);
             }
             Op::Advance { ms, long } => {
                 let ms = u64::from(*ms) * if *long { 1000 } else { 1 };
                 self.now_ms += ms;
                 let now = self.now();
                 self.relay.handle_timeout(now, &mut self.store);
-                self.flush(None, false, false);
+                self.flush(None, false);
             }
             Op::Restart => {
                 let snapshot = self.store.load().expect("mem load");
                 self.relay = Relay::new(self.cfg.clone(), snapshot, now);
-                self.life += 1;
                 // The old process's transmits and pending answers died with it.
                 self.transmits.clear();
                 self.open_tokens.clear();
@@ -438,7 +444,7 @@ impl Harness {
                     self.relay.inbox_next(),
                     self.seen_upto
                 );
-                self.flush(None, false, false);
+                self.flush(None, false);
             }
         }
     }
@@ -453,6 +459,8 @@ fuzz_target!(|input: Input| {
     }
     cfg.max_queue = 1 + usize::from(input.max_queue % 8);
     cfg.max_inbox = 1 + usize::from(input.max_inbox % 16);
+    cfg.max_inbox_per_peer = 1 + usize::from(input.max_inbox_per_peer % 16);
+    cfg.max_inbox_memory = 256 * usize::from(input.max_inbox_memory);
     cfg.max_batch = 1 + usize::from(input.max_batch % 8);
     cfg.transmit_timeout = Duration::from_millis(500);
     let base = Instant::now();
@@ -479,8 +487,7 @@ fuzz_target!(|input: Input| {
         open_tokens: HashSet::new(),
         transmits: Vec::new(),
         seen_upto: 0,
-        delivered: HashMap::new(),
-        life: 0,
+        delivered: HashSet::new(),
         read_upto: 0,
     };
     // Local users take part in rooms of b, c and d (so the node follows them).

@@ -56,6 +56,13 @@ pub struct RelayConfig {
     pub max_queue: usize,
     /// Delivered events waiting for local clients before peers and submitters get 503.
     pub max_inbox: usize,
+    /// Delivered events from one provider (the hub that ordered them; this relay for the
+    /// rooms it hosts) waiting for local clients before that provider gets 503: so one hub
+    /// flooding the inbox while local clients are away cannot stop another's events.
+    pub max_inbox_per_peer: usize,
+    /// Bytes of inbox records kept in memory; older ones are read back from the store. Only
+    /// durable records leave memory, so what the last group commits delivered may add to it.
+    pub max_inbox_memory: usize,
     /// FanoutMessages per /notify transmit. Large, since HTTPS keeps one transmit in flight per
     /// queue.
     pub max_batch: usize,
@@ -93,6 +100,8 @@ impl RelayConfig {
             limits: Limits::default(),
             max_queue: 100_000,
             max_inbox: 1_000_000,
+            max_inbox_per_peer: 250_000,
+            max_inbox_memory: 64 << 20,
             max_batch: 256,
             max_batch_bytes: 256 * 1024,
             pipeline: BTreeMap::from([

@@ -4,7 +4,8 @@
 //! call and every effect is read back with `poll_output`/`poll_timeout`, in the style of
 //! quinn-proto. The node owns the store and commits it after each batch of inputs, and only
 //! then releases the replies the core produced; so whatever the core answered as accepted is
-//! durable. Payload bytes are never re-encoded: the hub stores and forwards each
+//! durable. The node also tells the core which inbox records are durable
+//! (`handle_inbox_durable`): only those leave its memory, to be read back through the store. Payload bytes are never re-encoded: the hub stores and forwards each
 //! FanoutMessage exactly as it built it around the submitted MLSMessage, and a follower
 //! delivers the exact bytes it received.
 //!
@@ -22,9 +23,9 @@ pub mod store;
 pub mod transport;
 
 pub use config::{RelayConfig, RetryPolicy};
-pub use relay::{MlsRoomError, Now, Output, Relay, ReplyToken, RoomError};
+pub use relay::{InboxQuery, MlsRoomError, Now, Output, Relay, ReplyToken, RoomError};
 pub use stats::{RejectReason, RelayStats};
-pub use store::{MemStore, SealedCommit, Snapshot, Store, StoreError, StoreOp};
+pub use store::{InboxRange, MemStore, SealedCommit, Snapshot, Store, StoreError, StoreOp};
 pub use transport::{
     Inbound, Request, Response, Status, Transmit, TransmitId, Transport, TransportError,
     TransportKind,

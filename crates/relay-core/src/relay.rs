@@ -14,8 +14,10 @@ use mimi_wire::uri::{ProviderDomain, RoomId};
 use tracing::{debug, info, warn};
 
 mod hub_mls;
+mod inbox;
 mod services;
 pub use hub_mls::MlsRoomError;
+pub use inbox::InboxQuery;
 
 use crate::config::RelayConfig;
 use crate::rng::SplitMix64;
@@ -64,6 +66,8 @@ pub enum RoomError {
     SelfFollower(ProviderDomain),
     #[error("room {0} is hosted here: a node follows only rooms hosted elsewhere")]
     HostedHere(String),
+    #[error("the store is out of space: try again later")]
+    StorageFull,
 }
 
 type QueueIdx = usize;
@@ -174,18 +178,42 @@ struct Cursor {
     hub: ProviderDomain,
     room: RoomId,
     next: u64,
-    /// Hashes of recent FanoutMessages received without a sequence number (the draft's
-    /// byte-exact duplicate rule).
+    /// Hashes of recent delivered FanoutMessages (the draft's byte-exact duplicate rule),
+    /// kept in the store too, so a restart does not forget them.
     recent: FastMap<u128, ()>,
     recent_order: VecDeque<u128>,
+    /// How many hashes were ever remembered: numbers the next one, and picks its ring slot
+    /// in the store.
+    recent_n: u64,
 }
 
 impl Cursor {
-    /// Keeps `h` among the last `RECENT_WINDOW` delivered hashes.
-    fn remember(&mut self, h: u128) {
+    fn new(hub: ProviderDomain, room: RoomId, next: u64) -> Cursor {
+        Cursor {
+            hub,
+            room,
+            next,
+            recent: FastMap::default(),
+            recent_order: VecDeque::new(),
+            recent_n: 0,
+        }
+    }
+
+    /// Keeps `h` among the last `RECENT_WINDOW` delivered hashes, in memory and in the store.
+    fn remember<S: Store>(&mut self, store: &mut S, h: u128) {
         if self.recent.insert(h, ()).is_some() {
             return;
         }
+        let n = self.recent_n;
+        self.recent_n += 1;
+        store.apply(StoreOp::RecentHash {
+            hub: &self.hub,
+            room: &self.room,
+            // The store's ring holds as many slots as the window: slot n replaces n - window.
+            slot: (n % RECENT_WINDOW as u64) as u16,
+            n,
+            hash: h,
+        });
         self.recent_order.push_back(h);
         if self.recent_order.len() > RECENT_WINDOW
             && let Some(old) = self.recent_order.pop_front()
@@ -262,8 +290,7 @@ pub struct Relay {
     queue_by_key: HashMap<(String, ProviderDomain), QueueIdx>,
     ready: VecDeque<QueueIdx>,
     cursors: HashMap<(ProviderDomain, String), Cursor>,
-    inbox: VecDeque<(u64, InboxRecord)>,
-    inbox_next: u64,
+    inbox: inbox::Inbox,
     inflight: FastMap<TransmitId, InFlight>,
     deadlines: BTreeSet<(Instant, TransmitId)>,
     /// Queues held back after a refusal, by release time.
@@ -285,15 +312,14 @@ pub struct Relay {
 /// Store record of a followed room: this byte, then the room id.
 const REC_FOLLOW: u8 = 10;
 
+/// FanoutMessage hashes a follower remembers per (hub, room); at most `u16::MAX + 1`, the
+/// store's ring slots.
 const RECENT_WINDOW: usize = 4096;
+const _: () = assert!(RECENT_WINDOW <= 1 << 16);
 
 impl Relay {
     /// Builds the core from its configuration and what the store kept.
     pub fn new(cfg: RelayConfig, snapshot: Snapshot, now: Now) -> Relay {
-        // Inbox offsets go on from the wall clock (ms x 1024) at every start, so a local reader
-        // that kept its position is never past the new offsets, even when the store was lost or
-        // restored from a backup (unless more than 1024 events a millisecond were delivered).
-        let inbox_next = (snapshot.inbox_trimmed + 1).max(now.unix_ms << 10);
         let mut relay = Relay {
             rng: SplitMix64::new(cfg.seed),
             peers: Vec::new(),
@@ -304,8 +330,7 @@ impl Relay {
             queue_by_key: HashMap::new(),
             ready: VecDeque::new(),
             cursors: HashMap::new(),
-            inbox: VecDeque::new(),
-            inbox_next,
+            inbox: inbox::Inbox::restore(&snapshot, now.unix_ms),
             inflight: FastMap::default(),
             deadlines: BTreeSet::new(),
             held: BTreeSet::new(),
@@ -380,18 +405,23 @@ impl Relay {
         for ((hub, room), next) in snapshot.cursors {
             relay.cursors.insert(
                 (hub.clone(), room.as_str().to_owned()),
-                Cursor {
-                    hub,
-                    room,
-                    next,
-                    recent: FastMap::default(),
-                    recent_order: VecDeque::new(),
-                },
+                Cursor::new(hub, room, next),
             );
         }
-        for (offset, record) in snapshot.inbox {
-            relay.inbox_next = relay.inbox_next.max(offset + 1);
-            relay.inbox.push_back((offset, record));
+        // A cursor fed only without sequence numbers has hashes but no stored `next`.
+        for ((hub, room), slots) in snapshot.recent {
+            let key = (hub.clone(), room.as_str().to_owned());
+            let cursor = relay
+                .cursors
+                .entry(key)
+                .or_insert_with(|| Cursor::new(hub, room, 1));
+            let mut hashes: Vec<(u64, u128)> = slots.into_values().collect();
+            hashes.sort_unstable();
+            for (n, h) in hashes {
+                cursor.recent.insert(h, ());
+                cursor.recent_order.push_back(h);
+                cursor.recent_n = n + 1;
+            }
         }
         relay.pump(now);
         relay
@@ -496,6 +526,17 @@ impl Relay {
             if !self.peer_by_domain.contains_key(f) {
                 return Err(RoomError::NoRoute(f.clone()));
             }
+        }
+        if let Some(&i) = self.room_by_id.get(room.as_str())
+            && self.rooms[i]
+                .followers
+                .iter()
+                .map(|(f, _)| f)
+                .eq(&followers)
+        {
+            // Nothing to store: a node restarting on a full disk re-creates its configured
+            // rooms without writing.
+            return Ok(());
         }
         store.apply(StoreOp::Room {
             room: &room,
@@ -683,6 +724,26 @@ impl Relay {
         id
     }
 
+    /// The answer to a request while the store is out of space, if it is one that would
+    /// store something new (a submission, a `/notify`, an update, a key claim, consent, an
+    /// abuse report): 503 with a Retry-After, nothing taken. `None` for a request that only
+    /// reads (`/groupInfo`, `/identifierQuery`, a download), which is served as usual.
+    /// Acknowledgements of our own transmits and inbox reads are not requests: they go on.
+    pub fn storage_full_refusal(&mut self, endpoint: Endpoint) -> Option<Response> {
+        match endpoint {
+            Endpoint::GroupInfo | Endpoint::IdentifierQuery | Endpoint::ProxyDownload => None,
+            _ => {
+                let mut response = self.reject(
+                    RejectReason::StorageFull,
+                    Status::Unavailable,
+                    "storage full: nothing new is taken until space is freed",
+                );
+                response.retry_after = Some(std::time::Duration::from_secs(5));
+                Some(response)
+            }
+        }
+    }
+
     /// 503 with a Retry-After: the submitter (or hub) tries again; nothing was accepted.
     fn queue_full(&mut self, text: &'static str) -> Response {
         let mut response = self.reject(RejectReason::QueueFull, Status::Unavailable, text);
@@ -749,8 +810,10 @@ impl Relay {
         // A follower whose queue is full lags: its backlog is dropped for a gap marker, and the
         // room goes on for everyone else (one stalled follower must not halt a room).
         self.drop_lagging(now, store, ri);
-        if *sender != self.cfg.local && self.inbox.len() >= self.cfg.max_inbox {
-            return self.queue_full("local inbox full: local clients are not reading");
+        if *sender != self.cfg.local
+            && let Some(refused) = self.inbox_refusal(self.inbox.count(&self.cfg.local))
+        {
+            return refused;
         }
 
         let r = &mut self.rooms[ri];
@@ -847,17 +910,6 @@ impl Relay {
         self.pump(now);
     }
 
-    fn deliver_local<S: Store>(&mut self, store: &mut S, record: InboxRecord) {
-        let offset = self.inbox_next;
-        self.inbox_next += 1;
-        store.apply(StoreOp::Inbox {
-            offset,
-            record: &record,
-        });
-        self.inbox.push_back((offset, record));
-        self.stats.delivered += 1;
-    }
-
     /// The follower's side of /notify.
     fn notify<S: Store>(&mut self, _now: Now, store: &mut S, req: &Request) -> Response {
         let room = match req.target.parse::<RoomId>() {
@@ -891,9 +943,8 @@ impl Relay {
         {
             return self.skip_marker(store, &room, req, seq);
         }
-        if self.inbox.len() >= self.cfg.max_inbox {
-            // The hub keeps the events and retries: backpressure, not loss.
-            return self.queue_full("local inbox full: local clients are not reading");
+        if let Some(refused) = self.inbox_refusal(self.inbox.count(&req.from)) {
+            return refused;
         }
         let fanouts = match split_fanout_sequence(&req.body, &self.cfg.limits) {
             Ok(f) => f,
@@ -914,13 +965,10 @@ impl Relay {
             );
         }
         let key = (req.from.clone(), req.target.clone());
-        let cursor = self.cursors.entry(key).or_insert_with(|| Cursor {
-            hub: req.from.clone(),
-            room: room.clone(),
-            next: 1,
-            recent: FastMap::default(),
-            recent_order: VecDeque::new(),
-        });
+        let cursor = self
+            .cursors
+            .entry(key)
+            .or_insert_with(|| Cursor::new(req.from.clone(), room.clone(), 1));
         let base = req.body.as_ptr() as usize;
         let mut fresh = Vec::with_capacity(fanouts.len());
         let mut duplicates = 0u64;
@@ -951,7 +999,7 @@ impl Relay {
                     if seq < cursor.next {
                         reused += 1;
                     }
-                    cursor.remember(h);
+                    cursor.remember(store, h);
                     debug!(msg = %MsgId::of(f.message.bytes), room = %room, "delivered");
                     fresh.push((f.bytes.as_ptr() as usize - base, f.bytes.len(), f.timestamp));
                 }
@@ -972,7 +1020,7 @@ impl Relay {
                         duplicates += 1;
                         continue;
                     }
-                    cursor.remember(h);
+                    cursor.remember(store, h);
                     debug!(msg = %MsgId::of(f.message.bytes), room = %room, "delivered");
                     fresh.push((f.bytes.as_ptr() as usize - base, f.bytes.len(), f.timestamp));
                 }
@@ -1017,13 +1065,10 @@ impl Relay {
         seq: u64,
     ) -> Response {
         let key = (req.from.clone(), req.target.clone());
-        let cursor = self.cursors.entry(key).or_insert_with(|| Cursor {
-            hub: req.from.clone(),
-            room: room.clone(),
-            next: 1,
-            recent: FastMap::default(),
-            recent_order: VecDeque::new(),
-        });
+        let cursor = self
+            .cursors
+            .entry(key)
+            .or_insert_with(|| Cursor::new(req.from.clone(), room.clone(), 1));
         if seq > cursor.next {
             let missed = seq - cursor.next;
             tracing::error!(room = %room, hub = %req.from, missed, from = cursor.next,
@@ -1362,28 +1407,6 @@ impl Relay {
         self.pump(now);
     }
 
-    /// The local reader consumed the inbox up to and including `upto`.
-    pub fn handle_inbox_read<S: Store>(&mut self, store: &mut S, upto: u64) {
-        let before = self.inbox.len();
-        while self.inbox.front().is_some_and(|(o, _)| *o <= upto) {
-            self.inbox.pop_front();
-        }
-        if self.inbox.len() != before {
-            store.apply(StoreOp::InboxTrim { upto });
-        }
-    }
-
-    /// Delivered events after offset `after`, oldest first.
-    pub fn inbox_after(&self, after: u64) -> impl Iterator<Item = &(u64, InboxRecord)> {
-        let skip = self.inbox.partition_point(|(o, _)| *o <= after);
-        self.inbox.range(skip..)
-    }
-
-    /// The offset the next delivered event will get.
-    pub fn inbox_next(&self) -> u64 {
-        self.inbox_next
-    }
-
     pub fn poll_output(&mut self) -> Option<Output> {
         if let Some(now) = self.pump_due.take() {
             self.pump_now(now);
@@ -1428,7 +1451,8 @@ impl Relay {
                 .sum();
             s.peers.insert(p.domain.clone(), ps);
         }
-        s.inbox_depth = self.inbox.len() as u64;
+        s.inbox_depth = self.inbox.len();
+        s.inbox_resident_bytes = self.inbox.resident_bytes() as u64;
         s.mls_panics = self.mls.panics.load(std::sync::atomic::Ordering::Relaxed);
         s
     }

@@ -22,10 +22,14 @@ pub enum RejectReason {
     NoRoute,
     /// The peer is over one of its own budgets (stored abuse reports, consent records).
     PeerBudget,
+    /// The sender's share of the local inbox is full.
+    InboxShare,
+    /// The store is out of space: nothing new is taken until it has some again.
+    StorageFull,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 10] = [
+    pub const ALL: [RejectReason; 12] = [
         RejectReason::Malformed,
         RejectReason::TooLarge,
         RejectReason::UnknownRoom,
@@ -36,6 +40,8 @@ impl RejectReason {
         RejectReason::NotImplemented,
         RejectReason::NoRoute,
         RejectReason::PeerBudget,
+        RejectReason::InboxShare,
+        RejectReason::StorageFull,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -50,6 +56,8 @@ impl RejectReason {
             RejectReason::NotImplemented => "not_implemented",
             RejectReason::NoRoute => "no_route",
             RejectReason::PeerBudget => "peer_budget",
+            RejectReason::InboxShare => "inbox_share",
+            RejectReason::StorageFull => "storage_full",
         }
     }
 }
@@ -121,7 +129,10 @@ pub struct RelayStats {
     pub probes: u64,
     pub rejects: [u64; RejectReason::ALL.len()],
     pub peers: BTreeMap<ProviderDomain, PeerStats>,
+    /// Delivered events not trimmed yet, in memory or in the store only.
     pub inbox_depth: u64,
+    /// Bytes the inbox records kept in memory take (bounded by `max_inbox_memory`).
+    pub inbox_resident_bytes: u64,
     /// Hub: times a follower's queue reached `max_queue` and its backlog was dropped.
     pub lagging: u64,
     /// Hub: events dropped from lagging followers' queues (they get a gap marker instead).

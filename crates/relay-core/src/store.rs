@@ -44,6 +44,17 @@ pub enum StoreOp<'a> {
         room: &'a RoomId,
         next: u64,
     },
+    /// A hash of a FanoutMessage a follower delivered from `hub` for `room`, so the same bytes
+    /// are known for a duplicate after a restart. The follower keeps a window of them as a ring:
+    /// `slot` replaces what the same slot held before, and `n` numbers the hashes in the order
+    /// they were remembered.
+    RecentHash {
+        hub: &'a ProviderDomain,
+        room: &'a RoomId,
+        slot: u16,
+        n: u64,
+        hash: u128,
+    },
     /// A delivered event, under its local inbox offset.
     Inbox {
         offset: u64,
@@ -97,11 +108,78 @@ pub struct Snapshot {
     /// Highest acknowledged sequence per (room, destination), so numbering continues.
     pub acked: BTreeMap<(RoomId, ProviderDomain), u64>,
     pub cursors: BTreeMap<(ProviderDomain, RoomId), u64>,
-    pub inbox: VecDeque<(u64, InboxRecord)>,
+    /// Each follower cursor's window of recent FanoutMessage hashes ([`StoreOp::RecentHash`]):
+    /// by slot, `(n, hash)`.
+    pub recent: BTreeMap<(ProviderDomain, RoomId), BTreeMap<u16, (u64, u128)>>,
+    /// The inbox records not trimmed yet, summarised: the records themselves stay in the
+    /// store and are read with [`Store::read_inbox`], so a start loads none of their bodies.
+    pub inbox: InboxSummary,
     /// Highest trimmed inbox offset, so numbering continues.
     pub inbox_trimmed: u64,
     /// Keyed state records ([`StoreOp::Record`]).
     pub records: BTreeMap<Vec<u8>, Bytes>,
+}
+
+/// What the store holds of the inbox, without the records.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct InboxSummary {
+    /// The highest offset of a record not trimmed yet; 0 when there is none.
+    pub last: u64,
+    /// Records not trimmed yet, by the provider they came from ([`InboxRecord::from`]).
+    pub by_from: BTreeMap<ProviderDomain, u64>,
+}
+
+impl InboxSummary {
+    /// Records not trimmed yet.
+    pub fn len(&self) -> u64 {
+        self.by_from.values().sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_from.is_empty()
+    }
+
+    fn count(&mut self, from: &ProviderDomain, add: bool) {
+        if add {
+            *self.by_from.entry(from.clone()).or_default() += 1;
+        } else if let Some(n) = self.by_from.get_mut(from) {
+            *n -= 1;
+            if *n == 0 {
+                self.by_from.remove(from);
+            }
+        }
+    }
+}
+
+/// Limits of one inbox read ([`Store::read_inbox`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InboxRange {
+    /// Records with an offset above this...
+    pub after: u64,
+    /// ...and at most this.
+    pub upto: u64,
+    /// At most this many records...
+    pub max: usize,
+    /// ...and none after the one whose fanout bytes bring the total to this (the first
+    /// record is always taken, however large).
+    pub max_bytes: usize,
+}
+
+impl InboxRange {
+    /// Everything after `after`.
+    pub fn after(after: u64) -> InboxRange {
+        InboxRange {
+            after,
+            upto: u64::MAX,
+            max: usize::MAX,
+            max_bytes: usize::MAX,
+        }
+    }
+
+    /// Whether `records` reached the count or byte limit (so more may follow).
+    pub fn filled(&self, records: usize, bytes: usize) -> bool {
+        records >= self.max || (records > 0 && bytes >= self.max_bytes)
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -113,13 +191,16 @@ pub struct RoomSnapshot {
     pub seen: VecDeque<SubmitSeen>,
 }
 
-/// A storage failure. The node treats it as fatal for the batch: nothing in it is acknowledged.
+/// A storage failure. Nothing in a batch whose commit failed is acknowledged. The node stops
+/// on one, unless it says the storage is full ([`StoreError::is_storage_full`]): then it
+/// refuses new work and writes the same batch again once there is space.
 #[derive(Debug, thiserror::Error)]
 #[error("store {op} failed")]
 pub struct StoreError {
     pub op: &'static str,
     #[source]
     pub source: Box<dyn std::error::Error + Send + Sync>,
+    full: bool,
 }
 
 impl StoreError {
@@ -130,20 +211,50 @@ impl StoreError {
         StoreError {
             op,
             source: source.into(),
+            full: false,
         }
+    }
+
+    /// The storage has no space left (a full disk, a quota): nothing was written, and the
+    /// same write may succeed once space is freed.
+    pub fn storage_full(
+        op: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        StoreError {
+            full: true,
+            ..StoreError::new(op, source)
+        }
+    }
+
+    pub fn is_storage_full(&self) -> bool {
+        self.full
     }
 }
 
-/// The write of a sealed batch of changes; it may run on another thread.
-pub type SealedCommit = Box<dyn FnOnce() -> Result<(), StoreError> + Send>;
+/// The write of a sealed batch of changes; it may run on another thread. After an error that
+/// says the storage is full it may be called again, and writes the same batch.
+pub type SealedCommit = Box<dyn FnMut() -> Result<(), StoreError> + Send>;
 
 /// Durable state behind the core.
 pub trait Store {
-    /// Reads everything back after a restart.
+    /// Reads everything back after a restart (the inbox only summarised: see
+    /// [`Store::read_inbox`]).
     fn load(&mut self) -> Result<Snapshot, StoreError>;
+    /// Committed inbox records within `range`, oldest first. The core reads here what it
+    /// does not keep in memory; it asks only for records it knows are committed.
+    fn read_inbox(&self, range: InboxRange) -> Result<Vec<(u64, InboxRecord)>, StoreError>;
+    /// How many committed inbox records with `after < offset <= upto` came from each provider
+    /// ([`InboxRecord::from`]).
+    fn count_inbox(
+        &self,
+        after: u64,
+        upto: u64,
+    ) -> Result<BTreeMap<ProviderDomain, u64>, StoreError>;
     /// Records one change; durable only after the next successful [`Store::commit`].
     fn apply(&mut self, op: StoreOp<'_>);
-    /// Makes every change applied so far durable, atomically.
+    /// Makes every change applied so far durable, atomically. On an error nothing is written,
+    /// and the changes stay applied for the next commit.
     fn commit(&mut self) -> Result<(), StoreError>;
     /// Takes every change applied so far as one batch whose write the caller runs, possibly on
     /// another thread while the core goes on (pipelined group commit). Batches must be written
@@ -154,10 +265,43 @@ pub trait Store {
     }
 }
 
-/// Applies ops to a [`Snapshot`]: the in-memory store, and the reference durable stores are
-/// checked against.
+/// What [`MemStore`] holds: the reference durable stores are checked against.
+#[derive(Debug, Default, Clone)]
+struct MemState {
+    snapshot: Snapshot,
+    inbox: BTreeMap<u64, InboxRecord>,
+}
+
+impl MemState {
+    fn apply(&mut self, op: StoreOp<'_>) {
+        let snap = &mut self.snapshot;
+        match op {
+            StoreOp::Inbox { offset, record } => {
+                if let Some(old) = self.inbox.insert(offset, record.clone()) {
+                    snap.inbox.count(&old.from, false);
+                }
+                snap.inbox.count(&record.from, true);
+                snap.inbox.last = self.inbox.last_key_value().map_or(0, |(o, _)| *o);
+            }
+            StoreOp::InboxTrim { upto } => {
+                let kept = match upto.checked_add(1) {
+                    Some(from) => self.inbox.split_off(&from),
+                    None => BTreeMap::new(),
+                };
+                for record in std::mem::replace(&mut self.inbox, kept).values() {
+                    snap.inbox.count(&record.from, false);
+                }
+                snap.inbox.last = self.inbox.last_key_value().map_or(0, |(o, _)| *o);
+                snap.inbox_trimmed = snap.inbox_trimmed.max(upto);
+            }
+            op => snap.apply(op),
+        }
+    }
+}
+
 impl Snapshot {
-    pub fn apply(&mut self, op: StoreOp<'_>) {
+    /// Applies every op but the inbox's ([`MemState`] keeps the records).
+    fn apply(&mut self, op: StoreOp<'_>) {
         match op {
             StoreOp::Room { room, followers } => {
                 self.rooms.entry(room.clone()).or_default().followers = followers.to_vec();
@@ -196,13 +340,19 @@ impl Snapshot {
             StoreOp::Cursor { hub, room, next } => {
                 self.cursors.insert((hub.clone(), room.clone()), next);
             }
-            StoreOp::Inbox { offset, record } => self.inbox.push_back((offset, record.clone())),
-            StoreOp::InboxTrim { upto } => {
-                while self.inbox.front().is_some_and(|(o, _)| *o <= upto) {
-                    self.inbox.pop_front();
-                }
-                self.inbox_trimmed = self.inbox_trimmed.max(upto);
+            StoreOp::RecentHash {
+                hub,
+                room,
+                slot,
+                n,
+                hash,
+            } => {
+                self.recent
+                    .entry((hub.clone(), room.clone()))
+                    .or_default()
+                    .insert(slot, (n, hash));
             }
+            StoreOp::Inbox { .. } | StoreOp::InboxTrim { .. } => {}
             StoreOp::SubmitSeen { room, seen } => {
                 self.rooms
                     .entry(room.clone())
@@ -234,7 +384,7 @@ impl Snapshot {
 /// (dropping uncommitted ops) behaves like a real one.
 #[derive(Debug, Default, Clone)]
 pub struct MemStore {
-    committed: Snapshot,
+    committed: MemState,
     pending: Vec<OwnedOp>,
     /// When false, ops are dropped instead of kept: a store for benchmarks of the routing alone.
     discard: bool,
@@ -259,13 +409,53 @@ impl MemStore {
     }
 
     pub fn committed(&self) -> &Snapshot {
-        &self.committed
+        &self.committed.snapshot
+    }
+
+    /// The committed inbox records.
+    pub fn committed_inbox(&self) -> &BTreeMap<u64, InboxRecord> {
+        &self.committed.inbox
     }
 }
 
 impl Store for MemStore {
     fn load(&mut self) -> Result<Snapshot, StoreError> {
-        Ok(self.committed.clone())
+        Ok(self.committed.snapshot.clone())
+    }
+
+    fn read_inbox(&self, range: InboxRange) -> Result<Vec<(u64, InboxRecord)>, StoreError> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let Some(from) = range.after.checked_add(1) else {
+            return Ok(out);
+        };
+        if from > range.upto {
+            return Ok(out);
+        }
+        for (offset, record) in self.committed.inbox.range(from..=range.upto) {
+            if range.filled(out.len(), bytes) {
+                break;
+            }
+            bytes = bytes.saturating_add(record.fanout.len());
+            out.push((*offset, record.clone()));
+        }
+        Ok(out)
+    }
+
+    fn count_inbox(
+        &self,
+        after: u64,
+        upto: u64,
+    ) -> Result<BTreeMap<ProviderDomain, u64>, StoreError> {
+        let mut out = BTreeMap::new();
+        if let Some(from) = after.checked_add(1)
+            && from <= upto
+        {
+            for record in self.committed.inbox.range(from..=upto).map(|(_, r)| r) {
+                *out.entry(record.from.clone()).or_default() += 1;
+            }
+        }
+        Ok(out)
     }
 
     fn apply(&mut self, op: StoreOp<'_>) {
@@ -310,6 +500,13 @@ pub enum OwnedOp {
         hub: ProviderDomain,
         room: RoomId,
         next: u64,
+    },
+    RecentHash {
+        hub: ProviderDomain,
+        room: RoomId,
+        slot: u16,
+        n: u64,
+        hash: u128,
     },
     Inbox {
         offset: u64,
@@ -369,6 +566,19 @@ impl From<StoreOp<'_>> for OwnedOp {
                 room: room.clone(),
                 next,
             },
+            StoreOp::RecentHash {
+                hub,
+                room,
+                slot,
+                n,
+                hash,
+            } => OwnedOp::RecentHash {
+                hub: hub.clone(),
+                room: room.clone(),
+                slot,
+                n,
+                hash,
+            },
             StoreOp::Inbox { offset, record } => OwnedOp::Inbox {
                 offset,
                 record: record.clone(),
@@ -423,6 +633,19 @@ impl OwnedOp {
                 hub,
                 room,
                 next: *next,
+            },
+            OwnedOp::RecentHash {
+                hub,
+                room,
+                slot,
+                n,
+                hash,
+            } => StoreOp::RecentHash {
+                hub,
+                room,
+                slot: *slot,
+                n: *n,
+                hash: *hash,
             },
             OwnedOp::Inbox { offset, record } => StoreOp::Inbox {
                 offset: *offset,

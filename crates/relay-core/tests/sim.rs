@@ -77,6 +77,15 @@ struct Node {
     reader_away_until: u64,
 }
 
+impl Node {
+    /// Every inbox record after `after`, from memory or the store.
+    fn inbox(&self, after: u64) -> Vec<(u64, relay_core::store::InboxRecord)> {
+        self.relay
+            .read_inbox(&self.store, relay_core::InboxQuery::after(after))
+            .expect("inbox read")
+    }
+}
+
 enum Ev {
     Request {
         to: usize,
@@ -248,6 +257,9 @@ impl Sim {
             return;
         }
         self.nodes[n].store.commit().expect("mem commit");
+        // Everything delivered so far is durable: older inbox records may leave memory.
+        let next = self.nodes[n].relay.inbox_next();
+        self.nodes[n].relay.handle_inbox_durable(next);
         let life = self.nodes[n].life;
         while let Some(out) = self.nodes[n].relay.poll_output() {
             match out {
@@ -331,14 +343,16 @@ impl Sim {
         }
         let node = &mut self.nodes[n];
         let mut last = node.read_upto;
-        for (offset, rec) in node.relay.inbox_after(node.read_upto) {
+        for (offset, rec) in node.inbox(node.read_upto) {
             let (c, k) = marker(&rec.fanout);
             self.received[n].push((c, k, rec.accepted_ms));
-            last = *offset;
+            last = offset;
         }
         if last != node.read_upto {
             node.read_upto = last;
-            node.relay.handle_inbox_read(&mut node.store, last);
+            node.relay
+                .handle_inbox_read(&mut node.store, last)
+                .expect("trim");
         }
     }
 
@@ -951,7 +965,7 @@ fn bad_requests_get_typed_answers_and_change_nothing() {
         assert!(hub.relay.poll_output().is_none());
     }
     assert_eq!(sim.nodes[0].relay.stats().accepted, 0);
-    assert_eq!(sim.nodes[0].relay.inbox_after(0).count(), 0);
+    assert_eq!(sim.nodes[0].inbox(0).len(), 0);
 }
 
 #[test]
@@ -984,7 +998,7 @@ fn a_follower_takes_notify_only_for_rooms_it_follows() {
         }
     };
     assert_eq!(ask(&mut sim, 1), Status::NotFound);
-    assert_eq!(sim.nodes[1].relay.inbox_after(0).count(), 0);
+    assert_eq!(sim.nodes[1].inbox(0).len(), 0);
     assert_eq!(
         sim.nodes[1].relay.followed_rooms(),
         vec![room().as_str().to_owned()]
@@ -1001,7 +1015,7 @@ fn a_follower_takes_notify_only_for_rooms_it_follows() {
     while b.relay.poll_output().is_some() {}
     b.store.commit().expect("commit");
     assert_eq!(ask(&mut sim, 3), Status::Created);
-    assert_eq!(sim.nodes[1].relay.inbox_after(0).count(), 1);
+    assert_eq!(sim.nodes[1].inbox(0).len(), 1);
     // And the follow outlives a restart.
     sim.crash(1);
     sim.restart(1);
@@ -1047,7 +1061,7 @@ fn replayed_submission_is_answered_and_fanned_out_once() {
     );
     let s = sim.nodes[0].relay.stats();
     assert_eq!((s.accepted, s.dedupe_hits), (1, 2));
-    assert_eq!(sim.nodes[0].relay.inbox_after(0).count(), 1);
+    assert_eq!(sim.nodes[0].inbox(0).len(), 1);
 }
 
 #[test]
@@ -1071,14 +1085,61 @@ fn replayed_notify_without_sequence_is_delivered_once() {
             other => panic!("expected 201, got {other:?}"),
         }
     }
-    assert_eq!(sim.nodes[1].relay.inbox_after(0).count(), 1);
+    assert_eq!(sim.nodes[1].inbox(0).len(), 1);
     assert_eq!(sim.nodes[1].relay.stats().dedupe_hits, 1);
-    let (_, rec) = sim.nodes[1].relay.inbox_after(0).next().expect("one event");
+    let (_, rec) = sim.nodes[1].inbox(0).pop().expect("one event");
     assert_eq!(
         &rec.fanout[..],
         &fanout[..],
         "delivered bytes are exactly the received ones"
     );
+}
+
+#[test]
+fn a_follower_restart_forgets_no_delivered_bytes() {
+    // Before: the window of recent hashes lived in memory only, so after a restart the same
+    // FanoutMessage bytes from the hub were delivered again, without a sequence number or
+    // under a new one.
+    let mut sim = Sim::new(4, perfect(), 0, 0);
+    let a = domain("a.example");
+    let fanout = |n: u8| {
+        let mut f = 1_700_000_000_000u64.to_be_bytes().to_vec();
+        let ct = [b'S', b'I', b'M', b'!', 0, 0, 0, 9, 0, 0, 0, n];
+        f.extend_from_slice(&mimi_wire::mls::private_message(b"g", 1, &ct));
+        f.push(0);
+        f
+    };
+    let notify = |sim: &mut Sim, token: u64, seq: Option<u64>, body: Vec<u8>| {
+        let now = sim.now();
+        let b = &mut sim.nodes[1];
+        let r = req(&a, Endpoint::Notify, room().as_str(), seq, body);
+        b.relay
+            .handle_request(now, &mut b.store, ReplyToken(token), r);
+        b.store.commit().expect("commit");
+        let status = match b.relay.poll_output() {
+            Some(Output::Reply { response, .. }) => response.status,
+            other => panic!("expected a reply, got {other:?}"),
+        };
+        sim.read_inbox(1);
+        status
+    };
+    let delivered = |sim: &Sim| sim.received[1].len();
+    assert_eq!(notify(&mut sim, 1, None, fanout(1)), Status::Created);
+    assert_eq!(notify(&mut sim, 2, Some(1), fanout(2)), Status::Created);
+    assert_eq!(delivered(&sim), 2);
+    sim.crash(1);
+    sim.restart(1);
+    // The same bytes again, without a number, and under the next number.
+    assert_eq!(notify(&mut sim, 3, None, fanout(1)), Status::Created);
+    assert_eq!(notify(&mut sim, 4, Some(2), fanout(2)), Status::Created);
+    assert_eq!(notify(&mut sim, 5, None, fanout(2)), Status::Created);
+    assert_eq!(delivered(&sim), 2, "delivered again after a restart");
+    assert_eq!(sim.nodes[1].relay.stats().dedupe_hits, 3);
+    // New bytes still go through, and the window stays bounded in the store.
+    assert_eq!(notify(&mut sim, 6, Some(3), fanout(3)), Status::Created);
+    assert_eq!(delivered(&sim), 3);
+    let recent = &sim.nodes[1].store.committed().recent;
+    assert_eq!(recent.values().map(|w| w.len()).sum::<usize>(), 3);
 }
 
 fn req(
@@ -1157,6 +1218,114 @@ fn a_full_inbox_pushes_back_on_the_hub_and_loses_nothing() {
         full > 0,
         "c must have refused notifies while its inbox was full"
     );
+}
+
+#[test]
+fn an_inbox_over_its_memory_bound_is_read_back_once_in_order() {
+    // Before: every undelivered record stayed in memory, and a start loaded them all.
+    let mut sim = Sim::new(23, perfect(), 2, 40).with_second_room(1, 20);
+    let bound = 8 * 1024;
+    for i in 0..3 {
+        sim.nodes[i].cfg.max_inbox_memory = bound;
+        let now = sim.now();
+        let n = &mut sim.nodes[i];
+        n.relay = Relay::new(n.cfg.clone(), n.store.load().expect("load"), now);
+    }
+    // c's reader is away while both hubs deliver to it, and c restarts meanwhile: what it
+    // holds then is in the store only.
+    sim.nodes[2].reader_away_until = 4_000;
+    sim.schedule(1_000, Ev::Crash { node: 2 });
+    sim.schedule(1_100, Ev::Restart { node: 2 });
+    let mut deepest = 0;
+    while sim.now_ms < 3_900 && sim.advance() {
+        let s = sim.nodes[2].relay.stats();
+        assert!(
+            s.inbox_resident_bytes <= bound as u64,
+            "{} bytes resident, bound {bound}",
+            s.inbox_resident_bytes
+        );
+        deepest = deepest.max(s.inbox_depth);
+    }
+    // Each record is over 1 KiB: far more were waiting than memory holds.
+    assert!(
+        deepest > 4 * (bound as u64 / 1024),
+        "only {deepest} records waited"
+    );
+    // The reader is back.
+    sim.run_until(4_000);
+    sim.now_ms = sim.now_ms.max(4_000);
+    sim.read_inbox(2);
+    sim.run(600_000);
+    sim.check();
+}
+
+#[test]
+fn one_hub_filling_its_inbox_share_does_not_stop_another() {
+    // Before: a full inbox answered 503 to every hub, so one hub flooding it while the local
+    // reader was away stopped all the others.
+    let mut sim = Sim::new(24, perfect(), 0, 0).with_second_room(0, 0);
+    let c = &mut sim.nodes[2];
+    c.cfg.max_inbox = 8;
+    c.cfg.max_inbox_per_peer = 4;
+    // Every durable record leaves memory: the share is counted back from the store too.
+    c.cfg.max_inbox_memory = 1;
+    let now = sim.now();
+    let c = &mut sim.nodes[2];
+    c.relay = Relay::new(c.cfg.clone(), c.store.load().expect("load"), now);
+    let mut token = 0;
+    let mut notify = |sim: &mut Sim, hub: &str, room: &RoomId, n: u8| {
+        token += 1;
+        let now = sim.now();
+        let mut f = 1_700_000_000_000u64.to_be_bytes().to_vec();
+        let ct = [b'S', b'I', b'M', b'!', 0, 0, 0, 9, 0, 0, 0, n];
+        f.extend_from_slice(&mimi_wire::mls::private_message(b"g", 1, &ct));
+        f.push(0);
+        let c = &mut sim.nodes[2];
+        let r = req(&domain(hub), Endpoint::Notify, room.as_str(), None, f);
+        c.relay
+            .handle_request(now, &mut c.store, ReplyToken(token), r);
+        c.store.commit().expect("commit");
+        let next = c.relay.inbox_next();
+        c.relay.handle_inbox_durable(next);
+        match c.relay.poll_output() {
+            Some(Output::Reply { response, .. }) => response,
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    };
+    let mut accepted = 0;
+    for n in 0..10 {
+        let r = notify(&mut sim, "a.example", &room(), n);
+        if r.status == Status::Created {
+            accepted += 1;
+        } else {
+            assert_eq!(r.status, Status::Unavailable);
+            assert!(r.retry_after.is_some(), "busy answers say when to retry");
+        }
+    }
+    assert_eq!(accepted, 4, "a takes its share and no more");
+    let s = sim.nodes[2].relay.stats();
+    assert_eq!(s.rejects[relay_core::RejectReason::InboxShare as usize], 6);
+    assert_eq!(s.inbox_resident_bytes, 0, "all of it in the store only");
+    // b's events still get in.
+    assert_eq!(
+        notify(&mut sim, "b.example", &room2(), 0).status,
+        Status::Created
+    );
+    // The reader takes two of a's (read back from the store): a has room for two more.
+    let c = &mut sim.nodes[2];
+    let read = c.inbox(0);
+    assert_eq!(read.len(), 5);
+    c.relay
+        .handle_inbox_read(&mut c.store, read[1].0)
+        .expect("trim");
+    let statuses: Vec<Status> = (20..23)
+        .map(|n| notify(&mut sim, "a.example", &room(), n).status)
+        .collect();
+    assert_eq!(
+        statuses,
+        [Status::Created, Status::Created, Status::Unavailable]
+    );
+    assert_eq!(sim.nodes[2].relay.stats().inbox_depth, 5);
 }
 
 #[test]

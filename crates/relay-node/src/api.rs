@@ -30,7 +30,8 @@ use crate::metrics;
 #[derive(Clone)]
 pub(crate) struct ApiState {
     pub tx: Sender<Event>,
-    pub inbox_next: watch::Receiver<u64>,
+    /// The offset below which inbox records are durable: readers wait for it to move.
+    pub inbox_durable: watch::Receiver<u64>,
     pub max_body: usize,
     /// Each transport adapter's refusal counters, for /metrics.
     pub adapter_stats: Arc<BTreeMap<TransportKind, Arc<relay_adapter::AdapterStats>>>,
@@ -72,6 +73,16 @@ async fn ask<T>(tx: &Sender<Event>, make: impl FnOnce(oneshot::Sender<T>) -> Eve
 
 fn unavailable() -> HttpResponse {
     (StatusCode::SERVICE_UNAVAILABLE, "node is shutting down\n").into_response()
+}
+
+/// A write refused while the store is out of space: 503, as the core answers peers.
+fn storage_full() -> HttpResponse {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::RETRY_AFTER, HeaderValue::from(5))],
+        format!("{}\n", crate::core_loop::STORAGE_FULL),
+    )
+        .into_response()
 }
 
 pub(crate) fn to_http(r: Response) -> HttpResponse {
@@ -240,6 +251,7 @@ async fn directory_entry(State(s): State<ApiState>, mut body: Bytes) -> HttpResp
     .await
     {
         Some(Ok(())) => (StatusCode::CREATED, "listed\n").into_response(),
+        Some(Err(crate::core_loop::STORAGE_FULL)) => storage_full(),
         Some(Err(e)) => (StatusCode::UNPROCESSABLE_ENTITY, format!("{e}\n")).into_response(),
         None => unavailable(),
     }
@@ -280,6 +292,7 @@ async fn publish_key_packages(State(s): State<ApiState>, mut body: Bytes) -> Htt
     .await
     {
         Some(Ok(n)) => (StatusCode::CREATED, format!("{n}\n")).into_response(),
+        Some(Err(crate::core_loop::STORAGE_FULL)) => storage_full(),
         Some(Err(e)) => (StatusCode::UNPROCESSABLE_ENTITY, format!("{e}\n")).into_response(),
         None => unavailable(),
     }
@@ -308,6 +321,7 @@ async fn create_mls_room(
     .await
     {
         Some(Ok(())) => (StatusCode::CREATED, "created\n").into_response(),
+        Some(Err(relay_core::MlsRoomError::StorageFull)) => storage_full(),
         Some(Err(e)) => (StatusCode::UNPROCESSABLE_ENTITY, format!("{e}\n")).into_response(),
         None => unavailable(),
     }
@@ -333,22 +347,31 @@ async fn inbox(State(mut s): State<ApiState>, Query(q): Query<InboxQuery>) -> Ht
     let max = q.max.clamp(1, 65_536);
     let deadline = tokio::time::Instant::now() + Duration::from_millis(q.wait_ms.min(30_000));
     loop {
-        s.inbox_next.borrow_and_update();
-        let Some(items) = ask(&s.tx, |reply| Event::Inbox {
+        s.inbox_durable.borrow_and_update();
+        let items = match ask(&s.tx, |reply| Event::Inbox {
             after: q.after,
             max,
             reply,
         })
         .await
-        else {
-            return unavailable();
+        {
+            Some(Ok(items)) => items,
+            Some(Err(())) => {
+                return (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    [(header::RETRY_AFTER, HeaderValue::from(1))],
+                    "cannot read the inbox from the store\n",
+                )
+                    .into_response();
+            }
+            None => return unavailable(),
         };
         if !items.is_empty() || tokio::time::Instant::now() >= deadline {
             return (StatusCode::OK, encode_inbox(&items)).into_response();
         }
-        // Wake on the next delivery; a delivery between the read and here marked the watch
-        // changed already, so nothing is missed.
-        if tokio::time::timeout_at(deadline, s.inbox_next.changed())
+        // Wake when more records are durable; a commit between the read and here marked the
+        // watch changed already, so nothing is missed.
+        if tokio::time::timeout_at(deadline, s.inbox_durable.changed())
             .await
             .is_err()
         {
@@ -408,6 +431,7 @@ async fn create_room(
     .await
     {
         Some(Ok(())) => (StatusCode::CREATED, "created\n").into_response(),
+        Some(Err(relay_core::RoomError::StorageFull)) => storage_full(),
         Some(Err(e)) => (StatusCode::UNPROCESSABLE_ENTITY, format!("{e}\n")).into_response(),
         None => unavailable(),
     }
@@ -422,6 +446,7 @@ async fn follow_room(State(s): State<ApiState>, Path(room): Path<String>) -> Htt
     };
     match ask(&s.tx, |reply| Event::FollowRoom { room, reply }).await {
         Some(Ok(())) => (StatusCode::CREATED, "following\n").into_response(),
+        Some(Err(relay_core::RoomError::StorageFull)) => storage_full(),
         Some(Err(e)) => (StatusCode::UNPROCESSABLE_ENTITY, format!("{e}\n")).into_response(),
         None => unavailable(),
     }

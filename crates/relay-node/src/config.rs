@@ -124,6 +124,8 @@ struct RawLimits {
     max_body: Option<usize>,
     max_queue: Option<usize>,
     max_inbox: Option<usize>,
+    max_inbox_per_peer: Option<usize>,
+    max_inbox_memory: Option<usize>,
     request_timeout_ms: Option<u64>,
     max_conns_per_peer: Option<usize>,
     max_handshakes: Option<usize>,
@@ -208,6 +210,16 @@ pub struct NodeConfig {
     pub max_body: usize,
     pub max_queue: usize,
     pub max_inbox: usize,
+    /// `[limits] max_inbox_per_peer`: undelivered inbox records one provider may have waiting
+    /// for local clients (those of the rooms it hosts, or of the rooms hosted here for this
+    /// node's own hub) before that provider is answered 503 with Retry-After. Default
+    /// `max_inbox / 4`: a hub flooding the inbox while local clients are away takes a quarter
+    /// of it and leaves the rest to the others, and up to four busy hubs still fill it.
+    pub max_inbox_per_peer: usize,
+    /// `[limits] max_inbox_memory`: bytes of undelivered inbox records kept in memory
+    /// (default 64 MiB); older ones stay only in the store and are read back from it. A store
+    /// of `memory` keeps the whole inbox in memory, bounded by `max_inbox`.
+    pub max_inbox_memory: usize,
     pub request_timeout: Duration,
     /// Stored abuse reports (count, bytes) and consent scopes per provider.
     pub max_abuse_reports_per_peer: usize,
@@ -402,6 +414,24 @@ impl NodeConfig {
         if max_inbox == 0 {
             return Err(cx.err("limits.max_inbox", "must be at least 1"));
         }
+        let max_inbox_per_peer = raw
+            .limits
+            .max_inbox_per_peer
+            .unwrap_or((max_inbox / 4).max(1));
+        if !(1..=max_inbox).contains(&max_inbox_per_peer) {
+            return Err(cx.err(
+                "limits.max_inbox_per_peer",
+                format!("must be between 1 and max_inbox ({max_inbox})"),
+            ));
+        }
+        let max_inbox_memory = raw.limits.max_inbox_memory.unwrap_or(64 << 20);
+        // At least the largest record, so the newest always fits; at most 64 GiB.
+        if !(max_body..=64 << 30).contains(&max_inbox_memory) {
+            return Err(cx.err(
+                "limits.max_inbox_memory",
+                format!("must be between max_body ({max_body}) and 68719476736 bytes"),
+            ));
+        }
         let request_timeout = Duration::from_millis(raw.limits.request_timeout_ms.unwrap_or(5_000));
         if request_timeout < Duration::from_millis(10) {
             return Err(cx.err("limits.request_timeout_ms", "must be at least 10"));
@@ -468,6 +498,8 @@ impl NodeConfig {
             max_body,
             max_queue,
             max_inbox,
+            max_inbox_per_peer,
+            max_inbox_memory,
             request_timeout,
             max_abuse_reports_per_peer,
             max_abuse_bytes_per_peer,
@@ -718,6 +750,31 @@ followers = ["b.example"]
                 "limits.max_abuse_bytes_per_peer",
             ),
             ("max_consent_per_peer = 0", "limits.max_consent_per_peer"),
+        ] {
+            let (k, m) = invalid(&with(kv));
+            assert_eq!(k, key, "{kv}: {m}");
+        }
+    }
+
+    #[test]
+    fn inbox_limits_have_defaults_and_are_bounded_by_key() {
+        let (_d, r) = with_files(GOOD);
+        let c = r.expect("valid");
+        assert_eq!(
+            (c.max_inbox, c.max_inbox_per_peer, c.max_inbox_memory),
+            (1_000_000, 250_000, 64 << 20)
+        );
+        let with = |kv: &str| format!("{GOOD}\n[limits]\n{kv}\n");
+        let (_d, r) = with_files(&with("max_inbox = 100\nmax_inbox_memory = 2097152"));
+        let c = r.expect("valid");
+        assert_eq!((c.max_inbox_per_peer, c.max_inbox_memory), (25, 2 << 20));
+        for (kv, key) in [
+            ("max_inbox_per_peer = 0", "limits.max_inbox_per_peer"),
+            (
+                "max_inbox = 10\nmax_inbox_per_peer = 11",
+                "limits.max_inbox_per_peer",
+            ),
+            ("max_inbox_memory = 1000", "limits.max_inbox_memory"),
         ] {
             let (k, m) = invalid(&with(kv));
             assert_eq!(k, key, "{kv}: {m}");

@@ -3,13 +3,21 @@
 //! One thread, so the core needs no locks: every input arrives as an [`Event`] on one channel.
 //! Each turn drains what is waiting, commits the store once (group commit), and only then
 //! releases the replies and transmits the core produced.
+//!
+//! A commit that fails for lack of space puts the node in a disk-full state instead of
+//! stopping it: the same batch is written again with backoff; meanwhile new work (submissions,
+//! notifies, updates, creations) is refused with 503 and a Retry-After, while inbox reads,
+//! metrics, read-only requests and acknowledgements go on. Nothing of the failed batch was
+//! answered, so nothing accepted is lost and nothing is acknowledged before it is durable.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use mimi_wire::endpoint::Endpoint;
 use mimi_wire::uri::{ProviderDomain, RoomId};
 use relay_core::store::InboxRecord;
 use relay_core::{
@@ -21,6 +29,17 @@ use tracing::{error, info, warn};
 
 /// Requests taken from the fair queue per wake-up of the core thread.
 const INGRESS_BATCH: usize = 256;
+
+/// Fanout bytes per inbox read (at least one record goes, however large): bounds what one read
+/// copies from the store and holds until its answer is sent.
+const INBOX_READ_BYTES: usize = 16 << 20;
+
+/// Backoff of the write of a batch that failed for lack of space.
+const FULL_RETRY_FIRST: Duration = Duration::from_millis(100);
+const FULL_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// What a local client's write is refused with while the store is out of space.
+pub(crate) const STORAGE_FULL: &str = "storage full: try again later";
 
 /// Inputs of the core thread.
 #[derive(Debug)]
@@ -79,10 +98,14 @@ pub(crate) enum Event {
         ratchet_tree: Bytes,
         reply: oneshot::Sender<Result<(), relay_core::MlsRoomError>>,
     },
+    /// A local client reads the inbox after `after` (and so consumed everything up to it).
+    /// Only durable records are shown: one shown and then lost in a crash would be delivered
+    /// again.
     Inbox {
         after: u64,
         max: usize,
-        reply: oneshot::Sender<Vec<(u64, InboxRecord)>>,
+        /// `Err`: the store could not be read (logged); the reader tries again.
+        reply: oneshot::Sender<Result<Vec<(u64, InboxRecord)>, ()>>,
     },
     Stats {
         reply: oneshot::Sender<(RelayStats, StoreStats)>,
@@ -92,6 +115,12 @@ pub(crate) enum Event {
         id: u64,
         result: Result<(), StoreError>,
         took: Duration,
+    },
+    /// From the committer thread: batch `id` could not be written for lack of space; it will
+    /// be tried again.
+    StorageFull {
+        id: u64,
+        error: StoreError,
     },
     Shutdown,
 }
@@ -128,6 +157,8 @@ pub struct StoreStats {
     pub commit_time: relay_core::stats::Histogram,
     /// Peer requests whose handling panicked (refused with 500; the node went on).
     pub panics: u64,
+    /// A commit failed for lack of space and is being tried again: new work is refused.
+    pub disk_full: bool,
 }
 
 pub(crate) struct CoreLoop<S: Store> {
@@ -138,7 +169,8 @@ pub(crate) struct CoreLoop<S: Store> {
     /// committer thread to report.
     pub tx: Sender<Event>,
     pub transports: Arc<Transports>,
-    pub inbox_next: watch::Sender<u64>,
+    /// The offset below which inbox records are durable, for readers waiting on new ones.
+    pub inbox_durable: watch::Sender<u64>,
     pub store_stats: StoreStats,
     /// Requests from peers, queued per peer (see `NodeInbound`).
     pub ingress: Arc<crate::ingress::Ingress>,
@@ -147,10 +179,6 @@ pub(crate) struct CoreLoop<S: Store> {
 /// Something to hand out once the commit it depends on is durable.
 enum Held {
     Output(Output),
-    Inbox(
-        oneshot::Sender<Vec<(u64, InboxRecord)>>,
-        Vec<(u64, InboxRecord)>,
-    ),
     Room(
         oneshot::Sender<Result<(), RoomError>>,
         Result<(), RoomError>,
@@ -168,30 +196,25 @@ struct Pipeline {
     open: u64,
     /// The highest batch known durable.
     durable: u64,
-    /// The batch being written, with the inputs it covers.
-    writing: Option<(u64, u64)>,
+    /// The batch being written, with the inputs it covers and the inbox offset below which it
+    /// makes every record durable.
+    writing: Option<(u64, u64, u64)>,
     held: VecDeque<(u64, Held)>,
     inputs_in_open: u64,
 }
 
 impl<S: Store> CoreLoop<S> {
-    /// Runs until `Shutdown` or until every sender is gone. A store failure stops the node:
-    /// what the core holds in memory is then ahead of the disk, and must not be acknowledged.
+    /// Runs until `Shutdown` or until every sender is gone. A store failure stops the node
+    /// (what the core holds in memory is then ahead of the disk, and must not be
+    /// acknowledged), unless it is for lack of space: see the module doc.
     pub fn run(mut self) -> Result<(), StoreError> {
         let (jobs, job_rx) = std::sync::mpsc::channel::<(u64, SealedCommit)>();
         let report = self.tx.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_committer = stop.clone();
         let committer = std::thread::Builder::new()
             .name("relay-commit".into())
-            .spawn(move || {
-                for (id, write) in job_rx {
-                    let started = Instant::now();
-                    let result = write();
-                    let took = started.elapsed();
-                    if report.send(Event::Committed { id, result, took }).is_err() {
-                        break;
-                    }
-                }
-            })
+            .spawn(move || commit_batches(job_rx, report, stop_committer))
             .map_err(|e| StoreError::new("start committer", e))?;
 
         let mut replies: HashMap<ReplyToken, oneshot::Sender<Response>> = HashMap::new();
@@ -223,15 +246,36 @@ impl<S: Store> CoreLoop<S> {
                 match ev {
                     Event::Shutdown => stopping = true,
                     Event::Committed { id, result, took } => {
-                        let inputs = p.writing.take().map_or(0, |(_, n)| n);
+                        let (inputs, inbox_mark) =
+                            p.writing.take().map_or((0, 0), |(_, n, mark)| (n, mark));
                         match result {
                             Ok(()) => {
                                 p.durable = id;
+                                self.relay.handle_inbox_durable(inbox_mark);
                                 self.store_stats.commits += 1;
                                 self.store_stats.events += inputs;
                                 self.store_stats.commit_time.record(took);
+                                if self.store_stats.disk_full {
+                                    self.store_stats.disk_full = false;
+                                    warn!(
+                                        batch = id,
+                                        "store has space again: the pending \
+                                        commit is written; taking new work"
+                                    );
+                                }
                             }
                             Err(e) => failed = Some(e),
+                        }
+                    }
+                    Event::StorageFull { id, error } => {
+                        if !self.store_stats.disk_full {
+                            self.store_stats.disk_full = true;
+                            warn!(batch = id, error = %error,
+                                source = %std::error::Error::source(&error)
+                                    .map_or(String::new(), |s| s.to_string()),
+                                "store out of space: new work is refused until a commit \
+                                 succeeds (retrying with backoff); reads and \
+                                 acknowledgements go on");
                         }
                     }
                     ev => {
@@ -258,20 +302,25 @@ impl<S: Store> CoreLoop<S> {
             if p.writing.is_none() {
                 match self.store.seal() {
                     Ok(Some(write)) => {
-                        p.writing = Some((p.open, std::mem::take(&mut p.inputs_in_open)));
+                        let inputs = std::mem::take(&mut p.inputs_in_open);
+                        p.writing = Some((p.open, inputs, self.relay.inbox_next()));
                         if jobs.send((p.open, write)).is_err() {
                             break Err(StoreError::new("commit", CommitterGone));
                         }
                     }
                     // Nothing to write: everything applied so far is durable.
-                    Ok(None) => p.durable = p.open,
+                    Ok(None) => {
+                        p.durable = p.open;
+                        let mark = self.relay.inbox_next();
+                        self.relay.handle_inbox_durable(mark);
+                    }
                     Err(e) => break Err(e),
                 }
                 p.open += 1;
             }
             self.release(&mut replies, &mut p);
-            self.inbox_next.send_if_modified(|v| {
-                let n = self.relay.inbox_next();
+            self.inbox_durable.send_if_modified(|v| {
+                let n = self.relay.inbox_durable();
                 let changed = *v != n;
                 *v = n;
                 changed
@@ -279,7 +328,18 @@ impl<S: Store> CoreLoop<S> {
             if stopping && p.writing.is_none() && p.held.is_empty() {
                 break Ok(());
             }
+            if stopping && self.store_stats.disk_full {
+                // Waiting for space could take forever. What is not written was answered to
+                // nobody: its senders try again.
+                warn!(
+                    unanswered = p.held.len(),
+                    "stopping with the disk full: inputs since \
+                    the last successful commit are dropped unanswered"
+                );
+                break Ok(());
+            }
         };
+        stop.store(true, Ordering::Release);
         drop(jobs);
         let _ = committer.join();
         if let Err(e) = &result {
@@ -314,6 +374,12 @@ impl<S: Store> CoreLoop<S> {
                     let _ = self.tx.send(Event::Ingress);
                 }
                 for (req, reply) in batch {
+                    if self.store_stats.disk_full
+                        && let Some(refused) = self.relay.storage_full_refusal(req.endpoint)
+                    {
+                        let _ = reply.send(refused);
+                        continue;
+                    }
                     *next_token += 1;
                     let t = ReplyToken(*next_token);
                     replies.insert(t, reply);
@@ -338,10 +404,35 @@ impl<S: Store> CoreLoop<S> {
                 self.relay.handle_outcome(now, &mut self.store, id, outcome);
             }
             Event::Probe { peer, alive } => self.relay.handle_probe_outcome(now, &peer, alive),
+            Event::Submit { reply, .. } if self.store_stats.disk_full => {
+                let refused = self.relay.storage_full_refusal(Endpoint::SubmitMessage);
+                let _ = reply.send(refused.unwrap_or_else(storage_full_response));
+            }
             Event::Submit { room, body, reply } => {
                 let t = token(reply);
                 self.relay
                     .handle_client_submit(now, &mut self.store, t, &room, body);
+            }
+            Event::CreateRoom { reply, .. } | Event::FollowRoom { reply, .. }
+                if self.store_stats.disk_full =>
+            {
+                let _ = reply.send(Err(RoomError::StorageFull));
+            }
+            Event::CreateMlsRoom { reply, .. } if self.store_stats.disk_full => {
+                let _ = reply.send(Err(relay_core::MlsRoomError::StorageFull));
+            }
+            Event::PublishKeyPackages { reply, .. } if self.store_stats.disk_full => {
+                let _ = reply.send(Err(STORAGE_FULL));
+            }
+            Event::DirectoryEntry { reply, .. } if self.store_stats.disk_full => {
+                let _ = reply.send(Err(STORAGE_FULL));
+            }
+            Event::ClientRequest {
+                endpoint, reply, ..
+            } if self.store_stats.disk_full
+                && self.relay.storage_full_refusal(endpoint).is_some() =>
+            {
+                let _ = reply.send(storage_full_response());
             }
             Event::CreateRoom {
                 room,
@@ -422,16 +513,32 @@ impl<S: Store> CoreLoop<S> {
                 ));
             }
             Event::Inbox { after, max, reply } => {
-                self.relay.handle_inbox_read(&mut self.store, after);
-                // Only what is durable may be shown: a record shown and then lost in a crash
-                // would be delivered again.
-                let items = self.relay.inbox_after(after).take(max).cloned().collect();
-                p.held.push_back((p.open, Held::Inbox(reply, items)));
+                // Only durable records, so the answer goes out now, disk full or not.
+                let q = relay_core::InboxQuery {
+                    after,
+                    max,
+                    max_bytes: INBOX_READ_BYTES,
+                    durable_only: true,
+                };
+                let read = self
+                    .relay
+                    .handle_inbox_read(&mut self.store, after)
+                    .and_then(|()| self.relay.read_inbox(&self.store, q));
+                match read {
+                    Ok(items) => {
+                        let _ = reply.send(Ok(items));
+                    }
+                    Err(e) => {
+                        error!(error = %e, source = ?std::error::Error::source(&e),
+                            "cannot read the inbox from the store");
+                        let _ = reply.send(Err(()));
+                    }
+                }
             }
             Event::Stats { reply } => {
                 let _ = reply.send((self.relay.stats(), self.store_stats.clone()));
             }
-            Event::Shutdown | Event::Committed { .. } => {}
+            Event::Shutdown | Event::Committed { .. } | Event::StorageFull { .. } => {}
         }
     }
 
@@ -447,10 +554,6 @@ impl<S: Store> CoreLoop<S> {
                 break;
             };
             let out = match held {
-                Held::Inbox(reply, items) => {
-                    let _ = reply.send(items);
-                    continue;
-                }
                 Held::Room(reply, r) => {
                     let _ = reply.send(r);
                     continue;
@@ -492,7 +595,303 @@ impl<S: Store> CoreLoop<S> {
     }
 }
 
+/// The committer thread: writes sealed batches in order, each until it is written or fails
+/// for another reason than a lack of space (or the node stops).
+fn commit_batches(
+    jobs: Receiver<(u64, SealedCommit)>,
+    report: Sender<Event>,
+    stop: Arc<AtomicBool>,
+) {
+    for (id, mut write) in jobs {
+        let mut delay = FULL_RETRY_FIRST;
+        loop {
+            let started = Instant::now();
+            let result = write();
+            let took = started.elapsed();
+            match result {
+                Err(error) if error.is_storage_full() && !stop.load(Ordering::Acquire) => {
+                    if report.send(Event::StorageFull { id, error }).is_err() {
+                        return;
+                    }
+                    // Sleeps in slices, so a stopping node is not held up by the backoff.
+                    let until = Instant::now() + delay;
+                    while Instant::now() < until && !stop.load(Ordering::Acquire) {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    delay = (delay * 2).min(FULL_RETRY_MAX);
+                }
+                result => {
+                    if report.send(Event::Committed { id, result, took }).is_err() {
+                        return;
+                    }
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// A local client's submission or request refused while the store is out of space.
+fn storage_full_response() -> Response {
+    let mut r = Response::error(Status::Unavailable, STORAGE_FULL);
+    r.retry_after = Some(Duration::from_secs(5));
+    r
+}
+
 /// The committer thread is gone (it only stops when the core loop drops its job queue).
 #[derive(Debug, thiserror::Error)]
 #[error("the committer thread stopped")]
 struct CommitterGone;
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    use mimi_wire::uri::RoomId;
+    use relay_core::store::{InboxRange, OwnedOp};
+    use relay_core::{MemStore, RelayConfig, Request, Snapshot};
+
+    use super::*;
+
+    const ROOM: &str = "mimi://hub.example/r/lobby";
+
+    /// A store whose commits fail as on a full disk while `full` is set; otherwise a
+    /// [`MemStore`] (shared, so the test sees what was committed).
+    struct FillableStore {
+        committed: Arc<Mutex<MemStore>>,
+        pending: Vec<OwnedOp>,
+        full: Arc<AtomicBool>,
+    }
+
+    impl Store for FillableStore {
+        fn load(&mut self) -> Result<Snapshot, StoreError> {
+            self.committed.lock().expect("lock").load()
+        }
+
+        fn read_inbox(&self, range: InboxRange) -> Result<Vec<(u64, InboxRecord)>, StoreError> {
+            self.committed.lock().expect("lock").read_inbox(range)
+        }
+
+        fn count_inbox(
+            &self,
+            after: u64,
+            upto: u64,
+        ) -> Result<BTreeMap<ProviderDomain, u64>, StoreError> {
+            self.committed
+                .lock()
+                .expect("lock")
+                .count_inbox(after, upto)
+        }
+
+        fn apply(&mut self, op: relay_core::StoreOp<'_>) {
+            self.pending.push(OwnedOp::from(op));
+        }
+
+        fn commit(&mut self) -> Result<(), StoreError> {
+            match self.seal()? {
+                Some(mut write) => write(),
+                None => Ok(()),
+            }
+        }
+
+        fn seal(&mut self) -> Result<Option<SealedCommit>, StoreError> {
+            if self.pending.is_empty() {
+                return Ok(None);
+            }
+            let batch = std::mem::take(&mut self.pending);
+            let (committed, full) = (self.committed.clone(), self.full.clone());
+            Ok(Some(Box::new(move || {
+                if full.load(Ordering::Acquire) {
+                    let enospc = std::io::Error::from(std::io::ErrorKind::StorageFull);
+                    return Err(StoreError::storage_full("commit", enospc));
+                }
+                let mut m = committed.lock().expect("lock");
+                for op in &batch {
+                    m.apply(op.as_op());
+                }
+                m.commit()
+            })))
+        }
+    }
+
+    struct Harness {
+        tx: Sender<Event>,
+        ingress: Arc<crate::ingress::Ingress>,
+        full: Arc<AtomicBool>,
+        committed: Arc<Mutex<MemStore>>,
+        core: std::thread::JoinHandle<Result<(), StoreError>>,
+    }
+
+    fn hub() -> ProviderDomain {
+        "hub.example".parse().expect("domain")
+    }
+
+    fn start() -> Harness {
+        let mut cfg = RelayConfig::new("me.example".parse().expect("domain"))
+            .with_route(hub(), TransportKind::Quic);
+        cfg.follows = vec![RoomId::parse(ROOM).expect("room")];
+        let committed = Arc::new(Mutex::new(MemStore::new()));
+        let full = Arc::new(AtomicBool::new(false));
+        let store = FillableStore {
+            committed: committed.clone(),
+            pending: Vec::new(),
+            full: full.clone(),
+        };
+        let relay = Relay::new(cfg, Snapshot::default(), now());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let ingress = Arc::new(crate::ingress::Ingress::new(1 << 20, 1 << 24));
+        let core = CoreLoop {
+            relay,
+            store,
+            rx,
+            tx: tx.clone(),
+            transports: Arc::new(Transports::default()),
+            inbox_durable: watch::channel(0).0,
+            store_stats: StoreStats::default(),
+            ingress: ingress.clone(),
+        };
+        let core = std::thread::spawn(move || core.run());
+        Harness {
+            tx,
+            ingress,
+            full,
+            committed,
+            core,
+        }
+    }
+
+    /// A FanoutMessage whose ciphertext is `n` repeated.
+    fn fanout(n: u8) -> Bytes {
+        let mut f = Vec::new();
+        let mls = mimi_wire::mls::private_message(b"g", 1, &[n; 64]);
+        mimi_wire::proto::encode_fanout_application(1_700_000_000_000, &mls, &mut f);
+        Bytes::from(f)
+    }
+
+    impl Harness {
+        fn notify(&self, seq: u64, n: u8) -> oneshot::Receiver<Response> {
+            let (reply, rx) = oneshot::channel();
+            let req = Request {
+                from: hub(),
+                transport: TransportKind::Quic,
+                endpoint: Endpoint::Notify,
+                target: ROOM.to_owned(),
+                seq: Some(seq),
+                body: fanout(n),
+            };
+            if self
+                .ingress
+                .push(2048, (req, reply))
+                .map_err(|_| ())
+                .expect("queued")
+            {
+                self.tx.send(Event::Ingress).expect("core running");
+            }
+            rx
+        }
+
+        fn stats(&self) -> (RelayStats, StoreStats) {
+            let (reply, rx) = oneshot::channel();
+            self.tx.send(Event::Stats { reply }).expect("core running");
+            rx.blocking_recv().expect("stats")
+        }
+
+        /// The inbox as a reader gets it now: its records' ciphertext bytes.
+        fn inbox(&self) -> Vec<u8> {
+            let (reply, rx) = oneshot::channel();
+            self.tx
+                .send(Event::Inbox {
+                    after: 0,
+                    max: 100,
+                    reply,
+                })
+                .expect("core running");
+            let items = rx.blocking_recv().expect("answer").expect("read");
+            items
+                .iter()
+                .map(|(_, r)| r.fanout[r.fanout.len() - 2])
+                .collect()
+        }
+
+        fn wait_disk_full(&self, want: bool) {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while self.stats().1.disk_full != want {
+                assert!(Instant::now() < deadline, "disk_full never became {want}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+
+    #[test]
+    fn a_full_store_refuses_new_work_serves_reads_and_recovers_losing_nothing() {
+        // Before: the first commit that failed stopped the node.
+        let h = start();
+        let r = h.notify(1, 1).blocking_recv().expect("answer");
+        assert_eq!(r.status, Status::Created);
+
+        h.full.store(true, Ordering::Release);
+        let mut held = h.notify(2, 2);
+        h.wait_disk_full(true);
+        // Not written, so not answered.
+        assert!(matches!(
+            held.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        ));
+        // New work is refused at once, with a time to come back.
+        let r = h.notify(3, 3).blocking_recv().expect("answer");
+        assert_eq!(r.status, Status::Unavailable);
+        assert!(r.retry_after.is_some());
+        let (reply, rx) = oneshot::channel();
+        h.tx.send(Event::Submit {
+            room: ROOM.to_owned(),
+            body: Bytes::from_static(b"x"),
+            reply,
+        })
+        .expect("core running");
+        assert_eq!(
+            rx.blocking_recv().expect("answer").status,
+            Status::Unavailable
+        );
+        // Reads go on, showing only what is durable; metrics say why.
+        let fanout_tail = fanout(1)[fanout(1).len() - 2];
+        assert_eq!(h.inbox(), [fanout_tail]);
+        let (stats, store) = h.stats();
+        let text = crate::metrics::render(&stats, &store);
+        assert!(text.contains("\nmimi_relay_disk_full 1\n"), "{text}");
+        assert!(text.contains("mimi_relay_rejects_total{reason=\"storage_full\"} 2"));
+
+        // Space again: the same batch is written, then answered.
+        h.full.store(false, Ordering::Release);
+        let r = held.blocking_recv().expect("answered once written");
+        assert_eq!((r.status, r.next_seq), (Status::Created, Some(3)));
+        h.wait_disk_full(false);
+        let r = h.notify(3, 3).blocking_recv().expect("answer");
+        assert_eq!(r.status, Status::Created);
+        assert_eq!(h.inbox().len(), 3);
+        let committed = h.committed.lock().expect("lock").committed_inbox().len();
+        assert_eq!(committed, 3, "each delivered once");
+
+        h.tx.send(Event::Shutdown).expect("core running");
+        h.core.join().expect("core thread").expect("clean stop");
+    }
+
+    #[test]
+    fn a_node_stops_while_its_store_is_full() {
+        let h = start();
+        h.full.store(true, Ordering::Release);
+        let held = h.notify(1, 1);
+        h.wait_disk_full(true);
+        h.tx.send(Event::Shutdown).expect("core running");
+        h.core.join().expect("core thread").expect("clean stop");
+        // Dropped unanswered: its sender retries; nothing of it was written.
+        assert!(held.blocking_recv().is_err());
+        assert!(
+            h.committed
+                .lock()
+                .expect("lock")
+                .committed_inbox()
+                .is_empty()
+        );
+    }
+}

@@ -172,6 +172,12 @@ impl Node {
         core_cfg.limits.max_body = cfg.max_body;
         core_cfg.max_queue = cfg.max_queue;
         core_cfg.max_inbox = cfg.max_inbox;
+        core_cfg.max_inbox_per_peer = cfg.max_inbox_per_peer;
+        core_cfg.max_inbox_memory = match cfg.store {
+            StoreKind::Durable => cfg.max_inbox_memory,
+            // Nothing to read back from: the inbox stays in memory, bounded by max_inbox.
+            StoreKind::Memory => usize::MAX,
+        };
         core_cfg.follows = cfg.follows.clone();
         core_cfg.max_abuse_reports_per_peer = cfg.max_abuse_reports_per_peer;
         core_cfg.max_abuse_bytes_per_peer = cfg.max_abuse_bytes_per_peer;
@@ -298,14 +304,14 @@ impl Node {
             rx,
             tx: tx.clone(),
             transports: transports.clone(),
-            inbox_next: inbox_tx,
+            inbox_durable: inbox_tx,
             ingress: ingress.clone(),
         };
         let core = match cfg.store {
             StoreKind::Durable => {
                 std::fs::create_dir_all(&cfg.data_dir)
                     .map_err(|e| store_err(StoreError::new("create data_dir", e)))?;
-                let store = relay_store::DurableStore::open(&store_path).map_err(store_err)?;
+                let store = open_store(&store_path).await.map_err(store_err)?;
                 spawn_core(core_cfg, store, &cfg, wiring)?
             }
             // Nothing outlives the process here, so nothing is kept beside the core's own state.
@@ -324,7 +330,7 @@ impl Node {
         })?;
         let app = api::router(api::ApiState {
             tx: tx.clone(),
-            inbox_next: inbox_rx,
+            inbox_durable: inbox_rx,
             max_body: cfg.max_body,
             adapter_stats: Arc::new(adapter_stats),
             ingress,
@@ -387,7 +393,7 @@ struct Wiring {
     rx: mpsc::Receiver<Event>,
     tx: Sender<Event>,
     transports: Arc<Transports>,
-    inbox_next: watch::Sender<u64>,
+    inbox_durable: watch::Sender<u64>,
     ingress: Arc<ingress::Ingress>,
 }
 
@@ -414,15 +420,24 @@ fn spawn_core<S: Store + Send + 'static>(
                 source,
             })?;
     }
-    store.commit().map_err(store_err)?;
-    w.inbox_next.send_replace(relay.inbox_next());
+    match store.commit() {
+        Ok(()) => {}
+        // The core loop writes it first thing, and waits for space like any commit.
+        Err(e) if e.is_storage_full() => {
+            tracing::warn!(error = %e, "store out of space at start: starting in the \
+                disk-full state")
+        }
+        Err(e) => return Err(store_err(e)),
+    }
+    relay.handle_inbox_durable(relay.inbox_next());
+    w.inbox_durable.send_replace(relay.inbox_durable());
     let core = CoreLoop {
         relay,
         store,
         rx: w.rx,
         tx: w.tx,
         transports: w.transports,
-        inbox_next: w.inbox_next,
+        inbox_durable: w.inbox_durable,
         store_stats: Default::default(),
         ingress: w.ingress,
     };
@@ -430,6 +445,34 @@ fn spawn_core<S: Store + Send + 'static>(
         .name("relay-core".into())
         .spawn(move || core.run())
         .map_err(|e| NodeError::Core(e.to_string()))
+}
+
+/// Opens the durable store. Opening needs no new space, except to recover a file that was not
+/// closed cleanly; on a full disk that waits for space, saying so once.
+async fn open_store(path: &std::path::Path) -> Result<relay_store::DurableStore, StoreError> {
+    let mut delay = Duration::from_millis(100);
+    let mut said = false;
+    loop {
+        match relay_store::DurableStore::open(path) {
+            Err(e) if e.is_storage_full() => {
+                if !said {
+                    tracing::warn!(path = %path.display(), error = %e,
+                        "the store needs space to recover after an unclean stop: waiting for \
+                         space on its disk");
+                    said = true;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Ok(store) => {
+                if said {
+                    tracing::warn!(path = %path.display(), "store recovered and opened");
+                }
+                return Ok(store);
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 fn rand_seed() -> u64 {

@@ -170,6 +170,15 @@ pub fn render(s: &RelayStats, store: &StoreStats) -> String {
         "# TYPE mimi_relay_inbox_depth gauge\nmimi_relay_inbox_depth {}",
         s.inbox_depth
     );
+    let _ = writeln!(
+        out,
+        "# HELP mimi_relay_inbox_resident_bytes Bytes of undelivered inbox records held in memory (the rest is read back from the store)."
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE mimi_relay_inbox_resident_bytes gauge\nmimi_relay_inbox_resident_bytes {}",
+        s.inbox_resident_bytes
+    );
     histogram(
         &mut out,
         "mimi_relay_delivery_latency_seconds",
@@ -193,6 +202,15 @@ pub fn render(s: &RelayStats, store: &StoreStats) -> String {
         out,
         "# TYPE mimi_relay_store_commit_events_total counter\nmimi_relay_store_commit_events_total {}",
         store.events
+    );
+    let _ = writeln!(
+        out,
+        "# HELP mimi_relay_disk_full Whether the store is out of space (1): new work is refused until a commit succeeds."
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE mimi_relay_disk_full gauge\nmimi_relay_disk_full {}",
+        u8::from(store.disk_full)
     );
     histogram(
         &mut out,

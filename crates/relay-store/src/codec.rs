@@ -165,9 +165,10 @@ pub(crate) enum Tag {
     SubmitSeen,
     SubmitForget,
     Record,
+    RecentHash,
 }
 
-const TAGS: [Tag; 10] = [
+const TAGS: [Tag; 11] = [
     Tag::Room,
     Tag::RoomSeq,
     Tag::Enqueue,
@@ -178,6 +179,7 @@ const TAGS: [Tag; 10] = [
     Tag::SubmitSeen,
     Tag::SubmitForget,
     Tag::Record,
+    Tag::RecentHash,
 ];
 
 /// Ops applied since the last commit, pre-encoded into the table layout so that `apply` costs a
@@ -281,6 +283,24 @@ impl PendingLog {
                 },
                 |v| put_u64(v, next),
             ),
+            StoreOp::RecentHash {
+                hub,
+                room,
+                slot,
+                n,
+                hash,
+            } => self.record(
+                Tag::RecentHash,
+                |k| {
+                    put_str(k, hub.as_str());
+                    put_str(k, room.as_str());
+                    k.extend_from_slice(&slot.to_be_bytes());
+                },
+                |v| {
+                    put_u64(v, n);
+                    v.extend_from_slice(&hash.to_be_bytes());
+                },
+            ),
             StoreOp::Inbox { offset, record } => {
                 self.record(
                     Tag::Inbox,
@@ -373,6 +393,27 @@ pub(crate) fn decode_inbox(table: &'static str, v: &[u8]) -> Result<InboxRecord,
         accepted_ms,
         fanout,
     })
+}
+
+/// The `from` of a stored inbox value (its length-prefixed bytes), without reading the rest.
+pub(crate) fn inbox_from<'a>(table: &'static str, v: &'a [u8]) -> Result<&'a [u8], DecodeError> {
+    let mut r = Reader::new(table, v);
+    r.str_bytes()?;
+    let start = v.len() - r.buf.len();
+    r.str_bytes()?;
+    let end = v.len() - r.buf.len();
+    v.get(start..end).ok_or_else(|| r.corrupt("truncated"))
+}
+
+/// Reads a provider domain written by [`put_str`] as a whole key.
+pub(crate) fn read_domain_key(
+    table: &'static str,
+    key: &[u8],
+) -> Result<ProviderDomain, DecodeError> {
+    let mut r = Reader::new(table, key);
+    let d = r.domain()?;
+    r.finish()?;
+    Ok(d)
 }
 
 /// One pending write: key and value in the layout of the table `tag` selects.

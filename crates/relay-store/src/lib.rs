@@ -12,10 +12,22 @@
 //!   it returns `Err` or the process dies first, none of it is visible after reopening (a commit
 //!   is atomic). On `Err` the ops stay buffered, so a retried commit writes them. A commit with
 //!   nothing buffered does nothing, and costs no fsync.
+//! - A commit that fails for lack of space (a full disk, a quota) is a [`StoreError`] that
+//!   says so ([`StoreError::is_storage_full`]); so is a sealed batch's write, which may be
+//!   called again and writes the same batch. After any I/O failure the file is closed and
+//!   opened again (redb refuses everything after a failed write until then), so reads go on.
+//!   Opening a file of the current format needs no new space, so a store opens on a full
+//!   disk; only recovering a file that was not closed cleanly may need some (then opening
+//!   fails with a storage-full error until there is space).
 //! - [`Store::load`] returns the [`Snapshot`] that [`MemStore`] would hold after the same
 //!   sequence of committed ops, given what the core guarantees: per-queue `qseq`, inbox offsets
 //!   and per-room `room_seq` of `SubmitSeen` are issued in increasing order. Stored data that
 //!   does not decode is a [`StoreError`] whose source is a [`DecodeError`], never a panic.
+//!   It leaves the inbox's records on disk: the snapshot has only their last offset and how
+//!   many each provider sent, kept in a table of their own, so a start reads no record bodies.
+//! - [`Store::read_inbox`] and [`Store::count_inbox`] read what the last successful commit left
+//!   (one read transaction each, concurrent with a commit being written), never buffered ops;
+//!   [`MemStore`] answers the same for the same committed ops.
 //! - One process at a time: opening a file another process has open fails.
 //!
 //! # Layout
@@ -25,19 +37,21 @@
 //! range ordered by `qseq` and an `Ack` is one range delete.
 
 mod codec;
+mod db;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 pub use codec::DecodeError;
+use mimi_wire::uri::ProviderDomain;
 pub use relay_core::store::{
-    InboxRecord, MemStore, OwnedOp, RoomSnapshot, SealedCommit, Snapshot, Store, StoreError,
-    StoreOp, SubmitSeen,
+    InboxRange, InboxRecord, InboxSummary, MemStore, OwnedOp, RoomSnapshot, SealedCommit, Snapshot,
+    Store, StoreError, StoreOp, SubmitSeen,
 };
 
 use codec::{PendingLog, Reader, Tag};
@@ -57,8 +71,14 @@ const QUEUE_KEYS: Bytes2Bytes = TableDefinition::new("queue_keys");
 const ACKED: Bytes2Bytes = TableDefinition::new("acked");
 /// (hub, room) -> next expected seq.
 const CURSORS: Bytes2Bytes = TableDefinition::new("cursors");
+/// (hub, room, slot u16) -> n, hash (u128): each follower cursor's ring of recent FanoutMessage
+/// hashes.
+const RECENT: Bytes2Bytes = TableDefinition::new("recent_hashes");
 /// offset -> room, from, accepted_ms, fanout bytes.
 const INBOX: Bytes2Bytes = TableDefinition::new("inbox");
+/// from (length-prefixed) -> records of `INBOX` from that provider, so a start counts them
+/// without reading the records.
+const INBOX_COUNTS: Bytes2Bytes = TableDefinition::new("inbox_counts");
 /// (room, room_seq) -> submission key (u128), accepted_ms.
 const SEEN: Bytes2Bytes = TableDefinition::new("submit_seen");
 /// Format version and the inbox trim mark.
@@ -68,15 +88,16 @@ const RECORDS: Bytes2Bytes = TableDefinition::new("records");
 
 const META_FORMAT: &[u8] = b"format";
 const META_INBOX_TRIMMED: &[u8] = b"inbox_trimmed";
-/// Bumped on any change to the layout above.
-const FORMAT: u64 = 1;
+/// Bumped on any change to the layout above. Format 1 had no `INBOX_COUNTS`; it is
+/// migrated on open.
+const FORMAT: u64 = 2;
+const FORMAT_1: u64 = 1;
 /// A `ROOMS` value with no followers.
 const NO_FOLLOWERS: &[u8] = &[0, 0];
 
 /// The core's state in one redb file. See the crate documentation for the contract.
 pub struct DurableStore {
-    db: Arc<Database>,
-    path: PathBuf,
+    db: Arc<db::Db>,
     pending: PendingLog,
 }
 
@@ -89,7 +110,7 @@ const _: fn() = || {
 impl fmt::Debug for DurableStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DurableStore")
-            .field("path", &self.path)
+            .field("path", &self.db.path())
             .field("pending_ops", &self.pending.ops)
             .finish_non_exhaustive()
     }
@@ -105,10 +126,28 @@ enum Fail {
 impl Fail {
     fn into_store(self, op: &'static str) -> StoreError {
         match self {
+            Fail::Db(redb::Error::Io(e)) if is_full(&e) => StoreError::storage_full(op, e),
             Fail::Db(e) => StoreError::new(op, e),
             Fail::Decode(e) => StoreError::new(op, e),
         }
     }
+
+    /// redb refuses every later operation after this one, until the file is reopened.
+    fn closes_db(&self) -> bool {
+        matches!(
+            self,
+            Fail::Db(redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::DatabaseClosed)
+        )
+    }
+}
+
+/// No space left for the write (a full disk, a quota, a file size limit).
+fn is_full(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        e.kind(),
+        ErrorKind::StorageFull | ErrorKind::QuotaExceeded | ErrorKind::FileTooLarge
+    )
 }
 
 impl From<DecodeError> for Fail {
@@ -141,62 +180,84 @@ impl DurableStore {
     ///
     /// After a crash this also recovers the file to its last commit, which reads the whole file.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
-        let path = path.as_ref().to_owned();
-        let db = Database::create(&path).map_err(|e| Fail::from(e).into_store("open"))?;
+        let db = db::Db::open(path.as_ref()).map_err(|e| e.into_store("open"))?;
         let store = DurableStore {
             db: Arc::new(db),
-            path,
             pending: PendingLog::default(),
         };
-        store.init().map_err(|e| e.into_store("open"))?;
+        store.db.with(init).map_err(|e| e.into_store("open"))?;
         Ok(store)
     }
 
     /// The database file.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.db.path()
     }
 
     /// Ops applied since the last successful commit.
     pub fn pending_ops(&self) -> usize {
         self.pending.ops
     }
+}
 
-    /// Creates the tables of a new file, or checks the format of an existing one.
-    fn init(&self) -> Result<(), Fail> {
-        let tx = self.db.begin_write()?;
-        let found = {
-            let meta = tx.open_table(META)?;
-            let v = meta.get(META_FORMAT)?;
-            v.map(|v| codec::read_u64_value("meta", v.value()))
-                .transpose()?
-        };
-        match found {
-            Some(FORMAT) => tx.abort()?,
-            Some(found) => {
-                return Err(DecodeError::UnsupportedFormat {
-                    found,
-                    expected: FORMAT,
-                }
-                .into());
+/// Creates the tables of a new file, or checks the format of an existing one (and migrates an
+/// older one it can read). Opening a file of this format writes nothing.
+fn init(db: &Database) -> Result<(), Fail> {
+    let tx = db.begin_write()?;
+    let found = {
+        let meta = tx.open_table(META)?;
+        let v = meta.get(META_FORMAT)?;
+        v.map(|v| codec::read_u64_value("meta", v.value()))
+            .transpose()?
+    };
+    match found {
+        Some(FORMAT) => tx.abort()?,
+        Some(FORMAT_1) => {
+            // Count the inbox once; from now on every commit keeps the counts.
+            let mut counts: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+            for row in tx.open_table(INBOX)?.iter()? {
+                let (_, v) = row?;
+                let from = codec::inbox_from("inbox", v.value())?;
+                *counts.entry(from.to_vec()).or_default() += 1;
             }
-            None => {
-                tx.open_table(META)?
-                    .insert(META_FORMAT, FORMAT.to_be_bytes().as_slice())?;
-                for t in [
-                    ROOMS, ROOM_SEQS, QUEUES, QUEUE_KEYS, ACKED, CURSORS, INBOX, SEEN, RECORDS,
-                ] {
-                    tx.open_table(t)?;
-                }
-                tx.commit()?;
+            let mut table = tx.open_table(INBOX_COUNTS)?;
+            for (from, n) in counts {
+                table.insert(from.as_slice(), n.to_be_bytes().as_slice())?;
             }
+            drop(table);
+            tx.open_table(META)?
+                .insert(META_FORMAT, FORMAT.to_be_bytes().as_slice())?;
+            tx.commit()?;
         }
-        Ok(())
+        Some(found) => {
+            return Err(DecodeError::UnsupportedFormat {
+                found,
+                expected: FORMAT,
+            }
+            .into());
+        }
+        None => {
+            tx.open_table(META)?
+                .insert(META_FORMAT, FORMAT.to_be_bytes().as_slice())?;
+            for t in [
+                ROOMS,
+                ROOM_SEQS,
+                QUEUES,
+                QUEUE_KEYS,
+                ACKED,
+                CURSORS,
+                INBOX,
+                INBOX_COUNTS,
+                SEEN,
+                RECORDS,
+                RECENT,
+            ] {
+                tx.open_table(t)?;
+            }
+            tx.commit()?;
+        }
     }
-
-    fn write_pending(&self) -> Result<(), Fail> {
-        write_log(&self.db, &self.pending)
-    }
+    Ok(())
 }
 
 /// Writes one batch of ops in one write transaction, durably.
@@ -213,9 +274,19 @@ fn write_log(db: &Database, pending: &PendingLog) -> Result<(), Fail> {
             let mut acked = tx.open_table(ACKED)?;
             let mut cursors = tx.open_table(CURSORS)?;
             let mut inbox = tx.open_table(INBOX)?;
+            let mut inbox_counts = tx.open_table(INBOX_COUNTS)?;
+            // Changes to `INBOX_COUNTS`, written once at the end.
+            let mut counted: HashMap<Vec<u8>, i64> = HashMap::new();
+            let mut count = |from: &[u8], by: i64| match counted.get_mut(from) {
+                Some(n) => *n += by,
+                None => {
+                    counted.insert(from.to_vec(), by);
+                }
+            };
             let mut seen = tx.open_table(SEEN)?;
             let mut meta = tx.open_table(META)?;
             let mut state_records = tx.open_table(RECORDS)?;
+            let mut recent = tx.open_table(RECENT)?;
 
             let mut payloads = pending.payloads.iter();
             let mut next_payload = || payloads.next().ok_or_else(|| bug("payload missing"));
@@ -250,17 +321,33 @@ fn write_log(db: &Database, pending: &PendingLog) -> Result<(), Fail> {
                     Tag::Cursor => {
                         cursors.insert(key, val)?;
                     }
+                    Tag::RecentHash => {
+                        recent.insert(key, val)?;
+                    }
                     Tag::Inbox => {
                         let fanout = next_payload()?;
                         value.clear();
                         value.extend_from_slice(val);
                         value.extend_from_slice(fanout);
-                        inbox.insert(key, value.as_slice())?;
+                        if let Some(old) = inbox.insert(key, value.as_slice())? {
+                            count(codec::inbox_from("inbox", old.value())?, -1);
+                        }
+                        count(codec::inbox_from("pending log", val)?, 1);
                     }
                     Tag::InboxTrim => {
                         let upto = codec::read_u64_value("pending log", val)?;
                         key_range(&mut lo, &mut hi, &[], 0, upto);
-                        inbox.retain_in(lo.as_slice()..=hi.as_slice(), |_, _| false)?;
+                        let mut corrupt = None;
+                        inbox.retain_in(lo.as_slice()..=hi.as_slice(), |_, v| {
+                            match codec::inbox_from("inbox", v) {
+                                Ok(from) => count(from, -1),
+                                Err(e) => corrupt = Some(e),
+                            }
+                            false
+                        })?;
+                        if let Some(e) = corrupt {
+                            return Err(e.into());
+                        }
                         raise_mark(&mut meta, META_INBOX_TRIMMED, upto)?;
                     }
                     Tag::SubmitSeen => {
@@ -284,6 +371,21 @@ fn write_log(db: &Database, pending: &PendingLog) -> Result<(), Fail> {
                     },
                 }
             }
+            for (from, by) in counted {
+                let old = match inbox_counts.get(from.as_slice())? {
+                    Some(v) => codec::read_u64_value("inbox_counts", v.value())?,
+                    None => 0,
+                };
+                match old.checked_add_signed(by) {
+                    Some(0) => {
+                        inbox_counts.remove(from.as_slice())?;
+                    }
+                    Some(n) => {
+                        inbox_counts.insert(from.as_slice(), n.to_be_bytes().as_slice())?;
+                    }
+                    None => return Err(bug("inbox count below zero")),
+                }
+            }
         }
         tx.commit()?;
         Ok(())
@@ -291,8 +393,8 @@ fn write_log(db: &Database, pending: &PendingLog) -> Result<(), Fail> {
 }
 
 impl DurableStore {
-    fn read_all(&self) -> Result<Snapshot, Fail> {
-        let tx = self.db.begin_read()?;
+    fn read_all(db: &Database) -> Result<Snapshot, Fail> {
+        let tx = db.begin_read()?;
         let mut snap = Snapshot::default();
 
         for row in tx.open_table(ROOMS)?.iter()? {
@@ -377,11 +479,33 @@ impl DurableStore {
             snap.cursors
                 .insert(key, codec::read_u64_value("cursors", v.value())?);
         }
-        for row in tx.open_table(INBOX)?.iter()? {
+        // Stores written before recent hashes were kept have no such table yet.
+        match tx.open_table(RECENT) {
+            Ok(table) => {
+                for row in table.iter()? {
+                    let (k, v) = row?;
+                    let mut r = Reader::new("recent_hashes", k.value());
+                    let key = (r.domain()?, r.room()?);
+                    let slot = r.u16()?;
+                    r.finish()?;
+                    let mut r = Reader::new("recent_hashes", v.value());
+                    let (n, hash) = (r.u64()?, r.u128()?);
+                    r.finish()?;
+                    snap.recent.entry(key).or_default().insert(slot, (n, hash));
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        // The inbox's records stay on disk (`read_inbox`): only its last offset and counts.
+        if let Some((k, _)) = tx.open_table(INBOX)?.last()? {
+            snap.inbox.last = codec::read_u64_value("inbox", k.value())?;
+        }
+        for row in tx.open_table(INBOX_COUNTS)?.iter()? {
             let (k, v) = row?;
-            let offset = codec::read_u64_value("inbox", k.value())?;
-            snap.inbox
-                .push_back((offset, codec::decode_inbox("inbox", v.value())?));
+            let from = codec::read_domain_key("inbox_counts", k.value())?;
+            let n = codec::read_u64_value("inbox_counts", v.value())?;
+            snap.inbox.by_from.insert(from, n);
         }
         if let Some(v) = tx.open_table(META)?.get(META_INBOX_TRIMMED)? {
             snap.inbox_trimmed = codec::read_u64_value("meta", v.value())?;
@@ -402,9 +526,83 @@ impl DurableStore {
     }
 }
 
+impl DurableStore {
+    /// The inbox keys `after < offset <= upto`, or `None` for an empty range.
+    fn inbox_keys(after: u64, upto: u64) -> Option<([u8; 8], [u8; 8])> {
+        let from = after.checked_add(1).filter(|f| *f <= upto)?;
+        Some((from.to_be_bytes(), upto.to_be_bytes()))
+    }
+
+    fn read_inbox_range(db: &Database, range: InboxRange) -> Result<Vec<(u64, InboxRecord)>, Fail> {
+        let mut out = Vec::new();
+        let Some((lo, hi)) = Self::inbox_keys(range.after, range.upto) else {
+            return Ok(out);
+        };
+        let tx = db.begin_read()?;
+        let table = tx.open_table(INBOX)?;
+        let mut bytes = 0usize;
+        for row in table.range(lo.as_slice()..=hi.as_slice())? {
+            if range.filled(out.len(), bytes) {
+                break;
+            }
+            let (k, v) = row?;
+            let offset = codec::read_u64_value("inbox", k.value())?;
+            let record = codec::decode_inbox("inbox", v.value())?;
+            bytes = bytes.saturating_add(record.fanout.len());
+            out.push((offset, record));
+        }
+        Ok(out)
+    }
+
+    fn count_inbox_range(
+        db: &Database,
+        after: u64,
+        upto: u64,
+    ) -> Result<BTreeMap<ProviderDomain, u64>, Fail> {
+        let mut counts: HashMap<Vec<u8>, u64> = HashMap::new();
+        if let Some((lo, hi)) = Self::inbox_keys(after, upto) {
+            let tx = db.begin_read()?;
+            let table = tx.open_table(INBOX)?;
+            for row in table.range(lo.as_slice()..=hi.as_slice())? {
+                let (_, v) = row?;
+                let from = codec::inbox_from("inbox", v.value())?;
+                match counts.get_mut(from) {
+                    Some(n) => *n += 1,
+                    None => {
+                        counts.insert(from.to_vec(), 1);
+                    }
+                }
+            }
+        }
+        let mut out = BTreeMap::new();
+        for (from, n) in counts {
+            out.insert(codec::read_domain_key("inbox", &from)?, n);
+        }
+        Ok(out)
+    }
+}
+
 impl Store for DurableStore {
     fn load(&mut self) -> Result<Snapshot, StoreError> {
-        self.read_all().map_err(|e| e.into_store("load"))
+        self.db
+            .with(Self::read_all)
+            .map_err(|e| e.into_store("load"))
+    }
+
+    fn read_inbox(&self, range: InboxRange) -> Result<Vec<(u64, InboxRecord)>, StoreError> {
+        self.db
+            .with(|db| Self::read_inbox_range(db, range))
+            .map_err(|e| e.into_store("read inbox"))
+    }
+
+    fn count_inbox(
+        &self,
+        after: u64,
+        upto: u64,
+    ) -> Result<BTreeMap<ProviderDomain, u64>, StoreError> {
+        self.db
+            .with(|db| Self::count_inbox_range(db, after, upto))
+            .map_err(|e| e.into_store("count inbox"))
     }
 
     fn apply(&mut self, op: StoreOp<'_>) {
@@ -418,7 +616,10 @@ impl Store for DurableStore {
         if self.pending.unsupported {
             return Err(StoreError::new("commit", UnsupportedOp));
         }
-        self.write_pending().map_err(|e| e.into_store("commit"))?;
+        let pending = &self.pending;
+        self.db
+            .with(|db| write_log(db, pending))
+            .map_err(|e| e.into_store("commit"))?;
         self.pending.clear();
         Ok(())
     }
@@ -432,8 +633,10 @@ impl Store for DurableStore {
         }
         let batch = std::mem::take(&mut self.pending);
         let db = Arc::clone(&self.db);
+        // Callable again after a failure: the batch stays with it until written.
         Ok(Some(Box::new(move || {
-            write_log(&db, &batch).map_err(|e| e.into_store("commit"))
+            db.with(|d| write_log(d, &batch))
+                .map_err(|e| e.into_store("commit"))
         })))
     }
 }
@@ -541,10 +744,10 @@ mod tests {
             "nothing applied: nothing to write"
         );
         enqueue(&mut store, 1);
-        let first = store.seal().expect("seal").expect("a batch");
+        let mut first = store.seal().expect("seal").expect("a batch");
         assert_eq!(store.pending_ops(), 0, "sealing takes the pending ops");
         enqueue(&mut store, 2);
-        let second = store.seal().expect("seal").expect("a batch");
+        let mut second = store.seal().expect("seal").expect("a batch");
         enqueue(&mut store, 3); // applied but never sealed: lost like any uncommitted op
         std::thread::spawn(move || {
             first().expect("write first");
@@ -612,16 +815,24 @@ mod tests {
         let mut bad_room = Vec::new();
         codec::put_str(&mut bad_room, "mimi://a.example/u/not-a-room");
         codec::put_str(&mut bad_room, "b.example");
-        let cases: [(Bytes2Bytes, &[u8], &[u8]); 9] = [
+        let mut recent_key = Vec::new();
+        codec::put_str(&mut recent_key, dest.as_str());
+        codec::put_str(&mut recent_key, room.as_str());
+        recent_key.extend_from_slice(&[0, 1]);
+        let mut counts_key = Vec::new();
+        codec::put_str(&mut counts_key, dest.as_str());
+        let cases: [(Bytes2Bytes, &[u8], &[u8]); 11] = [
             (QUEUES, &bad_qseq, b"x"),
             (QUEUES, &[0, 200, b'a'], b"x"),
             (QUEUE_KEYS, &bad_room, b""),
             (ACKED, &prefix, &[1, 2]),
             (ROOMS, room.as_str().as_bytes(), &[0, 1, 0, 0]),
             (ROOM_SEQS, room.as_str().as_bytes(), &[0; 15]),
-            (INBOX, &[0; 8], &[0, 3, b'a']),
+            (INBOX, &[0; 3], &[0, 3, b'a']),
+            (INBOX_COUNTS, &counts_key, &[1, 2]),
             (SEEN, &prefix, &[0; 24]),
             (META, META_INBOX_TRIMMED, &[]),
+            (RECENT, &recent_key, &[0; 23]),
         ];
         for (i, (table, key, value)) in cases.into_iter().enumerate() {
             let dir = tempfile::tempdir().expect("tempdir");
@@ -635,6 +846,60 @@ mod tests {
                 "case {i}: {source}"
             );
         }
+    }
+
+    #[test]
+    fn corrupt_inbox_records_are_read_errors_not_panics() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.redb");
+        drop(DurableStore::open(&path).expect("create"));
+        tamper(&path, INBOX, &7u64.to_be_bytes(), &[0, 3, b'a']);
+        let store = DurableStore::open(&path).expect("open");
+        for e in [
+            store.read_inbox(InboxRange::after(0)).expect_err("read"),
+            store.count_inbox(0, 9).map(|_| ()).expect_err("count"),
+        ] {
+            let source = std::error::Error::source(&e).expect("source");
+            assert!(source.downcast_ref::<DecodeError>().is_some(), "{source}");
+        }
+    }
+
+    #[test]
+    fn a_format_1_store_gets_its_inbox_counted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.redb");
+        let (room, from) = ids();
+        let mut store = DurableStore::open(&path).expect("create");
+        for offset in 1..=3 {
+            let record = InboxRecord {
+                room: room.clone(),
+                from: from.clone(),
+                accepted_ms: offset,
+                fanout: Bytes::from_static(b"f"),
+            };
+            store.apply(StoreOp::Inbox {
+                offset,
+                record: &record,
+            });
+        }
+        store.commit().expect("commit");
+        drop(store);
+        // As format 1 left it: no counts.
+        let db = Database::create(&path).expect("db");
+        let tx = db.begin_write().expect("tx");
+        tx.delete_table(INBOX_COUNTS).expect("delete");
+        tx.open_table(META)
+            .expect("meta")
+            .insert(META_FORMAT, FORMAT_1.to_be_bytes().as_slice())
+            .expect("insert");
+        tx.commit().expect("commit");
+        drop(db);
+        let snap = DurableStore::open(&path)
+            .expect("migrated")
+            .load()
+            .expect("load");
+        assert_eq!(snap.inbox.by_from.get(&from), Some(&3));
+        assert_eq!(snap.inbox.last, 3);
     }
 
     #[test]

@@ -8,7 +8,9 @@ use std::path::Path;
 use bytes::Bytes;
 use mimi_wire::uri::{ProviderDomain, RoomId};
 use relay_core::rng::SplitMix64;
-use relay_store::{DurableStore, InboxRecord, MemStore, Snapshot, Store, StoreOp, SubmitSeen};
+use relay_store::{
+    DurableStore, InboxRange, InboxRecord, MemStore, Snapshot, Store, StoreOp, SubmitSeen,
+};
 
 /// splitmix64: deterministic, so a failing seed reproduces.
 struct Rng(SplitMix64);
@@ -40,6 +42,41 @@ fn same(a: &Snapshot, b: &Snapshot) -> bool {
 fn assert_same(durable: &Snapshot, mem: &Snapshot, ctx: &str) {
     if !same(durable, mem) {
         panic!("{ctx}: durable and mem snapshots differ\n durable: {durable:#?}\n mem: {mem:#?}");
+    }
+}
+
+/// Loads both and compares them, the inbox records (which `load` leaves on disk) included:
+/// all of them, a window of them, and who sent those in a window.
+fn check(durable: &mut DurableStore, mem: &mut MemStore, ctx: &str) {
+    assert_same(&durable.load().expect("load"), mem.committed(), ctx);
+    let all = InboxRange::after(0);
+    assert_eq!(
+        durable.read_inbox(all).expect("read"),
+        mem.read_inbox(all).expect("read"),
+        "{ctx}: inbox records"
+    );
+    let last = mem.committed().inbox.last;
+    for (after, upto, max, max_bytes) in [
+        (last / 3, last - last / 3, 5, usize::MAX),
+        (0, u64::MAX, usize::MAX, 300),
+        (last, last, 1, 0),
+    ] {
+        let range = InboxRange {
+            after,
+            upto,
+            max,
+            max_bytes,
+        };
+        assert_eq!(
+            durable.read_inbox(range).expect("read"),
+            mem.read_inbox(range).expect("read"),
+            "{ctx}: inbox records in {range:?}"
+        );
+        assert_eq!(
+            durable.count_inbox(after, upto).expect("count"),
+            mem.count_inbox(after, upto).expect("count"),
+            "{ctx}: inbox counts in {after}..={upto}"
+        );
     }
 }
 
@@ -79,7 +116,7 @@ impl Gen {
         let d = rng.below(self.domains.len() as u64) as usize;
         let room = &self.rooms[r];
         let dest = &self.domains[d];
-        match rng.below(14) {
+        match rng.below(15) {
             0 => {
                 let followers: Vec<ProviderDomain> = self
                     .domains
@@ -147,6 +184,17 @@ impl Gen {
                 };
                 f(StoreOp::SubmitSeen { room, seen: &seen })
             }
+            13 => {
+                // A small ring, so slots are replaced as well as filled.
+                let n = rng.below(40);
+                f(StoreOp::RecentHash {
+                    hub: dest,
+                    room,
+                    slot: (n % 8) as u16,
+                    n,
+                    hash: u128::from(rng.next()) << 64 | u128::from(rng.next()),
+                })
+            }
             _ => {
                 let top = self.room_seq.get(&r).copied().unwrap_or(0);
                 f(StoreOp::SubmitForget {
@@ -169,7 +217,7 @@ fn run(seed: u64, ops: usize) {
     let mut g = Gen::new();
     let mut mem = MemStore::new();
     let mut durable = DurableStore::open(&path).expect("open");
-    assert_same(&durable.load().expect("load"), mem.committed(), "fresh");
+    check(&mut durable, &mut mem, "fresh");
 
     for i in 0..ops {
         g.op(&mut rng, |op| {
@@ -181,7 +229,7 @@ fn run(seed: u64, ops: usize) {
                 mem.commit().expect("mem commit");
                 durable.commit().expect("commit");
                 let ctx = format!("seed {seed} op {i}: after commit");
-                assert_same(&durable.load().expect("load"), mem.committed(), &ctx);
+                check(&mut durable, &mut mem, &ctx);
             }
             5 => {
                 // A crash: the uncommitted tail is lost on both sides.
@@ -189,7 +237,7 @@ fn run(seed: u64, ops: usize) {
                 drop(durable);
                 durable = reopen(&path);
                 let ctx = format!("seed {seed} op {i}: after crash");
-                assert_same(&durable.load().expect("load"), mem.committed(), &ctx);
+                check(&mut durable, &mut mem, &ctx);
             }
             6 => {
                 mem.commit().expect("mem commit");
@@ -197,7 +245,7 @@ fn run(seed: u64, ops: usize) {
                 drop(durable);
                 durable = reopen(&path);
                 let ctx = format!("seed {seed} op {i}: after reopen");
-                assert_same(&durable.load().expect("load"), mem.committed(), &ctx);
+                check(&mut durable, &mut mem, &ctx);
             }
             _ => {}
         }
@@ -205,10 +253,12 @@ fn run(seed: u64, ops: usize) {
     mem.commit().expect("mem commit");
     durable.commit().expect("commit");
     drop(durable);
-    let snap = reopen(&path).load().expect("load");
-    assert_same(&snap, mem.committed(), &format!("seed {seed}: end"));
+    let mut durable = reopen(&path);
+    check(&mut durable, &mut mem, &format!("seed {seed}: end"));
+    let snap = durable.load().expect("load");
     // The run must have exercised something: queues, inbox and rooms are all non-trivial.
     assert!(!snap.rooms.is_empty() && !snap.queues.is_empty() && !snap.acked.is_empty());
+    assert!(snap.inbox_trimmed > 0 && !snap.inbox.is_empty());
 }
 
 #[test]

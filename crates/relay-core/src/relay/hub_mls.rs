@@ -86,6 +86,8 @@ pub enum MlsRoomError {
     ForeignCreator(String),
     #[error("no route to provider {0} of a member")]
     NoRoute(String),
+    #[error("the store is out of space: try again later")]
+    StorageFull,
 }
 
 fn key(space: u8, parts: &[&[u8]]) -> Vec<u8> {
