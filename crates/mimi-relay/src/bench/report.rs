@@ -494,7 +494,8 @@ fn markdown(report: &BenchReport, plots: &[String]) -> String {
              are measured; c.example's identity floods the hub from the lab process (oversize, \
              malformed and valid-but-expensive requests on one connection more than its cap, \
              a thread of its own). Each transport runs once quiet and once flooded, otherwise \
-             alike.\n\n{}\n{}",
+             alike. In the flooded rows of the table above, wire B/msg and CPU µs/msg include \
+             the flood's bytes and the nodes' work on it.\n\n{}\n{}",
             hostile_table(&report.rows),
             hostile_words(&report.rows, report.hostile.as_ref())
         );
