@@ -2,6 +2,8 @@
 //! whichever transport it uses.
 //!
 //! Contract:
+//! - [`Transport`] (node to adapter) and [`Inbound`] (adapter to node) are the whole interface
+//!   between the node and an adapter; the data they carry is relay-core's.
 //! - [`Limits`] holds every per-peer budget an adapter enforces, each a `[limits]` key of the
 //!   node's config with a safe default.
 //! - [`Gate`] admits connections: a node-wide cap on connections that have not yet
@@ -17,6 +19,8 @@
 //! Nothing here does I/O or names a runtime: adapters hold these in `Arc`s and call them from
 //! their tasks.
 
+pub mod transport;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -24,6 +28,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use mimi_wire::uri::ProviderDomain;
+
+pub use transport::{Inbound, Transport};
 
 /// Per-peer and per-node budgets of an adapter. Defaults are safe for a node with a few dozen
 /// peers on a small machine; every field is a `[limits]` key of the node's config.

@@ -26,6 +26,5 @@ pub use relay::{MlsRoomError, Now, Output, Relay, ReplyToken, RoomError};
 pub use stats::{RejectReason, RelayStats};
 pub use store::{MemStore, SealedCommit, Snapshot, Store, StoreError, StoreOp};
 pub use transport::{
-    Inbound, Request, Response, Status, Transmit, TransmitId, Transport, TransportError,
-    TransportKind,
+    Request, Response, Status, Transmit, TransmitId, TransportError, TransportKind,
 };

@@ -3,7 +3,7 @@
 //! # Contract
 //!
 //! [`HttpsTransport::start`] binds a listener and starts one task per configured peer. It
-//! implements [`relay_core::transport::Transport`] (kind [`TransportKind::Https`]).
+//! implements [`relay_adapter::Transport`] (kind [`TransportKind::Https`]).
 //!
 //! **Serving.** HTTP/1.1 and HTTP/2 (ALPN `h2`, `http/1.1`) over mutual TLS; a connection is
 //! kept only if the client certificate authenticates a trusted provider
@@ -96,9 +96,8 @@ use bytes::Bytes;
 use http::HeaderValue;
 use mimi_wire::endpoint::Directory;
 use mimi_wire::uri::ProviderDomain;
-use relay_core::transport::{
-    Inbound, Transmit, TransmitId, Transport, TransportError, TransportKind,
-};
+use relay_adapter::{Inbound, Transport};
+use relay_core::transport::{Transmit, TransmitId, TransportError, TransportKind};
 use relay_tls::{PeerTrust, TlsError, TlsIdentity};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};

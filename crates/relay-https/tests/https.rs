@@ -18,9 +18,9 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mimi_wire::endpoint::{Directory, Endpoint};
 use mimi_wire::uri::ProviderDomain;
+use relay_adapter::{Inbound, Transport};
 use relay_core::transport::{
-    Inbound, Request, Response, Status, Transmit, TransmitId, Transport, TransportError,
-    TransportKind,
+    Request, Response, Status, Transmit, TransmitId, TransportError, TransportKind,
 };
 use relay_https::{HttpsConfig, HttpsTransport, Rejection};
 use relay_tls::{PeerTrust, TlsIdentity};

@@ -4,7 +4,7 @@
 //! # Contract
 //!
 //! [`MatrixTransport::start`] binds an HTTPS listener and starts one task per configured peer.
-//! It implements [`relay_core::transport::Transport`] (kind [`TransportKind::Matrix`]).
+//! It implements [`relay_adapter::Transport`] (kind [`TransportKind::Matrix`]).
 //!
 //! **Serving.** The relay is a Matrix federation server for [`MatrixConfig::server_name`]:
 //! - `GET /_matrix/key/v2/server`: its ed25519 verify key, self-signed, valid one week;
@@ -78,9 +78,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mimi_wire::uri::ProviderDomain;
-use relay_core::transport::{
-    Inbound, Response, Transmit, TransmitId, Transport, TransportError, TransportKind,
-};
+use relay_adapter::{Inbound, Transport};
+use relay_core::transport::{Response, Transmit, TransmitId, TransportError, TransportKind};
 use relay_tls::{PeerTrust, TlsError, TlsIdentity};
 use ruma::OwnedServerName;
 use serde_json::value::RawValue;

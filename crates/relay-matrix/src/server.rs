@@ -20,11 +20,12 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use mimi_wire::uri::ProviderDomain;
+use relay_adapter::Inbound;
 use relay_adapter::{
     AdapterStats, Budget, ByteBudget, Gate, HandshakePermit, Held, LogLimiter, OverBudget,
     PeerPermit,
 };
-use relay_core::transport::{Inbound, Request, Response, Status, TransportKind};
+use relay_core::transport::{Request, Response, Status, TransportKind};
 use ruma::api::federation::authentication::XMatrix;
 use ruma::signatures::PublicKeyMap;
 use ruma::{OwnedServerName, ServerName};

@@ -25,7 +25,7 @@ const MAX_BATCH_BYTES: usize = 1 << 20;
 /// A room stream unused for between one and two of these is finished.
 const ROOM_IDLE: Duration = Duration::from_secs(30);
 
-/// Where outcomes go: the node's [`relay_core::transport::Inbound`] without its generic
+/// Where outcomes go: the node's [`relay_adapter::Inbound`] without its generic
 /// request side, so that the sending side needs no type parameter.
 pub(crate) trait Sink: Send + Sync + 'static {
     fn outcome(&self, id: TransmitId, outcome: Result<Response, TransportError>);

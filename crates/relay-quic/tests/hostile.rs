@@ -12,9 +12,9 @@ use mimi_wire::endpoint::Endpoint;
 use mimi_wire::uri::ProviderDomain;
 use quinn::{ConnectionError, RecvStream, SendStream, VarInt};
 use relay_adapter::{AdapterStats, Budget, Limits};
+use relay_adapter::{Inbound, Transport};
 use relay_core::transport::{
-    Inbound, Request, Response, Status, Transmit, TransmitId, Transport, TransportError,
-    TransportKind,
+    Request, Response, Status, Transmit, TransmitId, TransportError, TransportKind,
 };
 use relay_quic::framing::{ChunkQueue, Decoder, Frame, encode_ping, encode_request};
 use relay_quic::{ALPN, Congestion, QuicConfig, QuicTransport, codes};

@@ -10,10 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mimi_wire::uri::ProviderDomain;
+use relay_adapter::Inbound;
 use relay_adapter::{
     AdapterContext, AdapterStats, Budget, ByteBudget, Gate, HandshakePermit, LogLimiter,
 };
-use relay_core::transport::{Inbound, TransportError};
+use relay_core::transport::TransportError;
 use relay_tls::PeerTrust;
 use rustls::pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};

@@ -45,7 +45,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mimi_wire::uri::ProviderDomain;
-use relay_core::transport::{Inbound, Transmit, Transport, TransportError, TransportKind};
+use relay_adapter::{Inbound, Transport};
+use relay_core::transport::{Transmit, TransportError, TransportKind};
 use relay_tls::{PeerTrust, TlsError, TlsIdentity};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;

@@ -16,9 +16,10 @@ use futures::FutureExt;
 use futures::stream::{FuturesOrdered, StreamExt};
 use mimi_wire::uri::ProviderDomain;
 use minidom::Element;
+use relay_adapter::Inbound;
 use relay_adapter::{AdapterContext, AdapterStats, Budget, ByteBudget, Limits};
 use relay_core::transport::{
-    Inbound, Request, Response, Status, Transmit, TransmitId, TransportError, TransportKind,
+    Request, Response, Status, Transmit, TransmitId, TransportError, TransportKind,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
