@@ -15,10 +15,17 @@
 //! - [`LogLimiter`] keeps failed-handshake warnings from becoming a log flood: it counts every
 //!   event and lets a line through at most once per interval, with the number suppressed.
 //! - [`AdapterStats`] counts refusals by cause; the node exports them as metrics.
+//! - [`outcome`] gives every transmit exactly one outcome (QUIC, XMPP); [`peers`] is the frame
+//!   of an adapter with one task per peer behind a bounded queue and its listener (HTTPS,
+//!   Matrix); `http` (feature `http`) reads a request body within its bounds.
 //!
-//! Nothing here does I/O or names a runtime: adapters hold these in `Arc`s and call them from
-//! their tasks.
+//! The budgets do no I/O: adapters hold them in `Arc`s and call them from their tasks. What
+//! needs a timer or a task (the outcome deadlines) runs on tokio, as every adapter does.
 
+#[cfg(feature = "http")]
+pub mod http;
+pub mod outcome;
+pub mod peers;
 pub mod transport;
 
 use std::collections::HashMap;
@@ -318,6 +325,11 @@ impl ByteBudget {
 
     pub fn limit(&self) -> usize {
         self.limit
+    }
+
+    /// Where this budget counts its refusals.
+    pub fn stats(&self) -> &Arc<AdapterStats> {
+        &self.stats
     }
 }
 

@@ -42,20 +42,20 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mimi_wire::uri::ProviderDomain;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{TransportConfig, VarInt};
+use relay_adapter::outcome::{OutcomeSink, Outcomes, PeerOutcomes};
 use relay_adapter::{ByteBudget, Gate};
 use relay_adapter::{Inbound, Transport};
-use relay_core::transport::{Transmit, TransportError, TransportKind};
+use relay_core::transport::{Transmit, TransportKind};
 use relay_tls::{PeerTrust, TlsError, TlsIdentity};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 
 mod client;
 mod congestion;
@@ -64,7 +64,7 @@ mod server;
 pub mod socket;
 mod stream;
 
-use client::{Command, PeerShared, Sink, Ticket};
+use client::{Command, PeerShared, RoomLink};
 
 /// The ALPN protocol identifier of this adapter.
 pub const ALPN: &[u8] = b"mimi-relay/1";
@@ -203,25 +203,9 @@ pub enum QuicError {
     },
 }
 
-struct InboundSink<I>(I);
-
-impl<I: Inbound> Sink for InboundSink<I> {
-    fn outcome(
-        &self,
-        id: relay_core::transport::TransmitId,
-        outcome: Result<relay_core::transport::Response, TransportError>,
-    ) {
-        self.0.outcome(id, outcome);
-    }
-
-    fn probe_outcome(&self, peer: ProviderDomain, alive: bool) {
-        self.0.probe_outcome(peer, alive);
-    }
-}
-
 struct PeerHandle {
     tx: mpsc::UnboundedSender<Command>,
-    shared: Arc<PeerShared>,
+    outcomes: Arc<PeerOutcomes>,
 }
 
 /// The running QUIC adapter. Dropping it closes the endpoint; [`QuicTransport::shutdown`]
@@ -232,10 +216,7 @@ pub struct QuicTransport {
     budget: Arc<ByteBudget>,
     stats: Arc<QuicStats>,
     peers: BTreeMap<ProviderDomain, PeerHandle>,
-    sink: Arc<dyn Sink>,
-    timer: mpsc::UnboundedSender<(Instant, std::sync::Weak<Ticket>)>,
-    request_timeout: Duration,
-    closed: Arc<AtomicBool>,
+    outcomes: Outcomes<RoomLink>,
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -245,7 +226,7 @@ impl fmt::Debug for QuicTransport {
         f.debug_struct("QuicTransport")
             .field("local_addr", &self.endpoint.local_addr().ok())
             .field("peers", &self.peers.keys().collect::<Vec<_>>())
-            .field("closed", &self.closed.load(Ordering::Relaxed))
+            .field("closed", &self.outcomes.is_closed())
             .finish_non_exhaustive()
     }
 }
@@ -338,16 +319,15 @@ impl QuicTransport {
         let local = endpoint.local_addr().map_err(bind_err)?;
         tracing::info!(%local, domain = %config.identity.domain, "quic adapter listening");
 
-        let closed = Arc::new(AtomicBool::new(false));
         let (stop, stop_rx) = watch::channel(false);
-        let sink: Arc<dyn Sink> = Arc::new(InboundSink(inbound.clone()));
-        let (timer, timer_rx) = mpsc::unbounded_channel();
+        let sink: Arc<dyn OutcomeSink> = Arc::new(inbound.clone());
+        let (outcomes, deadlines) = Outcomes::new(sink.clone(), config.request_timeout);
         let limits = config.adapter.limits.clone();
         let gate = Gate::new(limits.clone(), config.adapter.stats.clone());
         let budget = ByteBudget::new(limits.max_peer_bytes, config.adapter.stats.clone());
         let stats = Arc::new(QuicStats::default());
         let mut tasks = vec![
-            tokio::spawn(client::timer_task(timer_rx, config.request_timeout)),
+            tokio::spawn(deadlines),
             tokio::spawn(server::accept_loop(
                 endpoint.clone(),
                 Arc::new(server::ServerCtx::new(
@@ -363,11 +343,10 @@ impl QuicTransport {
         ];
         let mut peers = BTreeMap::new();
         for (domain, addr) in config.peers {
-            let shared = Arc::new(PeerShared::new(
-                domain.clone(),
-                sink.clone(),
-                closed.clone(),
-            ));
+            let shared = Arc::new(PeerShared {
+                domain: domain.clone(),
+                sink: sink.clone(),
+            });
             let (tx, rx) = mpsc::unbounded_channel();
             let task = client::PeerTask::new(
                 shared.clone(),
@@ -378,7 +357,8 @@ impl QuicTransport {
                 config.request_timeout,
             );
             tasks.push(tokio::spawn(task.run(rx, stop_rx.clone())));
-            peers.insert(domain, PeerHandle { tx, shared });
+            let outcomes = outcomes.peer(MAX_IN_FLIGHT_PER_PEER);
+            peers.insert(domain, PeerHandle { tx, outcomes });
         }
         let transport = QuicTransport {
             endpoint,
@@ -386,10 +366,7 @@ impl QuicTransport {
             budget,
             stats,
             peers,
-            sink,
-            timer,
-            request_timeout: config.request_timeout,
-            closed,
+            outcomes,
             stop,
             tasks: Mutex::new(tasks),
         };
@@ -426,7 +403,7 @@ impl QuicTransport {
     /// on the wire with `ConnectionLost` or `Closed`), and waits briefly for the peers to
     /// acknowledge the close.
     pub async fn shutdown(&self) {
-        self.closed.store(true, Ordering::Release);
+        self.outcomes.close();
         let _ = self.stop.send(true);
         self.endpoint
             .close(VarInt::from_u32(codes::SHUTDOWN), b"shutdown");
@@ -445,7 +422,7 @@ impl QuicTransport {
 
 impl Drop for QuicTransport {
     fn drop(&mut self) {
-        self.closed.store(true, Ordering::Release);
+        self.outcomes.close();
         let _ = self.stop.send(true);
         self.endpoint
             .close(VarInt::from_u32(codes::SHUTDOWN), b"shutdown");
@@ -467,35 +444,27 @@ impl Transport for QuicTransport {
     }
 
     fn send(&self, transmit: Transmit) {
-        if self.closed.load(Ordering::Acquire) {
-            self.sink.outcome(transmit.id, Err(TransportError::Closed));
+        let peer = self.peers.get(&transmit.dest);
+        let Some(ticket) =
+            self.outcomes
+                .issue(&transmit, peer.map(|p| &p.outcomes), RoomLink::default())
+        else {
             return;
+        };
+        if let Some(peer) = peer {
+            // On failure the command is dropped and the ticket reports `Closed`/`ConnectionLost`.
+            let _ = peer.tx.send(Command::Transmit(transmit, ticket));
         }
-        let Some(peer) = self.peers.get(&transmit.dest) else {
-            let dest = transmit.dest.clone();
-            self.sink
-                .outcome(transmit.id, Err(TransportError::NoRoute(dest)));
-            return;
-        };
-        let Some(ticket) = Ticket::issue(&peer.shared, transmit.id) else {
-            self.sink.outcome(transmit.id, Err(TransportError::Busy));
-            return;
-        };
-        let deadline = Instant::now() + self.request_timeout;
-        // If the timer is gone we are shutting down; the ticket still reports on drop.
-        let _ = self.timer.send((deadline, Arc::downgrade(&ticket)));
-        // On failure the command is dropped and the ticket reports `Closed`/`ConnectionLost`.
-        let _ = peer.tx.send(Command::Transmit(transmit, ticket));
     }
 
     fn probe(&self, peer: &ProviderDomain) {
-        let sent = !self.closed.load(Ordering::Acquire)
+        let sent = !self.outcomes.is_closed()
             && self
                 .peers
                 .get(peer)
                 .is_some_and(|p| p.tx.send(Command::Probe).is_ok());
         if !sent {
-            self.sink.probe_outcome(peer.clone(), false);
+            self.outcomes.sink().probe_outcome(peer.clone(), false);
         }
     }
 }
