@@ -153,7 +153,7 @@ impl<J: PeerJob> PeerTasks<J> {
     /// tasks to finish (each bounds its own grace period). `false` if an earlier call did it.
     pub async fn shutdown(&self) -> bool {
         self.closed.store(true, Ordering::Release);
-        let _ = self.stop.send(true);
+        self.stop.send_replace(true);
         let tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner()).take();
         let Some(tasks) = tasks else {
             return false;
