@@ -14,7 +14,8 @@
 //!   another's share.
 //! - [`LogLimiter`] keeps failed-handshake warnings from becoming a log flood: it counts every
 //!   event and lets a line through at most once per interval, with the number suppressed.
-//! - [`AdapterStats`] counts refusals by cause; the node exports them as metrics.
+//! - [`AdapterStats`] counts refusals by cause, failed handshakes and QUIC Retries; the node
+//!   exports them as metrics.
 //! - [`outcome`] gives every transmit exactly one outcome (QUIC, XMPP); [`peers`] is the frame
 //!   of an adapter with one task per peer behind a bounded queue and its listener (HTTPS,
 //!   Matrix); `http` (feature `http`) reads a request body within its bounds.
@@ -151,6 +152,7 @@ pub struct OverBudget {
 pub struct AdapterStats {
     refusals: [AtomicU64; Budget::ALL.len()],
     failed_handshakes: AtomicU64,
+    retries: AtomicU64,
 }
 
 impl AdapterStats {
@@ -164,6 +166,15 @@ impl AdapterStats {
 
     pub fn failed_handshakes(&self) -> u64 {
         self.failed_handshakes.load(Ordering::Relaxed)
+    }
+
+    /// A handshake answered with an address-validation Retry (QUIC, under handshake load).
+    pub fn retry_sent(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn retries_sent(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
     }
 }
 

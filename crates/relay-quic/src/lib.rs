@@ -31,7 +31,7 @@
 //!   [`codes::FRAME_DEADLINE`].
 //! - **Before authentication.** At most `max_handshakes` inbound handshakes at once, the rest
 //!   refused; from half that many on, an address not yet validated is sent a Retry first
-//!   ([`QuicStats::retries_sent`]). Failed handshakes are counted and logged at most once per
+//!   (counted in `AdapterStats::retries_sent`). Failed handshakes are counted and logged at most once per
 //!   10 s (`relay_adapter::failed_handshake`).
 //! - **Socket.** The endpoint asks the kernel for [`socket::SOCKET_BUFFER`] bytes of UDP
 //!   buffer each way, since QUIC's flow control does not stop a burst at the socket; it warns
@@ -42,7 +42,6 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -91,23 +90,6 @@ pub mod codes {
     pub const TOO_MANY_CONNECTIONS: u32 = 3;
     /// A frame was started but not completed within `frame_deadline`; that stream is reset.
     pub const FRAME_DEADLINE: u32 = 4;
-}
-
-/// Counters of this adapter that [`relay_adapter::AdapterStats`] has no name for.
-#[derive(Debug, Default)]
-pub struct QuicStats {
-    retries: std::sync::atomic::AtomicU64,
-}
-
-impl QuicStats {
-    /// Retry packets sent to unvalidated addresses while handshakes were piling up.
-    pub fn retries_sent(&self) -> u64 {
-        self.retries.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn retry_sent(&self) {
-        self.retries.fetch_add(1, Ordering::Relaxed);
-    }
 }
 
 /// The adapter's configuration.
@@ -214,7 +196,6 @@ pub struct QuicTransport {
     endpoint: quinn::Endpoint,
     gate: Arc<Gate>,
     budget: Arc<ByteBudget>,
-    stats: Arc<QuicStats>,
     peers: BTreeMap<ProviderDomain, PeerHandle>,
     outcomes: Outcomes<RoomLink>,
     stop: watch::Sender<bool>,
@@ -325,7 +306,6 @@ impl QuicTransport {
         let limits = config.adapter.limits.clone();
         let gate = Gate::new(limits.clone(), config.adapter.stats.clone());
         let budget = ByteBudget::new(limits.max_peer_bytes, config.adapter.stats.clone());
-        let stats = Arc::new(QuicStats::default());
         let mut tasks = vec![
             tokio::spawn(deadlines),
             tokio::spawn(server::accept_loop(
@@ -337,7 +317,6 @@ impl QuicTransport {
                     config.adapter.clone(),
                     gate.clone(),
                     budget.clone(),
-                    stats.clone(),
                 )),
             )),
         ];
@@ -364,18 +343,12 @@ impl QuicTransport {
             endpoint,
             gate,
             budget,
-            stats,
             peers,
             outcomes,
             stop,
             tasks: Mutex::new(tasks),
         };
         Ok((transport, local))
-    }
-
-    /// This adapter's own counters.
-    pub fn stats(&self) -> &QuicStats {
-        &self.stats
     }
 
     /// Inbound connections that have not finished authenticating.

@@ -24,7 +24,7 @@ use crate::framing::{
     Body, Frame, FrameError, KIND_PONG, KIND_RESPONSE, encode_ping, encode_response,
 };
 use crate::stream::{FrameReader, Ledger, ReadFail};
-use crate::{MAX_OUTSTANDING_PER_STREAM, QuicStats, codes};
+use crate::{MAX_OUTSTANDING_PER_STREAM, codes};
 
 /// At most one WARN line per this interval for failed handshakes; the rest are counted.
 const FAILED_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -36,7 +36,6 @@ pub(crate) struct ServerCtx<I> {
     adapter: AdapterContext,
     gate: Arc<Gate>,
     budget: Arc<ByteBudget>,
-    stats: Arc<QuicStats>,
     failed_log: LogLimiter,
     /// Wakes the streams of a peer waiting for its byte budget; shared by its connections.
     wakers: Mutex<HashMap<ProviderDomain, Weak<Notify>>>,
@@ -50,7 +49,6 @@ impl<I> ServerCtx<I> {
         adapter: AdapterContext,
         gate: Arc<Gate>,
         budget: Arc<ByteBudget>,
-        stats: Arc<QuicStats>,
     ) -> Self {
         ServerCtx {
             inbound,
@@ -59,7 +57,6 @@ impl<I> ServerCtx<I> {
             adapter,
             gate,
             budget,
-            stats,
             failed_log: LogLimiter::new(FAILED_LOG_INTERVAL),
             wakers: Mutex::new(HashMap::new()),
         }
@@ -85,7 +82,7 @@ pub(crate) async fn accept_loop<I: Inbound>(endpoint: quinn::Endpoint, ctx: Arc<
         if !incoming.remote_address_validated() && ctx.gate.handshakes_in_progress() >= retry_from {
             match incoming.retry() {
                 Ok(()) => {
-                    ctx.stats.retry_sent();
+                    ctx.adapter.stats.retry_sent();
                     continue;
                 }
                 Err(e) => incoming = e.into_incoming(),

@@ -550,7 +550,7 @@ async fn handshake_load_gets_retry_and_the_cap_refuses_the_rest() {
     .await;
     let ep = client_endpoint();
     let before = connect(&ep, &s.c, &s).await.expect("no load yet");
-    assert_eq!(s.b.stats().retries_sent(), 0, "no Retry without load");
+    assert_eq!(s.stats.retries_sent(), 0, "no Retry without load");
 
     // One handshake stuck in progress: half of the cap.
     let _stuck = half_open(&s).await;
@@ -562,7 +562,7 @@ async fn handshake_load_gets_retry_and_the_cap_refuses_the_rest() {
         .await
         .expect("connects after a Retry");
     assert!(ping(&conn).await);
-    assert_eq!(s.b.stats().retries_sent(), 1);
+    assert_eq!(s.stats.retries_sent(), 1);
 
     // A second, validated, stuck handshake fills the cap: the next is refused.
     let _stuck2 = half_open(&s).await;
