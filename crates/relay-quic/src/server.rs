@@ -188,6 +188,7 @@ fn handle<'a, I: Inbound>(
         Frame::Pong(_) => return Err(FrameError::Unexpected(KIND_PONG)),
     };
     let Body::Bytes(body) = body else {
+        ctx.adapter.stats.refused(Budget::BodySize);
         return Ok(Either::Right(immediate(
             id,
             Status::TooLarge,

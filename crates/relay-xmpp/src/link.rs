@@ -585,6 +585,7 @@ impl<I: Inbound> Link<I> {
             Item::Header(_) => Some(Ended::WeRefused("not-well-formed")),
             Item::TooLarge { head, len } => {
                 tracing::debug!(len, "oversize stanza skipped unparsed");
+                self.stats.refused(Budget::BodySize);
                 let Some(el) = head.and_then(|h| binding::parse(&h).ok()) else {
                     return Some(Ended::WeRefused("policy-violation"));
                 };
@@ -759,6 +760,9 @@ impl<I: Inbound> Link<I> {
                 self.serving.push_back(answer);
             }
             Iq::Request(Err((status, why))) => {
+                if status == Status::TooLarge {
+                    self.stats.refused(Budget::BodySize);
+                }
                 let mut s = Vec::new();
                 binding::write_answer(
                     &mut s,
