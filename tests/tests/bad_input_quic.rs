@@ -10,10 +10,8 @@ use mimi_relay_tests::{ROOM, fanout, start_hub, submit_body};
 use mimi_wire::endpoint::Endpoint;
 use mimi_wire::proto::{SubmitMessageResponse, SubmitStatus};
 use mimi_wire::uri::ProviderDomain;
-use relay_core::{
-    Inbound, Request, Response, Status, Transmit, TransmitId, Transport, TransportError,
-    TransportKind,
-};
+use relay_adapter::{Inbound, Transport};
+use relay_core::{Request, Response, Status, Transmit, TransmitId, TransportError, TransportKind};
 use relay_node::client::LocalClient;
 use relay_quic::{QuicConfig, QuicTransport};
 use relay_tls::{PeerTrust, TlsIdentity};

@@ -2,6 +2,8 @@
 //! whichever transport it uses.
 //!
 //! Contract:
+//! - [`Transport`] (node to adapter) and [`Inbound`] (adapter to node) are the whole interface
+//!   between the node and an adapter; the data they carry is relay-core's.
 //! - [`Limits`] holds every per-peer budget an adapter enforces, each a `[limits]` key of the
 //!   node's config with a safe default.
 //! - [`Gate`] admits connections: a node-wide cap on connections that have not yet
@@ -12,10 +14,20 @@
 //!   another's share.
 //! - [`LogLimiter`] keeps failed-handshake warnings from becoming a log flood: it counts every
 //!   event and lets a line through at most once per interval, with the number suppressed.
-//! - [`AdapterStats`] counts refusals by cause; the node exports them as metrics.
+//! - [`AdapterStats`] counts refusals by cause, failed handshakes and QUIC Retries; the node
+//!   exports them as metrics.
+//! - [`outcome`] gives every transmit exactly one outcome (QUIC, XMPP); [`peers`] is the frame
+//!   of an adapter with one task per peer behind a bounded queue and its listener (HTTPS,
+//!   Matrix); `http` (feature `http`) reads a request body within its bounds.
 //!
-//! Nothing here does I/O or names a runtime: adapters hold these in `Arc`s and call them from
-//! their tasks.
+//! The budgets do no I/O: adapters hold them in `Arc`s and call them from their tasks. What
+//! needs a timer or a task (the outcome deadlines) runs on tokio, as every adapter does.
+
+#[cfg(feature = "http")]
+pub mod http;
+pub mod outcome;
+pub mod peers;
+pub mod transport;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -24,6 +36,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use mimi_wire::uri::ProviderDomain;
+
+pub use transport::{Inbound, Transport};
 
 /// Per-peer and per-node budgets of an adapter. Defaults are safe for a node with a few dozen
 /// peers on a small machine; every field is a `[limits]` key of the node's config.
@@ -138,6 +152,7 @@ pub struct OverBudget {
 pub struct AdapterStats {
     refusals: [AtomicU64; Budget::ALL.len()],
     failed_handshakes: AtomicU64,
+    retries: AtomicU64,
 }
 
 impl AdapterStats {
@@ -151,6 +166,15 @@ impl AdapterStats {
 
     pub fn failed_handshakes(&self) -> u64 {
         self.failed_handshakes.load(Ordering::Relaxed)
+    }
+
+    /// A handshake answered with an address-validation Retry (QUIC, under handshake load).
+    pub fn retry_sent(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn retries_sent(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
     }
 }
 
@@ -312,6 +336,11 @@ impl ByteBudget {
 
     pub fn limit(&self) -> usize {
         self.limit
+    }
+
+    /// Where this budget counts its refusals.
+    pub fn stats(&self) -> &Arc<AdapterStats> {
+        &self.stats
     }
 }
 

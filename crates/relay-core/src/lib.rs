@@ -27,6 +27,5 @@ pub use relay::{InboxQuery, MlsRoomError, Now, Output, Relay, ReplyToken, RoomEr
 pub use stats::{RejectReason, RelayStats};
 pub use store::{InboxRange, MemStore, SealedCommit, Snapshot, Store, StoreError, StoreOp};
 pub use transport::{
-    Inbound, Request, Response, Status, Transmit, TransmitId, Transport, TransportError,
-    TransportKind,
+    Request, Response, Status, Transmit, TransmitId, TransportError, TransportKind,
 };

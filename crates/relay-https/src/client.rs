@@ -18,7 +18,9 @@ use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mimi_wire::endpoint::DIRECTORY_PATH;
 use mimi_wire::uri::ProviderDomain;
-use relay_core::transport::{Inbound, Response, Status, Transmit, TransportError};
+use relay_adapter::Inbound;
+use relay_adapter::peers::PeerJob;
+use relay_core::transport::{Response, Status, Transmit, TransportError};
 use relay_tls::PeerTrust;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
@@ -38,6 +40,16 @@ use crate::{CONTENT_TYPE_BODY, MIMI_NEXT_SEQ, MIMI_SEQ};
 pub(crate) enum Job {
     Transmit(Transmit),
     Probe,
+}
+
+impl PeerJob for Job {
+    fn transmit(transmit: Transmit) -> Self {
+        Job::Transmit(transmit)
+    }
+
+    fn probe() -> Self {
+        Job::Probe
+    }
 }
 
 /// Everything a peer task needs, fixed at start.

@@ -3,7 +3,7 @@
 //! # Contract
 //!
 //! [`HttpsTransport::start`] binds a listener and starts one task per configured peer. It
-//! implements [`relay_core::transport::Transport`] (kind [`TransportKind::Https`]).
+//! implements [`relay_adapter::Transport`] (kind [`TransportKind::Https`]).
 //!
 //! **Serving.** HTTP/1.1 and HTTP/2 (ALPN `h2`, `http/1.1`) over mutual TLS; a connection is
 //! kept only if the client certificate authenticates a trusted provider
@@ -88,28 +88,25 @@ mod server;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderValue;
 use mimi_wire::endpoint::Directory;
 use mimi_wire::uri::ProviderDomain;
-use relay_core::transport::{
-    Inbound, Transmit, TransmitId, Transport, TransportError, TransportKind,
-};
+use relay_adapter::peers::PeerTasks;
+use relay_adapter::{Inbound, Transport};
+use relay_core::transport::{Transmit, TransportKind};
 use relay_tls::{PeerTrust, TlsError, TlsIdentity};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::info;
 
 #[cfg(doc)]
 use mimi_wire::endpoint::Endpoint;
 #[cfg(doc)]
-use relay_core::transport::{Request, Response, Status};
+use relay_core::transport::{Request, Response, Status, TransportError};
 
 pub use server::Rejection;
 
@@ -263,33 +260,12 @@ pub enum HttpsError {
     NoRuntime,
 }
 
-/// Outcomes decided inside `send`/`probe`, reported from a task so the node is never called
-/// back re-entrantly.
-enum Report {
-    Outcome(
-        TransmitId,
-        Result<relay_core::transport::Response, TransportError>,
-    ),
-    Probe(ProviderDomain, bool),
-}
-
-struct Tasks {
-    accept: JoinHandle<()>,
-    peers: Vec<JoinHandle<()>>,
-}
-
 /// The running HTTPS adapter. See the crate docs for the contract.
 pub struct HttpsTransport {
     domain: ProviderDomain,
     local_addr: SocketAddr,
-    peers: BTreeMap<ProviderDomain, mpsc::Sender<client::Job>>,
-    reports: mpsc::UnboundedSender<Report>,
-    closed: AtomicBool,
-    shutdown: watch::Sender<bool>,
-    /// Taken by the first `shutdown`.
-    tasks: Mutex<Option<Tasks>>,
-    /// Outlives `shutdown`: sends after it still get their `Closed` outcome.
-    reporter: JoinHandle<()>,
+    /// The listener, one task per peer, and the outcomes reported without a peer.
+    tasks: PeerTasks<client::Job>,
 }
 
 impl fmt::Debug for HttpsTransport {
@@ -297,8 +273,8 @@ impl fmt::Debug for HttpsTransport {
         f.debug_struct("HttpsTransport")
             .field("domain", &self.domain)
             .field("local_addr", &self.local_addr)
-            .field("peers", &self.peers.keys().collect::<Vec<_>>())
-            .field("closed", &self.closed.load(Ordering::Relaxed))
+            .field("peers", &self.tasks.peers().collect::<Vec<_>>())
+            .field("closed", &self.tasks.is_closed())
             .finish()
     }
 }
@@ -309,7 +285,8 @@ impl HttpsTransport {
         config: HttpsConfig,
         inbound: I,
     ) -> Result<(HttpsTransport, SocketAddr), HttpsError> {
-        let runtime = tokio::runtime::Handle::try_current().map_err(|_| HttpsError::NoRuntime)?;
+        // Checked first: every task below is spawned on the current runtime.
+        tokio::runtime::Handle::try_current().map_err(|_| HttpsError::NoRuntime)?;
         let HttpsConfig {
             identity,
             trust,
@@ -340,7 +317,7 @@ impl HttpsTransport {
             source,
         })?;
 
-        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = PeerTasks::new(inbound.clone());
 
         let base = if local_addr.port() == 443 {
             format!("https://{domain}/v1")
@@ -367,21 +344,32 @@ impl HttpsTransport {
             handshake_log: relay_adapter::LogLimiter::new(HANDSHAKE_LOG_INTERVAL),
             h2_streams: adapter.limits.max_streams_per_conn.min(MAX_H2_STREAMS),
         });
-        let accept = runtime.spawn(server::accept_loop(
-            server_ctx,
+        let gate = server_ctx.gate.clone();
+        let acceptor = TlsAcceptor::from(server_tls);
+        let stop = tasks.stopping();
+        tasks.spawn_listener(relay_adapter::peers::accept_loop(
+            "https",
             listener,
-            TlsAcceptor::from(server_tls),
-            shutdown_rx.clone(),
+            gate,
+            tasks.stopping(),
+            request_timeout,
+            move |tcp, remote, permit| {
+                server::serve_conn(
+                    server_ctx.clone(),
+                    acceptor.clone(),
+                    tcp,
+                    remote,
+                    permit,
+                    stop.clone(),
+                )
+            },
         ));
 
         // The domain is a validated DNS name, so it is always a valid header value.
         let from = HeaderValue::try_from(format!("mimi@{domain}"))
             .unwrap_or_else(|_| HeaderValue::from_static("mimi@invalid"));
         let connector = TlsConnector::from(client_tls);
-        let mut senders = BTreeMap::new();
-        let mut peer_tasks = Vec::with_capacity(peers.len());
         for (dest, addr) in peers {
-            let (tx, rx) = mpsc::channel(PEER_QUEUE);
             let ctx = client::PeerCtx {
                 dest: dest.clone(),
                 addr,
@@ -393,33 +381,14 @@ impl HttpsTransport {
                 inbound: inbound.clone(),
                 last_answer: Default::default(),
             };
-            peer_tasks.push(runtime.spawn(client::run_peer(ctx, rx, shutdown_rx.clone())));
-            senders.insert(dest, tx);
+            tasks.spawn_peer(dest, PEER_QUEUE, |rx, stop| client::run_peer(ctx, rx, stop));
         }
 
-        let (reports, mut report_rx) = mpsc::unbounded_channel();
-        let reporter = runtime.spawn(async move {
-            while let Some(report) = report_rx.recv().await {
-                match report {
-                    Report::Outcome(id, outcome) => inbound.outcome(id, outcome),
-                    Report::Probe(peer, alive) => inbound.probe_outcome(peer, alive),
-                }
-            }
-        });
-
-        info!(%domain, addr = %local_addr, peers = senders.len(), "https transport started");
+        info!(%domain, addr = %local_addr, peers = tasks.peers().count(), "https transport started");
         let transport = HttpsTransport {
             domain,
             local_addr,
-            peers: senders,
-            reports,
-            closed: AtomicBool::new(false),
-            shutdown,
-            tasks: Mutex::new(Some(Tasks {
-                accept,
-                peers: peer_tasks,
-            })),
-            reporter,
+            tasks,
         };
         Ok((transport, local_addr))
     }
@@ -431,37 +400,9 @@ impl HttpsTransport {
 
     /// Stops accepting and sending, finishes what is in flight, then returns. Idempotent.
     pub async fn shutdown(&self) {
-        self.closed.store(true, Ordering::Release);
-        let _ = self.shutdown.send(true);
-        let tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let Some(tasks) = tasks else { return };
-        let _ = tasks.accept.await;
-        for peer in tasks.peers {
-            let _ = peer.await;
+        if self.tasks.shutdown().await {
+            info!(domain = %self.domain, "https transport shut down");
         }
-        info!(domain = %self.domain, "https transport shut down");
-    }
-
-    fn report(&self, report: Report) {
-        // Fails only once the reporter is gone, i.e. the transport is being dropped.
-        let _ = self.reports.send(report);
-    }
-}
-
-impl Drop for HttpsTransport {
-    fn drop(&mut self) {
-        let tasks = self
-            .tasks
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(tasks) = tasks {
-            tasks.accept.abort();
-            for peer in tasks.peers {
-                peer.abort();
-            }
-        }
-        self.reporter.abort();
     }
 }
 
@@ -475,35 +416,10 @@ impl Transport for HttpsTransport {
     }
 
     fn send(&self, transmit: Transmit) {
-        let id = transmit.id;
-        if self.closed.load(Ordering::Acquire) {
-            self.report(Report::Outcome(id, Err(TransportError::Closed)));
-            return;
-        }
-        let Some(queue) = self.peers.get(&transmit.dest) else {
-            let dest = transmit.dest;
-            self.report(Report::Outcome(id, Err(TransportError::NoRoute(dest))));
-            return;
-        };
-        match queue.try_send(client::Job::Transmit(transmit)) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.report(Report::Outcome(id, Err(TransportError::Busy)));
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.report(Report::Outcome(id, Err(TransportError::Closed)));
-            }
-        }
+        self.tasks.send(transmit);
     }
 
     fn probe(&self, peer: &ProviderDomain) {
-        let queued = !self.closed.load(Ordering::Acquire)
-            && self
-                .peers
-                .get(peer)
-                .is_some_and(|q| q.try_send(client::Job::Probe).is_ok());
-        if !queued {
-            self.report(Report::Probe(peer.clone(), false));
-        }
+        self.tasks.probe(peer);
     }
 }

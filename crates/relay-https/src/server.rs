@@ -5,24 +5,24 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, FROM, HOST, RETRY_AFTER};
+use bytes::Bytes;
+use http::header::{ALLOW, CONTENT_TYPE, FROM, HOST, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use mimi_wire::endpoint::{DIRECTORY_PATH, Endpoint};
 use mimi_wire::uri::ProviderDomain;
-use relay_adapter::{AdapterStats, Budget, ByteBudget, Gate, HandshakePermit, Held, LogLimiter};
-use relay_core::transport::{Inbound, Request, Response, TransportKind};
+use relay_adapter::http::{BodyLimits, BodyRefusal, read_body};
+use relay_adapter::{AdapterStats, ByteBudget, Gate, HandshakePermit, Inbound, LogLimiter};
+use relay_core::transport::{Request, Response, TransportKind};
 use relay_tls::PeerTrust;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::path::{DecodeError, decode_target};
 use crate::{CONTENT_TYPE_BODY, CONTENT_TYPE_REASON, MIMI_NEXT_SEQ, MIMI_SEQ};
@@ -127,59 +127,8 @@ pub(crate) struct ServerCtx<I> {
 /// answers its other requests.
 const OVER_BUDGET_RETRY_SECS: u64 = 1;
 
-/// Accepts until shutdown, then lets open connections finish (bounded by the request timeout).
-pub(crate) async fn accept_loop<I: Inbound>(
-    ctx: Arc<ServerCtx<I>>,
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, remote)) => {
-                    // Capped before any TLS work: a handshake flood cannot take every slot.
-                    let Some(permit) = ctx.gate.handshake() else {
-                        debug!(%remote, "https connection refused: too many handshakes");
-                        continue;
-                    };
-                    conns.spawn(serve_conn(
-                        ctx.clone(),
-                        acceptor.clone(),
-                        tcp,
-                        remote,
-                        permit,
-                        shutdown.clone(),
-                    ));
-                }
-                Err(error) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    warn!(%error, "https accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            _ = shutdown.changed() => break,
-        }
-    }
-    drop(listener);
-    let drain = async { while conns.join_next().await.is_some() {} };
-    if tokio::time::timeout(ctx.request_timeout, drain)
-        .await
-        .is_err()
-    {
-        warn!(
-            open = conns.len(),
-            "https connections still busy after the grace period; closing them"
-        );
-        conns.abort_all();
-        while conns.join_next().await.is_some() {}
-    }
-    info!(domain = %ctx.domain, "https listener stopped");
-}
-
-async fn serve_conn<I: Inbound>(
+/// One TCP connection: TLS, the peer's certificate, its connection slot, then HTTP.
+pub(crate) async fn serve_conn<I: Inbound>(
     ctx: Arc<ServerCtx<I>>,
     acceptor: TlsAcceptor,
     tcp: TcpStream,
@@ -301,35 +250,21 @@ async fn route<I: Inbound>(
     })?;
     let seq = header_u64(req.headers(), MIMI_SEQ).map_err(|()| Rejection::BadSeq)?;
 
-    // Refuse an announced oversize body before reading a byte of it.
-    let announced = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if announced.is_some_and(|n| n > ctx.max_body as u64) {
-        return Err(Rejection::TooLarge);
-    }
-    // The announced length is reserved at once, so a peer over budget is refused unread.
-    let mut held = ctx
-        .budget
-        .reserve(peer, announced.unwrap_or(0) as usize)
-        .map_err(|_| Rejection::OverBudget)?;
-    // And cap while streaming: a client may lie or send no length at all.
-    let read = read_body(req.into_body(), ctx.max_body, &mut held);
-    let body = match tokio::time::timeout(ctx.body_deadline, read).await {
-        Ok(Ok(body)) => body,
-        Ok(Err(rejection)) => {
-            if rejection == Rejection::TooLarge {
-                ctx.stats.refused(Budget::BodySize);
-            }
-            return Err(rejection);
-        }
-        Err(_) => {
-            ctx.stats.refused(Budget::FrameDeadline);
-            return Err(Rejection::BodyTimeout);
-        }
+    // Announced oversize or over-budget bodies are refused unread; the rest are capped and
+    // counted while streaming (a client may lie or send no length at all).
+    let limits = BodyLimits {
+        max: ctx.max_body,
+        deadline: ctx.body_deadline,
     };
+    let (parts, body) = req.into_parts();
+    let (body, held) = read_body(&parts.headers, body, peer, &ctx.budget, limits)
+        .await
+        .map_err(|refusal| match refusal {
+            BodyRefusal::TooLarge => Rejection::TooLarge,
+            BodyRefusal::OverBudget => Rejection::OverBudget,
+            BodyRefusal::Timeout => Rejection::BodyTimeout,
+            _ => Rejection::BodyAborted,
+        })?;
 
     let request = Request {
         from: peer.clone(),
@@ -344,44 +279,6 @@ async fn route<I: Inbound>(
     drop(held);
     debug!(%peer, %endpoint, status = response.status.http_code(), "https request answered");
     Ok(to_http(response))
-}
-
-/// Reads a body of at most `max` bytes, each byte counted in `held` as it arrives. One
-/// data frame is passed on uncopied; several are joined.
-async fn read_body<B>(mut body: B, max: usize, held: &mut Held) -> Result<Bytes, Rejection>
-where
-    B: hyper::body::Body<Data = Bytes> + Unpin,
-{
-    let mut chunks: Vec<Bytes> = Vec::new();
-    let mut len = 0usize;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|_| Rejection::BodyAborted)?;
-        let Ok(data) = frame.into_data() else {
-            continue; // trailers carry nothing for us
-        };
-        len = len.saturating_add(data.len());
-        if len > max {
-            return Err(Rejection::TooLarge);
-        }
-        if len > held.bytes() {
-            held.grow(len - held.bytes())
-                .map_err(|_| Rejection::OverBudget)?;
-        }
-        if !data.is_empty() {
-            chunks.push(data);
-        }
-    }
-    Ok(match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.swap_remove(0),
-        _ => {
-            let mut joined = BytesMut::with_capacity(len);
-            for c in chunks {
-                joined.extend_from_slice(&c);
-            }
-            joined.freeze()
-        }
-    })
 }
 
 /// `Host` (HTTP/1.1) or `:authority` (HTTP/2) must name us; the port is ignored (§4.1).

@@ -13,7 +13,9 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use mimi_wire::uri::ProviderDomain;
-use relay_core::transport::{Inbound, Response, Status, Transmit, TransportError};
+use relay_adapter::Inbound;
+use relay_adapter::peers::PeerJob;
+use relay_core::transport::{Response, Status, Transmit, TransportError};
 use ruma::OwnedServerName;
 use ruma::api::federation::authentication::{XMatrix, XMatrixSigningInput};
 use rustls::pki_types::ServerName;
@@ -41,6 +43,16 @@ pub(crate) enum Job {
         done: oneshot::Sender<Result<(), TransportError>>,
     },
     Probe,
+}
+
+impl PeerJob for Job {
+    fn transmit(transmit: Transmit) -> Self {
+        Job::Transmit(transmit)
+    }
+
+    fn probe() -> Self {
+        Job::Probe
+    }
 }
 
 /// One HTTP/1.1 connection to a peer.

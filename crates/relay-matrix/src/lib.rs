@@ -4,7 +4,7 @@
 //! # Contract
 //!
 //! [`MatrixTransport::start`] binds an HTTPS listener and starts one task per configured peer.
-//! It implements [`relay_core::transport::Transport`] (kind [`TransportKind::Matrix`]).
+//! It implements [`relay_adapter::Transport`] (kind [`TransportKind::Matrix`]).
 //!
 //! **Serving.** The relay is a Matrix federation server for [`MatrixConfig::server_name`]:
 //! - `GET /_matrix/key/v2/server`: its ed25519 verify key, self-signed, valid one week;
@@ -73,20 +73,19 @@ pub mod wire;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use mimi_wire::uri::ProviderDomain;
-use relay_core::transport::{
-    Inbound, Response, Transmit, TransmitId, Transport, TransportError, TransportKind,
-};
+use relay_adapter::peers::PeerTasks;
+use relay_adapter::{Inbound, Transport};
+use relay_core::transport::{Transmit, TransportError, TransportKind};
 use relay_tls::{PeerTrust, TlsError, TlsIdentity};
 use ruma::OwnedServerName;
 use serde_json::value::RawValue;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::info;
 
@@ -180,26 +179,12 @@ pub enum MatrixError {
     NoRuntime,
 }
 
-enum Report {
-    Outcome(TransmitId, Result<Response, TransportError>),
-    Probe(ProviderDomain, bool),
-}
-
-struct Tasks {
-    accept: JoinHandle<()>,
-    peers: Vec<JoinHandle<()>>,
-}
-
 /// The running Matrix adapter. See the crate docs for the contract.
 pub struct MatrixTransport {
     server_name: OwnedServerName,
     local_addr: SocketAddr,
-    peers: BTreeMap<ProviderDomain, mpsc::Sender<client::Job>>,
-    reports: mpsc::UnboundedSender<Report>,
-    closed: AtomicBool,
-    shutdown: watch::Sender<bool>,
-    tasks: Mutex<Option<Tasks>>,
-    reporter: JoinHandle<()>,
+    /// The listener, one task per peer, and the outcomes reported without a peer.
+    tasks: PeerTasks<client::Job>,
     stats: Arc<MatrixStats>,
 }
 
@@ -222,7 +207,8 @@ impl MatrixTransport {
         config: MatrixConfig,
         inbound: I,
     ) -> Result<(MatrixTransport, SocketAddr), MatrixError> {
-        let runtime = tokio::runtime::Handle::try_current().map_err(|_| MatrixError::NoRuntime)?;
+        // Checked first: every task below is spawned on the current runtime.
+        tokio::runtime::Handle::try_current().map_err(|_| MatrixError::NoRuntime)?;
         let MatrixConfig {
             identity,
             trust,
@@ -273,7 +259,7 @@ impl MatrixTransport {
 
         let key = Arc::new(signing_key);
         let stats = Arc::new(MatrixStats::default());
-        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = PeerTasks::new(inbound.clone());
         let ctx = Arc::new(server::ServerCtx {
             inbound: inbound.clone(),
             server_name: ours.clone(),
@@ -301,17 +287,28 @@ impl MatrixTransport {
             handshake_log: relay_adapter::LogLimiter::new(HANDSHAKE_LOG_INTERVAL),
             h2_streams: adapter.limits.max_streams_per_conn.min(MAX_H2_STREAMS),
         });
-        let accept = runtime.spawn(server::accept_loop(
-            ctx,
+        let gate = ctx.gate.clone();
+        let acceptor = TlsAcceptor::from(Arc::new(server_tls));
+        let stop = tasks.stopping();
+        tasks.spawn_listener(relay_adapter::peers::accept_loop(
+            "matrix",
             listener,
-            TlsAcceptor::from(Arc::new(server_tls)),
-            shutdown_rx.clone(),
+            gate,
+            tasks.stopping(),
+            request_timeout,
+            move |tcp, remote, permit| {
+                server::serve_conn(
+                    ctx.clone(),
+                    acceptor.clone(),
+                    tcp,
+                    remote,
+                    permit,
+                    stop.clone(),
+                )
+            },
         ));
 
-        let mut senders = BTreeMap::new();
-        let mut peer_tasks = Vec::new();
         for (domain, dial) in dials {
-            let (tx, rx) = mpsc::channel(PEER_QUEUE);
             let ctx = client::PeerCtx {
                 dial,
                 origin: ours.clone(),
@@ -319,33 +316,16 @@ impl MatrixTransport {
                 inbound: inbound.clone(),
                 stats: stats.clone(),
             };
-            peer_tasks.push(runtime.spawn(client::run_peer(ctx, rx, shutdown_rx.clone())));
-            senders.insert(domain, tx);
+            tasks.spawn_peer(domain, PEER_QUEUE, |rx, stop| {
+                client::run_peer(ctx, rx, stop)
+            });
         }
-
-        let (reports, mut report_rx) = mpsc::unbounded_channel();
-        let reporter = runtime.spawn(async move {
-            while let Some(report) = report_rx.recv().await {
-                match report {
-                    Report::Outcome(id, outcome) => inbound.outcome(id, outcome),
-                    Report::Probe(peer, alive) => inbound.probe_outcome(peer, alive),
-                }
-            }
-        });
-        info!(server = %ours, key = key.id(), addr = %local_addr, peers = senders.len(), "matrix transport started");
+        info!(server = %ours, key = key.id(), addr = %local_addr, peers = tasks.peers().count(), "matrix transport started");
         Ok((
             MatrixTransport {
                 server_name: ours,
                 local_addr,
-                peers: senders,
-                reports,
-                closed: AtomicBool::new(false),
-                shutdown,
-                tasks: Mutex::new(Some(Tasks {
-                    accept,
-                    peers: peer_tasks,
-                })),
-                reporter,
+                tasks,
                 stats,
             },
             local_addr,
@@ -375,36 +355,17 @@ impl MatrixTransport {
             content,
             done,
         };
-        if self.closed.load(Ordering::Acquire) {
-            fail(job, TransportError::Closed);
-            return rx;
-        }
-        match self.peers.get(dest) {
-            None => fail(job, TransportError::NoRoute(dest.clone())),
-            Some(q) => match q.try_send(job) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(j)) => fail(j, TransportError::Busy),
-                Err(mpsc::error::TrySendError::Closed(j)) => fail(j, TransportError::Closed),
-            },
+        if let Err((job, error)) = self.tasks.queue(dest, job) {
+            fail(job, error);
         }
         rx
     }
 
     /// Stops accepting and sending, finishes what is in flight, then returns. Idempotent.
     pub async fn shutdown(&self) {
-        self.closed.store(true, Ordering::Release);
-        let _ = self.shutdown.send(true);
-        let tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let Some(tasks) = tasks else { return };
-        let _ = tasks.accept.await;
-        for p in tasks.peers {
-            let _ = p.await;
+        if self.tasks.shutdown().await {
+            info!(server = %self.server_name, "matrix transport shut down");
         }
-        info!(server = %self.server_name, "matrix transport shut down");
-    }
-
-    fn report(&self, r: Report) {
-        let _ = self.reports.send(r);
     }
 }
 
@@ -414,57 +375,17 @@ fn fail(job: client::Job, e: TransportError) {
     }
 }
 
-impl Drop for MatrixTransport {
-    fn drop(&mut self) {
-        let tasks = self
-            .tasks
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(tasks) = tasks {
-            tasks.accept.abort();
-            for p in tasks.peers {
-                p.abort();
-            }
-        }
-        self.reporter.abort();
-    }
-}
-
 impl Transport for MatrixTransport {
     fn kind(&self) -> TransportKind {
         TransportKind::Matrix
     }
 
     fn send(&self, transmit: Transmit) {
-        let id = transmit.id;
-        if self.closed.load(Ordering::Acquire) {
-            return self.report(Report::Outcome(id, Err(TransportError::Closed)));
-        }
-        let Some(q) = self.peers.get(&transmit.dest) else {
-            let dest = transmit.dest;
-            return self.report(Report::Outcome(id, Err(TransportError::NoRoute(dest))));
-        };
-        match q.try_send(client::Job::Transmit(transmit)) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.report(Report::Outcome(id, Err(TransportError::Busy)))
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.report(Report::Outcome(id, Err(TransportError::Closed)))
-            }
-        }
+        self.tasks.send(transmit);
     }
 
     fn probe(&self, peer: &ProviderDomain) {
-        let queued = !self.closed.load(Ordering::Acquire)
-            && self
-                .peers
-                .get(peer)
-                .is_some_and(|q| q.try_send(client::Job::Probe).is_ok());
-        if !queued {
-            self.report(Report::Probe(peer.clone(), false));
-        }
+        self.tasks.probe(peer);
     }
 
     fn shutdown(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {

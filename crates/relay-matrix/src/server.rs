@@ -11,29 +11,29 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use mimi_wire::uri::ProviderDomain;
+use relay_adapter::Inbound;
+use relay_adapter::http::{BodyLimits, BodyRefusal, read_body};
 use relay_adapter::{
-    AdapterStats, Budget, ByteBudget, Gate, HandshakePermit, Held, LogLimiter, OverBudget,
-    PeerPermit,
+    AdapterStats, Budget, ByteBudget, Gate, HandshakePermit, LogLimiter, OverBudget, PeerPermit,
 };
-use relay_core::transport::{Inbound, Request, Response, Status, TransportKind};
+use relay_core::transport::{Request, Response, Status, TransportKind};
 use ruma::api::federation::authentication::XMatrix;
 use ruma::signatures::PublicKeyMap;
 use ruma::{OwnedServerName, ServerName};
 use serde_json::value::RawValue;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::client::Dial;
 use crate::keys::{ServerKeys, SigningKey, now_ms};
@@ -118,47 +118,9 @@ impl ConnAuth {
     }
 }
 
-/// Accepts until shutdown, then lets open connections finish (bounded by the request timeout).
-pub(crate) async fn accept_loop<I: Inbound>(
-    ctx: Arc<ServerCtx<I>>,
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, remote)) => {
-                    // Capped before any TLS work: a handshake flood cannot take every slot.
-                    let Some(permit) = ctx.gate.handshake() else {
-                        debug!(%remote, "matrix connection refused: too many handshakes");
-                        continue;
-                    };
-                    conns.spawn(serve_conn(ctx.clone(), acceptor.clone(), tcp, remote, permit, shutdown.clone()));
-                }
-                Err(error) => {
-                    warn!(%error, "matrix accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            _ = shutdown.changed() => break,
-        }
-    }
-    drop(listener);
-    let drain = async { while conns.join_next().await.is_some() {} };
-    if tokio::time::timeout(ctx.request_timeout, drain)
-        .await
-        .is_err()
-    {
-        conns.abort_all();
-        while conns.join_next().await.is_some() {}
-    }
-    info!(server = %ctx.server_name, "matrix listener stopped");
-}
-
-async fn serve_conn<I: Inbound>(
+/// One TCP connection: TLS (no client certificate), then HTTP until shutdown, or until the
+/// request timeout if no request has authenticated it by then.
+pub(crate) async fn serve_conn<I: Inbound>(
     ctx: Arc<ServerCtx<I>>,
     acceptor: TlsAcceptor,
     tcp: TcpStream,
@@ -353,37 +315,25 @@ async fn send<I: Inbound>(
         return Err(limit_exceeded("too many connections"));
     }
 
-    // Announced oversize bodies are refused unread; the rest are capped while streaming.
-    let announced = parts
-        .headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if announced.is_some_and(|n| n > MAX_TXN_BODY as u64) {
-        ctx.adapter_stats.refused(Budget::BodySize);
-        return Err(reject(413, "M_TOO_LARGE", "transaction too large"));
-    }
+    // Announced oversize or over-budget bodies are refused unread; the rest are capped and
+    // counted while streaming.
     let budget = if bound.as_ref() == Some(peer) {
         &ctx.budget
     } else {
         &ctx.preauth
     };
-    let mut held = budget
-        .reserve(peer, announced.unwrap_or(0) as usize)
-        .map_err(|_| limit_exceeded("over the byte budget"))?;
-    let read = read_body(body, MAX_TXN_BODY, &mut held);
-    let body = match tokio::time::timeout(ctx.body_deadline, read).await {
-        Ok(Ok(body)) => body,
-        Ok(Err(BodyRefusal::TooLarge)) => {
-            ctx.adapter_stats.refused(Budget::BodySize);
+    let limits = BodyLimits {
+        max: MAX_TXN_BODY,
+        deadline: ctx.body_deadline,
+    };
+    let (body, held) = match read_body(&parts.headers, body, peer, budget, limits).await {
+        Ok(read) => read,
+        Err(BodyRefusal::TooLarge) => {
             return Err(reject(413, "M_TOO_LARGE", "transaction too large"));
         }
-        Ok(Err(BodyRefusal::OverBudget)) => return Err(limit_exceeded("over the byte budget")),
-        Ok(Err(BodyRefusal::Aborted)) => return Err(reject(400, "M_UNKNOWN", "body broke off")),
-        Err(_) => {
-            ctx.adapter_stats.refused(Budget::FrameDeadline);
-            return Err(reject(408, "M_UNKNOWN", "body timed out"));
-        }
+        Err(BodyRefusal::OverBudget) => return Err(limit_exceeded("over the byte budget")),
+        Err(BodyRefusal::Timeout) => return Err(reject(408, "M_UNKNOWN", "body timed out")),
+        Err(_) => return Err(reject(400, "M_UNKNOWN", "body broke off")),
     };
 
     // Well-formed JSON and an object; nested no deeper than anything downstream parses.
@@ -579,36 +529,6 @@ pub(crate) fn json_depth_within(text: &[u8], max: usize) -> bool {
         }
     }
     true
-}
-
-enum BodyRefusal {
-    TooLarge,
-    OverBudget,
-    Aborted,
-}
-
-/// Reads a body of at most `max` bytes, each byte counted in `held` as it arrives.
-async fn read_body<B>(mut body: B, max: usize, held: &mut Held) -> Result<Bytes, BodyRefusal>
-where
-    B: hyper::body::Body<Data = Bytes> + Unpin,
-{
-    let mut out = BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|_| BodyRefusal::Aborted)?;
-        let Ok(data) = frame.into_data() else {
-            continue; // trailers carry nothing for us
-        };
-        let len = out.len().saturating_add(data.len());
-        if len > max {
-            return Err(BodyRefusal::TooLarge);
-        }
-        if len > held.bytes() {
-            held.grow(len - held.bytes())
-                .map_err(|_| BodyRefusal::OverBudget)?;
-        }
-        out.extend_from_slice(&data);
-    }
-    Ok(out.freeze())
 }
 
 /// Polls the futures in index order on every wake, so each is first polled (and, for the

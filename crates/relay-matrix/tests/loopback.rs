@@ -6,7 +6,8 @@ mod common;
 use bytes::Bytes;
 use common::*;
 use mimi_wire::endpoint::Endpoint;
-use relay_core::transport::{Status, Transmit, TransmitId, Transport, TransportKind};
+use relay_adapter::Transport;
+use relay_core::transport::{Status, Transmit, TransmitId, TransportKind};
 use std::sync::atomic::Ordering;
 
 fn notify(id: u64, dest: &mimi_wire::uri::ProviderDomain, seq: u64, body: Vec<Bytes>) -> Transmit {

@@ -19,10 +19,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use mimi_wire::endpoint::Endpoint;
 use mimi_wire::uri::{ProviderDomain, RoomId};
+use relay_adapter::Transport;
 use relay_core::store::InboxRecord;
 use relay_core::{
     Now, Output, Relay, RelayStats, ReplyToken, Response, RoomError, SealedCommit, Status, Store,
-    StoreError, TransmitId, Transport, TransportError, TransportKind,
+    StoreError, TransmitId, TransportError, TransportKind,
 };
 use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};

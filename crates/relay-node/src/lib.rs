@@ -20,9 +20,10 @@ use std::sync::mpsc::{self, Sender};
 use std::time::Duration;
 
 use mimi_wire::uri::ProviderDomain;
+use relay_adapter::{Inbound, Transport};
 use relay_core::{
-    Inbound, MemStore, Relay, RelayConfig, Request, Response, Status, Store, StoreError,
-    TransmitId, Transport, TransportError, TransportKind,
+    MemStore, Relay, RelayConfig, Request, Response, Status, Store, StoreError, TransmitId,
+    TransportError, TransportKind,
 };
 use relay_tls::{PeerTrust, TlsIdentity};
 use tokio::sync::{oneshot, watch};

@@ -221,7 +221,7 @@ pub fn render(s: &RelayStats, store: &StoreStats) -> String {
     out
 }
 
-/// The adapters' budget refusals and failed handshakes, by transport.
+/// The adapters' budget refusals, failed handshakes and Retries, by transport.
 pub fn render_adapters(
     out: &mut String,
     adapters: &std::collections::BTreeMap<
@@ -254,6 +254,14 @@ pub fn render_adapters(
             "{name}{{transport=\"{kind}\"}} {}",
             st.failed_handshakes()
         );
+    }
+    let name = "mimi_relay_handshake_retries_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Inbound handshakes asked to validate their address first (QUIC Retry, under handshake load).\n# TYPE {name} counter"
+    );
+    for (kind, st) in adapters {
+        let _ = writeln!(out, "{name}{{transport=\"{kind}\"}} {}", st.retries_sent());
     }
 }
 
@@ -298,5 +306,34 @@ mod tests {
         assert!(text.contains("mimi_relay_delivery_latency_seconds_bucket{le=\"10\"} 2"));
         assert!(text.contains("mimi_relay_delivery_latency_seconds_bucket{le=\"+Inf\"} 3"));
         assert!(text.contains("mimi_relay_rejects_total{reason=\"queue_full\"} 0"));
+    }
+
+    #[test]
+    fn adapter_counters_are_rendered_per_transport() {
+        use relay_adapter::{AdapterStats, Budget};
+        use relay_core::TransportKind;
+        let quic = std::sync::Arc::new(AdapterStats::default());
+        quic.retry_sent();
+        quic.retry_sent();
+        quic.refused(Budget::Handshakes);
+        let adapters = [
+            (TransportKind::Https, Default::default()),
+            (TransportKind::Quic, quic),
+        ]
+        .into_iter()
+        .collect();
+        let mut text = String::new();
+        render_adapters(&mut text, &adapters);
+        for line in [
+            "mimi_relay_handshake_retries_total{transport=\"quic\"} 2",
+            "mimi_relay_handshake_retries_total{transport=\"https\"} 0",
+            "mimi_relay_budget_refusals_total{transport=\"quic\",budget=\"handshakes\"} 1",
+            "mimi_relay_failed_handshakes_total{transport=\"quic\"} 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from:\n{text}"
+            );
+        }
     }
 }

@@ -3,21 +3,21 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::pin::pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use mimi_wire::uri::ProviderDomain;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
-use relay_core::transport::{Response, Status, Transmit, TransmitId, TransportError};
+use relay_adapter::outcome::{OutcomeSink, Progress};
+use relay_core::transport::{Response, Status, Transmit, TransportError};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use crate::codes;
 use crate::framing::{Body, Frame, encode_ping, encode_request};
 use crate::stream::FrameReader;
-use crate::{MAX_IN_FLIGHT_PER_PEER, codes};
 
 /// Most transmits written in one batch, and the body bytes after which a batch is cut.
 const MAX_BATCH: usize = 256;
@@ -25,94 +25,27 @@ const MAX_BATCH_BYTES: usize = 1 << 20;
 /// A room stream unused for between one and two of these is finished.
 const ROOM_IDLE: Duration = Duration::from_secs(30);
 
-/// Where outcomes go: the node's [`relay_core::transport::Inbound`] without its generic
-/// request side, so that the sending side needs no type parameter.
-pub(crate) trait Sink: Send + Sync + 'static {
-    fn outcome(&self, id: TransmitId, outcome: Result<Response, TransportError>);
-    fn probe_outcome(&self, peer: ProviderDomain, alive: bool);
-}
-
 /// State shared by everything that sends to one peer.
 pub(crate) struct PeerShared {
     pub(crate) domain: ProviderDomain,
-    pub(crate) sink: Arc<dyn Sink>,
-    in_flight: AtomicUsize,
-    closed: Arc<AtomicBool>,
+    pub(crate) sink: Arc<dyn OutcomeSink>,
 }
 
-impl PeerShared {
-    pub(crate) fn new(
-        domain: ProviderDomain,
-        sink: Arc<dyn Sink>,
-        closed: Arc<AtomicBool>,
-    ) -> Self {
-        PeerShared {
-            domain,
-            sink,
-            in_flight: AtomicUsize::new(0),
-            closed,
-        }
-    }
-}
+/// The room stream a transmit was routed to: while that stream keeps being answered, the
+/// transmit is making progress and its deadline moves (see [`relay_adapter::outcome`]).
+#[derive(Default)]
+pub(crate) struct RoomLink(OnceLock<Weak<Mutex<RoomState>>>);
 
-/// One transmit's right to exactly one outcome. Whoever finishes it first reports; a ticket
-/// dropped unfinished (its stream, queue or task died) reports `ConnectionLost`, or `Closed`
-/// after shutdown. The timer holds only a weak reference, so dropping the owner's reference
-/// reports at once.
-pub(crate) struct Ticket {
-    id: TransmitId,
-    done: AtomicBool,
-    peer: Arc<PeerShared>,
-    /// The room stream this transmit was routed to: while that stream keeps being answered,
-    /// the transmit is making progress and its deadline moves (see [`timer_task`]).
-    room: OnceLock<Weak<Mutex<RoomState>>>,
-}
-
-impl Ticket {
-    /// A ticket for a new transmit, or `None` if the peer has too many unanswered already.
-    pub(crate) fn issue(peer: &Arc<PeerShared>, id: TransmitId) -> Option<Arc<Ticket>> {
-        if peer.in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_IN_FLIGHT_PER_PEER {
-            peer.in_flight.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(Arc::new(Ticket {
-            id,
-            done: AtomicBool::new(false),
-            peer: peer.clone(),
-            room: OnceLock::new(),
-        }))
-    }
-
-    pub(crate) fn finish(&self, outcome: Result<Response, TransportError>) {
-        if !self.done.swap(true, Ordering::AcqRel) {
-            self.peer.in_flight.fetch_sub(1, Ordering::AcqRel);
-            self.peer.sink.outcome(self.id, outcome);
-        }
-    }
-
-    fn is_done(&self) -> bool {
-        self.done.load(Ordering::Acquire)
-    }
-
+impl Progress for RoomLink {
     /// When this transmit's room stream last got an answer, if it has a stream and one came.
     fn last_progress(&self) -> Option<Instant> {
-        let room = self.room.get()?.upgrade()?;
+        let room = self.0.get()?.upgrade()?;
         lock(&room).last_answer
     }
 }
 
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        if !self.is_done() {
-            let error = if self.peer.closed.load(Ordering::Acquire) {
-                TransportError::Closed
-            } else {
-                TransportError::ConnectionLost
-            };
-            self.finish(Err(error));
-        }
-    }
-}
+/// One transmit's right to exactly one outcome.
+pub(crate) type Ticket = relay_adapter::outcome::Ticket<RoomLink>;
 
 pub(crate) enum Command {
     Transmit(Transmit, Arc<Ticket>),
@@ -126,61 +59,6 @@ impl Command {
                 ticket.finish(Err(TransportError::Unreachable(reason.to_owned())));
             }
             Command::Probe => {}
-        }
-    }
-}
-
-/// Reports `Timeout` for every ticket still unfinished at its deadline: `timeout` after
-/// `send`, or after the last answer on its room stream if that came later. A stream that keeps
-/// being answered is a slow link, not a dead one: failing its queued transmits would only make
-/// the core send them again on the same congested path (a retransmission storm). A stream
-/// that goes `timeout` without any answer times out everything on it.
-pub(crate) async fn timer_task(
-    mut rx: mpsc::UnboundedReceiver<(Instant, Weak<Ticket>)>,
-    timeout: Duration,
-) {
-    // Earliest deadline first; `seq` keeps equal times apart, in arrival order.
-    let mut deadlines: BTreeMap<(Instant, u64), Weak<Ticket>> = BTreeMap::new();
-    let mut seq = 0u64;
-    let mut push = |deadlines: &mut BTreeMap<_, _>, at, ticket| {
-        seq += 1;
-        deadlines.insert((at, seq), ticket);
-    };
-    let mut sleep = pin!(tokio::time::sleep(Duration::from_secs(3600)));
-    loop {
-        tokio::select! {
-            item = rx.recv() => match item {
-                Some((at, ticket)) => {
-                    push(&mut deadlines, at, ticket);
-                    while let Ok((at, ticket)) = rx.try_recv() {
-                        push(&mut deadlines, at, ticket);
-                    }
-                }
-                None => return,
-            },
-            () = &mut sleep, if !deadlines.is_empty() => {}
-        }
-        let now = Instant::now();
-        while let Some(entry) = deadlines.first_entry() {
-            if entry.key().0 > now {
-                break;
-            }
-            let weak = entry.remove();
-            let Some(ticket) = weak.upgrade() else {
-                continue;
-            };
-            if ticket.is_done() {
-                continue;
-            }
-            match ticket.last_progress().map(|t| t + timeout) {
-                Some(later) if later > now => push(&mut deadlines, later, weak),
-                _ => ticket.finish(Err(TransportError::Timeout)),
-            }
-        }
-        if let Some(&(at, _)) = deadlines.keys().next()
-            && sleep.deadline() != at
-        {
-            sleep.as_mut().reset(at);
         }
     }
 }
@@ -323,7 +201,7 @@ impl PeerTask {
         }
         let mut item = (transmit, ticket);
         if let Some(room) = self.rooms.get_mut(&item.0.target) {
-            let _ = item.1.room.set(Arc::downgrade(&room.state));
+            let _ = item.1.extra().0.set(Arc::downgrade(&room.state));
             match room.tx.send(item) {
                 Ok(()) => {
                     room.used = true;
@@ -337,7 +215,7 @@ impl PeerTask {
         let state = Arc::new(Mutex::new(RoomState::default()));
         // A ticket whose first stream died keeps that stream's clock: it is only read for
         // answers after the ticket's own deadline, and a dead stream gets none.
-        let _ = item.1.room.set(Arc::downgrade(&state));
+        let _ = item.1.extra().0.set(Arc::downgrade(&state));
         let (tx, rx) = mpsc::unbounded_channel();
         let _ = tx.send(item);
         tokio::spawn(room_writer(

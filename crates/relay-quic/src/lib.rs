@@ -31,7 +31,7 @@
 //!   [`codes::FRAME_DEADLINE`].
 //! - **Before authentication.** At most `max_handshakes` inbound handshakes at once, the rest
 //!   refused; from half that many on, an address not yet validated is sent a Retry first
-//!   ([`QuicStats::retries_sent`]). Failed handshakes are counted and logged at most once per
+//!   (counted in `AdapterStats::retries_sent`). Failed handshakes are counted and logged at most once per
 //!   10 s (`relay_adapter::failed_handshake`).
 //! - **Socket.** The endpoint asks the kernel for [`socket::SOCKET_BUFFER`] bytes of UDP
 //!   buffer each way, since QUIC's flow control does not stop a burst at the socket; it warns
@@ -42,19 +42,19 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mimi_wire::uri::ProviderDomain;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{TransportConfig, VarInt};
+use relay_adapter::outcome::{OutcomeSink, Outcomes, PeerOutcomes};
 use relay_adapter::{ByteBudget, Gate};
-use relay_core::transport::{Inbound, Transmit, Transport, TransportError, TransportKind};
+use relay_adapter::{Inbound, Transport};
+use relay_core::transport::{Transmit, TransportKind};
 use relay_tls::{PeerTrust, TlsError, TlsIdentity};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 
 mod client;
 mod congestion;
@@ -63,7 +63,7 @@ mod server;
 pub mod socket;
 mod stream;
 
-use client::{Command, PeerShared, Sink, Ticket};
+use client::{Command, PeerShared, RoomLink};
 
 /// The ALPN protocol identifier of this adapter.
 pub const ALPN: &[u8] = b"mimi-relay/1";
@@ -90,23 +90,6 @@ pub mod codes {
     pub const TOO_MANY_CONNECTIONS: u32 = 3;
     /// A frame was started but not completed within `frame_deadline`; that stream is reset.
     pub const FRAME_DEADLINE: u32 = 4;
-}
-
-/// Counters of this adapter that [`relay_adapter::AdapterStats`] has no name for.
-#[derive(Debug, Default)]
-pub struct QuicStats {
-    retries: std::sync::atomic::AtomicU64,
-}
-
-impl QuicStats {
-    /// Retry packets sent to unvalidated addresses while handshakes were piling up.
-    pub fn retries_sent(&self) -> u64 {
-        self.retries.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn retry_sent(&self) {
-        self.retries.fetch_add(1, Ordering::Relaxed);
-    }
 }
 
 /// The adapter's configuration.
@@ -202,25 +185,9 @@ pub enum QuicError {
     },
 }
 
-struct InboundSink<I>(I);
-
-impl<I: Inbound> Sink for InboundSink<I> {
-    fn outcome(
-        &self,
-        id: relay_core::transport::TransmitId,
-        outcome: Result<relay_core::transport::Response, TransportError>,
-    ) {
-        self.0.outcome(id, outcome);
-    }
-
-    fn probe_outcome(&self, peer: ProviderDomain, alive: bool) {
-        self.0.probe_outcome(peer, alive);
-    }
-}
-
 struct PeerHandle {
     tx: mpsc::UnboundedSender<Command>,
-    shared: Arc<PeerShared>,
+    outcomes: Arc<PeerOutcomes>,
 }
 
 /// The running QUIC adapter. Dropping it closes the endpoint; [`QuicTransport::shutdown`]
@@ -229,12 +196,8 @@ pub struct QuicTransport {
     endpoint: quinn::Endpoint,
     gate: Arc<Gate>,
     budget: Arc<ByteBudget>,
-    stats: Arc<QuicStats>,
     peers: BTreeMap<ProviderDomain, PeerHandle>,
-    sink: Arc<dyn Sink>,
-    timer: mpsc::UnboundedSender<(Instant, std::sync::Weak<Ticket>)>,
-    request_timeout: Duration,
-    closed: Arc<AtomicBool>,
+    outcomes: Outcomes<RoomLink>,
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -244,7 +207,7 @@ impl fmt::Debug for QuicTransport {
         f.debug_struct("QuicTransport")
             .field("local_addr", &self.endpoint.local_addr().ok())
             .field("peers", &self.peers.keys().collect::<Vec<_>>())
-            .field("closed", &self.closed.load(Ordering::Relaxed))
+            .field("closed", &self.outcomes.is_closed())
             .finish_non_exhaustive()
     }
 }
@@ -337,16 +300,14 @@ impl QuicTransport {
         let local = endpoint.local_addr().map_err(bind_err)?;
         tracing::info!(%local, domain = %config.identity.domain, "quic adapter listening");
 
-        let closed = Arc::new(AtomicBool::new(false));
         let (stop, stop_rx) = watch::channel(false);
-        let sink: Arc<dyn Sink> = Arc::new(InboundSink(inbound.clone()));
-        let (timer, timer_rx) = mpsc::unbounded_channel();
+        let sink: Arc<dyn OutcomeSink> = Arc::new(inbound.clone());
+        let (outcomes, deadlines) = Outcomes::new(sink.clone(), config.request_timeout);
         let limits = config.adapter.limits.clone();
         let gate = Gate::new(limits.clone(), config.adapter.stats.clone());
         let budget = ByteBudget::new(limits.max_peer_bytes, config.adapter.stats.clone());
-        let stats = Arc::new(QuicStats::default());
         let mut tasks = vec![
-            tokio::spawn(client::timer_task(timer_rx, config.request_timeout)),
+            tokio::spawn(deadlines),
             tokio::spawn(server::accept_loop(
                 endpoint.clone(),
                 Arc::new(server::ServerCtx::new(
@@ -356,17 +317,15 @@ impl QuicTransport {
                     config.adapter.clone(),
                     gate.clone(),
                     budget.clone(),
-                    stats.clone(),
                 )),
             )),
         ];
         let mut peers = BTreeMap::new();
         for (domain, addr) in config.peers {
-            let shared = Arc::new(PeerShared::new(
-                domain.clone(),
-                sink.clone(),
-                closed.clone(),
-            ));
+            let shared = Arc::new(PeerShared {
+                domain: domain.clone(),
+                sink: sink.clone(),
+            });
             let (tx, rx) = mpsc::unbounded_channel();
             let task = client::PeerTask::new(
                 shared.clone(),
@@ -377,27 +336,19 @@ impl QuicTransport {
                 config.request_timeout,
             );
             tasks.push(tokio::spawn(task.run(rx, stop_rx.clone())));
-            peers.insert(domain, PeerHandle { tx, shared });
+            let outcomes = outcomes.peer(MAX_IN_FLIGHT_PER_PEER);
+            peers.insert(domain, PeerHandle { tx, outcomes });
         }
         let transport = QuicTransport {
             endpoint,
             gate,
             budget,
-            stats,
             peers,
-            sink,
-            timer,
-            request_timeout: config.request_timeout,
-            closed,
+            outcomes,
             stop,
             tasks: Mutex::new(tasks),
         };
         Ok((transport, local))
-    }
-
-    /// This adapter's own counters.
-    pub fn stats(&self) -> &QuicStats {
-        &self.stats
     }
 
     /// Inbound connections that have not finished authenticating.
@@ -425,7 +376,7 @@ impl QuicTransport {
     /// on the wire with `ConnectionLost` or `Closed`), and waits briefly for the peers to
     /// acknowledge the close.
     pub async fn shutdown(&self) {
-        self.closed.store(true, Ordering::Release);
+        self.outcomes.close();
         let _ = self.stop.send(true);
         self.endpoint
             .close(VarInt::from_u32(codes::SHUTDOWN), b"shutdown");
@@ -444,7 +395,7 @@ impl QuicTransport {
 
 impl Drop for QuicTransport {
     fn drop(&mut self) {
-        self.closed.store(true, Ordering::Release);
+        self.outcomes.close();
         let _ = self.stop.send(true);
         self.endpoint
             .close(VarInt::from_u32(codes::SHUTDOWN), b"shutdown");
@@ -466,35 +417,27 @@ impl Transport for QuicTransport {
     }
 
     fn send(&self, transmit: Transmit) {
-        if self.closed.load(Ordering::Acquire) {
-            self.sink.outcome(transmit.id, Err(TransportError::Closed));
+        let peer = self.peers.get(&transmit.dest);
+        let Some(ticket) =
+            self.outcomes
+                .issue(&transmit, peer.map(|p| &p.outcomes), RoomLink::default())
+        else {
             return;
+        };
+        if let Some(peer) = peer {
+            // On failure the command is dropped and the ticket reports `Closed`/`ConnectionLost`.
+            let _ = peer.tx.send(Command::Transmit(transmit, ticket));
         }
-        let Some(peer) = self.peers.get(&transmit.dest) else {
-            let dest = transmit.dest.clone();
-            self.sink
-                .outcome(transmit.id, Err(TransportError::NoRoute(dest)));
-            return;
-        };
-        let Some(ticket) = Ticket::issue(&peer.shared, transmit.id) else {
-            self.sink.outcome(transmit.id, Err(TransportError::Busy));
-            return;
-        };
-        let deadline = Instant::now() + self.request_timeout;
-        // If the timer is gone we are shutting down; the ticket still reports on drop.
-        let _ = self.timer.send((deadline, Arc::downgrade(&ticket)));
-        // On failure the command is dropped and the ticket reports `Closed`/`ConnectionLost`.
-        let _ = peer.tx.send(Command::Transmit(transmit, ticket));
     }
 
     fn probe(&self, peer: &ProviderDomain) {
-        let sent = !self.closed.load(Ordering::Acquire)
+        let sent = !self.outcomes.is_closed()
             && self
                 .peers
                 .get(peer)
                 .is_some_and(|p| p.tx.send(Command::Probe).is_ok());
         if !sent {
-            self.sink.probe_outcome(peer.clone(), false);
+            self.outcomes.sink().probe_outcome(peer.clone(), false);
         }
     }
 }

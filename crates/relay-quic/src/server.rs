@@ -13,8 +13,9 @@ use futures::stream::{FuturesOrdered, StreamExt};
 use mimi_wire::endpoint::Endpoint;
 use mimi_wire::uri::ProviderDomain;
 use quinn::{Connection, Incoming, RecvStream, SendStream, VarInt};
+use relay_adapter::Inbound;
 use relay_adapter::{AdapterContext, Budget, ByteBudget, Gate, HandshakePermit, LogLimiter};
-use relay_core::transport::{Inbound, Request, Response, Status, TransportKind};
+use relay_core::transport::{Request, Response, Status, TransportKind};
 use relay_tls::PeerTrust;
 use rustls::pki_types::CertificateDer;
 use tokio::sync::Notify;
@@ -23,7 +24,7 @@ use crate::framing::{
     Body, Frame, FrameError, KIND_PONG, KIND_RESPONSE, encode_ping, encode_response,
 };
 use crate::stream::{FrameReader, Ledger, ReadFail};
-use crate::{MAX_OUTSTANDING_PER_STREAM, QuicStats, codes};
+use crate::{MAX_OUTSTANDING_PER_STREAM, codes};
 
 /// At most one WARN line per this interval for failed handshakes; the rest are counted.
 const FAILED_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -35,7 +36,6 @@ pub(crate) struct ServerCtx<I> {
     adapter: AdapterContext,
     gate: Arc<Gate>,
     budget: Arc<ByteBudget>,
-    stats: Arc<QuicStats>,
     failed_log: LogLimiter,
     /// Wakes the streams of a peer waiting for its byte budget; shared by its connections.
     wakers: Mutex<HashMap<ProviderDomain, Weak<Notify>>>,
@@ -49,7 +49,6 @@ impl<I> ServerCtx<I> {
         adapter: AdapterContext,
         gate: Arc<Gate>,
         budget: Arc<ByteBudget>,
-        stats: Arc<QuicStats>,
     ) -> Self {
         ServerCtx {
             inbound,
@@ -58,7 +57,6 @@ impl<I> ServerCtx<I> {
             adapter,
             gate,
             budget,
-            stats,
             failed_log: LogLimiter::new(FAILED_LOG_INTERVAL),
             wakers: Mutex::new(HashMap::new()),
         }
@@ -84,7 +82,7 @@ pub(crate) async fn accept_loop<I: Inbound>(endpoint: quinn::Endpoint, ctx: Arc<
         if !incoming.remote_address_validated() && ctx.gate.handshakes_in_progress() >= retry_from {
             match incoming.retry() {
                 Ok(()) => {
-                    ctx.stats.retry_sent();
+                    ctx.adapter.stats.retry_sent();
                     continue;
                 }
                 Err(e) => incoming = e.into_incoming(),
@@ -190,6 +188,7 @@ fn handle<'a, I: Inbound>(
         Frame::Pong(_) => return Err(FrameError::Unexpected(KIND_PONG)),
     };
     let Body::Bytes(body) = body else {
+        ctx.adapter.stats.refused(Budget::BodySize);
         return Ok(Either::Right(immediate(
             id,
             Status::TooLarge,

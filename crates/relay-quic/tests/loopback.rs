@@ -8,9 +8,9 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use mimi_wire::endpoint::Endpoint;
 use mimi_wire::uri::ProviderDomain;
+use relay_adapter::{Inbound, Transport};
 use relay_core::transport::{
-    Inbound, Request, Response, Status, Transmit, TransmitId, Transport, TransportError,
-    TransportKind,
+    Request, Response, Status, Transmit, TransmitId, TransportError, TransportKind,
 };
 use relay_quic::framing::{Body, ChunkQueue, Decoder, Frame, encode_request};
 use relay_quic::{ALPN, Congestion, QuicConfig, QuicTransport, codes};

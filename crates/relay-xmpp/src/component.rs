@@ -12,7 +12,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use xmpp_parsers::component::Handshake;
 
-use relay_core::transport::{Inbound, TransportError};
+use relay_adapter::Inbound;
+use relay_core::transport::TransportError;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 

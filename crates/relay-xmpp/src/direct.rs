@@ -10,10 +10,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mimi_wire::uri::ProviderDomain;
+use relay_adapter::Inbound;
+use relay_adapter::outcome::OutcomeSink;
 use relay_adapter::{
     AdapterContext, AdapterStats, Budget, ByteBudget, Gate, HandshakePermit, LogLimiter,
 };
-use relay_core::transport::{Inbound, TransportError};
+use relay_core::transport::TransportError;
 use relay_tls::PeerTrust;
 use rustls::pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
@@ -27,8 +29,8 @@ use xmpp_parsers::stream_features::StreamFeatures;
 
 use crate::binding::{self, NS_COMPONENT, NS_SM, NS_STREAM};
 use crate::link::{
-    Addressing, Command, Ended, HandshakeError, Link, Reader, Sink, Sm, Writer, send_last,
-    send_now, spawn_writer, token,
+    Addressing, Command, Ended, HandshakeError, Link, Reader, Sm, Writer, send_last, send_now,
+    spawn_writer, token,
 };
 use crate::scanner::Item;
 
@@ -353,7 +355,7 @@ impl Sessions {
 
 pub(crate) struct ResponderCtx<I> {
     pub(crate) inbound: I,
-    pub(crate) sink: Arc<dyn Sink>,
+    pub(crate) sink: Arc<dyn OutcomeSink>,
     pub(crate) local: ProviderDomain,
     pub(crate) trust: PeerTrust,
     pub(crate) acceptor: TlsAcceptor,

@@ -40,16 +40,16 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mimi_wire::uri::ProviderDomain;
-use relay_core::transport::{Inbound, Transmit, Transport, TransportError, TransportKind};
+use relay_adapter::outcome::{OutcomeSink, Outcomes, PeerOutcomes};
+use relay_adapter::{Inbound, Transport};
+use relay_core::transport::{Transmit, TransportKind};
 use relay_tls::{PeerTrust, TlsError, TlsIdentity};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 
 pub mod binding;
 mod component;
@@ -60,7 +60,7 @@ pub mod scanner;
 pub use component::handshake_digest;
 pub use link::{Ended, HandshakeError, MAX_SERVING};
 
-use link::{Addressing, Command, InboundSink, Link, PeerShared, Sink, Ticket};
+use link::{Addressing, Command, Link, MAX_IN_FLIGHT_PER_PEER};
 
 /// The ALPN identifier of direct-mode streams.
 pub const ALPN: &[u8] = b"mimi-relay-xmpp/1";
@@ -122,17 +122,14 @@ pub enum XmppError {
 
 struct PeerHandle {
     tx: mpsc::UnboundedSender<Command>,
-    shared: Arc<PeerShared>,
+    outcomes: Arc<PeerOutcomes>,
 }
 
 /// The running XMPP adapter.
 pub struct XmppTransport {
     local: SocketAddr,
     peers: BTreeMap<ProviderDomain, PeerHandle>,
-    sink: Arc<dyn Sink>,
-    timer: mpsc::UnboundedSender<(Instant, std::sync::Weak<Ticket>)>,
-    request_timeout: Duration,
-    closed: Arc<AtomicBool>,
+    outcomes: Outcomes,
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -167,10 +164,9 @@ impl XmppTransport {
         let domain = config.identity.domain.clone();
         tracing::info!(%local, %domain, "xmpp adapter listening");
 
-        let closed = Arc::new(AtomicBool::new(false));
         let (stop, stop_rx) = watch::channel(false);
-        let sink: Arc<dyn Sink> = Arc::new(InboundSink(inbound.clone()));
-        let (timer, timer_rx) = mpsc::unbounded_channel();
+        let sink: Arc<dyn OutcomeSink> = Arc::new(inbound.clone());
+        let (outcomes, deadlines) = Outcomes::new(sink.clone(), config.request_timeout);
         let max_stanza = binding::max_stanza(config.max_body);
         let (limits, stats) = (&config.adapter.limits, &config.adapter.stats);
         let budget = relay_adapter::ByteBudget::new(limits.max_peer_bytes, stats.clone());
@@ -188,7 +184,7 @@ impl XmppTransport {
             failed_log: direct::failed_log(),
         });
         let mut tasks = vec![
-            tokio::spawn(link::timer_task(timer_rx)),
+            tokio::spawn(deadlines),
             tokio::spawn(direct::accept_loop(listener, ctx, stop_rx.clone())),
         ];
         let connector = tokio_rustls::TlsConnector::from(client_tls);
@@ -202,7 +198,7 @@ impl XmppTransport {
             if via_component.contains_key(peer) {
                 continue;
             }
-            let shared = Arc::new(PeerShared::new(sink.clone(), closed.clone()));
+            let shared = outcomes.peer(MAX_IN_FLIGHT_PER_PEER);
             let (tx, rx) = mpsc::unbounded_channel();
             let link = Link::<I>::new(
                 Addressing::direct(&domain, peer),
@@ -221,11 +217,17 @@ impl XmppTransport {
                 connect_timeout: config.request_timeout,
             };
             tasks.push(tokio::spawn(task.run(rx, stop_rx.clone())));
-            peers.insert(peer.clone(), PeerHandle { tx, shared });
+            peers.insert(
+                peer.clone(),
+                PeerHandle {
+                    tx,
+                    outcomes: shared,
+                },
+            );
         }
         if let Some(c) = config.component {
             let (tx, rx) = mpsc::unbounded_channel();
-            let shared = Arc::new(PeerShared::new(sink.clone(), closed.clone()));
+            let shared = outcomes.peer(MAX_IN_FLIGHT_PER_PEER);
             let addr = Addressing {
                 local: c.jid.clone(),
                 by_jid: c
@@ -256,7 +258,7 @@ impl XmppTransport {
                     peer.clone(),
                     PeerHandle {
                         tx: tx.clone(),
-                        shared: shared.clone(),
+                        outcomes: shared.clone(),
                     },
                 );
             }
@@ -265,10 +267,7 @@ impl XmppTransport {
             XmppTransport {
                 local,
                 peers,
-                sink,
-                timer,
-                request_timeout: config.request_timeout,
-                closed,
+                outcomes,
                 stop,
                 tasks: Mutex::new(tasks),
             },
@@ -284,7 +283,7 @@ impl XmppTransport {
     /// Ends every stream politely, fails what is still owed with `Closed`, and returns once
     /// the tasks are gone.
     pub async fn shutdown(&self) {
-        self.closed.store(true, Ordering::Release);
+        self.outcomes.close();
         let _ = self.stop.send(true);
         let mut tasks = match self.tasks.lock() {
             Ok(mut t) => std::mem::take(&mut *t),
@@ -308,7 +307,7 @@ impl XmppTransport {
 
 impl Drop for XmppTransport {
     fn drop(&mut self) {
-        self.closed.store(true, Ordering::Release);
+        self.outcomes.close();
         let _ = self.stop.send(true);
         if let Ok(tasks) = self.tasks.get_mut() {
             for task in tasks.drain(..) {
@@ -324,36 +323,27 @@ impl Transport for XmppTransport {
     }
 
     fn send(&self, transmit: Transmit) {
-        if self.closed.load(Ordering::Acquire) {
-            self.sink.outcome(transmit.id, Err(TransportError::Closed));
+        let peer = self.peers.get(&transmit.dest);
+        let Some(ticket) = self
+            .outcomes
+            .issue(&transmit, peer.map(|p| &p.outcomes), ())
+        else {
             return;
+        };
+        if let Some(peer) = peer {
+            // On failure the command is dropped and the ticket reports `Closed`/`ConnectionLost`.
+            let _ = peer.tx.send(Command::Transmit(transmit, ticket));
         }
-        let Some(peer) = self.peers.get(&transmit.dest) else {
-            let dest = transmit.dest.clone();
-            self.sink
-                .outcome(transmit.id, Err(TransportError::NoRoute(dest)));
-            return;
-        };
-        let Some(ticket) = Ticket::issue(&peer.shared, transmit.id) else {
-            self.sink.outcome(transmit.id, Err(TransportError::Busy));
-            return;
-        };
-        let _ = self.timer.send((
-            Instant::now() + self.request_timeout,
-            Arc::downgrade(&ticket),
-        ));
-        // On failure the command is dropped and the ticket reports `Closed`/`ConnectionLost`.
-        let _ = peer.tx.send(Command::Transmit(transmit, ticket));
     }
 
     fn probe(&self, peer: &ProviderDomain) {
-        let sent = !self.closed.load(Ordering::Acquire)
+        let sent = !self.outcomes.is_closed()
             && self
                 .peers
                 .get(peer)
                 .is_some_and(|p| p.tx.send(Command::Probe(peer.clone())).is_ok());
         if !sent {
-            self.sink.probe_outcome(peer.clone(), false);
+            self.outcomes.sink().probe_outcome(peer.clone(), false);
         }
     }
 

@@ -7,8 +7,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -16,10 +15,10 @@ use futures::FutureExt;
 use futures::stream::{FuturesOrdered, StreamExt};
 use mimi_wire::uri::ProviderDomain;
 use minidom::Element;
+use relay_adapter::Inbound;
+use relay_adapter::outcome::OutcomeSink;
 use relay_adapter::{AdapterContext, AdapterStats, Budget, ByteBudget, Limits};
-use relay_core::transport::{
-    Inbound, Request, Response, Status, Transmit, TransmitId, TransportError, TransportKind,
-};
+use relay_core::transport::{Request, Response, Status, Transmit, TransportError, TransportKind};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -50,115 +49,8 @@ const REQUEST_OVERHEAD: usize = 512;
 /// When a peer over its byte budget should try again.
 const BUDGET_RETRY: Duration = Duration::from_secs(1);
 
-/// Where outcomes go: the node's [`Inbound`] without its generic request side.
-pub(crate) trait Sink: Send + Sync + 'static {
-    fn outcome(&self, id: TransmitId, outcome: Result<Response, TransportError>);
-    fn probe_outcome(&self, peer: ProviderDomain, alive: bool);
-}
-
-pub(crate) struct InboundSink<I>(pub(crate) I);
-
-impl<I: Inbound> Sink for InboundSink<I> {
-    fn outcome(&self, id: TransmitId, outcome: Result<Response, TransportError>) {
-        self.0.outcome(id, outcome);
-    }
-    fn probe_outcome(&self, peer: ProviderDomain, alive: bool) {
-        self.0.probe_outcome(peer, alive);
-    }
-}
-
-/// Counts a peer's unanswered transmits; shared by `send` and the peer's task.
-pub(crate) struct PeerShared {
-    pub(crate) sink: Arc<dyn Sink>,
-    in_flight: AtomicUsize,
-    closed: Arc<AtomicBool>,
-}
-
-impl PeerShared {
-    pub(crate) fn new(sink: Arc<dyn Sink>, closed: Arc<AtomicBool>) -> Self {
-        PeerShared {
-            sink,
-            in_flight: AtomicUsize::new(0),
-            closed,
-        }
-    }
-}
-
-/// One transmit's right to exactly one outcome; dropped unfinished it reports
-/// `ConnectionLost` (or `Closed` after shutdown). The timer holds a weak reference.
-pub(crate) struct Ticket {
-    id: TransmitId,
-    done: AtomicBool,
-    peer: Arc<PeerShared>,
-}
-
-impl Ticket {
-    pub(crate) fn issue(peer: &Arc<PeerShared>, id: TransmitId) -> Option<Arc<Ticket>> {
-        if peer.in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_IN_FLIGHT_PER_PEER {
-            peer.in_flight.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(Arc::new(Ticket {
-            id,
-            done: AtomicBool::new(false),
-            peer: peer.clone(),
-        }))
-    }
-
-    pub(crate) fn finish(&self, outcome: Result<Response, TransportError>) {
-        if !self.done.swap(true, Ordering::AcqRel) {
-            self.peer.in_flight.fetch_sub(1, Ordering::AcqRel);
-            self.peer.sink.outcome(self.id, outcome);
-        }
-    }
-
-    pub(crate) fn is_done(&self) -> bool {
-        self.done.load(Ordering::Acquire)
-    }
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        if !self.is_done() {
-            let error = if self.peer.closed.load(Ordering::Acquire) {
-                TransportError::Closed
-            } else {
-                TransportError::ConnectionLost
-            };
-            self.finish(Err(error));
-        }
-    }
-}
-
-/// Reports `Timeout` for tickets unfinished at their deadline (deadlines arrive in order).
-pub(crate) async fn timer_task(mut rx: mpsc::UnboundedReceiver<(Instant, Weak<Ticket>)>) {
-    let mut queue: VecDeque<(Instant, Weak<Ticket>)> = VecDeque::new();
-    let mut sleep = std::pin::pin!(tokio::time::sleep(Duration::from_secs(3600)));
-    loop {
-        tokio::select! {
-            item = rx.recv() => match item {
-                Some(item) => queue.push_back(item),
-                None => return,
-            },
-            () = &mut sleep, if !queue.is_empty() => {}
-        }
-        let now = Instant::now();
-        while let Some((deadline, ticket)) = queue.front() {
-            if ticket.strong_count() > 0 {
-                if *deadline > now {
-                    break;
-                }
-                if let Some(ticket) = ticket.upgrade() {
-                    ticket.finish(Err(TransportError::Timeout));
-                }
-            }
-            queue.pop_front();
-        }
-        if let Some((deadline, _)) = queue.front() {
-            sleep.as_mut().reset(*deadline);
-        }
-    }
-}
+/// One transmit's right to exactly one outcome.
+pub(crate) type Ticket = relay_adapter::outcome::Ticket;
 
 pub(crate) enum Command {
     Transmit(Transmit, Arc<Ticket>),
@@ -373,7 +265,7 @@ pub(crate) struct Link<I> {
     inbound: Option<I>,
     next_id: u64,
     out: Vec<u8>,
-    sink: Arc<dyn Sink>,
+    sink: Arc<dyn OutcomeSink>,
     limits: Limits,
     stats: Arc<AdapterStats>,
     /// Bytes of requests handed to the node and not yet answered, per peer.
@@ -385,7 +277,7 @@ impl<I: Inbound> Link<I> {
         addr: Addressing,
         max_body: usize,
         inbound: Option<I>,
-        sink: Arc<dyn Sink>,
+        sink: Arc<dyn OutcomeSink>,
         adapter: &AdapterContext,
         budget: Option<Arc<ByteBudget>>,
     ) -> Self {
@@ -693,6 +585,7 @@ impl<I: Inbound> Link<I> {
             Item::Header(_) => Some(Ended::WeRefused("not-well-formed")),
             Item::TooLarge { head, len } => {
                 tracing::debug!(len, "oversize stanza skipped unparsed");
+                self.stats.refused(Budget::BodySize);
                 let Some(el) = head.and_then(|h| binding::parse(&h).ok()) else {
                     return Some(Ended::WeRefused("policy-violation"));
                 };
@@ -867,6 +760,9 @@ impl<I: Inbound> Link<I> {
                 self.serving.push_back(answer);
             }
             Iq::Request(Err((status, why))) => {
+                if status == Status::TooLarge {
+                    self.stats.refused(Budget::BodySize);
+                }
                 let mut s = Vec::new();
                 binding::write_answer(
                     &mut s,

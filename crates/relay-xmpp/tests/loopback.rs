@@ -10,9 +10,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use mimi_wire::endpoint::Endpoint;
 use mimi_wire::uri::ProviderDomain;
+use relay_adapter::{Inbound, Transport};
 use relay_core::transport::{
-    Inbound, Request, Response, Status, Transmit, TransmitId, Transport, TransportError,
-    TransportKind,
+    Request, Response, Status, Transmit, TransmitId, TransportError, TransportKind,
 };
 use relay_tls::{PeerTrust, TlsIdentity};
 use relay_xmpp::{ALPN, XmppConfig, XmppTransport};

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use mimi_wire::uri::ProviderDomain;
-use relay_core::transport::{Inbound, Request, Response, Status, TransmitId, TransportError};
+use relay_adapter::Inbound;
+use relay_core::transport::{Request, Response, Status, TransmitId, TransportError};
 use relay_matrix::{MatrixConfig, MatrixPeer, MatrixTransport, ReceivedEdu, SigningKey};
 use relay_tls::{PeerTrust, TlsIdentity};
 use tokio::sync::mpsc;
