@@ -262,14 +262,140 @@ pub fn peer_stream_error(e: &Element) -> Option<String> {
     })
 }
 
+/// The largest input the DOM parser has been given in this process (for the tests that
+/// check no large stanza reaches it).
+static LARGEST_DOM_PARSE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+#[doc(hidden)]
+pub fn largest_dom_parse() -> usize {
+    LARGEST_DOM_PARSE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Parses one element the scanner bounded, in the stream's namespaces.
 pub fn parse(bytes: &[u8]) -> Result<Element, minidom::Error> {
+    LARGEST_DOM_PARSE.fetch_max(bytes.len(), std::sync::atomic::Ordering::Relaxed);
     let prefixes: std::collections::BTreeMap<Option<String>, String> = [
         (None, NS_COMPONENT.to_owned()),
         (Some("stream".to_owned()), NS_STREAM.to_owned()),
     ]
     .into();
     Element::from_reader_with_prefixes(bytes, prefixes)
+}
+
+/// One stanza the scanner returned, read by [`parse_stanza`].
+#[derive(Debug)]
+pub enum Stanza<'a> {
+    /// The stanza's element. With `Some(text)`, the `<mimi/>` element's text was taken out
+    /// before the parse (the element is empty) and is `text`, to pass to [`classify`].
+    Parsed(Element, Option<&'a [u8]>),
+    /// Over [`MAX_ENVELOPE`] and not a MIMI stanza of the shape the fast path takes: not
+    /// parsed, like a stanza the scanner skipped. `head` is its start tag as an empty element,
+    /// if it is small.
+    Oversize { head: Option<Bytes> },
+}
+
+/// Reads one stanza the scanner bounded, in time linear in its length: the base64 text of
+/// its `<mimi/>` element (the bulk of a MIMI stanza) is located by a byte scan and kept out of
+/// the DOM parser, which only sees the rest (at most [`MAX_ENVELOPE`] bytes); the text is
+/// decoded by [`classify`]. Any other stanza over [`MAX_ENVELOPE`] is not parsed.
+pub fn parse_stanza(bytes: &[u8]) -> Result<Stanza<'_>, minidom::Error> {
+    if let Some(text) = mimi_text(bytes)
+        && bytes.len() - text.len() <= MAX_ENVELOPE
+    {
+        let mut envelope = Vec::with_capacity(bytes.len() - text.len());
+        envelope.extend_from_slice(&bytes[..text.start]);
+        envelope.extend_from_slice(&bytes[text.end..]);
+        return Ok(Stanza::Parsed(parse(&envelope)?, Some(&bytes[text])));
+    }
+    if bytes.len() > MAX_ENVELOPE {
+        return Ok(Stanza::Oversize { head: head(bytes) });
+    }
+    Ok(Stanza::Parsed(parse(bytes)?, None))
+}
+
+/// The tag starting at `b[at] == '<'`: the index just past its `>`, quotes respected.
+fn tag_end(b: &[u8], at: usize) -> Option<usize> {
+    let mut quote = None;
+    for (i, &c) in b.iter().enumerate().skip(at + 1) {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, b'"' | b'\'') => quote = Some(c),
+            (None, b'>') => return Some(i + 1),
+            (None, _) => {}
+        }
+    }
+    None
+}
+
+/// The start tag of `b` as an empty element, if it is at most 4 KiB (as the scanner keeps
+/// the head of a stanza it skips).
+fn head(b: &[u8]) -> Option<Bytes> {
+    if b.first() != Some(&b'<') {
+        return None;
+    }
+    let end = tag_end(b, 0).filter(|&e| e <= 4096)?;
+    let tag = &b[..end];
+    let mut h = Vec::with_capacity(end + 1);
+    if tag.ends_with(b"/>") {
+        h.extend_from_slice(tag);
+    } else {
+        h.extend_from_slice(&tag[..end - 1]);
+        h.extend_from_slice(b"/>");
+    }
+    Some(Bytes::from(h))
+}
+
+/// Where the text of the stanza's `<mimi/>` element is, if the stanza has the shape our
+/// writer gives it: exactly one element named `mimi` in the whole stanza (with any prefix),
+/// unprefixed, holding nothing but that text, which is base64 and XML whitespace only (no
+/// entity, so the bytes are the text). Whether it is the element [`classify`] reads (the
+/// IQ's payload, in our namespace) is then checked on the parsed envelope: it is the only
+/// `mimi` there is. One pass over the bytes.
+fn mimi_text(b: &[u8]) -> Option<std::ops::Range<usize>> {
+    let mut mimis = 0;
+    let mut text = None;
+    // Just after an unprefixed `<mimi ...>` start tag, where its text starts.
+    let mut open: Option<usize> = None;
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] != b'<' {
+            i += 1;
+            continue;
+        }
+        let end = tag_end(b, i)?;
+        let tag = &b[i..end];
+        let (close, name_at) = match tag.get(1)? {
+            b'!' | b'?' => return None,
+            b'/' => (true, 2),
+            _ => (false, 1),
+        };
+        let name = &tag[name_at..];
+        let name = &name[..name
+            .iter()
+            .position(|&c| matches!(c, b' ' | b'\t' | b'\r' | b'\n' | b'/' | b'>'))?];
+        let local = name.rsplit(|&c| c == b':').next()?;
+        if close {
+            if name == b"mimi"
+                && let Some(start) = open
+            {
+                text = Some(start..i);
+            }
+        } else if local == b"mimi" {
+            mimis += 1;
+        }
+        open = (!close && name == b"mimi" && !tag.ends_with(b"/>")).then_some(end);
+        i = end;
+    }
+    let text = text.filter(|_| mimis == 1)?;
+    b[text.clone()]
+        .iter()
+        .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'=') || is_xml_space(c))
+        .then_some(text)
+}
+
+fn is_xml_space(c: u8) -> bool {
+    matches!(c, b' ' | b'\t' | b'\r' | b'\n')
 }
 
 /// The domain part of a JID (`local@domain/resource`), lower-cased.
@@ -309,10 +435,36 @@ fn opt_u64(e: &Element, name: &str) -> Result<Option<u64>, ()> {
     e.attr(name).map(|v| v.parse().map_err(|_| ())).transpose()
 }
 
-fn decode_body(e: &Element, max: usize) -> Result<Bytes, (Status, &'static str)> {
-    let text: String = e.texts().collect();
-    let text = text.trim();
-    if text.len() / 4 * 3 > max + 3 {
+/// The body of `<mimi/>` element `e`, whose text is `text` if [`parse_stanza`] took it out.
+fn decode_body(
+    e: &Element,
+    text: Option<&[u8]>,
+    max: usize,
+) -> Result<Bytes, (Status, &'static str)> {
+    let dom: String;
+    let (text, len) = match text {
+        Some(raw) => {
+            // As the DOM would read it: trimmed, and each CR LF one character (XML 2.11).
+            let start = raw
+                .iter()
+                .position(|&c| !is_xml_space(c))
+                .unwrap_or(raw.len());
+            let end = raw
+                .iter()
+                .rposition(|&c| !is_xml_space(c))
+                .map_or(start, |e| e + 1);
+            let raw = &raw[start..end];
+            let crlf = raw.windows(2).filter(|w| w == b"\r\n").count();
+            (raw, raw.len() - crlf)
+        }
+        None => {
+            dom = e.texts().collect();
+            let t = dom.trim();
+            (t.as_bytes(), t.len())
+        }
+    };
+    // From the length alone, before any decoding.
+    if len / 4 * 3 > max + 3 {
         return Err((Status::TooLarge, "body over the limit"));
     }
     let body = STANDARD
@@ -324,7 +476,7 @@ fn decode_body(e: &Element, max: usize) -> Result<Bytes, (Status, &'static str)>
     Ok(Bytes::from(body))
 }
 
-fn answer(m: &Element, max: usize) -> Result<Response, String> {
+fn answer(m: &Element, text: Option<&[u8]>, max: usize) -> Result<Response, String> {
     let code: u16 = m
         .attr("status")
         .and_then(|s| s.parse().ok())
@@ -332,7 +484,7 @@ fn answer(m: &Element, max: usize) -> Result<Response, String> {
     let status = Status::from_http_code(code).ok_or(format!("unknown status {code}"))?;
     let next_seq = opt_u64(m, "next-seq").map_err(|()| "bad next-seq")?;
     let retry = opt_u64(m, "retry-after-ms").map_err(|()| "bad retry-after-ms")?;
-    let body = decode_body(m, max).map_err(|(_, why)| why.to_owned())?;
+    let body = decode_body(m, text, max).map_err(|(_, why)| why.to_owned())?;
     Ok(Response {
         status,
         body,
@@ -341,9 +493,10 @@ fn answer(m: &Element, max: usize) -> Result<Response, String> {
     })
 }
 
-/// Classifies an `<iq/>` element (read with xmpp-parsers' `Iq`). `None` if it is not a valid
-/// IQ at all (no id or type): RFC 6120 section 8.2.3 makes that a stream-level `bad-format`.
-pub fn classify(iq: Element, max_body: usize) -> Option<(String, Iq)> {
+/// Classifies an `<iq/>` element (read with xmpp-parsers' `Iq`), with the `<mimi/>` text
+/// [`parse_stanza`] took out of it. `None` if it is not a valid IQ at all (no id or type):
+/// RFC 6120 section 8.2.3 makes that a stream-level `bad-format`.
+pub fn classify(iq: Element, text: Option<&[u8]>, max_body: usize) -> Option<(String, Iq)> {
     let id = iq.attr("id")?.to_owned();
     let kind = iq.attr("type")?.to_owned();
     // RFC 6120 section 8.2.3: a get/set has exactly one child (xmpp-parsers would take the
@@ -370,24 +523,28 @@ pub fn classify(iq: Element, max_body: usize) -> Option<(String, Iq)> {
         }
         XmppIq::Set { payload, .. } => {
             if payload.is("mimi", NS_MIMI) {
-                Iq::Request(request(&payload, max_body))
+                Iq::Request(request(&payload, text, max_body))
             } else {
                 Iq::Unsupported
             }
         }
         XmppIq::Result { payload, .. } => match payload.filter(|p| p.is("mimi", NS_MIMI)) {
-            Some(m) => Iq::Answer(answer(&m, max_body)),
+            Some(m) => Iq::Answer(answer(&m, text, max_body)),
             None => Iq::Pong,
         },
         XmppIq::Error { error, .. } => match error.other.filter(|o| o.is("mimi", NS_MIMI)) {
-            Some(m) => Iq::Answer(answer(&m, max_body)),
+            Some(m) => Iq::Answer(answer(&m, text, max_body)),
             None => Iq::Failed(condition_name(error.defined_condition)),
         },
     };
     Some((id, c))
 }
 
-fn request(m: &Element, max_body: usize) -> Result<MimiRequest, (Status, &'static str)> {
+fn request(
+    m: &Element,
+    text: Option<&[u8]>,
+    max_body: usize,
+) -> Result<MimiRequest, (Status, &'static str)> {
     let endpoint = m
         .attr("endpoint")
         .and_then(|e| e.parse::<Endpoint>().ok())
@@ -397,7 +554,7 @@ fn request(m: &Element, max_body: usize) -> Result<MimiRequest, (Status, &'stati
         .ok_or((Status::BadRequest, "missing target"))?
         .to_owned();
     let seq = opt_u64(m, "seq").map_err(|()| (Status::BadRequest, "bad seq"))?;
-    let body = decode_body(m, max_body)?;
+    let body = decode_body(m, text, max_body)?;
     Ok(MimiRequest {
         endpoint,
         target,
@@ -406,9 +563,13 @@ fn request(m: &Element, max_body: usize) -> Result<MimiRequest, (Status, &'stati
     })
 }
 
-/// The largest stanza that can carry a body of `max_body` bytes (base64 plus the head).
+/// The largest stanza without its `<mimi/>` text (the envelope): the most the DOM parser is
+/// ever given.
+pub const MAX_ENVELOPE: usize = 16 * 1024;
+
+/// The largest stanza that can carry a body of `max_body` bytes (base64 plus the envelope).
 pub fn max_stanza(max_body: usize) -> usize {
-    max_body.div_ceil(3) * 4 + 16 * 1024
+    max_body.div_ceil(3) * 4 + MAX_ENVELOPE
 }
 
 #[cfg(test)]
@@ -442,7 +603,7 @@ mod tests {
         write_request(&mut out, "m1", "a.example", "b.example", &t);
         let e = parse(&out).unwrap();
         assert_eq!(e.attr("from"), Some("a.example"));
-        let (id, iq) = classify(e, 1024).unwrap();
+        let (id, iq) = classify(e, None, 1024).unwrap();
         assert_eq!(id, "m1");
         let Iq::Request(Ok(r)) = iq else {
             panic!("{iq:?}")
@@ -463,7 +624,7 @@ mod tests {
             write_answer(&mut out, "m9", "b.example", "a.example", &r);
             let e = parse(&out).unwrap();
             assert_eq!(e.attr("type"), Some(kind));
-            let (_, iq) = classify(e, 1024).unwrap();
+            let (_, iq) = classify(e, None, 1024).unwrap();
             let Iq::Answer(Ok(back)) = iq else {
                 panic!("{iq:?}")
             };
@@ -476,15 +637,15 @@ mod tests {
         let t = transmit(vec![Bytes::from(vec![7u8; 2000])]);
         let mut out = Vec::new();
         write_request(&mut out, "m1", "a", "b", &t);
-        let (_, iq) = classify(parse(&out).unwrap(), 1000).unwrap();
+        let (_, iq) = classify(parse(&out).unwrap(), None, 1000).unwrap();
         assert!(
             matches!(iq, Iq::Request(Err((Status::TooLarge, _)))),
             "{iq:?}"
         );
         let e = parse(b"<iq type='set' id='z'><q xmlns='urn:other'/></iq>").unwrap();
-        assert!(matches!(classify(e, 10), Some((_, Iq::Unsupported))));
+        assert!(matches!(classify(e, None, 10), Some((_, Iq::Unsupported))));
         let e = parse(b"<iq type='error' id='z'><error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>").unwrap();
-        match classify(e, 10) {
+        match classify(e, None, 10) {
             Some((_, Iq::Failed(c))) => assert_eq!(c, "service-unavailable"),
             other => panic!("{other:?}"),
         }
@@ -504,7 +665,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("<ping xmlns='urn:xmpp:ping'/>"), "{text}");
-        let (id, iq) = classify(parse(&out).unwrap(), 10).unwrap();
+        let (id, iq) = classify(parse(&out).unwrap(), None, 10).unwrap();
         assert_eq!(id, "p1");
         assert!(matches!(iq, Iq::Ping), "{iq:?}");
         // A client-namespace IQ is not one of ours.
@@ -551,7 +712,7 @@ mod tests {
             DefinedCondition::ServiceUnavailable,
             ErrorType::Cancel,
         );
-        match classify(parse(&out).unwrap(), 10) {
+        match classify(parse(&out).unwrap(), None, 10) {
             Some((id, Iq::Failed(c))) => {
                 assert_eq!(id, "z");
                 assert_eq!(c, "service-unavailable");
@@ -560,9 +721,9 @@ mod tests {
         }
         // A get without exactly one child is no IQ request we serve.
         let e = parse(b"<iq type='get' id='two' from='a'><ping xmlns='urn:xmpp:ping'/><ping xmlns='urn:xmpp:ping'/></iq>").unwrap();
-        assert!(matches!(classify(e, 10), Some((_, Iq::Unsupported))));
+        assert!(matches!(classify(e, None, 10), Some((_, Iq::Unsupported))));
         // No type: not an IQ at all.
         let e = parse(b"<iq id='none'/>").unwrap();
-        assert!(classify(e, 10).is_none());
+        assert!(classify(e, None, 10).is_none());
     }
 }

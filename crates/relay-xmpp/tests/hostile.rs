@@ -626,3 +626,30 @@ async fn a_peer_over_its_byte_budget_gets_503_and_others_keep_their_share() {
     a.request("a3").await;
     n.t.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_one_byte_over_max_body_is_answered_413_before_any_dom_parse() {
+    use base64::Engine;
+    let mut n = node(Limits::default(), None).await;
+    let (mut a, _) = Raw::enabled(&n.a, &n.b, n.addr).await;
+    // max_body is 1 MiB: its base64 fits the stanza bound, so the scanner passes it on.
+    let body = base64::engine::general_purpose::STANDARD.encode(vec![7u8; (1 << 20) + 1]);
+    let xml = a.request_xml("big", &body);
+    assert!(xml.len() <= relay_xmpp::binding::max_stanza(1 << 20));
+    a.send(&xml).await;
+    assert!(a.until("id='big'").await);
+    let answer = a.upto("</iq>").await;
+    for part in ["<policy-violation", "status='413'"] {
+        assert!(answer.contains(part), "{part} in {answer}");
+    }
+    // The stream is kept, and the body never went through the DOM parser.
+    a.request("after").await;
+    let r = timeout(WAIT, n.requests.recv()).await.unwrap().unwrap();
+    assert_eq!(r.body.as_ref(), b"hi");
+    assert!(
+        relay_xmpp::binding::largest_dom_parse() <= relay_xmpp::binding::MAX_ENVELOPE,
+        "the DOM parser was given {} bytes",
+        relay_xmpp::binding::largest_dom_parse()
+    );
+    n.t.shutdown().await;
+}
