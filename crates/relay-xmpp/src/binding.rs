@@ -614,6 +614,142 @@ mod tests {
         assert_eq!(&r.body[..], b"\x00\x01abcde\xff");
     }
 
+    /// `bytes` read by the fast path (which must take it) and by the DOM parser whole.
+    fn both(bytes: &[u8], max: usize) -> (String, String) {
+        let Stanza::Parsed(el, text) = parse_stanza(bytes).unwrap() else {
+            panic!("oversize")
+        };
+        assert!(text.is_some(), "{}", String::from_utf8_lossy(bytes));
+        let fast = format!("{:?}", classify(el, text, max));
+        let dom = format!("{:?}", classify(parse(bytes).unwrap(), None, max));
+        (fast, dom)
+    }
+
+    #[test]
+    fn the_fast_path_reads_our_writer_output_as_the_dom_does() {
+        let max = 30;
+        for n in [1, 2, 3, 4, 29, 30, 31, 32, 33, 34, 60] {
+            let t = transmit(vec![Bytes::from(
+                (0..n).map(|i| i as u8).collect::<Vec<_>>(),
+            )]);
+            let mut out = Vec::new();
+            write_request(&mut out, "m1", "a.example", "b.example", &t);
+            let (fast, dom) = both(&out, max);
+            assert_eq!(fast, dom, "{n} bytes");
+            let tag = if n <= max { "Request(Ok(" } else { "TooLarge" };
+            assert!(fast.contains(tag), "{n}: {fast}");
+            for status in [Status::Created, Status::OutOfOrder, Status::TooLarge] {
+                let mut r = Response::new(status, Bytes::from(vec![9u8; n]));
+                r.next_seq = Some(3);
+                let mut out = Vec::new();
+                write_answer(&mut out, "m2", "b.example", "a.example", &r);
+                let (fast, dom) = both(&out, max);
+                assert_eq!(fast, dom, "{status:?} {n}");
+                assert!(fast.contains("Answer("), "{fast}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_fast_path_reads_hand_written_variants_as_the_dom_does() {
+        let iq = |attrs: &str, mimi: &str, text: &str, close: &str| {
+            format!("<iq {attrs}><{mimi}>{text}</{close}></iq>")
+        };
+        let set = "type='set' id='1' from='a.example'";
+        let m = "mimi xmlns='urn:mimi-relay:0' endpoint='notify' target='t' seq='5'";
+        let cases = [
+            // Attribute order and quotes.
+            iq(set, m, "QUJD", "mimi"),
+            iq(
+                "from=\"a.example\" id=\"1\" type=\"set\"",
+                "mimi seq=\"5\" target=\"t&amp;u&#62;\" endpoint=\"notify\" xmlns=\"urn:mimi-relay:0\"",
+                "QUJD",
+                "mimi",
+            ),
+            iq(set, "mimi xmlns='urn:mimi-relay:0' endpoint='notify' target=\"'>\"", "QUJD", "mimi"),
+            // Whitespace in tags and around the text, CR LF as XML normalises it.
+            iq(set, "mimi\n  xmlns = 'urn:mimi-relay:0'\tendpoint='notify' target='t' ", "\r\n  QUJD\r\n", "mimi "),
+            // Whitespace inside the text: not base64.
+            iq(set, m, "QU JD", "mimi"),
+            // CR LF counts once towards the length bound (400 here, not 413).
+            iq(set, m, "QUJDREVG\r\nSGlqaw", "mimi"),
+            // Bad base64, bad attributes, an empty text.
+            iq(set, m, "QUJ", "mimi"),
+            iq(set, m, "Q===", "mimi"),
+            iq(set, "mimi xmlns='urn:mimi-relay:0' endpoint='nope' target='t'", "QUJD", "mimi"),
+            iq(set, "mimi xmlns='urn:mimi-relay:0' endpoint='notify' target='t' seq='x'", "QUJD", "mimi"),
+            iq(set, "mimi xmlns='urn:mimi-relay:0' endpoint='notify'", "QUJD", "mimi"),
+            iq(set, m, " \n ", "mimi"),
+            // Not our namespace, not a set, not a MIMI answer: the text is not read at all.
+            iq(set, "mimi xmlns='urn:other' endpoint='notify' target='t'", "QUJD", "mimi"),
+            iq("type='get' id='1'", m, "QUJD", "mimi"),
+            iq("type='result' id='1'", "mimi xmlns='urn:mimi-relay:0' status='201' next-seq='2'", "QUJD", "mimi"),
+            iq("type='result' id='1'", "mimi xmlns='urn:mimi-relay:0'", "QUJD", "mimi"),
+            "<iq type='error' id='1'><error type='wait'><unexpected-request xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/><mimi xmlns='urn:mimi-relay:0' status='425' retry-after-ms='9'>QUJD</mimi></error></iq>".to_owned(),
+            "<iq type='error' id='1'><error type='wait'><mimi xmlns='urn:mimi-relay:0' status='425'>QUJD</mimi></error></iq>".to_owned(),
+            // Not an IQ at all.
+            "<iq id='1'><mimi xmlns='urn:mimi-relay:0' endpoint='notify' target='t'>QUJD</mimi></iq>".to_owned(),
+            "<message from='a'><mimi xmlns='urn:mimi-relay:0'>QUJD</mimi></message>".to_owned(),
+        ];
+        for case in &cases {
+            let (fast, dom) = both(case.as_bytes(), 6);
+            assert_eq!(fast, dom, "{case}");
+        }
+        // Shapes the fast path leaves to the DOM: entities in the text, a prefixed or second
+        // `mimi`, a child element.
+        for case in [
+            iq(set, m, "QU&#74;D", "mimi"),
+            iq(set, m, "QUJD&amp;", "mimi"),
+            iq(set, "m:mimi xmlns:m='urn:mimi-relay:0' endpoint='notify' target='t'", "QUJD", "m:mimi"),
+            iq(set, m, "<mimi xmlns='urn:mimi-relay:0'>QUJD</mimi>", "mimi"),
+            iq(set, m, "<x/>QUJD", "mimi"),
+            "<iq type='set' id='1'><mimi xmlns='urn:mimi-relay:0' endpoint='notify' target='t'/><x:mimi xmlns:x='u'>QUJD</x:mimi></iq>".to_owned(),
+        ] {
+            let Stanza::Parsed(el, None) = parse_stanza(case.as_bytes()).unwrap() else {
+                panic!("fast path taken: {case}")
+            };
+            let dom = format!("{:?}", classify(parse(case.as_bytes()).unwrap(), None, 6));
+            assert_eq!(format!("{:?}", classify(el, None, 6)), dom, "{case}");
+        }
+        // Text the DOM refuses is refused with the fast path too.
+        let bad = "<iq type='set' id='1'><mimi xmlns='urn:mimi-relay:0'>QUJD</mimi></iq";
+        assert!(parse_stanza(bad.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn only_the_envelope_is_bounded_by_max_envelope() {
+        let big = "QUFB".repeat(MAX_ENVELOPE);
+        let ok = format!(
+            "<iq type='set' id='7' from='a'><mimi xmlns='urn:mimi-relay:0' endpoint='notify' target='t'>{big}</mimi></iq>"
+        );
+        let Stanza::Parsed(el, text) = parse_stanza(ok.as_bytes()).unwrap() else {
+            panic!("oversize")
+        };
+        let Some((_, Iq::Request(Ok(r)))) = classify(el, text, 3 * MAX_ENVELOPE) else {
+            panic!()
+        };
+        assert_eq!(r.body.len(), 3 * MAX_ENVELOPE);
+        // A large envelope, or a large stanza not of the fast path's shape, is not parsed.
+        let pad = "x".repeat(MAX_ENVELOPE);
+        for case in [
+            format!(
+                "<iq type='set' id='7' pad='{pad}'><mimi xmlns='urn:mimi-relay:0'>QUJD</mimi></iq>"
+            ),
+            format!("<iq type='set' id='7'><mimi xmlns='urn:mimi-relay:0'>{big}&#65;</mimi></iq>"),
+            format!("<iq type='set' id='7'><q xmlns='urn:other'>{big}</q></iq>"),
+        ] {
+            match parse_stanza(case.as_bytes()).unwrap() {
+                Stanza::Oversize { head } => {
+                    let head = head.map(|h| parse(&h).unwrap());
+                    if !case.contains("pad=") {
+                        assert_eq!(head.unwrap().attr("id"), Some("7"));
+                    }
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
     #[test]
     fn answers_round_trip_as_result_or_error() {
         for (status, kind) in [(Status::Created, "result"), (Status::OutOfOrder, "error")] {
