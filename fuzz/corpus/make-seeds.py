@@ -74,6 +74,15 @@ res = "<iq type='result' id='1'><mimi xmlns='urn:mimi-relay:0' status='201' next
 for chunk in (1, 7, 255):
     put("xmpp_scan", f"stream-{chunk}", bytes([chunk]) + (head + iq + res + "<r xmlns='urn:xmpp:sm:3'/></stream:stream>").encode())
 put("xmpp_scan", "deep", bytes([64]) + (head + "<a>" * 40 + "</a>" * 40).encode())
+# The fast path's shapes (the `<mimi/>` text read without the DOM), and near misses.
+fast = ("<iq from=\"b.example\" id=\"2\" type=\"set\"><mimi target=\"t&amp;'>\" "
+        "endpoint='notify' xmlns='urn:mimi-relay:0' >\r\n AAECAw==\r\n</mimi ></iq>"
+        "<iq type='error' id='3'><error type='wait'><unexpected-request "
+        "xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/><mimi xmlns='urn:mimi-relay:0' "
+        "status='425'>QUJD</mimi></error></iq>"
+        "<iq type='set' id='4'><mimi xmlns='urn:mimi-relay:0' endpoint='notify' target='t'>"
+        "QU&#74;D</mimi></iq>")
+put("xmpp_scan", "fast-path", bytes([13]) + (head + fast + "</stream:stream>").encode())
 
 # Structure-aware targets read their input through `arbitrary`: any bytes are an input.
 rng = random.Random(14)

@@ -262,14 +262,149 @@ pub fn peer_stream_error(e: &Element) -> Option<String> {
     })
 }
 
+/// The largest input the DOM parser has been given in this process (for the tests that
+/// check no large stanza reaches it).
+static LARGEST_DOM_PARSE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+#[doc(hidden)]
+pub fn largest_dom_parse() -> usize {
+    LARGEST_DOM_PARSE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Parses one element the scanner bounded, in the stream's namespaces.
 pub fn parse(bytes: &[u8]) -> Result<Element, minidom::Error> {
+    LARGEST_DOM_PARSE.fetch_max(bytes.len(), std::sync::atomic::Ordering::Relaxed);
     let prefixes: std::collections::BTreeMap<Option<String>, String> = [
         (None, NS_COMPONENT.to_owned()),
         (Some("stream".to_owned()), NS_STREAM.to_owned()),
     ]
     .into();
     Element::from_reader_with_prefixes(bytes, prefixes)
+}
+
+/// One stanza the scanner returned, read by [`parse_stanza`].
+#[derive(Debug)]
+pub enum Stanza<'a> {
+    /// The stanza's element. With `Some(text)`, the `<mimi/>` element's text was taken out
+    /// before the parse (the element is empty) and is `text`, to pass to [`classify`].
+    Parsed(Element, Option<&'a [u8]>),
+    /// Over [`MAX_ENVELOPE`] and not a MIMI stanza of the shape the fast path takes: not
+    /// parsed, like a stanza the scanner skipped. `head` is its start tag as an empty element,
+    /// if it is small.
+    Oversize { head: Option<Bytes> },
+}
+
+/// Reads one stanza the scanner bounded, in time linear in its length: the base64 text of
+/// its `<mimi/>` element (the bulk of a MIMI stanza) is located by a byte scan and kept out of
+/// the DOM parser, which only sees the rest (at most [`MAX_ENVELOPE`] bytes); the text is
+/// decoded by [`classify`]. Any other stanza over [`MAX_ENVELOPE`] is not parsed.
+pub fn parse_stanza(bytes: &[u8]) -> Result<Stanza<'_>, minidom::Error> {
+    if let Some(text) = mimi_text(bytes)
+        && bytes.len() - text.len() <= MAX_ENVELOPE
+    {
+        let mut envelope = Vec::with_capacity(bytes.len() - text.len());
+        envelope.extend_from_slice(&bytes[..text.start]);
+        envelope.extend_from_slice(&bytes[text.end..]);
+        return Ok(Stanza::Parsed(parse(&envelope)?, Some(&bytes[text])));
+    }
+    if bytes.len() > MAX_ENVELOPE {
+        return Ok(Stanza::Oversize { head: head(bytes) });
+    }
+    Ok(Stanza::Parsed(parse(bytes)?, None))
+}
+
+/// The tag starting at `b[at] == '<'`: the index just past its `>`, quotes respected.
+fn tag_end(b: &[u8], at: usize) -> Option<usize> {
+    let mut quote = None;
+    for (i, &c) in b.iter().enumerate().skip(at + 1) {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, b'"' | b'\'') => quote = Some(c),
+            (None, b'>') => return Some(i + 1),
+            (None, _) => {}
+        }
+    }
+    None
+}
+
+/// The start tag of `b` as an empty element, if it is at most 4 KiB (as the scanner keeps
+/// the head of a stanza it skips).
+fn head(b: &[u8]) -> Option<Bytes> {
+    if b.first() != Some(&b'<') {
+        return None;
+    }
+    let end = tag_end(b, 0).filter(|&e| e <= 4096)?;
+    let tag = &b[..end];
+    let mut h = Vec::with_capacity(end + 1);
+    if tag.ends_with(b"/>") {
+        h.extend_from_slice(tag);
+    } else {
+        h.extend_from_slice(&tag[..end - 1]);
+        h.extend_from_slice(b"/>");
+    }
+    Some(Bytes::from(h))
+}
+
+/// Where the text of the stanza's `<mimi/>` element is, if the stanza has the shape our
+/// writer gives it: exactly one element named `mimi` in the whole stanza (with any prefix),
+/// unprefixed, holding nothing but that text, which is base64 and XML whitespace only (no
+/// entity, so the bytes are the text). Whether it is the element [`classify`] reads (the
+/// IQ's payload, in our namespace) is then checked on the parsed envelope: it is the only
+/// `mimi` there is. One pass over the bytes.
+fn mimi_text(b: &[u8]) -> Option<std::ops::Range<usize>> {
+    let mut mimis = 0;
+    let mut text = None;
+    // Just after an unprefixed `<mimi ...>` start tag, where its text starts.
+    let mut open: Option<usize> = None;
+    let mut i = 0;
+    while let Some(at) = b[i..].iter().position(|&c| c == b'<') {
+        i += at;
+        let end = tag_end(b, i)?;
+        let tag = &b[i..end];
+        let (close, name_at) = match tag.get(1)? {
+            b'!' | b'?' => return None,
+            b'/' => (true, 2),
+            _ => (false, 1),
+        };
+        let name = &tag[name_at..];
+        let name = &name[..name
+            .iter()
+            .position(|&c| matches!(c, b' ' | b'\t' | b'\r' | b'\n' | b'/' | b'>'))?];
+        let local = name.rsplit(|&c| c == b':').next()?;
+        if close {
+            if name == b"mimi"
+                && let Some(start) = open
+            {
+                text = Some(start..i);
+            }
+        } else if local == b"mimi" {
+            mimis += 1;
+        }
+        open = (!close && name == b"mimi" && !tag.ends_with(b"/>")).then_some(end);
+        i = end;
+    }
+    let text = text.filter(|_| mimis == 1)?;
+    b[text.clone()]
+        .iter()
+        .all(|&c| TEXT_BYTE[usize::from(c)])
+        .then_some(text)
+}
+
+/// The bytes the fast path takes in the text: base64's and XML whitespace.
+const TEXT_BYTE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        t[c] = b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=') || is_xml_space(b);
+        c += 1;
+    }
+    t
+};
+
+const fn is_xml_space(c: u8) -> bool {
+    matches!(c, b' ' | b'\t' | b'\r' | b'\n')
 }
 
 /// The domain part of a JID (`local@domain/resource`), lower-cased.
@@ -309,10 +444,36 @@ fn opt_u64(e: &Element, name: &str) -> Result<Option<u64>, ()> {
     e.attr(name).map(|v| v.parse().map_err(|_| ())).transpose()
 }
 
-fn decode_body(e: &Element, max: usize) -> Result<Bytes, (Status, &'static str)> {
-    let text: String = e.texts().collect();
-    let text = text.trim();
-    if text.len() / 4 * 3 > max + 3 {
+/// The body of `<mimi/>` element `e`, whose text is `text` if [`parse_stanza`] took it out.
+fn decode_body(
+    e: &Element,
+    text: Option<&[u8]>,
+    max: usize,
+) -> Result<Bytes, (Status, &'static str)> {
+    let dom: String;
+    let (text, len) = match text {
+        Some(raw) => {
+            // As the DOM would read it: trimmed, and each CR LF one character (XML 2.11).
+            let start = raw
+                .iter()
+                .position(|&c| !is_xml_space(c))
+                .unwrap_or(raw.len());
+            let end = raw
+                .iter()
+                .rposition(|&c| !is_xml_space(c))
+                .map_or(start, |e| e + 1);
+            let raw = &raw[start..end];
+            let crlf = raw.windows(2).filter(|w| w == b"\r\n").count();
+            (raw, raw.len() - crlf)
+        }
+        None => {
+            dom = e.texts().collect();
+            let t = dom.trim();
+            (t.as_bytes(), t.len())
+        }
+    };
+    // From the length alone, before any decoding.
+    if len / 4 * 3 > max + 3 {
         return Err((Status::TooLarge, "body over the limit"));
     }
     let body = STANDARD
@@ -324,7 +485,7 @@ fn decode_body(e: &Element, max: usize) -> Result<Bytes, (Status, &'static str)>
     Ok(Bytes::from(body))
 }
 
-fn answer(m: &Element, max: usize) -> Result<Response, String> {
+fn answer(m: &Element, text: Option<&[u8]>, max: usize) -> Result<Response, String> {
     let code: u16 = m
         .attr("status")
         .and_then(|s| s.parse().ok())
@@ -332,7 +493,7 @@ fn answer(m: &Element, max: usize) -> Result<Response, String> {
     let status = Status::from_http_code(code).ok_or(format!("unknown status {code}"))?;
     let next_seq = opt_u64(m, "next-seq").map_err(|()| "bad next-seq")?;
     let retry = opt_u64(m, "retry-after-ms").map_err(|()| "bad retry-after-ms")?;
-    let body = decode_body(m, max).map_err(|(_, why)| why.to_owned())?;
+    let body = decode_body(m, text, max).map_err(|(_, why)| why.to_owned())?;
     Ok(Response {
         status,
         body,
@@ -341,9 +502,10 @@ fn answer(m: &Element, max: usize) -> Result<Response, String> {
     })
 }
 
-/// Classifies an `<iq/>` element (read with xmpp-parsers' `Iq`). `None` if it is not a valid
-/// IQ at all (no id or type): RFC 6120 section 8.2.3 makes that a stream-level `bad-format`.
-pub fn classify(iq: Element, max_body: usize) -> Option<(String, Iq)> {
+/// Classifies an `<iq/>` element (read with xmpp-parsers' `Iq`), with the `<mimi/>` text
+/// [`parse_stanza`] took out of it. `None` if it is not a valid IQ at all (no id or type):
+/// RFC 6120 section 8.2.3 makes that a stream-level `bad-format`.
+pub fn classify(iq: Element, text: Option<&[u8]>, max_body: usize) -> Option<(String, Iq)> {
     let id = iq.attr("id")?.to_owned();
     let kind = iq.attr("type")?.to_owned();
     // RFC 6120 section 8.2.3: a get/set has exactly one child (xmpp-parsers would take the
@@ -370,24 +532,28 @@ pub fn classify(iq: Element, max_body: usize) -> Option<(String, Iq)> {
         }
         XmppIq::Set { payload, .. } => {
             if payload.is("mimi", NS_MIMI) {
-                Iq::Request(request(&payload, max_body))
+                Iq::Request(request(&payload, text, max_body))
             } else {
                 Iq::Unsupported
             }
         }
         XmppIq::Result { payload, .. } => match payload.filter(|p| p.is("mimi", NS_MIMI)) {
-            Some(m) => Iq::Answer(answer(&m, max_body)),
+            Some(m) => Iq::Answer(answer(&m, text, max_body)),
             None => Iq::Pong,
         },
         XmppIq::Error { error, .. } => match error.other.filter(|o| o.is("mimi", NS_MIMI)) {
-            Some(m) => Iq::Answer(answer(&m, max_body)),
+            Some(m) => Iq::Answer(answer(&m, text, max_body)),
             None => Iq::Failed(condition_name(error.defined_condition)),
         },
     };
     Some((id, c))
 }
 
-fn request(m: &Element, max_body: usize) -> Result<MimiRequest, (Status, &'static str)> {
+fn request(
+    m: &Element,
+    text: Option<&[u8]>,
+    max_body: usize,
+) -> Result<MimiRequest, (Status, &'static str)> {
     let endpoint = m
         .attr("endpoint")
         .and_then(|e| e.parse::<Endpoint>().ok())
@@ -397,7 +563,7 @@ fn request(m: &Element, max_body: usize) -> Result<MimiRequest, (Status, &'stati
         .ok_or((Status::BadRequest, "missing target"))?
         .to_owned();
     let seq = opt_u64(m, "seq").map_err(|()| (Status::BadRequest, "bad seq"))?;
-    let body = decode_body(m, max_body)?;
+    let body = decode_body(m, text, max_body)?;
     Ok(MimiRequest {
         endpoint,
         target,
@@ -406,9 +572,13 @@ fn request(m: &Element, max_body: usize) -> Result<MimiRequest, (Status, &'stati
     })
 }
 
-/// The largest stanza that can carry a body of `max_body` bytes (base64 plus the head).
+/// The largest stanza without its `<mimi/>` text (the envelope): the most the DOM parser is
+/// ever given.
+pub const MAX_ENVELOPE: usize = 16 * 1024;
+
+/// The largest stanza that can carry a body of `max_body` bytes (base64 plus the envelope).
 pub fn max_stanza(max_body: usize) -> usize {
-    max_body.div_ceil(3) * 4 + 16 * 1024
+    max_body.div_ceil(3) * 4 + MAX_ENVELOPE
 }
 
 #[cfg(test)]
@@ -442,7 +612,7 @@ mod tests {
         write_request(&mut out, "m1", "a.example", "b.example", &t);
         let e = parse(&out).unwrap();
         assert_eq!(e.attr("from"), Some("a.example"));
-        let (id, iq) = classify(e, 1024).unwrap();
+        let (id, iq) = classify(e, None, 1024).unwrap();
         assert_eq!(id, "m1");
         let Iq::Request(Ok(r)) = iq else {
             panic!("{iq:?}")
@@ -451,6 +621,142 @@ mod tests {
         assert_eq!(r.target, "mimi://a.example/r/x&y");
         assert_eq!(r.seq, Some(42));
         assert_eq!(&r.body[..], b"\x00\x01abcde\xff");
+    }
+
+    /// `bytes` read by the fast path (which must take it) and by the DOM parser whole.
+    fn both(bytes: &[u8], max: usize) -> (String, String) {
+        let Stanza::Parsed(el, text) = parse_stanza(bytes).unwrap() else {
+            panic!("oversize")
+        };
+        assert!(text.is_some(), "{}", String::from_utf8_lossy(bytes));
+        let fast = format!("{:?}", classify(el, text, max));
+        let dom = format!("{:?}", classify(parse(bytes).unwrap(), None, max));
+        (fast, dom)
+    }
+
+    #[test]
+    fn the_fast_path_reads_our_writer_output_as_the_dom_does() {
+        let max = 30;
+        for n in [1, 2, 3, 4, 29, 30, 31, 32, 33, 34, 60] {
+            let t = transmit(vec![Bytes::from(
+                (0..n).map(|i| i as u8).collect::<Vec<_>>(),
+            )]);
+            let mut out = Vec::new();
+            write_request(&mut out, "m1", "a.example", "b.example", &t);
+            let (fast, dom) = both(&out, max);
+            assert_eq!(fast, dom, "{n} bytes");
+            let tag = if n <= max { "Request(Ok(" } else { "TooLarge" };
+            assert!(fast.contains(tag), "{n}: {fast}");
+            for status in [Status::Created, Status::OutOfOrder, Status::TooLarge] {
+                let mut r = Response::new(status, Bytes::from(vec![9u8; n]));
+                r.next_seq = Some(3);
+                let mut out = Vec::new();
+                write_answer(&mut out, "m2", "b.example", "a.example", &r);
+                let (fast, dom) = both(&out, max);
+                assert_eq!(fast, dom, "{status:?} {n}");
+                assert!(fast.contains("Answer("), "{fast}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_fast_path_reads_hand_written_variants_as_the_dom_does() {
+        let iq = |attrs: &str, mimi: &str, text: &str, close: &str| {
+            format!("<iq {attrs}><{mimi}>{text}</{close}></iq>")
+        };
+        let set = "type='set' id='1' from='a.example'";
+        let m = "mimi xmlns='urn:mimi-relay:0' endpoint='notify' target='t' seq='5'";
+        let cases = [
+            // Attribute order and quotes.
+            iq(set, m, "QUJD", "mimi"),
+            iq(
+                "from=\"a.example\" id=\"1\" type=\"set\"",
+                "mimi seq=\"5\" target=\"t&amp;u&#62;\" endpoint=\"notify\" xmlns=\"urn:mimi-relay:0\"",
+                "QUJD",
+                "mimi",
+            ),
+            iq(set, "mimi xmlns='urn:mimi-relay:0' endpoint='notify' target=\"'>\"", "QUJD", "mimi"),
+            // Whitespace in tags and around the text, CR LF as XML normalises it.
+            iq(set, "mimi\n  xmlns = 'urn:mimi-relay:0'\tendpoint='notify' target='t' ", "\r\n  QUJD\r\n", "mimi "),
+            // Whitespace inside the text: not base64.
+            iq(set, m, "QU JD", "mimi"),
+            // CR LF counts once towards the length bound (400 here, not 413).
+            iq(set, m, "QUJDREVG\r\nSGlqaw", "mimi"),
+            // Bad base64, bad attributes, an empty text.
+            iq(set, m, "QUJ", "mimi"),
+            iq(set, m, "Q===", "mimi"),
+            iq(set, "mimi xmlns='urn:mimi-relay:0' endpoint='nope' target='t'", "QUJD", "mimi"),
+            iq(set, "mimi xmlns='urn:mimi-relay:0' endpoint='notify' target='t' seq='x'", "QUJD", "mimi"),
+            iq(set, "mimi xmlns='urn:mimi-relay:0' endpoint='notify'", "QUJD", "mimi"),
+            iq(set, m, " \n ", "mimi"),
+            // Not our namespace, not a set, not a MIMI answer: the text is not read at all.
+            iq(set, "mimi xmlns='urn:other' endpoint='notify' target='t'", "QUJD", "mimi"),
+            iq("type='get' id='1'", m, "QUJD", "mimi"),
+            iq("type='result' id='1'", "mimi xmlns='urn:mimi-relay:0' status='201' next-seq='2'", "QUJD", "mimi"),
+            iq("type='result' id='1'", "mimi xmlns='urn:mimi-relay:0'", "QUJD", "mimi"),
+            "<iq type='error' id='1'><error type='wait'><unexpected-request xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/><mimi xmlns='urn:mimi-relay:0' status='425' retry-after-ms='9'>QUJD</mimi></error></iq>".to_owned(),
+            "<iq type='error' id='1'><error type='wait'><mimi xmlns='urn:mimi-relay:0' status='425'>QUJD</mimi></error></iq>".to_owned(),
+            // Not an IQ at all.
+            "<iq id='1'><mimi xmlns='urn:mimi-relay:0' endpoint='notify' target='t'>QUJD</mimi></iq>".to_owned(),
+            "<message from='a'><mimi xmlns='urn:mimi-relay:0'>QUJD</mimi></message>".to_owned(),
+        ];
+        for case in &cases {
+            let (fast, dom) = both(case.as_bytes(), 6);
+            assert_eq!(fast, dom, "{case}");
+        }
+        // Shapes the fast path leaves to the DOM: entities in the text, a prefixed or second
+        // `mimi`, a child element.
+        for case in [
+            iq(set, m, "QU&#74;D", "mimi"),
+            iq(set, m, "QUJD&amp;", "mimi"),
+            iq(set, "m:mimi xmlns:m='urn:mimi-relay:0' endpoint='notify' target='t'", "QUJD", "m:mimi"),
+            iq(set, m, "<mimi xmlns='urn:mimi-relay:0'>QUJD</mimi>", "mimi"),
+            iq(set, m, "<x/>QUJD", "mimi"),
+            "<iq type='set' id='1'><mimi xmlns='urn:mimi-relay:0' endpoint='notify' target='t'/><x:mimi xmlns:x='u'>QUJD</x:mimi></iq>".to_owned(),
+        ] {
+            let Stanza::Parsed(el, None) = parse_stanza(case.as_bytes()).unwrap() else {
+                panic!("fast path taken: {case}")
+            };
+            let dom = format!("{:?}", classify(parse(case.as_bytes()).unwrap(), None, 6));
+            assert_eq!(format!("{:?}", classify(el, None, 6)), dom, "{case}");
+        }
+        // Text the DOM refuses is refused with the fast path too.
+        let bad = "<iq type='set' id='1'><mimi xmlns='urn:mimi-relay:0'>QUJD</mimi></iq";
+        assert!(parse_stanza(bad.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn only_the_envelope_is_bounded_by_max_envelope() {
+        let big = "QUFB".repeat(MAX_ENVELOPE);
+        let ok = format!(
+            "<iq type='set' id='7' from='a'><mimi xmlns='urn:mimi-relay:0' endpoint='notify' target='t'>{big}</mimi></iq>"
+        );
+        let Stanza::Parsed(el, text) = parse_stanza(ok.as_bytes()).unwrap() else {
+            panic!("oversize")
+        };
+        let Some((_, Iq::Request(Ok(r)))) = classify(el, text, 3 * MAX_ENVELOPE) else {
+            panic!()
+        };
+        assert_eq!(r.body.len(), 3 * MAX_ENVELOPE);
+        // A large envelope, or a large stanza not of the fast path's shape, is not parsed.
+        let pad = "x".repeat(MAX_ENVELOPE);
+        for case in [
+            format!(
+                "<iq type='set' id='7' pad='{pad}'><mimi xmlns='urn:mimi-relay:0'>QUJD</mimi></iq>"
+            ),
+            format!("<iq type='set' id='7'><mimi xmlns='urn:mimi-relay:0'>{big}&#65;</mimi></iq>"),
+            format!("<iq type='set' id='7'><q xmlns='urn:other'>{big}</q></iq>"),
+        ] {
+            match parse_stanza(case.as_bytes()).unwrap() {
+                Stanza::Oversize { head } => {
+                    let head = head.map(|h| parse(&h).unwrap());
+                    if !case.contains("pad=") {
+                        assert_eq!(head.unwrap().attr("id"), Some("7"));
+                    }
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]
@@ -463,7 +769,7 @@ mod tests {
             write_answer(&mut out, "m9", "b.example", "a.example", &r);
             let e = parse(&out).unwrap();
             assert_eq!(e.attr("type"), Some(kind));
-            let (_, iq) = classify(e, 1024).unwrap();
+            let (_, iq) = classify(e, None, 1024).unwrap();
             let Iq::Answer(Ok(back)) = iq else {
                 panic!("{iq:?}")
             };
@@ -476,15 +782,15 @@ mod tests {
         let t = transmit(vec![Bytes::from(vec![7u8; 2000])]);
         let mut out = Vec::new();
         write_request(&mut out, "m1", "a", "b", &t);
-        let (_, iq) = classify(parse(&out).unwrap(), 1000).unwrap();
+        let (_, iq) = classify(parse(&out).unwrap(), None, 1000).unwrap();
         assert!(
             matches!(iq, Iq::Request(Err((Status::TooLarge, _)))),
             "{iq:?}"
         );
         let e = parse(b"<iq type='set' id='z'><q xmlns='urn:other'/></iq>").unwrap();
-        assert!(matches!(classify(e, 10), Some((_, Iq::Unsupported))));
+        assert!(matches!(classify(e, None, 10), Some((_, Iq::Unsupported))));
         let e = parse(b"<iq type='error' id='z'><error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>").unwrap();
-        match classify(e, 10) {
+        match classify(e, None, 10) {
             Some((_, Iq::Failed(c))) => assert_eq!(c, "service-unavailable"),
             other => panic!("{other:?}"),
         }
@@ -504,7 +810,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("<ping xmlns='urn:xmpp:ping'/>"), "{text}");
-        let (id, iq) = classify(parse(&out).unwrap(), 10).unwrap();
+        let (id, iq) = classify(parse(&out).unwrap(), None, 10).unwrap();
         assert_eq!(id, "p1");
         assert!(matches!(iq, Iq::Ping), "{iq:?}");
         // A client-namespace IQ is not one of ours.
@@ -551,7 +857,7 @@ mod tests {
             DefinedCondition::ServiceUnavailable,
             ErrorType::Cancel,
         );
-        match classify(parse(&out).unwrap(), 10) {
+        match classify(parse(&out).unwrap(), None, 10) {
             Some((id, Iq::Failed(c))) => {
                 assert_eq!(id, "z");
                 assert_eq!(c, "service-unavailable");
@@ -560,9 +866,9 @@ mod tests {
         }
         // A get without exactly one child is no IQ request we serve.
         let e = parse(b"<iq type='get' id='two' from='a'><ping xmlns='urn:xmpp:ping'/><ping xmlns='urn:xmpp:ping'/></iq>").unwrap();
-        assert!(matches!(classify(e, 10), Some((_, Iq::Unsupported))));
+        assert!(matches!(classify(e, None, 10), Some((_, Iq::Unsupported))));
         // No type: not an IQ at all.
         let e = parse(b"<iq id='none'/>").unwrap();
-        assert!(classify(e, 10).is_none());
+        assert!(classify(e, None, 10).is_none());
     }
 }

@@ -354,7 +354,8 @@ impl Transport for XmppTransport {
 
 /// Fuzzing entry point (for a `cargo fuzz` target outside the workspace): drives the scanner
 /// over `data` in chunks (the first byte picks the chunk size) and parses and classifies
-/// every element it returns, as a stream would. Must never panic, whatever `data` holds.
+/// every element it returns, as a stream would. Must never panic, whatever `data` holds;
+/// it asserts that a stanza read by the fast path is read as the DOM parser reads it whole.
 #[doc(hidden)]
 pub fn fuzz_scan(data: &[u8]) {
     let Some((&first, rest)) = data.split_first() else {
@@ -367,9 +368,16 @@ pub fn fuzz_scan(data: &[u8]) {
         loop {
             match scanner.poll_item() {
                 Ok(Some(scanner::Item::Element(bytes) | scanner::Item::Header(bytes))) => {
-                    if let Ok(el) = binding::parse(&bytes) {
+                    if let Ok(binding::Stanza::Parsed(el, text)) = binding::parse_stanza(&bytes) {
                         let _ = binding::peer_stream_error(&el);
-                        let _ = binding::classify(el, 4096);
+                        let fast = format!("{:?}", binding::classify(el, text, 4096));
+                        // The fast path reads the stanza as the DOM parser reads it whole.
+                        if text.is_some() {
+                            let dom = binding::parse(&bytes).ok();
+                            let dom =
+                                dom.map(|el| format!("{:?}", binding::classify(el, None, 4096)));
+                            assert_eq!(Some(fast), dom, "fast path differs");
+                        }
                     }
                 }
                 Ok(Some(scanner::Item::TooLarge { head, .. })) => {

@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use xmpp_parsers::sm;
 use xmpp_parsers::stanza_error::{DefinedCondition, ErrorType};
 
-use crate::binding::{self, Iq, NS_COMPONENT, NS_SM};
+use crate::binding::{self, Iq, NS_COMPONENT, NS_SM, Stanza};
 use crate::scanner::{Item, ScanError, Scanner};
 
 /// Requests of one link being answered at once; beyond it the link stops reading and TCP
@@ -607,12 +607,14 @@ impl<I: Inbound> Link<I> {
                 self.serving.push_back(Box::pin(std::future::ready(s)));
                 None
             }
-            Item::Element(bytes) => {
-                let Ok(el) = binding::parse(&bytes) else {
-                    return Some(Ended::WeRefused("not-well-formed"));
-                };
-                self.element(el)
-            }
+            Item::Element(bytes) => match binding::parse_stanza(&bytes) {
+                Ok(Stanza::Parsed(el, text)) => self.element(el, text),
+                Ok(Stanza::Oversize { head }) => self.item(Item::TooLarge {
+                    head,
+                    len: bytes.len(),
+                }),
+                Err(_) => Some(Ended::WeRefused("not-well-formed")),
+            },
         }
     }
 
@@ -648,7 +650,7 @@ impl<I: Inbound> Link<I> {
         Some(None)
     }
 
-    fn element(&mut self, el: Element) -> Option<Ended> {
+    fn element(&mut self, el: Element, text: Option<&[u8]>) -> Option<Ended> {
         if el.ns() == NS_SM {
             match el.name() {
                 "r" => {
@@ -701,7 +703,7 @@ impl<I: Inbound> Link<I> {
         else {
             return None; // checked above
         };
-        let Some((id, iq)) = binding::classify(el, self.max_body) else {
+        let Some((id, iq)) = binding::classify(el, text, self.max_body) else {
             return Some(Ended::WeRefused("bad-format"));
         };
         let local = self.addr.local.clone();

@@ -199,7 +199,7 @@ where
                 continue;
             }
             s.h += 1;
-            match binding::classify(e, t.limits.max_body) {
+            match binding::classify(e, None, t.limits.max_body) {
                 Some((id, Iq::Answer(Ok(r)))) => {
                     let reply = pending.borrow_mut().remove(&id).flatten();
                     tally.status(r.status.http_code(), reply, &r.body);
