@@ -286,6 +286,13 @@ impl MatrixTransport {
             adapter_stats: adapter.stats.clone(),
             handshake_log: relay_adapter::LogLimiter::new(HANDSHAKE_LOG_INTERVAL),
             h2_streams: adapter.limits.max_streams_per_conn.min(MAX_H2_STREAMS),
+            cpu: dials
+                .values()
+                .map(|d| {
+                    let slot = || Arc::new(tokio::sync::Semaphore::new(1));
+                    (d.server_name.clone(), [slot(), slot()])
+                })
+                .collect(),
         });
         let gate = ctx.gate.clone();
         let acceptor = TlsAcceptor::from(Arc::new(server_tls));

@@ -88,6 +88,18 @@ pub(crate) struct ServerCtx<I> {
     pub(crate) handshake_log: LogLimiter,
     /// HTTP/2 streams one connection may have open.
     pub(crate) h2_streams: u32,
+    /// Per peer, the right to run the CPU-heavy checks of one transaction at a time: on
+    /// connections bound to the peer, and (apart) on those only claiming it.
+    pub(crate) cpu: BTreeMap<OwnedServerName, [Arc<tokio::sync::Semaphore>; 2]>,
+}
+
+/// Why a transaction failed the checks run on the blocking pool.
+enum Checked {
+    NotJson,
+    NotObject,
+    TooDeep,
+    BadRequestLine,
+    BadSignature,
 }
 
 /// Whom a connection belongs to. Matrix authenticates requests, not connections: a
@@ -336,15 +348,45 @@ async fn send<I: Inbound>(
         Err(_) => return Err(reject(400, "M_UNKNOWN", "body broke off")),
     };
 
+    // The checks below cost CPU in proportion to the body: one transaction at a time per
+    // origin (a claimed origin queues apart from the verified one, so a claim cannot delay the
+    // peer), on the blocking pool, so a peer's large transactions take its own turns and not
+    // the runtime workers every peer's connections share.
+    let slots = ctx
+        .cpu
+        .get(&xm.origin)
+        .map(|s| s[usize::from(bound.as_ref() != Some(peer))].clone());
+    let turn = match slots {
+        Some(slot) => match tokio::time::timeout(ctx.request_timeout, slot.acquire_owned()).await {
+            Ok(Ok(turn)) => Some(turn),
+            _ => return Err(limit_exceeded("busy with this origin's transactions")),
+        },
+        None => None,
+    };
+    let checked = |c: Checked| match c {
+        Checked::NotJson => reject(400, "M_NOT_JSON", "content not json"),
+        Checked::NotObject => reject(400, "M_BAD_JSON", "content must be a json object"),
+        Checked::TooDeep => reject(400, "M_BAD_JSON", "json nested too deeply"),
+        Checked::BadRequestLine => reject(400, "M_UNRECOGNIZED", "bad request line"),
+        Checked::BadSignature => unauthenticated("invalid signature"),
+    };
+    let blocking_failed = || reject(500, "M_UNKNOWN", "check did not finish");
+
     // Well-formed JSON and an object; nested no deeper than anything downstream parses.
-    let raw: &RawValue =
-        serde_json::from_slice(&body).map_err(|_| reject(400, "M_NOT_JSON", "content not json"))?;
-    if !raw.get().trim_start().starts_with('{') {
-        return Err(reject(400, "M_BAD_JSON", "content must be a json object"));
-    }
-    if !json_depth_within(&body, MAX_JSON_DEPTH) {
-        return Err(reject(400, "M_BAD_JSON", "json nested too deeply"));
-    }
+    let json_body = body.clone();
+    tokio::task::spawn_blocking(move || {
+        let raw: &RawValue = serde_json::from_slice(&json_body).map_err(|_| Checked::NotJson)?;
+        if !raw.get().trim_start().starts_with('{') {
+            return Err(Checked::NotObject);
+        }
+        if !json_depth_within(&json_body, MAX_JSON_DEPTH) {
+            return Err(Checked::TooDeep);
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|_| blocking_failed())?
+    .map_err(checked)?;
 
     let keys = match ctx
         .keys
@@ -357,21 +399,32 @@ async fn send<I: Inbound>(
         }
         Err(e) => return Err(unauthenticated(e.as_str())),
     };
-    let check = http::Request::builder()
-        .method(parts.method.clone())
-        .uri(parts.uri.clone())
-        .body(&body[..])
-        .map_err(|_| reject(400, "M_UNRECOGNIZED", "bad request line"))?;
     let map = PublicKeyMap::from([(xm.origin.to_string(), keys.keys)]);
-    let started = Instant::now();
-    let verified = xm.verify_http_request(&check, &ctx.server_name, &map);
-    stats
-        .verify_ns
-        .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-    verified.map_err(|e| {
-        debug!(origin = %xm.origin, error = %e, "x-matrix signature refused");
-        unauthenticated("invalid signature")
-    })?;
+    let (method, uri, server_name) = (
+        parts.method.clone(),
+        parts.uri.clone(),
+        ctx.server_name.clone(),
+    );
+    let (signed, signed_body, vstats) = (xm.clone(), body.clone(), stats.clone());
+    tokio::task::spawn_blocking(move || {
+        let check = http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(&signed_body[..])
+            .map_err(|_| Checked::BadRequestLine)?;
+        let started = Instant::now();
+        let verified = signed.verify_http_request(&check, &server_name, &map);
+        vstats
+            .verify_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        verified.map_err(|e| {
+            debug!(origin = %signed.origin, error = %e, "x-matrix signature refused");
+            Checked::BadSignature
+        })
+    })
+    .await
+    .map_err(|_| blocking_failed())?
+    .map_err(checked)?;
     // Verified: the connection is this peer's from now on (if it is under its cap).
     if auth.bind(&ctx.gate, peer).is_err() {
         return Err(limit_exceeded("too many connections"));
@@ -414,6 +467,9 @@ async fn send<I: Inbound>(
     let requests = reassembler
         .finish()
         .map_err(|e| reject(400, "M_BAD_JSON", &e.to_string()))?;
+
+    // The CPU-heavy part is over; waiting for the node's answers does not hold the turn.
+    drop(turn);
 
     // Verified and well-formed: from here on the transaction id decides.
     let key = (xm.origin.to_string(), txn_id);
