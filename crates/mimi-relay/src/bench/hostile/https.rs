@@ -83,18 +83,8 @@ pub(super) async fn exchange(
             tally.status(status, reply, &body);
             true
         }
-        Ok(Err(e)) => {
-            tally.outcome(if e.is_closed() || e.is_canceled() {
-                "connection closed"
-            } else {
-                "stream reset"
-            });
-            !h2.is_closed()
-        }
-        Err(_) => {
-            tally.outcome("no answer");
-            true
-        }
+        Ok(Err(e)) => tally.h2_failure(Some(&e), h2.is_closed()),
+        Err(_) => tally.h2_failure(None, h2.is_closed()),
     }
 }
 

@@ -211,6 +211,25 @@ impl Tally {
         }
     }
 
+    /// An HTTP/2 exchange that ended without an answer (HTTPS and Matrix flooders): tallied
+    /// by cause; `false` when the connection is gone.
+    pub(crate) fn h2_failure(&self, err: Option<&hyper::Error>, conn_closed: bool) -> bool {
+        match err {
+            Some(e) => {
+                self.outcome(if e.is_closed() || e.is_canceled() {
+                    "connection closed"
+                } else {
+                    "stream reset"
+                });
+                !conn_closed
+            }
+            None => {
+                self.outcome("no answer");
+                true
+            }
+        }
+    }
+
     /// An HTTP-style status; a 200 to a submission or an update is told apart by its body.
     pub(crate) fn status(&self, code: u16, reply: Reply, body: &[u8]) {
         match (code, reply) {
