@@ -336,6 +336,7 @@ impl Harness {
                     endpoint,
                     target: target(t),
                     seq: seq.map(u64::from),
+                    lineage: None,
                     body: b.clone(),
                 };
                 self.relay.handle_request(now, &mut self.store, token, req);
@@ -365,6 +366,7 @@ impl Harness {
                             status: Status::Created,
                             body: Bytes::new(),
                             next_seq: t.seq.map(|s| s + events),
+                            next_inc: None,
                             retry_after: None,
                         },
                         Endpoint::SubmitMessage => Response::new(
@@ -383,6 +385,7 @@ impl Harness {
                         status: STATUSES[usize::from(*status) % STATUSES.len()],
                         body: Bytes::new(),
                         next_seq: next_seq.map(u64::from),
+                        next_inc: None,
                         retry_after: retry_after_s.map(|s| Duration::from_secs(u64::from(s))),
                     }),
                     Answer::Error(e) => Err(match e % 7 {

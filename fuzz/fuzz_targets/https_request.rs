@@ -72,6 +72,7 @@ fuzz_target!(|input: Input<'_>| {
         endpoint: _,
         target,
         seq,
+        lineage,
         announced: _,
     }) = request_head(&req, &ours, &peer)
     {
@@ -86,6 +87,14 @@ fuzz_target!(|input: Input<'_>| {
                 .expect("seq header");
             let text = raw.to_str().expect("accepted as text").trim();
             assert_eq!(text.parse::<u64>().ok(), Some(n));
+        }
+        if let Some(l) = lineage {
+            let raw = req
+                .headers()
+                .get(relay_https::MIMI_SEQ_INCARNATION)
+                .expect("incarnation header");
+            let text = raw.to_str().expect("accepted as text").trim();
+            assert_eq!(text.parse::<u64>().ok(), Some(l.batch));
         }
     }
 });

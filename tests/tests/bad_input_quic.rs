@@ -53,6 +53,7 @@ impl Peer {
             endpoint,
             target: target.to_owned(),
             seq,
+            lineage: None,
             body: vec![body],
         });
         let (got, outcome) = tokio::time::timeout(Duration::from_secs(10), self.rx.recv())

@@ -327,6 +327,7 @@ mod tests {
             endpoint: Endpoint::Notify,
             target: "mimi://b.example/r/x".into(),
             seq: Some(id),
+            lineage: None,
             body: vec![Bytes::new()],
         }
     }

@@ -297,6 +297,7 @@ mod tests {
             endpoint: Endpoint::Notify,
             target: "t".into(),
             seq: None,
+            lineage: None,
             body: Vec::new(),
         }
     }

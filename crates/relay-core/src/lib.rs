@@ -27,5 +27,5 @@ pub use relay::{InboxQuery, MlsRoomError, Now, Output, Relay, ReplyToken, RoomEr
 pub use stats::{RejectReason, RelayStats};
 pub use store::{InboxRange, MemStore, SealedCommit, Snapshot, Store, StoreError, StoreOp};
 pub use transport::{
-    Request, Response, Status, Transmit, TransmitId, TransportError, TransportKind,
+    Lineage, Request, Response, Status, Transmit, TransmitId, TransportError, TransportKind,
 };

@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 
 mod hub_mls;
 mod inbox;
+mod lineage;
 mod services;
 pub use hub_mls::MlsRoomError;
 pub use inbox::InboxQuery;
@@ -24,7 +25,7 @@ use crate::rng::SplitMix64;
 use crate::stats::{Histogram, PeerStats, RejectReason, RelayStats};
 use crate::store::{InboxRecord, Snapshot, Store, StoreOp, SubmitSeen};
 use crate::transport::{
-    Request, Response, Status, Transmit, TransmitId, TransportError, TransportKind,
+    Lineage, Request, Response, Status, Transmit, TransmitId, TransportError, TransportKind,
 };
 
 /// The time an input happens at: a monotonic instant for timers, and the wall clock for the
@@ -122,6 +123,8 @@ struct OutQueue {
     /// for it (its backlog was dropped, or it lost what it had acknowledged): a gap marker,
     /// `/notify` with an empty body and `seq = acked + 1`.
     needs_skip: bool,
+    /// Which hub start numbered which of the unacknowledged events.
+    lineage: lineage::Ranges,
 }
 
 impl OutQueue {
@@ -178,6 +181,8 @@ struct Cursor {
     hub: ProviderDomain,
     room: RoomId,
     next: u64,
+    /// The hub incarnation that numbered event `next - 1` (0: not known).
+    inc: u64,
     /// Hashes of recent delivered FanoutMessages (the draft's byte-exact duplicate rule),
     /// kept in the store too, so a restart does not forget them.
     recent: FastMap<u128, ()>,
@@ -193,6 +198,7 @@ impl Cursor {
             hub,
             room,
             next,
+            inc: 0,
             recent: FastMap::default(),
             recent_order: VecDeque::new(),
             recent_n: 0,
@@ -307,6 +313,8 @@ pub struct Relay {
     /// Rooms hosted elsewhere that this node follows: a local client took part in them, a
     /// local user's key material was claimed for them, or the config names them.
     followed: std::collections::HashSet<String>,
+    /// This start's incarnation: numbers the events queued from now on.
+    incarnation: u64,
 }
 
 /// Store record of a followed room: this byte, then the room id.
@@ -342,6 +350,7 @@ impl Relay {
             mls: hub_mls::MlsState::default(),
             services: services::Services::default(),
             followed: std::collections::HashSet::new(),
+            incarnation: lineage::draw(cfg.seed, now.unix_ms),
             cfg,
         };
         for room in &relay.cfg.follows {
@@ -407,6 +416,19 @@ impl Relay {
                 (hub.clone(), room.as_str().to_owned()),
                 Cursor::new(hub, room, next),
             );
+        }
+        for (k, v) in &snapshot.records {
+            if let Some((room, dest, ranges)) = lineage::parse_queue_record(k, v) {
+                if let Some(qi) = relay.queue_for(&room, &dest) {
+                    relay.queues[qi].lineage = ranges;
+                }
+            } else if let Some((hub, room, inc)) = lineage::parse_cursor_record(k, v)
+                && let Some(c) = relay
+                    .cursors
+                    .get_mut(&(hub.clone(), room.as_str().to_owned()))
+            {
+                c.inc = inc;
+            }
         }
         // A cursor fed only without sequence numbers has hashes but no stored `next`.
         for ((hub, room), slots) in snapshot.recent {
@@ -474,6 +496,7 @@ impl Relay {
             held_until: None,
             batch_bytes: self.cfg.max_batch_bytes,
             needs_skip: false,
+            lineage: lineage::Ranges::default(),
         });
         self.queue_by_key
             .insert((room.as_str().to_owned(), dest.clone()), qi);
@@ -714,6 +737,7 @@ impl Relay {
             endpoint: Endpoint::SubmitMessage,
             target: room.to_owned(),
             seq: None,
+            lineage: None,
             body: vec![body],
         }));
     }
@@ -859,6 +883,9 @@ impl Relay {
                 qseq,
                 fanout: &fanout,
             });
+            if q.lineage.note(qseq, self.incarnation) {
+                save_lineage(store, q);
+            }
             q.entries.push_back(Entry {
                 fanout: fanout.clone(),
                 enqueued: now.mono,
@@ -975,19 +1002,51 @@ impl Relay {
         match req.seq {
             Some(first) => {
                 if first > cursor.next {
-                    let next = cursor.next;
+                    let (next, inc) = (cursor.next, cursor.inc);
                     let mut response = self.reject(
                         RejectReason::OutOfOrder,
                         Status::OutOfOrder,
                         "sequence gap: resend from next",
                     );
                     response.next_seq = Some(next);
+                    response.next_inc = Some(inc);
                     return response;
+                }
+                // With incarnations on both sides the numbers are exact: a batch under the
+                // incarnation of our last event repeats what we hold below `next`, and one that
+                // starts at `next` must follow that event. Anything else is a hub whose
+                // numbering is not ours (it restarted from nothing or from a backup): our
+                // cursor goes back to it, and it renumbers.
+                let known = req.lineage.filter(|l| l.batch != 0 && cursor.inc != 0);
+                if let Some(l) = known {
+                    let follows = if first == cursor.next {
+                        l.prev == cursor.inc || l.batch == cursor.inc
+                    } else {
+                        l.batch == cursor.inc
+                    };
+                    if !follows {
+                        let (next, inc) = (cursor.next, cursor.inc);
+                        debug!(room = %room, hub = %req.from, first, next,
+                            "numbering from another hub incarnation: answering our cursor");
+                        self.stats.lineage_mismatches += 1;
+                        let mut response = self.reject(
+                            RejectReason::OutOfOrder,
+                            Status::OutOfOrder,
+                            "sequence from another hub incarnation: resend from next",
+                        );
+                        response.next_seq = Some(next);
+                        response.next_inc = Some(inc);
+                        return response;
+                    }
                 }
                 // Numbers already seen are duplicates, unless the bytes say otherwise: a number
                 // within the window of recent hashes whose bytes are not among them was reused
                 // by a hub that lost or restored its store, so it is a new event.
-                let recent_from = cursor.next.saturating_sub(cursor.recent_order.len() as u64);
+                let recent_from = if known.is_some() {
+                    cursor.next
+                } else {
+                    cursor.next.saturating_sub(cursor.recent_order.len() as u64)
+                };
                 let mut reused = 0u64;
                 for (i, f) in fanouts.iter().enumerate() {
                     let seq = first + i as u64;
@@ -1009,7 +1068,15 @@ impl Relay {
                          delivered by content");
                     self.stats.reused_seq += reused;
                 }
-                cursor.next = cursor.next.max(first + fanouts.len() as u64);
+                let end = first + fanouts.len() as u64;
+                if end > cursor.next {
+                    cursor.next = end;
+                    let inc = req.lineage.map_or(0, |l| l.batch);
+                    if inc != cursor.inc {
+                        cursor.inc = inc;
+                        save_cursor_inc(store, cursor);
+                    }
+                }
             }
             None => {
                 // The draft's rule without our sequence header: the same bytes from the same
@@ -1026,7 +1093,7 @@ impl Relay {
                 }
             }
         }
-        let next = cursor.next;
+        let (next, next_inc) = (cursor.next, cursor.inc);
         if req.seq.is_some() {
             store.apply(StoreOp::Cursor {
                 hub: &cursor.hub,
@@ -1050,6 +1117,7 @@ impl Relay {
         let mut response = Response::new(Status::Created, Bytes::new());
         if req.seq.is_some() {
             response.next_seq = Some(next);
+            response.next_inc = Some(next_inc);
         }
         response
     }
@@ -1082,9 +1150,16 @@ impl Relay {
                 room: &cursor.room,
                 next: seq,
             });
+            // The hub vouches for the numbering before the gap.
+            let inc = req.lineage.map_or(0, |l| l.prev);
+            if inc != cursor.inc {
+                cursor.inc = inc;
+                save_cursor_inc(store, cursor);
+            }
         }
         let mut response = Response::new(Status::Created, Bytes::new());
         response.next_seq = Some(cursor.next);
+        response.next_inc = Some(cursor.inc);
         response
     }
 
@@ -1159,7 +1234,23 @@ impl Relay {
         if current {
             self.queues[qi].inflight = self.queues[qi].inflight.saturating_sub(1);
         }
+        let diverged = match &outcome {
+            Ok(resp) if resp.status.is_success() || resp.status == Status::OutOfOrder => resp
+                .next_seq
+                .and_then(|next| self.diverged(qi, next, resp.next_inc)),
+            _ => None,
+        };
         match outcome {
+            Ok(resp) if diverged.is_some() => {
+                // The follower's numbers below `next` are not this hub's: keep what both hold,
+                // and number the rest after the follower's cursor.
+                let keep_upto = diverged.unwrap_or(0);
+                let next = resp.next_seq.unwrap_or(1);
+                self.queues[qi].refusals = 0;
+                self.ack(now, store, qi, keep_upto);
+                self.renumber_from(store, qi, next, resp.next_inc.unwrap_or(0));
+                self.peer_alive(self.queues[qi].peer, now);
+            }
             Ok(resp)
                 if resp.status.is_success()
                     && resp
@@ -1169,7 +1260,7 @@ impl Relay {
                 // Never acknowledge what was not assigned: that would drop pending events.
                 let next = resp.next_seq.unwrap_or(1);
                 self.queues[qi].refusals = 0;
-                self.renumber_from(store, qi, next);
+                self.renumber_from(store, qi, next, resp.next_inc.unwrap_or(0));
                 self.peer_alive(self.queues[qi].peer, now);
             }
             Ok(resp) if resp.status.is_success() => {
@@ -1277,6 +1368,9 @@ impl Relay {
             dest: &q.dest,
             upto,
         });
+        if q.lineage.trim(upto) {
+            save_lineage(store, q);
+        }
         self.peers[q.peer].stats.msgs_out += n as u64;
         self.mark_ready(qi);
     }
@@ -1497,10 +1591,17 @@ impl Relay {
                 let id = self.next_id();
                 let q = &mut self.queues[qi];
                 let start = (q.send_next - q.acked - 1) as usize;
-                let mut body = Vec::with_capacity(self.cfg.max_batch.min(q.entries.len() - start));
+                // A batch is numbered by one incarnation: it ends where the next one starts.
+                let max_batch = q
+                    .lineage
+                    .next_start_after(q.send_next)
+                    .map_or(self.cfg.max_batch, |end| {
+                        self.cfg.max_batch.min((end - q.send_next) as usize)
+                    });
+                let mut body = Vec::with_capacity(max_batch.min(q.entries.len() - start));
                 let mut bytes = 0usize;
                 for e in q.entries.range(start..) {
-                    if body.len() >= self.cfg.max_batch
+                    if body.len() >= max_batch
                         || (!body.is_empty() && bytes + e.fanout.len() > q.batch_bytes)
                     {
                         break;
@@ -1510,6 +1611,10 @@ impl Relay {
                 }
                 let first = q.send_next;
                 let last = first + body.len() as u64 - 1;
+                let lineage = q.lineage.inc_at(first).map(|batch| Lineage {
+                    batch,
+                    prev: q.lineage.inc_at(first - 1).unwrap_or(0),
+                });
                 q.send_next = last + 1;
                 q.inflight += 1;
                 let deadline = now.mono + self.cfg.transmit_timeout;
@@ -1534,6 +1639,7 @@ impl Relay {
                     endpoint: Endpoint::Notify,
                     target: q.room.as_str().to_owned(),
                     seq: Some(first),
+                    lineage,
                     body,
                 }));
             }
@@ -1569,20 +1675,54 @@ impl Relay {
             endpoint: Endpoint::Notify,
             target: q.room.as_str().to_owned(),
             seq: Some(q.acked + 1),
+            // The follower takes `prev` as the incarnation before the gap.
+            lineage: Some(Lineage {
+                batch: q.lineage.inc_at(q.acked + 1).unwrap_or(self.incarnation),
+                prev: q.lineage.inc_at(q.acked).unwrap_or(0),
+            }),
             body: Vec::new(),
         }));
     }
 
-    /// The follower acknowledged more than this hub ever assigned: the hub lost its store or
-    /// was restored from a backup, and numbered events the follower had already had. Renumber
-    /// what is pending from the follower's cursor, so none of it is taken for a duplicate.
-    fn renumber_from<S: Store>(&mut self, store: &mut S, qi: QueueIdx, next: u64) {
+    /// Whether the follower's cursor (`next`, and `inc`, the incarnation that numbered its
+    /// event `next - 1`) shows that this hub numbered events after a point the follower holds
+    /// other events under: then `Some(upto)`, what both hold (to acknowledge before renumbering
+    /// the rest). `None` when the numbering agrees, or the incarnations are not known (then
+    /// the numbers and the follower's recent hashes decide, as before incarnations).
+    fn diverged(&self, qi: QueueIdx, next: u64, inc: Option<u64>) -> Option<u64> {
+        let q = &self.queues[qi];
+        let inc = inc.filter(|&i| i != 0)?;
+        // A follower behind what it acknowledged lost its store: a gap, not a renumbering.
+        if next <= q.acked + 1 {
+            return None;
+        }
+        let held = next - 1;
+        let common = |end: Option<Option<u64>>| match end {
+            Some(Some(e)) if e <= held => e - 1,
+            _ => q.acked,
+        };
+        if held >= q.next_qseq() {
+            // Ahead of everything assigned: renumber, keeping what the follower's incarnation
+            // numbered here (the follower holds it).
+            return Some(common(q.lineage.end_of(inc)).max(q.acked));
+        }
+        match q.lineage.inc_at(held) {
+            Some(x) if x != inc => Some(common(q.lineage.end_of(inc)).max(q.acked)),
+            _ => None,
+        }
+    }
+
+    /// The follower holds events this hub numbered otherwise (it lost its store, or was
+    /// restored from a backup) up to `next - 1`. Renumber what is pending from the follower's
+    /// cursor, so none of it is taken for a duplicate; `inc` is the incarnation of the
+    /// follower's last event, which the first renumbered batch follows.
+    fn renumber_from<S: Store>(&mut self, store: &mut S, qi: QueueIdx, next: u64, inc: u64) {
         let q = &mut self.queues[qi];
         let pending: Vec<Bytes> = q.entries.iter().map(|e| e.fanout.clone()).collect();
         tracing::error!(room = %q.room, peer = %q.dest, follower_next = next,
             assigned_upto = q.next_qseq() - 1, pending = pending.len(),
-            "follower is ahead of this hub's queue: this hub lost or restored its store; \
-             pending events renumbered from the follower's cursor");
+            "follower holds other events under this queue's numbers: this hub lost or restored \
+             its store; pending events renumbered from the follower's cursor");
         let upto = next - 1;
         store.apply(StoreOp::Ack {
             room: &q.room,
@@ -1601,9 +1741,30 @@ impl Relay {
         q.send_next = next;
         q.inflight = 0;
         q.generation += 1;
+        q.lineage = lineage::Ranges::default();
+        if inc != 0 && upto > 0 {
+            q.lineage.note(upto, inc);
+        }
+        q.lineage.note(next, self.incarnation);
+        save_lineage(store, q);
         self.stats.resyncs += 1;
         self.mark_ready(qi);
     }
+}
+
+fn save_lineage<S: Store>(store: &mut S, q: &OutQueue) {
+    let value = q.lineage.encode();
+    store.apply(StoreOp::Record {
+        key: &lineage::queue_key(&q.room, &q.dest),
+        value: Some(&value),
+    });
+}
+
+fn save_cursor_inc<S: Store>(store: &mut S, c: &Cursor) {
+    store.apply(StoreOp::Record {
+        key: &lineage::cursor_key(&c.hub, &c.room),
+        value: Some(&c.inc.to_be_bytes()),
+    });
 }
 
 /// A 200 carrying a SubmitMessageResponse.

@@ -140,6 +140,9 @@ pub struct RelayStats {
     /// Hub: queues renumbered because a follower was ahead of them (this hub lost or restored
     /// its store) or behind what we kept (the follower lost its store).
     pub resyncs: u64,
+    /// Follower: `/notify` batches numbered by a hub incarnation our cursor does not follow
+    /// (answered with our cursor, so the hub renumbers).
+    pub lineage_mismatches: u64,
     /// Follower: gaps a hub told us of (events it could not deliver), and the events in them.
     pub gaps: u64,
     pub gap_events: u64,

@@ -322,10 +322,13 @@ impl Snapshot {
                 fanout,
             } => {
                 let key = (room.clone(), dest.clone());
-                self.queues
-                    .entry(key)
-                    .or_default()
-                    .push_back((qseq, fanout.clone()));
+                let q = self.queues.entry(key).or_default();
+                // A number written again (a renumbered queue) replaces what it held, as in a
+                // keyed store.
+                while q.back().is_some_and(|(s, _)| *s >= qseq) {
+                    q.pop_back();
+                }
+                q.push_back((qseq, fanout.clone()));
             }
             StoreOp::Ack { room, dest, upto } => {
                 let key = (room.clone(), dest.clone());

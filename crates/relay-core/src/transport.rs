@@ -71,6 +71,17 @@ pub struct UnknownTransport(pub String);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TransmitId(pub u64);
 
+/// Which runs of the hub numbered a `/notify` batch: `batch` numbered all of its events, `prev`
+/// the event just before its first (0: none, or not known). Each hub start draws a fresh random
+/// incarnation, so a follower can tell the numbering it holds from a hub that restarted from
+/// nothing or from a backup, and which events are the same (ARCHITECTURE.md, "A follower that
+/// stops, a hub that forgets").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Lineage {
+    pub batch: u64,
+    pub prev: u64,
+}
+
 /// One request from this relay to a peer provider.
 ///
 /// `body` is a list of segments sent back to back without copying: for `/notify` each segment
@@ -85,6 +96,8 @@ pub struct Transmit {
     pub target: String,
     /// The per-(room, destination) sequence number of the first segment, for `/notify`.
     pub seq: Option<u64>,
+    /// With `seq`: the incarnations behind the numbers.
+    pub lineage: Option<Lineage>,
     pub body: Vec<Bytes>,
 }
 
@@ -103,6 +116,7 @@ pub struct Request {
     pub endpoint: Endpoint,
     pub target: String,
     pub seq: Option<u64>,
+    pub lineage: Option<Lineage>,
     /// The exact bytes received. The relay never re-encodes them.
     pub body: Bytes,
 }
@@ -183,6 +197,9 @@ pub struct Response {
     /// For `/notify`: the receiver's next expected sequence number for this (hub, room), which
     /// acknowledges everything below it.
     pub next_seq: Option<u64>,
+    /// With `next_seq`: the hub incarnation that numbered the receiver's event `next_seq - 1`
+    /// (0 or absent: not known).
+    pub next_inc: Option<u64>,
     pub retry_after: Option<Duration>,
 }
 
@@ -192,6 +209,7 @@ impl Response {
             status,
             body: body.into(),
             next_seq: None,
+            next_inc: None,
             retry_after: None,
         }
     }

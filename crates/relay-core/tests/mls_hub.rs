@@ -223,6 +223,7 @@ impl Hub {
             endpoint,
             target: ROOM.into(),
             seq: None,
+            lineage: None,
             body,
         };
         self.relay

@@ -33,7 +33,10 @@ use tracing::{debug, info, warn};
 use crate::body::Segments;
 use crate::path::encode_target;
 use crate::server::header_u64;
-use crate::{CONTENT_TYPE_BODY, MIMI_NEXT_SEQ, MIMI_SEQ};
+use crate::{
+    CONTENT_TYPE_BODY, MIMI_NEXT_SEQ, MIMI_NEXT_SEQ_INCARNATION, MIMI_SEQ, MIMI_SEQ_INCARNATION,
+    MIMI_SEQ_PREV_INCARNATION,
+};
 
 /// Work for a peer task.
 #[derive(Debug)]
@@ -301,6 +304,10 @@ fn build_transmit<I>(ctx: &PeerCtx<I>, t: Transmit) -> http::Request<Segments> {
     if let Some(seq) = t.seq {
         h.insert(MIMI_SEQ, HeaderValue::from(seq));
     }
+    if let Some(l) = t.lineage {
+        h.insert(MIMI_SEQ_INCARNATION, HeaderValue::from(l.batch));
+        h.insert(MIMI_SEQ_PREV_INCARNATION, HeaderValue::from(l.prev));
+    }
     req
 }
 
@@ -331,6 +338,9 @@ async fn read_response(
         .ok_or_else(|| TransportError::BadResponse(format!("unexpected status {code}")))?;
     let next_seq = header_u64(&parts.headers, MIMI_NEXT_SEQ)
         .map_err(|()| TransportError::BadResponse("malformed mimi-next-seq".to_owned()))?;
+    let next_inc = header_u64(&parts.headers, MIMI_NEXT_SEQ_INCARNATION).map_err(|()| {
+        TransportError::BadResponse("malformed mimi-next-seq-incarnation".to_owned())
+    })?;
     // Only the delta-seconds form; an HTTP-date is ignored rather than failing the answer.
     let retry_after = header_u64(&parts.headers, RETRY_AFTER.as_str())
         .ok()
@@ -349,6 +359,7 @@ async fn read_response(
         status,
         body,
         next_seq,
+        next_inc,
         retry_after,
     })
 }

@@ -139,7 +139,7 @@ pub mod fuzz {
     use mimi_wire::endpoint::{DIRECTORY_PATH, Endpoint};
     use mimi_wire::uri::ProviderDomain;
 
-    use crate::server::{Rejection, check_from, check_host, header_u64};
+    use crate::server::{Rejection, check_from, check_host, header_lineage, header_u64};
 
     /// What the server reads of a request before its body.
     #[derive(Debug, PartialEq, Eq)]
@@ -150,6 +150,7 @@ pub mod fuzz {
             endpoint: Endpoint,
             target: String,
             seq: Option<u64>,
+            lineage: Option<relay_core::Lineage>,
             announced: Option<u64>,
         },
     }
@@ -178,6 +179,7 @@ pub mod fuzz {
         }
         let target = crate::path::decode_target(raw_target).map_err(|_| Rejection::BadEncoding)?;
         let seq = header_u64(req.headers(), crate::MIMI_SEQ).map_err(|()| Rejection::BadSeq)?;
+        let lineage = header_lineage(req.headers())?;
         let announced = req
             .headers()
             .get(http::header::CONTENT_LENGTH)
@@ -187,6 +189,7 @@ pub mod fuzz {
             endpoint,
             target,
             seq,
+            lineage,
             announced,
         })
     }
@@ -196,6 +199,12 @@ pub mod fuzz {
 pub const MIMI_SEQ: &str = "mimi-seq";
 /// Response header: the receiver's next expected sequence number.
 pub const MIMI_NEXT_SEQ: &str = "mimi-next-seq";
+/// Request header, with `MIMI-Seq`: the hub incarnation that numbered the batch.
+pub const MIMI_SEQ_INCARNATION: &str = "mimi-seq-incarnation";
+/// Request header, with `MIMI-Seq`: the hub incarnation that numbered the event before it.
+pub const MIMI_SEQ_PREV_INCARNATION: &str = "mimi-seq-prev-incarnation";
+/// Response header, with `MIMI-Next-Seq`: the incarnation of the receiver's last event.
+pub const MIMI_NEXT_SEQ_INCARNATION: &str = "mimi-next-seq-incarnation";
 /// Media type of request and success bodies; the draft names none.
 pub const CONTENT_TYPE_BODY: &str = "application/octet-stream";
 /// Media type of error reasons.

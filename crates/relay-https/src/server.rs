@@ -17,7 +17,7 @@ use mimi_wire::endpoint::{DIRECTORY_PATH, Endpoint};
 use mimi_wire::uri::ProviderDomain;
 use relay_adapter::http::{BodyLimits, BodyRefusal, read_body};
 use relay_adapter::{AdapterStats, ByteBudget, Gate, HandshakePermit, Inbound, LogLimiter};
-use relay_core::transport::{Request, Response, TransportKind};
+use relay_core::transport::{Lineage, Request, Response, TransportKind};
 use relay_tls::PeerTrust;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -25,7 +25,10 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info};
 
 use crate::path::{DecodeError, decode_target};
-use crate::{CONTENT_TYPE_BODY, CONTENT_TYPE_REASON, MIMI_NEXT_SEQ, MIMI_SEQ};
+use crate::{
+    CONTENT_TYPE_BODY, CONTENT_TYPE_REASON, MIMI_NEXT_SEQ, MIMI_NEXT_SEQ_INCARNATION, MIMI_SEQ,
+    MIMI_SEQ_INCARNATION, MIMI_SEQ_PREV_INCARNATION,
+};
 
 /// Why the adapter itself refused a request before the node saw it. The body of the answer
 /// is [`Rejection::as_str`], so a peer can tell the cases apart without parsing prose.
@@ -249,6 +252,7 @@ async fn route<I: Inbound>(
         DecodeError::BadEscape | DecodeError::NotUtf8 => Rejection::BadEncoding,
     })?;
     let seq = header_u64(req.headers(), MIMI_SEQ).map_err(|()| Rejection::BadSeq)?;
+    let lineage = header_lineage(req.headers())?;
 
     // Announced oversize or over-budget bodies are refused unread; the rest are capped and
     // counted while streaming (a client may lie or send no length at all).
@@ -272,6 +276,7 @@ async fn route<I: Inbound>(
         endpoint,
         target,
         seq,
+        lineage,
         body,
     };
     let response = ctx.inbound.request(request).await;
@@ -337,6 +342,17 @@ pub(crate) fn header_u64(headers: &HeaderMap, name: &str) -> Result<Option<u64>,
     }
 }
 
+/// The incarnation headers that go with `MIMI-Seq` (absent: the sender has none); a malformed
+/// one is refused like a malformed `MIMI-Seq`.
+pub(crate) fn header_lineage(headers: &HeaderMap) -> Result<Option<Lineage>, Rejection> {
+    let batch = header_u64(headers, MIMI_SEQ_INCARNATION).map_err(|()| Rejection::BadSeq)?;
+    let prev = header_u64(headers, MIMI_SEQ_PREV_INCARNATION).map_err(|()| Rejection::BadSeq)?;
+    Ok(batch.map(|batch| Lineage {
+        batch,
+        prev: prev.unwrap_or(0),
+    }))
+}
+
 fn to_http(response: Response) -> HttpResponse {
     let content_type = if response.body.is_empty() {
         None
@@ -349,6 +365,9 @@ fn to_http(response: Response) -> HttpResponse {
     let headers = resp.headers_mut();
     if let Some(next) = response.next_seq {
         headers.insert(MIMI_NEXT_SEQ, HeaderValue::from(next));
+    }
+    if let Some(inc) = response.next_inc {
+        headers.insert(MIMI_NEXT_SEQ_INCARNATION, HeaderValue::from(inc));
     }
     if let Some(after) = response.retry_after {
         // Whole seconds, rounded up so that a client never retries early.

@@ -180,6 +180,7 @@ impl Inbound for Fake {
                     status: Status::Created,
                     body: Bytes::new(),
                     next_seq: request.seq.map(|s| s + 1),
+                    next_inc: None,
                     retry_after: None,
                 },
                 Endpoint::SubmitMessage => {
@@ -234,6 +235,7 @@ fn transmit(
         endpoint,
         target: target.to_owned(),
         seq,
+        lineage: None,
         body,
     }
 }

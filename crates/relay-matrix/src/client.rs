@@ -247,13 +247,18 @@ pub(crate) async fn run_peer<I: Inbound>(
                             Ok(Response::error(Status::BadRequest, "target too long")),
                         );
                     } else {
-                        let frags = wire::fragments(
+                        let mut frags = wire::fragments(
                             &t.id.0.to_string(),
                             t.endpoint,
                             &t.target,
                             t.seq,
                             &t.body,
                         );
+                        if let Some(l) = t.lineage {
+                            for f in &mut frags {
+                                (f.inc, f.prev_inc) = (Some(l.batch), Some(l.prev));
+                            }
+                        }
                         if frags.len() > MAX_EDUS {
                             // Larger than a whole transaction: the core halves its batches.
                             ctx.inbound.outcome(

@@ -523,6 +523,7 @@ async fn send<I: Inbound>(
                     endpoint: r.endpoint,
                     target: r.target.clone(),
                     seq: r.seq,
+                    lineage: r.lineage,
                     body: r.body.clone(),
                 })
             })

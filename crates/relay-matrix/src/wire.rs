@@ -8,7 +8,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD_NO_PAD;
 use bytes::{Bytes, BytesMut};
 use mimi_wire::endpoint::Endpoint;
-use relay_core::transport::{Response, Status};
+use relay_core::transport::{Lineage, Response, Status};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -40,11 +40,36 @@ pub struct RequestContent {
     pub target: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
+    /// With `seq`: the hub incarnations that numbered the batch and the event before it.
+    /// Decimal strings: incarnations use all 64 bits, and canonical JSON allows integers only
+    /// up to 2^53.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "u64_text")]
+    pub inc: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "u64_text")]
+    pub prev_inc: Option<u64>,
     /// This fragment's index and the number of fragments; all travel in one transaction.
     pub part: u32,
     pub parts: u32,
     /// Unpadded standard base64 of this fragment's payload bytes.
     pub body: String,
+}
+
+/// An optional u64 as a decimal string.
+mod u64_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(n) => s.collect_str(n),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        let text: Option<std::borrow::Cow<'de, str>> = Option::deserialize(d)?;
+        text.map(|t| t.parse().map_err(serde::de::Error::custom))
+            .transpose()
+    }
 }
 
 /// One EDU as it appears in a transaction.
@@ -72,6 +97,9 @@ pub struct ResponseContent {
     pub status: u16,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_seq: Option<u64>,
+    /// With `next_seq`: the incarnation of the receiver's last event (a decimal string).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "u64_text")]
+    pub next_inc: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -109,6 +137,7 @@ impl ResponseContent {
         ResponseContent {
             status: r.status.http_code(),
             next_seq: r.next_seq,
+            next_inc: r.next_inc,
             retry_after_ms: r
                 .retry_after
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
@@ -129,6 +158,7 @@ impl ResponseContent {
                 Bytes::from(decode_b64(&self.body)?)
             },
             next_seq: self.next_seq,
+            next_inc: self.next_inc,
             retry_after: self.retry_after_ms.map(Duration::from_millis),
         })
     }
@@ -153,6 +183,8 @@ pub fn fragments(
             endpoint: endpoint.as_str().to_owned(),
             target: target.to_owned(),
             seq,
+            inc: None,
+            prev_inc: None,
             part: u32::try_from(out.len()).unwrap_or(u32::MAX),
             parts: u32::try_from(parts).unwrap_or(u32::MAX),
             body: encode_b64(chunk),
@@ -183,6 +215,7 @@ pub struct Assembled {
     pub endpoint: Endpoint,
     pub target: String,
     pub seq: Option<u64>,
+    pub lineage: Option<Lineage>,
     pub body: Bytes,
 }
 
@@ -235,6 +268,8 @@ impl Reassembler {
                     || c.endpoint != first.endpoint
                     || c.target != first.target
                     || c.seq != first.seq
+                    || c.inc != first.inc
+                    || c.prev_inc != first.prev_inc
                 {
                     return Err(BindingError::Fragments(first.id));
                 }
@@ -255,6 +290,10 @@ impl Reassembler {
             endpoint,
             target: first.target,
             seq: first.seq,
+            lineage: first.inc.map(|batch| Lineage {
+                batch,
+                prev: first.prev_inc.unwrap_or(0),
+            }),
             body: std::mem::take(&mut buf).freeze(),
         });
         Ok(())
@@ -348,14 +387,34 @@ mod tests {
     }
 
     #[test]
+    fn incarnations_travel_as_text_within_canonical_json() {
+        let mut f = fragments(
+            "1",
+            Endpoint::Notify,
+            "t",
+            Some(3),
+            &[Bytes::from_static(b"x")],
+        );
+        (f[0].inc, f[0].prev_inc) = (Some(u64::MAX), Some(1 << 60));
+        let json = serde_json::to_string(&f[0]).expect("serializes");
+        assert!(json.contains("\"inc\":\"18446744073709551615\""), "{json}");
+        let back: RequestContent = serde_json::from_str(&json).expect("parses");
+        assert_eq!(back, f[0]);
+        let bad = json.replace("\"18446744073709551615\"", "18446744073709551615");
+        assert!(serde_json::from_str::<RequestContent>(&bad).is_err());
+    }
+
+    #[test]
     fn responses_roundtrip() {
         let mut r = Response::new(Status::OutOfOrder, Bytes::from_static(b"gap"));
         r.next_seq = Some(17);
+        r.next_inc = Some(u64::MAX);
         r.retry_after = Some(Duration::from_millis(1500));
         assert_eq!(ResponseContent::from_response(&r).to_response(), Some(r));
         let bad = ResponseContent {
             status: 299,
             next_seq: None,
+            next_inc: None,
             retry_after_ms: None,
             body: String::new(),
         };

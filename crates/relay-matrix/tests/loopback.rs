@@ -18,6 +18,7 @@ fn notify(id: u64, dest: &mimi_wire::uri::ProviderDomain, seq: u64, body: Vec<By
         endpoint: Endpoint::Notify,
         target: "mimi://a.example/r/room".into(),
         seq: Some(seq),
+        lineage: None,
         body,
     }
 }

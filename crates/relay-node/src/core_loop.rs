@@ -779,6 +779,7 @@ mod tests {
                 endpoint: Endpoint::Notify,
                 target: ROOM.to_owned(),
                 seq: Some(seq),
+                lineage: None,
                 body: fanout(n),
             };
             if self

@@ -72,17 +72,22 @@ impl Ingress {
     }
 
     /// Queues a request of `weight`; `Ok(true)` means the caller must wake the core thread.
-    pub(crate) fn push(&self, weight: usize, item: Waiting) -> Result<bool, (Refused, Waiting)> {
+    /// A refusal hands the request back (boxed: refusals are the cold path).
+    pub(crate) fn push(
+        &self,
+        weight: usize,
+        item: Waiting,
+    ) -> Result<bool, Box<(Refused, Waiting)>> {
         let mut s = self.lock();
         if s.total + weight > self.total {
             s.refused_total += 1;
-            return Err((Refused::Total, item));
+            return Err(Box::new((Refused::Total, item)));
         }
         let from = item.0.from.clone();
         let q = s.peers.entry(from.clone()).or_default();
         if q.weight + weight > self.per_peer {
             s.refused_share += 1;
-            return Err((Refused::PeerShare, item));
+            return Err(Box::new((Refused::PeerShare, item)));
         }
         let was_idle = q.items.is_empty();
         q.items.push_back((weight, item));
@@ -172,6 +177,7 @@ mod tests {
                 endpoint: Endpoint::Notify,
                 target: format!("{n}"),
                 seq: None,
+                lineage: None,
                 body: Bytes::new(),
             },
             tx,

@@ -110,7 +110,8 @@ impl Inbound for NodeInbound {
                     }
                 }
                 Ok(false) => {}
-                Err((why, _)) => {
+                Err(refused) => {
+                    let (why, _) = *refused;
                     let text = match why {
                         ingress::Refused::PeerShare => "relay overloaded by this peer's requests",
                         ingress::Refused::Total => "relay overloaded",

@@ -80,6 +80,11 @@ pub fn render(s: &RelayStats, store: &StoreStats) -> String {
         s.gap_events,
     );
     counter(
+        "mimi_relay_lineage_mismatches_total",
+        "Follower: /notify batches numbered by a hub incarnation our cursor does not follow.",
+        s.lineage_mismatches,
+    );
+    counter(
         "mimi_relay_reused_seq_total",
         "Follower: events whose sequence number a hub had used before for other bytes.",
         s.reused_seq,

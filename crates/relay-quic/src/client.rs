@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::codes;
-use crate::framing::{Body, Frame, encode_ping, encode_request};
+use crate::framing::{Body, Frame, SeqHead, encode_ping, encode_request};
 use crate::stream::FrameReader;
 
 /// Most transmits written in one batch, and the body bytes after which a batch is cut.
@@ -342,7 +342,10 @@ async fn room_writer(
                     id,
                     transmit.endpoint.code(),
                     &transmit.target,
-                    transmit.seq,
+                    SeqHead {
+                        seq: transmit.seq,
+                        lineage: transmit.lineage.map(|l| (l.batch, l.prev)),
+                    },
                     transmit.body_len(),
                 ) {
                     Ok(()) => {
@@ -401,6 +404,7 @@ async fn read_responses(
             id,
             status,
             next_seq,
+            next_inc,
             retry_after_ms,
             body,
         } = frame
@@ -426,6 +430,7 @@ async fn read_responses(
                 status,
                 body,
                 next_seq,
+                next_inc,
                 retry_after: retry_after_ms.map(Duration::from_millis),
             }),
             (None, _) => Err(TransportError::BadResponse(format!(

@@ -70,6 +70,8 @@ pub enum Frame {
         /// UTF-8 in a valid frame; not checked here so that the receiver can answer 400.
         target: Bytes,
         seq: Option<u64>,
+        /// With `seq`: the hub incarnations `(batch, prev)` behind it.
+        lineage: Option<(u64, u64)>,
         body: Body,
     },
     Response {
@@ -77,11 +79,95 @@ pub enum Frame {
         /// An HTTP status code.
         status: u16,
         next_seq: Option<u64>,
+        /// With `next_seq`: the incarnation of the receiver's last event.
+        next_inc: Option<u64>,
         retry_after_ms: Option<u64>,
         body: Body,
     },
     Ping(u64),
     Pong(u64),
+}
+
+/// A request's sequence field: flag 0 (none), 1 (`seq`), or 2 (`seq`, then the incarnations
+/// of the batch and of the event before it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SeqHead {
+    pub seq: Option<u64>,
+    pub lineage: Option<(u64, u64)>,
+}
+
+impl From<Option<u64>> for SeqHead {
+    fn from(seq: Option<u64>) -> Self {
+        SeqHead { seq, lineage: None }
+    }
+}
+
+impl SeqHead {
+    fn words(&self) -> usize {
+        match (self.seq, self.lineage) {
+            (None, _) => 0,
+            (Some(_), None) => 1,
+            (Some(_), Some(_)) => 3,
+        }
+    }
+
+    fn put(&self, buf: &mut BytesMut) {
+        match (self.seq, self.lineage) {
+            (None, _) => buf.put_u8(0),
+            (Some(s), None) => {
+                buf.put_u8(1);
+                buf.put_u64(s);
+            }
+            (Some(s), Some((batch, prev))) => {
+                buf.put_u8(2);
+                buf.put_u64(s);
+                buf.put_u64(batch);
+                buf.put_u64(prev);
+            }
+        }
+    }
+}
+
+/// A response's sequence field: flag 0 (none), 1 (`next_seq`), or 2 (`next_seq`, then the
+/// incarnation of the receiver's last event).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHead {
+    pub next_seq: Option<u64>,
+    pub next_inc: Option<u64>,
+}
+
+impl From<Option<u64>> for NextHead {
+    fn from(next_seq: Option<u64>) -> Self {
+        NextHead {
+            next_seq,
+            next_inc: None,
+        }
+    }
+}
+
+impl NextHead {
+    fn words(&self) -> usize {
+        match (self.next_seq, self.next_inc) {
+            (None, _) => 0,
+            (Some(_), None) => 1,
+            (Some(_), Some(_)) => 2,
+        }
+    }
+
+    fn put(&self, buf: &mut BytesMut) {
+        match (self.next_seq, self.next_inc) {
+            (None, _) => buf.put_u8(0),
+            (Some(n), None) => {
+                buf.put_u8(1);
+                buf.put_u64(n);
+            }
+            (Some(n), Some(inc)) => {
+                buf.put_u8(2);
+                buf.put_u64(n);
+                buf.put_u64(inc);
+            }
+        }
+    }
 }
 
 fn put_opt(buf: &mut BytesMut, v: Option<u64>) {
@@ -110,12 +196,13 @@ pub fn encode_request(
     id: u64,
     endpoint: u8,
     target: &str,
-    seq: Option<u64>,
+    seq: impl Into<SeqHead>,
     body_len: usize,
 ) -> Result<(), EncodeError> {
+    let seq = seq.into();
     let target_len =
         u16::try_from(target.len()).map_err(|_| EncodeError::TargetTooLong(target.len()))?;
-    let head = REQUEST_FIXED + target.len() + opt_len(seq) + 4;
+    let head = REQUEST_FIXED + target.len() + 1 + 8 * seq.words() + 4;
     let len = frame_len(head, body_len)?;
     buf.reserve(head);
     buf.put_u32(len);
@@ -124,7 +211,7 @@ pub fn encode_request(
     buf.put_u8(endpoint);
     buf.put_u16(target_len);
     buf.put_slice(target.as_bytes());
-    put_opt(buf, seq);
+    seq.put(buf);
     // Cannot truncate: frame_len above bounds body_len by u32::MAX.
     buf.put_u32(body_len as u32);
     Ok(())
@@ -135,18 +222,19 @@ pub fn encode_response(
     buf: &mut BytesMut,
     id: u64,
     status: u16,
-    next_seq: Option<u64>,
+    next: impl Into<NextHead>,
     retry_after_ms: Option<u64>,
     body_len: usize,
 ) -> Result<(), EncodeError> {
-    let head = RESPONSE_FIXED - 1 + opt_len(next_seq) + opt_len(retry_after_ms) + 4;
+    let next = next.into();
+    let head = RESPONSE_FIXED + 8 * next.words() + opt_len(retry_after_ms) + 4;
     let len = frame_len(head, body_len)?;
     buf.reserve(head);
     buf.put_u32(len);
     buf.put_u8(KIND_RESPONSE);
     buf.put_u64(id);
     buf.put_u16(status);
-    put_opt(buf, next_seq);
+    next.put(buf);
     put_opt(buf, retry_after_ms);
     buf.put_u32(body_len as u32);
     Ok(())
@@ -308,6 +396,16 @@ fn check_fits(declared: u32, head_so_far: usize) -> Result<(), FrameError> {
     Ok(())
 }
 
+/// A sequence field's flag: 0 (absent), 1 (one u64), 2 (`with_lineage` u64s).
+fn words(b: u8, with_lineage: usize) -> Result<usize, FrameError> {
+    match b {
+        0 => Ok(0),
+        1 => Ok(1),
+        2 => Ok(with_lineage),
+        other => Err(FrameError::BadFlag(other)),
+    }
+}
+
 fn flag(b: u8) -> Result<bool, FrameError> {
     match b {
         0 => Ok(false),
@@ -382,8 +480,8 @@ impl Decoder {
         let Some(seq_flag) = q.peek_u8(flag_at) else {
             return Ok(None);
         };
-        let has_seq = flag(seq_flag)?;
-        let body_len_at = flag_at + 1 + if has_seq { 8 } else { 0 };
+        let seq_words = words(seq_flag, 3)?;
+        let body_len_at = flag_at + 1 + 8 * seq_words;
         let head = body_len_at + 4;
         check_fits(declared, head)?;
         let mut bl = [0u8; 4];
@@ -402,7 +500,8 @@ impl Decoder {
         q.advance(REQUEST_FIXED);
         let target = q.take(target_len);
         q.advance(1);
-        let seq = has_seq.then(|| q.take_u64());
+        let seq = (seq_words > 0).then(|| q.take_u64());
+        let lineage = (seq_words == 3).then(|| (q.take_u64(), q.take_u64()));
         q.advance(4);
         let body = self.body(q, body_len, oversize);
         Ok(Some(Frame::Request {
@@ -410,6 +509,7 @@ impl Decoder {
             endpoint,
             target,
             seq,
+            lineage,
             body,
         }))
     }
@@ -423,8 +523,8 @@ impl Decoder {
         if !q.peek(0, &mut fixed) {
             return Ok(None);
         }
-        let has_next = flag(fixed[15])?;
-        let retry_flag_at = RESPONSE_FIXED + if has_next { 8 } else { 0 };
+        let next_words = words(fixed[15], 2)?;
+        let retry_flag_at = RESPONSE_FIXED + 8 * next_words;
         check_fits(declared, retry_flag_at + 1 + 4)?;
         let Some(retry_flag) = q.peek_u8(retry_flag_at) else {
             return Ok(None);
@@ -446,7 +546,8 @@ impl Decoder {
         let id = u64::from_be_bytes(fixed[5..13].try_into().unwrap_or_default());
         let status = u16::from_be_bytes([fixed[13], fixed[14]]);
         q.advance(RESPONSE_FIXED);
-        let next_seq = has_next.then(|| q.take_u64());
+        let next_seq = (next_words > 0).then(|| q.take_u64());
+        let next_inc = (next_words == 2).then(|| q.take_u64());
         q.advance(1);
         let retry_after_ms = has_retry.then(|| q.take_u64());
         q.advance(4);
@@ -455,6 +556,7 @@ impl Decoder {
             id,
             status,
             next_seq,
+            next_inc,
             retry_after_ms,
             body,
         }))
@@ -526,6 +628,17 @@ mod tests {
         wire.extend(response(7, 201, Some(43), None, b""));
         wire.extend(response(9, 503, None, Some(1500), b"busy"));
         let mut p = BytesMut::new();
+        let seq = SeqHead {
+            seq: Some(44),
+            lineage: Some((0xfeed, 0xbeef)),
+        };
+        encode_request(&mut p, 10, 3, "r", seq, 2).expect("encodes");
+        p.put_slice(b"ab");
+        let next = NextHead {
+            next_seq: Some(46),
+            next_inc: Some(0xfeed),
+        };
+        encode_response(&mut p, 10, 201, next, Some(5), 0).expect("encodes");
         encode_ping(&mut p, 5, false);
         encode_ping(&mut p, 5, true);
         wire.extend_from_slice(&p);
@@ -535,6 +648,7 @@ mod tests {
                 endpoint: 3,
                 target: Bytes::from_static(b"mimi://a.example/r/room1"),
                 seq: Some(42),
+                lineage: None,
                 body: Body::Bytes(Bytes::from_static(b"hello")),
             },
             Frame::Request {
@@ -542,12 +656,14 @@ mod tests {
                 endpoint: 3,
                 target: Bytes::new(),
                 seq: None,
+                lineage: None,
                 body: Body::Bytes(Bytes::new()),
             },
             Frame::Response {
                 id: 7,
                 status: 201,
                 next_seq: Some(43),
+                next_inc: None,
                 retry_after_ms: None,
                 body: Body::Bytes(Bytes::new()),
             },
@@ -555,8 +671,25 @@ mod tests {
                 id: 9,
                 status: 503,
                 next_seq: None,
+                next_inc: None,
                 retry_after_ms: Some(1500),
                 body: Body::Bytes(Bytes::from_static(b"busy")),
+            },
+            Frame::Request {
+                id: 10,
+                endpoint: 3,
+                target: Bytes::from_static(b"r"),
+                seq: Some(44),
+                lineage: Some((0xfeed, 0xbeef)),
+                body: Body::Bytes(Bytes::from_static(b"ab")),
+            },
+            Frame::Response {
+                id: 10,
+                status: 201,
+                next_seq: Some(46),
+                next_inc: Some(0xfeed),
+                retry_after_ms: Some(5),
+                body: Body::Bytes(Bytes::new()),
             },
             Frame::Ping(5),
             Frame::Pong(5),

@@ -15,13 +15,13 @@ use mimi_wire::uri::ProviderDomain;
 use quinn::{Connection, Incoming, RecvStream, SendStream, VarInt};
 use relay_adapter::Inbound;
 use relay_adapter::{AdapterContext, Budget, ByteBudget, Gate, HandshakePermit, LogLimiter};
-use relay_core::transport::{Request, Response, Status, TransportKind};
+use relay_core::transport::{Lineage, Request, Response, Status, TransportKind};
 use relay_tls::PeerTrust;
 use rustls::pki_types::CertificateDer;
 use tokio::sync::Notify;
 
 use crate::framing::{
-    Body, Frame, FrameError, KIND_PONG, KIND_RESPONSE, encode_ping, encode_response,
+    Body, Frame, FrameError, KIND_PONG, KIND_RESPONSE, NextHead, encode_ping, encode_response,
 };
 use crate::stream::{FrameReader, Ledger, ReadFail};
 use crate::{MAX_OUTSTANDING_PER_STREAM, codes};
@@ -174,14 +174,15 @@ fn handle<'a, I: Inbound>(
     from: &ProviderDomain,
     frame: Frame,
 ) -> Result<Either<impl Future<Output = Reply> + Send + 'a, Ready<Reply>>, FrameError> {
-    let (id, endpoint, target, seq, body) = match frame {
+    let (id, endpoint, target, seq, lineage, body) = match frame {
         Frame::Request {
             id,
             endpoint,
             target,
             seq,
+            lineage,
             body,
-        } => (id, endpoint, target, seq, body),
+        } => (id, endpoint, target, seq, lineage, body),
         Frame::Ping(nonce) => return Ok(Either::Right(ready(Reply::Pong(nonce)))),
         // A sender never receives requests on its own streams: the peer is confused.
         Frame::Response { .. } => return Err(FrameError::Unexpected(KIND_RESPONSE)),
@@ -215,6 +216,7 @@ fn handle<'a, I: Inbound>(
         endpoint,
         target: target.to_owned(),
         seq,
+        lineage: lineage.map(|(batch, prev)| Lineage { batch, prev }),
         body,
     };
     Ok(Either::Left(async move {
@@ -236,7 +238,10 @@ fn encode_reply(reply: Reply, heads: &mut BytesMut, out: &mut Vec<Bytes>) {
                 heads,
                 id,
                 status,
-                response.next_seq,
+                NextHead {
+                    next_seq: response.next_seq,
+                    next_inc: response.next_inc,
+                },
                 retry,
                 response.body.len(),
             ) {

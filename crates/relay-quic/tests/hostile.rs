@@ -47,6 +47,7 @@ impl Inbound for Fake {
             status: Status::Created,
             body: Bytes::new(),
             next_seq: request.seq.map(|s| s + 1),
+            next_inc: None,
             retry_after: None,
         }
     }
@@ -294,6 +295,7 @@ async fn partial_frames_of_one_peer_are_held_to_its_budget_while_another_is_serv
             endpoint: Endpoint::Notify,
             target: format!("mimi://b.example/r/room{}", i % 4),
             seq: Some(i),
+            lineage: None,
             body: vec![Bytes::from(vec![1u8; 8 * 1024])],
         });
     }
@@ -343,6 +345,7 @@ async fn requests_awaiting_the_node_count_against_the_budget_and_all_are_answere
             endpoint: Endpoint::Notify,
             target: "mimi://b.example/r/slow".to_owned(),
             seq: Some(i),
+            lineage: None,
             body: vec![Bytes::from(vec![2u8; 8 * 1024])],
         });
     }

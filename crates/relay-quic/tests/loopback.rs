@@ -69,6 +69,7 @@ impl Inbound for Fake {
                 status: Status::Created,
                 body: request.body,
                 next_seq: request.seq.map(|s| s + 1),
+                next_inc: None,
                 retry_after: None,
             }
         }
@@ -154,6 +155,7 @@ fn transmit(id: u64, dest: &ProviderDomain, target: &str, seq: u64, body: Vec<By
         endpoint: Endpoint::Notify,
         target: target.to_owned(),
         seq: Some(seq),
+        lineage: None,
         body,
     }
 }

@@ -84,6 +84,7 @@ impl Follower {
             endpoint: Endpoint::Notify,
             target: ROOM.to_owned(),
             seq: Some(first + 1),
+            lineage: None,
             body: Bytes::from(body),
         };
         self.relay

@@ -20,6 +20,7 @@ fn stanza(n: usize) -> Vec<u8> {
         endpoint: Endpoint::Notify,
         target: "mimi://a.example/r/0123456789abcdef".into(),
         seq: Some(42),
+        lineage: None,
         body: vec![Bytes::from(vec![0x5a; n])],
     };
     let mut out = Vec::new();

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use mimi_wire::endpoint::Endpoint;
 use minidom::Element;
 use minidom::rxml::{Namespace, NcName};
-use relay_core::transport::{Response, Status, Transmit};
+use relay_core::transport::{Lineage, Response, Status, Transmit};
 use xmpp_parsers::iq::Iq as XmppIq;
 use xmpp_parsers::jid::Jid;
 use xmpp_parsers::ping::Ping;
@@ -89,6 +89,10 @@ pub fn mimi_request(t: &Transmit) -> Element {
     if let Some(seq) = t.seq {
         set_attr(&mut m, "seq", seq.to_string());
     }
+    if let Some(l) = t.lineage {
+        set_attr(&mut m, "inc", l.batch.to_string());
+        set_attr(&mut m, "prev-inc", l.prev.to_string());
+    }
     m.append_text(base64_segments(&t.body));
     m
 }
@@ -147,6 +151,9 @@ pub fn mimi_answer(r: &Response) -> Element {
     set_attr(&mut m, "status", r.status.http_code().to_string());
     if let Some(n) = r.next_seq {
         set_attr(&mut m, "next-seq", n.to_string());
+    }
+    if let Some(inc) = r.next_inc {
+        set_attr(&mut m, "next-inc", inc.to_string());
     }
     if let Some(d) = r.retry_after {
         set_attr(&mut m, "retry-after-ms", d.as_millis().to_string());
@@ -420,6 +427,7 @@ pub struct MimiRequest {
     pub endpoint: Endpoint,
     pub target: String,
     pub seq: Option<u64>,
+    pub lineage: Option<Lineage>,
     pub body: Bytes,
 }
 
@@ -492,12 +500,14 @@ fn answer(m: &Element, text: Option<&[u8]>, max: usize) -> Result<Response, Stri
         .ok_or("answer without a status")?;
     let status = Status::from_http_code(code).ok_or(format!("unknown status {code}"))?;
     let next_seq = opt_u64(m, "next-seq").map_err(|()| "bad next-seq")?;
+    let next_inc = opt_u64(m, "next-inc").map_err(|()| "bad next-inc")?;
     let retry = opt_u64(m, "retry-after-ms").map_err(|()| "bad retry-after-ms")?;
     let body = decode_body(m, text, max).map_err(|(_, why)| why.to_owned())?;
     Ok(Response {
         status,
         body,
         next_seq,
+        next_inc,
         retry_after: retry.map(Duration::from_millis),
     })
 }
@@ -563,11 +573,17 @@ fn request(
         .ok_or((Status::BadRequest, "missing target"))?
         .to_owned();
     let seq = opt_u64(m, "seq").map_err(|()| (Status::BadRequest, "bad seq"))?;
+    let batch = opt_u64(m, "inc").map_err(|()| (Status::BadRequest, "bad inc"))?;
+    let prev = opt_u64(m, "prev-inc").map_err(|()| (Status::BadRequest, "bad prev-inc"))?;
     let body = decode_body(m, text, max_body)?;
     Ok(MimiRequest {
         endpoint,
         target,
         seq,
+        lineage: batch.map(|batch| Lineage {
+            batch,
+            prev: prev.unwrap_or(0),
+        }),
         body,
     })
 }
@@ -596,6 +612,10 @@ mod tests {
             endpoint: Endpoint::Notify,
             target: "mimi://a.example/r/x&y".into(),
             seq: Some(42),
+            lineage: Some(Lineage {
+                batch: u64::MAX,
+                prev: 7,
+            }),
             body,
         }
     }
@@ -620,6 +640,13 @@ mod tests {
         assert_eq!(r.endpoint, Endpoint::Notify);
         assert_eq!(r.target, "mimi://a.example/r/x&y");
         assert_eq!(r.seq, Some(42));
+        assert_eq!(
+            r.lineage,
+            Some(Lineage {
+                batch: u64::MAX,
+                prev: 7
+            })
+        );
         assert_eq!(&r.body[..], b"\x00\x01abcde\xff");
     }
 
@@ -764,6 +791,7 @@ mod tests {
         for (status, kind) in [(Status::Created, "result"), (Status::OutOfOrder, "error")] {
             let mut r = Response::new(status, Bytes::from_static(b"why"));
             r.next_seq = Some(7);
+            r.next_inc = Some(0xdead_beef);
             r.retry_after = Some(Duration::from_millis(250));
             let mut out = Vec::new();
             write_answer(&mut out, "m9", "b.example", "a.example", &r);

@@ -736,6 +736,7 @@ impl<I: Inbound> Link<I> {
                             endpoint: r.endpoint,
                             target: r.target,
                             seq: r.seq,
+                            lineage: r.lineage,
                             body: r.body,
                         };
                         Box::pin(async move {

@@ -523,6 +523,7 @@ async fn an_honest_sender_stays_inside_a_small_unacked_window() {
             endpoint: mimi_wire::endpoint::Endpoint::Notify,
             target: "mimi://c.example/r/x".into(),
             seq: Some(i),
+            lineage: None,
             body: vec![bytes::Bytes::from_static(b"x")],
         });
     }

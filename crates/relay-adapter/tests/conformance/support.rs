@@ -10,7 +10,7 @@ use mimi_wire::endpoint::Endpoint;
 use mimi_wire::uri::ProviderDomain;
 use relay_adapter::{AdapterStats, Inbound, Transport};
 use relay_core::transport::{
-    Request, Response, Status, Transmit, TransmitId, TransportError, TransportKind,
+    Lineage, Request, Response, Status, Transmit, TransmitId, TransportError, TransportKind,
 };
 use relay_tls::{PeerTrust, TlsIdentity};
 use tokio::sync::{mpsc, watch};
@@ -109,7 +109,7 @@ pub enum Backpressure {
 }
 
 /// The node behind the adapter under test: records every request and answers `/notify` 201
-/// with `next_seq = seq + 1`, once it is not holding.
+/// with `next_seq = seq + 1` and `next_inc` the batch's incarnation, once it is not holding.
 #[derive(Clone)]
 pub struct Node {
     seen: Arc<Mutex<Vec<Request>>>,
@@ -158,6 +158,7 @@ impl Inbound for Node {
                     status: Status::Created,
                     body: Bytes::new(),
                     next_seq: request.seq.map(|s| s + 1),
+                    next_inc: request.lineage.map(|l| l.batch),
                     retry_after: None,
                 },
                 _ => Response::error(Status::NotImplemented, "not in this test"),
@@ -250,6 +251,7 @@ impl World {
             endpoint: Endpoint::Notify,
             target: HONEST_ROOM.to_owned(),
             seq: Some(seq),
+            lineage: Some(honest_lineage(seq)),
             body: vec![Bytes::from(body)],
         });
         id
@@ -274,10 +276,29 @@ impl World {
         let id = self.honest_send(seq, b"honest".to_vec());
         let outcome = self.honest_outcome(id).await;
         assert_eq!(
-            outcome.map(|r| (r.status, r.next_seq)),
-            Ok((Status::Created, Some(seq + 1))),
-            "the honest peer must be served"
+            outcome.map(|r| (r.status, r.next_seq, r.next_inc)),
+            Ok((
+                Status::Created,
+                Some(seq + 1),
+                Some(honest_lineage(seq).batch)
+            )),
+            "the honest peer must be served, the incarnations carried both ways"
         );
+        let seen = self.node.seen();
+        let got = seen.iter().rev().find(|r| r.seq == Some(seq));
+        assert_eq!(
+            got.and_then(|r| r.lineage),
+            Some(honest_lineage(seq)),
+            "the node got the incarnations as sent"
+        );
+    }
+}
+
+/// Incarnations that use all 64 bits, so a binding that narrows them shows.
+pub fn honest_lineage(seq: u64) -> Lineage {
+    Lineage {
+        batch: u64::MAX - seq,
+        prev: (1 << 63) | seq,
     }
 }
 

@@ -1003,6 +1003,7 @@ impl Relay {
             endpoint,
             target: target.to_owned(),
             seq: None,
+            lineage: None,
             body: vec![body],
         }));
         None

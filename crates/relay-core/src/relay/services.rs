@@ -503,6 +503,7 @@ mod tests {
             endpoint,
             target: target.to_owned(),
             seq: None,
+            lineage: None,
             body: Bytes::from(body),
         }
     }

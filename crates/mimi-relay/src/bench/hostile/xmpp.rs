@@ -113,6 +113,7 @@ fn request_xml(t: &FloodTarget, id: &str, s: &Shot) -> Vec<u8> {
         endpoint: s.endpoint,
         target: s.target.clone(),
         seq: s.seq,
+        lineage: None,
         body: vec![s.body.clone()],
     };
     let mut out = Vec::new();
