@@ -82,6 +82,7 @@
 
 mod body;
 mod client;
+mod directory;
 mod path;
 mod server;
 
@@ -202,6 +203,9 @@ pub const CONTENT_TYPE_BODY: &str = "application/octet-stream";
 pub const CONTENT_TYPE_REASON: &str = "text/plain; charset=utf-8";
 /// How many jobs may wait for one peer's task before `send` answers `Busy`.
 pub const PEER_QUEUE: usize = 1024;
+/// HTTP/1.1 connections to one peer at most (kept alive and reused): a request holds one
+/// until its answer is read, so this bounds the requests in flight to a peer without HTTP/2.
+pub const MAX_H1_CONNS: usize = 4;
 /// HTTP/2 streams per connection at most, whatever `max_streams_per_conn` says: every open
 /// stream may hold a body in assembly.
 pub const MAX_H2_STREAMS: u32 = 64;
@@ -302,7 +306,12 @@ impl HttpsTransport {
             &trust,
             vec![b"h2".to_vec(), b"http/1.1".to_vec()],
         )?;
-        let client_tls = relay_tls::client_config(&identity, &trust, vec![b"h2".to_vec()])?;
+        // h2 preferred; a peer that picks HTTP/1.1 or offers no ALPN gets HTTP/1.1.
+        let client_tls = relay_tls::client_config(
+            &identity,
+            &trust,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        )?;
         let domain = identity.domain.clone();
         let trust = Arc::new(trust);
 
@@ -379,7 +388,10 @@ impl HttpsTransport {
                 max_body,
                 request_timeout,
                 inbound: inbound.clone(),
+                stats: adapter.stats.clone(),
                 last_answer: Default::default(),
+                stale: Default::default(),
+                dropped: Default::default(),
             };
             tasks.spawn_peer(dest, PEER_QUEUE, |rx, stop| client::run_peer(ctx, rx, stop));
         }
