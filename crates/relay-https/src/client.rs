@@ -80,7 +80,8 @@ pub(crate) struct PeerCtx<I> {
     pub(crate) last_answer: std::sync::Mutex<Option<Instant>>,
     /// Set on a 404 or 421 answer: the peer's endpoints may have moved.
     pub(crate) stale: AtomicBool,
-    /// Set when a connection to the peer ended: the directory is read again after a reconnect.
+    /// Set when an HTTP/1.1 connection to the peer ended: the directory is read again with the
+    /// next request (an HTTP/2 reconnect is seen as such).
     pub(crate) dropped: Arc<AtomicBool>,
 }
 
@@ -249,13 +250,7 @@ async fn dispatch<I: Inbound>(
     inflight: &mut JoinSet<()>,
     rx: &mut mpsc::Receiver<Job>,
 ) {
-    let refresh = matches!(job, Job::Probe)
-        | ctx.dropped.swap(false, Ordering::Relaxed)
-        | ctx.stale.swap(false, Ordering::Relaxed)
-        | dir
-            .known
-            .as_ref()
-            .is_none_or(|(_, until)| *until <= Instant::now());
+    let had_h2 = matches!(link, Some(Link::H2(s)) if !s.is_closed());
     let mut ready = match checkout(ctx, link).await {
         Ok(r) => r,
         Err(error) => {
@@ -270,6 +265,17 @@ async fn dispatch<I: Inbound>(
             return;
         }
     };
+    // After a reconnect (a new HTTP/2 connection, or an HTTP/1.1 one closed since the last
+    // request), on a 404 or 421, or when it expired, the directory is read again.
+    let reconnected = ready.is_h2() && !had_h2;
+    let refresh = matches!(job, Job::Probe)
+        | reconnected
+        | ctx.dropped.swap(false, Ordering::Relaxed)
+        | ctx.stale.swap(false, Ordering::Relaxed)
+        | dir
+            .known
+            .as_ref()
+            .is_none_or(|(_, until)| *until <= Instant::now());
     let mut failed_fetch = None;
     if refresh {
         match fetch_directory(ctx, ready).await {
@@ -559,7 +565,6 @@ async fn connect_inner<I>(ctx: &PeerCtx<I>) -> Result<Opened, ConnectError> {
     // HTTP/2 only when the server picked it; no ALPN at all means HTTP/1.1 (RFC 9113 §3.3).
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
     let dest = ctx.dest.clone();
-    let dropped = ctx.dropped.clone();
     let opened = if h2 {
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -580,9 +585,7 @@ async fn connect_inner<I>(ctx: &PeerCtx<I>) -> Result<Opened, ConnectError> {
             .await
             .map_err(ConnectError::Http)?;
         tokio::spawn(async move {
-            let result = connection.await;
-            dropped.store(true, Ordering::Relaxed);
-            match result {
+            match connection.await {
                 Ok(()) => debug!(peer = %dest, "https connection closed"),
                 Err(error) => info!(peer = %dest, %error, "https connection lost"),
             }
@@ -593,6 +596,7 @@ async fn connect_inner<I>(ctx: &PeerCtx<I>) -> Result<Opened, ConnectError> {
             .handshake(TokioIo::new(tls))
             .await
             .map_err(ConnectError::Http)?;
+        let dropped = ctx.dropped.clone();
         tokio::spawn(async move {
             let result = connection.await;
             dropped.store(true, Ordering::Relaxed);

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use mimi_wire::endpoint::Endpoint;
 use mimi_wire::uri::ProviderDomain;
 use relay_adapter::{AdapterContext, Inbound, Transport};
@@ -110,14 +110,21 @@ impl Hub {
 }
 
 /// Starts the hub at `addr` (port 0: any); dropping the returned set stops it and closes
-/// every connection.
+/// every connection. `h2`: the hub also speaks HTTP/2, offered by ALPN; else HTTP/1.1 alone
+/// and no ALPN.
 async fn start_hub(
     hub: &Provider,
     client: &Provider,
     addr: SocketAddr,
     state: Arc<Mutex<HubState>>,
+    h2: bool,
 ) -> Result<(Hub, JoinSet<()>)> {
-    let tls = relay_tls::server_config(&hub.identity, &hub.trusting(client)?, vec![])?;
+    let alpn = if h2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![]
+    };
+    let tls = relay_tls::server_config(&hub.identity, &hub.trusting(client)?, alpn)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let listener = TcpListener::bind(addr).await?;
     let h = Hub {
@@ -151,9 +158,17 @@ async fn start_hub(
                         async move { Ok::<_, Infallible>(answer(&hub, req).await) }
                     })
                 };
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tls), svc)
-                    .await;
+                let io = TokioIo::new(tls);
+                let _ = if h2 {
+                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(io, svc)
+                        .await
+                } else {
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, svc)
+                        .await
+                        .map_err(Into::into)
+                };
                 hub.open.fetch_sub(1, Ordering::SeqCst);
             });
         }
@@ -176,7 +191,9 @@ async fn answer(hub: &Hub, req: http::Request<Incoming>) -> http::Response<Full<
             .unwrap_or_default(),
         req.version(),
     );
-    let (host, from) = (header("host"), header("from"));
+    // HTTP/1.1 `Host`, or HTTP/2 `:authority`.
+    let host = header("host").or_else(|| req.uri().authority().map(|a| a.to_string()));
+    let from = header("from");
     let body = req
         .into_body()
         .collect()
@@ -273,6 +290,10 @@ struct Setup {
 }
 
 async fn setup(directory: Option<&str>, live: &[&str]) -> Result<Setup> {
+    setup_with(directory, live, false).await
+}
+
+async fn setup_with(directory: Option<&str>, live: &[&str], h2: bool) -> Result<Setup> {
     let hub_p = Provider::new("hub.example")?;
     let us_p = Provider::new("a.example")?;
     let state = Arc::new(Mutex::new(HubState {
@@ -280,8 +301,14 @@ async fn setup(directory: Option<&str>, live: &[&str]) -> Result<Setup> {
         live: live.iter().map(|s| (*s).to_owned()).collect(),
         ..Default::default()
     }));
-    let (hub, hub_tasks) =
-        start_hub(&hub_p, &us_p, SocketAddr::from(([127, 0, 0, 1], 0)), state).await?;
+    let (hub, hub_tasks) = start_hub(
+        &hub_p,
+        &us_p,
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        state,
+        h2,
+    )
+    .await?;
     let adapter = AdapterContext::default();
     let (otx, outcomes) = mpsc::unbounded_channel();
     let (ptx, probes) = mpsc::unbounded_channel();
@@ -361,7 +388,16 @@ const HUB_DIRECTORY: &str = r#"{
 
 #[tokio::test]
 async fn endpoints_come_from_the_hubs_directory_over_http1_without_alpn() -> Result<()> {
-    let mut s = setup(Some(HUB_DIRECTORY), &["/mimi/pl/"]).await?;
+    endpoints_from_the_directory(false).await
+}
+
+#[tokio::test]
+async fn endpoints_come_from_the_hubs_directory_over_h2() -> Result<()> {
+    endpoints_from_the_directory(true).await
+}
+
+async fn endpoints_from_the_directory(h2: bool) -> Result<()> {
+    let mut s = setup_with(Some(HUB_DIRECTORY), &["/mimi/pl/"], h2).await?;
 
     let resp = s.exchange(Endpoint::SubmitMessage, b"hello").await??;
     assert_eq!(resp.status, Status::Ok);
@@ -383,13 +419,22 @@ async fn endpoints_come_from_the_hubs_directory_over_http1_without_alpn() -> Res
     );
     for r in &seen {
         assert_eq!(r.method, "POST");
-        assert_eq!(r.version, http::Version::HTTP_11);
+        let version = if h2 {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
+        };
+        assert_eq!(r.version, version);
         // The URL named the hub without a port: that is the Host, whatever address we dial.
         assert_eq!(r.host.as_deref(), Some("hub.example"));
         assert_eq!(r.from.as_deref(), Some("mimi@a.example"));
     }
     assert_eq!(&seen[1].body[..], b"fanout");
-    assert_eq!(s.hub.with(|h| h.alpn), 0, "the hub offers no ALPN");
+    assert_eq!(
+        s.hub.with(|h| h.alpn),
+        if h2 { 1 } else { 0 },
+        "ALPN only where the hub offers it"
+    );
     assert_eq!(
         s.hub.with(|h| h.directory_gets),
         1,
@@ -484,9 +529,18 @@ async fn a_404_has_the_directory_read_again() -> Result<()> {
 
 #[tokio::test]
 async fn a_reconnect_has_the_directory_read_again() -> Result<()> {
+    for h2 in [false, true] {
+        reconnect_reads_the_directory_again(h2)
+            .await
+            .with_context(|| format!("h2: {h2}"))?;
+    }
+    Ok(())
+}
+
+async fn reconnect_reads_the_directory_again(h2: bool) -> Result<()> {
     let old = r#"{"notify": "/old/notify/{roomId}"}"#;
     let new = r#"{"notify": "/new/notify/{roomId}"}"#;
-    let mut s = setup(Some(old), &["/old/"]).await?;
+    let mut s = setup_with(Some(old), &["/old/"], h2).await?;
     assert_eq!(
         s.exchange(Endpoint::Notify, b"1").await??.status,
         Status::Created
@@ -499,7 +553,7 @@ async fn a_reconnect_has_the_directory_read_again() -> Result<()> {
         h.directory = Some(new.to_owned());
         h.live = vec!["/new/".to_owned()];
     });
-    let (hub, tasks) = start_hub(&s.hub_p, &s.us_p, addr, s.hub.state.clone()).await?;
+    let (hub, tasks) = start_hub(&s.hub_p, &s.us_p, addr, s.hub.state.clone(), h2).await?;
     s.hub_tasks = tasks;
     // Our side notices the closed connection before or with this request.
     let mut last = None;
