@@ -153,6 +153,7 @@ pub struct AdapterStats {
     refusals: [AtomicU64; Budget::ALL.len()],
     failed_handshakes: AtomicU64,
     retries: AtomicU64,
+    unsupported: AtomicU64,
 }
 
 impl AdapterStats {
@@ -175,6 +176,15 @@ impl AdapterStats {
 
     pub fn retries_sent(&self) -> u64 {
         self.retries.load(Ordering::Relaxed)
+    }
+
+    /// A transmit for an endpoint the peer does not serve (HTTPS: not in its directory).
+    pub fn unsupported_endpoint(&self) {
+        self.unsupported.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn unsupported_endpoints(&self) -> u64 {
+        self.unsupported.load(Ordering::Relaxed)
     }
 }
 

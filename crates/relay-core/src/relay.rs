@@ -1189,6 +1189,11 @@ impl Relay {
                         }
                         r
                     }
+                    Err(TransportError::Unsupported { endpoint, reason }) => {
+                        // Retrying will not help: the hub does not serve this endpoint.
+                        warn!(%endpoint, %reason, "the hub does not support this endpoint");
+                        Response::error(Status::NotImplemented, "not supported by the hub")
+                    }
                     Err(e) => {
                         debug!(error = %e, "forwarding a submission to the hub failed");
                         let mut r = Response::error(Status::BadGateway, "hub unreachable");
@@ -1320,6 +1325,14 @@ impl Relay {
                     self.refused(qi, now);
                 }
             }
+            Err(TransportError::Unsupported { endpoint, reason }) => {
+                // The peer answers, just not this endpoint: hold this queue, not the peer.
+                let q = &self.queues[qi];
+                warn!(room = %q.room, dest = %q.dest, %endpoint, %reason, "peer does not support notify");
+                if current {
+                    self.refused(qi, now);
+                }
+            }
             other => {
                 if let Err(e) = &other {
                     let q = &self.queues[qi];
@@ -1329,6 +1342,11 @@ impl Relay {
                     let from = self.queues[qi].acked + 1;
                     self.rewind(qi, from);
                     self.peer_failed(self.queues[qi].peer, now);
+                    // A busy peer's Retry-After: this queue waits at least that long, whatever
+                    // the peer's backoff or a probe says.
+                    if let Some(after) = other.ok().and_then(|r| r.retry_after) {
+                        self.hold(qi, now.mono + after);
+                    }
                 }
             }
         }
@@ -1345,7 +1363,15 @@ impl Relay {
         let delay = policy
             .backoff(q.refusals)
             .mul_f64(1.0 - policy.jitter / 2.0 + policy.jitter * jitter);
-        let until = now.mono + delay;
+        self.hold(qi, now.mono + delay);
+    }
+
+    /// Sends nothing more from this queue before `until` (a later hold already set stands).
+    fn hold(&mut self, qi: QueueIdx, until: Instant) {
+        let q = &mut self.queues[qi];
+        if q.held_until.is_some_and(|t| t >= until) {
+            return;
+        }
         q.held_until = Some(until);
         self.held.insert((until, qi));
     }

@@ -237,4 +237,8 @@ pub enum TransportError {
     BadResponse(String),
     #[error("transport shut down")]
     Closed,
+    /// The peer serves no usable URL for this endpoint (its directory does not list it, or
+    /// points it to another host). Sending again changes nothing until the peer does.
+    #[error("{endpoint} is not supported by the peer: {reason}")]
+    Unsupported { endpoint: Endpoint, reason: String },
 }

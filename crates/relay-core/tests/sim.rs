@@ -1511,3 +1511,89 @@ fn a_burst_of_submissions_leaves_as_one_transmit_per_follower() {
         "each follower gets the five events in one /notify"
     );
 }
+
+/// Runs the hub's timers at `at_ms`: answers its probes (the peer is up) and returns the
+/// transmits it sends.
+fn hub_step(sim: &mut Sim, at_ms: u64) -> Vec<Transmit> {
+    sim.now_ms = at_ms;
+    let now = sim.now();
+    let hub = &mut sim.nodes[0];
+    hub.relay.handle_timeout(now, &mut hub.store);
+    let mut out = Vec::new();
+    while let Some(o) = hub.relay.poll_output() {
+        match o {
+            Output::Transmit(t) => out.push(t),
+            Output::Probe(p) => hub.relay.handle_probe_outcome(now, &p, true),
+            Output::Reply { .. } => {}
+        }
+    }
+    out
+}
+
+#[test]
+fn a_busy_followers_retry_after_holds_its_queue_that_long() {
+    let mut sim = Sim::new(6, perfect(), 0, 0);
+    let now = sim.now();
+    let hub = &mut sim.nodes[0];
+    let body = submit_body("a.example", 0, 0);
+    hub.relay
+        .handle_client_submit(now, &mut hub.store, ReplyToken(1), room().as_str(), body);
+    let first = hub_step(&mut sim, 0);
+    let to_b = first
+        .iter()
+        .find(|t| t.dest == domain("b.example"))
+        .expect("a notify to b");
+    let retry_after = Duration::from_secs(10);
+    let mut busy = Response::error(Status::Unavailable, "busy");
+    busy.retry_after = Some(retry_after);
+    let hub = &mut sim.nodes[0];
+    hub.relay
+        .handle_outcome(now, &mut hub.store, to_b.id, Ok(busy));
+    // Far longer than the backoff (50 ms doubling to 5 s) and the probe interval (500 ms).
+    let mut again = None;
+    for ms in (100..=12_000).step_by(100) {
+        if let Some(t) = hub_step(&mut sim, ms)
+            .into_iter()
+            .find(|t| t.dest == domain("b.example"))
+        {
+            again = Some((ms, t));
+            break;
+        }
+    }
+    let (ms, t) = again.expect("the notify goes again after Retry-After");
+    assert!(
+        Duration::from_millis(ms) >= retry_after,
+        "sent again after {ms} ms, before the peer's Retry-After"
+    );
+    assert_eq!(t.seq, to_b.seq);
+}
+
+#[test]
+fn an_endpoint_the_follower_does_not_serve_holds_the_queue_not_the_peer() {
+    let mut sim = Sim::new(7, perfect(), 0, 0);
+    let now = sim.now();
+    let hub = &mut sim.nodes[0];
+    let body = submit_body("a.example", 0, 0);
+    hub.relay
+        .handle_client_submit(now, &mut hub.store, ReplyToken(1), room().as_str(), body);
+    let first = hub_step(&mut sim, 0);
+    let to_b = first
+        .iter()
+        .find(|t| t.dest == domain("b.example"))
+        .expect("a notify to b");
+    let hub = &mut sim.nodes[0];
+    hub.relay.handle_outcome(
+        now,
+        &mut hub.store,
+        to_b.id,
+        Err(TransportError::Unsupported {
+            endpoint: Endpoint::Notify,
+            reason: "not listed in the peer's directory".to_owned(),
+        }),
+    );
+    let stats = hub.relay.stats();
+    let b = &stats.peers[&domain("b.example")];
+    assert!(b.up, "the peer answers: it is not down");
+    assert_eq!(b.failures, 0, "not counted as a failed exchange");
+    assert_eq!(b.queue_depth, 1, "the event is kept");
+}

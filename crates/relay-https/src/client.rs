@@ -1,42 +1,54 @@
-//! The sending side: one task and one HTTP/2 connection per configured peer.
+//! The sending side: one task per configured peer, over one HTTP/2 connection or a few
+//! HTTP/1.1 keep-alive connections (whichever the peer picks by ALPN), with the URLs of the
+//! peer's endpoints read from its directory.
 //!
-//! The task takes jobs in order from a bounded queue, (re)connects lazily, hands each request
-//! to the connection in queue order and awaits the answers concurrently, so many transmits
-//! share one connection in flight.
+//! The task takes jobs in order from a bounded queue, (re)connects lazily, reads the peer's
+//! directory when it has none or it is stale, hands each request to a connection in queue
+//! order and awaits the answers concurrently, so many transmits share the connections in
+//! flight.
 
+use std::collections::BTreeSet;
 use std::fmt;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, FROM, RETRY_AFTER};
-use http::{HeaderValue, Method, Uri};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, FROM, HOST, RETRY_AFTER};
+use http::{HeaderMap, HeaderValue, Method, Uri};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper::client::conn::http2;
+use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use mimi_wire::endpoint::DIRECTORY_PATH;
+use mimi_wire::endpoint::{DIRECTORY_PATH, Endpoint};
 use mimi_wire::uri::ProviderDomain;
-use relay_adapter::Inbound;
 use relay_adapter::peers::PeerJob;
+use relay_adapter::{AdapterStats, Inbound};
 use relay_core::transport::{Response, Status, Transmit, TransportError};
 use relay_tls::PeerTrust;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn};
 
 use crate::body::Segments;
-use crate::path::encode_target;
+use crate::directory::{self, MAX_DIRECTORY_BYTES, PeerDirectory, Route};
 use crate::server::header_u64;
 use crate::{
-    CONTENT_TYPE_BODY, MIMI_NEXT_SEQ, MIMI_NEXT_SEQ_INCARNATION, MIMI_SEQ, MIMI_SEQ_INCARNATION,
-    MIMI_SEQ_PREV_INCARNATION,
+    CONTENT_TYPE_BODY, MAX_H1_CONNS, MIMI_NEXT_SEQ, MIMI_NEXT_SEQ_INCARNATION, MIMI_SEQ,
+    MIMI_SEQ_INCARNATION, MIMI_SEQ_PREV_INCARNATION,
 };
+
+/// A `Retry-After` is honoured up to this; a peer cannot park our queues for longer.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+/// After a failed directory fetch, a directory read before is used this long more.
+const STALE_GRACE: Duration = Duration::from_secs(60);
 
 /// Work for a peer task.
 #[derive(Debug)]
@@ -66,8 +78,14 @@ pub(crate) struct PeerCtx<I> {
     pub(crate) max_body: usize,
     pub(crate) request_timeout: Duration,
     pub(crate) inbound: I,
+    pub(crate) stats: Arc<AdapterStats>,
     /// When the peer last answered a request.
     pub(crate) last_answer: std::sync::Mutex<Option<Instant>>,
+    /// Set on a 404 or 421 answer: the peer's endpoints may have moved.
+    pub(crate) stale: AtomicBool,
+    /// Set when an HTTP/1.1 connection to the peer ended: the directory is read again with the
+    /// next request (an HTTP/2 reconnect is seen as such).
+    pub(crate) dropped: Arc<AtomicBool>,
 }
 
 impl<I> PeerCtx<I> {
@@ -86,7 +104,117 @@ impl<I> PeerCtx<I> {
     }
 }
 
-type Sender = http2::SendRequest<Segments>;
+/// The connections to a peer, by the protocol it picked.
+enum Link {
+    H2(http2::SendRequest<Segments>),
+    H1(H1Pool),
+}
+
+/// Idle HTTP/1.1 connections, and one slot per connection that may exist.
+#[derive(Clone)]
+struct H1Pool {
+    idle: Arc<std::sync::Mutex<Vec<http1::SendRequest<Segments>>>>,
+    slots: Arc<Semaphore>,
+}
+
+impl H1Pool {
+    fn new() -> Self {
+        H1Pool {
+            idle: Default::default(),
+            slots: Arc::new(Semaphore::new(MAX_H1_CONNS)),
+        }
+    }
+
+    fn pop(&self) -> Option<http1::SendRequest<Segments>> {
+        self.idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .pop()
+    }
+}
+
+/// A connection ready for one request.
+enum Ready {
+    H2(http2::SendRequest<Segments>),
+    H1(PooledH1),
+}
+
+/// An HTTP/1.1 connection taken from the pool; back into it on drop once its answer was read
+/// in full (else it is closed: what is left of the answer would be read as the next one).
+struct PooledH1 {
+    sender: Option<http1::SendRequest<Segments>>,
+    pool: H1Pool,
+    reusable: bool,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Drop for PooledH1 {
+    fn drop(&mut self) {
+        if let Some(s) = self.sender.take()
+            && self.reusable
+            && !s.is_closed()
+        {
+            self.pool
+                .idle
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .push(s);
+        }
+    }
+}
+
+type AnswerFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<Incoming>, hyper::Error>> + Send>>;
+
+impl Ready {
+    fn is_h2(&self) -> bool {
+        matches!(self, Ready::H2(_))
+    }
+
+    /// Queues the request on the connection now (so requests leave in the order they were
+    /// sent); the future is its answer.
+    fn send(&mut self, req: http::Request<Segments>) -> AnswerFuture {
+        match self {
+            Ready::H2(s) => Box::pin(s.send_request(req)),
+            Ready::H1(p) => match p.sender.as_mut() {
+                Some(s) => Box::pin(s.send_request(req)),
+                // Never: `sender` is only taken on drop.
+                None => Box::pin(std::future::pending()),
+            },
+        }
+    }
+
+    /// The answer was read in full: an HTTP/1.1 connection may carry the next request.
+    fn done(&mut self) {
+        if let Ready::H1(p) = self {
+            p.reusable = true;
+        }
+    }
+}
+
+/// What the peer's directory said, and until when we believe it.
+#[derive(Default)]
+struct DirCache {
+    known: Option<(Known, Instant)>,
+    /// The kind last logged, so that each change is logged once.
+    logged: Option<bool>,
+    /// Endpoints already warned about as unsupported since the directory last changed.
+    warned: BTreeSet<Endpoint>,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+enum Known {
+    Directory(PeerDirectory),
+    /// The peer serves no directory: the draft's `/v1/...` layout.
+    Fallback,
+}
+
+/// The result of one directory fetch.
+enum Fetched {
+    Known(Known, Duration),
+    /// No usable answer: the status the peer gave, or why there was none.
+    Failed(Result<Response, TransportError>),
+}
 
 /// Runs until the queue is closed (shutdown) and drained, then waits for the answers in flight.
 pub(crate) async fn run_peer<I: Inbound>(
@@ -95,13 +223,14 @@ pub(crate) async fn run_peer<I: Inbound>(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let ctx = Arc::new(ctx);
-    let mut conn: Option<Sender> = None;
+    let mut link: Option<Link> = None;
+    let mut dir = DirCache::default();
     let mut inflight = JoinSet::new();
     let mut closing = false;
     loop {
         tokio::select! {
             job = rx.recv() => match job {
-                Some(job) => dispatch(&ctx, job, &mut conn, &mut inflight, &mut rx).await,
+                Some(job) => dispatch(&ctx, job, &mut link, &mut dir, &mut inflight, &mut rx).await,
                 None => break,
             },
             Some(_) = inflight.join_next(), if !inflight.is_empty() => {}
@@ -119,74 +248,253 @@ pub(crate) async fn run_peer<I: Inbound>(
 async fn dispatch<I: Inbound>(
     ctx: &Arc<PeerCtx<I>>,
     job: Job,
-    conn: &mut Option<Sender>,
+    link: &mut Option<Link>,
+    dir: &mut DirCache,
     inflight: &mut JoinSet<()>,
     rx: &mut mpsc::Receiver<Job>,
 ) {
-    let sender = match conn {
-        Some(s) if !s.is_closed() => s,
-        _ => {
-            *conn = None;
-            match connect(ctx).await {
-                Ok(s) => conn.insert(s),
-                Err(error) => {
-                    warn!(peer = %ctx.dest, addr = %ctx.addr, %error, "https connect failed");
-                    // Fail what is queued now instead of retrying the connect once per job;
-                    // the core's retry timers decide when to try again.
-                    let reason = error.to_string();
-                    fail(ctx, job, &reason);
-                    while let Ok(job) = rx.try_recv() {
-                        fail(ctx, job, &reason);
-                    }
-                    return;
+    let had_h2 = matches!(link, Some(Link::H2(s)) if !s.is_closed());
+    let mut ready = match checkout(ctx, link).await {
+        Ok(r) => r,
+        Err(error) => {
+            warn!(peer = %ctx.dest, addr = %ctx.addr, %error, "https connect failed");
+            // Fail what is queued now instead of retrying the connect once per job;
+            // the core's retry timers decide when to try again.
+            let reason = error.to_string();
+            fail(ctx, job, &reason);
+            while let Ok(job) = rx.try_recv() {
+                fail(ctx, job, &reason);
+            }
+            return;
+        }
+    };
+    // After a reconnect (a new HTTP/2 connection, or an HTTP/1.1 one closed since the last
+    // request), on a 404 or 421, or when it expired, the directory is read again.
+    let reconnected = ready.is_h2() && !had_h2;
+    let refresh = matches!(job, Job::Probe)
+        | reconnected
+        | ctx.dropped.swap(false, Ordering::Relaxed)
+        | ctx.stale.swap(false, Ordering::Relaxed)
+        | dir
+            .known
+            .as_ref()
+            .is_none_or(|(_, until)| *until <= Instant::now());
+    let mut failed_fetch = None;
+    if refresh {
+        match fetch_directory(ctx, ready).await {
+            Fetched::Known(known, ttl) => dir.learn(ctx, known, ttl),
+            Fetched::Failed(outcome) => {
+                debug!(peer = %ctx.dest, outcome = ?outcome.as_ref().map(|r| r.status), "directory fetch failed");
+                // A directory read before still holds for a while; a peer we never read
+                // fails the job with the fetch's outcome.
+                if let Some((_, until)) = dir.known.as_mut() {
+                    *until = Instant::now() + STALE_GRACE;
+                } else {
+                    failed_fetch = Some(outcome);
                 }
             }
         }
-    };
-    match job {
-        Job::Transmit(t) => {
-            let id = t.id;
-            let request = build_transmit(ctx, t);
-            // Queued on the connection now, so requests leave in the order they were sent.
-            let answer = sender.send_request(request);
-            let ctx = ctx.clone();
-            inflight.spawn(async move {
-                let sent = Instant::now();
-                let work = async {
-                    let resp = answer.await.map_err(|e| classify(&ctx.dest, &e))?;
-                    read_response(resp, ctx.max_body).await
-                };
-                tokio::pin!(work);
-                // The timeout counts from the later of the send and the peer's last answer:
-                // a connection that keeps answering is slow (TCP backing off under loss), not
-                // dead, and failing this request would only have the core send it again on
-                // the same connection.
-                let outcome = loop {
-                    let since = ctx.last_answer().map_or(sent, |t| t.max(sent));
-                    match tokio::time::timeout_at(since + ctx.request_timeout, &mut work).await {
-                        Ok(outcome) => break outcome,
-                        Err(_) if ctx.last_answer().is_some_and(|t| t > since) => {}
-                        Err(_) => break Err(TransportError::Timeout),
-                    }
-                };
-                if outcome.is_ok() {
-                    ctx.answered();
-                }
-                ctx.inbound.outcome(id, outcome);
-            });
+        if let Job::Probe = job {
+            let alive = failed_fetch.is_none() && dir.known.is_some();
+            ctx.inbound.probe_outcome(ctx.dest.clone(), alive);
+            return;
         }
-        Job::Probe => {
-            let answer = sender.send_request(build_probe(ctx));
-            let ctx = ctx.clone();
-            inflight.spawn(async move {
-                let alive = matches!(
-                    tokio::time::timeout(ctx.request_timeout, answer).await,
-                    Ok(Ok(resp)) if resp.status() == http::StatusCode::OK
-                );
-                ctx.inbound.probe_outcome(ctx.dest.clone(), alive);
-            });
+        ready = match checkout(ctx, link).await {
+            Ok(r) => r,
+            Err(error) => {
+                fail(ctx, job, &error.to_string());
+                return;
+            }
+        };
+    }
+    let Job::Transmit(t) = job else {
+        // A probe always refreshes above.
+        return;
+    };
+    if let Some(outcome) = failed_fetch {
+        ctx.inbound.outcome(t.id, outcome);
+        return;
+    }
+    let route = match dir.route(ctx, t.endpoint) {
+        Ok(route) => route,
+        Err(outcome) => {
+            ctx.stats.unsupported_endpoint();
+            ctx.inbound.outcome(t.id, Err(outcome));
+            return;
+        }
+    };
+    let id = t.id;
+    let request = build_transmit(ctx, t, &route, ready.is_h2());
+    let answer = ready.send(request);
+    let ctx = ctx.clone();
+    inflight.spawn(async move {
+        let sent = Instant::now();
+        let work = async {
+            let resp = answer.await.map_err(|e| classify(&ctx.dest, &e))?;
+            let code = resp.status().as_u16();
+            if code == 404 || code == 421 {
+                // Maybe the endpoints moved: the next request reads the directory again.
+                ctx.stale.store(true, Ordering::Relaxed);
+            }
+            read_response(resp, ctx.max_body).await
+        };
+        tokio::pin!(work);
+        // The timeout counts from the later of the send and the peer's last answer:
+        // a connection that keeps answering is slow (TCP backing off under loss), not
+        // dead, and failing this request would only have the core send it again on
+        // the same connection.
+        let outcome = loop {
+            let since = ctx.last_answer().map_or(sent, |t| t.max(sent));
+            match tokio::time::timeout_at(since + ctx.request_timeout, &mut work).await {
+                Ok(outcome) => break outcome,
+                Err(_) if ctx.last_answer().is_some_and(|t| t > since) => {}
+                Err(_) => break Err(TransportError::Timeout),
+            }
+        };
+        if outcome.is_ok() {
+            ctx.answered();
+            ready.done();
+        }
+        drop(ready);
+        ctx.inbound.outcome(id, outcome);
+    });
+}
+
+impl DirCache {
+    fn learn<I>(&mut self, ctx: &PeerCtx<I>, known: Known, ttl: Duration) {
+        let has_dir = matches!(known, Known::Directory(_));
+        if self.logged != Some(has_dir) {
+            match &known {
+                Known::Directory(d) => info!(peer = %ctx.dest, endpoints = d.usable(),
+                    "peer serves a directory; its endpoints are used"),
+                Known::Fallback => info!(peer = %ctx.dest,
+                    "peer serves no directory; using the draft's /v1/{{endpoint}}/{{param}} paths"),
+            }
+            self.logged = Some(has_dir);
+        }
+        if self.known.as_ref().is_none_or(|(k, _)| *k != known) {
+            self.warned.clear();
+        }
+        self.known = Some((known, Instant::now() + ttl));
+    }
+
+    fn route<I>(&mut self, ctx: &PeerCtx<I>, endpoint: Endpoint) -> Result<Route, TransportError> {
+        let Some((known, _)) = &self.known else {
+            return Ok(Route::fallback(&ctx.dest, endpoint));
+        };
+        match known {
+            Known::Fallback => Ok(Route::fallback(&ctx.dest, endpoint)),
+            Known::Directory(d) => d.route(endpoint).map_err(|e| {
+                if self.warned.insert(endpoint) {
+                    warn!(peer = %ctx.dest, %endpoint, reason = %e, "endpoint not supported by the peer");
+                }
+                TransportError::Unsupported {
+                    endpoint,
+                    reason: e.to_string(),
+                }
+            }),
         }
     }
+}
+
+/// `GET /.well-known/mimi-protocol-directory` on the peer, answer bounded in size and time.
+async fn fetch_directory<I>(ctx: &PeerCtx<I>, mut ready: Ready) -> Fetched {
+    let h2 = ready.is_h2();
+    let answer = ready.send(build_probe(ctx, h2));
+    let work = async {
+        let resp = answer.await.map_err(|e| classify(&ctx.dest, &e))?;
+        let (parts, body) = resp.into_parts();
+        let body = match Limited::new(body, MAX_DIRECTORY_BYTES).collect().await {
+            Ok(c) => c.to_bytes(),
+            Err(e) if e.is::<LengthLimitError>() => {
+                return Err(TransportError::BadResponse(
+                    "directory over the size limit".to_owned(),
+                ));
+            }
+            Err(_) => return Err(TransportError::ConnectionLost),
+        };
+        Ok((parts, body))
+    };
+    let (parts, body) = match tokio::time::timeout(ctx.request_timeout, work).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(e)) => return Fetched::Failed(Err(e)),
+        Err(_) => return Fetched::Failed(Err(TransportError::Timeout)),
+    };
+    ready.done();
+    ctx.answered();
+    match parts.status.as_u16() {
+        200 => match directory::parse(&body, &ctx.dest) {
+            Some(d) => Fetched::Known(Known::Directory(d), directory::ttl(&parts.headers)),
+            None => Fetched::Known(Known::Fallback, directory::DEFAULT_TTL),
+        },
+        404 | 410 => Fetched::Known(Known::Fallback, directory::DEFAULT_TTL),
+        code => Fetched::Failed(to_response(code, &parts.headers, body)),
+    }
+}
+
+/// A connection for the next request: the HTTP/2 one, or an idle or new HTTP/1.1 one (waiting
+/// for a slot when all are busy).
+async fn checkout<I>(ctx: &PeerCtx<I>, link: &mut Option<Link>) -> Result<Ready, ConnectError> {
+    match link {
+        Some(Link::H2(s)) if !s.is_closed() => return Ok(Ready::H2(s.clone())),
+        Some(Link::H1(pool)) => {
+            let pool = pool.clone();
+            let slot = pool
+                .slots
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| ConnectError::Timeout)?;
+            while let Some(mut s) = pool.pop() {
+                if s.is_closed() {
+                    continue;
+                }
+                if let Ok(Ok(())) = tokio::time::timeout(ctx.request_timeout, s.ready()).await {
+                    return Ok(Ready::H1(PooledH1 {
+                        sender: Some(s),
+                        pool,
+                        reusable: false,
+                        _slot: slot,
+                    }));
+                }
+            }
+            return Ok(match connect(ctx).await? {
+                Opened::H1(s) => Ready::H1(PooledH1 {
+                    sender: Some(s),
+                    pool,
+                    reusable: false,
+                    _slot: slot,
+                }),
+                Opened::H2(s) => {
+                    *link = Some(Link::H2(s.clone()));
+                    Ready::H2(s)
+                }
+            });
+        }
+        _ => {}
+    }
+    *link = None;
+    Ok(match connect(ctx).await? {
+        Opened::H2(s) => {
+            *link = Some(Link::H2(s.clone()));
+            Ready::H2(s)
+        }
+        Opened::H1(s) => {
+            let pool = H1Pool::new();
+            let slot = pool
+                .slots
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| ConnectError::Timeout)?;
+            *link = Some(Link::H1(pool.clone()));
+            Ready::H1(PooledH1 {
+                sender: Some(s),
+                pool,
+                reusable: false,
+                _slot: slot,
+            })
+        }
+    })
 }
 
 fn fail<I: Inbound>(ctx: &PeerCtx<I>, job: Job, reason: &str) {
@@ -206,7 +514,7 @@ enum ConnectError {
     Tls(std::io::Error),
     /// The server's certificate authenticates another provider than the one we dialled.
     WrongPeer(String),
-    Http2(hyper::Error),
+    Http(hyper::Error),
 }
 
 impl fmt::Display for ConnectError {
@@ -216,18 +524,24 @@ impl fmt::Display for ConnectError {
             ConnectError::Tcp(e) => write!(f, "tcp: {e}"),
             ConnectError::Tls(e) => write!(f, "tls: {e}"),
             ConnectError::WrongPeer(e) => write!(f, "peer certificate: {e}"),
-            ConnectError::Http2(e) => write!(f, "http/2 handshake: {e}"),
+            ConnectError::Http(e) => write!(f, "http handshake: {e}"),
         }
     }
 }
 
-async fn connect<I: Inbound>(ctx: &PeerCtx<I>) -> Result<Sender, ConnectError> {
+/// A new connection, in the protocol the peer picked.
+enum Opened {
+    H2(http2::SendRequest<Segments>),
+    H1(http1::SendRequest<Segments>),
+}
+
+async fn connect<I>(ctx: &PeerCtx<I>) -> Result<Opened, ConnectError> {
     tokio::time::timeout(ctx.request_timeout, connect_inner(ctx))
         .await
         .unwrap_or(Err(ConnectError::Timeout))
 }
 
-async fn connect_inner<I: Inbound>(ctx: &PeerCtx<I>) -> Result<Sender, ConnectError> {
+async fn connect_inner<I>(ctx: &PeerCtx<I>) -> Result<Opened, ConnectError> {
     let tcp = TcpStream::connect(ctx.addr)
         .await
         .map_err(ConnectError::Tcp)?;
@@ -251,47 +565,66 @@ async fn connect_inner<I: Inbound>(ctx: &PeerCtx<I>) -> Result<Sender, ConnectEr
         }
         Err(e) => return Err(ConnectError::WrongPeer(e.to_string())),
     }
-    let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        // Window sized from measured bandwidth-delay: many concurrent notifies share one
-        // connection, and the fixed 64 KiB default would throttle them.
-        .adaptive_window(true)
-        // Our servers allow this many streams: a burst sent before their SETTINGS arrive
-        // stays within it instead of being refused.
-        .initial_max_send_streams(crate::MAX_H2_STREAMS as usize)
-        // While requests are open, a ping goes out after `request_timeout` without a frame
-        // from the peer and must be acked within as long. A peer slow to answer still acks
-        // (h2 does, not the handler) and keeps its connection; one stuck in TCP backoff or
-        // black-holed is closed, so the next send (or the core's probe) reconnects instead of
-        // waiting on it.
-        .keep_alive_interval(ctx.request_timeout)
-        .keep_alive_timeout(ctx.request_timeout)
-        .handshake(TokioIo::new(tls))
-        .await
-        .map_err(ConnectError::Http2)?;
+    // HTTP/2 only when the server picked it; no ALPN at all means HTTP/1.1 (RFC 9113 §3.3).
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
     let dest = ctx.dest.clone();
-    tokio::spawn(async move {
-        match connection.await {
-            Ok(()) => debug!(peer = %dest, "https connection closed"),
-            Err(error) => info!(peer = %dest, %error, "https connection lost"),
-        }
-    });
-    info!(peer = %ctx.dest, addr = %ctx.addr, "https connected");
-    Ok(sender)
+    let opened = if h2 {
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            // Window sized from measured bandwidth-delay: many concurrent notifies share one
+            // connection, and the fixed 64 KiB default would throttle them.
+            .adaptive_window(true)
+            // Our servers allow this many streams: a burst sent before their SETTINGS arrive
+            // stays within it instead of being refused.
+            .initial_max_send_streams(crate::MAX_H2_STREAMS as usize)
+            // While requests are open, a ping goes out after `request_timeout` without a frame
+            // from the peer and must be acked within as long. A peer slow to answer still acks
+            // (h2 does, not the handler) and keeps its connection; one stuck in TCP backoff or
+            // black-holed is closed, so the next send (or the core's probe) reconnects instead
+            // of waiting on it.
+            .keep_alive_interval(ctx.request_timeout)
+            .keep_alive_timeout(ctx.request_timeout)
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(ConnectError::Http)?;
+        tokio::spawn(async move {
+            match connection.await {
+                Ok(()) => debug!(peer = %dest, "https connection closed"),
+                Err(error) => info!(peer = %dest, %error, "https connection lost"),
+            }
+        });
+        Opened::H2(sender)
+    } else {
+        let (sender, connection) = http1::Builder::new()
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(ConnectError::Http)?;
+        let dropped = ctx.dropped.clone();
+        tokio::spawn(async move {
+            let result = connection.await;
+            dropped.store(true, Ordering::Relaxed);
+            match result {
+                Ok(()) => debug!(peer = %dest, "https/1.1 connection closed"),
+                Err(error) => debug!(peer = %dest, %error, "https/1.1 connection lost"),
+            }
+        });
+        Opened::H1(sender)
+    };
+    info!(peer = %ctx.dest, addr = %ctx.addr, http = if h2 { "2" } else { "1.1" }, "https connected");
+    Ok(opened)
 }
 
-fn build_transmit<I>(ctx: &PeerCtx<I>, t: Transmit) -> http::Request<Segments> {
+fn build_transmit<I>(
+    ctx: &PeerCtx<I>,
+    t: Transmit,
+    route: &Route,
+    h2: bool,
+) -> http::Request<Segments> {
     let len = t.body_len();
-    let uri = format!(
-        "https://{}/v1/{}/{}",
-        ctx.dest,
-        t.endpoint.as_str(),
-        encode_target(&t.target)
-    );
     let method = Method::from_bytes(t.endpoint.method().as_bytes()).unwrap_or(Method::POST);
     let mut req = http::Request::new(Segments::new(t.body));
     *req.method_mut() = method.clone();
-    *req.uri_mut() = uri.parse::<Uri>().unwrap_or_else(|_| Uri::from_static("/"));
+    target(&mut req, route.authority(), &route.path(&t.target), h2);
     let h = req.headers_mut();
     h.insert(FROM, ctx.from.clone());
     if method == Method::POST {
@@ -311,12 +644,26 @@ fn build_transmit<I>(ctx: &PeerCtx<I>, t: Transmit) -> http::Request<Segments> {
     req
 }
 
-fn build_probe<I>(ctx: &PeerCtx<I>) -> http::Request<Segments> {
+fn build_probe<I>(ctx: &PeerCtx<I>, h2: bool) -> http::Request<Segments> {
     let mut req = http::Request::new(Segments::empty());
-    let uri = format!("https://{}{DIRECTORY_PATH}", ctx.dest);
-    *req.uri_mut() = uri.parse::<Uri>().unwrap_or_else(|_| Uri::from_static("/"));
+    target(&mut req, ctx.dest.as_str(), DIRECTORY_PATH, h2);
     req.headers_mut().insert(FROM, ctx.from.clone());
     req
+}
+
+/// HTTP/2 takes the authority from an absolute URI (`:authority`); HTTP/1.1 sends the path
+/// alone with a `Host` header.
+fn target<B>(req: &mut http::Request<B>, authority: &str, path: &str, h2: bool) {
+    let uri = if h2 {
+        format!("https://{authority}{path}").parse::<Uri>()
+    } else {
+        if let Ok(host) = HeaderValue::from_str(authority) {
+            req.headers_mut().insert(HOST, host);
+        }
+        path.parse::<Uri>()
+    };
+    // Routes are checked to parse when the directory is read; `/` is never reached.
+    *req.uri_mut() = uri.unwrap_or_else(|_| Uri::from_static("/"));
 }
 
 fn classify(dest: &ProviderDomain, e: &hyper::Error) -> TransportError {
@@ -334,18 +681,11 @@ async fn read_response(
 ) -> Result<Response, TransportError> {
     let (parts, body) = resp.into_parts();
     let code = parts.status.as_u16();
-    let status = Status::from_http_code(code)
-        .ok_or_else(|| TransportError::BadResponse(format!("unexpected status {code}")))?;
-    let next_seq = header_u64(&parts.headers, MIMI_NEXT_SEQ)
-        .map_err(|()| TransportError::BadResponse("malformed mimi-next-seq".to_owned()))?;
-    let next_inc = header_u64(&parts.headers, MIMI_NEXT_SEQ_INCARNATION).map_err(|()| {
-        TransportError::BadResponse("malformed mimi-next-seq-incarnation".to_owned())
-    })?;
-    // Only the delta-seconds form; an HTTP-date is ignored rather than failing the answer.
-    let retry_after = header_u64(&parts.headers, RETRY_AFTER.as_str())
-        .ok()
-        .flatten()
-        .map(Duration::from_secs);
+    if status_of(code).is_none() {
+        return Err(TransportError::BadResponse(format!(
+            "unexpected status {code}"
+        )));
+    }
     let body: Bytes = match Limited::new(body, max_body).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.is::<LengthLimitError>() => {
@@ -355,11 +695,84 @@ async fn read_response(
         }
         Err(_) => return Err(TransportError::ConnectionLost),
     };
+    to_response(code, &parts.headers, body)
+}
+
+/// 429 Too Many Requests is the core's "busy, retry later" like 503.
+fn status_of(code: u16) -> Option<Status> {
+    match code {
+        429 => Some(Status::Unavailable),
+        code => Status::from_http_code(code),
+    }
+}
+
+fn to_response(code: u16, headers: &HeaderMap, body: Bytes) -> Result<Response, TransportError> {
+    let status = status_of(code)
+        .ok_or_else(|| TransportError::BadResponse(format!("unexpected status {code}")))?;
+    let next_seq = header_u64(headers, MIMI_NEXT_SEQ)
+        .map_err(|()| TransportError::BadResponse("malformed mimi-next-seq".to_owned()))?;
+    let next_inc = header_u64(headers, MIMI_NEXT_SEQ_INCARNATION).map_err(|()| {
+        TransportError::BadResponse("malformed mimi-next-seq-incarnation".to_owned())
+    })?;
     Ok(Response {
         status,
         body,
         next_seq,
         next_inc,
-        retry_after,
+        retry_after: retry_after(headers, std::time::SystemTime::now()),
     })
+}
+
+/// `Retry-After` as delta-seconds or an HTTP-date (RFC 9110 §10.2.3), at most
+/// [`MAX_RETRY_AFTER`]; a malformed one is ignored rather than failing the answer.
+fn retry_after(headers: &HeaderMap, now: std::time::SystemTime) -> Option<Duration> {
+    let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    let after = match v.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => httpdate::parse_http_date(v)
+            .ok()?
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO),
+    };
+    Some(after.min(MAX_RETRY_AFTER))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_seconds_or_date_and_bounded() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut h = HeaderMap::new();
+        assert_eq!(retry_after(&h, now), None);
+        h.insert(RETRY_AFTER, HeaderValue::from_static("120"));
+        assert_eq!(retry_after(&h, now), Some(Duration::from_secs(120)));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(90));
+        h.insert(
+            RETRY_AFTER,
+            HeaderValue::from_str(&later).unwrap_or_else(|e| panic!("{e}")),
+        );
+        assert_eq!(retry_after(&h, now), Some(Duration::from_secs(90)));
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(90));
+        h.insert(
+            RETRY_AFTER,
+            HeaderValue::from_str(&past).unwrap_or_else(|e| panic!("{e}")),
+        );
+        assert_eq!(retry_after(&h, now), Some(Duration::ZERO));
+        h.insert(RETRY_AFTER, HeaderValue::from_static("99999999999"));
+        assert_eq!(retry_after(&h, now), Some(MAX_RETRY_AFTER));
+        h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&h, now), None);
+    }
+
+    #[test]
+    fn too_many_requests_is_busy() {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, HeaderValue::from_static("7"));
+        let r = to_response(429, &h, Bytes::new()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.status, Status::Unavailable);
+        assert_eq!(r.retry_after, Some(Duration::from_secs(7)));
+        assert!(to_response(418, &h, Bytes::new()).is_err());
+    }
 }

@@ -5,7 +5,8 @@
 //! [`HttpsTransport::start`] binds a listener and starts one task per configured peer. It
 //! implements [`relay_adapter::Transport`] (kind [`TransportKind::Https`]).
 //!
-//! **Serving.** HTTP/1.1 and HTTP/2 (ALPN `h2`, `http/1.1`) over mutual TLS; a connection is
+//! **Serving.** HTTP/1.1 and HTTP/2 (ALPN `h2`, `http/1.1`; a client that offers no ALPN is
+//! served whichever it speaks, told apart by the HTTP/2 preface) over mutual TLS; a connection is
 //! kept only if the client certificate authenticates a trusted provider
 //! ([`relay_tls::peer_domain`]). Every request must then carry
 //! - `Host` (or HTTP/2 `:authority`) naming our provider domain, port ignored: missing → 400,
@@ -49,28 +50,45 @@
 //! The future of [`Inbound::request`] is dropped if the peer resets the stream or the
 //! connection breaks before the answer: the node must not depend on it running to completion.
 //!
-//! **Sending.** One HTTP/2 connection per peer (ALPN `h2`, TLS server name = the peer's domain,
-//! whose certificate must authenticate that same provider), opened on first use and reopened
-//! after a failure. While requests are open, a connection from which no frame came for
-//! `request_timeout` is pinged and closed if the ping is not acked within as long, so a path
-//! that moves nothing is left for a new connection. [`Transport::send`] never blocks: a full
-//! per-peer queue ([`PEER_QUEUE`] jobs) answers [`TransportError::Busy`]. Each transmit becomes
-//! `POST https://{dest}/v1/{endpoint}/{percent-encoded target}` with `:authority` = the
-//! destination's domain, `From: mimi@<our domain>`, `Content-Length`, `MIMI-Seq` when set, and
-//! the segments streamed without concatenating them into one buffer (segments of 16 KiB or more
-//! go out untouched; smaller neighbours are joined into frames of up to 16 KiB, because HTTP/2
-//! servers treat bursts of tiny DATA frames as a flood). Requests leave in send order per peer
-//! and their answers are awaited concurrently. Every transmit gets exactly one
-//! [`Inbound::outcome`]:
-//! - any HTTP answer with a known status → `Ok(Response)` (unknown status or malformed
-//!   `MIMI-Next-Seq` → `BadResponse`);
+//! **Sending.** One task per peer. The connection is HTTP/2 when the peer picks `h2` by ALPN
+//! (TLS server name = the peer's domain, whose certificate must authenticate that same
+//! provider), else HTTP/1.1 (the peer picked it or offers no ALPN) over up to
+//! [`MAX_H1_CONNS`] keep-alive connections, each carrying one request at a time; opened on
+//! first use and reopened after a failure. While requests are open, an HTTP/2 connection from
+//! which no frame came for `request_timeout` is pinged and closed if the ping is not acked
+//! within as long, so a path that moves nothing is left for a new connection.
+//!
+//! **The peer's directory** (protocol-06 §5.1) says where each endpoint is: it is fetched
+//! (`GET /.well-known/mimi-protocol-directory`, at most 64 KiB) before the first request,
+//! kept for the answer's `max-age` (1 min to 24 h, else 1 h), and fetched again after an
+//! answer 404 or 421, after a reconnect, and by every probe. A template's one variable gets
+//! the percent-encoded target whatever its name; relative URLs resolve against the
+//! directory's; an absolute URL must name the peer's domain (we still dial the configured
+//! address; `Host`/`:authority` is the URL's host). A peer that answers the directory 404 or
+//! with something that is not a JSON object of endpoints gets the draft's
+//! `/v1/{endpoint}/{target}`. An endpoint the directory does not list, lists on another host
+//! or with an unusable template is never sent: [`TransportError::Unsupported`] (counted in
+//! the adapter's stats). A directory fetch that fails otherwise keeps the directory read
+//! before for another minute, or fails the transmit with the fetch's outcome.
+//!
+//! [`Transport::send`] never blocks: a full per-peer queue ([`PEER_QUEUE`] jobs) answers
+//! [`TransportError::Busy`]. Each transmit carries `From: mimi@<our domain>`,
+//! `Content-Length`, `MIMI-Seq` when set, and the segments streamed without concatenating them
+//! into one buffer (segments of 16 KiB or more go out untouched; smaller neighbours are joined
+//! into frames of up to 16 KiB, because HTTP/2 servers treat bursts of tiny DATA frames as a
+//! flood). Requests leave in send order per peer and their answers are awaited concurrently.
+//! Every transmit gets exactly one [`Inbound::outcome`]:
+//! - any HTTP answer with a known status → `Ok(Response)`, 429 read as 503; `Retry-After`
+//!   (delta-seconds or HTTP-date, at most an hour) → [`Response::retry_after`] (unknown status
+//!   or malformed `MIMI-Next-Seq` → `BadResponse`);
 //! - unknown destination → `NoRoute`; cannot connect → `Unreachable` (everything queued for that
 //!   peer at that moment fails at once; the core's timers decide when to retry);
 //! - connection broken before the answer → `ConnectionLost`; no full answer within
-//!   `request_timeout` → `Timeout`; after shutdown → `Closed`.
+//!   `request_timeout` → `Timeout`; after shutdown → `Closed`; endpoint not served by the
+//!   peer → `Unsupported`.
 //!
 //! [`Transport::probe`] fetches the directory over the (possibly new) connection and reports
-//! `alive = (status == 200)`.
+//! alive when the peer served one or answered that it has none (404).
 //!
 //! **Shutdown.** [`HttpsTransport::shutdown`] stops accepting, lets open connections finish
 //! their in-flight requests (HTTP/2 GOAWAY), carries what is already queued, refuses new
@@ -82,6 +100,7 @@
 
 mod body;
 mod client;
+mod directory;
 mod path;
 mod server;
 
@@ -211,6 +230,9 @@ pub const CONTENT_TYPE_BODY: &str = "application/octet-stream";
 pub const CONTENT_TYPE_REASON: &str = "text/plain; charset=utf-8";
 /// How many jobs may wait for one peer's task before `send` answers `Busy`.
 pub const PEER_QUEUE: usize = 1024;
+/// HTTP/1.1 connections to one peer at most (kept alive and reused): a request holds one
+/// until its answer is read, so this bounds the requests in flight to a peer without HTTP/2.
+pub const MAX_H1_CONNS: usize = 4;
 /// HTTP/2 streams per connection at most, whatever `max_streams_per_conn` says: every open
 /// stream may hold a body in assembly.
 pub const MAX_H2_STREAMS: u32 = 64;
@@ -311,7 +333,12 @@ impl HttpsTransport {
             &trust,
             vec![b"h2".to_vec(), b"http/1.1".to_vec()],
         )?;
-        let client_tls = relay_tls::client_config(&identity, &trust, vec![b"h2".to_vec()])?;
+        // h2 preferred; a peer that picks HTTP/1.1 or offers no ALPN gets HTTP/1.1.
+        let client_tls = relay_tls::client_config(
+            &identity,
+            &trust,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        )?;
         let domain = identity.domain.clone();
         let trust = Arc::new(trust);
 
@@ -388,7 +415,10 @@ impl HttpsTransport {
                 max_body,
                 request_timeout,
                 inbound: inbound.clone(),
+                stats: adapter.stats.clone(),
                 last_answer: Default::default(),
+                stale: Default::default(),
+                dropped: Default::default(),
             };
             tasks.spawn_peer(dest, PEER_QUEUE, |rx, stop| client::run_peer(ctx, rx, stop));
         }

@@ -268,6 +268,18 @@ pub fn render_adapters(
     for (kind, st) in adapters {
         let _ = writeln!(out, "{name}{{transport=\"{kind}\"}} {}", st.retries_sent());
     }
+    let name = "mimi_relay_unsupported_endpoint_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Transmits refused because the peer does not serve the endpoint (HTTPS: not in its directory).\n# TYPE {name} counter"
+    );
+    for (kind, st) in adapters {
+        let _ = writeln!(
+            out,
+            "{name}{{transport=\"{kind}\"}} {}",
+            st.unsupported_endpoints()
+        );
+    }
 }
 
 /// Requests refused before the core: a peer over its share, or the node over its total.
@@ -321,12 +333,11 @@ mod tests {
         quic.retry_sent();
         quic.retry_sent();
         quic.refused(Budget::Handshakes);
-        let adapters = [
-            (TransportKind::Https, Default::default()),
-            (TransportKind::Quic, quic),
-        ]
-        .into_iter()
-        .collect();
+        let https = std::sync::Arc::new(AdapterStats::default());
+        https.unsupported_endpoint();
+        let adapters = [(TransportKind::Https, https), (TransportKind::Quic, quic)]
+            .into_iter()
+            .collect();
         let mut text = String::new();
         render_adapters(&mut text, &adapters);
         for line in [
@@ -334,6 +345,8 @@ mod tests {
             "mimi_relay_handshake_retries_total{transport=\"https\"} 0",
             "mimi_relay_budget_refusals_total{transport=\"quic\",budget=\"handshakes\"} 1",
             "mimi_relay_failed_handshakes_total{transport=\"quic\"} 0",
+            "mimi_relay_unsupported_endpoint_total{transport=\"https\"} 1",
+            "mimi_relay_unsupported_endpoint_total{transport=\"quic\"} 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
