@@ -5,7 +5,6 @@
 //! share one connection in flight.
 
 use std::fmt;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +22,6 @@ use relay_adapter::peers::PeerJob;
 use relay_core::transport::{Response, Status, Transmit, TransportError};
 use relay_tls::PeerTrust;
 use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -55,7 +53,8 @@ impl PeerJob for Job {
 /// Everything a peer task needs, fixed at start.
 pub(crate) struct PeerCtx<I> {
     pub(crate) dest: ProviderDomain,
-    pub(crate) addr: SocketAddr,
+    /// Resolved again at every connection attempt.
+    pub(crate) addr: relay_adapter::PeerAddr,
     /// `mimi@<our domain>`
     pub(crate) from: HeaderValue,
     pub(crate) connector: TlsConnector,
@@ -225,9 +224,7 @@ async fn connect<I: Inbound>(ctx: &PeerCtx<I>) -> Result<Sender, ConnectError> {
 }
 
 async fn connect_inner<I: Inbound>(ctx: &PeerCtx<I>) -> Result<Sender, ConnectError> {
-    let tcp = TcpStream::connect(ctx.addr)
-        .await
-        .map_err(ConnectError::Tcp)?;
+    let tcp = ctx.addr.connect_tcp().await.map_err(ConnectError::Tcp)?;
     let _ = tcp.set_nodelay(true);
     let name = ServerName::try_from(ctx.dest.as_str().to_owned())
         .map_err(|e| ConnectError::WrongPeer(e.to_string()))?;
@@ -236,18 +233,11 @@ async fn connect_inner<I: Inbound>(ctx: &PeerCtx<I>) -> Result<Sender, ConnectEr
         .connect(name, tcp)
         .await
         .map_err(ConnectError::Tls)?;
-    // The TLS config already verified the chain; this also pins which provider it names.
+    // The TLS config already verified the chain for the name dialled; this checks it names
+    // that peer by its pin or DNS names.
     let certs = tls.get_ref().1.peer_certificates().unwrap_or_default();
-    match relay_tls::peer_domain(&ctx.trust, certs) {
-        Ok(d) if d == ctx.dest => {}
-        Ok(d) => {
-            return Err(ConnectError::WrongPeer(format!(
-                "names {d}, not {}",
-                ctx.dest
-            )));
-        }
-        Err(e) => return Err(ConnectError::WrongPeer(e.to_string())),
-    }
+    relay_tls::server_is(&ctx.trust, &ctx.dest, certs)
+        .map_err(|e| ConnectError::WrongPeer(e.to_string()))?;
     let (sender, connection) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         // Window sized from measured bandwidth-delay: many concurrent notifies share one
