@@ -15,7 +15,7 @@ pub fn certificates(dir: &Path) {
     let domains: Vec<String> = ["a.example", "b.example", "c.example"]
         .map(String::from)
         .to_vec();
-    mimi_relay::keygen::keygen(&domains, dir, false).expect("keygen");
+    mimi_relay::keygen::keygen(&domains, dir, false, None).expect("keygen");
 }
 
 /// A SubmitMessageRequest from `mimi://{provider}/u/bob` whose ciphertext is 300 bytes of `n`.

@@ -90,7 +90,7 @@ async fn bad_input_over_quic_gets_typed_answers_and_the_stream_survives() {
         listen: "127.0.0.1:0".parse().expect("addr"),
         peers: BTreeMap::from([(
             "a.example".parse().expect("domain"),
-            node.listening[&relay_core::TransportKind::Quic],
+            node.listening[&relay_core::TransportKind::Quic].into(),
         )]),
         max_body: 1 << 20,
         request_timeout: Duration::from_secs(5),

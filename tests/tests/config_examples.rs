@@ -17,7 +17,14 @@ fn example_configs_validate_and_agree() {
         "b.example".to_owned(),
         "c.example".to_owned(),
     ];
-    mimi_relay::keygen::keygen(&domains, &dir.path().join("certs"), false).expect("keygen");
+    // As the examples' first line says: issued by a local CA, which a and c trust each other by.
+    mimi_relay::keygen::keygen(
+        &domains,
+        &dir.path().join("certs"),
+        false,
+        Some("example-ca"),
+    )
+    .expect("keygen");
 
     let configs: Vec<NodeConfig> = domains
         .iter()
@@ -33,6 +40,17 @@ fn example_configs_validate_and_agree() {
     for c in &configs[1..] {
         assert!(c.rooms.is_empty(), "{} must follow, not host", c.domain);
     }
+    // One example peer is trusted by CA, both ways, and the certificates load as configured.
+    let by_ca = |c: &NodeConfig, peer: &str| {
+        c.peers
+            .iter()
+            .any(|p| p.domain.as_str() == peer && p.ca.is_some() && p.cert.is_none())
+    };
+    assert!(by_ca(&configs[0], "c.example") && by_ca(&configs[2], "a.example"));
+    for c in &configs {
+        let (_, trust) = relay_node::load_tls(c).expect("the example certificates load");
+        assert_eq!(trust.domains().len(), 2);
+    }
     for c in &configs {
         assert_eq!(c.peers.len(), 2, "{} peers with both others", c.domain);
         for p in &c.peers {
@@ -40,10 +58,10 @@ fn example_configs_validate_and_agree() {
                 .iter()
                 .find(|o| o.domain == p.domain)
                 .expect("peer is a provider");
-            let listens = other.listen.get(&p.transport).copied();
+            let listens = other.listen.get(&p.transport).copied().map(Into::into);
             assert_eq!(
                 listens,
-                Some(p.address),
+                Some(p.address.clone()),
                 "{} reaches {} where it listens",
                 c.domain,
                 p.domain

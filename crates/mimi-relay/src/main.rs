@@ -34,7 +34,8 @@ enum Cmd {
     },
     /// Validate a node configuration and exit.
     CheckConfig { config: PathBuf },
-    /// Make a self-signed certificate and key for each provider domain.
+    /// Make a certificate and key for each provider domain: self-signed, or issued by a new
+    /// local CA (--ca).
     Keygen {
         /// Provider domains, e.g. a.example b.example.
         #[arg(required = true)]
@@ -45,6 +46,10 @@ enum Cmd {
         /// Replace existing files.
         #[arg(long)]
         force: bool,
+        /// Issue the certificates from a new local CA named NAME, written to NAME.crt for
+        /// peers to configure as `ca` (its key is not kept).
+        #[arg(long, value_name = "NAME")]
+        ca: Option<String>,
     },
     /// Act as a local client of a running node (its loopback API, `node.admin`).
     Client {
@@ -180,8 +185,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             domains,
             out,
             force,
+            ca,
         } => {
-            for p in mimi_relay::keygen::keygen(&domains, &out, force)? {
+            for p in mimi_relay::keygen::keygen(&domains, &out, force, ca.as_deref())? {
                 println!("wrote {}", p.display());
             }
             Ok(ExitCode::SUCCESS)

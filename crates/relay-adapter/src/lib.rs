@@ -16,6 +16,8 @@
 //!   event and lets a line through at most once per interval, with the number suppressed.
 //! - [`AdapterStats`] counts refusals by cause, failed handshakes and QUIC Retries; the node
 //!   exports them as metrics.
+//! - [`PeerAddr`] is where a peer is dialled: a host name resolved at every connection
+//!   attempt, or an IP address.
 //! - [`outcome`] gives every transmit exactly one outcome (QUIC, XMPP); [`peers`] is the frame
 //!   of an adapter with one task per peer behind a bounded queue and its listener (HTTPS,
 //!   Matrix); `http` (feature `http`) reads a request body within its bounds.
@@ -23,6 +25,7 @@
 //! The budgets do no I/O: adapters hold them in `Arc`s and call them from their tasks. What
 //! needs a timer or a task (the outcome deadlines) runs on tokio, as every adapter does.
 
+pub mod addr;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod outcome;
@@ -37,6 +40,7 @@ use std::time::{Duration, Instant};
 
 use mimi_wire::uri::ProviderDomain;
 
+pub use addr::PeerAddr;
 pub use transport::{Inbound, Transport};
 
 /// Per-peer and per-node budgets of an adapter. Defaults are safe for a node with a few dozen

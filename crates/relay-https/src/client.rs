@@ -10,7 +10,6 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,7 +29,6 @@ use relay_adapter::{AdapterStats, Inbound};
 use relay_core::transport::{Response, Status, Transmit, TransportError};
 use relay_tls::PeerTrust;
 use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -70,7 +68,8 @@ impl PeerJob for Job {
 /// Everything a peer task needs, fixed at start.
 pub(crate) struct PeerCtx<I> {
     pub(crate) dest: ProviderDomain,
-    pub(crate) addr: SocketAddr,
+    /// Resolved again at every connection attempt.
+    pub(crate) addr: relay_adapter::PeerAddr,
     /// `mimi@<our domain>`
     pub(crate) from: HeaderValue,
     pub(crate) connector: TlsConnector,
@@ -542,9 +541,7 @@ async fn connect<I>(ctx: &PeerCtx<I>) -> Result<Opened, ConnectError> {
 }
 
 async fn connect_inner<I>(ctx: &PeerCtx<I>) -> Result<Opened, ConnectError> {
-    let tcp = TcpStream::connect(ctx.addr)
-        .await
-        .map_err(ConnectError::Tcp)?;
+    let tcp = ctx.addr.connect_tcp().await.map_err(ConnectError::Tcp)?;
     let _ = tcp.set_nodelay(true);
     let name = ServerName::try_from(ctx.dest.as_str().to_owned())
         .map_err(|e| ConnectError::WrongPeer(e.to_string()))?;
@@ -553,18 +550,11 @@ async fn connect_inner<I>(ctx: &PeerCtx<I>) -> Result<Opened, ConnectError> {
         .connect(name, tcp)
         .await
         .map_err(ConnectError::Tls)?;
-    // The TLS config already verified the chain; this also pins which provider it names.
+    // The TLS config already verified the chain for the name dialled; this checks it names
+    // that peer by its pin or DNS names.
     let certs = tls.get_ref().1.peer_certificates().unwrap_or_default();
-    match relay_tls::peer_domain(&ctx.trust, certs) {
-        Ok(d) if d == ctx.dest => {}
-        Ok(d) => {
-            return Err(ConnectError::WrongPeer(format!(
-                "names {d}, not {}",
-                ctx.dest
-            )));
-        }
-        Err(e) => return Err(ConnectError::WrongPeer(e.to_string())),
-    }
+    relay_tls::server_is(&ctx.trust, &ctx.dest, certs)
+        .map_err(|e| ConnectError::WrongPeer(e.to_string()))?;
     // HTTP/2 only when the server picked it; no ALPN at all means HTTP/1.1 (RFC 9113 §3.3).
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
     let dest = ctx.dest.clone();

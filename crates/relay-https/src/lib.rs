@@ -248,8 +248,9 @@ pub struct HttpsConfig {
     pub trust: PeerTrust,
     /// Where to listen; port 0 picks a free one (see the address `start` returns).
     pub listen: SocketAddr,
-    /// Where to reach each peer provider. Others are `NoRoute`.
-    pub peers: BTreeMap<ProviderDomain, SocketAddr>,
+    /// Where to reach each peer provider (a host name is resolved at every connection
+    /// attempt). Others are `NoRoute`.
+    pub peers: BTreeMap<ProviderDomain, relay_adapter::PeerAddr>,
     /// Largest request or response body accepted, in bytes.
     pub max_body: usize,
     /// Bounds each outbound request (connect included), each inbound upload and handshake,

@@ -316,7 +316,7 @@ async fn setup_with(directory: Option<&str>, live: &[&str], h2: bool) -> Result<
         identity: us_p.identity.clone(),
         trust: us_p.trusting(&hub_p)?,
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        peers: BTreeMap::from([(hub_p.domain.clone(), hub.addr)]),
+        peers: BTreeMap::from([(hub_p.domain.clone(), hub.addr.into())]),
         max_body: 1 << 20,
         request_timeout: Duration::from_secs(5),
         adapter: adapter.clone(),

@@ -73,7 +73,10 @@ impl Provider {
             identity: self.identity.clone(),
             trust: Provider::trusting(trusted)?,
             listen,
-            peers: peers.iter().map(|(p, a)| (p.domain.clone(), *a)).collect(),
+            peers: peers
+                .iter()
+                .map(|(p, a)| (p.domain.clone(), (*a).into()))
+                .collect(),
             max_body,
             request_timeout: Duration::from_secs(5),
             adapter: Default::default(),
@@ -1279,5 +1282,45 @@ async fn many_h2_streams_with_partial_bodies_are_held_to_the_budget() -> Result<
         201
     );
     drop(feeds);
+    Ok(())
+}
+
+/// A peer with a CA-issued certificate, trusted by `ca`, at a host name: `localhost:port` is
+/// resolved when dialling, and b's chain is verified by its CA in both directions' sense (a
+/// checks b's server certificate by CA; b pins a).
+#[tokio::test]
+async fn a_peer_by_host_name_with_a_ca_issued_certificate() -> Result<()> {
+    let a = Provider::new("a.example")?;
+    let ca = relay_tls::LocalCa::generate("B's CA")?;
+    let b_domain: ProviderDomain = "b.example".parse()?;
+    let issued = ca.issue(&b_domain)?;
+    let b = Provider {
+        identity: TlsIdentity::from_pem(b_domain.clone(), &issued.cert_pem, &issued.key_pem)?,
+        domain: b_domain.clone(),
+        cert_pem: issued.cert_pem,
+    };
+    let (fb, _eb) = Fake::new();
+    let (_tb, b_addr) =
+        HttpsTransport::start(b.config(&[&a], &[], any_port(), 1 << 20)?, fb.clone()).await?;
+    let (fa, mut ea) = Fake::new();
+    let mut cfg = a.config(&[], &[], any_port(), 1 << 20)?;
+    cfg.trust.add_ca_pem(b_domain.clone(), &ca.cert_pem)?;
+    cfg.peers.insert(
+        b_domain.clone(),
+        relay_adapter::PeerAddr::new("localhost", b_addr.port())?,
+    );
+    let (ta, _) = HttpsTransport::start(cfg, fa).await?;
+    ta.send(transmit(
+        7,
+        &b,
+        Endpoint::Notify,
+        ROOM,
+        Some(1),
+        vec![Bytes::from_static(b"by name")],
+    ));
+    let (id, outcome) = ea.outcome().await?;
+    assert_eq!(id, TransmitId(7));
+    assert_eq!(outcome?.status, Status::Created);
+    assert_eq!(fb.requests()[0].from, a.domain);
     Ok(())
 }

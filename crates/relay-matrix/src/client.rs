@@ -1,7 +1,6 @@
 //! The sending side: one task per destination, one HTTP/1.1 connection, one transaction in
 //! flight. The backlog that builds up while a transaction is out drains into full transactions.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -21,7 +20,6 @@ use ruma::api::federation::authentication::{XMatrix, XMatrixSigningInput};
 use rustls::pki_types::ServerName;
 use serde::Serialize;
 use serde_json::value::RawValue;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn};
@@ -62,7 +60,8 @@ pub(crate) type Conn = http1::SendRequest<Full<Bytes>>;
 #[derive(Clone)]
 pub(crate) struct Dial {
     pub(crate) domain: ProviderDomain,
-    pub(crate) addr: SocketAddr,
+    /// Resolved again at every connection attempt.
+    pub(crate) addr: relay_adapter::PeerAddr,
     pub(crate) server_name: OwnedServerName,
     pub(crate) connector: TlsConnector,
     pub(crate) timeout: Duration,
@@ -71,13 +70,15 @@ pub(crate) struct Dial {
 impl Dial {
     pub(crate) async fn connect(&self) -> Result<Conn, String> {
         let fut = async {
-            let tcp = TcpStream::connect(self.addr)
+            let tcp = self
+                .addr
+                .connect_tcp()
                 .await
-                .map_err(|e| format!("tcp: {e}"))?;
+                .map_err(|e| format!("tcp to {}: {e}", self.addr))?;
             let _ = tcp.set_nodelay(true);
             let name =
                 ServerName::try_from(self.domain.as_str().to_owned()).map_err(|e| e.to_string())?;
-            // The pinned-certificate verifier accepts only the certificate pinned for `domain`.
+            // The verifier accepts only a certificate trusted for `domain`.
             let tls = self
                 .connector
                 .connect(name, tcp)

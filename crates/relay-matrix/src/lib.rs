@@ -103,7 +103,8 @@ const HANDSHAKE_LOG_INTERVAL: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug)]
 pub struct MatrixPeer {
     pub server_name: String,
-    pub addr: SocketAddr,
+    /// Resolved again at every connection attempt.
+    pub addr: relay_adapter::PeerAddr,
 }
 
 /// An EDU of a type other than the binding's, received in a verified transaction.
@@ -222,15 +223,11 @@ impl MatrixTransport {
         } = config;
         let ours = server_name(&ours)?;
 
-        let mut server_tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(MatrixError::Rustls)?
-        .with_no_client_auth()
-        .with_single_cert(identity.cert_chain.clone(), identity.key.clone_key())
-        .map_err(MatrixError::Rustls)?;
-        server_tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // Presents the identity current at each handshake, so a reload reaches it too.
+        let server_tls = relay_tls::server_config_without_client_auth(
+            &identity,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        )?;
         let client_tls = relay_tls::client_config(&identity, &trust, vec![b"http/1.1".to_vec()])?;
         let connector = TlsConnector::from(client_tls);
 
@@ -249,7 +246,7 @@ impl MatrixTransport {
         for (domain, p) in &peers {
             let dial = client::Dial {
                 domain: domain.clone(),
-                addr: p.addr,
+                addr: p.addr.clone(),
                 server_name: server_name(&p.server_name)?,
                 connector: connector.clone(),
                 timeout: request_timeout,
@@ -295,7 +292,7 @@ impl MatrixTransport {
                 .collect(),
         });
         let gate = ctx.gate.clone();
-        let acceptor = TlsAcceptor::from(Arc::new(server_tls));
+        let acceptor = TlsAcceptor::from(server_tls);
         let stop = tasks.stopping();
         tasks.spawn_listener(relay_adapter::peers::accept_loop(
             "matrix",

@@ -114,7 +114,7 @@ async fn synapse_federates_with_the_relay_both_ways() {
                 theirs.clone(),
                 MatrixPeer {
                     server_name: env.server_name.clone(),
-                    addr: env.federation,
+                    addr: env.federation.into(),
                 },
             )]),
             request_timeout: Duration::from_secs(10),

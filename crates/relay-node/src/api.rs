@@ -37,6 +37,14 @@ pub(crate) struct ApiState {
     pub adapter_stats: Arc<BTreeMap<TransportKind, Arc<relay_adapter::AdapterStats>>>,
     /// The per-peer fair queue in front of the core, for its refusal counts.
     pub ingress: Arc<crate::ingress::Ingress>,
+    /// The live TLS identity and trust, for the certificates' days left.
+    pub tls: TlsHandles,
+}
+
+#[derive(Clone)]
+pub(crate) struct TlsHandles {
+    pub identity: relay_tls::TlsIdentity,
+    pub trust: relay_tls::PeerTrust,
 }
 
 pub(crate) fn router(state: ApiState) -> Router {
@@ -461,6 +469,8 @@ async fn metrics_page(State(s): State<ApiState>) -> HttpResponse {
                 let mut text = metrics::render(&stats, &store);
                 metrics::render_adapters(&mut text, &s.adapter_stats);
                 metrics::render_ingress(&mut text, s.ingress.refusals());
+                let held = metrics::tls_days_left(&s.tls.identity, &s.tls.trust);
+                metrics::render_tls(&mut text, &held);
                 text
             },
         )

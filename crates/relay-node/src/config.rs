@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mimi_wire::uri::{ProviderDomain, RoomId};
+use relay_adapter::PeerAddr;
 use relay_core::TransportKind;
 use serde::Deserialize;
 
@@ -91,6 +92,8 @@ struct RawNode {
 struct RawTls {
     cert: PathBuf,
     key: PathBuf,
+    /// `system` or `none` (the default): the roots of peers with neither `cert` nor `ca`.
+    roots: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -107,8 +110,10 @@ struct RawListen {
 struct RawPeer {
     domain: String,
     transport: String,
-    address: String,
-    cert: PathBuf,
+    /// `host:port`; the provider domain on port 443 when left out.
+    address: Option<String>,
+    cert: Option<PathBuf>,
+    ca: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -155,9 +160,24 @@ pub enum StoreKind {
 pub struct PeerConfig {
     pub domain: ProviderDomain,
     pub transport: TransportKind,
-    pub address: SocketAddr,
-    /// The peer's trusted certificate (PEM), already resolved against the config's directory.
-    pub cert: PathBuf,
+    /// Where to dial it: a host name is resolved at every connection attempt.
+    pub address: PeerAddr,
+    /// `cert`: the peer's pinned end-entity certificate(s) (PEM), whoever issued them. Paths
+    /// here are already resolved against the config's directory.
+    pub cert: Option<PathBuf>,
+    /// `ca`: the CA bundle (PEM) its chain must lead to. At most one of `cert` and `ca` is
+    /// set; with neither, the peer is trusted by the system roots (`[tls] roots`).
+    pub ca: Option<PathBuf>,
+}
+
+/// `[tls] roots`: what trusts peers configured with neither `cert` nor `ca`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Roots {
+    /// Nothing: every peer needs `cert` or `ca`.
+    #[default]
+    None,
+    /// The platform's root certificates.
+    System,
 }
 
 /// Component mode of the XMPP transport (`[xmpp]`).
@@ -199,8 +219,11 @@ pub struct NodeConfig {
     pub store: StoreKind,
     /// The loopback listener for the local client API and `/metrics`.
     pub admin: SocketAddr,
+    /// Our certificate: the end-entity certificate, then any intermediates (sent as a chain).
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// `[tls] roots`.
+    pub roots: Roots,
     /// Where each configured transport listens for peers.
     pub listen: BTreeMap<TransportKind, SocketAddr>,
     pub peers: Vec<PeerConfig>,
@@ -313,6 +336,18 @@ impl NodeConfig {
             }
         }
 
+        let roots = match raw.tls.roots.as_deref() {
+            None | Some("none") => Roots::None,
+            Some("system") => Roots::System,
+            Some(other) => {
+                return Err(cx.err(
+                    "tls.roots",
+                    format!(
+                        "{other:?}: expected \"system\" (the platform's root certificates) or \"none\""
+                    ),
+                ));
+            }
+        };
         let mut peers = Vec::new();
         let mut seen = BTreeSet::new();
         for (i, p) in raw.peers.iter().enumerate() {
@@ -334,15 +369,42 @@ impl NodeConfig {
                     format!("peer {d} uses {transport}, but listen.{transport} is not set"),
                 ));
             }
-            let cert = resolve(&p.cert);
-            if !cert.is_file() {
-                return Err(cx.err(key("cert"), format!("{} does not exist", cert.display())));
+            let (cert, ca) = match (&p.cert, &p.ca) {
+                (Some(_), Some(_)) => {
+                    return Err(cx.err(
+                        key("ca"),
+                        format!(
+                            "peer {d} sets both cert and ca: set cert to pin its certificate, \
+                             or ca to verify its chain against a CA, not both"
+                        ),
+                    ));
+                }
+                (None, None) if roots != Roots::System => {
+                    return Err(cx.err(
+                        key("cert"),
+                        format!(
+                            "peer {d} has no trust: set cert (its certificate, pinned) or ca \
+                             (a CA bundle), or [tls] roots = \"system\" to use the system's roots"
+                        ),
+                    ));
+                }
+                (c, a) => (c.as_deref().map(&resolve), a.as_deref().map(&resolve)),
+            };
+            for (k, path) in [("cert", &cert), ("ca", &ca)] {
+                if let Some(path) = path {
+                    readable(&cx, &key(k), path)?;
+                }
             }
+            let address = match &p.address {
+                Some(a) => a.parse().map_err(|e| cx.err(key("address"), e))?,
+                None => PeerAddr::new(d.as_str(), 443).map_err(|e| cx.err(key("address"), e))?,
+            };
             peers.push(PeerConfig {
                 domain: d,
                 transport,
-                address: cx.addr(&key("address"), &p.address)?,
+                address,
                 cert,
+                ca,
             });
         }
 
@@ -398,9 +460,7 @@ impl NodeConfig {
         let cert = resolve(&raw.tls.cert);
         let key = resolve(&raw.tls.key);
         for (k, p) in [("tls.cert", &cert), ("tls.key", &key)] {
-            if !p.is_file() {
-                return Err(cx.err(k, format!("{} does not exist", p.display())));
-            }
+            readable(&cx, k, p)?;
         }
         let max_body = raw.limits.max_body.unwrap_or(1 << 20);
         if !(1024..=64 << 20).contains(&max_body) {
@@ -491,6 +551,7 @@ impl NodeConfig {
             admin,
             cert,
             key,
+            roots,
             listen,
             peers,
             rooms,
@@ -509,6 +570,16 @@ impl NodeConfig {
             quic_congestion,
         })
     }
+}
+
+/// A file the node will read at start (and on reload): it must exist and open.
+fn readable(cx: &Ctx<'_>, key: &str, path: &Path) -> Result<(), ConfigError> {
+    if !path.is_file() {
+        return Err(cx.err(key, format!("{} does not exist", path.display())));
+    }
+    std::fs::File::open(path)
+        .map(drop)
+        .map_err(|e| cx.err(key, format!("cannot read {}: {e}", path.display())))
 }
 
 /// `[limits]`'s adapter budgets: defaults from [`relay_adapter::Limits`], each bounded so that
@@ -685,7 +756,10 @@ followers = ["b.example"]
         let c = r.expect("valid");
         assert_eq!(c.domain.as_str(), "a.example");
         assert_eq!(c.data_dir, dir.path().join("data"));
-        assert_eq!(c.peers[0].cert, dir.path().join("b.crt"));
+        assert_eq!(c.peers[0].cert, Some(dir.path().join("b.crt")));
+        assert_eq!(c.peers[0].ca, None);
+        assert_eq!(c.peers[0].address.to_string(), "127.0.0.1:4434");
+        assert_eq!(c.roots, Roots::None);
         assert_eq!(c.rooms[0].followers.len(), 1);
         assert_eq!(c.store, StoreKind::Durable);
     }
@@ -853,6 +927,63 @@ followers = ["b.example"]
         let c = r.expect("valid");
         assert_eq!(c.peers[0].transport, TransportKind::Matrix);
         assert!(c.listen.contains_key(&TransportKind::Matrix));
+    }
+
+    #[test]
+    fn peer_trust_is_cert_or_ca_or_system_roots() {
+        let ca = GOOD.replace("cert = \"b.crt\"", "ca = \"b.crt\"");
+        let (dir, r) = with_files(&ca);
+        let p = &r.expect("valid with ca").peers[0];
+        assert_eq!(
+            (p.cert.clone(), p.ca.clone()),
+            (None, Some(dir.path().join("b.crt")))
+        );
+
+        let both = GOOD.replace("cert = \"b.crt\"", "cert = \"b.crt\"\nca = \"b.crt\"");
+        let (k, m) = invalid(&both);
+        assert_eq!(k, "peers[0].ca");
+        assert!(m.contains("not both"), "{m}");
+
+        let neither = GOOD.replace("cert = \"b.crt\"\n", "");
+        let (k, m) = invalid(&neither);
+        assert_eq!(k, "peers[0].cert");
+        assert!(m.contains("roots = \"system\""), "{m}");
+        let system = neither.replace("key = \"a.key\"", "key = \"a.key\"\nroots = \"system\"");
+        let (_d, r) = with_files(&system);
+        let c = r.expect("valid with system roots");
+        assert_eq!(c.roots, Roots::System);
+        assert_eq!(
+            (c.peers[0].cert.clone(), c.peers[0].ca.clone()),
+            (None, None)
+        );
+
+        let (k, m) = invalid(&system.replace("\"system\"", "\"webpki\""));
+        assert_eq!(k, "tls.roots");
+        assert!(m.contains("webpki") && m.contains("system"), "{m}");
+
+        let (k, m) = invalid(&ca.replace("ca = \"b.crt\"", "ca = \"no-such-ca.pem\""));
+        assert_eq!(k, "peers[0].ca");
+        assert!(m.contains("no-such-ca.pem"), "{m}");
+        // A directory is not a readable certificate file.
+        let (k, _) = invalid(&ca.replace("ca = \"b.crt\"", "ca = \".\""));
+        assert_eq!(k, "peers[0].ca");
+    }
+
+    #[test]
+    fn peer_address_is_a_host_name_or_the_domain_on_443() {
+        let named = GOOD.replace("127.0.0.1:4434", "mimi.b.example:8443");
+        let (_d, r) = with_files(&named);
+        let a = r.expect("valid").peers[0].address.clone();
+        assert_eq!((a.host(), a.port()), ("mimi.b.example", 8443));
+        let omitted = GOOD.replace("address = \"127.0.0.1:4434\"\n", "");
+        let (_d, r) = with_files(&omitted);
+        assert_eq!(
+            r.expect("valid").peers[0].address.to_string(),
+            "b.example:443"
+        );
+        let (k, m) = invalid(&GOOD.replace("127.0.0.1:4434", "mimi.b.example"));
+        assert_eq!(k, "peers[0].address");
+        assert!(m.contains("mimi.b.example:443"), "{m}");
     }
 
     #[test]

@@ -135,12 +135,58 @@ impl Inbound for NodeInbound {
     }
 }
 
+/// What [`Node::reload_tls`] reads again, and the live handles every adapter's TLS config
+/// was built from.
+struct Tls {
+    cfg: NodeConfig,
+    identity: TlsIdentity,
+    trust: PeerTrust,
+}
+
+/// Our identity and the trust of every peer, read from the files `cfg` names: pinned
+/// certificates (`cert`), CA bundles (`ca`), or the system roots for peers with neither.
+pub fn load_tls(cfg: &NodeConfig) -> Result<(TlsIdentity, PeerTrust), relay_tls::TlsError> {
+    let identity = TlsIdentity::load(cfg.domain.clone(), &cfg.cert, &cfg.key)?;
+    let mut trust = PeerTrust::new();
+    let mut system = false;
+    for p in &cfg.peers {
+        match (&p.cert, &p.ca) {
+            (Some(cert), _) => trust.load_pem(p.domain.clone(), cert)?,
+            (None, Some(ca)) => trust.load_ca(p.domain.clone(), ca)?,
+            (None, None) => {
+                trust.add_system(p.domain.clone());
+                system = true;
+            }
+        }
+    }
+    if system {
+        let n = trust.load_system_roots()?;
+        tracing::debug!(roots = n, "system root certificates loaded");
+    }
+    Ok((identity, trust))
+}
+
+/// Days left below which our own or a pinned certificate is warned about.
+const EXPIRY_WARNING_DAYS: i64 = 14;
+
+/// Logs certificates that are expired or about to be: ours, and the peers' pinned ones.
+fn warn_expiry(identity: &TlsIdentity, trust: &PeerTrust) {
+    for (whose, days) in metrics::tls_days_left(identity, trust) {
+        if days < 0 {
+            tracing::error!(certificate = %whose, "certificate has expired: peers will refuse it");
+        } else if days < EXPIRY_WARNING_DAYS {
+            tracing::warn!(certificate = %whose, days, "certificate expires in {days} days");
+        }
+    }
+}
+
 /// A running node.
 pub struct Node {
     pub domain: ProviderDomain,
     pub admin: SocketAddr,
     /// The bound address of each transport, by kind.
     pub listening: BTreeMap<TransportKind, SocketAddr>,
+    tls: Tls,
     tx: Sender<Event>,
     transports: Arc<Transports>,
     core: Option<std::thread::JoinHandle<Result<(), StoreError>>>,
@@ -161,11 +207,8 @@ impl Node {
     /// Starts a node from a validated config. Must run inside a tokio runtime.
     pub async fn start(cfg: NodeConfig) -> Result<Node, NodeError> {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let identity = TlsIdentity::load(cfg.domain.clone(), &cfg.cert, &cfg.key)?;
-        let mut trust = PeerTrust::new();
-        for p in &cfg.peers {
-            trust.load_pem(p.domain.clone(), &p.cert)?;
-        }
+        let (identity, trust) = load_tls(&cfg)?;
+        warn_expiry(&identity, &trust);
 
         let mut core_cfg = RelayConfig::new(cfg.domain.clone());
         for p in &cfg.peers {
@@ -215,7 +258,7 @@ impl Node {
                 .peers
                 .iter()
                 .filter(|p| p.transport == kind)
-                .map(|p| (p.domain.clone(), p.address))
+                .map(|p| (p.domain.clone(), p.address.clone()))
                 .collect();
             // One set of refusal counters per transport, so /metrics can tell them apart.
             let adapter = relay_adapter::AdapterContext {
@@ -282,7 +325,7 @@ impl Node {
                         listen,
                         peers: peers
                             .into_iter()
-                            .map(|(d, addr): (ProviderDomain, SocketAddr)| {
+                            .map(|(d, addr): (ProviderDomain, relay_adapter::PeerAddr)| {
                                 let server_name = d.to_string();
                                 (d, relay_matrix::MatrixPeer { server_name, addr })
                             })
@@ -336,6 +379,10 @@ impl Node {
             max_body: cfg.max_body,
             adapter_stats: Arc::new(adapter_stats),
             ingress,
+            tls: api::TlsHandles {
+                identity: identity.clone(),
+                trust: trust.clone(),
+            },
         });
         let (api_stop, stop_rx) = oneshot::channel::<()>();
         let api_task = tokio::spawn(async move {
@@ -352,9 +399,14 @@ impl Node {
         });
         info!(domain = %cfg.domain, admin = %admin, listen = ?listening, "node started");
         Ok(Node {
-            domain: cfg.domain,
+            domain: cfg.domain.clone(),
             admin,
             listening,
+            tls: Tls {
+                cfg,
+                identity,
+                trust,
+            },
             tx,
             transports,
             core: Some(core),
@@ -382,6 +434,18 @@ impl Node {
             Ok(Some(Ok(Err(e)))) => Err(NodeError::Core(e.to_string())),
             Ok(Some(Err(_))) | Err(_) => Err(NodeError::Core("panicked".into())),
         }
+    }
+
+    /// Reads our certificate chain and key and every peer's pinned certificates and CA
+    /// bundles again (SIGHUP): handshakes from now on use them; connections already open go
+    /// on. On any error nothing changes and the error is returned.
+    pub fn reload_tls(&self) -> Result<(), NodeError> {
+        let (identity, trust) = load_tls(&self.tls.cfg)?;
+        self.tls.identity.replace(&identity)?;
+        self.tls.trust.replace(&trust);
+        warn_expiry(&self.tls.identity, &self.tls.trust);
+        info!(peers = trust.domains().len(), "tls certificates reloaded");
+        Ok(())
     }
 
     /// Waits until the core thread stops on its own (a store failure).
@@ -485,16 +549,25 @@ fn rand_seed() -> u64 {
     t ^ (u64::from(std::process::id()) << 32)
 }
 
-/// Runs a node from `config` until SIGTERM or Ctrl-C, then shuts it down gracefully.
+/// Runs a node from `config` until SIGTERM or Ctrl-C, then shuts it down gracefully. SIGHUP
+/// reloads the TLS certificates, keys and CA bundles ([`Node::reload_tls`]).
 pub async fn run(config: &std::path::Path) -> Result<(), NodeError> {
     let cfg = NodeConfig::load(config)?;
     let node = Node::start(cfg).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| NodeError::Core(format!("cannot install SIGTERM handler: {e}")))?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| NodeError::Core(format!("cannot install SIGHUP handler: {e}")))?;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = hup.recv() => {
+                if let Err(e) = node.reload_tls() {
+                    error!(error = %error_chain(&e), "SIGHUP: tls reload failed; keeping the \
+                        certificates in use");
+                }
+            }
             _ = tokio::signal::ctrl_c() => { info!("interrupt: shutting down"); break; }
             _ = tick.tick() => {
                 if node.core_finished() { break; }
@@ -502,4 +575,16 @@ pub async fn run(config: &std::path::Path) -> Result<(), NodeError> {
         }
     }
     node.shutdown().await
+}
+
+/// An error and its causes on one line, for logs.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }

@@ -8,6 +8,76 @@ use relay_core::{RejectReason, RelayStats};
 
 use crate::core_loop::StoreStats;
 
+/// A certificate the node holds: our own, or the one pinned for a peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldCert {
+    /// `own` or `pinned`.
+    pub kind: &'static str,
+    pub domain: String,
+}
+
+impl std::fmt::Display for HeldCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.kind {
+            "own" => write!(f, "our certificate for {}", self.domain),
+            _ => write!(f, "the certificate pinned for {}", self.domain),
+        }
+    }
+}
+
+/// Whole days until our certificate and each peer's pinned certificate expire (negative once
+/// expired), read from the live handles so a reload shows at once. Of several certificates
+/// pinned for one peer, the one that lasts longest counts: the peer works until it expires.
+pub fn tls_days_left(
+    identity: &relay_tls::TlsIdentity,
+    trust: &relay_tls::PeerTrust,
+) -> Vec<(HeldCert, i64)> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let days = |c: &[u8]| relay_tls::Validity::of(c).map(|v| v.days_left(now));
+    let mut out = Vec::new();
+    if let Some(d) = identity.current_chain().first().and_then(|c| days(c)) {
+        let domain = identity.domain.to_string();
+        out.push((
+            HeldCert {
+                kind: "own",
+                domain,
+            },
+            d,
+        ));
+    }
+    for domain in trust.domains() {
+        if let Some(d) = trust.pinned(&domain).iter().filter_map(|c| days(c)).max() {
+            let domain = domain.to_string();
+            out.push((
+                HeldCert {
+                    kind: "pinned",
+                    domain,
+                },
+                d,
+            ));
+        }
+    }
+    out
+}
+
+/// `mimi_relay_tls_cert_days_left`.
+pub fn render_tls(out: &mut String, held: &[(HeldCert, i64)]) {
+    let name = "mimi_relay_tls_cert_days_left";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Whole days until a certificate expires (negative once expired): ours (cert=\"own\") and each peer's pinned one (cert=\"pinned\").\n# TYPE {name} gauge"
+    );
+    for (c, days) in held {
+        let _ = writeln!(
+            out,
+            "{name}{{cert=\"{}\",domain=\"{}\"}} {days}",
+            c.kind, c.domain
+        );
+    }
+}
+
 /// Name, type, help and value of one per-peer metric.
 type PeerMetric = (
     &'static str,

@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use mimi_wire::uri::ProviderDomain;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
+use relay_adapter::PeerAddr;
 use relay_adapter::outcome::{OutcomeSink, Progress};
 use relay_core::transport::{Response, Status, Transmit, TransportError};
 use tokio::sync::{mpsc, watch};
@@ -72,7 +73,8 @@ struct Room {
 /// Owns the connection to one peer and routes its transmits to room streams.
 pub(crate) struct PeerTask {
     shared: Arc<PeerShared>,
-    addr: SocketAddr,
+    /// Resolved again at every dial.
+    addr: PeerAddr,
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
     max_body: usize,
@@ -85,7 +87,7 @@ pub(crate) struct PeerTask {
 impl PeerTask {
     pub(crate) fn new(
         shared: Arc<PeerShared>,
-        addr: SocketAddr,
+        addr: PeerAddr,
         endpoint: quinn::Endpoint,
         client: quinn::ClientConfig,
         max_body: usize,
@@ -160,6 +162,22 @@ impl PeerTask {
         }
     }
 
+    /// The peer's address now: the first the resolver gives in the family our socket can
+    /// reach (an IPv4 socket cannot send to IPv6).
+    async fn resolve(&self) -> Result<SocketAddr, String> {
+        let addrs = self
+            .addr
+            .resolve()
+            .await
+            .map_err(|e| format!("cannot resolve {}: {e}", self.addr))?;
+        let v4_only = self.endpoint.local_addr().is_ok_and(|a| a.is_ipv4());
+        addrs
+            .iter()
+            .find(|a| !v4_only || a.is_ipv4())
+            .copied()
+            .ok_or_else(|| format!("{} has no IPv4 address for our IPv4 socket", self.addr))
+    }
+
     /// The live connection, dialling if there is none.
     async fn connection(&mut self) -> Result<Connection, String> {
         let peer = &self.shared.domain;
@@ -174,23 +192,26 @@ impl PeerTask {
                 }
             }
         }
+        let addr = tokio::time::timeout(self.request_timeout, self.resolve())
+            .await
+            .map_err(|_| format!("resolving {} timed out", self.addr))??;
         let connecting = self
             .endpoint
-            .connect_with(self.client.clone(), self.addr, peer.as_str())
-            .map_err(|e| format!("cannot connect to {}: {e}", self.addr))?;
+            .connect_with(self.client.clone(), addr, peer.as_str())
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
         match tokio::time::timeout(self.request_timeout, connecting).await {
             Ok(Ok(conn)) => {
-                tracing::info!(%peer, addr = %self.addr, "outbound quic connection established");
+                tracing::info!(%peer, %addr, "outbound quic connection established");
                 self.conn = Some(conn.clone());
                 Ok(conn)
             }
             Ok(Err(error)) => {
-                tracing::warn!(%peer, addr = %self.addr, %error, "quic connect failed");
-                Err(format!("connecting to {}: {error}", self.addr))
+                tracing::warn!(%peer, %addr, %error, "quic connect failed");
+                Err(format!("connecting to {addr}: {error}"))
             }
             Err(_) => {
-                tracing::warn!(%peer, addr = %self.addr, "quic connect timed out");
-                Err(format!("connecting to {} timed out", self.addr))
+                tracing::warn!(%peer, %addr, "quic connect timed out");
+                Err(format!("connecting to {addr} timed out"))
             }
         }
     }

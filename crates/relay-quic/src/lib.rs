@@ -99,8 +99,9 @@ pub struct QuicConfig {
     pub trust: PeerTrust,
     /// Where to listen; port 0 picks a free port (see the address `start` returns).
     pub listen: SocketAddr,
-    /// The UDP address of each peer provider we send to.
-    pub peers: BTreeMap<ProviderDomain, SocketAddr>,
+    /// The UDP address of each peer provider we send to (a host name is resolved at every
+    /// dial).
+    pub peers: BTreeMap<ProviderDomain, relay_adapter::PeerAddr>,
     /// The largest request or response body accepted from a peer.
     pub max_body: usize,
     /// How long a transmit may wait for its answer, counted from `send`.

@@ -285,7 +285,7 @@ async fn partial_frames_of_one_peer_are_held_to_its_budget_while_another_is_serv
     // c, honest, still gets its answers at once.
     let (fake, mut outcomes) = fake();
     let mut c_cfg = config(&s.c, trusting(&[&s.b_id]), Limits::default());
-    c_cfg.peers.insert(s.b_id.domain.clone(), s.addr);
+    c_cfg.peers.insert(s.b_id.domain.clone(), s.addr.into());
     let (c, _) = QuicTransport::start(c_cfg, fake).await.expect("start c");
     for i in 0..20 {
         c.send(Transmit {
@@ -334,7 +334,7 @@ async fn requests_awaiting_the_node_count_against_the_budget_and_all_are_answere
     .await;
     let (a_fake, mut outcomes) = fake();
     let mut a_cfg = config(&s.a, trusting(&[&s.b_id]), Limits::default());
-    a_cfg.peers.insert(s.b_id.domain.clone(), s.addr);
+    a_cfg.peers.insert(s.b_id.domain.clone(), s.addr.into());
     a_cfg.request_timeout = Duration::from_secs(20);
     let (a, _) = QuicTransport::start(a_cfg, a_fake).await.expect("start a");
     for i in 0..40 {

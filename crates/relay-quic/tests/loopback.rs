@@ -138,7 +138,7 @@ fn config(me: &TlsIdentity, trust: PeerTrust, peers: &[(&TlsIdentity, SocketAddr
         listen: "127.0.0.1:0".parse().expect("addr"),
         peers: peers
             .iter()
-            .map(|(id, addr)| (id.domain.clone(), *addr))
+            .map(|(id, addr)| (id.domain.clone(), (*addr).into()))
             .collect(),
         max_body: 64 * 1024,
         request_timeout: Duration::from_secs(10),

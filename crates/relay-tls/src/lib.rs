@@ -1,26 +1,34 @@
-//! Mutual TLS for mimi-relay, shared by the HTTPS and QUIC adapters and the binary.
+//! Mutual TLS for mimi-relay, shared by the HTTPS, QUIC, XMPP and Matrix adapters and the
+//! binary.
 //!
 //! Contract:
-//! - Every provider has one certificate (usually self-signed, see [`generate`]) and the matching
-//!   private key: its [`TlsIdentity`]. It presents it both as a server and as a client.
-//! - A node trusts peers by **pinning**: [`PeerTrust`] maps each peer provider domain to the exact
-//!   end-entity certificate(s) it accepts for it. No CA, no chain building, no name matching:
-//!   a certificate is accepted for a domain if and only if its DER bytes were configured for it.
-//!   Beyond the pin, the certificate must be inside its validity period and correctly
-//!   self-signed (checked with webpki, using the pinned certificate as its own trust anchor), and
-//!   the handshake signature is verified with the ring provider's algorithms.
-//! - [`client_config`] accepts a server only if its certificate is pinned for the server name we
-//!   dialled (the peer's provider domain). [`server_config`] requires a client certificate and
-//!   accepts any certificate pinned for some peer; the adapter then calls [`peer_domain`] on the
-//!   presented chain to learn which provider the connection authenticates.
+//! - Every provider has one certificate chain (self-signed from [`generate`], or a CA-issued
+//!   leaf followed by its intermediates) and the matching private key: its [`TlsIdentity`]. It
+//!   presents the whole chain both as a server and as a client.
+//! - A node trusts each peer in one of three ways ([`TrustMode`], see [`trust`]): a pinned
+//!   end-entity certificate whoever issued it, a CA bundle (webpki chain validation and the
+//!   provider domain among the certificate's DNS names, RFC 9525), or the system roots.
+//!   Validity periods are always checked.
+//! - [`client_config`] accepts a server only if its certificate is trusted for the server name
+//!   we dialled (the peer's provider domain). [`server_config`] requires a client certificate
+//!   and accepts one that names a configured peer (its pin, or its DNS names) and passes that
+//!   peer's trust; the adapter then calls [`peer_domain`] on the presented chain to learn
+//!   which provider the connection authenticates.
+//! - Reload without restart: [`TlsIdentity`] and [`PeerTrust`] are shared handles.
+//!   [`TlsIdentity::replace`] and [`PeerTrust::replace`] swap what every config built from
+//!   them uses from the next handshake on.
+//! - [`check::check_peer`] dials a peer and says what identity was verified and how, or why
+//!   not ([`TrustFailure`]), for an operator's tools.
 //! - Configs are built on the ring provider explicitly; nothing here depends on a process-wide
 //!   default provider. No early data / 0-RTT is enabled.
 
-use std::collections::BTreeMap;
+pub mod check;
+pub mod trust;
+pub mod validity;
+
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use mimi_wire::uri::ProviderDomain;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -28,7 +36,11 @@ use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+
+pub use trust::{PeerTrust, TrustFailure, TrustMode};
+pub use validity::Validity;
 
 /// Errors from loading identities and trust, generating certificates and building configs.
 #[derive(Debug, thiserror::Error)]
@@ -66,8 +78,21 @@ pub enum TlsError {
     Config(#[source] rustls::Error),
     #[error("the peer presented no certificate")]
     NoPeerCertificate,
-    #[error("the peer certificate is not pinned for any configured provider")]
+    #[error("the peer certificate is not trusted for any configured provider")]
     UntrustedPeer,
+    #[error("the peer certificate does not name {expected}")]
+    WrongPeer { expected: ProviderDomain },
+    #[error("{origin} holds a certificate that cannot be a CA trust anchor: {reason}")]
+    BadCa { origin: String, reason: String },
+    #[error("no usable system root certificates were found ({reason})")]
+    NoSystemRoots { reason: String },
+    #[error(
+        "the new certificate is for {new}, not {old}: the node's domain cannot change on reload"
+    )]
+    DomainChanged {
+        old: ProviderDomain,
+        new: ProviderDomain,
+    },
     #[error("the peer certificate is pinned for more than one provider ({first} and {second})")]
     AmbiguousPeer {
         first: ProviderDomain,
@@ -117,16 +142,20 @@ fn parse_key(pem: &str, path: Option<&Path>) -> Result<PrivateKeyDer<'static>, T
     })
 }
 
-fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// This provider's own certificate chain and private key.
+/// This provider's own certificate chain and private key. Clones share what handshakes
+/// present, which [`TlsIdentity::replace`] swaps.
 pub struct TlsIdentity {
     pub domain: ProviderDomain,
-    /// End-entity certificate first.
+    /// End-entity certificate first, as loaded; after a [`TlsIdentity::replace`] handshakes
+    /// present [`TlsIdentity::current_chain`].
     pub cert_chain: Vec<CertificateDer<'static>>,
+    /// The key as loaded (see `cert_chain`).
     pub key: PrivateKeyDer<'static>,
+    live: Arc<RwLock<Arc<CertifiedKey>>>,
 }
 
 impl TlsIdentity {
@@ -161,21 +190,48 @@ impl TlsIdentity {
         cert_chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
     ) -> Result<Self, TlsError> {
-        if let Err(source) =
-            rustls::sign::CertifiedKey::from_der(cert_chain.clone(), key.clone_key(), &provider())
-        {
-            return Err(TlsError::BadKey { domain, source });
-        }
+        let certified =
+            match CertifiedKey::from_der(cert_chain.clone(), key.clone_key(), &provider()) {
+                Ok(c) => c,
+                Err(source) => return Err(TlsError::BadKey { domain, source }),
+            };
         Ok(TlsIdentity {
             domain,
             cert_chain,
             key,
+            live: Arc::new(RwLock::new(Arc::new(certified))),
         })
     }
 
-    /// The end-entity certificate, which peers pin.
+    /// The end-entity certificate as loaded, which peers pin.
     pub fn cert(&self) -> Option<&CertificateDer<'static>> {
         self.cert_chain.first()
+    }
+
+    fn certified(&self) -> Arc<CertifiedKey> {
+        self.live
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The chain handshakes present now (end-entity first).
+    pub fn current_chain(&self) -> Vec<CertificateDer<'static>> {
+        self.certified().cert.clone()
+    }
+
+    /// Presents `new`'s chain and key from the next handshake on, in every config built from
+    /// this identity or a clone of it. The domain cannot change.
+    pub fn replace(&self, new: &TlsIdentity) -> Result<(), TlsError> {
+        if new.domain != self.domain {
+            return Err(TlsError::DomainChanged {
+                old: self.domain.clone(),
+                new: new.domain.clone(),
+            });
+        }
+        let certified = new.certified();
+        *self.live.write().unwrap_or_else(PoisonError::into_inner) = certified;
+        Ok(())
     }
 }
 
@@ -185,6 +241,7 @@ impl Clone for TlsIdentity {
             domain: self.domain.clone(),
             cert_chain: self.cert_chain.clone(),
             key: self.key.clone_key(),
+            live: self.live.clone(),
         }
     }
 }
@@ -235,100 +292,142 @@ pub fn generate(domain: &ProviderDomain) -> Result<GeneratedCert, TlsError> {
     })
 }
 
-/// The pinned certificates of peer providers.
-#[derive(Clone, Debug, Default)]
-pub struct PeerTrust {
-    pins: BTreeMap<ProviderDomain, Vec<CertificateDer<'static>>>,
+/// A local certificate authority, for setups that want to try `ca` trust without a public CA.
+pub struct LocalCa {
+    /// The CA certificate peers configure as `ca`.
+    pub cert_pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
 }
 
-impl PeerTrust {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Trusts `cert` (DER) as an end-entity certificate of `domain`. Several certificates may be
-    /// pinned for one domain (for example during a key rollover).
-    pub fn add(&mut self, domain: ProviderDomain, cert: impl Into<CertificateDer<'static>>) {
-        let cert = cert.into();
-        let pins = self.pins.entry(domain).or_default();
-        if !pins.contains(&cert) {
-            pins.push(cert);
-        }
-    }
-
-    /// Trusts every certificate in `pem` for `domain`.
-    pub fn add_pem(&mut self, domain: ProviderDomain, pem: &str) -> Result<(), TlsError> {
-        for cert in parse_certs(pem, None)? {
-            self.add(domain.clone(), cert);
-        }
-        Ok(())
-    }
-
-    /// Trusts every certificate in the PEM file at `path` for `domain`.
-    pub fn load_pem(
-        &mut self,
-        domain: ProviderDomain,
-        path: impl AsRef<Path>,
-    ) -> Result<(), TlsError> {
-        let path = path.as_ref();
-        for cert in parse_certs(&read(path)?, Some(path))? {
-            self.add(domain.clone(), cert);
-        }
-        Ok(())
-    }
-
-    /// The certificates pinned for `domain`.
-    pub fn pinned(&self, domain: &ProviderDomain) -> &[CertificateDer<'static>] {
-        self.pins.get(domain).map(Vec::as_slice).unwrap_or(&[])
-    }
-
-    /// The domains with at least one pinned certificate.
-    pub fn domains(&self) -> impl Iterator<Item = &ProviderDomain> {
-        self.pins.keys()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.pins.is_empty()
-    }
-
-    fn is_pinned_anywhere(&self, cert: &CertificateDer<'_>) -> bool {
-        self.pins
-            .values()
-            .flatten()
-            .any(|c| c.as_ref() == cert.as_ref())
+impl fmt::Debug for LocalCa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalCa").finish_non_exhaustive()
     }
 }
 
-/// Which provider a verified peer certificate chain authenticates.
+impl LocalCa {
+    /// A new CA named `name` (ECDSA P-256; it may sign end-entity certificates only).
+    pub fn generate(name: &str) -> Result<LocalCa, rcgen::Error> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let cert = params.self_signed(&key)?;
+        Ok(LocalCa {
+            cert_pem: cert.pem(),
+            issuer: rcgen::Issuer::new(params, key),
+        })
+    }
+
+    /// Issues a certificate for `domain` (SAN dNSName = domain, for TLS server and client
+    /// use). Its PEM holds the end-entity certificate only: the CA is what peers configure.
+    pub fn issue(&self, domain: &ProviderDomain) -> Result<GeneratedCert, TlsError> {
+        let err = |source| TlsError::Generate {
+            domain: domain.clone(),
+            source,
+        };
+        let mut params =
+            rcgen::CertificateParams::new(vec![domain.as_str().to_owned()]).map_err(err)?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, domain.as_str());
+        params.is_ca = rcgen::IsCa::ExplicitNoCa;
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(err)?;
+        let cert = params.signed_by(&key, &self.issuer).map_err(err)?;
+        Ok(GeneratedCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+/// Which provider a peer's certificate chain authenticates, once the handshake's verifier
+/// accepted it: the peer it is pinned for, or the one configured peer trusted by CA or system
+/// roots whose domain is among its DNS names.
 pub fn peer_domain(
     trust: &PeerTrust,
     presented: &[CertificateDer<'_>],
 ) -> Result<ProviderDomain, TlsError> {
     let end_entity = presented.first().ok_or(TlsError::NoPeerCertificate)?;
-    let mut found: Option<&ProviderDomain> = None;
-    for (domain, pins) in &trust.pins {
-        if pins.iter().any(|c| c.as_ref() == end_entity.as_ref()) {
-            if let Some(first) = found {
-                return Err(TlsError::AmbiguousPeer {
-                    first: first.clone(),
-                    second: domain.clone(),
-                });
-            }
-            found = Some(domain);
-        }
-    }
-    found.cloned().ok_or(TlsError::UntrustedPeer)
+    trust.snapshot().peer_domain(end_entity)
 }
 
-/// A server configuration presenting `identity` and requiring a client certificate pinned for
-/// some peer in `trust`.
+/// That a server's chain, once the handshake's verifier accepted it, names the peer we
+/// dialled: its pin, or (CA and system roots) its DNS names. A certificate valid for several
+/// peers is fine here, unlike in [`peer_domain`]: we know whom we dialled.
+pub fn server_is(
+    trust: &PeerTrust,
+    expected: &ProviderDomain,
+    presented: &[CertificateDer<'_>],
+) -> Result<(), TlsError> {
+    let end_entity = presented.first().ok_or(TlsError::NoPeerCertificate)?;
+    if trust.snapshot().names(expected, end_entity) {
+        Ok(())
+    } else {
+        Err(TlsError::WrongPeer {
+            expected: expected.clone(),
+        })
+    }
+}
+
+/// Presents the identity current at each handshake.
+#[derive(Debug)]
+struct LiveCert(Arc<RwLock<Arc<CertifiedKey>>>);
+
+impl LiveCert {
+    fn current(&self) -> Arc<CertifiedKey> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for LiveCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for LiveCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Server side of the same rule as the client's `Resumption::disabled` (see `client_config_with`).
+fn no_resumption(config: &mut rustls::ServerConfig) {
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+}
+
+/// A server configuration presenting `identity` and requiring a client certificate trusted
+/// for some peer in `trust`.
 pub fn server_config(
     identity: &TlsIdentity,
     trust: &PeerTrust,
     alpn: Vec<Vec<u8>>,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = provider();
-    let verifier = Arc::new(PinnedClientVerifier {
+    let verifier = Arc::new(PeerClientVerifier {
         trust: trust.clone(),
         algs: provider.signature_verification_algorithms,
     });
@@ -336,112 +435,107 @@ pub fn server_config(
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Config)?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(identity.cert_chain.clone(), identity.key.clone_key())
-        .map_err(TlsError::Config)?;
+        .with_cert_resolver(Arc::new(LiveCert(identity.live.clone())));
+    no_resumption(&mut config);
+    config.alpn_protocols = alpn;
+    Ok(Arc::new(config))
+}
+
+/// A server configuration presenting `identity` without asking for a client certificate
+/// (Matrix federation authenticates requests by signature instead).
+pub fn server_config_without_client_auth(
+    identity: &TlsIdentity,
+    alpn: Vec<Vec<u8>>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Config)?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(LiveCert(identity.live.clone())));
+    no_resumption(&mut config);
     config.alpn_protocols = alpn;
     Ok(Arc::new(config))
 }
 
 /// A client configuration presenting `identity` and accepting a server only if its certificate
-/// is pinned for the server name dialled.
+/// is trusted for the server name dialled.
 pub fn client_config(
     identity: &TlsIdentity,
     trust: &PeerTrust,
     alpn: Vec<Vec<u8>>,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    client_config_with(identity, trust, alpn, None)
+}
+
+/// Where a verifier leaves its last refusal, for [`check::check_peer`].
+pub(crate) type FailureSlot = Arc<std::sync::Mutex<Option<TrustFailure>>>;
+
+pub(crate) fn client_config_with(
+    identity: &TlsIdentity,
+    trust: &PeerTrust,
+    alpn: Vec<Vec<u8>>,
+    failures: Option<FailureSlot>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let provider = provider();
-    let verifier = Arc::new(PinnedServerVerifier {
+    let verifier = Arc::new(PeerServerVerifier {
         trust: trust.clone(),
         algs: provider.signature_verification_algorithms,
+        failures,
     });
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Config)?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(identity.cert_chain.clone(), identity.key.clone_key())
-        .map_err(TlsError::Config)?;
+        .with_client_cert_resolver(Arc::new(LiveCert(identity.live.clone())));
+    // A resumed session skips certificate verification: after a reload that drops a pin or
+    // a CA, the old trust would go on admitting the peer. Peers hold long-lived connections,
+    // so a full handshake each time costs little.
+    config.resumption = rustls::client::Resumption::disabled();
     config.alpn_protocols = alpn;
     Ok(Arc::new(config))
 }
 
-/// Accepts any EKU: the pin, not the certificate's stated purpose, is what we trust, and one
-/// certificate serves both as client and server.
-struct AnyUsage;
-
-impl webpki::ExtendedKeyUsageValidator for AnyUsage {
-    fn validate(&self, iter: webpki::KeyPurposeIdIter<'_, '_>) -> Result<(), webpki::Error> {
-        // Consume the extension so that a malformed one is still rejected.
-        for id in iter {
-            id?;
-        }
-        Ok(())
-    }
-}
-
-/// Checks a presented certificate that already matched a pin: it must be well formed, inside
-/// its validity period and signed by its own key (it is its own trust anchor).
-fn check_pinned(
-    end_entity: &CertificateDer<'_>,
-    algs: &WebPkiSupportedAlgorithms,
-    now: UnixTime,
-) -> Result<(), rustls::Error> {
-    let bad = |e: webpki::Error| -> rustls::Error {
-        let reason = match e {
-            webpki::Error::CertExpired { .. } => CertificateError::Expired,
-            webpki::Error::CertNotValidYet { .. } => CertificateError::NotValidYet,
-            webpki::Error::InvalidSignatureForPublicKey
-            | webpki::Error::UnsupportedSignatureAlgorithmContext(_)
-            | webpki::Error::UnsupportedSignatureAlgorithmForPublicKeyContext(_) => {
-                CertificateError::BadSignature
-            }
-            webpki::Error::BadDer | webpki::Error::BadDerTime => CertificateError::BadEncoding,
-            other => CertificateError::Other(rustls::OtherError(Arc::new(other))),
-        };
-        rustls::Error::InvalidCertificate(reason)
-    };
-    let cert = webpki::EndEntityCert::try_from(end_entity).map_err(bad)?;
-    let anchor = webpki::anchor_from_trusted_cert(end_entity).map_err(bad)?;
-    cert.verify_for_usage(algs.all, &[anchor], &[], now, AnyUsage, None, None)
-        .map_err(bad)?;
-    Ok(())
-}
-
-fn not_pinned() -> rustls::Error {
-    rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
-}
-
-/// Client side: the server's certificate must be pinned for the name we dialled.
+/// Client side: the server's certificate must be trusted for the name we dialled.
 #[derive(Debug)]
-struct PinnedServerVerifier {
+struct PeerServerVerifier {
     trust: PeerTrust,
     algs: WebPkiSupportedAlgorithms,
+    failures: Option<FailureSlot>,
 }
 
-impl ServerCertVerifier for PinnedServerVerifier {
+impl ServerCertVerifier for PeerServerVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
+        intermediates: &[CertificateDer<'_>],
         server_name: &ServerName<'_>,
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let ServerName::DnsName(name) = server_name else {
+        let Some(domain) = trust::domain_of(server_name) else {
             return Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName,
             ));
         };
-        // DNS names are case-insensitive; provider domains are stored lower-case.
-        let domain = ProviderDomain::from_str(&name.as_ref().to_ascii_lowercase())
-            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::NotValidForName))?;
-        let pins = self.trust.pinned(&domain);
-        if !pins.iter().any(|c| c.as_ref() == end_entity.as_ref()) {
-            tracing::warn!(peer = %domain, "server certificate is not pinned for this provider");
-            return Err(not_pinned());
+        let verdict = self.trust.snapshot().verify_server(
+            &domain,
+            end_entity,
+            intermediates,
+            now,
+            &self.algs,
+        );
+        match verdict {
+            Ok(_) => Ok(ServerCertVerified::assertion()),
+            Err(failure) => {
+                tracing::warn!(peer = %domain, %failure, "server certificate refused");
+                let e = failure.to_rustls();
+                if let Some(slot) = &self.failures {
+                    *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(failure);
+                }
+                Err(e)
+            }
         }
-        check_pinned(end_entity, &self.algs, now)?;
-        Ok(ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -467,32 +561,37 @@ impl ServerCertVerifier for PinnedServerVerifier {
     }
 }
 
-/// Server side: the client's certificate must be pinned for some peer; which one is decided
-/// after the handshake by [`peer_domain`].
+/// Server side: the client's certificate must name a configured peer and pass its trust;
+/// which peer is read again after the handshake by [`peer_domain`].
 #[derive(Debug)]
-struct PinnedClientVerifier {
+struct PeerClientVerifier {
     trust: PeerTrust,
     algs: WebPkiSupportedAlgorithms,
 }
 
-impl ClientCertVerifier for PinnedClientVerifier {
+impl ClientCertVerifier for PeerClientVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        // No CA names to hint: clients present their single certificate regardless.
+        // No CA names to hint: clients present their single chain regardless.
         &[]
     }
 
     fn verify_client_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
+        intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        if !self.trust.is_pinned_anywhere(end_entity) {
-            tracing::warn!("client certificate is not pinned for any provider");
-            return Err(not_pinned());
+        match self
+            .trust
+            .snapshot()
+            .verify_client(end_entity, intermediates, now, &self.algs)
+        {
+            Ok(_) => Ok(ClientCertVerified::assertion()),
+            Err(failure) => {
+                tracing::warn!(%failure, "client certificate refused");
+                Err(failure.to_rustls())
+            }
         }
-        check_pinned(end_entity, &self.algs, now)?;
-        Ok(ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(

@@ -69,7 +69,8 @@ fn header(from: &str, to: &str, id: Option<&str>) -> Vec<u8> {
 pub(crate) struct Initiator<I> {
     pub(crate) link: Link<I>,
     pub(crate) peer: ProviderDomain,
-    pub(crate) addr: SocketAddr,
+    /// Resolved again at every connection attempt.
+    pub(crate) addr: relay_adapter::PeerAddr,
     pub(crate) connector: TlsConnector,
     pub(crate) max_stanza: usize,
     pub(crate) connect_timeout: Duration,
@@ -171,7 +172,7 @@ impl<I: Inbound> Initiator<I> {
         ),
         HandshakeError,
     > {
-        let tcp = TcpStream::connect(self.addr).await?;
+        let tcp = self.addr.connect_tcp().await?;
         let _ = tcp.set_nodelay(true);
         let name = ServerName::try_from(self.peer.as_str().to_owned())
             .map_err(|_| HandshakeError::Protocol("peer domain as a tls name"))?;

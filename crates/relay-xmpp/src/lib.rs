@@ -97,7 +97,7 @@ pub struct XmppConfig {
     /// Where direct-mode streams are accepted; port 0 picks a free port.
     pub listen: SocketAddr,
     /// The TCP address of each peer reached directly.
-    pub peers: BTreeMap<ProviderDomain, SocketAddr>,
+    pub peers: BTreeMap<ProviderDomain, relay_adapter::PeerAddr>,
     /// Peers reached through an XMPP server instead.
     pub component: Option<ComponentConfig>,
     pub max_body: usize,
@@ -211,7 +211,7 @@ impl XmppTransport {
             let task = direct::Initiator {
                 link,
                 peer: peer.clone(),
-                addr: *addr,
+                addr: addr.clone(),
                 connector: connector.clone(),
                 max_stanza,
                 connect_timeout: config.request_timeout,

@@ -505,7 +505,7 @@ async fn an_honest_sender_stays_inside_a_small_unacked_window() {
         identity: n.c.clone(),
         trust: trusting(&[&n.b]),
         listen: "127.0.0.1:0".parse().unwrap(),
-        peers: [(n.b.domain.clone(), n.addr)].into(),
+        peers: [(n.b.domain.clone(), n.addr.into())].into(),
         component: None,
         max_body: 1 << 20,
         request_timeout: Duration::from_secs(20),

@@ -143,7 +143,7 @@ fn config(me: &TlsIdentity, trust: PeerTrust, peers: &[(&TlsIdentity, SocketAddr
         listen: "127.0.0.1:0".parse().expect("addr"),
         peers: peers
             .iter()
-            .map(|(id, addr)| (id.domain.clone(), *addr))
+            .map(|(id, addr)| (id.domain.clone(), (*addr).into()))
             .collect(),
         component: None,
         max_body: 64 * 1024,

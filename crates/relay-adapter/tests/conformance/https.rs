@@ -169,7 +169,7 @@ impl Driver for Https {
             identity: c.identity.clone(),
             trust: trusting(&[b]),
             listen: "127.0.0.1:0".parse().expect("addr"),
-            peers: [(b.domain.clone(), addr)].into(),
+            peers: [(b.domain.clone(), addr.into())].into(),
             max_body: MAX_BODY,
             request_timeout: WAIT,
             adapter: AdapterContext::default(),

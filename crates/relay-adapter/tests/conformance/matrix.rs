@@ -101,7 +101,7 @@ fn config(
             .map(|(p, addr)| {
                 let peer = MatrixPeer {
                     server_name: p.domain.to_string(),
-                    addr: *addr,
+                    addr: (*addr).into(),
                 };
                 (p.domain.clone(), peer)
             })

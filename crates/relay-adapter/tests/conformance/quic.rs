@@ -141,7 +141,7 @@ impl Driver for Quic {
         let (tb, addr) = QuicTransport::start(cfg, node.clone()).await.expect("b");
         let (inbound, outcomes) = Outcomes::new();
         let mut cfg = config(c, trusting(&[b]), Limits::default());
-        cfg.peers.insert(b.domain.clone(), addr);
+        cfg.peers.insert(b.domain.clone(), addr.into());
         cfg.request_timeout = WAIT;
         let (tc, _) = QuicTransport::start(cfg, inbound).await.expect("c");
         let world = World::new(Self::KIND, peers, stats, node, Box::new(tc), outcomes);

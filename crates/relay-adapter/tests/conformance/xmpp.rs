@@ -180,7 +180,7 @@ impl Driver for Xmpp {
             identity: c.identity.clone(),
             trust: trusting(&[b]),
             listen: "127.0.0.1:0".parse().expect("addr"),
-            peers: [(b.domain.clone(), addr)].into(),
+            peers: [(b.domain.clone(), addr.into())].into(),
             component: None,
             max_body: MAX_BODY,
             request_timeout: WAIT,

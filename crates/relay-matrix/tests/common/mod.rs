@@ -131,7 +131,7 @@ pub async fn start_with(
                     (*peer).clone(),
                     MatrixPeer {
                         server_name: peer.to_string(),
-                        addr: *addr,
+                        addr: (*addr).into(),
                     },
                 )
             })
