@@ -8,7 +8,8 @@
 #                         protocol-06 peer in interop/https-peer (CA-issued certificates, its
 #                         own directory paths, HTTP/1.1, no sequence extension), messages both
 #                         ways, the peer restarted in the middle. HTTPS_PEER_COMPAT=1: pinned
-#                         self-signed certificates and /v1 paths instead (development aid).
+#                         self-signed certificates and /v1 paths instead (what works today);
+#                         see interop/https-peer/README.md for the other knobs.
 #   interop/run.sh xmpp   relay A as an XEP-0114 component of Prosody (127.0.0.1), relay B as a
 #                         component of ejabberd (127.0.0.2), the servers federating over s2s;
 #                         runs tests/tests/xmpp_interop.rs across them.
@@ -220,7 +221,12 @@ protocol06() {
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 https_peer() {
-  command -v openssl >/dev/null || { echo "interop: https-peer needs the openssl CLI" >&2; return 1; }
+  # Standard library Python and the openssl CLI (for the test certificates) are all it needs.
+  if ! command -v openssl >/dev/null || ! command -v python3 >/dev/null; then
+    need_root "https-peer (installing openssl and python3)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssl python3 >/dev/null
+  fi
   cargo build ${CARGO_PROFILE:-} --locked -q -p mimi-relay
   local bin="$REPO/target/${CARGO_TARGET_SUBDIR:-debug}/mimi-relay"
   WORK=$(mktemp -d /tmp/mimi-https-peer.XXXXXX)
@@ -251,15 +257,19 @@ https_peer() {
         -out "$1.crt" 2>/dev/null
     fi
   }
+  # The target: CA-issued certificates and the peer's own paths. Each can be switched back to
+  # what mimi-relay supports today, to test the other: HTTPS_PEER_TRUST=pinned (self-signed
+  # certificates, pinned), HTTPS_PEER_PATHS=v1 (the peer also serves /v1/{endpoint}/{param});
+  # HTTPS_PEER_COMPAT=1 sets both.
+  local trust="${HTTPS_PEER_TRUST:-ca}" paths="${HTTPS_PEER_PATHS:-own}"
+  if [ -n "$compat" ]; then trust=pinned; paths=v1; fi
   local peer_trust py_trust py_flags=()
-  if [ -n "$compat" ]; then
-    echo "== https-peer (compat): pinned self-signed certificates, /v1 paths"
+  echo "== https-peer: $trust certificates, $paths paths, HTTP/1.1 without ALPN, no MIMI-Seq"
+  if [ "$trust" = pinned ]; then
     leaf "$NODE"; leaf "$PY"
     peer_trust="cert = \"certs/$PY.crt\""
     py_trust="$WORK/certs/$NODE.crt"
-    py_flags=(--compat)
   else
-    echo "== https-peer: CA-issued certificates, the peer's own directory paths"
     openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out ca.key 2>/dev/null
     openssl req -new -x509 -key ca.key -subj "/CN=mimi interop test CA" -days 2 \
       -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
@@ -268,6 +278,7 @@ https_peer() {
     peer_trust="ca = \"certs/ca.crt\""
     py_trust="$WORK/certs/ca.crt"
   fi
+  if [ "$paths" = v1 ]; then py_flags=(--compat); fi
   cd "$REPO"
   local hosted="mimi://$NODE/r/lobby" remote="mimi://$PY/r/pyroom"
   cat > "$WORK/$NODE.toml" <<TOML

@@ -361,6 +361,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.peer.args.verbose:
             log(fmt % a)
 
+    def log_error(self, fmt, *a):
+        # Protocol errors are always worth a line (e.g. an HTTP/2 preface sent without ALPN).
+        log(f"{self.client_address[0]}: {fmt % a}")
+
     def answer(self, code: int, body: bytes = b"", ctype: str = "application/octet-stream", extra=None):
         self.send_response(code)
         self.send_header("Content-Type", ctype if body else "text/plain")
