@@ -308,9 +308,15 @@ def main() -> int:
             wait_for(lambda: len(delivered()), lambda: len(set(delivered())) >= n, args.stall, restart_once)
             st = peer.status()["follow"].get(args.hosted, {})
             extra = f"(peer restarted after {restarted[0]}; " if restarted else "(no restart; "
-            extra += f"{st.get('duplicates', 0)} duplicate bodies answered 201"
+            extra += (f"{st.get('duplicates', 0)} duplicate FanoutMessages answered 201, "
+                      f"{st.get('duplicates_in_new_bodies', 0)} of them in bodies not seen before")
             extra += f"; node refused {refusals})" if refusals else ")"
-            results.append(verdict("node-hub-notify", delivered(), expected, extra))
+            res = verdict("node-hub-notify", delivered(), expected, extra)
+            if st.get("duplicates_in_new_bodies", 0):
+                say("node-hub-notify: FAILED  a resend was not byte-identical to what was sent before, "
+                    "so a follower applying the draft's same-body rule would deliver it twice")
+                res["ok"] = False
+            results.append(res)
     finally:
         peer.kill()
     if args.json:

@@ -143,14 +143,20 @@ class Peer:
                 self.last_ts = max(self.last_ts, ts)
                 if answer_key:
                     self.answers[(origin, answer_key)] = self._accepted(ts)
-        # Follower: room -> delivered FanoutMessages (durable) and their hashes.
+        # Follower: room -> one durable log of delivered FanoutMessages (b"M" + bytes) and of
+        # whole /notify bodies seen (b"B" + SHA-256), written together in one append.
         self.followed = list(args.follow)
         self.delivered = {r: RecordLog(self.state / f"follow-{key(r)}.log") for r in self.followed}
         self.seen = {r: {} for r in self.followed}
+        self.bodies = {r: {} for r in self.followed}
         for r, lg in self.delivered.items():
             for rec in lg.records:
-                self._remember(r, hashlib.sha256(rec).digest())
+                if rec[:1] == b"M":
+                    self._remember(self.seen[r], hashlib.sha256(rec[1:]).digest())
+                else:
+                    self._remember(self.bodies[r], rec[1:])
         self.duplicates = {r: 0 for r in self.followed}
+        self.rebatched = {r: 0 for r in self.followed}
         self.submitted = {}  # room -> count of our local submissions accepted by the hub
         self.clients = PeerClients(self)
 
@@ -167,8 +173,8 @@ class Peer:
         answer_key = rec[4 + n:4 + n + k]
         return origin, rec[4 + n + k:], answer_key
 
-    def _remember(self, room: str, h: bytes) -> None:
-        seen = self.seen[room]
+    @staticmethod
+    def _remember(seen: dict, h: bytes) -> None:
         seen[h] = True
         if len(seen) > DEDUP_WINDOW:
             del seen[next(iter(seen))]  # dicts keep insertion order: drop the oldest
@@ -202,8 +208,10 @@ class Peer:
                 texts = [text_of(self._unpack_event(rec)[1]) for rec in lg.records]
                 hub[r] = {"events": len(lg.records), "texts": texts,
                           "acked": {f: self.acked[(r, f)].value for f in self.hosted[r]}}
-            follow = {r: {"delivered": [text_of(rec) for rec in lg.records],
-                          "duplicates": self.duplicates[r]} for r, lg in self.delivered.items()}
+            follow = {r: {"delivered": [text_of(rec[1:]) for rec in lg.records if rec[:1] == b"M"],
+                          "duplicates": self.duplicates[r],
+                          "duplicates_in_new_bodies": self.rebatched[r]}
+                      for r, lg in self.delivered.items()}
             return {"hub": hub, "follow": follow, "submitted": dict(self.submitted)}
 
 
@@ -454,8 +462,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     p.duplicates[room] += 1
                     continue
                 new.append(part)
-                p._remember(room, h)
-            p.delivered[room].append(*new)  # durable before the 201
+                p._remember(p.seen[room], h)
+            # The draft's rule is "the same request body": count repeats that a follower
+            # comparing whole bodies only would have delivered twice (a resend re-batched).
+            body_hash = hashlib.sha256(body).digest()
+            known_body = body_hash in p.bodies[room]
+            if len(new) < len(parts) and not known_body:
+                p.rebatched[room] += len(parts) - len(new)
+            recs = [b"M" + part for part in new] + ([] if known_body else [b"B" + body_hash])
+            if recs:
+                p.delivered[room].append(*recs)  # durable before the 201
+            p._remember(p.bodies[room], body_hash)
         self.answer(201)  # duplicates too (section 5.5)
 
     def submit(self, origin: str, room: str, body: bytes):
