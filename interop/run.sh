@@ -2,6 +2,14 @@
 # Interop against third-party servers on loopback.
 #
 #   interop/run.sh synapse  real Synapse federating with relay-matrix (interop/synapse/run.sh).
+#   interop/run.sh protocol06  byte-exact cross-check of mimi-wire against the independent
+#                         Python encoder in interop/protocol06 (both directions).
+#   interop/run.sh https-peer  a mimi-relay node peering over HTTPS with the Python
+#                         protocol-06 peer in interop/https-peer (CA-issued certificates, its
+#                         own directory paths, HTTP/1.1, no sequence extension), messages both
+#                         ways, the peer restarted in the middle. HTTPS_PEER_COMPAT=1: pinned
+#                         self-signed certificates and /v1 paths instead (what works today);
+#                         see interop/https-peer/README.md for the other knobs.
 #   interop/run.sh xmpp   relay A as an XEP-0114 component of Prosody (127.0.0.1), relay B as a
 #                         component of ejabberd (127.0.0.2), the servers federating over s2s;
 #                         runs tests/tests/xmpp_interop.rs across them.
@@ -12,9 +20,10 @@
 # Facts behind the configs: ../shared/notes/third-party-servers.md of the project notes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONDONTWRITEBYTECODE=1  # no __pycache__ beside the interop scripts
 REPO=$(pwd)
 
-usage() { echo "usage: $0 xmpp|synapse..." >&2; exit 2; }
+usage() { echo "usage: $0 xmpp|synapse|protocol06|https-peer..." >&2; exit 2; }
 [ $# -ge 1 ] || usage
 
 need_root() {
@@ -196,10 +205,142 @@ INET
   return "$status"
 }
 
+protocol06() {
+  local out status=0
+  out=$(mktemp /tmp/mimi-protocol06.XXXXXX.json)
+  MIMI_PROTOCOL06_RUST_OUT="$out" cargo test ${CARGO_PROFILE:-} --locked -q -p mimi-wire \
+    --test protocol06_vectors || status=$?
+  if [ "$status" = 0 ]; then
+    python3 "$REPO/interop/protocol06/check.py" --rust "$out" || status=$?
+  fi
+  rm -f "$out"
+  return "$status"
+}
+
+# A free TCP port on 127.0.0.1 (the kernel picks; a race with other processes is unlikely here).
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+https_peer() {
+  # Standard library Python and the openssl CLI (for the test certificates) are all it needs.
+  if ! command -v openssl >/dev/null || ! command -v python3 >/dev/null; then
+    need_root "https-peer (installing openssl and python3)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssl python3 >/dev/null
+  fi
+  cargo build ${CARGO_PROFILE:-} --locked -q -p mimi-relay
+  local bin="$REPO/target/${CARGO_TARGET_SUBDIR:-debug}/mimi-relay"
+  WORK=$(mktemp -d /tmp/mimi-https-peer.XXXXXX)
+  NODE_PID=""
+  cleanup() {
+    set +e
+    if [ -n "$NODE_PID" ]; then kill "$NODE_PID" 2>/dev/null; wait "$NODE_PID" 2>/dev/null; fi
+    if [ "${KEEP_WORK:-}" = 1 ]; then echo "interop: kept $WORK"; else rm -rf "$WORK"; fi
+  }
+  trap cleanup EXIT
+  local compat="${HTTPS_PEER_COMPAT:-}"
+  local NODE=a.example PY=py.example
+  local node_https node_admin py_https py_control
+  node_https=$(free_port); node_admin=$(free_port); py_https=$(free_port); py_control=$(free_port)
+  mkdir -p "$WORK/certs" "$WORK/py-state"
+  cd "$WORK/certs"
+  # Test-only keys, made for this run in its temporary directory and deleted with it.
+  leaf() { # leaf DOMAIN [CA]: a P-256 key and certificate with the domain as DNS SAN
+    openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1.key" 2>/dev/null
+    printf 'subjectAltName=DNS:%s\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=critical,CA:FALSE\n' "$1" > "$1.ext"
+    if [ -n "${2:-}" ]; then
+      openssl req -new -key "$1.key" -subj "/CN=$1" -out "$1.csr" 2>/dev/null
+      openssl x509 -req -in "$1.csr" -CA "$2.crt" -CAkey "$2.key" -CAcreateserial -days 2 \
+        -extfile "$1.ext" -out "$1.crt" 2>/dev/null
+    else
+      openssl req -new -x509 -key "$1.key" -subj "/CN=$1" -days 2 -addext "subjectAltName=DNS:$1" \
+        -addext "extendedKeyUsage=serverAuth,clientAuth" -addext "basicConstraints=critical,CA:FALSE" \
+        -out "$1.crt" 2>/dev/null
+    fi
+  }
+  # The target: CA-issued certificates and the peer's own paths. Each can be switched back to
+  # what mimi-relay supports today, to test the other: HTTPS_PEER_TRUST=pinned (self-signed
+  # certificates, pinned), HTTPS_PEER_PATHS=v1 (the peer also serves /v1/{endpoint}/{param});
+  # HTTPS_PEER_COMPAT=1 sets both.
+  local trust="${HTTPS_PEER_TRUST:-ca}" paths="${HTTPS_PEER_PATHS:-own}"
+  if [ -n "$compat" ]; then trust=pinned; paths=v1; fi
+  local peer_trust py_trust py_flags=()
+  echo "== https-peer: $trust certificates, $paths paths, HTTP/1.1 without ALPN, no MIMI-Seq"
+  if [ "$trust" = pinned ]; then
+    leaf "$NODE"; leaf "$PY"
+    peer_trust="cert = \"certs/$PY.crt\""
+    py_trust="$WORK/certs/$NODE.crt"
+  else
+    openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out ca.key 2>/dev/null
+    openssl req -new -x509 -key ca.key -subj "/CN=mimi interop test CA" -days 2 \
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+      -out ca.crt 2>/dev/null
+    leaf "$NODE" ca; leaf "$PY" ca
+    peer_trust="ca = \"certs/ca.crt\""
+    py_trust="$WORK/certs/ca.crt"
+  fi
+  if [ "$paths" = v1 ]; then py_flags=(--compat); fi
+  cd "$REPO"
+  local hosted="mimi://$NODE/r/lobby" remote="mimi://$PY/r/pyroom"
+  cat > "$WORK/$NODE.toml" <<TOML
+[node]
+domain = "$NODE"
+data_dir = "data"
+admin = "127.0.0.1:$node_admin"
+store = "durable"
+follows = ["$remote"]
+
+[tls]
+cert = "certs/$NODE.crt"
+key = "certs/$NODE.key"
+
+[listen]
+https = "127.0.0.1:$node_https"
+
+[[peers]]
+domain = "$PY"
+transport = "https"
+address = "127.0.0.1:$py_https"
+$peer_trust
+
+[[rooms]]
+id = "$hosted"
+followers = ["$PY"]
+TOML
+  if ! "$bin" check-config "$WORK/$NODE.toml" >"$WORK/check-config.log" 2>&1; then
+    echo "interop: https-peer: the node refuses its config (needs per-peer \`ca\` trust):" >&2
+    cat "$WORK/check-config.log" >&2
+    return 1
+  fi
+  RUST_LOG="${RUST_LOG:-info}" "$bin" run --config "$WORK/$NODE.toml" >"$WORK/node.log" 2>&1 &
+  NODE_PID=$!
+  for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$node_admin") 2>/dev/null && break
+    sleep 0.1
+  done
+  local status=0
+  python3 "$REPO/interop/https-peer/drive.py" --admin "127.0.0.1:$node_admin" \
+    --control "127.0.0.1:$py_control" --node-domain "$NODE" --hosted "$hosted" --remote "$remote" \
+    --messages "${HTTPS_PEER_MESSAGES:-10000}" --submits "${HTTPS_PEER_SUBMITS:-1000}" \
+    --stall "${HTTPS_PEER_STALL:-30}" --replay 3 --peer-log "$WORK/py-peer.log" --json "$WORK/results.json" \
+    ${HTTPS_PEER_FLOWS:+--flows "$HTTPS_PEER_FLOWS"} -- \
+    python3 "$REPO/interop/https-peer/peer.py" --domain "$PY" --listen "127.0.0.1:$py_https" \
+    --control "127.0.0.1:$py_control" --cert "$WORK/certs/$PY.crt" --key "$WORK/certs/$PY.key" \
+    --trust "$py_trust" --peer "$NODE=127.0.0.1:$node_https" --host-room "$remote=$NODE" \
+    --follow "$hosted" --state "$WORK/py-state" --replay 3 "${py_flags[@]}" || status=$?
+  if [ "$status" != 0 ]; then
+    echo "interop: https-peer failed; the node's and the peer's last log lines:" >&2
+    grep -v " INFO " "$WORK/node.log" | tail -n 15 >&2 || true
+    tail -n 15 "$WORK/py-peer.log" >&2 || true
+  fi
+  return "$status"
+}
+
 for case in "$@"; do
   case "$case" in
     xmpp) xmpp ;;
     synapse) "$REPO/interop/synapse/run.sh" ;;
+    protocol06) protocol06 ;;
+    https-peer) https_peer ;;
     *) usage ;;
   esac
 done
