@@ -4,8 +4,8 @@
 //!
 //! The task takes jobs in order from a bounded queue, (re)connects lazily, reads the peer's
 //! directory when it has none or it is stale, hands each request to a connection in queue
-//! order and awaits the answers concurrently, so many transmits share the connections in
-//! flight.
+//! order (on HTTP/1.1 to its target's connection, see [`H1Pool`]) and awaits the answers
+//! concurrently, so many transmits share the connections in flight.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -109,26 +109,59 @@ enum Link {
     H1(H1Pool),
 }
 
-/// Idle HTTP/1.1 connections, and one slot per connection that may exist.
+/// The HTTP/1.1 connections to a peer: [`MAX_H1_CONNS`] slots, each with at most one
+/// connection, which carries one request at a time (hyper does not pipeline).
+///
+/// A target (room, user) always uses the same slot ([`slot_of`]): its requests then leave one
+/// after the other, each once the one before was answered, in the order the core handed them
+/// over. The core relies on that for forwarded submissions (sent at once, in the client's
+/// order, never resent), and with `MIMI-Seq` for a queue's `/notify`s; on HTTP/2 they leave
+/// in order on the one connection. Different targets still spread over the slots.
 #[derive(Clone)]
 struct H1Pool {
-    idle: Arc<std::sync::Mutex<Vec<http1::SendRequest<Segments>>>>,
-    slots: Arc<Semaphore>,
+    slots: Arc<[H1Slot]>,
+}
+
+struct H1Slot {
+    /// The slot's connection while no request holds it.
+    idle: std::sync::Mutex<Option<http1::SendRequest<Segments>>>,
+    /// One permit: the request that holds the slot's connection. Tokio's semaphore is fair,
+    /// and the peer task waits for it in job order.
+    busy: Arc<Semaphore>,
 }
 
 impl H1Pool {
     fn new() -> Self {
         H1Pool {
-            idle: Default::default(),
-            slots: Arc::new(Semaphore::new(MAX_H1_CONNS)),
+            slots: (0..MAX_H1_CONNS)
+                .map(|_| H1Slot {
+                    idle: Default::default(),
+                    busy: Arc::new(Semaphore::new(1)),
+                })
+                .collect(),
         }
     }
 
-    fn pop(&self) -> Option<http1::SendRequest<Segments>> {
-        self.idle
+    fn take(&self, slot: usize) -> Option<http1::SendRequest<Segments>> {
+        self.slots[slot]
+            .idle
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .pop()
+            .take()
+    }
+}
+
+/// The HTTP/1.1 slot of a target; probes and directory reads use the job's slot.
+fn slot_of(job: &Job) -> usize {
+    use std::hash::{Hash, Hasher};
+    match job {
+        Job::Transmit(t) => {
+            // Fixed keys: the same target maps to the same slot for the life of the task.
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            t.target.hash(&mut h);
+            (h.finish() % MAX_H1_CONNS as u64) as usize
+        }
+        Job::Probe => 0,
     }
 }
 
@@ -138,13 +171,14 @@ enum Ready {
     H1(PooledH1),
 }
 
-/// An HTTP/1.1 connection taken from the pool; back into it on drop once its answer was read
+/// An HTTP/1.1 connection taken from its slot; back into it on drop once its answer was read
 /// in full (else it is closed: what is left of the answer would be read as the next one).
 struct PooledH1 {
     sender: Option<http1::SendRequest<Segments>>,
     pool: H1Pool,
+    slot: usize,
     reusable: bool,
-    _slot: OwnedSemaphorePermit,
+    _busy: OwnedSemaphorePermit,
 }
 
 impl Drop for PooledH1 {
@@ -153,11 +187,10 @@ impl Drop for PooledH1 {
             && self.reusable
             && !s.is_closed()
         {
-            self.pool
+            *self.pool.slots[self.slot]
                 .idle
                 .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .push(s);
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(s);
         }
     }
 }
@@ -253,7 +286,8 @@ async fn dispatch<I: Inbound>(
     rx: &mut mpsc::Receiver<Job>,
 ) {
     let had_h2 = matches!(link, Some(Link::H2(s)) if !s.is_closed());
-    let mut ready = match checkout(ctx, link).await {
+    let slot = slot_of(&job);
+    let mut ready = match checkout(ctx, link, slot).await {
         Ok(r) => r,
         Err(error) => {
             warn!(peer = %ctx.dest, addr = %ctx.addr, %error, "https connect failed");
@@ -298,7 +332,7 @@ async fn dispatch<I: Inbound>(
             ctx.inbound.probe_outcome(ctx.dest.clone(), alive);
             return;
         }
-        ready = match checkout(ctx, link).await {
+        ready = match checkout(ctx, link, slot).await {
             Ok(r) => r,
             Err(error) => {
                 fail(ctx, job, &error.to_string());
@@ -431,38 +465,42 @@ async fn fetch_directory<I>(ctx: &PeerCtx<I>, mut ready: Ready) -> Fetched {
     }
 }
 
-/// A connection for the next request: the HTTP/2 one, or an idle or new HTTP/1.1 one (waiting
-/// for a slot when all are busy).
-async fn checkout<I>(ctx: &PeerCtx<I>, link: &mut Option<Link>) -> Result<Ready, ConnectError> {
+/// A connection for the next request: the HTTP/2 one, or the HTTP/1.1 one of `slot` (waiting
+/// while it carries a request, opening it when there is none).
+async fn checkout<I>(
+    ctx: &PeerCtx<I>,
+    link: &mut Option<Link>,
+    slot: usize,
+) -> Result<Ready, ConnectError> {
     match link {
         Some(Link::H2(s)) if !s.is_closed() => return Ok(Ready::H2(s.clone())),
         Some(Link::H1(pool)) => {
             let pool = pool.clone();
-            let slot = pool
-                .slots
+            let busy = pool.slots[slot]
+                .busy
                 .clone()
                 .acquire_owned()
                 .await
                 .map_err(|_| ConnectError::Timeout)?;
-            while let Some(mut s) = pool.pop() {
-                if s.is_closed() {
-                    continue;
-                }
-                if let Ok(Ok(())) = tokio::time::timeout(ctx.request_timeout, s.ready()).await {
-                    return Ok(Ready::H1(PooledH1 {
-                        sender: Some(s),
-                        pool,
-                        reusable: false,
-                        _slot: slot,
-                    }));
-                }
+            if let Some(mut s) = pool.take(slot)
+                && !s.is_closed()
+                && let Ok(Ok(())) = tokio::time::timeout(ctx.request_timeout, s.ready()).await
+            {
+                return Ok(Ready::H1(PooledH1 {
+                    sender: Some(s),
+                    pool,
+                    slot,
+                    reusable: false,
+                    _busy: busy,
+                }));
             }
             return Ok(match connect(ctx).await? {
                 Opened::H1(s) => Ready::H1(PooledH1 {
                     sender: Some(s),
                     pool,
+                    slot,
                     reusable: false,
-                    _slot: slot,
+                    _busy: busy,
                 }),
                 Opened::H2(s) => {
                     *link = Some(Link::H2(s.clone()));
@@ -480,8 +518,8 @@ async fn checkout<I>(ctx: &PeerCtx<I>, link: &mut Option<Link>) -> Result<Ready,
         }
         Opened::H1(s) => {
             let pool = H1Pool::new();
-            let slot = pool
-                .slots
+            let busy = pool.slots[slot]
+                .busy
                 .clone()
                 .try_acquire_owned()
                 .map_err(|_| ConnectError::Timeout)?;
@@ -489,8 +527,9 @@ async fn checkout<I>(ctx: &PeerCtx<I>, link: &mut Option<Link>) -> Result<Ready,
             Ready::H1(PooledH1 {
                 sender: Some(s),
                 pool,
+                slot,
                 reusable: false,
-                _slot: slot,
+                _busy: busy,
             })
         }
     })

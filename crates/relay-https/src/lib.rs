@@ -54,7 +54,10 @@
 //! (TLS server name = the peer's domain, whose certificate must authenticate that same
 //! provider), else HTTP/1.1 (the peer picked it or offers no ALPN) over up to
 //! [`MAX_H1_CONNS`] keep-alive connections, each carrying one request at a time; opened on
-//! first use and reopened after a failure. While requests are open, an HTTP/2 connection from
+//! first use and reopened after a failure. Requests for one target (room, user) leave in the
+//! order they were sent: on HTTP/2 on the one connection, on HTTP/1.1 always over the same
+//! connection of the pool (chosen by the target), each once the one before was answered, so
+//! a room's forwarded submissions reach an HTTP/1.1 hub in its clients' order. While requests are open, an HTTP/2 connection from
 //! which no frame came for `request_timeout` is pinged and closed if the ping is not acked
 //! within as long, so a path that moves nothing is left for a new connection.
 //!
@@ -232,6 +235,7 @@ pub const CONTENT_TYPE_REASON: &str = "text/plain; charset=utf-8";
 pub const PEER_QUEUE: usize = 1024;
 /// HTTP/1.1 connections to one peer at most (kept alive and reused): a request holds one
 /// until its answer is read, so this bounds the requests in flight to a peer without HTTP/2.
+/// Each target (room, user) keeps to one of them, so its requests stay in order.
 pub const MAX_H1_CONNS: usize = 4;
 /// HTTP/2 streams per connection at most, whatever `max_streams_per_conn` says: every open
 /// stream may hold a body in assembly.

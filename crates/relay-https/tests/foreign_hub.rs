@@ -83,7 +83,14 @@ struct HubState {
     busy: Option<(u16, String)>,
     /// Each endpoint answer waits this long (to have requests overlap).
     delay: Duration,
+    /// When set, an endpoint answer waits this long for its body instead.
+    delay_of: Option<fn(&[u8]) -> Duration>,
     seen: Vec<Seen>,
+    /// Paths and bodies in the order their requests were answered (taken in, for a hub).
+    answered: Vec<(String, Bytes)>,
+    /// Requests open now per path, and the most ever open at once for one path.
+    open_per_path: BTreeMap<String, usize>,
+    max_open_per_path: usize,
     directory_gets: usize,
     /// TLS sessions that negotiated an ALPN protocol (none should: none is offered).
     alpn: usize,
@@ -230,13 +237,22 @@ async fn answer(hub: &Hub, req: http::Request<Incoming>) -> http::Response<Full<
             version,
             body: body.clone(),
         });
+        let open = s.open_per_path.entry(path.clone()).or_default();
+        *open += 1;
+        s.max_open_per_path = s.max_open_per_path.max(*open);
         (
             s.live.iter().any(|p| path.starts_with(p.as_str())),
             s.busy.clone(),
-            s.delay,
+            s.delay_of.map_or(s.delay, |f| f(&body)),
         )
     });
     tokio::time::sleep(delay).await;
+    hub.with(|s| {
+        s.answered.push((path.clone(), body.clone()));
+        if let Some(open) = s.open_per_path.get_mut(&path) {
+            *open -= 1;
+        }
+    });
     if let Some((code, after)) = busy {
         return reply(code, &[("retry-after", after)], Bytes::from_static(b"busy"));
     }
@@ -341,6 +357,10 @@ async fn setup_with(directory: Option<&str>, live: &[&str], h2: bool) -> Result<
 
 impl Setup {
     fn send(&mut self, endpoint: Endpoint, body: &'static [u8]) -> TransmitId {
+        self.send_to(endpoint, ROOM, Bytes::from_static(body))
+    }
+
+    fn send_to(&mut self, endpoint: Endpoint, target: &str, body: Bytes) -> TransmitId {
         self.next_id += 1;
         let id = TransmitId(self.next_id);
         self.us.send(Transmit {
@@ -348,10 +368,10 @@ impl Setup {
             dest: self.hub_p.domain.clone(),
             transport: TransportKind::Https,
             endpoint,
-            target: ROOM.to_owned(),
+            target: target.to_owned(),
             seq: None,
             lineage: None,
-            body: vec![Bytes::from_static(body)],
+            body: vec![body],
         });
         id
     }
@@ -614,9 +634,11 @@ async fn retry_after_of_a_busy_hub_reaches_the_core() -> Result<()> {
 async fn http1_requests_share_a_bounded_pool_of_keep_alive_connections() -> Result<()> {
     let mut s = setup(Some(HUB_DIRECTORY), &["/mimi/pl/"]).await?;
     s.hub.with(|h| h.delay = Duration::from_millis(50));
+    // Many rooms: a room keeps to one connection, different rooms spread over the pool.
     let n = 24;
-    for _ in 0..n {
-        s.send(Endpoint::SubmitMessage, b"m");
+    for i in 0..n {
+        let room = format!("mimi://hub.example/r/room{i}");
+        s.send_to(Endpoint::SubmitMessage, &room, Bytes::from_static(b"m"));
     }
     for _ in 0..n {
         let (_, outcome) = s.outcome().await?;
@@ -627,8 +649,60 @@ async fn http1_requests_share_a_bounded_pool_of_keep_alive_connections() -> Resu
         conns <= relay_https::MAX_H1_CONNS,
         "{conns} connections for {n} requests"
     );
-    assert!(s.hub.max_open.load(Ordering::SeqCst) <= relay_https::MAX_H1_CONNS);
+    let max_open = s.hub.max_open.load(Ordering::SeqCst);
+    assert!(
+        (2..=relay_https::MAX_H1_CONNS).contains(&max_open),
+        "{max_open} connections open at once for {n} rooms"
+    );
     assert_eq!(s.hub.seen().len(), n);
+    Ok(())
+}
+
+/// The core hands a room's forwarded submissions over in the order its clients sent them, and
+/// retries none of them: over HTTP/1.1 the transport must not spread one room's requests over
+/// several connections, where a later one can overtake an earlier one at the hub.
+#[tokio::test]
+async fn http1_requests_for_one_room_reach_the_hub_in_order() -> Result<()> {
+    let mut s = setup(Some(HUB_DIRECTORY), &["/mimi/pl/"]).await?;
+    const N: u8 = 8;
+    // Earlier requests take the hub longer: on parallel connections the later ones would be
+    // taken in first.
+    s.hub.with(|h| {
+        h.delay_of = Some(|body| {
+            let i = body.first().map_or(0, |b| b.saturating_sub(b'0'));
+            Duration::from_millis(40 * u64::from(N - i.min(N)))
+        })
+    });
+    let other = "mimi://hub.example/r/other";
+    for i in 0..N {
+        let body = Bytes::from(vec![b'0' + i]);
+        s.send_to(Endpoint::SubmitMessage, ROOM, body.clone());
+        // Another room's traffic in between still gets through.
+        s.send_to(Endpoint::SubmitMessage, other, body);
+    }
+    for _ in 0..2 * N {
+        let (_, outcome) = s.outcome().await?;
+        assert_eq!(outcome?.status, Status::Ok);
+    }
+    let room_path = format!("/mimi/pl/submitMessage/{ROOM_ENC}");
+    let in_room = |(path, body): (String, Bytes)| (path == room_path).then(|| body[0]);
+    let arrived: Vec<u8> = s
+        .hub
+        .seen()
+        .into_iter()
+        .filter_map(|r| in_room((r.path, r.body)))
+        .collect();
+    let taken: Vec<u8> = s
+        .hub
+        .with(|h| h.answered.clone())
+        .into_iter()
+        .filter_map(in_room)
+        .collect();
+    let expected: Vec<u8> = (0..N).map(|i| b'0' + i).collect();
+    assert_eq!(arrived, expected, "order of arrival");
+    assert_eq!(taken, expected, "order taken in");
+    // Never two of the room's requests at the hub at once.
+    assert_eq!(s.hub.with(|h| h.max_open_per_path), 1);
     Ok(())
 }
 
