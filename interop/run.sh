@@ -8,8 +8,8 @@
 #                         protocol-06 peer in interop/https-peer (CA-issued certificates, its
 #                         own directory paths, HTTP/1.1, no sequence extension), messages both
 #                         ways, the peer restarted in the middle. HTTPS_PEER_COMPAT=1: pinned
-#                         self-signed certificates and /v1 paths instead (what works today);
-#                         see interop/https-peer/README.md for the other knobs.
+#                         self-signed certificates and /v1 paths instead; see
+#                         interop/https-peer/README.md for the other knobs.
 #   interop/run.sh xmpp   relay A as an XEP-0114 component of Prosody (127.0.0.1), relay B as a
 #                         component of ejabberd (127.0.0.2), the servers federating over s2s;
 #                         runs tests/tests/xmpp_interop.rs across them.
@@ -257,10 +257,10 @@ https_peer() {
         -out "$1.crt" 2>/dev/null
     fi
   }
-  # The target: CA-issued certificates and the peer's own paths. Each can be switched back to
-  # what mimi-relay supports today, to test the other: HTTPS_PEER_TRUST=pinned (self-signed
-  # certificates, pinned), HTTPS_PEER_PATHS=v1 (the peer also serves /v1/{endpoint}/{param});
-  # HTTPS_PEER_COMPAT=1 sets both.
+  # By default CA-issued certificates and the peer's own paths. Each can be switched, to test
+  # the other ways: HTTPS_PEER_TRUST=pinned (self-signed certificates, pinned),
+  # HTTPS_PEER_PATHS=v1 (the peer also serves /v1/{endpoint}/{param}); HTTPS_PEER_COMPAT=1
+  # sets both.
   local trust="${HTTPS_PEER_TRUST:-ca}" paths="${HTTPS_PEER_PATHS:-own}"
   if [ -n "$compat" ]; then trust=pinned; paths=v1; fi
   local peer_trust py_trust py_flags=()
@@ -307,7 +307,7 @@ id = "$hosted"
 followers = ["$PY"]
 TOML
   if ! "$bin" check-config "$WORK/$NODE.toml" >"$WORK/check-config.log" 2>&1; then
-    echo "interop: https-peer: the node refuses its config (needs per-peer \`ca\` trust):" >&2
+    echo "interop: https-peer: the node refuses its config:" >&2
     cat "$WORK/check-config.log" >&2
     return 1
   fi

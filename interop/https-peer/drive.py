@@ -7,7 +7,8 @@ each flow arrives complete, once, and in order.
              --messages 10000 --submits 1000 -- python3 peer.py ARGS...
 
 The driver starts the peer (the command after `--`) and restarts it with kill -9 in the
-middle of the two /notify flows. Flows:
+middle of the two /notify flows (for node-hub-notify: as soon as half is submitted; the rest
+is submitted while it is down); a flow in which that did not happen fails. Flows:
   py-hub-notify     the peer, hub of --remote, fans out --messages events to the node
   py-submit         the peer, as a provider, submits --submits messages to --hosted
   node-submit       the node's client submits --submits messages to --remote (at the peer)
@@ -248,6 +249,9 @@ def main() -> int:
             res = verdict("py-hub-notify", node.texts(args.remote, "pyhub-"), expected,
                           (f"(peer restarted after {restarted[0]}, " if restarted else "(no restart, ")
                           + f"node dedupe hits {hits})")
+            if n >= 3 and not (restarted and restarted[0] < n):
+                say("py-hub-notify: FAILED  the peer was not restarted in the middle of the flow")
+                res["ok"] = False
             # The restarted peer resent --replay events it had already had acknowledged.
             if restarted and hits < args.replay:
                 say(f"py-hub-notify: FAILED  expected at least {args.replay} duplicates answered, saw {hits}")
@@ -289,29 +293,38 @@ def main() -> int:
         if "node-hub-notify" in flows:
             expected = [f"nodehub-{i:06d}" for i in range(n)]
             refusals = {}
-            for start in range(0, n, 1000):
-                for code, body in node.submit_batch(args.hosted, sender, expected[start:start + 1000]):
-                    if code != 200:
-                        key = f"{code} {body[:120].decode('utf-8', 'replace').strip()}"
-                        refusals[key] = refusals.get(key, 0) + 1
             restarted = []
 
             def delivered():
                 return [t for t in peer.status()["follow"].get(args.hosted, {}).get("delivered", [])
                         if t.startswith("nodehub-")]
 
-            def restart_once(k):
-                if not restarted and k >= n // 3:
-                    restarted.append(k)
-                    peer.restart()
-
-            wait_for(lambda: len(delivered()), lambda: len(set(delivered())) >= n, args.stall, restart_once)
+            # Once half is submitted (the node still sending it, in batches of FanoutMessages),
+            # the peer is killed; the rest is submitted while it is down, then it starts again.
+            # So the outage is in the middle of the flow however fast either side is.
+            batch = min(1000, max(1, n // 4))
+            for start in range(0, n, batch):
+                for code, body in node.submit_batch(args.hosted, sender, expected[start:start + batch]):
+                    if code != 200:
+                        key = f"{code} {body[:120].decode('utf-8', 'replace').strip()}"
+                        refusals[key] = refusals.get(key, 0) + 1
+                if not restarted and start + batch >= n // 2 and n >= 3:
+                    restarted.append(start + batch)
+                    say(f"killing the Python peer (kill -9) with {start + batch} submitted")
+                    peer.kill()
+            if restarted:
+                say("starting the Python peer again")
+                peer.start()
+            wait_for(lambda: len(delivered()), lambda: len(set(delivered())) >= n, args.stall)
             st = peer.status()["follow"].get(args.hosted, {})
-            extra = f"(peer restarted after {restarted[0]}; " if restarted else "(no restart; "
+            extra = f"(peer killed with {restarted[0]} submitted; " if restarted else "(no restart; "
             extra += (f"{st.get('duplicates', 0)} duplicate FanoutMessages answered 201, "
                       f"{st.get('duplicates_in_new_bodies', 0)} of them in bodies not seen before")
             extra += f"; node refused {refusals})" if refusals else ")"
             res = verdict("node-hub-notify", delivered(), expected, extra)
+            if n >= 3 and not (restarted and restarted[0] < n):
+                say("node-hub-notify: FAILED  the peer was not restarted in the middle of the flow")
+                res["ok"] = False
             if st.get("duplicates_in_new_bodies", 0):
                 say("node-hub-notify: FAILED  a resend was not byte-identical to what was sent before, "
                     "so a follower applying the draft's same-body rule would deliver it twice")
