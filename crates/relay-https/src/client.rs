@@ -4,8 +4,9 @@
 //!
 //! The task takes jobs in order from a bounded queue, (re)connects lazily, reads the peer's
 //! directory when it has none or it is stale, hands each request to a connection in queue
-//! order (on HTTP/1.1 to its target's connection, see [`H1Pool`]) and awaits the answers
-//! concurrently, so many transmits share the connections in flight.
+//! order (on HTTP/1.1 to its target's connection, see [`H1Pool`], parking the jobs of a busy
+//! one) and awaits the answers concurrently, so many transmits share the connections in
+//! flight.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -40,7 +41,7 @@ use crate::directory::{self, MAX_DIRECTORY_BYTES, PeerDirectory, Route};
 use crate::server::header_u64;
 use crate::{
     CONTENT_TYPE_BODY, MAX_H1_CONNS, MIMI_NEXT_SEQ, MIMI_NEXT_SEQ_INCARNATION, MIMI_SEQ,
-    MIMI_SEQ_INCARNATION, MIMI_SEQ_PREV_INCARNATION,
+    MIMI_SEQ_INCARNATION, MIMI_SEQ_PREV_INCARNATION, PEER_QUEUE,
 };
 
 /// A `Retry-After` is honoured up to this; a peer cannot park our queues for longer.
@@ -116,7 +117,8 @@ enum Link {
 /// after the other, each once the one before was answered, in the order the core handed them
 /// over. The core relies on that for forwarded submissions (sent at once, in the client's
 /// order, never resent), and with `MIMI-Seq` for a queue's `/notify`s; on HTTP/2 they leave
-/// in order on the one connection. Different targets still spread over the slots.
+/// in order on the one connection. Different targets still spread over the slots, and a job
+/// whose slot is busy waits in [`Parked`] while the others' go on.
 #[derive(Clone)]
 struct H1Pool {
     slots: Arc<[H1Slot]>,
@@ -125,8 +127,7 @@ struct H1Pool {
 struct H1Slot {
     /// The slot's connection while no request holds it.
     idle: std::sync::Mutex<Option<http1::SendRequest<Segments>>>,
-    /// One permit: the request that holds the slot's connection. Tokio's semaphore is fair,
-    /// and the peer task waits for it in job order.
+    /// One permit: held by the request on the slot's connection until its answer is read.
     busy: Arc<Semaphore>,
 }
 
@@ -258,14 +259,29 @@ pub(crate) async fn run_peer<I: Inbound>(
     let mut link: Option<Link> = None;
     let mut dir = DirCache::default();
     let mut inflight = JoinSet::new();
+    let mut parked = Parked::default();
     let mut closing = false;
-    loop {
+    let mut open = true;
+    while open || parked.len > 0 {
         tokio::select! {
-            job = rx.recv() => match job {
-                Some(job) => dispatch(&ctx, job, &mut link, &mut dir, &mut inflight, &mut rx).await,
-                None => break,
+            // Parked jobs count against the queue: past it, `send` answers busy.
+            job = rx.recv(), if open && parked.len < PEER_QUEUE => match job {
+                Some(job) => {
+                    let slot = slot_of(&job);
+                    if parked.must_wait(&link, slot) {
+                        parked.push(slot, job);
+                    } else {
+                        dispatch(&ctx, job, &mut link, &mut dir, &mut inflight, &mut rx, &mut parked).await;
+                    }
+                }
+                None => open = false,
             },
-            Some(_) = inflight.join_next(), if !inflight.is_empty() => {}
+            Some(_) = inflight.join_next(), if !inflight.is_empty() => {
+                // A request was answered: its slot may be free for the jobs waiting on it.
+                while let Some(job) = parked.next_ready(&link) {
+                    dispatch(&ctx, job, &mut link, &mut dir, &mut inflight, &mut rx, &mut parked).await;
+                }
+            }
             _ = shutdown.changed(), if !closing => {
                 // New sends are refused from here on; what is queued is still carried.
                 closing = true;
@@ -277,6 +293,44 @@ pub(crate) async fn run_peer<I: Inbound>(
     debug!(peer = %ctx.dest, "https peer task stopped");
 }
 
+/// Jobs whose HTTP/1.1 slot carries a request, in order per slot, so that the peer task goes
+/// on with the other slots' jobs meanwhile. Every slot with parked jobs is busy, so a request
+/// in flight will wake the task for them.
+#[derive(Default)]
+struct Parked {
+    jobs: [std::collections::VecDeque<Job>; MAX_H1_CONNS],
+    len: usize,
+}
+
+impl Parked {
+    /// Whether a job for `slot` must wait: the slot is busy, or jobs before it wait already.
+    fn must_wait(&self, link: &Option<Link>, slot: usize) -> bool {
+        !self.jobs[slot].is_empty() || slot_busy(link, slot)
+    }
+
+    fn push(&mut self, slot: usize, job: Job) {
+        self.jobs[slot].push_back(job);
+        self.len += 1;
+    }
+
+    /// Every parked job, each slot's in order.
+    fn take_all(&mut self) -> Vec<Job> {
+        self.len = 0;
+        self.jobs.iter_mut().flat_map(|q| q.drain(..)).collect()
+    }
+
+    /// The first job of a slot that is free now.
+    fn next_ready(&mut self, link: &Option<Link>) -> Option<Job> {
+        let slot = (0..MAX_H1_CONNS).find(|&s| !self.jobs[s].is_empty() && !slot_busy(link, s))?;
+        self.len -= 1;
+        self.jobs[slot].pop_front()
+    }
+}
+
+fn slot_busy(link: &Option<Link>, slot: usize) -> bool {
+    matches!(link, Some(Link::H1(pool)) if pool.slots[slot].busy.available_permits() == 0)
+}
+
 async fn dispatch<I: Inbound>(
     ctx: &Arc<PeerCtx<I>>,
     job: Job,
@@ -284,6 +338,7 @@ async fn dispatch<I: Inbound>(
     dir: &mut DirCache,
     inflight: &mut JoinSet<()>,
     rx: &mut mpsc::Receiver<Job>,
+    parked: &mut Parked,
 ) {
     let had_h2 = matches!(link, Some(Link::H2(s)) if !s.is_closed());
     let slot = slot_of(&job);
@@ -295,6 +350,9 @@ async fn dispatch<I: Inbound>(
             // the core's retry timers decide when to try again.
             let reason = error.to_string();
             fail(ctx, job, &reason);
+            for job in parked.take_all() {
+                fail(ctx, job, &reason);
+            }
             while let Ok(job) = rx.try_recv() {
                 fail(ctx, job, &reason);
             }

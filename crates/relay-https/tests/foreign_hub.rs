@@ -706,6 +706,44 @@ async fn http1_requests_for_one_room_reach_the_hub_in_order() -> Result<()> {
     Ok(())
 }
 
+/// A room the hub is slow to answer holds only its own connection of the pool: the next
+/// request for that room waits for it, the other rooms' requests go on over the rest.
+#[tokio::test]
+async fn a_slow_room_does_not_hold_up_other_rooms_over_http1() -> Result<()> {
+    let mut s = setup(Some(HUB_DIRECTORY), &["/mimi/pl/"]).await?;
+    s.hub.with(|h| {
+        h.delay_of = Some(|body| {
+            if body.starts_with(b"slow") {
+                Duration::from_secs(2)
+            } else {
+                Duration::ZERO
+            }
+        })
+    });
+    let slow = [
+        s.send_to(Endpoint::SubmitMessage, ROOM, Bytes::from_static(b"slow1")),
+        s.send_to(Endpoint::SubmitMessage, ROOM, Bytes::from_static(b"slow2")),
+    ];
+    let mut others = Vec::new();
+    for i in 0..8 {
+        let room = format!("mimi://hub.example/r/other{i}");
+        others.push(s.send_to(Endpoint::SubmitMessage, &room, Bytes::from_static(b"fast")));
+    }
+    let mut order = Vec::new();
+    for _ in 0..slow.len() + others.len() {
+        let (id, outcome) = s.outcome().await?;
+        assert_eq!(outcome?.status, Status::Ok);
+        order.push(id);
+    }
+    assert!(
+        others.contains(&order[0]),
+        "another room was answered first, not the slow one: {order:?}"
+    );
+    let slow_order: Vec<TransmitId> = order.into_iter().filter(|id| slow.contains(id)).collect();
+    assert_eq!(slow_order, slow, "the slow room's own requests in order");
+    Ok(())
+}
+
 #[tokio::test]
 async fn our_server_speaks_http1_to_a_client_without_alpn() -> Result<()> {
     let server = Provider::new("b.example")?;
