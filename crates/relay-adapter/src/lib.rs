@@ -9,6 +9,9 @@
 //! - [`Gate`] admits connections: a node-wide cap on connections that have not yet
 //!   authenticated (a handshake flood cannot take every socket) and, once a connection knows
 //!   its provider, a cap per peer. A permit is an RAII guard: dropping it frees the slot.
+//!   Before either, [`Gate::admit`] refuses a source address under penalty: one whose
+//!   connection was refused at its peer's cap, or that failed handshakes repeatedly, is
+//!   turned away before any TLS work for a short window that grows with each further strike.
 //! - [`ByteBudget`] bounds the bytes one peer holds in an adapter (partial frames, bodies in
 //!   assembly, requests queued for the core). One peer over budget is refused; no peer can take
 //!   another's share.
@@ -31,6 +34,7 @@ pub mod transport;
 
 use std::collections::HashMap;
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -60,6 +64,9 @@ pub struct Limits {
     pub max_unacked: usize,
     /// How deep XML may nest inside one stanza.
     pub max_xml_depth: usize,
+    /// The first penalty window of a source address (see [`Gate::admit`]); it doubles with
+    /// each further strike, up to 32 times this. Zero turns penalties off.
+    pub source_penalty: Duration,
 }
 
 impl Default for Limits {
@@ -73,6 +80,7 @@ impl Default for Limits {
             max_parked_per_peer: 4,
             max_unacked: 4096,
             max_xml_depth: 32,
+            source_penalty: Duration::from_millis(250),
         }
     }
 }
@@ -98,10 +106,12 @@ pub enum Budget {
     XmlDepth,
     BodySize,
     Unauthenticated,
+    /// A connection refused before TLS: its source address is under penalty.
+    SourcePenalty,
 }
 
 impl Budget {
-    pub const ALL: [Budget; 10] = [
+    pub const ALL: [Budget; 11] = [
         Budget::Handshakes,
         Budget::ConnsPerPeer,
         Budget::Streams,
@@ -112,6 +122,7 @@ impl Budget {
         Budget::XmlDepth,
         Budget::BodySize,
         Budget::Unauthenticated,
+        Budget::SourcePenalty,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -126,6 +137,7 @@ impl Budget {
             Budget::XmlDepth => "xml_depth",
             Budget::BodySize => "body_size",
             Budget::Unauthenticated => "unauthenticated",
+            Budget::SourcePenalty => "source_penalty",
         }
     }
 
@@ -153,6 +165,7 @@ pub struct AdapterStats {
     refusals: [AtomicU64; Budget::ALL.len()],
     failed_handshakes: AtomicU64,
     retries: AtomicU64,
+    strikes: AtomicU64,
 }
 
 impl AdapterStats {
@@ -176,24 +189,33 @@ impl AdapterStats {
     pub fn retries_sent(&self) -> u64 {
         self.retries.load(Ordering::Relaxed)
     }
+
+    /// Penalties given to source addresses (each strike starts or lengthens one).
+    pub fn source_strikes(&self) -> u64 {
+        self.strikes.load(Ordering::Relaxed)
+    }
 }
 
-/// Admits connections: a node-wide cap on unauthenticated ones, then a cap per peer.
+/// Admits connections: source addresses under penalty are refused first, then a node-wide
+/// cap on unauthenticated connections, then a cap per peer.
 #[derive(Debug)]
 pub struct Gate {
     limits: Limits,
     stats: Arc<AdapterStats>,
     handshakes: AtomicUsize,
     per_peer: Mutex<HashMap<ProviderDomain, usize>>,
+    penalties: Mutex<Penalties>,
 }
 
 impl Gate {
     pub fn new(limits: Limits, stats: Arc<AdapterStats>) -> Arc<Self> {
+        let penalties = Mutex::new(Penalties::new(limits.source_penalty));
         Arc::new(Self {
             limits,
             stats,
             handshakes: AtomicUsize::new(0),
             per_peer: Mutex::new(HashMap::new()),
+            penalties,
         })
     }
 
@@ -218,6 +240,63 @@ impl Gate {
         Some(HandshakePermit {
             gate: Arc::clone(self),
         })
+    }
+
+    /// [`Gate::handshake`] for a connection from `source`, refused at once (counted as
+    /// [`Budget::SourcePenalty`]) while that address is under penalty. The peer is unknown
+    /// until TLS is done, so the address is all there is to go by: this is what keeps a peer
+    /// refused at its cap, or failing handshakes, from making the node do TLS work for every
+    /// retry. A TCP source has answered the SYN-ACK; a QUIC one is only struck when it proved
+    /// its address (see [`Gate::handshake_failed`]).
+    pub fn admit(self: &Arc<Self>, source: IpAddr) -> Result<HandshakePermit, OverBudget> {
+        let budget = if self.under_penalty(source) {
+            Budget::SourcePenalty
+        } else {
+            match self.handshake() {
+                Some(permit) => return Ok(permit),
+                None => Budget::Handshakes,
+            }
+        };
+        Err(OverBudget { budget })
+    }
+
+    /// Whether `source` is under penalty now; if so, the refusal its connection gets is
+    /// counted. For an adapter that admits in steps of its own (QUIC's Retry).
+    pub fn under_penalty(&self, source: IpAddr) -> bool {
+        let p = self
+            .penalties
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let penalized = p.until(source, Instant::now()).is_some();
+        if penalized {
+            self.stats.refused(Budget::SourcePenalty);
+        }
+        penalized
+    }
+
+    /// A connection from `source` was refused at its peer's connection cap: the address is
+    /// penalized (or its penalty lengthened).
+    pub fn penalize(&self, source: IpAddr) {
+        let mut p = self
+            .penalties
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if p.strike(source, Instant::now()) {
+            self.stats.strikes.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A handshake from `source` failed; every [`FAILURES_PER_STRIKE`]th failure in a row
+    /// penalizes the address. Only for an address that was proven (TCP, or a QUIC handshake
+    /// that got past its first flight): a spoofed one must not get a real peer penalized.
+    pub fn handshake_failed(&self, source: IpAddr) {
+        let mut p = self
+            .penalties
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if p.failure(source, Instant::now()) {
+            self.stats.strikes.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// How many handshakes are in progress now.
@@ -246,6 +325,124 @@ impl Gate {
     pub fn peer_conns(&self, peer: &ProviderDomain) -> usize {
         let map = self.per_peer.lock().unwrap_or_else(PoisonError::into_inner);
         map.get(peer).copied().unwrap_or(0)
+    }
+}
+
+/// Failed handshakes in a row from one address that make a strike.
+pub const FAILURES_PER_STRIKE: u32 = 3;
+/// A penalty window doubles with each strike, at most this many times.
+const MAX_DOUBLINGS: u32 = 5;
+/// An address with no strike or failure for this long starts afresh.
+const FORGET_AFTER: Duration = Duration::from_secs(60);
+/// Addresses tracked at once; past it, forgotten and expired ones make room, and a new one
+/// that finds no room is not tracked (memory stays bounded; the other caps still hold).
+const MAX_SOURCES: usize = 4096;
+
+/// Per source address: strikes, failed handshakes in a row, and the end of its penalty.
+#[derive(Debug)]
+struct Penalties {
+    base: Duration,
+    sources: HashMap<IpAddr, Source>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Source {
+    strikes: u32,
+    failures: u32,
+    last: Instant,
+    until: Option<Instant>,
+}
+
+impl Penalties {
+    fn new(base: Duration) -> Self {
+        Self {
+            base,
+            sources: HashMap::new(),
+        }
+    }
+
+    /// The address a penalty applies to: IPv4 as is, IPv6 by its /64 (one host usually has
+    /// the whole prefix), an IPv4-mapped IPv6 address as IPv4.
+    fn key(source: IpAddr) -> IpAddr {
+        match source {
+            IpAddr::V4(_) => source,
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+            },
+        }
+    }
+
+    /// When `source`'s penalty ends, if it is under one at `now`.
+    fn until(&self, source: IpAddr, now: Instant) -> Option<Instant> {
+        self.sources
+            .get(&Self::key(source))
+            .and_then(|s| s.until)
+            .filter(|u| *u > now)
+    }
+
+    /// The entry of `source`, fresh if it was forgotten; `None` when the table is full.
+    fn entry(&mut self, source: IpAddr, now: Instant) -> Option<&mut Source> {
+        let key = Self::key(source);
+        if !self.sources.contains_key(&key) && self.sources.len() >= MAX_SOURCES {
+            self.sources.retain(|_, s| {
+                now.saturating_duration_since(s.last) < FORGET_AFTER
+                    || s.until.is_some_and(|u| u > now)
+            });
+            if self.sources.len() >= MAX_SOURCES {
+                return None;
+            }
+        }
+        let s = self.sources.entry(key).or_insert(Source {
+            strikes: 0,
+            failures: 0,
+            last: now,
+            until: None,
+        });
+        if now.saturating_duration_since(s.last) >= FORGET_AFTER && s.until.is_none_or(|u| u <= now)
+        {
+            *s = Source {
+                strikes: 0,
+                failures: 0,
+                last: now,
+                until: None,
+            };
+        }
+        Some(s)
+    }
+
+    /// One strike against `source` at `now`: a penalty of `base` doubled for each strike
+    /// before it. `false` if penalties are off or the address could not be tracked.
+    fn strike(&mut self, source: IpAddr, now: Instant) -> bool {
+        let base = self.base;
+        if base.is_zero() {
+            return false;
+        }
+        let Some(s) = self.entry(source, now) else {
+            return false;
+        };
+        let window = base.saturating_mul(1 << s.strikes.min(MAX_DOUBLINGS));
+        s.strikes = s.strikes.saturating_add(1);
+        s.failures = 0;
+        s.last = now;
+        s.until = Some(now + window);
+        true
+    }
+
+    /// One failed handshake from `source`; a strike at every [`FAILURES_PER_STRIKE`]th.
+    fn failure(&mut self, source: IpAddr, now: Instant) -> bool {
+        if self.base.is_zero() {
+            return false;
+        }
+        let Some(s) = self.entry(source, now) else {
+            return false;
+        };
+        s.failures += 1;
+        s.last = now;
+        if s.failures >= FAILURES_PER_STRIKE {
+            return self.strike(source, now);
+        }
+        false
     }
 }
 
@@ -514,6 +711,105 @@ mod tests {
         drop(h);
         assert_eq!(budget.held(&b), 0);
         assert_eq!(stats.refusals(Budget::PeerBytes), 2);
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("address")
+    }
+
+    #[test]
+    fn a_penalty_is_per_source_and_grows_with_each_strike() {
+        let base = Duration::from_millis(100);
+        let mut p = Penalties::new(base);
+        let t0 = Instant::now();
+        let (a, b) = (ip("127.0.0.2"), ip("127.0.0.1"));
+        assert_eq!(p.until(a, t0), None);
+        assert!(p.strike(a, t0));
+        assert_eq!(p.until(a, t0), Some(t0 + base));
+        assert_eq!(p.until(b, t0), None, "another source is not touched");
+        assert_eq!(p.until(a, t0 + base), None, "the window ends");
+        let t1 = t0 + base;
+        assert!(p.strike(a, t1));
+        assert_eq!(p.until(a, t1), Some(t1 + 2 * base), "doubled");
+        let t = t1;
+        for _ in 0..10 {
+            p.strike(a, t);
+        }
+        assert_eq!(p.until(a, t), Some(t + 32 * base), "capped");
+        // Quiet for long enough, the address starts afresh.
+        let later = t + FORGET_AFTER + 32 * base;
+        assert!(p.strike(a, later));
+        assert_eq!(p.until(a, later), Some(later + base));
+    }
+
+    #[test]
+    fn repeated_failed_handshakes_make_a_strike() {
+        let base = Duration::from_millis(100);
+        let mut p = Penalties::new(base);
+        let t0 = Instant::now();
+        let a = ip("10.0.0.7");
+        for i in 1..FAILURES_PER_STRIKE {
+            assert!(!p.failure(a, t0), "failure {i} alone is no strike");
+            assert_eq!(p.until(a, t0), None);
+        }
+        assert!(p.failure(a, t0));
+        assert_eq!(p.until(a, t0), Some(t0 + base));
+        // An IPv6 host is one /64; an IPv4-mapped address is its IPv4 one.
+        assert!(p.strike(ip("2001:db8:1:2::1"), t0));
+        assert!(p.until(ip("2001:db8:1:2:ffff::9"), t0).is_some());
+        assert!(p.until(ip("2001:db8:1:3::1"), t0).is_none());
+        assert!(p.until(ip("::ffff:10.0.0.7"), t0).is_some());
+    }
+
+    #[test]
+    fn no_penalty_when_turned_off() {
+        let mut p = Penalties::new(Duration::ZERO);
+        let t0 = Instant::now();
+        let a = ip("127.0.0.2");
+        assert!(!p.strike(a, t0));
+        for _ in 0..10 {
+            assert!(!p.failure(a, t0));
+        }
+        assert_eq!(p.until(a, t0), None);
+    }
+
+    #[test]
+    fn the_table_of_sources_is_bounded() {
+        let mut p = Penalties::new(Duration::from_secs(1));
+        let t0 = Instant::now();
+        for i in 0..MAX_SOURCES as u32 + 10 {
+            p.strike(IpAddr::V4(i.into()), t0);
+        }
+        assert_eq!(p.sources.len(), MAX_SOURCES);
+        // Once the penalties are over and forgotten, new addresses find room.
+        let later = t0 + FORGET_AFTER + Duration::from_secs(60);
+        assert!(p.strike(ip("192.0.2.1"), later));
+        assert_eq!(p.sources.len(), 1);
+    }
+
+    #[test]
+    fn the_gate_refuses_a_penalized_source_before_its_handshake_and_no_other() {
+        let stats = Arc::new(AdapterStats::default());
+        let gate = Gate::new(
+            Limits {
+                source_penalty: Duration::from_secs(60),
+                ..Limits::default()
+            },
+            stats.clone(),
+        );
+        let (a, b) = (ip("127.0.0.2"), ip("127.0.0.1"));
+        assert!(gate.admit(a).is_ok());
+        gate.penalize(a);
+        assert_eq!(
+            gate.admit(a).map(drop),
+            Err(OverBudget {
+                budget: Budget::SourcePenalty
+            })
+        );
+        assert_eq!(stats.refusals(Budget::SourcePenalty), 1);
+        assert_eq!(gate.handshakes_in_progress(), 0, "no slot taken");
+        assert!(gate.admit(b).is_ok(), "another source is admitted");
+        assert_eq!(stats.source_strikes(), 1);
     }
 
     #[test]

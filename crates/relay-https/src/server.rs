@@ -139,6 +139,7 @@ pub(crate) async fn serve_conn<I: Inbound>(
     let _ = tcp.set_nodelay(true);
     let failed = |error: &dyn std::fmt::Display| {
         relay_adapter::failed_handshake(&ctx.stats, &ctx.handshake_log, "https", &remote, error);
+        ctx.gate.handshake_failed(remote.ip());
     };
     let tls = match tokio::time::timeout(ctx.request_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
@@ -157,6 +158,8 @@ pub(crate) async fn serve_conn<I: Inbound>(
     let _permit = match ctx.gate.peer(&peer) {
         Ok(permit) => permit,
         Err(error) => {
+            // Its retries are refused before TLS for a while (relay_adapter::Gate::admit).
+            ctx.gate.penalize(remote.ip());
             debug!(%remote, %peer, %error, "https connection refused");
             return;
         }

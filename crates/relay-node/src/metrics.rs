@@ -263,6 +263,18 @@ pub fn render_adapters(
     for (kind, st) in adapters {
         let _ = writeln!(out, "{name}{{transport=\"{kind}\"}} {}", st.retries_sent());
     }
+    let name = "mimi_relay_source_penalties_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Penalties given to a source address (refused at its peer's connection cap, or failing handshakes): its next connections are refused before TLS for a growing window.\n# TYPE {name} counter"
+    );
+    for (kind, st) in adapters {
+        let _ = writeln!(
+            out,
+            "{name}{{transport=\"{kind}\"}} {}",
+            st.source_strikes()
+        );
+    }
 }
 
 /// Requests refused before the core: a peer over its share, or the node over its total.

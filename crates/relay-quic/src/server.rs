@@ -77,6 +77,14 @@ impl<I> ServerCtx<I> {
 pub(crate) async fn accept_loop<I: Inbound>(endpoint: quinn::Endpoint, ctx: Arc<ServerCtx<I>>) {
     let retry_from = ctx.gate.limits().max_handshakes / 2;
     while let Some(mut incoming) = endpoint.accept().await {
+        // A source under penalty is refused before anything else: one small packet, no TLS.
+        // (Only proven addresses are struck, so a spoofer cannot get a real peer refused.)
+        let source = incoming.remote_address().ip();
+        if ctx.gate.under_penalty(source) {
+            tracing::debug!(remote = %incoming.remote_address(), "quic source under penalty, refusing");
+            incoming.refuse();
+            continue;
+        }
         // Under handshake load an address must first prove it receives what we send (RFC 9000
         // section 8.1.2): a spoofed flood then costs us one small packet each, no TLS work.
         if !incoming.remote_address_validated() && ctx.gate.handshakes_in_progress() >= retry_from {
@@ -119,13 +127,21 @@ async fn serve_connection<I: Inbound>(
     };
     let conn = match incoming.await {
         Ok(conn) => conn,
-        Err(error) => return failed(&error),
+        Err(error) => {
+            // A timeout may be a spoofed Initial; any other failure came from an address that
+            // received our first flight.
+            if !matches!(error, quinn::ConnectionError::TimedOut) {
+                ctx.gate.handshake_failed(remote.ip());
+            }
+            return failed(&error);
+        }
     };
     let from = match authenticate(&conn, &ctx.trust) {
         Ok(domain) => domain,
         Err(error) => {
             // The TLS verifier already refused unpinned certificates; this is the ambiguous
             // case (one certificate pinned for two providers).
+            ctx.gate.handshake_failed(remote.ip());
             failed(&error);
             conn.close(VarInt::from_u32(codes::UNTRUSTED_PEER), b"untrusted peer");
             return;
@@ -133,6 +149,8 @@ async fn serve_connection<I: Inbound>(
     };
     drop(handshake);
     let Ok(_permit) = ctx.gate.peer(&from) else {
+        // Its retries are refused before any TLS work for a while.
+        ctx.gate.penalize(remote.ip());
         tracing::debug!(peer = %from, %remote, "refusing a quic connection over the peer's cap");
         conn.close(
             VarInt::from_u32(codes::TOO_MANY_CONNECTIONS),

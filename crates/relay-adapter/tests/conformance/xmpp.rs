@@ -14,8 +14,8 @@ use tokio::time::timeout;
 
 use crate::driver::Driver;
 use crate::support::{
-    Answer, Backpressure, MAX_BODY, NODE_TIMEOUT, Node, Outcomes, Peer, ROOM, WAIT, Who, World,
-    trusting,
+    Answer, Backpressure, IMPOSTOR_SOURCE, MAX_BODY, NODE_TIMEOUT, Node, Outcomes, Peer, ROOM,
+    WAIT, Who, World, closed_before_tls, tcp_from, trusting,
 };
 
 pub struct Xmpp {
@@ -134,14 +134,18 @@ fn ended(condition: &str) -> Answer {
 }
 
 impl Xmpp {
-    async fn tls(&self, me: &Peer) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    async fn tls(
+        &self,
+        me: &Peer,
+        source: std::net::IpAddr,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
         let cfg = relay_tls::client_config(
             &me.identity,
             &trusting(&[&self.world.b]),
             vec![ALPN.to_vec()],
         )
         .expect("client tls");
-        let tcp = TcpStream::connect(self.addr).await?;
+        let tcp = tcp_from(source, self.addr).await?;
         let name = rustls::pki_types::ServerName::try_from("b.example").expect("name");
         tokio_rustls::TlsConnector::from(cfg)
             .connect(name, tcp)
@@ -209,10 +213,10 @@ impl Driver for Xmpp {
             Who::A => self.world.a.clone(),
             Who::C => self.world.c.clone(),
         };
-        let tls = self
-            .tls(&me)
-            .await
-            .map_err(|e| Answer::Other(format!("tls: {e}")))?;
+        let tls = self.tls(&me, who.source()).await.map_err(|e| match e {
+            e if closed_before_tls(&e) => Answer::RefusedBeforeTls,
+            e => Answer::Other(format!("tls: {e}")),
+        })?;
         let mut raw = Raw {
             tls,
             seen: String::new(),
@@ -278,7 +282,7 @@ impl Driver for Xmpp {
     }
 
     async fn garbage_before_auth(&mut self) {
-        let mut tcp = TcpStream::connect(self.addr).await.expect("connect");
+        let mut tcp = tcp_from(IMPOSTOR_SOURCE, self.addr).await.expect("connect");
         tcp.write_all(b"<stream:stream to='b.example'>")
             .await
             .expect("write");
@@ -297,7 +301,7 @@ impl Driver for Xmpp {
     async fn failed_handshake(&mut self) {
         let impostor = self.impostor.clone();
         // TLS 1.3: the client may finish before b refuses its certificate; then b closes.
-        if let Ok(mut tls) = self.tls(&impostor).await {
+        if let Ok(mut tls) = self.tls(&impostor, IMPOSTOR_SOURCE).await {
             let mut buf = [0u8; 256];
             let _ = timeout(WAIT, tls.read(&mut buf))
                 .await
