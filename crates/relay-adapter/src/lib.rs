@@ -15,6 +15,9 @@
 //! - [`ByteBudget`] bounds the bytes one peer holds in an adapter (partial frames, bodies in
 //!   assembly, requests queued for the core). One peer over budget is refused; no peer can take
 //!   another's share.
+//! - [`Pacer`] slows a peer whose requests keep being refused: past a budget of refusals per
+//!   second its next requests wait, so a flood of requests the node only turns away costs the
+//!   node what that budget allows, not what the peer can send.
 //! - [`LogLimiter`] keeps failed-handshake warnings from becoming a log flood: it counts every
 //!   event and lets a line through at most once per interval, with the number suppressed.
 //! - [`AdapterStats`] counts refusals by cause, failed handshakes and QUIC Retries; the node
@@ -67,6 +70,10 @@ pub struct Limits {
     /// The first penalty window of a source address (see [`Gate::admit`]); it doubles with
     /// each further strike, up to 32 times this. Zero turns penalties off.
     pub source_penalty: Duration,
+    /// Refused requests per second a peer may cause before its next requests wait (see
+    /// [`Pacer`]); it may cause [`REFUSAL_BURST_SECS`] times as many at once. Zero turns
+    /// pacing off.
+    pub max_refusals_per_s: u32,
 }
 
 impl Default for Limits {
@@ -81,6 +88,7 @@ impl Default for Limits {
             max_unacked: 4096,
             max_xml_depth: 32,
             source_penalty: Duration::from_millis(250),
+            max_refusals_per_s: 50,
         }
     }
 }
@@ -590,6 +598,118 @@ impl Drop for Held {
     }
 }
 
+/// How many seconds' worth of refusals a peer may cause at once, and the longest its debt (so
+/// its wait) may grow.
+pub const REFUSAL_BURST_SECS: u32 = 4;
+
+/// Slows a peer whose requests keep being refused (malformed, forbidden, not a member, an
+/// unknown room, over a size limit): each refusal takes a token from the peer's bucket, which
+/// refills at `rate` per second up to [`REFUSAL_BURST_SECS`] seconds' worth. A peer in debt
+/// waits, before its next request is handled, until the debt is paid. An honest peer is
+/// rarely refused and never waits; a peer that floods with refused requests gets at most
+/// `rate` of them handled per second, and, being made to wait for its answers, sends fewer.
+#[derive(Debug)]
+pub struct Pacer {
+    rate: f64,
+    buckets: Mutex<HashMap<ProviderDomain, Bucket>>,
+    paced: AtomicU64,
+    refused: AtomicU64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Pacer {
+    /// `rate` refusals per second per peer; 0 turns pacing off.
+    pub fn new(rate: u32) -> Arc<Self> {
+        Arc::new(Self {
+            rate: f64::from(rate),
+            buckets: Mutex::new(HashMap::new()),
+            paced: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        })
+    }
+
+    fn burst(&self) -> f64 {
+        self.rate * f64::from(REFUSAL_BURST_SECS)
+    }
+
+    /// `peer`'s bucket refilled up to `now`.
+    fn refill<'a>(
+        &self,
+        map: &'a mut HashMap<ProviderDomain, Bucket>,
+        peer: &ProviderDomain,
+        now: Instant,
+    ) -> &'a mut Bucket {
+        let burst = self.burst();
+        let b = map.entry(peer.clone()).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
+        let dt = now.saturating_duration_since(b.at).as_secs_f64();
+        b.tokens = (b.tokens + dt * self.rate).min(burst);
+        b.at = now;
+        b
+    }
+
+    /// One of `peer`'s requests was refused at `now`.
+    fn refused_at(&self, peer: &ProviderDomain, now: Instant) {
+        if self.rate <= 0.0 {
+            return;
+        }
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        let burst = self.burst();
+        let mut map = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
+        let b = self.refill(&mut map, peer, now);
+        // The debt is bounded, and so is any wait.
+        b.tokens = (b.tokens - 1.0).max(-burst);
+    }
+
+    /// How long `peer`'s next request must wait at `now`.
+    fn wait_at(&self, peer: &ProviderDomain, now: Instant) -> Duration {
+        if self.rate <= 0.0 {
+            return Duration::ZERO;
+        }
+        let mut map = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
+        let b = self.refill(&mut map, peer, now);
+        if b.tokens >= 0.0 {
+            if b.tokens >= self.burst() {
+                // Nothing owed: forget the peer.
+                map.remove(peer);
+            }
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64(-b.tokens / self.rate)
+    }
+
+    /// One of `peer`'s requests was refused.
+    pub fn refused(&self, peer: &ProviderDomain) {
+        self.refused_at(peer, Instant::now());
+    }
+
+    /// Waits until `peer` owes nothing; at once for a peer that is not in debt.
+    pub async fn pace(&self, peer: &ProviderDomain) {
+        let wait = self.wait_at(peer, Instant::now());
+        if !wait.is_zero() {
+            self.paced.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Requests that had to wait.
+    pub fn paced(&self) -> u64 {
+        self.paced.load(Ordering::Relaxed)
+    }
+
+    /// Refusals counted against peers.
+    pub fn refusals(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+}
+
 /// Lets a repeated warning through at most once per interval; counts every occurrence.
 #[derive(Debug)]
 pub struct LogLimiter {
@@ -810,6 +930,52 @@ mod tests {
         assert_eq!(gate.handshakes_in_progress(), 0, "no slot taken");
         assert!(gate.admit(b).is_ok(), "another source is admitted");
         assert_eq!(stats.source_strikes(), 1);
+    }
+
+    #[test]
+    fn a_peer_that_keeps_being_refused_waits_and_no_other_does() {
+        let p = Pacer::new(10);
+        let (b, c) = (dom("b.example"), dom("c.example"));
+        let t0 = Instant::now();
+        // The burst is free.
+        for _ in 0..10 * REFUSAL_BURST_SECS {
+            p.refused_at(&c, t0);
+        }
+        assert_eq!(p.wait_at(&c, t0), Duration::ZERO);
+        // Five more: half a second of debt at 10 per second.
+        for _ in 0..5 {
+            p.refused_at(&c, t0);
+        }
+        assert_eq!(p.wait_at(&c, t0), Duration::from_millis(500));
+        assert_eq!(p.wait_at(&b, t0), Duration::ZERO, "b owes nothing");
+        assert_eq!(
+            p.wait_at(&c, t0 + Duration::from_millis(500)),
+            Duration::ZERO,
+            "paid off by time"
+        );
+        // The debt, and so the wait, is bounded.
+        for _ in 0..10_000 {
+            p.refused_at(&c, t0);
+        }
+        assert_eq!(
+            p.wait_at(&c, t0),
+            Duration::from_secs(u64::from(REFUSAL_BURST_SECS))
+        );
+        assert_eq!(
+            p.refusals(),
+            10 * u64::from(REFUSAL_BURST_SECS) + 5 + 10_000
+        );
+    }
+
+    #[test]
+    fn pacing_off_never_waits() {
+        let p = Pacer::new(0);
+        let c = dom("c.example");
+        let t0 = Instant::now();
+        for _ in 0..1000 {
+            p.refused_at(&c, t0);
+        }
+        assert_eq!(p.wait_at(&c, t0), Duration::ZERO);
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub(crate) struct ApiState {
     pub adapter_stats: Arc<BTreeMap<TransportKind, Arc<relay_adapter::AdapterStats>>>,
     /// The per-peer fair queue in front of the core, for its refusal counts.
     pub ingress: Arc<crate::ingress::Ingress>,
+    /// Refusals counted against peers, and requests that waited for them.
+    pub pacer: Arc<relay_adapter::Pacer>,
 }
 
 pub(crate) fn router(state: ApiState) -> Router {
@@ -461,6 +463,7 @@ async fn metrics_page(State(s): State<ApiState>) -> HttpResponse {
                 let mut text = metrics::render(&stats, &store);
                 metrics::render_adapters(&mut text, &s.adapter_stats);
                 metrics::render_ingress(&mut text, s.ingress.refusals());
+                metrics::render_pacer(&mut text, &s.pacer);
                 text
             },
         )

@@ -136,6 +136,7 @@ struct RawLimits {
     max_unacked: Option<usize>,
     max_xml_depth: Option<usize>,
     source_penalty_ms: Option<u64>,
+    max_refusals_per_s: Option<u32>,
     max_abuse_reports_per_peer: Option<usize>,
     max_abuse_bytes_per_peer: Option<usize>,
     max_consent_per_peer: Option<usize>,
@@ -602,6 +603,13 @@ fn adapter_limits(
             10,
             60_000,
         )? as u64),
+        max_refusals_per_s: range(
+            "limits.max_refusals_per_s",
+            raw.max_refusals_per_s.map(|v| v as usize),
+            d.max_refusals_per_s as usize,
+            1,
+            1_000_000,
+        )? as u32,
     };
     Ok(l)
 }
@@ -754,6 +762,7 @@ followers = ["b.example"]
             ("max_unacked = 1", "limits.max_unacked"),
             ("max_xml_depth = 100000", "limits.max_xml_depth"),
             ("source_penalty_ms = 0", "limits.source_penalty_ms"),
+            ("max_refusals_per_s = 0", "limits.max_refusals_per_s"),
             (
                 "max_abuse_reports_per_peer = 0",
                 "limits.max_abuse_reports_per_peer",

@@ -277,6 +277,22 @@ pub fn render_adapters(
     }
 }
 
+/// Peers' refused requests, and the requests that waited because their peer was in debt.
+pub fn render_pacer(out: &mut String, pacer: &relay_adapter::Pacer) {
+    let name = "mimi_relay_peer_refusals_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Peer requests the node turned away (counted against the peer's refusal budget).\n# TYPE {name} counter\n{name} {}",
+        pacer.refusals()
+    );
+    let name = "mimi_relay_paced_requests_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Peer requests that waited because their peer was over its refusal budget (limits.max_refusals_per_s).\n# TYPE {name} counter\n{name} {}",
+        pacer.paced()
+    );
+}
+
 /// Requests refused before the core: a peer over its share, or the node over its total.
 pub fn render_ingress(out: &mut String, (share, total): (u64, u64)) {
     let name = "mimi_relay_ingress_refusals_total";
