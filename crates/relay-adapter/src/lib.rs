@@ -98,6 +98,10 @@ impl Default for Limits {
 pub struct AdapterContext {
     pub limits: Limits,
     pub stats: Arc<AdapterStats>,
+    /// Peers' refusals, shared by every transport of a node (and by the node, which counts
+    /// the core's refusals): an adapter paces a peer in debt before reading its next request
+    /// and counts the refusals it answers itself.
+    pub pacer: Arc<Pacer>,
 }
 
 /// Which budget refused a peer (the label of the `mimi_relay_budget_refusals_total` metric).
@@ -622,15 +626,26 @@ struct Bucket {
     at: Instant,
 }
 
+impl Default for Pacer {
+    /// At the default `max_refusals_per_s`.
+    fn default() -> Self {
+        Self::with_rate(Limits::default().max_refusals_per_s)
+    }
+}
+
 impl Pacer {
-    /// `rate` refusals per second per peer; 0 turns pacing off.
-    pub fn new(rate: u32) -> Arc<Self> {
-        Arc::new(Self {
+    fn with_rate(rate: u32) -> Self {
+        Self {
             rate: f64::from(rate),
             buckets: Mutex::new(HashMap::new()),
             paced: AtomicU64::new(0),
             refused: AtomicU64::new(0),
-        })
+        }
+    }
+
+    /// `rate` refusals per second per peer; 0 turns pacing off.
+    pub fn new(rate: u32) -> Arc<Self> {
+        Arc::new(Self::with_rate(rate))
     }
 
     fn burst(&self) -> f64 {
@@ -688,6 +703,13 @@ impl Pacer {
     /// One of `peer`'s requests was refused.
     pub fn refused(&self, peer: &ProviderDomain) {
         self.refused_at(peer, Instant::now());
+    }
+
+    /// How long `peer` must wait now before its next request is read (zero when it owes
+    /// nothing): for an adapter that stops reading a connection rather than awaiting
+    /// [`Pacer::pace`].
+    pub fn debt(&self, peer: &ProviderDomain) -> Duration {
+        self.wait_at(peer, Instant::now())
     }
 
     /// Waits until `peer` owes nothing; at once for a peer that is not in debt.

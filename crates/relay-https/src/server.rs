@@ -16,7 +16,7 @@ use hyper_util::server::conn::auto;
 use mimi_wire::endpoint::{DIRECTORY_PATH, Endpoint};
 use mimi_wire::uri::ProviderDomain;
 use relay_adapter::http::{BodyLimits, BodyRefusal, read_body};
-use relay_adapter::{AdapterStats, ByteBudget, Gate, HandshakePermit, Inbound, LogLimiter};
+use relay_adapter::{AdapterStats, ByteBudget, Gate, HandshakePermit, Inbound, LogLimiter, Pacer};
 use relay_core::transport::{Request, Response, TransportKind};
 use relay_tls::PeerTrust;
 use tokio::net::TcpStream;
@@ -118,6 +118,8 @@ pub(crate) struct ServerCtx<I> {
     /// Body bytes each peer holds, from the first byte until the node answered.
     pub(crate) budget: Arc<ByteBudget>,
     pub(crate) stats: Arc<AdapterStats>,
+    /// Peers' refusal budgets (shared with the node and the other transports).
+    pub(crate) pacer: Arc<Pacer>,
     pub(crate) handshake_log: LogLimiter,
     /// HTTP/2 streams one connection may have open.
     pub(crate) h2_streams: u32,
@@ -212,10 +214,16 @@ async fn handle<I: Inbound>(
     peer: &ProviderDomain,
     req: http::Request<Incoming>,
 ) -> HttpResponse {
+    // A peer over its refusal budget waits before its request (and its body) is read.
+    ctx.pacer.pace(peer).await;
     match route(ctx, peer, req).await {
         Ok(resp) => resp,
         Err(rejection) => {
             debug!(%peer, reason = rejection.as_str(), "https request rejected");
+            // Our own refusals; the node counts the core's. Backpressure is no fault.
+            if !matches!(rejection, Rejection::OverBudget) {
+                ctx.pacer.refused(peer);
+            }
             reject(rejection)
         }
     }

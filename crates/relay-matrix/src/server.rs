@@ -23,7 +23,8 @@ use mimi_wire::uri::ProviderDomain;
 use relay_adapter::Inbound;
 use relay_adapter::http::{BodyLimits, BodyRefusal, read_body};
 use relay_adapter::{
-    AdapterStats, Budget, ByteBudget, Gate, HandshakePermit, LogLimiter, OverBudget, PeerPermit,
+    AdapterStats, Budget, ByteBudget, Gate, HandshakePermit, LogLimiter, OverBudget, Pacer,
+    PeerPermit,
 };
 use relay_core::transport::{Request, Response, Status, TransportKind};
 use ruma::api::federation::authentication::XMatrix;
@@ -85,6 +86,9 @@ pub(crate) struct ServerCtx<I> {
     /// who claims to be a peer can exhaust only this, never the peer's own share.
     pub(crate) preauth: Arc<ByteBudget>,
     pub(crate) adapter_stats: Arc<AdapterStats>,
+    /// Peers' refusal budgets (shared with the node and the other transports): a connection
+    /// bound to a peer counts its refusals against that peer and waits while it is in debt.
+    pub(crate) pacer: Arc<Pacer>,
     pub(crate) handshake_log: LogLimiter,
     /// HTTP/2 streams one connection may have open.
     pub(crate) h2_streams: u32,
@@ -286,6 +290,28 @@ async fn handle<I: Inbound>(
     auth: &ConnAuth,
     req: http::Request<Incoming>,
 ) -> HttpResponse {
+    // A connection some request authenticated is its peer's: the peer's refusal budget
+    // applies to everything on it. (A claimed origin alone is never charged.)
+    if let Some(peer) = auth.bound_to() {
+        ctx.pacer.pace(&peer).await;
+    }
+    let r = route(&ctx, auth, req).await;
+    let status = r.status();
+    if (status.is_client_error() && status != StatusCode::TOO_MANY_REQUESTS)
+        && let Some(peer) = auth.bound_to()
+    {
+        ctx.pacer.refused(&peer);
+    }
+    r
+}
+
+/// The answer to one request; the core's refusals come inside a 200 (and the node counts
+/// them), so a 4xx here is this adapter's own.
+async fn route<I: Inbound>(
+    ctx: &Arc<ServerCtx<I>>,
+    auth: &ConnAuth,
+    req: http::Request<Incoming>,
+) -> HttpResponse {
     let path = req.uri().path().to_owned();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/_matrix/key/v2/server") => json(
@@ -298,7 +324,7 @@ async fn handle<I: Inbound>(
         ),
         (&Method::PUT, p) if p.starts_with(SEND_PREFIX) => {
             let txn_id = p[SEND_PREFIX.len()..].to_owned();
-            match send(&ctx, auth, req, txn_id).await {
+            match send(ctx, auth, req, txn_id).await {
                 Ok(r) | Err(r) => r,
             }
         }

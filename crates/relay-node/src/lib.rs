@@ -263,6 +263,7 @@ impl Node {
             let adapter = relay_adapter::AdapterContext {
                 limits: cfg.adapter_limits.clone(),
                 stats: Arc::new(relay_adapter::AdapterStats::default()),
+                pacer: pacer.clone(),
             };
             adapter_stats.insert(kind, adapter.stats.clone());
             let (t, addr): (Arc<dyn Transport>, SocketAddr) = match kind {

@@ -205,8 +205,14 @@ fn handle<'a, I: Inbound>(
         Frame::Response { .. } => return Err(FrameError::Unexpected(KIND_RESPONSE)),
         Frame::Pong(_) => return Err(FrameError::Unexpected(KIND_PONG)),
     };
+    // Our own refusals count against the peer's refusal budget; the node counts the core's.
+    let refuse = |status, why| {
+        ctx.adapter.pacer.refused(from);
+        Ok(Either::Right(immediate(id, status, why)))
+    };
     let Body::Bytes(body) = body else {
         ctx.adapter.stats.refused(Budget::BodySize);
+        ctx.adapter.pacer.refused(from);
         return Ok(Either::Right(immediate(
             id,
             Status::TooLarge,
@@ -214,18 +220,10 @@ fn handle<'a, I: Inbound>(
         )));
     };
     let Ok(endpoint) = Endpoint::from_code(endpoint) else {
-        return Ok(Either::Right(immediate(
-            id,
-            Status::NotFound,
-            "unknown endpoint",
-        )));
+        return refuse(Status::NotFound, "unknown endpoint");
     };
     let Ok(target) = std::str::from_utf8(&target) else {
-        return Ok(Either::Right(immediate(
-            id,
-            Status::BadRequest,
-            "target is not utf-8",
-        )));
+        return refuse(Status::BadRequest, "target is not utf-8");
     };
     let request = Request {
         from: from.clone(),
@@ -295,10 +293,14 @@ async fn serve_stream<I: Inbound>(
     let mut heads = BytesMut::new();
     let mut out: Vec<Bytes> = Vec::new();
     let mut eof = false;
+    let pacer = &ctx.adapter.pacer;
     let fail = 'serve: loop {
         if eof && pending.is_empty() {
             break None;
         }
+        // A peer over its refusal budget is not read until it has paid: flow control holds
+        // its bytes at its end.
+        let pause = pacer.debt(&from);
         tokio::select! {
             biased;
             Some((reply, held)) = pending.next(), if !pending.is_empty() => {
@@ -320,7 +322,8 @@ async fn serve_stream<I: Inbound>(
                 }
                 out.clear();
             }
-            frame = reader.next_frame(), if !eof && pending.len() < MAX_OUTSTANDING_PER_STREAM => {
+            () = tokio::time::sleep(pause), if !pause.is_zero() => {}
+            frame = reader.next_frame(), if !eof && pause.is_zero() && pending.len() < MAX_OUTSTANDING_PER_STREAM => {
                 match frame {
                     Ok(Some((frame, held))) => match handle(&ctx, &from, frame) {
                         Ok(answer) => pending.push_back(holding(answer, held)),
@@ -335,7 +338,10 @@ async fn serve_stream<I: Inbound>(
                 }
                 // Take every request that is already buffered before answering, so that
                 // answers are written in batches.
-                while !eof && pending.len() < MAX_OUTSTANDING_PER_STREAM {
+                while !eof
+                    && pending.len() < MAX_OUTSTANDING_PER_STREAM
+                    && pacer.debt(&from).is_zero()
+                {
                     match reader.try_next_frame() {
                         Ok(Some((frame, held))) => match handle(&ctx, &from, frame) {
                             Ok(answer) => pending.push_back(holding(answer, held)),
@@ -348,6 +354,9 @@ async fn serve_stream<I: Inbound>(
             }
         }
     };
+    if fail.is_some() {
+        ctx.adapter.pacer.refused(&from);
+    }
     let code = match fail {
         None => {
             let _ = send.finish();

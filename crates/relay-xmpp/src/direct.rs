@@ -471,7 +471,8 @@ async fn respond<I: Inbound>(
         ctx.sink.clone(),
         &ctx.adapter,
         Some(ctx.budget.clone()),
-    );
+    )
+    .paced(ctx.adapter.pacer.clone(), peer.clone());
     let session = match tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         open(&mut link, &mut reader, &writer, &ctx, &peer),

@@ -118,6 +118,7 @@ async fn node(limits: Limits) -> Node {
         adapter: AdapterContext {
             limits,
             stats: stats.clone(),
+            pacer: Default::default(),
         },
     };
     let (f, requests, _) = fake();
@@ -527,6 +528,7 @@ async fn an_honest_sender_stays_inside_a_small_unacked_window() {
         adapter: AdapterContext {
             limits,
             stats: Default::default(),
+            pacer: Default::default(),
         },
     };
     let (c, _) = XmppTransport::start(cfg, f).await.unwrap();

@@ -153,6 +153,45 @@ pub async fn a_source_refused_at_its_cap_is_refused_before_tls_and_no_other<D: D
     d.shutdown().await;
 }
 
+/// A peer whose requests the adapter keeps refusing (bodies over the limit) runs into debt on
+/// its refusal budget: its next request is not read until the debt is paid, then served; the
+/// other peer owes nothing and is served at once.
+pub async fn a_peer_that_keeps_being_refused_is_slowed_and_no_other<D: Driver>() {
+    // One refusal a second, four at once: the sixth and seventh are two seconds of debt.
+    let limits = Limits {
+        max_refusals_per_s: 1,
+        ..Limits::default()
+    };
+    let mut d = D::start(limits).await;
+    let mut a = d.connect(Who::A).await.expect("a connects");
+    let big = vec![0x42; d.max_body() + 1];
+    for seq in 1..=6 {
+        assert_eq!(d.request(&mut a, seq, big.clone()).await, Answer::TooLarge);
+    }
+    let pacer = d.world().pacer.clone();
+    let (a_dom, c_dom) = (d.world().a.domain.clone(), d.world().c.domain.clone());
+    assert!(pacer.refusals() >= 6);
+    let debt = pacer.debt(&a_dom);
+    assert!(debt > Duration::ZERO, "a is in debt");
+    assert_eq!(pacer.debt(&c_dom), Duration::ZERO, "c owes nothing");
+
+    let t0 = tokio::time::Instant::now();
+    let mut c = d.connect(Who::C).await.expect("c connects");
+    assert_eq!(
+        d.request(&mut c, 1, b"x".to_vec()).await,
+        Answer::Node(Status::Created, Some(2))
+    );
+    d.world().honest_is_served().await;
+    assert_eq!(
+        d.request(&mut a, 7, b"x".to_vec()).await,
+        Answer::Node(Status::Created, Some(8)),
+        "a is served once it has paid"
+    );
+    // Not read before its debt was paid (half of it, for the time the checks above took).
+    assert!(t0.elapsed() >= debt / 2, "{:?} of {debt:?}", t0.elapsed());
+    d.shutdown().await;
+}
+
 /// A peer whose requests hold its whole byte budget is held back (refused with the protocol's
 /// backpressure, or not read) while another peer's request reaches the node; once the node
 /// answers, the peer has room again and nothing was lost.

@@ -151,6 +151,7 @@ impl Driver for Https {
         let peers = World::peers();
         let (a, b, c) = &peers;
         let stats = Arc::new(AdapterStats::default());
+        let pacer = relay_adapter::Pacer::new(limits.max_refusals_per_s);
         let node = Node::default();
         let cfg = HttpsConfig {
             identity: b.identity.clone(),
@@ -162,6 +163,7 @@ impl Driver for Https {
             adapter: AdapterContext {
                 limits: limits.clone(),
                 stats: stats.clone(),
+                pacer: pacer.clone(),
             },
         };
         let (tb, addr) = HttpsTransport::start(cfg, node.clone()).await.expect("b");
@@ -176,7 +178,14 @@ impl Driver for Https {
             adapter: AdapterContext::default(),
         };
         let (tc, _) = HttpsTransport::start(cfg, inbound).await.expect("c");
-        let world = World::new(Self::KIND, peers, stats, node, Box::new(tc), outcomes);
+        let world = World::new(
+            Self::KIND,
+            peers,
+            (stats, pacer),
+            node,
+            Box::new(tc),
+            outcomes,
+        );
         Https {
             world,
             b: tb,

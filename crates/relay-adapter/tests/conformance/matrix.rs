@@ -233,16 +233,25 @@ impl Driver for Matrix {
         c_cfg.request_timeout = WAIT;
         let (tc, _) = MatrixTransport::start(c_cfg, inbound).await.expect("c");
         let stats = Arc::new(AdapterStats::default());
+        let pacer = relay_adapter::Pacer::new(limits.max_refusals_per_s);
         let node = Node::default();
         let adapter = AdapterContext {
             limits: limits.clone(),
             stats: stats.clone(),
+            pacer: pacer.clone(),
         };
         let b_cfg = config(b, SEED_B, lb, &[(a, la), (c, lc)], adapter);
         let (tb, addr) = MatrixTransport::start(b_cfg, node.clone())
             .await
             .expect("b");
-        let world = World::new(Self::KIND, peers, stats, node, Box::new(tc), outcomes);
+        let world = World::new(
+            Self::KIND,
+            peers,
+            (stats, pacer),
+            node,
+            Box::new(tc),
+            outcomes,
+        );
         Matrix {
             world,
             b: tb,

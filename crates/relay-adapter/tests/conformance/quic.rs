@@ -47,6 +47,7 @@ fn config(me: &Peer, trust: relay_tls::PeerTrust, limits: Limits) -> QuicConfig 
         request_timeout: NODE_TIMEOUT,
         congestion: Congestion::default(),
         adapter: AdapterContext {
+            pacer: relay_adapter::Pacer::new(limits.max_refusals_per_s),
             limits,
             stats: Arc::new(AdapterStats::default()),
         },
@@ -144,6 +145,7 @@ impl Driver for Quic {
         let (a, b, c) = &peers;
         let cfg = config(b, trusting(&[a, c]), limits.clone());
         let stats = cfg.adapter.stats.clone();
+        let pacer = cfg.adapter.pacer.clone();
         let node = Node::default();
         let (tb, addr) = QuicTransport::start(cfg, node.clone()).await.expect("b");
         let (inbound, outcomes) = Outcomes::new();
@@ -151,7 +153,14 @@ impl Driver for Quic {
         cfg.peers.insert(b.domain.clone(), addr);
         cfg.request_timeout = WAIT;
         let (tc, _) = QuicTransport::start(cfg, inbound).await.expect("c");
-        let world = World::new(Self::KIND, peers, stats, node, Box::new(tc), outcomes);
+        let world = World::new(
+            Self::KIND,
+            peers,
+            (stats, pacer),
+            node,
+            Box::new(tc),
+            outcomes,
+        );
         Quic {
             world,
             b: tb,

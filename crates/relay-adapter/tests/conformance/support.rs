@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use mimi_wire::endpoint::Endpoint;
 use mimi_wire::uri::ProviderDomain;
-use relay_adapter::{AdapterStats, Inbound, Transport};
+use relay_adapter::{AdapterStats, Inbound, Pacer, Transport};
 use relay_core::transport::{
     Request, Response, Status, Transmit, TransmitId, TransportError, TransportKind,
 };
@@ -239,6 +239,8 @@ pub struct World {
     pub b: Peer,
     pub c: Peer,
     pub stats: Arc<AdapterStats>,
+    /// b's refusal budgets per peer.
+    pub pacer: Arc<Pacer>,
     pub node: Node,
     pub honest: Box<dyn Transport>,
     pub outcomes: mpsc::UnboundedReceiver<Outcome>,
@@ -257,7 +259,7 @@ impl World {
     pub fn new(
         kind: TransportKind,
         (a, b, c): (Peer, Peer, Peer),
-        stats: Arc<AdapterStats>,
+        (stats, pacer): (Arc<AdapterStats>, Arc<Pacer>),
         node: Node,
         honest: Box<dyn Transport>,
         outcomes: mpsc::UnboundedReceiver<Outcome>,
@@ -268,6 +270,7 @@ impl World {
             b,
             c,
             stats,
+            pacer,
             node,
             honest,
             outcomes,

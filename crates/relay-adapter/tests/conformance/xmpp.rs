@@ -164,6 +164,7 @@ impl Driver for Xmpp {
         let peers = World::peers();
         let (a, b, c) = &peers;
         let stats = Arc::new(AdapterStats::default());
+        let pacer = relay_adapter::Pacer::new(limits.max_refusals_per_s);
         let node = Node::default();
         let cfg = XmppConfig {
             identity: b.identity.clone(),
@@ -176,6 +177,7 @@ impl Driver for Xmpp {
             adapter: AdapterContext {
                 limits: limits.clone(),
                 stats: stats.clone(),
+                pacer: pacer.clone(),
             },
         };
         let (tb, addr) = XmppTransport::start(cfg, node.clone()).await.expect("b");
@@ -191,7 +193,14 @@ impl Driver for Xmpp {
             adapter: AdapterContext::default(),
         };
         let (tc, _) = XmppTransport::start(cfg, inbound).await.expect("c");
-        let world = World::new(Self::KIND, peers, stats, node, Box::new(tc), outcomes);
+        let world = World::new(
+            Self::KIND,
+            peers,
+            (stats, pacer),
+            node,
+            Box::new(tc),
+            outcomes,
+        );
         Xmpp {
             world,
             b: tb,
