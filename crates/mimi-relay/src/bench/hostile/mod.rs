@@ -2,7 +2,8 @@
 //! follower's traffic is measured, and the same row runs without the flood.
 //!
 //! The flooder runs in the lab's process on a thread of its own (one core at most, its own
-//! runtime, so it never delays the driver's tasks), speaks the hub's transport directly with
+//! runtime, so it never delays the driver's tasks), on CPUs apart from the hub's (`cpus.rs`
+//! says why), speaks the hub's transport directly with
 //! the flooding provider's own certificate and key (`c.example`, from the row's config
 //! directory), and keeps several connections busy at once ("lanes"), each with one kind of
 //! abuse:
