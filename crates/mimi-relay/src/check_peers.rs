@@ -188,18 +188,15 @@ impl Report {
                 p.address,
                 if p.is_ok() { "OK" } else { "FAULT" }
             );
-            let trust = match &p.trust_file {
-                Some(f) => format!("{} ({f})", p.trust),
-                None => p.trust.clone(),
+            let how = match (p.trust.as_str(), &p.trust_file) {
+                ("pinned", Some(f)) => format!("its certificate pinned in {f}"),
+                ("ca", Some(f)) => format!("the CA in {f}"),
+                _ => "the system roots".to_owned(),
             };
             match &p.identity {
                 Some(id) => {
-                    let mut line = format!(
-                        "verified as {} by {}, at {}",
-                        id.verified_as,
-                        mode_words(&id.mode, &trust),
-                        id.addr
-                    );
+                    let mut line =
+                        format!("verified as {} by {how}, at {}", id.verified_as, id.addr);
                     if let Some(a) = &id.alpn {
                         let _ = write!(line, ", ALPN {a}");
                     }
@@ -211,7 +208,7 @@ impl Report {
                 None => row(
                     &mut s,
                     "identity",
-                    &format!("not verified (trust: {trust})"),
+                    &format!("not verified (trusted by {how})"),
                 ),
             }
             if let Some(h) = &p.http {
@@ -236,8 +233,11 @@ impl Report {
                     )
                 };
                 row(&mut s, "directory", &line);
-                for (name, url) in &d.endpoints {
-                    row(&mut s, "", &format!("{name:<16} {url}"));
+                // The fallback's paths are the same for every peer: in --json only.
+                if d.served {
+                    for (name, url) in &d.endpoints {
+                        row(&mut s, "", &format!("{name:<16} {url}"));
+                    }
                 }
             }
             row(
@@ -275,15 +275,6 @@ impl Report {
 
 fn row(s: &mut String, label: &str, text: &str) {
     let _ = writeln!(s, "  {label:<10} {text}");
-}
-
-fn mode_words(mode: &str, trust: &str) -> String {
-    match mode {
-        "pinned" => format!("its pinned certificate ({trust})"),
-        "ca" => format!("the configured CA ({trust})"),
-        "system-roots" => "the system roots".to_owned(),
-        other => other.to_owned(),
-    }
 }
 
 /// Checks every peer of the node configured in `cfg`, concurrently.
@@ -348,7 +339,7 @@ fn blank(p: &PeerConfig) -> PeerReport {
         identity: None,
         http: None,
         directory: None,
-        sequence: Sequence::unknown("not checked"),
+        sequence: Sequence::unknown("not probed (no connection)"),
         rtt_ms: None,
         rtt_of: None,
         faults: Vec::new(),
@@ -469,9 +460,9 @@ fn trust_fault(cx: &Cx, p: &PeerConfig, f: TrustFailure) -> Fault {
             FaultKind::WrongCa,
             match (&p.cert, &p.ca) {
                 (None, Some(ca)) => format!(
-                    "it is not issued under {ca}: ask {d} for the CA bundle that issued it \
-                     (and that their server sends its intermediates), or pin their \
-                     certificate with cert = \"...\"",
+                    "ca = \"{ca}\" did not issue it: ask {d} for the CA bundle that did (and \
+                     that their server sends its intermediates), or pin their certificate \
+                     with cert = \"...\"",
                     ca = ca.display()
                 ),
                 _ => format!(
@@ -724,10 +715,10 @@ async fn check_https(cx: &Cx, p: &PeerConfig, r: &mut PeerReport) {
         (Some(SeqSupport::Unknown { status, reason }), Some(room)) => Sequence::unknown(format!(
             "the probe for {room} was answered {status} {reason}; it shows at the first /notify"
         )),
-        (_, None) => Sequence::unknown(
-            "no room hosted here lists it as a follower, so nothing was probed; it shows at the \
-             first /notify",
-        ),
+        (_, None) => Sequence::unknown(format!(
+            "not probed: no room hosted here lists {d} as a follower; it shows at the first \
+             /notify"
+        )),
         (other, _) => Sequence::unknown(format!("{other:?}")),
     };
 }

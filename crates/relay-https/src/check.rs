@@ -200,7 +200,7 @@ pub async fn check(
         404 | 410 => (
             DirectoryFound::Fallback {
                 status,
-                why: format!("the peer has none (answered {status})"),
+                why: format!("answered {status}"),
             },
             Some(Route::fallback(peer, Endpoint::Notify)),
         ),
