@@ -355,11 +355,13 @@ async fn check_one(cx: &Cx, p: &PeerConfig) -> PeerReport {
     let mut r = blank(p);
     match p.transport {
         TransportKind::Quic => {
-            r.sequence = Sequence {
-                speaks: "yes",
-                detail: "part of mimi-relay's QUIC framing".to_owned(),
-            };
             check_quic(cx, p, &mut r).await;
+            if r.identity.is_some() {
+                r.sequence = Sequence {
+                    speaks: "yes",
+                    detail: "part of mimi-relay's QUIC framing".to_owned(),
+                };
+            }
         }
         TransportKind::Xmpp
             if cx

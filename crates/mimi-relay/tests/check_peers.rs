@@ -221,12 +221,32 @@ async fn setup() -> Setup {
     )
     .await;
     let down = closed_port().await;
+    // Trusts someone else as a.example: refuses our client certificate.
+    let stranger = relay_tls::generate(&domain("a.example")).expect("stranger");
+    let refuses = serve(
+        "refuses.example",
+        &ca.leaf("refuses.example", 2020, 2090),
+        &stranger.cert_pem,
+        not_found,
+    )
+    .await;
+    let qdown = std::net::UdpSocket::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
 
     let b = node(p, "b.example", "https", &ca.leaf("b.example", 2020, 2090)).await;
     let b_port = b.listening[&TransportKind::Https].port();
     let q = relay_tls::generate(&domain("q.example")).expect("q");
     let q_node = node(p, "q.example", "quic", &(q.cert_pem, q.key_pem)).await;
     let q_port = q_node.listening[&TransportKind::Quic].port();
+    // A QUIC node whose certificate is not the one pinned for it.
+    let qpin = relay_tls::generate(&domain("qpin.example")).expect("qpin");
+    let qpin_node = node(p, "qpin.example", "quic", &(qpin.cert_pem, qpin.key_pem)).await;
+    let qpin_port = qpin_node.listening[&TransportKind::Quic].port();
+    let old = relay_tls::generate(&domain("qpin.example")).expect("old pin");
+    write(p, "qpin-old.crt", &old.cert_pem);
 
     let head = r#"
 [node]
@@ -260,15 +280,17 @@ quic = "127.0.0.1:0"
         ("nodir.example", nodir, "ca = \"ca.crt\""),
         ("partial.example", part, "ca = \"ca.crt\""),
         ("down.example", down, "ca = \"ca.crt\""),
+        ("refuses.example", refuses, "ca = \"ca.crt\""),
     ] {
         all.push_str(&peer(d, "https", port, trust));
     }
-    all.push_str(&peer(
-        "q.example",
-        "quic",
-        q_port,
-        "cert = \"q.example.crt\"",
-    ));
+    for (d, port, trust) in [
+        ("q.example", q_port, "cert = \"q.example.crt\""),
+        ("qpin.example", qpin_port, "cert = \"qpin-old.crt\""),
+        ("qdown.example", qdown, "cert = \"q.example.crt\""),
+    ] {
+        all.push_str(&peer(d, "quic", port, trust));
+    }
     all.push_str(
         "[[rooms]]\nid = \"mimi://a.example/r/x\"\nfollowers = [\"b.example\", \"partial.example\"]\n",
     );
@@ -278,7 +300,7 @@ quic = "127.0.0.1:0"
         all: p.join("a.toml"),
         healthy: p.join("a-healthy.toml"),
         _dir: dir,
-        _nodes: vec![b, q_node],
+        _nodes: vec![b, q_node, qpin_node],
     }
 }
 
@@ -333,6 +355,27 @@ async fn each_fault_is_named_and_healthy_peers_pass() {
         faults(&report, "down.example"),
         [FaultKind::PeerDown],
         "{text}"
+    );
+    assert_eq!(
+        faults(&report, "refuses.example"),
+        [FaultKind::RefusedByPeer],
+        "{text}"
+    );
+    // Over QUIC: a pin that is not the peer's certificate, and nobody answering.
+    assert_eq!(
+        faults(&report, "qpin.example"),
+        [FaultKind::PinMismatch],
+        "{text}"
+    );
+    assert_eq!(
+        faults(&report, "qdown.example"),
+        [FaultKind::PeerDown],
+        "{text}"
+    );
+    // Nothing said over a connection that never was.
+    assert_eq!(
+        report.peer("qdown.example").map(|p| p.sequence.speaks),
+        Some("unknown")
     );
     assert!(!report.is_ok());
 
@@ -403,7 +446,7 @@ async fn each_fault_is_named_and_healthy_peers_pass() {
         "[no_directory]",
         "[endpoint_missing]",
         "[peer_down]",
-        "6 with faults",
+        "9 with faults",
     ] {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");
     }
