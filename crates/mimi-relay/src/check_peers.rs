@@ -455,7 +455,7 @@ fn trust_key(p: &PeerConfig) -> String {
     }
 }
 
-fn trust_fault(cx: &Cx, p: &PeerConfig, f: TrustFailure) -> Fault {
+fn trust_fault(p: &PeerConfig, f: TrustFailure) -> Fault {
     let d = &p.domain;
     let (kind, advice) = match &f {
         TrustFailure::UnknownIssuer { .. } => (
@@ -510,7 +510,6 @@ fn trust_fault(cx: &Cx, p: &PeerConfig, f: TrustFailure) -> Fault {
             format!("ask {d} to check the certificate their server presents"),
         ),
     };
-    let _ = cx;
     Fault {
         kind,
         message: format!("{f}; {advice}"),
@@ -520,7 +519,7 @@ fn trust_fault(cx: &Cx, p: &PeerConfig, f: TrustFailure) -> Fault {
 fn tls_fault(cx: &Cx, p: &PeerConfig, e: CheckError) -> Fault {
     let d = &p.domain;
     let (kind, message) = match e {
-        CheckError::Untrusted(f) => return trust_fault(cx, p, f),
+        CheckError::Untrusted(f) => return trust_fault(p, f),
         CheckError::Resolve { address, source } => (
             FaultKind::Unresolvable,
             format!(
@@ -714,6 +713,9 @@ async fn check_https(cx: &Cx, p: &PeerConfig, r: &mut PeerReport) {
                  (one /notify in flight per room, dedupe by body)"
             ),
         },
+        (Some(SeqSupport::Unknown { status: 0, reason }), Some(room)) => Sequence::unknown(
+            format!("the probe for {room} failed ({reason}); it shows at the first /notify"),
+        ),
         (Some(SeqSupport::Unknown { status, reason }), Some(room)) => Sequence::unknown(format!(
             "the probe for {room} was answered {status} {reason}; it shows at the first /notify"
         )),
@@ -815,14 +817,14 @@ async fn check_quic(cx: &Cx, p: &PeerConfig, r: &mut PeerReport) {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
             r.faults.push(match record.take() {
-                Some(f) => trust_fault(cx, p, f),
+                Some(f) => trust_fault(p, f),
                 None => quic_close_fault(cx, p, addr, &e),
             });
             return;
         }
         Err(_) => {
             r.faults.push(match record.take() {
-                Some(f) => trust_fault(cx, p, f),
+                Some(f) => trust_fault(p, f),
                 None => fault(
                     FaultKind::PeerDown,
                     format!(
@@ -857,7 +859,7 @@ async fn check_quic(cx: &Cx, p: &PeerConfig, r: &mut PeerReport) {
             r.identity = Some(identity(d, mode, addr, alpn, &chain));
             expiry_warning(r);
         }
-        Err(f) => r.faults.push(trust_fault(cx, p, f)),
+        Err(f) => r.faults.push(trust_fault(p, f)),
     }
     conn.close(0u32.into(), b"check done");
     let _ = tokio::time::timeout(settle, endpoint.wait_idle()).await;

@@ -70,13 +70,24 @@ async fn serve(
     client_pem: &str,
     handler: Handler,
 ) -> u16 {
+    let alpn = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    serve_with(alpn, as_domain, leaf, client_pem, handler).await
+}
+
+/// [`serve`], offering `alpn` (none: HTTP/1.1 only, as some hubs do).
+async fn serve_with(
+    alpn: Vec<Vec<u8>>,
+    as_domain: &str,
+    leaf: &(String, String),
+    client_pem: &str,
+    handler: Handler,
+) -> u16 {
     let id = TlsIdentity::from_pem(domain(as_domain), &leaf.0, &leaf.1).expect("identity");
     let mut trust = PeerTrust::new();
     trust
         .add_pem(domain("a.example"), client_pem)
         .expect("pin the checker");
-    let config = relay_tls::server_config(&id, &trust, vec![b"h2".to_vec(), b"http/1.1".to_vec()])
-        .expect("server config");
+    let config = relay_tls::server_config(&id, &trust, alpn).expect("server config");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -213,7 +224,8 @@ async fn setup() -> Setup {
         not_found,
     )
     .await;
-    let part = serve(
+    let part = serve_with(
+        Vec::new(),
         "partial.example",
         &ca.leaf("partial.example", 2020, 2090),
         &a.cert_pem,
@@ -398,6 +410,9 @@ async fn each_fault_is_named_and_healthy_peers_pass() {
 
     // The directory with its own paths is read as the node reads it.
     let partial = report.peer("partial.example").expect("partial");
+    // A hub offering no ALPN is read over HTTP/1.1.
+    assert_eq!(partial.http.as_deref(), Some("1.1"), "{text}");
+    assert_eq!(partial.identity.as_ref().and_then(|i| i.alpn.clone()), None);
     let dir = partial.directory.as_ref().expect("directory read");
     assert!(dir.served);
     assert_eq!(

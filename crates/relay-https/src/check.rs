@@ -73,7 +73,8 @@ pub enum SeqSupport {
     /// It took the request without the header, or refused it as malformed: the draft's rules
     /// alone (one /notify in flight per room, dedupe by body).
     DraftOnly { status: u16 },
-    /// The answer does not tell (for example 404: the peer does not follow the room).
+    /// The answer does not tell (for example 404: the peer does not follow the room), or
+    /// there was none (`status` 0; `reason` says why).
     Unknown { status: u16, reason: String },
 }
 
@@ -240,7 +241,12 @@ pub async fn check(
                         .unwrap_or_default();
                     Ok(seq_support(status, next, &body))
                 })
-                .await?,
+                .await
+                // The directory is worth reporting even if this fails.
+                .unwrap_or_else(|e| SeqSupport::Unknown {
+                    status: 0,
+                    reason: e.to_string(),
+                }),
             )
         }
     };
