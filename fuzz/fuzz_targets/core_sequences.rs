@@ -17,8 +17,8 @@ use mimi_wire::endpoint::Endpoint;
 use mimi_wire::proto::{SubmitMessageResponse, encode_fanout_application};
 use mimi_wire::uri::{ProviderDomain, RoomId};
 use relay_core::{
-    InboxQuery, MemStore, Now, Output, Relay, RelayConfig, ReplyToken, Request, Response, Status,
-    Store, Transmit, TransportError, TransportKind,
+    InboxQuery, Lineage, MemStore, Now, Output, Relay, RelayConfig, ReplyToken, Request, Response,
+    Status, Store, Transmit, TransportError, TransportKind,
 };
 
 const UNIX_BASE_MS: u64 = 1_700_000_000_000;
@@ -90,6 +90,8 @@ enum Answer {
     Status {
         status: u8,
         next_seq: Option<u16>,
+        /// A few values, so incarnations collide and differ both.
+        next_inc: Option<u8>,
         retry_after_s: Option<u8>,
     },
     Error(u8),
@@ -102,12 +104,14 @@ enum Op {
         endpoint: u8,
         target: Target,
         seq: Option<u16>,
+        lineage: Option<(u8, u8)>,
         body: Body,
     },
     /// A hub's `/notify` for its own room: a request as a hub sends it.
     Notify {
         hub: u8,
         seq: Option<u16>,
+        lineage: Option<(u8, u8)>,
         events: Vec<(u8, u16, u16)>,
     },
     Outcome {
@@ -323,6 +327,7 @@ impl Harness {
                 endpoint,
                 target: t,
                 seq,
+                lineage,
                 body: b,
             } => {
                 let (name, kind) = PEERS[usize::from(*peer) % PEERS.len()];
@@ -336,19 +341,28 @@ impl Harness {
                     endpoint,
                     target: target(t),
                     seq: seq.map(u64::from),
-                    lineage: None,
+                    lineage: lineage.map(|(batch, prev)| Lineage {
+                        batch: u64::from(batch),
+                        prev: u64::from(prev),
+                    }),
                     body: b.clone(),
                 };
                 self.relay.handle_request(now, &mut self.store, token, req);
                 let source = (endpoint == Endpoint::SubmitMessage).then_some((name, &b[..]));
                 self.flush(source, full);
             }
-            Op::Notify { hub, seq, events } => {
+            Op::Notify {
+                hub,
+                seq,
+                lineage,
+                events,
+            } => {
                 self.step(&Op::Request {
                     peer: *hub,
                     endpoint: 0,
                     target: Target::PeerRoom(*hub),
                     seq: *seq,
+                    lineage: *lineage,
                     body: Body::Notify(events.clone()),
                 });
             }
@@ -366,7 +380,7 @@ impl Harness {
                             status: Status::Created,
                             body: Bytes::new(),
                             next_seq: t.seq.map(|s| s + events),
-                            next_inc: None,
+                            next_inc: t.lineage.map(|l| l.batch),
                             retry_after: None,
                         },
                         Endpoint::SubmitMessage => Response::new(
@@ -380,12 +394,13 @@ impl Harness {
                     Answer::Status {
                         status,
                         next_seq,
+                        next_inc,
                         retry_after_s,
                     } => Ok(Response {
                         status: STATUSES[usize::from(*status) % STATUSES.len()],
                         body: Bytes::new(),
                         next_seq: next_seq.map(u64::from),
-                        next_inc: None,
+                        next_inc: next_inc.map(u64::from),
                         retry_after: retry_after_s.map(|s| Duration::from_secs(u64::from(s))),
                     }),
                     Answer::Error(e) => Err(match e % 7 {

@@ -34,6 +34,21 @@ enum Cmd {
     },
     /// Validate a node configuration and exit.
     CheckConfig { config: PathBuf },
+    /// Dial every configured peer as the node would and report, per peer, the TLS identity
+    /// verified and how, the directory, the sequence extension, the round-trip time and what
+    /// is wrong. Exit status 1 if any peer has a fault.
+    CheckPeers {
+        /// The node's TOML configuration.
+        #[arg(long)]
+        config: PathBuf,
+        /// Print one JSON object instead of the report.
+        #[arg(long)]
+        json: bool,
+        /// Bound on each step (connect, handshake, each request); a peer takes at most three
+        /// times this.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
     /// Make a certificate and key for each provider domain: self-signed, or issued by a new
     /// local CA (--ca).
     Keygen {
@@ -172,6 +187,27 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 c.rooms.len()
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::CheckPeers {
+            config,
+            json,
+            timeout_ms,
+        } => {
+            let cfg = relay_node::NodeConfig::load(&config)?;
+            let opts = mimi_relay::check_peers::CheckOptions {
+                timeout: Duration::from_millis(timeout_ms.max(1)),
+            };
+            let report = mimi_relay::check_peers::run(&cfg, opts).await?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(if report.is_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Cmd::Client { admin, action } => {
             mimi_relay::client::run(admin, action.into()).await?;

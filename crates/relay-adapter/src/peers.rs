@@ -197,9 +197,10 @@ impl<J> std::fmt::Debug for PeerTasks<J> {
     }
 }
 
-/// Accepts TCP connections until `stop` flips, each admitted with a handshake slot of `gate`
-/// (over the cap it is closed at once, before any TLS work) and served by `serve` on its own
-/// task; then lets the open connections finish for up to `grace` and aborts the rest.
+/// Accepts TCP connections until `stop` flips, each admitted by `gate` (a source under
+/// penalty, or one over the handshake cap, is closed at once, before any TLS work) and served
+/// by `serve` on its own task; then lets the open connections finish for up to `grace` and
+/// aborts the rest.
 pub async fn accept_loop<F, Fut>(
     transport: &'static str,
     listener: TcpListener,
@@ -216,9 +217,12 @@ pub async fn accept_loop<F, Fut>(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, remote)) => {
-                    let Some(permit) = gate.handshake() else {
-                        tracing::debug!(transport, %remote, "connection refused: too many handshakes");
-                        continue;
+                    let permit = match gate.admit(remote.ip()) {
+                        Ok(permit) => permit,
+                        Err(over) => {
+                            tracing::debug!(transport, %remote, %over, "connection refused before tls");
+                            continue;
+                        }
                     };
                     conns.spawn(serve(tcp, remote, permit));
                 }

@@ -46,6 +46,14 @@ impl Route {
         &self.authority
     }
 
+    /// The URL requests go to, with `{param}` where the parameter goes, for reports.
+    pub(crate) fn template(&self) -> String {
+        format!(
+            "https://{}{}{{param}}{}",
+            self.authority, self.before, self.after
+        )
+    }
+
     /// The path (and query) of a request for `target`, percent-encoded as one segment.
     pub(crate) fn path(&self, target: &str) -> String {
         format!("{}{}{}", self.before, encode_target(target), self.after)

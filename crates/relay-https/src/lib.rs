@@ -99,9 +99,13 @@
 //! `request_timeout`. Dropping the transport without shutdown aborts everything at once; the
 //! outcomes still outstanding are then never reported.
 //!
+//! **Checking a peer.** [`check::check`] reads a peer's directory as the sending side does
+//! and asks whether it speaks our sequence extension, for `mimi-relay check-peers`.
+//!
 //! Payload bytes are never logged. Connects, disconnects and refusals are `tracing` events.
 
 mod body;
+pub mod check;
 mod client;
 mod directory;
 mod path;
@@ -382,6 +386,7 @@ impl HttpsTransport {
                 adapter.stats.clone(),
             ),
             stats: adapter.stats.clone(),
+            pacer: adapter.pacer.clone(),
             handshake_log: relay_adapter::LogLimiter::new(HANDSHAKE_LOG_INTERVAL),
             h2_streams: adapter.limits.max_streams_per_conn.min(MAX_H2_STREAMS),
         });

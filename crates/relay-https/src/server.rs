@@ -16,7 +16,7 @@ use hyper_util::server::conn::auto;
 use mimi_wire::endpoint::{DIRECTORY_PATH, Endpoint};
 use mimi_wire::uri::ProviderDomain;
 use relay_adapter::http::{BodyLimits, BodyRefusal, read_body};
-use relay_adapter::{AdapterStats, ByteBudget, Gate, HandshakePermit, Inbound, LogLimiter};
+use relay_adapter::{AdapterStats, ByteBudget, Gate, HandshakePermit, Inbound, LogLimiter, Pacer};
 use relay_core::transport::{Lineage, Request, Response, TransportKind};
 use relay_tls::PeerTrust;
 use tokio::net::TcpStream;
@@ -121,6 +121,8 @@ pub(crate) struct ServerCtx<I> {
     /// Body bytes each peer holds, from the first byte until the node answered.
     pub(crate) budget: Arc<ByteBudget>,
     pub(crate) stats: Arc<AdapterStats>,
+    /// Peers' refusal budgets (shared with the node and the other transports).
+    pub(crate) pacer: Arc<Pacer>,
     pub(crate) handshake_log: LogLimiter,
     /// HTTP/2 streams one connection may have open.
     pub(crate) h2_streams: u32,
@@ -142,6 +144,7 @@ pub(crate) async fn serve_conn<I: Inbound>(
     let _ = tcp.set_nodelay(true);
     let failed = |error: &dyn std::fmt::Display| {
         relay_adapter::failed_handshake(&ctx.stats, &ctx.handshake_log, "https", &remote, error);
+        ctx.gate.handshake_failed(remote.ip());
     };
     let tls = match tokio::time::timeout(ctx.request_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
@@ -160,6 +163,8 @@ pub(crate) async fn serve_conn<I: Inbound>(
     let _permit = match ctx.gate.peer(&peer) {
         Ok(permit) => permit,
         Err(error) => {
+            // Its retries are refused before TLS for a while (relay_adapter::Gate::admit).
+            ctx.gate.penalize(remote.ip());
             debug!(%remote, %peer, %error, "https connection refused");
             return;
         }
@@ -212,10 +217,16 @@ async fn handle<I: Inbound>(
     peer: &ProviderDomain,
     req: http::Request<Incoming>,
 ) -> HttpResponse {
+    // A peer over its refusal budget waits before its request (and its body) is read.
+    ctx.pacer.pace(peer).await;
     match route(ctx, peer, req).await {
         Ok(resp) => resp,
         Err(rejection) => {
             debug!(%peer, reason = rejection.as_str(), "https request rejected");
+            // Our own refusals; the node counts the core's. Backpressure is no fault.
+            if !matches!(rejection, Rejection::OverBudget) {
+                ctx.pacer.refused(peer);
+            }
             reject(rejection)
         }
     }

@@ -281,6 +281,7 @@ impl MatrixTransport {
                 adapter.stats.clone(),
             ),
             adapter_stats: adapter.stats.clone(),
+            pacer: adapter.pacer.clone(),
             handshake_log: relay_adapter::LogLimiter::new(HANDSHAKE_LOG_INTERVAL),
             h2_streams: adapter.limits.max_streams_per_conn.min(MAX_H2_STREAMS),
             cpu: dials

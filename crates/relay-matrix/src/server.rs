@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -23,7 +23,8 @@ use mimi_wire::uri::ProviderDomain;
 use relay_adapter::Inbound;
 use relay_adapter::http::{BodyLimits, BodyRefusal, read_body};
 use relay_adapter::{
-    AdapterStats, Budget, ByteBudget, Gate, HandshakePermit, LogLimiter, OverBudget, PeerPermit,
+    AdapterStats, Budget, ByteBudget, Gate, HandshakePermit, LogLimiter, OverBudget, Pacer,
+    PeerPermit,
 };
 use relay_core::transport::{Request, Response, Status, TransportKind};
 use ruma::api::federation::authentication::XMatrix;
@@ -31,7 +32,7 @@ use ruma::signatures::PublicKeyMap;
 use ruma::{OwnedServerName, ServerName};
 use serde_json::value::RawValue;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
@@ -85,6 +86,9 @@ pub(crate) struct ServerCtx<I> {
     /// who claims to be a peer can exhaust only this, never the peer's own share.
     pub(crate) preauth: Arc<ByteBudget>,
     pub(crate) adapter_stats: Arc<AdapterStats>,
+    /// Peers' refusal budgets (shared with the node and the other transports): a connection
+    /// bound to a peer counts its refusals against that peer and waits while it is in debt.
+    pub(crate) pacer: Arc<Pacer>,
     pub(crate) handshake_log: LogLimiter,
     /// HTTP/2 streams one connection may have open.
     pub(crate) h2_streams: u32,
@@ -105,7 +109,15 @@ enum Checked {
 /// Whom a connection belongs to. Matrix authenticates requests, not connections: a
 /// connection holds a handshake slot until its first verified request names its peer, then
 /// counts against that peer's connection cap.
-pub(crate) struct ConnAuth(Mutex<ConnState>);
+pub(crate) struct ConnAuth {
+    state: Mutex<ConnState>,
+    /// The connection's source address: penalized when the connection is refused at its
+    /// peer's cap or fails to authenticate (relay_adapter::Gate::admit).
+    source: IpAddr,
+    /// Told when a request was refused at the connection cap: the connection is closed, so
+    /// its peer cannot keep it open for refusals.
+    over_cap: Notify,
+}
 
 enum ConnState {
     Pending(#[allow(dead_code)] HandshakePermit),
@@ -114,7 +126,7 @@ enum ConnState {
 
 impl ConnAuth {
     fn bound_to(&self) -> Option<ProviderDomain> {
-        match &*self.0.lock().unwrap_or_else(|e| e.into_inner()) {
+        match &*self.state.lock().unwrap_or_else(|e| e.into_inner()) {
             ConnState::Pending(_) => None,
             ConnState::Bound(p) => Some(p.peer().clone()),
         }
@@ -122,7 +134,7 @@ impl ConnAuth {
 
     /// Binds a pending connection to `peer`; a bound one stays with its first peer.
     fn bind(&self, gate: &Arc<Gate>, peer: &ProviderDomain) -> Result<(), OverBudget> {
-        let mut state = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if let ConnState::Pending(_) = &*state {
             *state = ConnState::Bound(gate.peer(peer)?);
         }
@@ -145,6 +157,7 @@ pub(crate) async fn serve_conn<I: Inbound>(
     let tls = match tokio::time::timeout(ctx.request_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {
+            ctx.gate.handshake_failed(remote.ip());
             let s = &ctx.adapter_stats;
             return relay_adapter::failed_handshake(
                 s,
@@ -155,11 +168,16 @@ pub(crate) async fn serve_conn<I: Inbound>(
             );
         }
         Err(_) => {
+            ctx.gate.handshake_failed(remote.ip());
             let (s, why) = (&ctx.adapter_stats, &"tls handshake timed out");
             return relay_adapter::failed_handshake(s, &ctx.handshake_log, "matrix", &remote, why);
         }
     };
-    let auth = Arc::new(ConnAuth(Mutex::new(ConnState::Pending(handshake))));
+    let auth = Arc::new(ConnAuth {
+        state: Mutex::new(ConnState::Pending(handshake)),
+        source: remote.ip(),
+        over_cap: Notify::new(),
+    });
     let service = {
         let ctx = ctx.clone();
         let auth = auth.clone();
@@ -206,6 +224,13 @@ pub(crate) async fn serve_conn<I: Inbound>(
                 conn.as_mut().graceful_shutdown();
                 drain.as_mut().reset(tokio::time::Instant::now() + ctx.request_timeout);
             }
+            () = auth.over_cap.notified(), if !draining => {
+                // The 429 goes out; then the connection ends (GOAWAY on HTTP/2).
+                debug!(%remote, "matrix connection closed: over its peer's connection cap");
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+                drain.as_mut().reset(tokio::time::Instant::now() + ctx.request_timeout);
+            }
             _ = &mut drain, if draining => break,
         }
     }
@@ -223,6 +248,14 @@ pub(crate) fn matrix_error(status: u16, errcode: &str, error: &str) -> HttpRespo
         StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
         Bytes::from(body),
     )
+}
+
+/// A request on a connection over its peer's cap: 429, the connection closed after it, and
+/// its source penalized, so that the peer's retries are refused before TLS for a while.
+fn over_cap<I>(ctx: &ServerCtx<I>, auth: &ConnAuth) -> HttpResponse {
+    ctx.gate.penalize(auth.source);
+    auth.over_cap.notify_one();
+    limit_exceeded("too many connections")
 }
 
 /// 429 `M_LIMIT_EXCEEDED` with `retry_after_ms` and `Retry-After`: Matrix's own backpressure,
@@ -257,6 +290,28 @@ async fn handle<I: Inbound>(
     auth: &ConnAuth,
     req: http::Request<Incoming>,
 ) -> HttpResponse {
+    // A connection some request authenticated is its peer's: the peer's refusal budget
+    // applies to everything on it. (A claimed origin alone is never charged.)
+    if let Some(peer) = auth.bound_to() {
+        ctx.pacer.pace(&peer).await;
+    }
+    let r = route(&ctx, auth, req).await;
+    let status = r.status();
+    if (status.is_client_error() && status != StatusCode::TOO_MANY_REQUESTS)
+        && let Some(peer) = auth.bound_to()
+    {
+        ctx.pacer.refused(&peer);
+    }
+    r
+}
+
+/// The answer to one request; the core's refusals come inside a 200 (and the node counts
+/// them), so a 4xx here is this adapter's own.
+async fn route<I: Inbound>(
+    ctx: &Arc<ServerCtx<I>>,
+    auth: &ConnAuth,
+    req: http::Request<Incoming>,
+) -> HttpResponse {
     let path = req.uri().path().to_owned();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/_matrix/key/v2/server") => json(
@@ -269,7 +324,7 @@ async fn handle<I: Inbound>(
         ),
         (&Method::PUT, p) if p.starts_with(SEND_PREFIX) => {
             let txn_id = p[SEND_PREFIX.len()..].to_owned();
-            match send(&ctx, auth, req, txn_id).await {
+            match send(ctx, auth, req, txn_id).await {
                 Ok(r) | Err(r) => r,
             }
         }
@@ -304,6 +359,10 @@ async fn send<I: Inbound>(
     };
     let unauthenticated = |why: &str| {
         ctx.adapter_stats.refused(Budget::Unauthenticated);
+        // On a connection no request has authenticated yet, this is its failed handshake.
+        if auth.bound_to().is_none() {
+            ctx.gate.handshake_failed(auth.source);
+        }
         reject(401, "M_UNAUTHORIZED", why)
     };
     let (parts, body) = req.into_parts();
@@ -324,7 +383,7 @@ async fn send<I: Inbound>(
     let bound = auth.bound_to();
     if bound.is_none() && ctx.gate.peer_conns(peer) >= ctx.gate.limits().max_conns_per_peer {
         ctx.adapter_stats.refused(Budget::ConnsPerPeer);
-        return Err(limit_exceeded("too many connections"));
+        return Err(over_cap(ctx, auth));
     }
 
     // Announced oversize or over-budget bodies are refused unread; the rest are capped and
@@ -427,7 +486,7 @@ async fn send<I: Inbound>(
     .map_err(checked)?;
     // Verified: the connection is this peer's from now on (if it is under its cap).
     if auth.bind(&ctx.gate, peer).is_err() {
-        return Err(limit_exceeded("too many connections"));
+        return Err(over_cap(ctx, auth));
     }
 
     let txn: IncomingTxn<'_> = serde_json::from_slice(&body)

@@ -39,6 +39,8 @@ pub(crate) struct ApiState {
     pub ingress: Arc<crate::ingress::Ingress>,
     /// The live TLS identity and trust, for the certificates' days left.
     pub tls: TlsHandles,
+    /// Refusals counted against peers, and requests that waited for them.
+    pub pacer: Arc<relay_adapter::Pacer>,
 }
 
 #[derive(Clone)]
@@ -471,6 +473,7 @@ async fn metrics_page(State(s): State<ApiState>) -> HttpResponse {
                 metrics::render_ingress(&mut text, s.ingress.refusals());
                 let held = metrics::tls_days_left(&s.tls.identity, &s.tls.trust);
                 metrics::render_tls(&mut text, &held);
+                metrics::render_pacer(&mut text, &s.pacer);
                 text
             },
         )

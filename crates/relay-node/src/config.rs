@@ -140,6 +140,8 @@ struct RawLimits {
     max_parked_per_peer: Option<usize>,
     max_unacked: Option<usize>,
     max_xml_depth: Option<usize>,
+    source_penalty_ms: Option<u64>,
+    max_refusals_per_s: Option<u32>,
     max_abuse_reports_per_peer: Option<usize>,
     max_abuse_bytes_per_peer: Option<usize>,
     max_consent_per_peer: Option<usize>,
@@ -664,6 +666,21 @@ fn adapter_limits(
             4,
             256,
         )?,
+        // A minute at most, since the window grows 32-fold.
+        source_penalty: std::time::Duration::from_millis(range(
+            "limits.source_penalty_ms",
+            raw.source_penalty_ms.map(|v| v as usize),
+            d.source_penalty.as_millis() as usize,
+            10,
+            60_000,
+        )? as u64),
+        max_refusals_per_s: range(
+            "limits.max_refusals_per_s",
+            raw.max_refusals_per_s.map(|v| v as usize),
+            d.max_refusals_per_s as usize,
+            1,
+            1_000_000,
+        )? as u32,
     };
     Ok(l)
 }
@@ -800,13 +817,16 @@ followers = ["b.example"]
             relay_adapter::Limits::default()
         );
         let with = |kv: &str| format!("{GOOD}\n[limits]\n{kv}\n");
-        let (_d, r) = with_files(&with("max_conns_per_peer = 2\nframe_deadline_ms = 500"));
+        let (_d, r) = with_files(&with(
+            "max_conns_per_peer = 2\nframe_deadline_ms = 500\nsource_penalty_ms = 40",
+        ));
         let cfg = r.expect("valid");
         assert_eq!(cfg.max_abuse_reports_per_peer, 1_000);
         assert_eq!(cfg.max_consent_per_peer, 100_000);
         let l = cfg.adapter_limits;
         assert_eq!(l.max_conns_per_peer, 2);
         assert_eq!(l.frame_deadline, Duration::from_millis(500));
+        assert_eq!(l.source_penalty, Duration::from_millis(40));
         for (kv, key) in [
             ("max_conns_per_peer = 0", "limits.max_conns_per_peer"),
             ("max_handshakes = 0", "limits.max_handshakes"),
@@ -815,6 +835,8 @@ followers = ["b.example"]
             ("frame_deadline_ms = 1", "limits.frame_deadline_ms"),
             ("max_unacked = 1", "limits.max_unacked"),
             ("max_xml_depth = 100000", "limits.max_xml_depth"),
+            ("source_penalty_ms = 0", "limits.source_penalty_ms"),
+            ("max_refusals_per_s = 0", "limits.max_refusals_per_s"),
             (
                 "max_abuse_reports_per_peer = 0",
                 "limits.max_abuse_reports_per_peer",

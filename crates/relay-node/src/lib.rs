@@ -46,6 +46,31 @@ pub(crate) fn request_weight(req: &Request) -> usize {
     req.body.len() + 1024
 }
 
+/// Whether the answer to a peer's request turned it away: what [`relay_adapter::Pacer`]
+/// counts. An epoch race (`epochTooOld`, `wrongEpoch`), a sequence gap (409) or the node's
+/// own trouble (5xx) is no fault of the peer's.
+pub(crate) fn is_refusal(endpoint: mimi_wire::endpoint::Endpoint, r: &Response) -> bool {
+    use mimi_wire::endpoint::Endpoint;
+    use mimi_wire::proto::{
+        SubmitMessageResponse, SubmitStatus, UpdateOutcome, UpdateRoomResponse,
+    };
+    match r.status {
+        Status::BadRequest | Status::Forbidden | Status::NotFound | Status::TooLarge => true,
+        Status::Ok => match endpoint {
+            Endpoint::SubmitMessage => matches!(
+                SubmitMessageResponse::decode(&r.body).map(|x| x.status),
+                Ok(SubmitStatus::NotAllowed)
+            ),
+            Endpoint::Update => matches!(
+                UpdateRoomResponse::decode(&r.body).map(|x| x.outcome),
+                Ok(UpdateOutcome::NotAllowed)
+            ),
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
 /// A node that could not start or stopped on an error.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -94,14 +119,22 @@ pub enum NodeError {
 struct NodeInbound {
     tx: Sender<Event>,
     ingress: Arc<ingress::Ingress>,
+    /// Slows a peer whose requests keep being refused, before its next one is queued.
+    pacer: Arc<relay_adapter::Pacer>,
 }
 
 impl Inbound for NodeInbound {
     fn request(&self, req: Request) -> impl Future<Output = Response> + Send {
         let tx = self.tx.clone();
         let ingress = self.ingress.clone();
+        let pacer = self.pacer.clone();
         let weight = request_weight(&req);
         async move {
+            let (from, endpoint) = (req.from.clone(), req.endpoint);
+            // A peer in debt waits here, holding its request (within its byte budget): a
+            // flood of refused requests is handled at the pacer's rate, and a flooder that
+            // waits for its answers sends no faster than that.
+            pacer.pace(&from).await;
             let (reply, rx) = oneshot::channel();
             match ingress.push(weight, (req, reply)) {
                 Ok(true) => {
@@ -113,7 +146,10 @@ impl Inbound for NodeInbound {
                 Err(refused) => {
                     let (why, _) = *refused;
                     let text = match why {
-                        ingress::Refused::PeerShare => "relay overloaded by this peer's requests",
+                        ingress::Refused::PeerShare => {
+                            pacer.refused(&from);
+                            "relay overloaded by this peer's requests"
+                        }
                         ingress::Refused::Total => "relay overloaded",
                     };
                     let mut r = Response::error(Status::Unavailable, text);
@@ -121,8 +157,13 @@ impl Inbound for NodeInbound {
                     return r;
                 }
             }
-            rx.await
-                .unwrap_or_else(|_| Response::error(Status::Unavailable, "relay shutting down"))
+            let r = rx
+                .await
+                .unwrap_or_else(|_| Response::error(Status::Unavailable, "relay shutting down"));
+            if is_refusal(endpoint, &r) {
+                pacer.refused(&from);
+            }
+            r
         }
     }
 
@@ -245,9 +286,11 @@ impl Node {
             cfg.adapter_limits.max_peer_bytes.min(MAX_PENDING_WEIGHT),
             MAX_PENDING_WEIGHT,
         ));
+        let pacer = relay_adapter::Pacer::new(cfg.adapter_limits.max_refusals_per_s);
         let inbound = NodeInbound {
             tx: tx.clone(),
             ingress: ingress.clone(),
+            pacer: pacer.clone(),
         };
 
         let mut transports = Transports::default();
@@ -264,6 +307,7 @@ impl Node {
             let adapter = relay_adapter::AdapterContext {
                 limits: cfg.adapter_limits.clone(),
                 stats: Arc::new(relay_adapter::AdapterStats::default()),
+                pacer: pacer.clone(),
             };
             adapter_stats.insert(kind, adapter.stats.clone());
             let (t, addr): (Arc<dyn Transport>, SocketAddr) = match kind {
@@ -383,6 +427,7 @@ impl Node {
                 identity: identity.clone(),
                 trust: trust.clone(),
             },
+            pacer,
         });
         let (api_stop, stop_rx) = oneshot::channel::<()>();
         let api_task = tokio::spawn(async move {
@@ -587,4 +632,116 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use mimi_wire::endpoint::Endpoint;
+    use relay_core::TransportKind;
+
+    fn dom(s: &str) -> ProviderDomain {
+        s.parse().expect("domain")
+    }
+
+    fn notify(from: &ProviderDomain) -> Request {
+        Request {
+            from: from.clone(),
+            transport: TransportKind::Https,
+            endpoint: Endpoint::Notify,
+            target: "mimi://hub.example/r/room".to_owned(),
+            seq: Some(1),
+            lineage: None,
+            body: bytes::Bytes::new(),
+        }
+    }
+
+    /// The node's inbound with a stand-in core that refuses c.example (403) and takes
+    /// everyone else's requests (201).
+    fn inbound(rate: u32) -> NodeInbound {
+        let (tx, rx) = mpsc::channel::<Event>();
+        let ingress = Arc::new(ingress::Ingress::new(1 << 20, 1 << 24));
+        let core = ingress.clone();
+        std::thread::spawn(move || {
+            let mut batch = Vec::new();
+            while let Ok(ev) = rx.recv() {
+                if matches!(ev, Event::Ingress) {
+                    core.pop_batch(usize::MAX, &mut batch);
+                    for (req, reply) in batch.drain(..) {
+                        let status = if req.from.as_str() == "c.example" {
+                            Status::Forbidden
+                        } else {
+                            Status::Created
+                        };
+                        let _ = reply.send(Response::new(status, bytes::Bytes::new()));
+                    }
+                }
+            }
+        });
+        NodeInbound {
+            tx,
+            ingress,
+            pacer: relay_adapter::Pacer::new(rate),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_keeps_being_refused_waits_for_its_next_answer_and_no_other_does() {
+        let rate = 10;
+        let node = inbound(rate);
+        let (b, c) = (dom("b.example"), dom("c.example"));
+        // c uses up its burst, then runs a second of refusals into debt.
+        for _ in 0..rate * (relay_adapter::REFUSAL_BURST_SECS + 1) {
+            let r = node.request(notify(&c)).await;
+            assert_eq!(r.status, Status::Forbidden);
+        }
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(node.request(notify(&b)).await.status, Status::Created);
+        assert_eq!(
+            t0.elapsed(),
+            Duration::ZERO,
+            "b owes nothing and waits for nothing"
+        );
+        let _ = node.request(notify(&c)).await;
+        assert!(
+            t0.elapsed() >= Duration::from_millis(900),
+            "c waited for its debt: {:?}",
+            t0.elapsed()
+        );
+        assert!(node.pacer.paced() >= 1);
+    }
+
+    #[test]
+    fn refusals_are_the_peers_fault_and_nothing_else() {
+        use mimi_wire::proto::{SubmitMessageResponse, UpdateRoomResponse};
+        let r = |s| Response::new(s, bytes::Bytes::new());
+        for s in [
+            Status::BadRequest,
+            Status::Forbidden,
+            Status::NotFound,
+            Status::TooLarge,
+        ] {
+            assert!(is_refusal(Endpoint::Notify, &r(s)), "{s:?}");
+        }
+        for s in [
+            Status::Created,
+            Status::OutOfOrder,
+            Status::Unavailable,
+            Status::Internal,
+        ] {
+            assert!(!is_refusal(Endpoint::Notify, &r(s)), "{s:?}");
+        }
+        let body = |b: Vec<u8>| Response::new(Status::Ok, bytes::Bytes::from(b));
+        let refused = SubmitMessageResponse::not_allowed()
+            .encode()
+            .expect("encode");
+        let accepted = SubmitMessageResponse::accepted(5).encode().expect("encode");
+        assert!(is_refusal(Endpoint::SubmitMessage, &body(refused)));
+        assert!(!is_refusal(Endpoint::SubmitMessage, &body(accepted)));
+        let refused = UpdateRoomResponse::not_allowed("no")
+            .encode()
+            .expect("encode");
+        assert!(is_refusal(Endpoint::Update, &body(refused)));
+    }
 }

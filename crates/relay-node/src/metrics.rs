@@ -350,6 +350,34 @@ pub fn render_adapters(
             st.unsupported_endpoints()
         );
     }
+    let name = "mimi_relay_source_penalties_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Penalties given to a source address (refused at its peer's connection cap, or failing handshakes): its next connections are refused before TLS for a growing window.\n# TYPE {name} counter"
+    );
+    for (kind, st) in adapters {
+        let _ = writeln!(
+            out,
+            "{name}{{transport=\"{kind}\"}} {}",
+            st.source_strikes()
+        );
+    }
+}
+
+/// Peers' refused requests, and the requests that waited because their peer was in debt.
+pub fn render_pacer(out: &mut String, pacer: &relay_adapter::Pacer) {
+    let name = "mimi_relay_peer_refusals_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Peer requests the node turned away (counted against the peer's refusal budget).\n# TYPE {name} counter\n{name} {}",
+        pacer.refusals()
+    );
+    let name = "mimi_relay_paced_requests_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Peer requests that waited because their peer was over its refusal budget (limits.max_refusals_per_s).\n# TYPE {name} counter\n{name} {}",
+        pacer.paced()
+    );
 }
 
 /// Requests refused before the core: a peer over its share, or the node over its total.

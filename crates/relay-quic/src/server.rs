@@ -77,6 +77,14 @@ impl<I> ServerCtx<I> {
 pub(crate) async fn accept_loop<I: Inbound>(endpoint: quinn::Endpoint, ctx: Arc<ServerCtx<I>>) {
     let retry_from = ctx.gate.limits().max_handshakes / 2;
     while let Some(mut incoming) = endpoint.accept().await {
+        // A source under penalty is refused before anything else: one small packet, no TLS.
+        // (Only proven addresses are struck, so a spoofer cannot get a real peer refused.)
+        let source = incoming.remote_address().ip();
+        if ctx.gate.under_penalty(source) {
+            tracing::debug!(remote = %incoming.remote_address(), "quic source under penalty, refusing");
+            incoming.refuse();
+            continue;
+        }
         // Under handshake load an address must first prove it receives what we send (RFC 9000
         // section 8.1.2): a spoofed flood then costs us one small packet each, no TLS work.
         if !incoming.remote_address_validated() && ctx.gate.handshakes_in_progress() >= retry_from {
@@ -119,13 +127,21 @@ async fn serve_connection<I: Inbound>(
     };
     let conn = match incoming.await {
         Ok(conn) => conn,
-        Err(error) => return failed(&error),
+        Err(error) => {
+            // A timeout may be a spoofed Initial; any other failure came from an address that
+            // received our first flight.
+            if !matches!(error, quinn::ConnectionError::TimedOut) {
+                ctx.gate.handshake_failed(remote.ip());
+            }
+            return failed(&error);
+        }
     };
     let from = match authenticate(&conn, &ctx.trust) {
         Ok(domain) => domain,
         Err(error) => {
             // The TLS verifier already refused unpinned certificates; this is the ambiguous
             // case (one certificate pinned for two providers).
+            ctx.gate.handshake_failed(remote.ip());
             failed(&error);
             conn.close(VarInt::from_u32(codes::UNTRUSTED_PEER), b"untrusted peer");
             return;
@@ -133,6 +149,8 @@ async fn serve_connection<I: Inbound>(
     };
     drop(handshake);
     let Ok(_permit) = ctx.gate.peer(&from) else {
+        // Its retries are refused before any TLS work for a while.
+        ctx.gate.penalize(remote.ip());
         tracing::debug!(peer = %from, %remote, "refusing a quic connection over the peer's cap");
         conn.close(
             VarInt::from_u32(codes::TOO_MANY_CONNECTIONS),
@@ -188,8 +206,14 @@ fn handle<'a, I: Inbound>(
         Frame::Response { .. } => return Err(FrameError::Unexpected(KIND_RESPONSE)),
         Frame::Pong(_) => return Err(FrameError::Unexpected(KIND_PONG)),
     };
+    // Our own refusals count against the peer's refusal budget; the node counts the core's.
+    let refuse = |status, why| {
+        ctx.adapter.pacer.refused(from);
+        Ok(Either::Right(immediate(id, status, why)))
+    };
     let Body::Bytes(body) = body else {
         ctx.adapter.stats.refused(Budget::BodySize);
+        ctx.adapter.pacer.refused(from);
         return Ok(Either::Right(immediate(
             id,
             Status::TooLarge,
@@ -197,18 +221,10 @@ fn handle<'a, I: Inbound>(
         )));
     };
     let Ok(endpoint) = Endpoint::from_code(endpoint) else {
-        return Ok(Either::Right(immediate(
-            id,
-            Status::NotFound,
-            "unknown endpoint",
-        )));
+        return refuse(Status::NotFound, "unknown endpoint");
     };
     let Ok(target) = std::str::from_utf8(&target) else {
-        return Ok(Either::Right(immediate(
-            id,
-            Status::BadRequest,
-            "target is not utf-8",
-        )));
+        return refuse(Status::BadRequest, "target is not utf-8");
     };
     let request = Request {
         from: from.clone(),
@@ -282,10 +298,14 @@ async fn serve_stream<I: Inbound>(
     let mut heads = BytesMut::new();
     let mut out: Vec<Bytes> = Vec::new();
     let mut eof = false;
+    let pacer = &ctx.adapter.pacer;
     let fail = 'serve: loop {
         if eof && pending.is_empty() {
             break None;
         }
+        // A peer over its refusal budget is not read until it has paid: flow control holds
+        // its bytes at its end.
+        let pause = pacer.debt(&from);
         tokio::select! {
             biased;
             Some((reply, held)) = pending.next(), if !pending.is_empty() => {
@@ -307,7 +327,8 @@ async fn serve_stream<I: Inbound>(
                 }
                 out.clear();
             }
-            frame = reader.next_frame(), if !eof && pending.len() < MAX_OUTSTANDING_PER_STREAM => {
+            () = tokio::time::sleep(pause), if !pause.is_zero() => {}
+            frame = reader.next_frame(), if !eof && pause.is_zero() && pending.len() < MAX_OUTSTANDING_PER_STREAM => {
                 match frame {
                     Ok(Some((frame, held))) => match handle(&ctx, &from, frame) {
                         Ok(answer) => pending.push_back(holding(answer, held)),
@@ -322,7 +343,10 @@ async fn serve_stream<I: Inbound>(
                 }
                 // Take every request that is already buffered before answering, so that
                 // answers are written in batches.
-                while !eof && pending.len() < MAX_OUTSTANDING_PER_STREAM {
+                while !eof
+                    && pending.len() < MAX_OUTSTANDING_PER_STREAM
+                    && pacer.debt(&from).is_zero()
+                {
                     match reader.try_next_frame() {
                         Ok(Some((frame, held))) => match handle(&ctx, &from, frame) {
                             Ok(answer) => pending.push_back(holding(answer, held)),
@@ -335,6 +359,9 @@ async fn serve_stream<I: Inbound>(
             }
         }
     };
+    if fail.is_some() {
+        ctx.adapter.pacer.refused(&from);
+    }
     let code = match fail {
         None => {
             let _ = send.finish();

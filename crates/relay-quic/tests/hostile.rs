@@ -95,6 +95,7 @@ fn config(me: &TlsIdentity, trust: PeerTrust, limits: Limits) -> QuicConfig {
         adapter: relay_adapter::AdapterContext {
             limits,
             stats: Arc::new(AdapterStats::default()),
+            pacer: Default::default(),
         },
     }
 }

@@ -1,11 +1,12 @@
 //! Dial a peer over TCP + TLS and report what was verified, or in plain words why not: the
-//! base of `mimi-relay check-peers`. QUIC peers are checked with
-//! [`PeerTrust::verify_server`](crate::PeerTrust::verify_server) on the chain of a QUIC
-//! handshake instead.
+//! base of `mimi-relay check-peers`. QUIC peers are dialled with a
+//! [`recording_client_config`], which says why a server was refused, and checked with
+//! [`PeerTrust::verify_server`](crate::PeerTrust::verify_server) on the chain of the QUIC
+//! handshake.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mimi_wire::uri::ProviderDomain;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -30,6 +31,8 @@ pub struct PeerCheck {
     pub days_left: Option<i64>,
     /// The chain it presented, end-entity first.
     pub chain: Vec<CertificateDer<'static>>,
+    /// How long the TCP connect took: one network round trip.
+    pub connect_time: Duration,
 }
 
 /// Why a peer failed the check.
@@ -101,9 +104,12 @@ pub async fn check_peer(
         };
     let mut last = None;
     let mut tcp = None;
+    let mut connect_time = Duration::ZERO;
     for addr in addrs {
+        let started = Instant::now();
         match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => {
+                connect_time = started.elapsed();
                 tcp = Some((s, addr));
                 break;
             }
@@ -176,5 +182,30 @@ pub async fn check_peer(
         alpn,
         days_left,
         chain,
+        connect_time,
     })
+}
+
+/// Records why a client config built by [`recording_client_config`] refused a server.
+#[derive(Clone, Debug, Default)]
+pub struct RefusalRecord(crate::FailureSlot);
+
+impl RefusalRecord {
+    /// The last refusal since the previous call, if any.
+    pub fn take(&self) -> Option<TrustFailure> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+}
+
+/// [`crate::client_config`], whose verifier also records why it refused a server: for
+/// transports whose handshake errors carry only the TLS alert (QUIC), so a tool can still say
+/// which check failed.
+pub fn recording_client_config(
+    identity: &TlsIdentity,
+    trust: &PeerTrust,
+    alpn: Vec<Vec<u8>>,
+) -> Result<(Arc<rustls::ClientConfig>, RefusalRecord), TlsError> {
+    let record = RefusalRecord::default();
+    let config = crate::client_config_with(identity, trust, alpn, Some(record.0.clone()))?;
+    Ok((config, record))
 }

@@ -274,6 +274,18 @@ impl fmt::Debug for GeneratedCert {
 /// Generates a self-signed ECDSA P-256 certificate for `domain` (SAN dNSName = domain, not a
 /// CA, rcgen's default validity).
 pub fn generate(domain: &ProviderDomain) -> Result<GeneratedCert, TlsError> {
+    leaf(domain, |params, key| params.self_signed(key))
+}
+
+/// An end-entity certificate for `domain` (SAN dNSName = domain, CN = domain, not a CA) with
+/// a fresh P-256 key, completed and signed by `sign`.
+fn leaf(
+    domain: &ProviderDomain,
+    sign: impl FnOnce(
+        rcgen::CertificateParams,
+        &rcgen::KeyPair,
+    ) -> Result<rcgen::Certificate, rcgen::Error>,
+) -> Result<GeneratedCert, TlsError> {
     let err = |source| TlsError::Generate {
         domain: domain.clone(),
         source,
@@ -285,7 +297,7 @@ pub fn generate(domain: &ProviderDomain) -> Result<GeneratedCert, TlsError> {
         .push(rcgen::DnType::CommonName, domain.as_str());
     params.is_ca = rcgen::IsCa::ExplicitNoCa;
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(err)?;
-    let cert = params.self_signed(&key).map_err(err)?;
+    let cert = sign(params, &key).map_err(err)?;
     Ok(GeneratedCert {
         cert_pem: cert.pem(),
         key_pem: key.serialize_pem(),
@@ -328,25 +340,12 @@ impl LocalCa {
     /// Issues a certificate for `domain` (SAN dNSName = domain, for TLS server and client
     /// use). Its PEM holds the end-entity certificate only: the CA is what peers configure.
     pub fn issue(&self, domain: &ProviderDomain) -> Result<GeneratedCert, TlsError> {
-        let err = |source| TlsError::Generate {
-            domain: domain.clone(),
-            source,
-        };
-        let mut params =
-            rcgen::CertificateParams::new(vec![domain.as_str().to_owned()]).map_err(err)?;
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, domain.as_str());
-        params.is_ca = rcgen::IsCa::ExplicitNoCa;
-        params.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(err)?;
-        let cert = params.signed_by(&key, &self.issuer).map_err(err)?;
-        Ok(GeneratedCert {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
+        leaf(domain, |mut params, key| {
+            params.extended_key_usages = vec![
+                rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+                rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            params.signed_by(key, &self.issuer)
         })
     }
 }

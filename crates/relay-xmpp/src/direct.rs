@@ -379,6 +379,7 @@ impl<I> ResponderCtx<I> {
             &remote,
             error,
         );
+        self.gate.handshake_failed(remote.ip());
     }
 }
 
@@ -400,11 +401,14 @@ pub(crate) async fn accept_loop<I: Inbound>(
         };
         match accepted {
             Ok((tcp, remote)) => {
-                // Over the node's cap on unauthenticated connections: closed at once, before
-                // any TLS work.
-                let Some(permit) = ctx.gate.handshake() else {
-                    tracing::debug!(%remote, "too many xmpp handshakes, closing");
-                    continue;
+                // A source under penalty, or over the node's cap on unauthenticated
+                // connections: closed at once, before any TLS work.
+                let permit = match ctx.gate.admit(remote.ip()) {
+                    Ok(permit) => permit,
+                    Err(over) => {
+                        tracing::debug!(%remote, %over, "xmpp connection refused before tls");
+                        continue;
+                    }
                 };
                 let _ = tcp.set_nodelay(true);
                 tokio::spawn(respond(tcp, remote, ctx.clone(), stop.clone(), permit));
@@ -449,7 +453,9 @@ async fn respond<I: Inbound>(
     let _peer_permit = match ctx.gate.peer(&peer) {
         Ok(permit) => permit,
         Err(over) => {
-            // Authenticated but over its connection cap: told so politely.
+            // Authenticated but over its connection cap: told so politely, and its retries
+            // are refused before TLS for a while.
+            ctx.gate.penalize(remote.ip());
             tracing::debug!(%remote, %peer, %over, "refusing inbound xmpp stream");
             let mut out = header(ctx.local.as_str(), peer.as_str(), Some(&token()));
             binding::write_stream_error(&mut out, "policy-violation");
@@ -466,7 +472,8 @@ async fn respond<I: Inbound>(
         ctx.sink.clone(),
         &ctx.adapter,
         Some(ctx.budget.clone()),
-    );
+    )
+    .paced(ctx.adapter.pacer.clone(), peer.clone());
     let session = match tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         open(&mut link, &mut reader, &writer, &ctx, &peer),

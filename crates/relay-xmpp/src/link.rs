@@ -17,7 +17,7 @@ use mimi_wire::uri::ProviderDomain;
 use minidom::Element;
 use relay_adapter::Inbound;
 use relay_adapter::outcome::OutcomeSink;
-use relay_adapter::{AdapterContext, AdapterStats, Budget, ByteBudget, Limits};
+use relay_adapter::{AdapterContext, AdapterStats, Budget, ByteBudget, Limits, Pacer};
 use relay_core::transport::{Request, Response, Status, Transmit, TransportError, TransportKind};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
@@ -270,6 +270,9 @@ pub(crate) struct Link<I> {
     stats: Arc<AdapterStats>,
     /// Bytes of requests handed to the node and not yet answered, per peer.
     budget: Option<Arc<ByteBudget>>,
+    /// On a peer's inbound stream: its refusal budget. The stream is not read while the
+    /// peer is in debt, so TCP holds its bytes at its end.
+    pacer: Option<(Arc<Pacer>, ProviderDomain)>,
 }
 
 impl<I: Inbound> Link<I> {
@@ -295,11 +298,25 @@ impl<I: Inbound> Link<I> {
             limits: adapter.limits.clone(),
             stats: adapter.stats.clone(),
             budget,
+            pacer: None,
         }
     }
 
     pub(crate) fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// Counts this stream's refusals against `peer` and paces its reading by them.
+    pub(crate) fn paced(mut self, pacer: Arc<Pacer>, peer: ProviderDomain) -> Self {
+        self.pacer = Some((pacer, peer));
+        self
+    }
+
+    /// A request of the peer's refused here (the node counts the core's refusals).
+    fn refused_peer(&self) {
+        if let Some((p, peer)) = &self.pacer {
+            p.refused(peer);
+        }
     }
 
     /// Whether more of our own stanzas may be sent: the peer has acknowledged enough. Half
@@ -462,7 +479,12 @@ impl<I: Inbound> Link<I> {
             if writer.is_closed() {
                 return Ended::Lost("write failed".into());
             }
-            let can_read = self.serving.len() < MAX_SERVING && self.out.len() < MAX_OUT;
+            let pause = self
+                .pacer
+                .as_ref()
+                .map_or(Duration::ZERO, |(p, peer)| p.debt(peer));
+            let can_read =
+                self.serving.len() < MAX_SERVING && self.out.len() < MAX_OUT && pause.is_zero();
             partial_since = if can_read && reader.scanner.is_partial() {
                 partial_since.or(Some(Instant::now()))
             } else {
@@ -503,6 +525,7 @@ impl<I: Inbound> Link<I> {
                     }
                     self.request_ack();
                 }
+                () = tokio::time::sleep(pause), if !pause.is_zero() => {}
                 read = reader.fill(), if can_read => {
                     match read {
                         Ok(true) => last_read = Instant::now(),
@@ -541,6 +564,7 @@ impl<I: Inbound> Link<I> {
                         ScanError::TagTooLong(_) => self.stats.refused(Budget::BodySize),
                         _ => {}
                     }
+                    self.refused_peer();
                     tracing::debug!(error = %e, "refusing an xmpp stream");
                     return Some(Ended::WeRefused(e.condition()));
                 }
@@ -586,6 +610,7 @@ impl<I: Inbound> Link<I> {
             Item::TooLarge { head, len } => {
                 tracing::debug!(len, "oversize stanza skipped unparsed");
                 self.stats.refused(Budget::BodySize);
+                self.refused_peer();
                 let Some(el) = head.and_then(|h| binding::parse(&h).ok()) else {
                     return Some(Ended::WeRefused("policy-violation"));
                 };
@@ -766,6 +791,7 @@ impl<I: Inbound> Link<I> {
                 if status == Status::TooLarge {
                     self.stats.refused(Budget::BodySize);
                 }
+                self.refused_peer();
                 let mut s = Vec::new();
                 binding::write_answer(
                     &mut s,

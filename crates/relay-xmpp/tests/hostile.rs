@@ -10,7 +10,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +28,21 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 
 const WAIT: Duration = Duration::from_secs(20);
+
+/// Each provider dials from its own loopback address, as on a real network: a penalty on
+/// one's address (refused at its connection cap) must spare the others.
+fn source_of(me: &TlsIdentity) -> IpAddr {
+    match me.domain.as_str() {
+        "c.example" => IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3)),
+        _ => IpAddr::V4(Ipv4Addr::LOCALHOST),
+    }
+}
+
+async fn tcp_from(source: IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket.connect(addr).await
+}
 
 /// The node: answers `201` echoing the body.
 #[derive(Clone)]
@@ -103,6 +118,7 @@ async fn node(limits: Limits) -> Node {
         adapter: AdapterContext {
             limits,
             stats: stats.clone(),
+            pacer: Default::default(),
         },
     };
     let (f, requests, _) = fake();
@@ -128,7 +144,7 @@ struct Raw {
 impl Raw {
     async fn open(me: &TlsIdentity, b: &TlsIdentity, addr: SocketAddr) -> Raw {
         let cfg = relay_tls::client_config(me, &trusting(&[b]), vec![ALPN.to_vec()]).unwrap();
-        let tcp = TcpStream::connect(addr).await.unwrap();
+        let tcp = tcp_from(source_of(me), addr).await.unwrap();
         let name = rustls::pki_types::ServerName::try_from("b.example".to_owned()).unwrap();
         let tls = tokio_rustls::TlsConnector::from(cfg)
             .connect(name, tcp)
@@ -512,6 +528,7 @@ async fn an_honest_sender_stays_inside_a_small_unacked_window() {
         adapter: AdapterContext {
             limits,
             stats: Default::default(),
+            pacer: Default::default(),
         },
     };
     let (c, _) = XmppTransport::start(cfg, f).await.unwrap();
@@ -553,10 +570,12 @@ async fn connections_are_capped_before_and_after_authentication() {
     let (mut c, _) = Raw::enabled(&n.c, &n.b, n.addr).await;
     c.request("c1").await;
     // Before authentication: one silent TCP connection holds the only handshake slot, so the
-    // next is closed at once, before any TLS.
-    let _silent = TcpStream::connect(n.addr).await.unwrap();
+    // next is closed at once, before any TLS (from an address of their own: a's is under
+    // penalty now).
+    let anon = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 4));
+    let _silent = tcp_from(anon, n.addr).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let mut second = TcpStream::connect(n.addr).await.unwrap();
+    let mut second = tcp_from(anon, n.addr).await.unwrap();
     let mut b = [0u8; 16];
     let k = timeout(WAIT, second.read(&mut b))
         .await

@@ -203,7 +203,8 @@ pub async fn main(args: BenchArgs, command: String) -> Result<bool> {
     }
     if report.hostile.is_some() {
         print!(
-            "\n{}\n{}",
+            "\n{}\n\n{}\n{}",
+            super::report::placement_words(report.placement.as_ref()),
             super::report::hostile_table(&report.rows),
             super::report::hostile_words(&report.rows, report.hostile.as_ref())
         );

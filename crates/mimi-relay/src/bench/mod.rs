@@ -240,6 +240,11 @@ pub struct Row {
     /// processes outside the lab on a shared host).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu: Option<hostile::CpuShares>,
+    /// Hostile rows: the CPUs each role could run on, as the kernel listed them
+    /// (`Cpus_allowed_list`): hub, victim, flooder_node, lab (driver, readers, forwarder) and,
+    /// flooded, flooder.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub cpus: BTreeMap<String, String>,
 }
 
 /// One run's headline figures, when a row is the median of several.
@@ -295,6 +300,7 @@ impl Row {
             hub_refusals: BTreeMap::new(),
             targets_met: None,
             cpu: None,
+            cpus: BTreeMap::new(),
         }
     }
 
@@ -353,6 +359,7 @@ impl Row {
             hub_peak_rss_bytes: runs.iter().filter_map(|r| r.hub_peak_rss_bytes).max(),
             flood,
             hub_refusals,
+            cpus: runs[0].cpus.clone(),
             sent: runs.iter().map(|r| r.sent).sum(),
             delivered: runs.iter().map(|r| r.delivered).sum(),
             msgs_per_s: f(|r| r.msgs_per_s),
@@ -428,6 +435,10 @@ pub struct BenchReport {
     pub repeat: usize,
     /// With `--hostile flood`: the hub's `[limits]` in the hostile rows.
     pub hostile: Option<HostileLimits>,
+    /// With `--hostile flood`: the CPUs of the honest side and of the attacker (none when the
+    /// machine has a single CPU; the notes say so).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub placement: Option<hostile::Placement>,
     /// What the run left out, and why.
     pub notes: Vec<String>,
     pub rows: Vec<Row>,
@@ -691,6 +702,7 @@ fn flood_target(
         victim_room: room_id(0),
         limits: hostile::LIMITS,
         netns: lab.map(|l| l.path(me)),
+        cpus: None,
     })
 }
 
@@ -792,6 +804,25 @@ pub async fn run(opts: BenchOptions, launcher: Launcher, command: String) -> Res
                 .collect()
         }
     };
+    // Hostile: the attacker's CPUs apart from the hub's, the same in the quiet and the flooded
+    // runs (hostile/cpus.rs says why). The lab's threads, and the forwarder and runtime
+    // threads started from them, take the honest side's.
+    let placement = match opts.hostile {
+        Hostile::None => None,
+        Hostile::Flood => match hostile::Placement::plan() {
+            Ok(p) => match p.pin_process() {
+                Ok(()) => Some(p),
+                Err(e) => {
+                    notes.push(format!("--hostile flood: CPUs not split ({e}): the flooder competes with the hub for every CPU"));
+                    None
+                }
+            },
+            Err(why) => {
+                notes.push(format!("--hostile flood: CPUs not split ({why})"));
+                None
+            }
+        },
+    };
     for n in &notes {
         eprintln!("note: {n}");
     }
@@ -866,6 +897,7 @@ pub async fn run(opts: BenchOptions, launcher: Launcher, command: String) -> Res
                             lab.as_ref(),
                             epoch,
                             &launcher,
+                            placement.as_ref(),
                             &mut row,
                             &progress,
                             &label,
@@ -931,6 +963,7 @@ pub async fn run(opts: BenchOptions, launcher: Launcher, command: String) -> Res
         quic_cc: opts.quic_cc.to_string(),
         repeat: opts.repeat,
         hostile: (opts.hostile == Hostile::Flood).then_some(hostile::LIMITS),
+        placement,
         notes,
         rows,
     };
@@ -1519,6 +1552,7 @@ async fn run_relay(
     lab: Option<&NetLab>,
     epoch: Instant,
     launcher: &Launcher,
+    placement: Option<&hostile::Placement>,
     row: &mut Row,
     progress: &Progress,
     label: &str,
@@ -1563,7 +1597,28 @@ async fn run_relay(
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "warn");
         }
-        nodes.children.push(cmd.spawn().context("starting a node")?);
+        // Hostile rows: the flooding provider's node is the attacker's, the rest honest.
+        let cpus = placement.map(|p| match variant {
+            Variant::Quiet | Variant::Flood if i == n - 1 => &p.attacker[..],
+            _ => &p.honest[..],
+        });
+        let child = hostile::spawn_pinned(&mut cmd, cpus).context("starting a node")?;
+        if variant != Variant::Normal {
+            let role = match i {
+                0 => "hub",
+                1 => "victim",
+                _ => "flooder_node",
+            };
+            if let Some(list) = hostile::allowed(&format!("/proc/{}/status", child.id())) {
+                row.cpus.insert(role.to_owned(), list);
+            }
+        }
+        nodes.children.push(child);
+    }
+    if variant != Variant::Normal
+        && let Some(list) = hostile::allowed("/proc/thread-self/status")
+    {
+        row.cpus.insert("lab".to_owned(), list);
     }
     let mut admins = Vec::new();
     for (i, cfg) in configs.iter().enumerate() {
@@ -1625,7 +1680,9 @@ async fn run_relay(
     let flood = match variant {
         Variant::Flood => {
             progress.line(&format!("{label} starting the flood"));
-            Some(hostile::Flood::start(flood_target(kind, &configs, lab)?)?)
+            let mut target = flood_target(kind, &configs, lab)?;
+            target.cpus = placement.map(|p| p.attacker.clone());
+            Some(hostile::Flood::start(target)?)
         }
         _ => None,
     };
@@ -1666,7 +1723,11 @@ async fn run_relay(
     };
     if let Some(f) = flood {
         progress.line(&format!("{label} stopping the flood"));
-        row.flood = Some(f.stop().await);
+        let counts = f.stop().await;
+        if let Some(list) = &counts.flooder_cpus {
+            row.cpus.insert("flooder".to_owned(), list.clone());
+        }
+        row.flood = Some(counts);
     }
     let expected = sent * receivers as u64;
     progress.line(&format!("{label} waiting for the last deliveries"));

@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result, anyhow};
 use plotters::prelude::*;
 
-use super::hostile::{HostileLimits, P99_TARGET, RATE_TARGET};
+use super::hostile::{HostileLimits, P99_TARGET, Placement, RATE_TARGET};
 use super::{BenchReport, Row};
 
 /// CPU model and core count of this machine, and the kernel.
@@ -319,6 +319,29 @@ pub(crate) fn hostile_words(rows: &[Row], limits: Option<&HostileLimits>) -> Str
     s
 }
 
+/// Where the flooder ran, in words: its own CPUs, or, on one CPU, the hub's.
+pub(crate) fn placement_words(p: Option<&Placement>) -> String {
+    let list = |v: &[usize]| v.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
+    match p {
+        Some(p) => format!(
+            "**CPU placement.** The flooder's thread and the flooding provider's own node \
+             (c.example) ran on CPU {}, and nothing else of the lab did; the hub, the victim's \
+             node, the lab's driver and readers and the link forwarder (which also does the \
+             kernel's receive work for every packet it delivers, the flood's included) ran on \
+             CPU {}. The same in the quiet and the flooded run, so both compare the same hub \
+             CPU. An attacker's CPU is not on its victim's hub: sharing the cores, the lab \
+             would measure how much CPU the flooder itself takes from the hub rather than how \
+             fairly the hub shares its own. Each row's `cpus` in results.json is what the \
+             kernel listed for each role (`Cpus_allowed_list`).",
+            list(&p.attacker),
+            list(&p.honest)
+        ),
+        None => "**CPU placement: none.** The flooder shared every CPU with the hub (see the \
+             notes), so a flooded row also counts the flooder's own CPU against the hub."
+            .to_owned(),
+    }
+}
+
 /// The results table in Markdown (also used by the README).
 pub(crate) fn table(rows: &[Row]) -> String {
     let mut s = String::new();
@@ -495,7 +518,8 @@ fn markdown(report: &BenchReport, plots: &[String]) -> String {
              malformed and valid-but-expensive requests on one connection more than its cap, \
              a thread of its own). Each transport runs once quiet and once flooded, otherwise \
              alike. In the flooded rows of the table above, wire B/msg and CPU µs/msg include \
-             the flood's bytes and the nodes' work on it.\n\n{}\n{}",
+             the flood's bytes and the nodes' work on it.\n\n{}\n\n{}\n{}",
+            placement_words(report.placement.as_ref()),
             hostile_table(&report.rows),
             hostile_words(&report.rows, report.hostile.as_ref())
         );

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use relay_adapter::{Budget, Limits};
+use relay_adapter::{Budget, FAILURES_PER_STRIKE, Limits};
 use relay_core::transport::{Status, TransportError};
 
 use crate::driver::Driver;
@@ -95,6 +95,100 @@ pub async fn connections_over_the_per_peer_cap_are_refused<D: Driver>() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    d.shutdown().await;
+}
+
+/// A connection refused at its peer's cap penalizes its source address: the peer's next
+/// connection from there is refused before any TLS work, even with a slot free, while a
+/// peer from another address is served; once the window is over, the peer gets in again
+/// (a legitimate reconnect is only delayed).
+pub async fn a_source_refused_at_its_cap_is_refused_before_tls_and_no_other<D: Driver>() {
+    let limits = Limits {
+        max_conns_per_peer: 2,
+        source_penalty: Duration::from_secs(2),
+        ..Limits::default()
+    };
+    let mut d = D::start(limits).await;
+    let first = d.connect(Who::A).await.expect("a's first");
+    let _second = d.connect(Who::A).await.expect("a's second");
+    assert_eq!(
+        d.connect(Who::A).await.err(),
+        Some(Answer::TooManyConnections)
+    );
+    let stats = d.world().stats.clone();
+    assert_eq!(stats.source_strikes(), 1);
+    drop(first);
+    assert_eq!(
+        d.connect(Who::A).await.err(),
+        Some(Answer::RefusedBeforeTls),
+        "a's retry from the same address, under penalty"
+    );
+    assert!(stats.refusals(Budget::SourcePenalty) >= 1);
+    let mut c = d.connect(Who::C).await.expect("c's address is not a's");
+    assert_eq!(
+        d.request(&mut c, 1, b"x".to_vec()).await,
+        Answer::Node(Status::Created, Some(2))
+    );
+    d.world().honest_is_served().await;
+
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match d.connect(Who::A).await {
+            Ok(mut again) => {
+                assert_eq!(
+                    d.request(&mut again, 3, b"x".to_vec()).await,
+                    Answer::Node(Status::Created, Some(4))
+                );
+                break;
+            }
+            Err(Answer::RefusedBeforeTls) => {}
+            Err(other) => panic!("a's reconnect after the window: {other:?}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a never got in again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    d.shutdown().await;
+}
+
+/// A peer whose requests the adapter keeps refusing (bodies over the limit) runs into debt on
+/// its refusal budget: its next request is not read until the debt is paid, then served; the
+/// other peer owes nothing and is served at once.
+pub async fn a_peer_that_keeps_being_refused_is_slowed_and_no_other<D: Driver>() {
+    // One refusal a second, four at once: the sixth and seventh are two seconds of debt.
+    let limits = Limits {
+        max_refusals_per_s: 1,
+        ..Limits::default()
+    };
+    let mut d = D::start(limits).await;
+    let mut a = d.connect(Who::A).await.expect("a connects");
+    let big = vec![0x42; d.max_body() + 1];
+    for seq in 1..=6 {
+        assert_eq!(d.request(&mut a, seq, big.clone()).await, Answer::TooLarge);
+    }
+    let pacer = d.world().pacer.clone();
+    let (a_dom, c_dom) = (d.world().a.domain.clone(), d.world().c.domain.clone());
+    assert!(pacer.refusals() >= 6);
+    let debt = pacer.debt(&a_dom);
+    assert!(debt > Duration::ZERO, "a is in debt");
+    assert_eq!(pacer.debt(&c_dom), Duration::ZERO, "c owes nothing");
+
+    let t0 = tokio::time::Instant::now();
+    let mut c = d.connect(Who::C).await.expect("c connects");
+    assert_eq!(
+        d.request(&mut c, 1, b"x".to_vec()).await,
+        Answer::Node(Status::Created, Some(2))
+    );
+    d.world().honest_is_served().await;
+    assert_eq!(
+        d.request(&mut a, 7, b"x".to_vec()).await,
+        Answer::Node(Status::Created, Some(8)),
+        "a is served once it has paid"
+    );
+    // Not read before its debt was paid (half of it, for the time the checks above took).
+    assert!(t0.elapsed() >= debt / 2, "{:?} of {debt:?}", t0.elapsed());
     d.shutdown().await;
 }
 
@@ -197,10 +291,15 @@ pub async fn failed_handshakes_are_counted_and_not_each_logged<D: Driver>() {
         d.failed_handshake().await;
     }
     let stats = d.world().stats.clone();
-    eventually("five failed handshakes counted", || {
-        stats.failed_handshakes() == 5
-    })
+    // From the third failure on their address is under penalty: the rest are refused before
+    // TLS (counted as such, and not logged either). a's address is another.
+    eventually(
+        "five failed handshakes counted or refused before tls",
+        || stats.failed_handshakes() + stats.refusals(Budget::SourcePenalty) == 5,
+    )
     .await;
+    assert!(stats.failed_handshakes() >= u64::from(FAILURES_PER_STRIKE));
+    assert!(stats.source_strikes() >= 1);
     assert_eq!(
         warnings.lines(),
         1,

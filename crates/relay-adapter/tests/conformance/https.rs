@@ -22,8 +22,8 @@ use tokio::time::timeout;
 
 use crate::driver::Driver;
 use crate::support::{
-    Answer, Backpressure, MAX_BODY, NODE_TIMEOUT, Node, Outcomes, Peer, ROOM, WAIT, Who, World,
-    trusting,
+    Answer, Backpressure, IMPOSTOR_SOURCE, MAX_BODY, NODE_TIMEOUT, Node, Outcomes, Peer, ROOM,
+    WAIT, Who, World, closed_before_tls, tcp_from, trusting,
 };
 
 type RawBody = BoxBody<Bytes, Infallible>;
@@ -63,6 +63,7 @@ impl Https {
     async fn tls(
         &self,
         me: &Peer,
+        source: std::net::IpAddr,
         alpn: &[u8],
     ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
         let cfg = relay_tls::client_config(
@@ -71,7 +72,7 @@ impl Https {
             vec![alpn.to_vec()],
         )
         .expect("client tls");
-        let tcp = tokio::net::TcpStream::connect(self.addr).await?;
+        let tcp = tcp_from(source, self.addr).await?;
         let name = rustls::pki_types::ServerName::try_from("b.example").expect("name");
         tokio_rustls::TlsConnector::from(cfg)
             .connect(name, tcp)
@@ -150,6 +151,7 @@ impl Driver for Https {
         let peers = World::peers();
         let (a, b, c) = &peers;
         let stats = Arc::new(AdapterStats::default());
+        let pacer = relay_adapter::Pacer::new(limits.max_refusals_per_s);
         let node = Node::default();
         let cfg = HttpsConfig {
             identity: b.identity.clone(),
@@ -161,6 +163,7 @@ impl Driver for Https {
             adapter: AdapterContext {
                 limits: limits.clone(),
                 stats: stats.clone(),
+                pacer: pacer.clone(),
             },
         };
         let (tb, addr) = HttpsTransport::start(cfg, node.clone()).await.expect("b");
@@ -175,7 +178,14 @@ impl Driver for Https {
             adapter: AdapterContext::default(),
         };
         let (tc, _) = HttpsTransport::start(cfg, inbound).await.expect("c");
-        let world = World::new(Self::KIND, peers, stats, node, Box::new(tc), outcomes);
+        let world = World::new(
+            Self::KIND,
+            peers,
+            (stats, pacer),
+            node,
+            Box::new(tc),
+            outcomes,
+        );
         Https {
             world,
             b: tb,
@@ -195,9 +205,12 @@ impl Driver for Https {
     async fn connect(&mut self, who: Who) -> Result<Self::Conn, Answer> {
         let me = self.peer(who);
         let tls = self
-            .tls(&me, b"h2")
+            .tls(&me, who.source(), b"h2")
             .await
-            .map_err(|e| Answer::Other(format!("tls: {e}")))?;
+            .map_err(|e| match e {
+                e if closed_before_tls(&e) => Answer::RefusedBeforeTls,
+                e => Answer::Other(format!("tls: {e}")),
+            })?;
         // From here on a failure is b closing an authenticated connection: the binding's
         // refusal of a peer over its connection cap.
         let (mut h2, conn) =
@@ -253,7 +266,10 @@ impl Driver for Https {
 
     async fn garbage_after_auth(&mut self) -> Answer {
         let a = self.world.a.clone();
-        let mut tls = self.tls(&a, b"http/1.1").await.expect("tls");
+        let mut tls = self
+            .tls(&a, Who::A.source(), b"http/1.1")
+            .await
+            .expect("tls");
         tls.write_all(b"\x01\x02 this is not http\r\n\r\n")
             .await
             .expect("write");
@@ -266,9 +282,7 @@ impl Driver for Https {
     }
 
     async fn garbage_before_auth(&mut self) {
-        let mut tcp = tokio::net::TcpStream::connect(self.addr)
-            .await
-            .expect("connect");
+        let mut tcp = tcp_from(IMPOSTOR_SOURCE, self.addr).await.expect("connect");
         tcp.write_all(b"GET / HTTP/1.1\r\nhost: b.example\r\n\r\n")
             .await
             .expect("write");
@@ -282,7 +296,7 @@ impl Driver for Https {
     async fn failed_handshake(&mut self) {
         let impostor = self.impostor.clone();
         // TLS 1.3: the client may finish before b refuses its certificate; then b closes.
-        if let Ok(mut tls) = self.tls(&impostor, b"h2").await {
+        if let Ok(mut tls) = self.tls(&impostor, IMPOSTOR_SOURCE, b"h2").await {
             let _ = until_closed(&mut tls).await;
         }
     }

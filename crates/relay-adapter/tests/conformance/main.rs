@@ -27,6 +27,8 @@ macro_rules! conformance {
             oversize_is_refused_with_the_protocols_own_error,
             a_stalled_frame_is_cut_at_the_frame_deadline,
             connections_over_the_per_peer_cap_are_refused,
+            a_source_refused_at_its_cap_is_refused_before_tls_and_no_other,
+            a_peer_that_keeps_being_refused_is_slowed_and_no_other,
             a_peer_over_its_byte_budget_gets_backpressure,
             garbage_before_authentication_is_refused,
             garbage_after_authentication_is_refused,

@@ -30,7 +30,8 @@ use tokio::time::timeout;
 
 use crate::driver::Driver;
 use crate::support::{
-    Answer, Backpressure, NODE_TIMEOUT, Node, Outcomes, Peer, ROOM, WAIT, Who, World, trusting,
+    Answer, Backpressure, IMPOSTOR_SOURCE, NODE_TIMEOUT, Node, Outcomes, Peer, ROOM, WAIT, Who,
+    World, closed_before_tls, tcp_from, trusting,
 };
 
 type RawBody = BoxBody<Bytes, Infallible>;
@@ -174,7 +175,10 @@ impl Matrix {
         .expect("json")
     }
 
-    async fn tls(&self) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    async fn tls(
+        &self,
+        source: std::net::IpAddr,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
         // Matrix asks for no client certificate; the connection is pinned to b's.
         let cfg = relay_tls::client_config(
             &self.world.c.identity,
@@ -182,7 +186,7 @@ impl Matrix {
             vec![b"h2".to_vec()],
         )
         .expect("client tls");
-        let tcp = tokio::net::TcpStream::connect(self.addr).await?;
+        let tcp = tcp_from(source, self.addr).await?;
         let name = rustls::pki_types::ServerName::try_from("b.example").expect("name");
         tokio_rustls::TlsConnector::from(cfg)
             .connect(name, tcp)
@@ -191,9 +195,7 @@ impl Matrix {
 
     /// Plain text to the TLS listener: a handshake that fails.
     async fn plain_text(&self) {
-        let mut tcp = tokio::net::TcpStream::connect(self.addr)
-            .await
-            .expect("connect");
+        let mut tcp = tcp_from(IMPOSTOR_SOURCE, self.addr).await.expect("connect");
         tcp.write_all(b"GET / HTTP/1.1\r\nhost: b.example\r\n\r\n")
             .await
             .expect("write");
@@ -231,16 +233,25 @@ impl Driver for Matrix {
         c_cfg.request_timeout = WAIT;
         let (tc, _) = MatrixTransport::start(c_cfg, inbound).await.expect("c");
         let stats = Arc::new(AdapterStats::default());
+        let pacer = relay_adapter::Pacer::new(limits.max_refusals_per_s);
         let node = Node::default();
         let adapter = AdapterContext {
             limits: limits.clone(),
             stats: stats.clone(),
+            pacer: pacer.clone(),
         };
         let b_cfg = config(b, SEED_B, lb, &[(a, la), (c, lc)], adapter);
         let (tb, addr) = MatrixTransport::start(b_cfg, node.clone())
             .await
             .expect("b");
-        let world = World::new(Self::KIND, peers, stats, node, Box::new(tc), outcomes);
+        let world = World::new(
+            Self::KIND,
+            peers,
+            (stats, pacer),
+            node,
+            Box::new(tc),
+            outcomes,
+        );
         Matrix {
             world,
             b: tb,
@@ -263,10 +274,10 @@ impl Driver for Matrix {
             Who::A => (name("a.example"), SEED_A),
             Who::C => (name("c.example"), SEED_C),
         };
-        let tls = self
-            .tls()
-            .await
-            .map_err(|e| Answer::Other(format!("tls: {e}")))?;
+        let tls = self.tls(who.source()).await.map_err(|e| match e {
+            e if closed_before_tls(&e) => Answer::RefusedBeforeTls,
+            e => Answer::Other(format!("tls: {e}")),
+        })?;
         let (h2, driver) =
             hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
                 .await

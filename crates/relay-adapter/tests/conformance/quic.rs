@@ -1,7 +1,7 @@
 //! The QUIC driver: raw quinn connections speaking the adapter's frames (FRAMING.md), one
 //! stream per request.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,15 +17,16 @@ use tokio::time::timeout;
 
 use crate::driver::Driver;
 use crate::support::{
-    Answer, Backpressure, MAX_BODY, NODE_TIMEOUT, Node, Outcomes, Peer, ROOM, WAIT, Who, World,
-    trusting,
+    Answer, Backpressure, IMPOSTOR_SOURCE, MAX_BODY, NODE_TIMEOUT, Node, Outcomes, Peer, ROOM,
+    WAIT, Who, World, trusting,
 };
 
 pub struct Quic {
     world: World,
     b: QuicTransport,
     addr: SocketAddr,
-    endpoint: quinn::Endpoint,
+    /// One client endpoint per source address (a's, c's, the impostor's).
+    endpoints: Vec<(IpAddr, quinn::Endpoint)>,
     impostor: Peer,
 }
 
@@ -46,6 +47,7 @@ fn config(me: &Peer, trust: relay_tls::PeerTrust, limits: Limits) -> QuicConfig 
         request_timeout: NODE_TIMEOUT,
         congestion: Congestion::default(),
         adapter: AdapterContext {
+            pacer: relay_adapter::Pacer::new(limits.max_refusals_per_s),
             limits,
             stats: Arc::new(AdapterStats::default()),
         },
@@ -65,8 +67,14 @@ impl Quic {
         ))
     }
 
-    async fn dial(&self, me: &Peer) -> Result<quinn::Connection, ConnectionError> {
-        self.endpoint
+    async fn dial(&self, me: &Peer, source: IpAddr) -> Result<quinn::Connection, ConnectionError> {
+        let endpoint = self
+            .endpoints
+            .iter()
+            .find(|(ip, _)| *ip == source)
+            .map(|(_, e)| e)
+            .expect("an endpoint for every source");
+        endpoint
             .connect_with(self.client_config(me), self.addr, "b.example")
             .expect("connect")
             .await
@@ -137,6 +145,7 @@ impl Driver for Quic {
         let (a, b, c) = &peers;
         let cfg = config(b, trusting(&[a, c]), limits.clone());
         let stats = cfg.adapter.stats.clone();
+        let pacer = cfg.adapter.pacer.clone();
         let node = Node::default();
         let (tb, addr) = QuicTransport::start(cfg, node.clone()).await.expect("b");
         let (inbound, outcomes) = Outcomes::new();
@@ -144,12 +153,25 @@ impl Driver for Quic {
         cfg.peers.insert(b.domain.clone(), addr.into());
         cfg.request_timeout = WAIT;
         let (tc, _) = QuicTransport::start(cfg, inbound).await.expect("c");
-        let world = World::new(Self::KIND, peers, stats, node, Box::new(tc), outcomes);
+        let world = World::new(
+            Self::KIND,
+            peers,
+            (stats, pacer),
+            node,
+            Box::new(tc),
+            outcomes,
+        );
         Quic {
             world,
             b: tb,
             addr,
-            endpoint: quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("bind"),
+            endpoints: [Who::A.source(), Who::C.source(), IMPOSTOR_SOURCE]
+                .into_iter()
+                .map(|ip| {
+                    let e = quinn::Endpoint::client(SocketAddr::new(ip, 0)).expect("bind");
+                    (ip, e)
+                })
+                .collect(),
             impostor: Peer::new("a.example"),
         }
     }
@@ -167,10 +189,14 @@ impl Driver for Quic {
             Who::A => self.world.a.clone(),
             Who::C => self.world.c.clone(),
         };
-        let conn = self
-            .dial(&me)
-            .await
-            .map_err(|e| Answer::Other(e.to_string()))?;
+        let conn = self.dial(&me, who.source()).await.map_err(|e| match e {
+            ConnectionError::ConnectionClosed(c)
+                if c.error_code == quinn_proto::TransportErrorCode::CONNECTION_REFUSED =>
+            {
+                Answer::RefusedBeforeTls
+            }
+            e => Answer::Other(e.to_string()),
+        })?;
         match ping(&conn).await {
             Ok(()) => Ok(conn),
             Err(e) => Err(match conn.close_reason() {
@@ -260,7 +286,7 @@ impl Driver for Quic {
     async fn failed_handshake(&mut self) {
         let impostor = self.impostor.clone();
         // TLS 1.3: the client may finish before b refuses its certificate; then b closes.
-        if let Ok(conn) = self.dial(&impostor).await {
+        if let Ok(conn) = self.dial(&impostor, IMPOSTOR_SOURCE).await {
             timeout(WAIT, conn.closed()).await.expect("closed by b");
         }
     }
@@ -268,6 +294,8 @@ impl Driver for Quic {
     async fn shutdown(self) {
         self.world.honest.shutdown().await;
         self.b.shutdown().await;
-        self.endpoint.close(VarInt::from_u32(0), b"done");
+        for (_, e) in &self.endpoints {
+            e.close(VarInt::from_u32(0), b"done");
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! What every driver shares: the three providers, the node under test, the honest peer, the
 //! normalised answers, and a counter of warnings.
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -8,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use mimi_wire::endpoint::Endpoint;
 use mimi_wire::uri::ProviderDomain;
-use relay_adapter::{AdapterStats, Inbound, Transport};
+use relay_adapter::{AdapterStats, Inbound, Pacer, Transport};
 use relay_core::transport::{
     Lineage, Request, Response, Status, Transmit, TransmitId, TransportError, TransportKind,
 };
@@ -70,6 +71,38 @@ pub enum Who {
     C,
 }
 
+impl Who {
+    /// The loopback address its raw connections come from: each peer its own, as on a real
+    /// network, so that a penalty on one source address is seen to spare the other.
+    pub fn source(self) -> IpAddr {
+        match self {
+            Who::A => IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)),
+            // The address c's real adapter dials from too.
+            Who::C => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        }
+    }
+}
+
+/// Where the handshakes that must fail (an impostor, plain text) come from.
+pub const IMPOSTOR_SOURCE: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
+
+/// A TCP connection to `addr` from `source` (any 127/8 address is loopback on Linux).
+pub async fn tcp_from(source: IpAddr, addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket.connect(addr).await
+}
+
+/// Whether a TLS handshake ended because b closed the connection before answering it: the
+/// refusal of a source under penalty, before any TLS work.
+pub fn closed_before_tls(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+    )
+}
+
 /// What the node under test answered a raw request with, in the transport's terms mapped to
 /// one vocabulary. A driver maps only the protocol's own form of each refusal to its variant
 /// (and anything else to `Other`), so the cases check the protocol's own error.
@@ -94,6 +127,9 @@ pub enum Answer {
     /// known, a QUIC close with `TOO_MANY_CONNECTIONS`, the XMPP stream error
     /// `policy-violation`, Matrix 429 `M_LIMIT_EXCEEDED` on its first transaction.
     TooManyConnections,
+    /// A connection refused before its handshake, its source address under penalty: closed
+    /// before b answers the TLS ClientHello; for QUIC, a close with `CONNECTION_REFUSED`.
+    RefusedBeforeTls,
     /// Anything else, described.
     Other(String),
 }
@@ -204,6 +240,8 @@ pub struct World {
     pub b: Peer,
     pub c: Peer,
     pub stats: Arc<AdapterStats>,
+    /// b's refusal budgets per peer.
+    pub pacer: Arc<Pacer>,
     pub node: Node,
     pub honest: Box<dyn Transport>,
     pub outcomes: mpsc::UnboundedReceiver<Outcome>,
@@ -222,7 +260,7 @@ impl World {
     pub fn new(
         kind: TransportKind,
         (a, b, c): (Peer, Peer, Peer),
-        stats: Arc<AdapterStats>,
+        (stats, pacer): (Arc<AdapterStats>, Arc<Pacer>),
         node: Node,
         honest: Box<dyn Transport>,
         outcomes: mpsc::UnboundedReceiver<Outcome>,
@@ -233,6 +271,7 @@ impl World {
             b,
             c,
             stats,
+            pacer,
             node,
             honest,
             outcomes,

@@ -14,8 +14,8 @@ use tokio::time::timeout;
 
 use crate::driver::Driver;
 use crate::support::{
-    Answer, Backpressure, MAX_BODY, NODE_TIMEOUT, Node, Outcomes, Peer, ROOM, WAIT, Who, World,
-    trusting,
+    Answer, Backpressure, IMPOSTOR_SOURCE, MAX_BODY, NODE_TIMEOUT, Node, Outcomes, Peer, ROOM,
+    WAIT, Who, World, closed_before_tls, tcp_from, trusting,
 };
 
 pub struct Xmpp {
@@ -134,14 +134,18 @@ fn ended(condition: &str) -> Answer {
 }
 
 impl Xmpp {
-    async fn tls(&self, me: &Peer) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    async fn tls(
+        &self,
+        me: &Peer,
+        source: std::net::IpAddr,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
         let cfg = relay_tls::client_config(
             &me.identity,
             &trusting(&[&self.world.b]),
             vec![ALPN.to_vec()],
         )
         .expect("client tls");
-        let tcp = TcpStream::connect(self.addr).await?;
+        let tcp = tcp_from(source, self.addr).await?;
         let name = rustls::pki_types::ServerName::try_from("b.example").expect("name");
         tokio_rustls::TlsConnector::from(cfg)
             .connect(name, tcp)
@@ -160,6 +164,7 @@ impl Driver for Xmpp {
         let peers = World::peers();
         let (a, b, c) = &peers;
         let stats = Arc::new(AdapterStats::default());
+        let pacer = relay_adapter::Pacer::new(limits.max_refusals_per_s);
         let node = Node::default();
         let cfg = XmppConfig {
             identity: b.identity.clone(),
@@ -172,6 +177,7 @@ impl Driver for Xmpp {
             adapter: AdapterContext {
                 limits: limits.clone(),
                 stats: stats.clone(),
+                pacer: pacer.clone(),
             },
         };
         let (tb, addr) = XmppTransport::start(cfg, node.clone()).await.expect("b");
@@ -187,7 +193,14 @@ impl Driver for Xmpp {
             adapter: AdapterContext::default(),
         };
         let (tc, _) = XmppTransport::start(cfg, inbound).await.expect("c");
-        let world = World::new(Self::KIND, peers, stats, node, Box::new(tc), outcomes);
+        let world = World::new(
+            Self::KIND,
+            peers,
+            (stats, pacer),
+            node,
+            Box::new(tc),
+            outcomes,
+        );
         Xmpp {
             world,
             b: tb,
@@ -209,10 +222,10 @@ impl Driver for Xmpp {
             Who::A => self.world.a.clone(),
             Who::C => self.world.c.clone(),
         };
-        let tls = self
-            .tls(&me)
-            .await
-            .map_err(|e| Answer::Other(format!("tls: {e}")))?;
+        let tls = self.tls(&me, who.source()).await.map_err(|e| match e {
+            e if closed_before_tls(&e) => Answer::RefusedBeforeTls,
+            e => Answer::Other(format!("tls: {e}")),
+        })?;
         let mut raw = Raw {
             tls,
             seen: String::new(),
@@ -278,7 +291,7 @@ impl Driver for Xmpp {
     }
 
     async fn garbage_before_auth(&mut self) {
-        let mut tcp = TcpStream::connect(self.addr).await.expect("connect");
+        let mut tcp = tcp_from(IMPOSTOR_SOURCE, self.addr).await.expect("connect");
         tcp.write_all(b"<stream:stream to='b.example'>")
             .await
             .expect("write");
@@ -297,7 +310,7 @@ impl Driver for Xmpp {
     async fn failed_handshake(&mut self) {
         let impostor = self.impostor.clone();
         // TLS 1.3: the client may finish before b refuses its certificate; then b closes.
-        if let Ok(mut tls) = self.tls(&impostor).await {
+        if let Ok(mut tls) = self.tls(&impostor, IMPOSTOR_SOURCE).await {
             let mut buf = [0u8; 256];
             let _ = timeout(WAIT, tls.read(&mut buf))
                 .await

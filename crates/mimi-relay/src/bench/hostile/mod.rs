@@ -2,7 +2,8 @@
 //! follower's traffic is measured, and the same row runs without the flood.
 //!
 //! The flooder runs in the lab's process on a thread of its own (one core at most, its own
-//! runtime, so it never delays the driver's tasks), speaks the hub's transport directly with
+//! runtime, so it never delays the driver's tasks), on CPUs apart from the hub's (`cpus.rs`
+//! says why), speaks the hub's transport directly with
 //! the flooding provider's own certificate and key (`c.example`, from the row's config
 //! directory), and keeps several connections busy at once ("lanes"), each with one kind of
 //! abuse:
@@ -17,6 +18,7 @@
 //! One lane more than `max_conns_per_peer` allows is started, so the connection cap is tried
 //! too. Every answer is tallied by status (or by how the hub ended the stream).
 
+mod cpus;
 mod https;
 mod matrix;
 mod quic;
@@ -38,6 +40,9 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::{lock, netlab};
+
+pub use cpus::Placement;
+pub(crate) use cpus::{allowed, spawn_pinned};
 
 /// `--hostile`: which adversary shares the hub with the measured traffic.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -151,8 +156,11 @@ pub struct FloodCounts {
     pub reset: u64,
     /// Every answer by status code or by how the stream ended.
     pub by_outcome: BTreeMap<String, u64>,
-    /// CPU the flooder's thread used over the flood, in ms (it competes for the same cores).
+    /// CPU the flooder's thread used over the flood, in ms.
     pub flooder_cpu_ms: Option<u64>,
+    /// The CPUs the flooder's thread could run on (`Cpus_allowed_list`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flooder_cpus: Option<String>,
 }
 
 impl FloodCounts {
@@ -177,6 +185,9 @@ impl FloodCounts {
             (Some(a), Some(b)) => Some(a + b),
             (a, b) => a.or(b),
         };
+        if self.flooder_cpus.is_none() {
+            self.flooder_cpus.clone_from(&o.flooder_cpus);
+        }
     }
 }
 
@@ -299,6 +310,8 @@ pub(crate) struct FloodTarget {
     pub limits: HostileLimits,
     /// The namespace the flooder's sockets live in (the flooding follower's), with the lab.
     pub netns: Option<String>,
+    /// The attacker's CPUs ([`Placement`]); the flooder's thread pins itself there.
+    pub cpus: Option<Vec<usize>>,
 }
 
 impl FloodTarget {
@@ -488,7 +501,7 @@ impl Mix {
 /// A flood in progress.
 pub(crate) struct Flood {
     stop: watch::Sender<bool>,
-    thread: Option<std::thread::JoinHandle<Option<u64>>>,
+    thread: Option<std::thread::JoinHandle<(Option<u64>, Option<String>)>>,
     tally: Arc<Tally>,
 }
 
@@ -505,6 +518,13 @@ impl Flood {
         let thread = std::thread::Builder::new()
             .name("flooder".into())
             .spawn(move || {
+                // Before anything starts: the runtime's blocking threads inherit the mask.
+                if let Some(cpus) = &t.cpus
+                    && let Err(e) = cpus::pin_this_thread(cpus)
+                {
+                    eprintln!("warning: the flooder could not take its own CPUs: {e}");
+                }
+                let mask = allowed("/proc/thread-self/status");
                 let cpu0 = super::cpu_us_at("/proc/thread-self/stat");
                 rt.block_on(async move {
                     let mut stopped = stopped;
@@ -525,7 +545,7 @@ impl Flood {
                 let cpu1 = super::cpu_us_at("/proc/thread-self/stat");
                 // Dropping the runtime drops every lane and closes its connections.
                 drop(rt);
-                Some(cpu1?.saturating_sub(cpu0?))
+                (cpu1.zip(cpu0).map(|(b, a)| b.saturating_sub(a)), mask)
             })
             .context("starting the flooder thread")?;
         Ok(Flood {
@@ -538,15 +558,15 @@ impl Flood {
     /// Stops the flood and returns its counts.
     pub(crate) async fn stop(mut self) -> FloodCounts {
         let _ = self.stop.send(true);
-        let cpu = match self.thread.take() {
-            Some(h) => tokio::task::spawn_blocking(move || h.join().ok().flatten())
+        let (cpu, mask) = match self.thread.take() {
+            Some(h) => tokio::task::spawn_blocking(move || h.join().unwrap_or((None, None)))
                 .await
-                .ok()
-                .flatten(),
-            None => None,
+                .unwrap_or((None, None)),
+            None => (None, None),
         };
         let mut c = self.tally.counts();
         c.flooder_cpu_ms = cpu.map(|us| us / 1000);
+        c.flooder_cpus = mask;
         c
     }
 }
