@@ -111,8 +111,13 @@ impl Sender {
         &mut self,
         req: Request<Empty<Bytes>>,
     ) -> Result<http::Response<hyper::body::Incoming>, hyper::Error> {
+        // An HTTP/1.1 connection takes a request only once the answer before was read to
+        // its end by the connection task; sent before that, hyper cancels it.
         match self {
-            Sender::H1(s) => s.send_request(req).await,
+            Sender::H1(s) => {
+                s.ready().await?;
+                s.send_request(req).await
+            }
             Sender::H2(s) => s.send_request(req).await,
         }
     }

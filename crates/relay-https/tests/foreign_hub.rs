@@ -744,6 +744,34 @@ async fn a_slow_room_does_not_hold_up_other_rooms_over_http1() -> Result<()> {
     Ok(())
 }
 
+/// `check-peers` reads the directory and then probes the sequence extension over the same
+/// HTTP/1.1 connection: the probe must wait until the connection takes a second request, not
+/// be cancelled when sent too early (it was, about every other time, against such a hub).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_probes_the_sequence_extension_over_one_http1_connection() -> Result<()> {
+    let s = setup(Some(HUB_DIRECTORY), &["/mimi/pl/"]).await?;
+    let room: mimi_wire::uri::RoomId = ROOM.parse()?;
+    let trust = s.us_p.trusting(&s.hub_p)?;
+    for _ in 0..20 {
+        let report = relay_https::check::check(
+            &s.us_p.identity,
+            &trust,
+            &s.hub_p.domain,
+            &s.hub.addr.into(),
+            Some(&room),
+            WAIT,
+        )
+        .await?;
+        assert_eq!(report.http, "1.1");
+        // The hub answers the empty /notify 201 without MIMI-Next-Seq: the draft's rules.
+        match report.seq {
+            Some(relay_https::check::SeqSupport::DraftOnly { status: 201 }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn our_server_speaks_http1_to_a_client_without_alpn() -> Result<()> {
     let server = Provider::new("b.example")?;
