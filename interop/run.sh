@@ -322,6 +322,7 @@ TOML
     --control "127.0.0.1:$py_control" --node-domain "$NODE" --hosted "$hosted" --remote "$remote" \
     --messages "${HTTPS_PEER_MESSAGES:-10000}" --submits "${HTTPS_PEER_SUBMITS:-1000}" \
     --stall "${HTTPS_PEER_STALL:-30}" --replay 3 --peer-log "$WORK/py-peer.log" --json "$WORK/results.json" \
+    --check-peers "$(printf '%q --config %q' "$bin" "$WORK/$NODE.toml")" \
     ${HTTPS_PEER_FLOWS:+--flows "$HTTPS_PEER_FLOWS"} -- \
     python3 "$REPO/interop/https-peer/peer.py" --domain "$PY" --listen "127.0.0.1:$py_https" \
     --control "127.0.0.1:$py_control" --cert "$WORK/certs/$PY.crt" --key "$WORK/certs/$PY.key" \

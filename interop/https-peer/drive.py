@@ -13,6 +13,8 @@ is submitted while it is down); a flow in which that did not happen fails. Flows
   py-submit         the peer, as a provider, submits --submits messages to --hosted
   node-submit       the node's client submits --submits messages to --remote (at the peer)
   node-hub-notify   the node, hub of --hosted, fans out --messages events to the peer
+With --check-peers, `mimi-relay check-peers --json` is run against the peer first and its
+report checked (trust, HTTP/1.1, the peer's paths, draft rules, no unexpected fault).
 Every flow runs even if an earlier one failed; a flow that makes no progress for --stall
 seconds stops and reports what it got. Exit 0 only if every flow is complete.
 """
@@ -23,6 +25,7 @@ import argparse
 import http.client
 import json
 import os
+import shlex
 import signal
 import struct
 import subprocess
@@ -187,6 +190,47 @@ def verdict(name: str, got: list[str], expected: list[str], extra: str = "") -> 
     return res
 
 
+# What the peer serves (see peer.py): check-peers must see exactly these gaps and no other fault.
+PEER_ENDPOINTS = {"notify", "submitMessage"}
+
+
+def check_peers(cmd: str, node_domain: str) -> dict:
+    """`mimi-relay check-peers --json` against the peer: it must be verified by the CA, read
+    over HTTP/1.1, its own paths found in its directory, and seen to run by the draft's rules.
+    The only fault allowed is the endpoints the peer does not implement."""
+    argv = shlex.split(cmd)
+    at = argv.index("--config")
+    argv[at:at] = ["check-peers", "--json"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    problems = []
+    try:
+        p = json.loads(out.stdout)["peers"][0]
+    except (ValueError, KeyError, IndexError):
+        say(f"check-peers: FAILED  no report (exit {out.returncode}): {out.stderr[-300:]!r}")
+        return {"flow": "check-peers", "ok": False}
+    ident = p.get("identity") or {}
+    if ident.get("mode") != p.get("trust") or not ident.get("verified_as"):
+        problems.append(f"identity {ident}")
+    if p.get("http") != "1.1":
+        problems.append(f"http {p.get('http')}")
+    d = p.get("directory") or {}
+    found = set((d.get("endpoints") or {}))
+    if not d.get("served") or found != PEER_ENDPOINTS:
+        problems.append(f"directory {d}")
+    if any("/mimi/pl/" not in u and "/v1/" not in u for u in (d.get("endpoints") or {}).values()):
+        problems.append(f"paths {d.get('endpoints')}")
+    if (p.get("sequence") or {}).get("speaks") != "no":
+        problems.append(f"sequence {p.get('sequence')}")
+    kinds = {f.get("kind") for f in p.get("faults", [])}
+    if not kinds <= {"endpoint_missing"}:
+        problems.append(f"faults {p.get('faults')}")
+    ok = not problems
+    say(f"check-peers: {'OK' if ok else 'FAILED'}  {p.get('domain')} verified ({ident.get('mode')}), "
+        f"HTTP/{p.get('http')}, endpoints {sorted(found)}, sequence {(p.get('sequence') or {}).get('speaks')}, "
+        f"faults {sorted(k for k in kinds if k)}{'  ' + '; '.join(problems) if problems else ''}")
+    return {"flow": "check-peers", "ok": ok, "report": p}
+
+
 def wait_for(progress, done, stall: float, on_progress=None) -> None:
     """Poll until done() or no progress for `stall` seconds."""
     last, last_change = -1, time.time()
@@ -220,6 +264,8 @@ def main() -> int:
     ap.add_argument("--flows", default="py-hub-notify,py-submit,node-submit,node-hub-notify")
     ap.add_argument("--peer-log", required=True)
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--check-peers", help="the node's command line for check-peers, without "
+                    "the subcommand: BIN --config FILE (run once the peer is up)")
     args = ap.parse_args(argv[:cut])
     flows = args.flows.split(",")
 
@@ -228,6 +274,8 @@ def main() -> int:
     results = []
     peer.start()
     try:
+        if args.check_peers:
+            results.append(check_peers(args.check_peers, args.node_domain))
         n = args.messages
         if "py-hub-notify" in flows:
             expected = [f"pyhub-{i:06d}" for i in range(n)]
