@@ -1568,32 +1568,291 @@ fn a_busy_followers_retry_after_holds_its_queue_that_long() {
     assert_eq!(t.seq, to_b.seq);
 }
 
-#[test]
-fn an_endpoint_the_follower_does_not_serve_holds_the_queue_not_the_peer() {
-    let mut sim = Sim::new(7, perfect(), 0, 0);
+/// The hub (a) submits messages of its own client 0 (`events` are their counters), then runs
+/// its timers every 10 ms up to `until_ms`. b answers each /notify with what `refuse` says, or
+/// (`None`) takes it as a follower with a cursor would; c takes everything. Returns what the hub
+/// sent b.
+fn drive_to_b(
+    sim: &mut Sim,
+    events: std::ops::Range<u32>,
+    until_ms: u64,
+    mut refuse: impl FnMut(&Transmit) -> Option<Result<Response, TransportError>>,
+) -> Vec<Transmit> {
     let now = sim.now();
     let hub = &mut sim.nodes[0];
-    let body = submit_body("a.example", 0, 0);
-    hub.relay
-        .handle_client_submit(now, &mut hub.store, ReplyToken(1), room().as_str(), body);
-    let first = hub_step(&mut sim, 0);
-    let to_b = first
-        .iter()
-        .find(|t| t.dest == domain("b.example"))
-        .expect("a notify to b");
-    let hub = &mut sim.nodes[0];
-    hub.relay.handle_outcome(
-        now,
-        &mut hub.store,
-        to_b.id,
-        Err(TransportError::Unsupported {
+    for k in events {
+        let body = submit_body("a.example", 0, k);
+        hub.relay.handle_client_submit(
+            now,
+            &mut hub.store,
+            ReplyToken(u64::from(k)),
+            room().as_str(),
+            body,
+        );
+    }
+    let mut to_b = Vec::new();
+    let mut cursor = 1u64;
+    for ms in (sim.now_ms..=until_ms).step_by(10) {
+        let sent = hub_step(sim, ms);
+        let now = sim.now();
+        let hub = &mut sim.nodes[0];
+        for t in sent {
+            let outcome = if t.dest != domain("b.example") {
+                Ok(created(&t, true))
+            } else if let Some(refused) = refuse(&t) {
+                refused
+            } else {
+                let seq = t.seq.expect("seq");
+                let mut r = if t.body.is_empty() {
+                    // A gap marker: everything before `seq` is gone for us.
+                    cursor = cursor.max(seq);
+                    Response::new(Status::Created, Bytes::new())
+                } else if seq > cursor {
+                    Response::error(Status::OutOfOrder, "gap")
+                } else {
+                    cursor = cursor.max(seq + t.body.len() as u64);
+                    Response::new(Status::Created, Bytes::new())
+                };
+                r.next_seq = Some(cursor);
+                Ok(r)
+            };
+            hub.relay.handle_outcome(now, &mut hub.store, t.id, outcome);
+            if t.dest == domain("b.example") {
+                to_b.push(t);
+            }
+        }
+        hub.store.commit().expect("commit");
+    }
+    to_b
+}
+
+/// 201 to a /notify, with the cursor after it when the follower speaks our extension.
+fn created(t: &Transmit, with_seq: bool) -> Response {
+    let mut r = Response::new(Status::Created, Bytes::new());
+    if with_seq {
+        r.next_seq = t.seq.map(|s| s + t.body.len() as u64);
+    }
+    r
+}
+
+/// (seq, counters) of each /notify: what a failed assertion shows instead of the bodies.
+fn shape(sent: &[Transmit]) -> Vec<(Option<u64>, Vec<u32>)> {
+    sent.iter().map(|t| (t.seq, counters(t))).collect()
+}
+
+/// The counters of the events in a /notify.
+fn counters(t: &Transmit) -> Vec<u32> {
+    t.body.iter().map(|f| marker(f).1).collect()
+}
+
+#[test]
+fn a_final_refusal_moves_the_event_to_the_dead_letters_and_the_queue_goes_on() {
+    // Before: a 4xx held the queue and sent the same events again forever; 410 and 422 were
+    // not even answers (the transports took unknown codes for a broken response).
+    for code in [400u16, 403, 404, 410, 422, 501] {
+        let status = Status::from_http_code(code).expect("a 4xx or 5xx");
+        let mut sim = Sim::new(8, perfect(), 0, 0);
+        // b refuses event 1 for good and takes everything else.
+        let sent = drive_to_b(&mut sim, 0..3, 5_000, |t| {
+            counters(t)
+                .contains(&1)
+                .then(|| Ok(Response::error(status, "refused")))
+        });
+        let stats = sim.nodes[0].relay.stats();
+        let b = &stats.peers[&domain("b.example")];
+        assert_eq!(b.queue_depth, 0, "{code}: the queue went on");
+        assert_eq!(b.msgs_out, 2, "{code}: events 0 and 2 acknowledged");
+        assert_eq!(
+            b.dead_letters.get(&relay_core::DeadCause::Status(code)),
+            Some(&1),
+            "{code}: one dead letter"
+        );
+        assert!(
+            b.up && b.failures == 0,
+            "{code}: the peer answers: not down"
+        );
+        let refused = sent.iter().filter(|t| counters(t).contains(&1)).count();
+        assert_eq!(
+            refused,
+            2,
+            "{code}: the batch, then event 1 alone: {:?}",
+            shape(&sent)
+        );
+        // The follower was told to move past it: a gap marker at its number.
+        assert!(
+            sent.iter().any(|t| t.body.is_empty() && t.seq == Some(3)),
+            "{code}: gap marker for event 1"
+        );
+        let snapshot = sim.nodes[0].store.load().expect("load");
+        let dead = Relay::dead_letters(&snapshot);
+        assert_eq!(dead.len(), 1, "{code}");
+        assert_eq!(
+            (
+                &dead[0].peer,
+                &dead[0].room,
+                dead[0].cause,
+                marker(&dead[0].fanout).1
+            ),
+            (
+                &domain("b.example"),
+                &room(),
+                relay_core::DeadCause::Status(code),
+                1
+            )
+        );
+    }
+}
+
+#[test]
+fn transient_refusals_are_retried_not_dead_lettered() {
+    // 408, 429 (Unavailable to the core), 5xx: b refuses event 1 twice, then takes it. Before,
+    // 408 was no answer at all: the peer was counted failed and, after three, probed as down.
+    for status in [
+        Status::Other(408),
+        Status::Unavailable,
+        Status::Internal,
+        Status::BadGateway,
+        Status::Other(504),
+    ] {
+        let mut sim = Sim::new(9, perfect(), 0, 0);
+        let mut refusals = 0;
+        let sent = drive_to_b(&mut sim, 0..3, 20_000, |t| {
+            if counters(t).contains(&1) && refusals < 2 {
+                refusals += 1;
+                Some(Ok(Response::error(status, "later")))
+            } else {
+                None
+            }
+        });
+        let stats = sim.nodes[0].relay.stats();
+        let b = &stats.peers[&domain("b.example")];
+        assert_eq!(
+            (b.queue_depth, b.msgs_out),
+            (0, 3),
+            "{status:?}: {:?}",
+            shape(&sent)
+        );
+        assert!(b.dead_letters.is_empty(), "{status:?}");
+        assert!(Relay::dead_letters(&sim.nodes[0].store.load().expect("load")).is_empty());
+        if status == Status::Other(408) {
+            assert_eq!(b.failures, 0, "408: the peer answered");
+        }
+    }
+}
+
+#[test]
+fn too_large_halves_a_batch_and_dead_letters_one_event() {
+    // b takes at most 2 KiB: event 1 is made 4 KiB by the hub's own client... every event is
+    // ~1.1 KiB, so b refuses any body holding event 1 and everything over 2 KiB.
+    let mut sim = Sim::new(10, perfect(), 0, 0);
+    let sent = drive_to_b(&mut sim, 0..4, 5_000, |t| {
+        (counters(t).contains(&1) || t.body_len() > 2048)
+            .then(|| Ok(Response::error(Status::TooLarge, "too large")))
+    });
+    let stats = sim.nodes[0].relay.stats();
+    let b = &stats.peers[&domain("b.example")];
+    assert_eq!((b.queue_depth, b.msgs_out), (0, 3), "{:?}", shape(&sent));
+    assert_eq!(
+        b.dead_letters.get(&relay_core::DeadCause::Status(413)),
+        Some(&1)
+    );
+    assert!(
+        sent.iter()
+            .any(|t| t.body.len() > 1 && counters(t).contains(&1)),
+        "a batch holding event 1 went first"
+    );
+}
+
+#[test]
+fn an_endpoint_the_follower_does_not_serve_is_dead_lettered_not_retried() {
+    // Before: the queue was held and the event kept (and sent again) forever.
+    let mut sim = Sim::new(7, perfect(), 0, 0);
+    let sent = drive_to_b(&mut sim, 0..2, 5_000, |_| {
+        Some(Err(TransportError::Unsupported {
             endpoint: Endpoint::Notify,
             reason: "not listed in the peer's directory".to_owned(),
-        }),
-    );
-    let stats = hub.relay.stats();
+        }))
+    });
+    let stats = sim.nodes[0].relay.stats();
     let b = &stats.peers[&domain("b.example")];
     assert!(b.up, "the peer answers: it is not down");
     assert_eq!(b.failures, 0, "not counted as a failed exchange");
-    assert_eq!(b.queue_depth, 1, "the event is kept");
+    assert_eq!(b.queue_depth, 0, "the queue moved on");
+    assert_eq!(
+        b.dead_letters.get(&relay_core::DeadCause::Unsupported),
+        Some(&2)
+    );
+    // The batch, then each event alone; no gap marker to a peer without the endpoint.
+    assert_eq!(sent.len(), 3, "{:?}", shape(&sent));
+    assert!(sent.iter().all(|t| !t.body.is_empty()));
+}
+
+#[test]
+fn dead_letters_are_bounded_per_peer_oldest_replaced() {
+    let mut sim = Sim::new(12, perfect(), 0, 0);
+    sim.nodes[0].cfg.max_dead_letters_per_peer = 3;
+    let now = sim.now();
+    let hub = &mut sim.nodes[0];
+    hub.relay = Relay::new(hub.cfg.clone(), hub.store.load().expect("load"), now);
+    drive_to_b(&mut sim, 0..5, 5_000, |_| {
+        Some(Ok(Response::error(Status::Forbidden, "no")))
+    });
+    let stats = sim.nodes[0].relay.stats();
+    let b = &stats.peers[&domain("b.example")];
+    assert_eq!(b.dead_letters_dropped, 2);
+    let dead = Relay::dead_letters(&sim.nodes[0].store.load().expect("load"));
+    let kept: Vec<u32> = dead.iter().map(|d| marker(&d.fanout).1).collect();
+    assert_eq!(kept, [2, 3, 4], "the newest three");
+    // A restart numbers on after them, still replacing the oldest.
+    sim.crash(0);
+    sim.restart(0);
+    drive_to_b(&mut sim, 5..6, 10_000, |_| {
+        Some(Ok(Response::error(Status::Forbidden, "no")))
+    });
+    let dead = Relay::dead_letters(&sim.nodes[0].store.load().expect("load"));
+    let kept: Vec<(u64, u32)> = dead.iter().map(|d| (d.n, marker(&d.fanout).1)).collect();
+    assert_eq!(kept, [(3, 3), (4, 4), (5, 5)]);
+}
+
+#[test]
+fn a_forwarded_submission_refused_by_the_hub_is_answered_once() {
+    // The client gets the hub's own answer (405 was no answer before: 502, retry).
+    let mut sim = Sim::new(13, perfect(), 0, 0);
+    let now = sim.now();
+    for (outcome, code, retry) in [
+        (Ok(Response::error(Status::Other(405), "no")), 405, false),
+        (
+            Err(TransportError::Unsupported {
+                endpoint: Endpoint::SubmitMessage,
+                reason: "not in the directory".to_owned(),
+            }),
+            501,
+            false,
+        ),
+        (Err(TransportError::ConnectionLost), 502, true),
+    ] {
+        let b = &mut sim.nodes[1];
+        b.relay.handle_client_submit(
+            now,
+            &mut b.store,
+            ReplyToken(1),
+            room().as_str(),
+            submit_body("b.example", 1, 0),
+        );
+        let Some(Output::Transmit(t)) = b.relay.poll_output() else {
+            panic!("a forward to the hub");
+        };
+        b.relay.handle_outcome(now, &mut b.store, t.id, outcome);
+        let mut replies = Vec::new();
+        while let Some(o) = b.relay.poll_output() {
+            match o {
+                Output::Reply { response, .. } => replies.push(response),
+                Output::Transmit(t) => panic!("sent again: {t:?}"),
+                Output::Probe(_) => {}
+            }
+        }
+        assert_eq!(replies.len(), 1);
+        assert_eq!(replies[0].status.http_code(), code);
+        assert_eq!(replies[0].retry_after.is_some(), retry, "{code}");
+    }
 }
