@@ -92,9 +92,10 @@ struct Peer {
     failures: u32,
     queues: Vec<QueueIdx>,
     stats: PeerStats,
-    /// The peer answers `/notify` without `MIMI-Next-Seq`: its queues run by the draft's rules
-    /// alone (one event per request, one request in flight per room, no gap markers).
-    draft: bool,
+    /// Whether the peer answers `/notify` with `MIMI-Next-Seq` (`None`: it has not answered one
+    /// yet). Unless it does, its queues run by the draft's rules alone: one event per request,
+    /// one request in flight per room, no gap markers.
+    seq_ext: Option<bool>,
     /// Dead letters ever written for this peer: numbers the next one, and picks its slot.
     dead_next: u64,
 }
@@ -383,10 +384,10 @@ impl Relay {
             relay.add_peer(domain, kind);
         }
         for (k, v) in &snapshot.records {
-            let (peer, dead_n) = if let Some(d) = dead_letter::parse(k, v) {
-                (d.peer, Some(d.n))
-            } else if let Some(peer) = dead_letter::parse_draft(k) {
-                (peer, None)
+            let (peer, restored) = if let Some(d) = dead_letter::parse(k, v) {
+                (d.peer, Err(d.n))
+            } else if let Some((peer, seq_ext)) = dead_letter::parse_mode(k, v) {
+                (peer, Ok(seq_ext))
             } else {
                 continue;
             };
@@ -394,9 +395,9 @@ impl Relay {
                 continue;
             };
             let p = &mut relay.peers[p];
-            match dead_n {
-                Some(n) => p.dead_next = p.dead_next.max(n + 1),
-                None => p.draft = true,
+            match restored {
+                Err(n) => p.dead_next = p.dead_next.max(n + 1),
+                Ok(seq_ext) => p.seq_ext = Some(seq_ext),
             }
         }
         for (room, snap) in snapshot.rooms {
@@ -493,7 +494,7 @@ impl Relay {
             failures: 0,
             queues: Vec::new(),
             stats: PeerStats::default(),
-            draft: false,
+            seq_ext: None,
             dead_next: 0,
         });
         self.peer_by_domain.insert(domain, i);
@@ -1275,12 +1276,12 @@ impl Relay {
         let peer = self.queues[qi].peer;
         if let Ok(resp) = &outcome {
             if resp.next_seq.is_some() {
-                self.set_draft(store, peer, false);
+                self.set_seq_ext(store, peer, true);
             } else if resp.status.is_success() && events > 0 {
-                self.set_draft(store, peer, true);
+                self.set_seq_ext(store, peer, false);
             }
         }
-        let draft = self.peers[peer].draft;
+        let draft = self.peers[peer].seq_ext == Some(false);
         let final_refusal = match &outcome {
             Ok(r) if r.status == Status::TooLarge => events <= 1,
             // Without the extension a 409 cannot mean a sequence gap, and nothing in the
@@ -1472,31 +1473,32 @@ impl Relay {
         warn!(room = %q.room, peer = %q.dest, status = %cause.label(), reason, qseq = first,
             "peer refused an event for good: moved to the dead letters, the queue goes on");
         // A follower with a cursor must be told to move past it, or it would wait for it.
-        if !peer.draft && cause != DeadCause::Unsupported {
+        if peer.seq_ext != Some(false) && cause != DeadCause::Unsupported {
             q.needs_skip = true;
         }
         let from = q.acked + 1;
         self.rewind(qi, from);
     }
 
-    /// Records whether `p` runs by the draft's rules alone, logging each change once.
-    fn set_draft<S: Store>(&mut self, store: &mut S, p: PeerIdx, draft: bool) {
+    /// Records whether `p` speaks our sequence extension, logging each change once. Kept in
+    /// the store, so that after a restart a draft-mode peer is sent the same bodies as before.
+    fn set_seq_ext<S: Store>(&mut self, store: &mut S, p: PeerIdx, seq_ext: bool) {
         let peer = &mut self.peers[p];
-        if peer.draft == draft {
+        let was = peer.seq_ext.replace(seq_ext);
+        if was == Some(seq_ext) {
             return;
         }
-        peer.draft = draft;
-        let key = dead_letter::draft_key(&peer.domain);
         store.apply(StoreOp::Record {
-            key: &key,
-            value: draft.then_some(&[1u8][..]),
+            key: &dead_letter::mode_key(&peer.domain),
+            value: Some(&[dead_letter::mode_value(seq_ext)]),
         });
-        if draft {
-            warn!(peer = %peer.domain,
+        match (was, seq_ext) {
+            (_, false) => warn!(peer = %peer.domain,
                 "peer answers /notify without MIMI-Next-Seq: draft mode (one event per /notify, \
-                 one in flight per room, no gap markers)");
-        } else {
-            info!(peer = %peer.domain, "peer answers with MIMI-Next-Seq again: sequence mode");
+                 one in flight per room, no gap markers)"),
+            (Some(false), true) => info!(peer = %peer.domain,
+                "peer answers with MIMI-Next-Seq again: sequence mode"),
+            (_, true) => debug!(peer = %peer.domain, "peer speaks the sequence extension"),
         }
     }
 
@@ -1724,7 +1726,8 @@ impl Relay {
             let mut ps = p.stats.clone();
             ps.transport = Some(p.kind);
             ps.up = matches!(p.liveness, Liveness::Up);
-            ps.draft_mode = p.draft;
+            ps.draft_mode = p.seq_ext == Some(false);
+            ps.seq_extension = p.seq_ext;
             ps.queue_depth = p
                 .queues
                 .iter()
@@ -1764,8 +1767,8 @@ impl Relay {
                 continue; // re-readied when its hold ends
             }
             let kind = self.peers[peer].kind;
-            let draft = self.peers[peer].draft;
-            if draft && self.queues[qi].needs_skip {
+            let seq_ext = self.peers[peer].seq_ext;
+            if seq_ext == Some(false) && self.queues[qi].needs_skip {
                 // A peer without our extension has no cursor to move: nothing to tell it.
                 self.queues[qi].needs_skip = false;
             }
@@ -1776,10 +1779,12 @@ impl Relay {
                 }
                 continue;
             }
-            // The draft's rules alone: the follower dedupes by the whole body's bytes, so every
-            // resend must be the same body, even after our restart: one event per request, and
-            // one request in flight, since the draft orders nothing else.
-            let single = draft || self.queues[qi].send_next <= self.queues[qi].isolate_until;
+            // The draft's rules alone (also while the peer has not shown it speaks our
+            // extension): the follower dedupes by the whole body's bytes, so every resend must
+            // be the same body, even after our restart: one event per request; and one request
+            // in flight, since nothing else keeps them in order.
+            let isolating = self.queues[qi].send_next <= self.queues[qi].isolate_until;
+            let single = seq_ext != Some(true) || isolating;
             let window = if single {
                 1
             } else {

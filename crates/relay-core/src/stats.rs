@@ -106,6 +106,9 @@ pub struct PeerStats {
     /// Whether this peer answers `/notify` without our sequence extension, so its queues run by
     /// the draft's rules alone (one event per `/notify`, one in flight per room).
     pub draft_mode: bool,
+    /// Whether this peer answers `/notify` with `MIMI-Next-Seq`; `None` until it has answered
+    /// one (its queues then run by the draft's rules too, to be safe).
+    pub seq_extension: Option<bool>,
 }
 
 /// A latency histogram with fixed bucket bounds, in the shape Prometheus expects.

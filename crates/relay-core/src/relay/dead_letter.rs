@@ -3,8 +3,8 @@
 //! Sending the same bytes again would only get the same answer, and holding the queue would
 //! stop every later event of the room for that peer. So the event leaves the queue and is kept
 //! as a store record for the operator, a bounded ring per peer: record `n` goes to slot
-//! `n % max`, replacing record `n - max`. The peer's draft-mode flag is a record here too, so a
-//! restarted hub keeps sending such a peer the same bodies it sent before.
+//! `n % max`, replacing record `n - max`. Whether a peer speaks our sequence extension is a
+//! record here too, so a restarted hub keeps sending a draft-mode peer the same bodies as before.
 
 use bytes::Bytes;
 use mimi_wire::uri::{ProviderDomain, RoomId};
@@ -15,8 +15,9 @@ use crate::stats::DeadCause;
 /// big-endian). The value is `n` (u64), the status (u16, 0: unsupported), the time (u64 ms
 /// since the UNIX epoch), the room's length (u16), the room, then the exact FanoutMessage.
 const REC_DEAD_LETTER: u8 = 13;
-/// Store record of a peer running in draft mode: this byte, then the peer. Present: draft mode.
-const REC_DRAFT_MODE: u8 = 14;
+/// Store record of whether a peer speaks our sequence extension: this byte, then the peer. The
+/// value is one byte: 1 draft mode, 2 sequence extension.
+const REC_PEER_MODE: u8 = 14;
 
 pub(super) fn key(peer: &ProviderDomain, slot: u32) -> Vec<u8> {
     let p = peer.as_str().as_bytes();
@@ -96,19 +97,28 @@ pub(super) fn parse(k: &[u8], v: &Bytes) -> Option<DeadLetter> {
     })
 }
 
-pub(super) fn draft_key(peer: &ProviderDomain) -> Vec<u8> {
-    let mut k = vec![REC_DRAFT_MODE];
+pub(super) fn mode_key(peer: &ProviderDomain) -> Vec<u8> {
+    let mut k = vec![REC_PEER_MODE];
     k.extend_from_slice(peer.as_str().as_bytes());
     k
 }
 
-/// The peer of a stored draft-mode record.
-pub(super) fn parse_draft(k: &[u8]) -> Option<ProviderDomain> {
+pub(super) fn mode_value(seq_ext: bool) -> u8 {
+    if seq_ext { 2 } else { 1 }
+}
+
+/// A stored peer mode: `(peer, speaks the sequence extension)`.
+pub(super) fn parse_mode(k: &[u8], v: &[u8]) -> Option<(ProviderDomain, bool)> {
     let (&tag, rest) = k.split_first()?;
-    if tag != REC_DRAFT_MODE {
+    if tag != REC_PEER_MODE {
         return None;
     }
-    std::str::from_utf8(rest).ok()?.parse().ok()
+    let peer = std::str::from_utf8(rest).ok()?.parse().ok()?;
+    match v {
+        [1] => Some((peer, false)),
+        [2] => Some((peer, true)),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -138,6 +148,13 @@ mod tests {
             Some(DeadCause::Unsupported)
         );
         assert_eq!(parse(&key(&peer, 1), &v.slice(..19)), None, "torn value");
-        assert_eq!(parse_draft(&draft_key(&peer)), Some(peer));
+        for seq_ext in [false, true] {
+            let v = [mode_value(seq_ext)];
+            assert_eq!(
+                parse_mode(&mode_key(&peer), &v),
+                Some((peer.clone(), seq_ext))
+            );
+        }
+        assert_eq!(parse_mode(&mode_key(&peer), &[3]), None);
     }
 }
