@@ -137,6 +137,8 @@ struct OutQueue {
     /// others) was refused for good, and each event must get its own answer, so that only
     /// those the peer refuses become dead letters.
     isolate_until: u64,
+    /// The event refused for good once already: a second refusal makes it a dead letter.
+    refused_once: Option<u64>,
 }
 
 impl OutQueue {
@@ -529,6 +531,7 @@ impl Relay {
             needs_skip: false,
             lineage: lineage::Ranges::default(),
             isolate_until: 0,
+            refused_once: None,
         });
         self.queue_by_key
             .insert((room.as_str().to_owned(), dest.clone()), qi);
@@ -1409,10 +1412,12 @@ impl Relay {
         }
     }
 
-    /// The peer refused a transmit for good. A single event at the head of the queue becomes a
-    /// dead letter and the queue moves on past it (telling a follower that speaks our
-    /// extension of the gap); anything else (a batch, or a transmit behind others still
-    /// unanswered) is sent again one event at a time, so that each gets its own answer.
+    /// The peer refused a transmit for good. A single event at the head of the queue refused
+    /// twice in a row becomes a dead letter and the queue moves on past it (telling a follower
+    /// that speaks our extension of the gap); anything else (a batch, or a transmit behind
+    /// others still unanswered) is sent again one event at a time, so that each gets its own
+    /// answer. The second try, after the refusal backoff, is for a refusal that came from a
+    /// stale directory (the HTTPS adapter reads it again after a 404) or a peer mid-restart.
     fn refused_for_good<S: Store>(
         &mut self,
         now: Now,
@@ -1439,6 +1444,12 @@ impl Relay {
             self.rewind(qi, from);
             return;
         }
+        if q.refused_once != Some(first) {
+            q.refused_once = Some(first);
+            self.refused(qi, now);
+            return;
+        }
+        q.refused_once = None;
         let Some(entry) = q.entries.pop_front() else {
             return;
         };

@@ -193,12 +193,13 @@ impl Status {
     }
 
     /// Whether a peer that answered this to a `/notify` will answer the same to the same
-    /// bytes: a 4xx other than 408 (timeout), 409 (our sequence logic), 425 and 429 (later),
-    /// and 501 (the peer does not implement the endpoint). 413 is final for one event only; the
-    /// core halves larger batches first. 5xx other than 501 are retried.
+    /// bytes: a 4xx other than 408 (timeout), 409 (our sequence logic), 421 (sent to the wrong
+    /// place: the directory is read again), 425 and 429 (later), and 501 (the peer does not
+    /// implement the endpoint). 413 is final for one event only; the core halves larger
+    /// batches first. 5xx other than 501 are retried.
     pub fn is_final_refusal(self) -> bool {
         match self.http_code() {
-            408 | 409 | 425 | 429 => false,
+            408 | 409 | 421 | 425 | 429 => false,
             501 => true,
             code => (400..500).contains(&code),
         }
@@ -275,7 +276,7 @@ mod tests {
             assert!(s.is_final_refusal(), "{code}");
             assert_eq!(s.http_code(), code);
         }
-        for code in [408, 409, 425, 429, 500, 502, 503, 504] {
+        for code in [408, 409, 421, 425, 429, 500, 502, 503, 504] {
             let s = Status::from_http_code(code).expect("an answer");
             assert!(!s.is_final_refusal(), "{code}");
         }
