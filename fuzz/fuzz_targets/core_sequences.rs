@@ -46,7 +46,7 @@ const ENDPOINTS: [Endpoint; 10] = [
     Endpoint::ReportAbuse,
     Endpoint::ProxyDownload,
 ];
-const STATUSES: [Status; 11] = [
+const STATUSES: [Status; 15] = [
     Status::Ok,
     Status::Created,
     Status::BadRequest,
@@ -58,6 +58,10 @@ const STATUSES: [Status; 11] = [
     Status::NotImplemented,
     Status::BadGateway,
     Status::Unavailable,
+    Status::Other(405),
+    Status::Other(408),
+    Status::Other(421),
+    Status::Other(429),
 ];
 
 #[derive(Arbitrary, Debug)]

@@ -88,6 +88,9 @@ pub struct RelayConfig {
     pub max_abuse_bytes_per_peer: usize,
     /// Consent scopes (§5.7) stored per provider on the other side of them.
     pub max_consent_per_peer: usize,
+    /// Dead-letter records kept per peer (events it refused for good); past this, each new one
+    /// replaces the oldest.
+    pub max_dead_letters_per_peer: usize,
     /// Seed of the jitter generator (deterministic in simulation).
     pub seed: u64,
 }
@@ -118,6 +121,7 @@ impl RelayConfig {
             max_abuse_reports_per_peer: 1_000,
             max_abuse_bytes_per_peer: 16 << 20,
             max_consent_per_peer: 100_000,
+            max_dead_letters_per_peer: 1_000,
         }
     }
 

@@ -23,8 +23,8 @@ pub mod store;
 pub mod transport;
 
 pub use config::{RelayConfig, RetryPolicy};
-pub use relay::{InboxQuery, MlsRoomError, Now, Output, Relay, ReplyToken, RoomError};
-pub use stats::{RejectReason, RelayStats};
+pub use relay::{DeadLetter, InboxQuery, MlsRoomError, Now, Output, Relay, ReplyToken, RoomError};
+pub use stats::{DeadCause, PeerStats, RejectReason, RelayStats};
 pub use store::{InboxRange, MemStore, SealedCommit, Snapshot, Store, StoreError, StoreOp};
 pub use transport::{
     Lineage, Request, Response, Status, Transmit, TransmitId, TransportError, TransportKind,

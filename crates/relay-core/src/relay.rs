@@ -13,16 +13,18 @@ use mimi_wire::proto::{
 use mimi_wire::uri::{ProviderDomain, RoomId};
 use tracing::{debug, info, warn};
 
+mod dead_letter;
 mod hub_mls;
 mod inbox;
 mod lineage;
 mod services;
+pub use dead_letter::DeadLetter;
 pub use hub_mls::MlsRoomError;
 pub use inbox::InboxQuery;
 
 use crate::config::RelayConfig;
 use crate::rng::SplitMix64;
-use crate::stats::{Histogram, PeerStats, RejectReason, RelayStats};
+use crate::stats::{DeadCause, Histogram, PeerStats, RejectReason, RelayStats};
 use crate::store::{InboxRecord, Snapshot, Store, StoreOp, SubmitSeen};
 use crate::transport::{
     Lineage, Request, Response, Status, Transmit, TransmitId, TransportError, TransportKind,
@@ -90,6 +92,12 @@ struct Peer {
     failures: u32,
     queues: Vec<QueueIdx>,
     stats: PeerStats,
+    /// Whether the peer answers `/notify` with `MIMI-Next-Seq` (`None`: it has not answered one
+    /// yet). Unless it does, its queues run by the draft's rules alone: one event per request,
+    /// one request in flight per room, no gap markers.
+    seq_ext: Option<bool>,
+    /// Dead letters ever written for this peer: numbers the next one, and picks its slot.
+    dead_next: u64,
 }
 
 #[derive(Debug)]
@@ -125,6 +133,12 @@ struct OutQueue {
     needs_skip: bool,
     /// Which hub start numbered which of the unacknowledged events.
     lineage: lineage::Ranges,
+    /// Events up to this go one per transmit and one in flight: a batch (or a transmit behind
+    /// others) was refused for good, and each event must get its own answer, so that only
+    /// those the peer refuses become dead letters.
+    isolate_until: u64,
+    /// The event refused for good once already: a second refusal makes it a dead letter.
+    refused_once: Option<u64>,
 }
 
 impl OutQueue {
@@ -371,6 +385,23 @@ impl Relay {
         for (domain, kind) in relay.cfg.routes.clone() {
             relay.add_peer(domain, kind);
         }
+        for (k, v) in &snapshot.records {
+            let (peer, restored) = if let Some(d) = dead_letter::parse(k, v) {
+                (d.peer, Err(d.n))
+            } else if let Some((peer, seq_ext)) = dead_letter::parse_mode(k, v) {
+                (peer, Ok(seq_ext))
+            } else {
+                continue;
+            };
+            let Some(&p) = relay.peer_by_domain.get(&peer) else {
+                continue;
+            };
+            let p = &mut relay.peers[p];
+            match restored {
+                Err(n) => p.dead_next = p.dead_next.max(n + 1),
+                Ok(seq_ext) => p.seq_ext = Some(seq_ext),
+            }
+        }
         for (room, snap) in snapshot.rooms {
             let idx = relay.ensure_room(room.clone(), &snap.followers);
             let r = &mut relay.rooms[idx];
@@ -465,6 +496,8 @@ impl Relay {
             failures: 0,
             queues: Vec::new(),
             stats: PeerStats::default(),
+            seq_ext: None,
+            dead_next: 0,
         });
         self.peer_by_domain.insert(domain, i);
         i
@@ -497,6 +530,8 @@ impl Relay {
             batch_bytes: self.cfg.max_batch_bytes,
             needs_skip: false,
             lineage: lineage::Ranges::default(),
+            isolate_until: 0,
+            refused_once: None,
         });
         self.queue_by_key
             .insert((room.as_str().to_owned(), dest.clone()), qi);
@@ -1239,6 +1274,26 @@ impl Relay {
         if current {
             self.queues[qi].inflight = self.queues[qi].inflight.saturating_sub(1);
         }
+        // Every /notify carries our sequence number: a peer that takes events without answering
+        // one does not speak the extension, and one that answers with it does.
+        let peer = self.queues[qi].peer;
+        if let Ok(resp) = &outcome {
+            if resp.next_seq.is_some() {
+                self.set_seq_ext(store, peer, true);
+            } else if resp.status.is_success() && events > 0 {
+                self.set_seq_ext(store, peer, false);
+            }
+        }
+        let draft = self.peers[peer].seq_ext == Some(false);
+        let final_refusal = match &outcome {
+            Ok(r) if r.status == Status::TooLarge => events <= 1,
+            // Without the extension a 409 cannot mean a sequence gap, and nothing in the
+            // draft says what else: the peer will answer the same again.
+            Ok(r) if r.status == Status::OutOfOrder => draft && r.next_seq.is_none(),
+            Ok(r) => r.status.is_final_refusal(),
+            Err(TransportError::Unsupported { .. }) => true,
+            Err(_) => false,
+        };
         let diverged = match &outcome {
             Ok(resp) if resp.status.is_success() || resp.status == Status::OutOfOrder => resp
                 .next_seq
@@ -1246,6 +1301,19 @@ impl Relay {
             _ => None,
         };
         match outcome {
+            _ if final_refusal => {
+                let cause = match &outcome {
+                    Ok(r) => DeadCause::Status(r.status.http_code()),
+                    Err(_) => DeadCause::Unsupported,
+                };
+                let reason = match &outcome {
+                    Ok(r) => String::from_utf8_lossy(&r.body[..r.body.len().min(200)]).into_owned(),
+                    Err(e) => e.to_string(),
+                };
+                if current {
+                    self.refused_for_good(now, store, qi, sent, cause, &reason);
+                }
+            }
             Ok(resp) if diverged.is_some() => {
                 // The follower's numbers below `next` are not this hub's: keep what both hold,
                 // and number the rest after the follower's cursor.
@@ -1325,14 +1393,6 @@ impl Relay {
                     self.refused(qi, now);
                 }
             }
-            Err(TransportError::Unsupported { endpoint, reason }) => {
-                // The peer answers, just not this endpoint: hold this queue, not the peer.
-                let q = &self.queues[qi];
-                warn!(room = %q.room, dest = %q.dest, %endpoint, %reason, "peer does not support notify");
-                if current {
-                    self.refused(qi, now);
-                }
-            }
             other => {
                 if let Err(e) = &other {
                     let q = &self.queues[qi];
@@ -1349,6 +1409,107 @@ impl Relay {
                     }
                 }
             }
+        }
+    }
+
+    /// The peer refused a transmit for good. A single event at the head of the queue refused
+    /// twice in a row becomes a dead letter and the queue moves on past it (telling a follower
+    /// that speaks our extension of the gap); anything else (a batch, or a transmit behind
+    /// others still unanswered) is sent again one event at a time, so that each gets its own
+    /// answer. The second try, after the refusal backoff, is for a refusal that came from a
+    /// stale directory (the HTTPS adapter reads it again after a 404) or a peer mid-restart.
+    fn refused_for_good<S: Store>(
+        &mut self,
+        now: Now,
+        store: &mut S,
+        qi: QueueIdx,
+        sent: Sent,
+        cause: DeadCause,
+        reason: &str,
+    ) {
+        let q = &mut self.queues[qi];
+        q.refusals = 0;
+        if sent.events == 0 {
+            // A gap marker the peer will not take: it keeps its cursor; nothing else to do.
+            warn!(room = %q.room, peer = %q.dest, status = %cause.label(), reason,
+                "peer refused a gap marker; going on without it");
+            q.needs_skip = false;
+            self.mark_ready(qi);
+            return;
+        }
+        let first = sent.last + 1 - sent.events as u64;
+        if sent.events > 1 || first != q.acked + 1 {
+            q.isolate_until = q.isolate_until.max(sent.last);
+            let from = q.acked + 1;
+            self.rewind(qi, from);
+            return;
+        }
+        if q.refused_once != Some(first) {
+            q.refused_once = Some(first);
+            self.refused(qi, now);
+            return;
+        }
+        q.refused_once = None;
+        let Some(entry) = q.entries.pop_front() else {
+            return;
+        };
+        q.acked = first;
+        q.send_next = q.send_next.max(first + 1);
+        store.apply(StoreOp::Ack {
+            room: &q.room,
+            dest: &q.dest,
+            upto: first,
+        });
+        if q.lineage.trim(first) {
+            save_lineage(store, q);
+        }
+        let peer = &mut self.peers[q.peer];
+        let max = self.cfg.max_dead_letters_per_peer.max(1) as u64;
+        let n = peer.dead_next;
+        peer.dead_next += 1;
+        if n >= max {
+            peer.stats.dead_letters_dropped += 1;
+        }
+        *peer.stats.dead_letters.entry(cause).or_default() += 1;
+        store.apply(StoreOp::Record {
+            key: &dead_letter::key(&q.dest, (n % max) as u32),
+            value: Some(&dead_letter::value(
+                n,
+                cause,
+                now.unix_ms,
+                &q.room,
+                &entry.fanout,
+            )),
+        });
+        warn!(room = %q.room, peer = %q.dest, status = %cause.label(), reason, qseq = first,
+            "peer refused an event for good: moved to the dead letters, the queue goes on");
+        // A follower with a cursor must be told to move past it, or it would wait for it.
+        if peer.seq_ext != Some(false) && cause != DeadCause::Unsupported {
+            q.needs_skip = true;
+        }
+        let from = q.acked + 1;
+        self.rewind(qi, from);
+    }
+
+    /// Records whether `p` speaks our sequence extension, logging each change once. Kept in
+    /// the store, so that after a restart a draft-mode peer is sent the same bodies as before.
+    fn set_seq_ext<S: Store>(&mut self, store: &mut S, p: PeerIdx, seq_ext: bool) {
+        let peer = &mut self.peers[p];
+        let was = peer.seq_ext.replace(seq_ext);
+        if was == Some(seq_ext) {
+            return;
+        }
+        store.apply(StoreOp::Record {
+            key: &dead_letter::mode_key(&peer.domain),
+            value: Some(&[dead_letter::mode_value(seq_ext)]),
+        });
+        match (was, seq_ext) {
+            (_, false) => warn!(peer = %peer.domain,
+                "peer answers /notify without MIMI-Next-Seq: draft mode (one event per /notify, \
+                 one in flight per room, no gap markers)"),
+            (Some(false), true) => info!(peer = %peer.domain,
+                "peer answers with MIMI-Next-Seq again: sequence mode"),
+            (_, true) => debug!(peer = %peer.domain, "peer speaks the sequence extension"),
         }
     }
 
@@ -1557,6 +1718,18 @@ impl Relay {
         t
     }
 
+    /// The dead letters a store holds (events peers refused for good), by peer and in the
+    /// order they were written; for the operator's tools.
+    pub fn dead_letters(snapshot: &Snapshot) -> Vec<DeadLetter> {
+        let mut v: Vec<DeadLetter> = snapshot
+            .records
+            .iter()
+            .filter_map(|(k, val)| dead_letter::parse(k, val))
+            .collect();
+        v.sort_by(|a, b| (&a.peer, a.n).cmp(&(&b.peer, b.n)));
+        v
+    }
+
     pub fn stats(&self) -> RelayStats {
         let mut s = self.stats.clone();
         s.latency = self.latency.clone();
@@ -1564,6 +1737,8 @@ impl Relay {
             let mut ps = p.stats.clone();
             ps.transport = Some(p.kind);
             ps.up = matches!(p.liveness, Liveness::Up);
+            ps.draft_mode = p.seq_ext == Some(false);
+            ps.seq_extension = p.seq_ext;
             ps.queue_depth = p
                 .queues
                 .iter()
@@ -1603,6 +1778,11 @@ impl Relay {
                 continue; // re-readied when its hold ends
             }
             let kind = self.peers[peer].kind;
+            let seq_ext = self.peers[peer].seq_ext;
+            if seq_ext == Some(false) && self.queues[qi].needs_skip {
+                // A peer without our extension has no cursor to move: nothing to tell it.
+                self.queues[qi].needs_skip = false;
+            }
             if self.queues[qi].needs_skip {
                 // The marker goes alone, and nothing follows it until it is acknowledged.
                 if self.queues[qi].inflight == 0 {
@@ -1610,20 +1790,29 @@ impl Relay {
                 }
                 continue;
             }
-            let window = self.cfg.pipeline_for(kind);
+            // The draft's rules alone (also while the peer has not shown it speaks our
+            // extension): the follower dedupes by the whole body's bytes, so every resend must
+            // be the same body, even after our restart: one event per request; and one request
+            // in flight, since nothing else keeps them in order.
+            let isolating = self.queues[qi].send_next <= self.queues[qi].isolate_until;
+            let single = seq_ext != Some(true) || isolating;
+            let window = if single {
+                1
+            } else {
+                self.cfg.pipeline_for(kind)
+            };
             while self.queues[qi].inflight < window
                 && self.queues[qi].send_next < self.queues[qi].next_qseq()
             {
                 let id = self.next_id();
                 let q = &mut self.queues[qi];
                 let start = (q.send_next - q.acked - 1) as usize;
+                let max_batch = if single { 1 } else { self.cfg.max_batch };
                 // A batch is numbered by one incarnation: it ends where the next one starts.
                 let max_batch = q
                     .lineage
                     .next_start_after(q.send_next)
-                    .map_or(self.cfg.max_batch, |end| {
-                        self.cfg.max_batch.min((end - q.send_next) as usize)
-                    });
+                    .map_or(max_batch, |end| max_batch.min((end - q.send_next) as usize));
                 let mut body = Vec::with_capacity(max_batch.min(q.entries.len() - start));
                 let mut bytes = 0usize;
                 for e in q.entries.range(start..) {

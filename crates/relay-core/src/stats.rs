@@ -62,6 +62,26 @@ impl RejectReason {
     }
 }
 
+/// Why a peer's refusal of an event was final (the `status` label of the dead-letter metric).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum DeadCause {
+    /// The peer answered with this HTTP status code (a 4xx, or 501).
+    Status(u16),
+    /// The peer serves no URL for the endpoint (not in its directory).
+    Unsupported,
+}
+
+impl DeadCause {
+    /// The code as decimal, or `unsupported`.
+    pub fn label(self) -> String {
+        match self {
+            DeadCause::Status(code) => code.to_string(),
+            DeadCause::Unsupported => "unsupported".to_owned(),
+        }
+    }
+}
+
 /// Per-peer counters.
 #[derive(Clone, Debug, Default)]
 pub struct PeerStats {
@@ -78,6 +98,17 @@ pub struct PeerStats {
     pub failures: u64,
     /// Events waiting for this peer, over all rooms.
     pub queue_depth: u64,
+    /// Events this peer refused for good, moved to dead-letter records, by cause.
+    pub dead_letters: BTreeMap<DeadCause, u64>,
+    /// Dead-letter records of this peer overwritten by newer ones (the store keeps a bounded
+    /// number per peer).
+    pub dead_letters_dropped: u64,
+    /// Whether this peer answers `/notify` without our sequence extension, so its queues run by
+    /// the draft's rules alone (one event per `/notify`, one in flight per room).
+    pub draft_mode: bool,
+    /// Whether this peer answers `/notify` with `MIMI-Next-Seq`; `None` until it has answered
+    /// one (its queues then run by the draft's rules too, to be safe).
+    pub seq_extension: Option<bool>,
 }
 
 /// A latency histogram with fixed bucket bounds, in the shape Prometheus expects.

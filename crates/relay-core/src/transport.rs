@@ -147,6 +147,9 @@ pub enum Status {
     BadGateway,
     /// 503: a full queue or a node shutting down; retry later.
     Unavailable,
+    /// Any other 4xx or 5xx a peer answered with (401, 405, 408, 410, 422, 504, ...): the
+    /// code itself says whether sending again can help (see [`Status::is_final_refusal`]).
+    Other(u16),
 }
 
 impl Status {
@@ -163,6 +166,7 @@ impl Status {
             Status::NotImplemented => 501,
             Status::BadGateway => 502,
             Status::Unavailable => 503,
+            Status::Other(code) => code,
         }
     }
 
@@ -179,12 +183,26 @@ impl Status {
             501 => Status::NotImplemented,
             502 => Status::BadGateway,
             503 => Status::Unavailable,
+            _ if (400..600).contains(&code) => Status::Other(code),
             _ => return None,
         })
     }
 
     pub fn is_success(self) -> bool {
         matches!(self, Status::Ok | Status::Created)
+    }
+
+    /// Whether a peer that answered this to a `/notify` will answer the same to the same
+    /// bytes: a 4xx other than 408 (timeout), 409 (our sequence logic), 421 (sent to the wrong
+    /// place: the directory is read again), 425 and 429 (later), and 501 (the peer does not
+    /// implement the endpoint). 413 is final for one event only; the core halves larger
+    /// batches first. 5xx other than 501 are retried.
+    pub fn is_final_refusal(self) -> bool {
+        match self.http_code() {
+            408 | 409 | 421 | 425 | 429 => false,
+            501 => true,
+            code => (400..500).contains(&code),
+        }
     }
 }
 
@@ -241,4 +259,27 @@ pub enum TransportError {
     /// points it to another host). Sending again changes nothing until the peer does.
     #[error("{endpoint} is not supported by the peer: {reason}")]
     Unsupported { endpoint: Endpoint, reason: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_4xx_and_5xx_is_an_answer_and_says_whether_it_is_final() {
+        assert_eq!(Status::from_http_code(405), Some(Status::Other(405)));
+        assert_eq!(Status::from_http_code(409), Some(Status::OutOfOrder));
+        assert_eq!(Status::from_http_code(302), None);
+        assert_eq!(Status::from_http_code(600), None);
+        for code in [400, 401, 403, 404, 405, 410, 413, 422, 501] {
+            let s = Status::from_http_code(code).expect("an answer");
+            assert!(s.is_final_refusal(), "{code}");
+            assert_eq!(s.http_code(), code);
+        }
+        for code in [408, 409, 421, 425, 429, 500, 502, 503, 504] {
+            let s = Status::from_http_code(code).expect("an answer");
+            assert!(!s.is_final_refusal(), "{code}");
+        }
+        assert!(!Status::Created.is_final_refusal());
+    }
 }

@@ -59,6 +59,13 @@ fn marker(fanout: &[u8]) -> (u32, u32) {
     (c, n)
 }
 
+fn hash64(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
+}
+
 struct Node {
     domain: ProviderDomain,
     cfg: RelayConfig,
@@ -146,6 +153,15 @@ struct Sim {
     link: Link,
     /// Per receiving node: delivered (client, counter, accepted_ms) in inbox order.
     received: Vec<Vec<(u32, u32, u64)>>,
+    /// Nodes behind a proxy that strips our sequence extension both ways (`seq` and its
+    /// incarnations from requests, `next_seq` from answers): to their hubs they are followers
+    /// that speak only the draft.
+    strip: Vec<bool>,
+    /// For /notify to stripped nodes: the hash of the first body each FanoutMessage came in.
+    first_body: HashMap<u64, u64>,
+    /// FanoutMessages that came to a stripped node again in another body: a follower that
+    /// dedupes by the whole body's bytes (the draft's rule) would deliver them twice.
+    body_clashes: usize,
 }
 
 impl Sim {
@@ -223,6 +239,9 @@ impl Sim {
             seq: 0,
             link,
             received: vec![Vec::new(); 3],
+            strip: vec![false; 3],
+            first_body: HashMap::new(),
+            body_clashes: 0,
         };
         for c in 0..sim.clients.len() {
             let at = sim.rng.range(0, 5);
@@ -306,7 +325,13 @@ impl Sim {
                         },
                     );
                 }
-                Output::Reply { token, response } => {
+                Output::Reply {
+                    token,
+                    mut response,
+                } => {
+                    if self.strip[n] {
+                        (response.next_seq, response.next_inc) = (None, None);
+                    }
                     if let Some((peer, id)) = self.nodes[n].peer_tokens.remove(&token) {
                         let peer_life = self.nodes[peer].life;
                         let lost = self.rng.chance(self.link.loss);
@@ -442,13 +467,25 @@ impl Sim {
                 node.next_token += 1;
                 node.peer_tokens.insert(token, (from, t.id));
                 let body: Vec<u8> = t.body.iter().flat_map(|b| b.iter().copied()).collect();
+                let (mut seq, mut lineage) = (t.seq, t.lineage);
+                if self.strip[to] {
+                    (seq, lineage) = (None, None);
+                    if t.endpoint == Endpoint::Notify {
+                        let body_hash = hash64(&body);
+                        for f in &t.body {
+                            if *self.first_body.entry(hash64(f)).or_insert(body_hash) != body_hash {
+                                self.body_clashes += 1;
+                            }
+                        }
+                    }
+                }
                 let req = Request {
                     from: self.nodes[from].domain.clone(),
                     transport: t.transport,
                     endpoint: t.endpoint,
                     target: t.target,
-                    seq: t.seq,
-                    lineage: t.lineage,
+                    seq,
+                    lineage,
                     body: Bytes::from(body),
                 };
                 let node = &mut self.nodes[to];
@@ -1479,6 +1516,7 @@ fn small_dedupe_window(seed: u64) {
 #[test]
 fn a_burst_of_submissions_leaves_as_one_transmit_per_follower() {
     let mut sim = Sim::new(5, perfect(), 0, 0);
+    meet_followers(&mut sim);
     let now = sim.now();
     let hub = &mut sim.nodes[0];
     for k in 0..5 {
@@ -1505,8 +1543,8 @@ fn a_burst_of_submissions_leaves_as_one_transmit_per_follower() {
     assert_eq!(
         transmits,
         vec![
-            (domain("b.example"), Some(1), 5),
-            (domain("c.example"), Some(1), 5)
+            (domain("b.example"), Some(2), 5),
+            (domain("c.example"), Some(2), 5)
         ],
         "each follower gets the five events in one /notify"
     );
@@ -1568,32 +1606,406 @@ fn a_busy_followers_retry_after_holds_its_queue_that_long() {
     assert_eq!(t.seq, to_b.seq);
 }
 
-#[test]
-fn an_endpoint_the_follower_does_not_serve_holds_the_queue_not_the_peer() {
-    let mut sim = Sim::new(7, perfect(), 0, 0);
+/// The hub (a) submits messages of its own client 0 (`events` are their counters), then runs
+/// its timers every 10 ms up to `until_ms`. b answers each /notify with what `refuse` says, or
+/// (`None`) takes it as a follower with a cursor would; c takes everything. Returns what the hub
+/// sent b.
+fn drive_to_b(
+    sim: &mut Sim,
+    events: std::ops::Range<u32>,
+    until_ms: u64,
+    mut refuse: impl FnMut(&Transmit) -> Option<Result<Response, TransportError>>,
+) -> Vec<Transmit> {
     let now = sim.now();
     let hub = &mut sim.nodes[0];
-    let body = submit_body("a.example", 0, 0);
-    hub.relay
-        .handle_client_submit(now, &mut hub.store, ReplyToken(1), room().as_str(), body);
-    let first = hub_step(&mut sim, 0);
-    let to_b = first
-        .iter()
-        .find(|t| t.dest == domain("b.example"))
-        .expect("a notify to b");
-    let hub = &mut sim.nodes[0];
-    hub.relay.handle_outcome(
-        now,
-        &mut hub.store,
-        to_b.id,
-        Err(TransportError::Unsupported {
+    for k in events {
+        let body = submit_body("a.example", 0, k);
+        hub.relay.handle_client_submit(
+            now,
+            &mut hub.store,
+            ReplyToken(u64::from(k)),
+            room().as_str(),
+            body,
+        );
+    }
+    let mut to_b = Vec::new();
+    let mut cursor = 1u64;
+    for ms in (sim.now_ms..=until_ms).step_by(10) {
+        let sent = hub_step(sim, ms);
+        let now = sim.now();
+        let hub = &mut sim.nodes[0];
+        for t in sent {
+            let outcome = if t.dest != domain("b.example") {
+                Ok(created(&t, true))
+            } else if let Some(refused) = refuse(&t) {
+                refused
+            } else {
+                let seq = t.seq.expect("seq");
+                let mut r = if t.body.is_empty() {
+                    // A gap marker: everything before `seq` is gone for us.
+                    cursor = cursor.max(seq);
+                    Response::new(Status::Created, Bytes::new())
+                } else if seq > cursor {
+                    Response::error(Status::OutOfOrder, "gap")
+                } else {
+                    cursor = cursor.max(seq + t.body.len() as u64);
+                    Response::new(Status::Created, Bytes::new())
+                };
+                r.next_seq = Some(cursor);
+                Ok(r)
+            };
+            hub.relay.handle_outcome(now, &mut hub.store, t.id, outcome);
+            if t.dest == domain("b.example") {
+                to_b.push(t);
+            }
+        }
+        hub.store.commit().expect("commit");
+    }
+    to_b
+}
+
+/// One event (counter 999) to b and c, both answering with our sequence extension: from then on
+/// the hub knows they speak it and batches (before, it sends them one event per /notify).
+fn meet_followers(sim: &mut Sim) {
+    let until = sim.now_ms + 100;
+    drive_to_b(sim, 999..1000, until, |_| None);
+    let stats = sim.nodes[0].relay.stats();
+    assert_eq!(stats.peers[&domain("b.example")].seq_extension, Some(true));
+    sim.now_ms += 10;
+}
+
+/// 201 to a /notify, with the cursor after it when the follower speaks our extension.
+fn created(t: &Transmit, with_seq: bool) -> Response {
+    let mut r = Response::new(Status::Created, Bytes::new());
+    if with_seq {
+        r.next_seq = t.seq.map(|s| s + t.body.len() as u64);
+    }
+    r
+}
+
+/// (seq, counters) of each /notify: what a failed assertion shows instead of the bodies.
+fn shape(sent: &[Transmit]) -> Vec<(Option<u64>, Vec<u32>)> {
+    sent.iter().map(|t| (t.seq, counters(t))).collect()
+}
+
+/// The counters of the events in a /notify.
+fn counters(t: &Transmit) -> Vec<u32> {
+    t.body.iter().map(|f| marker(f).1).collect()
+}
+
+#[test]
+fn a_final_refusal_moves_the_event_to_the_dead_letters_and_the_queue_goes_on() {
+    // Before: a 4xx held the queue and sent the same events again forever; 410 and 422 were
+    // not even answers (the transports took unknown codes for a broken response).
+    for code in [400u16, 403, 404, 410, 422, 501] {
+        let status = Status::from_http_code(code).expect("a 4xx or 5xx");
+        let mut sim = Sim::new(8, perfect(), 0, 0);
+        meet_followers(&mut sim);
+        // b refuses event 1 for good and takes everything else.
+        let sent = drive_to_b(&mut sim, 0..3, 5_000, |t| {
+            counters(t)
+                .contains(&1)
+                .then(|| Ok(Response::error(status, "refused")))
+        });
+        let stats = sim.nodes[0].relay.stats();
+        let b = &stats.peers[&domain("b.example")];
+        assert_eq!(b.queue_depth, 0, "{code}: the queue went on");
+        assert_eq!(b.msgs_out, 3, "{code}: events 999, 0 and 2 acknowledged");
+        assert_eq!(
+            b.dead_letters.get(&relay_core::DeadCause::Status(code)),
+            Some(&1),
+            "{code}: one dead letter"
+        );
+        assert!(
+            b.up && b.failures == 0,
+            "{code}: the peer answers: not down"
+        );
+        let refused = sent.iter().filter(|t| counters(t).contains(&1)).count();
+        assert_eq!(
+            refused,
+            3,
+            "{code}: the batch, then event 1 alone, twice: {:?}",
+            shape(&sent)
+        );
+        // The follower was told to move past it: a gap marker at its number.
+        assert!(
+            sent.iter().any(|t| t.body.is_empty() && t.seq == Some(4)),
+            "{code}: gap marker for event 1"
+        );
+        let snapshot = sim.nodes[0].store.load().expect("load");
+        let dead = Relay::dead_letters(&snapshot);
+        assert_eq!(dead.len(), 1, "{code}");
+        assert_eq!(
+            (
+                &dead[0].peer,
+                &dead[0].room,
+                dead[0].cause,
+                marker(&dead[0].fanout).1
+            ),
+            (
+                &domain("b.example"),
+                &room(),
+                relay_core::DeadCause::Status(code),
+                1
+            )
+        );
+    }
+}
+
+#[test]
+fn transient_refusals_are_retried_not_dead_lettered() {
+    // 408, 429 (Unavailable to the core), 5xx: b refuses event 1 twice, then takes it. Before,
+    // 408 was no answer at all: the peer was counted failed and, after three, probed as down.
+    for status in [
+        Status::Other(408),
+        Status::Unavailable,
+        Status::Internal,
+        Status::BadGateway,
+        Status::Other(504),
+    ] {
+        let mut sim = Sim::new(9, perfect(), 0, 0);
+        meet_followers(&mut sim);
+        let mut refusals = 0;
+        let sent = drive_to_b(&mut sim, 0..3, 20_000, |t| {
+            if counters(t).contains(&1) && refusals < 2 {
+                refusals += 1;
+                Some(Ok(Response::error(status, "later")))
+            } else {
+                None
+            }
+        });
+        let stats = sim.nodes[0].relay.stats();
+        let b = &stats.peers[&domain("b.example")];
+        assert_eq!(
+            (b.queue_depth, b.msgs_out),
+            (0, 4),
+            "{status:?}: {:?}",
+            shape(&sent)
+        );
+        assert!(b.dead_letters.is_empty(), "{status:?}");
+        assert!(Relay::dead_letters(&sim.nodes[0].store.load().expect("load")).is_empty());
+        if status == Status::Other(408) {
+            assert_eq!(b.failures, 0, "408: the peer answered");
+        }
+    }
+}
+
+#[test]
+fn too_large_halves_a_batch_and_dead_letters_one_event() {
+    // b takes at most 2 KiB: event 1 is made 4 KiB by the hub's own client... every event is
+    // ~1.1 KiB, so b refuses any body holding event 1 and everything over 2 KiB.
+    let mut sim = Sim::new(10, perfect(), 0, 0);
+    meet_followers(&mut sim);
+    let sent = drive_to_b(&mut sim, 0..4, 5_000, |t| {
+        (counters(t).contains(&1) || t.body_len() > 2048)
+            .then(|| Ok(Response::error(Status::TooLarge, "too large")))
+    });
+    let stats = sim.nodes[0].relay.stats();
+    let b = &stats.peers[&domain("b.example")];
+    assert_eq!((b.queue_depth, b.msgs_out), (0, 4), "{:?}", shape(&sent));
+    assert_eq!(
+        b.dead_letters.get(&relay_core::DeadCause::Status(413)),
+        Some(&1)
+    );
+    assert!(
+        sent.iter()
+            .any(|t| t.body.len() > 1 && counters(t).contains(&1)),
+        "a batch holding event 1 went first"
+    );
+}
+
+#[test]
+fn an_endpoint_the_follower_does_not_serve_is_dead_lettered_not_retried() {
+    // Before: the queue was held and the event kept (and sent again) forever.
+    let mut sim = Sim::new(7, perfect(), 0, 0);
+    meet_followers(&mut sim);
+    let sent = drive_to_b(&mut sim, 0..2, 5_000, |_| {
+        Some(Err(TransportError::Unsupported {
             endpoint: Endpoint::Notify,
             reason: "not listed in the peer's directory".to_owned(),
-        }),
-    );
-    let stats = hub.relay.stats();
+        }))
+    });
+    let stats = sim.nodes[0].relay.stats();
     let b = &stats.peers[&domain("b.example")];
     assert!(b.up, "the peer answers: it is not down");
     assert_eq!(b.failures, 0, "not counted as a failed exchange");
-    assert_eq!(b.queue_depth, 1, "the event is kept");
+    assert_eq!(b.queue_depth, 0, "the queue moved on");
+    assert_eq!(
+        b.dead_letters.get(&relay_core::DeadCause::Unsupported),
+        Some(&2)
+    );
+    // The batch, then each event alone, twice; no gap marker to a peer without the endpoint.
+    assert_eq!(sent.len(), 5, "{:?}", shape(&sent));
+    assert!(sent.iter().all(|t| !t.body.is_empty()));
+}
+
+#[test]
+fn dead_letters_are_bounded_per_peer_oldest_replaced() {
+    let mut sim = Sim::new(12, perfect(), 0, 0);
+    sim.nodes[0].cfg.max_dead_letters_per_peer = 3;
+    let now = sim.now();
+    let hub = &mut sim.nodes[0];
+    hub.relay = Relay::new(hub.cfg.clone(), hub.store.load().expect("load"), now);
+    drive_to_b(&mut sim, 0..5, 5_000, |_| {
+        Some(Ok(Response::error(Status::Forbidden, "no")))
+    });
+    let stats = sim.nodes[0].relay.stats();
+    let b = &stats.peers[&domain("b.example")];
+    assert_eq!(b.dead_letters_dropped, 2);
+    let dead = Relay::dead_letters(&sim.nodes[0].store.load().expect("load"));
+    let kept: Vec<u32> = dead.iter().map(|d| marker(&d.fanout).1).collect();
+    assert_eq!(kept, [2, 3, 4], "the newest three");
+    // A restart numbers on after them, still replacing the oldest.
+    sim.crash(0);
+    sim.restart(0);
+    drive_to_b(&mut sim, 5..6, 10_000, |_| {
+        Some(Ok(Response::error(Status::Forbidden, "no")))
+    });
+    let dead = Relay::dead_letters(&sim.nodes[0].store.load().expect("load"));
+    let kept: Vec<(u64, u32)> = dead.iter().map(|d| (d.n, marker(&d.fanout).1)).collect();
+    assert_eq!(kept, [(3, 3), (4, 4), (5, 5)]);
+}
+
+#[test]
+fn a_forwarded_submission_refused_by_the_hub_is_answered_once() {
+    // The client gets the hub's own answer (405 was no answer before: 502, retry).
+    let mut sim = Sim::new(13, perfect(), 0, 0);
+    let now = sim.now();
+    for (outcome, code, retry) in [
+        (Ok(Response::error(Status::Other(405), "no")), 405, false),
+        (
+            Err(TransportError::Unsupported {
+                endpoint: Endpoint::SubmitMessage,
+                reason: "not in the directory".to_owned(),
+            }),
+            501,
+            false,
+        ),
+        (Err(TransportError::ConnectionLost), 502, true),
+    ] {
+        let b = &mut sim.nodes[1];
+        b.relay.handle_client_submit(
+            now,
+            &mut b.store,
+            ReplyToken(1),
+            room().as_str(),
+            submit_body("b.example", 1, 0),
+        );
+        let Some(Output::Transmit(t)) = b.relay.poll_output() else {
+            panic!("a forward to the hub");
+        };
+        b.relay.handle_outcome(now, &mut b.store, t.id, outcome);
+        let mut replies = Vec::new();
+        while let Some(o) = b.relay.poll_output() {
+            match o {
+                Output::Reply { response, .. } => replies.push(response),
+                Output::Transmit(t) => panic!("sent again: {t:?}"),
+                Output::Probe(_) => {}
+            }
+        }
+        assert_eq!(replies.len(), 1);
+        assert_eq!(replies[0].status.http_code(), code);
+        assert_eq!(replies[0].retry_after.is_some(), retry, "{code}");
+    }
+}
+
+#[test]
+fn a_follower_without_the_sequence_extension_gets_everything_once_in_order() {
+    // c sits behind a proxy that strips MIMI-Seq and MIMI-Next-Seq: its hub must run its queue
+    // by the draft's rules alone, through loss, reordering and restarts of both. Before: the
+    // hub kept 64 batches in flight and re-batched its resends, so c took events out of order,
+    // and a follower deduping whole bodies would have taken resent ones twice.
+    for seed in 1..=4 {
+        let link = Link {
+            loss: 0.05,
+            min_delay_ms: 1,
+            max_delay_ms: 20,
+            report_loss: seed % 2 == 0,
+        };
+        let mut sim = Sim::new(seed, link, 2, 60);
+        sim.strip[2] = true;
+        sim.schedule(300, Ev::Crash { node: 2 });
+        sim.schedule(600, Ev::Restart { node: 2 });
+        sim.schedule(900, Ev::Crash { node: 0 });
+        sim.schedule(1200, Ev::Restart { node: 0 });
+        sim.run(600_000);
+        sim.check();
+        assert_eq!(sim.body_clashes, 0, "seed {seed}: a resend in another body");
+        let s = sim.nodes[0].relay.stats();
+        assert!(s.peers[&domain("c.example")].draft_mode, "seed {seed}");
+        assert_eq!(
+            s.peers[&domain("b.example")].seq_extension,
+            Some(true),
+            "seed {seed}: b speaks the extension"
+        );
+    }
+}
+
+#[test]
+fn draft_mode_sends_one_event_at_a_time_survives_a_restart_and_ends_with_next_seq() {
+    let mut sim = Sim::new(14, perfect(), 0, 0);
+    // b answers 201 without next_seq, and a 409 to event 1: not a gap without the extension.
+    let sent = drive_to_b(&mut sim, 0..4, 1_000, |t| {
+        Some(Ok(if counters(t).contains(&1) {
+            Response::error(Status::OutOfOrder, "conflict")
+        } else {
+            created(t, false)
+        }))
+    });
+    assert_eq!(
+        shape(&sent),
+        [
+            (Some(1), vec![0]),
+            (Some(2), vec![1]),
+            (Some(2), vec![1]),
+            (Some(3), vec![2]),
+            (Some(4), vec![3])
+        ],
+        "one event per /notify, in order, no gap marker"
+    );
+    let stats = sim.nodes[0].relay.stats();
+    let b = &stats.peers[&domain("b.example")];
+    assert!(b.draft_mode);
+    assert_eq!(
+        (
+            b.queue_depth,
+            b.msgs_out,
+            b.dead_letters.get(&relay_core::DeadCause::Status(409))
+        ),
+        (0, 3, Some(&1))
+    );
+    // The mode is kept across a restart: the first transmit is one event, and one in flight.
+    sim.crash(0);
+    sim.restart(0);
+    assert!(sim.nodes[0].relay.stats().peers[&domain("b.example")].draft_mode);
+    let now = sim.now();
+    let hub = &mut sim.nodes[0];
+    for k in 10..13 {
+        hub.relay.handle_client_submit(
+            now,
+            &mut hub.store,
+            ReplyToken(u64::from(k)),
+            room().as_str(),
+            submit_body("a.example", 0, k),
+        );
+    }
+    let at = sim.now_ms + 10;
+    let to_b: Vec<Transmit> = hub_step(&mut sim, at)
+        .into_iter()
+        .filter(|t| t.dest == domain("b.example"))
+        .collect();
+    assert_eq!(shape(&to_b), [(Some(5), vec![10])]);
+    // b answers with next_seq again: sequence mode, and the rest goes as one batch.
+    let now = sim.now();
+    let hub = &mut sim.nodes[0];
+    hub.relay
+        .handle_outcome(now, &mut hub.store, to_b[0].id, Ok(created(&to_b[0], true)));
+    let b = &hub.relay.stats().peers[&domain("b.example")].clone();
+    assert!(!b.draft_mode);
+    let at = sim.now_ms + 10;
+    let to_b: Vec<Transmit> = hub_step(&mut sim, at)
+        .into_iter()
+        .filter(|t| t.dest == domain("b.example"))
+        .collect();
+    assert_eq!(shape(&to_b), [(Some(6), vec![11, 12])]);
 }

@@ -860,6 +860,9 @@ mod tests {
         let r = to_response(429, &h, Bytes::new()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(r.status, Status::Unavailable);
         assert_eq!(r.retry_after, Some(Duration::from_secs(7)));
-        assert!(to_response(418, &h, Bytes::new()).is_err());
+        // Any other 4xx is the peer's answer; the core decides whether it is final.
+        let r = to_response(418, &h, Bytes::new()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.status, Status::Other(418));
+        assert!(to_response(302, &h, Bytes::new()).is_err());
     }
 }

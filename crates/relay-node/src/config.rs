@@ -145,6 +145,7 @@ struct RawLimits {
     max_abuse_reports_per_peer: Option<usize>,
     max_abuse_bytes_per_peer: Option<usize>,
     max_consent_per_peer: Option<usize>,
+    max_dead_letters_per_peer: Option<usize>,
 }
 
 /// Where the node keeps its durable state.
@@ -250,6 +251,9 @@ pub struct NodeConfig {
     pub max_abuse_reports_per_peer: usize,
     pub max_abuse_bytes_per_peer: usize,
     pub max_consent_per_peer: usize,
+    /// `[limits] max_dead_letters_per_peer`: events a peer refused for good, kept per peer
+    /// (the oldest replaced).
+    pub max_dead_letters_per_peer: usize,
     /// The per-peer budgets every transport adapter enforces.
     pub adapter_limits: relay_adapter::Limits,
     /// `[xmpp]`: XMPP peers reached as a component of an XMPP server.
@@ -535,6 +539,12 @@ impl NodeConfig {
             100_000,
             1 << 24,
         )?;
+        let max_dead_letters_per_peer = per_peer(
+            "max_dead_letters_per_peer",
+            l.max_dead_letters_per_peer,
+            1_000,
+            1 << 20,
+        )?;
 
         let xmpp = match &raw.xmpp {
             None => None,
@@ -567,6 +577,7 @@ impl NodeConfig {
             max_abuse_reports_per_peer,
             max_abuse_bytes_per_peer,
             max_consent_per_peer,
+            max_dead_letters_per_peer,
             adapter_limits,
             xmpp,
             quic_congestion,
@@ -823,6 +834,7 @@ followers = ["b.example"]
         let cfg = r.expect("valid");
         assert_eq!(cfg.max_abuse_reports_per_peer, 1_000);
         assert_eq!(cfg.max_consent_per_peer, 100_000);
+        assert_eq!(cfg.max_dead_letters_per_peer, 1_000);
         let l = cfg.adapter_limits;
         assert_eq!(l.max_conns_per_peer, 2);
         assert_eq!(l.frame_deadline, Duration::from_millis(500));
@@ -846,6 +858,10 @@ followers = ["b.example"]
                 "limits.max_abuse_bytes_per_peer",
             ),
             ("max_consent_per_peer = 0", "limits.max_consent_per_peer"),
+            (
+                "max_dead_letters_per_peer = 0",
+                "limits.max_dead_letters_per_peer",
+            ),
         ] {
             let (k, m) = invalid(&with(kv));
             assert_eq!(k, key, "{kv}: {m}");

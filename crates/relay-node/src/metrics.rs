@@ -238,6 +238,41 @@ pub fn render(s: &RelayStats, store: &StoreStats) -> String {
     }
     let _ = writeln!(
         out,
+        "# HELP mimi_relay_peer_draft_mode Whether a peer answers /notify without MIMI-Next-Seq, so its queues run by the draft's rules alone (one event per /notify, one in flight per room).\n# TYPE mimi_relay_peer_draft_mode gauge"
+    );
+    for (domain, p) in &s.peers {
+        let _ = writeln!(
+            out,
+            "mimi_relay_peer_draft_mode{{peer=\"{domain}\"}} {}",
+            u8::from(p.draft_mode)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP mimi_relay_dead_letters_total Events a peer refused for good (a final 4xx, or an endpoint it does not serve), kept as dead-letter records.\n# TYPE mimi_relay_dead_letters_total counter"
+    );
+    for (domain, p) in &s.peers {
+        for (cause, n) in &p.dead_letters {
+            let _ = writeln!(
+                out,
+                "mimi_relay_dead_letters_total{{peer=\"{domain}\",status=\"{}\"}} {n}",
+                cause.label()
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP mimi_relay_dead_letters_dropped_total Dead-letter records replaced by newer ones (a bounded number is kept per peer).\n# TYPE mimi_relay_dead_letters_dropped_total counter"
+    );
+    for (domain, p) in &s.peers {
+        let _ = writeln!(
+            out,
+            "mimi_relay_dead_letters_dropped_total{{peer=\"{domain}\"}} {}",
+            p.dead_letters_dropped
+        );
+    }
+    let _ = writeln!(
+        out,
         "# HELP mimi_relay_inbox_depth Delivered events not yet read by local clients."
     );
     let _ = writeln!(
@@ -421,6 +456,36 @@ mod tests {
         assert!(text.contains("mimi_relay_delivery_latency_seconds_bucket{le=\"10\"} 2"));
         assert!(text.contains("mimi_relay_delivery_latency_seconds_bucket{le=\"+Inf\"} 3"));
         assert!(text.contains("mimi_relay_rejects_total{reason=\"queue_full\"} 0"));
+    }
+
+    #[test]
+    fn dead_letters_and_draft_mode_are_rendered_per_peer() {
+        let mut s = RelayStats::default();
+        let mut p = relay_core::PeerStats {
+            draft_mode: true,
+            dead_letters_dropped: 2,
+            ..Default::default()
+        };
+        p.dead_letters.insert(relay_core::DeadCause::Status(403), 3);
+        p.dead_letters.insert(relay_core::DeadCause::Unsupported, 1);
+        s.peers.insert("b.example".parse().expect("domain"), p);
+        s.peers.insert(
+            "c.example".parse().expect("domain"),
+            relay_core::PeerStats::default(),
+        );
+        let text = render(&s, &StoreStats::default());
+        for line in [
+            "mimi_relay_peer_draft_mode{peer=\"b.example\"} 1",
+            "mimi_relay_peer_draft_mode{peer=\"c.example\"} 0",
+            "mimi_relay_dead_letters_total{peer=\"b.example\",status=\"403\"} 3",
+            "mimi_relay_dead_letters_total{peer=\"b.example\",status=\"unsupported\"} 1",
+            "mimi_relay_dead_letters_dropped_total{peer=\"b.example\"} 2",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from:\n{text}"
+            );
+        }
     }
 
     #[test]
