@@ -167,6 +167,26 @@ pub mod fuzz {
 
     use crate::server::{Rejection, check_from, check_host, header_lineage, header_u64};
 
+    /// What the client makes of a peer's directory document: for each endpoint with a usable
+    /// URL, the `Host` it sends and the path of a request for `target`. `None` when the
+    /// document is not a directory (the `/v1` fallback).
+    pub fn directory_requests(
+        body: &[u8],
+        peer: &ProviderDomain,
+        target: &str,
+    ) -> Option<Vec<(Endpoint, String, String)>> {
+        let dir = crate::directory::parse(body, peer)?;
+        Some(
+            Endpoint::ALL
+                .into_iter()
+                .filter_map(|e| {
+                    let r = dir.route(e).ok()?;
+                    Some((e, r.authority().to_owned(), r.path(target)))
+                })
+                .collect(),
+        )
+    }
+
     /// What the server reads of a request before its body.
     #[derive(Debug, PartialEq, Eq)]
     pub enum Head {
