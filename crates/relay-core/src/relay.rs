@@ -1038,14 +1038,7 @@ impl Relay {
             Some(first) => {
                 if first > cursor.next {
                     let (next, inc) = (cursor.next, cursor.inc);
-                    let mut response = self.reject(
-                        RejectReason::OutOfOrder,
-                        Status::OutOfOrder,
-                        "sequence gap: resend from next",
-                    );
-                    response.next_seq = Some(next);
-                    response.next_inc = Some(inc);
-                    return response;
+                    return self.resend_from(next, inc, "sequence gap: resend from next");
                 }
                 // With incarnations on both sides the numbers are exact: a batch under the
                 // incarnation of our last event repeats what we hold below `next`, and one that
@@ -1064,14 +1057,11 @@ impl Relay {
                         debug!(room = %room, hub = %req.from, first, next,
                             "numbering from another hub incarnation: answering our cursor");
                         self.stats.lineage_mismatches += 1;
-                        let mut response = self.reject(
-                            RejectReason::OutOfOrder,
-                            Status::OutOfOrder,
+                        return self.resend_from(
+                            next,
+                            inc,
                             "sequence from another hub incarnation: resend from next",
                         );
-                        response.next_seq = Some(next);
-                        response.next_inc = Some(inc);
-                        return response;
                     }
                 }
                 // Numbers already seen are duplicates, unless the bytes say otherwise: a number
@@ -1154,6 +1144,14 @@ impl Relay {
             response.next_seq = Some(next);
             response.next_inc = Some(next_inc);
         }
+        response
+    }
+
+    /// A 409 carrying our cursor: the hub resends from `next`, after our event of `inc`.
+    fn resend_from(&mut self, next: u64, inc: u64, why: &'static str) -> Response {
+        let mut response = self.reject(RejectReason::OutOfOrder, Status::OutOfOrder, why);
+        response.next_seq = Some(next);
+        response.next_inc = Some(inc);
         response
     }
 
