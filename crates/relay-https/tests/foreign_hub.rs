@@ -1,6 +1,8 @@
 //! Our HTTPS client against a hub we did not write: HTTP/1.1 only, no ALPN, mutual TLS, and
 //! its own directory (absolute URLs without a port, relative ones, its own variable names).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -21,43 +23,16 @@ use relay_core::transport::{
     Request, Response, Status, Transmit, TransmitId, TransportError, TransportKind,
 };
 use relay_https::{HttpsConfig, HttpsTransport};
-use relay_tls::{PeerTrust, TlsIdentity};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::timeout;
 
+use common::Provider;
+
 const WAIT: Duration = Duration::from_secs(10);
 const ROOM: &str = "mimi://hub.example/r/clubhouse";
 const ROOM_ENC: &str = "mimi%3A%2F%2Fhub.example%2Fr%2Fclubhouse";
-
-struct Provider {
-    domain: ProviderDomain,
-    identity: TlsIdentity,
-    cert_pem: String,
-}
-
-impl Provider {
-    fn new(name: &str) -> Result<Provider> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let domain: ProviderDomain = name.parse()?;
-        let generated = relay_tls::generate(&domain)?;
-        let identity =
-            TlsIdentity::from_pem(domain.clone(), &generated.cert_pem, &generated.key_pem)?;
-        Ok(Provider {
-            domain,
-            identity,
-            cert_pem: generated.cert_pem,
-        })
-    }
-
-    /// Trust in `other`'s self-signed certificate.
-    fn trusting(&self, other: &Provider) -> Result<PeerTrust> {
-        let mut trust = PeerTrust::new();
-        trust.add_pem(other.domain.clone(), &other.cert_pem)?;
-        Ok(trust)
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // The hub: hyper's HTTP/1.1 server alone, no ALPN offered
@@ -131,7 +106,7 @@ async fn start_hub(
     } else {
         vec![]
     };
-    let tls = relay_tls::server_config(&hub.identity, &hub.trusting(client)?, alpn)?;
+    let tls = relay_tls::server_config(&hub.identity, &Provider::trusting(&[client])?, alpn)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let listener = TcpListener::bind(addr).await?;
     let h = Hub {
@@ -330,7 +305,7 @@ async fn setup_with(directory: Option<&str>, live: &[&str], h2: bool) -> Result<
     let (ptx, probes) = mpsc::unbounded_channel();
     let config = HttpsConfig {
         identity: us_p.identity.clone(),
-        trust: us_p.trusting(&hub_p)?,
+        trust: Provider::trusting(&[&hub_p])?,
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         peers: BTreeMap::from([(hub_p.domain.clone(), hub.addr.into())]),
         max_body: 1 << 20,
@@ -751,7 +726,7 @@ async fn a_slow_room_does_not_hold_up_other_rooms_over_http1() -> Result<()> {
 async fn check_probes_the_sequence_extension_over_one_http1_connection() -> Result<()> {
     let s = setup(Some(HUB_DIRECTORY), &["/mimi/pl/"]).await?;
     let room: mimi_wire::uri::RoomId = ROOM.parse()?;
-    let trust = s.us_p.trusting(&s.hub_p)?;
+    let trust = Provider::trusting(&[&s.hub_p])?;
     for _ in 0..20 {
         let report = relay_https::check::check(
             &s.us_p.identity,
@@ -780,7 +755,7 @@ async fn our_server_speaks_http1_to_a_client_without_alpn() -> Result<()> {
     let (probes, _) = mpsc::unbounded_channel();
     let config = HttpsConfig {
         identity: server.identity.clone(),
-        trust: server.trusting(&client)?,
+        trust: Provider::trusting(&[&client])?,
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         peers: BTreeMap::new(),
         max_body: 1 << 20,
@@ -796,7 +771,7 @@ async fn our_server_speaks_http1_to_a_client_without_alpn() -> Result<()> {
     )
     .await?;
     let tls_config =
-        relay_tls::client_config(&client.identity, &client.trusting(&server)?, vec![])?;
+        relay_tls::client_config(&client.identity, &Provider::trusting(&[&server])?, vec![])?;
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     let name = rustls::pki_types::ServerName::try_from("b.example")?;
     let tls = tokio_rustls::TlsConnector::from(tls_config)

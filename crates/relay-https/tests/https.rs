@@ -1,6 +1,8 @@
 //! The HTTPS adapter over loopback with generated certificates and a fake node. The hostile
 //! cases every transport shares are in relay-adapter's conformance suite.
 
+mod common;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
@@ -24,44 +26,19 @@ use relay_core::transport::{
     Request, Response, Status, Transmit, TransmitId, TransportError, TransportKind,
 };
 use relay_https::{HttpsConfig, HttpsTransport, Rejection};
-use relay_tls::{PeerTrust, TlsIdentity};
+use relay_tls::TlsIdentity;
 use rustls::pki_types::ServerName;
 use tokio::sync::{mpsc, watch};
 use tokio::time::timeout;
+
+use common::Provider;
 
 const WAIT: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------------------------
 // Providers and their certificates
 
-struct Provider {
-    domain: ProviderDomain,
-    identity: TlsIdentity,
-    cert_pem: String,
-}
-
 impl Provider {
-    fn new(name: &str) -> Result<Provider> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let domain: ProviderDomain = name.parse()?;
-        let generated = relay_tls::generate(&domain)?;
-        let identity =
-            TlsIdentity::from_pem(domain.clone(), &generated.cert_pem, &generated.key_pem)?;
-        Ok(Provider {
-            domain,
-            identity,
-            cert_pem: generated.cert_pem,
-        })
-    }
-
-    fn trusting(others: &[&Provider]) -> Result<PeerTrust> {
-        let mut trust = PeerTrust::new();
-        for p in others {
-            trust.add_pem(p.domain.clone(), &p.cert_pem)?;
-        }
-        Ok(trust)
-    }
-
     fn config(
         &self,
         trusted: &[&Provider],
