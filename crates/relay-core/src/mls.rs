@@ -68,6 +68,22 @@ pub struct HandshakeEffect {
     pub epoch: u64,
     /// Refs (hash outputs) of the KeyPackages it adds, so the hub can route the Welcome.
     pub key_package_refs: Vec<Vec<u8>>,
+    /// User URIs whose clients left by SelfRemove (draft-ietf-mls-extensions), one per leaf.
+    pub self_removed: Vec<String>,
+    /// The group's members (user URIs, one per leaf) once this is merged.
+    pub members_after: Vec<String>,
+    /// The app_data_dictionary components it changes (AppDataUpdate proposals), each with
+    /// its data before and after; the hub's room policy judges them.
+    pub app_data: Vec<AppDataChange>,
+}
+
+/// One component of the group's app_data_dictionary, before and after a handshake
+/// (`None`: absent).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AppDataChange {
+    pub component: u16,
+    pub before: Option<Vec<u8>>,
+    pub after: Option<Vec<u8>>,
 }
 
 /// The group's public state after a create or a merged commit.
@@ -76,6 +92,9 @@ pub struct GroupState {
     pub epoch: u64,
     /// User URIs of the members (one per leaf; a user with two clients appears twice).
     pub members: Vec<String>,
+    /// The group's app_data_dictionary (component id -> data): the room's participant
+    /// list, roles and policy live here (protocol-06 §7.5, draft-ietf-mimi-room-policy).
+    pub app_data: std::collections::BTreeMap<u16, Vec<u8>>,
     /// The validator's own encoding of its state, persisted by the core and given back to
     /// [`MlsValidator::restore`] after a restart.
     pub state: Vec<u8>,

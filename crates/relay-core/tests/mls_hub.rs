@@ -49,6 +49,7 @@ impl MlsValidator for Fake {
             epoch: 0,
             members: self.members.clone(),
             state: enc(0, &self.members),
+            app_data: Default::default(),
         })
     }
 
@@ -63,6 +64,7 @@ impl MlsValidator for Fake {
             epoch: self.epoch,
             members: self.members.clone(),
             state: state.to_vec(),
+            app_data: Default::default(),
         })
     }
 
@@ -109,6 +111,7 @@ impl MlsValidator for Fake {
             epoch,
             members: self.members.clone(),
             state: enc(epoch, &self.members),
+            app_data: Default::default(),
         })
     }
 

@@ -150,6 +150,7 @@ impl OpenMlsValidator {
                 .map(|m| identity(&m.credential))
                 .collect(),
             state: encode_state(room.group.group_id(), &room.storage),
+            app_data: Default::default(),
         }
     }
 

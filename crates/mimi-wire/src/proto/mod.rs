@@ -26,6 +26,7 @@ mod fanout;
 mod group_info;
 mod identifier;
 mod key_material;
+pub mod room;
 mod submit;
 mod update;
 
