@@ -18,12 +18,16 @@ pub mod config;
 pub mod mls;
 mod relay;
 pub mod rng;
+pub mod room_policy;
 pub mod stats;
 pub mod store;
 pub mod transport;
 
 pub use config::{RelayConfig, RetryPolicy};
-pub use relay::{DeadLetter, InboxQuery, MlsRoomError, Now, Output, Relay, ReplyToken, RoomError};
+pub use relay::{
+    DeadLetter, InboxQuery, MlsRoomError, Now, Output, Relay, ReplyToken, RoomError,
+    RoomParticipant,
+};
 pub use stats::{DeadCause, PeerStats, RejectReason, RelayStats};
 pub use store::{InboxRange, MemStore, SealedCommit, Snapshot, Store, StoreError, StoreOp};
 pub use transport::{

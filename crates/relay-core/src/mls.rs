@@ -11,46 +11,6 @@
 
 use std::fmt;
 
-/// The base roles of draft-ietf-mimi-room-policy (-02 §4 "base roles"), as the hub keeps
-/// them per participant.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Role {
-    /// May not rejoin or be added.
-    Banned,
-    /// An ordinary participant: sends messages, leaves, updates its own leaf.
-    Regular,
-    /// Adds and removes participants.
-    Admin,
-    /// The room's creator: everything an admin may, and changes roles.
-    Owner,
-}
-
-impl Role {
-    pub fn as_u8(self) -> u8 {
-        match self {
-            Role::Banned => 0,
-            Role::Regular => 1,
-            Role::Admin => 2,
-            Role::Owner => 3,
-        }
-    }
-
-    pub fn from_u8(v: u8) -> Option<Role> {
-        Some(match v {
-            0 => Role::Banned,
-            1 => Role::Regular,
-            2 => Role::Admin,
-            3 => Role::Owner,
-            _ => return None,
-        })
-    }
-
-    /// Whether this role may add or remove other participants.
-    pub fn may_manage_members(self) -> bool {
-        matches!(self, Role::Admin | Role::Owner)
-    }
-}
-
 /// What a handshake message does once merged, as far as the hub's policy needs to know.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HandshakeEffect {
@@ -167,30 +127,6 @@ pub trait MlsValidator: fmt::Debug + Send {
         let _ = (room, group_info, request);
         Err(MlsReject::NotAllowed("no GroupInfo service".into()))
     }
-}
-
-/// Roles of a room's participants, keyed by user URI, encoded for the store.
-pub(crate) fn encode_roles(roles: &std::collections::BTreeMap<String, Role>) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (user, role) in roles {
-        out.push(role.as_u8());
-        let n = u16::try_from(user.len()).unwrap_or(u16::MAX);
-        out.extend_from_slice(&n.to_be_bytes());
-        out.extend_from_slice(&user.as_bytes()[..usize::from(n)]);
-    }
-    out
-}
-
-pub(crate) fn decode_roles(mut b: &[u8]) -> Option<std::collections::BTreeMap<String, Role>> {
-    let mut roles = std::collections::BTreeMap::new();
-    while !b.is_empty() {
-        let role = Role::from_u8(*b.first()?)?;
-        let n = usize::from(u16::from_be_bytes([*b.get(1)?, *b.get(2)?]));
-        let user = std::str::from_utf8(b.get(3..3 + n)?).ok()?;
-        roles.insert(user.to_owned(), role);
-        b = b.get(3 + n..)?;
-    }
-    Some(roles)
 }
 
 /// Runs a validator with every call under panic isolation: third-party MLS code that panics on

@@ -19,7 +19,7 @@ mod inbox;
 mod lineage;
 mod services;
 pub use dead_letter::DeadLetter;
-pub use hub_mls::MlsRoomError;
+pub use hub_mls::{MlsRoomError, RoomParticipant};
 pub use inbox::InboxQuery;
 
 use crate::config::RelayConfig;

@@ -182,6 +182,9 @@ pub struct RelayStats {
     pub reused_seq: u64,
     /// Calls into the MLS validator that panicked (refused, the node went on).
     pub mls_panics: u64,
+    /// Hub: handshakes and submissions the room policy refused (also counted as
+    /// `not_allowed` rejects).
+    pub policy_rejections: u64,
     /// Time from the hub's acceptance to the follower's acknowledgement.
     pub latency: Histogram,
 }

@@ -1,8 +1,9 @@
 //! MLS rooms at the hub (protocol-06 §5.3, §5.4) and key material at the provider (§5.2).
 //!
 //! A room created with MLS state has every /update checked by the [`MlsValidator`] and by
-//! the room's policy (base roles of draft-ietf-mimi-room-policy) before it is ordered and
-//! fanned out like an application message; its followers are the providers of its members.
+//! the room's policy ([`crate::room_policy`]: participant list, roles and base policy of
+//! draft-ietf-mimi-room-policy) before it is ordered and fanned out like an application
+//! message; its followers are the providers of its members.
 //! Key packages published by local clients are handed out once each.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -16,12 +17,14 @@ use mimi_wire::proto::{
     KeyMaterialRequest, KeyMaterialResponse, KeyMaterialUserCode, KeyPackage, MlsMessage, Protocol,
     SubmitMessageResponse, UpdateOutcome, UpdateRequest, UpdateRoomResponse, VLBytes,
 };
+use mimi_wire::proto::room::{ParticipantListData, UserRolePair};
 use mimi_wire::uri::{ProviderDomain, RoomId};
 use tracing::{debug, info};
 
 use super::{Entry, InFlight, Output, Relay, ReplyToken, submit_answer, uri_in_domain, xxh3_128};
 use crate::Now;
-use crate::mls::{GroupState, HandshakeEffect, MlsReject, MlsValidator, Role};
+use crate::mls::{GroupState, HandshakeEffect, MlsReject, MlsValidator};
+use crate::room_policy::{self, PolicyRefusal, RoomState};
 use crate::stats::RejectReason;
 use crate::store::{InboxRecord, Store, StoreOp};
 use crate::transport::{Response, Status, Transmit};
@@ -39,8 +42,8 @@ const REC_GROUP_INFO: u8 = 9;
 #[derive(Debug)]
 pub(super) struct MlsRoom {
     pub epoch: u64,
-    pub members: Vec<String>,
-    pub roles: BTreeMap<String, Role>,
+    /// Members, participant list, roles and base policy.
+    pub state: RoomState,
     /// The last accepted commit (hash of the /update body and its answer), so an exact retry
     /// is answered with success instead of wrongEpoch.
     pub last_commit: Option<(u128, u64)>,
@@ -88,6 +91,17 @@ pub enum MlsRoomError {
     NoRoute(String),
     #[error("the store is out of space: try again later")]
     StorageFull,
+    #[error("the initial room state breaks its own policy")]
+    Policy(#[source] PolicyRefusal),
+}
+
+/// One entry of a hosted room's participant list (protocol-06 §7.5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomParticipant {
+    pub user: String,
+    pub role_index: u32,
+    /// The role's name in the room's roles list (empty when it defines none).
+    pub role_name: String,
 }
 
 fn key(space: u8, parts: &[&[u8]]) -> Vec<u8> {
@@ -105,10 +119,42 @@ fn user_domain(user: &str) -> Option<&str> {
     user.strip_prefix("mimi://")?.split('/').next()
 }
 
-fn encode_meta(room: &MlsRoom) -> Vec<u8> {
-    let mut v = room.epoch.to_be_bytes().to_vec();
-    v.extend_from_slice(&crate::mls::encode_roles(&room.roles));
+/// The tag after the epoch in a REC_MLS_META record holding a participant list (an older
+/// record has the toy roles there, whose first byte is at most 3).
+const META_LIST: u8 = 0xff;
+
+/// The epoch and the participant list, which the hub keeps for a room whose group carries
+/// none (and writes for every room: the group's own list wins on restore).
+fn encode_meta(epoch: u64, state: &RoomState) -> Vec<u8> {
+    let mut v = epoch.to_be_bytes().to_vec();
+    v.push(META_LIST);
+    match state.participants.encode() {
+        Ok(l) => v.extend_from_slice(&l),
+        Err(e) => tracing::error!(error = %e, "cannot encode a participant list"),
+    }
     v
+}
+
+/// The participant list of a REC_MLS_META record; an older record's toy roles (banned,
+/// regular, admin, owner) map to the default roles 1 to 4.
+fn decode_meta(meta: &[u8]) -> Option<ParticipantListData> {
+    let rest = meta.get(8..)?;
+    if let Some(list) = rest.strip_prefix(&[META_LIST]) {
+        return ParticipantListData::decode(list).ok();
+    }
+    let mut participants = Vec::new();
+    let mut b = rest;
+    while !b.is_empty() {
+        let role = u32::from(*b.first()?);
+        let n = usize::from(u16::from_be_bytes([*b.get(1)?, *b.get(2)?]));
+        let user = std::str::from_utf8(b.get(3..3 + n)?).ok()?;
+        participants.push(UserRolePair {
+            user: IdentifierUri::new(user),
+            role_index: (role <= 3).then_some(role + 1)?,
+        });
+        b = b.get(3 + n..)?;
+    }
+    Some(ParticipantListData { participants })
 }
 
 fn update_answer(resp: &UpdateRoomResponse) -> Response {
@@ -146,18 +192,20 @@ impl Relay {
                     let Ok(room) = std::str::from_utf8(room) else {
                         continue;
                     };
-                    match validator.restore(room, v) {
-                        Ok(g) => {
-                            let roles = records
-                                .get(&key(REC_MLS_META, &[room.as_bytes()]))
-                                .and_then(|m| crate::mls::decode_roles(m.get(8..)?))
-                                .unwrap_or_default();
+                    let kept = records
+                        .get(&key(REC_MLS_META, &[room.as_bytes()]))
+                        .and_then(|m| decode_meta(m));
+                    match validator.restore(room, v).and_then(|g| {
+                        RoomState::restored(&g.app_data, g.members, kept)
+                            .map(|s| (g.epoch, s))
+                            .map_err(|e| MlsReject::NotAllowed(e.to_string()))
+                    }) {
+                        Ok((epoch, state)) => {
                             self.mls.rooms.insert(
                                 room.to_owned(),
                                 MlsRoom {
-                                    epoch: g.epoch,
-                                    members: g.members,
-                                    roles,
+                                    epoch,
+                                    state,
                                     last_commit: None,
                                     used_key_packages: BTreeSet::new(),
                                     group_info: records
@@ -232,13 +280,18 @@ impl Relay {
         self.mls.rooms.get(room).map(|r| r.epoch)
     }
 
-    /// The participant list of a hosted MLS room, with roles.
-    pub fn mls_participants(&self, room: &str) -> Option<Vec<(String, Role)>> {
-        let r = self.mls.rooms.get(room)?;
+    /// The participant list of a hosted MLS room, with roles (banned users included).
+    pub fn mls_participants(&self, room: &str) -> Option<Vec<RoomParticipant>> {
+        let s = &self.mls.rooms.get(room)?.state;
         Some(
-            r.members
+            s.participants
+                .participants
                 .iter()
-                .map(|m| (m.clone(), r.roles.get(m).copied().unwrap_or(Role::Regular)))
+                .map(|p| RoomParticipant {
+                    user: p.user.as_str().to_owned(),
+                    role_index: p.role_index,
+                    role_name: s.role_name(p.role_index),
+                })
                 .collect(),
         )
     }
@@ -275,7 +328,15 @@ impl Relay {
             }
             return Err(MlsRoomError::ForeignCreator(m.clone()));
         }
-        let roles = g.members.iter().map(|m| (m.clone(), Role::Owner)).collect();
+        let state = match RoomState::created(&g.app_data, g.members.clone()) {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(v) = self.mls.validator.as_mut() {
+                    v.discard(room.as_str());
+                }
+                return Err(MlsRoomError::Policy(e));
+            }
+        };
         // The creator's GroupInfo is an MLSMessage: keep the bare struct (after the version
         // and the wire format group_info(4)).
         let group_info = group_info
@@ -283,8 +344,7 @@ impl Relay {
             .map(Bytes::copy_from_slice);
         let mr = MlsRoom {
             epoch: g.epoch,
-            members: g.members.clone(),
-            roles,
+            state,
             last_commit: None,
             used_key_packages: BTreeSet::new(),
             group_info,
@@ -293,14 +353,14 @@ impl Relay {
             room: &room,
             followers: &[],
         });
-        self.persist_mls(store, room.as_str(), &mr, &g);
+        Self::persist_mls(store, room.as_str(), &mr, &g);
         info!(room = %room, epoch = g.epoch, "hosting MLS room");
         self.mls.rooms.insert(room.as_str().to_owned(), mr);
         self.ensure_room(room, &[]);
         Ok(())
     }
 
-    fn persist_mls<S: Store>(&self, store: &mut S, room: &str, mr: &MlsRoom, g: &GroupState) {
+    fn persist_mls<S: Store>(store: &mut S, room: &str, mr: &MlsRoom, g: &GroupState) {
         store.apply(StoreOp::Record {
             key: &key(REC_GROUP_INFO, &[room.as_bytes()]),
             value: mr.group_info.as_deref(),
@@ -311,12 +371,13 @@ impl Relay {
         });
         store.apply(StoreOp::Record {
             key: &key(REC_MLS_META, &[room.as_bytes()]),
-            value: Some(&encode_meta(mr)),
+            value: Some(&encode_meta(mr.epoch, &mr.state)),
         });
     }
 
-    /// The MLS part of /submitMessage for a room with MLS state: the sending user must be a
-    /// member and the message of the current epoch. `None`: go on.
+    /// The MLS part of /submitMessage for a room with MLS state: the sending user must be an
+    /// active participant (listed, not banned, a member: protocol-06 §5.3) and the message of
+    /// the current epoch. `None`: go on.
     pub(super) fn check_mls_submit(
         &mut self,
         room: &str,
@@ -325,8 +386,10 @@ impl Relay {
     ) -> Option<Response> {
         let r = self.mls.rooms.get(room)?;
         let current = r.epoch;
-        if !r.members.iter().any(|m| m == sending_uri) {
+        if let Err(why) = r.state.may_send(sending_uri) {
+            debug!(room, %why, "submission refused by the room policy");
             self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
+            self.stats.policy_rejections += 1;
             return Some(submit_answer(&SubmitMessageResponse::not_allowed()));
         }
         match epoch {
@@ -362,8 +425,8 @@ impl Relay {
                 "room has no MLS state at its hub",
             ));
         };
-        // Cheap checks before MLS work: only a provider that takes part in the room (or has a
-        // member in it, for an external join) gets its handshake validated at all.
+        // Cheap checks before MLS work: only a provider that takes part in the room (or may
+        // join it by the room's policy) gets its handshake validated at all.
         if !self.takes_part(sender, ri, room) {
             self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
             return update_answer(&UpdateRoomResponse::not_allowed(
@@ -421,14 +484,18 @@ impl Relay {
                 });
             }
         };
-        if let Err(why) = self.policy(sender, room, &effect) {
-            if let Some(v) = self.mls.validator.as_mut() {
-                v.discard(room);
+        let next = match self.policy(sender, room, &effect) {
+            Ok(next) => next,
+            Err(why) => {
+                if let Some(v) = self.mls.validator.as_mut() {
+                    v.discard(room);
+                }
+                self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
+                self.stats.policy_rejections += 1;
+                debug!(room, %why, "handshake refused by policy");
+                return update_answer(&UpdateRoomResponse::not_allowed(why.to_string()));
             }
-            self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
-            debug!(room, why, "handshake refused by policy");
-            return update_answer(&UpdateRoomResponse::not_allowed(why));
-        }
+        };
         // A lagging follower loses its backlog, not the room: the commit that removes it
         // must get through.
         self.drop_lagging(now, store, ri);
@@ -451,20 +518,11 @@ impl Relay {
             return Response::error(Status::Internal, "room state vanished");
         };
         mr.epoch = merged.epoch;
-        mr.members = merged.members.clone();
-        for u in &effect.added {
-            mr.roles.entry(u.clone()).or_insert(Role::Regular);
+        if effect.is_commit {
+            // A proposal changes the room once committed.
+            mr.state = next;
         }
-        if effect.external {
-            mr.roles
-                .entry(effect.sender.clone())
-                .or_insert(Role::Regular);
-        }
-        for u in &effect.removed {
-            if mr.roles.get(u) != Some(&Role::Banned) && !mr.members.contains(u) {
-                mr.roles.remove(u);
-            }
-        }
+        mr.state.members = merged.members.clone();
         if effect.is_commit {
             mr.last_commit = Some((body_key, accepted_ms));
             mr.group_info = match &req.bundle {
@@ -483,20 +541,13 @@ impl Relay {
             }
         }
         let after: BTreeSet<ProviderDomain> = mr
+            .state
             .members
             .iter()
             .filter_map(|m| user_domain(m)?.parse::<ProviderDomain>().ok())
             .filter(|d| *d != self.cfg.local)
             .collect();
-        let snapshot = MlsRoom {
-            epoch: mr.epoch,
-            members: Vec::new(),
-            roles: mr.roles.clone(),
-            last_commit: None,
-            used_key_packages: BTreeSet::new(),
-            group_info: mr.group_info.clone(),
-        };
-        self.persist_mls(store, room, &snapshot, &merged);
+        Self::persist_mls(store, room, mr, &merged);
 
         // New followers get queues first, so the fan-out below reaches them.
         let all: Vec<ProviderDomain> = before.union(&after).cloned().collect();
@@ -579,80 +630,56 @@ impl Relay {
         update_answer(&UpdateRoomResponse::success(accepted_ms))
     }
 
-    /// The room policy's answer to a staged handshake.
+    /// The room policy's answer to a staged handshake: the room's state once it is merged.
+    /// The hub's own checks (the sender's provider, KeyPackage reuse, routes) come first,
+    /// then [`room_policy::authorize`].
     fn policy(
         &self,
         sender: &ProviderDomain,
         room: &str,
         effect: &HandshakeEffect,
-    ) -> Result<(), String> {
+    ) -> Result<RoomState, PolicyRefusal> {
         if !uri_in_domain(&effect.sender, sender.as_str()) {
-            return Err(format!(
-                "sender {} is not a user of the authenticated provider",
-                effect.sender
-            ));
+            return Err(PolicyRefusal::SenderNotOfProvider {
+                sender: effect.sender.clone(),
+                provider: sender.as_str().to_owned(),
+            });
         }
         let Some(mr) = self.mls.rooms.get(room) else {
-            return Err("no such room".into());
+            return Err(PolicyRefusal::InactiveSender {
+                user: effect.sender.clone(),
+            });
         };
-        let role = mr.roles.get(&effect.sender).copied();
-        if role == Some(Role::Banned) {
-            return Err("the sender is banned from the room".into());
-        }
-        if effect.external && !Self::may_join(mr, &effect.sender) {
-            return Err(format!("{} may not join by external commit", effect.sender));
-        }
-        let manages = role.is_some_and(Role::may_manage_members);
-        if !effect.added.is_empty() && !manages {
-            return Err("only admins and owners may add participants".into());
-        }
-        if effect.removed.iter().any(|u| *u != effect.sender) && !manages {
-            return Err("only admins and owners may remove others".into());
-        }
         if effect
             .key_package_refs
             .iter()
             .any(|r| mr.used_key_packages.contains(r))
         {
-            return Err("a KeyPackage is used a second time".into());
+            return Err(PolicyRefusal::KeyPackageReused);
         }
         for u in &effect.added {
-            if mr.roles.get(u) == Some(&Role::Banned) {
-                return Err(format!("{u} is banned from the room"));
-            }
             let Some(d) = user_domain(u).and_then(|d| d.parse::<ProviderDomain>().ok()) else {
-                return Err(format!("{u} is not a MIMI user URI"));
+                return Err(PolicyRefusal::NotAUserUri { user: u.clone() });
             };
             if d != self.cfg.local && !self.peer_by_domain.contains_key(&d) {
-                return Err(format!("no route to provider {d}"));
+                return Err(PolicyRefusal::NoRoute {
+                    provider: d.as_str().to_owned(),
+                });
             }
         }
-        Ok(())
+        room_policy::authorize(&mr.state, &effect.sender, effect)
     }
 
-    /// Whether `sender` is this hub, a follower of the room, or the provider of one of its
-    /// listed users.
+    /// Whether `sender` is this hub, a follower of the room, or a provider whose users take
+    /// part in it or may join it (see [`RoomState::provider_takes_part`]).
     fn takes_part(&self, sender: &ProviderDomain, ri: usize, room: &str) -> bool {
         if *sender == self.cfg.local || self.rooms[ri].followers.iter().any(|(f, _)| f == sender) {
             return true;
         }
-        let of_sender = |u: &String| user_domain(u) == Some(sender.as_str());
         self.mls
             .rooms
             .get(room)
-            .is_some_and(|mr| mr.members.iter().any(of_sender) || mr.roles.keys().any(of_sender))
-    }
-
-    /// The join policy for external commits (and so for /groupInfo): a user the room already
-    /// lists (a new client of a participant, protocol-06 §3.6), or any user of a provider
-    /// that has a member in the room (that provider vouches for its users). Banned users never.
-    fn may_join(mr: &MlsRoom, user: &str) -> bool {
-        match mr.roles.get(user) {
-            Some(Role::Banned) => false,
-            Some(_) => true,
-            None => user_domain(user)
-                .is_some_and(|d| mr.members.iter().any(|m| user_domain(m) == Some(d))),
-        }
+            .is_some_and(|mr| mr.state.provider_takes_part(sender.as_str()))
     }
 
     /// /groupInfo at the hub (protocol-06 §5.6): the requester (a user of the asking
@@ -697,7 +724,7 @@ impl Relay {
                 return code_answer(GroupInfoStatus::NotAuthorized);
             }
         };
-        if !uri_in_domain(&requester, from.as_str()) || !Self::may_join(mr, &requester) {
+        if !uri_in_domain(&requester, from.as_str()) || mr.state.may_join(&requester).is_err() {
             debug!(room, requester, "GroupInfo refused by the join policy");
             self.stats.rejects[RejectReason::Forbidden as usize] += 1;
             return code_answer(GroupInfoStatus::NotAuthorized);

@@ -1,0 +1,866 @@
+//! The room policy the hub enforces on every handshake (draft-ietf-mimi-protocol-06 §5.3,
+//! §7.5; draft-ietf-mimi-room-policy §3 roles, §5 base policy, §8.1 membership
+//! capabilities). Pure: no I/O, no [`crate::Relay`]; the hub keeps a [`RoomState`] per hosted
+//! room and asks [`authorize`] about each staged handshake.
+//!
+//! The room state lives in the MLS group's app_data_dictionary: participant_list (0x0022),
+//! roles_list (0x0025), base_room_policy (0x0027). A group made by a client that writes none
+//! of them (a "hub-kept" room) still gets a policy:
+//! - roles: [`default_roles`] (room-policy Appendix A.2, "strictly administered": 0 no_role,
+//!   1 banned, 2 ordinary_user, 3 group_admin, 4 super_admin);
+//! - participant list: kept by the hub (persisted beside the MLS state), the creator's users
+//!   as super_admin; an MLS Add of an unlisted user lists it as ordinary_user, a user whose
+//!   last client goes is unlisted; both judged as the list changes they stand for;
+//! - external joins: besides the roles' own rules, an unlisted user of a provider that has an
+//!   active participant may join as ordinary_user (the provider vouches for its users: the
+//!   hub's stand-in for a preauth_list by domain, room-policy §4, which rooms with a
+//!   participant_list do not get).
+//!
+//! Not judged here: preauth_list, join codes, canChangeOwnRole (they need the preauth or
+//! join-code components), message capabilities (§8.3), components other than the three
+//! above (an AppDataUpdate of another component is let through).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use mimi_wire::WireError;
+use mimi_wire::proto::room::{
+    BANNED_ROLE, BaseRoomPolicy, NO_ROLE, ParticipantListData, Role, RoleChangeTargets, RoleData,
+    UserRolePair, capability as cap, component,
+};
+use mimi_wire::proto::{IdentifierUri, VLBytes};
+
+use crate::mls::{AppDataChange, HandshakeEffect};
+
+/// Role indexes of [`default_roles`].
+pub mod default_role {
+    /// A participant without special rights.
+    pub const ORDINARY: u32 = 2;
+    /// Adds, removes, bans, kicks, changes roles.
+    pub const ADMIN: u32 = 3;
+    /// The room's creator (of a hub-kept room): everything an admin may, over admins too.
+    pub const SUPER_ADMIN: u32 = 4;
+}
+
+/// Why the room policy refuses a handshake, a message or a join. Each cause is its own
+/// variant; the text goes to the peer in `errorDescription`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyRefusal {
+    /// The handshake's sender is not a user of the provider that sent it.
+    #[error("sender {sender} is not a user of the authenticated provider {provider}")]
+    SenderNotOfProvider { sender: String, provider: String },
+    #[error("a KeyPackage is used a second time")]
+    KeyPackageReused,
+    #[error("{user} is not a MIMI user URI")]
+    NotAUserUri { user: String },
+    #[error("no route to provider {provider}")]
+    NoRoute { provider: String },
+    /// protocol-06 §5.3: a removed (or never listed) participant only removes its clients.
+    #[error("{user} is not an active participant of the room")]
+    InactiveSender { user: String },
+    #[error("{user} is banned from the room")]
+    Banned { user: String },
+    #[error("component {component:#06x} is malformed or given twice")]
+    MalformedComponent { component: u16 },
+    #[error("component {component:#06x} may not be removed")]
+    ComponentRemoved { component: u16 },
+    #[error("the roles list is invalid: {0}")]
+    InvalidRoles(&'static str),
+    #[error("{user} is in the participant list twice")]
+    DuplicateParticipant { user: String },
+    #[error("{user} has role {role}, which the room does not define (or is role 0)")]
+    UnknownRole { user: String, role: u32 },
+    /// room-policy §3: roles or base policy changes need canChangeUserRole.
+    #[error("{user} may not change the room's roles or base policy: its role lacks canChangeUserRole")]
+    PolicyChangeNotAuthorized { user: String },
+    /// room-policy §3: never in the same commit as a participant list change.
+    #[error("a roles or base policy change may not come with a participant list change")]
+    PolicyChangeWithListChange,
+    #[error("the room has fixed membership: no user may be added or removed")]
+    FixedMembership,
+    #[error(
+        "{sender} may not add {user} as role {role}: canAddParticipant and a change from role 0 to {role} are needed"
+    )]
+    AddNotAuthorized {
+        sender: String,
+        user: String,
+        role: u32,
+    },
+    #[error("{user} may not join the room (no open join to that role for it)")]
+    JoinNotAuthorized { user: String },
+    #[error("{user} may not add its own clients: its role lacks canAddOwnClient")]
+    AddOwnClientNotAuthorized { user: String },
+    #[error("{sender} may not add clients of {user}: its role lacks canAddParticipant")]
+    AddClientNotAuthorized { sender: String, user: String },
+    #[error(
+        "{sender} may not remove {user}: canRemoveParticipant and a change from its role to 0 are needed"
+    )]
+    RemoveNotAuthorized { sender: String, user: String },
+    #[error("{user} may not leave the room: canRemoveSelf and a change from its role to 0 are needed")]
+    LeaveNotAuthorized { user: String },
+    #[error("{user} leaves the participant list but keeps clients in the group")]
+    RemovedUserStillHasClients { user: String },
+    #[error("{sender} may not remove clients of {user}: its role lacks canKick")]
+    KickNotAuthorized { sender: String, user: String },
+    #[error("{user} may not remove its own clients: its role lacks canRemoveOwnClient")]
+    RemoveOwnClientNotAuthorized { user: String },
+    #[error("{user} may not change its own role")]
+    OwnRoleChange { user: String },
+    #[error("{sender} may not move {user} from role {from} to role {to}")]
+    RoleChangeNotAuthorized {
+        sender: String,
+        user: String,
+        from: u32,
+        to: u32,
+    },
+    #[error("{sender} may not ban {user}: canBan and a change from its role to 1 are needed")]
+    BanNotAuthorized { sender: String, user: String },
+    #[error("{sender} may not unban {user} to role {to}")]
+    UnbanNotAuthorized {
+        sender: String,
+        user: String,
+        to: u32,
+    },
+    /// protocol-06 §5.3: the list change comes before or with the MLS add.
+    #[error("{user} would have clients in the group but is not in the participant list")]
+    UnlistedMember { user: String },
+    #[error("{user} would have clients in the group but is banned")]
+    BannedMember { user: String },
+    #[error("role {role} would have fewer than {min} participants")]
+    TooFewParticipants { role: u32, min: u32 },
+    #[error("role {role} would have more than {max} participants")]
+    TooManyParticipants { role: u32, max: u32 },
+    #[error("role {role} would have fewer than {min} active participants")]
+    TooFewActive { role: u32, min: u32 },
+    #[error("role {role} would have more than {max} active participants")]
+    TooManyActive { role: u32, max: u32 },
+    #[error("the room would have more than {max} users")]
+    TooManyUsers { max: u32 },
+    #[error("the group would have more than {max} clients")]
+    TooManyClients { max: u32 },
+    #[error("{user} would have more than one client: the room is single-device")]
+    SingleDevice { user: String },
+}
+
+/// The hub's view of one room's policy state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoomState {
+    pub participants: ParticipantListData,
+    pub roles: RoleData,
+    pub base: Option<BaseRoomPolicy>,
+    /// The group has no participant_list component: the hub keeps the list (see the module
+    /// doc) and persists it itself.
+    pub hub_kept_list: bool,
+    /// The group's members: user URIs, one per leaf.
+    pub members: Vec<String>,
+}
+
+fn role(index: u32, name: &str, caps: &[u16], changes: &[(u32, &[u32])]) -> Role {
+    Role {
+        role_index: index,
+        role_name: VLBytes::new(name.as_bytes().to_vec()),
+        role_description: VLBytes::new(Vec::new()),
+        role_capabilities: caps.to_vec(),
+        minimum_participants_constraint: 0,
+        maximum_participants_constraint: None,
+        minimum_active_participants_constraint: 0,
+        maximum_active_participants_constraint: None,
+        authorized_role_changes: changes
+            .iter()
+            .map(|(from, to)| RoleChangeTargets {
+                from_role_index: *from,
+                target_role_indexes: to.to_vec(),
+            })
+            .collect(),
+    }
+}
+
+/// The roles of a room whose group has no roles_list: room-policy Appendix A.2 ("strictly
+/// administered"), membership and message capabilities only, and without its minimum of one
+/// group_admin (a hub-kept room has none at first).
+pub fn default_roles() -> RoleData {
+    let ordinary = [
+        cap::ADD_OWN_CLIENT,
+        cap::REMOVE_OWN_CLIENT,
+        cap::REMOVE_SELF,
+        cap::SEND_MESSAGE,
+        cap::RECEIVE_MESSAGE,
+        cap::REPORT_ABUSE,
+    ];
+    let mut admin = ordinary.to_vec();
+    admin.extend([
+        cap::ADD_PARTICIPANT,
+        cap::REMOVE_PARTICIPANT,
+        cap::BAN,
+        cap::UNBAN,
+        cap::KICK,
+        cap::CHANGE_USER_ROLE,
+    ]);
+    let mut no_role = role(0, "no_role", &[], &[]);
+    no_role.maximum_active_participants_constraint = Some(0);
+    let mut banned = role(1, "banned", &[], &[]);
+    banned.maximum_active_participants_constraint = Some(0);
+    RoleData {
+        roles: vec![
+            no_role,
+            banned,
+            role(2, "ordinary_user", &ordinary, &[(0, &[2]), (2, &[0])]),
+            role(
+                3,
+                "group_admin",
+                &admin,
+                &[(0, &[1, 2, 3]), (1, &[0, 2, 3]), (2, &[0, 1, 3]), (3, &[0, 1, 2])],
+            ),
+            role(
+                4,
+                "super_admin",
+                &admin,
+                &[
+                    (0, &[1, 2, 3, 4]),
+                    (1, &[0, 2, 3, 4]),
+                    (2, &[0, 1, 3, 4]),
+                    (3, &[0, 1, 2, 4]),
+                    (4, &[0, 1, 2, 3]),
+                ],
+            ),
+        ],
+    }
+}
+
+/// Whether `index` is the "banned" role of `roles` (index 1 named "banned", room-policy
+/// §8.1.3; a room may define role 1 otherwise).
+fn is_banned(roles: &RoleData, index: u32) -> bool {
+    index == BANNED_ROLE
+        && roles
+            .role(BANNED_ROLE)
+            .is_some_and(|r| r.role_name.as_slice() == b"banned")
+}
+
+fn user_domain(user: &str) -> Option<&str> {
+    user.strip_prefix("mimi://")?.split('/').next()
+}
+
+fn decode<T>(bytes: &[u8], component: u16, f: fn(&[u8]) -> Result<T, WireError>) -> Result<T, PolicyRefusal> {
+    f(bytes).map_err(|_| PolicyRefusal::MalformedComponent { component })
+}
+
+fn decode_after<T>(
+    c: &AppDataChange,
+    f: fn(&[u8]) -> Result<T, WireError>,
+) -> Result<T, PolicyRefusal> {
+    let after = c.after.as_deref().ok_or(PolicyRefusal::ComponentRemoved {
+        component: c.component,
+    })?;
+    decode(after, c.component, f)
+}
+
+fn validate_roles(roles: &RoleData) -> Result<(), PolicyRefusal> {
+    let mut seen = BTreeSet::new();
+    for r in &roles.roles {
+        if !seen.insert(r.role_index) {
+            return Err(PolicyRefusal::InvalidRoles("a role index is given twice"));
+        }
+        // room-policy §8.1.1: canOpenJoin only on role 0.
+        if r.role_index != NO_ROLE && r.has(cap::OPEN_JOIN) {
+            return Err(PolicyRefusal::InvalidRoles("canOpenJoin on a role other than 0"));
+        }
+    }
+    Ok(())
+}
+
+fn validate_list(list: &ParticipantListData, roles: &RoleData) -> Result<(), PolicyRefusal> {
+    let mut seen = BTreeSet::new();
+    for p in &list.participants {
+        let user = p.user.as_str();
+        if !seen.insert(user) {
+            return Err(PolicyRefusal::DuplicateParticipant {
+                user: user.to_owned(),
+            });
+        }
+        if p.role_index == NO_ROLE || roles.role(p.role_index).is_none() {
+            return Err(PolicyRefusal::UnknownRole {
+                user: user.to_owned(),
+                role: p.role_index,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn clients(members: &[String]) -> BTreeMap<&str, usize> {
+    let mut m = BTreeMap::new();
+    for u in members {
+        *m.entry(u.as_str()).or_insert(0) += 1;
+    }
+    m
+}
+
+fn roles_by_user(list: &ParticipantListData) -> BTreeMap<&str, u32> {
+    list.participants
+        .iter()
+        .map(|p| (p.user.as_str(), p.role_index))
+        .collect()
+}
+
+/// The three components of an app_data_dictionary.
+type Components = (
+    Option<ParticipantListData>,
+    Option<RoleData>,
+    Option<BaseRoomPolicy>,
+);
+
+fn components(app_data: &BTreeMap<u16, Vec<u8>>) -> Result<Components, PolicyRefusal> {
+    Ok((
+        app_data
+            .get(&component::PARTICIPANT_LIST)
+            .map(|b| decode(b, component::PARTICIPANT_LIST, ParticipantListData::decode))
+            .transpose()?,
+        app_data
+            .get(&component::ROLES_LIST)
+            .map(|b| decode(b, component::ROLES_LIST, RoleData::decode))
+            .transpose()?,
+        app_data
+            .get(&component::BASE_ROOM_POLICY)
+            .map(|b| decode(b, component::BASE_ROOM_POLICY, BaseRoomPolicy::decode))
+            .transpose()?,
+    ))
+}
+
+fn listed(users: &[String], role: u32) -> ParticipantListData {
+    let mut seen = BTreeSet::new();
+    ParticipantListData {
+        participants: users
+            .iter()
+            .filter(|u| seen.insert(u.as_str()))
+            .map(|u| UserRolePair {
+                user: IdentifierUri::new(u.clone()),
+                role_index: role,
+            })
+            .collect(),
+    }
+}
+
+impl RoomState {
+    /// The state of a room its creator just made: from the group's app data, or (no
+    /// participant_list) a hub-kept list with the creator's users as super_admin. Every
+    /// member must be an active participant.
+    pub fn created(
+        app_data: &BTreeMap<u16, Vec<u8>>,
+        members: Vec<String>,
+    ) -> Result<RoomState, PolicyRefusal> {
+        let (list, roles, base) = components(app_data)?;
+        let roles = roles.unwrap_or_else(default_roles);
+        validate_roles(&roles)?;
+        let hub_kept_list = list.is_none();
+        let participants =
+            list.unwrap_or_else(|| listed(&members, default_role::SUPER_ADMIN));
+        validate_list(&participants, &roles)?;
+        let s = RoomState {
+            participants,
+            roles,
+            base,
+            hub_kept_list,
+            members,
+        };
+        s.check_members(&s.participants, &s.roles, &s.members)?;
+        Ok(s)
+    }
+
+    /// The state of a room after a restart: from the group's app data, else from the list
+    /// the hub kept (`kept`), else its members as ordinary users. Not judged again.
+    pub fn restored(
+        app_data: &BTreeMap<u16, Vec<u8>>,
+        members: Vec<String>,
+        kept: Option<ParticipantListData>,
+    ) -> Result<RoomState, PolicyRefusal> {
+        let (list, roles, base) = components(app_data)?;
+        let hub_kept_list = list.is_none();
+        let participants = list
+            .or(kept)
+            .unwrap_or_else(|| listed(&members, default_role::ORDINARY));
+        Ok(RoomState {
+            participants,
+            roles: roles.unwrap_or_else(default_roles),
+            base,
+            hub_kept_list,
+            members,
+        })
+    }
+
+    /// The role index of `user` ([`NO_ROLE`] when unlisted).
+    pub fn role_of(&self, user: &str) -> u32 {
+        self.participants.role_of(user)
+    }
+
+    /// The name of role `index`, empty if the room does not define it.
+    pub fn role_name(&self, index: u32) -> String {
+        self.roles
+            .role(index)
+            .map(|r| String::from_utf8_lossy(r.role_name.as_slice()).into_owned())
+            .unwrap_or_default()
+    }
+
+    pub fn is_banned(&self, user: &str) -> bool {
+        is_banned(&self.roles, self.role_of(user))
+    }
+
+    /// Listed, not banned.
+    fn is_listed_active(&self, role: u32) -> bool {
+        role != NO_ROLE && !is_banned(&self.roles, role)
+    }
+
+    /// Every member's user is listed and not banned.
+    fn check_members(
+        &self,
+        list: &ParticipantListData,
+        roles: &RoleData,
+        members: &[String],
+    ) -> Result<(), PolicyRefusal> {
+        let by_user = roles_by_user(list);
+        for u in clients(members).keys() {
+            match by_user.get(u) {
+                None => {
+                    return Err(PolicyRefusal::UnlistedMember {
+                        user: (*u).to_owned(),
+                    });
+                }
+                Some(r) if is_banned(roles, *r) => {
+                    return Err(PolicyRefusal::BannedMember {
+                        user: (*u).to_owned(),
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether an unlisted `user` may add itself as role `target` (room-policy §8.1.1
+    /// canOpenJoin; or the hub-kept rooms' provider rule, see the module doc).
+    fn may_join_as(&self, user: &str, target: u32) -> bool {
+        let open = self.roles.role(NO_ROLE).is_some_and(|z| {
+            z.has(cap::OPEN_JOIN) && target != NO_ROLE && z.targets_from(NO_ROLE).contains(&target)
+        });
+        open || (self.hub_kept_list
+            && target == default_role::ORDINARY
+            && self.provider_has_participant(user_domain(user)))
+    }
+
+    fn provider_has_participant(&self, domain: Option<&str>) -> bool {
+        domain.is_some_and(|d| {
+            self.participants
+                .participants
+                .iter()
+                .any(|p| self.is_listed_active(p.role_index) && user_domain(p.user.as_str()) == Some(d))
+        })
+    }
+
+    /// Whether users of `provider` can take part at all (a cheap check before MLS work): it
+    /// has a listed participant or a member, or anyone may open-join.
+    pub fn provider_takes_part(&self, provider: &str) -> bool {
+        let of = |u: &str| user_domain(u) == Some(provider);
+        self.members.iter().any(|m| of(m))
+            || self
+                .participants
+                .participants
+                .iter()
+                .any(|p| self.is_listed_active(p.role_index) && of(p.user.as_str()))
+            || self
+                .roles
+                .role(NO_ROLE)
+                .is_some_and(|z| z.has(cap::OPEN_JOIN))
+    }
+
+    /// The join rule for external commits and /groupInfo: a listed, not banned user whose
+    /// role holds canAddOwnClient, or an unlisted user the room lets join.
+    pub fn may_join(&self, user: &str) -> Result<(), PolicyRefusal> {
+        let r = self.role_of(user);
+        if is_banned(&self.roles, r) {
+            return Err(PolicyRefusal::Banned {
+                user: user.to_owned(),
+            });
+        }
+        if r != NO_ROLE {
+            return if self.roles.role(r).is_some_and(|x| x.has(cap::ADD_OWN_CLIENT)) {
+                Ok(())
+            } else {
+                Err(PolicyRefusal::AddOwnClientNotAuthorized {
+                    user: user.to_owned(),
+                })
+            };
+        }
+        let targets = self
+            .roles
+            .role(NO_ROLE)
+            .map(|z| z.targets_from(NO_ROLE).to_vec())
+            .unwrap_or_default();
+        if targets
+            .into_iter()
+            .chain([default_role::ORDINARY])
+            .any(|t| !is_banned(&self.roles, t) && self.may_join_as(user, t))
+        {
+            Ok(())
+        } else {
+            Err(PolicyRefusal::JoinNotAuthorized {
+                user: user.to_owned(),
+            })
+        }
+    }
+
+    /// protocol-06 §5.3: only an active participant (listed, not banned, with a client in
+    /// the group) sends application messages.
+    pub fn may_send(&self, user: &str) -> Result<(), PolicyRefusal> {
+        if self.is_banned(user) {
+            return Err(PolicyRefusal::Banned {
+                user: user.to_owned(),
+            });
+        }
+        if self.role_of(user) == NO_ROLE || !self.members.iter().any(|m| m == user) {
+            return Err(PolicyRefusal::InactiveSender {
+                user: user.to_owned(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The group's members once `effect` is merged: what the validator says for a commit, else
+/// (a proposal, judged as if committed, or a validator that does not report it) the members
+/// less the removed leaves, plus the added ones and an external joiner.
+fn members_after(state: &RoomState, effect: &HandshakeEffect) -> Vec<String> {
+    if effect.is_commit && !effect.members_after.is_empty() {
+        return effect.members_after.clone();
+    }
+    let mut m = state.members.clone();
+    for u in effect.removed.iter().chain(&effect.self_removed) {
+        if let Some(i) = m.iter().position(|x| x == u) {
+            m.remove(i);
+        }
+    }
+    m.extend(effect.added.iter().cloned());
+    if effect.external {
+        m.push(effect.sender.clone());
+    }
+    m
+}
+
+/// A hub-kept list after a membership change: users whose last client went are unlisted,
+/// users with a first client are listed as ordinary users.
+fn derive_list(state: &RoomState, members_after: &[String]) -> ParticipantListData {
+    let before = clients(&state.members);
+    let after = clients(members_after);
+    let mut participants: Vec<UserRolePair> = state
+        .participants
+        .participants
+        .iter()
+        .filter(|p| {
+            let u = p.user.as_str();
+            !(before.contains_key(u) && !after.contains_key(u))
+        })
+        .cloned()
+        .collect();
+    let mut seen: BTreeSet<String> = participants
+        .iter()
+        .map(|p| p.user.as_str().to_owned())
+        .collect();
+    for u in members_after {
+        if seen.insert(u.clone()) {
+            participants.push(UserRolePair {
+                user: IdentifierUri::new(u.clone()),
+                role_index: default_role::ORDINARY,
+            });
+        }
+    }
+    ParticipantListData { participants }
+}
+
+/// Judges a staged handshake from `sender` (the user of the committing or proposing
+/// client; for an external commit, the joiner) against the room's state, and returns the
+/// state once it is merged (a proposal's is what its commit would make).
+pub fn authorize(
+    state: &RoomState,
+    sender: &str,
+    effect: &HandshakeEffect,
+) -> Result<RoomState, PolicyRefusal> {
+    let user = |u: &str| u.to_owned();
+    let sender_idx = state.role_of(sender);
+    let sender_role = state.roles.role(sender_idx);
+    let has = |c: u16| sender_role.is_some_and(|r| r.has(c));
+    let may_move = |from: u32, to: u32| sender_role.is_some_and(|r| r.targets_from(from).contains(&to));
+    let members_after = members_after(state, effect);
+
+    // protocol-06 §5.3: a removed or banned participant may not commit, and proposes only
+    // the removal of its own clients.
+    if is_banned(&state.roles, sender_idx) && (effect.is_commit || effect.external) {
+        return Err(PolicyRefusal::Banned { user: user(sender) });
+    }
+    if !effect.external && !state.is_listed_active(sender_idx) {
+        let own_removal_only = !effect.is_commit
+            && effect.added.is_empty()
+            && effect.app_data.is_empty()
+            && (!effect.removed.is_empty() || !effect.self_removed.is_empty())
+            && effect.removed.iter().chain(&effect.self_removed).all(|u| u == sender);
+        if !own_removal_only {
+            return Err(if is_banned(&state.roles, sender_idx) {
+                PolicyRefusal::Banned { user: user(sender) }
+            } else {
+                PolicyRefusal::InactiveSender { user: user(sender) }
+            });
+        }
+        let mut next = state.clone();
+        next.members = members_after;
+        return Ok(next);
+    }
+
+    // The room components this changes.
+    let (mut new_list, mut new_roles, mut new_base) = (None, None, None);
+    let mut seen = BTreeSet::new();
+    for c in &effect.app_data {
+        if !seen.insert(c.component) {
+            return Err(PolicyRefusal::MalformedComponent {
+                component: c.component,
+            });
+        }
+        match c.component {
+            component::PARTICIPANT_LIST => {
+                new_list = Some(decode_after(c, ParticipantListData::decode)?);
+            }
+            component::ROLES_LIST => new_roles = Some(decode_after(c, RoleData::decode)?),
+            component::BASE_ROOM_POLICY => {
+                new_base = Some(decode_after(c, BaseRoomPolicy::decode)?);
+            }
+            _ => {}
+        }
+    }
+    let policy_change = new_roles.is_some() || new_base.is_some();
+    if policy_change && !has(cap::CHANGE_USER_ROLE) {
+        return Err(PolicyRefusal::PolicyChangeNotAuthorized { user: user(sender) });
+    }
+    let roles_after = new_roles.unwrap_or_else(|| state.roles.clone());
+    validate_roles(&roles_after)?;
+    let base_after = new_base.or_else(|| state.base.clone());
+    let hub_kept_list = state.hub_kept_list && new_list.is_none();
+    let list_after = match new_list {
+        Some(l) => l,
+        None if state.hub_kept_list => derive_list(state, &members_after),
+        None => state.participants.clone(),
+    };
+    validate_list(&list_after, &roles_after)?;
+    if policy_change && list_after != state.participants {
+        return Err(PolicyRefusal::PolicyChangeWithListChange);
+    }
+
+    // Participant list changes (room-policy §8.1).
+    let before = roles_by_user(&state.participants);
+    let after = roles_by_user(&list_after);
+    let clients_before = clients(&state.members);
+    let clients_after = clients(&members_after);
+    let roles = &state.roles;
+    let fixed = state.base.as_ref().is_some_and(|b| b.fixed_membership);
+    for (&u, &t) in &after {
+        match before.get(u) {
+            None if fixed => return Err(PolicyRefusal::FixedMembership),
+            None if is_banned(roles, t) => {
+                // Banning a user before it ever took part.
+                if !(has(cap::BAN) && may_move(NO_ROLE, t)) {
+                    return Err(PolicyRefusal::BanNotAuthorized {
+                        sender: user(sender),
+                        user: user(u),
+                    });
+                }
+            }
+            None if u == sender => {
+                if !state.may_join_as(u, t) {
+                    return Err(PolicyRefusal::JoinNotAuthorized { user: user(u) });
+                }
+            }
+            None => {
+                if !(has(cap::ADD_PARTICIPANT) && may_move(NO_ROLE, t)) {
+                    return Err(PolicyRefusal::AddNotAuthorized {
+                        sender: user(sender),
+                        user: user(u),
+                        role: t,
+                    });
+                }
+            }
+            Some(&r) if r == t => {}
+            Some(_) if u == sender => {
+                return Err(PolicyRefusal::OwnRoleChange { user: user(u) });
+            }
+            Some(&r) if is_banned(roles, t) => {
+                if !(has(cap::BAN) && may_move(r, t)) {
+                    return Err(PolicyRefusal::BanNotAuthorized {
+                        sender: user(sender),
+                        user: user(u),
+                    });
+                }
+            }
+            Some(&r) if is_banned(roles, r) => {
+                if !(has(cap::UNBAN) && may_move(r, t)) {
+                    return Err(PolicyRefusal::UnbanNotAuthorized {
+                        sender: user(sender),
+                        user: user(u),
+                        to: t,
+                    });
+                }
+            }
+            Some(&r) => {
+                if !(has(cap::CHANGE_USER_ROLE) && may_move(r, t)) {
+                    return Err(PolicyRefusal::RoleChangeNotAuthorized {
+                        sender: user(sender),
+                        user: user(u),
+                        from: r,
+                        to: t,
+                    });
+                }
+            }
+        }
+    }
+    for (&u, &r) in &before {
+        if after.contains_key(u) {
+            continue;
+        }
+        if fixed {
+            return Err(PolicyRefusal::FixedMembership);
+        }
+        if u == sender || effect.self_removed.iter().any(|s| s == u) {
+            let own = roles.role(r);
+            if !own.is_some_and(|x| x.has(cap::REMOVE_SELF) && x.targets_from(r).contains(&NO_ROLE))
+            {
+                return Err(PolicyRefusal::LeaveNotAuthorized { user: user(u) });
+            }
+        } else if !(has(cap::REMOVE_PARTICIPANT) && may_move(r, NO_ROLE)) {
+            return Err(PolicyRefusal::RemoveNotAuthorized {
+                sender: user(sender),
+                user: user(u),
+            });
+        }
+        if clients_after.contains_key(u) {
+            return Err(PolicyRefusal::RemovedUserStillHasClients { user: user(u) });
+        }
+    }
+
+    // MLS client changes of users that stay listed.
+    let mut added: BTreeSet<&str> = effect.added.iter().map(String::as_str).collect();
+    if effect.external {
+        added.insert(sender);
+    }
+    for u in added {
+        if !before.contains_key(u) {
+            // Newly listed: authorized with the list addition (or refused below).
+            continue;
+        }
+        if u == sender {
+            if !has(cap::ADD_OWN_CLIENT) {
+                return Err(PolicyRefusal::AddOwnClientNotAuthorized { user: user(u) });
+            }
+        } else if !has(cap::ADD_PARTICIPANT) {
+            return Err(PolicyRefusal::AddClientNotAuthorized {
+                sender: user(sender),
+                user: user(u),
+            });
+        }
+    }
+    let removed: BTreeSet<&str> = effect
+        .removed
+        .iter()
+        .chain(&effect.self_removed)
+        .map(String::as_str)
+        .collect();
+    for u in removed {
+        let (Some(&r), Some(&t)) = (before.get(u), after.get(u)) else {
+            // Unlisted before (a cleanup) or unlisted now (judged above).
+            continue;
+        };
+        if !state.is_listed_active(r) || is_banned(roles, t) {
+            // A banned user's clients go with the ban.
+            continue;
+        }
+        if u == sender || effect.self_removed.iter().any(|s| s == u) {
+            if !roles.role(r).is_some_and(|x| x.has(cap::REMOVE_OWN_CLIENT)) {
+                return Err(PolicyRefusal::RemoveOwnClientNotAuthorized { user: user(u) });
+            }
+        } else if !has(cap::KICK) {
+            return Err(PolicyRefusal::KickNotAuthorized {
+                sender: user(sender),
+                user: user(u),
+            });
+        }
+    }
+
+    // protocol-06 §5.3: every member is a listed, not banned participant after it.
+    state.check_members(&list_after, &roles_after, &members_after)?;
+
+    // Role constraints (room-policy §3): only a change that moves a count the wrong way is
+    // refused, so a room already out of bounds is not stuck.
+    let count = |list: &BTreeMap<&str, u32>, cl: &BTreeMap<&str, usize>, role: u32| {
+        let all = list.values().filter(|r| **r == role).count();
+        let active = list
+            .iter()
+            .filter(|(u, r)| **r == role && cl.contains_key(**u))
+            .count();
+        (all, active)
+    };
+    let n = |x: u32| usize::try_from(x).unwrap_or(usize::MAX);
+    for role in roles_after.roles.iter().filter(|r| r.role_index != NO_ROLE) {
+        let i = role.role_index;
+        let (b, ba) = count(&before, &clients_before, i);
+        let (a, aa) = count(&after, &clients_after, i);
+        if a < b && a < n(role.minimum_participants_constraint) {
+            return Err(PolicyRefusal::TooFewParticipants {
+                role: i,
+                min: role.minimum_participants_constraint,
+            });
+        }
+        if let Some(max) = role.maximum_participants_constraint
+            && a > b
+            && a > n(max)
+        {
+            return Err(PolicyRefusal::TooManyParticipants { role: i, max });
+        }
+        if aa < ba && aa < n(role.minimum_active_participants_constraint) {
+            return Err(PolicyRefusal::TooFewActive {
+                role: i,
+                min: role.minimum_active_participants_constraint,
+            });
+        }
+        if let Some(max) = role.maximum_active_participants_constraint
+            && aa > ba
+            && aa > n(max)
+        {
+            return Err(PolicyRefusal::TooManyActive { role: i, max });
+        }
+    }
+
+    // Base room policy (room-policy §5).
+    if let Some(base) = &base_after {
+        let users = |l: &BTreeMap<&str, u32>| l.values().filter(|r| !is_banned(&roles_after, **r)).count();
+        if let Some(max) = base.max_users
+            && users(&after) > users(&before)
+            && users(&after) > n(max)
+        {
+            return Err(PolicyRefusal::TooManyUsers { max });
+        }
+        if let Some(max) = base.max_clients
+            && members_after.len() > state.members.len()
+            && members_after.len() > n(max)
+        {
+            return Err(PolicyRefusal::TooManyClients { max });
+        }
+        if !base.multi_device
+            && let Some((u, _)) = clients_after
+                .iter()
+                .find(|(u, c)| **c > 1 && **c > clients_before.get(**u).copied().unwrap_or(0))
+        {
+            return Err(PolicyRefusal::SingleDevice { user: user(u) });
+        }
+    }
+
+    Ok(RoomState {
+        participants: list_after,
+        roles: roles_after,
+        base: base_after,
+        hub_kept_list,
+        members: members_after,
+    })
+}
