@@ -71,7 +71,9 @@ pub enum PolicyRefusal {
     #[error("{user} has role {role}, which the room does not define (or is role 0)")]
     UnknownRole { user: String, role: u32 },
     /// room-policy §3: roles or base policy changes need canChangeUserRole.
-    #[error("{user} may not change the room's roles or base policy: its role lacks canChangeUserRole")]
+    #[error(
+        "{user} may not change the room's roles or base policy: its role lacks canChangeUserRole"
+    )]
     PolicyChangeNotAuthorized { user: String },
     /// room-policy §3: never in the same commit as a participant list change.
     #[error("a roles or base policy change may not come with a participant list change")]
@@ -96,7 +98,9 @@ pub enum PolicyRefusal {
         "{sender} may not remove {user}: canRemoveParticipant and a change from its role to 0 are needed"
     )]
     RemoveNotAuthorized { sender: String, user: String },
-    #[error("{user} may not leave the room: canRemoveSelf and a change from its role to 0 are needed")]
+    #[error(
+        "{user} may not leave the room: canRemoveSelf and a change from its role to 0 are needed"
+    )]
     LeaveNotAuthorized { user: String },
     #[error("{user} leaves the participant list but keeps clients in the group")]
     RemovedUserStillHasClients { user: String },
@@ -209,7 +213,12 @@ pub fn default_roles() -> RoleData {
                 3,
                 "group_admin",
                 &admin,
-                &[(0, &[1, 2, 3]), (1, &[0, 2, 3]), (2, &[0, 1, 3]), (3, &[0, 1, 2])],
+                &[
+                    (0, &[1, 2, 3]),
+                    (1, &[0, 2, 3]),
+                    (2, &[0, 1, 3]),
+                    (3, &[0, 1, 2]),
+                ],
             ),
             role(
                 4,
@@ -240,7 +249,11 @@ fn user_domain(user: &str) -> Option<&str> {
     user.strip_prefix("mimi://")?.split('/').next()
 }
 
-fn decode<T>(bytes: &[u8], component: u16, f: fn(&[u8]) -> Result<T, WireError>) -> Result<T, PolicyRefusal> {
+fn decode<T>(
+    bytes: &[u8],
+    component: u16,
+    f: fn(&[u8]) -> Result<T, WireError>,
+) -> Result<T, PolicyRefusal> {
     f(bytes).map_err(|_| PolicyRefusal::MalformedComponent { component })
 }
 
@@ -262,7 +275,9 @@ fn validate_roles(roles: &RoleData) -> Result<(), PolicyRefusal> {
         }
         // room-policy §8.1.1: canOpenJoin only on role 0.
         if r.role_index != NO_ROLE && r.has(cap::OPEN_JOIN) {
-            return Err(PolicyRefusal::InvalidRoles("canOpenJoin on a role other than 0"));
+            return Err(PolicyRefusal::InvalidRoles(
+                "canOpenJoin on a role other than 0",
+            ));
         }
     }
     Ok(())
@@ -352,8 +367,7 @@ impl RoomState {
         let roles = roles.unwrap_or_else(default_roles);
         validate_roles(&roles)?;
         let hub_kept_list = list.is_none();
-        let participants =
-            list.unwrap_or_else(|| listed(&members, default_role::SUPER_ADMIN));
+        let participants = list.unwrap_or_else(|| listed(&members, default_role::SUPER_ADMIN));
         validate_list(&participants, &roles)?;
         let s = RoomState {
             participants,
@@ -448,10 +462,9 @@ impl RoomState {
 
     fn provider_has_participant(&self, domain: Option<&str>) -> bool {
         domain.is_some_and(|d| {
-            self.participants
-                .participants
-                .iter()
-                .any(|p| self.is_listed_active(p.role_index) && user_domain(p.user.as_str()) == Some(d))
+            self.participants.participants.iter().any(|p| {
+                self.is_listed_active(p.role_index) && user_domain(p.user.as_str()) == Some(d)
+            })
         })
     }
 
@@ -481,7 +494,11 @@ impl RoomState {
             });
         }
         if r != NO_ROLE {
-            return if self.roles.role(r).is_some_and(|x| x.has(cap::ADD_OWN_CLIENT)) {
+            return if self
+                .roles
+                .role(r)
+                .is_some_and(|x| x.has(cap::ADD_OWN_CLIENT))
+            {
                 Ok(())
             } else {
                 Err(PolicyRefusal::AddOwnClientNotAuthorized {
@@ -586,7 +603,8 @@ pub fn authorize(
     let sender_idx = state.role_of(sender);
     let sender_role = state.roles.role(sender_idx);
     let has = |c: u16| sender_role.is_some_and(|r| r.has(c));
-    let may_move = |from: u32, to: u32| sender_role.is_some_and(|r| r.targets_from(from).contains(&to));
+    let may_move =
+        |from: u32, to: u32| sender_role.is_some_and(|r| r.targets_from(from).contains(&to));
     let members_after = members_after(state, effect);
 
     // protocol-06 §5.3: a removed or banned participant may not commit, and proposes only
@@ -599,7 +617,11 @@ pub fn authorize(
             && effect.added.is_empty()
             && effect.app_data.is_empty()
             && (!effect.removed.is_empty() || !effect.self_removed.is_empty())
-            && effect.removed.iter().chain(&effect.self_removed).all(|u| u == sender);
+            && effect
+                .removed
+                .iter()
+                .chain(&effect.self_removed)
+                .all(|u| u == sender);
         if !own_removal_only {
             return Err(if is_banned(&state.roles, sender_idx) {
                 PolicyRefusal::Banned { user: user(sender) }
@@ -834,7 +856,8 @@ pub fn authorize(
 
     // Base room policy (room-policy §5).
     if let Some(base) = &base_after {
-        let users = |l: &BTreeMap<&str, u32>| l.values().filter(|r| !is_banned(&roles_after, **r)).count();
+        let users =
+            |l: &BTreeMap<&str, u32>| l.values().filter(|r| !is_banned(&roles_after, **r)).count();
         if let Some(max) = base.max_users
             && users(&after) > users(&before)
             && users(&after) > n(max)
@@ -863,4 +886,797 @@ pub fn authorize(
         hub_kept_list,
         members: members_after,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// super_admin (4).
+    const A: &str = "mimi://a.example/u/alice";
+    /// group_admin (3).
+    const B: &str = "mimi://b.example/u/bob";
+    /// ordinary_user (2), two clients.
+    const C: &str = "mimi://c.example/u/carol";
+    /// Not listed.
+    const D: &str = "mimi://d.example/u/dave";
+    /// Banned (1), no clients.
+    const X: &str = "mimi://c.example/u/xavier";
+
+    fn list(entries: &[(&str, u32)]) -> ParticipantListData {
+        ParticipantListData {
+            participants: entries
+                .iter()
+                .map(|(u, r)| UserRolePair {
+                    user: IdentifierUri::new(*u),
+                    role_index: *r,
+                })
+                .collect(),
+        }
+    }
+
+    fn strs(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    /// A room with its own participant list and the default roles.
+    fn room() -> RoomState {
+        RoomState {
+            participants: list(&[(A, 4), (B, 3), (C, 2), (X, 1)]),
+            roles: default_roles(),
+            base: None,
+            hub_kept_list: false,
+            members: strs(&[A, B, C, C]),
+        }
+    }
+
+    fn change(component: u16, before: Option<Vec<u8>>, after: Option<Vec<u8>>) -> AppDataChange {
+        AppDataChange {
+            component,
+            before,
+            after,
+        }
+    }
+
+    /// A commit (or proposal) from `sender`: `added` and `removed` are MLS leaves, `list`
+    /// the participant list after it (if it changes), `members` the group after it.
+    struct E(HandshakeEffect);
+
+    impl E {
+        fn commit(sender: &str) -> E {
+            E(HandshakeEffect {
+                sender: sender.to_owned(),
+                is_commit: true,
+                ..HandshakeEffect::default()
+            })
+        }
+        fn proposal(sender: &str) -> E {
+            let mut e = E::commit(sender);
+            e.0.is_commit = false;
+            e
+        }
+        fn external(sender: &str) -> E {
+            let mut e = E::commit(sender);
+            e.0.external = true;
+            e
+        }
+        fn add(mut self, u: &str) -> E {
+            self.0.added.push(u.to_owned());
+            self
+        }
+        fn remove(mut self, u: &str) -> E {
+            self.0.removed.push(u.to_owned());
+            self
+        }
+        fn self_remove(mut self, u: &str) -> E {
+            self.0.self_removed.push(u.to_owned());
+            self
+        }
+        fn list(mut self, s: &RoomState, entries: &[(&str, u32)]) -> E {
+            self.0.app_data.push(change(
+                component::PARTICIPANT_LIST,
+                s.participants.encode().ok(),
+                list(entries).encode().ok(),
+            ));
+            self
+        }
+        fn roles(mut self, roles: &RoleData) -> E {
+            self.0
+                .app_data
+                .push(change(component::ROLES_LIST, None, roles.encode().ok()));
+            self
+        }
+        fn base(mut self, base: &BaseRoomPolicy) -> E {
+            self.0.app_data.push(change(
+                component::BASE_ROOM_POLICY,
+                None,
+                base.encode().ok(),
+            ));
+            self
+        }
+    }
+
+    fn ok(s: &RoomState, e: E) -> RoomState {
+        let sender = e.0.sender.clone();
+        match authorize(s, &sender, &e.0) {
+            Ok(n) => n,
+            Err(why) => panic!("refused: {why}"),
+        }
+    }
+
+    fn no(s: &RoomState, e: E) -> PolicyRefusal {
+        let sender = e.0.sender.clone();
+        match authorize(s, &sender, &e.0) {
+            Ok(n) => panic!("allowed: {:?}", n.participants),
+            Err(why) => why,
+        }
+    }
+
+    fn base() -> BaseRoomPolicy {
+        BaseRoomPolicy {
+            fixed_membership: false,
+            parent_dependant: false,
+            parent_room: vec![],
+            multi_device: true,
+            max_clients: None,
+            max_users: None,
+            pseudonyms_allowed: false,
+            persistent_room: true,
+            discoverable: false,
+            policy_component_ids: vec![],
+        }
+    }
+
+    /// The default roles with `f` applied to role `index`.
+    fn roles_with(index: u32, f: impl FnOnce(&mut Role)) -> RoleData {
+        let mut r = default_roles();
+        if let Some(x) = r.roles.iter_mut().find(|x| x.role_index == index) {
+            f(x);
+        }
+        r
+    }
+
+    fn without(caps: &mut Vec<u16>, c: u16) {
+        caps.retain(|x| *x != c);
+    }
+
+    #[test]
+    fn adding_a_user_needs_can_add_participant_and_a_change_from_role_0() {
+        let s = room();
+        let n = ok(
+            &s,
+            E::commit(B)
+                .add(D)
+                .list(&s, &[(A, 4), (B, 3), (C, 2), (X, 1), (D, 2)]),
+        );
+        assert_eq!(n.role_of(D), 2);
+        assert_eq!(n.members.iter().filter(|m| *m == D).count(), 1);
+        // carol is ordinary: no canAddParticipant.
+        let e = E::commit(C)
+            .add(D)
+            .list(&s, &[(A, 4), (B, 3), (C, 2), (X, 1), (D, 2)]);
+        assert!(matches!(
+            no(&s, e),
+            PolicyRefusal::AddNotAuthorized { role: 2, .. }
+        ));
+        // bob, an admin, may add as 1..3 but not as super_admin.
+        let e = E::commit(B)
+            .add(D)
+            .list(&s, &[(A, 4), (B, 3), (C, 2), (X, 1), (D, 4)]);
+        assert!(matches!(
+            no(&s, e),
+            PolicyRefusal::AddNotAuthorized { role: 4, .. }
+        ));
+        // Listing only (clients later) is an add too.
+        let n = ok(
+            &s,
+            E::commit(A).list(&s, &[(A, 4), (B, 3), (C, 2), (X, 1), (D, 4)]),
+        );
+        assert_eq!(n.role_of(D), 4);
+    }
+
+    #[test]
+    fn an_mls_add_needs_the_list_change_before_or_with_it() {
+        let s = room();
+        assert_eq!(
+            no(&s, E::commit(A).add(D)),
+            PolicyRefusal::UnlistedMember { user: D.into() }
+        );
+        // A banned user's clients are never added.
+        assert_eq!(
+            no(&s, E::commit(A).add(X)),
+            PolicyRefusal::BannedMember { user: X.into() }
+        );
+        // Listed in an earlier commit, added now.
+        let s = ok(
+            &s,
+            E::commit(A).list(&s, &[(A, 4), (B, 3), (C, 2), (X, 1), (D, 2)]),
+        );
+        ok(&s, E::commit(B).add(D));
+    }
+
+    #[test]
+    fn maximum_participants_constraints_bound_adds() {
+        let s = RoomState {
+            roles: roles_with(2, |r| r.maximum_participants_constraint = Some(1)),
+            ..room()
+        };
+        let e = E::commit(A)
+            .add(D)
+            .list(&s, &[(A, 4), (B, 3), (C, 2), (X, 1), (D, 2)]);
+        assert_eq!(
+            no(&s, e),
+            PolicyRefusal::TooManyParticipants { role: 2, max: 1 }
+        );
+        ok(
+            &s,
+            E::commit(A)
+                .add(D)
+                .list(&s, &[(A, 4), (B, 3), (C, 2), (X, 1), (D, 3)]),
+        );
+
+        let s = RoomState {
+            roles: roles_with(2, |r| r.maximum_active_participants_constraint = Some(1)),
+            ..room()
+        };
+        let e = E::commit(A)
+            .add(D)
+            .list(&s, &[(A, 4), (B, 3), (C, 2), (X, 1), (D, 2)]);
+        assert_eq!(no(&s, e), PolicyRefusal::TooManyActive { role: 2, max: 1 });
+        // Listed without a client: not active.
+        ok(
+            &s,
+            E::commit(A).list(&s, &[(A, 4), (B, 3), (C, 2), (X, 1), (D, 2)]),
+        );
+    }
+
+    #[test]
+    fn base_policy_max_users_max_clients_single_device_and_fixed_membership() {
+        let five = &[(A, 4), (B, 3), (C, 2), (X, 1), (D, 2)][..];
+        let mut s = room();
+        s.base = Some(BaseRoomPolicy {
+            max_users: Some(4),
+            ..base()
+        });
+        // The banned entry does not count: four users.
+        ok(&s, E::commit(A).list(&s, five));
+        let e = E::commit(A).list(
+            &s,
+            &[
+                (A, 4),
+                (B, 3),
+                (C, 2),
+                (X, 1),
+                (D, 2),
+                ("mimi://d.example/u/e", 2),
+            ],
+        );
+        assert_eq!(no(&s, e), PolicyRefusal::TooManyUsers { max: 4 });
+
+        s.base = Some(BaseRoomPolicy {
+            max_clients: Some(4),
+            ..base()
+        });
+        assert_eq!(
+            no(&s, E::commit(C).add(C)),
+            PolicyRefusal::TooManyClients { max: 4 }
+        );
+        ok(&s, E::commit(C).remove(C).add(C));
+
+        s.base = Some(BaseRoomPolicy {
+            multi_device: false,
+            ..base()
+        });
+        assert_eq!(
+            no(&s, E::commit(A).add(A)),
+            PolicyRefusal::SingleDevice { user: A.into() }
+        );
+        ok(&s, E::commit(A).list(&s, five));
+
+        s.base = Some(BaseRoomPolicy {
+            fixed_membership: true,
+            ..base()
+        });
+        assert_eq!(
+            no(&s, E::commit(A).list(&s, five)),
+            PolicyRefusal::FixedMembership
+        );
+        let e = E::commit(A)
+            .remove(C)
+            .remove(C)
+            .list(&s, &[(A, 4), (B, 3), (X, 1)]);
+        assert_eq!(no(&s, e), PolicyRefusal::FixedMembership);
+        // Clients of listed users still come and go.
+        ok(&s, E::commit(A).add(A));
+    }
+
+    #[test]
+    fn clients_of_listed_users_need_can_add_own_client_or_can_add_participant() {
+        let s = room();
+        ok(&s, E::commit(C).add(C));
+        ok(&s, E::commit(B).add(C));
+        assert_eq!(
+            no(&s, E::commit(C).add(B)),
+            PolicyRefusal::AddClientNotAuthorized {
+                sender: C.into(),
+                user: B.into()
+            }
+        );
+        let s = RoomState {
+            roles: roles_with(2, |r| {
+                without(&mut r.role_capabilities, cap::ADD_OWN_CLIENT)
+            }),
+            ..room()
+        };
+        assert_eq!(
+            no(&s, E::commit(C).add(C)),
+            PolicyRefusal::AddOwnClientNotAuthorized { user: C.into() }
+        );
+    }
+
+    #[test]
+    fn external_joins_follow_can_open_join_on_role_0() {
+        let s = room();
+        let joined = &[(A, 4), (B, 3), (C, 2), (X, 1), (D, 2)][..];
+        // No canOpenJoin on role 0 here.
+        assert_eq!(
+            no(&s, E::external(D).list(&s, joined)),
+            PolicyRefusal::JoinNotAuthorized { user: D.into() }
+        );
+        assert!(s.may_join(D).is_err());
+        let open = RoomState {
+            roles: roles_with(0, |r| {
+                r.role_capabilities.push(cap::OPEN_JOIN);
+                r.authorized_role_changes = vec![RoleChangeTargets {
+                    from_role_index: 0,
+                    target_role_indexes: vec![2],
+                }];
+                r.maximum_active_participants_constraint = None;
+            }),
+            ..room()
+        };
+        assert!(open.may_join(D).is_ok());
+        assert!(open.provider_takes_part("d.example"));
+        let n = ok(&open, E::external(D).list(&open, joined));
+        assert_eq!(n.role_of(D), 2);
+        assert!(n.members.iter().any(|m| m == D));
+        // Only to the targets of role 0.
+        let e = E::external(D).list(&open, &[(A, 4), (B, 3), (C, 2), (X, 1), (D, 3)]);
+        assert_eq!(
+            no(&open, e),
+            PolicyRefusal::JoinNotAuthorized { user: D.into() }
+        );
+        // Joining unlisted.
+        assert_eq!(
+            no(&open, E::external(D)),
+            PolicyRefusal::UnlistedMember { user: D.into() }
+        );
+        // A listed user's new client: canAddOwnClient.
+        ok(&s, E::external(C));
+        assert!(s.may_join(C).is_ok());
+        let s2 = RoomState {
+            roles: roles_with(2, |r| {
+                without(&mut r.role_capabilities, cap::ADD_OWN_CLIENT)
+            }),
+            ..room()
+        };
+        assert_eq!(
+            no(&s2, E::external(C)),
+            PolicyRefusal::AddOwnClientNotAuthorized { user: C.into() }
+        );
+        assert!(s2.may_join(C).is_err());
+        // Banned: never, even in an open room.
+        assert_eq!(
+            no(&open, E::external(X)),
+            PolicyRefusal::Banned { user: X.into() }
+        );
+        assert_eq!(
+            open.may_join(X),
+            Err(PolicyRefusal::Banned { user: X.into() })
+        );
+    }
+
+    #[test]
+    fn removing_another_user_needs_can_remove_participant_and_all_its_clients_gone() {
+        let s = room();
+        let n = ok(
+            &s,
+            E::commit(B)
+                .remove(C)
+                .remove(C)
+                .list(&s, &[(A, 4), (B, 3), (X, 1)]),
+        );
+        assert_eq!(n.role_of(C), NO_ROLE);
+        assert_eq!(n.members, strs(&[A, B]));
+        let e = E::commit(C).remove(B).list(&s, &[(A, 4), (C, 2), (X, 1)]);
+        assert_eq!(
+            no(&s, e),
+            PolicyRefusal::RemoveNotAuthorized {
+                sender: C.into(),
+                user: B.into()
+            }
+        );
+        // An admin's changes do not reach the super_admin.
+        let e = E::commit(B).remove(A).list(&s, &[(B, 3), (C, 2), (X, 1)]);
+        assert!(matches!(
+            no(&s, e),
+            PolicyRefusal::RemoveNotAuthorized { .. }
+        ));
+        // One of carol's clients stays.
+        let e = E::commit(B).remove(C).list(&s, &[(A, 4), (B, 3), (X, 1)]);
+        assert_eq!(
+            no(&s, e),
+            PolicyRefusal::RemovedUserStillHasClients { user: C.into() }
+        );
+        // Clients of an unlisted user go without list change (a cleanup).
+        let odd = RoomState {
+            members: strs(&[A, B, C, C, D]),
+            ..room()
+        };
+        ok(&odd, E::commit(C).remove(D));
+    }
+
+    #[test]
+    fn a_kick_needs_can_kick() {
+        let s = room();
+        let n = ok(&s, E::commit(B).remove(C));
+        assert_eq!(n.role_of(C), 2, "still listed");
+        assert_eq!(n.members, strs(&[A, B, C]));
+        assert_eq!(
+            no(&s, E::commit(C).remove(B)),
+            PolicyRefusal::KickNotAuthorized {
+                sender: C.into(),
+                user: B.into()
+            }
+        );
+    }
+
+    #[test]
+    fn leaving_needs_can_remove_self_and_removing_own_clients_can_remove_own_client() {
+        let s = room();
+        let gone = &[(A, 4), (B, 3), (X, 1)][..];
+        // carol proposes her leave (SelfRemove of both clients); alice commits it.
+        ok(
+            &s,
+            E::proposal(C).self_remove(C).self_remove(C).list(&s, gone),
+        );
+        let n = ok(
+            &s,
+            E::commit(A).self_remove(C).self_remove(C).list(&s, gone),
+        );
+        assert_eq!(n.role_of(C), NO_ROLE);
+        let s2 = RoomState {
+            roles: roles_with(2, |r| without(&mut r.role_capabilities, cap::REMOVE_SELF)),
+            ..room()
+        };
+        let e = E::commit(A).self_remove(C).self_remove(C).list(&s2, gone);
+        assert_eq!(
+            no(&s2, e),
+            PolicyRefusal::LeaveNotAuthorized { user: C.into() }
+        );
+        // One client leaves, carol stays listed.
+        ok(&s, E::proposal(C).self_remove(C));
+        ok(&s, E::proposal(C).remove(C));
+        let s3 = RoomState {
+            roles: roles_with(2, |r| {
+                without(&mut r.role_capabilities, cap::REMOVE_OWN_CLIENT)
+            }),
+            ..room()
+        };
+        assert_eq!(
+            no(&s3, E::commit(A).self_remove(C)),
+            PolicyRefusal::RemoveOwnClientNotAuthorized { user: C.into() }
+        );
+    }
+
+    #[test]
+    fn role_changes_need_can_change_user_role_and_never_ones_own() {
+        let s = room();
+        let n = ok(&s, E::commit(A).list(&s, &[(A, 4), (B, 3), (C, 3), (X, 1)]));
+        assert_eq!(n.role_of(C), 3);
+        assert_eq!(
+            no(&s, E::commit(B).list(&s, &[(A, 4), (B, 3), (C, 4), (X, 1)])),
+            PolicyRefusal::RoleChangeNotAuthorized {
+                sender: B.into(),
+                user: C.into(),
+                from: 2,
+                to: 4
+            }
+        );
+        assert!(matches!(
+            no(&s, E::commit(C).list(&s, &[(A, 4), (B, 2), (C, 2), (X, 1)])),
+            PolicyRefusal::RoleChangeNotAuthorized { .. }
+        ));
+        assert_eq!(
+            no(&s, E::commit(B).list(&s, &[(A, 4), (B, 4), (C, 2), (X, 1)])),
+            PolicyRefusal::OwnRoleChange { user: B.into() }
+        );
+    }
+
+    #[test]
+    fn ban_and_unban_need_can_ban_and_can_unban() {
+        let s = room();
+        let banned = &[(A, 4), (B, 3), (C, 1), (X, 1)][..];
+        let n = ok(&s, E::commit(B).remove(C).remove(C).list(&s, banned));
+        assert!(n.is_banned(C));
+        // The banned user's clients must go with the ban.
+        assert_eq!(
+            no(&s, E::commit(B).remove(C).list(&s, banned)),
+            PolicyRefusal::BannedMember { user: C.into() }
+        );
+        let s2 = RoomState {
+            roles: roles_with(3, |r| without(&mut r.role_capabilities, cap::BAN)),
+            ..room()
+        };
+        assert!(matches!(
+            no(&s2, E::commit(B).remove(C).remove(C).list(&s2, banned)),
+            PolicyRefusal::BanNotAuthorized { .. }
+        ));
+        // Unban: back to ordinary, by an admin.
+        let n = ok(&s, E::commit(B).list(&s, &[(A, 4), (B, 3), (C, 2), (X, 2)]));
+        assert_eq!(n.role_of(X), 2);
+        let s3 = RoomState {
+            roles: roles_with(3, |r| without(&mut r.role_capabilities, cap::UNBAN)),
+            ..room()
+        };
+        assert_eq!(
+            no(
+                &s3,
+                E::commit(B).list(&s3, &[(A, 4), (B, 3), (C, 2), (X, 2)])
+            ),
+            PolicyRefusal::UnbanNotAuthorized {
+                sender: B.into(),
+                user: X.into(),
+                to: 2
+            }
+        );
+        // A role 1 not named "banned" is an ordinary role: moving to it is a role change.
+        let s4 = RoomState {
+            roles: roles_with(1, |r| r.role_name = VLBytes::new(b"guest".to_vec())),
+            ..room()
+        };
+        assert!(!s4.is_banned(X));
+        assert!(matches!(
+            no(
+                &s4,
+                E::commit(C).list(&s4, &[(A, 4), (B, 1), (C, 2), (X, 1)])
+            ),
+            PolicyRefusal::RoleChangeNotAuthorized { .. }
+        ));
+    }
+
+    #[test]
+    fn minimum_constraints_keep_a_role_filled() {
+        let s = RoomState {
+            roles: roles_with(3, |r| {
+                r.minimum_participants_constraint = 1;
+                r.minimum_active_participants_constraint = 1;
+            }),
+            ..room()
+        };
+        assert_eq!(
+            no(
+                &s,
+                E::commit(A).remove(B).list(&s, &[(A, 4), (C, 2), (X, 1)])
+            ),
+            PolicyRefusal::TooFewParticipants { role: 3, min: 1 }
+        );
+        assert_eq!(
+            no(&s, E::commit(A).list(&s, &[(A, 4), (B, 2), (C, 2), (X, 1)])),
+            PolicyRefusal::TooFewParticipants { role: 3, min: 1 }
+        );
+        assert_eq!(
+            no(&s, E::commit(A).remove(B)),
+            PolicyRefusal::TooFewActive { role: 3, min: 1 }
+        );
+        // With a second admin, bob may go.
+        let s = ok(&s, E::commit(A).list(&s, &[(A, 4), (B, 3), (C, 3), (X, 1)]));
+        ok(
+            &s,
+            E::commit(A).remove(B).list(&s, &[(A, 4), (C, 3), (X, 1)]),
+        );
+    }
+
+    #[test]
+    fn roles_and_base_policy_change_only_by_can_change_user_role_and_alone() {
+        let s = room();
+        let mut roles = default_roles();
+        roles.roles[2].role_description = VLBytes::new(b"anyone".to_vec());
+        let n = ok(&s, E::commit(A).roles(&roles));
+        assert_eq!(n.roles, roles);
+        let n = ok(&s, E::commit(B).base(&base()));
+        assert_eq!(n.base, Some(base()));
+        assert_eq!(
+            no(&s, E::commit(C).roles(&roles)),
+            PolicyRefusal::PolicyChangeNotAuthorized { user: C.into() }
+        );
+        assert_eq!(
+            no(&s, E::commit(C).base(&base())),
+            PolicyRefusal::PolicyChangeNotAuthorized { user: C.into() }
+        );
+        let e = E::commit(A)
+            .roles(&roles)
+            .list(&s, &[(A, 4), (B, 3), (C, 3), (X, 1)]);
+        assert_eq!(no(&s, e), PolicyRefusal::PolicyChangeWithListChange);
+        // A listed user's role must stay defined.
+        let mut fewer = default_roles();
+        fewer.roles.retain(|r| r.role_index != 2);
+        assert_eq!(
+            no(&s, E::commit(A).roles(&fewer)),
+            PolicyRefusal::UnknownRole {
+                user: C.into(),
+                role: 2
+            }
+        );
+        let open_two = roles_with(2, |r| r.role_capabilities.push(cap::OPEN_JOIN));
+        assert!(matches!(
+            no(&s, E::commit(A).roles(&open_two)),
+            PolicyRefusal::InvalidRoles(_)
+        ));
+    }
+
+    #[test]
+    fn malformed_removed_or_inconsistent_components_are_refused() {
+        let s = room();
+        let mut e = E::commit(A);
+        e.0.app_data
+            .push(change(component::PARTICIPANT_LIST, None, Some(vec![0xff])));
+        assert_eq!(
+            no(&s, e),
+            PolicyRefusal::MalformedComponent {
+                component: component::PARTICIPANT_LIST
+            }
+        );
+        let mut e = E::commit(A);
+        e.0.app_data
+            .push(change(component::ROLES_LIST, Some(vec![]), None));
+        assert_eq!(
+            no(&s, e),
+            PolicyRefusal::ComponentRemoved {
+                component: component::ROLES_LIST
+            }
+        );
+        let e = E::commit(A).base(&base()).base(&base());
+        assert!(matches!(
+            no(&s, e),
+            PolicyRefusal::MalformedComponent { .. }
+        ));
+        assert_eq!(
+            no(&s, E::commit(A).list(&s, &[(A, 4), (B, 3), (C, 2), (C, 3)])),
+            PolicyRefusal::DuplicateParticipant { user: C.into() }
+        );
+        assert!(matches!(
+            no(&s, E::commit(A).list(&s, &[(A, 4), (B, 3), (C, 2), (D, 0)])),
+            PolicyRefusal::UnknownRole { role: 0, .. }
+        ));
+        // Other components are not judged here.
+        let mut e = E::commit(C);
+        e.0.app_data
+            .push(change(component::ROOM_METADATA, None, Some(vec![1, 2, 3])));
+        ok(&s, e);
+    }
+
+    #[test]
+    fn a_removed_or_banned_participant_only_removes_its_own_clients() {
+        // xavier is banned but still has a client; dave has one and is not listed.
+        let s = RoomState {
+            members: strs(&[A, B, C, C, X, D]),
+            ..room()
+        };
+        assert_eq!(
+            no(&s, E::commit(X)),
+            PolicyRefusal::Banned { user: X.into() }
+        );
+        assert_eq!(
+            no(&s, E::commit(X).remove(X)),
+            PolicyRefusal::Banned { user: X.into() }
+        );
+        assert_eq!(
+            no(&s, E::commit(D).remove(D)),
+            PolicyRefusal::InactiveSender { user: D.into() }
+        );
+        ok(&s, E::proposal(X).remove(X));
+        ok(&s, E::proposal(D).self_remove(D));
+        assert_eq!(
+            no(&s, E::proposal(X).remove(C)),
+            PolicyRefusal::Banned { user: X.into() }
+        );
+        assert_eq!(
+            no(&s, E::proposal(D).remove(D).add(D)),
+            PolicyRefusal::InactiveSender { user: D.into() }
+        );
+        // An empty proposal (an Update, say) is neither.
+        assert_eq!(
+            no(&s, E::proposal(D)),
+            PolicyRefusal::InactiveSender { user: D.into() }
+        );
+    }
+
+    #[test]
+    fn only_active_participants_send_messages() {
+        let s = RoomState {
+            members: strs(&[A, B, C, C, X, D]),
+            participants: list(&[(A, 4), (B, 3), (C, 2), (X, 1), ("mimi://e.example/u/e", 2)]),
+            ..room()
+        };
+        assert_eq!(s.may_send(C), Ok(()));
+        assert_eq!(s.may_send(X), Err(PolicyRefusal::Banned { user: X.into() }));
+        assert_eq!(
+            s.may_send(D),
+            Err(PolicyRefusal::InactiveSender { user: D.into() })
+        );
+        // Listed, but with no client in the group.
+        assert!(matches!(
+            s.may_send("mimi://e.example/u/e"),
+            Err(PolicyRefusal::InactiveSender { .. })
+        ));
+    }
+
+    #[test]
+    fn a_room_without_a_participant_list_is_kept_by_the_hub() {
+        let s = RoomState::created(&BTreeMap::new(), strs(&[A, A])).expect("created");
+        assert!(s.hub_kept_list);
+        assert_eq!(s.participants, list(&[(A, 4)]));
+        assert_eq!(s.role_name(4), "super_admin");
+        // An MLS add by the creator lists the user as ordinary.
+        let s = ok(&s, E::commit(A).add(B).add(C));
+        assert_eq!(s.participants, list(&[(A, 4), (B, 2), (C, 2)]));
+        // An ordinary user adds nobody, removes nobody else.
+        assert_eq!(
+            no(&s, E::commit(B).add(D)),
+            PolicyRefusal::AddNotAuthorized {
+                sender: B.into(),
+                user: D.into(),
+                role: 2
+            }
+        );
+        assert!(matches!(
+            no(&s, E::commit(B).remove(C)),
+            PolicyRefusal::RemoveNotAuthorized { .. }
+        ));
+        // Leaving unlists.
+        let n = ok(&s, E::commit(B).remove(B));
+        assert_eq!(n.participants, list(&[(A, 4), (C, 2)]));
+        // A user of a provider with a participant may join as ordinary; others not.
+        let cousin = "mimi://b.example/u/bea";
+        assert!(s.may_join(cousin).is_ok());
+        assert!(s.provider_takes_part("b.example"));
+        assert!(!s.provider_takes_part("d.example"));
+        let n = ok(&s, E::external(cousin));
+        assert_eq!(n.role_of(cousin), 2);
+        assert!(s.may_join(D).is_err());
+        assert_eq!(
+            no(&s, E::external(D)),
+            PolicyRefusal::JoinNotAuthorized { user: D.into() }
+        );
+        // A roles change may not come with an MLS add (a list change here).
+        assert_eq!(
+            no(&s, E::commit(A).add(D).roles(&default_roles())),
+            PolicyRefusal::PolicyChangeWithListChange
+        );
+        // The group's own list takes over.
+        let n = ok(&s, E::commit(A).list(&s, &[(A, 4), (B, 3), (C, 2)]));
+        assert!(!n.hub_kept_list);
+        assert_eq!(n.role_of(B), 3);
+    }
+
+    #[test]
+    fn a_created_room_with_a_list_must_list_its_members() {
+        let mut app_data = BTreeMap::new();
+        app_data.insert(
+            component::PARTICIPANT_LIST,
+            list(&[(A, 4)]).encode().expect("encode"),
+        );
+        let s = RoomState::created(&app_data, strs(&[A])).expect("created");
+        assert!(!s.hub_kept_list);
+        assert_eq!(
+            RoomState::created(&app_data, strs(&[A, B])),
+            Err(PolicyRefusal::UnlistedMember { user: B.into() })
+        );
+        app_data.insert(component::ROLES_LIST, vec![0xff, 0]);
+        assert!(matches!(
+            RoomState::created(&app_data, strs(&[A])),
+            Err(PolicyRefusal::MalformedComponent { .. })
+        ));
+    }
 }
