@@ -572,7 +572,7 @@ fn derive_list(state: &RoomState, members_after: &[String]) -> ParticipantListDa
         .iter()
         .filter(|p| {
             let u = p.user.as_str();
-            !(before.contains_key(u) && !after.contains_key(u))
+            !before.contains_key(u) || after.contains_key(u)
         })
         .cloned()
         .collect();

@@ -10,7 +10,13 @@ use mimi_wire::proto::{
     SubmitMessageRequest, SubmitMessageResponse, SubmitStatus, UpdateOutcome, UpdateRoomResponse,
 };
 use mimi_wire::uri::{ProviderDomain, RoomId};
-use relay_core::mls::{GroupState, HandshakeEffect, MlsReject, MlsValidator, Role};
+use std::collections::BTreeMap;
+
+use mimi_wire::proto::IdentifierUri;
+use mimi_wire::proto::room::{
+    ParticipantListData, ParticipantListUpdate, UserIndexRolePair, UserRolePair, component,
+};
+use relay_core::mls::{AppDataChange, GroupState, HandshakeEffect, MlsReject, MlsValidator};
 use relay_core::{
     MemStore, Now, Output, Relay, RelayConfig, ReplyToken, Request, Response, Status, Store,
     TransportKind,
@@ -26,45 +32,74 @@ thread_local! {
     static STAGED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
-/// A validator whose "MLS" is the authenticated data of a PublicMessage: `add URI`,
-/// `remove URI`, `noop` or `bad`; the sender is the member at the leaf index.
+/// A validator whose "MLS" is the authenticated data of a PublicMessage: commands split by
+/// `;`: `add URI`, `remove URI` (one client each), `noop`, `bad`, `panic`, and participant
+/// list changes (an AppDataUpdate): `list+ URI ROLE`, `list- URI`, `role URI ROLE`. The
+/// sender is the member at the leaf index. A room created with GroupInfo `gi+list` carries
+/// a participant_list (its creator as role 4).
 #[derive(Debug, Default)]
 struct Fake {
     epoch: u64,
     members: Vec<String>,
-    staged: Option<(u64, Vec<String>)>,
+    list: Option<ParticipantListData>,
+    staged: Option<(u64, Vec<String>, Option<ParticipantListData>)>,
 }
 
-fn enc(epoch: u64, members: &[String]) -> Vec<u8> {
+fn enc(epoch: u64, members: &[String], list: &Option<ParticipantListData>) -> Vec<u8> {
     let mut v = epoch.to_be_bytes().to_vec();
-    v.extend_from_slice(members.join(" ").as_bytes());
+    let m = members.join(" ");
+    v.extend_from_slice(&(m.len() as u32).to_be_bytes());
+    v.extend_from_slice(m.as_bytes());
+    if let Some(l) = list {
+        v.extend_from_slice(&l.encode().unwrap());
+    }
     v
 }
 
+fn app_data(list: &Option<ParticipantListData>) -> BTreeMap<u16, Vec<u8>> {
+    list.iter()
+        .map(|l| (component::PARTICIPANT_LIST, l.encode().unwrap()))
+        .collect()
+}
+
+fn pair(user: &str, role: &str) -> UserRolePair {
+    UserRolePair {
+        user: IdentifierUri::new(user),
+        role_index: role.parse().unwrap(),
+    }
+}
+
 impl MlsValidator for Fake {
-    fn create(&mut self, _: &str, _gi: &[u8], tree: &[u8]) -> Result<GroupState, MlsReject> {
+    fn create(&mut self, _: &str, gi: &[u8], tree: &[u8]) -> Result<GroupState, MlsReject> {
         self.epoch = 0;
-        self.members = vec![String::from_utf8(tree.to_vec()).unwrap()];
+        let creator = String::from_utf8(tree.to_vec()).unwrap();
+        self.list = (gi == b"gi+list").then(|| ParticipantListData {
+            participants: vec![pair(&creator, "4")],
+        });
+        self.members = vec![creator];
         Ok(GroupState {
             epoch: 0,
             members: self.members.clone(),
-            state: enc(0, &self.members),
-            app_data: Default::default(),
+            state: enc(0, &self.members, &self.list),
+            app_data: app_data(&self.list),
         })
     }
 
     fn restore(&mut self, _: &str, state: &[u8]) -> Result<GroupState, MlsReject> {
         self.epoch = u64::from_be_bytes(state[..8].try_into().unwrap());
-        self.members = std::str::from_utf8(&state[8..])
+        let n = u32::from_be_bytes(state[8..12].try_into().unwrap()) as usize;
+        self.members = std::str::from_utf8(&state[12..12 + n])
             .unwrap()
             .split(' ')
             .map(str::to_owned)
             .collect();
+        let rest = &state[12 + n..];
+        self.list = (!rest.is_empty()).then(|| ParticipantListData::decode(rest).unwrap());
         Ok(GroupState {
             epoch: self.epoch,
             members: self.members.clone(),
             state: state.to_vec(),
-            app_data: Default::default(),
+            app_data: app_data(&self.list),
         })
     }
 
@@ -87,31 +122,74 @@ impl MlsValidator for Fake {
             ..HandshakeEffect::default()
         };
         let mut members = self.members.clone();
-        match aad.split_once(' ') {
-            Some(("add", u)) => {
-                effect.added.push(u.to_owned());
-                members.push(u.to_owned());
+        let mut update = ParticipantListUpdate::default();
+        let mut list_changed = false;
+        let base = self.list.clone().unwrap_or_default();
+        let index = |u: &str| {
+            base.participants
+                .iter()
+                .position(|p| p.user.as_str() == u)
+                .unwrap() as u32
+        };
+        for cmd in aad.split(';') {
+            let words: Vec<&str> = cmd.split(' ').collect();
+            match words[..] {
+                ["add", u] => {
+                    effect.added.push(u.to_owned());
+                    members.push(u.to_owned());
+                }
+                ["remove", u] => {
+                    effect.removed.push(u.to_owned());
+                    if let Some(i) = members.iter().position(|m| m == u) {
+                        members.remove(i);
+                    }
+                }
+                ["list+", u, r] => {
+                    list_changed = true;
+                    update.added_participants.push(pair(u, r));
+                }
+                ["list-", u] => {
+                    list_changed = true;
+                    update.removed_indices.push(index(u));
+                }
+                ["role", u, r] => {
+                    list_changed = true;
+                    update.changed_role_participants.push(UserIndexRolePair {
+                        user_index: index(u),
+                        role_index: r.parse().unwrap(),
+                    });
+                }
+                ["noop"] => {}
+                _ => return Err(MlsReject::Invalid("bad signature".into())),
             }
-            Some(("remove", u)) => {
-                effect.removed.push(u.to_owned());
-                members.retain(|m| m != u);
-            }
-            _ if aad == "noop" => {}
-            _ => return Err(MlsReject::Invalid("bad signature".into())),
         }
-        self.staged = Some((self.epoch + 1, members));
+        let mut list = self.list.clone();
+        if list_changed {
+            let after = base
+                .apply(&update)
+                .map_err(|e| MlsReject::Invalid(e.to_string()))?;
+            effect.app_data.push(AppDataChange {
+                component: component::PARTICIPANT_LIST,
+                before: self.list.as_ref().map(|l| l.encode().unwrap()),
+                after: Some(after.encode().unwrap()),
+            });
+            list = Some(after);
+        }
+        effect.members_after = members.clone();
+        self.staged = Some((self.epoch + 1, members, list));
         Ok(effect)
     }
 
     fn merge(&mut self, _: &str) -> Result<GroupState, MlsReject> {
-        let (epoch, members) = self.staged.take().unwrap();
+        let (epoch, members, list) = self.staged.take().unwrap();
         self.epoch = epoch;
         self.members = members;
+        self.list = list;
         Ok(GroupState {
             epoch,
             members: self.members.clone(),
-            state: enc(epoch, &self.members),
-            app_data: Default::default(),
+            state: enc(epoch, &self.members, &self.list),
+            app_data: app_data(&self.list),
         })
     }
 
@@ -125,8 +203,12 @@ impl MlsValidator for Fake {
 }
 
 fn varint(out: &mut Vec<u8>, n: usize) {
-    assert!(n < 64);
-    out.push(n as u8);
+    if n < 64 {
+        out.push(n as u8);
+    } else {
+        assert!(n < 16384);
+        out.extend_from_slice(&(0x4000 | n as u16).to_be_bytes());
+    }
 }
 
 fn vec(out: &mut Vec<u8>, b: &[u8]) {
@@ -155,8 +237,15 @@ fn parse(m: &[u8]) -> (u64, u32, String) {
     let at = 5 + gid;
     let epoch = u64::from_be_bytes(m[at..at + 8].try_into().unwrap());
     let leaf = u32::from_be_bytes(m[at + 9..at + 13].try_into().unwrap());
-    let n = m[at + 13] as usize;
-    let aad = String::from_utf8(m[at + 14..at + 14 + n].to_vec()).unwrap();
+    let (n, at) = if m[at + 13] < 64 {
+        (m[at + 13] as usize, at + 14)
+    } else {
+        (
+            (u16::from_be_bytes([m[at + 13], m[at + 14]]) & 0x3fff) as usize,
+            at + 15,
+        )
+    };
+    let aad = String::from_utf8(m[at..at + n].to_vec()).unwrap();
     (epoch, leaf, aad)
 }
 
@@ -254,8 +343,43 @@ impl Hub {
     }
 
     fn update(&mut self, from: &str, body: Bytes) -> (UpdateOutcome, usize) {
+        let (r, n) = self.update_full(from, body);
+        (r.outcome, n)
+    }
+
+    fn update_full(&mut self, from: &str, body: Bytes) -> (UpdateRoomResponse, usize) {
         let (r, n) = self.ask(from, Endpoint::Update, body);
-        (UpdateRoomResponse::decode(&r.body).unwrap().outcome, n)
+        (UpdateRoomResponse::decode(&r.body).unwrap(), n)
+    }
+
+    /// The participant list: (user, role index).
+    fn participants(&self) -> Vec<(String, u32)> {
+        self.relay
+            .mls_participants(ROOM)
+            .unwrap()
+            .into_iter()
+            .map(|p| (p.user, p.role_index))
+            .collect()
+    }
+
+    /// Like [`Hub::room_of_three`], in a room whose group carries its participant list:
+    /// alice (4) adds bob as ordinary user (2) and carol as group admin (3).
+    fn listed_room_of_three() -> Hub {
+        let mut h = Hub::new();
+        h.relay
+            .handle_create_mls_room(
+                &mut h.store,
+                ROOM.parse::<RoomId>().unwrap(),
+                b"gi+list",
+                ALICE.as_bytes(),
+            )
+            .unwrap();
+        for (e, u, r) in [(0, BOB, 2), (1, CAROL, 3)] {
+            let aad = format!("add {u};list+ {u} {r}");
+            let (o, _) = h.update("a.example", update_body(e, 0, &aad));
+            assert!(matches!(o, UpdateOutcome::Success { .. }), "{o:?}");
+        }
+        h
     }
 
     /// alice (leaf 0) hosts the room; bob (leaf 1) and carol (leaf 2) are added: epoch 2.
@@ -329,12 +453,18 @@ fn invalid_handshakes_and_policy_refusals_change_nothing() {
     // bob may leave by himself; then the room goes on with alice and carol.
     let (o, _) = h.update("b.example", update_body(2, 1, &format!("remove {BOB}")));
     assert!(matches!(o, UpdateOutcome::Success { .. }), "{o:?}");
-    let p = h.relay.mls_participants(ROOM).unwrap();
+    let p: Vec<_> = h
+        .relay
+        .mls_participants(ROOM)
+        .unwrap()
+        .into_iter()
+        .map(|p| (p.user, p.role_index, p.role_name))
+        .collect();
     assert_eq!(
         p,
         vec![
-            (ALICE.to_owned(), Role::Owner),
-            (CAROL.to_owned(), Role::Regular)
+            (ALICE.to_owned(), 4, "super_admin".to_owned()),
+            (CAROL.to_owned(), 2, "ordinary_user".to_owned())
         ]
     );
 }
@@ -398,4 +528,144 @@ fn a_provider_with_no_member_in_the_room_costs_no_mls_work() {
         before,
         "no MLS work for a non-member"
     );
+}
+
+fn pairs(v: &[(&str, u32)]) -> Vec<(String, u32)> {
+    v.iter().map(|(u, r)| ((*u).to_owned(), *r)).collect()
+}
+
+#[test]
+fn an_allowed_add_updates_the_participant_list() {
+    let h = Hub::listed_room_of_three();
+    assert_eq!(h.relay.mls_epoch(ROOM), Some(2));
+    assert_eq!(h.participants(), pairs(&[(ALICE, 4), (BOB, 2), (CAROL, 3)]));
+    let p = h.relay.mls_participants(ROOM).unwrap();
+    assert_eq!(p[2].role_name, "group_admin");
+}
+
+#[test]
+fn a_refused_add_is_not_allowed_and_nothing_is_fanned_out() {
+    let mut h = Hub::listed_room_of_three();
+    let dave = "mimi://d.example/u/dave";
+    // bob, an ordinary user, may not add dave.
+    let (r, n) = h.update_full(
+        "b.example",
+        update_body(2, 1, &format!("add {dave};list+ {dave} 2")),
+    );
+    assert_eq!(r.outcome, UpdateOutcome::NotAllowed);
+    assert!(
+        r.error_description.contains("canAddParticipant"),
+        "{}",
+        r.error_description
+    );
+    assert_eq!(n, 0, "nothing fanned out");
+    assert_eq!(h.relay.stats().policy_rejections, 1);
+    // alice may not add him to the group without listing him (protocol-06 §5.3).
+    let (r, n) = h.update_full("a.example", update_body(2, 0, &format!("add {dave}")));
+    assert_eq!(r.outcome, UpdateOutcome::NotAllowed);
+    assert!(
+        r.error_description.contains("not in the participant list"),
+        "{}",
+        r.error_description
+    );
+    assert_eq!(n, 0);
+    assert_eq!(h.relay.stats().policy_rejections, 2);
+    assert_eq!(h.relay.mls_epoch(ROOM), Some(2));
+    assert_eq!(h.participants(), pairs(&[(ALICE, 4), (BOB, 2), (CAROL, 3)]));
+    // The refused commits left nothing staged: the next valid one goes through.
+    let (o, n) = h.update(
+        "c.example",
+        update_body(2, 2, &format!("add {dave};list+ {dave} 2")),
+    );
+    assert!(matches!(o, UpdateOutcome::Success { .. }), "{o:?}");
+    assert_eq!(n, 2, "to b.example and c.example");
+    assert_eq!(h.participants().last(), Some(&(dave.to_owned(), 2)));
+}
+
+#[test]
+fn a_banned_or_removed_user_may_not_submit() {
+    // ann is a user of the hub's own provider, so her submissions reach the room's policy
+    // (a provider with no member left is refused before: it no longer follows the room).
+    let ann = "mimi://a.example/u/ann";
+    let mut h = Hub::listed_room_of_three();
+    let (o, _) = h.update(
+        "a.example",
+        update_body(2, 0, &format!("add {ann};list+ {ann} 2")),
+    );
+    assert!(matches!(o, UpdateOutcome::Success { .. }), "{o:?}");
+    assert!(matches!(
+        submit(&mut h, "a.example", ann, 3),
+        SubmitStatus::Accepted { .. }
+    ));
+    // carol, an admin, bans ann: her role becomes 1 and her client goes.
+    let (o, _) = h.update(
+        "c.example",
+        update_body(3, 2, &format!("remove {ann};role {ann} 1")),
+    );
+    assert!(matches!(o, UpdateOutcome::Success { .. }), "{o:?}");
+    assert_eq!(
+        h.participants(),
+        pairs(&[(ALICE, 4), (BOB, 2), (CAROL, 3), (ann, 1)])
+    );
+    let before = h.relay.stats().policy_rejections;
+    assert_eq!(
+        submit(&mut h, "a.example", ann, 4),
+        SubmitStatus::NotAllowed
+    );
+    assert_eq!(h.relay.stats().policy_rejections, before + 1);
+    // Never listed: refused by the policy too.
+    assert_eq!(
+        submit(&mut h, "a.example", "mimi://a.example/u/mallory", 4),
+        SubmitStatus::NotAllowed
+    );
+    assert_eq!(h.relay.stats().policy_rejections, before + 2);
+    // alice removes bob from the list with his client: he may not submit either.
+    let (o, _) = h.update(
+        "a.example",
+        update_body(4, 0, &format!("remove {BOB};list- {BOB}")),
+    );
+    assert!(matches!(o, UpdateOutcome::Success { .. }), "{o:?}");
+    assert_eq!(
+        submit(&mut h, "b.example", BOB, 5),
+        SubmitStatus::NotAllowed
+    );
+    assert!(matches!(
+        submit(&mut h, "a.example", ALICE, 5),
+        SubmitStatus::Accepted { .. }
+    ));
+}
+
+#[test]
+fn the_participant_list_survives_a_restart() {
+    let h = Hub::listed_room_of_three();
+    let before = h.participants();
+    let mut h = h.restart();
+    assert_eq!(h.participants(), before);
+    // And the restored policy still holds: bob may not remove carol, carol may remove bob.
+    let (o, _) = h.update(
+        "b.example",
+        update_body(2, 1, &format!("remove {CAROL};list- {CAROL}")),
+    );
+    assert_eq!(o, UpdateOutcome::NotAllowed);
+    let (o, _) = h.update(
+        "c.example",
+        update_body(2, 2, &format!("remove {BOB};list- {BOB}")),
+    );
+    assert!(matches!(o, UpdateOutcome::Success { .. }), "{o:?}");
+    let h = h.restart();
+    assert_eq!(h.participants(), pairs(&[(ALICE, 4), (CAROL, 3)]));
+}
+
+#[test]
+fn a_hub_kept_list_survives_a_restart() {
+    // A group without a participant_list: the hub keeps and persists the list.
+    let h = Hub::room_of_three();
+    assert_eq!(h.participants(), pairs(&[(ALICE, 4), (BOB, 2), (CAROL, 2)]));
+    let mut h = h.restart();
+    assert_eq!(h.participants(), pairs(&[(ALICE, 4), (BOB, 2), (CAROL, 2)]));
+    // bob is still ordinary after the restart: he adds nobody.
+    let (o, _) = h.update("b.example", update_body(2, 1, "add mimi://b.example/u/eve"));
+    assert_eq!(o, UpdateOutcome::NotAllowed);
+    let (o, _) = h.update("a.example", update_body(2, 0, "add mimi://b.example/u/eve"));
+    assert!(matches!(o, UpdateOutcome::Success { .. }), "{o:?}");
 }
