@@ -125,6 +125,11 @@ pub fn render(s: &RelayStats, store: &StoreStats) -> String {
         store.panics + s.mls_panics,
     );
     counter(
+        "mimi_relay_policy_rejections_total",
+        "Hub: handshakes and submissions the room policy refused (also in not_allowed rejects).",
+        s.policy_rejections,
+    );
+    counter(
         "mimi_relay_lagging_total",
         "Hub: times a follower's queue reached max_queue and its backlog was dropped.",
         s.lagging,
@@ -456,6 +461,17 @@ mod tests {
         assert!(text.contains("mimi_relay_delivery_latency_seconds_bucket{le=\"10\"} 2"));
         assert!(text.contains("mimi_relay_delivery_latency_seconds_bucket{le=\"+Inf\"} 3"));
         assert!(text.contains("mimi_relay_rejects_total{reason=\"queue_full\"} 0"));
+    }
+
+    #[test]
+    fn policy_rejections_are_rendered() {
+        let s = RelayStats {
+            policy_rejections: 7,
+            ..RelayStats::default()
+        };
+        let text = render(&s, &StoreStats::default());
+        assert!(text.contains("# TYPE mimi_relay_policy_rejections_total counter"));
+        assert!(text.contains("mimi_relay_policy_rejections_total 7"));
     }
 
     #[test]
