@@ -33,7 +33,11 @@ struct Fake {
     epoch: u64,
     members: Vec<String>,
     staged: Option<(u64, Vec<String>)>,
+    hub_secret: Option<Vec<u8>>,
 }
+
+/// Each generated hub secret differs (as a random one would).
+static SECRETS_MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 fn enc(epoch: u64, members: &[String]) -> Vec<u8> {
     let mut v = epoch.to_be_bytes().to_vec();
@@ -42,6 +46,22 @@ fn enc(epoch: u64, members: &[String]) -> Vec<u8> {
 }
 
 impl MlsValidator for Fake {
+    fn generate_hub_secret(&mut self) -> Option<Vec<u8>> {
+        let n = SECRETS_MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(n.to_be_bytes().to_vec())
+    }
+
+    fn set_hub_secret(&mut self, secret: &[u8]) {
+        self.hub_secret = Some(secret.to_vec());
+    }
+
+    fn hub_signature_public_key(&self) -> Option<Vec<u8>> {
+        // A stand-in derivation: what matters here is that it follows the secret.
+        let mut k = self.hub_secret.clone()?;
+        k.reverse();
+        Some(k)
+    }
+
     fn create(&mut self, _: &str, _gi: &[u8], tree: &[u8]) -> Result<GroupState, MlsReject> {
         self.epoch = 0;
         self.members = vec![String::from_utf8(tree.to_vec()).unwrap()];
@@ -193,6 +213,7 @@ impl Hub {
         let records = snap.records.clone();
         let mut relay = Relay::new(cfg, snap, now);
         relay.set_mls_validator(Box::<Fake>::default(), &records);
+        relay.handle_hub_secret(&mut store, &records);
         Hub {
             relay,
             store,
@@ -210,6 +231,7 @@ impl Hub {
         let cfg = self.relay.config().clone();
         let mut relay = Relay::new(cfg, snap, self.now);
         relay.set_mls_validator(Box::<Fake>::default(), &records);
+        relay.handle_hub_secret(&mut store, &records);
         Hub {
             relay,
             store,
@@ -398,4 +420,22 @@ fn a_provider_with_no_member_in_the_room_costs_no_mls_work() {
         before,
         "no MLS work for a non-member"
     );
+}
+
+#[test]
+fn the_hub_secret_is_made_once_and_its_key_outlives_a_restart() {
+    let hub = Hub::new();
+    let key = hub
+        .relay
+        .hub_signature_public_key()
+        .expect("a hub key once the secret is set");
+    let hub = hub.restart();
+    assert_eq!(
+        hub.relay.hub_signature_public_key().as_deref(),
+        Some(&key[..]),
+        "the restarted hub derives the same key from its stored secret"
+    );
+    // A hub that lost its store makes a new secret, hence a new key.
+    let fresh = Hub::new();
+    assert_ne!(fresh.relay.hub_signature_public_key(), Some(key));
 }
