@@ -53,9 +53,13 @@ async fn scenario_over(transport: &str) {
     let r = scenario::run(net.admins(), &room).await.unwrap();
     assert_eq!(r.decrypt_failures, 0, "{r:?}");
     assert_eq!(r.mls_epochs, vec![0, 1, 2], "{r:?}");
-    // 4 messages to two receivers, one to one receiver.
-    assert_eq!(r.messages_sent, 6, "{r:?}");
-    assert_eq!(r.messages_decrypted, 11, "{r:?}");
+    // 7 messages to three receivers, one (after carol's removal) to two.
+    assert_eq!(r.messages_sent, 8, "{r:?}");
+    assert_eq!(r.messages_decrypted, 23, "{r:?}");
+    // bob's 3 messages reach dave and dave's 1 reaches bob, through the relay, though they
+    // share b.example; and every sender saw its own message come back.
+    assert_eq!(r.same_provider_decrypted, 4, "{r:?}");
+    assert_eq!(r.own_echoes, 8, "{r:?}");
     assert!(r.removed_member_cut_off, "{r:?}");
     net.stop().await;
 }
@@ -446,9 +450,20 @@ async fn external_join_with_group_info_from_the_hub() {
     members.sort();
     assert_eq!(members, [ALICE, BOB, "mimi://b.example/u/dave"]);
 
-    // (The hub does not echo a submission to its sender's provider, so bob, also of b, is
-    // not a receiver of dave's message.)
-    check_message(&room, &mut dave, &mut [&mut alice], b"hello from dave").await;
+    // bob, also of b, gets dave's message through the hub (§5.5: to every member), and dave
+    // gets his own back.
+    check_message(
+        &room,
+        &mut dave,
+        &mut [&mut alice, &mut bob],
+        b"hello from dave",
+    )
+    .await;
+    wait_for(
+        &mut dave,
+        |e| matches!(e, Event::OwnMessage { payload } if payload == b"hello from dave"),
+    )
+    .await;
     check_message(
         &room,
         &mut alice,
@@ -466,6 +481,12 @@ async fn external_join_with_group_info_from_the_hub() {
     assert_eq!(erin.epoch(), Some(3));
     wait_for(&mut alice, |e| matches!(e, Event::Commit { epoch: 3, .. })).await;
     wait_for(&mut dave, |e| matches!(e, Event::Commit { epoch: 3, .. })).await;
-    check_message(&room, &mut erin, &mut [&mut alice], b"hello from erin").await;
+    check_message(
+        &room,
+        &mut erin,
+        &mut [&mut alice, &mut bob, &mut dave],
+        b"hello from erin",
+    )
+    .await;
     net.stop().await;
 }

@@ -87,6 +87,11 @@ pub enum Event {
     NotJoined,
     /// This client's own commit, fanned out by the hub after the client merged it.
     OwnCommit,
+    /// This client's own application message, fanned back by the hub in its order (§5.5);
+    /// `payload` is what was sent.
+    OwnMessage {
+        payload: Vec<u8>,
+    },
     /// Could not be applied or decrypted (counted by the demo; must stay 0).
     Failed {
         what: String,
@@ -107,6 +112,8 @@ pub struct MlsClient {
     inbox_after: u64,
     /// Events polled but not yet taken by [`MlsClient::next_event`].
     backlog: std::collections::VecDeque<Event>,
+    /// Application messages sent, recognised when the hub fans them back.
+    sent: own::SentLog,
 }
 
 impl std::fmt::Debug for MlsClient {
@@ -166,6 +173,7 @@ impl MlsClient {
             api: LocalClient::new(admin),
             inbox_after: 0,
             backlog: std::collections::VecDeque::new(),
+            sent: own::SentLog::default(),
         })
     }
 
@@ -558,7 +566,9 @@ impl MlsClient {
         let msg = group
             .create_message(&self.provider, &self.signer, payload)
             .map_err(mls)?;
-        let req = SubmitMessageRequest::mls10(msg.to_bytes().map_err(mls)?, self.user.clone())?;
+        let bytes = msg.to_bytes().map_err(mls)?;
+        self.sent.note(self.provider.crypto(), &bytes, payload);
+        let req = SubmitMessageRequest::mls10(bytes, self.user.clone())?;
         let (st, b) = self.api.submit(room, Bytes::from(req.encode()?)).await?;
         if !st.is_success() {
             return Err(status(st, &b));
@@ -623,6 +633,9 @@ impl MlsClient {
                 Err(e) => failed(format!("welcome: {e}")),
             };
         }
+        if let Some(payload) = self.sent.take(self.provider.crypto(), f.message.as_bytes()) {
+            return Event::OwnMessage { payload };
+        }
         let joined_epoch = self.joined_epoch;
         let Some(group) = self.group.as_mut() else {
             return Event::NotJoined;
@@ -683,4 +696,5 @@ impl MlsClient {
         }
     }
 }
+mod own;
 pub mod scenario;

@@ -1,7 +1,8 @@
-//! The demo's MLS room: alice at a.example hosts it, adds bob (b.example) and carol
-//! (c.example) with key material claimed through the hub, all three talk (texts, a reply, a
-//! reaction), alice removes carol, and every client checks that it decrypts exactly what was
-//! sent, in the hub's order.
+//! The demo's MLS room: alice at a.example hosts it, adds bob and dave (both of b.example)
+//! and carol (c.example) with key material claimed through the hub, all four talk (texts, a
+//! reply, a reaction; bob and dave through the relay, though they share a provider), alice
+//! removes carol, and every client checks that it decrypts exactly what was sent, in the
+//! hub's order, and that the hub fans each sender's own message back to it (§5.5).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -19,6 +20,10 @@ pub struct ScenarioReport {
     /// Application messages sent and, summed over receivers, decrypted as sent.
     pub messages_sent: u64,
     pub messages_decrypted: u64,
+    /// Of those decryptions, the ones by a user of the sender's own provider.
+    pub same_provider_decrypted: u64,
+    /// Senders that saw their own message fanned back by the hub.
+    pub own_echoes: u64,
     /// Anything a client could not apply or decrypt, or decrypted differently than sent
     /// (must be 0).
     pub decrypt_failures: u64,
@@ -120,7 +125,9 @@ async fn send_and_check(
     }
     report.messages_sent += 1;
     let sender = clients[from].user.clone();
+    let provider = |u: &str| u.split('/').nth(2).map(str::to_owned);
     for &i in to {
+        let same_provider = provider(&clients[i].user) == provider(&sender);
         let mut ok = false;
         expect(step, &mut clients[i], report, |e| match e {
             Event::Message { sender: s, payload } => {
@@ -132,14 +139,31 @@ async fn send_and_check(
         .await?;
         if ok {
             report.messages_decrypted += 1;
+            report.same_provider_decrypted += u64::from(same_provider);
         } else {
             report.decrypt_failures += 1;
         }
     }
+    // The sender gets its own message back, in the hub's order.
+    let mut ok = false;
+    expect(step, &mut clients[from], report, |e| match e {
+        Event::OwnMessage { payload } => {
+            ok = *payload == body;
+            true
+        }
+        _ => false,
+    })
+    .await?;
+    if ok {
+        report.own_echoes += 1;
+    } else {
+        report.decrypt_failures += 1;
+    }
     Ok(())
 }
 
-/// Runs the scenario against the loopback APIs of a.example, b.example and c.example.
+/// Runs the scenario against the loopback APIs of a.example, b.example and c.example (bob
+/// and dave both at b.example).
 pub async fn run(admins: [SocketAddr; 3], room: &RoomId) -> Result<ScenarioReport, ScenarioError> {
     let started = Instant::now();
     let mut report = ScenarioReport::default();
@@ -147,7 +171,9 @@ pub async fn run(admins: [SocketAddr; 3], room: &RoomId) -> Result<ScenarioRepor
         "mimi://a.example/u/alice",
         "mimi://b.example/u/bob",
         "mimi://c.example/u/carol",
+        "mimi://b.example/u/dave",
     ];
+    let admins = [admins[0], admins[1], admins[2], admins[1]];
     let mut clients = Vec::new();
     for (u, a) in users.iter().zip(admins) {
         clients.push(MlsClient::new(u, a).map_err(at("client setup"))?);
@@ -182,12 +208,12 @@ pub async fn run(admins: [SocketAddr; 3], room: &RoomId) -> Result<ScenarioRepor
     match clients[0]
         .add(room, &kps)
         .await
-        .map_err(at("adding bob and carol"))?
+        .map_err(at("adding bob, carol and dave"))?
     {
         UpdateResult::Accepted => {}
         other => {
             return Err(ScenarioError::Refused {
-                step: "adding bob and carol",
+                step: "adding bob, carol and dave",
                 detail: format!("{other:?}"),
             });
         }
@@ -206,12 +232,15 @@ pub async fn run(admins: [SocketAddr; 3], room: &RoomId) -> Result<ScenarioRepor
 
     // Each message's ID as every receiver computes it from the bytes it decrypted.
     let mut ids: Vec<MessageId> = Vec::new();
-    let plan: [(usize, Option<usize>, bool, &str); 5] = [
-        (0, None, false, "Hello **bob** and *carol*"),
+    let plan: [(usize, Option<usize>, bool, &str); 7] = [
+        (0, None, false, "Hello **bob**, *carol* and dave"),
         (1, None, false, "Hi alice"),
         (2, None, false, "Hello from `c.example`"),
         (1, Some(0), false, "> welcome\n\nThanks, alice!"),
         (2, Some(1), true, "\u{1F44D}"),
+        // bob and dave share b.example: the hub fans back to their own provider too.
+        (3, Some(1), false, "Hi bob, dave here, also at b.example"),
+        (1, Some(5), true, "\u{1F44B}"),
     ];
     for (from, reply_to, reaction, text) in plan {
         let part = if reaction {
@@ -224,7 +253,7 @@ pub async fn run(admins: [SocketAddr; 3], room: &RoomId) -> Result<ScenarioRepor
             part,
             reply_to.and_then(|i| ids.get(i).copied()),
         )?;
-        let to: Vec<usize> = (0..3).filter(|i| *i != from).collect();
+        let to: Vec<usize> = (0..clients.len()).filter(|i| *i != from).collect();
         send_and_check(
             "messages",
             room,
@@ -264,13 +293,15 @@ pub async fn run(admins: [SocketAddr; 3], room: &RoomId) -> Result<ScenarioRepor
     }
     let epoch = clients[0].epoch().unwrap_or(0);
     report.mls_epochs.push(epoch);
-    expect(
-        "bob sees the removal",
-        &mut clients[1],
-        &mut report,
-        |e| matches!(e, Event::Commit { epoch: e, removed_me: false } if *e == epoch),
-    )
-    .await?;
+    for (step, i) in [("bob sees the removal", 1), ("dave sees the removal", 3)] {
+        expect(
+            step,
+            &mut clients[i],
+            &mut report,
+            |e| matches!(e, Event::Commit { epoch: e, removed_me: false } if *e == epoch),
+        )
+        .await?;
+    }
     expect(
         "carol sees her removal",
         &mut clients[2],
@@ -293,7 +324,7 @@ pub async fn run(admins: [SocketAddr; 3], room: &RoomId) -> Result<ScenarioRepor
         room,
         &mut clients,
         0,
-        &[1],
+        &[1, 3],
         last,
         &mut report,
     )

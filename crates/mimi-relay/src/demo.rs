@@ -1,6 +1,8 @@
 //! The demo: three provider nodes as separate processes on loopback, one room hosted by
 //! a.example with b.example and c.example as followers, messages submitted from every provider,
-//! and a count of what arrived where.
+//! and a count of what arrived where. The hub fans every message out to every provider in the
+//! room, the sender's own included (protocol-06 §5.5), so the `clients` senders of one
+//! provider read each other's messages through the relay.
 //!
 //! Each sender submits its messages one after another (the next once the hub accepted the
 //! previous), so the order of one sender's messages at every receiver must be the order they
@@ -89,7 +91,8 @@ impl Default for DemoOptions {
 }
 
 /// The demo's figures. `expected` counts every (message, receiving provider) delivery that
-/// should happen; `delivered` the distinct ones that did.
+/// should happen (three per message: every provider, the sender's included); `delivered` the
+/// distinct ones that did.
 #[derive(Clone, Debug, Serialize)]
 pub struct DemoReport {
     pub transport: String,
@@ -97,6 +100,8 @@ pub struct DemoReport {
     pub sent: u64,
     pub expected: u64,
     pub delivered: u64,
+    /// Of `delivered`, those to the sender's own provider (its other users read them there).
+    pub same_provider: u64,
     pub lost: u64,
     pub duplicated: u64,
     pub out_of_order: u64,
@@ -114,6 +119,10 @@ pub struct DemoReport {
     /// MLS messages sent, and summed over receivers, decrypted exactly as sent.
     pub mls_messages: u64,
     pub mls_decrypted: u64,
+    /// Of those, decryptions by a user of the sender's own provider (bob and dave, b.example).
+    pub mls_same_provider: u64,
+    /// MLS senders that saw their own message fanned back by the hub.
+    pub mls_own_echoes: u64,
     /// MLS messages or handshakes a client could not apply or decrypt as sent (must be 0).
     pub decrypt_failures: u64,
     /// Wall time of the MLS phase.
@@ -153,15 +162,18 @@ impl DemoReport {
         if !self.mls_epochs.is_empty() || self.mls_error.is_some() {
             let _ = writeln!(
                 s,
-                "  mls room       {MLS_ROOM}: alice@a adds bob@b and carol@c (key material via the hub), \
-                 texts, a reply, a reaction, carol removed"
+                "  mls room       {MLS_ROOM}: alice@a adds bob@b, dave@b and carol@c (key material via \
+                 the hub), texts, a reply, reactions, carol removed"
             );
             let _ = writeln!(
                 s,
-                "  mls            epochs {:?}; {} messages, {} decryptions as sent, {} failures; {} ms{}",
+                "  mls            epochs {:?}; {} messages, {} decryptions as sent ({} between bob and dave \
+                 of one provider), {} own echoes, {} failures; {} ms{}",
                 self.mls_epochs,
                 self.mls_messages,
                 self.mls_decrypted,
+                self.mls_same_provider,
+                self.mls_own_echoes,
                 self.decrypt_failures,
                 self.mls_ms,
                 self.mls_error
@@ -177,8 +189,8 @@ impl DemoReport {
         );
         let _ = writeln!(
             s,
-            "  delivered      {} of {} expected deliveries",
-            self.delivered, self.expected
+            "  delivered      {} of {} expected deliveries ({} to the sender's own provider)",
+            self.delivered, self.expected, self.same_provider
         );
         let _ = writeln!(
             s,
@@ -502,6 +514,8 @@ struct MlsPhase {
     epochs: Vec<u64>,
     messages: u64,
     decrypted: u64,
+    same_provider: u64,
+    own_echoes: u64,
     failures: u64,
     ms: u64,
     error: Option<String>,
@@ -555,6 +569,8 @@ pub async fn run(opts: DemoOptions, launcher: Launcher) -> Result<DemoReport> {
                 mls.epochs = r.mls_epochs;
                 mls.messages = r.messages_sent;
                 mls.decrypted = r.messages_decrypted;
+                mls.same_provider = r.same_provider_decrypted;
+                mls.own_echoes = r.own_echoes;
                 mls.failures = r.decrypt_failures;
             }
             Err(e) => mls.error = Some(format!("{:#}", anyhow::Error::from(e))),
@@ -679,7 +695,8 @@ pub async fn run(opts: DemoOptions, launcher: Launcher) -> Result<DemoReport> {
         s.await.map_err(|e| anyhow!("a sender task failed: {e}"))?;
     }
     let sent_done = Instant::now();
-    let expected = (opts.messages as u64) * 2;
+    // Every provider gets every message, the sender's own included.
+    let expected = (opts.messages as u64) * 3;
     loop {
         let delivered: u64 = tally
             .lock()
@@ -706,6 +723,13 @@ pub async fn run(opts: DemoOptions, launcher: Launcher) -> Result<DemoReport> {
     let mut report = {
         let t = tally.lock().expect("tally lock");
         let delivered: u64 = t.seen.iter().map(|s| s.len() as u64).sum();
+        // Sender s submits at provider s % 3.
+        let same_provider: u64 = t
+            .seen
+            .iter()
+            .enumerate()
+            .map(|(p, seen)| seen.iter().filter(|(s, _)| *s as usize % 3 == p).count() as u64)
+            .sum();
         let mut lat = t.latencies_us.clone();
         lat.sort_unstable();
         let pct = |p: f64| -> u64 {
@@ -723,6 +747,7 @@ pub async fn run(opts: DemoOptions, launcher: Launcher) -> Result<DemoReport> {
             sent: t.accepted,
             expected,
             delivered,
+            same_provider,
             lost: expected.saturating_sub(delivered),
             duplicated: t.duplicated,
             out_of_order: t.out_of_order,
@@ -741,6 +766,8 @@ pub async fn run(opts: DemoOptions, launcher: Launcher) -> Result<DemoReport> {
             mls_epochs: mls.epochs,
             mls_messages: mls.messages,
             mls_decrypted: mls.decrypted,
+            mls_same_provider: mls.same_provider,
+            mls_own_echoes: mls.own_echoes,
             decrypt_failures: mls.failures,
             mls_ms: mls.ms,
             mls_error: mls.error,

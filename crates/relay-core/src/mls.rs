@@ -127,6 +127,26 @@ pub trait MlsValidator: fmt::Debug + Send {
         let _ = (room, group_info, request);
         Err(MlsReject::NotAllowed("no GroupInfo service".into()))
     }
+
+    // ---- Hub keys (protocol-06 §5.6, §5.4.1) ------------------------------------------
+    // One persistent hub secret, kept by the core as a store record, from which the
+    // validator derives the hub's signature key pair and the franking `hub_key`.
+
+    /// A fresh random hub secret, made once when the store holds none. `None`: this
+    /// validator has no hub keys.
+    fn generate_hub_secret(&mut self) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// Sets the hub secret (from the store, or just generated); the keys derive from it.
+    fn set_hub_secret(&mut self, secret: &[u8]) {
+        let _ = secret;
+    }
+
+    /// The hub's signature public key, derived from the hub secret (`None` before it is set).
+    fn hub_signature_public_key(&self) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 /// Runs a validator with every call under panic isolation: third-party MLS code that panics on
@@ -235,5 +255,29 @@ impl MlsValidator for Isolated {
         self.run("group_info_response", room, |v| {
             v.group_info_response(room, group_info, request)
         })
+    }
+
+    // ---- Hub keys ----------------------------------------------------------------------
+
+    fn generate_hub_secret(&mut self) -> Option<Vec<u8>> {
+        self.run("generate_hub_secret", "", |v| Ok(v.generate_hub_secret()))
+            .ok()
+            .flatten()
+    }
+
+    fn set_hub_secret(&mut self, secret: &[u8]) {
+        let _ = self.run("set_hub_secret", "", |v| {
+            v.set_hub_secret(secret);
+            Ok(())
+        });
+    }
+
+    fn hub_signature_public_key(&self) -> Option<Vec<u8>> {
+        let inner = &*self.inner;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            inner.hub_signature_public_key()
+        }))
+        .ok()
+        .flatten()
     }
 }

@@ -869,9 +869,9 @@ impl Relay {
         // A follower whose queue is full lags: its backlog is dropped for a gap marker, and the
         // room goes on for everyone else (one stalled follower must not halt a room).
         self.drop_lagging(now, store, ri);
-        if *sender != self.cfg.local
-            && let Some(refused) = self.inbox_refusal(self.inbox.count(&self.cfg.local))
-        {
+        // Every accepted message reaches the hub's own inbox too (§5.5: all local clients
+        // that are members, the sender's other clients among them).
+        if let Some(refused) = self.inbox_refusal(self.inbox.count(&self.cfg.local)) {
             return refused;
         }
 
@@ -905,11 +905,10 @@ impl Relay {
         debug!(msg = %MsgId::of(view.app_message.bytes), room = %r.id, seq = room_seq, from = %sender, "accepted");
         self.stats.accepted += 1;
 
+        // §5.5: to every participating provider, the submitter's included (its other
+        // clients, and the sender itself, learn the hub's order from it).
         for i in 0..self.rooms[ri].followers.len() {
-            let (ref dest, qi) = self.rooms[ri].followers[i];
-            if dest == sender {
-                continue;
-            }
+            let (_, qi) = self.rooms[ri].followers[i];
             let q = &mut self.queues[qi];
             let qseq = q.next_qseq();
             store.apply(StoreOp::Enqueue {
@@ -927,15 +926,13 @@ impl Relay {
             });
             self.mark_ready(qi);
         }
-        if *sender != self.cfg.local {
-            let record = InboxRecord {
-                room: self.rooms[ri].id.clone(),
-                from: self.cfg.local.clone(),
-                accepted_ms,
-                fanout,
-            };
-            self.deliver_local(store, record);
-        }
+        let record = InboxRecord {
+            room: self.rooms[ri].id.clone(),
+            from: self.cfg.local.clone(),
+            accepted_ms,
+            fanout,
+        };
+        self.deliver_local(store, record);
         submit_answer(&SubmitMessageResponse::accepted(accepted_ms))
     }
 

@@ -43,7 +43,11 @@ struct Fake {
     members: Vec<String>,
     list: Option<ParticipantListData>,
     staged: Option<(u64, Vec<String>, Option<ParticipantListData>)>,
+    hub_secret: Option<Vec<u8>>,
 }
+
+/// Each generated hub secret differs (as a random one would).
+static SECRETS_MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 fn enc(epoch: u64, members: &[String], list: &Option<ParticipantListData>) -> Vec<u8> {
     let mut v = epoch.to_be_bytes().to_vec();
@@ -70,6 +74,22 @@ fn pair(user: &str, role: &str) -> UserRolePair {
 }
 
 impl MlsValidator for Fake {
+    fn generate_hub_secret(&mut self) -> Option<Vec<u8>> {
+        let n = SECRETS_MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(n.to_be_bytes().to_vec())
+    }
+
+    fn set_hub_secret(&mut self, secret: &[u8]) {
+        self.hub_secret = Some(secret.to_vec());
+    }
+
+    fn hub_signature_public_key(&self) -> Option<Vec<u8>> {
+        // A stand-in derivation: what matters here is that it follows the secret.
+        let mut k = self.hub_secret.clone()?;
+        k.reverse();
+        Some(k)
+    }
+
     fn create(&mut self, _: &str, gi: &[u8], tree: &[u8]) -> Result<GroupState, MlsReject> {
         self.epoch = 0;
         let creator = String::from_utf8(tree.to_vec()).unwrap();
@@ -282,6 +302,7 @@ impl Hub {
         let records = snap.records.clone();
         let mut relay = Relay::new(cfg, snap, now);
         relay.set_mls_validator(Box::<Fake>::default(), &records);
+        relay.handle_hub_secret(&mut store, &records);
         Hub {
             relay,
             store,
@@ -299,6 +320,7 @@ impl Hub {
         let cfg = self.relay.config().clone();
         let mut relay = Relay::new(cfg, snap, self.now);
         relay.set_mls_validator(Box::<Fake>::default(), &records);
+        relay.handle_hub_secret(&mut store, &records);
         Hub {
             relay,
             store,
@@ -668,4 +690,22 @@ fn a_hub_kept_list_survives_a_restart() {
     assert_eq!(o, UpdateOutcome::NotAllowed);
     let (o, _) = h.update("a.example", update_body(2, 0, "add mimi://b.example/u/eve"));
     assert!(matches!(o, UpdateOutcome::Success { .. }), "{o:?}");
+}
+
+#[test]
+fn the_hub_secret_is_made_once_and_its_key_outlives_a_restart() {
+    let hub = Hub::new();
+    let key = hub
+        .relay
+        .hub_signature_public_key()
+        .expect("a hub key once the secret is set");
+    let hub = hub.restart();
+    assert_eq!(
+        hub.relay.hub_signature_public_key().as_deref(),
+        Some(&key[..]),
+        "the restarted hub derives the same key from its stored secret"
+    );
+    // A hub that lost its store makes a new secret, hence a new key.
+    let fresh = Hub::new();
+    assert_ne!(fresh.relay.hub_signature_public_key(), Some(key));
 }

@@ -12,7 +12,8 @@
 //! For /groupInfo (protocol-06 §5.6) it checks the request's SignWithLabel signature and
 //! answers with the GroupInfo a member made plus the public group's ratchet tree,
 //! EncryptWithLabel'd to the requester's HPKE key and signed by the hub's own Ed25519 key
-//! (generated per validator, so per node process: see [`OpenMlsValidator::hub_signature_key`]).
+//! (derived from the hub secret the core keeps in its store, see [`derive_hub_keys`]; made per
+//! validator when none is set).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -56,6 +57,39 @@ pub struct OpenMlsValidator {
     hub_key: std::sync::OnceLock<(Vec<u8>, Vec<u8>)>,
     /// The hub's identity in its basic credential (`mimi://<domain>`).
     hub_identity: String,
+    /// The franking `hub_key` (protocol-06 §5.4.1), derived from the hub secret.
+    franking_key: Option<Vec<u8>>,
+}
+
+/// HKDF labels deriving the hub's keys from its persistent secret.
+const HUB_SIGNATURE_INFO: &[u8] = b"mimi-relay hub signature key";
+const HUB_FRANKING_INFO: &[u8] = b"mimi-relay hub franking key";
+
+/// The hub's Ed25519 key pair: (private seed, public key).
+pub type HubKeyPair = (Vec<u8>, Vec<u8>);
+
+/// The hub's Ed25519 key pair and franking key from its secret: HKDF-SHA256 with the secret
+/// as input keying material.
+pub fn derive_hub_keys(secret: &[u8]) -> Result<(HubKeyPair, Vec<u8>), MlsReject> {
+    use openmls_traits::types::HashType;
+    let crypto = RustCrypto::default();
+    let prk = crypto
+        .hkdf_extract(HashType::Sha2_256, b"", secret)
+        .map_err(|e| invalid(format!("{e:?}")))?;
+    let expand = |info: &[u8]| {
+        crypto
+            .hkdf_expand(HashType::Sha2_256, prk.as_slice(), info, 32)
+            .map(|k| k.as_slice().to_vec())
+            .map_err(|e| invalid(format!("{e:?}")))
+    };
+    let seed: [u8; 32] = expand(HUB_SIGNATURE_INFO)?
+        .try_into()
+        .map_err(|_| invalid("hkdf output length"))?;
+    let pk = ed25519_dalek::SigningKey::from_bytes(&seed)
+        .verifying_key()
+        .to_bytes()
+        .to_vec();
+    Ok(((seed.to_vec(), pk), expand(HUB_FRANKING_INFO)?))
 }
 
 /// The ciphersuite of GroupInfoRequests and responses this hub serves (the demo clients').
@@ -449,6 +483,27 @@ impl MlsValidator for OpenMlsValidator {
         }
         resp.encode().map_err(invalid)
     }
+
+    // ---- Hub keys ----------------------------------------------------------------------
+
+    fn generate_hub_secret(&mut self) -> Option<Vec<u8>> {
+        use openmls_traits::random::OpenMlsRand as _;
+        self.crypto.random_vec(32).ok()
+    }
+
+    fn set_hub_secret(&mut self, secret: &[u8]) {
+        match derive_hub_keys(secret) {
+            Ok((sig, franking)) => {
+                self.hub_key = std::sync::OnceLock::from(sig);
+                self.franking_key = Some(franking);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot derive the hub keys"),
+        }
+    }
+
+    fn hub_signature_public_key(&self) -> Option<Vec<u8>> {
+        self.hub_key.get().map(|(_, pk)| pk.clone())
+    }
 }
 
 #[cfg(test)]
@@ -476,6 +531,33 @@ mod tests {
         let tbs = sign_content(REQUEST_LABEL, &req.tbs().unwrap()).unwrap();
         req.signature = VLBytes::new(signer.sign(&tbs).unwrap());
         req
+    }
+
+    #[test]
+    fn hub_keys_follow_the_secret_and_sign_verifiably() {
+        let mut v = OpenMlsValidator::for_hub("a.example");
+        let secret = v.generate_hub_secret().unwrap();
+        v.set_hub_secret(&secret);
+        let pk = v.hub_signature_public_key().unwrap();
+        // A validator of a restarted hub, given the same secret, has the same key...
+        let mut again = OpenMlsValidator::for_hub("a.example");
+        again.set_hub_secret(&secret);
+        assert_eq!(again.hub_signature_public_key().unwrap(), pk);
+        // ...and its signatures verify under the key published before.
+        let (sk, _) = again.hub_key().unwrap().clone();
+        let sig = again
+            .crypto
+            .sign(HUB_CIPHERSUITE.signature_algorithm(), b"tbs", &sk)
+            .unwrap();
+        assert!(
+            v.crypto
+                .verify_signature(HUB_CIPHERSUITE.signature_algorithm(), b"tbs", &pk, &sig)
+                .is_ok()
+        );
+        // Another secret, another key.
+        let mut other = OpenMlsValidator::for_hub("a.example");
+        other.set_hub_secret(&[9; 32]);
+        assert_ne!(other.hub_signature_public_key().unwrap(), pk);
     }
 
     #[test]

@@ -524,6 +524,7 @@ fn spawn_core<S: Store + Send + 'static>(
     let mut relay = Relay::new(core_cfg, snapshot, core_loop::now());
     let validator = relay_mls::OpenMlsValidator::for_hub(cfg.domain.as_str());
     relay.set_mls_validator(Box::new(validator), &records);
+    relay.handle_hub_secret(&mut store, &records);
     for room in &cfg.rooms {
         relay
             .handle_create_room(&mut store, room.id.clone(), room.followers.clone())

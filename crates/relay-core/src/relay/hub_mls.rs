@@ -37,6 +37,9 @@ const REC_KEY_PACKAGE: u8 = 4;
 const REC_KP_USED: u8 = 5;
 /// Not 6: that is the directory's (relay/services.rs), and the two once shared it.
 const REC_GROUP_INFO: u8 = 9;
+/// The hub secret (one record, key `[15]`): the validator derives the hub's signature key
+/// and franking key from it, so they outlive a restart.
+const REC_HUB_SECRET: u8 = 15;
 
 /// The hub's MLS view of one hosted room.
 #[derive(Debug)]
@@ -241,6 +244,39 @@ impl Relay {
             }
         }
         self.mls.validator = Some(validator);
+    }
+
+    /// Gives the validator the hub secret kept in `records`, or has it make one and keeps
+    /// that in the store (commit before answering anyone). Call right after
+    /// [`Relay::set_mls_validator`]. Returns whether a new secret was made.
+    pub fn handle_hub_secret<S: Store>(
+        &mut self,
+        store: &mut S,
+        records: &BTreeMap<Vec<u8>, Bytes>,
+    ) -> bool {
+        let Some(v) = self.mls.validator.as_mut() else {
+            return false;
+        };
+        if let Some(secret) = records.get(&[REC_HUB_SECRET][..]) {
+            v.set_hub_secret(secret);
+            return false;
+        }
+        let Some(secret) = v.generate_hub_secret() else {
+            return false;
+        };
+        store.apply(StoreOp::Record {
+            key: &[REC_HUB_SECRET],
+            value: Some(&secret),
+        });
+        v.set_hub_secret(&secret);
+        info!("made the hub secret");
+        true
+    }
+
+    /// The hub's signature public key (GroupInfoResponses; the franking agent's key), for
+    /// followers and clients to pin.
+    pub fn hub_signature_public_key(&self) -> Option<Vec<u8>> {
+        self.mls.validator.as_ref()?.hub_signature_public_key()
     }
 
     /// Restores the local key packages (no validator needed). Called from `Relay::new`.
