@@ -167,6 +167,18 @@ pub trait MlsValidator: fmt::Debug + Send {
         let _ = (room, group_info, request);
         Err(MlsReject::NotAllowed("no GroupInfo service".into()))
     }
+
+    // --- Key material (protocol-06 §5.2) ---
+
+    /// Checks a `KeyMaterialRequest`: `key_material_request_signature` is
+    /// SignWithLabel(requesterSignatureKey, "KeyMaterialRequestTBS", KeyMaterialRequestTBS)
+    /// under the signature scheme of one of its acceptable ciphersuites. Returns the
+    /// requester's identity (the user URI of `requesterCredential`); the core checks it is
+    /// `requestingUser`. A validator without a key material service refuses.
+    fn key_material_requester(&self, request: &[u8]) -> Result<String, MlsReject> {
+        let _ = request;
+        Err(MlsReject::NotAllowed("no key material service".into()))
+    }
 }
 
 /// Roles of a room's participants, keyed by user URI, encoded for the store.
@@ -298,6 +310,23 @@ impl MlsValidator for Isolated {
     ) -> Result<Vec<u8>, MlsReject> {
         self.run("group_info_response", room, |v| {
             v.group_info_response(room, group_info, request)
+        })
+    }
+
+    // --- Key material (protocol-06 §5.2) ---
+
+    fn key_material_requester(&self, request: &[u8]) -> Result<String, MlsReject> {
+        let inner = &*self.inner;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            inner.key_material_requester(request)
+        }))
+        .unwrap_or_else(|_| {
+            self.panics
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::error!("the MLS validator panicked on a KeyMaterialRequest; refused");
+            Err(MlsReject::Invalid(
+                "the MLS validator failed on this input".into(),
+            ))
         })
     }
 }
