@@ -733,7 +733,10 @@ mod tests {
         let lt = key_package_lifetime(&td::key_package(), &Limits::default())
             .unwrap()
             .unwrap();
-        assert_eq!((lt.not_before, lt.not_after), (1_700_000_000, 1_800_000_000));
+        assert_eq!(
+            (lt.not_before, lt.not_after),
+            (1_700_000_000, 1_800_000_000)
+        );
         assert!(lt.contains(1_700_000_000) && lt.contains(1_800_000_000));
         assert!(!lt.contains(1_699_999_999) && !lt.contains(1_800_000_001));
         // Truncated inside the lifetime: an error, not a guess.

@@ -834,8 +834,7 @@ impl Relay {
             clients: Vec::new(),
         };
         // Consent first: without it the answer says nothing of the user or its clients.
-        let consent =
-            self.claim_consent(req.requesting_user.as_str(), &user, req.room_id.as_str());
+        let consent = self.claim_consent(req.requesting_user.as_str(), &user, req.room_id.as_str());
         if let Err(code) = consent {
             debug!(target = user, code = ?code, "key material claim without consent");
             self.stats.consent_denials += 1;
@@ -959,8 +958,7 @@ impl Relay {
         body: &Bytes,
     ) -> Option<Response> {
         let per_minute = self.cfg.key_claims_per_minute;
-        if let Some(r) = self.over_rate(now, from, super::services::RATE_KEY_CLAIMS, per_minute)
-        {
+        if let Some(r) = self.over_rate(now, from, super::services::RATE_KEY_CLAIMS, per_minute) {
             return Some(r);
         }
         let req = match KeyMaterialRequest::decode(body) {
@@ -1023,7 +1021,10 @@ impl Relay {
             false
         };
         if !allowed {
-            debug!(peer = from.as_str(), requester, "key material claim refused");
+            debug!(
+                peer = from.as_str(),
+                requester, "key material claim refused"
+            );
             return Some(self.reject(
                 RejectReason::Forbidden,
                 Status::Forbidden,
@@ -1047,7 +1048,11 @@ impl Relay {
         match v.key_material_requester(body) {
             Ok(u) if u == requester => {}
             Ok(u) => {
-                debug!(requester, credential = u, "KeyMaterialRequest of another user");
+                debug!(
+                    requester,
+                    credential = u,
+                    "KeyMaterialRequest of another user"
+                );
                 return Some(self.reject(
                     RejectReason::Forbidden,
                     Status::Forbidden,

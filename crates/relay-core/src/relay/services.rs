@@ -166,7 +166,7 @@ impl Relay {
     /// `room` ("" outside a room): the later of the room-scoped and the global decision (a
     /// grant or a revoke) wins; with neither there is no consent. `Err` is the
     /// KeyMaterialUserCode to answer: noConsentForThisRoom when the decision against was
-    /// for this room, or the target granted other rooms only; noConsent otherwise.
+    /// for this room, or another room's grant still holds; noConsent otherwise.
     pub(super) fn claim_consent(
         &self,
         requester: &str,
@@ -181,31 +181,35 @@ impl Relay {
                 .copied()
         };
         let scoped = (!room.is_empty()).then(|| decision(room)).flatten();
-        let latest = match (scoped, decision("")) {
-            (Some(s), Some(g)) if g.1 > s.1 => Some((g.0, false)),
-            (Some(s), _) => Some((s.0, true)),
-            (None, g) => g.map(|g| (g.0, false)),
+        let global = decision("");
+        let (op, by_room) = match (scoped, global) {
+            (Some(s), Some(g)) if g.1 > s.1 => (Some(g.0), false),
+            (Some(s), _) => (Some(s.0), true),
+            (None, g) => (g.map(|g| g.0), false),
         };
-        match latest {
-            Some((ConsentOperation::Grant, _)) => Ok(()),
-            Some((_, true)) => Err(KeyMaterialUserCode::NoConsentForThisRoom),
-            Some((_, false)) => Err(KeyMaterialUserCode::NoConsent),
-            None if room.is_empty() => Err(KeyMaterialUserCode::NoConsent),
-            None => {
-                let from = (requester.to_owned(), target.to_owned(), String::new());
-                let other_room = self
-                    .services
-                    .consent
-                    .range(from..)
-                    .take_while(|((r, t, _), _)| r == requester && t == target)
-                    .any(|(_, (op, _))| *op == ConsentOperation::Grant);
-                Err(if other_room {
-                    KeyMaterialUserCode::NoConsentForThisRoom
-                } else {
-                    KeyMaterialUserCode::NoConsent
-                })
-            }
+        if op == Some(ConsentOperation::Grant) {
+            return Ok(());
         }
+        if room.is_empty() {
+            return Err(KeyMaterialUserCode::NoConsent);
+        }
+        // Refused for this room: say so when the decision was for this room, or the target
+        // does let the requester into another room (a grant later than any global revoke).
+        let since = global.map_or(0, |g| g.1);
+        let from = (requester.to_owned(), target.to_owned(), String::new());
+        let other_room = self
+            .services
+            .consent
+            .range(from..)
+            .take_while(|((r, t, _), _)| r == requester && t == target)
+            .any(|((_, _, rm), (op, stamp))| {
+                !rm.is_empty() && *op == ConsentOperation::Grant && *stamp > since
+            });
+        Err(if by_room || other_room {
+            KeyMaterialUserCode::NoConsentForThisRoom
+        } else {
+            KeyMaterialUserCode::NoConsent
+        })
     }
 
     /// A peer's per-minute rate for `limit` (GCRA: `per_minute` requests a minute, a minute's
@@ -231,8 +235,15 @@ impl Relay {
         let tat = rate.get(&key).map_or(now.mono, |t| (*t).max(now.mono));
         let ahead = tat - now.mono;
         if ahead > tolerance {
-            if self.services.warned.insert((peer.as_str().to_owned(), limit)) {
-                warn!(peer = peer.as_str(), limit, per_minute, "provider over its request rate");
+            if self
+                .services
+                .warned
+                .insert((peer.as_str().to_owned(), limit))
+            {
+                warn!(
+                    peer = peer.as_str(),
+                    limit, per_minute, "provider over its request rate"
+                );
             }
             let mut r = self.reject(
                 RejectReason::RateLimited,
