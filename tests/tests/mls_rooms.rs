@@ -100,6 +100,8 @@ async fn room_of_three(net: &Net, room: &RoomId) -> [MlsClient; 3] {
     let mut carol = MlsClient::new(CAROL, a[2]).unwrap();
     bob.publish_key_packages(1).await.unwrap();
     carol.publish_key_packages(1).await.unwrap();
+    bob.set_consent(ALICE, Some(room), true).await.unwrap();
+    carol.set_consent(ALICE, Some(room), true).await.unwrap();
     alice.create_room(room).await.unwrap();
     let kb = alice.claim(BOB, room).await.unwrap().unwrap();
     let kc = alice.claim(CAROL, room).await.unwrap().unwrap();
@@ -179,19 +181,36 @@ async fn a_key_package_is_handed_out_and_used_once() {
     let mut bob = MlsClient::new(BOB, a[1]).unwrap();
     bob.publish_key_packages(1).await.unwrap();
     alice.create_room(&room).await.unwrap();
+    // Consent (protocol-06 §5.2, §5.7): none yet, then for another room only, then for
+    // every room.
+    assert_eq!(
+        alice.claim(BOB, &room).await.unwrap().unwrap_err(),
+        "NoConsent"
+    );
+    let elsewhere: RoomId = "mimi://a.example/r/elsewhere".parse().unwrap();
+    bob.set_consent(ALICE, Some(&elsewhere), true)
+        .await
+        .unwrap();
+    assert_eq!(
+        alice.claim(BOB, &room).await.unwrap().unwrap_err(),
+        "NoConsentForThisRoom"
+    );
+    bob.set_consent(ALICE, None, true).await.unwrap();
     let kp = alice.claim(BOB, &room).await.unwrap().unwrap();
     // The only KeyPackage is gone: the provider has nothing more for bob.
     assert_eq!(
         alice.claim(BOB, &room).await.unwrap().unwrap_err(),
         "NoCompatibleMaterial"
     );
+    // A user no one knows has granted nothing: noConsent, which says nothing of whether
+    // the user exists.
     assert_eq!(
         alice
             .claim("mimi://b.example/u/nobody", &room)
             .await
             .unwrap()
             .unwrap_err(),
-        "UserUnknown"
+        "NoConsent"
     );
     assert_eq!(
         alice.add(&room, std::slice::from_ref(&kp)).await.unwrap(),
@@ -419,6 +438,7 @@ async fn external_join_with_group_info_from_the_hub() {
     let mut carol = MlsClient::new(CAROL, a[2]).unwrap();
     let mut dave = MlsClient::new("mimi://b.example/u/dave", a[1]).unwrap();
     bob.publish_key_packages(1).await.unwrap();
+    bob.set_consent(ALICE, Some(&room), true).await.unwrap();
     alice.create_room(&room).await.unwrap();
     let kb = alice.claim(BOB, &room).await.unwrap().unwrap();
     assert_eq!(

@@ -12,11 +12,12 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 use mimi_wire::proto::{
-    ClientKeyMaterialStatus, FanoutExtra, FanoutMessage, GroupInfoCode, GroupInfoOption,
-    GroupInfoRatchetTreeTbe, GroupInfoRequest, GroupInfoResponse, GroupInfoStatus, HandshakeBundle,
-    IdentifierUri, KeyMaterialRequest, KeyMaterialResponse, MlsMessage, PartialGroupInfo, Protocol,
-    RatchetTreeOption, RatchetTreePresence, SubmitMessageRequest, SubmitMessageResponse,
-    SubmitStatus, UpdateOutcome, UpdateRequest, UpdateRoomResponse, VLBytes,
+    ClientKeyMaterialStatus, ConsentEntry, ConsentOperation, FanoutExtra, FanoutMessage,
+    GroupInfoCode, GroupInfoOption, GroupInfoRatchetTreeTbe, GroupInfoRequest, GroupInfoResponse,
+    GroupInfoStatus, HandshakeBundle, IdentifierUri, KeyMaterialRequest, KeyMaterialResponse,
+    MlsMessage, PartialGroupInfo, Protocol, RatchetTreeOption, RatchetTreePresence,
+    SubmitMessageRequest, SubmitMessageResponse, SubmitStatus, UpdateOutcome, UpdateRequest,
+    UpdateRoomResponse, VLBytes,
 };
 use mimi_wire::uri::RoomId;
 use openmls::messages::group_info::VerifiableGroupInfo;
@@ -250,7 +251,40 @@ impl MlsClient {
         Ok(())
     }
 
-    /// Claims one KeyPackage of `target` for `room` through the provider and the hub.
+    /// Grants (`grant`) or revokes `requester` consent to fetch this user's KeyPackages, for
+    /// `room` or (with `None`) for every room (protocol-06 §5.7 updateConsent). The
+    /// provider keeps the decision, since it answers the claims, and tells the requester's.
+    pub async fn set_consent(
+        &mut self,
+        requester: &str,
+        room: Option<&RoomId>,
+        grant: bool,
+    ) -> Result<(), MlsClientError> {
+        let operation = if grant {
+            ConsentOperation::Grant
+        } else {
+            ConsentOperation::Revoke
+        };
+        let entry = ConsentEntry {
+            operation,
+            requester_uri: IdentifierUri::new(requester),
+            target_uri: IdentifierUri::new(self.user.clone()),
+            room_id: room.map(|r| IdentifierUri::new(r.as_str())),
+            client_key_packages: Vec::new(),
+            consent_extensions: VLBytes::new(Vec::new()),
+        };
+        let (st, body) = self
+            .api
+            .post("/v1/client/updateConsent", Bytes::from(entry.encode()?))
+            .await?;
+        if !st.is_success() {
+            return Err(status(st, &body));
+        }
+        Ok(())
+    }
+
+    /// Claims one KeyPackage of `target` for `room` through the provider and the hub (the
+    /// target must have granted this user consent, see [`MlsClient::set_consent`]).
     pub async fn claim(
         &mut self,
         target: &str,
@@ -275,9 +309,12 @@ impl MlsClient {
             requester_credential: mimi_wire::proto::Credential::from_bytes(cred)?,
             signature: VLBytes::new(Vec::new()),
         };
+        // SignWithLabel(requesterSignatureKey, "KeyMaterialRequestTBS", ..) (§5.2).
+        let tbs = relay_mls::sign_content(relay_mls::KEY_MATERIAL_REQUEST_LABEL, &req.tbs()?)
+            .map_err(mls)?;
         let sig = self
             .signer
-            .sign(&req.tbs()?)
+            .sign(&tbs)
             .map_err(|e| MlsClientError::Mls(format!("{e:?}")))?;
         req.signature = VLBytes::new(sig);
         let (st, body) = self.api.key_material(Bytes::from(req.encode()?)).await?;

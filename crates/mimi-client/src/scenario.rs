@@ -178,10 +178,16 @@ pub async fn run(admins: [SocketAddr; 3], room: &RoomId) -> Result<ScenarioRepor
     for (u, a) in users.iter().zip(admins) {
         clients.push(MlsClient::new(u, a).map_err(at("client setup"))?);
     }
+    let creator = users[0].to_string();
     for c in clients.iter_mut().skip(1) {
         c.publish_key_packages(2)
             .await
             .map_err(at("publishing key packages"))?;
+        // Each invitee consents to the creator adding it to this room (§5.7): no claim of
+        // its KeyPackages succeeds without.
+        c.set_consent(&creator, Some(room), true)
+            .await
+            .map_err(at("granting consent"))?;
     }
     clients[0]
         .create_room(room)

@@ -236,15 +236,41 @@ pub(crate) fn take<'a>(
 }
 
 pub(crate) fn key_package(r: &mut Reader<'_>) -> Result<(), WireError> {
+    key_package_walk(r).map(|_| ())
+}
+
+/// Walks a bare KeyPackage; returns its leaf node's lifetime, if the leaf has one.
+fn key_package_walk(r: &mut Reader<'_>) -> Result<Option<Lifetime>, WireError> {
     if r.u16()? != MLS10 {
         return Err(WireError::BadVersion);
     }
     r.u16()?; // cipher_suite
     r.vec("init_key")?;
-    leaf_node(r)?;
+    let lifetime = leaf_node(r)?;
     r.vec("key package extensions")?;
     r.vec("key package signature")?;
-    Ok(())
+    Ok(lifetime)
+}
+
+/// A leaf node's `Lifetime` (RFC 9420 §7.2): seconds since the Unix epoch, both inclusive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lifetime {
+    pub not_before: u64,
+    pub not_after: u64,
+}
+
+impl Lifetime {
+    /// Whether `unix_s` lies inside the lifetime.
+    pub fn contains(&self, unix_s: u64) -> bool {
+        (self.not_before..=self.not_after).contains(&unix_s)
+    }
+}
+
+/// The lifetime of the bare `KeyPackage` struct at the start of `input` (`None`: its leaf
+/// node is not of source key_package, so it has none, which RFC 9420 forbids).
+pub fn key_package_lifetime(input: &[u8], limits: &Limits) -> Result<Option<Lifetime>, WireError> {
+    let mut r = Reader::new(input, *limits);
+    key_package_walk(&mut r)
 }
 
 pub(crate) fn welcome(r: &mut Reader<'_>) -> Result<(), WireError> {
@@ -305,29 +331,30 @@ pub(crate) fn required_capabilities(r: &mut Reader<'_>) -> Result<(), WireError>
     Ok(())
 }
 
-fn leaf_node(r: &mut Reader<'_>) -> Result<(), WireError> {
+fn leaf_node(r: &mut Reader<'_>) -> Result<Option<Lifetime>, WireError> {
     r.vec("encryption_key")?;
     r.vec("signature_key")?;
     credential(r)?;
     capabilities(r)?;
-    match r.u8()? {
-        1 => {
-            r.u64()?; // not_before
-            r.u64()?; // not_after
-        }
-        2 => {}
+    let lifetime = match r.u8()? {
+        1 => Some(Lifetime {
+            not_before: r.u64()?,
+            not_after: r.u64()?,
+        }),
+        2 => None,
         3 => {
             r.vec("parent_hash")?;
+            None
         }
         _ => {
             return Err(WireError::BadValue {
                 what: "leaf_node_source",
             });
         }
-    }
+    };
     r.vec("leaf node extensions")?;
     r.vec("leaf node signature")?;
-    Ok(())
+    Ok(lifetime)
 }
 
 struct PublicHeader<'a> {
@@ -401,7 +428,9 @@ fn commit(r: &mut Reader<'_>) -> Result<(), WireError> {
 fn proposal(r: &mut Reader<'_>) -> Result<(), WireError> {
     match r.u16()? {
         1 => key_package(r)?,
-        2 => leaf_node(r)?,
+        2 => {
+            leaf_node(r)?;
+        }
         3 => {
             r.u32()?; // removed
         }
@@ -697,6 +726,22 @@ mod tests {
         let kp = mls_message(5, &td::key_package());
         let v = MlsMessageView::parse(&kp).unwrap();
         assert_eq!((v.group_id, v.epoch), (None, None));
+    }
+
+    #[test]
+    fn key_package_lifetime_is_read_from_its_leaf() {
+        let lt = key_package_lifetime(&td::key_package(), &Limits::default())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (lt.not_before, lt.not_after),
+            (1_700_000_000, 1_800_000_000)
+        );
+        assert!(lt.contains(1_700_000_000) && lt.contains(1_800_000_000));
+        assert!(!lt.contains(1_699_999_999) && !lt.contains(1_800_000_001));
+        // Truncated inside the lifetime: an error, not a guess.
+        let kp = td::key_package();
+        assert!(key_package_lifetime(&kp[..kp.len() - 80], &Limits::default()).is_err());
     }
 
     #[test]

@@ -91,6 +91,11 @@ pub struct RelayConfig {
     /// Dead-letter records kept per peer (events it refused for good); past this, each new one
     /// replaces the oldest.
     pub max_dead_letters_per_peer: usize,
+    /// /keyMaterial claims one peer may make per minute (a token bucket that holds a
+    /// minute's worth): past it, 429 with Retry-After. Local clients are not limited.
+    pub key_claims_per_minute: u32,
+    /// /identifierQuery requests one peer may make per minute, likewise.
+    pub identifier_queries_per_minute: u32,
     /// Seed of the jitter generator (deterministic in simulation).
     pub seed: u64,
 }
@@ -122,6 +127,8 @@ impl RelayConfig {
             max_abuse_bytes_per_peer: 16 << 20,
             max_consent_per_peer: 100_000,
             max_dead_letters_per_peer: 1_000,
+            key_claims_per_minute: 600,
+            identifier_queries_per_minute: 600,
         }
     }
 

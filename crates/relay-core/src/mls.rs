@@ -128,6 +128,18 @@ pub trait MlsValidator: fmt::Debug + Send {
         Err(MlsReject::NotAllowed("no GroupInfo service".into()))
     }
 
+    // --- Key material (protocol-06 §5.2) ---
+
+    /// Checks a `KeyMaterialRequest`: `key_material_request_signature` is
+    /// SignWithLabel(requesterSignatureKey, "KeyMaterialRequestTBS", KeyMaterialRequestTBS)
+    /// under the signature scheme of one of its acceptable ciphersuites. Returns the
+    /// requester's identity (the user URI of `requesterCredential`); the core checks it is
+    /// `requestingUser`. A validator without a key material service refuses.
+    fn key_material_requester(&self, request: &[u8]) -> Result<String, MlsReject> {
+        let _ = request;
+        Err(MlsReject::NotAllowed("no key material service".into()))
+    }
+
     // ---- Hub keys (protocol-06 §5.6, §5.4.1) ------------------------------------------
     // One persistent hub secret, kept by the core as a store record, from which the
     // validator derives the hub's signature key pair and the franking `hub_key`.
@@ -279,5 +291,22 @@ impl MlsValidator for Isolated {
         }))
         .ok()
         .flatten()
+    }
+
+    // --- Key material (protocol-06 §5.2) ---
+
+    fn key_material_requester(&self, request: &[u8]) -> Result<String, MlsReject> {
+        let inner = &*self.inner;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            inner.key_material_requester(request)
+        }))
+        .unwrap_or_else(|_| {
+            self.panics
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::error!("the MLS validator panicked on a KeyMaterialRequest; refused");
+            Err(MlsReject::Invalid(
+                "the MLS validator failed on this input".into(),
+            ))
+        })
     }
 }

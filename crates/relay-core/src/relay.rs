@@ -689,7 +689,8 @@ impl Relay {
                 }
                 endpoint => {
                     let from = req.from.clone();
-                    match self.service_request(store, &from, endpoint, &req.target, &req.body) {
+                    match self.service_request(now, store, &from, endpoint, &req.target, &req.body)
+                    {
                         Some(r) => r,
                         None => self.reject(
                             RejectReason::NotImplemented,

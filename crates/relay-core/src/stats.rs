@@ -26,10 +26,12 @@ pub enum RejectReason {
     InboxShare,
     /// The store is out of space: nothing new is taken until it has some again.
     StorageFull,
+    /// The peer is over its request rate (key material claims, identifier queries).
+    RateLimited,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 12] = [
+    pub const ALL: [RejectReason; 13] = [
         RejectReason::Malformed,
         RejectReason::TooLarge,
         RejectReason::UnknownRoom,
@@ -42,6 +44,7 @@ impl RejectReason {
         RejectReason::PeerBudget,
         RejectReason::InboxShare,
         RejectReason::StorageFull,
+        RejectReason::RateLimited,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,6 +61,7 @@ impl RejectReason {
             RejectReason::PeerBudget => "peer_budget",
             RejectReason::InboxShare => "inbox_share",
             RejectReason::StorageFull => "storage_full",
+            RejectReason::RateLimited => "rate_limited",
         }
     }
 }
@@ -185,6 +189,11 @@ pub struct RelayStats {
     /// Hub: handshakes and submissions the room policy refused (also counted as
     /// `not_allowed` rejects).
     pub policy_rejections: u64,
+    /// Target provider: /keyMaterial claims answered with at least one KeyPackage.
+    pub key_claims: u64,
+    /// Target provider: /keyMaterial claims refused for want of the target's consent
+    /// (noConsent, noConsentForThisRoom).
+    pub consent_denials: u64,
     /// Time from the hub's acceptance to the follower's acknowledgement.
     pub latency: Histogram,
 }

@@ -147,6 +147,8 @@ pub enum Status {
     BadGateway,
     /// 503: a full queue or a node shutting down; retry later.
     Unavailable,
+    /// 429: the peer is over its request rate for this endpoint; retry after `retry_after`.
+    TooManyRequests,
     /// Any other 4xx or 5xx a peer answered with (401, 405, 408, 410, 422, 504, ...): the
     /// code itself says whether sending again can help (see [`Status::is_final_refusal`]).
     Other(u16),
@@ -166,6 +168,7 @@ impl Status {
             Status::NotImplemented => 501,
             Status::BadGateway => 502,
             Status::Unavailable => 503,
+            Status::TooManyRequests => 429,
             Status::Other(code) => code,
         }
     }
@@ -183,6 +186,7 @@ impl Status {
             501 => Status::NotImplemented,
             502 => Status::BadGateway,
             503 => Status::Unavailable,
+            429 => Status::TooManyRequests,
             _ if (400..600).contains(&code) => Status::Other(code),
             _ => return None,
         })

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use mimi_wire::proto::{
     ExternalSender, GroupInfoRatchetTreeTbe, GroupInfoRequest, GroupInfoResponse, GroupInfoStatus,
-    Protocol, RatchetTreeOption, VLBytes,
+    KeyMaterialRequest, Protocol, RatchetTreeOption, VLBytes,
 };
 use openmls::group::GroupId;
 use openmls::messages::group_info::VerifiableGroupInfo;
@@ -127,6 +127,8 @@ fn labeled(label: &str, content: &[u8]) -> Result<Vec<u8>, openmls::prelude::tls
 pub const REQUEST_LABEL: &str = "GroupInfoRequestTBS";
 /// The label of the GroupInfoResponse signature.
 pub const RESPONSE_LABEL: &str = "GroupInfoResponseTBS";
+/// The label of the KeyMaterialRequest signature (protocol-06 §5.2).
+pub const KEY_MATERIAL_REQUEST_LABEL: &str = "KeyMaterialRequestTBS";
 /// The label of the GroupInfo encryption.
 pub const ENCRYPT_LABEL: &str = "GroupInfo and ratchet_tree encryption";
 
@@ -504,6 +506,49 @@ impl MlsValidator for OpenMlsValidator {
     fn hub_signature_public_key(&self) -> Option<Vec<u8>> {
         self.hub_key.get().map(|(_, pk)| pk.clone())
     }
+
+    // --- Key material (protocol-06 §5.2) ---
+
+    fn key_material_requester(&self, request: &[u8]) -> Result<String, MlsReject> {
+        let req = KeyMaterialRequest::decode(request).map_err(invalid)?;
+        let tbs = sign_content(KEY_MATERIAL_REQUEST_LABEL, &req.tbs().map_err(invalid)?)
+            .map_err(invalid)?;
+        // The request names no ciphersuite of its own: the signature is under the scheme of
+        // one it accepts. Each distinct scheme is tried once (a handful at most).
+        let mut schemes = Vec::new();
+        for suite in &req.acceptable_ciphersuites {
+            if let Ok(cs) = Ciphersuite::try_from(*suite)
+                && !schemes.contains(&cs.signature_algorithm())
+            {
+                schemes.push(cs.signature_algorithm());
+            }
+        }
+        if schemes.is_empty() {
+            return Err(MlsReject::NotAllowed(
+                "no acceptable ciphersuite this validator knows".into(),
+            ));
+        }
+        let verified = schemes.into_iter().any(|scheme| {
+            self.crypto
+                .verify_signature(
+                    scheme,
+                    &tbs,
+                    req.requester_signature_key.as_slice(),
+                    req.signature.as_slice(),
+                )
+                .is_ok()
+        });
+        if !verified {
+            return Err(MlsReject::NotAllowed(
+                "bad KeyMaterialRequest signature".into(),
+            ));
+        }
+        let cred = openmls::prelude::Credential::tls_deserialize_exact(
+            req.requester_credential.as_bytes(),
+        )
+        .map_err(invalid)?;
+        Ok(identity(&cred))
+    }
 }
 
 #[cfg(test)]
@@ -531,6 +576,68 @@ mod tests {
         let tbs = sign_content(REQUEST_LABEL, &req.tbs().unwrap()).unwrap();
         req.signature = VLBytes::new(signer.sign(&tbs).unwrap());
         req
+    }
+
+    fn signed_claim(user: &str, signer: &SignatureKeyPair) -> KeyMaterialRequest {
+        let cred = openmls::prelude::Credential::from(BasicCredential::new(user.into()))
+            .tls_serialize_detached()
+            .unwrap();
+        let mut req = KeyMaterialRequest {
+            protocol: Protocol::Mls10,
+            requesting_user: mimi_wire::proto::IdentifierUri::new(user),
+            target_user: mimi_wire::proto::IdentifierUri::new("mimi://b.example/u/bob"),
+            room_id: mimi_wire::proto::IdentifierUri::new("mimi://a.example/r/r1"),
+            acceptable_ciphersuites: vec![u16::from(HUB_CIPHERSUITE)],
+            required_capabilities: mimi_wire::proto::RequiredCapabilities::from_bytes(vec![
+                0, 0, 0,
+            ])
+            .unwrap(),
+            requester_signature_key: VLBytes::new(signer.public().to_vec()),
+            requester_credential: mimi_wire::proto::Credential::from_bytes(cred).unwrap(),
+            signature: VLBytes::new(Vec::new()),
+        };
+        let tbs = sign_content(KEY_MATERIAL_REQUEST_LABEL, &req.tbs().unwrap()).unwrap();
+        req.signature = VLBytes::new(signer.sign(&tbs).unwrap());
+        req
+    }
+
+    #[test]
+    fn key_material_request_signature_is_checked() {
+        let v = OpenMlsValidator::for_hub("b.example");
+        let user = "mimi://a.example/u/alice";
+        let signer = SignatureKeyPair::new(HUB_CIPHERSUITE.signature_algorithm()).unwrap();
+        let req = signed_claim(user, &signer);
+        assert_eq!(
+            v.key_material_requester(&req.encode().unwrap()).unwrap(),
+            user
+        );
+        let refused = |req: &KeyMaterialRequest| {
+            matches!(
+                v.key_material_requester(&req.encode().unwrap()),
+                Err(MlsReject::NotAllowed(_))
+            )
+        };
+        // Another target under the same signature: refused.
+        let mut forged = req.clone();
+        forged.target_user = mimi_wire::proto::IdentifierUri::new("mimi://b.example/u/carol");
+        assert!(refused(&forged));
+        // Another room, likewise.
+        let mut forged = req.clone();
+        forged.room_id = mimi_wire::proto::IdentifierUri::new("mimi://m.example/r/mine");
+        assert!(refused(&forged));
+        // Signed without the label (plain Sign over the TBS): refused.
+        let mut unlabelled = req.clone();
+        unlabelled.signature = VLBytes::new(signer.sign(&req.tbs().unwrap()).unwrap());
+        assert!(refused(&unlabelled));
+        // Another key named in the request than the one that signed: refused.
+        let other = SignatureKeyPair::new(HUB_CIPHERSUITE.signature_algorithm()).unwrap();
+        let mut swapped = req.clone();
+        swapped.requester_signature_key = VLBytes::new(other.public().to_vec());
+        assert!(refused(&swapped));
+        // No ciphersuite the validator knows: refused, not guessed.
+        let mut unknown = signed_claim(user, &signer);
+        unknown.acceptable_ciphersuites = vec![0xfefe];
+        assert!(refused(&unknown));
     }
 
     #[test]

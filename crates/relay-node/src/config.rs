@@ -146,6 +146,8 @@ struct RawLimits {
     max_abuse_bytes_per_peer: Option<usize>,
     max_consent_per_peer: Option<usize>,
     max_dead_letters_per_peer: Option<usize>,
+    key_claims_per_minute: Option<usize>,
+    identifier_queries_per_minute: Option<usize>,
 }
 
 /// Where the node keeps its durable state.
@@ -254,6 +256,11 @@ pub struct NodeConfig {
     /// `[limits] max_dead_letters_per_peer`: events a peer refused for good, kept per peer
     /// (the oldest replaced).
     pub max_dead_letters_per_peer: usize,
+    /// `[limits] key_claims_per_minute`, `identifier_queries_per_minute`: /keyMaterial
+    /// claims and /identifierQuery requests each peer may make a minute (a minute's worth at
+    /// once); past that it is answered 429 with Retry-After, and no other peer's share shrinks.
+    pub key_claims_per_minute: u32,
+    pub identifier_queries_per_minute: u32,
     /// The per-peer budgets every transport adapter enforces.
     pub adapter_limits: relay_adapter::Limits,
     /// `[xmpp]`: XMPP peers reached as a component of an XMPP server.
@@ -546,6 +553,16 @@ impl NodeConfig {
             1 << 20,
         )?;
 
+        // u32 in the core; at most 1,000,000 a minute (one every 60 us).
+        let per_minute = |key: &str, v: Option<usize>| {
+            per_peer(key, v, 600, 1_000_000).map(|v| u32::try_from(v).unwrap_or(u32::MAX))
+        };
+        let key_claims_per_minute = per_minute("key_claims_per_minute", l.key_claims_per_minute)?;
+        let identifier_queries_per_minute = per_minute(
+            "identifier_queries_per_minute",
+            l.identifier_queries_per_minute,
+        )?;
+
         let xmpp = match &raw.xmpp {
             None => None,
             Some(x) => Some(xmpp_component(&cx, x, &peers)?),
@@ -578,6 +595,8 @@ impl NodeConfig {
             max_abuse_bytes_per_peer,
             max_consent_per_peer,
             max_dead_letters_per_peer,
+            key_claims_per_minute,
+            identifier_queries_per_minute,
             adapter_limits,
             xmpp,
             quic_congestion,
@@ -835,6 +854,8 @@ followers = ["b.example"]
         assert_eq!(cfg.max_abuse_reports_per_peer, 1_000);
         assert_eq!(cfg.max_consent_per_peer, 100_000);
         assert_eq!(cfg.max_dead_letters_per_peer, 1_000);
+        assert_eq!(cfg.key_claims_per_minute, 600);
+        assert_eq!(cfg.identifier_queries_per_minute, 600);
         let l = cfg.adapter_limits;
         assert_eq!(l.max_conns_per_peer, 2);
         assert_eq!(l.frame_deadline, Duration::from_millis(500));
@@ -861,6 +882,11 @@ followers = ["b.example"]
             (
                 "max_dead_letters_per_peer = 0",
                 "limits.max_dead_letters_per_peer",
+            ),
+            ("key_claims_per_minute = 0", "limits.key_claims_per_minute"),
+            (
+                "identifier_queries_per_minute = 1000001",
+                "limits.identifier_queries_per_minute",
             ),
         ] {
             let (k, m) = invalid(&with(kv));

@@ -466,6 +466,7 @@ impl<S: Store> CoreLoop<S> {
                 reply,
             } => {
                 let r = self.relay.handle_publish_key_packages(
+                    now,
                     &mut self.store,
                     &user,
                     &client,

@@ -268,6 +268,8 @@ impl Node {
         core_cfg.max_abuse_reports_per_peer = cfg.max_abuse_reports_per_peer;
         core_cfg.max_abuse_bytes_per_peer = cfg.max_abuse_bytes_per_peer;
         core_cfg.max_consent_per_peer = cfg.max_consent_per_peer;
+        core_cfg.key_claims_per_minute = cfg.key_claims_per_minute;
+        core_cfg.identifier_queries_per_minute = cfg.identifier_queries_per_minute;
         core_cfg.max_dead_letters_per_peer = cfg.max_dead_letters_per_peer;
         // The transports time out unanswered transmits themselves (QUIC counts from the last
         // answer on the room's stream, so a slow link is not taken for a dead one). The core's

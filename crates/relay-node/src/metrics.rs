@@ -160,6 +160,16 @@ pub fn render(s: &RelayStats, store: &StoreStats) -> String {
         s.lineage_mismatches,
     );
     counter(
+        "mimi_relay_key_claims_total",
+        "Target provider: /keyMaterial claims answered with at least one KeyPackage.",
+        s.key_claims,
+    );
+    counter(
+        "mimi_relay_consent_denials_total",
+        "Target provider: /keyMaterial claims refused for want of the target's consent.",
+        s.consent_denials,
+    );
+    counter(
         "mimi_relay_reused_seq_total",
         "Follower: events whose sequence number a hub had used before for other bytes.",
         s.reused_seq,

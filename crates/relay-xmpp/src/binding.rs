@@ -140,7 +140,9 @@ pub fn condition(status: Status) -> (DefinedCondition, ErrorType) {
         Status::TooLarge => (DefinedCondition::PolicyViolation, ErrorType::Modify),
         Status::NotImplemented => (DefinedCondition::FeatureNotImplemented, ErrorType::Cancel),
         Status::BadGateway => (DefinedCondition::RemoteServerNotFound, ErrorType::Wait),
-        Status::Unavailable => (DefinedCondition::ResourceConstraint, ErrorType::Wait),
+        Status::Unavailable | Status::TooManyRequests => {
+            (DefinedCondition::ResourceConstraint, ErrorType::Wait)
+        }
         _ => (DefinedCondition::InternalServerError, ErrorType::Wait),
     }
 }

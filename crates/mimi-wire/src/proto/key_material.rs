@@ -237,3 +237,13 @@ impl Encode for KeyMaterialResponse {
     }
 }
 wire_type!(KeyMaterialResponse);
+
+impl KeyPackage {
+    /// The lifetime of the KeyPackage's leaf node (`None`: the leaf has none, which RFC 9420
+    /// forbids for a KeyPackage, so such a KeyPackage is never valid).
+    pub fn lifetime(&self) -> Option<crate::mls::Lifetime> {
+        crate::mls::key_package_lifetime(self.as_bytes(), &crate::Limits::default())
+            .ok()
+            .flatten()
+    }
+}

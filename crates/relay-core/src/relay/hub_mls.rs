@@ -832,9 +832,10 @@ impl Relay {
     }
 
     /// A local client publishes KeyPackages (bare `KeyPackage` structs) for one of its
-    /// clients.
+    /// clients. Each must be valid now (its leaf node's lifetime holds `now.unix_ms`).
     pub fn handle_publish_key_packages<S: Store>(
         &mut self,
+        now: Now,
         store: &mut S,
         user: &str,
         client: &str,
@@ -846,9 +847,13 @@ impl Relay {
         if client.as_bytes().contains(&0) || user.as_bytes().contains(&0) {
             return Err("NUL in a URI");
         }
+        let now_s = now.unix_ms / 1000;
         for kp in &key_packages {
-            if KeyPackage::from_bytes(kp.to_vec()).is_err() {
+            let Ok(kp) = KeyPackage::from_bytes(kp.to_vec()) else {
                 return Err("not a KeyPackage");
+            };
+            if !kp.lifetime().is_some_and(|l| l.contains(now_s)) {
+                return Err("KeyPackage expired or not yet valid");
             }
         }
         let n = key_packages.len();
@@ -874,9 +879,16 @@ impl Relay {
         Ok(n)
     }
 
-    /// Answers a KeyMaterialRequest for a local user: each client's first KeyPackage of an
-    /// acceptable ciphersuite, handed out once.
-    fn claim_local<S: Store>(&mut self, store: &mut S, req: &KeyMaterialRequest) -> Response {
+    /// Answers a KeyMaterialRequest for a local user (its signature and sender already
+    /// checked): nothing without the target's consent to the requester (§5.2, §5.7);
+    /// else each client's first KeyPackage of an acceptable ciphersuite that is valid now,
+    /// handed out once. Expired ones are dropped on the way; not-yet-valid ones wait.
+    fn claim_local<S: Store>(
+        &mut self,
+        now: Now,
+        store: &mut S,
+        req: &KeyMaterialRequest,
+    ) -> Response {
         let user = req.target_user.as_str().to_owned();
         let mut resp = KeyMaterialResponse {
             protocol: Protocol::Mls10,
@@ -884,17 +896,47 @@ impl Relay {
             user_uri: req.target_user.clone(),
             clients: Vec::new(),
         };
-        if let Some(clients) = self.mls.keys.users.get_mut(&user) {
+        // Consent first: without it the answer says nothing of the user or its clients.
+        let consent = self.claim_consent(req.requesting_user.as_str(), &user, req.room_id.as_str());
+        if let Err(code) = consent {
+            debug!(target = user, code = ?code, "key material claim without consent");
+            self.stats.consent_denials += 1;
+            resp.user_status = code;
+        } else if let Some(clients) = self.mls.keys.users.get_mut(&user) {
+            let now_s = now.unix_ms / 1000;
             let acceptable = |kp: &Bytes| {
                 let suite = kp.get(2..4).map(|s| u16::from_be_bytes([s[0], s[1]]));
                 req.acceptable_ciphersuites.is_empty()
                     || suite.is_some_and(|s| req.acceptable_ciphersuites.contains(&s))
             };
+            let lifetime = |kp: &Bytes| {
+                mimi_wire::mls::key_package_lifetime(kp, &mimi_wire::Limits::default())
+                    .ok()
+                    .flatten()
+            };
             let mut ok = 0;
             for (client, kps) in clients.iter_mut() {
-                let status = if kps.is_empty() {
+                // Expired KeyPackages are never handed out (§5.2): drop them for good.
+                kps.retain(|(id, kp)| {
+                    let live = lifetime(kp).is_some_and(|l| l.not_after >= now_s);
+                    if !live {
+                        store.apply(StoreOp::Record {
+                            key: &key(
+                                REC_KEY_PACKAGE,
+                                &[user.as_bytes(), client.as_bytes(), &id.to_be_bytes()],
+                            ),
+                            value: None,
+                        });
+                    }
+                    live
+                });
+                let valid_now = |kp: &Bytes| lifetime(kp).is_some_and(|l| l.contains(now_s));
+                let status = if !kps.iter().any(|(_, kp)| valid_now(kp)) {
                     ClientKeyMaterialStatus::KeyMaterialExhausted
-                } else if let Some(i) = kps.iter().position(|(_, kp)| acceptable(kp)) {
+                } else if let Some(i) = kps
+                    .iter()
+                    .position(|(_, kp)| acceptable(kp) && valid_now(kp))
+                {
                     let Some((id, kp)) = kps.remove(i) else {
                         continue;
                     };
@@ -934,6 +976,9 @@ impl Relay {
             } else {
                 KeyMaterialUserCode::PartialSuccess
             };
+            if ok > 0 {
+                self.stats.key_claims += 1;
+            }
         }
         match resp.encode() {
             Ok(v) => Response::new(Status::Ok, v),
@@ -943,7 +988,29 @@ impl Relay {
 
     /// /keyMaterial from a peer or a local client. Answered here for local users; a hub
     /// forwards claims for a room it hosts to the target's provider and remembers whose
-    /// KeyPackages it saw; anyone else forwards to the room's hub.
+    /// KeyPackages it saw; a local client's other claims go to the room's hub (or, outside
+    /// a room, to the target's provider).
+    ///
+    /// Who may claim for whom. protocol-06 §5.2 has the requester's provider send the claim
+    /// to the room's hub, which forwards it to the target's provider; the request is signed
+    /// by the requester (SignWithLabel over KeyMaterialRequestTBS), checked wherever the
+    /// claim is handled, and its credential must name `requestingUser`.
+    /// * A local client claims as a local `requestingUser` only.
+    /// * At the room's hub, a peer's claim comes from `requestingUser`'s own provider, which
+    ///   takes part in the room; in a room with MLS state `requestingUser` is a member.
+    /// * At the target's provider, a peer's claim comes from `requestingUser`'s provider, or
+    ///   from the hub of the named room: the provider the room URI itself names. Claims
+    ///   outside a room come only from `requestingUser`'s provider.
+    /// * Anyone else refuses a peer's claim: no forwarding for others.
+    /// * The target must have granted `requestingUser` consent (for this room or for all
+    ///   rooms, not revoked since), and each peer claims at its own rate.
+    ///
+    /// What is left to trust: the target's provider cannot check that a hub forwarding for
+    /// another provider's requester really was asked by it (the draft gives it nothing to
+    /// check with; with basic credentials the signature proves only that the sender holds
+    /// the key it names). So a peer naming a room of its own can claim as anyone's user; it
+    /// gets KeyPackages only of targets that granted that user consent, at its own rate, and
+    /// the Welcome it could make goes into a room it hosts, under its own name.
     pub(super) fn key_material<S: Store>(
         &mut self,
         now: Now,
@@ -953,6 +1020,10 @@ impl Relay {
         target: &str,
         body: &Bytes,
     ) -> Option<Response> {
+        let per_minute = self.cfg.key_claims_per_minute;
+        if let Some(r) = self.over_rate(now, from, super::services::RATE_KEY_CLAIMS, per_minute) {
+            return Some(r);
+        }
         let req = match KeyMaterialRequest::decode(body) {
             Ok(r) => r,
             Err(_) => {
@@ -970,18 +1041,6 @@ impl Relay {
                 "targetUser differs from the path",
             ));
         }
-        let room = req.room_id.as_str();
-        let room_hub = room.parse::<RoomId>().ok().map(|r| r.domain().to_owned());
-        // The requester's provider asks, or the room's hub on its behalf.
-        let requester_ok = uri_in_domain(req.requesting_user.as_str(), from.as_str())
-            || room_hub.as_deref() == Some(from.as_str());
-        if !requester_ok {
-            return Some(self.reject(
-                RejectReason::Forbidden,
-                Status::Forbidden,
-                "requestingUser is not of the asking provider",
-            ));
-        }
         let Some(target_domain) =
             user_domain(target).and_then(|d| d.parse::<ProviderDomain>().ok())
         else {
@@ -991,29 +1050,101 @@ impl Relay {
                 "targetUser is not a MIMI URI",
             ));
         };
-        if target_domain == self.cfg.local {
-            return Some(self.claim_local(store, &req));
+        let room = req.room_id.as_str();
+        let room_hub = if room.is_empty() {
+            None
+        } else {
+            match room
+                .parse::<RoomId>()
+                .ok()
+                .and_then(|r| r.domain().parse::<ProviderDomain>().ok())
+            {
+                Some(h) => Some(h),
+                None => {
+                    return Some(self.reject(
+                        RejectReason::Malformed,
+                        Status::BadRequest,
+                        "roomId is not a room URI",
+                    ));
+                }
+            }
+        };
+        let local = self.cfg.local.clone();
+        let requester = req.requesting_user.as_str();
+        let own_provider = uri_in_domain(requester, from.as_str());
+        let target_local = target_domain == local;
+        let we_host = room_hub.as_ref() == Some(&local) && self.room_by_id.contains_key(room);
+        let allowed = if *from == local {
+            own_provider
+        } else if target_local {
+            own_provider || room_hub.as_ref() == Some(from)
+        } else if we_host {
+            own_provider && self.claims_in_room(from, room, requester)
+        } else {
+            false
+        };
+        if !allowed {
+            debug!(
+                peer = from.as_str(),
+                requester, "key material claim refused"
+            );
+            return Some(self.reject(
+                RejectReason::Forbidden,
+                Status::Forbidden,
+                "requestingUser is of neither the asking provider nor a room it hosts",
+            ));
         }
-        let we_host = room_hub.as_deref() == Some(self.cfg.local.as_str())
-            && self.room_by_id.contains_key(room);
-        let dest = if we_host || room_hub.is_none() {
-            target_domain.clone()
-        } else if let Some(h) = room_hub.and_then(|h| h.parse::<ProviderDomain>().ok()) {
-            if h == *from {
-                // The hub asked us for a user we do not host.
+        if we_host && *from == local && !self.claims_in_room(from, room, requester) {
+            return Some(self.reject(
+                RejectReason::Forbidden,
+                Status::Forbidden,
+                "requestingUser is not a member of the room",
+            ));
+        }
+        let Some(v) = self.mls.validator.as_ref() else {
+            return Some(self.reject(
+                RejectReason::NotImplemented,
+                Status::NotImplemented,
+                "no MLS validator: key material is not served",
+            ));
+        };
+        match v.key_material_requester(body) {
+            Ok(u) if u == requester => {}
+            Ok(u) => {
+                debug!(
+                    requester,
+                    credential = u,
+                    "KeyMaterialRequest of another user"
+                );
                 return Some(self.reject(
-                    RejectReason::NoRoute,
-                    Status::NotFound,
-                    "targetUser is not a user of this provider",
+                    RejectReason::Forbidden,
+                    Status::Forbidden,
+                    "requesterCredential does not name requestingUser",
                 ));
             }
-            h
-        } else {
-            return Some(self.reject(
-                RejectReason::Malformed,
-                Status::BadRequest,
-                "roomId is not a room URI",
-            ));
+            Err(e) => {
+                debug!(requester, error = %e, "KeyMaterialRequest signature refused");
+                return Some(self.reject(
+                    RejectReason::Forbidden,
+                    Status::Forbidden,
+                    "bad KeyMaterialRequest signature",
+                ));
+            }
+        }
+        if target_local {
+            return Some(self.claim_local(now, store, &req));
+        }
+        let dest = match room_hub {
+            None => target_domain.clone(),
+            Some(_) if we_host => target_domain.clone(),
+            Some(h) if h == local => {
+                return Some(self.reject(
+                    RejectReason::UnknownRoom,
+                    Status::NotFound,
+                    "unknown room",
+                ));
+            }
+            Some(h) => h,
         };
         let remember = we_host.then(|| target_domain.clone());
         self.forward(
@@ -1025,6 +1156,20 @@ impl Relay {
             body.clone(),
             remember,
         )
+    }
+
+    /// At the hub: whether `provider` takes part in `room` and, in a room with MLS state,
+    /// `requester` is a member (only a member can add anyone).
+    fn claims_in_room(&self, provider: &ProviderDomain, room: &str, requester: &str) -> bool {
+        let Some(&ri) = self.room_by_id.get(room) else {
+            return false;
+        };
+        self.takes_part(provider, ri, room)
+            && self
+                .mls
+                .rooms
+                .get(room)
+                .is_none_or(|mr| mr.state.members.iter().any(|m| m == requester))
     }
 
     /// Sends a request to `dest` and answers `token` with its answer. `None` when sent.

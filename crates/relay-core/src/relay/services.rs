@@ -5,12 +5,13 @@
 //! fields), and nothing about who asked is stored, logged with the query, or passed on.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use mimi_wire::endpoint::Endpoint;
 use mimi_wire::proto::{
     AbuseReport, ConsentEntry, ConsentOperation, IdentifierQueryCode, IdentifierRequest,
-    IdentifierResponse, IdentifierUri, SearchIdentifierType, VLBytes,
+    IdentifierResponse, IdentifierUri, KeyMaterialUserCode, SearchIdentifierType, VLBytes,
 };
 use mimi_wire::uri::{ProviderDomain, RoomId};
 use tracing::{info, warn};
@@ -25,13 +26,25 @@ const REC_DIRECTORY: u8 = 6;
 const REC_CONSENT: u8 = 7;
 const REC_ABUSE: u8 = 8;
 
+/// Rate limit names (the second half of a [`Services::rate`] key).
+pub(super) const RATE_KEY_CLAIMS: &str = "key_claims";
+pub(super) const RATE_IDENTIFIER_QUERIES: &str = "identifier_queries";
+/// Rate buckets kept before the idle ones are dropped (peers are authenticated, so this is
+/// only reached with very many of them).
+const MAX_RATE_BUCKETS: usize = 1 << 16;
+
 /// Directory, consent and abuse-report state of a [`Relay`].
 #[derive(Debug, Default)]
 pub(super) struct Services {
     /// (search type, exact value) -> user URI.
     pub directory: BTreeMap<(u8, String), String>,
-    /// (requester, target, room or "") -> the last operation.
-    pub consent: BTreeMap<(String, String, String), ConsentOperation>,
+    /// (requester, target, room or "") -> the last operation and its order stamp (so a
+    /// room-scoped decision and a global one can be told apart by which came later).
+    pub consent: BTreeMap<(String, String, String), (ConsentOperation, u64)>,
+    /// The last order stamp given to a consent operation.
+    pub consent_stamp: u64,
+    /// Per (peer, limit): the GCRA theoretical arrival time of its next request.
+    pub rate: BTreeMap<(ProviderDomain, &'static str), Instant>,
     pub abuse_reports: u64,
     /// Per reporting provider: abuse reports kept and their bytes.
     pub abuse_by_peer: BTreeMap<String, (usize, usize)>,
@@ -83,7 +96,13 @@ impl Relay {
                         let (r, t) = (s(r), s(t));
                         let peer = consent_peer(self.cfg.local.as_str(), &r, &t).to_owned();
                         *self.services.consent_by_peer.entry(peer).or_default() += 1;
-                        self.services.consent.insert((r, t, s(room)), op);
+                        // Records from before the stamp was kept order as the oldest.
+                        let stamp = v
+                            .get(1..9)
+                            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                            .map_or(0, u64::from_be_bytes);
+                        self.services.consent_stamp = self.services.consent_stamp.max(stamp);
+                        self.services.consent.insert((r, t, s(room)), (op, stamp));
                     }
                 }
                 Some((&REC_ABUSE, rest)) => {
@@ -140,7 +159,102 @@ impl Relay {
                 target.to_owned(),
                 room.unwrap_or("").to_owned(),
             ))
-            .copied()
+            .map(|(op, _)| *op)
+    }
+
+    /// Whether `target` (a local user) consents to `requester` fetching its KeyPackages for
+    /// `room` ("" outside a room): the later of the room-scoped and the global decision (a
+    /// grant or a revoke) wins; with neither there is no consent. `Err` is the
+    /// KeyMaterialUserCode to answer: noConsentForThisRoom when the decision against was
+    /// for this room, or another room's grant still holds; noConsent otherwise.
+    pub(super) fn claim_consent(
+        &self,
+        requester: &str,
+        target: &str,
+        room: &str,
+    ) -> Result<(), KeyMaterialUserCode> {
+        let decision = |room: &str| {
+            self.services
+                .consent
+                .get(&(requester.to_owned(), target.to_owned(), room.to_owned()))
+                .filter(|(op, _)| matches!(op, ConsentOperation::Grant | ConsentOperation::Revoke))
+                .copied()
+        };
+        let scoped = (!room.is_empty()).then(|| decision(room)).flatten();
+        let global = decision("");
+        let (op, by_room) = match (scoped, global) {
+            (Some(s), Some(g)) if g.1 > s.1 => (Some(g.0), false),
+            (Some(s), _) => (Some(s.0), true),
+            (None, g) => (g.map(|g| g.0), false),
+        };
+        if op == Some(ConsentOperation::Grant) {
+            return Ok(());
+        }
+        if room.is_empty() {
+            return Err(KeyMaterialUserCode::NoConsent);
+        }
+        // Refused for this room: say so when the decision was for this room, or the target
+        // does let the requester into another room (a grant later than any global revoke).
+        let since = global.map_or(0, |g| g.1);
+        let from = (requester.to_owned(), target.to_owned(), String::new());
+        let other_room = self
+            .services
+            .consent
+            .range(from..)
+            .take_while(|((r, t, _), _)| r == requester && t == target)
+            .any(|((_, _, rm), (op, stamp))| {
+                !rm.is_empty() && *op == ConsentOperation::Grant && *stamp > since
+            });
+        Err(if by_room || other_room {
+            KeyMaterialUserCode::NoConsentForThisRoom
+        } else {
+            KeyMaterialUserCode::NoConsent
+        })
+    }
+
+    /// A peer's per-minute rate for `limit` (GCRA: `per_minute` requests a minute, a minute's
+    /// worth at once). `Some`: the 429 to answer. Local clients are not limited here.
+    pub(super) fn over_rate(
+        &mut self,
+        now: Now,
+        peer: &ProviderDomain,
+        limit: &'static str,
+        per_minute: u32,
+    ) -> Option<Response> {
+        if *peer == self.cfg.local {
+            return None;
+        }
+        let minute = Duration::from_secs(60);
+        let interval = minute / per_minute.max(1);
+        let tolerance = minute.saturating_sub(interval);
+        let rate = &mut self.services.rate;
+        if rate.len() >= MAX_RATE_BUCKETS {
+            rate.retain(|_, tat| *tat > now.mono);
+        }
+        let key = (peer.clone(), limit);
+        let tat = rate.get(&key).map_or(now.mono, |t| (*t).max(now.mono));
+        let ahead = tat - now.mono;
+        if ahead > tolerance {
+            if self
+                .services
+                .warned
+                .insert((peer.as_str().to_owned(), limit))
+            {
+                warn!(
+                    peer = peer.as_str(),
+                    limit, per_minute, "provider over its request rate"
+                );
+            }
+            let mut r = self.reject(
+                RejectReason::RateLimited,
+                Status::TooManyRequests,
+                "over this provider's request rate",
+            );
+            r.retry_after = Some((ahead - tolerance).max(Duration::from_millis(1)));
+            return Some(r);
+        }
+        rate.insert(key, tat + interval);
+        None
     }
 
     /// Lists a local user in the directory under an exact identifier (handle, nick, email or
@@ -176,8 +290,14 @@ impl Relay {
         Ok(())
     }
 
-    /// §5.8: every query element must match one listed user exactly.
-    fn identifier_query(&mut self, body: &Bytes) -> Response {
+    /// §5.8: every query element must match one listed user exactly. Each peer has its own
+    /// rate (`identifier_queries_per_minute`), so one cannot walk the directory at the
+    /// others' expense.
+    fn identifier_query(&mut self, now: Now, from: &ProviderDomain, body: &Bytes) -> Response {
+        let per_minute = self.cfg.identifier_queries_per_minute;
+        if let Some(r) = self.over_rate(now, from, RATE_IDENTIFIER_QUERIES, per_minute) {
+            return r;
+        }
         let Ok(req) = IdentifierRequest::decode(body) else {
             return self.reject(
                 RejectReason::Malformed,
@@ -278,14 +398,39 @@ impl Relay {
             return self.reject(RejectReason::Malformed, Status::BadRequest, "NUL in a URI");
         }
         let scope = (r.to_owned(), t.to_owned(), room);
-        // A cancel with no matching request is accepted and does nothing (§5.7).
-        if entry.operation == ConsentOperation::Cancel
-            && self.services.consent.get(&scope) != Some(&ConsentOperation::Request)
-        {
-            return created();
+        match self.record_consent(store, scope, entry.operation) {
+            Some(refused) => refused,
+            None => created(),
         }
+    }
+
+    /// Keeps the last consent operation of `scope` (charged to the provider on the other
+    /// side of it). `Some`: the refusal to answer.
+    fn record_consent<S: Store>(
+        &mut self,
+        store: &mut S,
+        scope: (String, String, String),
+        operation: ConsentOperation,
+    ) -> Option<Response> {
+        let last = self.services.consent.get(&scope).map(|(op, _)| *op);
+        // A cancel with no matching request is accepted and does nothing (§5.7); a request
+        // or cancel does not undo the target's decision (grant or revoke) on the scope.
+        let decided = matches!(
+            last,
+            Some(ConsentOperation::Grant | ConsentOperation::Revoke)
+        );
+        let asks = matches!(
+            operation,
+            ConsentOperation::Request | ConsentOperation::Cancel
+        );
+        if (operation == ConsentOperation::Cancel && last != Some(ConsentOperation::Request))
+            || (asks && decided)
+        {
+            return None;
+        }
+        let (r, t) = (scope.0.as_str(), scope.1.as_str());
         let peer = consent_peer(self.cfg.local.as_str(), r, t).to_owned();
-        let is_new = !self.services.consent.contains_key(&scope);
+        let is_new = last.is_none();
         if is_new {
             let held = self
                 .services
@@ -295,7 +440,7 @@ impl Relay {
                 .unwrap_or(0);
             if held >= self.cfg.max_consent_per_peer {
                 let limit = self.cfg.max_consent_per_peer;
-                return self.over_budget(&peer, "consent", limit);
+                return Some(self.over_budget(&peer, "consent", limit));
             }
             *self.services.consent_by_peer.entry(peer).or_default() += 1;
         }
@@ -305,12 +450,16 @@ impl Relay {
         k.extend_from_slice(scope.1.as_bytes());
         k.push(0);
         k.extend_from_slice(scope.2.as_bytes());
+        self.services.consent_stamp += 1;
+        let stamp = self.services.consent_stamp;
+        let mut value = vec![operation.as_u8()];
+        value.extend_from_slice(&stamp.to_be_bytes());
         store.apply(StoreOp::Record {
             key: &k,
-            value: Some(&[entry.operation.as_u8()]),
+            value: Some(&value),
         });
-        self.services.consent.insert(scope, entry.operation);
-        created()
+        self.services.consent.insert(scope, (operation, stamp));
+        None
     }
 
     /// §5.9: abuse reports go to the hub of the room, which keeps them for its operator.
@@ -371,9 +520,43 @@ impl Relay {
         created()
     }
 
+    /// A local user's grant or revoke (an updateConsent from a local client), kept where its
+    /// KeyPackages are claimed. `Some`: the refusal to answer.
+    fn local_consent_decision<S: Store>(
+        &mut self,
+        store: &mut S,
+        entry: &ConsentEntry,
+    ) -> Option<Response> {
+        if !matches!(
+            entry.operation,
+            ConsentOperation::Grant | ConsentOperation::Revoke
+        ) {
+            return Some(self.reject(
+                RejectReason::Malformed,
+                Status::BadRequest,
+                "consent operation does not fit the endpoint",
+            ));
+        }
+        let (r, t) = (entry.requester_uri.as_str(), entry.target_uri.as_str());
+        if !uri_in_domain(t, self.cfg.local.as_str()) || user_domain(r).is_none() {
+            return Some(self.reject(
+                RejectReason::Forbidden,
+                Status::Forbidden,
+                "a local client decides consent for local users only",
+            ));
+        }
+        let room = entry.room_id.as_ref().map_or("", |r| r.as_str());
+        if r.contains('\0') || t.contains('\0') || room.contains('\0') {
+            return Some(self.reject(RejectReason::Malformed, Status::BadRequest, "NUL in a URI"));
+        }
+        let scope = (r.to_owned(), t.to_owned(), room.to_owned());
+        self.record_consent(store, scope, entry.operation)
+    }
+
     /// Requests from peers for the services here. `None`: not one of them.
     pub(super) fn service_request<S: Store>(
         &mut self,
+        now: Now,
         store: &mut S,
         from: &ProviderDomain,
         endpoint: Endpoint,
@@ -382,7 +565,7 @@ impl Relay {
     ) -> Option<Response> {
         Some(match endpoint {
             Endpoint::IdentifierQuery if target == self.cfg.local.as_str() => {
-                self.identifier_query(body)
+                self.identifier_query(now, from, body)
             }
             Endpoint::IdentifierQuery => {
                 self.reject(RejectReason::NoRoute, Status::NotFound, "not this provider")
@@ -418,6 +601,14 @@ impl Relay {
                         "malformed ConsentEntry",
                     ));
                 };
+                if endpoint == Endpoint::UpdateConsent {
+                    // The target's own decision: kept here first, since this provider
+                    // answers the claims for its KeyPackages (§5.2), then sent on as notice
+                    // to the requester's provider.
+                    if let Some(r) = self.local_consent_decision(store, &entry) {
+                        return Some(r);
+                    }
+                }
                 let other = if endpoint == Endpoint::RequestConsent {
                     entry.target_uri
                 } else {
@@ -446,8 +637,11 @@ impl Relay {
             ));
         };
         if dest == self.cfg.local {
+            if endpoint == Endpoint::UpdateConsent {
+                return Some(created());
+            }
             let local = self.cfg.local.clone();
-            return self.service_request(store, &local, endpoint, &fwd_target, &body);
+            return self.service_request(now, store, &local, endpoint, &fwd_target, &body);
         }
         self.forward(now, token, dest, endpoint, &fwd_target, body, None)
     }
