@@ -965,7 +965,10 @@ mod extension_proposal_tests {
             assert_eq!(used, m.len());
             assert_eq!((v.group_id, v.epoch), (Some(&b"g"[..]), Some(3)));
             for cut in 0..m.len() {
-                assert!(MlsMessageView::parse_prefix(&m[..cut]).is_err(), "cut {cut}");
+                assert!(
+                    MlsMessageView::parse_prefix(&m[..cut]).is_err(),
+                    "cut {cut}"
+                );
             }
         }
     }

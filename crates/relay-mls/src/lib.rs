@@ -23,6 +23,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use mimi_wire::proto::room::{ParticipantListData, ParticipantListUpdate, component};
 use mimi_wire::proto::{
     ExternalSender, GroupInfoRatchetTreeTbe, GroupInfoRequest, GroupInfoResponse, GroupInfoStatus,
     Protocol, RatchetTreeOption, VLBytes,
@@ -30,6 +31,7 @@ use mimi_wire::proto::{
 use openmls::group::GroupId;
 use openmls::messages::group_info::VerifiableGroupInfo;
 use openmls::prelude::tls_codec::Deserialize as _;
+use openmls::prelude::{AppDataUpdateOperation, AppDataUpdateProposal, AppDataUpdates};
 use openmls::prelude::{BasicCredential, Ciphersuite};
 use openmls::prelude::{
     KeyPackageIn, LeafNodeIndex, MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent, Proposal,
@@ -39,8 +41,6 @@ use openmls::prelude::{
 use openmls_memory_storage::MemoryStorage;
 use openmls_rust_crypto::RustCrypto;
 use openmls_traits::crypto::OpenMlsCrypto as _;
-use mimi_wire::proto::room::{ParticipantListData, ParticipantListUpdate, component};
-use openmls::prelude::{AppDataUpdateOperation, AppDataUpdateProposal, AppDataUpdates};
 use relay_core::mls::{AppDataChange, GroupState, HandshakeEffect, MlsReject, MlsValidator};
 use tracing::debug;
 
@@ -193,6 +193,15 @@ fn resolve_app_data<'a>(
     group: &PublicGroup,
     proposals: impl IntoIterator<Item = &'a AppDataUpdateProposal>,
 ) -> Result<(Option<AppDataUpdates>, Vec<AppDataChange>), MlsReject> {
+    resolve_app_data_updates(group.app_data_dictionary_updater(), proposals)
+}
+
+/// [`resolve_app_data`] over any group's updater (a member's `MlsGroup` or commit builder
+/// too), so clients compute the dictionary exactly as the hub does.
+pub fn resolve_app_data_updates<'a>(
+    mut updater: openmls::prelude::AppDataDictionaryUpdater<'_>,
+    proposals: impl IntoIterator<Item = &'a AppDataUpdateProposal>,
+) -> Result<(Option<AppDataUpdates>, Vec<AppDataChange>), MlsReject> {
     let mut by_component: BTreeMap<u16, Vec<&AppDataUpdateOperation>> = BTreeMap::new();
     for p in proposals {
         by_component
@@ -200,7 +209,6 @@ fn resolve_app_data<'a>(
             .or_default()
             .push(p.operation());
     }
-    let mut updater = group.app_data_dictionary_updater();
     let mut changes = Vec::with_capacity(by_component.len());
     for (id, ops) in by_component {
         let before = updater.old_value(id).map(<[u8]>::to_vec);
@@ -469,11 +477,7 @@ impl MlsValidator for OpenMlsValidator {
                     }
                     _ => {}
                 }
-                effect.members_after = r
-                    .group
-                    .members()
-                    .map(|m| identity(&m.credential))
-                    .collect();
+                effect.members_after = r.group.members().map(|m| identity(&m.credential)).collect();
                 r.staged = Some(Staged::Proposal(p));
             }
             ProcessedMessageContent::ApplicationMessage(_) => {

@@ -78,8 +78,8 @@ fn create(alice: &Client) -> (MlsGroup, OpenMlsValidator) {
         .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
         .with_group_context_extensions(extensions)
         .build();
-    let group = MlsGroup::new(&alice.provider, &alice.signer, &cfg, alice.cred.clone())
-        .expect("group");
+    let group =
+        MlsGroup::new(&alice.provider, &alice.signer, &cfg, alice.cred.clone()).expect("group");
     let gi = group
         .export_group_info(alice.provider.crypto(), &alice.signer, false)
         .expect("group info")
@@ -130,7 +130,11 @@ fn commit(
                 .expect("listed"),
         )
         .expect("list");
-        before.apply(update).expect("applies").encode().expect("encode")
+        before
+            .apply(update)
+            .expect("applies")
+            .encode()
+            .expect("encode")
     });
     updater.set(ComponentData::from_parts(
         component::PARTICIPANT_LIST,
@@ -164,7 +168,10 @@ fn add_with_participant_list_update_reports_the_change() {
     let (c, _) = commit(&alice, &mut group, vec![key_package(&bob)], &update, None);
     let bytes = c.to_bytes().expect("bytes");
     // Our reader delimits what openmls encodes, strictly.
-    assert_eq!(MlsMessageView::parse(&bytes).expect("delimited").bytes, &bytes[..]);
+    assert_eq!(
+        MlsMessageView::parse(&bytes).expect("delimited").bytes,
+        &bytes[..]
+    );
 
     let effect = v.stage(ROOM, &bytes).expect("valid");
     assert!(effect.is_commit);
@@ -198,7 +205,10 @@ fn add_with_participant_list_update_reports_the_change() {
     );
     // And a restarted validator has the same room state.
     let mut again = OpenMlsValidator::new();
-    assert_eq!(again.restore(ROOM, &state.state).expect("restore").app_data, state.app_data);
+    assert_eq!(
+        again.restore(ROOM, &state.state).expect("restore").app_data,
+        state.app_data
+    );
 }
 
 #[test]
@@ -223,7 +233,9 @@ fn a_participant_list_update_that_does_not_apply_is_refused() {
     assert!(v.merge(ROOM).is_err());
     // Adding a user listed already does not apply either.
     let update = room_defaults::add_participants([ALICE], REGULAR_ROLE);
-    group.clear_pending_commit(alice.provider.storage()).expect("clear");
+    group
+        .clear_pending_commit(alice.provider.storage())
+        .expect("clear");
     let claimed = room_defaults::initial_participants(ALICE)
         .encode()
         .expect("encode");
@@ -248,14 +260,10 @@ fn self_remove_proposal_and_its_commit_validate() {
         .use_ratchet_tree_extension(true)
         .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
         .build();
-    let mut bob_group = StagedWelcome::new_from_welcome(
-        &bob.provider,
-        &join,
-        welcome.expect("welcome"),
-        None,
-    )
-    .and_then(|s| s.into_group(&bob.provider))
-    .expect("bob joins");
+    let mut bob_group =
+        StagedWelcome::new_from_welcome(&bob.provider, &join, welcome.expect("welcome"), None)
+            .and_then(|s| s.into_group(&bob.provider))
+            .expect("bob joins");
 
     // Bob leaves: a SelfRemove proposal, which the hub accepts and queues.
     let leave = bob_group
@@ -286,7 +294,9 @@ fn self_remove_proposal_and_its_commit_validate() {
     let now = list(&added.app_data[&component::PARTICIPANT_LIST]);
     let update = room_defaults::remove_participant(&now, BOB).expect("bob listed");
     let (c, _) = commit(&alice, &mut group, Vec::new(), &update, None);
-    let effect = v.stage(ROOM, &c.to_bytes().expect("bytes")).expect("valid commit");
+    let effect = v
+        .stage(ROOM, &c.to_bytes().expect("bytes"))
+        .expect("valid commit");
     assert_eq!(effect.self_removed, vec![BOB.to_owned()]);
     assert_eq!(effect.members_after, vec![ALICE.to_owned()]);
     let state = v.merge(ROOM).expect("merge");

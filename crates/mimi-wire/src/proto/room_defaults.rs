@@ -162,7 +162,11 @@ pub fn remove_participant(list: &ParticipantListData, user: &str) -> Option<Part
 }
 
 /// An update giving `user` the role `role` (`None`: not listed).
-pub fn change_role(list: &ParticipantListData, user: &str, role: u32) -> Option<ParticipantListUpdate> {
+pub fn change_role(
+    list: &ParticipantListData,
+    user: &str,
+    role: u32,
+) -> Option<ParticipantListUpdate> {
     let i = index_of(list, user)?;
     Some(ParticipantListUpdate {
         changed_role_participants: vec![UserIndexRolePair {
@@ -175,7 +179,10 @@ pub fn change_role(list: &ParticipantListData, user: &str, role: u32) -> Option<
 
 /// The index of `user` in `list`.
 pub fn index_of(list: &ParticipantListData, user: &str) -> Option<u32> {
-    let i = list.participants.iter().position(|p| p.user.as_str() == user)?;
+    let i = list
+        .participants
+        .iter()
+        .position(|p| p.user.as_str() == user)?;
     u32::try_from(i).ok()
 }
 
@@ -193,13 +200,19 @@ mod tests {
         assert!(owner.has(capability::SEND_MESSAGE));
         assert!(regular.has(capability::REMOVE_SELF) && !regular.has(capability::ADD_PARTICIPANT));
         assert!(banned.role_capabilities.is_empty());
-        assert_eq!(owner.targets_from(NO_ROLE), &[BANNED_ROLE, REGULAR_ROLE, OWNER_ROLE]);
+        assert_eq!(
+            owner.targets_from(NO_ROLE),
+            &[BANNED_ROLE, REGULAR_ROLE, OWNER_ROLE]
+        );
         assert!(regular.authorized_role_changes.is_empty());
         let policy = BaseRoomPolicy::decode(&default_base_policy().encode().unwrap()).unwrap();
         assert_eq!(policy, default_base_policy());
         let entries = initial_app_data("mimi://a.example/u/alice").unwrap();
         let ids: Vec<u16> = entries.iter().map(|e| e.0).collect();
-        assert!(ids.windows(2).all(|w| w[0] < w[1]), "sorted by component id");
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "sorted by component id"
+        );
     }
 
     #[test]
@@ -214,7 +227,9 @@ mod tests {
             .apply(&change_role(&list, bob, BANNED_ROLE).unwrap())
             .unwrap();
         assert_eq!(banned.role_of(bob), BANNED_ROLE);
-        let gone = list.apply(&remove_participant(&list, bob).unwrap()).unwrap();
+        let gone = list
+            .apply(&remove_participant(&list, bob).unwrap())
+            .unwrap();
         assert_eq!(gone.role_of(bob), NO_ROLE);
         assert_eq!(gone.role_of(alice), OWNER_ROLE);
         assert!(remove_participant(&gone, bob).is_none());
