@@ -14,6 +14,8 @@ use relay_node::{Node, NodeConfig};
 const ALICE: &str = "mimi://a.example/u/alice";
 const BOB: &str = "mimi://b.example/u/bob";
 const CAROL: &str = "mimi://c.example/u/carol";
+const DAVE: &str = "mimi://b.example/u/dave";
+const ERIN: &str = "mimi://b.example/u/erin";
 
 struct Net {
     _dir: tempfile::TempDir,
@@ -424,10 +426,11 @@ async fn identifier_queries_consent_and_abuse_reports() {
     net.stop().await;
 }
 
-/// protocol-06 §3.6 and §5.6: dave, a user of b (a provider with a member in the room),
+/// protocol-06 §3.6 and §5.6: dave, a user of b listed in the room by its owner,
 /// fetches the GroupInfo through b from hub a, joins by external commit sent via /update,
 /// the members process it, and dave and alice read each other. carol, of c (no member in
-/// the room), is refused with notAuthorized; an unknown room answers noSuchRoom.
+/// the room), is refused with notAuthorized; an unknown room answers noSuchRoom; dave is
+/// refused while he is not in the participant list.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_join_with_group_info_from_the_hub() {
     let net = Net::start("https").await;
@@ -436,7 +439,7 @@ async fn external_join_with_group_info_from_the_hub() {
     let mut alice = MlsClient::new(ALICE, a[0]).unwrap();
     let mut bob = MlsClient::new(BOB, a[1]).unwrap();
     let mut carol = MlsClient::new(CAROL, a[2]).unwrap();
-    let mut dave = MlsClient::new("mimi://b.example/u/dave", a[1]).unwrap();
+    let mut dave = MlsClient::new(DAVE, a[1]).unwrap();
     bob.publish_key_packages(1).await.unwrap();
     bob.set_consent(ALICE, Some(&room), true).await.unwrap();
     alice.create_room(&room).await.unwrap();
@@ -459,16 +462,36 @@ async fn external_join_with_group_info_from_the_hub() {
     );
     assert_eq!(carol.epoch(), None);
 
+    // Nor may dave join while he is not in the participant list: the room's roles give role
+    // 0 no canOpenJoin (draft-ietf-mimi-room-policy §8.1.1).
+    assert_eq!(
+        dave.join_external(&room).await.unwrap(),
+        Err(GroupInfoCode::NotAuthorized)
+    );
+    assert_eq!(dave.epoch(), None);
+    // alice lists him and erin (inactive participants); each then adds their own client.
+    let listed = mimi_client::room_policy::add_participants(
+        [DAVE, ERIN],
+        mimi_client::room_policy::REGULAR_ROLE,
+    );
+    assert_eq!(
+        alice
+            .update_participants(&room, Some(listed), &[], &[])
+            .await
+            .unwrap(),
+        UpdateResult::Accepted
+    );
+    wait_for(&mut bob, |e| matches!(e, Event::Commit { epoch: 2, .. })).await;
     assert_eq!(
         dave.join_external(&room).await.unwrap(),
         Ok(UpdateResult::Accepted)
     );
-    assert_eq!(dave.epoch(), Some(2));
-    wait_for(&mut alice, |e| matches!(e, Event::Commit { epoch: 2, .. })).await;
-    wait_for(&mut bob, |e| matches!(e, Event::Commit { epoch: 2, .. })).await;
+    assert_eq!(dave.epoch(), Some(3));
+    wait_for(&mut alice, |e| matches!(e, Event::Commit { epoch: 3, .. })).await;
+    wait_for(&mut bob, |e| matches!(e, Event::Commit { epoch: 3, .. })).await;
     let mut members = alice.members();
     members.sort();
-    assert_eq!(members, [ALICE, BOB, "mimi://b.example/u/dave"]);
+    assert_eq!(members, [ALICE, BOB, DAVE]);
 
     // bob, also of b, gets dave's message through the hub (§5.5: to every member), and dave
     // gets his own back.
@@ -492,15 +515,15 @@ async fn external_join_with_group_info_from_the_hub() {
     )
     .await;
 
-    // The hub now serves the GroupInfo dave's external commit carried (epoch 2).
-    let mut erin = MlsClient::new("mimi://b.example/u/erin", a[1]).unwrap();
+    // The hub now serves the GroupInfo dave's external commit carried (epoch 3).
+    let mut erin = MlsClient::new(ERIN, a[1]).unwrap();
     assert_eq!(
         erin.join_external(&room).await.unwrap(),
         Ok(UpdateResult::Accepted)
     );
-    assert_eq!(erin.epoch(), Some(3));
-    wait_for(&mut alice, |e| matches!(e, Event::Commit { epoch: 3, .. })).await;
-    wait_for(&mut dave, |e| matches!(e, Event::Commit { epoch: 3, .. })).await;
+    assert_eq!(erin.epoch(), Some(4));
+    wait_for(&mut alice, |e| matches!(e, Event::Commit { epoch: 4, .. })).await;
+    wait_for(&mut dave, |e| matches!(e, Event::Commit { epoch: 4, .. })).await;
     check_message(
         &room,
         &mut erin,

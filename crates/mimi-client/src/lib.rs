@@ -7,10 +7,17 @@
 //! validates them, protocol-06 §5.3); application messages are PrivateMessages the relays
 //! never read. [`MlsClient::poll`] reads the provider's inbox and applies what arrived in the
 //! hub's order: Welcomes, commits, and application messages it decrypts.
+//!
+//! Rooms carry their state in the group's app_data_dictionary (draft-ietf-mls-extensions):
+//! [`MlsClient::create_room`] puts the creator (as owner), the default roles and base policy
+//! there ([`room_policy`]); [`MlsClient::add`] and [`MlsClient::remove`] commit an
+//! AppDataUpdate of the participant list beside their Adds and Removes, computed the way the
+//! hub's validator computes it ([`relay_mls::resolve_app_data_updates`]).
 
 use std::net::SocketAddr;
 
 use bytes::Bytes;
+use mimi_wire::proto::room::{ParticipantListData, ParticipantListUpdate, component};
 use mimi_wire::proto::{
     ClientKeyMaterialStatus, ConsentEntry, ConsentOperation, FanoutExtra, FanoutMessage,
     GroupInfoCode, GroupInfoOption, GroupInfoRatchetTreeTbe, GroupInfoRequest, GroupInfoResponse,
@@ -27,6 +34,13 @@ use openmls_basic_credential::SignatureKeyPair;
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use openmls_traits::signatures::Signer as _;
 use relay_node::client::{ClientError, LocalClient, StatusCode};
+
+/// The default room state (roles, base policy, participant-list updates), shared with the
+/// hub's tests.
+pub mod room_policy {
+    pub use mimi_wire::proto::room::{BANNED_ROLE, NO_ROLE};
+    pub use mimi_wire::proto::room_defaults::*;
+}
 
 /// The one ciphersuite the demo clients use.
 pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
@@ -126,12 +140,51 @@ impl std::fmt::Debug for MlsClient {
     }
 }
 
-fn group_config() -> MlsGroupCreateConfig {
-    MlsGroupCreateConfig::builder()
+/// What every demo client's leaf supports beyond RFC 9420: the app_data_dictionary and the
+/// AppDataUpdate and SelfRemove proposals.
+pub fn capabilities() -> Capabilities {
+    Capabilities::new(
+        None,
+        None,
+        Some(&[ExtensionType::AppDataDictionary]),
+        Some(&[ProposalType::AppDataUpdate, ProposalType::SelfRemove]),
+        None,
+    )
+}
+
+fn group_config(creator: &str) -> Result<MlsGroupCreateConfig, MlsClientError> {
+    let mut dict = AppDataDictionary::new();
+    for (id, data) in room_policy::initial_app_data(creator)? {
+        dict.insert(id, data);
+    }
+    let extensions = Extensions::from_vec(vec![
+        Extension::RequiredCapabilities(RequiredCapabilitiesExtension::new(
+            &[ExtensionType::AppDataDictionary],
+            &[ProposalType::AppDataUpdate, ProposalType::SelfRemove],
+            &[],
+        )),
+        Extension::AppDataDictionary(AppDataDictionaryExtension::new(dict)),
+    ])
+    .map_err(mls)?;
+    Ok(MlsGroupCreateConfig::builder()
         .ciphersuite(CIPHERSUITE)
+        .capabilities(capabilities())
         .use_ratchet_tree_extension(true)
         .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
-        .build()
+        .with_group_context_extensions(extensions)
+        .build())
+}
+
+/// The participant list in `group`'s app_data_dictionary (empty when it has none).
+fn participant_list(group: &MlsGroup) -> Result<ParticipantListData, MlsClientError> {
+    match group
+        .extensions()
+        .app_data_dictionary()
+        .and_then(|d| d.dictionary().get(&component::PARTICIPANT_LIST))
+    {
+        Some(b) => Ok(ParticipantListData::decode(b)?),
+        None => Ok(ParticipantListData::default()),
+    }
 }
 
 fn join_config() -> MlsGroupJoinConfig {
@@ -213,6 +266,7 @@ impl MlsClient {
         let mut kps = Vec::new();
         for _ in 0..n {
             let b = KeyPackage::builder()
+                .leaf_node_capabilities(capabilities())
                 .build(
                     CIPHERSUITE,
                     &self.provider,
@@ -232,7 +286,7 @@ impl MlsClient {
         let group = MlsGroup::new_with_group_id(
             &self.provider,
             &self.signer,
-            &group_config(),
+            &group_config(&self.user)?,
             GroupId::from_slice(room.as_str().as_bytes()),
             self.credential.clone(),
         )
@@ -398,12 +452,156 @@ impl MlsClient {
         room: &RoomId,
         key_packages: &[KeyPackage],
     ) -> Result<UpdateResult, MlsClientError> {
+        let group = self.group.as_ref().ok_or(MlsClientError::NoGroup)?;
+        let list = participant_list(group)?;
+        let mut users: Vec<String> = Vec::new();
+        for kp in key_packages {
+            let u = String::from_utf8_lossy(kp.leaf_node().credential().serialized_content())
+                .into_owned();
+            // Another client of a listed user needs no list change.
+            if list.role_of(&u) == room_policy::NO_ROLE && !users.contains(&u) {
+                users.push(u);
+            }
+        }
+        let update = room_policy::add_participants(
+            users.iter().map(String::as_str),
+            room_policy::REGULAR_ROLE,
+        );
+        self.update_participants(room, Some(update), &[], key_packages)
+            .await
+    }
+
+    /// Commits an arbitrary change of the participant list (an AppDataUpdate, when given)
+    /// with Removes of `remove` leaves and Adds of `add`: the way to ask the hub for what its
+    /// room policy may refuse.
+    pub async fn update_participants(
+        &mut self,
+        room: &RoomId,
+        update: Option<ParticipantListUpdate>,
+        remove: &[LeafNodeIndex],
+        add: &[KeyPackage],
+    ) -> Result<UpdateResult, MlsClientError> {
         let group = self.group.as_mut().ok_or(MlsClientError::NoGroup)?;
-        let (commit, welcome, gi) = group
-            .add_members(&self.provider, &self.signer, key_packages)
+        let mut builder = group
+            .commit_builder()
+            .propose_adds(add.iter().cloned())
+            .propose_removals(remove.iter().copied());
+        if let Some(u) = update.filter(|u| *u != ParticipantListUpdate::default()) {
+            builder = builder.add_proposal(Proposal::AppDataUpdate(Box::new(
+                AppDataUpdateProposal::update(component::PARTICIPANT_LIST, u.encode()?),
+            )));
+        }
+        let mut stage = builder.load_psks(self.provider.storage()).map_err(mls)?;
+        let proposals: Vec<AppDataUpdateProposal> =
+            stage.app_data_update_proposals().cloned().collect();
+        if !proposals.is_empty() {
+            let (updates, _) = relay_mls::resolve_app_data_updates(
+                stage.app_data_dictionary_updater(),
+                &proposals,
+            )
             .map_err(mls)?;
-        let body = Self::bundle(&commit, Some(&welcome), gi.as_ref())?;
+            stage.with_app_data_dictionary_updates(updates);
+        }
+        let bundle = stage
+            .build(
+                self.provider.rand(),
+                self.provider.crypto(),
+                &self.signer,
+                |_| true,
+            )
+            .map_err(mls)?
+            .stage_commit(&self.provider)
+            .map_err(mls)?;
+        let welcome = bundle.to_welcome_msg();
+        let body = Self::bundle(bundle.commit(), welcome.as_ref(), bundle.group_info())?;
         self.send_commit(room, body).await
+    }
+
+    /// Commits a role change of `user` in the participant list (nothing else).
+    pub async fn change_role(
+        &mut self,
+        room: &RoomId,
+        user: &str,
+        role_index: u32,
+    ) -> Result<UpdateResult, MlsClientError> {
+        let group = self.group.as_ref().ok_or(MlsClientError::NoGroup)?;
+        let update = room_policy::change_role(&participant_list(group)?, user, role_index)
+            .ok_or_else(|| MlsClientError::Mls(format!("{user} is not listed")))?;
+        self.update_participants(room, Some(update), &[], &[]).await
+    }
+
+    /// Bans `user`: its role becomes banned and its clients are removed.
+    pub async fn ban(&mut self, room: &RoomId, user: &str) -> Result<UpdateResult, MlsClientError> {
+        let group = self.group.as_ref().ok_or(MlsClientError::NoGroup)?;
+        let update =
+            room_policy::change_role(&participant_list(group)?, user, room_policy::BANNED_ROLE);
+        let leaves = self.leaves_of(user);
+        self.update_participants(room, update, &leaves, &[]).await
+    }
+
+    /// Leaves the room: a SelfRemove proposal (draft-ietf-mls-extensions §6.3) for another
+    /// member to commit.
+    pub async fn leave(&mut self, room: &RoomId) -> Result<UpdateResult, MlsClientError> {
+        let group = self.group.as_mut().ok_or(MlsClientError::NoGroup)?;
+        let proposal = group
+            .leave_group_via_self_remove(&self.provider, &self.signer)
+            .map_err(mls)?;
+        let req = UpdateRequest {
+            bundle: HandshakeBundle::Proposal {
+                proposal: MlsMessage::from_bytes(proposal.to_bytes().map_err(mls)?)?,
+                more_proposals: Vec::new(),
+            },
+        };
+        let (st, b) = self.api.update(room, Bytes::from(req.encode()?)).await?;
+        if !st.is_success() {
+            return Err(status(st, &b));
+        }
+        let resp = UpdateRoomResponse::decode(&b)?;
+        Ok(match resp.outcome {
+            UpdateOutcome::Success { .. } => UpdateResult::Accepted,
+            UpdateOutcome::WrongEpoch { current_epoch } => UpdateResult::WrongEpoch(current_epoch),
+            _ => UpdateResult::Refused(resp.error_description),
+        })
+    }
+
+    /// Commits the proposals this client holds (e.g. another member's SelfRemove), dropping
+    /// from the participant list users whose last client leaves by them.
+    pub async fn commit_pending(&mut self, room: &RoomId) -> Result<UpdateResult, MlsClientError> {
+        let group = self.group.as_ref().ok_or(MlsClientError::NoGroup)?;
+        let mut list = participant_list(group)?;
+        let leaving: Vec<String> = group
+            .pending_proposals()
+            .filter_map(|p| match (p.proposal(), p.sender()) {
+                (Proposal::SelfRemove, Sender::Member(i)) => group
+                    .member(*i)
+                    .map(|c| String::from_utf8_lossy(c.serialized_content()).into_owned()),
+                _ => None,
+            })
+            .collect();
+        let mut update = ParticipantListUpdate::default();
+        for user in leaving {
+            let clients = self.leaves_of(&user).len();
+            let leaving_clients = 1;
+            if clients <= leaving_clients
+                && let Some(u) = room_policy::remove_participant(&list, &user)
+            {
+                update.removed_indices.extend(u.removed_indices);
+                list.participants.retain(|p| p.user.as_str() != user);
+            }
+        }
+        self.update_participants(room, Some(update), &[], &[]).await
+    }
+
+    fn leaves_of(&self, user: &str) -> Vec<LeafNodeIndex> {
+        self.group
+            .as_ref()
+            .map(|g| {
+                g.members()
+                    .filter(|m| m.credential.serialized_content() == user.as_bytes())
+                    .map(|m| m.index)
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Commits removing the members whose identity is `user`.
@@ -412,17 +610,10 @@ impl MlsClient {
         room: &RoomId,
         user: &str,
     ) -> Result<UpdateResult, MlsClientError> {
-        let group = self.group.as_mut().ok_or(MlsClientError::NoGroup)?;
-        let leaves: Vec<LeafNodeIndex> = group
-            .members()
-            .filter(|m| m.credential.serialized_content() == user.as_bytes())
-            .map(|m| m.index)
-            .collect();
-        let (commit, welcome, gi) = group
-            .remove_members(&self.provider, &self.signer, &leaves)
-            .map_err(mls)?;
-        let body = Self::bundle(&commit, welcome.as_ref(), gi.as_ref())?;
-        self.send_commit(room, body).await
+        let group = self.group.as_ref().ok_or(MlsClientError::NoGroup)?;
+        let update = room_policy::remove_participant(&participant_list(group)?, user);
+        let leaves = self.leaves_of(user);
+        self.update_participants(room, update, &leaves, &[]).await
     }
 
     /// Builds (without sending) a commit that updates the own leaf; it stays pending until
@@ -561,6 +752,11 @@ impl MlsClient {
             .with_config(join_config())
             .build_group(&self.provider, vgi, self.credential.clone())
             .map_err(mls)?
+            .leaf_node_parameters(
+                LeafNodeParameters::builder()
+                    .with_capabilities(capabilities())
+                    .build(),
+            )
             .load_psks(self.provider.storage())
             .map_err(mls)?
             .build(
@@ -705,7 +901,24 @@ impl MlsClient {
         };
         let sender =
             String::from_utf8_lossy(processed.credential().serialized_content()).into_owned();
-        match processed.into_content() {
+        let content = match processed.into_content() {
+            // Computed as the hub computes it; a commit the hub took resolves alike.
+            ProcessedMessageContent::UnresolvedAppDataCommit(u) => {
+                let updates = match relay_mls::resolve_app_data_updates(
+                    group.app_data_dictionary_updater(),
+                    u.app_data_update_proposals(),
+                ) {
+                    Ok((updates, _)) => updates,
+                    Err(e) => return failed(format!("app data: {e}")),
+                };
+                match group.stage_app_data_commit(&self.provider, *u, updates) {
+                    Ok(c) => ProcessedMessageContent::StagedCommitMessage(Box::new(c)),
+                    Err(e) => return failed(format!("app data commit: {e}")),
+                }
+            }
+            other => other,
+        };
+        match content {
             ProcessedMessageContent::ApplicationMessage(a) => Event::Message {
                 sender,
                 payload: a.into_bytes(),

@@ -3,15 +3,48 @@
 //! MIMI structs embed MLS objects without a length prefix, so finding where an `MLSMessage`
 //! ends means walking its structure. This module walks every field needed for that, checks
 //! nothing cryptographic, and exposes what MLS leaves public (group id, epoch, content type).
-//! Opaque vectors are skipped by their length; only the RFC 9420 proposal and credential
-//! types can be delimited, others are [`WireError::UnsupportedProposalType`] /
+//! Opaque vectors are skipped by their length. The proposal types delimited are RFC 9420's
+//! (1-7) and draft-ietf-mls-extensions' AppDataUpdate (8), AppEphemeral (9) and SelfRemove
+//! (10); other proposal and credential types are [`WireError::UnsupportedProposalType`] /
 //! [`WireError::UnsupportedCredentialType`].
+//!
+//! Two walks: the strict one ([`MlsMessageView::parse`]) reads every proposal a commit
+//! carries, for whoever validates it (the hub). The framing walk
+//! ([`MlsMessageView::parse_framing`]) is for a receiver that only relays or stores the exact
+//! bytes (a follower taking /notify): it checks the version, wire format, group id, epoch and
+//! content type and delimits the message, but skips a commit's proposal vector by its length
+//! and takes a standalone proposal of an unknown type as an opaque vector (the encoding
+//! openmls gives custom and GREASE proposals), since judging proposals is the hub's job.
 
 use crate::codec::{Reader, Writer};
 use crate::error::{Limits, WireError};
 
 /// `ProtocolVersion` mls10.
 pub const MLS10: u16 = 1;
+
+/// Proposal type code points (RFC 9420 §17.4; draft-ietf-mls-extensions §7.2).
+pub mod proposal_type {
+    pub const ADD: u16 = 1;
+    pub const UPDATE: u16 = 2;
+    pub const REMOVE: u16 = 3;
+    pub const PSK: u16 = 4;
+    pub const REINIT: u16 = 5;
+    pub const EXTERNAL_INIT: u16 = 6;
+    pub const GROUP_CONTEXT_EXTENSIONS: u16 = 7;
+    pub const APP_DATA_UPDATE: u16 = 8;
+    pub const APP_EPHEMERAL: u16 = 9;
+    pub const SELF_REMOVE: u16 = 0x000a;
+}
+
+/// How much of a handshake's proposals a walk reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Walk {
+    /// Every proposal, refusing types it cannot delimit.
+    Strict,
+    /// The framing only: a commit's proposal vector is skipped by its length, an unknown
+    /// standalone proposal is read as `opaque<V>`.
+    Framing,
+}
 
 /// RFC 9420 §6 / §17.2 wire formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -122,6 +155,17 @@ impl<'a> MlsMessageView<'a> {
         Ok(view)
     }
 
+    /// Parse `input` as exactly one MLSMessage, reading its framing only (see the module
+    /// doc): a commit or proposal the strict walk cannot read is still delimited.
+    pub fn parse_framing(input: &'a [u8]) -> Result<MlsMessageView<'a>, WireError> {
+        let mut r = Reader::new(input, Limits::default());
+        let view = Self::read_with(&mut r, Walk::Framing)?;
+        if !r.is_empty() {
+            return Err(WireError::TrailingBytes);
+        }
+        Ok(view)
+    }
+
     /// The `ciphertext` of a PrivateMessage (RFC 9420 section 6.3.1); None for other formats.
     pub fn private_ciphertext(&self) -> Option<&'a [u8]> {
         if self.wire_format != WireFormat::PrivateMessage {
@@ -139,6 +183,13 @@ impl<'a> MlsMessageView<'a> {
     }
 
     pub(crate) fn read(r: &mut Reader<'a>) -> Result<MlsMessageView<'a>, WireError> {
+        Self::read_with(r, Walk::Strict)
+    }
+
+    pub(crate) fn read_with(
+        r: &mut Reader<'a>,
+        walk: Walk,
+    ) -> Result<MlsMessageView<'a>, WireError> {
         let start = r.position();
         if r.u16()? != MLS10 {
             return Err(WireError::BadVersion);
@@ -147,7 +198,7 @@ impl<'a> MlsMessageView<'a> {
         let (mut group_id, mut epoch, mut content_type) = (None, None, None);
         match wire_format {
             WireFormat::PublicMessage => {
-                let h = public_message(r)?;
+                let h = public_message(r, walk)?;
                 group_id = Some(h.group_id);
                 epoch = Some(h.epoch);
                 content_type = Some(h.content_type);
@@ -363,7 +414,7 @@ struct PublicHeader<'a> {
     content_type: ContentType,
 }
 
-fn public_message<'a>(r: &mut Reader<'a>) -> Result<PublicHeader<'a>, WireError> {
+fn public_message<'a>(r: &mut Reader<'a>, walk: Walk) -> Result<PublicHeader<'a>, WireError> {
     // FramedContent
     let group_id = r.vec("group_id")?;
     let epoch = r.u64()?;
@@ -385,8 +436,8 @@ fn public_message<'a>(r: &mut Reader<'a>) -> Result<PublicHeader<'a>, WireError>
         ContentType::Application => {
             r.vec("application_data")?;
         }
-        ContentType::Proposal => proposal(r)?,
-        ContentType::Commit => commit(r)?,
+        ContentType::Proposal => proposal(r, walk)?,
+        ContentType::Commit => commit(r, walk)?,
     }
     // FramedContentAuthData
     r.vec("signature")?;
@@ -403,11 +454,12 @@ fn public_message<'a>(r: &mut Reader<'a>) -> Result<PublicHeader<'a>, WireError>
     })
 }
 
-fn commit(r: &mut Reader<'_>) -> Result<(), WireError> {
+fn commit(r: &mut Reader<'_>, walk: Walk) -> Result<(), WireError> {
     let mut proposals = r.sub_vec("proposals")?;
-    while !proposals.is_empty() {
+    // The framing walk leaves the proposals, delimited by the vector, to the hub.
+    while walk == Walk::Strict && !proposals.is_empty() {
         match proposals.u8()? {
-            1 => proposal(&mut proposals)?,
+            1 => proposal(&mut proposals, walk)?,
             2 => {
                 proposals.vec("proposal reference")?;
             }
@@ -425,7 +477,7 @@ fn commit(r: &mut Reader<'_>) -> Result<(), WireError> {
     Ok(())
 }
 
-fn proposal(r: &mut Reader<'_>) -> Result<(), WireError> {
+fn proposal(r: &mut Reader<'_>, walk: Walk) -> Result<(), WireError> {
     match r.u16()? {
         1 => key_package(r)?,
         2 => {
@@ -459,6 +511,28 @@ fn proposal(r: &mut Reader<'_>) -> Result<(), WireError> {
         }
         7 => {
             r.vec("group context extensions")?;
+        }
+        proposal_type::APP_DATA_UPDATE => {
+            r.u16()?; // component_id
+            match r.u8()? {
+                1 => {
+                    r.vec("app data update")?;
+                }
+                2 => {} // remove
+                _ => {
+                    return Err(WireError::BadValue {
+                        what: "app data update operation",
+                    });
+                }
+            }
+        }
+        proposal_type::APP_EPHEMERAL => {
+            r.u16()?; // component_id
+            r.vec("app ephemeral data")?;
+        }
+        proposal_type::SELF_REMOVE => {}
+        _ if walk == Walk::Framing => {
+            r.vec("unknown proposal")?;
         }
         other => return Err(WireError::UnsupportedProposalType(other)),
     }
@@ -851,5 +925,148 @@ mod tests {
             m[3] %= 6;
             let _ = MlsMessageView::parse_prefix(&m);
         }
+    }
+}
+
+#[cfg(test)]
+mod extension_proposal_tests {
+    use super::testdata::mls_message;
+    use super::*;
+
+    /// A member's PublicMessage around `content` (content type and body).
+    fn framed(content_type: u8, content: &[u8]) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.put_vec(b"g").unwrap();
+        b.put_u64(3);
+        b.put_u8(1); // member
+        b.put_u32(0);
+        b.put_vec(&[]).unwrap();
+        b.put_u8(content_type);
+        b.extend_from_slice(content);
+        b.put_vec(&[15; 64]).unwrap(); // signature
+        if content_type == 3 {
+            b.put_vec(&[16; 32]).unwrap(); // confirmation_tag
+        }
+        b.put_vec(&[17; 32]).unwrap(); // membership_tag
+        mls_message(1, &b)
+    }
+
+    fn commit_of(proposals: &[Vec<u8>]) -> Vec<u8> {
+        let mut props = Vec::new();
+        for p in proposals {
+            props.put_u8(1); // by value
+            props.extend_from_slice(p);
+        }
+        let mut c = Vec::new();
+        c.put_vec(&props).unwrap();
+        c.put_u8(0); // no path
+        framed(3, &c)
+    }
+
+    fn app_data_update(component: u16, update: Option<&[u8]>) -> Vec<u8> {
+        let mut p = Vec::new();
+        p.put_u16(proposal_type::APP_DATA_UPDATE);
+        p.put_u16(component);
+        match update {
+            Some(u) => {
+                p.put_u8(1);
+                p.put_vec(u).unwrap();
+            }
+            None => p.put_u8(2),
+        }
+        p
+    }
+
+    fn app_ephemeral(component: u16, data: &[u8]) -> Vec<u8> {
+        let mut p = Vec::new();
+        p.put_u16(proposal_type::APP_EPHEMERAL);
+        p.put_u16(component);
+        p.put_vec(data).unwrap();
+        p
+    }
+
+    fn self_remove() -> Vec<u8> {
+        proposal_type::SELF_REMOVE.to_be_bytes().to_vec()
+    }
+
+    #[test]
+    fn extension_proposals_are_delimited_strictly() {
+        let samples = [
+            framed(2, &app_data_update(0x22, Some(b"diff"))),
+            framed(2, &app_data_update(0x22, None)),
+            framed(2, &app_ephemeral(0x20, b"aad")),
+            framed(2, &self_remove()),
+            commit_of(&[
+                app_data_update(0x22, Some(&[1; 300])),
+                app_data_update(0x25, None),
+                app_ephemeral(0x20, b""),
+                self_remove(),
+            ]),
+        ];
+        for m in samples {
+            let mut buf = m.clone();
+            buf.extend_from_slice(b"next field");
+            let (v, used) = MlsMessageView::parse_prefix(&buf).expect("delimited");
+            assert_eq!(used, m.len());
+            assert_eq!((v.group_id, v.epoch), (Some(&b"g"[..]), Some(3)));
+            for cut in 0..m.len() {
+                assert!(
+                    MlsMessageView::parse_prefix(&m[..cut]).is_err(),
+                    "cut {cut}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bad_app_data_update_operation_is_refused() {
+        let mut p = app_data_update(0x22, None);
+        let last = p.len() - 1;
+        p[last] = 0; // invalid(0)
+        assert_eq!(
+            MlsMessageView::parse(&framed(2, &p)),
+            Err(WireError::BadValue {
+                what: "app data update operation"
+            })
+        );
+    }
+
+    #[test]
+    fn framing_walk_takes_what_the_strict_walk_cannot_read() {
+        // A GREASE proposal inside a commit: the strict walk refuses, the framing walk
+        // delimits the commit by its proposal vector.
+        let mut grease = 0x0a0a_u16.to_be_bytes().to_vec();
+        grease.put_vec(b"whatever").unwrap();
+        let commit = commit_of(&[self_remove(), grease.clone()]);
+        assert_eq!(
+            MlsMessageView::parse(&commit),
+            Err(WireError::UnsupportedProposalType(0x0a0a))
+        );
+        let v = MlsMessageView::parse_framing(&commit).expect("framing is sound");
+        assert_eq!(v.content_type, Some(ContentType::Commit));
+        assert_eq!(v.bytes, &commit[..]);
+
+        // A standalone one is read as opaque<V>, as openmls encodes custom proposals.
+        let proposal = framed(2, &grease);
+        assert!(MlsMessageView::parse(&proposal).is_err());
+        let v = MlsMessageView::parse_framing(&proposal).expect("framing is sound");
+        assert_eq!(v.content_type, Some(ContentType::Proposal));
+
+        // The framing itself is still checked: version, truncation, trailing bytes.
+        let mut bad = commit.clone();
+        bad[1] = 2;
+        assert_eq!(
+            MlsMessageView::parse_framing(&bad),
+            Err(WireError::BadVersion)
+        );
+        for cut in 0..commit.len() {
+            assert!(MlsMessageView::parse_framing(&commit[..cut]).is_err());
+        }
+        let mut long = commit;
+        long.push(0);
+        assert_eq!(
+            MlsMessageView::parse_framing(&long),
+            Err(WireError::TrailingBytes)
+        );
     }
 }

@@ -709,3 +709,93 @@ fn the_hub_secret_is_made_once_and_its_key_outlives_a_restart() {
     let fresh = Hub::new();
     assert_ne!(fresh.relay.hub_signature_public_key(), Some(key));
 }
+
+/// A commit covering one GREASE proposal (type 0x0a0a, an opaque body) by value.
+fn commit_with_grease(epoch: u64, leaf: u32) -> Vec<u8> {
+    let mut b = vec![0, 1, 0, 1];
+    vec(&mut b, b"group");
+    b.extend_from_slice(&epoch.to_be_bytes());
+    b.push(1);
+    b.extend_from_slice(&leaf.to_be_bytes());
+    vec(&mut b, b"noop");
+    b.push(3);
+    let mut props = vec![1, 0x0a, 0x0a]; // by value, GREASE type
+    vec(&mut props, b"opaque");
+    vec(&mut b, &props);
+    b.push(0); // no path
+    vec(&mut b, &[9; 32]);
+    vec(&mut b, &[8; 32]);
+    vec(&mut b, &[7; 32]);
+    b
+}
+
+#[test]
+fn a_commit_the_hub_cannot_read_is_refused_with_a_typed_answer() {
+    let mut h = Hub::room_of_three();
+    let mut body = commit_with_grease(2, 1);
+    body.extend_from_slice(&[0, 2, 0, 0, 0, 4]);
+    let (r, n) = h.ask("b.example", Endpoint::Update, Bytes::from(body));
+    assert_eq!(r.status, Status::BadRequest, "{r:?}");
+    assert_eq!(n, 0, "nothing fanned out");
+    assert_eq!(h.relay.mls_epoch(ROOM), Some(2));
+}
+
+#[test]
+fn a_follower_takes_a_notify_whose_commit_it_cannot_read() {
+    // A follower of a room at a.example (bob's provider) gets the hub's fanout of a commit
+    // with a proposal type it does not know: it relays it as it is, validation being the
+    // hub's job.
+    let cfg = RelayConfig::new(d("b.example")).with_route(d("a.example"), TransportKind::Quic);
+    let now = Now {
+        mono: Instant::now(),
+        unix_ms: 1_700_000_000_000,
+    };
+    let mut store = MemStore::new();
+    let mut relay = Relay::new(cfg, store.load().unwrap(), now);
+    relay
+        .handle_follow_room(&mut store, &ROOM.parse::<RoomId>().unwrap())
+        .unwrap();
+    let mut fanout = 1_700_000_000_000u64.to_be_bytes().to_vec();
+    fanout.extend_from_slice(&commit_with_grease(2, 1));
+    fanout.push(0); // externalProposals<V> empty
+    let req = Request {
+        from: d("a.example"),
+        transport: TransportKind::Quic,
+        endpoint: Endpoint::Notify,
+        target: ROOM.into(),
+        seq: None,
+        lineage: None,
+        body: Bytes::from(fanout.clone()),
+    };
+    relay.handle_request(now, &mut store, ReplyToken(1), req);
+    store.commit().unwrap();
+    let next = relay.inbox_next();
+    relay.handle_inbox_durable(next);
+    let mut status = None;
+    while let Some(o) = relay.poll_output() {
+        if let Output::Reply { response, .. } = o {
+            status = Some(response.status);
+        }
+    }
+    assert_eq!(status, Some(Status::Created));
+    // A broken framing is still refused: the commit cut short.
+    let mut cut = fanout;
+    cut.truncate(cut.len() - 40);
+    let req = Request {
+        from: d("a.example"),
+        transport: TransportKind::Quic,
+        endpoint: Endpoint::Notify,
+        target: ROOM.into(),
+        seq: None,
+        lineage: None,
+        body: Bytes::from(cut),
+    };
+    relay.handle_request(now, &mut store, ReplyToken(2), req);
+    let mut status = None;
+    while let Some(o) = relay.poll_output() {
+        if let Output::Reply { response, .. } = o {
+            status = Some(response.status);
+        }
+    }
+    assert_eq!(status, Some(Status::BadRequest));
+}

@@ -66,7 +66,7 @@ fn setup(n: usize) -> (Vec<u8>, Vec<u8>) {
 
 fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("hub_commit_validation");
-    for n in [2usize, 10, 100] {
+    for n in [2usize, 10, 16, 100] {
         let (state, commit) = setup(n);
         let mut v = OpenMlsValidator::new();
         v.restore("room", &state).expect("restore");

@@ -9,6 +9,13 @@
 //! and the core only ever passes handshake PublicMessages. The whole state of a room (its
 //! openmls storage entries) is one opaque byte string the core persists.
 //!
+//! Room state (draft-ietf-mimi-protocol-06 §7.5, draft-ietf-mimi-room-policy) lives in the
+//! group's app_data_dictionary (draft-ietf-mls-extensions). A commit covering AppDataUpdate
+//! proposals is staged with the dictionary the hub computes itself: the participant_list
+//! component applies each `ParticipantListUpdate` in order (one that does not apply makes the
+//! commit invalid), any other component's update replaces its data whole, a remove removes it.
+//! The effect reports each changed component before and after, for the hub's policy to judge.
+//!
 //! For /groupInfo (protocol-06 §5.6) it checks the request's SignWithLabel signature and
 //! answers with the GroupInfo a member made plus the public group's ratchet tree,
 //! EncryptWithLabel'd to the requester's HPKE key and signed by the hub's own Ed25519 key
@@ -17,6 +24,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use mimi_wire::proto::room::{ParticipantListData, ParticipantListUpdate, component};
 use mimi_wire::proto::{
     ExternalSender, GroupInfoRatchetTreeTbe, GroupInfoRequest, GroupInfoResponse, GroupInfoStatus,
     KeyMaterialRequest, Protocol, RatchetTreeOption, VLBytes,
@@ -24,6 +32,7 @@ use mimi_wire::proto::{
 use openmls::group::GroupId;
 use openmls::messages::group_info::VerifiableGroupInfo;
 use openmls::prelude::tls_codec::Deserialize as _;
+use openmls::prelude::{AppDataUpdateOperation, AppDataUpdateProposal, AppDataUpdates};
 use openmls::prelude::{BasicCredential, Ciphersuite};
 use openmls::prelude::{
     KeyPackageIn, LeafNodeIndex, MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent, Proposal,
@@ -33,7 +42,7 @@ use openmls::prelude::{
 use openmls_memory_storage::MemoryStorage;
 use openmls_rust_crypto::RustCrypto;
 use openmls_traits::crypto::OpenMlsCrypto as _;
-use relay_core::mls::{GroupState, HandshakeEffect, MlsReject, MlsValidator};
+use relay_core::mls::{AppDataChange, GroupState, HandshakeEffect, MlsReject, MlsValidator};
 use tracing::debug;
 
 enum Staged {
@@ -186,7 +195,7 @@ impl OpenMlsValidator {
                 .map(|m| identity(&m.credential))
                 .collect(),
             state: encode_state(room.group.group_id(), &room.storage),
-            app_data: Default::default(),
+            app_data: app_data_of(&room.group),
         }
     }
 
@@ -196,6 +205,148 @@ impl OpenMlsValidator {
             .map(|l| identity(l.credential()))
             .unwrap_or_default()
     }
+}
+
+/// The group's app_data_dictionary, by component id.
+fn app_data_of(group: &PublicGroup) -> BTreeMap<u16, Vec<u8>> {
+    group
+        .group_context()
+        .extensions()
+        .app_data_dictionary()
+        .map(|d| {
+            d.dictionary()
+                .entries()
+                .map(|e| (e.id(), e.data().to_vec()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The dictionary after the AppDataUpdate proposals of one commit (draft-ietf-mls-extensions
+/// §4.7: per component, one remove or one or more updates in commit order), as openmls
+/// stages it, and each changed component before and after.
+fn resolve_app_data<'a>(
+    group: &PublicGroup,
+    proposals: impl IntoIterator<Item = &'a AppDataUpdateProposal>,
+) -> Result<(Option<AppDataUpdates>, Vec<AppDataChange>), MlsReject> {
+    resolve_app_data_updates(group.app_data_dictionary_updater(), proposals)
+}
+
+/// [`resolve_app_data`] over any group's updater (a member's `MlsGroup` or commit builder
+/// too), so clients compute the dictionary exactly as the hub does.
+pub fn resolve_app_data_updates<'a>(
+    mut updater: openmls::prelude::AppDataDictionaryUpdater<'_>,
+    proposals: impl IntoIterator<Item = &'a AppDataUpdateProposal>,
+) -> Result<(Option<AppDataUpdates>, Vec<AppDataChange>), MlsReject> {
+    let mut by_component: BTreeMap<u16, Vec<&AppDataUpdateOperation>> = BTreeMap::new();
+    for p in proposals {
+        by_component
+            .entry(p.component_id())
+            .or_default()
+            .push(p.operation());
+    }
+    let mut changes = Vec::with_capacity(by_component.len());
+    for (id, ops) in by_component {
+        let before = updater.old_value(id).map(<[u8]>::to_vec);
+        let after = match ops.as_slice() {
+            [AppDataUpdateOperation::Remove] => {
+                if before.is_none() {
+                    return Err(MlsReject::Invalid(format!(
+                        "app data component {id:#06x} removed but absent"
+                    )));
+                }
+                updater.remove(&id);
+                None
+            }
+            ops => {
+                let mut data = before.clone();
+                for op in ops {
+                    let AppDataUpdateOperation::Update(update) = op else {
+                        return Err(MlsReject::Invalid(format!(
+                            "app data component {id:#06x} both updated and removed"
+                        )));
+                    };
+                    data = Some(apply_update(id, data.as_deref(), update.as_slice())?);
+                }
+                let data = data.unwrap_or_default();
+                updater.set(openmls::component::ComponentData::from_parts(
+                    id,
+                    data.clone().into(),
+                ));
+                Some(data)
+            }
+        };
+        changes.push(AppDataChange {
+            component: id,
+            before,
+            after,
+        });
+    }
+    Ok((updater.changes(), changes))
+}
+
+/// One update of component `id`: the participant list applies it as a diff, any other
+/// component takes it as its new data.
+fn apply_update(id: u16, current: Option<&[u8]>, update: &[u8]) -> Result<Vec<u8>, MlsReject> {
+    if id != component::PARTICIPANT_LIST {
+        return Ok(update.to_vec());
+    }
+    let list = match current {
+        Some(b) => ParticipantListData::decode(b)
+            .map_err(|e| MlsReject::Invalid(format!("stored participant list: {e}")))?,
+        None => ParticipantListData::default(),
+    };
+    let update = ParticipantListUpdate::decode(update)
+        .map_err(|e| MlsReject::Invalid(format!("participant list update: {e}")))?;
+    let after = list
+        .apply(&update)
+        .map_err(|e| MlsReject::Invalid(format!("participant list update: {e}")))?;
+    after.encode().map_err(invalid)
+}
+
+/// Who leaves by SelfRemove, and the members (one user URI per leaf, by leaf index) once
+/// `staged` is merged: removals blank leaves, updates may change a leaf's credential, each
+/// added member and an external joiner take the leftmost blank leaf (RFC 9420 §12.1.1).
+fn members_after(
+    group: &PublicGroup,
+    staged: &StagedCommit,
+    joiner: Option<&String>,
+) -> (Vec<String>, Vec<String>) {
+    let mut leaves: BTreeMap<u32, String> = group
+        .members()
+        .map(|m| (m.index.u32(), identity(&m.credential)))
+        .collect();
+    let mut self_removed = Vec::new();
+    for q in staged.queued_proposals() {
+        match (q.proposal(), q.sender()) {
+            (Proposal::Update(u), Sender::Member(i)) => {
+                leaves.insert(i.u32(), identity(u.leaf_node().credential()));
+            }
+            (Proposal::Remove(rm), _) => {
+                leaves.remove(&rm.removed().u32());
+            }
+            (Proposal::SelfRemove, Sender::Member(i)) => {
+                if let Some(who) = leaves.remove(&i.u32()) {
+                    self_removed.push(who);
+                }
+            }
+            _ => {}
+        }
+    }
+    let place = |leaves: &mut BTreeMap<u32, String>, who: String| {
+        let free = (0u32..)
+            .find(|i| !leaves.contains_key(i))
+            .unwrap_or(u32::MAX);
+        leaves.insert(free, who);
+    };
+    for add in staged.add_proposals() {
+        let who = identity(add.add_proposal().key_package().leaf_node().credential());
+        place(&mut leaves, who);
+    }
+    if let Some(who) = joiner {
+        place(&mut leaves, who.clone());
+    }
+    (self_removed, leaves.into_values().collect())
 }
 
 /// The room's state: the group id, then every storage entry (sorted, so equal states encode
@@ -308,7 +459,23 @@ impl MlsValidator for OpenMlsValidator {
             epoch: current,
             ..HandshakeEffect::default()
         };
-        match processed.into_content() {
+        let content = match processed.into_content() {
+            ProcessedMessageContent::UnresolvedAppDataCommit(unresolved) => {
+                let (updates, changes) =
+                    resolve_app_data(&r.group, unresolved.app_data_update_proposals())?;
+                effect.app_data = changes;
+                let staged = r
+                    .group
+                    .stage_app_data_commit(&self.crypto, *unresolved, updates)
+                    .map_err(|e| {
+                        debug!(room, error = %e, "app data commit failed validation");
+                        invalid(e)
+                    })?;
+                ProcessedMessageContent::StagedCommitMessage(Box::new(staged))
+            }
+            other => other,
+        };
+        match content {
             ProcessedMessageContent::StagedCommitMessage(staged) => {
                 effect.is_commit = true;
                 effect.epoch = current + 1;
@@ -325,6 +492,10 @@ impl MlsValidator for OpenMlsValidator {
                         rm.remove_proposal().removed(),
                     ));
                 }
+                let (self_removed, members_after) =
+                    members_after(&r.group, &staged, external.then_some(&effect.sender));
+                effect.self_removed = self_removed;
+                effect.members_after = members_after;
                 r.staged = Some(Staged::Commit(staged));
             }
             ProcessedMessageContent::ProposalMessage(p) => {
@@ -335,8 +506,14 @@ impl MlsValidator for OpenMlsValidator {
                     Proposal::Remove(rm) => effect
                         .removed
                         .push(Self::leaf_identity(&r.group, rm.removed())),
+                    Proposal::SelfRemove => effect.self_removed.push(effect.sender.clone()),
+                    // What it would change if committed alone now; the commit is checked again.
+                    Proposal::AppDataUpdate(u) => {
+                        effect.app_data = resolve_app_data(&r.group, [u.as_ref()])?.1;
+                    }
                     _ => {}
                 }
+                effect.members_after = r.group.members().map(|m| identity(&m.credential)).collect();
                 r.staged = Some(Staged::Proposal(p));
             }
             ProcessedMessageContent::ApplicationMessage(_) => {

@@ -5,11 +5,16 @@
 //! format carries a `RatchetTreeOption`; a PublicMessage or PrivateMessage is then
 //! selected by its content type. Other wire formats (GroupInfo, KeyPackage) are not
 //! fanned out and are rejected.
+//!
+//! A fanout's receiver (a follower, a client) relays or stores what the hub ordered; it does
+//! not validate it. So the MLS messages are read by their framing only
+//! ([`MlsMessageView::parse_framing`]): a commit carrying a proposal type this reader does not
+//! know is still taken, as long as it is delimited.
 
-use super::{Frank, MlsMessage, RatchetTreeOption, put_opt, read_messages, read_opt};
+use super::{Frank, MlsMessage, RatchetTreeOption, put_opt, read_opt};
 use crate::codec::{Decode, Encode, Reader, Writer, encode_list, wire_type};
 use crate::error::{Limits, WireError};
-use crate::mls::{ContentType, MlsMessageView, WireFormat};
+use crate::mls::{ContentType, MlsMessageView, Walk, WireFormat};
 
 /// Which select arm a message takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,18 +95,47 @@ fn read_extra(r: &mut Reader<'_>, arm: Arm) -> Result<FanoutExtra, WireError> {
             ratchet_tree_option: RatchetTreeOption::decode_from(r)?,
         },
         Arm::Proposal => FanoutExtra::Proposal {
-            more_proposals: read_messages(r, "moreProposals")?,
+            more_proposals: read_framed_messages(r, "moreProposals")?,
         },
         Arm::Commit => FanoutExtra::Commit {
-            external_proposals: read_messages(r, "externalProposals")?,
+            external_proposals: read_framed_messages(r, "externalProposals")?,
         },
     })
+}
+
+/// Delimits the select part without building it.
+fn skip_extra(r: &mut Reader<'_>, arm: Arm) -> Result<(), WireError> {
+    let mut list = match arm {
+        Arm::Application | Arm::Welcome => return read_extra(r, arm).map(drop),
+        Arm::Proposal => r.sub_vec("moreProposals")?,
+        Arm::Commit => r.sub_vec("externalProposals")?,
+    };
+    while !list.is_empty() {
+        MlsMessageView::read_with(&mut list, Walk::Framing)?;
+    }
+    Ok(())
+}
+
+/// A `MLSMessage x<V>` vector, each element read by its framing.
+fn read_framed_messages(
+    r: &mut Reader<'_>,
+    what: &'static str,
+) -> Result<Vec<MlsMessage>, WireError> {
+    let mut list = r.sub_vec(what)?;
+    let mut out = Vec::new();
+    while !list.is_empty() {
+        out.push(MlsMessage::from_view(&MlsMessageView::read_with(
+            &mut list,
+            Walk::Framing,
+        )?));
+    }
+    Ok(out)
 }
 
 impl<'a> Decode<'a> for FanoutMessage {
     fn decode_from(r: &mut Reader<'a>) -> Result<Self, WireError> {
         let timestamp = r.u64()?;
-        let message = MlsMessage::decode_from(r)?;
+        let message = MlsMessage::from_view(&MlsMessageView::read_with(r, Walk::Framing)?);
         let extra = read_extra(r, arm(&message.view())?)?;
         Ok(FanoutMessage {
             timestamp,
@@ -184,8 +218,8 @@ pub fn split_fanout_sequence<'a>(
         }
         let start = r.position();
         let timestamp = r.u64()?;
-        let message = MlsMessageView::read(&mut r)?;
-        read_extra(&mut r, arm(&message)?)?;
+        let message = MlsMessageView::read_with(&mut r, Walk::Framing)?;
+        skip_extra(&mut r, arm(&message)?)?;
         out.push(FanoutView {
             bytes: r.since(start),
             timestamp,

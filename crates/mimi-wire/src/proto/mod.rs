@@ -27,6 +27,7 @@ mod group_info;
 mod identifier;
 mod key_material;
 pub mod room;
+pub mod room_defaults;
 mod submit;
 mod update;
 
