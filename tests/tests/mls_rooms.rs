@@ -63,7 +63,25 @@ async fn scenario_over(transport: &str) {
     assert_eq!(r.same_provider_decrypted, 4, "{r:?}");
     assert_eq!(r.own_echoes, 8, "{r:?}");
     assert!(r.removed_member_cut_off, "{r:?}");
+    // The refusals the scenario provokes on purpose: bob's removal of carol (the policy) and
+    // alice's claim for frank, who never consented.
+    assert_eq!(r.policy_rejections, 1, "{r:?}");
+    assert_eq!(r.consent_denials, 1, "{r:?}");
+    assert_eq!(r.key_claims, 3, "{r:?}");
+    assert!(r.refusals[0].contains("NoConsent"), "{r:?}");
+    assert!(r.refusals[1].contains("canRemoveParticipant"), "{r:?}");
+    // The room's participant list, as its AppDataUpdate commits left it: carol is gone.
+    assert_eq!(
+        r.participants,
+        vec![(ALICE.into(), 3), (BOB.into(), 2), (DAVE.into(), 2)],
+        "{r:?}"
+    );
     net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_scenario_over_mixed_transports() {
+    scenario_over("mixed").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -250,6 +250,20 @@ impl MlsClient {
     }
 
     /// User URIs of the group's members, by leaf.
+    /// The room's participant list as this client's group has it: (user URI, role index).
+    pub fn participants(&self) -> Vec<(String, u32)> {
+        self.group
+            .as_ref()
+            .and_then(|g| participant_list(g).ok())
+            .map(|l| {
+                l.participants
+                    .into_iter()
+                    .map(|p| (p.user.as_str().to_owned(), p.role_index))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     pub fn members(&self) -> Vec<String> {
         self.group
             .as_ref()

@@ -24,6 +24,17 @@ pub struct ScenarioReport {
     pub same_provider_decrypted: u64,
     /// Senders that saw their own message fanned back by the hub.
     pub own_echoes: u64,
+    /// Handshakes the hub refused by the room's policy, as the clients saw them (the
+    /// scenario attempts one on purpose).
+    pub policy_rejections: u64,
+    /// Key material claims that got a KeyPackage, and claims refused for want of consent
+    /// (the scenario attempts one on purpose).
+    pub key_claims: u64,
+    pub consent_denials: u64,
+    /// What each refusal said, for the reader.
+    pub refusals: Vec<String>,
+    /// The room's final participant list as its creator's group has it: (user, role index).
+    pub participants: Vec<(String, u32)>,
     /// Anything a client could not apply or decrypt, or decrypted differently than sent
     /// (must be 0).
     pub decrypt_failures: u64,
@@ -211,6 +222,33 @@ pub async fn run(admins: [SocketAddr; 3], room: &RoomId) -> Result<ScenarioRepor
             }
         }
     }
+    report.key_claims = kps.len() as u64;
+    // frank of c.example published KeyPackages but never consented to alice: her claim is
+    // refused by his provider (protocol-06 §5.2, noConsent) and costs him nothing.
+    let mut frank =
+        MlsClient::new("mimi://c.example/u/frank", admins[2]).map_err(at("client setup"))?;
+    frank
+        .publish_key_packages(1)
+        .await
+        .map_err(at("publishing key packages"))?;
+    match clients[0]
+        .claim(frank.user.as_str(), room)
+        .await
+        .map_err(at("a claim without consent"))?
+    {
+        Err(code) => {
+            report.consent_denials += 1;
+            report
+                .refusals
+                .push(format!("alice claiming frank's KeyPackage: {code}"));
+        }
+        Ok(_) => {
+            return Err(ScenarioError::Refused {
+                step: "a claim without consent",
+                detail: "the claim was served".into(),
+            });
+        }
+    }
     match clients[0]
         .add(room, &kps)
         .await
@@ -284,6 +322,24 @@ pub async fn run(admins: [SocketAddr; 3], room: &RoomId) -> Result<ScenarioRepor
         ids.push(id);
     }
 
+    // The room's policy at work (draft-ietf-mimi-room-policy §8.1.2): bob, an ordinary
+    // participant, may not remove carol; the hub refuses his commit and nothing changes.
+    match clients[1]
+        .remove(room, users[2])
+        .await
+        .map_err(at("a commit the policy forbids"))?
+    {
+        UpdateResult::Refused(why) => {
+            report.policy_rejections += 1;
+            report.refusals.push(format!("bob removing carol: {why}"));
+        }
+        other => {
+            return Err(ScenarioError::Refused {
+                step: "a commit the policy forbids",
+                detail: format!("not refused: {other:?}"),
+            });
+        }
+    }
     match clients[0]
         .remove(room, users[2])
         .await
@@ -341,6 +397,7 @@ pub async fn run(admins: [SocketAddr; 3], room: &RoomId) -> Result<ScenarioRepor
         .await
         .map_err(at("after the removal"))?;
     report.removed_member_cut_off = late.is_none();
+    report.participants = clients[0].participants();
     report.elapsed_ms = started.elapsed().as_millis() as u64;
     Ok(report)
 }

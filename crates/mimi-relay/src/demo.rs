@@ -75,7 +75,7 @@ impl Default for DemoOptions {
     fn default() -> Self {
         DemoOptions {
             messages: 1000,
-            transport: "quic".into(),
+            transport: "mixed".into(),
             store: "durable".into(),
             chaos: false,
             chaos_node: 1,
@@ -127,6 +127,17 @@ pub struct DemoReport {
     pub decrypt_failures: u64,
     /// Wall time of the MLS phase.
     pub mls_ms: u64,
+    /// The MLS room's final participant list (user URI, role index), as its creator sees it.
+    pub participants: Vec<(String, u32)>,
+    /// Summed over the three nodes' metrics after the MLS phase: handshakes and submissions
+    /// the hubs' room policy refused, key claims served, claims refused for want of consent,
+    /// and franks a hub checked.
+    pub policy_rejections: u64,
+    pub key_claims: u64,
+    pub consent_denials: u64,
+    pub franks_verified: u64,
+    /// What the refusals the scenario provoked on purpose said.
+    pub refusals: Vec<String>,
     /// Why the MLS phase stopped, if it did not finish.
     pub mls_error: Option<String>,
 }
@@ -153,7 +164,7 @@ impl DemoReport {
             "  transport      {}{} (store: {})",
             self.transport,
             if self.transport == "mixed" {
-                ": a-b and b-c over quic, a-c over https"
+                ": a-b over quic, a-c over https, b-c over xmpp"
             } else {
                 ""
             },
@@ -181,6 +192,23 @@ impl DemoReport {
                     .map(|e| format!("; STOPPED: {e}"))
                     .unwrap_or_default()
             );
+            let _ = writeln!(
+                s,
+                "  room state     participants {}; the relays counted {} policy rejections, {} key \
+                 claims served, {} consent denials, {} franks verified",
+                self.participants
+                    .iter()
+                    .map(|(u, r)| format!("{u} (role {r})"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                self.policy_rejections,
+                self.key_claims,
+                self.consent_denials,
+                self.franks_verified
+            );
+            for r in &self.refusals {
+                let _ = writeln!(s, "  refused        {r}");
+            }
         }
         let _ = writeln!(
             s,
@@ -253,8 +281,11 @@ fn free_udp() -> Result<u16> {
 /// The transport each pair of providers uses: one kind everywhere, or the mixed room.
 fn pair_transport(transport: &str, i: usize, j: usize) -> Result<TransportKind> {
     Ok(match transport {
-        // a-b over QUIC, a-c over the draft's HTTPS, b-c over QUIC.
+        // Every pair on its own transport: a-b over QUIC, a-c over the draft's HTTPS, b-c over
+        // direct XMPP (the rooms are hosted at a, so b-c carries what b and c say to each
+        // other directly, such as consent).
         "mixed" if i.min(j) == 0 && i.max(j) == 2 => TransportKind::Https,
+        "mixed" if i.min(j) == 1 => TransportKind::Xmpp,
         "mixed" => TransportKind::Quic,
         t => t.parse()?,
     })
@@ -511,6 +542,9 @@ fn submit_accepted(status: hyper::StatusCode, body: &[u8]) -> bool {
 
 #[derive(Default)]
 struct MlsPhase {
+    participants: Vec<(String, u32)>,
+    refusals: Vec<String>,
+    counters: [u64; 4],
     epochs: Vec<u64>,
     messages: u64,
     decrypted: u64,
@@ -519,6 +553,21 @@ struct MlsPhase {
     failures: u64,
     ms: u64,
     error: Option<String>,
+}
+
+/// The sum of a counter's samples (all label sets) in a Prometheus text exposition.
+fn metric_sum(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            if !(rest.starts_with(' ') || rest.starts_with('{')) {
+                return None;
+            }
+            l.rsplit(' ').next()?.parse::<f64>().ok()
+        })
+        .map(|v| v as u64)
+        .sum()
 }
 
 /// Runs the demo and returns its figures.
@@ -572,10 +621,29 @@ pub async fn run(opts: DemoOptions, launcher: Launcher) -> Result<DemoReport> {
                 mls.same_provider = r.same_provider_decrypted;
                 mls.own_echoes = r.own_echoes;
                 mls.failures = r.decrypt_failures;
+                mls.participants = r.participants;
+                mls.refusals = r.refusals;
             }
             Err(e) => mls.error = Some(format!("{:#}", anyhow::Error::from(e))),
         }
         mls.ms = t.elapsed().as_millis() as u64;
+        // What the relays themselves counted, not what the clients think they saw.
+        for admin in &admins {
+            if let Ok((_, body)) = LocalClient::new(*admin).get("/metrics").await {
+                let text = String::from_utf8_lossy(&body);
+                for (i, name) in [
+                    "mimi_relay_policy_rejections_total",
+                    "mimi_relay_key_claims_total",
+                    "mimi_relay_consent_denials_total",
+                    "mimi_relay_franks_verified_total",
+                ]
+                .iter()
+                .enumerate()
+                {
+                    mls.counters[i] += metric_sum(&text, name);
+                }
+            }
+        }
     }
     let nodes = Arc::new(tokio::sync::Mutex::new(nodes));
     let room: RoomId = ROOM.parse()?;
@@ -771,6 +839,12 @@ pub async fn run(opts: DemoOptions, launcher: Launcher) -> Result<DemoReport> {
             decrypt_failures: mls.failures,
             mls_ms: mls.ms,
             mls_error: mls.error,
+            participants: mls.participants,
+            policy_rejections: mls.counters[0],
+            key_claims: mls.counters[1],
+            consent_denials: mls.counters[2],
+            franks_verified: mls.counters[3],
+            refusals: mls.refusals,
         }
     };
     if opts.keep {
@@ -789,4 +863,18 @@ pub async fn run(opts: DemoOptions, launcher: Launcher) -> Result<DemoReport> {
         eprintln!("demo files kept in {}", kept.display());
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn metric_sum_adds_every_label_set_of_one_name_only() {
+        let text = "# TYPE mimi_relay_x_total counter\n\
+                    mimi_relay_x_total 3\n\
+                    mimi_relay_x_total{peer=\"b\"} 4\n\
+                    mimi_relay_x_totally 100\n\
+                    mimi_relay_y_total 9\n";
+        assert_eq!(super::metric_sum(text, "mimi_relay_x_total"), 7);
+        assert_eq!(super::metric_sum(text, "mimi_relay_z_total"), 0);
+    }
 }

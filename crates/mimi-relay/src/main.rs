@@ -86,9 +86,9 @@ enum Cmd {
         /// Messages to submit, spread over the three providers.
         #[arg(long, default_value_t = 1000)]
         messages: usize,
-        /// Transport between the providers: quic, https, or mixed (a-b over QUIC, a-c over
-        /// HTTPS, in one room).
-        #[arg(long, default_value = "quic")]
+        /// Transport between the providers: quic, https, xmpp, matrix, or mixed (the default:
+        /// a-b over QUIC, a-c over HTTPS, b-c over XMPP).
+        #[arg(long, default_value = "mixed")]
         transport: String,
         /// Where nodes keep their state: durable (redb, fsync per commit) or memory.
         #[arg(long, default_value = "durable")]
