@@ -26,10 +26,12 @@ pub enum RejectReason {
     InboxShare,
     /// The store is out of space: nothing new is taken until it has some again.
     StorageFull,
+    /// An abuse report whose frank is not one this hub made (protocol-06 §5.4.1, §5.9).
+    BadFrank,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 12] = [
+    pub const ALL: [RejectReason; 13] = [
         RejectReason::Malformed,
         RejectReason::TooLarge,
         RejectReason::UnknownRoom,
@@ -42,6 +44,7 @@ impl RejectReason {
         RejectReason::PeerBudget,
         RejectReason::InboxShare,
         RejectReason::StorageFull,
+        RejectReason::BadFrank,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,6 +61,7 @@ impl RejectReason {
             RejectReason::PeerBudget => "peer_budget",
             RejectReason::InboxShare => "inbox_share",
             RejectReason::StorageFull => "storage_full",
+            RejectReason::BadFrank => "bad_frank",
         }
     }
 }
@@ -182,6 +186,12 @@ pub struct RelayStats {
     pub reused_seq: u64,
     /// Calls into the MLS validator that panicked (refused, the node went on).
     pub mls_panics: u64,
+    /// Hub: application messages franked (protocol-06 §5.4.1.2).
+    pub franks_issued: u64,
+    /// Hub: abuse reports whose franks it verified as its own (§5.9).
+    pub franks_verified: u64,
+    /// Hub: abuse reports refused because a frank was not its own.
+    pub franks_refused: u64,
     /// Time from the hub's acceptance to the follower's acknowledgement.
     pub latency: Histogram,
 }

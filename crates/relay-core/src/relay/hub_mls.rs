@@ -16,6 +16,8 @@ use mimi_wire::proto::{
     KeyMaterialRequest, KeyMaterialResponse, KeyMaterialUserCode, KeyPackage, MlsMessage, Protocol,
     SubmitMessageResponse, UpdateOutcome, UpdateRequest, UpdateRoomResponse, VLBytes,
 };
+use mimi_wire::proto::room::SafeAad;
+use mimi_wire::proto::{Frank, SubmitMessageView};
 use mimi_wire::uri::{ProviderDomain, RoomId};
 use tracing::{debug, info};
 
@@ -378,6 +380,24 @@ impl Relay {
                 Some(submit_answer(&SubmitMessageResponse::not_allowed()))
             }
         }
+    }
+
+    /// The hub's Frank for an accepted submission (protocol-06 §5.4.1.2): when its
+    /// PrivateMessage's authenticated_data is a SafeAAD with a frank_aad item and the
+    /// validator franks for the room (its GroupContext names this hub's key).
+    pub(super) fn frank_submission(
+        &self,
+        room: &str,
+        view: &SubmitMessageView<'_>,
+        accepted_ms: u64,
+    ) -> Option<Frank> {
+        let v = self.mls.validator.as_ref()?;
+        if !self.mls.rooms.contains_key(room) {
+            return None;
+        }
+        let aad = view.app_message.private_authenticated_data()?;
+        let tag = SafeAad::franking_tag(aad)?;
+        v.frank(room, &tag, view.sending_uri, room, accepted_ms)
     }
 
     /// The hub's side of /update (from a follower, or from a local client).
