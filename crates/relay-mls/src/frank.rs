@@ -31,7 +31,11 @@ pub fn franking_tag(crypto: &RustCrypto, salt: &[u8], application_data: &[u8]) -
 
 /// `ServerFrankingContext { IdentifierUri sender_uri; IdentifierUri room_uri; uint64
 /// accepted_timestamp; }`, encoded.
-pub fn server_franking_context(sender_uri: &str, room_uri: &str, accepted_ms: u64) -> Option<Vec<u8>> {
+pub fn server_franking_context(
+    sender_uri: &str,
+    room_uri: &str,
+    accepted_ms: u64,
+) -> Option<Vec<u8>> {
     let mut out = IdentifierUri::new(sender_uri).encode().ok()?;
     out.extend(IdentifierUri::new(room_uri).encode().ok()?);
     out.extend_from_slice(&accepted_ms.to_be_bytes());
@@ -52,7 +56,11 @@ pub fn server_frank(
 
 /// `FrankingIntegrityTBS { opaque server_frank[32]; CipherSuite
 /// franking_signature_ciphersuite; ServerFrankingContext context; }`, encoded.
-pub fn franking_integrity_tbs(server_frank: &[u8; 32], ciphersuite: u16, context: &[u8]) -> Vec<u8> {
+pub fn franking_integrity_tbs(
+    server_frank: &[u8; 32],
+    ciphersuite: u16,
+    context: &[u8],
+) -> Vec<u8> {
     let mut out = server_frank.to_vec();
     out.extend_from_slice(&ciphersuite.to_be_bytes());
     out.extend_from_slice(context);
@@ -137,7 +145,8 @@ pub fn verify_frank(
     context: &[u8],
 ) -> Result<(), FrankError> {
     verify_frank_signature(crypto, franking_signature_key, frank, context)?;
-    let salt = mimi_wire::content::content_salt(application_data).map_err(|_| FrankError::Content)?;
+    let salt =
+        mimi_wire::content::content_salt(application_data).map_err(|_| FrankError::Content)?;
     match self::franking_tag(crypto, &salt, application_data) {
         Some(t) if constant_time_eq(&t, franking_tag) => Ok(()),
         _ => Err(FrankError::Tag),
@@ -182,8 +191,9 @@ mod tests {
     #[test]
     fn server_frank_and_tbs_follow_the_draft() {
         let c = RustCrypto::default();
-        let ctx = server_franking_context("mimi://b.example/u/alice", "mimi://a.example/r/x", 0x0102)
-            .expect("context");
+        let ctx =
+            server_franking_context("mimi://b.example/u/alice", "mimi://a.example/r/x", 0x0102)
+                .expect("context");
         // IdentifierUri = opaque uri<V> (one-byte varint lengths here), then uint64.
         let mut want = vec![24];
         want.extend_from_slice(b"mimi://b.example/u/alice");

@@ -198,13 +198,16 @@ impl OpenMlsValidator {
     }
 }
 
-/// The data of `component` in the group's app_data_dictionary GroupContext extension
+/// The data of `component` in the app_data_dictionary among a GroupContext's extensions
 /// (type 6, draft-ietf-mls-extensions). Read from the extension's encoding, so it works
 /// whether openmls knows the extension (`extensions-draft`) or keeps it as unknown.
-pub fn app_data_component(group: &PublicGroup, component: u16) -> Option<Vec<u8>> {
+pub fn app_data_component(
+    extensions: &openmls::prelude::Extensions<openmls::prelude::GroupContext>,
+    component: u16,
+) -> Option<Vec<u8>> {
     use mimi_wire::proto::room::{SafeAad, SafeAadItem};
     use openmls::prelude::tls_codec::Serialize as _;
-    group.group_context().extensions().iter().find_map(|ext| {
+    extensions.iter().find_map(|ext| {
         // `Extension` is { u16 type; opaque data<V> }, the shape of a SafeAADItem; the
         // dictionary is a list of { ComponentID; opaque data<V> }, the shape of SafeAAD.
         let ext = SafeAadItem::decode(&ext.tls_serialize_detached().ok()?).ok()?;
@@ -541,13 +544,16 @@ impl MlsValidator for OpenMlsValidator {
         let hub_key = self.franking_key.as_deref()?;
         let (sk, pk) = self.hub_key.get()?;
         let agent = app_data_component(
-            &self.rooms.get(room)?.group,
+            self.rooms.get(room)?.group.group_context().extensions(),
             mimi_wire::proto::room::component::FRANKING_AGENT,
         )?;
         // Only a franking_agent naming this hub's key: else receivers could not verify.
         let agent = mimi_wire::proto::room::FrankingAgentData::decode(&agent).ok()?;
         if agent.franking_signature_key.as_slice() != pk.as_slice() {
-            debug!(room, "the room's franking agent is not this hub: not franked");
+            debug!(
+                room,
+                "the room's franking agent is not this hub: not franked"
+            );
             return None;
         }
         let ctx = frank::server_franking_context(sender_uri, room_uri, accepted_ms)?;

@@ -10,13 +10,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use bytes::Bytes;
 use mimi_wire::endpoint::Endpoint;
 use mimi_wire::mls::WireFormat;
+use mimi_wire::proto::room::SafeAad;
 use mimi_wire::proto::{
     ClientKeyMaterial, ClientKeyMaterialStatus, FanoutExtra, FanoutMessage, GroupInfoOption,
     GroupInfoRequest, GroupInfoResponse, GroupInfoStatus, HandshakeBundle, IdentifierUri,
     KeyMaterialRequest, KeyMaterialResponse, KeyMaterialUserCode, KeyPackage, MlsMessage, Protocol,
     SubmitMessageResponse, UpdateOutcome, UpdateRequest, UpdateRoomResponse, VLBytes,
 };
-use mimi_wire::proto::room::SafeAad;
 use mimi_wire::proto::{Frank, SubmitMessageView};
 use mimi_wire::uri::{ProviderDomain, RoomId};
 use tracing::{debug, info};
