@@ -61,6 +61,8 @@ async fn scenario_over(transport: &str) {
     assert_eq!(r.same_provider_decrypted, 4, "{r:?}");
     assert_eq!(r.own_echoes, 8, "{r:?}");
     assert!(r.removed_member_cut_off, "{r:?}");
+    // The hub franked every message; each receiver verified each Frank (§5.4.1.3).
+    assert_eq!((r.franks_verified, r.franks_failed), (23, 0), "{r:?}");
     net.stop().await;
 }
 
@@ -439,6 +441,36 @@ async fn external_join_with_group_info_from_the_hub() {
     );
     assert_eq!(carol.epoch(), None);
 
+    // The hub publishes its key (GET /v1/client/hubKey) with its credential; dave checks
+    // the GroupInfoResponse against it. fay, who pinned another node's key, refuses it.
+    let hub_key = alice.fetch_hub_key().await.unwrap();
+    let agent = mimi_wire::proto::room::FrankingAgentData::decode(&hub_key).unwrap();
+    assert!(
+        agent
+            .credential
+            .as_bytes()
+            .windows(16)
+            .any(|w| w == b"mimi://a.example")
+    );
+    dave.pin_hub_key("a.example", hub_key);
+    let other = relay_node::client::LocalClient::new(a[1])
+        .hub_key()
+        .await
+        .unwrap();
+    assert_ne!(
+        mimi_wire::proto::room::FrankingAgentData::decode(&other)
+            .unwrap()
+            .franking_signature_key,
+        agent.franking_signature_key
+    );
+    let mut fay = MlsClient::new("mimi://b.example/u/fay", a[1]).unwrap();
+    fay.pin_hub_key("a.example", other.to_vec());
+    let refused = fay.join_external(&room).await;
+    assert!(
+        matches!(&refused, Err(mimi_client::MlsClientError::Mls(m)) if m.contains("bad hub signature")),
+        "{refused:?}"
+    );
+    assert_eq!(fay.epoch(), None);
     assert_eq!(
         dave.join_external(&room).await.unwrap(),
         Ok(UpdateResult::Accepted)
