@@ -421,6 +421,8 @@ async fn external_join_with_group_info_from_the_hub() {
     let mut carol = MlsClient::new(CAROL, a[2]).unwrap();
     let mut dave = MlsClient::new("mimi://b.example/u/dave", a[1]).unwrap();
     bob.publish_key_packages(1).await.unwrap();
+    // The room names its hub as franking agent: joiners by external commit support that.
+    let hub_key = alice.fetch_hub_key().await.unwrap();
     alice.create_room(&room).await.unwrap();
     let kb = alice.claim(BOB, &room).await.unwrap().unwrap();
     assert_eq!(
@@ -443,7 +445,6 @@ async fn external_join_with_group_info_from_the_hub() {
 
     // The hub publishes its key (GET /v1/client/hubKey) with its credential; dave checks
     // the GroupInfoResponse against it. fay, who pinned another node's key, refuses it.
-    let hub_key = alice.fetch_hub_key().await.unwrap();
     let agent = mimi_wire::proto::room::FrankingAgentData::decode(&hub_key).unwrap();
     assert!(
         agent
@@ -520,5 +521,20 @@ async fn external_join_with_group_info_from_the_hub() {
         b"hello from erin",
     )
     .await;
+    // MIMI content (with its salt) is franked by the hub and checked by every receiver,
+    // the joiners by external commit among them.
+    let content = mimi_wire::content::MimiContent::markdown(alice.salt().unwrap(), "franked")
+        .encode()
+        .unwrap();
+    check_message(
+        &room,
+        &mut alice,
+        &mut [&mut dave, &mut bob, &mut erin],
+        &content,
+    )
+    .await;
+    for c in [&dave, &bob, &erin] {
+        assert_eq!((c.franks_verified, c.franks_failed), (1, 0), "{}", c.user);
+    }
     net.stop().await;
 }

@@ -589,6 +589,12 @@ impl MlsClient {
             .with_config(join_config())
             .build_group(&self.provider, vgi, self.credential.clone())
             .map_err(mls)?
+            // A room may name a franking agent in its app_data_dictionary.
+            .leaf_node_parameters(
+                LeafNodeParameters::builder()
+                    .with_capabilities(franking::capabilities())
+                    .build(),
+            )
             .load_psks(self.provider.storage())
             .map_err(mls)?
             .build(
