@@ -25,13 +25,27 @@ struct Net {
 impl Net {
     async fn start(transport: &str) -> Net {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let dir = tempfile::tempdir().unwrap();
-        let layout = demo::prepare(dir.path(), transport, "durable", false).unwrap();
-        let mut nodes = Vec::new();
-        for c in &layout.configs {
-            nodes.push(Node::start(NodeConfig::load(c).unwrap()).await.unwrap());
+        // prepare() picks free ports and lets them go; a test running beside may take one
+        // before a node binds it, so a layout whose ports are taken is made afresh.
+        'attempt: for attempt in 0.. {
+            let dir = tempfile::tempdir().unwrap();
+            let layout = demo::prepare(dir.path(), transport, "durable", false).unwrap();
+            let mut nodes = Vec::new();
+            for c in &layout.configs {
+                match Node::start(NodeConfig::load(c).unwrap()).await {
+                    Ok(n) => nodes.push(n),
+                    Err(e) if attempt < 3 && format!("{e:?}").contains("AddrInUse") => {
+                        for n in nodes {
+                            n.shutdown().await.unwrap();
+                        }
+                        continue 'attempt;
+                    }
+                    Err(e) => panic!("node start: {e:?}"),
+                }
+            }
+            return Net { _dir: dir, nodes };
         }
-        Net { _dir: dir, nodes }
+        unreachable!()
     }
 
     fn admins(&self) -> [std::net::SocketAddr; 3] {
@@ -76,6 +90,8 @@ async fn scenario_over(transport: &str) {
         vec![(ALICE.into(), 3), (BOB.into(), 2), (DAVE.into(), 2)],
         "{r:?}"
     );
+    // The hub franked every message; each receiver verified each Frank (§5.4.1.3).
+    assert_eq!((r.franks_verified, r.franks_failed), (23, 0), "{r:?}");
     net.stop().await;
 }
 
@@ -460,6 +476,8 @@ async fn external_join_with_group_info_from_the_hub() {
     let mut dave = MlsClient::new(DAVE, a[1]).unwrap();
     bob.publish_key_packages(1).await.unwrap();
     bob.set_consent(ALICE, Some(&room), true).await.unwrap();
+    // The room names its hub as franking agent: joiners by external commit support that.
+    let hub_key = alice.fetch_hub_key().await.unwrap();
     alice.create_room(&room).await.unwrap();
     let kb = alice.claim(BOB, &room).await.unwrap().unwrap();
     assert_eq!(
@@ -487,9 +505,9 @@ async fn external_join_with_group_info_from_the_hub() {
         Err(GroupInfoCode::NotAuthorized)
     );
     assert_eq!(dave.epoch(), None);
-    // alice lists him and erin (inactive participants); each then adds their own client.
+    // alice lists him, erin and fay (inactive participants); each then adds their own client.
     let listed = mimi_client::room_policy::add_participants(
-        [DAVE, ERIN],
+        [DAVE, ERIN, "mimi://b.example/u/fay"],
         mimi_client::room_policy::REGULAR_ROLE,
     );
     assert_eq!(
@@ -500,6 +518,35 @@ async fn external_join_with_group_info_from_the_hub() {
         UpdateResult::Accepted
     );
     wait_for(&mut bob, |e| matches!(e, Event::Commit { epoch: 2, .. })).await;
+    // The hub publishes its key (GET /v1/client/hubKey) with its credential; dave checks
+    // the GroupInfoResponse against it. fay, who pinned another node's key, refuses it.
+    let agent = mimi_wire::proto::room::FrankingAgentData::decode(&hub_key).unwrap();
+    assert!(
+        agent
+            .credential
+            .as_bytes()
+            .windows(16)
+            .any(|w| w == b"mimi://a.example")
+    );
+    dave.pin_hub_key("a.example", hub_key);
+    let other = relay_node::client::LocalClient::new(a[1])
+        .hub_key()
+        .await
+        .unwrap();
+    assert_ne!(
+        mimi_wire::proto::room::FrankingAgentData::decode(&other)
+            .unwrap()
+            .franking_signature_key,
+        agent.franking_signature_key
+    );
+    let mut fay = MlsClient::new("mimi://b.example/u/fay", a[1]).unwrap();
+    fay.pin_hub_key("a.example", other.to_vec());
+    let refused = fay.join_external(&room).await;
+    assert!(
+        matches!(&refused, Err(mimi_client::MlsClientError::Mls(m)) if m.contains("bad hub signature")),
+        "{refused:?}"
+    );
+    assert_eq!(fay.epoch(), None);
     assert_eq!(
         dave.join_external(&room).await.unwrap(),
         Ok(UpdateResult::Accepted)
@@ -549,5 +596,20 @@ async fn external_join_with_group_info_from_the_hub() {
         b"hello from erin",
     )
     .await;
+    // MIMI content (with its salt) is franked by the hub and checked by every receiver,
+    // the joiners by external commit among them.
+    let content = mimi_wire::content::MimiContent::markdown(alice.salt().unwrap(), "franked")
+        .encode()
+        .unwrap();
+    check_message(
+        &room,
+        &mut alice,
+        &mut [&mut dave, &mut bob, &mut erin],
+        &content,
+    )
+    .await;
+    for c in [&dave, &bob, &erin] {
+        assert_eq!((c.franks_verified, c.franks_failed), (1, 0), "{}", c.user);
+    }
     net.stop().await;
 }

@@ -16,6 +16,8 @@
 
 use std::net::SocketAddr;
 
+pub mod franking;
+
 use bytes::Bytes;
 use mimi_wire::proto::room::{ParticipantListData, ParticipantListUpdate, component};
 use mimi_wire::proto::{
@@ -129,6 +131,13 @@ pub struct MlsClient {
     backlog: std::collections::VecDeque<Event>,
     /// Application messages sent, recognised when the hub fans them back.
     sent: own::SentLog,
+    /// Hubs' published keys (`FrankingAgentData`) by domain: GroupInfoResponses are checked
+    /// against them, and a room created here names its hub as franking agent.
+    hub_keys: std::collections::BTreeMap<String, Vec<u8>>,
+    /// Received messages whose hub Frank verified (protocol-06 §5.4.1.3), and those whose
+    /// Frank did not.
+    pub franks_verified: u64,
+    pub franks_failed: u64,
 }
 
 impl std::fmt::Debug for MlsClient {
@@ -152,10 +161,16 @@ pub fn capabilities() -> Capabilities {
     )
 }
 
-fn group_config(creator: &str) -> Result<MlsGroupCreateConfig, MlsClientError> {
+fn group_config(
+    creator: &str,
+    franking_agent: Option<&[u8]>,
+) -> Result<MlsGroupCreateConfig, MlsClientError> {
     let mut dict = AppDataDictionary::new();
     for (id, data) in room_policy::initial_app_data(creator)? {
         dict.insert(id, data);
+    }
+    if let Some(agent) = franking_agent {
+        dict.insert(component::FRANKING_AGENT, agent.to_vec());
     }
     let extensions = Extensions::from_vec(vec![
         Extension::RequiredCapabilities(RequiredCapabilitiesExtension::new(
@@ -228,6 +243,9 @@ impl MlsClient {
             inbox_after: 0,
             backlog: std::collections::VecDeque::new(),
             sent: own::SentLog::default(),
+            hub_keys: Default::default(),
+            franks_verified: 0,
+            franks_failed: 0,
         })
     }
 
@@ -295,12 +313,41 @@ impl MlsClient {
         Ok(())
     }
 
+    /// Fetches this client's own provider's hub key (`GET /v1/client/hubKey`) and pins it
+    /// for that provider's domain.
+    pub async fn fetch_hub_key(&mut self) -> Result<Vec<u8>, MlsClientError> {
+        let data = self.api.hub_key().await?.to_vec();
+        let domain = self
+            .user
+            .strip_prefix("mimi://")
+            .and_then(|r| r.split('/').next())
+            .unwrap_or_default()
+            .to_owned();
+        self.hub_keys.insert(domain, data.clone());
+        Ok(data)
+    }
+
+    /// Pins the published key (`FrankingAgentData`) of the hub at `domain`.
+    pub fn pin_hub_key(&mut self, domain: &str, agent_data: Vec<u8>) {
+        self.hub_keys.insert(domain.to_owned(), agent_data);
+    }
+
+    /// The group config for `room`: with the hub as franking agent when its key is pinned.
+    /// The new room's config: its policy components, and the hub as franking agent when
+    /// its key is pinned.
+    fn room_config(&self, room: &RoomId) -> Result<MlsGroupCreateConfig, MlsClientError> {
+        group_config(
+            &self.user,
+            self.hub_keys.get(room.domain()).map(|k| k.as_slice()),
+        )
+    }
+
     /// Creates the MLS group and has the provider host it as `room`.
     pub async fn create_room(&mut self, room: &RoomId) -> Result<(), MlsClientError> {
         let group = MlsGroup::new_with_group_id(
             &self.provider,
             &self.signer,
-            &group_config(&self.user)?,
+            &self.room_config(room)?,
             GroupId::from_slice(room.as_str().as_bytes()),
             self.credential.clone(),
         )
@@ -710,11 +757,25 @@ impl MlsClient {
             return Ok(Err(resp.code()));
         };
         let signed = relay_mls::sign_content(relay_mls::RESPONSE_LABEL, &tbs).map_err(mls)?;
+        // The hub's published key when pinned (a forged response could carry any key); the
+        // carried one otherwise.
+        let pinned = match self.hub_keys.get(room.domain()) {
+            Some(k) => Some(
+                mimi_wire::proto::room::FrankingAgentData::decode(k)?
+                    .franking_signature_key
+                    .as_slice()
+                    .to_vec(),
+            ),
+            None => None,
+        };
+        let key = pinned
+            .as_deref()
+            .unwrap_or(hub_sender.signature_key.as_slice());
         crypto
             .verify_signature(
                 CIPHERSUITE.signature_algorithm(),
                 &signed,
-                hub_sender.signature_key.as_slice(),
+                key,
                 signature.as_slice(),
             )
             .map_err(|_| {
@@ -810,6 +871,9 @@ impl MlsClient {
         payload: &[u8],
     ) -> Result<SubmitResult, MlsClientError> {
         let group = self.group.as_mut().ok_or(MlsClientError::NoGroup)?;
+        if let Some(aad) = franking::send_aad(self.provider.crypto(), group, payload) {
+            group.set_aad(aad);
+        }
         let msg = group
             .create_message(&self.provider, &self.signer, payload)
             .map_err(mls)?;
@@ -915,6 +979,7 @@ impl MlsClient {
         };
         let sender =
             String::from_utf8_lossy(processed.credential().serialized_content()).into_owned();
+        let aad = processed.aad().to_vec();
         let content = match processed.into_content() {
             // Computed as the hub computes it; a commit the hub took resolves alike.
             ProcessedMessageContent::UnresolvedAppDataCommit(u) => {
@@ -933,10 +998,25 @@ impl MlsClient {
             other => other,
         };
         match content {
-            ProcessedMessageContent::ApplicationMessage(a) => Event::Message {
-                sender,
-                payload: a.into_bytes(),
-            },
+            ProcessedMessageContent::ApplicationMessage(a) => {
+                let payload = a.into_bytes();
+                if let FanoutExtra::Application { frank: Some(fr) } = &f.extra {
+                    let checked = franking::check(
+                        self.provider.crypto(),
+                        group,
+                        fr,
+                        &aad,
+                        &payload,
+                        &sender,
+                        f.timestamp,
+                    );
+                    match checked {
+                        Ok(()) => self.franks_verified += 1,
+                        Err(_) => self.franks_failed += 1,
+                    }
+                }
+                Event::Message { sender, payload }
+            }
             ProcessedMessageContent::StagedCommitMessage(c) => {
                 let removed_me = c.self_removed();
                 match group.merge_staged_commit(&self.provider, *c) {

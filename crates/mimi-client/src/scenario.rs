@@ -40,6 +40,10 @@ pub struct ScenarioReport {
     pub decrypt_failures: u64,
     /// Whether the removed member's provider got nothing after the removal.
     pub removed_member_cut_off: bool,
+    /// Received messages whose hub Frank verified (protocol-06 §5.4.1.3; the room names its
+    /// hub as franking agent), and those whose Frank did not (must be 0).
+    pub franks_verified: u64,
+    pub franks_failed: u64,
     pub elapsed_ms: u64,
 }
 
@@ -200,6 +204,11 @@ pub async fn run(admins: [SocketAddr; 3], room: &RoomId) -> Result<ScenarioRepor
             .await
             .map_err(at("granting consent"))?;
     }
+    // alice, of the hub's provider, names the hub as the room's franking agent.
+    clients[0]
+        .fetch_hub_key()
+        .await
+        .map_err(at("fetching the hub key"))?;
     clients[0]
         .create_room(room)
         .await
@@ -398,6 +407,8 @@ pub async fn run(admins: [SocketAddr; 3], room: &RoomId) -> Result<ScenarioRepor
         .map_err(at("after the removal"))?;
     report.removed_member_cut_off = late.is_none();
     report.participants = clients[0].participants();
+    report.franks_verified = clients.iter().map(|c| c.franks_verified).sum();
+    report.franks_failed = clients.iter().map(|c| c.franks_failed).sum();
     report.elapsed_ms = started.elapsed().as_millis() as u64;
     Ok(report)
 }

@@ -123,6 +123,8 @@ pub struct DemoReport {
     pub mls_same_provider: u64,
     /// MLS senders that saw their own message fanned back by the hub.
     pub mls_own_echoes: u64,
+    /// Received MLS messages whose hub Frank the receiver verified (protocol-06 §5.4.1).
+    pub mls_franks_verified: u64,
     /// MLS messages or handshakes a client could not apply or decrypt as sent (must be 0).
     pub decrypt_failures: u64,
     /// Wall time of the MLS phase.
@@ -179,12 +181,13 @@ impl DemoReport {
             let _ = writeln!(
                 s,
                 "  mls            epochs {:?}; {} messages, {} decryptions as sent ({} between bob and dave \
-                 of one provider), {} own echoes, {} failures; {} ms{}",
+                 of one provider), {} own echoes, {} franks verified, {} failures; {} ms{}",
                 self.mls_epochs,
                 self.mls_messages,
                 self.mls_decrypted,
                 self.mls_same_provider,
                 self.mls_own_echoes,
+                self.mls_franks_verified,
                 self.decrypt_failures,
                 self.mls_ms,
                 self.mls_error
@@ -550,6 +553,7 @@ struct MlsPhase {
     decrypted: u64,
     same_provider: u64,
     own_echoes: u64,
+    franks_verified: u64,
     failures: u64,
     ms: u64,
     error: Option<String>,
@@ -620,9 +624,11 @@ pub async fn run(opts: DemoOptions, launcher: Launcher) -> Result<DemoReport> {
                 mls.decrypted = r.messages_decrypted;
                 mls.same_provider = r.same_provider_decrypted;
                 mls.own_echoes = r.own_echoes;
-                mls.failures = r.decrypt_failures;
                 mls.participants = r.participants;
                 mls.refusals = r.refusals;
+                mls.franks_verified = r.franks_verified;
+                // A Frank that does not verify is a failure like a bad decryption.
+                mls.failures = r.decrypt_failures + r.franks_failed;
             }
             Err(e) => mls.error = Some(format!("{:#}", anyhow::Error::from(e))),
         }
@@ -836,6 +842,7 @@ pub async fn run(opts: DemoOptions, launcher: Launcher) -> Result<DemoReport> {
             mls_decrypted: mls.decrypted,
             mls_same_provider: mls.same_provider,
             mls_own_echoes: mls.own_echoes,
+            mls_franks_verified: mls.franks_verified,
             decrypt_failures: mls.failures,
             mls_ms: mls.ms,
             mls_error: mls.error,

@@ -182,6 +182,21 @@ impl<'a> MlsMessageView<'a> {
         r.vec("ciphertext").ok()
     }
 
+    /// The `authenticated_data` of a PrivateMessage (public framing, RFC 9420 §6.3.1: where a
+    /// sender puts its SafeAAD, e.g. a franking tag); None for other formats.
+    pub fn private_authenticated_data(&self) -> Option<&'a [u8]> {
+        if self.wire_format != WireFormat::PrivateMessage {
+            return None;
+        }
+        let mut r = Reader::new(self.bytes, Limits::default());
+        r.u16().ok()?; // version
+        r.u16().ok()?; // wire_format
+        r.vec("group_id").ok()?;
+        r.u64().ok()?;
+        r.u8().ok()?;
+        r.vec("authenticated_data").ok()
+    }
+
     pub(crate) fn read(r: &mut Reader<'a>) -> Result<MlsMessageView<'a>, WireError> {
         Self::read_with(r, Walk::Strict)
     }
@@ -768,6 +783,7 @@ mod tests {
         assert_eq!(v.content_type, Some(ContentType::Application));
         assert!(v.is_private_application());
         assert_eq!(v.bytes, &m[..]);
+        assert_eq!(v.private_authenticated_data(), Some(&[][..]));
     }
 
     #[test]

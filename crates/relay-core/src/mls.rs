@@ -159,6 +159,36 @@ pub trait MlsValidator: fmt::Debug + Send {
     fn hub_signature_public_key(&self) -> Option<Vec<u8>> {
         None
     }
+
+    /// The hub's Frank (protocol-06 §5.4.1.2) for an accepted application message whose
+    /// AAD held `franking_tag`: only when the room's GroupContext has a franking_agent
+    /// component holding this hub's signature key. `None`: not franked.
+    fn frank(
+        &self,
+        room: &str,
+        franking_tag: &[u8; 32],
+        sender_uri: &str,
+        room_uri: &str,
+        accepted_ms: u64,
+    ) -> Option<mimi_wire::proto::Frank> {
+        let _ = (room, franking_tag, sender_uri, room_uri, accepted_ms);
+        None
+    }
+
+    /// Whether `frank` is a server frank this hub made (§5.9 abuse reports): the franking
+    /// tag is recomputed from `application_data` (MIMI content) and its salt, then the
+    /// server frank under the hub's franking key. `None`: no franking key here.
+    fn check_reported_frank(
+        &self,
+        application_data: &[u8],
+        sender_uri: &str,
+        room_uri: &str,
+        accepted_ms: u64,
+        frank: &mimi_wire::proto::Frank,
+    ) -> Option<bool> {
+        let _ = (application_data, sender_uri, room_uri, accepted_ms, frank);
+        None
+    }
 }
 
 /// Runs a validator with every call under panic isolation: third-party MLS code that panics on
@@ -308,5 +338,37 @@ impl MlsValidator for Isolated {
                 "the MLS validator failed on this input".into(),
             ))
         })
+    }
+
+    fn frank(
+        &self,
+        room: &str,
+        franking_tag: &[u8; 32],
+        sender_uri: &str,
+        room_uri: &str,
+        accepted_ms: u64,
+    ) -> Option<mimi_wire::proto::Frank> {
+        let inner = &*self.inner;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            inner.frank(room, franking_tag, sender_uri, room_uri, accepted_ms)
+        }))
+        .ok()
+        .flatten()
+    }
+
+    fn check_reported_frank(
+        &self,
+        application_data: &[u8],
+        sender_uri: &str,
+        room_uri: &str,
+        accepted_ms: u64,
+        frank: &mimi_wire::proto::Frank,
+    ) -> Option<bool> {
+        let inner = &*self.inner;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            inner.check_reported_frank(application_data, sender_uri, room_uri, accepted_ms, frank)
+        }))
+        .ok()
+        .flatten()
     }
 }

@@ -8,7 +8,8 @@ use bytes::Bytes;
 use mimi_wire::endpoint::Endpoint;
 use mimi_wire::mls::WireFormat;
 use mimi_wire::proto::{
-    SubmitMessageResponse, SubmitMessageView, encode_fanout_application, split_fanout_sequence,
+    Frank, SubmitMessageResponse, SubmitMessageView, encode_fanout_application,
+    split_fanout_sequence,
 };
 use mimi_wire::uri::{ProviderDomain, RoomId};
 use tracing::{debug, info, warn};
@@ -865,7 +866,12 @@ impl Relay {
         if let Some(seen) = r.seen.get(&key) {
             self.stats.dedupe_hits += 1;
             debug!(msg = %MsgId::of(view.app_message.bytes), room = %r.id, seq = seen.room_seq, "duplicate submission");
-            return submit_answer(&SubmitMessageResponse::accepted(seen.accepted_ms));
+            // Franks are deterministic: the same one again.
+            let frank = self.frank_submission(room, &view, seen.accepted_ms);
+            return submit_answer(&SubmitMessageResponse::accepted_franked(
+                seen.accepted_ms,
+                frank,
+            ));
         }
         // A follower whose queue is full lags: its backlog is dropped for a gap marker, and the
         // room goes on for everyone else (one stalled follower must not halt a room).
@@ -876,12 +882,17 @@ impl Relay {
             return refused;
         }
 
+        let accepted_ms = now.unix_ms.max(self.rooms[ri].last_ms);
+        // §5.4.1.2: franked beside the MLS bytes, which stay as the sender made them.
+        let frank = self.frank_submission(room, &view, accepted_ms);
+        if frank.is_some() {
+            self.stats.franks_issued += 1;
+        }
         let r = &mut self.rooms[ri];
-        let accepted_ms = now.unix_ms.max(r.last_ms);
         let room_seq = r.next_seq;
         r.next_seq += 1;
         r.last_ms = accepted_ms;
-        let fanout = encode_fanout(accepted_ms, view.app_message.bytes);
+        let fanout = encode_fanout(accepted_ms, view.app_message.bytes, frank.as_ref());
         let seen = SubmitSeen {
             key,
             room_seq,
@@ -934,7 +945,7 @@ impl Relay {
             fanout,
         };
         self.deliver_local(store, record);
-        submit_answer(&SubmitMessageResponse::accepted(accepted_ms))
+        submit_answer(&SubmitMessageResponse::accepted_franked(accepted_ms, frank))
     }
 
     /// Drops the backlog of every follower of room `ri` whose queue holds `max_queue` events:
@@ -1987,10 +1998,19 @@ fn submit_answer(resp: &SubmitMessageResponse) -> Response {
     }
 }
 
-/// A FanoutMessage for an application message: timestamp, the exact MLSMessage, no Frank.
-fn encode_fanout(accepted_ms: u64, mls: &[u8]) -> Bytes {
+/// A FanoutMessage for an application message: timestamp, the exact MLSMessage, and the
+/// hub's Frank if it franked it.
+fn encode_fanout(accepted_ms: u64, mls: &[u8], frank: Option<&Frank>) -> Bytes {
     let mut v = Vec::new();
     encode_fanout_application(accepted_ms, mls, &mut v);
+    if let Some(f) = frank
+        && let Ok(enc) = f.encode()
+    {
+        // `optional Frank`: the presence byte `encode_fanout_application` wrote as 0.
+        v.pop();
+        v.push(1);
+        v.extend_from_slice(&enc);
+    }
     Bytes::from(v)
 }
 
@@ -2069,7 +2089,7 @@ mod tests {
 
     #[test]
     fn fanout_is_timestamp_message_absent_frank() {
-        let f = encode_fanout(0x0102_0304_0506_0708, b"mls");
+        let f = encode_fanout(0x0102_0304_0506_0708, b"mls", None);
         assert_eq!(&f[..], &[1, 2, 3, 4, 5, 6, 7, 8, b'm', b'l', b's', 0]);
     }
 }

@@ -28,10 +28,12 @@ pub enum RejectReason {
     StorageFull,
     /// The peer is over its request rate (key material claims, identifier queries).
     RateLimited,
+    /// An abuse report whose frank is not one this hub made (protocol-06 §5.4.1, §5.9).
+    BadFrank,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 13] = [
+    pub const ALL: [RejectReason; 14] = [
         RejectReason::Malformed,
         RejectReason::TooLarge,
         RejectReason::UnknownRoom,
@@ -45,6 +47,7 @@ impl RejectReason {
         RejectReason::InboxShare,
         RejectReason::StorageFull,
         RejectReason::RateLimited,
+        RejectReason::BadFrank,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -62,6 +65,7 @@ impl RejectReason {
             RejectReason::InboxShare => "inbox_share",
             RejectReason::StorageFull => "storage_full",
             RejectReason::RateLimited => "rate_limited",
+            RejectReason::BadFrank => "bad_frank",
         }
     }
 }
@@ -194,6 +198,12 @@ pub struct RelayStats {
     /// Target provider: /keyMaterial claims refused for want of the target's consent
     /// (noConsent, noConsentForThisRoom).
     pub consent_denials: u64,
+    /// Hub: application messages franked (protocol-06 §5.4.1.2).
+    pub franks_issued: u64,
+    /// Hub: abuse reports whose franks it verified as its own (§5.9).
+    pub franks_verified: u64,
+    /// Hub: abuse reports refused because a frank was not its own.
+    pub franks_refused: u64,
     /// Time from the hub's acceptance to the follower's acknowledgement.
     pub latency: Histogram,
 }

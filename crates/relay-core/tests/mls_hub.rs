@@ -90,6 +90,26 @@ impl MlsValidator for Fake {
         Some(k)
     }
 
+    /// A stand-in Frank that shows what the core handed over: the tag as the server frank,
+    /// sender, room and time as the "signature".
+    fn frank(
+        &self,
+        _room: &str,
+        franking_tag: &[u8; 32],
+        sender_uri: &str,
+        room_uri: &str,
+        accepted_ms: u64,
+    ) -> Option<mimi_wire::proto::Frank> {
+        self.hub_secret.as_ref()?;
+        Some(mimi_wire::proto::Frank {
+            server_frank: *franking_tag,
+            franking_signature_ciphersuite: 1,
+            franking_integrity_signature: mimi_wire::proto::VLBytes::new(
+                format!("{sender_uri} {room_uri} {accepted_ms}").into_bytes(),
+            ),
+        })
+    }
+
     fn create(&mut self, _: &str, gi: &[u8], tree: &[u8]) -> Result<GroupState, MlsReject> {
         self.epoch = 0;
         let creator = String::from_utf8(tree.to_vec()).unwrap();
@@ -798,4 +818,68 @@ fn a_follower_takes_a_notify_whose_commit_it_cannot_read() {
         }
     }
     assert_eq!(status, Some(Status::BadRequest));
+}
+
+/// A PrivateMessage whose authenticated_data is `aad`.
+fn private_with_aad(epoch: u64, aad: &[u8]) -> Vec<u8> {
+    let m = mimi_wire::mls::private_message(b"group", epoch, b"ciphertext");
+    // version, wire format, group_id<V>, epoch, content type: then authenticated_data<V>.
+    let at = 4 + 1 + b"group".len() + 8 + 1;
+    assert_eq!(m[at], 0, "the sample has no AAD");
+    let mut out = m[..at].to_vec();
+    vec(&mut out, aad);
+    out.extend_from_slice(&m[at + 1..]);
+    out
+}
+
+#[test]
+fn a_submission_with_a_franking_tag_is_franked_once_and_deduplicated_with_the_same_frank() {
+    use mimi_wire::proto::room::SafeAad;
+    let mut h = Hub::room_of_three();
+    let tag = [0x42; 32];
+    let mls = private_with_aad(2, &SafeAad::frank(tag).encode().unwrap());
+    let body = Bytes::from(
+        SubmitMessageRequest::mls10(mls, BOB)
+            .unwrap()
+            .encode()
+            .unwrap(),
+    );
+    let answer = |h: &mut Hub| {
+        let (r, _) = h.ask("b.example", Endpoint::SubmitMessage, body.clone());
+        SubmitMessageResponse::decode(&r.body).unwrap().status
+    };
+    let SubmitStatus::Accepted {
+        accepted_timestamp,
+        frank: Some(frank),
+    } = answer(&mut h)
+    else {
+        panic!("not franked")
+    };
+    // The core found the tag in the SafeAAD and named the sender, the room and the time.
+    assert_eq!(frank.server_frank, tag);
+    assert_eq!(
+        frank.franking_integrity_signature.as_slice(),
+        format!("{BOB} {ROOM} {accepted_timestamp}").as_bytes()
+    );
+    assert_eq!(h.relay.stats().franks_issued, 1);
+    // A retry is answered from the dedupe window with the same frank, not franked again.
+    let SubmitStatus::Accepted { frank: again, .. } = answer(&mut h) else {
+        panic!("not accepted")
+    };
+    assert_eq!(again, Some(frank));
+    assert_eq!(h.relay.stats().franks_issued, 1);
+    // No frank_aad (an empty AAD, or one that is not a SafeAAD): no frank.
+    for aad in [&b""[..], b"free-form aad"] {
+        let mls = private_with_aad(2, aad);
+        let body = SubmitMessageRequest::mls10(mls, BOB)
+            .unwrap()
+            .encode()
+            .unwrap();
+        let (r, _) = h.ask("b.example", Endpoint::SubmitMessage, Bytes::from(body));
+        assert!(matches!(
+            SubmitMessageResponse::decode(&r.body).unwrap().status,
+            SubmitStatus::Accepted { frank: None, .. }
+        ));
+    }
+    assert_eq!(h.relay.stats().franks_issued, 1);
 }

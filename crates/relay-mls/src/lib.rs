@@ -25,6 +25,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use mimi_wire::proto::room::{ParticipantListData, ParticipantListUpdate, component};
+pub mod frank;
+
 use mimi_wire::proto::{
     ExternalSender, GroupInfoRatchetTreeTbe, GroupInfoRequest, GroupInfoResponse, GroupInfoStatus,
     KeyMaterialRequest, Protocol, RatchetTreeOption, VLBytes,
@@ -206,6 +208,32 @@ impl OpenMlsValidator {
             .unwrap_or_default()
     }
 }
+
+/// The data of `component` in the app_data_dictionary among a GroupContext's extensions
+/// (type 6, draft-ietf-mls-extensions). Read from the extension's encoding, so it works
+/// whether openmls knows the extension (`extensions-draft`) or keeps it as unknown.
+pub fn app_data_component(
+    extensions: &openmls::prelude::Extensions<openmls::prelude::GroupContext>,
+    component: u16,
+) -> Option<Vec<u8>> {
+    use mimi_wire::proto::room::{SafeAad, SafeAadItem};
+    use openmls::prelude::tls_codec::Serialize as _;
+    extensions.iter().find_map(|ext| {
+        // `Extension` is { u16 type; opaque data<V> }, the shape of a SafeAADItem; the
+        // dictionary is a list of { ComponentID; opaque data<V> }, the shape of SafeAAD.
+        let ext = SafeAadItem::decode(&ext.tls_serialize_detached().ok()?).ok()?;
+        if ext.component_id != APP_DATA_DICTIONARY {
+            return None;
+        }
+        SafeAad::decode(ext.aad_item_data.as_slice())
+            .ok()?
+            .item(component)
+            .map(<[u8]>::to_vec)
+    })
+}
+
+/// The app_data_dictionary extension type (draft-ietf-mls-extensions).
+pub const APP_DATA_DICTIONARY: u16 = 0x0006;
 
 /// The group's app_data_dictionary, by component id.
 fn app_data_of(group: &PublicGroup) -> BTreeMap<u16, Vec<u8>> {
@@ -725,6 +753,55 @@ impl MlsValidator for OpenMlsValidator {
         )
         .map_err(invalid)?;
         Ok(identity(&cred))
+    }
+
+    fn frank(
+        &self,
+        room: &str,
+        franking_tag: &[u8; 32],
+        sender_uri: &str,
+        room_uri: &str,
+        accepted_ms: u64,
+    ) -> Option<mimi_wire::proto::Frank> {
+        let hub_key = self.franking_key.as_deref()?;
+        let (sk, pk) = self.hub_key.get()?;
+        let agent = app_data_component(
+            self.rooms.get(room)?.group.group_context().extensions(),
+            mimi_wire::proto::room::component::FRANKING_AGENT,
+        )?;
+        // Only a franking_agent naming this hub's key: else receivers could not verify.
+        let agent = mimi_wire::proto::room::FrankingAgentData::decode(&agent).ok()?;
+        if agent.franking_signature_key.as_slice() != pk.as_slice() {
+            debug!(
+                room,
+                "the room's franking agent is not this hub: not franked"
+            );
+            return None;
+        }
+        let ctx = frank::server_franking_context(sender_uri, room_uri, accepted_ms)?;
+        frank::make_frank(&self.crypto, hub_key, sk, franking_tag, &ctx)
+    }
+
+    fn check_reported_frank(
+        &self,
+        application_data: &[u8],
+        sender_uri: &str,
+        room_uri: &str,
+        accepted_ms: u64,
+        reported: &mimi_wire::proto::Frank,
+    ) -> Option<bool> {
+        let hub_key = self.franking_key.as_deref()?;
+        let Ok(salt) = mimi_wire::content::content_salt(application_data) else {
+            return Some(false);
+        };
+        let (Some(tag), Some(ctx)) = (
+            frank::franking_tag(&self.crypto, &salt, application_data),
+            frank::server_franking_context(sender_uri, room_uri, accepted_ms),
+        ) else {
+            return Some(false);
+        };
+        let ours = frank::server_frank(&self.crypto, hub_key, &tag, &ctx)?;
+        Some(frank::constant_time_eq(&ours, &reported.server_frank))
     }
 }
 

@@ -71,6 +71,7 @@ pub(crate) fn router(state: ApiState) -> Router {
         .route("/v1/client/updateConsent", post(update_consent))
         .route("/v1/client/reportAbuse/{room}", post(report_abuse))
         .route("/v1/client/groupInfo/{room}", post(group_info))
+        .route("/v1/client/hubKey", get(hub_key))
         .layer(axum::extract::DefaultBodyLimit::max(state.max_body))
         .with_state(state)
 }
@@ -236,6 +237,18 @@ async fn group_info(
 ) -> HttpResponse {
     let e = mimi_wire::endpoint::Endpoint::GroupInfo;
     client_request(&s, e, room, body).await
+}
+
+/// `GET /v1/client/hubKey`: this node's hub signature key as a TLS-encoded
+/// `FrankingAgentData` (protocol-06 §5.4.1: `SignaturePublicKey`, then the basic credential
+/// `mimi://<domain>`). Clients verify GroupInfoResponses with it and put it in a room's
+/// franking_agent component. 404 when the node has no hub keys.
+async fn hub_key(State(s): State<ApiState>) -> HttpResponse {
+    match ask(&s.tx, |reply| Event::HubKey { reply }).await {
+        Some(Some(data)) => (StatusCode::OK, data).into_response(),
+        Some(None) => (StatusCode::NOT_FOUND, "no hub keys\n").into_response(),
+        None => unavailable(),
+    }
 }
 
 /// `POST /v1/client/directory`: search type (u8: handle 1, nick 2, email 3, phone 4), the

@@ -305,6 +305,20 @@ impl LocalClient {
         .await
     }
 
+    /// This node's hub key: the encoded `FrankingAgentData` (signature key and credential
+    /// `mimi://<domain>`), from `GET /v1/client/hubKey`.
+    pub async fn hub_key(&mut self) -> Result<Bytes, ClientError> {
+        let req = self.request(Method::GET, "/v1/client/hubKey", Bytes::new())?;
+        let (status, body) = self.call(req).await?;
+        if status != StatusCode::OK {
+            return Err(ClientError::Status {
+                status,
+                body: String::from_utf8_lossy(&body).into(),
+            });
+        }
+        Ok(body)
+    }
+
     /// Sends a GroupInfoRequest for `room` (through this node to the room's hub).
     pub async fn group_info(
         &mut self,

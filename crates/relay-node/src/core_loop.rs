@@ -92,6 +92,11 @@ pub(crate) enum Event {
         user: String,
         reply: oneshot::Sender<Result<(), &'static str>>,
     },
+    /// A local client asks for the hub's published key: the encoded `FrankingAgentData`
+    /// (signature key, credential `mimi://<domain>`); `None` without hub keys.
+    HubKey {
+        reply: oneshot::Sender<Option<Vec<u8>>>,
+    },
     /// A local client creates an MLS room hosted here.
     CreateMlsRoom {
         room: RoomId,
@@ -494,6 +499,15 @@ impl<S: Store> CoreLoop<S> {
                         let _ = reply.send(r);
                     })),
                 ));
+            }
+            Event::HubKey { reply } => {
+                // Read only, nothing to make durable first.
+                let local = format!("mimi://{}", self.relay.config().local);
+                let data = self
+                    .relay
+                    .hub_signature_public_key()
+                    .and_then(|pk| relay_mls::frank::franking_agent_data(&pk, &local));
+                let _ = reply.send(data);
             }
             Event::CreateMlsRoom {
                 room,

@@ -110,6 +110,21 @@ pub fn render(s: &RelayStats, store: &StoreStats) -> String {
         s.dedupe_hits,
     );
     counter(
+        "mimi_relay_franks_issued_total",
+        "Application messages the hub franked (protocol-06 section 5.4.1).",
+        s.franks_issued,
+    );
+    counter(
+        "mimi_relay_franks_verified_total",
+        "Abuse reports whose franks the hub verified as its own.",
+        s.franks_verified,
+    );
+    counter(
+        "mimi_relay_franks_refused_total",
+        "Abuse reports refused for a frank that is not the hub's.",
+        s.franks_refused,
+    );
+    counter(
         "mimi_relay_retries_total",
         "Events sent again after a failure or a gap.",
         s.retries,

@@ -445,6 +445,15 @@ pub(crate) fn to_hex(b: &[u8]) -> String {
     s
 }
 
+/// The 16-byte salt of a MIMI content message's exact bytes (the first element of its
+/// top-level array), e.g. for its franking tag (protocol-06 §5.4.1.1).
+pub fn content_salt(message: &[u8]) -> Result<[u8; 16], ContentError> {
+    let mut d = Dec::new(message);
+    let mut seq = d.array("mimiContent")?;
+    d.item(&mut seq)?;
+    d.bytes_fixed::<16>("salt")
+}
+
 /// The message ID of a received (or sent) message's exact bytes.
 ///
 /// Only the salt is read from `message` (the first element of the top-level array); the

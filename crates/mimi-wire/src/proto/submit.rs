@@ -156,6 +156,17 @@ impl SubmitMessageResponse {
         }
     }
 
+    /// Accepted at `ts_ms`, with the hub's frank if it franked the message.
+    pub fn accepted_franked(ts_ms: u64, frank: Option<Frank>) -> Self {
+        SubmitMessageResponse {
+            protocol: Protocol::Mls10,
+            status: SubmitStatus::Accepted {
+                accepted_timestamp: ts_ms,
+                frank,
+            },
+        }
+    }
+
     /// Rejected by policy.
     pub fn not_allowed() -> Self {
         SubmitMessageResponse {

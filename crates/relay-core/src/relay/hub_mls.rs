@@ -11,13 +11,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use bytes::Bytes;
 use mimi_wire::endpoint::Endpoint;
 use mimi_wire::mls::WireFormat;
-use mimi_wire::proto::room::{ParticipantListData, UserRolePair};
+use mimi_wire::proto::room::{ParticipantListData, SafeAad, UserRolePair};
 use mimi_wire::proto::{
     ClientKeyMaterial, ClientKeyMaterialStatus, FanoutExtra, FanoutMessage, GroupInfoOption,
     GroupInfoRequest, GroupInfoResponse, GroupInfoStatus, HandshakeBundle, IdentifierUri,
     KeyMaterialRequest, KeyMaterialResponse, KeyMaterialUserCode, KeyPackage, MlsMessage, Protocol,
     SubmitMessageResponse, UpdateOutcome, UpdateRequest, UpdateRoomResponse, VLBytes,
 };
+use mimi_wire::proto::{Frank, SubmitMessageView};
 use mimi_wire::uri::{ProviderDomain, RoomId};
 use tracing::{debug, info};
 
@@ -441,6 +442,24 @@ impl Relay {
                 Some(submit_answer(&SubmitMessageResponse::not_allowed()))
             }
         }
+    }
+
+    /// The hub's Frank for an accepted submission (protocol-06 §5.4.1.2): when its
+    /// PrivateMessage's authenticated_data is a SafeAAD with a frank_aad item and the
+    /// validator franks for the room (its GroupContext names this hub's key).
+    pub(super) fn frank_submission(
+        &self,
+        room: &str,
+        view: &SubmitMessageView<'_>,
+        accepted_ms: u64,
+    ) -> Option<Frank> {
+        let v = self.mls.validator.as_ref()?;
+        if !self.mls.rooms.contains_key(room) {
+            return None;
+        }
+        let aad = view.app_message.private_authenticated_data()?;
+        let tag = SafeAad::franking_tag(aad)?;
+        v.frank(room, &tag, view.sending_uri, room, accepted_ms)
     }
 
     /// The hub's side of /update (from a follower, or from a local client).

@@ -473,12 +473,15 @@ impl Relay {
         if !self.room_by_id.contains_key(room) {
             return self.reject(RejectReason::UnknownRoom, Status::NotFound, "unknown room");
         }
-        if AbuseReport::decode(body).is_err() {
+        let Ok(report) = AbuseReport::decode(body) else {
             return self.reject(
                 RejectReason::Malformed,
                 Status::BadRequest,
                 "malformed AbuseReport",
             );
+        };
+        if let Some(refused) = self.check_report_franks(room, &report) {
+            return refused;
         }
         let peer = from.as_str();
         let (count, bytes) = self
@@ -551,6 +554,37 @@ impl Relay {
         }
         let scope = (r.to_owned(), t.to_owned(), room.to_owned());
         self.record_consent(store, scope, entry.operation)
+    }
+
+    /// Checks each reported message's frank as this hub's own (protocol-06 §5.4.1: the
+    /// server frank under the hub's franking key, over the alleged abuser, the room and the
+    /// accepted timestamp). A frank that is not ours refuses the report (422); with no
+    /// franking key here the report is kept unchecked.
+    fn check_report_franks(&mut self, room: &str, report: &AbuseReport) -> Option<Response> {
+        let v = self.mls.validator.as_ref()?;
+        let mut verified = 0;
+        for m in &report.messages {
+            match v.check_reported_frank(
+                m.message_content.as_slice(),
+                report.alleged_abuser_uri.as_str(),
+                room,
+                m.accepted_timestamp,
+                &m.frank,
+            ) {
+                Some(true) => verified += 1,
+                Some(false) => {
+                    self.stats.franks_refused += 1;
+                    return Some(self.reject(
+                        RejectReason::BadFrank,
+                        Status::Other(422),
+                        "a reported message's frank is not this hub's",
+                    ));
+                }
+                None => {}
+            }
+        }
+        self.stats.franks_verified += verified;
+        None
     }
 
     /// Requests from peers for the services here. `None`: not one of them.
