@@ -62,7 +62,9 @@ fn main() {
                     && r.policy_rejections >= 1
                     && r.consent_denials >= 1
                     && r.key_claims >= 3
-                    && r.participants.len() == 3 =>
+                    && r.participants.len() == 3
+                    && r.franks_issued > 0
+                    && r.franks_verified > 0 =>
             {
                 println!(
                     "test {name} ... ok ({} deliveries, {} submissions retried)",

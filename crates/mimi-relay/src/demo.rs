@@ -123,8 +123,6 @@ pub struct DemoReport {
     pub mls_same_provider: u64,
     /// MLS senders that saw their own message fanned back by the hub.
     pub mls_own_echoes: u64,
-    /// Received MLS messages whose hub Frank the receiver verified (protocol-06 §5.4.1).
-    pub mls_franks_verified: u64,
     /// MLS messages or handshakes a client could not apply or decrypt as sent (must be 0).
     pub decrypt_failures: u64,
     /// Wall time of the MLS phase.
@@ -133,10 +131,13 @@ pub struct DemoReport {
     pub participants: Vec<(String, u32)>,
     /// Summed over the three nodes' metrics after the MLS phase: handshakes and submissions
     /// the hubs' room policy refused, key claims served, claims refused for want of consent,
-    /// and franks a hub checked.
+    /// and application messages a hub franked.
     pub policy_rejections: u64,
     pub key_claims: u64,
     pub consent_denials: u64,
+    pub franks_issued: u64,
+    /// Received MLS messages whose hub Frank the receiving client verified (protocol-06
+    /// §5.4.1.3); one that does not verify counts in `decrypt_failures`.
     pub franks_verified: u64,
     /// What the refusals the scenario provoked on purpose said.
     pub refusals: Vec<String>,
@@ -181,13 +182,12 @@ impl DemoReport {
             let _ = writeln!(
                 s,
                 "  mls            epochs {:?}; {} messages, {} decryptions as sent ({} between bob and dave \
-                 of one provider), {} own echoes, {} franks verified, {} failures; {} ms{}",
+                 of one provider), {} own echoes, {} failures; {} ms{}",
                 self.mls_epochs,
                 self.mls_messages,
                 self.mls_decrypted,
                 self.mls_same_provider,
                 self.mls_own_echoes,
-                self.mls_franks_verified,
                 self.decrypt_failures,
                 self.mls_ms,
                 self.mls_error
@@ -198,7 +198,7 @@ impl DemoReport {
             let _ = writeln!(
                 s,
                 "  room state     participants {}; the relays counted {} policy rejections, {} key \
-                 claims served, {} consent denials, {} franks verified",
+                 claims served, {} consent denials, {} franks issued; receivers verified {} franks",
                 self.participants
                     .iter()
                     .map(|(u, r)| format!("{u} (role {r})"))
@@ -207,6 +207,7 @@ impl DemoReport {
                 self.policy_rejections,
                 self.key_claims,
                 self.consent_denials,
+                self.franks_issued,
                 self.franks_verified
             );
             for r in &self.refusals {
@@ -641,7 +642,7 @@ pub async fn run(opts: DemoOptions, launcher: Launcher) -> Result<DemoReport> {
                     "mimi_relay_policy_rejections_total",
                     "mimi_relay_key_claims_total",
                     "mimi_relay_consent_denials_total",
-                    "mimi_relay_franks_verified_total",
+                    "mimi_relay_franks_issued_total",
                 ]
                 .iter()
                 .enumerate()
@@ -842,7 +843,6 @@ pub async fn run(opts: DemoOptions, launcher: Launcher) -> Result<DemoReport> {
             mls_decrypted: mls.decrypted,
             mls_same_provider: mls.same_provider,
             mls_own_echoes: mls.own_echoes,
-            mls_franks_verified: mls.franks_verified,
             decrypt_failures: mls.failures,
             mls_ms: mls.ms,
             mls_error: mls.error,
@@ -850,7 +850,8 @@ pub async fn run(opts: DemoOptions, launcher: Launcher) -> Result<DemoReport> {
             policy_rejections: mls.counters[0],
             key_claims: mls.counters[1],
             consent_denials: mls.counters[2],
-            franks_verified: mls.counters[3],
+            franks_issued: mls.counters[3],
+            franks_verified: mls.franks_verified,
             refusals: mls.refusals,
         }
     };
