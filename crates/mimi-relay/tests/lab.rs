@@ -360,3 +360,37 @@ fn lossy_profile_in_namespaces_loses_nothing() {
         assert!(r["recovery_ms"].as_f64().is_some(), "{t}: no recovery time");
     }
 }
+
+#[test]
+fn every_row_names_its_in_flight_limit_and_inflight_sets_it_for_all() {
+    let common = [
+        "--net",
+        "loopback",
+        "--profile",
+        "lan",
+        "--transports",
+        "https,quic,bare-quinn",
+        "--duration",
+        "1",
+        "--rooms",
+        "2",
+        "--rate",
+        "200",
+    ];
+    // Defaults: each transport its own, the baseline none of the relay's.
+    let (rows, out) = bench(&common);
+    assert_eq!(row(&rows, "https", "lan")["inflight"].as_u64(), Some(1));
+    assert_eq!(row(&rows, "quic", "lan")["inflight"].as_u64(), Some(64));
+    assert!(row(&rows, "bare-quinn", "lan")["inflight"].is_null());
+    let report = std::fs::read_to_string(out.path().join("report.md")).unwrap();
+    assert!(report.contains("| in flight |"), "{report}");
+    // --inflight: the same limit for every relay transport, and still everything once in order.
+    let mut args = common.to_vec();
+    args.extend(["--inflight", "4"]);
+    let (rows, _out) = bench(&args);
+    for t in ["https", "quic"] {
+        let r = row(&rows, t, "lan");
+        assert_clean(r);
+        assert_eq!(r["inflight"].as_u64(), Some(4), "{t}: {r}");
+    }
+}

@@ -103,6 +103,11 @@ pub struct BenchArgs {
     /// baselines are skipped, and --followers does not apply).
     #[arg(long, default_value = "none", value_parser = ["none", "flood"])]
     pub hostile: String,
+    /// Transmits in flight per (room, destination) for every relay transport (1 to 4096);
+    /// without it each keeps its default (HTTPS 1, QUIC 64, XMPP 8, Matrix 8). Every row
+    /// states the limit it ran with.
+    #[arg(long)]
+    pub inflight: Option<u32>,
 }
 
 /// Most runs of a row: enough for a median that shrugs off two outliers.
@@ -149,7 +154,11 @@ impl BenchArgs {
         if !(1..=MAX_REPEAT).contains(&self.repeat) {
             bail!("--repeat must be between 1 and {MAX_REPEAT}");
         }
+        if self.inflight.is_some_and(|n| !(1..=4096).contains(&n)) {
+            bail!("--inflight must be between 1 and 4096");
+        }
         Ok(BenchOptions {
+            inflight: self.inflight,
             transports: self.transports.clone(),
             profiles,
             rooms: self.rooms,

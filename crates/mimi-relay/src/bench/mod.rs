@@ -134,6 +134,23 @@ pub struct BenchOptions {
     pub quic_cc: relay_quic::Congestion,
     /// `--hostile flood`: each relay transport runs quiet and flooded (see [`hostile`]).
     pub hostile: Hostile,
+    /// `--inflight`: transmits in flight per (room, destination) for every relay transport;
+    /// None keeps each transport's default (the core's `pipeline`).
+    pub inflight: Option<u32>,
+}
+
+/// The in-flight limit a relay transport runs with in this lab: `--inflight`, or the core's
+/// default for it. None for the baselines, which are not the relay.
+pub fn inflight_of(transport: &str, opts: &BenchOptions) -> Option<u32> {
+    let kind: TransportKind = transport.parse().ok()?;
+    Some(opts.inflight.unwrap_or_else(|| {
+        let local: ProviderDomain = "a.example".parse().unwrap_or_else(|_| unreachable!());
+        relay_core::RelayConfig::new(local)
+            .pipeline
+            .get(&kind)
+            .copied()
+            .unwrap_or(1)
+    }))
 }
 
 impl Default for BenchOptions {
@@ -165,6 +182,7 @@ impl Default for BenchOptions {
             settle: Duration::from_secs(30),
             quic_cc: relay_quic::Congestion::default(),
             hostile: Hostile::None,
+            inflight: None,
         }
     }
 }
@@ -180,6 +198,8 @@ pub struct Row {
     pub status: String,
     pub note: String,
     pub mode: String,
+    /// Transmits in flight per (room, destination) the relay ran with (None: a baseline).
+    pub inflight: Option<u32>,
     pub rooms: usize,
     pub followers: usize,
     pub sent: u64,
@@ -267,6 +287,7 @@ impl Row {
                 Some(r) => format!("open-loop {r} msg/s"),
                 None => format!("closed-loop, window {} per room", opts.window),
             },
+            inflight: inflight_of(transport, opts),
             rooms: opts.rooms,
             followers: opts.followers,
             sent: 0,
@@ -1117,6 +1138,10 @@ fn prepare(
         }
         if kind == TransportKind::Quic {
             let _ = write!(t, "\n[quic]\ncongestion = \"{}\"\n", opts.quic_cc);
+        }
+        // Written out even when it is the default, so the config says what the row ran with.
+        if let Some(n) = inflight_of(kind.as_str(), opts) {
+            let _ = write!(t, "\n[pipeline]\n{kind} = {n}\n");
         }
         if i == 0 {
             let members = if hostile { 1..n - 1 } else { 1..n };

@@ -342,17 +342,26 @@ pub(crate) fn placement_words(p: Option<&Placement>) -> String {
     }
 }
 
+/// A row's in-flight limit per (room, destination); a baseline's is its own (not the relay's).
+fn inflight(r: &Row) -> String {
+    r.inflight
+        .map_or_else(|| "own".to_owned(), |n| n.to_string())
+}
+
 /// The results table in Markdown (also used by the README).
 pub(crate) fn table(rows: &[Row]) -> String {
     let mut s = String::new();
-    s.push_str("| transport | profile | msgs/s | p50 ms | p99 ms | p99.9 ms | clean p99 ms | HOL-exposed p99 ms | wire B/msg | CPU µs/msg | setup ms | recovery ms | link drops | socket drops | lost/dup/ooo | vs carrier (msgs/s, p99) |\n");
-    s.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n");
+    s.push_str("| transport | in flight | profile | msgs/s | p50 ms | p99 ms | p99.9 ms | clean p99 ms | HOL-exposed p99 ms | wire B/msg | CPU µs/msg | setup ms | recovery ms | link drops | socket drops | lost/dup/ooo | vs carrier (msgs/s, p99) |\n");
+    s.push_str(
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n",
+    );
     for r in rows {
         if r.status != "ok" {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | | | | | | | | | | | | | {} |",
+                "| {} | {} | {} | {} | | | | | | | | | | | | | {} |",
                 name(r),
+                inflight(r),
                 r.profile,
                 r.status,
                 r.note
@@ -371,8 +380,9 @@ pub(crate) fn table(rows: &[Row]) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}/{}/{} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}/{}/{} | {} |",
             name(r),
+            inflight(r),
             r.profile,
             r.msgs_per_s.map(|v| format!("{v:.0}")).unwrap_or_default(),
             ms(r.p50_us),
