@@ -118,9 +118,15 @@ impl std::fmt::Debug for MlsClient {
     }
 }
 
+/// Epochs whose application messages a member can still decrypt: a committer merges its
+/// commit when the hub accepts it, while messages the hub sequenced before the commit may
+/// still wait in its inbox.
+const PAST_EPOCHS: usize = 2;
+
 fn group_config() -> MlsGroupCreateConfig {
     MlsGroupCreateConfig::builder()
         .ciphersuite(CIPHERSUITE)
+        .max_past_epochs(PAST_EPOCHS)
         .use_ratchet_tree_extension(true)
         .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
         .build()
@@ -128,6 +134,7 @@ fn group_config() -> MlsGroupCreateConfig {
 
 fn join_config() -> MlsGroupJoinConfig {
     MlsGroupJoinConfig::builder()
+        .max_past_epochs(PAST_EPOCHS)
         .use_ratchet_tree_extension(true)
         .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
         .build()

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 
-use super::{BenchOptions, Hostile, NetMode, Profile, SizeMix};
+use super::{BenchOptions, Hostile, NetMode, Profile, SizeMix, Traffic};
 use crate::demo::Launcher;
 
 /// Compare the transports under the same load and network conditions.
@@ -108,6 +108,15 @@ pub struct BenchArgs {
     /// states the limit it ran with.
     #[arg(long)]
     pub inflight: Option<u32>,
+    /// What the relay rows carry: `synthetic` (random bytes in a PrivateMessage frame, the hub
+    /// the only sender) or `mls` (one openmls client per provider and room: every provider
+    /// encrypts and sends into every room, every member decrypts, commits move the epochs
+    /// on; --size is then the plaintext size). The baselines and --hostile rows are synthetic.
+    #[arg(long, default_value = "synthetic", value_parser = ["synthetic", "mls"])]
+    pub traffic: String,
+    /// `--traffic mls`: commits per second over all rooms (self-updates by a random member).
+    #[arg(long, default_value_t = 1.0)]
+    pub commit_rate: f64,
 }
 
 /// Most runs of a row: enough for a median that shrugs off two outliers.
@@ -157,8 +166,16 @@ impl BenchArgs {
         if self.inflight.is_some_and(|n| !(1..=4096).contains(&n)) {
             bail!("--inflight must be between 1 and 4096");
         }
+        if !self.commit_rate.is_finite() || self.commit_rate < 0.0 {
+            bail!("--commit-rate must be 0 or more");
+        }
         Ok(BenchOptions {
             inflight: self.inflight,
+            traffic: match self.traffic.as_str() {
+                "mls" => Traffic::Mls,
+                _ => Traffic::Synthetic,
+            },
+            commit_rate: self.commit_rate,
             transports: self.transports.clone(),
             profiles,
             rooms: self.rooms,

@@ -12,6 +12,7 @@
 
 mod cli;
 mod hostile;
+mod mls;
 pub mod netlab;
 mod pump;
 mod report;
@@ -137,6 +138,28 @@ pub struct BenchOptions {
     /// `--inflight`: transmits in flight per (room, destination) for every relay transport;
     /// None keeps each transport's default (the core's `pipeline`).
     pub inflight: Option<u32>,
+    /// `--traffic`: what the relay rows carry (the baselines always carry synthetic bytes).
+    pub traffic: Traffic,
+    /// `--commit-rate`: MLS commits per second over all rooms (mls traffic only).
+    pub commit_rate: f64,
+}
+
+/// What the relay rows carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Traffic {
+    /// Random bytes in a PrivateMessage frame, submitted by the hub only.
+    Synthetic,
+    /// Real MLS groups: every provider's clients encrypt, decrypt and commit.
+    Mls,
+}
+
+impl Traffic {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Traffic::Synthetic => "synthetic",
+            Traffic::Mls => "mls",
+        }
+    }
 }
 
 /// The in-flight limit a relay transport runs with in this lab: `--inflight`, or the core's
@@ -183,6 +206,8 @@ impl Default for BenchOptions {
             quic_cc: relay_quic::Congestion::default(),
             hostile: Hostile::None,
             inflight: None,
+            traffic: Traffic::Synthetic,
+            commit_rate: 1.0,
         }
     }
 }
@@ -200,6 +225,8 @@ pub struct Row {
     pub mode: String,
     /// Transmits in flight per (room, destination) the relay ran with (None: a baseline).
     pub inflight: Option<u32>,
+    /// `synthetic` or `mls` (see [`Traffic`]).
+    pub traffic: String,
     pub rooms: usize,
     pub followers: usize,
     pub sent: u64,
@@ -227,6 +254,20 @@ pub struct Row {
     pub lost: Option<u64>,
     pub duplicated: Option<u64>,
     pub out_of_order: Option<u64>,
+    /// mls traffic: messages that did not decrypt or apply (must be 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decrypt_failures: Option<u64>,
+    /// mls traffic: messages encrypted again after the hub answered epochTooOld.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u64>,
+    /// mls traffic: mean size of a submitted MLS message (PrivateMessage) on the wire, bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mls_msg_bytes: Option<f64>,
+    /// mls traffic: commits the hub accepted during the measured phase, and refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub commits: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub commits_refused: Option<u64>,
     /// (quantile, latency µs) points of the latency distribution, for the CDF plot.
     pub cdf: Vec<(f64, u64)>,
     /// With `--repeat`: each run's own figures, in round order; the row's are their medians.
@@ -288,6 +329,10 @@ impl Row {
                 None => format!("closed-loop, window {} per room", opts.window),
             },
             inflight: inflight_of(transport, opts),
+            traffic: match transport.parse::<TransportKind>() {
+                Ok(_) if opts.hostile == Hostile::None => opts.traffic.as_str().to_owned(),
+                _ => Traffic::Synthetic.as_str().to_owned(),
+            },
             rooms: opts.rooms,
             followers: opts.followers,
             sent: 0,
@@ -310,6 +355,11 @@ impl Row {
             lost: None,
             duplicated: None,
             out_of_order: None,
+            decrypt_failures: None,
+            retries: None,
+            mls_msg_bytes: None,
+            commits: None,
+            commits_refused: None,
             cdf: Vec::new(),
             repeats: Vec::new(),
             hostile: None,
@@ -401,6 +451,11 @@ impl Row {
             lost: sum(|r| r.lost),
             duplicated: sum(|r| r.duplicated),
             out_of_order: sum(|r| r.out_of_order),
+            decrypt_failures: sum(|r| r.decrypt_failures),
+            retries: sum(|r| r.retries),
+            mls_msg_bytes: f(|r| r.mls_msg_bytes),
+            commits: sum(|r| r.commits),
+            commits_refused: sum(|r| r.commits_refused),
             cdf,
             repeats,
             ..runs.swap_remove(0)
@@ -413,6 +468,7 @@ impl Row {
             && self.lost == Some(0)
             && self.duplicated == Some(0)
             && self.out_of_order == Some(0)
+            && self.decrypt_failures.unwrap_or(0) == 0
     }
 }
 
@@ -1070,7 +1126,9 @@ fn prepare(
     variant: Variant,
 ) -> Result<Vec<PathBuf>> {
     let hostile = variant != Variant::Normal;
-    let (rooms, store) = (opts.rooms, &opts.store);
+    // mls traffic: the hub's clients create the rooms and add the followers' clients.
+    let mls = opts.traffic == Traffic::Mls && !hostile;
+    let (rooms, store) = (if mls { 0 } else { opts.rooms }, &opts.store);
     std::fs::create_dir_all(dir.join("certs"))?;
     for i in 0..n {
         let p = provider(i);
@@ -1114,7 +1172,7 @@ fn prepare(
         let p = provider(i);
         // Every follower's users take part in every room of the hub; in a hostile row the
         // flooder's (the last follower's) only in a room of its own.
-        let follows = if i == 0 {
+        let follows = if i == 0 || mls {
             String::new()
         } else if hostile && i == n - 1 {
             format!("follows = [\"{FLOOD_ROOM}\"]\n")
@@ -1652,6 +1710,18 @@ async fn run_relay(
     progress.line(&format!("{label} starting {n} nodes"));
     wait_healthy(&mut nodes, &admins).await?;
     let startup = started.elapsed();
+    if opts.traffic == Traffic::Mls && variant == Variant::Normal {
+        let pids: Vec<u32> = nodes.children.iter().map(Child::id).collect();
+        let r = mls::run(
+            &admins, &pids, opts, profile, lab, epoch, row, progress, label,
+        )
+        .await;
+        nodes.stop();
+        if r.is_ok() && !opts.keep && row.lost == Some(0) {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        return r;
+    }
 
     let rx = Arc::new(Mutex::new(Rx::new(epoch, receivers)?));
     let stop_readers = Arc::new(AtomicBool::new(false));
