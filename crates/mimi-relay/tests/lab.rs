@@ -394,3 +394,41 @@ fn every_row_names_its_in_flight_limit_and_inflight_sets_it_for_all() {
         assert_eq!(r["inflight"].as_u64(), Some(4), "{t}: {r}");
     }
 }
+
+#[test]
+fn mls_traffic_decrypts_everything_once_in_order() {
+    // Real openmls groups: both providers send into every room and decrypt; commits (2/s)
+    // move the epochs on while messages fly, so some are refused as of an old epoch and
+    // encrypted again.
+    let (rows, out) = bench(&[
+        "--net",
+        "loopback",
+        "--profile",
+        "lan",
+        "--transports",
+        "quic,https",
+        "--traffic",
+        "mls",
+        "--commit-rate",
+        "2",
+        "--duration",
+        "2",
+        "--rooms",
+        "4",
+        "--window",
+        "16",
+    ]);
+    for t in ["quic", "https"] {
+        let r = row(&rows, t, "lan");
+        assert_eq!(r["traffic"], "mls", "{r}");
+        assert_clean(r);
+        assert_eq!(r["decrypt_failures"].as_u64(), Some(0), "{r}");
+        assert!(r["commits"].as_u64().unwrap() > 0, "{t}: {r}");
+        assert!(r["retries"].as_u64().is_some(), "{r}");
+        // A PrivateMessage of a 1 KiB plaintext: header, padding-free AEAD, signature.
+        let size = r["mls_msg_bytes"].as_f64().unwrap();
+        assert!((1024.0..1400.0).contains(&size), "{t}: {size}");
+    }
+    let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();
+    assert!(md.contains("MLS traffic"), "{md}");
+}

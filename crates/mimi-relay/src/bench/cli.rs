@@ -224,6 +224,10 @@ pub async fn main(args: BenchArgs, command: String) -> Result<bool> {
         _ = tokio::signal::ctrl_c() => bail!("interrupted; nodes stopped and namespaces removed"),
     };
     print!("{}", super::report::table(&report.rows));
+    let mls = super::report::mls_table(&report.rows);
+    if !mls.is_empty() {
+        print!("\n{mls}");
+    }
     if report.repeat > 1 {
         print!("\n{}", super::report::runs_table(&report.rows));
     }

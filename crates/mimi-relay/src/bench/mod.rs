@@ -498,6 +498,8 @@ fn median_u64(v: Vec<u64>) -> Option<u64> {
 /// The whole run: rows plus how it was made.
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
+    /// `--traffic`: `synthetic` or `mls` (each row says what it carried).
+    pub traffic: String,
     pub net: String,
     pub net_note: String,
     pub started_unix: u64,
@@ -855,6 +857,16 @@ pub async fn run(opts: BenchOptions, launcher: Launcher, command: String) -> Res
     // The rows of each profile: every transport once, or, hostile, each relay transport quiet
     // and flooded (the baselines carry no relay to flood).
     let mut notes = Vec::new();
+    if opts.traffic == Traffic::Mls {
+        notes.push(format!(
+            "--traffic mls: relay rows carry real MLS groups ({} commits/s; --size is the \
+             plaintext size; the commit/Welcome size mix and the recovery phase do not apply; \
+             a follower's client keeps one message per room in flight, since the follower \
+             forwards each submission as a request of its own); the baselines and hostile \
+             rows carry synthetic bytes",
+            opts.commit_rate
+        ));
+    }
     let units: Vec<(String, Variant)> = match opts.hostile {
         Hostile::None => opts
             .transports
@@ -1026,6 +1038,7 @@ pub async fn run(opts: BenchOptions, launcher: Launcher, command: String) -> Res
         drop(lab);
     }
     let report = BenchReport {
+        traffic: opts.traffic.as_str().to_owned(),
         net: net.into(),
         net_note,
         started_unix: std::time::SystemTime::now()

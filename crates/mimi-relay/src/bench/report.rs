@@ -413,6 +413,41 @@ pub(crate) fn table(rows: &[Row]) -> String {
     s
 }
 
+/// The MLS figures of `--traffic mls` rows; empty when there are none.
+pub(crate) fn mls_table(rows: &[Row]) -> String {
+    let mls: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.traffic == "mls" && r.status == "ok")
+        .collect();
+    if mls.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from(
+        "MLS traffic (real openmls groups; decryption failures must be 0):
+
+         | transport | profile | MLS message B | decryption failures | epochTooOld retries | commits (refused) |
+         |---|---|---:|---:|---:|---:|
+",
+    );
+    for r in mls {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} ({}) |",
+            name(r),
+            r.profile,
+            r.mls_msg_bytes
+                .map(|v| format!("{v:.0}"))
+                .unwrap_or_else(|| "–".into()),
+            opt(r.decrypt_failures),
+            opt(r.retries),
+            opt(r.commits),
+            opt(r.commits_refused),
+        );
+    }
+    s.push('\n');
+    s
+}
+
 /// Each run of a repeated row, and its ratio to the carrier's run of the same round: how
 /// often a target held, which a median alone does not show.
 pub(crate) fn runs_table(rows: &[Row]) -> String {
@@ -517,6 +552,7 @@ fn markdown(report: &BenchReport, plots: &[String]) -> String {
         let _ = writeln!(s, "- note: {n}");
     }
     let _ = writeln!(s, "\n{}", table(&report.rows));
+    s.push_str(&mls_table(&report.rows));
     if report.repeat > 1 {
         s.push_str(&runs_table(&report.rows));
     }
