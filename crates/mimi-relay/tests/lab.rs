@@ -114,6 +114,10 @@ fn assert_clean(r: &Value) {
     for k in ["lost", "duplicated", "out_of_order"] {
         assert_eq!(r[k].as_u64(), Some(0), "{k} in {r}");
     }
+    // mls rows: every message decrypted (synthetic rows have no such figure).
+    if r["traffic"] == "mls" {
+        assert_eq!(r["decrypt_failures"].as_u64(), Some(0), "{r}");
+    }
     for k in ["p50_us", "p99_us", "p999_us", "cpu_us_per_msg", "setup_ms"] {
         assert!(!r[k].is_null(), "{k} missing in {r}");
     }
@@ -140,6 +144,9 @@ fn lan_on_loopback_delivers_everything_once_in_order() {
         // Loopback shares the host's counters with everything else: no figure rather than a wrong one.
         assert!(r["socket_drops"].is_null(), "{r}");
     }
+    // The relay rows carry MLS by default; the baselines are not the relay and carry bytes.
+    assert_eq!(row(&rows, "quic", "lan")["traffic"], "mls");
+    assert_eq!(row(&rows, "bare-quinn", "lan")["traffic"], "synthetic");
     // Every transport the core names has a row: measured, or reported as a gap of this build.
     for t in ["xmpp", "matrix"] {
         let r = row(&rows, t, "lan");

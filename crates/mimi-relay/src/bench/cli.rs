@@ -112,7 +112,7 @@ pub struct BenchArgs {
     /// the only sender) or `mls` (one openmls client per provider and room: every provider
     /// encrypts and sends into every room, every member decrypts, commits move the epochs
     /// on; --size is then the plaintext size). The baselines and --hostile rows are synthetic.
-    #[arg(long, default_value = "synthetic", value_parser = ["synthetic", "mls"])]
+    #[arg(long, default_value = "mls", value_parser = ["synthetic", "mls"])]
     pub traffic: String,
     /// `--traffic mls`: commits per second over all rooms (self-updates by a random member).
     #[arg(long, default_value_t = 1.0)]

@@ -244,6 +244,12 @@ async fn sender(side: Arc<Side>, admin: Admin, c: SendCtx) -> Result<()> {
         .collect();
     let mut retry: Vec<Plain> = Vec::new();
     let mut first = 0usize;
+    // Where this phase's counters start: an open loop's schedule counts from there.
+    let base: Vec<u64> = c
+        .counters
+        .iter()
+        .map(|x| x.load(Ordering::Relaxed))
+        .collect();
     while !c.stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         if now >= c.until && retry.is_empty() {
@@ -264,7 +270,7 @@ async fn sender(side: Arc<Side>, admin: Admin, c: SendCtx) -> Result<()> {
                         let offset = i.mul_f64(stream as f64 / streams);
                         let due = now.saturating_duration_since(start + offset);
                         let due = (due.as_secs_f64() / i.as_secs_f64()).floor() as u64 + 1;
-                        due.saturating_sub(sent)
+                        due.saturating_sub(sent - base[stream])
                     }
                 };
                 // A follower forwards each submission to the hub as a request of its own, so
@@ -281,7 +287,10 @@ async fn sender(side: Arc<Side>, admin: Admin, c: SendCtx) -> Result<()> {
                 for _ in 0..free {
                     let k = c.counters[stream].fetch_add(1, Ordering::Relaxed);
                     let sched = match interval {
-                        Some(i) => start + i.mul_f64(stream as f64 / streams) + i * k as u32,
+                        Some(i) => {
+                            let k = (k - base[stream]) as u32;
+                            start + i.mul_f64(stream as f64 / streams) + i * k
+                        }
                         None => now,
                     };
                     let sched_ns = sched.saturating_duration_since(c.epoch).as_nanos() as u64;
@@ -416,7 +425,96 @@ async fn commit_step(sides: &[Arc<Side>], rooms: usize, rng: &mut u64, stats: &M
     }
 }
 
-/// The MLS row: setup (not measured), the measured phase, the last deliveries.
+/// One phase's load: which senders, at what rate, for how long, with what commits.
+struct Load<'a> {
+    admins: &'a [Admin],
+    sides: &'a [Arc<Side>],
+    opts: &'a BenchOptions,
+    epoch: Instant,
+    rx: &'a Arc<Mutex<Rx>>,
+    stats: &'a Arc<MlsStats>,
+    counters: &'a Arc<Vec<AtomicU64>>,
+    rate: Option<f64>,
+    commit_rate: f64,
+    duration: Duration,
+}
+
+/// Runs one phase's senders (and commits) to its end; `tick` is called every 50 ms with the
+/// time since the start and what was accepted and delivered. Returns (messages accepted,
+/// deliveries expected).
+async fn phase(l: Load<'_>, mut tick: impl FnMut(Duration, u64, u64, u64)) -> Result<(u64, u64)> {
+    let (n, rooms) = (l.admins.len(), l.sides[0].members.lock().await.len());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (expected, sent) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let start = Instant::now();
+    let until = start + l.duration;
+    let mut senders = tokio::task::JoinSet::new();
+    for (p, (side, admin)) in l.sides.iter().zip(l.admins).enumerate() {
+        let ctx = SendCtx {
+            p,
+            n,
+            rooms,
+            window: l.opts.window,
+            rate: l.rate,
+            batch_max: l.opts.submit_batch.max(1) as usize,
+            size: l.opts.sizes.app,
+            until,
+            epoch: l.epoch,
+            rx: l.rx.clone(),
+            stats: l.stats.clone(),
+            stop: stop.clone(),
+            counters: l.counters.clone(),
+            expected: expected.clone(),
+            sent: sent.clone(),
+        };
+        senders.spawn(sender(side.clone(), admin.clone(), ctx));
+    }
+    let mut rng = 0x5851_f42d_4c95_7f2d_u64 ^ start.duration_since(l.epoch).as_nanos() as u64;
+    let every = (l.commit_rate > 0.0).then(|| Duration::from_secs_f64(1.0 / l.commit_rate));
+    let mut next_commit = every.map(|e| start + e);
+    let mut failed = None;
+    loop {
+        tokio::select! {
+            r = senders.join_next() => match r {
+                None => break,
+                Some(Ok(Ok(()))) => {}
+                Some(Ok(Err(e))) => {
+                    failed.get_or_insert(e);
+                    stop.store(true, Ordering::Relaxed);
+                }
+                Some(Err(e)) => {
+                    failed.get_or_insert(anyhow!("a sender: {e}"));
+                    stop.store(true, Ordering::Relaxed);
+                }
+            },
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                if let (Some(at), Some(e)) = (next_commit, every)
+                    && Instant::now() >= at
+                    && Instant::now() < until
+                {
+                    commit_step(l.sides, rooms, &mut rng, l.stats).await;
+                    next_commit = Some(at + e);
+                }
+                tick(
+                    start.elapsed(),
+                    sent.load(Ordering::Relaxed),
+                    lock(l.rx).delivered,
+                    l.stats.commits.load(Ordering::Relaxed),
+                );
+            }
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok((
+            sent.load(Ordering::Relaxed),
+            expected.load(Ordering::Relaxed),
+        )),
+    }
+}
+
+/// The MLS row: setup (not measured), the measured phase, the last deliveries and, in
+/// namespaces, the recovery from a cut link (low rate, no commits).
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn run(
     admins: &[Admin],
@@ -451,66 +549,31 @@ pub(super) async fn run(
         if let Some(lab) = lab {
             lab.take_drops();
         }
-        let stop = Arc::new(AtomicBool::new(false));
         let counters: Arc<Vec<AtomicU64>> =
             Arc::new((0..rooms * n).map(|_| AtomicU64::new(0)).collect());
-        let (expected, sent) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let until = Instant::now() + opts.duration;
-        let mut senders = tokio::task::JoinSet::new();
-        for (p, (side, admin)) in sides.iter().zip(admins).enumerate() {
-            let ctx = SendCtx {
-                p,
-                n,
-                rooms,
-                window: opts.window,
-                rate: opts.rate,
-                batch_max: opts.submit_batch.max(1) as usize,
-                size: opts.sizes.app,
-                until,
-                epoch,
-                rx: rx.clone(),
-                stats: stats.clone(),
-                stop: stop.clone(),
-                counters: counters.clone(),
-                expected: expected.clone(),
-                sent: sent.clone(),
-            };
-            senders.spawn(sender(side.clone(), admin.clone(), ctx));
-        }
-        let mut rng = 0x5851_f42d_4c95_7f2d_u64;
-        let every = (opts.commit_rate > 0.0).then(|| Duration::from_secs_f64(1.0 / opts.commit_rate));
-        let mut next_commit = every.map(|e| Instant::now() + e);
-        let phase_start = Instant::now();
-        let mut failed = None;
-        loop {
-            tokio::select! {
-                r = senders.join_next() => match r {
-                    None => break,
-                    Some(Ok(Ok(()))) => {}
-                    Some(Ok(Err(e))) => { failed.get_or_insert(e); stop.store(true, Ordering::Relaxed); }
-                    Some(Err(e)) => { failed.get_or_insert(anyhow!("a sender: {e}")); stop.store(true, Ordering::Relaxed); }
-                },
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {
-                    if let (Some(at), Some(e)) = (next_commit, every)
-                        && Instant::now() >= at && Instant::now() < until {
-                        commit_step(&sides, rooms, &mut rng, &stats).await;
-                        next_commit = Some(at + e);
-                    }
-                    progress.line(&format!(
-                        "{label} mls {:.1}/{:.0} s  accepted {}  delivered {}  commits {}",
-                        phase_start.elapsed().as_secs_f64().min(opts.duration.as_secs_f64()),
-                        opts.duration.as_secs_f64(),
-                        sent.load(Ordering::Relaxed),
-                        lock(&rx).delivered,
-                        stats.commits.load(Ordering::Relaxed),
-                    ));
-                }
-            }
-        }
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        let expected = expected.load(Ordering::Relaxed);
+        let load = |rate, commit_rate, duration| Load {
+            admins,
+            sides: &sides,
+            opts,
+            epoch,
+            rx: &rx,
+            stats: &stats,
+            counters: &counters,
+            rate,
+            commit_rate,
+            duration,
+        };
+        let secs = opts.duration.as_secs_f64();
+        let (sent, expected) = phase(
+            load(opts.rate, opts.commit_rate, opts.duration),
+            |t, sent, delivered, commits| {
+                progress.line(&format!(
+                    "{label} mls {:.1}/{secs:.0} s  accepted {sent}  delivered {delivered}  commits {commits}",
+                    t.as_secs_f64().min(secs),
+                ));
+            },
+        )
+        .await?;
         progress.line(&format!("{label} waiting for the last deliveries"));
         super::settle(&rx, expected, opts.settle).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -520,19 +583,69 @@ pub(super) async fn run(
             .unwrap_or_default()
             .since(link0);
         let drops = lab.map(super::NetLab::take_drops).unwrap_or_default();
-        let t = lock(&rx);
-        row.sent = sent.load(Ordering::Relaxed);
-        row.delivered = t.delivered;
-        super::fill_latency(row, &t, &drops, profile, epoch);
-        if t.delivered > 0 {
-            row.cpu_us_per_msg = Some(cpu1.saturating_sub(cpu0) as f64 / t.delivered as f64);
-            if lab.is_some() {
-                row.wire_bytes_per_msg = Some(link.bytes as f64 / t.delivered as f64);
+        {
+            let t = lock(&rx);
+            row.sent = sent;
+            row.delivered = t.delivered;
+            super::fill_latency(row, &t, &drops, profile, epoch);
+            if t.delivered > 0 {
+                row.cpu_us_per_msg = Some(cpu1.saturating_sub(cpu0) as f64 / t.delivered as f64);
+                if lab.is_some() {
+                    row.wire_bytes_per_msg = Some(link.bytes as f64 / t.delivered as f64);
+                }
             }
+            row.link_drops = lab.map(|_| link.dropped);
+            row.socket_drops = link.socket_drops;
         }
-        row.link_drops = lab.map(|_| link.dropped);
-        row.socket_drops = link.socket_drops;
-        row.lost = Some(expected.saturating_sub(t.delivered));
+        let mut lost = expected.saturating_sub(lock(&rx).delivered);
+
+        // Recovery, as for synthetic traffic: 20 msg/s, the link cut from 1 s to 6 s; the
+        // time from the restore until every message scheduled before it was delivered.
+        if let (Some(lab), true) = (lab, opts.recovery) {
+            lock(&rx).new_phase();
+            let t0 = Instant::now();
+            let (cut_at, restore_at) = (t0 + Duration::from_secs(1), t0 + Duration::from_secs(6));
+            let mut cut = false;
+            let mut restored = false;
+            let r = phase(
+                load(Some(20.0), 0.0, Duration::from_secs(8)),
+                |_, _, _, _| {
+                    let now = Instant::now();
+                    if !cut && now >= cut_at {
+                        lab.set_cut(true);
+                        cut = true;
+                    }
+                    if cut && !restored && now >= restore_at {
+                        lab.set_cut(false);
+                        restored = true;
+                    }
+                    progress.line(&format!(
+                        "{label} recovery: link {}",
+                        if cut && !restored { "cut" } else { "up" }
+                    ));
+                },
+            )
+            .await;
+            lab.set_cut(false);
+            let (sent2, expected2) = r?;
+            let all = super::settle(&rx, expected2, opts.settle.max(Duration::from_secs(30))).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let t = lock(&rx);
+            lost += expected2.saturating_sub(t.delivered);
+            let restore_ns = restore_at.duration_since(epoch).as_nanos() as u64;
+            let restore_rel = restore_at.duration_since(epoch);
+            let done = t
+                .samples
+                .iter()
+                .filter(|(_, s, _)| *s < restore_ns)
+                .map(|(_, s, us)| Duration::from_nanos(*s) + Duration::from_micros(*us))
+                .max();
+            if all && let Some(done) = done {
+                row.recovery_ms = Some(done.saturating_sub(restore_rel).as_secs_f64() * 1e3);
+            }
+            row.sent += sent2;
+        }
+        row.lost = Some(lost);
         Ok::<_, anyhow::Error>(())
     }
     .await;

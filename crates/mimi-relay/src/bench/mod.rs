@@ -138,7 +138,8 @@ pub struct BenchOptions {
     /// `--inflight`: transmits in flight per (room, destination) for every relay transport;
     /// None keeps each transport's default (the core's `pipeline`).
     pub inflight: Option<u32>,
-    /// `--traffic`: what the relay rows carry (the baselines always carry synthetic bytes).
+    /// `--traffic`: what the relay rows carry (the baselines always carry synthetic bytes); the
+    /// command line defaults to mls.
     pub traffic: Traffic,
     /// `--commit-rate`: MLS commits per second over all rooms (mls traffic only).
     pub commit_rate: f64,
