@@ -423,11 +423,9 @@ pub(crate) fn mls_table(rows: &[Row]) -> String {
         return String::new();
     }
     let mut s = String::from(
-        "MLS traffic (real openmls groups; decryption failures must be 0):
-
-         | transport | profile | MLS message B | decryption failures | epochTooOld retries | commits (refused) |
-         |---|---|---:|---:|---:|---:|
-",
+        "MLS traffic (real openmls groups; decryption failures must be 0):\n\n\
+         | transport | profile | MLS message B | decryption failures | epochTooOld retries | commits (refused) |\n\
+         |---|---|---:|---:|---:|---:|\n",
     );
     for r in mls {
         let _ = writeln!(
