@@ -149,6 +149,11 @@ impl std::fmt::Debug for MlsClient {
     }
 }
 
+/// Epochs whose application messages a member can still decrypt: a committer merges its
+/// commit when the hub accepts it, while messages the hub sequenced before the commit may
+/// still wait in its inbox.
+const PAST_EPOCHS: usize = 2;
+
 /// What every demo client's leaf supports beyond RFC 9420: the app_data_dictionary and the
 /// AppDataUpdate and SelfRemove proposals.
 pub fn capabilities() -> Capabilities {
@@ -183,6 +188,7 @@ fn group_config(
     .map_err(mls)?;
     Ok(MlsGroupCreateConfig::builder()
         .ciphersuite(CIPHERSUITE)
+        .max_past_epochs(PAST_EPOCHS)
         .capabilities(capabilities())
         .use_ratchet_tree_extension(true)
         .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
@@ -204,6 +210,7 @@ fn participant_list(group: &MlsGroup) -> Result<ParticipantListData, MlsClientEr
 
 fn join_config() -> MlsGroupJoinConfig {
     MlsGroupJoinConfig::builder()
+        .max_past_epochs(PAST_EPOCHS)
         .use_ratchet_tree_extension(true)
         .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
         .build()
@@ -247,6 +254,32 @@ impl MlsClient {
             franks_verified: 0,
             franks_failed: 0,
         })
+    }
+
+    /// A client of `user` talking to its provider through `api` (e.g. one whose sockets open
+    /// in another network namespace, as the transport lab's do).
+    pub fn with_api(user: &str, api: LocalClient) -> Result<Self, MlsClientError> {
+        let mut c = Self::new(user, SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        c.api = api;
+        Ok(c)
+    }
+
+    /// Encrypts `payload` for the current epoch and returns the SubmitMessageRequest body,
+    /// without sending it: for a front end that submits many at once (`submitBatch`). An
+    /// `EpochTooOld` answer means: apply the pending commits, then encrypt again.
+    pub fn encrypt(&mut self, payload: &[u8]) -> Result<Bytes, MlsClientError> {
+        let group = self.group.as_mut().ok_or(MlsClientError::NoGroup)?;
+        let msg = group
+            .create_message(&self.provider, &self.signer, payload)
+            .map_err(mls)?;
+        let req = SubmitMessageRequest::mls10(msg.to_bytes().map_err(mls)?, self.user.clone())?;
+        Ok(Bytes::from(req.encode()?))
+    }
+
+    /// Applies one FanoutMessage read from the provider's inbox by someone else (a reader
+    /// shared by several clients of the provider), as [`MlsClient::poll`] does.
+    pub fn handle_fanout(&mut self, fanout: &[u8]) -> Event {
+        self.apply(fanout)
     }
 
     /// 16 random bytes, for a MIMI content salt.
@@ -1042,3 +1075,81 @@ impl MlsClient {
 }
 mod own;
 pub mod scenario;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The FanoutMessage the hub makes of a SubmitMessageRequest body.
+    fn fanout_of(submit: &[u8]) -> Vec<u8> {
+        let req = SubmitMessageRequest::decode(submit).expect("a submit request");
+        let mut out = Vec::new();
+        mimi_wire::proto::encode_fanout_application(1, req.app_message.as_bytes(), &mut out);
+        out
+    }
+
+    #[test]
+    fn encrypt_and_handle_fanout_carry_a_message_between_members() {
+        let mut alice = MlsClient::new(
+            "mimi://a.example/u/alice",
+            "127.0.0.1:9".parse().expect("addr"),
+        )
+        .expect("alice");
+        let mut bob = MlsClient::new(
+            "mimi://b.example/u/bob",
+            "127.0.0.1:9".parse().expect("addr"),
+        )
+        .expect("bob");
+        // No node: alice's group and bob's join are made directly.
+        let mut group = MlsGroup::new(
+            &alice.provider,
+            &alice.signer,
+            &group_config("mimi://a.example/u/alice", None).expect("config"),
+            alice.credential.clone(),
+        )
+        .expect("group");
+        let kp = KeyPackage::builder()
+            .leaf_node_capabilities(capabilities())
+            .build(
+                CIPHERSUITE,
+                &bob.provider,
+                &bob.signer,
+                bob.credential.clone(),
+            )
+            .expect("key package");
+        let (_commit, welcome, _gi) = group
+            .add_members(&alice.provider, &alice.signer, &[kp.key_package().clone()])
+            .expect("add");
+        group.merge_pending_commit(&alice.provider).expect("merge");
+        alice.group = Some(group);
+        let welcome = MlsMessageIn::tls_deserialize_exact(welcome.to_bytes().expect("bytes"))
+            .expect("welcome");
+        let MlsMessageBodyIn::Welcome(w) = welcome.extract() else {
+            panic!("not a welcome");
+        };
+        let joined = StagedWelcome::new_from_welcome(&bob.provider, &join_config(), w, None)
+            .and_then(|s| s.into_group(&bob.provider))
+            .expect("join");
+        bob.group = Some(joined);
+
+        assert!(matches!(
+            MlsClient::new("mimi://c.example/u/c", "127.0.0.1:9".parse().expect("addr"))
+                .expect("carol")
+                .encrypt(b"x"),
+            Err(MlsClientError::NoGroup)
+        ));
+        let body = alice.encrypt(b"hello bob").expect("encrypt");
+        match bob.handle_fanout(&fanout_of(&body)) {
+            Event::Message { sender, payload } => {
+                assert_eq!(sender, "mimi://a.example/u/alice");
+                assert_eq!(payload, b"hello bob");
+            }
+            other => panic!("bob saw {other:?}"),
+        }
+        // The same message twice cannot be decrypted twice (its key is gone).
+        assert!(matches!(
+            bob.handle_fanout(&fanout_of(&body)),
+            Event::Failed { .. }
+        ));
+    }
+}

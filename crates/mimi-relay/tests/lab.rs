@@ -114,6 +114,10 @@ fn assert_clean(r: &Value) {
     for k in ["lost", "duplicated", "out_of_order"] {
         assert_eq!(r[k].as_u64(), Some(0), "{k} in {r}");
     }
+    // mls rows: every message decrypted (synthetic rows have no such figure).
+    if r["traffic"] == "mls" {
+        assert_eq!(r["decrypt_failures"].as_u64(), Some(0), "{r}");
+    }
     for k in ["p50_us", "p99_us", "p999_us", "cpu_us_per_msg", "setup_ms"] {
         assert!(!r[k].is_null(), "{k} missing in {r}");
     }
@@ -140,6 +144,9 @@ fn lan_on_loopback_delivers_everything_once_in_order() {
         // Loopback shares the host's counters with everything else: no figure rather than a wrong one.
         assert!(r["socket_drops"].is_null(), "{r}");
     }
+    // The relay rows carry MLS by default; the baselines are not the relay and carry bytes.
+    assert_eq!(row(&rows, "quic", "lan")["traffic"], "mls");
+    assert_eq!(row(&rows, "bare-quinn", "lan")["traffic"], "synthetic");
     // Every transport the core names has a row: measured, or reported as a gap of this build.
     for t in ["xmpp", "matrix"] {
         let r = row(&rows, t, "lan");
@@ -359,4 +366,76 @@ fn lossy_profile_in_namespaces_loses_nothing() {
         let r = row(&rows, t, "lossy");
         assert!(r["recovery_ms"].as_f64().is_some(), "{t}: no recovery time");
     }
+}
+
+#[test]
+fn every_row_names_its_in_flight_limit_and_inflight_sets_it_for_all() {
+    let common = [
+        "--net",
+        "loopback",
+        "--profile",
+        "lan",
+        "--transports",
+        "https,quic,bare-quinn",
+        "--duration",
+        "1",
+        "--rooms",
+        "2",
+        "--rate",
+        "200",
+    ];
+    // Defaults: each transport its own, the baseline none of the relay's.
+    let (rows, out) = bench(&common);
+    assert_eq!(row(&rows, "https", "lan")["inflight"].as_u64(), Some(1));
+    assert_eq!(row(&rows, "quic", "lan")["inflight"].as_u64(), Some(64));
+    assert!(row(&rows, "bare-quinn", "lan")["inflight"].is_null());
+    let report = std::fs::read_to_string(out.path().join("report.md")).unwrap();
+    assert!(report.contains("| in flight |"), "{report}");
+    // --inflight: the same limit for every relay transport, and still everything once in order.
+    let mut args = common.to_vec();
+    args.extend(["--inflight", "4"]);
+    let (rows, _out) = bench(&args);
+    for t in ["https", "quic"] {
+        let r = row(&rows, t, "lan");
+        assert_clean(r);
+        assert_eq!(r["inflight"].as_u64(), Some(4), "{t}: {r}");
+    }
+}
+
+#[test]
+fn mls_traffic_decrypts_everything_once_in_order() {
+    // Real openmls groups: both providers send into every room and decrypt; commits (2/s)
+    // move the epochs on while messages fly, so some are refused as of an old epoch and
+    // encrypted again.
+    let (rows, out) = bench(&[
+        "--net",
+        "loopback",
+        "--profile",
+        "lan",
+        "--transports",
+        "quic,https",
+        "--traffic",
+        "mls",
+        "--commit-rate",
+        "2",
+        "--duration",
+        "2",
+        "--rooms",
+        "4",
+        "--window",
+        "16",
+    ]);
+    for t in ["quic", "https"] {
+        let r = row(&rows, t, "lan");
+        assert_eq!(r["traffic"], "mls", "{r}");
+        assert_clean(r);
+        assert_eq!(r["decrypt_failures"].as_u64(), Some(0), "{r}");
+        assert!(r["commits"].as_u64().unwrap() > 0, "{t}: {r}");
+        assert!(r["retries"].as_u64().is_some(), "{r}");
+        // A PrivateMessage of a 1 KiB plaintext: header, padding-free AEAD, signature.
+        let size = r["mls_msg_bytes"].as_f64().unwrap();
+        assert!((1024.0..1400.0).contains(&size), "{t}: {size}");
+    }
+    let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();
+    assert!(md.contains("MLS traffic"), "{md}");
 }

@@ -57,12 +57,12 @@ impl Client {
     }
 }
 
-/// Leaves support the app_data_dictionary extension (kept by openmls as unknown type 6).
+/// Leaves support the app_data_dictionary extension (draft-ietf-mls-extensions).
 fn caps() -> Capabilities {
     Capabilities::new(
         None,
         None,
-        Some(&[ExtensionType::Unknown(relay_mls::APP_DATA_DICTIONARY)]),
+        Some(&[ExtensionType::AppDataDictionary]),
         None,
         None,
     )
@@ -71,17 +71,10 @@ fn caps() -> Capabilities {
 /// The GroupContext's app_data_dictionary with the hub as franking agent.
 fn franking_extensions(hub_pk: &[u8]) -> Extensions<GroupContext> {
     let agent = frank::franking_agent_data(hub_pk, "mimi://a.example").expect("agent");
-    let dict = SafeAad {
-        aad_items: vec![mimi_wire::proto::room::SafeAadItem {
-            component_id: component::FRANKING_AGENT,
-            aad_item_data: VLBytes::new(agent),
-        }],
-    }
-    .encode()
-    .expect("dictionary");
-    Extensions::single(Extension::Unknown(
-        relay_mls::APP_DATA_DICTIONARY,
-        UnknownExtension(dict),
+    let mut dict = AppDataDictionary::new();
+    dict.insert(component::FRANKING_AGENT, agent);
+    Extensions::single(Extension::AppDataDictionary(
+        AppDataDictionaryExtension::new(dict),
     ))
     .expect("extensions")
 }

@@ -52,6 +52,19 @@ struct Raw {
     xmpp: Option<RawXmpp>,
     #[serde(default)]
     quic: RawQuic,
+    #[serde(default)]
+    pipeline: RawPipeline,
+}
+
+/// `[pipeline]`: transmits in flight per (room, destination), by transport; the core's
+/// defaults where left out.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPipeline {
+    https: Option<u32>,
+    quic: Option<u32>,
+    xmpp: Option<u32>,
+    matrix: Option<u32>,
 }
 
 /// `[quic]`: tuning of the QUIC transport.
@@ -267,6 +280,9 @@ pub struct NodeConfig {
     pub xmpp: Option<XmppComponentConfig>,
     /// `[quic] congestion`: the QUIC connections' congestion controller.
     pub quic_congestion: relay_quic::Congestion,
+    /// `[pipeline]`: transmits in flight per (room, destination) for the transports given
+    /// there (1 to 4096); the others keep the core's default.
+    pub pipeline: BTreeMap<TransportKind, u32>,
 }
 
 struct Ctx<'a> {
@@ -572,7 +588,27 @@ impl NodeConfig {
             Some(c) => c.parse().map_err(|e| cx.err("quic.congestion", e))?,
         };
 
+        let mut pipeline = BTreeMap::new();
+        let p = &raw.pipeline;
+        for (kind, v) in [
+            (TransportKind::Https, p.https),
+            (TransportKind::Quic, p.quic),
+            (TransportKind::Xmpp, p.xmpp),
+            (TransportKind::Matrix, p.matrix),
+        ] {
+            if let Some(v) = v {
+                if !(1..=MAX_PIPELINE).contains(&v) {
+                    return Err(cx.err(
+                        format!("pipeline.{kind}"),
+                        format!("must be between 1 and {MAX_PIPELINE}"),
+                    ));
+                }
+                pipeline.insert(kind, v);
+            }
+        }
+
         Ok(NodeConfig {
+            pipeline,
             file: file.to_path_buf(),
             domain,
             data_dir: resolve(&raw.node.data_dir),
@@ -603,6 +639,9 @@ impl NodeConfig {
         })
     }
 }
+
+/// Most transmits in flight per (room, destination) that `[pipeline]` may ask for.
+const MAX_PIPELINE: u32 = 4096;
 
 /// A file the node will read at start (and on reload): it must exist and open.
 fn readable(cx: &Ctx<'_>, key: &str, path: &Path) -> Result<(), ConfigError> {
@@ -837,6 +876,19 @@ followers = ["b.example"]
         assert_eq!(k, "node.admin");
         let (k, _) = invalid(&GOOD.replace("[listen]\nquic = \"127.0.0.1:4433\"", "[listen]"));
         assert_eq!(k, "peers[0].transport");
+    }
+
+    #[test]
+    fn pipeline_is_per_transport_and_bounded() {
+        let (_d, r) = with_files(GOOD);
+        assert!(r.expect("valid").pipeline.is_empty(), "core defaults");
+        let (_d, r) = with_files(&format!("{GOOD}\n[pipeline]\nhttps = 4\nquic = 16\n"));
+        let p = r.expect("valid").pipeline;
+        assert_eq!(p.get(&TransportKind::Https), Some(&4));
+        assert_eq!(p.get(&TransportKind::Quic), Some(&16));
+        assert_eq!(p.get(&TransportKind::Xmpp), None);
+        let (k, _) = invalid(&format!("{GOOD}\n[pipeline]\nquic = 0\n"));
+        assert_eq!(k, "pipeline.quic");
     }
 
     #[test]

@@ -265,6 +265,9 @@ impl Node {
             StoreKind::Memory => usize::MAX,
         };
         core_cfg.follows = cfg.follows.clone();
+        core_cfg
+            .pipeline
+            .extend(cfg.pipeline.iter().map(|(k, v)| (*k, *v)));
         core_cfg.max_abuse_reports_per_peer = cfg.max_abuse_reports_per_peer;
         core_cfg.max_abuse_bytes_per_peer = cfg.max_abuse_bytes_per_peer;
         core_cfg.max_consent_per_peer = cfg.max_consent_per_peer;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 
-use super::{BenchOptions, Hostile, NetMode, Profile, SizeMix};
+use super::{BenchOptions, Hostile, NetMode, Profile, SizeMix, Traffic};
 use crate::demo::Launcher;
 
 /// Compare the transports under the same load and network conditions.
@@ -103,6 +103,20 @@ pub struct BenchArgs {
     /// baselines are skipped, and --followers does not apply).
     #[arg(long, default_value = "none", value_parser = ["none", "flood"])]
     pub hostile: String,
+    /// Transmits in flight per (room, destination) for every relay transport (1 to 4096);
+    /// without it each keeps its default (HTTPS 1, QUIC 64, XMPP 8, Matrix 8). Every row
+    /// states the limit it ran with.
+    #[arg(long)]
+    pub inflight: Option<u32>,
+    /// What the relay rows carry: `synthetic` (random bytes in a PrivateMessage frame, the hub
+    /// the only sender) or `mls` (one openmls client per provider and room: every provider
+    /// encrypts and sends into every room, every member decrypts, commits move the epochs
+    /// on; --size is then the plaintext size). The baselines and --hostile rows are synthetic.
+    #[arg(long, default_value = "mls", value_parser = ["synthetic", "mls"])]
+    pub traffic: String,
+    /// `--traffic mls`: commits per second over all rooms (self-updates by a random member).
+    #[arg(long, default_value_t = 1.0)]
+    pub commit_rate: f64,
 }
 
 /// Most runs of a row: enough for a median that shrugs off two outliers.
@@ -149,7 +163,19 @@ impl BenchArgs {
         if !(1..=MAX_REPEAT).contains(&self.repeat) {
             bail!("--repeat must be between 1 and {MAX_REPEAT}");
         }
+        if self.inflight.is_some_and(|n| !(1..=4096).contains(&n)) {
+            bail!("--inflight must be between 1 and 4096");
+        }
+        if !self.commit_rate.is_finite() || self.commit_rate < 0.0 {
+            bail!("--commit-rate must be 0 or more");
+        }
         Ok(BenchOptions {
+            inflight: self.inflight,
+            traffic: match self.traffic.as_str() {
+                "mls" => Traffic::Mls,
+                _ => Traffic::Synthetic,
+            },
+            commit_rate: self.commit_rate,
             transports: self.transports.clone(),
             profiles,
             rooms: self.rooms,
@@ -198,6 +224,10 @@ pub async fn main(args: BenchArgs, command: String) -> Result<bool> {
         _ = tokio::signal::ctrl_c() => bail!("interrupted; nodes stopped and namespaces removed"),
     };
     print!("{}", super::report::table(&report.rows));
+    let mls = super::report::mls_table(&report.rows);
+    if !mls.is_empty() {
+        print!("\n{mls}");
+    }
     if report.repeat > 1 {
         print!("\n{}", super::report::runs_table(&report.rows));
     }

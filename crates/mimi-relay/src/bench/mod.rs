@@ -12,6 +12,7 @@
 
 mod cli;
 mod hostile;
+mod mls;
 pub mod netlab;
 mod pump;
 mod report;
@@ -134,6 +135,46 @@ pub struct BenchOptions {
     pub quic_cc: relay_quic::Congestion,
     /// `--hostile flood`: each relay transport runs quiet and flooded (see [`hostile`]).
     pub hostile: Hostile,
+    /// `--inflight`: transmits in flight per (room, destination) for every relay transport;
+    /// None keeps each transport's default (the core's `pipeline`).
+    pub inflight: Option<u32>,
+    /// `--traffic`: what the relay rows carry (the baselines always carry synthetic bytes); the
+    /// command line defaults to mls.
+    pub traffic: Traffic,
+    /// `--commit-rate`: MLS commits per second over all rooms (mls traffic only).
+    pub commit_rate: f64,
+}
+
+/// What the relay rows carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Traffic {
+    /// Random bytes in a PrivateMessage frame, submitted by the hub only.
+    Synthetic,
+    /// Real MLS groups: every provider's clients encrypt, decrypt and commit.
+    Mls,
+}
+
+impl Traffic {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Traffic::Synthetic => "synthetic",
+            Traffic::Mls => "mls",
+        }
+    }
+}
+
+/// The in-flight limit a relay transport runs with in this lab: `--inflight`, or the core's
+/// default for it. None for the baselines, which are not the relay.
+pub fn inflight_of(transport: &str, opts: &BenchOptions) -> Option<u32> {
+    let kind: TransportKind = transport.parse().ok()?;
+    Some(opts.inflight.unwrap_or_else(|| {
+        let local: ProviderDomain = "a.example".parse().unwrap_or_else(|_| unreachable!());
+        relay_core::RelayConfig::new(local)
+            .pipeline
+            .get(&kind)
+            .copied()
+            .unwrap_or(1)
+    }))
 }
 
 impl Default for BenchOptions {
@@ -165,6 +206,9 @@ impl Default for BenchOptions {
             settle: Duration::from_secs(30),
             quic_cc: relay_quic::Congestion::default(),
             hostile: Hostile::None,
+            inflight: None,
+            traffic: Traffic::Synthetic,
+            commit_rate: 1.0,
         }
     }
 }
@@ -180,6 +224,10 @@ pub struct Row {
     pub status: String,
     pub note: String,
     pub mode: String,
+    /// Transmits in flight per (room, destination) the relay ran with (None: a baseline).
+    pub inflight: Option<u32>,
+    /// `synthetic` or `mls` (see [`Traffic`]).
+    pub traffic: String,
     pub rooms: usize,
     pub followers: usize,
     pub sent: u64,
@@ -207,6 +255,20 @@ pub struct Row {
     pub lost: Option<u64>,
     pub duplicated: Option<u64>,
     pub out_of_order: Option<u64>,
+    /// mls traffic: messages that did not decrypt or apply (must be 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decrypt_failures: Option<u64>,
+    /// mls traffic: messages encrypted again after the hub answered epochTooOld.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u64>,
+    /// mls traffic: mean size of a submitted MLS message (PrivateMessage) on the wire, bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mls_msg_bytes: Option<f64>,
+    /// mls traffic: commits the hub accepted during the measured phase, and refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub commits: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub commits_refused: Option<u64>,
     /// (quantile, latency µs) points of the latency distribution, for the CDF plot.
     pub cdf: Vec<(f64, u64)>,
     /// With `--repeat`: each run's own figures, in round order; the row's are their medians.
@@ -267,6 +329,11 @@ impl Row {
                 Some(r) => format!("open-loop {r} msg/s"),
                 None => format!("closed-loop, window {} per room", opts.window),
             },
+            inflight: inflight_of(transport, opts),
+            traffic: match transport.parse::<TransportKind>() {
+                Ok(_) if opts.hostile == Hostile::None => opts.traffic.as_str().to_owned(),
+                _ => Traffic::Synthetic.as_str().to_owned(),
+            },
             rooms: opts.rooms,
             followers: opts.followers,
             sent: 0,
@@ -289,6 +356,11 @@ impl Row {
             lost: None,
             duplicated: None,
             out_of_order: None,
+            decrypt_failures: None,
+            retries: None,
+            mls_msg_bytes: None,
+            commits: None,
+            commits_refused: None,
             cdf: Vec::new(),
             repeats: Vec::new(),
             hostile: None,
@@ -380,6 +452,11 @@ impl Row {
             lost: sum(|r| r.lost),
             duplicated: sum(|r| r.duplicated),
             out_of_order: sum(|r| r.out_of_order),
+            decrypt_failures: sum(|r| r.decrypt_failures),
+            retries: sum(|r| r.retries),
+            mls_msg_bytes: f(|r| r.mls_msg_bytes),
+            commits: sum(|r| r.commits),
+            commits_refused: sum(|r| r.commits_refused),
             cdf,
             repeats,
             ..runs.swap_remove(0)
@@ -392,6 +469,7 @@ impl Row {
             && self.lost == Some(0)
             && self.duplicated == Some(0)
             && self.out_of_order == Some(0)
+            && self.decrypt_failures.unwrap_or(0) == 0
     }
 }
 
@@ -421,6 +499,8 @@ fn median_u64(v: Vec<u64>) -> Option<u64> {
 /// The whole run: rows plus how it was made.
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
+    /// `--traffic`: `synthetic` or `mls` (each row says what it carried).
+    pub traffic: String,
     pub net: String,
     pub net_note: String,
     pub started_unix: u64,
@@ -778,6 +858,16 @@ pub async fn run(opts: BenchOptions, launcher: Launcher, command: String) -> Res
     // The rows of each profile: every transport once, or, hostile, each relay transport quiet
     // and flooded (the baselines carry no relay to flood).
     let mut notes = Vec::new();
+    if opts.traffic == Traffic::Mls {
+        notes.push(format!(
+            "--traffic mls: relay rows carry real MLS groups ({} commits/s; --size is the \
+             plaintext size; the commit/Welcome size mix and the recovery phase do not apply; \
+             a follower's client keeps one message per room in flight, since the follower \
+             forwards each submission as a request of its own); the baselines and hostile \
+             rows carry synthetic bytes",
+            opts.commit_rate
+        ));
+    }
     let units: Vec<(String, Variant)> = match opts.hostile {
         Hostile::None => opts
             .transports
@@ -949,6 +1039,7 @@ pub async fn run(opts: BenchOptions, launcher: Launcher, command: String) -> Res
         drop(lab);
     }
     let report = BenchReport {
+        traffic: opts.traffic.as_str().to_owned(),
         net: net.into(),
         net_note,
         started_unix: std::time::SystemTime::now()
@@ -1049,7 +1140,9 @@ fn prepare(
     variant: Variant,
 ) -> Result<Vec<PathBuf>> {
     let hostile = variant != Variant::Normal;
-    let (rooms, store) = (opts.rooms, &opts.store);
+    // mls traffic: the hub's clients create the rooms and add the followers' clients.
+    let mls = opts.traffic == Traffic::Mls && !hostile;
+    let (rooms, store) = (if mls { 0 } else { opts.rooms }, &opts.store);
     std::fs::create_dir_all(dir.join("certs"))?;
     for i in 0..n {
         let p = provider(i);
@@ -1093,7 +1186,7 @@ fn prepare(
         let p = provider(i);
         // Every follower's users take part in every room of the hub; in a hostile row the
         // flooder's (the last follower's) only in a room of its own.
-        let follows = if i == 0 {
+        let follows = if i == 0 || mls {
             String::new()
         } else if hostile && i == n - 1 {
             format!("follows = [\"{FLOOD_ROOM}\"]\n")
@@ -1117,6 +1210,10 @@ fn prepare(
         }
         if kind == TransportKind::Quic {
             let _ = write!(t, "\n[quic]\ncongestion = \"{}\"\n", opts.quic_cc);
+        }
+        // Written out even when it is the default, so the config says what the row ran with.
+        if let Some(n) = inflight_of(kind.as_str(), opts) {
+            let _ = write!(t, "\n[pipeline]\n{kind} = {n}\n");
         }
         if i == 0 {
             let members = if hostile { 1..n - 1 } else { 1..n };
@@ -1627,6 +1724,18 @@ async fn run_relay(
     progress.line(&format!("{label} starting {n} nodes"));
     wait_healthy(&mut nodes, &admins).await?;
     let startup = started.elapsed();
+    if opts.traffic == Traffic::Mls && variant == Variant::Normal {
+        let pids: Vec<u32> = nodes.children.iter().map(Child::id).collect();
+        let r = mls::run(
+            &admins, &pids, opts, profile, lab, epoch, row, progress, label,
+        )
+        .await;
+        nodes.stop();
+        if r.is_ok() && !opts.keep && row.lost == Some(0) {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        return r;
+    }
 
     let rx = Arc::new(Mutex::new(Rx::new(epoch, receivers)?));
     let stop_readers = Arc::new(AtomicBool::new(false));

@@ -342,17 +342,26 @@ pub(crate) fn placement_words(p: Option<&Placement>) -> String {
     }
 }
 
+/// A row's in-flight limit per (room, destination); a baseline's is its own (not the relay's).
+fn inflight(r: &Row) -> String {
+    r.inflight
+        .map_or_else(|| "own".to_owned(), |n| n.to_string())
+}
+
 /// The results table in Markdown (also used by the README).
 pub(crate) fn table(rows: &[Row]) -> String {
     let mut s = String::new();
-    s.push_str("| transport | profile | msgs/s | p50 ms | p99 ms | p99.9 ms | clean p99 ms | HOL-exposed p99 ms | wire B/msg | CPU µs/msg | setup ms | recovery ms | link drops | socket drops | lost/dup/ooo | vs carrier (msgs/s, p99) |\n");
-    s.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n");
+    s.push_str("| transport | in flight | profile | msgs/s | p50 ms | p99 ms | p99.9 ms | clean p99 ms | HOL-exposed p99 ms | wire B/msg | CPU µs/msg | setup ms | recovery ms | link drops | socket drops | lost/dup/ooo | vs carrier (msgs/s, p99) |\n");
+    s.push_str(
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n",
+    );
     for r in rows {
         if r.status != "ok" {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | | | | | | | | | | | | | {} |",
+                "| {} | {} | {} | {} | | | | | | | | | | | | | {} |",
                 name(r),
+                inflight(r),
                 r.profile,
                 r.status,
                 r.note
@@ -371,8 +380,9 @@ pub(crate) fn table(rows: &[Row]) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}/{}/{} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}/{}/{} | {} |",
             name(r),
+            inflight(r),
             r.profile,
             r.msgs_per_s.map(|v| format!("{v:.0}")).unwrap_or_default(),
             ms(r.p50_us),
@@ -400,6 +410,39 @@ pub(crate) fn table(rows: &[Row]) -> String {
             ratio
         );
     }
+    s
+}
+
+/// The MLS figures of `--traffic mls` rows; empty when there are none.
+pub(crate) fn mls_table(rows: &[Row]) -> String {
+    let mls: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.traffic == "mls" && r.status == "ok")
+        .collect();
+    if mls.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from(
+        "MLS traffic (real openmls groups; decryption failures must be 0):\n\n\
+         | transport | profile | MLS message B | decryption failures | epochTooOld retries | commits (refused) |\n\
+         |---|---|---:|---:|---:|---:|\n",
+    );
+    for r in mls {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} ({}) |",
+            name(r),
+            r.profile,
+            r.mls_msg_bytes
+                .map(|v| format!("{v:.0}"))
+                .unwrap_or_else(|| "–".into()),
+            opt(r.decrypt_failures),
+            opt(r.retries),
+            opt(r.commits),
+            opt(r.commits_refused),
+        );
+    }
+    s.push('\n');
     s
 }
 
@@ -507,6 +550,7 @@ fn markdown(report: &BenchReport, plots: &[String]) -> String {
         let _ = writeln!(s, "- note: {n}");
     }
     let _ = writeln!(s, "\n{}", table(&report.rows));
+    s.push_str(&mls_table(&report.rows));
     if report.repeat > 1 {
         s.push_str(&runs_table(&report.rows));
     }

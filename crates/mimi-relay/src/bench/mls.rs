@@ -1,0 +1,671 @@
+//! `--traffic mls`: the lab's load as real MLS traffic. One openmls client per (provider,
+//! room); the hub's client creates each room and adds the followers' clients by their claimed
+//! KeyPackages (they join by Welcome). Then every provider sends into every room from its
+//! own node (a follower's /submitMessage crosses the link), reads its inbox and decrypts,
+//! while commits (self-updates by random members) move the rooms' epochs on. The plaintext
+//! carries the lab's marker, so loss, duplicates and order are counted as for synthetic
+//! traffic; a message that did not decrypt is a decryption failure.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash as _, Hasher as _};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::Bytes;
+use mimi_client::{Event, MlsClient, UpdateResult};
+use mimi_wire::proto::{FanoutMessage, SubmitMessageRequest, SubmitMessageResponse, SubmitStatus};
+use mimi_wire::uri::RoomId;
+
+use super::{
+    Admin, BenchOptions, CALL_BYTES, Progress, Row, Rx, SUBMIT_PATIENCE, cpu_us, find_marker, lock,
+    marker_bytes, provider, room_id, unit,
+};
+
+/// Counters of an MLS row.
+#[derive(Default)]
+pub(super) struct MlsStats {
+    pub decrypt_failures: AtomicU64,
+    /// Messages encrypted again after the hub answered epochTooOld.
+    pub retries: AtomicU64,
+    pub mls_bytes: AtomicU64,
+    pub mls_msgs: AtomicU64,
+    pub commits: AtomicU64,
+    /// Commits the hub refused (wrong epoch: another commit came first).
+    pub commits_refused: AtomicU64,
+    /// The first few decryption failures, for the row's note.
+    pub failures: Mutex<Vec<String>>,
+}
+
+/// One member: its client, and hashes of the MLS messages it submitted, so that its own
+/// messages coming back through its provider's inbox are skipped.
+struct Member {
+    client: MlsClient,
+    own: HashSet<u64>,
+}
+
+/// The clients of one provider, one per room.
+struct Side {
+    members: tokio::sync::Mutex<Vec<Member>>,
+}
+
+fn digest(b: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    b.hash(&mut h);
+    h.finish()
+}
+
+fn user(p: usize, r: usize) -> String {
+    format!("mimi://{}/u/lab{r}", provider(p))
+}
+
+fn room(r: usize) -> Result<RoomId> {
+    room_id(r).parse().map_err(|e| anyhow!("room id: {e}"))
+}
+
+/// Each provider's clients in every room, joined: the hub's create the rooms and add the
+/// followers'. The readers must already run (they apply the Welcomes).
+async fn setup(admins: &[Admin], rooms: usize) -> Result<Vec<Arc<Side>>> {
+    let mut sides = Vec::new();
+    for (p, admin) in admins.iter().enumerate() {
+        let mut members = Vec::new();
+        for r in 0..rooms {
+            let mut client = MlsClient::with_api(&user(p, r), admin.client())?;
+            if p > 0 {
+                client.publish_key_packages(1).await?;
+            }
+            members.push(Member {
+                client,
+                own: HashSet::new(),
+            });
+        }
+        sides.push(Arc::new(Side {
+            members: tokio::sync::Mutex::new(members),
+        }));
+    }
+    Ok(sides)
+}
+
+async fn create_rooms(sides: &[Arc<Side>], rooms: usize) -> Result<()> {
+    let mut hub = sides[0].members.lock().await;
+    for (r, m) in hub.iter_mut().enumerate().take(rooms) {
+        let id = room(r)?;
+        m.client.create_room(&id).await.context("creating a room")?;
+        let mut kps = Vec::new();
+        for p in 1..sides.len() {
+            match m.client.claim(&user(p, r), &id).await? {
+                Ok(kp) => kps.push(kp),
+                Err(why) => bail!("no KeyPackage of {}: {why}", user(p, r)),
+            }
+        }
+        match m.client.add(&id, &kps).await? {
+            UpdateResult::Accepted => {}
+            other => bail!("adding the followers to {id}: {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+/// Waits until every follower client has joined its room.
+async fn joined(sides: &[Arc<Side>], timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    for (p, side) in sides.iter().enumerate() {
+        loop {
+            if side
+                .members
+                .lock()
+                .await
+                .iter()
+                .all(|m| m.client.epoch().is_some())
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{}'s clients did not all join within {timeout:?}",
+                    provider(p)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Reads provider `p`'s inbox and applies each item to the client of its room; records each
+/// decrypted message at receiver `p`.
+#[allow(clippy::too_many_arguments)]
+fn start_readers(
+    admins: &[Admin],
+    sides: &[Arc<Side>],
+    rooms: usize,
+    rx: &Arc<Mutex<Rx>>,
+    stats: &Arc<MlsStats>,
+    stop: &Arc<AtomicBool>,
+) -> tokio::task::JoinSet<()> {
+    let index: Arc<HashMap<String, usize>> =
+        Arc::new((0..rooms).map(|r| (room_id(r), r)).collect());
+    let mut set = tokio::task::JoinSet::new();
+    for (p, (admin, side)) in admins.iter().zip(sides).enumerate() {
+        let (mut client, side) = (admin.client(), side.clone());
+        let (rx, stats, stop, index) = (rx.clone(), stats.clone(), stop.clone(), index.clone());
+        set.spawn(async move {
+            let mut after = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(items) = client.inbox(after, 1024, 100).await else {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                };
+                let now = Instant::now();
+                let mut got = Vec::new();
+                {
+                    let mut members = side.members.lock().await;
+                    for item in items {
+                        after = after.max(item.offset);
+                        let Some(m) = index.get(&item.room).and_then(|r| members.get_mut(*r))
+                        else {
+                            continue;
+                        };
+                        if let Ok(f) = FanoutMessage::decode(&item.fanout)
+                            && m.own.remove(&digest(f.message.as_bytes()))
+                        {
+                            continue; // our own message, back from the hub
+                        }
+                        let fail = match m.client.handle_fanout(&item.fanout) {
+                            Event::Message { payload, .. } => match find_marker(&payload) {
+                                Some(mark) => {
+                                    got.push(mark);
+                                    None
+                                }
+                                None => Some("a message without the lab's marker".to_owned()),
+                            },
+                            Event::Failed { what } => Some(format!("{what} in {}", item.room)),
+                            _ => None,
+                        };
+                        if let Some(what) = fail {
+                            stats.decrypt_failures.fetch_add(1, Ordering::Relaxed);
+                            let mut f = lock(&stats.failures);
+                            if f.len() < 3 {
+                                f.push(format!("{}: {what}", provider(p)));
+                            }
+                        }
+                    }
+                }
+                let mut t = lock(&rx);
+                for (s, c, sched) in got {
+                    t.record(p, s, c, sched, now);
+                }
+                t.progress.notify_one();
+            }
+        });
+    }
+    set
+}
+
+/// One message waiting to be (re-)encrypted: room, plaintext.
+type Plain = (usize, Vec<u8>);
+
+/// What a sender needs besides its provider's clients.
+struct SendCtx {
+    p: usize,
+    n: usize,
+    rooms: usize,
+    window: u64,
+    rate: Option<f64>,
+    batch_max: usize,
+    size: usize,
+    until: Instant,
+    epoch: Instant,
+    rx: Arc<Mutex<Rx>>,
+    stats: Arc<MlsStats>,
+    stop: Arc<AtomicBool>,
+    /// Messages handed out per stream (room * n + provider).
+    counters: Arc<Vec<AtomicU64>>,
+    /// Deliveries expected from what the hub accepted (members at encryption but the sender).
+    expected: Arc<AtomicU64>,
+    sent: Arc<AtomicU64>,
+}
+
+/// Provider `p`'s sender: encrypts for its rooms (closed loop: those with window space; open
+/// loop: those with messages due) and submits to its own node. Messages the hub refused as
+/// of an old epoch are encrypted again, in order, once the client has caught up.
+async fn sender(side: Arc<Side>, admin: Admin, c: SendCtx) -> Result<()> {
+    let mut client = admin.client();
+    let receivers = (c.n - 1).max(1) as u64;
+    let start = Instant::now();
+    let streams = (c.rooms * c.n) as f64;
+    let interval = c
+        .rate
+        .map(|rate| Duration::from_secs_f64(streams / rate.max(1e-3)));
+    let mut rngs: Vec<u64> = (0..c.rooms)
+        .map(|r| 0x9e37_79b9_7f4a_7c15 ^ (((c.p * c.rooms + r) as u64 + 1) << 20))
+        .collect();
+    let mut retry: Vec<Plain> = Vec::new();
+    let mut first = 0usize;
+    // Where this phase's counters start: an open loop's schedule counts from there.
+    let base: Vec<u64> = c
+        .counters
+        .iter()
+        .map(|x| x.load(Ordering::Relaxed))
+        .collect();
+    while !c.stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if now >= c.until && retry.is_empty() {
+            break;
+        }
+        let mut picks: Vec<Plain> = std::mem::take(&mut retry);
+        if now < c.until {
+            let t = lock(&c.rx);
+            for r in (0..c.rooms).map(|i| (first + i) % c.rooms) {
+                let stream = r * c.n + c.p;
+                let sent = c.counters[stream].load(Ordering::Relaxed);
+                let free = match interval {
+                    None => {
+                        let done = t.per_stream.get(&(stream as u32)).copied().unwrap_or(0);
+                        (c.window + done / receivers).saturating_sub(sent)
+                    }
+                    Some(i) => {
+                        let offset = i.mul_f64(stream as f64 / streams);
+                        let due = now.saturating_duration_since(start + offset);
+                        let due = (due.as_secs_f64() / i.as_secs_f64()).floor() as u64 + 1;
+                        due.saturating_sub(sent - base[stream])
+                    }
+                };
+                // A follower forwards each submission to the hub as a request of its own, so
+                // two in flight may arrive swapped: a follower's client keeps one message per
+                // room in flight, as a client must whose receivers decrypt in order.
+                let cap = if c.p == 0 {
+                    usize::MAX
+                } else {
+                    usize::from(!picks.iter().any(|(q, _)| *q == r))
+                };
+                let free = (free as usize)
+                    .min(cap)
+                    .min(c.batch_max.saturating_sub(picks.len()));
+                for _ in 0..free {
+                    let k = c.counters[stream].fetch_add(1, Ordering::Relaxed);
+                    let sched = match interval {
+                        Some(i) => {
+                            let k = (k - base[stream]) as u32;
+                            start + i.mul_f64(stream as f64 / streams) + i * k
+                        }
+                        None => now,
+                    };
+                    let sched_ns = sched.saturating_duration_since(c.epoch).as_nanos() as u64;
+                    let mut pt = Vec::with_capacity(c.size + 8);
+                    pt.extend_from_slice(&marker_bytes(stream as u32, k as u32, sched_ns));
+                    while pt.len() < c.size {
+                        unit(&mut rngs[r]);
+                        pt.extend_from_slice(&rngs[r].to_le_bytes());
+                    }
+                    pt.truncate(c.size.max(20));
+                    picks.push((r, pt));
+                }
+            }
+        }
+        first = (first + 1) % c.rooms;
+        if picks.is_empty() {
+            let wake = lock(&c.rx).progress.clone();
+            let wait = if interval.is_some() { 2 } else { 5 };
+            let _ = tokio::time::timeout(Duration::from_millis(wait), wake.notified()).await;
+            continue;
+        }
+        // Encrypt under the lock; each body with its room, plaintext and receivers.
+        let mut batch: Vec<(usize, Vec<u8>, Bytes, u64)> = Vec::with_capacity(picks.len());
+        {
+            let mut members = side.members.lock().await;
+            for (r, pt) in picks {
+                let m = &mut members[r];
+                let body = m.client.encrypt(&pt)?;
+                let req = SubmitMessageRequest::decode(&body)
+                    .map_err(|e| anyhow!("our own submit request: {e}"))?;
+                let mls = req.app_message.as_bytes();
+                m.own.insert(digest(mls));
+                c.stats
+                    .mls_bytes
+                    .fetch_add(mls.len() as u64, Ordering::Relaxed);
+                c.stats.mls_msgs.fetch_add(1, Ordering::Relaxed);
+                let rcv = m.client.members().len().saturating_sub(1) as u64;
+                batch.push((r, pt, body, rcv));
+            }
+        }
+        let ids: Vec<String> = (0..c.rooms).map(room_id).collect();
+        let mut rest = &batch[..];
+        let mut refused_since: Option<Instant> = None;
+        while !rest.is_empty() {
+            let mut bytes = 0;
+            let take = rest
+                .iter()
+                .take_while(|x| {
+                    bytes += x.2.len();
+                    bytes <= CALL_BYTES
+                })
+                .count()
+                .max(1);
+            let call: Vec<(&str, Bytes)> = rest[..take]
+                .iter()
+                .map(|(r, _, b, _)| (ids[*r].as_str(), b.clone()))
+                .collect();
+            let answers = match client.submit_batch(&call).await {
+                Ok(a) => a,
+                Err(e) => {
+                    wait_or_fail(&mut refused_since, &c.stop, &format!("{e:#}")).await?;
+                    if c.stop.load(Ordering::Relaxed) {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            };
+            let mut done = 0;
+            let mut again = None;
+            for ((r, pt, _, rcv), (st, b)) in rest.iter().zip(&answers) {
+                let status = (*st == hyper::StatusCode::OK)
+                    .then(|| SubmitMessageResponse::decode(b).ok())
+                    .flatten()
+                    .map(|x| x.status);
+                match status {
+                    Some(SubmitStatus::Accepted { .. }) => {
+                        c.sent.fetch_add(1, Ordering::Relaxed);
+                        c.expected.fetch_add(*rcv, Ordering::Relaxed);
+                    }
+                    Some(SubmitStatus::EpochTooOld { .. }) => {
+                        c.stats.retries.fetch_add(1, Ordering::Relaxed);
+                        retry.push((*r, pt.clone()));
+                    }
+                    _ => {
+                        again = Some(format!("{st}: {}", String::from_utf8_lossy(b)));
+                        break;
+                    }
+                }
+                done += 1;
+            }
+            rest = &rest[done..];
+            if let Some(why) = again {
+                // The same bytes again: the hub answers a repeat from its dedupe window.
+                wait_or_fail(&mut refused_since, &c.stop, &why).await?;
+                if c.stop.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+            }
+        }
+        if !retry.is_empty() {
+            // Give the reader a moment to apply the commit that made the epoch old.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    Ok(())
+}
+
+async fn wait_or_fail(since: &mut Option<Instant>, stop: &AtomicBool, why: &str) -> Result<()> {
+    let t = *since.get_or_insert_with(Instant::now);
+    if !stop.load(Ordering::Relaxed) && t.elapsed() > SUBMIT_PATIENCE {
+        bail!("a node refused a message for {SUBMIT_PATIENCE:?}: {why}");
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    Ok(())
+}
+
+/// One commit: a random member of a random room updates its own leaf (a follower's /update
+/// crosses the link). The place to add adds, removes and AppDataUpdates.
+async fn commit_step(sides: &[Arc<Side>], rooms: usize, rng: &mut u64, stats: &MlsStats) {
+    let r = (unit(rng) * rooms as f64) as usize % rooms;
+    let p = (unit(rng) * sides.len() as f64) as usize % sides.len();
+    let Ok(id) = room(r) else { return };
+    let mut members = sides[p].members.lock().await;
+    let Some(m) = members.get_mut(r) else { return };
+    match m.client.self_update(&id).await {
+        Ok(UpdateResult::Accepted) => {
+            stats.commits.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(_) | Err(_) => {
+            stats.commits_refused.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One phase's load: which senders, at what rate, for how long, with what commits.
+struct Load<'a> {
+    admins: &'a [Admin],
+    sides: &'a [Arc<Side>],
+    opts: &'a BenchOptions,
+    epoch: Instant,
+    rx: &'a Arc<Mutex<Rx>>,
+    stats: &'a Arc<MlsStats>,
+    counters: &'a Arc<Vec<AtomicU64>>,
+    rate: Option<f64>,
+    commit_rate: f64,
+    duration: Duration,
+}
+
+/// Runs one phase's senders (and commits) to its end; `tick` is called every 50 ms with the
+/// time since the start and what was accepted and delivered. Returns (messages accepted,
+/// deliveries expected).
+async fn phase(l: Load<'_>, mut tick: impl FnMut(Duration, u64, u64, u64)) -> Result<(u64, u64)> {
+    let (n, rooms) = (l.admins.len(), l.sides[0].members.lock().await.len());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (expected, sent) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let start = Instant::now();
+    let until = start + l.duration;
+    let mut senders = tokio::task::JoinSet::new();
+    for (p, (side, admin)) in l.sides.iter().zip(l.admins).enumerate() {
+        let ctx = SendCtx {
+            p,
+            n,
+            rooms,
+            window: l.opts.window,
+            rate: l.rate,
+            batch_max: l.opts.submit_batch.max(1) as usize,
+            size: l.opts.sizes.app,
+            until,
+            epoch: l.epoch,
+            rx: l.rx.clone(),
+            stats: l.stats.clone(),
+            stop: stop.clone(),
+            counters: l.counters.clone(),
+            expected: expected.clone(),
+            sent: sent.clone(),
+        };
+        senders.spawn(sender(side.clone(), admin.clone(), ctx));
+    }
+    let mut rng = 0x5851_f42d_4c95_7f2d_u64 ^ start.duration_since(l.epoch).as_nanos() as u64;
+    let every = (l.commit_rate > 0.0).then(|| Duration::from_secs_f64(1.0 / l.commit_rate));
+    let mut next_commit = every.map(|e| start + e);
+    let mut failed = None;
+    loop {
+        tokio::select! {
+            r = senders.join_next() => match r {
+                None => break,
+                Some(Ok(Ok(()))) => {}
+                Some(Ok(Err(e))) => {
+                    failed.get_or_insert(e);
+                    stop.store(true, Ordering::Relaxed);
+                }
+                Some(Err(e)) => {
+                    failed.get_or_insert(anyhow!("a sender: {e}"));
+                    stop.store(true, Ordering::Relaxed);
+                }
+            },
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                if let (Some(at), Some(e)) = (next_commit, every)
+                    && Instant::now() >= at
+                    && Instant::now() < until
+                {
+                    commit_step(l.sides, rooms, &mut rng, l.stats).await;
+                    next_commit = Some(at + e);
+                }
+                tick(
+                    start.elapsed(),
+                    sent.load(Ordering::Relaxed),
+                    lock(l.rx).delivered,
+                    l.stats.commits.load(Ordering::Relaxed),
+                );
+            }
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok((
+            sent.load(Ordering::Relaxed),
+            expected.load(Ordering::Relaxed),
+        )),
+    }
+}
+
+/// The MLS row: setup (not measured), the measured phase, the last deliveries and, in
+/// namespaces, the recovery from a cut link (low rate, no commits).
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn run(
+    admins: &[Admin],
+    pids: &[u32],
+    opts: &BenchOptions,
+    profile: &super::Profile,
+    lab: Option<&super::NetLab>,
+    epoch: Instant,
+    row: &mut Row,
+    progress: &Progress,
+    label: &str,
+) -> Result<()> {
+    let n = admins.len();
+    let rooms = opts.rooms.max(1);
+    let stats = Arc::new(MlsStats::default());
+    let rx = Arc::new(Mutex::new(Rx::new(epoch, n)?));
+    let stop_readers = Arc::new(AtomicBool::new(false));
+    progress.line(&format!("{label} MLS setup: {rooms} rooms, {n} providers"));
+    let t0 = Instant::now();
+    let sides = setup(admins, rooms).await.context("MLS clients")?;
+    let mut readers = start_readers(admins, &sides, rooms, &rx, &stats, &stop_readers);
+    let result = async {
+        create_rooms(&sides, rooms).await?;
+        joined(&sides, Duration::from_secs(30)).await?;
+        row.setup_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
+        lock(&rx).new_phase();
+        stats.mls_bytes.store(0, Ordering::Relaxed);
+        stats.mls_msgs.store(0, Ordering::Relaxed);
+
+        let cpu0: u64 = pids.iter().filter_map(|p| cpu_us(*p)).sum();
+        let link0 = lab.map(super::NetLab::snapshot).unwrap_or_default();
+        if let Some(lab) = lab {
+            lab.take_drops();
+        }
+        let counters: Arc<Vec<AtomicU64>> =
+            Arc::new((0..rooms * n).map(|_| AtomicU64::new(0)).collect());
+        let load = |rate, commit_rate, duration| Load {
+            admins,
+            sides: &sides,
+            opts,
+            epoch,
+            rx: &rx,
+            stats: &stats,
+            counters: &counters,
+            rate,
+            commit_rate,
+            duration,
+        };
+        let secs = opts.duration.as_secs_f64();
+        let (sent, expected) = phase(
+            load(opts.rate, opts.commit_rate, opts.duration),
+            |t, sent, delivered, commits| {
+                progress.line(&format!(
+                    "{label} mls {:.1}/{secs:.0} s  accepted {sent}  delivered {delivered}  commits {commits}",
+                    t.as_secs_f64().min(secs),
+                ));
+            },
+        )
+        .await?;
+        progress.line(&format!("{label} waiting for the last deliveries"));
+        super::settle(&rx, expected, opts.settle).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let cpu1: u64 = pids.iter().filter_map(|p| cpu_us(*p)).sum();
+        let link = lab
+            .map(super::NetLab::snapshot)
+            .unwrap_or_default()
+            .since(link0);
+        let drops = lab.map(super::NetLab::take_drops).unwrap_or_default();
+        {
+            let t = lock(&rx);
+            row.sent = sent;
+            row.delivered = t.delivered;
+            super::fill_latency(row, &t, &drops, profile, epoch);
+            if t.delivered > 0 {
+                row.cpu_us_per_msg = Some(cpu1.saturating_sub(cpu0) as f64 / t.delivered as f64);
+                if lab.is_some() {
+                    row.wire_bytes_per_msg = Some(link.bytes as f64 / t.delivered as f64);
+                }
+            }
+            row.link_drops = lab.map(|_| link.dropped);
+            row.socket_drops = link.socket_drops;
+        }
+        let mut lost = expected.saturating_sub(lock(&rx).delivered);
+
+        // Recovery, as for synthetic traffic: 20 msg/s, the link cut from 1 s to 6 s; the
+        // time from the restore until every message scheduled before it was delivered.
+        if let (Some(lab), true) = (lab, opts.recovery) {
+            lock(&rx).new_phase();
+            let t0 = Instant::now();
+            let (cut_at, restore_at) = (t0 + Duration::from_secs(1), t0 + Duration::from_secs(6));
+            let mut cut = false;
+            let mut restored = false;
+            let r = phase(
+                load(Some(20.0), 0.0, Duration::from_secs(8)),
+                |_, _, _, _| {
+                    let now = Instant::now();
+                    if !cut && now >= cut_at {
+                        lab.set_cut(true);
+                        cut = true;
+                    }
+                    if cut && !restored && now >= restore_at {
+                        lab.set_cut(false);
+                        restored = true;
+                    }
+                    progress.line(&format!(
+                        "{label} recovery: link {}",
+                        if cut && !restored { "cut" } else { "up" }
+                    ));
+                },
+            )
+            .await;
+            lab.set_cut(false);
+            let (sent2, expected2) = r?;
+            let all = super::settle(&rx, expected2, opts.settle.max(Duration::from_secs(30))).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let t = lock(&rx);
+            lost += expected2.saturating_sub(t.delivered);
+            let restore_ns = restore_at.duration_since(epoch).as_nanos() as u64;
+            let restore_rel = restore_at.duration_since(epoch);
+            let done = t
+                .samples
+                .iter()
+                .filter(|(_, s, _)| *s < restore_ns)
+                .map(|(_, s, us)| Duration::from_nanos(*s) + Duration::from_micros(*us))
+                .max();
+            if all && let Some(done) = done {
+                row.recovery_ms = Some(done.saturating_sub(restore_rel).as_secs_f64() * 1e3);
+            }
+            row.sent += sent2;
+        }
+        row.lost = Some(lost);
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    stop_readers.store(true, Ordering::Relaxed);
+    while readers.join_next().await.is_some() {}
+    {
+        let t = lock(&rx);
+        row.duplicated = Some(t.duplicated);
+        row.out_of_order = Some(t.out_of_order);
+    }
+    let msgs = stats.mls_msgs.load(Ordering::Relaxed);
+    row.mls_msg_bytes =
+        (msgs > 0).then(|| stats.mls_bytes.load(Ordering::Relaxed) as f64 / msgs as f64);
+    row.decrypt_failures = Some(stats.decrypt_failures.load(Ordering::Relaxed));
+    row.retries = Some(stats.retries.load(Ordering::Relaxed));
+    row.commits = Some(stats.commits.load(Ordering::Relaxed));
+    row.commits_refused = Some(stats.commits_refused.load(Ordering::Relaxed));
+    let failures = lock(&stats.failures).clone();
+    if !failures.is_empty() {
+        row.note = format!("decryption failures, e.g. {}", failures.join("; "));
+    }
+    result
+}
