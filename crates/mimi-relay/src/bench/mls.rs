@@ -75,6 +75,10 @@ async fn setup(admins: &[Admin], rooms: usize) -> Result<Vec<Arc<Side>>> {
             let mut client = MlsClient::with_api(&user(p, r), admin.client())?;
             if p > 0 {
                 client.publish_key_packages(1).await?;
+                // No claim succeeds without the target's consent (protocol-06 §5.2, §5.7).
+                client
+                    .set_consent(&user(0, r), Some(&room(r)?), true)
+                    .await?;
             }
             members.push(Member {
                 client,
