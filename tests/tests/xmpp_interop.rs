@@ -170,8 +170,8 @@ async fn run() -> Result<()> {
     );
 
     // Senders 1..=S are clients of a, S+1..=2S clients of b, all submitting at once; each
-    // sender's messages must arrive in its order. A message is delivered to the other
-    // provider only (the hub's clients' messages to b, b's clients' messages to a).
+    // sender's messages must arrive in its order. Every message reaches both providers, the
+    // sender's own included (protocol-06 §5.5: the hub fans out to every member).
     let senders = SENDERS;
     let per = n / senders;
     let t0 = Instant::now();
@@ -204,8 +204,8 @@ async fn run() -> Result<()> {
     let mut last_delivery = t0;
     let mut delivered = 0u64;
     for (name, node, expect) in [
-        ("b", &b, (1..=senders).collect::<Vec<_>>()),
-        ("a", &a, (senders + 1..=2 * senders).collect::<Vec<_>>()),
+        ("b", &b, (1..=2 * senders).collect::<Vec<_>>()),
+        ("a", &a, (1..=2 * senders).collect::<Vec<_>>()),
     ] {
         let mut c = LocalClient::new(node.admin);
         let mut next: HashMap<u32, u32> = expect.iter().map(|&s| (s, 0)).collect();
