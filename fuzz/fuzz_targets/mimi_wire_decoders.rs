@@ -18,6 +18,11 @@ macro_rules! round_trip {
 
 fuzz_target!(|data: &[u8]| {
     let _ = MlsMessageView::parse_prefix(data);
+    // The follower's framing-only read, the hub's franking-tag read, the claim's lifetime.
+    if let Ok(v) = MlsMessageView::parse_framing(data) {
+        let _ = v.private_authenticated_data();
+    }
+    let _ = mimi_wire::mls::key_package_lifetime(data, &Limits::default());
     let _ = SubmitMessageView::parse(data);
     let _ = split_fanout_sequence(data, &Limits::default());
     if let Ok(s) = std::str::from_utf8(data) {
@@ -42,5 +47,19 @@ fuzz_target!(|data: &[u8]| {
         IdentifierRequest,
         IdentifierResponse,
         AbuseReport,
+        room::ParticipantListData,
+        room::ParticipantListUpdate,
+        room::RoleData,
+        room::BaseRoomPolicy,
+        room::FrankingAgentData,
+        room::SafeAad,
     );
+    // A participant-list update applied to a list, both read from the same bytes split.
+    let mid = data.len() / 2;
+    if let (Ok(list), Ok(up)) = (
+        room::ParticipantListData::decode(&data[..mid]),
+        room::ParticipantListUpdate::decode(&data[mid..]),
+    ) {
+        let _ = list.apply(&up);
+    }
 });
