@@ -235,6 +235,35 @@ impl Isolated {
             }
         }
     }
+
+    /// [`Isolated::run`] for the read-only calls: a panic is counted, logged and refused.
+    fn look<T>(
+        &self,
+        what: &'static str,
+        f: impl FnOnce(&dyn MlsValidator) -> Result<T, MlsReject>,
+    ) -> Result<T, MlsReject> {
+        let inner = &*self.inner;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(inner))).unwrap_or_else(|_| {
+            self.panics
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::error!(
+                call = what,
+                "the MLS validator panicked on this input; refused"
+            );
+            Err(MlsReject::Invalid(format!(
+                "the MLS validator failed on this input ({what})"
+            )))
+        })
+    }
+
+    /// [`Isolated::look`] for calls whose answer is optional: a panic is `None`.
+    fn look_opt<T>(
+        &self,
+        what: &'static str,
+        f: impl FnOnce(&dyn MlsValidator) -> Option<T>,
+    ) -> Option<T> {
+        self.look(what, |v| Ok(f(v))).ok().flatten()
+    }
 }
 
 impl MlsValidator for Isolated {
@@ -267,25 +296,11 @@ impl MlsValidator for Isolated {
     }
 
     fn key_package_ref(&self, key_package: &[u8]) -> Option<Vec<u8>> {
-        let inner = &*self.inner;
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            inner.key_package_ref(key_package)
-        }))
-        .ok()
-        .flatten()
+        self.look_opt("key_package_ref", |v| v.key_package_ref(key_package))
     }
 
     fn group_info_requester(&self, request: &[u8]) -> Result<String, MlsReject> {
-        let inner = &*self.inner;
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            inner.group_info_requester(request)
-        }))
-        .unwrap_or_else(|_| {
-            tracing::error!("the MLS validator panicked on a GroupInfoRequest; refused");
-            Err(MlsReject::Invalid(
-                "the MLS validator failed on this input".into(),
-            ))
-        })
+        self.look("group_info_requester", |v| v.group_info_requester(request))
     }
 
     fn group_info_response(
@@ -315,28 +330,14 @@ impl MlsValidator for Isolated {
     }
 
     fn hub_signature_public_key(&self) -> Option<Vec<u8>> {
-        let inner = &*self.inner;
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            inner.hub_signature_public_key()
-        }))
-        .ok()
-        .flatten()
+        self.look_opt("hub_signature_public_key", |v| v.hub_signature_public_key())
     }
 
     // --- Key material (protocol-06 §5.2) ---
 
     fn key_material_requester(&self, request: &[u8]) -> Result<String, MlsReject> {
-        let inner = &*self.inner;
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            inner.key_material_requester(request)
-        }))
-        .unwrap_or_else(|_| {
-            self.panics
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::error!("the MLS validator panicked on a KeyMaterialRequest; refused");
-            Err(MlsReject::Invalid(
-                "the MLS validator failed on this input".into(),
-            ))
+        self.look("key_material_requester", |v| {
+            v.key_material_requester(request)
         })
     }
 
@@ -348,12 +349,9 @@ impl MlsValidator for Isolated {
         room_uri: &str,
         accepted_ms: u64,
     ) -> Option<mimi_wire::proto::Frank> {
-        let inner = &*self.inner;
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            inner.frank(room, franking_tag, sender_uri, room_uri, accepted_ms)
-        }))
-        .ok()
-        .flatten()
+        self.look_opt("frank", |v| {
+            v.frank(room, franking_tag, sender_uri, room_uri, accepted_ms)
+        })
     }
 
     fn check_reported_frank(
@@ -364,11 +362,8 @@ impl MlsValidator for Isolated {
         accepted_ms: u64,
         frank: &mimi_wire::proto::Frank,
     ) -> Option<bool> {
-        let inner = &*self.inner;
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            inner.check_reported_frank(application_data, sender_uri, room_uri, accepted_ms, frank)
-        }))
-        .ok()
-        .flatten()
+        self.look_opt("check_reported_frank", |v| {
+            v.check_reported_frank(application_data, sender_uri, room_uri, accepted_ms, frank)
+        })
     }
 }
