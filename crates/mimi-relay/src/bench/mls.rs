@@ -636,16 +636,8 @@ pub(super) async fn run(
             tokio::time::sleep(Duration::from_millis(200)).await;
             let t = lock(&rx);
             lost += expected2.saturating_sub(t.delivered);
-            let restore_ns = restore_at.duration_since(epoch).as_nanos() as u64;
-            let restore_rel = restore_at.duration_since(epoch);
-            let done = t
-                .samples
-                .iter()
-                .filter(|(_, s, _)| *s < restore_ns)
-                .map(|(_, s, us)| Duration::from_nanos(*s) + Duration::from_micros(*us))
-                .max();
-            if all && let Some(done) = done {
-                row.recovery_ms = Some(done.saturating_sub(restore_rel).as_secs_f64() * 1e3);
+            if all {
+                row.recovery_ms = super::recovery_ms(&t.samples, epoch, restore_at);
             }
             row.sent += sent2;
         }

@@ -1933,16 +1933,8 @@ async fn run_relay(
         tokio::time::sleep(Duration::from_millis(200)).await;
         let t = lock(&rx);
         lost += expected2.saturating_sub(t.delivered);
-        let restore_ns = restore_at.duration_since(epoch).as_nanos() as u64;
-        let restore_rel = restore_at.duration_since(epoch);
-        let done = t
-            .samples
-            .iter()
-            .filter(|(_, s, _)| *s < restore_ns)
-            .map(|(_, s, us)| Duration::from_nanos(*s) + Duration::from_micros(*us))
-            .max();
-        if all && let Some(done) = done {
-            row.recovery_ms = Some(done.saturating_sub(restore_rel).as_secs_f64() * 1e3);
+        if all {
+            row.recovery_ms = recovery_ms(&t.samples, epoch, restore_at);
         }
         row.sent += sent2;
     }
@@ -1963,6 +1955,23 @@ async fn run_relay(
     }
     let _ = startup;
     Ok(())
+}
+
+/// Recovery after a link cut: from the link's restoration to the last delivery of a message
+/// sent before it (`samples`: (stream, sent ns since `epoch`, latency µs)).
+pub(crate) fn recovery_ms(
+    samples: &[(u32, u64, u64)],
+    epoch: Instant,
+    restore_at: Instant,
+) -> Option<f64> {
+    let restore_rel = restore_at.duration_since(epoch);
+    let restore_ns = restore_rel.as_nanos() as u64;
+    let done = samples
+        .iter()
+        .filter(|(_, s, _)| *s < restore_ns)
+        .map(|(_, s, us)| Duration::from_nanos(*s) + Duration::from_micros(*us))
+        .max()?;
+    Some(done.saturating_sub(restore_rel).as_secs_f64() * 1e3)
 }
 
 #[cfg(test)]
