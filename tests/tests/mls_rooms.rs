@@ -83,7 +83,8 @@ async fn scenario_over(transport: &str) {
     assert_eq!(r.consent_denials, 1, "{r:?}");
     assert_eq!(r.key_claims, 3, "{r:?}");
     assert!(r.refusals[0].contains("NoConsent"), "{r:?}");
-    assert!(r.refusals[1].contains("canRemoveParticipant"), "{r:?}");
+    assert!(r.refusals[1].contains("forged frank: 422"), "{r:?}");
+    assert!(r.refusals[2].contains("canRemoveParticipant"), "{r:?}");
     // The room's participant list, as its AppDataUpdate commits left it: carol is gone.
     assert_eq!(
         r.participants,
@@ -92,6 +93,13 @@ async fn scenario_over(transport: &str) {
     );
     // The hub franked every message; each receiver verified each Frank (§5.4.1.3).
     assert_eq!((r.franks_verified, r.franks_failed), (23, 0), "{r:?}");
+    // bob reported carol's message with the frank he kept: the hub took it (§5.9) and
+    // refused the same report with one bit of the frank changed.
+    assert_eq!(
+        (r.abuse_reports_accepted, r.abuse_reports_refused),
+        (1, 1),
+        "{r:?}"
+    );
     net.stop().await;
 }
 
@@ -597,10 +605,12 @@ async fn external_join_with_group_info_from_the_hub() {
     )
     .await;
     // MIMI content (with its salt) is franked by the hub and checked by every receiver,
-    // the joiners by external commit among them.
-    let content = mimi_wire::content::MimiContent::markdown(alice.salt().unwrap(), "franked")
-        .encode()
-        .unwrap();
+    // the joiners by external commit among them; the sender and room URIs it asserts are
+    // compared with the credential and the group (§5.4.1.3).
+    let mut content = mimi_wire::content::MimiContent::markdown(alice.salt().unwrap(), "franked");
+    content.extensions.set_sender_uri(ALICE);
+    content.extensions.set_room_uri(room.as_str());
+    let content = content.encode().unwrap();
     check_message(
         &room,
         &mut alice,
@@ -610,6 +620,15 @@ async fn external_join_with_group_info_from_the_hub() {
     .await;
     for c in [&dave, &bob, &erin] {
         assert_eq!((c.franks_verified, c.franks_failed), (1, 0), "{}", c.user);
+    }
+    // The same content under another sender's name fails the receivers' URI check.
+    let mut forged = mimi_wire::content::MimiContent::markdown(alice.salt().unwrap(), "forged");
+    forged.extensions.set_sender_uri(BOB);
+    forged.extensions.set_room_uri(room.as_str());
+    let forged = forged.encode().unwrap();
+    check_message(&room, &mut alice, &mut [&mut dave, &mut erin], &forged).await;
+    for c in [&dave, &erin] {
+        assert_eq!((c.franks_verified, c.franks_failed), (1, 1), "{}", c.user);
     }
     net.stop().await;
 }

@@ -63,6 +63,8 @@ pub enum MlsClientError {
     NoGroup,
     #[error("no key material for {user}: {status:?}")]
     NoKeyMaterial { user: String, status: String },
+    #[error("a reported message is not kept (or the messages name several senders)")]
+    NotKept,
 }
 
 fn mls(e: impl std::fmt::Display) -> MlsClientError {
@@ -138,6 +140,8 @@ pub struct MlsClient {
     /// Frank did not.
     pub franks_verified: u64,
     pub franks_failed: u64,
+    /// Verified franked messages, kept for abuse reports.
+    kept: franking::Kept,
 }
 
 impl std::fmt::Debug for MlsClient {
@@ -253,6 +257,7 @@ impl MlsClient {
             hub_keys: Default::default(),
             franks_verified: 0,
             franks_failed: 0,
+            kept: franking::Kept::default(),
         })
     }
 
@@ -924,6 +929,39 @@ impl MlsClient {
         })
     }
 
+    /// The franked messages this client verified and keeps (for [`MlsClient::report_abuse`]).
+    pub fn kept_franks(&self) -> &franking::Kept {
+        &self.kept
+    }
+
+    /// Reports kept messages `ids` of one sender to the room's hub through this client's
+    /// provider (§5.9); the hub checks each frank is its own. Returns the HTTP status.
+    pub async fn report_abuse(
+        &mut self,
+        room: &RoomId,
+        ids: &[mimi_wire::content::MessageId],
+        note: &str,
+    ) -> Result<StatusCode, MlsClientError> {
+        let report = self
+            .kept
+            .report(&self.user, ids, note)
+            .ok_or(MlsClientError::NotKept)?;
+        self.send_report(room, &report).await
+    }
+
+    /// Sends `report` as it is (a test may alter a kept one first).
+    pub async fn send_report(
+        &mut self,
+        room: &RoomId,
+        report: &mimi_wire::proto::AbuseReport,
+    ) -> Result<StatusCode, MlsClientError> {
+        let (st, _) = self
+            .api
+            .report_abuse(room, Bytes::from(report.encode()?))
+            .await?;
+        Ok(st)
+    }
+
     /// Reads the provider's inbox (waiting up to `wait_ms` for something) and applies it.
     pub async fn poll(&mut self, wait_ms: u64) -> Result<Vec<Event>, MlsClientError> {
         let items = self.api.inbox(self.inbox_after, 1024, wait_ms).await?;
@@ -1043,8 +1081,21 @@ impl MlsClient {
                         &sender,
                         f.timestamp,
                     );
+                    let room = String::from_utf8_lossy(group.group_id().as_slice()).into_owned();
+                    let checked = checked
+                        .map_err(franking::ReceiveError::from)
+                        .and_then(|()| franking::check_content_uris(&payload, &sender, &room));
                     match checked {
-                        Ok(()) => self.franks_verified += 1,
+                        Ok(()) => {
+                            self.franks_verified += 1;
+                            self.kept.keep(franking::Received {
+                                sender_uri: sender.clone(),
+                                room_uri: room,
+                                accepted_ms: f.timestamp,
+                                frank: fr.clone(),
+                                content: payload.clone(),
+                            });
+                        }
                         Err(_) => self.franks_failed += 1,
                     }
                 }

@@ -44,6 +44,10 @@ pub struct ScenarioReport {
     /// hub as franking agent), and those whose Frank did not (must be 0).
     pub franks_verified: u64,
     pub franks_failed: u64,
+    /// Abuse reports (§5.9) the hub took with their kept franks, and forged ones it refused
+    /// (the scenario sends one of each).
+    pub abuse_reports_accepted: u64,
+    pub abuse_reports_refused: u64,
     pub elapsed_ms: u64,
 }
 
@@ -69,13 +73,18 @@ pub enum ScenarioError {
 
 /// One MIMI content message (draft-ietf-mimi-content-08): a text/markdown part, or a
 /// reaction, optionally in reply to an earlier message's ID.
+/// The sender and room URIs go in its extensions map, as protocol-06 §5.4.1.1 asks of a
+/// franked message; receivers compare them with the credential and the group.
 fn content(
     c: &MlsClient,
+    room: &RoomId,
     part: NestedPart,
     in_reply_to: Option<MessageId>,
 ) -> Result<Vec<u8>, ScenarioError> {
     let mut m = MimiContent::new(c.salt().map_err(at("content"))?, part);
     m.in_reply_to = in_reply_to;
+    m.extensions.set_sender_uri(c.user.clone());
+    m.extensions.set_room_uri(room.as_str());
     m.encode().map_err(|e| ScenarioError::Refused {
         step: "content",
         detail: e.to_string(),
@@ -303,6 +312,7 @@ pub async fn run(admins: [SocketAddr; 3], room: &RoomId) -> Result<ScenarioRepor
         };
         let body = content(
             &clients[from],
+            room,
             part,
             reply_to.and_then(|i| ids.get(i).copied()),
         )?;
@@ -330,6 +340,43 @@ pub async fn run(admins: [SocketAddr; 3], room: &RoomId) -> Result<ScenarioRepor
         })?;
         ids.push(id);
     }
+
+    // bob reports carol's message (§5.9) with the frank he kept; the hub finds the frank
+    // its own. The same report with one bit of the frank changed is refused.
+    let carols = [ids[2]];
+    let st = clients[1]
+        .report_abuse(room, &carols, "demo report")
+        .await
+        .map_err(at("reporting abuse"))?;
+    if !st.is_success() {
+        return Err(ScenarioError::Refused {
+            step: "reporting abuse",
+            detail: format!("the hub answered {st}"),
+        });
+    }
+    report.abuse_reports_accepted += 1;
+    let mut forged = clients[1]
+        .kept_franks()
+        .report(&clients[1].user, &carols, "forged")
+        .ok_or(ScenarioError::Refused {
+            step: "a forged report",
+            detail: "carol's message is not kept".into(),
+        })?;
+    forged.messages[0].frank.server_frank[0] ^= 1;
+    let st = clients[1]
+        .send_report(room, &forged)
+        .await
+        .map_err(at("a forged report"))?;
+    if st.as_u16() != 422 {
+        return Err(ScenarioError::Refused {
+            step: "a forged report",
+            detail: format!("not refused: {st}"),
+        });
+    }
+    report.abuse_reports_refused += 1;
+    report
+        .refusals
+        .push(format!("bob's abuse report with a forged frank: {st}"));
 
     // The room's policy at work (draft-ietf-mimi-room-policy §8.1.2): bob, an ordinary
     // participant, may not remove carol; the hub refuses his commit and nothing changes.
@@ -389,7 +436,7 @@ pub async fn run(admins: [SocketAddr; 3], room: &RoomId) -> Result<ScenarioRepor
     )
     .await?;
 
-    let last = content(&clients[0], markdown("Just the two of us now"), None)?;
+    let last = content(&clients[0], room, markdown("Just the two of us now"), None)?;
     send_and_check(
         "after the removal",
         room,

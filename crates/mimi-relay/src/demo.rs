@@ -139,6 +139,9 @@ pub struct DemoReport {
     /// Received MLS messages whose hub Frank the receiving client verified (protocol-06
     /// §5.4.1.3); one that does not verify counts in `decrypt_failures`.
     pub franks_verified: u64,
+    /// Abuse reports a receiver sent with the frank it kept, which the hub verified and took
+    /// (a forged one is refused and listed in `refusals`).
+    pub abuse_reports: u64,
     /// What the refusals the scenario provoked on purpose said.
     pub refusals: Vec<String>,
     /// Why the MLS phase stopped, if it did not finish.
@@ -198,7 +201,8 @@ impl DemoReport {
             let _ = writeln!(
                 s,
                 "  room state     participants {}; the relays counted {} policy rejections, {} key \
-                 claims served, {} consent denials, {} franks issued; receivers verified {} franks",
+                 claims served, {} consent denials, {} franks issued; receivers verified {} franks and \
+                 reported {} message(s) with the frank they kept",
                 self.participants
                     .iter()
                     .map(|(u, r)| format!("{u} (role {r})"))
@@ -208,7 +212,8 @@ impl DemoReport {
                 self.key_claims,
                 self.consent_denials,
                 self.franks_issued,
-                self.franks_verified
+                self.franks_verified,
+                self.abuse_reports
             );
             for r in &self.refusals {
                 let _ = writeln!(s, "  refused        {r}");
@@ -555,6 +560,7 @@ struct MlsPhase {
     same_provider: u64,
     own_echoes: u64,
     franks_verified: u64,
+    abuse_reports: u64,
     failures: u64,
     ms: u64,
     error: Option<String>,
@@ -628,6 +634,7 @@ pub async fn run(opts: DemoOptions, launcher: Launcher) -> Result<DemoReport> {
                 mls.participants = r.participants;
                 mls.refusals = r.refusals;
                 mls.franks_verified = r.franks_verified;
+                mls.abuse_reports = r.abuse_reports_accepted;
                 // A Frank that does not verify is a failure like a bad decryption.
                 mls.failures = r.decrypt_failures + r.franks_failed;
             }
@@ -852,6 +859,7 @@ pub async fn run(opts: DemoOptions, launcher: Launcher) -> Result<DemoReport> {
             consent_denials: mls.counters[2],
             franks_issued: mls.counters[3],
             franks_verified: mls.franks_verified,
+            abuse_reports: mls.abuse_reports,
             refusals: mls.refusals,
         }
     };

@@ -332,6 +332,19 @@ impl LocalClient {
         .await
     }
 
+    /// Sends an AbuseReport about messages of `room` (through this node to the room's hub).
+    pub async fn report_abuse(
+        &mut self,
+        room: &RoomId,
+        body: Bytes,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        self.post(
+            &format!("/v1/client/reportAbuse/{}", room.to_path_segment()),
+            body,
+        )
+        .await
+    }
+
     /// Sends a KeyMaterialRequest (through this node and the room's hub).
     pub async fn key_material(&mut self, body: Bytes) -> Result<(StatusCode, Bytes), ClientError> {
         self.post("/v1/client/keyMaterial", body).await
