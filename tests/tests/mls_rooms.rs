@@ -630,5 +630,28 @@ async fn external_join_with_group_info_from_the_hub() {
     for c in [&dave, &erin] {
         assert_eq!((c.franks_verified, c.franks_failed), (1, 1), "{}", c.user);
     }
+
+    // erin pinned nothing: the key her GroupInfoResponse carried was checked against the
+    // room's franking agent. A room whose members named another key as its agent: the
+    // hub's response no longer matches, and an unpinned client refuses it.
+    let misnamed: RoomId = "mimi://a.example/r/misnamed".parse().unwrap();
+    let mut owner = MlsClient::new(ALICE, a[0]).unwrap();
+    owner.pin_hub_key("a.example", other.to_vec());
+    owner.create_room(&misnamed).await.unwrap();
+    let listed =
+        mimi_client::room_policy::add_participants([ERIN], mimi_client::room_policy::REGULAR_ROLE);
+    assert_eq!(
+        owner
+            .update_participants(&misnamed, Some(listed), &[], &[])
+            .await
+            .unwrap(),
+        UpdateResult::Accepted
+    );
+    let mut erin2 = MlsClient::new(ERIN, a[1]).unwrap();
+    let refused = erin2.fetch_group_info(&misnamed).await;
+    assert!(
+        matches!(&refused, Err(mimi_client::MlsClientError::Mls(m)) if m.contains("not the room's franking agent")),
+        "{refused:?}"
+    );
     net.stop().await;
 }

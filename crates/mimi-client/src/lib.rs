@@ -839,6 +839,23 @@ impl MlsClient {
         let tbe = GroupInfoRatchetTreeTbe::decode(&plain)?;
         let vgi =
             VerifiableGroupInfo::tls_deserialize_exact(tbe.group_info.as_bytes()).map_err(mls)?;
+        if pinned.is_none() {
+            // No pinned key (a follower's client cannot fetch the hub's): the carried key
+            // must be the one the room's members named as its franking agent, in the group
+            // context the GroupInfo's signer (a member) signed and openmls verifies on join.
+            let agent = relay_mls::app_data_component(
+                vgi.group_context().extensions(),
+                component::FRANKING_AGENT,
+            );
+            if let Some(agent) = agent {
+                let agent = mimi_wire::proto::room::FrankingAgentData::decode(&agent)?;
+                if agent.franking_signature_key.as_slice() != hub_sender.signature_key.as_slice() {
+                    return Err(MlsClientError::Mls(
+                        "the GroupInfoResponse's hub key is not the room's franking agent".into(),
+                    ));
+                }
+            }
+        }
         let RatchetTreeOption::Full { ratchet_tree } = tbe.ratchet_tree_option else {
             return Err(MlsClientError::Mls("the hub sent no ratchet tree".into()));
         };
