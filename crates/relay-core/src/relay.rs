@@ -15,6 +15,7 @@ use mimi_wire::uri::{ProviderDomain, RoomId};
 use tracing::{debug, info, warn};
 
 mod dead_letter;
+mod forward;
 mod hub_mls;
 mod inbox;
 mod lineage;
@@ -260,6 +261,13 @@ enum InFlight {
         /// A /keyMaterial claim the hub forwarded to this provider.
         key_material_of: Option<ProviderDomain>,
     },
+    /// A local client's request forwarded to its room's hub through the room's ordered
+    /// forward queue.
+    RoomForward {
+        token: ReplyToken,
+        deadline: Instant,
+        room: String,
+    },
 }
 
 /// Maps keyed by our own numbers (transmit ids) or by 128-bit content hashes, which need no
@@ -328,6 +336,8 @@ pub struct Relay {
     /// Rooms hosted elsewhere that this node follows: a local client took part in them, a
     /// local user's key material was claimed for them, or the config names them.
     followed: std::collections::HashSet<String>,
+    /// Local clients' requests to rooms hosted elsewhere, one ordered queue per room.
+    forwards: HashMap<String, forward::ForwardQueue>,
     /// This start's incarnation: numbers the events queued from now on.
     incarnation: u64,
 }
@@ -365,6 +375,7 @@ impl Relay {
             mls: hub_mls::MlsState::default(),
             services: services::Services::default(),
             followed: std::collections::HashSet::new(),
+            forwards: HashMap::new(),
             incarnation: lineage::draw(cfg.seed, now.unix_ms),
             cfg,
         };
@@ -754,29 +765,11 @@ impl Relay {
         };
         // A local client sends into the room: its events are wanted here.
         self.follow(store, room);
-        let id = self.next_id();
-        let deadline = now.mono + self.cfg.transmit_timeout;
-        self.inflight.insert(
-            id,
-            InFlight::Forward {
-                token,
-                deadline,
-                key_material_of: None,
-            },
-        );
-        self.deadlines.insert((deadline, id));
-        let p = &mut self.peers[peer];
-        p.stats.transmits += 1;
-        self.outputs.push_back(Output::Transmit(Transmit {
-            id,
-            dest: p.domain.clone(),
-            transport: p.kind,
-            endpoint: Endpoint::SubmitMessage,
-            target: room.to_owned(),
-            seq: None,
-            lineage: None,
-            body: vec![body],
-        }));
+        if let Some(response) =
+            self.forward_in_room(now, token, peer, Endpoint::SubmitMessage, room, body)
+        {
+            self.outputs.push_back(Output::Reply { token, response });
+        }
     }
 
     fn next_id(&mut self) -> TransmitId {
@@ -1224,26 +1217,21 @@ impl Relay {
                 key_material_of,
             } => {
                 self.deadlines.remove(&(deadline, id));
-                let response = match outcome {
-                    Ok(r) => {
-                        if let Some(p) = key_material_of {
-                            self.remember_key_material(store, &p, &r);
-                        }
-                        r
-                    }
-                    Err(TransportError::Unsupported { endpoint, reason }) => {
-                        // Retrying will not help: the hub does not serve this endpoint.
-                        warn!(%endpoint, %reason, "the hub does not support this endpoint");
-                        Response::error(Status::NotImplemented, "not supported by the hub")
-                    }
-                    Err(e) => {
-                        debug!(error = %e, "forwarding a submission to the hub failed");
-                        let mut r = Response::error(Status::BadGateway, "hub unreachable");
-                        r.retry_after = Some(std::time::Duration::from_secs(1));
-                        r
-                    }
-                };
+                if let (Some(p), Ok(r)) = (&key_material_of, &outcome) {
+                    self.remember_key_material(store, p, r);
+                }
+                let response = forward_answer(outcome);
                 self.outputs.push_back(Output::Reply { token, response });
+            }
+            InFlight::RoomForward {
+                token,
+                deadline,
+                room,
+            } => {
+                self.deadlines.remove(&(deadline, id));
+                let response = forward_answer(outcome);
+                self.outputs.push_back(Output::Reply { token, response });
+                self.forward_done(now, &room);
             }
             InFlight::Notify {
                 queue,
@@ -1987,6 +1975,25 @@ fn save_cursor_inc<S: Store>(store: &mut S, c: &Cursor) {
         key: &lineage::cursor_key(&c.hub, &c.room),
         value: Some(&c.inc.to_be_bytes()),
     });
+}
+
+/// What a local client is answered for a request forwarded to another provider: the
+/// provider's own answer, or why there is none.
+fn forward_answer(outcome: Result<Response, TransportError>) -> Response {
+    match outcome {
+        Ok(r) => r,
+        Err(TransportError::Unsupported { endpoint, reason }) => {
+            // Retrying will not help: the hub does not serve this endpoint.
+            warn!(%endpoint, %reason, "the hub does not support this endpoint");
+            Response::error(Status::NotImplemented, "not supported by the hub")
+        }
+        Err(e) => {
+            debug!(error = %e, "forwarding a submission to the hub failed");
+            let mut r = Response::error(Status::BadGateway, "hub unreachable");
+            r.retry_after = Some(std::time::Duration::from_secs(1));
+            r
+        }
+    }
 }
 
 /// A 200 carrying a SubmitMessageResponse.

@@ -1287,7 +1287,13 @@ impl Relay {
                 Ok(r) => match r.domain().parse::<ProviderDomain>() {
                     Ok(hub) if hub != local => {
                         self.follow(store, target);
-                        self.forward(now, token, hub, endpoint, target, body, None)
+                        // Behind the room's earlier submissions, in order (relay/forward.rs).
+                        match self.peer_by_domain.get(&hub) {
+                            Some(&peer) => {
+                                self.forward_in_room(now, token, peer, endpoint, target, body)
+                            }
+                            None => self.forward(now, token, hub, endpoint, target, body, None),
+                        }
                     }
                     _ => Some(self.reject(
                         RejectReason::UnknownRoom,
