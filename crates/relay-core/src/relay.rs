@@ -19,10 +19,12 @@ mod forward;
 mod hub_mls;
 mod inbox;
 mod lineage;
+mod refusal;
 mod services;
 pub use dead_letter::DeadLetter;
 pub use hub_mls::{MlsRoomError, RoomParticipant};
 pub use inbox::InboxQuery;
+pub use refusal::{Forbidden, Malformed, Refusal, UpdateNotAllowed};
 
 use crate::config::RelayConfig;
 use crate::rng::SplitMix64;
@@ -672,11 +674,7 @@ impl Relay {
             self.peers[p].stats.requests_in += 1;
         }
         let response = if req.body.len() > self.cfg.limits.max_body {
-            self.reject(
-                RejectReason::TooLarge,
-                Status::TooLarge,
-                "body over the size limit",
-            )
+            self.refuse(Refusal::TooLarge)
         } else {
             match req.endpoint {
                 Endpoint::Notify => self.notify(now, store, &req),
@@ -704,11 +702,7 @@ impl Relay {
                     match self.service_request(now, store, &from, endpoint, &req.target, &req.body)
                     {
                         Some(r) => r,
-                        None => self.reject(
-                            RejectReason::NotImplemented,
-                            Status::NotImplemented,
-                            "endpoint not served by this relay",
-                        ),
+                        None => self.refuse(Refusal::EndpointNotServed),
                     }
                 }
             }
@@ -737,11 +731,7 @@ impl Relay {
         let hub = match room.parse::<RoomId>() {
             Ok(r) => r.domain().to_owned(),
             Err(_) => {
-                let response = self.reject(
-                    RejectReason::Malformed,
-                    Status::BadRequest,
-                    "not a room URI",
-                );
+                let response = self.refuse(Refusal::Malformed(Malformed::NotARoomUri));
                 self.outputs.push_back(Output::Reply { token, response });
                 return;
             }
@@ -752,13 +742,9 @@ impl Relay {
             .and_then(|d| self.peer_by_domain.get(&d));
         let Some(&peer) = peer else {
             let response = if hub == self.cfg.local.as_str() {
-                self.reject(RejectReason::UnknownRoom, Status::NotFound, "unknown room")
+                self.refuse(Refusal::UnknownRoom)
             } else {
-                self.reject(
-                    RejectReason::NoRoute,
-                    Status::BadGateway,
-                    "no route to the room's hub",
-                )
+                self.refuse(Refusal::NoRouteToHub)
             };
             self.outputs.push_back(Output::Reply { token, response });
             return;
@@ -786,29 +772,8 @@ impl Relay {
     pub fn storage_full_refusal(&mut self, endpoint: Endpoint) -> Option<Response> {
         match endpoint {
             Endpoint::GroupInfo | Endpoint::IdentifierQuery | Endpoint::ProxyDownload => None,
-            _ => {
-                let mut response = self.reject(
-                    RejectReason::StorageFull,
-                    Status::Unavailable,
-                    "storage full: nothing new is taken until space is freed",
-                );
-                response.retry_after = Some(std::time::Duration::from_secs(5));
-                Some(response)
-            }
+            _ => Some(self.refuse(Refusal::StorageFull)),
         }
-    }
-
-    /// 503 with a Retry-After: the submitter (or hub) tries again; nothing was accepted.
-    fn queue_full(&mut self, text: &'static str) -> Response {
-        let mut response = self.reject(RejectReason::QueueFull, Status::Unavailable, text);
-        response.retry_after = Some(std::time::Duration::from_secs(1));
-        response
-    }
-
-    fn reject(&mut self, reason: RejectReason, status: Status, text: &'static str) -> Response {
-        self.stats.rejects[reason as usize] += 1;
-        debug!(reason = reason.as_str(), "rejected");
-        Response::error(status, text)
     }
 
     /// The hub's side of /submitMessage (from a follower, or from a local client).
@@ -821,32 +786,23 @@ impl Relay {
         body: &Bytes,
     ) -> Response {
         let Some(&ri) = self.room_by_id.get(room) else {
-            return self.reject(RejectReason::UnknownRoom, Status::NotFound, "unknown room");
+            return self.refuse(Refusal::UnknownRoom);
         };
         let view = match SubmitMessageView::parse(body) {
             Ok(v) => v,
             Err(e) => {
                 debug!(error = %e, "malformed SubmitMessageRequest");
-                return self.reject(
-                    RejectReason::Malformed,
-                    Status::BadRequest,
-                    "malformed SubmitMessageRequest",
-                );
+                return self.refuse(Refusal::Malformed(Malformed::SubmitMessageRequest));
             }
         };
         // The sending user must belong to the provider that authenticated the request.
         if !uri_in_domain(view.sending_uri, sender.as_str()) {
-            return self.reject(
-                RejectReason::Forbidden,
-                Status::Forbidden,
-                "sendingUri is not a user of the authenticated provider",
-            );
+            return self.refuse(Refusal::Forbidden(Forbidden::SenderNotOfProvider));
         }
         let r = &self.rooms[ri];
         let is_member = *sender == self.cfg.local || r.followers.iter().any(|(f, _)| f == sender);
         if !is_member || view.app_message.wire_format != WireFormat::PrivateMessage {
-            self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
-            return submit_answer(&SubmitMessageResponse::not_allowed());
+            return self.refuse(Refusal::SubmitNotAllowed);
         }
         if !self.mls.rooms.is_empty()
             && let Some(refused) =
@@ -979,28 +935,16 @@ impl Relay {
         let room = match req.target.parse::<RoomId>() {
             Ok(r) => r,
             Err(_) => {
-                return self.reject(
-                    RejectReason::Malformed,
-                    Status::BadRequest,
-                    "not a room URI",
-                );
+                return self.refuse(Refusal::Malformed(Malformed::NotARoomUri));
             }
         };
         // Only a room's hub orders and fans out its events.
         if room.domain() != req.from.as_str() {
-            return self.reject(
-                RejectReason::Forbidden,
-                Status::Forbidden,
-                "only the room's hub may notify",
-            );
+            return self.refuse(Refusal::Forbidden(Forbidden::NotTheHub));
         }
         // Nor does a hub get to make us keep state for rooms nobody here takes part in.
         if !self.followed.contains(req.target.as_str()) {
-            return self.reject(
-                RejectReason::UnknownRoom,
-                Status::NotFound,
-                "room not followed here: no local user takes part in it",
-            );
+            return self.refuse(Refusal::RoomNotFollowed);
         }
         if req.body.is_empty()
             && let Some(seq) = req.seq
@@ -1014,19 +958,11 @@ impl Relay {
             Ok(f) => f,
             Err(e) => {
                 debug!(error = %e, "malformed /notify body");
-                return self.reject(
-                    RejectReason::Malformed,
-                    Status::BadRequest,
-                    "malformed FanoutMessage sequence",
-                );
+                return self.refuse(Refusal::Malformed(Malformed::FanoutSequence));
             }
         };
         if fanouts.is_empty() {
-            return self.reject(
-                RejectReason::Malformed,
-                Status::BadRequest,
-                "empty /notify body",
-            );
+            return self.refuse(Refusal::Malformed(Malformed::EmptyNotify));
         }
         let key = (req.from.clone(), req.target.clone());
         let cursor = self
@@ -1040,7 +976,7 @@ impl Relay {
             Some(first) => {
                 if first > cursor.next {
                     let (next, inc) = (cursor.next, cursor.inc);
-                    return self.resend_from(next, inc, "sequence gap: resend from next");
+                    return self.refuse(Refusal::SequenceGap { next, inc });
                 }
                 // With incarnations on both sides the numbers are exact: a batch under the
                 // incarnation of our last event repeats what we hold below `next`, and one that
@@ -1059,11 +995,7 @@ impl Relay {
                         debug!(room = %room, hub = %req.from, first, next,
                             "numbering from another hub incarnation: answering our cursor");
                         self.stats.lineage_mismatches += 1;
-                        return self.resend_from(
-                            next,
-                            inc,
-                            "sequence from another hub incarnation: resend from next",
-                        );
+                        return self.refuse(Refusal::OtherIncarnation { next, inc });
                     }
                 }
                 // Numbers already seen are duplicates, unless the bytes say otherwise: a number
@@ -1146,14 +1078,6 @@ impl Relay {
             response.next_seq = Some(next);
             response.next_inc = Some(next_inc);
         }
-        response
-    }
-
-    /// A 409 carrying our cursor: the hub resends from `next`, after our event of `inc`.
-    fn resend_from(&mut self, next: u64, inc: u64, why: &'static str) -> Response {
-        let mut response = self.reject(RejectReason::OutOfOrder, Status::OutOfOrder, why);
-        response.next_seq = Some(next);
-        response.next_inc = Some(inc);
         response
     }
 

@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use bytes::Bytes;
 use mimi_wire::endpoint::Endpoint;
 
-use super::{InFlight, Output, PeerIdx, Relay, ReplyToken};
+use super::{InFlight, Output, PeerIdx, Refusal, Relay, ReplyToken};
 use crate::Now;
 use crate::transport::{Response, Transmit, TransportKind};
 
@@ -57,7 +57,7 @@ impl Relay {
                 inflight: 0,
             });
         if fq.waiting.len() >= max {
-            return Some(self.queue_full("forward queue to the room's hub is full"));
+            return Some(self.refuse(Refusal::ForwardQueueFull));
         }
         // The route to a room's hub does not change while its queue lives.
         fq.peer = peer;

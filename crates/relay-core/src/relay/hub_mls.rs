@@ -16,17 +16,17 @@ use mimi_wire::proto::{
     ClientKeyMaterial, ClientKeyMaterialStatus, FanoutExtra, FanoutMessage, GroupInfoOption,
     GroupInfoRequest, GroupInfoResponse, GroupInfoStatus, HandshakeBundle, IdentifierUri,
     KeyMaterialRequest, KeyMaterialResponse, KeyMaterialUserCode, KeyPackage, MlsMessage, Protocol,
-    SubmitMessageResponse, UpdateOutcome, UpdateRequest, UpdateRoomResponse, VLBytes,
+    UpdateRequest, UpdateRoomResponse, VLBytes,
 };
 use mimi_wire::proto::{Frank, SubmitMessageView};
 use mimi_wire::uri::{ProviderDomain, RoomId};
 use tracing::{debug, info};
 
-use super::{Entry, InFlight, Output, Relay, ReplyToken, submit_answer, uri_in_domain, xxh3_128};
+use super::refusal::{Forbidden, Malformed, Refusal, UpdateNotAllowed, update_answer};
+use super::{Entry, InFlight, Output, Relay, ReplyToken, uri_in_domain, xxh3_128};
 use crate::Now;
 use crate::mls::{GroupState, HandshakeEffect, MlsReject, MlsValidator};
 use crate::room_policy::{self, PolicyRefusal, RoomState};
-use crate::stats::RejectReason;
 use crate::store::{InboxRecord, Store, StoreOp};
 use crate::transport::{Response, Status, Transmit};
 
@@ -159,22 +159,6 @@ fn decode_meta(meta: &[u8]) -> Option<ParticipantListData> {
         b = b.get(3 + n..)?;
     }
     Some(ParticipantListData { participants })
-}
-
-fn update_answer(resp: &UpdateRoomResponse) -> Response {
-    match resp.encode() {
-        Ok(v) => Response::new(Status::Ok, v),
-        Err(_) => Response::error(Status::Internal, "cannot encode UpdateRoomResponse"),
-    }
-}
-
-fn invalid(description: String) -> UpdateRoomResponse {
-    UpdateRoomResponse {
-        error_description: description,
-        outcome: UpdateOutcome::InvalidProposal {
-            invalid_proposals: Vec::new(),
-        },
-    }
 }
 
 impl Relay {
@@ -425,22 +409,12 @@ impl Relay {
         let current = r.epoch;
         if let Err(why) = r.state.may_send(sending_uri) {
             debug!(room, %why, "submission refused by the room policy");
-            self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
-            self.stats.policy_rejections += 1;
-            return Some(submit_answer(&SubmitMessageResponse::not_allowed()));
+            return Some(self.refuse(Refusal::SubmitPolicy(why)));
         }
         match epoch {
-            Some(e) if e < current => {
-                self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
-                Some(submit_answer(&SubmitMessageResponse::epoch_too_old(
-                    current,
-                )))
-            }
+            Some(e) if e < current => Some(self.refuse(Refusal::EpochTooOld { current })),
             Some(e) if e == current => None,
-            _ => {
-                self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
-                Some(submit_answer(&SubmitMessageResponse::not_allowed()))
-            }
+            _ => Some(self.refuse(Refusal::SubmitNotAllowed)),
         }
     }
 
@@ -472,31 +446,21 @@ impl Relay {
         body: &Bytes,
     ) -> Response {
         let Some(&ri) = self.room_by_id.get(room) else {
-            return self.reject(RejectReason::UnknownRoom, Status::NotFound, "unknown room");
+            return self.refuse(Refusal::UnknownRoom);
         };
         let Some(current) = self.mls.rooms.get(room).map(|r| r.epoch) else {
-            self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
-            return update_answer(&UpdateRoomResponse::not_allowed(
-                "room has no MLS state at its hub",
-            ));
+            return self.refuse(Refusal::UpdateNotAllowed(UpdateNotAllowed::NoMlsState));
         };
         // Cheap checks before MLS work: only a provider that takes part in the room (or may
         // join it by the room's policy) gets its handshake validated at all.
         if !self.takes_part(sender, ri, room) {
-            self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
-            return update_answer(&UpdateRoomResponse::not_allowed(
-                "the provider takes no part in the room",
-            ));
+            return self.refuse(Refusal::UpdateNotAllowed(UpdateNotAllowed::NotParticipant));
         }
         let req = match UpdateRequest::decode(body) {
             Ok(r) => r,
             Err(e) => {
                 debug!(error = %e, "malformed UpdateRequest");
-                return self.reject(
-                    RejectReason::Malformed,
-                    Status::BadRequest,
-                    "malformed UpdateRequest",
-                );
+                return self.refuse(Refusal::Malformed(Malformed::UpdateRequest));
             }
         };
         let body_key = xxh3_128(body);
@@ -508,34 +472,29 @@ impl Relay {
         }
         let msg = req.bundle.message();
         if msg.wire_format() != WireFormat::PublicMessage {
-            self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
-            return update_answer(&UpdateRoomResponse::not_allowed(
-                "handshake messages must be PublicMessages: the hub validates them",
+            return self.refuse(Refusal::UpdateNotAllowed(
+                UpdateNotAllowed::NotPublicMessage,
             ));
         }
         if let Some(e) = msg.epoch()
             && e != current
         {
-            self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
-            return update_answer(&UpdateRoomResponse::wrong_epoch(current));
+            return self.refuse(Refusal::WrongEpoch { current });
         }
         let Some(v) = self.mls.validator.as_mut() else {
-            return self.reject(
-                RejectReason::NotImplemented,
-                Status::NotImplemented,
-                "no MLS validator",
-            );
+            return self.refuse(Refusal::NoMlsValidator);
         };
         let effect = match v.stage(room, msg.as_bytes()) {
             Ok(e) => e,
             Err(reject) => {
-                self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
                 debug!(room, error = %reject, "handshake refused");
-                return update_answer(&match reject {
-                    MlsReject::WrongEpoch { current } => UpdateRoomResponse::wrong_epoch(current),
-                    MlsReject::Invalid(d) => invalid(d),
-                    MlsReject::NotAllowed(d) => UpdateRoomResponse::not_allowed(d),
-                    MlsReject::NoGroup => UpdateRoomResponse::not_allowed("no such group"),
+                return self.refuse(match reject {
+                    MlsReject::WrongEpoch { current } => Refusal::WrongEpoch { current },
+                    MlsReject::Invalid(d) => Refusal::InvalidHandshake(d),
+                    MlsReject::NotAllowed(d) => {
+                        Refusal::UpdateNotAllowed(UpdateNotAllowed::Validator(d))
+                    }
+                    MlsReject::NoGroup => Refusal::UpdateNotAllowed(UpdateNotAllowed::NoGroup),
                 });
             }
         };
@@ -545,10 +504,8 @@ impl Relay {
                 if let Some(v) = self.mls.validator.as_mut() {
                     v.discard(room);
                 }
-                self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
-                self.stats.policy_rejections += 1;
                 debug!(room, %why, "handshake refused by policy");
-                return update_answer(&UpdateRoomResponse::not_allowed(why.to_string()));
+                return self.refuse(Refusal::UpdatePolicy(why));
             }
         };
         // A lagging follower loses its backlog, not the room: the commit that removes it
@@ -759,11 +716,7 @@ impl Relay {
             }
         };
         if GroupInfoRequest::decode(body).is_err() {
-            return self.reject(
-                RejectReason::Malformed,
-                Status::BadRequest,
-                "malformed GroupInfoRequest",
-            );
+            return self.refuse(Refusal::Malformed(Malformed::GroupInfoRequest));
         }
         let Some(mr) = self.mls.rooms.get(room) else {
             return code_answer(GroupInfoStatus::NoSuchRoom);
@@ -775,14 +728,16 @@ impl Relay {
             Ok(u) => u,
             Err(e) => {
                 debug!(room, error = %e, "GroupInfoRequest refused");
-                self.stats.rejects[RejectReason::Forbidden as usize] += 1;
-                return code_answer(GroupInfoStatus::NotAuthorized);
+                return self.refuse(Refusal::GroupInfoNotAuthorized {
+                    room: room.to_owned(),
+                });
             }
         };
         if !uri_in_domain(&requester, from.as_str()) || mr.state.may_join(&requester).is_err() {
             debug!(room, requester, "GroupInfo refused by the join policy");
-            self.stats.rejects[RejectReason::Forbidden as usize] += 1;
-            return code_answer(GroupInfoStatus::NotAuthorized);
+            return self.refuse(Refusal::GroupInfoNotAuthorized {
+                room: room.to_owned(),
+            });
         }
         let Some(gi) = mr.group_info.clone() else {
             return Response::error(
@@ -1046,28 +1001,16 @@ impl Relay {
         let req = match KeyMaterialRequest::decode(body) {
             Ok(r) => r,
             Err(_) => {
-                return Some(self.reject(
-                    RejectReason::Malformed,
-                    Status::BadRequest,
-                    "malformed KeyMaterialRequest",
-                ));
+                return Some(self.refuse(Refusal::Malformed(Malformed::KeyMaterialRequest)));
             }
         };
         if req.target_user.as_str() != target {
-            return Some(self.reject(
-                RejectReason::Malformed,
-                Status::BadRequest,
-                "targetUser differs from the path",
-            ));
+            return Some(self.refuse(Refusal::Malformed(Malformed::TargetUserMismatch)));
         }
         let Some(target_domain) =
             user_domain(target).and_then(|d| d.parse::<ProviderDomain>().ok())
         else {
-            return Some(self.reject(
-                RejectReason::Malformed,
-                Status::BadRequest,
-                "targetUser is not a MIMI URI",
-            ));
+            return Some(self.refuse(Refusal::Malformed(Malformed::TargetUserNotMimi)));
         };
         let room = req.room_id.as_str();
         let room_hub = if room.is_empty() {
@@ -1080,11 +1023,7 @@ impl Relay {
             {
                 Some(h) => Some(h),
                 None => {
-                    return Some(self.reject(
-                        RejectReason::Malformed,
-                        Status::BadRequest,
-                        "roomId is not a room URI",
-                    ));
+                    return Some(self.refuse(Refusal::Malformed(Malformed::RoomIdNotRoomUri)));
                 }
             }
         };
@@ -1107,25 +1046,13 @@ impl Relay {
                 peer = from.as_str(),
                 requester, "key material claim refused"
             );
-            return Some(self.reject(
-                RejectReason::Forbidden,
-                Status::Forbidden,
-                "requestingUser is of neither the asking provider nor a room it hosts",
-            ));
+            return Some(self.refuse(Refusal::Forbidden(Forbidden::RequesterNotOfProvider)));
         }
         if we_host && *from == local && !self.claims_in_room(from, room, requester) {
-            return Some(self.reject(
-                RejectReason::Forbidden,
-                Status::Forbidden,
-                "requestingUser is not a member of the room",
-            ));
+            return Some(self.refuse(Refusal::Forbidden(Forbidden::RequesterNotMember)));
         }
         let Some(v) = self.mls.validator.as_ref() else {
-            return Some(self.reject(
-                RejectReason::NotImplemented,
-                Status::NotImplemented,
-                "no MLS validator: key material is not served",
-            ));
+            return Some(self.refuse(Refusal::KeyMaterialNotServed));
         };
         match v.key_material_requester(body) {
             Ok(u) if u == requester => {}
@@ -1135,19 +1062,11 @@ impl Relay {
                     credential = u,
                     "KeyMaterialRequest of another user"
                 );
-                return Some(self.reject(
-                    RejectReason::Forbidden,
-                    Status::Forbidden,
-                    "requesterCredential does not name requestingUser",
-                ));
+                return Some(self.refuse(Refusal::Forbidden(Forbidden::CredentialMismatch)));
             }
             Err(e) => {
                 debug!(requester, error = %e, "KeyMaterialRequest signature refused");
-                return Some(self.reject(
-                    RejectReason::Forbidden,
-                    Status::Forbidden,
-                    "bad KeyMaterialRequest signature",
-                ));
+                return Some(self.refuse(Refusal::Forbidden(Forbidden::BadSignature)));
             }
         }
         if target_local {
@@ -1157,11 +1076,7 @@ impl Relay {
             None => target_domain.clone(),
             Some(_) if we_host => target_domain.clone(),
             Some(h) if h == local => {
-                return Some(self.reject(
-                    RejectReason::UnknownRoom,
-                    Status::NotFound,
-                    "unknown room",
-                ));
+                return Some(self.refuse(Refusal::UnknownRoom));
             }
             Some(h) => h,
         };
@@ -1204,11 +1119,7 @@ impl Relay {
         key_material_of: Option<ProviderDomain>,
     ) -> Option<Response> {
         let Some(&peer) = self.peer_by_domain.get(&dest) else {
-            return Some(self.reject(
-                RejectReason::NoRoute,
-                Status::BadGateway,
-                "no route to the provider",
-            ));
+            return Some(self.refuse(Refusal::NoRouteToProvider));
         };
         let id = self.next_id();
         let deadline = now.mono + self.cfg.transmit_timeout;
@@ -1295,17 +1206,9 @@ impl Relay {
                             None => self.forward(now, token, hub, endpoint, target, body, None),
                         }
                     }
-                    _ => Some(self.reject(
-                        RejectReason::UnknownRoom,
-                        Status::NotFound,
-                        "unknown room",
-                    )),
+                    _ => Some(self.refuse(Refusal::UnknownRoom)),
                 },
-                Err(_) => Some(self.reject(
-                    RejectReason::Malformed,
-                    Status::BadRequest,
-                    "not a room URI",
-                )),
+                Err(_) => Some(self.refuse(Refusal::Malformed(Malformed::NotARoomUri))),
             },
             Endpoint::KeyMaterial => self.key_material(now, store, token, &local, target, &body),
             _ => self.client_service(now, store, token, endpoint, target, body),
