@@ -268,7 +268,7 @@ enum InFlight {
     RoomForward {
         token: ReplyToken,
         deadline: Instant,
-        room: String,
+        room: RoomId,
     },
 }
 
@@ -316,11 +316,12 @@ pub struct Relay {
     peers: Vec<Peer>,
     peer_by_domain: BTreeMap<ProviderDomain, PeerIdx>,
     rooms: Vec<HubRoom>,
-    room_by_id: FastMap<String, RoomIdx>,
+    /// Hosted rooms; found by a room URI's text too (`RoomId: Borrow<str>`).
+    room_by_id: FastMap<RoomId, RoomIdx>,
     queues: Vec<OutQueue>,
-    queue_by_key: HashMap<(String, ProviderDomain), QueueIdx>,
+    queue_by_key: HashMap<(RoomId, ProviderDomain), QueueIdx>,
     ready: VecDeque<QueueIdx>,
-    cursors: HashMap<(ProviderDomain, String), Cursor>,
+    cursors: HashMap<(ProviderDomain, RoomId), Cursor>,
     inbox: inbox::Inbox,
     inflight: FastMap<TransmitId, InFlight>,
     deadlines: BTreeSet<(Instant, TransmitId)>,
@@ -337,9 +338,9 @@ pub struct Relay {
     services: services::Services,
     /// Rooms hosted elsewhere that this node follows: a local client took part in them, a
     /// local user's key material was claimed for them, or the config names them.
-    followed: std::collections::HashSet<String>,
+    followed: std::collections::HashSet<RoomId>,
     /// Local clients' requests to rooms hosted elsewhere, one ordered queue per room.
-    forwards: HashMap<String, forward::ForwardQueue>,
+    forwards: HashMap<RoomId, forward::ForwardQueue>,
     /// This start's incarnation: numbers the events queued from now on.
     incarnation: u64,
 }
@@ -382,17 +383,18 @@ impl Relay {
             cfg,
         };
         for room in &relay.cfg.follows {
-            relay.followed.insert(room.as_str().to_owned());
+            relay.followed.insert(room.clone());
         }
         for k in snapshot.records.keys() {
             if let Some((&REC_FOLLOW, room)) = k.split_first()
                 && let Ok(room) = std::str::from_utf8(room)
+                && let Ok(room) = room.parse::<RoomId>()
             {
-                relay.followed.insert(room.to_owned());
+                relay.followed.insert(room);
             }
         }
         for (_, room) in snapshot.cursors.keys() {
-            relay.followed.insert(room.as_str().to_owned());
+            relay.followed.insert(room.clone());
         }
         relay.restore_key_packages(&snapshot.records);
         relay.restore_services(&snapshot.records);
@@ -457,10 +459,9 @@ impl Relay {
             relay.mark_ready(qi);
         }
         for ((hub, room), next) in snapshot.cursors {
-            relay.cursors.insert(
-                (hub.clone(), room.as_str().to_owned()),
-                Cursor::new(hub, room, next),
-            );
+            relay
+                .cursors
+                .insert((hub.clone(), room.clone()), Cursor::new(hub, room, next));
         }
         for (k, v) in &snapshot.records {
             if let Some((room, dest, ranges)) = lineage::parse_queue_record(k, v) {
@@ -468,16 +469,14 @@ impl Relay {
                     relay.queues[qi].lineage = ranges;
                 }
             } else if let Some((hub, room, inc)) = lineage::parse_cursor_record(k, v)
-                && let Some(c) = relay
-                    .cursors
-                    .get_mut(&(hub.clone(), room.as_str().to_owned()))
+                && let Some(c) = relay.cursors.get_mut(&(hub.clone(), room.clone()))
             {
                 c.inc = inc;
             }
         }
         // A cursor fed only without sequence numbers has hashes but no stored `next`.
         for ((hub, room), slots) in snapshot.recent {
-            let key = (hub.clone(), room.as_str().to_owned());
+            let key = (hub.clone(), room.clone());
             let cursor = relay
                 .cursors
                 .entry(key)
@@ -519,7 +518,7 @@ impl Relay {
 
     fn queue_for(&self, room: &RoomId, dest: &ProviderDomain) -> Option<QueueIdx> {
         self.queue_by_key
-            .get(&(room.as_str().to_owned(), dest.clone()))
+            .get(&(room.clone(), dest.clone()))
             .copied()
     }
 
@@ -547,8 +546,7 @@ impl Relay {
             isolate_until: 0,
             refused_once: None,
         });
-        self.queue_by_key
-            .insert((room.as_str().to_owned(), dest.clone()), qi);
+        self.queue_by_key.insert((room.clone(), dest.clone()), qi);
         self.peers[peer].queues.push(qi);
         Some(qi)
     }
@@ -561,12 +559,12 @@ impl Relay {
                 None => warn!(room = %room, follower = %f, "follower has no route; skipped"),
             }
         }
-        if let Some(&i) = self.room_by_id.get(room.as_str()) {
+        if let Some(&i) = self.room_by_id.get(&room) {
             self.rooms[i].followers = list;
             return i;
         }
         let i = self.rooms.len();
-        self.room_by_id.insert(room.as_str().to_owned(), i);
+        self.room_by_id.insert(room.clone(), i);
         self.rooms.push(HubRoom {
             id: room,
             followers: list,
@@ -599,7 +597,7 @@ impl Relay {
                 return Err(RoomError::NoRoute(f.clone()));
             }
         }
-        if let Some(&i) = self.room_by_id.get(room.as_str())
+        if let Some(&i) = self.room_by_id.get(&room)
             && self.rooms[i]
                 .followers
                 .iter()
@@ -630,34 +628,35 @@ impl Relay {
         if room.domain() == self.cfg.local.as_str() {
             return Err(RoomError::HostedHere(room.as_str().to_owned()));
         }
-        self.follow(store, room.as_str());
+        self.follow(store, room);
         Ok(())
     }
 
     /// Marks `room` followed (a no-op for rooms hosted here and for ones followed already).
-    pub(super) fn follow<S: Store>(&mut self, store: &mut S, room: &str) {
+    pub(super) fn follow<S: Store>(&mut self, store: &mut S, room: &RoomId) {
         if self.followed.contains(room) || self.room_by_id.contains_key(room) {
             return;
         }
-        let Ok(id) = room.parse::<RoomId>() else {
-            return;
-        };
-        if id.domain() == self.cfg.local.as_str() {
+        if room.domain() == self.cfg.local.as_str() {
             return;
         }
         let mut key = vec![REC_FOLLOW];
-        key.extend_from_slice(room.as_bytes());
+        key.extend_from_slice(room.as_str().as_bytes());
         store.apply(StoreOp::Record {
             key: &key,
             value: Some(b""),
         });
-        info!(room, "following room");
-        self.followed.insert(room.to_owned());
+        info!(room = room.as_str(), "following room");
+        self.followed.insert(room.clone());
     }
 
     /// Rooms followed here (hosted elsewhere), sorted.
     pub fn followed_rooms(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.followed.iter().cloned().collect();
+        let mut v: Vec<String> = self
+            .followed
+            .iter()
+            .map(|r| r.as_str().to_owned())
+            .collect();
         v.sort();
         v
     }
@@ -678,14 +677,18 @@ impl Relay {
         } else {
             match req.endpoint {
                 Endpoint::Notify => self.notify(now, store, &req),
-                Endpoint::SubmitMessage => {
-                    let from = req.from.clone();
-                    self.submit(now, store, &from, &req.target, &req.body)
-                }
-                Endpoint::Update => {
-                    let from = req.from.clone();
-                    self.update(now, store, &from, &req.target, &req.body)
-                }
+                // A room's endpoints: the room id is parsed here, once.
+                Endpoint::SubmitMessage | Endpoint::Update => match req.target.parse::<RoomId>() {
+                    Err(_) => self.refuse(Refusal::Malformed(Malformed::NotARoomUri)),
+                    Ok(room) if req.endpoint == Endpoint::SubmitMessage => {
+                        let from = req.from.clone();
+                        self.submit(now, store, &from, &room, &req.body)
+                    }
+                    Ok(room) => {
+                        let from = req.from.clone();
+                        self.update(now, store, &from, room.as_str(), &req.body)
+                    }
+                },
                 Endpoint::KeyMaterial => {
                     let from = req.from.clone();
                     match self.key_material(now, store, token, &from, &req.target, &req.body) {
@@ -721,27 +724,25 @@ impl Relay {
         room: &str,
         body: Bytes,
     ) {
-        if self.room_by_id.contains_key(room) {
+        let Ok(room) = room.parse::<RoomId>() else {
+            let response = self.refuse(Refusal::Malformed(Malformed::NotARoomUri));
+            self.outputs.push_back(Output::Reply { token, response });
+            return;
+        };
+        if self.room_by_id.contains_key(&room) {
             let local = self.cfg.local.clone();
-            let response = self.submit(now, store, &local, room, &body);
+            let response = self.submit(now, store, &local, &room, &body);
             self.outputs.push_back(Output::Reply { token, response });
             self.pump(now);
             return;
         }
-        let hub = match room.parse::<RoomId>() {
-            Ok(r) => r.domain().to_owned(),
-            Err(_) => {
-                let response = self.refuse(Refusal::Malformed(Malformed::NotARoomUri));
-                self.outputs.push_back(Output::Reply { token, response });
-                return;
-            }
-        };
-        let peer = hub
+        let peer = room
+            .domain()
             .parse::<ProviderDomain>()
             .ok()
             .and_then(|d| self.peer_by_domain.get(&d));
         let Some(&peer) = peer else {
-            let response = if hub == self.cfg.local.as_str() {
+            let response = if room.domain() == self.cfg.local.as_str() {
                 self.refuse(Refusal::UnknownRoom)
             } else {
                 self.refuse(Refusal::NoRouteToHub)
@@ -750,9 +751,9 @@ impl Relay {
             return;
         };
         // A local client sends into the room: its events are wanted here.
-        self.follow(store, room);
+        self.follow(store, &room);
         if let Some(response) =
-            self.forward_in_room(now, token, peer, Endpoint::SubmitMessage, room, body)
+            self.forward_in_room(now, token, peer, Endpoint::SubmitMessage, &room, body)
         {
             self.outputs.push_back(Output::Reply { token, response });
         }
@@ -782,7 +783,7 @@ impl Relay {
         now: Now,
         store: &mut S,
         sender: &ProviderDomain,
-        room: &str,
+        room: &RoomId,
         body: &Bytes,
     ) -> Response {
         let Some(&ri) = self.room_by_id.get(room) else {
@@ -806,7 +807,7 @@ impl Relay {
         }
         if !self.mls.rooms.is_empty()
             && let Some(refused) =
-                self.check_mls_submit(room, view.sending_uri, view.app_message.epoch)
+                self.check_mls_submit(room.as_str(), view.sending_uri, view.app_message.epoch)
         {
             return refused;
         }
@@ -816,7 +817,7 @@ impl Relay {
             self.stats.dedupe_hits += 1;
             debug!(msg = %MsgId::of(view.app_message.bytes), room = %r.id, seq = seen.room_seq, "duplicate submission");
             // Franks are deterministic: the same one again.
-            let frank = self.frank_submission(room, &view, seen.accepted_ms);
+            let frank = self.frank_submission(room.as_str(), &view, seen.accepted_ms);
             return submit_answer(&SubmitMessageResponse::accepted_franked(
                 seen.accepted_ms,
                 frank,
@@ -833,7 +834,7 @@ impl Relay {
 
         let accepted_ms = now.unix_ms.max(self.rooms[ri].last_ms);
         // §5.4.1.2: franked beside the MLS bytes, which stay as the sender made them.
-        let frank = self.frank_submission(room, &view, accepted_ms);
+        let frank = self.frank_submission(room.as_str(), &view, accepted_ms);
         if frank.is_some() {
             self.stats.franks_issued += 1;
         }
@@ -943,7 +944,7 @@ impl Relay {
             return self.refuse(Refusal::Forbidden(Forbidden::NotTheHub));
         }
         // Nor does a hub get to make us keep state for rooms nobody here takes part in.
-        if !self.followed.contains(req.target.as_str()) {
+        if !self.followed.contains(&room) {
             return self.refuse(Refusal::RoomNotFollowed);
         }
         if req.body.is_empty()
@@ -964,7 +965,7 @@ impl Relay {
         if fanouts.is_empty() {
             return self.refuse(Refusal::Malformed(Malformed::EmptyNotify));
         }
-        let key = (req.from.clone(), req.target.clone());
+        let key = (req.from.clone(), room.clone());
         let cursor = self
             .cursors
             .entry(key)
@@ -1091,7 +1092,7 @@ impl Relay {
         req: &Request,
         seq: u64,
     ) -> Response {
-        let key = (req.from.clone(), req.target.clone());
+        let key = (req.from.clone(), room.clone());
         let cursor = self
             .cursors
             .entry(key)

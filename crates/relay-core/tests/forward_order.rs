@@ -306,3 +306,47 @@ fn a_failed_forward_is_answered_before_the_next_one_leaves() {
     assert_eq!(replies[0].0, ReplyToken(3));
     assert_eq!(p.hub_order(), [3]);
 }
+
+#[test]
+fn a_malformed_room_id_is_refused_at_the_edge() {
+    // Parsed once where it comes in: a peer's /submitMessage and /update, a local client's
+    // submission; before, a peer's garbage target was looked up as a string and got 404.
+    let mut p = Pair::new(TransportKind::Https);
+    for endpoint in [Endpoint::SubmitMessage, Endpoint::Update] {
+        let now = p.now();
+        let req = Request {
+            from: domain("b.example"),
+            transport: TransportKind::Https,
+            endpoint,
+            target: "not a room".to_owned(),
+            seq: None,
+            lineage: None,
+            body: submit_body(1),
+        };
+        p.a.handle_request(now, &mut p.a_store, ReplyToken(9), req);
+        let Some(Output::Reply { response, .. }) = p.a.poll_output() else {
+            panic!("an answer");
+        };
+        assert_eq!(response.status, Status::BadRequest, "{endpoint:?}");
+        assert_eq!(&response.body[..], b"not a room URI");
+    }
+    let now = p.now();
+    p.b.handle_client_submit(
+        now,
+        &mut p.b_store,
+        ReplyToken(1),
+        "mimi://a.example/u/not-a-room",
+        submit_body(1),
+    );
+    let (sent, replies) = p.drain_b();
+    assert!(sent.is_empty(), "nothing forwarded");
+    assert_eq!(replies.len(), 1);
+    assert_eq!(replies[0].1.status, Status::BadRequest);
+    let malformed = |r: &Relay| r.stats().rejects[relay_core::RejectReason::Malformed as usize];
+    assert_eq!(malformed(&p.a), 2);
+    assert_eq!(malformed(&p.b), 1);
+    assert!(
+        p.b.followed_rooms().is_empty(),
+        "no state for a bad room id"
+    );
+}

@@ -13,6 +13,7 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 use mimi_wire::endpoint::Endpoint;
+use mimi_wire::uri::RoomId;
 
 use super::{InFlight, Output, PeerIdx, Refusal, Relay, ReplyToken};
 use crate::Now;
@@ -44,13 +45,13 @@ impl Relay {
         token: ReplyToken,
         peer: PeerIdx,
         endpoint: Endpoint,
-        room: &str,
+        room: &RoomId,
         body: Bytes,
     ) -> Option<Response> {
         let max = self.cfg.max_queue;
         let fq = self
             .forwards
-            .entry(room.to_owned())
+            .entry(room.clone())
             .or_insert_with(|| ForwardQueue {
                 peer,
                 waiting: VecDeque::new(),
@@ -71,14 +72,14 @@ impl Relay {
     }
 
     /// One of `room`'s forwards has its outcome: the next may go.
-    pub(super) fn forward_done(&mut self, now: Now, room: &str) {
+    pub(super) fn forward_done(&mut self, now: Now, room: &RoomId) {
         if let Some(fq) = self.forwards.get_mut(room) {
             fq.inflight = fq.inflight.saturating_sub(1);
         }
         self.send_forwards(now, room);
     }
 
-    fn send_forwards(&mut self, now: Now, room: &str) {
+    fn send_forwards(&mut self, now: Now, room: &RoomId) {
         loop {
             let Some(fq) = self.forwards.get_mut(room) else {
                 return;
@@ -108,7 +109,7 @@ impl Relay {
                 InFlight::RoomForward {
                     token: w.token,
                     deadline,
-                    room: room.to_owned(),
+                    room: room.clone(),
                 },
             );
             self.deadlines.insert((deadline, id));
@@ -119,7 +120,7 @@ impl Relay {
                 dest: p.domain.clone(),
                 transport: p.kind,
                 endpoint: w.endpoint,
-                target: room.to_owned(),
+                target: room.as_str().to_owned(),
                 seq: None,
                 lineage: None,
                 body: vec![w.body],

@@ -938,10 +938,12 @@ impl Relay {
                     status,
                 });
             }
-            if ok > 0 {
-                // A local user is being added to the room: its events (the Welcome first) are
-                // wanted here. Only on a real claim, so naming rooms costs a KeyPackage each.
-                self.follow(store, req.room_id.as_str());
+            // A local user is being added to the room: its events (the Welcome first) are
+            // wanted here. Only on a real claim, so naming rooms costs a KeyPackage each.
+            if ok > 0
+                && let Ok(room) = req.room_id.as_str().parse::<RoomId>()
+            {
+                self.follow(store, &room);
             }
             resp.user_status = if ok == 0 {
                 KeyMaterialUserCode::NoCompatibleMaterial
@@ -1197,11 +1199,11 @@ impl Relay {
             Endpoint::Update => match target.parse::<RoomId>() {
                 Ok(r) => match r.domain().parse::<ProviderDomain>() {
                     Ok(hub) if hub != local => {
-                        self.follow(store, target);
+                        self.follow(store, &r);
                         // Behind the room's earlier submissions, in order (relay/forward.rs).
                         match self.peer_by_domain.get(&hub) {
                             Some(&peer) => {
-                                self.forward_in_room(now, token, peer, endpoint, target, body)
+                                self.forward_in_room(now, token, peer, endpoint, &r, body)
                             }
                             None => self.forward(now, token, hub, endpoint, target, body, None),
                         }
