@@ -15,6 +15,7 @@ use mimi_wire::uri::{ProviderDomain, RoomId};
 use tracing::{debug, info, warn};
 
 mod dead_letter;
+mod follower;
 mod forward;
 mod hub_mls;
 mod inbox;
@@ -33,6 +34,7 @@ use crate::store::{InboxRecord, Snapshot, Store, StoreOp, SubmitSeen};
 use crate::transport::{
     Lineage, Request, Response, Status, Transmit, TransmitId, TransportError, TransportKind,
 };
+use follower::Cursor;
 
 /// The time an input happens at: a monotonic instant for timers, and the wall clock for the
 /// hub's accepted timestamps (milliseconds since the UNIX epoch).
@@ -193,60 +195,6 @@ impl SeenWindow {
     }
 }
 
-/// A follower's view of one (hub, room) stream.
-#[derive(Debug)]
-struct Cursor {
-    hub: ProviderDomain,
-    room: RoomId,
-    next: u64,
-    /// The hub incarnation that numbered event `next - 1` (0: not known).
-    inc: u64,
-    /// Hashes of recent delivered FanoutMessages (the draft's byte-exact duplicate rule),
-    /// kept in the store too, so a restart does not forget them.
-    recent: FastMap<u128, ()>,
-    recent_order: VecDeque<u128>,
-    /// How many hashes were ever remembered: numbers the next one, and picks its ring slot
-    /// in the store.
-    recent_n: u64,
-}
-
-impl Cursor {
-    fn new(hub: ProviderDomain, room: RoomId, next: u64) -> Cursor {
-        Cursor {
-            hub,
-            room,
-            next,
-            inc: 0,
-            recent: FastMap::default(),
-            recent_order: VecDeque::new(),
-            recent_n: 0,
-        }
-    }
-
-    /// Keeps `h` among the last `RECENT_WINDOW` delivered hashes, in memory and in the store.
-    fn remember<S: Store>(&mut self, store: &mut S, h: u128) {
-        if self.recent.insert(h, ()).is_some() {
-            return;
-        }
-        let n = self.recent_n;
-        self.recent_n += 1;
-        store.apply(StoreOp::RecentHash {
-            hub: &self.hub,
-            room: &self.room,
-            // The store's ring holds as many slots as the window: slot n replaces n - window.
-            slot: (n % RECENT_WINDOW as u64) as u16,
-            n,
-            hash: h,
-        });
-        self.recent_order.push_back(h);
-        if self.recent_order.len() > RECENT_WINDOW
-            && let Some(old) = self.recent_order.pop_front()
-        {
-            self.recent.remove(&old);
-        }
-    }
-}
-
 #[derive(Debug)]
 enum InFlight {
     Notify {
@@ -321,7 +269,6 @@ pub struct Relay {
     queues: Vec<OutQueue>,
     queue_by_key: HashMap<(RoomId, ProviderDomain), QueueIdx>,
     ready: VecDeque<QueueIdx>,
-    cursors: HashMap<(ProviderDomain, RoomId), Cursor>,
     inbox: inbox::Inbox,
     inflight: FastMap<TransmitId, InFlight>,
     deadlines: BTreeSet<(Instant, TransmitId)>,
@@ -336,11 +283,8 @@ pub struct Relay {
     latency: Histogram,
     mls: hub_mls::MlsState,
     services: services::Services,
-    /// Rooms hosted elsewhere that this node follows: a local client took part in them, a
-    /// local user's key material was claimed for them, or the config names them.
-    followed: std::collections::HashSet<RoomId>,
-    /// Local clients' requests to rooms hosted elsewhere, one ordered queue per room.
-    forwards: HashMap<RoomId, forward::ForwardQueue>,
+    /// The follower's side: rooms followed, cursors, forwards to hubs.
+    follower: follower::FollowerState,
     /// This start's incarnation: numbers the events queued from now on.
     incarnation: u64,
 }
@@ -365,7 +309,6 @@ impl Relay {
             queues: Vec::new(),
             queue_by_key: HashMap::new(),
             ready: VecDeque::new(),
-            cursors: HashMap::new(),
             inbox: inbox::Inbox::restore(&snapshot, now.unix_ms),
             inflight: FastMap::default(),
             deadlines: BTreeSet::new(),
@@ -377,24 +320,23 @@ impl Relay {
             latency: Histogram::default(),
             mls: hub_mls::MlsState::default(),
             services: services::Services::default(),
-            followed: std::collections::HashSet::new(),
-            forwards: HashMap::new(),
+            follower: follower::FollowerState::default(),
             incarnation: lineage::draw(cfg.seed, now.unix_ms),
             cfg,
         };
         for room in &relay.cfg.follows {
-            relay.followed.insert(room.clone());
+            relay.follower.followed.insert(room.clone());
         }
         for k in snapshot.records.keys() {
             if let Some((&REC_FOLLOW, room)) = k.split_first()
                 && let Ok(room) = std::str::from_utf8(room)
                 && let Ok(room) = room.parse::<RoomId>()
             {
-                relay.followed.insert(room);
+                relay.follower.followed.insert(room);
             }
         }
         for (_, room) in snapshot.cursors.keys() {
-            relay.followed.insert(room.clone());
+            relay.follower.followed.insert(room.clone());
         }
         relay.restore_key_packages(&snapshot.records);
         relay.restore_services(&snapshot.records);
@@ -460,6 +402,7 @@ impl Relay {
         }
         for ((hub, room), next) in snapshot.cursors {
             relay
+                .follower
                 .cursors
                 .insert((hub.clone(), room.clone()), Cursor::new(hub, room, next));
         }
@@ -469,7 +412,7 @@ impl Relay {
                     relay.queues[qi].lineage = ranges;
                 }
             } else if let Some((hub, room, inc)) = lineage::parse_cursor_record(k, v)
-                && let Some(c) = relay.cursors.get_mut(&(hub.clone(), room.clone()))
+                && let Some(c) = relay.follower.cursors.get_mut(&(hub.clone(), room.clone()))
             {
                 c.inc = inc;
             }
@@ -478,6 +421,7 @@ impl Relay {
         for ((hub, room), slots) in snapshot.recent {
             let key = (hub.clone(), room.clone());
             let cursor = relay
+                .follower
                 .cursors
                 .entry(key)
                 .or_insert_with(|| Cursor::new(hub, room, 1));
@@ -634,7 +578,7 @@ impl Relay {
 
     /// Marks `room` followed (a no-op for rooms hosted here and for ones followed already).
     pub(super) fn follow<S: Store>(&mut self, store: &mut S, room: &RoomId) {
-        if self.followed.contains(room) || self.room_by_id.contains_key(room) {
+        if self.follower.followed.contains(room) || self.room_by_id.contains_key(room) {
             return;
         }
         if room.domain() == self.cfg.local.as_str() {
@@ -647,12 +591,13 @@ impl Relay {
             value: Some(b""),
         });
         info!(room = room.as_str(), "following room");
-        self.followed.insert(room.clone());
+        self.follower.followed.insert(room.clone());
     }
 
     /// Rooms followed here (hosted elsewhere), sorted.
     pub fn followed_rooms(&self) -> Vec<String> {
         let mut v: Vec<String> = self
+            .follower
             .followed
             .iter()
             .map(|r| r.as_str().to_owned())
@@ -944,7 +889,7 @@ impl Relay {
             return self.refuse(Refusal::Forbidden(Forbidden::NotTheHub));
         }
         // Nor does a hub get to make us keep state for rooms nobody here takes part in.
-        if !self.followed.contains(&room) {
+        if !self.follower.followed.contains(&room) {
             return self.refuse(Refusal::RoomNotFollowed);
         }
         if req.body.is_empty()
@@ -967,6 +912,7 @@ impl Relay {
         }
         let key = (req.from.clone(), room.clone());
         let cursor = self
+            .follower
             .cursors
             .entry(key)
             .or_insert_with(|| Cursor::new(req.from.clone(), room.clone(), 1));
@@ -1094,6 +1040,7 @@ impl Relay {
     ) -> Response {
         let key = (req.from.clone(), room.clone());
         let cursor = self
+            .follower
             .cursors
             .entry(key)
             .or_insert_with(|| Cursor::new(req.from.clone(), room.clone(), 1));

@@ -50,6 +50,7 @@ impl Relay {
     ) -> Option<Response> {
         let max = self.cfg.max_queue;
         let fq = self
+            .follower
             .forwards
             .entry(room.clone())
             .or_insert_with(|| ForwardQueue {
@@ -73,7 +74,7 @@ impl Relay {
 
     /// One of `room`'s forwards has its outcome: the next may go.
     pub(super) fn forward_done(&mut self, now: Now, room: &RoomId) {
-        if let Some(fq) = self.forwards.get_mut(room) {
+        if let Some(fq) = self.follower.forwards.get_mut(room) {
             fq.inflight = fq.inflight.saturating_sub(1);
         }
         self.send_forwards(now, room);
@@ -81,7 +82,7 @@ impl Relay {
 
     fn send_forwards(&mut self, now: Now, room: &RoomId) {
         loop {
-            let Some(fq) = self.forwards.get_mut(room) else {
+            let Some(fq) = self.follower.forwards.get_mut(room) else {
                 return;
             };
             let kind = self.peers[fq.peer].kind;
@@ -96,7 +97,7 @@ impl Relay {
             let Some(w) = fq.waiting.pop_front() else {
                 if fq.inflight == 0 {
                     // Nothing left for this room: its queue goes, so idle rooms cost nothing.
-                    self.forwards.remove(room);
+                    self.follower.forwards.remove(room);
                 }
                 return;
             };
