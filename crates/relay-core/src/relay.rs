@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 mod dead_letter;
 mod follower;
 mod forward;
+mod hub;
 mod hub_mls;
 mod inbox;
 mod lineage;
@@ -263,17 +264,11 @@ pub struct Relay {
     cfg: RelayConfig,
     peers: Vec<Peer>,
     peer_by_domain: BTreeMap<ProviderDomain, PeerIdx>,
-    rooms: Vec<HubRoom>,
-    /// Hosted rooms; found by a room URI's text too (`RoomId: Borrow<str>`).
-    room_by_id: FastMap<RoomId, RoomIdx>,
-    queues: Vec<OutQueue>,
-    queue_by_key: HashMap<(RoomId, ProviderDomain), QueueIdx>,
-    ready: VecDeque<QueueIdx>,
+    /// The hub's side: rooms hosted here and their per-(room, destination) queues.
+    hub: hub::HubState,
     inbox: inbox::Inbox,
     inflight: FastMap<TransmitId, InFlight>,
     deadlines: BTreeSet<(Instant, TransmitId)>,
-    /// Queues held back after a refusal, by release time.
-    held: BTreeSet<(Instant, QueueIdx)>,
     next_transmit: u64,
     outputs: VecDeque<Output>,
     /// Set by inputs that may have made queues ready; `poll_output` pumps.
@@ -304,15 +299,10 @@ impl Relay {
             rng: SplitMix64::new(cfg.seed),
             peers: Vec::new(),
             peer_by_domain: BTreeMap::new(),
-            rooms: Vec::new(),
-            room_by_id: FastMap::default(),
-            queues: Vec::new(),
-            queue_by_key: HashMap::new(),
-            ready: VecDeque::new(),
+            hub: hub::HubState::default(),
             inbox: inbox::Inbox::restore(&snapshot, now.unix_ms),
             inflight: FastMap::default(),
             deadlines: BTreeSet::new(),
-            held: BTreeSet::new(),
             next_transmit: 1,
             outputs: VecDeque::new(),
             pump_due: None,
@@ -362,7 +352,7 @@ impl Relay {
         }
         for (room, snap) in snapshot.rooms {
             let idx = relay.ensure_room(room.clone(), &snap.followers);
-            let r = &mut relay.rooms[idx];
+            let r = &mut relay.hub.rooms[idx];
             r.next_seq = snap.next_seq.max(1);
             r.last_ms = snap.last_ms;
             // What the store kept is at most one window: the next rotation forgets it all.
@@ -373,7 +363,7 @@ impl Relay {
         }
         for ((room, dest), acked) in &snapshot.acked {
             if let Some(q) = relay.queue_for(room, dest) {
-                let q = &mut relay.queues[q];
+                let q = &mut relay.hub.queues[q];
                 q.acked = q.acked.max(*acked);
                 q.send_next = q.acked + 1;
             }
@@ -384,7 +374,7 @@ impl Relay {
                       "stored events for a destination with no route: kept, not sent");
                 continue;
             };
-            let q = &mut relay.queues[qi];
+            let q = &mut relay.hub.queues[qi];
             for (qseq, fanout) in entries {
                 if qseq != q.next_qseq() {
                     warn!(room = %room, dest = %dest, qseq, expected = q.next_qseq(),
@@ -409,7 +399,7 @@ impl Relay {
         for (k, v) in &snapshot.records {
             if let Some((room, dest, ranges)) = lineage::parse_queue_record(k, v) {
                 if let Some(qi) = relay.queue_for(&room, &dest) {
-                    relay.queues[qi].lineage = ranges;
+                    relay.hub.queues[qi].lineage = ranges;
                 }
             } else if let Some((hub, room, inc)) = lineage::parse_cursor_record(k, v)
                 && let Some(c) = relay.follower.cursors.get_mut(&(hub.clone(), room.clone()))
@@ -461,7 +451,8 @@ impl Relay {
     }
 
     fn queue_for(&self, room: &RoomId, dest: &ProviderDomain) -> Option<QueueIdx> {
-        self.queue_by_key
+        self.hub
+            .queue_by_key
             .get(&(room.clone(), dest.clone()))
             .copied()
     }
@@ -471,8 +462,8 @@ impl Relay {
             return Some(q);
         }
         let peer = *self.peer_by_domain.get(dest)?;
-        let qi = self.queues.len();
-        self.queues.push(OutQueue {
+        let qi = self.hub.queues.len();
+        self.hub.queues.push(OutQueue {
             room: room.clone(),
             dest: dest.clone(),
             peer,
@@ -490,7 +481,9 @@ impl Relay {
             isolate_until: 0,
             refused_once: None,
         });
-        self.queue_by_key.insert((room.clone(), dest.clone()), qi);
+        self.hub
+            .queue_by_key
+            .insert((room.clone(), dest.clone()), qi);
         self.peers[peer].queues.push(qi);
         Some(qi)
     }
@@ -503,13 +496,13 @@ impl Relay {
                 None => warn!(room = %room, follower = %f, "follower has no route; skipped"),
             }
         }
-        if let Some(&i) = self.room_by_id.get(&room) {
-            self.rooms[i].followers = list;
+        if let Some(&i) = self.hub.room_by_id.get(&room) {
+            self.hub.rooms[i].followers = list;
             return i;
         }
-        let i = self.rooms.len();
-        self.room_by_id.insert(room.clone(), i);
-        self.rooms.push(HubRoom {
+        let i = self.hub.rooms.len();
+        self.hub.room_by_id.insert(room.clone(), i);
+        self.hub.rooms.push(HubRoom {
             id: room,
             followers: list,
             next_seq: 1,
@@ -541,8 +534,8 @@ impl Relay {
                 return Err(RoomError::NoRoute(f.clone()));
             }
         }
-        if let Some(&i) = self.room_by_id.get(&room)
-            && self.rooms[i]
+        if let Some(&i) = self.hub.room_by_id.get(&room)
+            && self.hub.rooms[i]
                 .followers
                 .iter()
                 .map(|(f, _)| f)
@@ -578,7 +571,7 @@ impl Relay {
 
     /// Marks `room` followed (a no-op for rooms hosted here and for ones followed already).
     pub(super) fn follow<S: Store>(&mut self, store: &mut S, room: &RoomId) {
-        if self.follower.followed.contains(room) || self.room_by_id.contains_key(room) {
+        if self.follower.followed.contains(room) || self.hub.room_by_id.contains_key(room) {
             return;
         }
         if room.domain() == self.cfg.local.as_str() {
@@ -674,7 +667,7 @@ impl Relay {
             self.outputs.push_back(Output::Reply { token, response });
             return;
         };
-        if self.room_by_id.contains_key(&room) {
+        if self.hub.room_by_id.contains_key(&room) {
             let local = self.cfg.local.clone();
             let response = self.submit(now, store, &local, &room, &body);
             self.outputs.push_back(Output::Reply { token, response });
@@ -731,7 +724,7 @@ impl Relay {
         room: &RoomId,
         body: &Bytes,
     ) -> Response {
-        let Some(&ri) = self.room_by_id.get(room) else {
+        let Some(&ri) = self.hub.room_by_id.get(room) else {
             return self.refuse(Refusal::UnknownRoom);
         };
         let view = match SubmitMessageView::parse(body) {
@@ -745,7 +738,7 @@ impl Relay {
         if !uri_in_domain(view.sending_uri, sender.as_str()) {
             return self.refuse(Refusal::Forbidden(Forbidden::SenderNotOfProvider));
         }
-        let r = &self.rooms[ri];
+        let r = &self.hub.rooms[ri];
         let is_member = *sender == self.cfg.local || r.followers.iter().any(|(f, _)| f == sender);
         if !is_member || view.app_message.wire_format != WireFormat::PrivateMessage {
             return self.refuse(Refusal::SubmitNotAllowed);
@@ -756,7 +749,7 @@ impl Relay {
         {
             return refused;
         }
-        let r = &self.rooms[ri];
+        let r = &self.hub.rooms[ri];
         let key = submit_key(sender, body);
         if let Some(seen) = r.seen.get(&key) {
             self.stats.dedupe_hits += 1;
@@ -777,13 +770,13 @@ impl Relay {
             return refused;
         }
 
-        let accepted_ms = now.unix_ms.max(self.rooms[ri].last_ms);
+        let accepted_ms = now.unix_ms.max(self.hub.rooms[ri].last_ms);
         // §5.4.1.2: franked beside the MLS bytes, which stay as the sender made them.
         let frank = self.frank_submission(room.as_str(), &view, accepted_ms);
         if frank.is_some() {
             self.stats.franks_issued += 1;
         }
-        let r = &mut self.rooms[ri];
+        let r = &mut self.hub.rooms[ri];
         let room_seq = r.next_seq;
         r.next_seq += 1;
         r.last_ms = accepted_ms;
@@ -814,9 +807,9 @@ impl Relay {
 
         // §5.5: to every participating provider, the submitter's included (its other
         // clients, and the sender itself, learn the hub's order from it).
-        for i in 0..self.rooms[ri].followers.len() {
-            let (_, qi) = self.rooms[ri].followers[i];
-            let q = &mut self.queues[qi];
+        for i in 0..self.hub.rooms[ri].followers.len() {
+            let (_, qi) = self.hub.rooms[ri].followers[i];
+            let q = &mut self.hub.queues[qi];
             let qseq = q.next_qseq();
             store.apply(StoreOp::Enqueue {
                 room: &q.room,
@@ -834,7 +827,7 @@ impl Relay {
             self.mark_ready(qi);
         }
         let record = InboxRecord {
-            room: self.rooms[ri].id.clone(),
+            room: self.hub.rooms[ri].id.clone(),
             from: self.cfg.local.clone(),
             accepted_ms,
             fanout,
@@ -847,12 +840,12 @@ impl Relay {
     /// it is marked lagging and will be sent a gap marker before new events.
     pub(super) fn drop_lagging<S: Store>(&mut self, now: Now, store: &mut S, ri: RoomIdx) {
         let max_queue = self.cfg.max_queue;
-        for i in 0..self.rooms[ri].followers.len() {
-            let qi = self.rooms[ri].followers[i].1;
-            if self.queues[qi].entries.len() < max_queue {
+        for i in 0..self.hub.rooms[ri].followers.len() {
+            let qi = self.hub.rooms[ri].followers[i].1;
+            if self.hub.queues[qi].entries.len() < max_queue {
                 continue;
             }
-            let q = &mut self.queues[qi];
+            let q = &mut self.hub.queues[qi];
             let dropped = q.entries.len() as u64;
             let upto = q.next_qseq() - 1;
             q.entries.clear();
@@ -1137,13 +1130,13 @@ impl Relay {
             events,
             generation,
         } = sent;
-        let current = self.queues[qi].generation == generation;
+        let current = self.hub.queues[qi].generation == generation;
         if current {
-            self.queues[qi].inflight = self.queues[qi].inflight.saturating_sub(1);
+            self.hub.queues[qi].inflight = self.hub.queues[qi].inflight.saturating_sub(1);
         }
         // Every /notify carries our sequence number: a peer that takes events without answering
         // one does not speak the extension, and one that answers with it does.
-        let peer = self.queues[qi].peer;
+        let peer = self.hub.queues[qi].peer;
         if let Ok(resp) = &outcome {
             if resp.next_seq.is_some() {
                 self.set_seq_ext(store, peer, true);
@@ -1186,36 +1179,36 @@ impl Relay {
                 // and number the rest after the follower's cursor.
                 let keep_upto = diverged.unwrap_or(0);
                 let next = resp.next_seq.unwrap_or(1);
-                self.queues[qi].refusals = 0;
+                self.hub.queues[qi].refusals = 0;
                 self.ack(now, store, qi, keep_upto);
                 self.renumber_from(store, qi, next, resp.next_inc.unwrap_or(0));
-                self.peer_alive(self.queues[qi].peer, now);
+                self.peer_alive(self.hub.queues[qi].peer, now);
             }
             Ok(resp)
                 if resp.status.is_success()
                     && resp
                         .next_seq
-                        .is_some_and(|n| n > self.queues[qi].next_qseq()) =>
+                        .is_some_and(|n| n > self.hub.queues[qi].next_qseq()) =>
             {
                 // Never acknowledge what was not assigned: that would drop pending events.
                 let next = resp.next_seq.unwrap_or(1);
-                self.queues[qi].refusals = 0;
+                self.hub.queues[qi].refusals = 0;
                 self.renumber_from(store, qi, next, resp.next_inc.unwrap_or(0));
-                self.peer_alive(self.queues[qi].peer, now);
+                self.peer_alive(self.hub.queues[qi].peer, now);
             }
             Ok(resp) if resp.status.is_success() => {
                 let upto = resp.next_seq.map_or(last, |n| n.saturating_sub(1));
-                self.queues[qi].refusals = 0;
+                self.hub.queues[qi].refusals = 0;
                 if events == 0 && current {
-                    self.queues[qi].needs_skip = false;
+                    self.hub.queues[qi].needs_skip = false;
                     self.mark_ready(qi);
                 }
                 self.ack(now, store, qi, upto);
-                self.peer_alive(self.queues[qi].peer, now);
+                self.peer_alive(self.hub.queues[qi].peer, now);
             }
             Ok(resp)
                 if resp.status == Status::OutOfOrder
-                    && resp.next_seq.is_some_and(|n| n > self.queues[qi].acked) =>
+                    && resp.next_seq.is_some_and(|n| n > self.hub.queues[qi].acked) =>
             {
                 let next = resp.next_seq.unwrap_or(1);
                 self.ack(now, store, qi, next.saturating_sub(1));
@@ -1226,7 +1219,7 @@ impl Relay {
             Ok(resp) if resp.status == Status::OutOfOrder => {
                 // The follower expects events we no longer hold: it lost its store, or we
                 // dropped its backlog while it lagged. Tell it the gap and go on from here.
-                let q = &mut self.queues[qi];
+                let q = &mut self.hub.queues[qi];
                 if !q.needs_skip {
                     tracing::error!(room = %q.room, peer = %q.dest, expected = ?resp.next_seq,
                         acknowledged = q.acked,
@@ -1236,24 +1229,24 @@ impl Relay {
                 }
                 self.stats.rejects[RejectReason::OutOfOrder as usize] += 1;
                 if current {
-                    self.queues[qi].needs_skip = true;
-                    let from = self.queues[qi].acked + 1;
+                    self.hub.queues[qi].needs_skip = true;
+                    let from = self.hub.queues[qi].acked + 1;
                     self.rewind(qi, from);
                 }
             }
             Ok(resp) if resp.status == Status::TooLarge && events > 1 => {
                 // The follower's body limit is below our batch size: halve the batches to it
                 // and go on at once. (One event over its limit is refused like any other.)
-                let q = &mut self.queues[qi];
+                let q = &mut self.hub.queues[qi];
                 q.batch_bytes = (q.batch_bytes / 2).max(1);
                 debug!(room = %q.room, dest = %q.dest, batch_bytes = q.batch_bytes, "batch too large for the follower; smaller batches");
                 if current {
-                    let from = self.queues[qi].acked + 1;
+                    let from = self.hub.queues[qi].acked + 1;
                     self.rewind(qi, from);
                 }
             }
             Ok(resp) if resp.status != Status::Unavailable => {
-                let q = &self.queues[qi];
+                let q = &self.hub.queues[qi];
                 warn!(room = %q.room, dest = %q.dest, status = resp.status.http_code(),
                     reason = %String::from_utf8_lossy(&resp.body), "notify refused; will retry");
                 if current {
@@ -1262,13 +1255,13 @@ impl Relay {
             }
             other => {
                 if let Err(e) = &other {
-                    let q = &self.queues[qi];
+                    let q = &self.hub.queues[qi];
                     debug!(room = %q.room, dest = %q.dest, error = %e, "notify failed");
                 }
                 if current {
-                    let from = self.queues[qi].acked + 1;
+                    let from = self.hub.queues[qi].acked + 1;
                     self.rewind(qi, from);
-                    self.peer_failed(self.queues[qi].peer, now);
+                    self.peer_failed(self.hub.queues[qi].peer, now);
                     // A busy peer's Retry-After: this queue waits at least that long, whatever
                     // the peer's backoff or a probe says.
                     if let Some(after) = other.ok().and_then(|r| r.retry_after) {
@@ -1294,7 +1287,7 @@ impl Relay {
         cause: DeadCause,
         reason: &str,
     ) {
-        let q = &mut self.queues[qi];
+        let q = &mut self.hub.queues[qi];
         q.refusals = 0;
         if sent.events == 0 {
             // A gap marker the peer will not take: it keeps its cursor; nothing else to do.
@@ -1382,11 +1375,11 @@ impl Relay {
 
     /// A peer that answered refused this queue's events: rewind and hold the queue alone.
     fn refused(&mut self, qi: QueueIdx, now: Now) {
-        let from = self.queues[qi].acked + 1;
+        let from = self.hub.queues[qi].acked + 1;
         self.rewind(qi, from);
         let jitter = self.rng.unit();
         let policy = &self.cfg.retry;
-        let q = &mut self.queues[qi];
+        let q = &mut self.hub.queues[qi];
         q.refusals += 1;
         let delay = policy
             .backoff(q.refusals)
@@ -1396,16 +1389,16 @@ impl Relay {
 
     /// Sends nothing more from this queue before `until` (a later hold already set stands).
     fn hold(&mut self, qi: QueueIdx, until: Instant) {
-        let q = &mut self.queues[qi];
+        let q = &mut self.hub.queues[qi];
         if q.held_until.is_some_and(|t| t >= until) {
             return;
         }
         q.held_until = Some(until);
-        self.held.insert((until, qi));
+        self.hub.held.insert((until, qi));
     }
 
     fn ack<S: Store>(&mut self, now: Now, store: &mut S, qi: QueueIdx, upto: u64) {
-        let q = &mut self.queues[qi];
+        let q = &mut self.hub.queues[qi];
         let upto = upto.min(q.next_qseq() - 1);
         if upto <= q.acked {
             return;
@@ -1430,7 +1423,7 @@ impl Relay {
     }
 
     fn rewind(&mut self, qi: QueueIdx, from: u64) {
-        let q = &mut self.queues[qi];
+        let q = &mut self.hub.queues[qi];
         // Never before the first unacknowledged event, never past the last queued one.
         let from = from.max(q.acked + 1).min(q.next_qseq());
         if from < q.send_next {
@@ -1518,13 +1511,13 @@ impl Relay {
                 self.deadlines.remove(&(at, id));
             }
         }
-        while let Some(&(at, qi)) = self.held.first() {
+        while let Some(&(at, qi)) = self.hub.held.first() {
             if at > now.mono {
                 break;
             }
-            self.held.pop_first();
-            if self.queues[qi].held_until == Some(at) {
-                self.queues[qi].held_until = None;
+            self.hub.held.pop_first();
+            if self.hub.queues[qi].held_until == Some(at) {
+                self.hub.queues[qi].held_until = None;
                 self.mark_ready(qi);
             }
         }
@@ -1568,7 +1561,7 @@ impl Relay {
             return Some(due.mono);
         }
         let mut t = self.deadlines.first().map(|(at, _)| *at);
-        if let Some(&(at, _)) = self.held.first() {
+        if let Some(&(at, _)) = self.hub.held.first() {
             t = Some(t.map_or(at, |t| t.min(at)));
         }
         for p in &self.peers {
@@ -1609,7 +1602,7 @@ impl Relay {
             ps.queue_depth = p
                 .queues
                 .iter()
-                .map(|q| self.queues[*q].entries.len() as u64)
+                .map(|q| self.hub.queues[*q].entries.len() as u64)
                 .sum();
             s.peers.insert(p.domain.clone(), ps);
         }
@@ -1620,10 +1613,10 @@ impl Relay {
     }
 
     fn mark_ready(&mut self, qi: QueueIdx) {
-        let q = &mut self.queues[qi];
+        let q = &mut self.hub.queues[qi];
         if !q.in_ready && (q.send_next < q.next_qseq() || q.needs_skip) {
             q.in_ready = true;
-            self.ready.push_back(qi);
+            self.hub.ready.push_back(qi);
         }
     }
 
@@ -1635,24 +1628,24 @@ impl Relay {
 
     /// Turns ready queues into transmits, within each queue's pipeline window.
     fn pump_now(&mut self, now: Now) {
-        while let Some(qi) = self.ready.pop_front() {
-            self.queues[qi].in_ready = false;
-            let peer = self.queues[qi].peer;
+        while let Some(qi) = self.hub.ready.pop_front() {
+            self.hub.queues[qi].in_ready = false;
+            let peer = self.hub.queues[qi].peer;
             if !matches!(self.peers[peer].liveness, Liveness::Up) {
                 continue; // re-readied when the peer comes back
             }
-            if self.queues[qi].held_until.is_some_and(|t| t > now.mono) {
+            if self.hub.queues[qi].held_until.is_some_and(|t| t > now.mono) {
                 continue; // re-readied when its hold ends
             }
             let kind = self.peers[peer].kind;
             let seq_ext = self.peers[peer].seq_ext;
-            if seq_ext == Some(false) && self.queues[qi].needs_skip {
+            if seq_ext == Some(false) && self.hub.queues[qi].needs_skip {
                 // A peer without our extension has no cursor to move: nothing to tell it.
-                self.queues[qi].needs_skip = false;
+                self.hub.queues[qi].needs_skip = false;
             }
-            if self.queues[qi].needs_skip {
+            if self.hub.queues[qi].needs_skip {
                 // The marker goes alone, and nothing follows it until it is acknowledged.
-                if self.queues[qi].inflight == 0 {
+                if self.hub.queues[qi].inflight == 0 {
                     self.send_skip(now, qi, peer, kind);
                 }
                 continue;
@@ -1661,18 +1654,18 @@ impl Relay {
             // extension): the follower dedupes by the whole body's bytes, so every resend must
             // be the same body, even after our restart: one event per request; and one request
             // in flight, since nothing else keeps them in order.
-            let isolating = self.queues[qi].send_next <= self.queues[qi].isolate_until;
+            let isolating = self.hub.queues[qi].send_next <= self.hub.queues[qi].isolate_until;
             let single = seq_ext != Some(true) || isolating;
             let window = if single {
                 1
             } else {
                 self.cfg.pipeline_for(kind)
             };
-            while self.queues[qi].inflight < window
-                && self.queues[qi].send_next < self.queues[qi].next_qseq()
+            while self.hub.queues[qi].inflight < window
+                && self.hub.queues[qi].send_next < self.hub.queues[qi].next_qseq()
             {
                 let id = self.next_id();
-                let q = &mut self.queues[qi];
+                let q = &mut self.hub.queues[qi];
                 let start = (q.send_next - q.acked - 1) as usize;
                 let max_batch = if single { 1 } else { self.cfg.max_batch };
                 // A batch is numbered by one incarnation: it ends where the next one starts.
@@ -1735,7 +1728,7 @@ impl Relay {
     /// follower that every event before it is gone for it.
     fn send_skip(&mut self, now: Now, qi: QueueIdx, peer: PeerIdx, kind: TransportKind) {
         let id = self.next_id();
-        let q = &mut self.queues[qi];
+        let q = &mut self.hub.queues[qi];
         q.inflight += 1;
         let deadline = now.mono + self.cfg.transmit_timeout;
         self.inflight.insert(
@@ -1772,7 +1765,7 @@ impl Relay {
     /// the rest). `None` when the numbering agrees, or the incarnations are not known (then
     /// the numbers and the follower's recent hashes decide, as before incarnations).
     fn diverged(&self, qi: QueueIdx, next: u64, inc: Option<u64>) -> Option<u64> {
-        let q = &self.queues[qi];
+        let q = &self.hub.queues[qi];
         let inc = inc.filter(|&i| i != 0)?;
         // A follower behind what it acknowledged lost its store: a gap, not a renumbering.
         if next <= q.acked + 1 {
@@ -1799,7 +1792,7 @@ impl Relay {
     /// cursor, so none of it is taken for a duplicate; `inc` is the incarnation of the
     /// follower's last event, which the first renumbered batch follows.
     fn renumber_from<S: Store>(&mut self, store: &mut S, qi: QueueIdx, next: u64, inc: u64) {
-        let q = &mut self.queues[qi];
+        let q = &mut self.hub.queues[qi];
         let pending: Vec<Bytes> = q.entries.iter().map(|e| e.fanout.clone()).collect();
         tracing::error!(room = %q.room, peer = %q.dest, follower_next = next,
             assigned_upto = q.next_qseq() - 1, pending = pending.len(),

@@ -328,7 +328,8 @@ impl Relay {
         if room.domain() != self.cfg.local.as_str() {
             return Err(MlsRoomError::NotLocal(room.as_str().to_owned()));
         }
-        if self.mls.rooms.contains_key(room.as_str()) || self.room_by_id.contains_key(room.as_str())
+        if self.mls.rooms.contains_key(room.as_str())
+            || self.hub.room_by_id.contains_key(room.as_str())
         {
             return Err(MlsRoomError::Exists(room.as_str().to_owned()));
         }
@@ -445,7 +446,7 @@ impl Relay {
         room: &str,
         body: &Bytes,
     ) -> Response {
-        let Some(&ri) = self.room_by_id.get(room) else {
+        let Some(&ri) = self.hub.room_by_id.get(room) else {
             return self.refuse(Refusal::UnknownRoom);
         };
         let Some(current) = self.mls.rooms.get(room).map(|r| r.epoch) else {
@@ -521,7 +522,7 @@ impl Relay {
         };
 
         // The room's new state and participant list.
-        let r = &mut self.rooms[ri];
+        let r = &mut self.hub.rooms[ri];
         let accepted_ms = now.unix_ms.max(r.last_ms);
         r.last_ms = accepted_ms;
         let room_id = r.id.clone();
@@ -685,7 +686,12 @@ impl Relay {
     /// Whether `sender` is this hub, a follower of the room, or a provider whose users take
     /// part in it or may join it (see [`RoomState::provider_takes_part`]).
     fn takes_part(&self, sender: &ProviderDomain, ri: usize, room: &str) -> bool {
-        if *sender == self.cfg.local || self.rooms[ri].followers.iter().any(|(f, _)| f == sender) {
+        if *sender == self.cfg.local
+            || self.hub.rooms[ri]
+                .followers
+                .iter()
+                .any(|(f, _)| f == sender)
+        {
             return true;
         }
         self.mls
@@ -768,7 +774,7 @@ impl Relay {
         dests: &[ProviderDomain],
         local: bool,
     ) {
-        let r = &mut self.rooms[ri];
+        let r = &mut self.hub.rooms[ri];
         r.next_seq += 1;
         store.apply(StoreOp::RoomSeq {
             room: &r.id,
@@ -777,10 +783,10 @@ impl Relay {
         });
         let accepted_ms = r.last_ms;
         for d in dests {
-            let Some(qi) = self.queue_for(&self.rooms[ri].id.clone(), d) else {
+            let Some(qi) = self.queue_for(&self.hub.rooms[ri].id.clone(), d) else {
                 continue;
             };
-            let q = &mut self.queues[qi];
+            let q = &mut self.hub.queues[qi];
             let qseq = q.next_qseq();
             store.apply(StoreOp::Enqueue {
                 room: &q.room,
@@ -796,7 +802,7 @@ impl Relay {
         }
         if local {
             let record = InboxRecord {
-                room: self.rooms[ri].id.clone(),
+                room: self.hub.rooms[ri].id.clone(),
                 from: self.cfg.local.clone(),
                 accepted_ms,
                 fanout: fanout.clone(),
@@ -1033,7 +1039,7 @@ impl Relay {
         let requester = req.requesting_user.as_str();
         let own_provider = uri_in_domain(requester, from.as_str());
         let target_local = target_domain == local;
-        let we_host = room_hub.as_ref() == Some(&local) && self.room_by_id.contains_key(room);
+        let we_host = room_hub.as_ref() == Some(&local) && self.hub.room_by_id.contains_key(room);
         let allowed = if *from == local {
             own_provider
         } else if target_local {
@@ -1097,7 +1103,7 @@ impl Relay {
     /// At the hub: whether `provider` takes part in `room` and, in a room with MLS state,
     /// `requester` is a member (only a member can add anyone).
     fn claims_in_room(&self, provider: &ProviderDomain, room: &str, requester: &str) -> bool {
-        let Some(&ri) = self.room_by_id.get(room) else {
+        let Some(&ri) = self.hub.room_by_id.get(room) else {
             return false;
         };
         self.takes_part(provider, ri, room)
@@ -1193,7 +1199,7 @@ impl Relay {
     ) {
         let local = self.cfg.local.clone();
         let response = match endpoint {
-            Endpoint::Update if self.room_by_id.contains_key(target) => {
+            Endpoint::Update if self.hub.room_by_id.contains_key(target) => {
                 Some(self.update(now, store, &local, target, &body))
             }
             Endpoint::Update => match target.parse::<RoomId>() {

@@ -444,7 +444,7 @@ impl Relay {
         room: &str,
         body: &Bytes,
     ) -> Response {
-        if !self.room_by_id.contains_key(room) {
+        if !self.hub.room_by_id.contains_key(room) {
             return self.refuse(Refusal::UnknownRoom);
         }
         let Ok(report) = AbuseReport::decode(body) else {
