@@ -451,10 +451,7 @@ impl Relay {
     }
 
     fn queue_for(&self, room: &RoomId, dest: &ProviderDomain) -> Option<QueueIdx> {
-        self.hub
-            .queue_by_key
-            .get(&(room.clone(), dest.clone()))
-            .copied()
+        self.hub.queue_for(room, dest)
     }
 
     fn ensure_queue(&mut self, room: &RoomId, dest: &ProviderDomain) -> Option<QueueIdx> {
@@ -1389,12 +1386,7 @@ impl Relay {
 
     /// Sends nothing more from this queue before `until` (a later hold already set stands).
     fn hold(&mut self, qi: QueueIdx, until: Instant) {
-        let q = &mut self.hub.queues[qi];
-        if q.held_until.is_some_and(|t| t >= until) {
-            return;
-        }
-        q.held_until = Some(until);
-        self.hub.held.insert((until, qi));
+        self.hub.hold(qi, until);
     }
 
     fn ack<S: Store>(&mut self, now: Now, store: &mut S, qi: QueueIdx, upto: u64) {
@@ -1613,11 +1605,7 @@ impl Relay {
     }
 
     fn mark_ready(&mut self, qi: QueueIdx) {
-        let q = &mut self.hub.queues[qi];
-        if !q.in_ready && (q.send_next < q.next_qseq() || q.needs_skip) {
-            q.in_ready = true;
-            self.hub.ready.push_back(qi);
-        }
+        self.hub.mark_ready(qi);
     }
 
     /// Asks for ready queues to become transmits at the next `poll_output`: a burst of inputs

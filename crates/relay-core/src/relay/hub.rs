@@ -23,3 +23,30 @@ pub(super) struct HubState {
     /// Queues held back after a refusal, by release time.
     pub(super) held: BTreeSet<(Instant, QueueIdx)>,
 }
+
+impl HubState {
+    pub(super) fn queue_for(&self, room: &RoomId, dest: &ProviderDomain) -> Option<QueueIdx> {
+        self.queue_by_key
+            .get(&(room.clone(), dest.clone()))
+            .copied()
+    }
+
+    /// Puts queue `qi` on the ready list if it has something to send and is not there yet.
+    pub(super) fn mark_ready(&mut self, qi: QueueIdx) {
+        let q = &mut self.queues[qi];
+        if !q.in_ready && (q.send_next < q.next_qseq() || q.needs_skip) {
+            q.in_ready = true;
+            self.ready.push_back(qi);
+        }
+    }
+
+    /// Sends nothing more from queue `qi` before `until` (a later hold already set stands).
+    pub(super) fn hold(&mut self, qi: QueueIdx, until: Instant) {
+        let q = &mut self.queues[qi];
+        if q.held_until.is_some_and(|t| t >= until) {
+            return;
+        }
+        q.held_until = Some(until);
+        self.held.insert((until, qi));
+    }
+}
