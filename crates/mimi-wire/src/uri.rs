@@ -68,12 +68,20 @@ pub enum UriKind {
 }
 
 /// A syntactically valid MIMI URI.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct MimiUri {
     // Shared, so that the relay's many copies of a room or provider name cost no allocation.
     text: Arc<str>,
     domain_end: usize,
     kind_end: usize,
+}
+
+/// Hashes as its text alone (the offsets follow from it), so that a [`RoomId`] key is found
+/// by its `&str` too ([`std::borrow::Borrow`]).
+impl std::hash::Hash for MimiUri {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.text.hash(state);
+    }
 }
 
 impl MimiUri {
@@ -172,6 +180,13 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'.')
     .remove(b'_')
     .remove(b'~');
+
+/// A map keyed by room ids answers for the URI text: equality, order and hash are the text's.
+impl std::borrow::Borrow<str> for RoomId {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
 
 impl RoomId {
     /// Parse a room URI.
@@ -322,6 +337,26 @@ serde_as_str!(ProviderDomain);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_room_id_key_is_found_by_its_text() {
+        let id = RoomId::parse("mimi://a.example/r/clubhouse").expect("room id");
+        let mut hashed = std::collections::HashMap::new();
+        hashed.insert(id.clone(), 1);
+        let mut ordered = std::collections::BTreeMap::new();
+        ordered.insert(id.clone(), 1);
+        assert_eq!(hashed.get("mimi://a.example/r/clubhouse"), Some(&1));
+        assert_eq!(ordered.get("mimi://a.example/r/clubhouse"), Some(&1));
+        assert_eq!(hashed.get("mimi://a.example/r/clubhous"), None);
+        let hash = |v: &dyn Fn(&mut std::collections::hash_map::DefaultHasher)| {
+            use std::hash::Hasher;
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            v(&mut h);
+            h.finish()
+        };
+        use std::hash::Hash;
+        assert_eq!(hash(&|h| id.hash(h)), hash(&|h| id.as_str().hash(h)));
+    }
 
     #[test]
     fn draft_examples() {

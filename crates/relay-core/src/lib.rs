@@ -25,8 +25,8 @@ pub mod transport;
 
 pub use config::{RelayConfig, RetryPolicy};
 pub use relay::{
-    DeadLetter, InboxQuery, MlsRoomError, Now, Output, Relay, ReplyToken, RoomError,
-    RoomParticipant,
+    DeadLetter, Forbidden, InboxQuery, Malformed, MlsRoomError, Now, Output, Refusal, Relay,
+    ReplyToken, RoomError, RoomParticipant, UpdateNotAllowed,
 };
 pub use stats::{DeadCause, PeerStats, RejectReason, RelayStats};
 pub use store::{InboxRange, MemStore, SealedCommit, Snapshot, Store, StoreError, StoreOp};

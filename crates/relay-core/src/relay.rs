@@ -15,13 +15,18 @@ use mimi_wire::uri::{ProviderDomain, RoomId};
 use tracing::{debug, info, warn};
 
 mod dead_letter;
+mod follower;
+mod forward;
+mod hub;
 mod hub_mls;
 mod inbox;
 mod lineage;
+mod refusal;
 mod services;
 pub use dead_letter::DeadLetter;
 pub use hub_mls::{MlsRoomError, RoomParticipant};
 pub use inbox::InboxQuery;
+pub use refusal::{Forbidden, Malformed, Refusal, UpdateNotAllowed};
 
 use crate::config::RelayConfig;
 use crate::rng::SplitMix64;
@@ -30,6 +35,7 @@ use crate::store::{InboxRecord, Snapshot, Store, StoreOp, SubmitSeen};
 use crate::transport::{
     Lineage, Request, Response, Status, Transmit, TransmitId, TransportError, TransportKind,
 };
+use follower::Cursor;
 
 /// The time an input happens at: a monotonic instant for timers, and the wall clock for the
 /// hub's accepted timestamps (milliseconds since the UNIX epoch).
@@ -190,60 +196,6 @@ impl SeenWindow {
     }
 }
 
-/// A follower's view of one (hub, room) stream.
-#[derive(Debug)]
-struct Cursor {
-    hub: ProviderDomain,
-    room: RoomId,
-    next: u64,
-    /// The hub incarnation that numbered event `next - 1` (0: not known).
-    inc: u64,
-    /// Hashes of recent delivered FanoutMessages (the draft's byte-exact duplicate rule),
-    /// kept in the store too, so a restart does not forget them.
-    recent: FastMap<u128, ()>,
-    recent_order: VecDeque<u128>,
-    /// How many hashes were ever remembered: numbers the next one, and picks its ring slot
-    /// in the store.
-    recent_n: u64,
-}
-
-impl Cursor {
-    fn new(hub: ProviderDomain, room: RoomId, next: u64) -> Cursor {
-        Cursor {
-            hub,
-            room,
-            next,
-            inc: 0,
-            recent: FastMap::default(),
-            recent_order: VecDeque::new(),
-            recent_n: 0,
-        }
-    }
-
-    /// Keeps `h` among the last `RECENT_WINDOW` delivered hashes, in memory and in the store.
-    fn remember<S: Store>(&mut self, store: &mut S, h: u128) {
-        if self.recent.insert(h, ()).is_some() {
-            return;
-        }
-        let n = self.recent_n;
-        self.recent_n += 1;
-        store.apply(StoreOp::RecentHash {
-            hub: &self.hub,
-            room: &self.room,
-            // The store's ring holds as many slots as the window: slot n replaces n - window.
-            slot: (n % RECENT_WINDOW as u64) as u16,
-            n,
-            hash: h,
-        });
-        self.recent_order.push_back(h);
-        if self.recent_order.len() > RECENT_WINDOW
-            && let Some(old) = self.recent_order.pop_front()
-        {
-            self.recent.remove(&old);
-        }
-    }
-}
-
 #[derive(Debug)]
 enum InFlight {
     Notify {
@@ -259,6 +211,13 @@ enum InFlight {
         deadline: Instant,
         /// A /keyMaterial claim the hub forwarded to this provider.
         key_material_of: Option<ProviderDomain>,
+    },
+    /// A local client's request forwarded to its room's hub through the room's ordered
+    /// forward queue.
+    RoomForward {
+        token: ReplyToken,
+        deadline: Instant,
+        room: RoomId,
     },
 }
 
@@ -305,17 +264,11 @@ pub struct Relay {
     cfg: RelayConfig,
     peers: Vec<Peer>,
     peer_by_domain: BTreeMap<ProviderDomain, PeerIdx>,
-    rooms: Vec<HubRoom>,
-    room_by_id: FastMap<String, RoomIdx>,
-    queues: Vec<OutQueue>,
-    queue_by_key: HashMap<(String, ProviderDomain), QueueIdx>,
-    ready: VecDeque<QueueIdx>,
-    cursors: HashMap<(ProviderDomain, String), Cursor>,
+    /// The hub's side: rooms hosted here and their per-(room, destination) queues.
+    hub: hub::HubState,
     inbox: inbox::Inbox,
     inflight: FastMap<TransmitId, InFlight>,
     deadlines: BTreeSet<(Instant, TransmitId)>,
-    /// Queues held back after a refusal, by release time.
-    held: BTreeSet<(Instant, QueueIdx)>,
     next_transmit: u64,
     outputs: VecDeque<Output>,
     /// Set by inputs that may have made queues ready; `poll_output` pumps.
@@ -325,9 +278,8 @@ pub struct Relay {
     latency: Histogram,
     mls: hub_mls::MlsState,
     services: services::Services,
-    /// Rooms hosted elsewhere that this node follows: a local client took part in them, a
-    /// local user's key material was claimed for them, or the config names them.
-    followed: std::collections::HashSet<String>,
+    /// The follower's side: rooms followed, cursors, forwards to hubs.
+    follower: follower::FollowerState,
     /// This start's incarnation: numbers the events queued from now on.
     incarnation: u64,
 }
@@ -347,16 +299,10 @@ impl Relay {
             rng: SplitMix64::new(cfg.seed),
             peers: Vec::new(),
             peer_by_domain: BTreeMap::new(),
-            rooms: Vec::new(),
-            room_by_id: FastMap::default(),
-            queues: Vec::new(),
-            queue_by_key: HashMap::new(),
-            ready: VecDeque::new(),
-            cursors: HashMap::new(),
+            hub: hub::HubState::default(),
             inbox: inbox::Inbox::restore(&snapshot, now.unix_ms),
             inflight: FastMap::default(),
             deadlines: BTreeSet::new(),
-            held: BTreeSet::new(),
             next_transmit: 1,
             outputs: VecDeque::new(),
             pump_due: None,
@@ -364,22 +310,23 @@ impl Relay {
             latency: Histogram::default(),
             mls: hub_mls::MlsState::default(),
             services: services::Services::default(),
-            followed: std::collections::HashSet::new(),
+            follower: follower::FollowerState::default(),
             incarnation: lineage::draw(cfg.seed, now.unix_ms),
             cfg,
         };
         for room in &relay.cfg.follows {
-            relay.followed.insert(room.as_str().to_owned());
+            relay.follower.followed.insert(room.clone());
         }
         for k in snapshot.records.keys() {
             if let Some((&REC_FOLLOW, room)) = k.split_first()
                 && let Ok(room) = std::str::from_utf8(room)
+                && let Ok(room) = room.parse::<RoomId>()
             {
-                relay.followed.insert(room.to_owned());
+                relay.follower.followed.insert(room);
             }
         }
         for (_, room) in snapshot.cursors.keys() {
-            relay.followed.insert(room.as_str().to_owned());
+            relay.follower.followed.insert(room.clone());
         }
         relay.restore_key_packages(&snapshot.records);
         relay.restore_services(&snapshot.records);
@@ -405,7 +352,7 @@ impl Relay {
         }
         for (room, snap) in snapshot.rooms {
             let idx = relay.ensure_room(room.clone(), &snap.followers);
-            let r = &mut relay.rooms[idx];
+            let r = &mut relay.hub.rooms[idx];
             r.next_seq = snap.next_seq.max(1);
             r.last_ms = snap.last_ms;
             // What the store kept is at most one window: the next rotation forgets it all.
@@ -416,7 +363,7 @@ impl Relay {
         }
         for ((room, dest), acked) in &snapshot.acked {
             if let Some(q) = relay.queue_for(room, dest) {
-                let q = &mut relay.queues[q];
+                let q = &mut relay.hub.queues[q];
                 q.acked = q.acked.max(*acked);
                 q.send_next = q.acked + 1;
             }
@@ -427,7 +374,7 @@ impl Relay {
                       "stored events for a destination with no route: kept, not sent");
                 continue;
             };
-            let q = &mut relay.queues[qi];
+            let q = &mut relay.hub.queues[qi];
             for (qseq, fanout) in entries {
                 if qseq != q.next_qseq() {
                     warn!(room = %room, dest = %dest, qseq, expected = q.next_qseq(),
@@ -444,28 +391,27 @@ impl Relay {
             relay.mark_ready(qi);
         }
         for ((hub, room), next) in snapshot.cursors {
-            relay.cursors.insert(
-                (hub.clone(), room.as_str().to_owned()),
-                Cursor::new(hub, room, next),
-            );
+            relay
+                .follower
+                .cursors
+                .insert((hub.clone(), room.clone()), Cursor::new(hub, room, next));
         }
         for (k, v) in &snapshot.records {
             if let Some((room, dest, ranges)) = lineage::parse_queue_record(k, v) {
                 if let Some(qi) = relay.queue_for(&room, &dest) {
-                    relay.queues[qi].lineage = ranges;
+                    relay.hub.queues[qi].lineage = ranges;
                 }
             } else if let Some((hub, room, inc)) = lineage::parse_cursor_record(k, v)
-                && let Some(c) = relay
-                    .cursors
-                    .get_mut(&(hub.clone(), room.as_str().to_owned()))
+                && let Some(c) = relay.follower.cursors.get_mut(&(hub.clone(), room.clone()))
             {
                 c.inc = inc;
             }
         }
         // A cursor fed only without sequence numbers has hashes but no stored `next`.
         for ((hub, room), slots) in snapshot.recent {
-            let key = (hub.clone(), room.as_str().to_owned());
+            let key = (hub.clone(), room.clone());
             let cursor = relay
+                .follower
                 .cursors
                 .entry(key)
                 .or_insert_with(|| Cursor::new(hub, room, 1));
@@ -505,9 +451,7 @@ impl Relay {
     }
 
     fn queue_for(&self, room: &RoomId, dest: &ProviderDomain) -> Option<QueueIdx> {
-        self.queue_by_key
-            .get(&(room.as_str().to_owned(), dest.clone()))
-            .copied()
+        self.hub.queue_for(room, dest)
     }
 
     fn ensure_queue(&mut self, room: &RoomId, dest: &ProviderDomain) -> Option<QueueIdx> {
@@ -515,8 +459,8 @@ impl Relay {
             return Some(q);
         }
         let peer = *self.peer_by_domain.get(dest)?;
-        let qi = self.queues.len();
-        self.queues.push(OutQueue {
+        let qi = self.hub.queues.len();
+        self.hub.queues.push(OutQueue {
             room: room.clone(),
             dest: dest.clone(),
             peer,
@@ -534,8 +478,9 @@ impl Relay {
             isolate_until: 0,
             refused_once: None,
         });
-        self.queue_by_key
-            .insert((room.as_str().to_owned(), dest.clone()), qi);
+        self.hub
+            .queue_by_key
+            .insert((room.clone(), dest.clone()), qi);
         self.peers[peer].queues.push(qi);
         Some(qi)
     }
@@ -548,13 +493,13 @@ impl Relay {
                 None => warn!(room = %room, follower = %f, "follower has no route; skipped"),
             }
         }
-        if let Some(&i) = self.room_by_id.get(room.as_str()) {
-            self.rooms[i].followers = list;
+        if let Some(&i) = self.hub.room_by_id.get(&room) {
+            self.hub.rooms[i].followers = list;
             return i;
         }
-        let i = self.rooms.len();
-        self.room_by_id.insert(room.as_str().to_owned(), i);
-        self.rooms.push(HubRoom {
+        let i = self.hub.rooms.len();
+        self.hub.room_by_id.insert(room.clone(), i);
+        self.hub.rooms.push(HubRoom {
             id: room,
             followers: list,
             next_seq: 1,
@@ -586,8 +531,8 @@ impl Relay {
                 return Err(RoomError::NoRoute(f.clone()));
             }
         }
-        if let Some(&i) = self.room_by_id.get(room.as_str())
-            && self.rooms[i]
+        if let Some(&i) = self.hub.room_by_id.get(&room)
+            && self.hub.rooms[i]
                 .followers
                 .iter()
                 .map(|(f, _)| f)
@@ -617,34 +562,36 @@ impl Relay {
         if room.domain() == self.cfg.local.as_str() {
             return Err(RoomError::HostedHere(room.as_str().to_owned()));
         }
-        self.follow(store, room.as_str());
+        self.follow(store, room);
         Ok(())
     }
 
     /// Marks `room` followed (a no-op for rooms hosted here and for ones followed already).
-    pub(super) fn follow<S: Store>(&mut self, store: &mut S, room: &str) {
-        if self.followed.contains(room) || self.room_by_id.contains_key(room) {
+    pub(super) fn follow<S: Store>(&mut self, store: &mut S, room: &RoomId) {
+        if self.follower.followed.contains(room) || self.hub.room_by_id.contains_key(room) {
             return;
         }
-        let Ok(id) = room.parse::<RoomId>() else {
-            return;
-        };
-        if id.domain() == self.cfg.local.as_str() {
+        if room.domain() == self.cfg.local.as_str() {
             return;
         }
         let mut key = vec![REC_FOLLOW];
-        key.extend_from_slice(room.as_bytes());
+        key.extend_from_slice(room.as_str().as_bytes());
         store.apply(StoreOp::Record {
             key: &key,
             value: Some(b""),
         });
-        info!(room, "following room");
-        self.followed.insert(room.to_owned());
+        info!(room = room.as_str(), "following room");
+        self.follower.followed.insert(room.clone());
     }
 
     /// Rooms followed here (hosted elsewhere), sorted.
     pub fn followed_rooms(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.followed.iter().cloned().collect();
+        let mut v: Vec<String> = self
+            .follower
+            .followed
+            .iter()
+            .map(|r| r.as_str().to_owned())
+            .collect();
         v.sort();
         v
     }
@@ -661,22 +608,22 @@ impl Relay {
             self.peers[p].stats.requests_in += 1;
         }
         let response = if req.body.len() > self.cfg.limits.max_body {
-            self.reject(
-                RejectReason::TooLarge,
-                Status::TooLarge,
-                "body over the size limit",
-            )
+            self.refuse(Refusal::TooLarge)
         } else {
             match req.endpoint {
                 Endpoint::Notify => self.notify(now, store, &req),
-                Endpoint::SubmitMessage => {
-                    let from = req.from.clone();
-                    self.submit(now, store, &from, &req.target, &req.body)
-                }
-                Endpoint::Update => {
-                    let from = req.from.clone();
-                    self.update(now, store, &from, &req.target, &req.body)
-                }
+                // A room's endpoints: the room id is parsed here, once.
+                Endpoint::SubmitMessage | Endpoint::Update => match req.target.parse::<RoomId>() {
+                    Err(_) => self.refuse(Refusal::Malformed(Malformed::NotARoomUri)),
+                    Ok(room) if req.endpoint == Endpoint::SubmitMessage => {
+                        let from = req.from.clone();
+                        self.submit(now, store, &from, &room, &req.body)
+                    }
+                    Ok(room) => {
+                        let from = req.from.clone();
+                        self.update(now, store, &from, room.as_str(), &req.body)
+                    }
+                },
                 Endpoint::KeyMaterial => {
                     let from = req.from.clone();
                     match self.key_material(now, store, token, &from, &req.target, &req.body) {
@@ -693,11 +640,7 @@ impl Relay {
                     match self.service_request(now, store, &from, endpoint, &req.target, &req.body)
                     {
                         Some(r) => r,
-                        None => self.reject(
-                            RejectReason::NotImplemented,
-                            Status::NotImplemented,
-                            "endpoint not served by this relay",
-                        ),
+                        None => self.refuse(Refusal::EndpointNotServed),
                     }
                 }
             }
@@ -716,67 +659,39 @@ impl Relay {
         room: &str,
         body: Bytes,
     ) {
-        if self.room_by_id.contains_key(room) {
+        let Ok(room) = room.parse::<RoomId>() else {
+            let response = self.refuse(Refusal::Malformed(Malformed::NotARoomUri));
+            self.outputs.push_back(Output::Reply { token, response });
+            return;
+        };
+        if self.hub.room_by_id.contains_key(&room) {
             let local = self.cfg.local.clone();
-            let response = self.submit(now, store, &local, room, &body);
+            let response = self.submit(now, store, &local, &room, &body);
             self.outputs.push_back(Output::Reply { token, response });
             self.pump(now);
             return;
         }
-        let hub = match room.parse::<RoomId>() {
-            Ok(r) => r.domain().to_owned(),
-            Err(_) => {
-                let response = self.reject(
-                    RejectReason::Malformed,
-                    Status::BadRequest,
-                    "not a room URI",
-                );
-                self.outputs.push_back(Output::Reply { token, response });
-                return;
-            }
-        };
-        let peer = hub
+        let peer = room
+            .domain()
             .parse::<ProviderDomain>()
             .ok()
             .and_then(|d| self.peer_by_domain.get(&d));
         let Some(&peer) = peer else {
-            let response = if hub == self.cfg.local.as_str() {
-                self.reject(RejectReason::UnknownRoom, Status::NotFound, "unknown room")
+            let response = if room.domain() == self.cfg.local.as_str() {
+                self.refuse(Refusal::UnknownRoom)
             } else {
-                self.reject(
-                    RejectReason::NoRoute,
-                    Status::BadGateway,
-                    "no route to the room's hub",
-                )
+                self.refuse(Refusal::NoRouteToHub)
             };
             self.outputs.push_back(Output::Reply { token, response });
             return;
         };
         // A local client sends into the room: its events are wanted here.
-        self.follow(store, room);
-        let id = self.next_id();
-        let deadline = now.mono + self.cfg.transmit_timeout;
-        self.inflight.insert(
-            id,
-            InFlight::Forward {
-                token,
-                deadline,
-                key_material_of: None,
-            },
-        );
-        self.deadlines.insert((deadline, id));
-        let p = &mut self.peers[peer];
-        p.stats.transmits += 1;
-        self.outputs.push_back(Output::Transmit(Transmit {
-            id,
-            dest: p.domain.clone(),
-            transport: p.kind,
-            endpoint: Endpoint::SubmitMessage,
-            target: room.to_owned(),
-            seq: None,
-            lineage: None,
-            body: vec![body],
-        }));
+        self.follow(store, &room);
+        if let Some(response) =
+            self.forward_in_room(now, token, peer, Endpoint::SubmitMessage, &room, body)
+        {
+            self.outputs.push_back(Output::Reply { token, response });
+        }
     }
 
     fn next_id(&mut self) -> TransmitId {
@@ -793,29 +708,8 @@ impl Relay {
     pub fn storage_full_refusal(&mut self, endpoint: Endpoint) -> Option<Response> {
         match endpoint {
             Endpoint::GroupInfo | Endpoint::IdentifierQuery | Endpoint::ProxyDownload => None,
-            _ => {
-                let mut response = self.reject(
-                    RejectReason::StorageFull,
-                    Status::Unavailable,
-                    "storage full: nothing new is taken until space is freed",
-                );
-                response.retry_after = Some(std::time::Duration::from_secs(5));
-                Some(response)
-            }
+            _ => Some(self.refuse(Refusal::StorageFull)),
         }
-    }
-
-    /// 503 with a Retry-After: the submitter (or hub) tries again; nothing was accepted.
-    fn queue_full(&mut self, text: &'static str) -> Response {
-        let mut response = self.reject(RejectReason::QueueFull, Status::Unavailable, text);
-        response.retry_after = Some(std::time::Duration::from_secs(1));
-        response
-    }
-
-    fn reject(&mut self, reason: RejectReason, status: Status, text: &'static str) -> Response {
-        self.stats.rejects[reason as usize] += 1;
-        debug!(reason = reason.as_str(), "rejected");
-        Response::error(status, text)
     }
 
     /// The hub's side of /submitMessage (from a follower, or from a local client).
@@ -824,50 +718,41 @@ impl Relay {
         now: Now,
         store: &mut S,
         sender: &ProviderDomain,
-        room: &str,
+        room: &RoomId,
         body: &Bytes,
     ) -> Response {
-        let Some(&ri) = self.room_by_id.get(room) else {
-            return self.reject(RejectReason::UnknownRoom, Status::NotFound, "unknown room");
+        let Some(&ri) = self.hub.room_by_id.get(room) else {
+            return self.refuse(Refusal::UnknownRoom);
         };
         let view = match SubmitMessageView::parse(body) {
             Ok(v) => v,
             Err(e) => {
                 debug!(error = %e, "malformed SubmitMessageRequest");
-                return self.reject(
-                    RejectReason::Malformed,
-                    Status::BadRequest,
-                    "malformed SubmitMessageRequest",
-                );
+                return self.refuse(Refusal::Malformed(Malformed::SubmitMessageRequest));
             }
         };
         // The sending user must belong to the provider that authenticated the request.
         if !uri_in_domain(view.sending_uri, sender.as_str()) {
-            return self.reject(
-                RejectReason::Forbidden,
-                Status::Forbidden,
-                "sendingUri is not a user of the authenticated provider",
-            );
+            return self.refuse(Refusal::Forbidden(Forbidden::SenderNotOfProvider));
         }
-        let r = &self.rooms[ri];
+        let r = &self.hub.rooms[ri];
         let is_member = *sender == self.cfg.local || r.followers.iter().any(|(f, _)| f == sender);
         if !is_member || view.app_message.wire_format != WireFormat::PrivateMessage {
-            self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
-            return submit_answer(&SubmitMessageResponse::not_allowed());
+            return self.refuse(Refusal::SubmitNotAllowed);
         }
         if !self.mls.rooms.is_empty()
             && let Some(refused) =
-                self.check_mls_submit(room, view.sending_uri, view.app_message.epoch)
+                self.check_mls_submit(room.as_str(), view.sending_uri, view.app_message.epoch)
         {
             return refused;
         }
-        let r = &self.rooms[ri];
+        let r = &self.hub.rooms[ri];
         let key = submit_key(sender, body);
         if let Some(seen) = r.seen.get(&key) {
             self.stats.dedupe_hits += 1;
             debug!(msg = %MsgId::of(view.app_message.bytes), room = %r.id, seq = seen.room_seq, "duplicate submission");
             // Franks are deterministic: the same one again.
-            let frank = self.frank_submission(room, &view, seen.accepted_ms);
+            let frank = self.frank_submission(room.as_str(), &view, seen.accepted_ms);
             return submit_answer(&SubmitMessageResponse::accepted_franked(
                 seen.accepted_ms,
                 frank,
@@ -882,13 +767,13 @@ impl Relay {
             return refused;
         }
 
-        let accepted_ms = now.unix_ms.max(self.rooms[ri].last_ms);
+        let accepted_ms = now.unix_ms.max(self.hub.rooms[ri].last_ms);
         // §5.4.1.2: franked beside the MLS bytes, which stay as the sender made them.
-        let frank = self.frank_submission(room, &view, accepted_ms);
+        let frank = self.frank_submission(room.as_str(), &view, accepted_ms);
         if frank.is_some() {
             self.stats.franks_issued += 1;
         }
-        let r = &mut self.rooms[ri];
+        let r = &mut self.hub.rooms[ri];
         let room_seq = r.next_seq;
         r.next_seq += 1;
         r.last_ms = accepted_ms;
@@ -919,9 +804,9 @@ impl Relay {
 
         // §5.5: to every participating provider, the submitter's included (its other
         // clients, and the sender itself, learn the hub's order from it).
-        for i in 0..self.rooms[ri].followers.len() {
-            let (_, qi) = self.rooms[ri].followers[i];
-            let q = &mut self.queues[qi];
+        for i in 0..self.hub.rooms[ri].followers.len() {
+            let (_, qi) = self.hub.rooms[ri].followers[i];
+            let q = &mut self.hub.queues[qi];
             let qseq = q.next_qseq();
             store.apply(StoreOp::Enqueue {
                 room: &q.room,
@@ -939,7 +824,7 @@ impl Relay {
             self.mark_ready(qi);
         }
         let record = InboxRecord {
-            room: self.rooms[ri].id.clone(),
+            room: self.hub.rooms[ri].id.clone(),
             from: self.cfg.local.clone(),
             accepted_ms,
             fanout,
@@ -952,12 +837,12 @@ impl Relay {
     /// it is marked lagging and will be sent a gap marker before new events.
     pub(super) fn drop_lagging<S: Store>(&mut self, now: Now, store: &mut S, ri: RoomIdx) {
         let max_queue = self.cfg.max_queue;
-        for i in 0..self.rooms[ri].followers.len() {
-            let qi = self.rooms[ri].followers[i].1;
-            if self.queues[qi].entries.len() < max_queue {
+        for i in 0..self.hub.rooms[ri].followers.len() {
+            let qi = self.hub.rooms[ri].followers[i].1;
+            if self.hub.queues[qi].entries.len() < max_queue {
                 continue;
             }
-            let q = &mut self.queues[qi];
+            let q = &mut self.hub.queues[qi];
             let dropped = q.entries.len() as u64;
             let upto = q.next_qseq() - 1;
             q.entries.clear();
@@ -986,28 +871,16 @@ impl Relay {
         let room = match req.target.parse::<RoomId>() {
             Ok(r) => r,
             Err(_) => {
-                return self.reject(
-                    RejectReason::Malformed,
-                    Status::BadRequest,
-                    "not a room URI",
-                );
+                return self.refuse(Refusal::Malformed(Malformed::NotARoomUri));
             }
         };
         // Only a room's hub orders and fans out its events.
         if room.domain() != req.from.as_str() {
-            return self.reject(
-                RejectReason::Forbidden,
-                Status::Forbidden,
-                "only the room's hub may notify",
-            );
+            return self.refuse(Refusal::Forbidden(Forbidden::NotTheHub));
         }
         // Nor does a hub get to make us keep state for rooms nobody here takes part in.
-        if !self.followed.contains(req.target.as_str()) {
-            return self.reject(
-                RejectReason::UnknownRoom,
-                Status::NotFound,
-                "room not followed here: no local user takes part in it",
-            );
+        if !self.follower.followed.contains(&room) {
+            return self.refuse(Refusal::RoomNotFollowed);
         }
         if req.body.is_empty()
             && let Some(seq) = req.seq
@@ -1021,22 +894,15 @@ impl Relay {
             Ok(f) => f,
             Err(e) => {
                 debug!(error = %e, "malformed /notify body");
-                return self.reject(
-                    RejectReason::Malformed,
-                    Status::BadRequest,
-                    "malformed FanoutMessage sequence",
-                );
+                return self.refuse(Refusal::Malformed(Malformed::FanoutSequence));
             }
         };
         if fanouts.is_empty() {
-            return self.reject(
-                RejectReason::Malformed,
-                Status::BadRequest,
-                "empty /notify body",
-            );
+            return self.refuse(Refusal::Malformed(Malformed::EmptyNotify));
         }
-        let key = (req.from.clone(), req.target.clone());
+        let key = (req.from.clone(), room.clone());
         let cursor = self
+            .follower
             .cursors
             .entry(key)
             .or_insert_with(|| Cursor::new(req.from.clone(), room.clone(), 1));
@@ -1047,7 +913,7 @@ impl Relay {
             Some(first) => {
                 if first > cursor.next {
                     let (next, inc) = (cursor.next, cursor.inc);
-                    return self.resend_from(next, inc, "sequence gap: resend from next");
+                    return self.refuse(Refusal::SequenceGap { next, inc });
                 }
                 // With incarnations on both sides the numbers are exact: a batch under the
                 // incarnation of our last event repeats what we hold below `next`, and one that
@@ -1066,11 +932,7 @@ impl Relay {
                         debug!(room = %room, hub = %req.from, first, next,
                             "numbering from another hub incarnation: answering our cursor");
                         self.stats.lineage_mismatches += 1;
-                        return self.resend_from(
-                            next,
-                            inc,
-                            "sequence from another hub incarnation: resend from next",
-                        );
+                        return self.refuse(Refusal::OtherIncarnation { next, inc });
                     }
                 }
                 // Numbers already seen are duplicates, unless the bytes say otherwise: a number
@@ -1156,14 +1018,6 @@ impl Relay {
         response
     }
 
-    /// A 409 carrying our cursor: the hub resends from `next`, after our event of `inc`.
-    fn resend_from(&mut self, next: u64, inc: u64, why: &'static str) -> Response {
-        let mut response = self.reject(RejectReason::OutOfOrder, Status::OutOfOrder, why);
-        response.next_seq = Some(next);
-        response.next_inc = Some(inc);
-        response
-    }
-
     /// A gap marker from the room's hub: every event before `seq` is gone for us (we lagged
     /// and the hub dropped our backlog, or we lost our store). Move on and say so loudly: our
     /// clients must resynchronise the room (an external join).
@@ -1174,8 +1028,9 @@ impl Relay {
         req: &Request,
         seq: u64,
     ) -> Response {
-        let key = (req.from.clone(), req.target.clone());
+        let key = (req.from.clone(), room.clone());
         let cursor = self
+            .follower
             .cursors
             .entry(key)
             .or_insert_with(|| Cursor::new(req.from.clone(), room.clone(), 1));
@@ -1224,26 +1079,21 @@ impl Relay {
                 key_material_of,
             } => {
                 self.deadlines.remove(&(deadline, id));
-                let response = match outcome {
-                    Ok(r) => {
-                        if let Some(p) = key_material_of {
-                            self.remember_key_material(store, &p, &r);
-                        }
-                        r
-                    }
-                    Err(TransportError::Unsupported { endpoint, reason }) => {
-                        // Retrying will not help: the hub does not serve this endpoint.
-                        warn!(%endpoint, %reason, "the hub does not support this endpoint");
-                        Response::error(Status::NotImplemented, "not supported by the hub")
-                    }
-                    Err(e) => {
-                        debug!(error = %e, "forwarding a submission to the hub failed");
-                        let mut r = Response::error(Status::BadGateway, "hub unreachable");
-                        r.retry_after = Some(std::time::Duration::from_secs(1));
-                        r
-                    }
-                };
+                if let (Some(p), Ok(r)) = (&key_material_of, &outcome) {
+                    self.remember_key_material(store, p, r);
+                }
+                let response = forward_answer(outcome);
                 self.outputs.push_back(Output::Reply { token, response });
+            }
+            InFlight::RoomForward {
+                token,
+                deadline,
+                room,
+            } => {
+                self.deadlines.remove(&(deadline, id));
+                let response = forward_answer(outcome);
+                self.outputs.push_back(Output::Reply { token, response });
+                self.forward_done(now, &room);
             }
             InFlight::Notify {
                 queue,
@@ -1277,13 +1127,13 @@ impl Relay {
             events,
             generation,
         } = sent;
-        let current = self.queues[qi].generation == generation;
+        let current = self.hub.queues[qi].generation == generation;
         if current {
-            self.queues[qi].inflight = self.queues[qi].inflight.saturating_sub(1);
+            self.hub.queues[qi].inflight = self.hub.queues[qi].inflight.saturating_sub(1);
         }
         // Every /notify carries our sequence number: a peer that takes events without answering
         // one does not speak the extension, and one that answers with it does.
-        let peer = self.queues[qi].peer;
+        let peer = self.hub.queues[qi].peer;
         if let Ok(resp) = &outcome {
             if resp.next_seq.is_some() {
                 self.set_seq_ext(store, peer, true);
@@ -1326,36 +1176,36 @@ impl Relay {
                 // and number the rest after the follower's cursor.
                 let keep_upto = diverged.unwrap_or(0);
                 let next = resp.next_seq.unwrap_or(1);
-                self.queues[qi].refusals = 0;
+                self.hub.queues[qi].refusals = 0;
                 self.ack(now, store, qi, keep_upto);
                 self.renumber_from(store, qi, next, resp.next_inc.unwrap_or(0));
-                self.peer_alive(self.queues[qi].peer, now);
+                self.peer_alive(self.hub.queues[qi].peer, now);
             }
             Ok(resp)
                 if resp.status.is_success()
                     && resp
                         .next_seq
-                        .is_some_and(|n| n > self.queues[qi].next_qseq()) =>
+                        .is_some_and(|n| n > self.hub.queues[qi].next_qseq()) =>
             {
                 // Never acknowledge what was not assigned: that would drop pending events.
                 let next = resp.next_seq.unwrap_or(1);
-                self.queues[qi].refusals = 0;
+                self.hub.queues[qi].refusals = 0;
                 self.renumber_from(store, qi, next, resp.next_inc.unwrap_or(0));
-                self.peer_alive(self.queues[qi].peer, now);
+                self.peer_alive(self.hub.queues[qi].peer, now);
             }
             Ok(resp) if resp.status.is_success() => {
                 let upto = resp.next_seq.map_or(last, |n| n.saturating_sub(1));
-                self.queues[qi].refusals = 0;
+                self.hub.queues[qi].refusals = 0;
                 if events == 0 && current {
-                    self.queues[qi].needs_skip = false;
+                    self.hub.queues[qi].needs_skip = false;
                     self.mark_ready(qi);
                 }
                 self.ack(now, store, qi, upto);
-                self.peer_alive(self.queues[qi].peer, now);
+                self.peer_alive(self.hub.queues[qi].peer, now);
             }
             Ok(resp)
                 if resp.status == Status::OutOfOrder
-                    && resp.next_seq.is_some_and(|n| n > self.queues[qi].acked) =>
+                    && resp.next_seq.is_some_and(|n| n > self.hub.queues[qi].acked) =>
             {
                 let next = resp.next_seq.unwrap_or(1);
                 self.ack(now, store, qi, next.saturating_sub(1));
@@ -1366,7 +1216,7 @@ impl Relay {
             Ok(resp) if resp.status == Status::OutOfOrder => {
                 // The follower expects events we no longer hold: it lost its store, or we
                 // dropped its backlog while it lagged. Tell it the gap and go on from here.
-                let q = &mut self.queues[qi];
+                let q = &mut self.hub.queues[qi];
                 if !q.needs_skip {
                     tracing::error!(room = %q.room, peer = %q.dest, expected = ?resp.next_seq,
                         acknowledged = q.acked,
@@ -1376,24 +1226,24 @@ impl Relay {
                 }
                 self.stats.rejects[RejectReason::OutOfOrder as usize] += 1;
                 if current {
-                    self.queues[qi].needs_skip = true;
-                    let from = self.queues[qi].acked + 1;
+                    self.hub.queues[qi].needs_skip = true;
+                    let from = self.hub.queues[qi].acked + 1;
                     self.rewind(qi, from);
                 }
             }
             Ok(resp) if resp.status == Status::TooLarge && events > 1 => {
                 // The follower's body limit is below our batch size: halve the batches to it
                 // and go on at once. (One event over its limit is refused like any other.)
-                let q = &mut self.queues[qi];
+                let q = &mut self.hub.queues[qi];
                 q.batch_bytes = (q.batch_bytes / 2).max(1);
                 debug!(room = %q.room, dest = %q.dest, batch_bytes = q.batch_bytes, "batch too large for the follower; smaller batches");
                 if current {
-                    let from = self.queues[qi].acked + 1;
+                    let from = self.hub.queues[qi].acked + 1;
                     self.rewind(qi, from);
                 }
             }
             Ok(resp) if resp.status != Status::Unavailable => {
-                let q = &self.queues[qi];
+                let q = &self.hub.queues[qi];
                 warn!(room = %q.room, dest = %q.dest, status = resp.status.http_code(),
                     reason = %String::from_utf8_lossy(&resp.body), "notify refused; will retry");
                 if current {
@@ -1402,13 +1252,13 @@ impl Relay {
             }
             other => {
                 if let Err(e) = &other {
-                    let q = &self.queues[qi];
+                    let q = &self.hub.queues[qi];
                     debug!(room = %q.room, dest = %q.dest, error = %e, "notify failed");
                 }
                 if current {
-                    let from = self.queues[qi].acked + 1;
+                    let from = self.hub.queues[qi].acked + 1;
                     self.rewind(qi, from);
-                    self.peer_failed(self.queues[qi].peer, now);
+                    self.peer_failed(self.hub.queues[qi].peer, now);
                     // A busy peer's Retry-After: this queue waits at least that long, whatever
                     // the peer's backoff or a probe says.
                     if let Some(after) = other.ok().and_then(|r| r.retry_after) {
@@ -1434,7 +1284,7 @@ impl Relay {
         cause: DeadCause,
         reason: &str,
     ) {
-        let q = &mut self.queues[qi];
+        let q = &mut self.hub.queues[qi];
         q.refusals = 0;
         if sent.events == 0 {
             // A gap marker the peer will not take: it keeps its cursor; nothing else to do.
@@ -1522,11 +1372,11 @@ impl Relay {
 
     /// A peer that answered refused this queue's events: rewind and hold the queue alone.
     fn refused(&mut self, qi: QueueIdx, now: Now) {
-        let from = self.queues[qi].acked + 1;
+        let from = self.hub.queues[qi].acked + 1;
         self.rewind(qi, from);
         let jitter = self.rng.unit();
         let policy = &self.cfg.retry;
-        let q = &mut self.queues[qi];
+        let q = &mut self.hub.queues[qi];
         q.refusals += 1;
         let delay = policy
             .backoff(q.refusals)
@@ -1536,16 +1386,11 @@ impl Relay {
 
     /// Sends nothing more from this queue before `until` (a later hold already set stands).
     fn hold(&mut self, qi: QueueIdx, until: Instant) {
-        let q = &mut self.queues[qi];
-        if q.held_until.is_some_and(|t| t >= until) {
-            return;
-        }
-        q.held_until = Some(until);
-        self.held.insert((until, qi));
+        self.hub.hold(qi, until);
     }
 
     fn ack<S: Store>(&mut self, now: Now, store: &mut S, qi: QueueIdx, upto: u64) {
-        let q = &mut self.queues[qi];
+        let q = &mut self.hub.queues[qi];
         let upto = upto.min(q.next_qseq() - 1);
         if upto <= q.acked {
             return;
@@ -1570,7 +1415,7 @@ impl Relay {
     }
 
     fn rewind(&mut self, qi: QueueIdx, from: u64) {
-        let q = &mut self.queues[qi];
+        let q = &mut self.hub.queues[qi];
         // Never before the first unacknowledged event, never past the last queued one.
         let from = from.max(q.acked + 1).min(q.next_qseq());
         if from < q.send_next {
@@ -1658,13 +1503,13 @@ impl Relay {
                 self.deadlines.remove(&(at, id));
             }
         }
-        while let Some(&(at, qi)) = self.held.first() {
+        while let Some(&(at, qi)) = self.hub.held.first() {
             if at > now.mono {
                 break;
             }
-            self.held.pop_first();
-            if self.queues[qi].held_until == Some(at) {
-                self.queues[qi].held_until = None;
+            self.hub.held.pop_first();
+            if self.hub.queues[qi].held_until == Some(at) {
+                self.hub.queues[qi].held_until = None;
                 self.mark_ready(qi);
             }
         }
@@ -1708,7 +1553,7 @@ impl Relay {
             return Some(due.mono);
         }
         let mut t = self.deadlines.first().map(|(at, _)| *at);
-        if let Some(&(at, _)) = self.held.first() {
+        if let Some(&(at, _)) = self.hub.held.first() {
             t = Some(t.map_or(at, |t| t.min(at)));
         }
         for p in &self.peers {
@@ -1749,7 +1594,7 @@ impl Relay {
             ps.queue_depth = p
                 .queues
                 .iter()
-                .map(|q| self.queues[*q].entries.len() as u64)
+                .map(|q| self.hub.queues[*q].entries.len() as u64)
                 .sum();
             s.peers.insert(p.domain.clone(), ps);
         }
@@ -1760,11 +1605,7 @@ impl Relay {
     }
 
     fn mark_ready(&mut self, qi: QueueIdx) {
-        let q = &mut self.queues[qi];
-        if !q.in_ready && (q.send_next < q.next_qseq() || q.needs_skip) {
-            q.in_ready = true;
-            self.ready.push_back(qi);
-        }
+        self.hub.mark_ready(qi);
     }
 
     /// Asks for ready queues to become transmits at the next `poll_output`: a burst of inputs
@@ -1775,24 +1616,24 @@ impl Relay {
 
     /// Turns ready queues into transmits, within each queue's pipeline window.
     fn pump_now(&mut self, now: Now) {
-        while let Some(qi) = self.ready.pop_front() {
-            self.queues[qi].in_ready = false;
-            let peer = self.queues[qi].peer;
+        while let Some(qi) = self.hub.ready.pop_front() {
+            self.hub.queues[qi].in_ready = false;
+            let peer = self.hub.queues[qi].peer;
             if !matches!(self.peers[peer].liveness, Liveness::Up) {
                 continue; // re-readied when the peer comes back
             }
-            if self.queues[qi].held_until.is_some_and(|t| t > now.mono) {
+            if self.hub.queues[qi].held_until.is_some_and(|t| t > now.mono) {
                 continue; // re-readied when its hold ends
             }
             let kind = self.peers[peer].kind;
             let seq_ext = self.peers[peer].seq_ext;
-            if seq_ext == Some(false) && self.queues[qi].needs_skip {
+            if seq_ext == Some(false) && self.hub.queues[qi].needs_skip {
                 // A peer without our extension has no cursor to move: nothing to tell it.
-                self.queues[qi].needs_skip = false;
+                self.hub.queues[qi].needs_skip = false;
             }
-            if self.queues[qi].needs_skip {
+            if self.hub.queues[qi].needs_skip {
                 // The marker goes alone, and nothing follows it until it is acknowledged.
-                if self.queues[qi].inflight == 0 {
+                if self.hub.queues[qi].inflight == 0 {
                     self.send_skip(now, qi, peer, kind);
                 }
                 continue;
@@ -1801,18 +1642,18 @@ impl Relay {
             // extension): the follower dedupes by the whole body's bytes, so every resend must
             // be the same body, even after our restart: one event per request; and one request
             // in flight, since nothing else keeps them in order.
-            let isolating = self.queues[qi].send_next <= self.queues[qi].isolate_until;
+            let isolating = self.hub.queues[qi].send_next <= self.hub.queues[qi].isolate_until;
             let single = seq_ext != Some(true) || isolating;
             let window = if single {
                 1
             } else {
                 self.cfg.pipeline_for(kind)
             };
-            while self.queues[qi].inflight < window
-                && self.queues[qi].send_next < self.queues[qi].next_qseq()
+            while self.hub.queues[qi].inflight < window
+                && self.hub.queues[qi].send_next < self.hub.queues[qi].next_qseq()
             {
                 let id = self.next_id();
-                let q = &mut self.queues[qi];
+                let q = &mut self.hub.queues[qi];
                 let start = (q.send_next - q.acked - 1) as usize;
                 let max_batch = if single { 1 } else { self.cfg.max_batch };
                 // A batch is numbered by one incarnation: it ends where the next one starts.
@@ -1875,7 +1716,7 @@ impl Relay {
     /// follower that every event before it is gone for it.
     fn send_skip(&mut self, now: Now, qi: QueueIdx, peer: PeerIdx, kind: TransportKind) {
         let id = self.next_id();
-        let q = &mut self.queues[qi];
+        let q = &mut self.hub.queues[qi];
         q.inflight += 1;
         let deadline = now.mono + self.cfg.transmit_timeout;
         self.inflight.insert(
@@ -1912,7 +1753,7 @@ impl Relay {
     /// the rest). `None` when the numbering agrees, or the incarnations are not known (then
     /// the numbers and the follower's recent hashes decide, as before incarnations).
     fn diverged(&self, qi: QueueIdx, next: u64, inc: Option<u64>) -> Option<u64> {
-        let q = &self.queues[qi];
+        let q = &self.hub.queues[qi];
         let inc = inc.filter(|&i| i != 0)?;
         // A follower behind what it acknowledged lost its store: a gap, not a renumbering.
         if next <= q.acked + 1 {
@@ -1939,7 +1780,7 @@ impl Relay {
     /// cursor, so none of it is taken for a duplicate; `inc` is the incarnation of the
     /// follower's last event, which the first renumbered batch follows.
     fn renumber_from<S: Store>(&mut self, store: &mut S, qi: QueueIdx, next: u64, inc: u64) {
-        let q = &mut self.queues[qi];
+        let q = &mut self.hub.queues[qi];
         let pending: Vec<Bytes> = q.entries.iter().map(|e| e.fanout.clone()).collect();
         tracing::error!(room = %q.room, peer = %q.dest, follower_next = next,
             assigned_upto = q.next_qseq() - 1, pending = pending.len(),
@@ -1987,6 +1828,25 @@ fn save_cursor_inc<S: Store>(store: &mut S, c: &Cursor) {
         key: &lineage::cursor_key(&c.hub, &c.room),
         value: Some(&c.inc.to_be_bytes()),
     });
+}
+
+/// What a local client is answered for a request forwarded to another provider: the
+/// provider's own answer, or why there is none.
+fn forward_answer(outcome: Result<Response, TransportError>) -> Response {
+    match outcome {
+        Ok(r) => r,
+        Err(TransportError::Unsupported { endpoint, reason }) => {
+            // Retrying will not help: the hub does not serve this endpoint.
+            warn!(%endpoint, %reason, "the hub does not support this endpoint");
+            Response::error(Status::NotImplemented, "not supported by the hub")
+        }
+        Err(e) => {
+            debug!(error = %e, "forwarding a submission to the hub failed");
+            let mut r = Response::error(Status::BadGateway, "hub unreachable");
+            r.retry_after = Some(std::time::Duration::from_secs(1));
+            r
+        }
+    }
 }
 
 /// A 200 carrying a SubmitMessageResponse.

@@ -16,17 +16,17 @@ use mimi_wire::proto::{
     ClientKeyMaterial, ClientKeyMaterialStatus, FanoutExtra, FanoutMessage, GroupInfoOption,
     GroupInfoRequest, GroupInfoResponse, GroupInfoStatus, HandshakeBundle, IdentifierUri,
     KeyMaterialRequest, KeyMaterialResponse, KeyMaterialUserCode, KeyPackage, MlsMessage, Protocol,
-    SubmitMessageResponse, UpdateOutcome, UpdateRequest, UpdateRoomResponse, VLBytes,
+    UpdateRequest, UpdateRoomResponse, VLBytes,
 };
 use mimi_wire::proto::{Frank, SubmitMessageView};
 use mimi_wire::uri::{ProviderDomain, RoomId};
 use tracing::{debug, info};
 
-use super::{Entry, InFlight, Output, Relay, ReplyToken, submit_answer, uri_in_domain, xxh3_128};
+use super::refusal::{Forbidden, Malformed, Refusal, UpdateNotAllowed, update_answer};
+use super::{Entry, InFlight, Output, Relay, ReplyToken, uri_in_domain, xxh3_128};
 use crate::Now;
 use crate::mls::{GroupState, HandshakeEffect, MlsReject, MlsValidator};
 use crate::room_policy::{self, PolicyRefusal, RoomState};
-use crate::stats::RejectReason;
 use crate::store::{InboxRecord, Store, StoreOp};
 use crate::transport::{Response, Status, Transmit};
 
@@ -159,22 +159,6 @@ fn decode_meta(meta: &[u8]) -> Option<ParticipantListData> {
         b = b.get(3 + n..)?;
     }
     Some(ParticipantListData { participants })
-}
-
-fn update_answer(resp: &UpdateRoomResponse) -> Response {
-    match resp.encode() {
-        Ok(v) => Response::new(Status::Ok, v),
-        Err(_) => Response::error(Status::Internal, "cannot encode UpdateRoomResponse"),
-    }
-}
-
-fn invalid(description: String) -> UpdateRoomResponse {
-    UpdateRoomResponse {
-        error_description: description,
-        outcome: UpdateOutcome::InvalidProposal {
-            invalid_proposals: Vec::new(),
-        },
-    }
 }
 
 impl Relay {
@@ -344,7 +328,8 @@ impl Relay {
         if room.domain() != self.cfg.local.as_str() {
             return Err(MlsRoomError::NotLocal(room.as_str().to_owned()));
         }
-        if self.mls.rooms.contains_key(room.as_str()) || self.room_by_id.contains_key(room.as_str())
+        if self.mls.rooms.contains_key(room.as_str())
+            || self.hub.room_by_id.contains_key(room.as_str())
         {
             return Err(MlsRoomError::Exists(room.as_str().to_owned()));
         }
@@ -425,22 +410,12 @@ impl Relay {
         let current = r.epoch;
         if let Err(why) = r.state.may_send(sending_uri) {
             debug!(room, %why, "submission refused by the room policy");
-            self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
-            self.stats.policy_rejections += 1;
-            return Some(submit_answer(&SubmitMessageResponse::not_allowed()));
+            return Some(self.refuse(Refusal::SubmitPolicy(why)));
         }
         match epoch {
-            Some(e) if e < current => {
-                self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
-                Some(submit_answer(&SubmitMessageResponse::epoch_too_old(
-                    current,
-                )))
-            }
+            Some(e) if e < current => Some(self.refuse(Refusal::EpochTooOld { current })),
             Some(e) if e == current => None,
-            _ => {
-                self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
-                Some(submit_answer(&SubmitMessageResponse::not_allowed()))
-            }
+            _ => Some(self.refuse(Refusal::SubmitNotAllowed)),
         }
     }
 
@@ -471,32 +446,22 @@ impl Relay {
         room: &str,
         body: &Bytes,
     ) -> Response {
-        let Some(&ri) = self.room_by_id.get(room) else {
-            return self.reject(RejectReason::UnknownRoom, Status::NotFound, "unknown room");
+        let Some(&ri) = self.hub.room_by_id.get(room) else {
+            return self.refuse(Refusal::UnknownRoom);
         };
         let Some(current) = self.mls.rooms.get(room).map(|r| r.epoch) else {
-            self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
-            return update_answer(&UpdateRoomResponse::not_allowed(
-                "room has no MLS state at its hub",
-            ));
+            return self.refuse(Refusal::UpdateNotAllowed(UpdateNotAllowed::NoMlsState));
         };
         // Cheap checks before MLS work: only a provider that takes part in the room (or may
         // join it by the room's policy) gets its handshake validated at all.
         if !self.takes_part(sender, ri, room) {
-            self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
-            return update_answer(&UpdateRoomResponse::not_allowed(
-                "the provider takes no part in the room",
-            ));
+            return self.refuse(Refusal::UpdateNotAllowed(UpdateNotAllowed::NotParticipant));
         }
         let req = match UpdateRequest::decode(body) {
             Ok(r) => r,
             Err(e) => {
                 debug!(error = %e, "malformed UpdateRequest");
-                return self.reject(
-                    RejectReason::Malformed,
-                    Status::BadRequest,
-                    "malformed UpdateRequest",
-                );
+                return self.refuse(Refusal::Malformed(Malformed::UpdateRequest));
             }
         };
         let body_key = xxh3_128(body);
@@ -508,34 +473,29 @@ impl Relay {
         }
         let msg = req.bundle.message();
         if msg.wire_format() != WireFormat::PublicMessage {
-            self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
-            return update_answer(&UpdateRoomResponse::not_allowed(
-                "handshake messages must be PublicMessages: the hub validates them",
+            return self.refuse(Refusal::UpdateNotAllowed(
+                UpdateNotAllowed::NotPublicMessage,
             ));
         }
         if let Some(e) = msg.epoch()
             && e != current
         {
-            self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
-            return update_answer(&UpdateRoomResponse::wrong_epoch(current));
+            return self.refuse(Refusal::WrongEpoch { current });
         }
         let Some(v) = self.mls.validator.as_mut() else {
-            return self.reject(
-                RejectReason::NotImplemented,
-                Status::NotImplemented,
-                "no MLS validator",
-            );
+            return self.refuse(Refusal::NoMlsValidator);
         };
         let effect = match v.stage(room, msg.as_bytes()) {
             Ok(e) => e,
             Err(reject) => {
-                self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
                 debug!(room, error = %reject, "handshake refused");
-                return update_answer(&match reject {
-                    MlsReject::WrongEpoch { current } => UpdateRoomResponse::wrong_epoch(current),
-                    MlsReject::Invalid(d) => invalid(d),
-                    MlsReject::NotAllowed(d) => UpdateRoomResponse::not_allowed(d),
-                    MlsReject::NoGroup => UpdateRoomResponse::not_allowed("no such group"),
+                return self.refuse(match reject {
+                    MlsReject::WrongEpoch { current } => Refusal::WrongEpoch { current },
+                    MlsReject::Invalid(d) => Refusal::InvalidHandshake(d),
+                    MlsReject::NotAllowed(d) => {
+                        Refusal::UpdateNotAllowed(UpdateNotAllowed::Validator(d))
+                    }
+                    MlsReject::NoGroup => Refusal::UpdateNotAllowed(UpdateNotAllowed::NoGroup),
                 });
             }
         };
@@ -545,10 +505,8 @@ impl Relay {
                 if let Some(v) = self.mls.validator.as_mut() {
                     v.discard(room);
                 }
-                self.stats.rejects[RejectReason::NotAllowed as usize] += 1;
-                self.stats.policy_rejections += 1;
                 debug!(room, %why, "handshake refused by policy");
-                return update_answer(&UpdateRoomResponse::not_allowed(why.to_string()));
+                return self.refuse(Refusal::UpdatePolicy(why));
             }
         };
         // A lagging follower loses its backlog, not the room: the commit that removes it
@@ -564,7 +522,7 @@ impl Relay {
         };
 
         // The room's new state and participant list.
-        let r = &mut self.rooms[ri];
+        let r = &mut self.hub.rooms[ri];
         let accepted_ms = now.unix_ms.max(r.last_ms);
         r.last_ms = accepted_ms;
         let room_id = r.id.clone();
@@ -728,7 +686,12 @@ impl Relay {
     /// Whether `sender` is this hub, a follower of the room, or a provider whose users take
     /// part in it or may join it (see [`RoomState::provider_takes_part`]).
     fn takes_part(&self, sender: &ProviderDomain, ri: usize, room: &str) -> bool {
-        if *sender == self.cfg.local || self.rooms[ri].followers.iter().any(|(f, _)| f == sender) {
+        if *sender == self.cfg.local
+            || self.hub.rooms[ri]
+                .followers
+                .iter()
+                .any(|(f, _)| f == sender)
+        {
             return true;
         }
         self.mls
@@ -759,11 +722,7 @@ impl Relay {
             }
         };
         if GroupInfoRequest::decode(body).is_err() {
-            return self.reject(
-                RejectReason::Malformed,
-                Status::BadRequest,
-                "malformed GroupInfoRequest",
-            );
+            return self.refuse(Refusal::Malformed(Malformed::GroupInfoRequest));
         }
         let Some(mr) = self.mls.rooms.get(room) else {
             return code_answer(GroupInfoStatus::NoSuchRoom);
@@ -775,14 +734,16 @@ impl Relay {
             Ok(u) => u,
             Err(e) => {
                 debug!(room, error = %e, "GroupInfoRequest refused");
-                self.stats.rejects[RejectReason::Forbidden as usize] += 1;
-                return code_answer(GroupInfoStatus::NotAuthorized);
+                return self.refuse(Refusal::GroupInfoNotAuthorized {
+                    room: room.to_owned(),
+                });
             }
         };
         if !uri_in_domain(&requester, from.as_str()) || mr.state.may_join(&requester).is_err() {
             debug!(room, requester, "GroupInfo refused by the join policy");
-            self.stats.rejects[RejectReason::Forbidden as usize] += 1;
-            return code_answer(GroupInfoStatus::NotAuthorized);
+            return self.refuse(Refusal::GroupInfoNotAuthorized {
+                room: room.to_owned(),
+            });
         }
         let Some(gi) = mr.group_info.clone() else {
             return Response::error(
@@ -813,7 +774,7 @@ impl Relay {
         dests: &[ProviderDomain],
         local: bool,
     ) {
-        let r = &mut self.rooms[ri];
+        let r = &mut self.hub.rooms[ri];
         r.next_seq += 1;
         store.apply(StoreOp::RoomSeq {
             room: &r.id,
@@ -822,10 +783,10 @@ impl Relay {
         });
         let accepted_ms = r.last_ms;
         for d in dests {
-            let Some(qi) = self.queue_for(&self.rooms[ri].id.clone(), d) else {
+            let Some(qi) = self.queue_for(&self.hub.rooms[ri].id.clone(), d) else {
                 continue;
             };
-            let q = &mut self.queues[qi];
+            let q = &mut self.hub.queues[qi];
             let qseq = q.next_qseq();
             store.apply(StoreOp::Enqueue {
                 room: &q.room,
@@ -841,7 +802,7 @@ impl Relay {
         }
         if local {
             let record = InboxRecord {
-                room: self.rooms[ri].id.clone(),
+                room: self.hub.rooms[ri].id.clone(),
                 from: self.cfg.local.clone(),
                 accepted_ms,
                 fanout: fanout.clone(),
@@ -983,10 +944,12 @@ impl Relay {
                     status,
                 });
             }
-            if ok > 0 {
-                // A local user is being added to the room: its events (the Welcome first) are
-                // wanted here. Only on a real claim, so naming rooms costs a KeyPackage each.
-                self.follow(store, req.room_id.as_str());
+            // A local user is being added to the room: its events (the Welcome first) are
+            // wanted here. Only on a real claim, so naming rooms costs a KeyPackage each.
+            if ok > 0
+                && let Ok(room) = req.room_id.as_str().parse::<RoomId>()
+            {
+                self.follow(store, &room);
             }
             resp.user_status = if ok == 0 {
                 KeyMaterialUserCode::NoCompatibleMaterial
@@ -1046,28 +1009,16 @@ impl Relay {
         let req = match KeyMaterialRequest::decode(body) {
             Ok(r) => r,
             Err(_) => {
-                return Some(self.reject(
-                    RejectReason::Malformed,
-                    Status::BadRequest,
-                    "malformed KeyMaterialRequest",
-                ));
+                return Some(self.refuse(Refusal::Malformed(Malformed::KeyMaterialRequest)));
             }
         };
         if req.target_user.as_str() != target {
-            return Some(self.reject(
-                RejectReason::Malformed,
-                Status::BadRequest,
-                "targetUser differs from the path",
-            ));
+            return Some(self.refuse(Refusal::Malformed(Malformed::TargetUserMismatch)));
         }
         let Some(target_domain) =
             user_domain(target).and_then(|d| d.parse::<ProviderDomain>().ok())
         else {
-            return Some(self.reject(
-                RejectReason::Malformed,
-                Status::BadRequest,
-                "targetUser is not a MIMI URI",
-            ));
+            return Some(self.refuse(Refusal::Malformed(Malformed::TargetUserNotMimi)));
         };
         let room = req.room_id.as_str();
         let room_hub = if room.is_empty() {
@@ -1080,11 +1031,7 @@ impl Relay {
             {
                 Some(h) => Some(h),
                 None => {
-                    return Some(self.reject(
-                        RejectReason::Malformed,
-                        Status::BadRequest,
-                        "roomId is not a room URI",
-                    ));
+                    return Some(self.refuse(Refusal::Malformed(Malformed::RoomIdNotRoomUri)));
                 }
             }
         };
@@ -1092,7 +1039,7 @@ impl Relay {
         let requester = req.requesting_user.as_str();
         let own_provider = uri_in_domain(requester, from.as_str());
         let target_local = target_domain == local;
-        let we_host = room_hub.as_ref() == Some(&local) && self.room_by_id.contains_key(room);
+        let we_host = room_hub.as_ref() == Some(&local) && self.hub.room_by_id.contains_key(room);
         let allowed = if *from == local {
             own_provider
         } else if target_local {
@@ -1107,25 +1054,13 @@ impl Relay {
                 peer = from.as_str(),
                 requester, "key material claim refused"
             );
-            return Some(self.reject(
-                RejectReason::Forbidden,
-                Status::Forbidden,
-                "requestingUser is of neither the asking provider nor a room it hosts",
-            ));
+            return Some(self.refuse(Refusal::Forbidden(Forbidden::RequesterNotOfProvider)));
         }
         if we_host && *from == local && !self.claims_in_room(from, room, requester) {
-            return Some(self.reject(
-                RejectReason::Forbidden,
-                Status::Forbidden,
-                "requestingUser is not a member of the room",
-            ));
+            return Some(self.refuse(Refusal::Forbidden(Forbidden::RequesterNotMember)));
         }
         let Some(v) = self.mls.validator.as_ref() else {
-            return Some(self.reject(
-                RejectReason::NotImplemented,
-                Status::NotImplemented,
-                "no MLS validator: key material is not served",
-            ));
+            return Some(self.refuse(Refusal::KeyMaterialNotServed));
         };
         match v.key_material_requester(body) {
             Ok(u) if u == requester => {}
@@ -1135,19 +1070,11 @@ impl Relay {
                     credential = u,
                     "KeyMaterialRequest of another user"
                 );
-                return Some(self.reject(
-                    RejectReason::Forbidden,
-                    Status::Forbidden,
-                    "requesterCredential does not name requestingUser",
-                ));
+                return Some(self.refuse(Refusal::Forbidden(Forbidden::CredentialMismatch)));
             }
             Err(e) => {
                 debug!(requester, error = %e, "KeyMaterialRequest signature refused");
-                return Some(self.reject(
-                    RejectReason::Forbidden,
-                    Status::Forbidden,
-                    "bad KeyMaterialRequest signature",
-                ));
+                return Some(self.refuse(Refusal::Forbidden(Forbidden::BadSignature)));
             }
         }
         if target_local {
@@ -1157,11 +1084,7 @@ impl Relay {
             None => target_domain.clone(),
             Some(_) if we_host => target_domain.clone(),
             Some(h) if h == local => {
-                return Some(self.reject(
-                    RejectReason::UnknownRoom,
-                    Status::NotFound,
-                    "unknown room",
-                ));
+                return Some(self.refuse(Refusal::UnknownRoom));
             }
             Some(h) => h,
         };
@@ -1180,7 +1103,7 @@ impl Relay {
     /// At the hub: whether `provider` takes part in `room` and, in a room with MLS state,
     /// `requester` is a member (only a member can add anyone).
     fn claims_in_room(&self, provider: &ProviderDomain, room: &str, requester: &str) -> bool {
-        let Some(&ri) = self.room_by_id.get(room) else {
+        let Some(&ri) = self.hub.room_by_id.get(room) else {
             return false;
         };
         self.takes_part(provider, ri, room)
@@ -1204,11 +1127,7 @@ impl Relay {
         key_material_of: Option<ProviderDomain>,
     ) -> Option<Response> {
         let Some(&peer) = self.peer_by_domain.get(&dest) else {
-            return Some(self.reject(
-                RejectReason::NoRoute,
-                Status::BadGateway,
-                "no route to the provider",
-            ));
+            return Some(self.refuse(Refusal::NoRouteToProvider));
         };
         let id = self.next_id();
         let deadline = now.mono + self.cfg.transmit_timeout;
@@ -1280,26 +1199,24 @@ impl Relay {
     ) {
         let local = self.cfg.local.clone();
         let response = match endpoint {
-            Endpoint::Update if self.room_by_id.contains_key(target) => {
+            Endpoint::Update if self.hub.room_by_id.contains_key(target) => {
                 Some(self.update(now, store, &local, target, &body))
             }
             Endpoint::Update => match target.parse::<RoomId>() {
                 Ok(r) => match r.domain().parse::<ProviderDomain>() {
                     Ok(hub) if hub != local => {
-                        self.follow(store, target);
-                        self.forward(now, token, hub, endpoint, target, body, None)
+                        self.follow(store, &r);
+                        // Behind the room's earlier submissions, in order (relay/forward.rs).
+                        match self.peer_by_domain.get(&hub) {
+                            Some(&peer) => {
+                                self.forward_in_room(now, token, peer, endpoint, &r, body)
+                            }
+                            None => self.forward(now, token, hub, endpoint, target, body, None),
+                        }
                     }
-                    _ => Some(self.reject(
-                        RejectReason::UnknownRoom,
-                        Status::NotFound,
-                        "unknown room",
-                    )),
+                    _ => Some(self.refuse(Refusal::UnknownRoom)),
                 },
-                Err(_) => Some(self.reject(
-                    RejectReason::Malformed,
-                    Status::BadRequest,
-                    "not a room URI",
-                )),
+                Err(_) => Some(self.refuse(Refusal::Malformed(Malformed::NotARoomUri))),
             },
             Endpoint::KeyMaterial => self.key_material(now, store, token, &local, target, &body),
             _ => self.client_service(now, store, token, endpoint, target, body),

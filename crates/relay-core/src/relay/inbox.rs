@@ -11,7 +11,7 @@ use std::collections::{HashMap, VecDeque};
 use mimi_wire::uri::ProviderDomain;
 
 use super::Relay;
-use crate::stats::RejectReason;
+use super::refusal::Refusal;
 use crate::store::{InboxRange, InboxRecord, Snapshot, Store, StoreError, StoreOp};
 use crate::transport::Response;
 
@@ -158,16 +158,10 @@ impl Relay {
     /// backpressure, not loss.
     pub(super) fn inbox_refusal(&mut self, from_count: u64) -> Option<Response> {
         if self.inbox.len() >= self.cfg.max_inbox as u64 {
-            return Some(self.queue_full("local inbox full: local clients are not reading"));
+            return Some(self.refuse(Refusal::InboxFull));
         }
         if from_count >= self.cfg.max_inbox_per_peer as u64 {
-            let mut response = self.reject(
-                RejectReason::InboxShare,
-                crate::transport::Status::Unavailable,
-                "this provider's share of the local inbox is full: local clients are not reading",
-            );
-            response.retry_after = Some(std::time::Duration::from_secs(1));
-            return Some(response);
+            return Some(self.refuse(Refusal::InboxShareFull));
         }
         None
     }

@@ -16,9 +16,9 @@ use mimi_wire::proto::{
 use mimi_wire::uri::{ProviderDomain, RoomId};
 use tracing::{info, warn};
 
+use super::refusal::{Forbidden, Malformed, Refusal};
 use super::{Relay, ReplyToken, uri_in_domain};
 use crate::Now;
-use crate::stats::RejectReason;
 use crate::store::{Store, StoreOp};
 use crate::transport::{Response, Status};
 
@@ -136,13 +136,7 @@ impl Relay {
                 budget, limit, "provider over its budget; its requests are refused"
             );
         }
-        let mut r = self.reject(
-            RejectReason::PeerBudget,
-            Status::Unavailable,
-            "over this provider's budget of stored records",
-        );
-        r.retry_after = Some(std::time::Duration::from_secs(60));
-        r
+        self.refuse(Refusal::PeerBudget)
     }
 
     /// The last consent operation for this scope, if any.
@@ -245,13 +239,9 @@ impl Relay {
                     limit, per_minute, "provider over its request rate"
                 );
             }
-            let mut r = self.reject(
-                RejectReason::RateLimited,
-                Status::TooManyRequests,
-                "over this provider's request rate",
-            );
-            r.retry_after = Some((ahead - tolerance).max(Duration::from_millis(1)));
-            return Some(r);
+            return Some(self.refuse(Refusal::RateLimited {
+                retry_after: (ahead - tolerance).max(Duration::from_millis(1)),
+            }));
         }
         rate.insert(key, tat + interval);
         None
@@ -299,11 +289,7 @@ impl Relay {
             return r;
         }
         let Ok(req) = IdentifierRequest::decode(body) else {
-            return self.reject(
-                RejectReason::Malformed,
-                Status::BadRequest,
-                "malformed IdentifierRequest",
-            );
+            return self.refuse(Refusal::Malformed(Malformed::IdentifierRequest));
         };
         let mut code = IdentifierQueryCode::Success;
         let mut found: Option<&String> = None;
@@ -360,11 +346,7 @@ impl Relay {
         body: &Bytes,
     ) -> Response {
         let Ok(entry) = ConsentEntry::decode(body) else {
-            return self.reject(
-                RejectReason::Malformed,
-                Status::BadRequest,
-                "malformed ConsentEntry",
-            );
+            return self.refuse(Refusal::Malformed(Malformed::ConsentEntry));
         };
         let (ours, theirs, ops): (&str, &str, &[ConsentOperation]) = match endpoint {
             Endpoint::RequestConsent => (
@@ -379,23 +361,15 @@ impl Relay {
             ),
         };
         if !ops.contains(&entry.operation) {
-            return self.reject(
-                RejectReason::Malformed,
-                Status::BadRequest,
-                "consent operation does not fit the endpoint",
-            );
+            return self.refuse(Refusal::Malformed(Malformed::ConsentOperation));
         }
         if !uri_in_domain(ours, self.cfg.local.as_str()) || !uri_in_domain(theirs, from.as_str()) {
-            return self.reject(
-                RejectReason::Forbidden,
-                Status::Forbidden,
-                "consent users are not of these providers",
-            );
+            return self.refuse(Refusal::Forbidden(Forbidden::ConsentUsers));
         }
         let room = entry.room_id.as_ref().map_or("", |r| r.as_str()).to_owned();
         let (r, t) = (entry.requester_uri.as_str(), entry.target_uri.as_str());
         if r.contains('\0') || t.contains('\0') || room.contains('\0') {
-            return self.reject(RejectReason::Malformed, Status::BadRequest, "NUL in a URI");
+            return self.refuse(Refusal::Malformed(Malformed::NulInUri));
         }
         let scope = (r.to_owned(), t.to_owned(), room);
         match self.record_consent(store, scope, entry.operation) {
@@ -470,15 +444,11 @@ impl Relay {
         room: &str,
         body: &Bytes,
     ) -> Response {
-        if !self.room_by_id.contains_key(room) {
-            return self.reject(RejectReason::UnknownRoom, Status::NotFound, "unknown room");
+        if !self.hub.room_by_id.contains_key(room) {
+            return self.refuse(Refusal::UnknownRoom);
         }
         let Ok(report) = AbuseReport::decode(body) else {
-            return self.reject(
-                RejectReason::Malformed,
-                Status::BadRequest,
-                "malformed AbuseReport",
-            );
+            return self.refuse(Refusal::Malformed(Malformed::AbuseReport));
         };
         if let Some(refused) = self.check_report_franks(room, &report) {
             return refused;
@@ -534,23 +504,15 @@ impl Relay {
             entry.operation,
             ConsentOperation::Grant | ConsentOperation::Revoke
         ) {
-            return Some(self.reject(
-                RejectReason::Malformed,
-                Status::BadRequest,
-                "consent operation does not fit the endpoint",
-            ));
+            return Some(self.refuse(Refusal::Malformed(Malformed::ConsentOperation)));
         }
         let (r, t) = (entry.requester_uri.as_str(), entry.target_uri.as_str());
         if !uri_in_domain(t, self.cfg.local.as_str()) || user_domain(r).is_none() {
-            return Some(self.reject(
-                RejectReason::Forbidden,
-                Status::Forbidden,
-                "a local client decides consent for local users only",
-            ));
+            return Some(self.refuse(Refusal::Forbidden(Forbidden::ConsentLocalOnly)));
         }
         let room = entry.room_id.as_ref().map_or("", |r| r.as_str());
         if r.contains('\0') || t.contains('\0') || room.contains('\0') {
-            return Some(self.reject(RejectReason::Malformed, Status::BadRequest, "NUL in a URI"));
+            return Some(self.refuse(Refusal::Malformed(Malformed::NulInUri)));
         }
         let scope = (r.to_owned(), t.to_owned(), room.to_owned());
         self.record_consent(store, scope, entry.operation)
@@ -574,11 +536,7 @@ impl Relay {
                 Some(true) => verified += 1,
                 Some(false) => {
                     self.stats.franks_refused += 1;
-                    return Some(self.reject(
-                        RejectReason::BadFrank,
-                        Status::Other(422),
-                        "a reported message's frank is not this hub's",
-                    ));
+                    return Some(self.refuse(Refusal::BadFrank));
                 }
                 None => {}
             }
@@ -601,9 +559,7 @@ impl Relay {
             Endpoint::IdentifierQuery if target == self.cfg.local.as_str() => {
                 self.identifier_query(now, from, body)
             }
-            Endpoint::IdentifierQuery => {
-                self.reject(RejectReason::NoRoute, Status::NotFound, "not this provider")
-            }
+            Endpoint::IdentifierQuery => self.refuse(Refusal::NotThisProvider),
             Endpoint::RequestConsent | Endpoint::UpdateConsent => {
                 self.consent_entry(store, from, endpoint, body)
             }
@@ -629,11 +585,7 @@ impl Relay {
             Endpoint::IdentifierQuery => target.parse::<ProviderDomain>().ok(),
             Endpoint::RequestConsent | Endpoint::UpdateConsent => {
                 let Ok(entry) = ConsentEntry::decode(&body) else {
-                    return Some(self.reject(
-                        RejectReason::Malformed,
-                        Status::BadRequest,
-                        "malformed ConsentEntry",
-                    ));
+                    return Some(self.refuse(Refusal::Malformed(Malformed::ConsentEntry)));
                 };
                 if endpoint == Endpoint::UpdateConsent {
                     // The target's own decision: kept here first, since this provider
@@ -656,19 +608,11 @@ impl Relay {
                 .ok()
                 .and_then(|r| r.domain().parse().ok()),
             _ => {
-                return Some(self.reject(
-                    RejectReason::NotImplemented,
-                    Status::NotImplemented,
-                    "endpoint not served to local clients",
-                ));
+                return Some(self.refuse(Refusal::EndpointNotServedToClients));
             }
         };
         let Some(dest) = dest else {
-            return Some(self.reject(
-                RejectReason::Malformed,
-                Status::BadRequest,
-                "no provider to send this to",
-            ));
+            return Some(self.refuse(Refusal::Malformed(Malformed::NoProvider)));
         };
         if dest == self.cfg.local {
             if endpoint == Endpoint::UpdateConsent {
@@ -792,7 +736,10 @@ mod tests {
         assert_eq!(ask(&mut relay, &mut store, r).status, Status::Unavailable);
         let r = req("c.example", Endpoint::ReportAbuse, room, report(b"c2"));
         assert_eq!(ask(&mut relay, &mut store, r).status, Status::Created);
-        assert_eq!(relay.stats().rejects[RejectReason::PeerBudget as usize], 1);
+        assert_eq!(
+            relay.stats().rejects[crate::stats::RejectReason::PeerBudget as usize],
+            1
+        );
     }
 
     #[test]

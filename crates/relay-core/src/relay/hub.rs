@@ -1,0 +1,52 @@
+//! The hub's state (rooms hosted here): the rooms, and one ordered outbound queue per
+//! (room, destination) with the queues ready to send and those held back. Owned by
+//! [`super::Relay`], which keeps the `handle_*`/`poll_*` surface, as quinn-proto's
+//! `Connection` owns its `StreamsState`. The MLS side of hosted rooms stays in
+//! [`super::hub_mls`].
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::time::Instant;
+
+use mimi_wire::uri::{ProviderDomain, RoomId};
+
+use super::{FastMap, HubRoom, OutQueue, QueueIdx, RoomIdx};
+
+#[derive(Debug, Default)]
+pub(super) struct HubState {
+    pub(super) rooms: Vec<HubRoom>,
+    /// Hosted rooms; found by a room URI's text too (`RoomId: Borrow<str>`).
+    pub(super) room_by_id: FastMap<RoomId, RoomIdx>,
+    pub(super) queues: Vec<OutQueue>,
+    pub(super) queue_by_key: HashMap<(RoomId, ProviderDomain), QueueIdx>,
+    /// Queues with something to send, in the order they became ready.
+    pub(super) ready: VecDeque<QueueIdx>,
+    /// Queues held back after a refusal, by release time.
+    pub(super) held: BTreeSet<(Instant, QueueIdx)>,
+}
+
+impl HubState {
+    pub(super) fn queue_for(&self, room: &RoomId, dest: &ProviderDomain) -> Option<QueueIdx> {
+        self.queue_by_key
+            .get(&(room.clone(), dest.clone()))
+            .copied()
+    }
+
+    /// Puts queue `qi` on the ready list if it has something to send and is not there yet.
+    pub(super) fn mark_ready(&mut self, qi: QueueIdx) {
+        let q = &mut self.queues[qi];
+        if !q.in_ready && (q.send_next < q.next_qseq() || q.needs_skip) {
+            q.in_ready = true;
+            self.ready.push_back(qi);
+        }
+    }
+
+    /// Sends nothing more from queue `qi` before `until` (a later hold already set stands).
+    pub(super) fn hold(&mut self, qi: QueueIdx, until: Instant) {
+        let q = &mut self.queues[qi];
+        if q.held_until.is_some_and(|t| t >= until) {
+            return;
+        }
+        q.held_until = Some(until);
+        self.held.insert((until, qi));
+    }
+}
