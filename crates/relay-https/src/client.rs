@@ -115,9 +115,9 @@ enum Link {
 ///
 /// A target (room, user) always uses the same slot ([`slot_of`]): its requests then leave one
 /// after the other, each once the one before was answered, in the order the core handed them
-/// over. The core relies on that for forwarded submissions (sent at once, in the client's
-/// order, never resent), and with `MIMI-Seq` for a queue's `/notify`s; on HTTP/2 they leave
-/// in order on the one connection. Different targets still spread over the slots, and a job
+/// over; with `MIMI-Seq`, a queue's `/notify`s rely on that. On HTTP/2 they leave in order on
+/// the one connection but may be served concurrently, so the core keeps one forwarded
+/// submission per room in flight over HTTPS (`TransportKind::keeps_room_order`). Different targets still spread over the slots, and a job
 /// whose slot is busy waits in [`Parked`] while the others' go on.
 #[derive(Clone)]
 struct H1Pool {
