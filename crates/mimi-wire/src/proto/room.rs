@@ -753,7 +753,10 @@ mod tests {
         assert_eq!(claim.encode().expect("encode"), want);
         let data = PreAuthData {
             preauthorized_entries: vec![PreAuthRoleEntry {
-                claimset: vec![claim, Claim::basic(preauth_claim::USER, "mimi://b.example/u/x")],
+                claimset: vec![
+                    claim,
+                    Claim::basic(preauth_claim::USER, "mimi://b.example/u/x"),
+                ],
                 target_role: Role {
                     role_index: 2,
                     role_name: VLBytes::new(b"regular".to_vec()),
