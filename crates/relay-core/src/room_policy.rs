@@ -1241,8 +1241,21 @@ mod tests {
             no(&s, E::external(D)),
             PolicyRefusal::UnlistedMember { user: D.into() }
         );
-        // A user of another domain is neither listed nor preauthorized.
+        // The joiner's commit changes nothing else: no one else listed, no preauth_list.
         let eve = "mimi://e.example/u/eve";
+        let e = E::external(D).list(&s, &[(A, 4), (B, 3), (C, 2), (X, 1), (D, 2), (eve, 2)]);
+        assert!(matches!(
+            no(&s, e),
+            PolicyRefusal::AddNotAuthorized { role: 2, .. }
+        ));
+        let e = E::external(D)
+            .list(&s, &joined(2))
+            .preauth(Some(&preauth(vec![])));
+        assert_eq!(
+            no(&s, e),
+            PolicyRefusal::PreauthChangeNotAuthorized { user: D.into() }
+        );
+        // A user of another domain is neither listed nor preauthorized.
         let e = E::external(eve).list(&s, &[(A, 4), (B, 3), (C, 2), (X, 1), (eve, 2)]);
         assert_eq!(
             no(&s, e),
