@@ -51,6 +51,7 @@ fuzz_target!(|data: &[u8]| {
         room::ParticipantListUpdate,
         room::RoleData,
         room::BaseRoomPolicy,
+        room::PreAuthData,
         room::FrankingAgentData,
         room::SafeAad,
     );

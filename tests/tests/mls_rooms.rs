@@ -655,3 +655,58 @@ async fn external_join_with_group_info_from_the_hub() {
     );
     net.stop().await;
 }
+
+/// draft-ietf-mimi-room-policy §4 and §8.1.1: alice's room preauthorizes b's users as
+/// regular participants (a preauth_list she commits). dave, of b, may then fetch the
+/// GroupInfo and join by an external commit that lists himself as regular; as owner he is
+/// refused by the hub. carol, of c, is not preauthorized: notAuthorized.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preauthorized_user_joins_by_an_external_commit_listing_itself() {
+    use mimi_client::room_policy::{OWNER_ROLE, REGULAR_ROLE, preauth_domain};
+    let net = Net::start("https").await;
+    let a = net.admins();
+    let room: RoomId = "mimi://a.example/r/preauth".parse().unwrap();
+    let mut alice = MlsClient::new(ALICE, a[0]).unwrap();
+    let mut carol = MlsClient::new(CAROL, a[2]).unwrap();
+    let mut dave = MlsClient::new(DAVE, a[1]).unwrap();
+    dave.pin_hub_key("a.example", alice.fetch_hub_key().await.unwrap());
+    alice.create_room(&room).await.unwrap();
+
+    // Neither listed nor preauthorized yet.
+    assert_eq!(
+        dave.join_external_as(&room, REGULAR_ROLE).await.unwrap(),
+        Err(GroupInfoCode::NotAuthorized)
+    );
+    assert_eq!(
+        alice
+            .set_preauth(&room, &preauth_domain("b.example"))
+            .await
+            .unwrap(),
+        UpdateResult::Accepted
+    );
+    assert_eq!(
+        carol.join_external_as(&room, REGULAR_ROLE).await.unwrap(),
+        Err(GroupInfoCode::NotAuthorized)
+    );
+    let refused = dave.join_external_as(&room, OWNER_ROLE).await.unwrap();
+    assert!(
+        matches!(&refused, Ok(UpdateResult::Refused(d)) if d.contains("may not join")),
+        "{refused:?}"
+    );
+    assert_eq!(dave.epoch(), None);
+    assert_eq!(
+        dave.join_external_as(&room, REGULAR_ROLE).await.unwrap(),
+        Ok(UpdateResult::Accepted)
+    );
+    assert_eq!(dave.epoch(), Some(2));
+    wait_for(&mut alice, |e| matches!(e, Event::Commit { epoch: 2, .. })).await;
+    assert!(
+        alice
+            .participants()
+            .contains(&(DAVE.to_owned(), REGULAR_ROLE)),
+        "{:?}",
+        alice.participants()
+    );
+    check_message(&room, &mut dave, &mut [&mut alice], b"hello, preauthorized").await;
+    net.stop().await;
+}

@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 pub mod franking;
 
 use bytes::Bytes;
-use mimi_wire::proto::room::{ParticipantListData, ParticipantListUpdate, component};
+use mimi_wire::proto::room::{ParticipantListData, ParticipantListUpdate, PreAuthData, component};
 use mimi_wire::proto::{
     ClientKeyMaterialStatus, ConsentEntry, ConsentOperation, FanoutExtra, FanoutMessage,
     GroupInfoCode, GroupInfoOption, GroupInfoRatchetTreeTbe, GroupInfoRequest, GroupInfoResponse,
@@ -40,7 +40,7 @@ use relay_node::client::{ClientError, LocalClient, StatusCode};
 /// The default room state (roles, base policy, participant-list updates), shared with the
 /// hub's tests.
 pub mod room_policy {
-    pub use mimi_wire::proto::room::{BANNED_ROLE, NO_ROLE};
+    pub use mimi_wire::proto::room::{BANNED_ROLE, NO_ROLE, PreAuthData};
     pub use mimi_wire::proto::room_defaults::*;
 }
 
@@ -629,6 +629,41 @@ impl MlsClient {
         self.update_participants(room, Some(update), &[], &[]).await
     }
 
+    /// Commits `preauth` as the room's preauth_list (room-policy §4; the committer's role
+    /// needs canChangePreauthorizedUserList), nothing else.
+    pub async fn set_preauth(
+        &mut self,
+        room: &RoomId,
+        preauth: &PreAuthData,
+    ) -> Result<UpdateResult, MlsClientError> {
+        let group = self.group.as_mut().ok_or(MlsClientError::NoGroup)?;
+        let mut stage = group
+            .commit_builder()
+            .add_proposal(Proposal::AppDataUpdate(Box::new(
+                AppDataUpdateProposal::update(component::PREAUTH_LIST, preauth.encode()?),
+            )))
+            .load_psks(self.provider.storage())
+            .map_err(mls)?;
+        let proposals: Vec<AppDataUpdateProposal> =
+            stage.app_data_update_proposals().cloned().collect();
+        let (updates, _) =
+            relay_mls::resolve_app_data_updates(stage.app_data_dictionary_updater(), &proposals)
+                .map_err(mls)?;
+        stage.with_app_data_dictionary_updates(updates);
+        let bundle = stage
+            .build(
+                self.provider.rand(),
+                self.provider.crypto(),
+                &self.signer,
+                |_| true,
+            )
+            .map_err(mls)?
+            .stage_commit(&self.provider)
+            .map_err(mls)?;
+        let body = Self::bundle(bundle.commit(), None, bundle.group_info())?;
+        self.send_commit(room, body).await
+    }
+
     /// Bans `user`: its role becomes banned and its clients are removed.
     pub async fn ban(&mut self, room: &RoomId, user: &str) -> Result<UpdateResult, MlsClientError> {
         let group = self.group.as_ref().ok_or(MlsClientError::NoGroup)?;
@@ -873,11 +908,31 @@ impl MlsClient {
         &mut self,
         room: &RoomId,
     ) -> Result<Result<UpdateResult, GroupInfoCode>, MlsClientError> {
+        self.join_external_with(room, None).await
+    }
+
+    /// Joins `room` by an external commit that also lists this client's user with `role`
+    /// (an AppDataUpdate of the participant list in the commit): how an unlisted user takes
+    /// the role the room's canOpenJoin or preauth_list gives it (room-policy §8.1.1).
+    pub async fn join_external_as(
+        &mut self,
+        room: &RoomId,
+        role: u32,
+    ) -> Result<Result<UpdateResult, GroupInfoCode>, MlsClientError> {
+        let listing = room_policy::self_listing(&self.user, role);
+        self.join_external_with(room, Some(listing)).await
+    }
+
+    async fn join_external_with(
+        &mut self,
+        room: &RoomId,
+        listing: Option<ParticipantListUpdate>,
+    ) -> Result<Result<UpdateResult, GroupInfoCode>, MlsClientError> {
         let (vgi, tree) = match self.fetch_group_info(room).await? {
             Ok(x) => x,
             Err(code) => return Ok(Err(code)),
         };
-        let (group, bundle) = MlsGroup::external_commit_builder()
+        let mut builder = MlsGroup::external_commit_builder()
             .with_ratchet_tree(tree)
             .with_config(join_config())
             .build_group(&self.provider, vgi, self.credential.clone())
@@ -886,9 +941,26 @@ impl MlsClient {
                 LeafNodeParameters::builder()
                     .with_capabilities(capabilities())
                     .build(),
+            );
+        if let Some(u) = listing {
+            builder = builder.add_app_data_update_proposal(AppDataUpdateProposal::update(
+                component::PARTICIPANT_LIST,
+                u.encode()?,
+            ));
+        }
+        let mut stage = builder.load_psks(self.provider.storage()).map_err(mls)?;
+        // The dictionary after the listing, computed as the hub computes it.
+        let proposals: Vec<AppDataUpdateProposal> =
+            stage.app_data_update_proposals().cloned().collect();
+        if !proposals.is_empty() {
+            let (updates, _) = relay_mls::resolve_app_data_updates(
+                stage.app_data_dictionary_updater(),
+                &proposals,
             )
-            .load_psks(self.provider.storage())
-            .map_err(mls)?
+            .map_err(mls)?;
+            stage.with_app_data_dictionary_updates(updates);
+        }
+        let (group, bundle) = stage
             .build(
                 self.provider.rand(),
                 self.provider.crypto(),

@@ -4,8 +4,8 @@
 //! room and asks [`authorize`] about each staged handshake.
 //!
 //! The room state lives in the MLS group's app_data_dictionary: participant_list (0x0022),
-//! roles_list (0x0025), base_room_policy (0x0027). A group made by a client that writes none
-//! of them (a "hub-kept" room) still gets a policy:
+//! roles_list (0x0025), preauth_list (0x0026), base_room_policy (0x0027). A group made by a
+//! client that writes none of them (a "hub-kept" room) still gets a policy:
 //! - roles: [`default_roles`] (room-policy Appendix A.2, "strictly administered": 0 no_role,
 //!   1 banned, 2 ordinary_user, 3 group_admin, 4 super_admin);
 //! - participant list: kept by the hub (persisted beside the MLS state), the creator's users
@@ -16,16 +16,28 @@
 //!   hub's stand-in for a preauth_list by domain, room-policy §4, which rooms with a
 //!   participant_list do not get).
 //!
-//! Not judged here: preauth_list, join codes, canChangeOwnRole (they need the preauth or
-//! join-code components), message capabilities (§8.3), components other than the three
-//! above (an AppDataUpdate of another component is let through).
+//! preauth_list (room-policy §4): the hub checks the claims it can see, those of a Basic
+//! credential ([`preauth_claim`]: the user URI, its domain); an entry with any other claim
+//! never matches. The first matching entry gives an unlisted joiner by external commit its
+//! role (canJoinIfPreauthorized on that role), and a listed user its own new role
+//! (canChangeOwnRole). Changing the list needs canChangePreauthorizedUserList.
+//!
+//! Messages (room-policy §8.3): the hub judges canSendMessage at /submitMessage. The other
+//! message capabilities (reply, react, edit, delete, topics, links, copy) are about the
+//! content, which is MLS ciphertext to the hub: only clients can judge them. Nor does the
+//! hub withhold messages from a user lacking canReceiveMessage: it fans out per provider,
+//! not per user.
+//!
+//! Not judged here: join codes (no join_links component is read), the metadata, asset,
+//! media and other policy components (an AppDataUpdate of another component is let
+//! through).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use mimi_wire::WireError;
 use mimi_wire::proto::room::{
-    BANNED_ROLE, BaseRoomPolicy, NO_ROLE, ParticipantListData, Role, RoleChangeTargets, RoleData,
-    UserRolePair, capability as cap, component,
+    BANNED_ROLE, BaseRoomPolicy, Claim, NO_ROLE, ParticipantListData, PreAuthData, Role,
+    RoleChangeTargets, RoleData, UserRolePair, capability as cap, component, preauth_claim,
 };
 use mimi_wire::proto::{IdentifierUri, VLBytes};
 
@@ -108,8 +120,23 @@ pub enum PolicyRefusal {
     KickNotAuthorized { sender: String, user: String },
     #[error("{user} may not remove its own clients: its role lacks canRemoveOwnClient")]
     RemoveOwnClientNotAuthorized { user: String },
-    #[error("{user} may not change its own role")]
+    /// room-policy §8.1.3: only to the first role its preauth_list entry gives it, with
+    /// canChangeOwnRole.
+    #[error(
+        "{user} may not change its own role (canChangeOwnRole and a preauthorized role are needed)"
+    )]
     OwnRoleChange { user: String },
+    /// room-policy §8.6.
+    #[error(
+        "{user} may not change the preauth_list: its role lacks canChangePreauthorizedUserList"
+    )]
+    PreauthChangeNotAuthorized { user: String },
+    /// room-policy §4: never in the same commit as a participant list change but removals.
+    #[error("a preauth_list change may only come with participant removals")]
+    PreauthChangeWithListChange,
+    /// room-policy §8.3.
+    #[error("{user} may not send messages: its role lacks canSendMessage")]
+    SendNotAuthorized { user: String },
     #[error("{sender} may not move {user} from role {from} to role {to}")]
     RoleChangeNotAuthorized {
         sender: String,
@@ -152,6 +179,7 @@ pub struct RoomState {
     pub participants: ParticipantListData,
     pub roles: RoleData,
     pub base: Option<BaseRoomPolicy>,
+    pub preauth: Option<PreAuthData>,
     /// The group has no participant_list component: the hub keeps the list (see the module
     /// doc) and persists it itself.
     pub hub_kept_list: bool,
@@ -190,6 +218,7 @@ pub fn default_roles() -> RoleData {
         cap::SEND_MESSAGE,
         cap::RECEIVE_MESSAGE,
         cap::REPORT_ABUSE,
+        cap::JOIN_IF_PREAUTHORIZED,
     ];
     let mut admin = ordinary.to_vec();
     admin.extend([
@@ -200,6 +229,8 @@ pub fn default_roles() -> RoleData {
         cap::KICK,
         cap::CHANGE_USER_ROLE,
     ]);
+    let mut super_admin = admin.clone();
+    super_admin.push(cap::CHANGE_PREAUTH_LIST);
     let mut no_role = role(0, "no_role", &[], &[]);
     no_role.maximum_active_participants_constraint = Some(0);
     let mut banned = role(1, "banned", &[], &[]);
@@ -223,7 +254,7 @@ pub fn default_roles() -> RoleData {
             role(
                 4,
                 "super_admin",
-                &admin,
+                &super_admin,
                 &[
                     (0, &[1, 2, 3, 4]),
                     (1, &[0, 2, 3, 4]),
@@ -317,11 +348,12 @@ fn roles_by_user(list: &ParticipantListData) -> BTreeMap<&str, u32> {
         .collect()
 }
 
-/// The three components of an app_data_dictionary.
+/// The room components of an app_data_dictionary.
 type Components = (
     Option<ParticipantListData>,
     Option<RoleData>,
     Option<BaseRoomPolicy>,
+    Option<PreAuthData>,
 );
 
 fn components(app_data: &BTreeMap<u16, Vec<u8>>) -> Result<Components, PolicyRefusal> {
@@ -338,7 +370,22 @@ fn components(app_data: &BTreeMap<u16, Vec<u8>>) -> Result<Components, PolicyRef
             .get(&component::BASE_ROOM_POLICY)
             .map(|b| decode(b, component::BASE_ROOM_POLICY, BaseRoomPolicy::decode))
             .transpose()?,
+        app_data
+            .get(&component::PREAUTH_LIST)
+            .map(|b| decode(b, component::PREAUTH_LIST, PreAuthData::decode))
+            .transpose()?,
     ))
+}
+
+/// Whether `user` satisfies `claim` as far as the hub can tell (see the module doc).
+fn claim_holds(claim: &Claim, user: &str) -> bool {
+    let value = claim.claim_value.as_slice();
+    claim.claim_id.credential_type == preauth_claim::BASIC_CREDENTIAL
+        && match claim.claim_id.id.as_slice() {
+            preauth_claim::USER => value == user.as_bytes(),
+            preauth_claim::DOMAIN => user_domain(user).is_some_and(|d| d.as_bytes() == value),
+            _ => false,
+        }
 }
 
 fn listed(users: &[String], role: u32) -> ParticipantListData {
@@ -363,7 +410,7 @@ impl RoomState {
         app_data: &BTreeMap<u16, Vec<u8>>,
         members: Vec<String>,
     ) -> Result<RoomState, PolicyRefusal> {
-        let (list, roles, base) = components(app_data)?;
+        let (list, roles, base, preauth) = components(app_data)?;
         let roles = roles.unwrap_or_else(default_roles);
         validate_roles(&roles)?;
         let hub_kept_list = list.is_none();
@@ -373,6 +420,7 @@ impl RoomState {
             participants,
             roles,
             base,
+            preauth,
             hub_kept_list,
             members,
         };
@@ -387,7 +435,7 @@ impl RoomState {
         members: Vec<String>,
         kept: Option<ParticipantListData>,
     ) -> Result<RoomState, PolicyRefusal> {
-        let (list, roles, base) = components(app_data)?;
+        let (list, roles, base, preauth) = components(app_data)?;
         let hub_kept_list = list.is_none();
         let participants = list
             .or(kept)
@@ -396,6 +444,7 @@ impl RoomState {
             participants,
             roles: roles.unwrap_or_else(default_roles),
             base,
+            preauth,
             hub_kept_list,
             members,
         })
@@ -455,9 +504,62 @@ impl RoomState {
         let open = self.roles.role(NO_ROLE).is_some_and(|z| {
             z.has(cap::OPEN_JOIN) && target != NO_ROLE && z.targets_from(NO_ROLE).contains(&target)
         });
-        open || (self.hub_kept_list
-            && target == default_role::ORDINARY
-            && self.provider_has_participant(user_domain(user)))
+        open || self.preauth_join_role(user) == Some(target)
+            || (self.hub_kept_list
+                && target == default_role::ORDINARY
+                && self.provider_has_participant(user_domain(user)))
+    }
+
+    /// The role of the first preauth_list entry `user` satisfies (room-policy §4), not
+    /// role 0.
+    pub fn preauth_role(&self, user: &str) -> Option<u32> {
+        self.preauth
+            .as_ref()?
+            .preauthorized_entries
+            .iter()
+            .filter(|e| e.target_role.role_index != NO_ROLE)
+            .find(|e| e.claimset.iter().all(|c| claim_holds(c, user)))
+            .map(|e| e.target_role.role_index)
+    }
+
+    /// The role an unlisted `user` may join as by preauthorization (room-policy §8.1.1
+    /// canJoinIfPreauthorized: on the first matching role, as the room defines it).
+    fn preauth_join_role(&self, user: &str) -> Option<u32> {
+        self.preauth_role(user).filter(|&t| {
+            !is_banned(&self.roles, t)
+                && self
+                    .roles
+                    .role(t)
+                    .is_some_and(|r| r.has(cap::JOIN_IF_PREAUTHORIZED))
+        })
+    }
+
+    /// Whether a preauth_list entry may let some user of `provider` join: its claims the
+    /// hub can check all hold for that provider's users (a user claim of one of them, a
+    /// domain claim of it).
+    fn preauth_admits_provider(&self, provider: &str) -> bool {
+        let Some(p) = &self.preauth else {
+            return false;
+        };
+        p.preauthorized_entries.iter().any(|e| {
+            let t = e.target_role.role_index;
+            t != NO_ROLE
+                && !is_banned(&self.roles, t)
+                && self
+                    .roles
+                    .role(t)
+                    .is_some_and(|r| r.has(cap::JOIN_IF_PREAUTHORIZED))
+                && e.claimset.iter().all(|c| {
+                    let v = c.claim_value.as_slice();
+                    c.claim_id.credential_type == preauth_claim::BASIC_CREDENTIAL
+                        && match c.claim_id.id.as_slice() {
+                            preauth_claim::USER => std::str::from_utf8(v)
+                                .is_ok_and(|u| user_domain(u) == Some(provider)),
+                            preauth_claim::DOMAIN => v == provider.as_bytes(),
+                            _ => false,
+                        }
+                })
+        })
     }
 
     fn provider_has_participant(&self, domain: Option<&str>) -> bool {
@@ -482,6 +584,7 @@ impl RoomState {
                 .roles
                 .role(NO_ROLE)
                 .is_some_and(|z| z.has(cap::OPEN_JOIN))
+            || self.preauth_admits_provider(provider)
     }
 
     /// The join rule for external commits and /groupInfo: a listed, not banned user whose
@@ -514,6 +617,7 @@ impl RoomState {
         if targets
             .into_iter()
             .chain([default_role::ORDINARY])
+            .chain(self.preauth_join_role(user))
             .any(|t| !is_banned(&self.roles, t) && self.may_join_as(user, t))
         {
             Ok(())
@@ -525,15 +629,22 @@ impl RoomState {
     }
 
     /// protocol-06 §5.3: only an active participant (listed, not banned, with a client in
-    /// the group) sends application messages.
+    /// the group) sends application messages; room-policy §8.3: one whose role holds
+    /// canSendMessage.
     pub fn may_send(&self, user: &str) -> Result<(), PolicyRefusal> {
         if self.is_banned(user) {
             return Err(PolicyRefusal::Banned {
                 user: user.to_owned(),
             });
         }
-        if self.role_of(user) == NO_ROLE || !self.members.iter().any(|m| m == user) {
+        let r = self.role_of(user);
+        if r == NO_ROLE || !self.members.iter().any(|m| m == user) {
             return Err(PolicyRefusal::InactiveSender {
+                user: user.to_owned(),
+            });
+        }
+        if !self.roles.role(r).is_some_and(|x| x.has(cap::SEND_MESSAGE)) {
+            return Err(PolicyRefusal::SendNotAuthorized {
                 user: user.to_owned(),
             });
         }
@@ -562,8 +673,13 @@ fn members_after(state: &RoomState, effect: &HandshakeEffect) -> Vec<String> {
 }
 
 /// A hub-kept list after a membership change: users whose last client went are unlisted,
-/// users with a first client are listed as ordinary users.
-fn derive_list(state: &RoomState, members_after: &[String]) -> ParticipantListData {
+/// users with a first client are listed as ordinary users (an external `joiner` as its
+/// preauthorized role, if it has one).
+fn derive_list(
+    state: &RoomState,
+    members_after: &[String],
+    joiner: Option<&str>,
+) -> ParticipantListData {
     let before = clients(&state.members);
     let after = clients(members_after);
     let mut participants: Vec<UserRolePair> = state
@@ -582,9 +698,13 @@ fn derive_list(state: &RoomState, members_after: &[String]) -> ParticipantListDa
         .collect();
     for u in members_after {
         if seen.insert(u.clone()) {
+            let role = joiner
+                .filter(|j| j == u)
+                .and_then(|j| state.preauth_join_role(j))
+                .unwrap_or(default_role::ORDINARY);
             participants.push(UserRolePair {
                 user: IdentifierUri::new(u.clone()),
-                role_index: default_role::ORDINARY,
+                role_index: role,
             });
         }
     }
@@ -636,6 +756,8 @@ pub fn authorize(
 
     // The room components this changes.
     let (mut new_list, mut new_roles, mut new_base) = (None, None, None);
+    // Some(None): the preauth_list is removed.
+    let mut new_preauth: Option<Option<PreAuthData>> = None;
     let mut seen = BTreeSet::new();
     for c in &effect.app_data {
         if !seen.insert(c.component) {
@@ -651,6 +773,14 @@ pub fn authorize(
             component::BASE_ROOM_POLICY => {
                 new_base = Some(decode_after(c, BaseRoomPolicy::decode)?);
             }
+            component::PREAUTH_LIST => {
+                new_preauth = Some(
+                    c.after
+                        .as_deref()
+                        .map(|b| decode(b, c.component, PreAuthData::decode))
+                        .transpose()?,
+                );
+            }
             _ => {}
         }
     }
@@ -662,15 +792,32 @@ pub fn authorize(
     validate_roles(&roles_after)?;
     let base_after = new_base.or_else(|| state.base.clone());
     let hub_kept_list = state.hub_kept_list && new_list.is_none();
+    let joiner = effect.external.then_some(sender);
     let list_after = match new_list {
         Some(l) => l,
-        None if state.hub_kept_list => derive_list(state, &members_after),
+        None if state.hub_kept_list => derive_list(state, &members_after, joiner),
         None => state.participants.clone(),
     };
     validate_list(&list_after, &roles_after)?;
     if policy_change && list_after != state.participants {
         return Err(PolicyRefusal::PolicyChangeWithListChange);
     }
+    let preauth_after = match new_preauth {
+        Some(p) => {
+            if !has(cap::CHANGE_PREAUTH_LIST) {
+                return Err(PolicyRefusal::PreauthChangeNotAuthorized { user: user(sender) });
+            }
+            let before = roles_by_user(&state.participants);
+            if roles_by_user(&list_after)
+                .iter()
+                .any(|(u, t)| before.get(u) != Some(t))
+            {
+                return Err(PolicyRefusal::PreauthChangeWithListChange);
+            }
+            p
+        }
+        None => state.preauth.clone(),
+    };
 
     // Participant list changes (room-policy §8.1).
     let before = roles_by_user(&state.participants);
@@ -706,8 +853,12 @@ pub fn authorize(
                 }
             }
             Some(&r) if r == t => {}
+            // room-policy §8.1.3 canChangeOwnRole: to its preauthorized role only, the
+            // authorized_role_changes not consulted.
             Some(_) if u == sender => {
-                return Err(PolicyRefusal::OwnRoleChange { user: user(u) });
+                if !(has(cap::CHANGE_OWN_ROLE) && state.preauth_role(u) == Some(t)) {
+                    return Err(PolicyRefusal::OwnRoleChange { user: user(u) });
+                }
             }
             Some(&r) if is_banned(roles, t) => {
                 if !(has(cap::BAN) && may_move(r, t)) {
@@ -883,6 +1034,7 @@ pub fn authorize(
         participants: list_after,
         roles: roles_after,
         base: base_after,
+        preauth: preauth_after,
         hub_kept_list,
         members: members_after,
     })
@@ -925,6 +1077,7 @@ mod tests {
             participants: list(&[(A, 4), (B, 3), (C, 2), (X, 1)]),
             roles: default_roles(),
             base: None,
+            preauth: None,
             hub_kept_list: false,
             members: strs(&[A, B, C, C]),
         }
@@ -986,6 +1139,14 @@ mod tests {
                 .push(change(component::ROLES_LIST, None, roles.encode().ok()));
             self
         }
+        fn preauth(mut self, p: Option<&PreAuthData>) -> E {
+            self.0.app_data.push(change(
+                component::PREAUTH_LIST,
+                None,
+                p.and_then(|p| p.encode().ok()),
+            ));
+            self
+        }
         fn base(mut self, base: &BaseRoomPolicy) -> E {
             self.0.app_data.push(change(
                 component::BASE_ROOM_POLICY,
@@ -1038,6 +1199,281 @@ mod tests {
 
     fn without(caps: &mut Vec<u16>, c: u16) {
         caps.retain(|x| *x != c);
+    }
+
+    /// A preauth_list entry: Basic-credential claims (id, value) to a default role.
+    fn entry(claims: &[(&[u8], &str)], role: u32) -> mimi_wire::proto::room::PreAuthRoleEntry {
+        mimi_wire::proto::room::PreAuthRoleEntry {
+            claimset: claims.iter().map(|(i, v)| Claim::basic(i, v)).collect(),
+            target_role: default_roles().role(role).expect("a default role").clone(),
+        }
+    }
+
+    fn preauth(entries: Vec<mimi_wire::proto::room::PreAuthRoleEntry>) -> PreAuthData {
+        PreAuthData {
+            preauthorized_entries: entries,
+        }
+    }
+
+    const DOMAIN: &[u8] = preauth_claim::DOMAIN;
+    const USER: &[u8] = preauth_claim::USER;
+
+    #[test]
+    fn a_preauthorized_joiner_lists_itself_with_its_role_in_its_external_commit() {
+        let s = RoomState {
+            preauth: Some(preauth(vec![entry(&[(DOMAIN, "d.example")], 2)])),
+            ..room()
+        };
+        let joined = |role| [(A, 4), (B, 3), (C, 2), (X, 1), (D, role)];
+        let n = ok(&s, E::external(D).list(&s, &joined(2)));
+        assert_eq!(n.role_of(D), 2);
+        assert!(n.members.iter().any(|m| m == D));
+        assert_eq!(n.preauth, s.preauth, "kept");
+        assert!(s.may_join(D).is_ok());
+        assert!(s.provider_takes_part("d.example"));
+        // Not above the preauthorized role.
+        assert_eq!(
+            no(&s, E::external(D).list(&s, &joined(3))),
+            PolicyRefusal::JoinNotAuthorized { user: D.into() }
+        );
+        // Listed it must be: the hub does not list it for the group.
+        assert_eq!(
+            no(&s, E::external(D)),
+            PolicyRefusal::UnlistedMember { user: D.into() }
+        );
+        // The joiner's commit changes nothing else: no one else listed, no preauth_list.
+        let eve = "mimi://e.example/u/eve";
+        let e = E::external(D).list(&s, &[(A, 4), (B, 3), (C, 2), (X, 1), (D, 2), (eve, 2)]);
+        assert!(matches!(
+            no(&s, e),
+            PolicyRefusal::AddNotAuthorized { role: 2, .. }
+        ));
+        let e = E::external(D)
+            .list(&s, &joined(2))
+            .preauth(Some(&preauth(vec![])));
+        assert_eq!(
+            no(&s, e),
+            PolicyRefusal::PreauthChangeNotAuthorized { user: D.into() }
+        );
+        // A user of another domain is neither listed nor preauthorized.
+        let e = E::external(eve).list(&s, &[(A, 4), (B, 3), (C, 2), (X, 1), (eve, 2)]);
+        assert_eq!(
+            no(&s, e),
+            PolicyRefusal::JoinNotAuthorized { user: eve.into() }
+        );
+        assert!(s.may_join(eve).is_err());
+        assert!(!s.provider_takes_part("e.example"));
+        // A banned user is never let back in by a preauthorization.
+        let c_domain = RoomState {
+            preauth: Some(preauth(vec![entry(&[(DOMAIN, "c.example")], 2)])),
+            ..room()
+        };
+        assert_eq!(
+            no(&c_domain, E::external(X)),
+            PolicyRefusal::Banned { user: X.into() }
+        );
+        assert!(c_domain.may_join(X).is_err());
+    }
+
+    #[test]
+    fn preauthorization_takes_the_first_matching_entry_with_checkable_claims_and_join_capability() {
+        let joined = |role| [(A, 4), (B, 3), (C, 2), (X, 1), (D, role)];
+        // dave matches the user entry first (role 3), so not the domain entry's role 2.
+        let s = RoomState {
+            preauth: Some(preauth(vec![
+                entry(&[(USER, D)], 3),
+                entry(&[(DOMAIN, "d.example")], 2),
+            ])),
+            ..room()
+        };
+        assert_eq!(s.preauth_role(D), Some(3));
+        ok(&s, E::external(D).list(&s, &joined(3)));
+        assert!(matches!(
+            no(&s, E::external(D).list(&s, &joined(2))),
+            PolicyRefusal::JoinNotAuthorized { .. }
+        ));
+        // Every claim of the set must hold.
+        let both = RoomState {
+            preauth: Some(preauth(vec![entry(
+                &[(DOMAIN, "d.example"), (USER, "mimi://d.example/u/other")],
+                2,
+            )])),
+            ..room()
+        };
+        assert_eq!(both.preauth_role(D), None);
+        assert!(matches!(
+            no(&both, E::external(D).list(&both, &joined(2))),
+            PolicyRefusal::JoinNotAuthorized { .. }
+        ));
+        // A claim the hub cannot check (another credential type, another id) never holds.
+        let mut x509 = entry(&[(DOMAIN, "d.example")], 2);
+        x509.claimset[0].claim_id.credential_type = 2;
+        let email = entry(&[(b"email", D)], 2);
+        let unknown = RoomState {
+            preauth: Some(preauth(vec![x509, email])),
+            ..room()
+        };
+        assert_eq!(unknown.preauth_role(D), None);
+        assert!(!unknown.provider_takes_part("d.example"));
+        assert!(matches!(
+            no(&unknown, E::external(D).list(&unknown, &joined(2))),
+            PolicyRefusal::JoinNotAuthorized { .. }
+        ));
+        // The target role must hold canJoinIfPreauthorized (in the room's roles).
+        let no_cap = RoomState {
+            roles: roles_with(2, |r| {
+                without(&mut r.role_capabilities, cap::JOIN_IF_PREAUTHORIZED)
+            }),
+            preauth: Some(preauth(vec![entry(&[(DOMAIN, "d.example")], 2)])),
+            ..room()
+        };
+        assert!(matches!(
+            no(&no_cap, E::external(D).list(&no_cap, &joined(2))),
+            PolicyRefusal::JoinNotAuthorized { .. }
+        ));
+        assert!(no_cap.may_join(D).is_err());
+        assert!(!no_cap.provider_takes_part("d.example"));
+    }
+
+    #[test]
+    fn a_hub_kept_room_lists_a_preauthorized_joiner_with_its_role() {
+        let mut app_data = BTreeMap::new();
+        app_data.insert(
+            component::PREAUTH_LIST,
+            preauth(vec![entry(&[(USER, D)], 3)])
+                .encode()
+                .expect("encode"),
+        );
+        let s = RoomState::created(&app_data, strs(&[A])).expect("created");
+        assert!(s.hub_kept_list);
+        assert!(s.provider_takes_part("d.example"));
+        let n = ok(&s, E::external(D));
+        assert_eq!(n.role_of(D), 3);
+        // Others of that provider are not preauthorized (and it has no participant yet).
+        assert_eq!(
+            no(&s, E::external("mimi://d.example/u/dan")),
+            PolicyRefusal::JoinNotAuthorized {
+                user: "mimi://d.example/u/dan".into()
+            }
+        );
+    }
+
+    #[test]
+    fn changing_the_preauth_list_needs_its_capability_and_no_list_change_but_removals() {
+        let s = room();
+        let p = preauth(vec![entry(&[(DOMAIN, "d.example")], 2)]);
+        // alice, super_admin, holds canChangePreauthorizedUserList.
+        let n = ok(&s, E::commit(A).preauth(Some(&p)));
+        assert_eq!(n.preauth.as_ref(), Some(&p));
+        assert!(n.provider_takes_part("d.example"));
+        assert_eq!(ok(&n, E::commit(A).preauth(None)).preauth, None);
+        // bob, group_admin, does not.
+        assert_eq!(
+            no(&s, E::commit(B).preauth(Some(&p))),
+            PolicyRefusal::PreauthChangeNotAuthorized { user: B.into() }
+        );
+        // Not with an addition or a role change ...
+        let e = E::commit(A)
+            .preauth(Some(&p))
+            .list(&s, &[(A, 4), (B, 3), (C, 2), (X, 1), (D, 2)]);
+        assert_eq!(no(&s, e), PolicyRefusal::PreauthChangeWithListChange);
+        let e = E::commit(A)
+            .preauth(Some(&p))
+            .list(&s, &[(A, 4), (B, 3), (C, 3), (X, 1)]);
+        assert_eq!(no(&s, e), PolicyRefusal::PreauthChangeWithListChange);
+        // ... but with a removal.
+        let e = E::commit(A)
+            .preauth(Some(&p))
+            .remove(C)
+            .remove(C)
+            .list(&s, &[(A, 4), (B, 3), (X, 1)]);
+        assert_eq!(ok(&s, e).role_of(C), NO_ROLE);
+        let mut bad = E::commit(A);
+        bad.0
+            .app_data
+            .push(change(component::PREAUTH_LIST, None, Some(vec![9, 9])));
+        assert_eq!(
+            no(&s, bad),
+            PolicyRefusal::MalformedComponent {
+                component: component::PREAUTH_LIST
+            }
+        );
+    }
+
+    #[test]
+    fn can_change_own_role_moves_only_to_the_first_preauthorized_role() {
+        let p = preauth(vec![
+            entry(&[(USER, C)], 3),
+            entry(&[(DOMAIN, "c.example")], 4),
+        ]);
+        let s = RoomState {
+            roles: roles_with(2, |r| r.role_capabilities.push(cap::CHANGE_OWN_ROLE)),
+            preauth: Some(p.clone()),
+            ..room()
+        };
+        let n = ok(&s, E::commit(C).list(&s, &[(A, 4), (B, 3), (C, 3), (X, 1)]));
+        assert_eq!(n.role_of(C), 3);
+        // Not to the second matching entry's role.
+        assert_eq!(
+            no(&s, E::commit(C).list(&s, &[(A, 4), (B, 3), (C, 4), (X, 1)])),
+            PolicyRefusal::OwnRoleChange { user: C.into() }
+        );
+        // Without canChangeOwnRole: no.
+        let plain = RoomState {
+            preauth: Some(p),
+            ..room()
+        };
+        assert_eq!(
+            no(
+                &plain,
+                E::commit(C).list(&plain, &[(A, 4), (B, 3), (C, 3), (X, 1)])
+            ),
+            PolicyRefusal::OwnRoleChange { user: C.into() }
+        );
+        // Without a preauthorization: no.
+        let none = RoomState {
+            preauth: None,
+            ..s.clone()
+        };
+        assert_eq!(
+            no(
+                &none,
+                E::commit(C).list(&none, &[(A, 4), (B, 3), (C, 3), (X, 1)])
+            ),
+            PolicyRefusal::OwnRoleChange { user: C.into() }
+        );
+        // The target role's constraints still hold.
+        let full = RoomState {
+            roles: roles_with(3, |r| r.maximum_participants_constraint = Some(1)),
+            ..s
+        };
+        let mut full = full;
+        if let Some(r) = full.roles.roles.iter_mut().find(|r| r.role_index == 2) {
+            r.role_capabilities.push(cap::CHANGE_OWN_ROLE);
+        }
+        assert_eq!(
+            no(
+                &full,
+                E::commit(C).list(&full, &[(A, 4), (B, 3), (C, 3), (X, 1)])
+            ),
+            PolicyRefusal::TooManyParticipants { role: 3, max: 1 }
+        );
+    }
+
+    #[test]
+    fn sending_messages_needs_can_send_message() {
+        let s = room();
+        assert_eq!(s.may_send(C), Ok(()));
+        let mute = RoomState {
+            roles: roles_with(2, |r| without(&mut r.role_capabilities, cap::SEND_MESSAGE)),
+            ..room()
+        };
+        assert_eq!(
+            mute.may_send(C),
+            Err(PolicyRefusal::SendNotAuthorized { user: C.into() })
+        );
+        // Other roles keep theirs.
+        assert_eq!(mute.may_send(A), Ok(()));
     }
 
     #[test]

@@ -44,6 +44,21 @@ pub mod capability {
     pub const SEND_MESSAGE: u16 = 0x0100;
     pub const RECEIVE_MESSAGE: u16 = 0x0101;
     pub const REPORT_ABUSE: u16 = 0x0103;
+    pub const CHANGE_PREAUTH_LIST: u16 = 0x0504;
+}
+
+/// The claims a hub can check in a preauth_list entry (room-policy §4 leaves claim ids to
+/// each credential type, "TODO refactor Claims"): for a Basic credential (type 1), whose
+/// identity is the user URI, `user` matches that URI exactly and `domain` its provider's
+/// domain. A claim of any other type or id is one the hub cannot check: the entry holding
+/// it never matches at the hub.
+pub mod preauth_claim {
+    /// `CredentialType` basic (RFC 9420 §17.5).
+    pub const BASIC_CREDENTIAL: u16 = 0x0001;
+    /// Claim id: the whole user URI.
+    pub const USER: &[u8] = b"user";
+    /// Claim id: the domain of the user URI (`mimi://DOMAIN/u/...`).
+    pub const DOMAIN: &[u8] = b"domain";
 }
 
 /// The role index of "not (or no longer) in the participant list" (room-policy §3).
@@ -450,6 +465,116 @@ impl Encode for BaseRoomPolicy {
 }
 wire_type!(BaseRoomPolicy);
 
+/// `ClaimId` (room-policy §4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimId {
+    /// The MLS `CredentialType` the claim is of.
+    pub credential_type: u16,
+    /// `opaque id<V>`: an X.509 OID, a JWT claim name, a CWT key; see [`preauth_claim`].
+    pub id: VLBytes,
+}
+
+impl<'a> Decode<'a> for ClaimId {
+    fn decode_from(r: &mut Reader<'a>) -> Result<Self, WireError> {
+        Ok(ClaimId {
+            credential_type: r.u16()?,
+            id: read_vlbytes(r, "claim id")?,
+        })
+    }
+}
+
+impl Encode for ClaimId {
+    fn encode_to(&self, out: &mut Vec<u8>) -> Result<(), WireError> {
+        out.put_u16(self.credential_type);
+        put_vlbytes(out, &self.id)
+    }
+}
+wire_type!(ClaimId);
+
+/// `Claim` (room-policy §4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub claim_id: ClaimId,
+    pub claim_value: VLBytes,
+}
+
+impl Claim {
+    /// A Basic-credential claim `id` = `value` (see [`preauth_claim`]).
+    pub fn basic(id: &[u8], value: &str) -> Claim {
+        Claim {
+            claim_id: ClaimId {
+                credential_type: preauth_claim::BASIC_CREDENTIAL,
+                id: VLBytes::new(id.to_vec()),
+            },
+            claim_value: VLBytes::new(value.as_bytes().to_vec()),
+        }
+    }
+}
+
+impl<'a> Decode<'a> for Claim {
+    fn decode_from(r: &mut Reader<'a>) -> Result<Self, WireError> {
+        Ok(Claim {
+            claim_id: ClaimId::decode_from(r)?,
+            claim_value: read_vlbytes(r, "claim_value")?,
+        })
+    }
+}
+
+impl Encode for Claim {
+    fn encode_to(&self, out: &mut Vec<u8>) -> Result<(), WireError> {
+        self.claim_id.encode_to(out)?;
+        put_vlbytes(out, &self.claim_value)
+    }
+}
+wire_type!(Claim);
+
+/// `PreAuthRoleEntry` (room-policy §4): whoever satisfies every claim of `claimset` may take
+/// `target_role` (the draft carries a whole `Role`; its `role_index` names a role of the
+/// room's roles_list, which alone defines what the role may do).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreAuthRoleEntry {
+    pub claimset: Vec<Claim>,
+    pub target_role: Role,
+}
+
+impl<'a> Decode<'a> for PreAuthRoleEntry {
+    fn decode_from(r: &mut Reader<'a>) -> Result<Self, WireError> {
+        Ok(PreAuthRoleEntry {
+            claimset: decode_list(r, "claimset")?,
+            target_role: Role::decode_from(r)?,
+        })
+    }
+}
+
+impl Encode for PreAuthRoleEntry {
+    fn encode_to(&self, out: &mut Vec<u8>) -> Result<(), WireError> {
+        encode_list(out, &self.claimset)?;
+        self.target_role.encode_to(out)
+    }
+}
+wire_type!(PreAuthRoleEntry);
+
+/// `PreAuthData`, the data of preauth_list (and a PreAuthUpdate, which replaces it whole).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PreAuthData {
+    pub preauthorized_entries: Vec<PreAuthRoleEntry>,
+}
+
+impl<'a> Decode<'a> for PreAuthData {
+    fn decode_from(r: &mut Reader<'a>) -> Result<Self, WireError> {
+        Ok(PreAuthData {
+            preauthorized_entries: decode_list(r, "preauthorized_entries")?,
+        })
+    }
+}
+
+impl Encode for PreAuthData {
+    fn encode_to(&self, out: &mut Vec<u8>) -> Result<(), WireError> {
+        encode_list(out, &self.preauthorized_entries)
+    }
+}
+wire_type!(PreAuthData);
+
 /// `FrankingAgentData` (protocol-06 §5.4.1): the hub's franking signature key and its
 /// credential, as the room's franking_agent component.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -615,6 +740,42 @@ mod tests {
         let mut bad = b.clone();
         bad[0] = 2;
         assert!(BaseRoomPolicy::decode(&bad).is_err());
+    }
+
+    #[test]
+    fn preauth_data_round_trips_with_known_claim_bytes() {
+        let claim = Claim::basic(preauth_claim::DOMAIN, "b.example");
+        // credential_type 1, id<V> "domain", claim_value<V> "b.example".
+        let mut want = vec![0, 1, 6];
+        want.extend_from_slice(b"domain");
+        want.push(9);
+        want.extend_from_slice(b"b.example");
+        assert_eq!(claim.encode().expect("encode"), want);
+        let data = PreAuthData {
+            preauthorized_entries: vec![PreAuthRoleEntry {
+                claimset: vec![
+                    claim,
+                    Claim::basic(preauth_claim::USER, "mimi://b.example/u/x"),
+                ],
+                target_role: Role {
+                    role_index: 2,
+                    role_name: VLBytes::new(b"regular".to_vec()),
+                    role_description: VLBytes::new(Vec::new()),
+                    role_capabilities: vec![capability::JOIN_IF_PREAUTHORIZED],
+                    minimum_participants_constraint: 0,
+                    maximum_participants_constraint: None,
+                    minimum_active_participants_constraint: 0,
+                    maximum_active_participants_constraint: None,
+                    authorized_role_changes: vec![],
+                },
+            }],
+        };
+        let b = data.encode().expect("encode");
+        assert_eq!(PreAuthData::decode(&b).expect("decode"), data);
+        // Truncated anywhere: an error, never a panic.
+        for n in 0..b.len() {
+            assert!(PreAuthData::decode(&b[..n]).is_err(), "{n}");
+        }
     }
 }
 

@@ -3,15 +3,17 @@
 //! room policy so both sides agree on what the role indexes mean.
 //!
 //! Roles, in the spirit of draft-ietf-mimi-room-policy Appendix A.2: 1 banned (nothing),
-//! 2 regular (send, receive, report, leave, add and remove its own clients), 3 owner (all a
-//! regular participant may, plus adding, removing, kicking, banning, unbanning participants
-//! and changing their roles). Index 0 is the "no role" of §3 and has no entry.
+//! 2 regular (send, receive, report, leave, add and remove its own clients, join if
+//! preauthorized), 3 owner (all a regular participant may, plus adding, removing, kicking,
+//! banning, unbanning participants, changing their roles and the preauth_list). Index 0 is
+//! the "no role" of §3 and has no entry.
 
 use super::IdentifierUri;
 use super::VLBytes;
 use super::room::{
-    BANNED_ROLE, BaseRoomPolicy, NO_ROLE, ParticipantListData, ParticipantListUpdate, Role,
-    RoleChangeTargets, RoleData, UserIndexRolePair, UserRolePair, capability, component,
+    BANNED_ROLE, BaseRoomPolicy, Claim, NO_ROLE, ParticipantListData, ParticipantListUpdate,
+    PreAuthData, PreAuthRoleEntry, Role, RoleChangeTargets, RoleData, UserIndexRolePair,
+    UserRolePair, capability, component,
 };
 use crate::error::WireError;
 
@@ -20,22 +22,25 @@ pub const REGULAR_ROLE: u32 = 2;
 /// The owner's (administrator's) role index; a room's creator takes it.
 pub const OWNER_ROLE: u32 = 3;
 
-const REGULAR_CAPABILITIES: [u16; 6] = [
+// canJoinIfPreauthorized is inert until a preauth_list names the role.
+const REGULAR_CAPABILITIES: [u16; 7] = [
     capability::SEND_MESSAGE,
     capability::RECEIVE_MESSAGE,
     capability::REPORT_ABUSE,
     capability::REMOVE_SELF,
     capability::ADD_OWN_CLIENT,
     capability::REMOVE_OWN_CLIENT,
+    capability::JOIN_IF_PREAUTHORIZED,
 ];
 
-const OWNER_EXTRA_CAPABILITIES: [u16; 6] = [
+const OWNER_EXTRA_CAPABILITIES: [u16; 7] = [
     capability::ADD_PARTICIPANT,
     capability::REMOVE_PARTICIPANT,
     capability::KICK,
     capability::BAN,
     capability::UNBAN,
     capability::CHANGE_USER_ROLE,
+    capability::CHANGE_PREAUTH_LIST,
 ];
 
 fn role(index: u32, name: &str, description: &str, capabilities: Vec<u16>) -> Role {
@@ -152,6 +157,34 @@ pub fn add_participants<'a>(
     }
 }
 
+/// A preauth_list entry (room-policy §4): a user satisfying every `(claim id, value)` of
+/// `claims` (ids of [`super::room::preauth_claim`]) may join as `role`, a role of
+/// [`default_roles`] (`None`: not one of them).
+pub fn preauth_entry(claims: &[(&[u8], &str)], role: u32) -> Option<PreAuthRoleEntry> {
+    Some(PreAuthRoleEntry {
+        claimset: claims.iter().map(|(id, v)| Claim::basic(id, v)).collect(),
+        target_role: default_roles().role(role)?.clone(),
+    })
+}
+
+/// A preauth_list letting every user of `domain` join as a regular participant.
+pub fn preauth_domain(domain: &str) -> PreAuthData {
+    PreAuthData {
+        preauthorized_entries: preauth_entry(
+            &[(super::room::preauth_claim::DOMAIN, domain)],
+            REGULAR_ROLE,
+        )
+        .into_iter()
+        .collect(),
+    }
+}
+
+/// An update listing `user` itself with `role`: what a joiner by external commit puts in
+/// its commit (room-policy §8.1.1 canOpenJoin, canJoinIfPreauthorized).
+pub fn self_listing(user: &str, role: u32) -> ParticipantListUpdate {
+    add_participants([user], role)
+}
+
 /// An update removing `user` from `list` (`None`: not listed).
 pub fn remove_participant(list: &ParticipantListData, user: &str) -> Option<ParticipantListUpdate> {
     let i = index_of(list, user)?;
@@ -233,5 +266,32 @@ mod tests {
         assert_eq!(gone.role_of(bob), NO_ROLE);
         assert_eq!(gone.role_of(alice), OWNER_ROLE);
         assert!(remove_participant(&gone, bob).is_none());
+    }
+
+    #[test]
+    fn preauth_builders_name_default_roles_only() {
+        let p = PreAuthData::decode(&preauth_domain("b.example").encode().unwrap()).unwrap();
+        let e = &p.preauthorized_entries[0];
+        assert_eq!(e.target_role.role_index, REGULAR_ROLE);
+        assert_eq!(e.claimset, vec![Claim::basic(b"domain", "b.example")]);
+        assert!(preauth_entry(&[], 7).is_none());
+        let roles = default_roles();
+        assert!(
+            roles
+                .role(REGULAR_ROLE)
+                .unwrap()
+                .has(capability::JOIN_IF_PREAUTHORIZED)
+        );
+        assert!(
+            roles
+                .role(OWNER_ROLE)
+                .unwrap()
+                .has(capability::CHANGE_PREAUTH_LIST)
+        );
+        let bob = "mimi://b.example/u/bob";
+        let list = initial_participants("mimi://a.example/u/alice")
+            .apply(&self_listing(bob, REGULAR_ROLE))
+            .unwrap();
+        assert_eq!(list.role_of(bob), REGULAR_ROLE);
     }
 }
