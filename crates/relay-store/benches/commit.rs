@@ -17,7 +17,7 @@ const ROOMS: usize = 4;
 struct Workload {
     rooms: Vec<RoomId>,
     dests: [ProviderDomain; 2],
-    payload: Bytes,
+    payload: Vec<u8>,
     /// Next sequence per room (one queue sequence per room serves both destinations).
     seq: [u64; ROOMS],
     /// Highest sequence of the previous batch per room, acknowledged with the next batch.
@@ -32,7 +32,7 @@ impl Workload {
                 .map(|i| RoomId::parse(&format!("mimi://hub.example/r/room{i}")).expect("room"))
                 .collect(),
             dests: [d("b.example"), d("c.example")],
-            payload: Bytes::from(vec![0xab; 1024]),
+            payload: vec![0xab; 1024],
             seq: [0; ROOMS],
             unacked: [0; ROOMS],
         }
@@ -56,12 +56,14 @@ impl Workload {
             let room = &self.rooms[r];
             self.seq[r] += 1;
             let seq = self.seq[r];
+            // Its own handle per message, as the core makes one per fanout: one body each.
+            let fanout = Bytes::copy_from_slice(&self.payload);
             for dest in &self.dests {
                 store.apply(StoreOp::Enqueue {
                     room,
                     dest,
                     qseq: seq,
-                    fanout: &self.payload,
+                    fanout: &fanout,
                 });
             }
             store.apply(StoreOp::RoomSeq {

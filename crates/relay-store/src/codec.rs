@@ -186,7 +186,10 @@ const TAGS: [Tag; 11] = [
 /// few `memcpy`s into buffers that keep their capacity across commits.
 ///
 /// A record is a tag byte, then the key and the value, each as a little-endian `u32` length and
-/// bytes. Payloads (`Enqueue`, `Inbox`) stay as [`Bytes`] handles in `payloads`, in record order.
+/// bytes. Payloads (`Enqueue`, `Inbox`) stay as [`Bytes`] handles in `payloads`; their records'
+/// values start with the payload's index there (a big-endian `u32`). A fanout enqueued for
+/// several destinations is one payload: the core passes the same handle for each, and each
+/// record names the same index, so the commit writes its body once.
 #[derive(Debug, Default)]
 pub(crate) struct PendingLog {
     pub(crate) log: Vec<u8>,
@@ -222,6 +225,20 @@ impl PendingLog {
         if let Some(slot) = self.log.get_mut(at..at + 4) {
             slot.copy_from_slice(&len.to_le_bytes());
         }
+    }
+
+    /// The index of `payload` in `payloads`: the last one's if it holds the same bytes (the
+    /// same fanout enqueued for the next destination), else a new one.
+    fn payload_index(&mut self, payload: &Bytes) -> u32 {
+        let same = self.payloads.last().is_some_and(|last| {
+            last.len() == payload.len()
+                && (last.as_ptr() == payload.as_ptr() || last[..] == payload[..])
+        });
+        if !same {
+            self.payloads.push(payload.clone());
+        }
+        // A batch holds far fewer than 4 billion payloads: they are all in memory.
+        (self.payloads.len() - 1) as u32
     }
 
     fn record(&mut self, tag: Tag, key: impl FnOnce(&mut Vec<u8>), val: impl FnOnce(&mut Vec<u8>)) {
@@ -260,15 +277,15 @@ impl PendingLog {
                 qseq,
                 fanout,
             } => {
+                let index = self.payload_index(fanout);
                 self.record(
                     Tag::Enqueue,
                     |k| {
                         queue_prefix(k, room, dest);
                         put_u64(k, qseq);
                     },
-                    |_| {},
+                    |v| v.extend_from_slice(&index.to_be_bytes()),
                 );
-                self.payloads.push(fanout.clone());
             }
             StoreOp::Ack { room, dest, upto } => self.record(
                 Tag::Ack,
@@ -302,12 +319,15 @@ impl PendingLog {
                 },
             ),
             StoreOp::Inbox { offset, record } => {
+                let index = self.payload_index(&record.fanout);
                 self.record(
                     Tag::Inbox,
                     |k| put_u64(k, offset),
-                    |v| inbox_header(v, record),
+                    |v| {
+                        v.extend_from_slice(&index.to_be_bytes());
+                        inbox_header(v, record);
+                    },
                 );
-                self.payloads.push(record.fanout.clone());
             }
             StoreOp::InboxTrim { upto } => {
                 self.record(Tag::InboxTrim, |_| {}, |v| put_u64(v, upto))
@@ -403,6 +423,15 @@ pub(crate) fn inbox_from<'a>(table: &'static str, v: &'a [u8]) -> Result<&'a [u8
     r.str_bytes()?;
     let end = v.len() - r.buf.len();
     v.get(start..end).ok_or_else(|| r.corrupt("truncated"))
+}
+
+/// Splits a pending `Enqueue` or `Inbox` value into its payload index and the rest.
+pub(crate) fn payload_ref(val: &[u8]) -> Result<(usize, &[u8]), DecodeError> {
+    let (index, rest) = val.split_first_chunk::<4>().ok_or(DecodeError::Corrupt {
+        table: "pending log",
+        what: "payload index missing",
+    })?;
+    Ok((u32::from_be_bytes(*index) as usize, rest))
 }
 
 /// Reads a provider domain written by [`put_str`] as a whole key.
@@ -501,28 +530,45 @@ mod tests {
         let room = RoomId::parse("mimi://a.example/r/x").expect("room");
         let dest = ProviderDomain::parse("b.example").expect("domain");
         let fanout = Bytes::from_static(b"payload");
+        let other = Bytes::from_static(b"another");
         let mut p = PendingLog::default();
-        p.push(StoreOp::Enqueue {
-            room: &room,
-            dest: &dest,
-            qseq: 7,
-            fanout: &fanout,
-        });
+        // The same fanout for two destinations, then another one: two payloads.
+        for (qseq, body) in [(7, &fanout), (7, &fanout), (8, &other)] {
+            p.push(StoreOp::Enqueue {
+                room: &room,
+                dest: &dest,
+                qseq,
+                fanout: body,
+            });
+        }
         p.push(StoreOp::InboxTrim { upto: 3 });
         let mut recs = p.records();
-        let Record { tag, key, val } = recs.next_record().expect("ok").expect("record");
-        assert_eq!(tag, Tag::Enqueue);
-        let mut r = Reader::new("q", key);
-        assert_eq!(r.room().expect("room"), room);
-        assert_eq!(r.domain().expect("dest"), dest);
-        assert_eq!(r.u64().expect("qseq"), 7);
-        assert!(r.finish().is_ok() && val.is_empty());
+        for (qseq, index) in [(7, 0), (7, 0), (8, 1)] {
+            let Record { tag, key, val } = recs.next_record().expect("ok").expect("record");
+            assert_eq!(tag, Tag::Enqueue);
+            let mut r = Reader::new("q", key);
+            assert_eq!(r.room().expect("room"), room);
+            assert_eq!(r.domain().expect("dest"), dest);
+            assert_eq!(r.u64().expect("qseq"), qseq);
+            assert!(r.finish().is_ok());
+            assert_eq!(payload_ref(val), Ok((index, &[][..])));
+        }
         let Record { tag, key, val } = recs.next_record().expect("ok").expect("record");
         assert_eq!(
             (tag, key, read_u64_value("v", val)),
             (Tag::InboxTrim, &[][..], Ok(3))
         );
         assert!(recs.next_record().expect("ok").is_none());
-        assert_eq!(p.payloads, vec![fanout]);
+        assert_eq!(p.payloads, vec![fanout, other]);
+    }
+
+    #[test]
+    fn equal_bytes_in_another_handle_are_one_payload() {
+        let mut p = PendingLog::default();
+        let a = Bytes::from(vec![1u8; 16]);
+        assert_eq!(p.payload_index(&a), 0);
+        assert_eq!(p.payload_index(&Bytes::from(vec![1u8; 16])), 0);
+        assert_eq!(p.payload_index(&Bytes::from(vec![2u8; 16])), 1);
+        assert_eq!(p.payload_index(&a), 2, "only the last payload is compared");
     }
 }

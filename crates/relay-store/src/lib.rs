@@ -35,6 +35,12 @@
 //! One table per kind of state; see the table definitions below. Composite keys are
 //! length-prefixed strings and big-endian numbers (see `codec`), so a queue is a contiguous key
 //! range ordered by `qseq` and an `Ack` is one range delete.
+//!
+//! A fanout is stored once however many destinations it waits for: queue entries hold the id
+//! of a body in `BODIES`, and a body is deleted in the transaction that deletes the last entry
+//! naming it. How many entries name each body is not stored: the store counts them in memory
+//! when it opens (a scan of the queue entries' 8-byte values) and keeps the count with every
+//! commit, so an acknowledgement writes no reference counts.
 
 mod codec;
 mod db;
@@ -42,10 +48,12 @@ mod db;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
 
 pub use codec::DecodeError;
 use mimi_wire::uri::ProviderDomain;
@@ -63,8 +71,11 @@ type Bytes2Bytes = TableDefinition<'static, &'static [u8], &'static [u8]>;
 const ROOMS: Bytes2Bytes = TableDefinition::new("rooms");
 /// room -> next_seq, last_ms. Apart from `ROOMS` because it changes with every message.
 const ROOM_SEQS: Bytes2Bytes = TableDefinition::new("room_seqs");
-/// (room, dest, qseq) -> fanout bytes.
+/// (room, dest, qseq) -> body id (`u64`) in `BODIES`.
 const QUEUES: Bytes2Bytes = TableDefinition::new("queues");
+/// body id (`u64`) -> fanout bytes, one row per fanout whatever the number of `QUEUES` entries
+/// naming it; deleted with the last of them.
+const BODIES: Bytes2Bytes = TableDefinition::new("bodies");
 /// (room, dest) -> (): every queue ever enqueued to, so an emptied queue loads as empty.
 const QUEUE_KEYS: Bytes2Bytes = TableDefinition::new("queue_keys");
 /// (room, dest) -> highest acknowledged qseq.
@@ -88,10 +99,11 @@ const RECORDS: Bytes2Bytes = TableDefinition::new("records");
 
 const META_FORMAT: &[u8] = b"format";
 const META_INBOX_TRIMMED: &[u8] = b"inbox_trimmed";
-/// Bumped on any change to the layout above. Format 1 had no `INBOX_COUNTS`; it is
-/// migrated on open.
-const FORMAT: u64 = 2;
+/// Bumped on any change to the layout above. Format 1 had no `INBOX_COUNTS`, format 2 kept
+/// the fanout bytes in every `QUEUES` entry (no `BODIES`); both are migrated on open.
+const FORMAT: u64 = 3;
 const FORMAT_1: u64 = 1;
+const FORMAT_2: u64 = 2;
 /// A `ROOMS` value with no followers.
 const NO_FOLLOWERS: &[u8] = &[0, 0];
 
@@ -99,6 +111,39 @@ const NO_FOLLOWERS: &[u8] = &[0, 0];
 pub struct DurableStore {
     db: Arc<db::Db>,
     pending: PendingLog,
+    /// Shared with the sealed commits, which write one at a time.
+    bodies: Arc<Mutex<BodyRefs>>,
+}
+
+/// How many committed `QUEUES` entries name each body: derived from the file (counted on open)
+/// and changed only by a commit that succeeded, so it is always the file's count.
+#[derive(Debug, Default)]
+struct BodyRefs {
+    refs: HashMap<u64, u64>,
+    /// Above every body id in the file: ids are never reused while a row may name them.
+    next_id: u64,
+}
+
+impl BodyRefs {
+    /// Counts the references in the file. A value that is no body id is left to `load` to
+    /// report, so a store with a corrupt entry still opens and says what is wrong.
+    fn count(db: &Database) -> Result<BodyRefs, Fail> {
+        let tx = db.begin_read()?;
+        let mut out = BodyRefs::default();
+        for row in tx.open_table(QUEUES)?.iter()? {
+            let (_, v) = row?;
+            if let Ok(id) = codec::read_u64_value("queues", v.value()) {
+                *out.refs.entry(id).or_default() += 1;
+                out.next_id = out.next_id.max(id.saturating_add(1));
+            }
+        }
+        if let Some((k, _)) = tx.open_table(BODIES)?.last()?
+            && let Ok(id) = codec::read_u64_value("bodies", k.value())
+        {
+            out.next_id = out.next_id.max(id.saturating_add(1));
+        }
+        Ok(out)
+    }
 }
 
 // The node moves the store into its own task or thread.
@@ -181,11 +226,17 @@ impl DurableStore {
     /// After a crash this also recovers the file to its last commit, which reads the whole file.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         let db = db::Db::open(path.as_ref()).map_err(|e| e.into_store("open"))?;
-        let store = DurableStore {
+        let mut store = DurableStore {
             db: Arc::new(db),
             pending: PendingLog::default(),
+            bodies: Arc::default(),
         };
         store.db.with(init).map_err(|e| e.into_store("open"))?;
+        let bodies = store
+            .db
+            .with(BodyRefs::count)
+            .map_err(|e| e.into_store("open"))?;
+        store.bodies = Arc::new(Mutex::new(bodies));
         Ok(store)
     }
 
@@ -197,6 +248,14 @@ impl DurableStore {
     /// Ops applied since the last successful commit.
     pub fn pending_ops(&self) -> usize {
         self.pending.ops
+    }
+
+    /// How many fanout bodies the last commit left in the file: one per fanout that some
+    /// destination has not acknowledged yet, however many destinations wait for it.
+    pub fn bodies(&self) -> Result<u64, StoreError> {
+        self.db
+            .with(|db| Ok(db.begin_read()?.open_table(BODIES)?.len()?))
+            .map_err(|e| e.into_store("count bodies"))
     }
 }
 
@@ -212,19 +271,11 @@ fn init(db: &Database) -> Result<(), Fail> {
     };
     match found {
         Some(FORMAT) => tx.abort()?,
-        Some(FORMAT_1) => {
-            // Count the inbox once; from now on every commit keeps the counts.
-            let mut counts: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
-            for row in tx.open_table(INBOX)?.iter()? {
-                let (_, v) = row?;
-                let from = codec::inbox_from("inbox", v.value())?;
-                *counts.entry(from.to_vec()).or_default() += 1;
+        Some(older @ (FORMAT_1 | FORMAT_2)) => {
+            if older == FORMAT_1 {
+                count_inbox_v1(&tx)?;
             }
-            let mut table = tx.open_table(INBOX_COUNTS)?;
-            for (from, n) in counts {
-                table.insert(from.as_slice(), n.to_be_bytes().as_slice())?;
-            }
-            drop(table);
+            move_bodies_v2(&tx)?;
             tx.open_table(META)?
                 .insert(META_FORMAT, FORMAT.to_be_bytes().as_slice())?;
             tx.commit()?;
@@ -243,6 +294,7 @@ fn init(db: &Database) -> Result<(), Fail> {
                 ROOMS,
                 ROOM_SEQS,
                 QUEUES,
+                BODIES,
                 QUEUE_KEYS,
                 ACKED,
                 CURSORS,
@@ -260,8 +312,47 @@ fn init(db: &Database) -> Result<(), Fail> {
     Ok(())
 }
 
-/// Writes one batch of ops in one write transaction, durably.
-fn write_log(db: &Database, pending: &PendingLog) -> Result<(), Fail> {
+/// Format 1 to 2: counts the inbox once; from then on every commit keeps the counts.
+fn count_inbox_v1(tx: &redb::WriteTransaction) -> Result<(), Fail> {
+    let mut counts: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+    for row in tx.open_table(INBOX)?.iter()? {
+        let (_, v) = row?;
+        let from = codec::inbox_from("inbox", v.value())?;
+        *counts.entry(from.to_vec()).or_default() += 1;
+    }
+    let mut table = tx.open_table(INBOX_COUNTS)?;
+    for (from, n) in counts {
+        table.insert(from.as_slice(), n.to_be_bytes().as_slice())?;
+    }
+    Ok(())
+}
+
+/// Format 2 to 3: moves the fanout bytes of every queue entry into `BODIES`, one body per
+/// entry (format 2 did not say which entries held the same fanout).
+fn move_bodies_v2(tx: &redb::WriteTransaction) -> Result<(), Fail> {
+    let mut queues = tx.open_table(QUEUES)?;
+    let mut bodies = tx.open_table(BODIES)?;
+    let mut entries = Vec::new();
+    for row in queues.iter()? {
+        let (k, v) = row?;
+        entries.push((k.value().to_vec(), v.value().to_vec()));
+    }
+    for (id, (key, fanout)) in (0u64..).zip(entries) {
+        bodies.insert(id.to_be_bytes().as_slice(), fanout.as_slice())?;
+        queues.insert(key.as_slice(), id.to_be_bytes().as_slice())?;
+    }
+    Ok(())
+}
+
+/// Writes one batch of ops in one write transaction, durably, and on success updates
+/// `bodies` to the file's new reference counts.
+fn write_log(db: &Database, pending: &PendingLog, bodies: &Mutex<BodyRefs>) -> Result<(), Fail> {
+    // Held for the whole write: the counts change only with a commit that succeeded.
+    let mut body_refs = bodies.lock().unwrap_or_else(PoisonError::into_inner);
+    // Reference changes per body in this batch, and the body written for each payload.
+    let mut refs_delta: HashMap<u64, i64> = HashMap::new();
+    let mut body_of: HashMap<usize, u64> = HashMap::new();
+    let mut next_id = body_refs.next_id;
     {
         let mut tx = db.begin_write()?;
         // The default, stated because the contract depends on it: fsync before commit returns.
@@ -288,8 +379,13 @@ fn write_log(db: &Database, pending: &PendingLog) -> Result<(), Fail> {
             let mut state_records = tx.open_table(RECORDS)?;
             let mut recent = tx.open_table(RECENT)?;
 
-            let mut payloads = pending.payloads.iter();
-            let mut next_payload = || payloads.next().ok_or_else(|| bug("payload missing"));
+            let mut body_table = tx.open_table(BODIES)?;
+            let payload = |index: usize| {
+                pending
+                    .payloads
+                    .get(index)
+                    .ok_or_else(|| bug("payload missing"))
+            };
             // Rows checked in this commit: most ops repeat the room or queue of the one before.
             let mut have_room: HashSet<&[u8]> = HashSet::new();
             let mut have_queue: HashSet<&[u8]> = HashSet::new();
@@ -307,15 +403,44 @@ fn write_log(db: &Database, pending: &PendingLog) -> Result<(), Fail> {
                         room_seqs.insert(key, val)?;
                     }
                     Tag::Enqueue => {
-                        let fanout: &Bytes = next_payload()?;
-                        queues.insert(key, fanout.as_ref())?;
+                        let (index, _) = codec::payload_ref(val)?;
+                        let id = match body_of.get(&index) {
+                            Some(id) => *id,
+                            None => {
+                                let id = next_id;
+                                next_id = next_id
+                                    .checked_add(1)
+                                    .ok_or_else(|| bug("body ids exhausted"))?;
+                                body_table
+                                    .insert(id.to_be_bytes().as_slice(), &payload(index)?[..])?;
+                                body_of.insert(index, id);
+                                id
+                            }
+                        };
+                        *refs_delta.entry(id).or_default() += 1;
+                        // A number written again (a renumbered queue) drops the body it named.
+                        let old = queues.insert(key, id.to_be_bytes().as_slice())?;
+                        if let Some(old) = old {
+                            let old = codec::read_u64_value("queues", old.value())?;
+                            *refs_delta.entry(old).or_default() -= 1;
+                        }
                         let prefix = key.get(..key.len().saturating_sub(8)).unwrap_or_default();
                         ensure(&mut queue_keys, &mut have_queue, prefix, &[])?;
                     }
                     Tag::Ack => {
                         let upto = codec::read_u64_value("pending log", val)?;
                         key_range(&mut lo, &mut hi, key, 0, upto);
-                        queues.retain_in(lo.as_slice()..=hi.as_slice(), |_, _| false)?;
+                        let mut corrupt = None;
+                        queues.retain_in(lo.as_slice()..=hi.as_slice(), |_, v| {
+                            match codec::read_u64_value("queues", v) {
+                                Ok(id) => *refs_delta.entry(id).or_default() -= 1,
+                                Err(e) => corrupt = Some(e),
+                            }
+                            false
+                        })?;
+                        if let Some(e) = corrupt {
+                            return Err(e.into());
+                        }
                         raise_mark(&mut acked, key, upto)?;
                     }
                     Tag::Cursor => {
@@ -325,14 +450,14 @@ fn write_log(db: &Database, pending: &PendingLog) -> Result<(), Fail> {
                         recent.insert(key, val)?;
                     }
                     Tag::Inbox => {
-                        let fanout = next_payload()?;
+                        let (index, header) = codec::payload_ref(val)?;
                         value.clear();
-                        value.extend_from_slice(val);
-                        value.extend_from_slice(fanout);
+                        value.extend_from_slice(header);
+                        value.extend_from_slice(payload(index)?);
                         if let Some(old) = inbox.insert(key, value.as_slice())? {
                             count(codec::inbox_from("inbox", old.value())?, -1);
                         }
-                        count(codec::inbox_from("pending log", val)?, 1);
+                        count(codec::inbox_from("pending log", header)?, 1);
                     }
                     Tag::InboxTrim => {
                         let upto = codec::read_u64_value("pending log", val)?;
@@ -386,10 +511,33 @@ fn write_log(db: &Database, pending: &PendingLog) -> Result<(), Fail> {
                     None => return Err(bug("inbox count below zero")),
                 }
             }
+            // Bodies no entry names any more, in key order.
+            let mut freed = Vec::new();
+            for (id, by) in &refs_delta {
+                let had = body_refs.refs.get(id).copied().unwrap_or(0);
+                match had.checked_add_signed(*by) {
+                    Some(0) => freed.push(*id),
+                    Some(_) => {}
+                    None => return Err(bug("body reference count below zero")),
+                }
+            }
+            freed.sort_unstable();
+            for id in freed {
+                body_table.remove(id.to_be_bytes().as_slice())?;
+            }
         }
         tx.commit()?;
-        Ok(())
     }
+    for (id, by) in refs_delta {
+        let n = body_refs.refs.entry(id).or_default();
+        // Checked above, before the commit.
+        *n = n.saturating_add_signed(by);
+        if *n == 0 {
+            body_refs.refs.remove(&id);
+        }
+    }
+    body_refs.next_id = next_id;
+    Ok(())
 }
 
 impl DurableStore {
@@ -436,6 +584,13 @@ impl DurableStore {
             r.finish()?;
             snap.queues.entry(key).or_default();
         }
+        // Each body once, shared by every queue entry naming it.
+        let mut bodies: HashMap<u64, Bytes> = HashMap::new();
+        for row in tx.open_table(BODIES)?.iter()? {
+            let (k, v) = row?;
+            let id = codec::read_u64_value("bodies", k.value())?;
+            bodies.insert(id, Bytes::copy_from_slice(v.value()));
+        }
         // Entries of one queue are adjacent: parse its (room, dest) prefix once.
         let mut prefix: Vec<u8> = Vec::new();
         let mut entries: Option<&mut VecDeque<(u64, Bytes)>> = None;
@@ -459,7 +614,12 @@ impl DurableStore {
                     snap.queues.entry(key).or_default()
                 }
             };
-            q.push_back((qseq, Bytes::copy_from_slice(v.value())));
+            let id = codec::read_u64_value("queues", v.value())?;
+            let body = bodies.get(&id).ok_or(DecodeError::Corrupt {
+                table: "queues",
+                what: "entry names a missing body",
+            })?;
+            q.push_back((qseq, body.clone()));
             entries = Some(q);
         }
 
@@ -616,9 +776,9 @@ impl Store for DurableStore {
         if self.pending.unsupported {
             return Err(StoreError::new("commit", UnsupportedOp));
         }
-        let pending = &self.pending;
+        let (pending, bodies) = (&self.pending, &*self.bodies);
         self.db
-            .with(|db| write_log(db, pending))
+            .with(|db| write_log(db, pending, bodies))
             .map_err(|e| e.into_store("commit"))?;
         self.pending.clear();
         Ok(())
@@ -633,9 +793,10 @@ impl Store for DurableStore {
         }
         let batch = std::mem::take(&mut self.pending);
         let db = Arc::clone(&self.db);
+        let bodies = Arc::clone(&self.bodies);
         // Callable again after a failure: the batch stays with it until written.
         Ok(Some(Box::new(move || {
-            db.with(|d| write_log(d, &batch))
+            db.with(|d| write_log(d, &batch, &bodies))
                 .map_err(|e| e.into_store("commit"))
         })))
     }
@@ -805,6 +966,193 @@ mod tests {
         store.load().expect_err("corrupt data loaded")
     }
 
+    /// The destinations of the fanout tests.
+    fn dests() -> [ProviderDomain; 3] {
+        ["b.example", "c.example", "d.example"].map(|d| ProviderDomain::parse(d).expect("domain"))
+    }
+
+    /// Enqueues one fanout (one handle, as the core does) under `qseq` for every destination.
+    fn fan_out(store: &mut DurableStore, qseq: u64) -> Bytes {
+        let (room, _) = ids();
+        let fanout = Bytes::from(vec![qseq as u8; 1000]);
+        for dest in &dests() {
+            store.apply(StoreOp::Enqueue {
+                room: &room,
+                dest,
+                qseq,
+                fanout: &fanout,
+            });
+        }
+        fanout
+    }
+
+    fn ack(store: &mut DurableStore, dest: &ProviderDomain, upto: u64) {
+        let (room, _) = ids();
+        store.apply(StoreOp::Ack {
+            room: &room,
+            dest,
+            upto,
+        });
+    }
+
+    /// The ids of the bodies in the file.
+    fn body_rows(store: &DurableStore) -> Vec<u64> {
+        store
+            .db
+            .with(|db| {
+                let tx = db.begin_read()?;
+                let mut ids = Vec::new();
+                for row in tx.open_table(BODIES)?.iter()? {
+                    ids.push(codec::read_u64_value("bodies", row?.0.value())?);
+                }
+                Ok(ids)
+            })
+            .expect("read bodies")
+    }
+
+    /// Every queue's bytes, by destination.
+    fn queued(store: &mut DurableStore) -> BTreeMap<ProviderDomain, Vec<(u64, Bytes)>> {
+        let snap = store.load().expect("load");
+        snap.queues
+            .into_iter()
+            .map(|((_, dest), q)| (dest, q.into_iter().collect()))
+            .collect()
+    }
+
+    #[test]
+    fn a_fanout_is_stored_once_and_freed_with_its_last_acknowledgement() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.redb");
+        let mut store = DurableStore::open(&path).expect("open");
+        let [b, c, d] = dests();
+        let fanouts: Vec<Bytes> = (1..=4).map(|q| fan_out(&mut store, q)).collect();
+        store.commit().expect("commit");
+        assert_eq!(
+            body_rows(&store).len(),
+            4,
+            "one body per fanout, not per destination"
+        );
+        let all: Vec<(u64, Bytes)> = (1..=4).zip(fanouts.iter().cloned()).collect();
+        let want = BTreeMap::from([
+            (b.clone(), all.clone()),
+            (c.clone(), all.clone()),
+            (d.clone(), all),
+        ]);
+        assert_eq!(queued(&mut store), want);
+
+        // b and c have 1..=2, d nothing yet: bodies 1 and 2 stay, d still waits for them.
+        ack(&mut store, &b, 2);
+        ack(&mut store, &c, 2);
+        store.commit().expect("commit");
+        assert_eq!(body_rows(&store).len(), 4);
+
+        // After a restart the references are counted again from the file.
+        drop(store);
+        let mut store = DurableStore::open(&path).expect("reopen");
+        let snap = store.load().expect("load");
+        assert_eq!(
+            snap.queues.values().map(VecDeque::len).collect::<Vec<_>>(),
+            [2, 2, 4]
+        );
+        // A body loads once, shared by every queue naming it.
+        let mut loaded: BTreeMap<u64, HashSet<*const u8>> = BTreeMap::new();
+        for (qseq, body) in snap.queues.values().flatten() {
+            assert_eq!(body, &fanouts[*qseq as usize - 1]);
+            loaded.entry(*qseq).or_default().insert(body.as_ptr());
+        }
+        assert!(loaded.values().all(|p| p.len() == 1), "{loaded:?}");
+
+        ack(&mut store, &d, 1);
+        store.commit().expect("commit");
+        assert_eq!(
+            body_rows(&store).len(),
+            3,
+            "body 1 went with its last reference"
+        );
+        for dest in [&b, &c, &d] {
+            ack(&mut store, dest, 4);
+        }
+        store.commit().expect("commit");
+        assert!(body_rows(&store).is_empty());
+        assert!(queued(&mut store).values().all(Vec::is_empty));
+    }
+
+    #[test]
+    fn a_renumbered_entry_drops_the_body_it_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.redb");
+        let mut store = DurableStore::open(&path).expect("open");
+        let [b, ..] = dests();
+        fan_out(&mut store, 1);
+        store.commit().expect("commit");
+        let first = body_rows(&store);
+        // b's queue renumbered: its qseq 1 now holds another event; the others still name
+        // the first body.
+        let (room, _) = ids();
+        let other = Bytes::from_static(b"another event");
+        store.apply(StoreOp::Enqueue {
+            room: &room,
+            dest: &b,
+            qseq: 1,
+            fanout: &other,
+        });
+        store.commit().expect("commit");
+        assert_eq!(body_rows(&store).len(), 2);
+        assert_eq!(queued(&mut store)[&b], [(1, other)]);
+        for dest in &dests()[1..] {
+            ack(&mut store, dest, 1);
+        }
+        store.commit().expect("commit");
+        let left = body_rows(&store);
+        assert_eq!(left.len(), 1);
+        assert!(!first.contains(&left[0]), "the first body went, b's stays");
+        // Enqueued and acknowledged within one batch (b's renumbered entry with it): no body
+        // outlives the batch.
+        fan_out(&mut store, 2);
+        for dest in &dests() {
+            ack(&mut store, dest, 2);
+        }
+        store.commit().expect("commit");
+        assert!(body_rows(&store).is_empty());
+    }
+
+    #[test]
+    fn a_format_2_store_gets_its_bodies_moved() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.redb");
+        drop(DurableStore::open(&path).expect("create"));
+        let (room, dest) = ids();
+        let mut key = Vec::new();
+        codec::queue_prefix(&mut key, &room, &dest);
+        key.extend_from_slice(&5u64.to_be_bytes());
+        // As format 2 left it: the fanout bytes in the queue entry, no bodies.
+        let db = Database::create(&path).expect("db");
+        let tx = db.begin_write().expect("tx");
+        tx.delete_table(BODIES).expect("delete");
+        tx.open_table(QUEUES)
+            .expect("queues")
+            .insert(key.as_slice(), b"old fanout".as_slice())
+            .expect("insert");
+        tx.open_table(META)
+            .expect("meta")
+            .insert(META_FORMAT, FORMAT_2.to_be_bytes().as_slice())
+            .expect("insert");
+        tx.commit().expect("commit");
+        drop(db);
+        let mut store = DurableStore::open(&path).expect("migrated");
+        assert_eq!(
+            queued(&mut store)[&dest],
+            [(5, Bytes::from_static(b"old fanout"))]
+        );
+        assert_eq!(body_rows(&store).len(), 1);
+        // The migrated body is counted like any other.
+        enqueue(&mut store, 6);
+        ack(&mut store, &dest, 5);
+        store.commit().expect("commit");
+        assert_eq!(body_rows(&store).len(), 1);
+        assert_eq!(queued(&mut store)[&dest].len(), 1);
+    }
+
     #[test]
     fn corrupt_records_are_errors_not_panics() {
         let (room, dest) = ids();
@@ -821,9 +1169,15 @@ mod tests {
         recent_key.extend_from_slice(&[0, 1]);
         let mut counts_key = Vec::new();
         codec::put_str(&mut counts_key, dest.as_str());
-        let cases: [(Bytes2Bytes, &[u8], &[u8]); 11] = [
-            (QUEUES, &bad_qseq, b"x"),
-            (QUEUES, &[0, 200, b'a'], b"x"),
+        let mut entry = prefix.clone();
+        entry.extend_from_slice(&1u64.to_be_bytes());
+        let cases: [(Bytes2Bytes, &[u8], &[u8]); 14] = [
+            (QUEUES, &bad_qseq, &[0; 8]),
+            (QUEUES, &[0, 200, b'a'], &[0; 8]),
+            // Not a body id, and the id of a body that is not there.
+            (QUEUES, &entry, b"x"),
+            (QUEUES, &entry, &99u64.to_be_bytes()),
+            (BODIES, &[0; 3], b"x"),
             (QUEUE_KEYS, &bad_room, b""),
             (ACKED, &prefix, &[1, 2]),
             (ROOMS, room.as_str().as_bytes(), &[0, 1, 0, 0]),
