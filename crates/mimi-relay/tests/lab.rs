@@ -454,4 +454,31 @@ fn mls_traffic_decrypts_everything_once_in_order() {
     }
     let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();
     assert!(md.contains("MLS traffic"), "{md}");
+
+    // Deferred decryption: recorded on arrival, decrypted later, all of it checked.
+    let (rows, _out) = bench(&[
+        "--net",
+        "loopback",
+        "--profile",
+        "lan",
+        "--transports",
+        "quic",
+        "--traffic",
+        "mls",
+        "--mls-decrypt",
+        "deferred",
+        "--commit-rate",
+        "6",
+        "--duration",
+        "2",
+        "--rooms",
+        "4",
+        "--window",
+        "16",
+    ]);
+    let r = row(&rows, "quic", "lan");
+    assert_clean(r);
+    assert_eq!(r["mls_decrypt"], "deferred", "{r}");
+    assert_eq!(r["decrypt_failures"].as_u64(), Some(0), "{r}");
+    assert!(r["decrypted_after_phase"].as_u64().unwrap() > 0, "{r}");
 }
