@@ -404,9 +404,11 @@ fn every_row_names_its_in_flight_limit_and_inflight_sets_it_for_all() {
 
 #[test]
 fn mls_traffic_decrypts_everything_once_in_order() {
-    // Real openmls groups: both providers send into every room and decrypt; commits (2/s)
+    // Real openmls groups: both providers send into every room and decrypt; commits (6/s)
     // move the epochs on while messages fly, so some are refused as of an old epoch and
-    // encrypted again.
+    // encrypted again. The commits take turns: self-updates, adds and removes of spare
+    // clients (key claim, Welcome, AppDataUpdate), role changes; a spare decrypts what its
+    // epochs carry, and the counts below include its deliveries.
     let (rows, out) = bench(&[
         "--net",
         "loopback",
@@ -417,9 +419,9 @@ fn mls_traffic_decrypts_everything_once_in_order() {
         "--traffic",
         "mls",
         "--commit-rate",
-        "2",
+        "6",
         "--duration",
-        "2",
+        "3",
         "--rooms",
         "4",
         "--window",
@@ -431,6 +433,20 @@ fn mls_traffic_decrypts_everything_once_in_order() {
         assert_clean(r);
         assert_eq!(r["decrypt_failures"].as_u64(), Some(0), "{r}");
         assert!(r["commits"].as_u64().unwrap() > 0, "{t}: {r}");
+        // Each kind of commit was accepted at least once, and some spare joined by its
+        // Welcome and left by applying its own removal.
+        let kinds = &r["commit_kinds"];
+        for k in [
+            "self_update",
+            "add",
+            "remove",
+            "role",
+            "spares_joined",
+            "spares_left",
+        ] {
+            assert!(kinds[k].as_u64().unwrap() > 0, "{t}: no {k}: {kinds}");
+        }
+        assert_eq!(kinds["add"], kinds["spares_joined"], "{t}: {kinds}");
         assert!(r["retries"].as_u64().is_some(), "{r}");
         // A PrivateMessage of a 1 KiB plaintext: header, padding-free AEAD, signature.
         let size = r["mls_msg_bytes"].as_f64().unwrap();
@@ -438,4 +454,31 @@ fn mls_traffic_decrypts_everything_once_in_order() {
     }
     let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();
     assert!(md.contains("MLS traffic"), "{md}");
+
+    // Deferred decryption: recorded on arrival, decrypted later, all of it checked.
+    let (rows, _out) = bench(&[
+        "--net",
+        "loopback",
+        "--profile",
+        "lan",
+        "--transports",
+        "quic",
+        "--traffic",
+        "mls",
+        "--mls-decrypt",
+        "deferred",
+        "--commit-rate",
+        "6",
+        "--duration",
+        "2",
+        "--rooms",
+        "4",
+        "--window",
+        "16",
+    ]);
+    let r = row(&rows, "quic", "lan");
+    assert_clean(r);
+    assert_eq!(r["mls_decrypt"], "deferred", "{r}");
+    assert_eq!(r["decrypt_failures"].as_u64(), Some(0), "{r}");
+    assert!(r["decrypted_after_phase"].as_u64().unwrap() > 0, "{r}");
 }

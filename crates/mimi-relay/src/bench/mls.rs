@@ -2,9 +2,15 @@
 //! room); the hub's client creates each room and adds the followers' clients by their claimed
 //! KeyPackages (they join by Welcome). Then every provider sends into every room from its
 //! own node (a follower's /submitMessage crosses the link), reads its inbox and decrypts,
-//! while commits (self-updates by random members) move the rooms' epochs on. The plaintext
-//! carries the lab's marker, so loss, duplicates and order are counted as for synthetic
-//! traffic; a message that did not decrypt is a decryption failure.
+//! while commits move the rooms' epochs on, in turn: self-updates by random members; adds of a
+//! provider's spare client (an owner claims its KeyPackage, commits the Add with the
+//! AppDataUpdate listing it; the spare joins by the Welcome) and, every other time, removes of
+//! one (the AppDataUpdate unlisting it); role changes (an owner promotes or demotes a
+//! follower's user by AppDataUpdate, so followers commit adds and removes too). A spare
+//! decrypts everything of the epochs it is a member of: from the epoch its Add made to the one
+//! before its Remove. The plaintext carries the lab's marker, so loss, duplicates and order are
+//! counted as for synthetic traffic (at every main and spare client); a message that did not
+//! decrypt is a decryption failure.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash as _, Hasher as _};
@@ -15,12 +21,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
-use mimi_client::{Event, MlsClient, UpdateResult};
-use mimi_wire::proto::{FanoutMessage, SubmitMessageRequest, SubmitMessageResponse, SubmitStatus};
+use mimi_client::{Event, MlsClient, UpdateResult, room_policy};
+use mimi_wire::proto::{
+    FanoutExtra, FanoutMessage, SubmitMessageRequest, SubmitMessageResponse, SubmitStatus,
+};
 use mimi_wire::uri::RoomId;
 
 use super::{
-    Admin, BenchOptions, CALL_BYTES, Progress, Row, Rx, SUBMIT_PATIENCE, cpu_us, find_marker, lock,
+    Admin, BenchOptions, CALL_BYTES, Progress, Row, Rx, SUBMIT_PATIENCE, find_marker, lock,
     marker_bytes, provider, room_id, unit,
 };
 
@@ -35,6 +43,24 @@ pub(super) struct MlsStats {
     pub commits: AtomicU64,
     /// Commits the hub refused (wrong epoch: another commit came first).
     pub commits_refused: AtomicU64,
+    /// Accepted commits by kind: self-updates, adds of a spare client (key claim, Welcome,
+    /// AppDataUpdate listing it), removes of one (AppDataUpdate unlisting it), role changes
+    /// (AppDataUpdate only).
+    pub self_updates: AtomicU64,
+    pub adds: AtomicU64,
+    pub removes: AtomicU64,
+    pub role_changes: AtomicU64,
+    /// Spare clients that joined by their Welcome, and that applied their own removal.
+    pub spares_joined: AtomicU64,
+    pub spares_left: AtomicU64,
+    /// Thread CPU the clients spent in openmls: encrypting (senders), and applying what the
+    /// inbox brought (decrypting messages, applying commits and Welcomes), in ns.
+    pub encrypt_ns: AtomicU64,
+    pub decrypt_ns: AtomicU64,
+    /// Deferred decryption: messages decrypted after their phase's senders stopped, and
+    /// times a reader held so many that it decrypted them all during the phase.
+    pub decrypted_after: AtomicU64,
+    pub forced_drains: AtomicU64,
     /// The first few decryption failures, for the row's note.
     pub failures: Mutex<Vec<String>>,
 }
@@ -46,9 +72,30 @@ struct Member {
     own: HashSet<u64>,
 }
 
-/// The clients of one provider, one per room.
+/// A spare client of a provider in one room: added by a commit (key claim, Welcome), removed
+/// by a later one. It only receives; it expects what is sent in the epochs it is a member of.
+struct Spare {
+    client: MlsClient,
+    /// Whether its Welcome arrived.
+    joined: bool,
+}
+
+/// The clients of one provider, one per room, and its spare clients (one per room at most).
+/// Lock order: `members`, then `spares`.
 struct Side {
+    /// The provider's node, for new (spare) clients.
+    admin: Admin,
     members: tokio::sync::Mutex<Vec<Member>>,
+    spares: tokio::sync::Mutex<Vec<Option<Spare>>>,
+}
+
+/// CPU time of the calling thread in ns (the scheduler's own accounting), 0 when unknown:
+/// what a batch of synchronous openmls calls cost, whatever else ran on the machine.
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 fn digest(b: &[u8]) -> u64 {
@@ -59,6 +106,10 @@ fn digest(b: &[u8]) -> u64 {
 
 fn user(p: usize, r: usize) -> String {
     format!("mimi://{}/u/lab{r}", provider(p))
+}
+
+fn spare_user(p: usize, r: usize) -> String {
+    format!("mimi://{}/u/spare{r}", provider(p))
 }
 
 fn room(r: usize) -> Result<RoomId> {
@@ -86,7 +137,9 @@ async fn setup(admins: &[Admin], rooms: usize) -> Result<Vec<Arc<Side>>> {
             });
         }
         sides.push(Arc::new(Side {
+            admin: admin.clone(),
             members: tokio::sync::Mutex::new(members),
+            spares: tokio::sync::Mutex::new((0..rooms).map(|_| None).collect()),
         }));
     }
     Ok(sides)
@@ -138,74 +191,188 @@ async fn joined(sides: &[Arc<Side>], timeout: Duration) -> Result<()> {
     Ok(())
 }
 
-/// Reads provider `p`'s inbox and applies each item to the client of its room; records each
-/// decrypted message at receiver `p`.
-#[allow(clippy::too_many_arguments)]
+/// What the readers and senders share besides the clients.
+struct Shared {
+    rx: Arc<Mutex<Rx>>,
+    stats: Arc<MlsStats>,
+    /// The stream (room * n + sender) of each MLS message a sender submitted, by the digest of
+    /// its bytes: a reader knows what arrived before it decrypts.
+    streams: Mutex<HashMap<u64, u32>>,
+    /// Arrivals per stream at the main clients of the other providers: the closed loop's
+    /// window moves on arrival, whenever the message is decrypted.
+    arrived: Vec<AtomicU64>,
+    /// Deferred decryption: set at the end of a phase, when the readers decrypt all they hold.
+    drain: AtomicBool,
+    deferred: bool,
+}
+
+/// One inbox item held for decryption: its FanoutMessage and when it arrived.
+type Held = (Bytes, Instant);
+
+/// Most items a reader holds undecrypted; beyond it decrypts them all at once (counted).
+const HOLD_MAX: usize = 1 << 18;
+
+/// Reads provider `p`'s inbox and applies each item to the clients of its room (the main
+/// client and the spare, if any); records each decrypted message at its receiver with the
+/// time it arrived. Inline, every batch is decrypted as it arrives; deferred, application
+/// messages wait in per-room queues until a handshake of their room (a commit or Welcome:
+/// applied in order, after them) or the end of the phase.
 fn start_readers(
     admins: &[Admin],
     sides: &[Arc<Side>],
     rooms: usize,
-    rx: &Arc<Mutex<Rx>>,
-    stats: &Arc<MlsStats>,
+    shared: &Arc<Shared>,
     stop: &Arc<AtomicBool>,
 ) -> tokio::task::JoinSet<()> {
     let index: Arc<HashMap<String, usize>> =
         Arc::new((0..rooms).map(|r| (room_id(r), r)).collect());
     let mut set = tokio::task::JoinSet::new();
+    let n = sides.len();
     for (p, (admin, side)) in admins.iter().zip(sides).enumerate() {
         let (mut client, side) = (admin.client(), side.clone());
-        let (rx, stats, stop, index) = (rx.clone(), stats.clone(), stop.clone(), index.clone());
+        let (sh, stop, index) = (shared.clone(), stop.clone(), index.clone());
         set.spawn(async move {
             let mut after = 0u64;
+            let mut held: Vec<std::collections::VecDeque<Held>> =
+                (0..rooms).map(|_| Default::default()).collect();
+            let mut holding = 0usize;
             while !stop.load(Ordering::Relaxed) {
                 let Ok(items) = client.inbox(after, 1024, 100).await else {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 };
                 let now = Instant::now();
-                let mut got = Vec::new();
+                // Rooms to decrypt now, up to which held item (inclusive).
+                let mut due: Vec<(usize, usize)> = Vec::new();
                 {
-                    let mut members = side.members.lock().await;
+                    let streams = lock(&sh.streams);
                     for item in items {
                         after = after.max(item.offset);
-                        let Some(m) = index.get(&item.room).and_then(|r| members.get_mut(*r))
-                        else {
+                        let Some(&r) = index.get(&item.room) else {
                             continue;
                         };
-                        if let Ok(f) = FanoutMessage::decode(&item.fanout)
-                            && m.own.remove(&digest(f.message.as_bytes()))
-                        {
-                            continue; // our own message, back from the hub
-                        }
-                        let fail = match m.client.handle_fanout(&item.fanout) {
-                            Event::Message { payload, .. } => match find_marker(&payload) {
-                                Some(mark) => {
-                                    got.push(mark);
-                                    None
+                        let app = match FanoutMessage::decode(&item.fanout) {
+                            Ok(f) => {
+                                let app = matches!(f.extra, FanoutExtra::Application { .. });
+                                if app
+                                    && let Some(&s) = streams.get(&digest(f.message.as_bytes()))
+                                    && s as usize % n != p
+                                    && let Some(a) = sh.arrived.get(s as usize)
+                                {
+                                    a.fetch_add(1, Ordering::Relaxed);
                                 }
-                                None => Some("a message without the lab's marker".to_owned()),
-                            },
-                            Event::Failed { what } => Some(format!("{what} in {}", item.room)),
-                            _ => None,
-                        };
-                        if let Some(what) = fail {
-                            stats.decrypt_failures.fetch_add(1, Ordering::Relaxed);
-                            let mut f = lock(&stats.failures);
-                            if f.len() < 3 {
-                                f.push(format!("{}: {what}", provider(p)));
+                                app
                             }
+                            Err(_) => false, // a failure, when its client applies it
+                        };
+                        held[r].push_back((item.fanout, now));
+                        holding += 1;
+                        if !sh.deferred || !app {
+                            due.retain(|(q, _)| *q != r);
+                            due.push((r, held[r].len()));
                         }
                     }
                 }
-                let mut t = lock(&rx);
-                for (s, c, sched) in got {
-                    t.record(p, s, c, sched, now);
+                let all = sh.drain.load(Ordering::Relaxed) || holding > HOLD_MAX;
+                if holding > HOLD_MAX && !sh.drain.load(Ordering::Relaxed) {
+                    sh.stats.forced_drains.fetch_add(1, Ordering::Relaxed);
                 }
-                t.progress.notify_one();
+                if all {
+                    due = (0..rooms)
+                        .filter(|r| !held[*r].is_empty())
+                        .map(|r| (r, held[r].len()))
+                        .collect();
+                }
+                if !due.is_empty() {
+                    let batch: Vec<(usize, Vec<Held>)> = due
+                        .into_iter()
+                        .map(|(r, k)| (r, held[r].drain(..k).collect()))
+                        .collect();
+                    holding -= batch.iter().map(|(_, v)| v.len()).sum::<usize>();
+                    apply_held(&side, p, n, batch, &sh).await;
+                }
+                lock(&sh.rx).progress.notify_one();
             }
         });
     }
     set
+}
+
+/// Applies held inbox items, in order per room, to provider `p`'s clients, and records what
+/// decrypted at its receiver (main `p`, spare `n + p`) as of its arrival.
+async fn apply_held(side: &Side, p: usize, n: usize, batch: Vec<(usize, Vec<Held>)>, sh: &Shared) {
+    let stats = &sh.stats;
+    let mut got = Vec::new();
+    let late = sh.drain.load(Ordering::Relaxed);
+    {
+        let mut members = side.members.lock().await;
+        let mut spares = side.spares.lock().await;
+        let cpu0 = thread_cpu_ns();
+        let mut seen = |receiver: usize, r: usize, at: Instant, event: Event| {
+            let fail = match event {
+                Event::Message { payload, .. } => match find_marker(&payload) {
+                    Some(mark) => {
+                        got.push((receiver, mark, at));
+                        None
+                    }
+                    None => Some("a message without the lab's marker".to_owned()),
+                },
+                Event::Failed { what } => Some(format!("{what} in {}", room_id(r))),
+                _ => None,
+            };
+            if let Some(what) = fail {
+                stats.decrypt_failures.fetch_add(1, Ordering::Relaxed);
+                let mut f = lock(&stats.failures);
+                if f.len() < 3 {
+                    let who = if receiver < n { "" } else { " (spare)" };
+                    f.push(format!("{}{who}: {what}", provider(p)));
+                }
+            }
+        };
+        for (r, items) in batch {
+            for (fanout, at) in items {
+                if let Some(m) = members.get_mut(r) {
+                    let own = FanoutMessage::decode(&fanout)
+                        .is_ok_and(|f| m.own.remove(&digest(f.message.as_bytes())));
+                    // Our own message, back from the hub, is not applied again.
+                    if !own {
+                        seen(p, r, at, m.client.handle_fanout(&fanout));
+                    }
+                }
+                // The provider's spare client in the room, if any, applies everything (its
+                // provider's main client's messages included) until it is removed.
+                if let Some(slot) = spares.get_mut(r)
+                    && let Some(sp) = slot.as_mut()
+                {
+                    match sp.client.handle_fanout(&fanout) {
+                        Event::Commit {
+                            removed_me: true, ..
+                        } => {
+                            *slot = None;
+                            stats.spares_left.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Event::Joined { epoch } if epoch > 0 && !sp.joined => {
+                            sp.joined = true;
+                            stats.spares_joined.fetch_add(1, Ordering::Relaxed);
+                        }
+                        event => seen(n + p, r, at, event),
+                    }
+                }
+            }
+        }
+        stats
+            .decrypt_ns
+            .fetch_add(thread_cpu_ns().saturating_sub(cpu0), Ordering::Relaxed);
+    }
+    if late {
+        stats
+            .decrypted_after
+            .fetch_add(got.len() as u64, Ordering::Relaxed);
+    }
+    let mut t = lock(&sh.rx);
+    for (receiver, (s, c, sched), at) in got {
+        t.record(receiver, s, c, sched, at);
+    }
 }
 
 /// One message waiting to be (re-)encrypted: room, plaintext.
@@ -222,8 +389,7 @@ struct SendCtx {
     size: usize,
     until: Instant,
     epoch: Instant,
-    rx: Arc<Mutex<Rx>>,
-    stats: Arc<MlsStats>,
+    sh: Arc<Shared>,
     stop: Arc<AtomicBool>,
     /// Messages handed out per stream (room * n + provider).
     counters: Arc<Vec<AtomicU64>>,
@@ -261,13 +427,12 @@ async fn sender(side: Arc<Side>, admin: Admin, c: SendCtx) -> Result<()> {
         }
         let mut picks: Vec<Plain> = std::mem::take(&mut retry);
         if now < c.until {
-            let t = lock(&c.rx);
             for r in (0..c.rooms).map(|i| (first + i) % c.rooms) {
                 let stream = r * c.n + c.p;
                 let sent = c.counters[stream].load(Ordering::Relaxed);
                 let free = match interval {
                     None => {
-                        let done = t.per_stream.get(&(stream as u32)).copied().unwrap_or(0);
+                        let done = c.sh.arrived[stream].load(Ordering::Relaxed);
                         (c.window + done / receivers).saturating_sub(sent)
                     }
                     Some(i) => {
@@ -311,7 +476,7 @@ async fn sender(side: Arc<Side>, admin: Admin, c: SendCtx) -> Result<()> {
         }
         first = (first + 1) % c.rooms;
         if picks.is_empty() {
-            let wake = lock(&c.rx).progress.clone();
+            let wake = lock(&c.sh.rx).progress.clone();
             let wait = if interval.is_some() { 2 } else { 5 };
             let _ = tokio::time::timeout(Duration::from_millis(wait), wake.notified()).await;
             continue;
@@ -320,20 +485,26 @@ async fn sender(side: Arc<Side>, admin: Admin, c: SendCtx) -> Result<()> {
         let mut batch: Vec<(usize, Vec<u8>, Bytes, u64)> = Vec::with_capacity(picks.len());
         {
             let mut members = side.members.lock().await;
+            let cpu0 = thread_cpu_ns();
             for (r, pt) in picks {
                 let m = &mut members[r];
                 let body = m.client.encrypt(&pt)?;
                 let req = SubmitMessageRequest::decode(&body)
                     .map_err(|e| anyhow!("our own submit request: {e}"))?;
                 let mls = req.app_message.as_bytes();
-                m.own.insert(digest(mls));
-                c.stats
+                let d = digest(mls);
+                m.own.insert(d);
+                lock(&c.sh.streams).insert(d, (r * c.n + c.p) as u32);
+                c.sh.stats
                     .mls_bytes
                     .fetch_add(mls.len() as u64, Ordering::Relaxed);
-                c.stats.mls_msgs.fetch_add(1, Ordering::Relaxed);
+                c.sh.stats.mls_msgs.fetch_add(1, Ordering::Relaxed);
                 let rcv = m.client.members().len().saturating_sub(1) as u64;
                 batch.push((r, pt, body, rcv));
             }
+            c.sh.stats
+                .encrypt_ns
+                .fetch_add(thread_cpu_ns().saturating_sub(cpu0), Ordering::Relaxed);
         }
         let ids: Vec<String> = (0..c.rooms).map(room_id).collect();
         let mut rest = &batch[..];
@@ -375,7 +546,7 @@ async fn sender(side: Arc<Side>, admin: Admin, c: SendCtx) -> Result<()> {
                         c.expected.fetch_add(*rcv, Ordering::Relaxed);
                     }
                     Some(SubmitStatus::EpochTooOld { .. }) => {
-                        c.stats.retries.fetch_add(1, Ordering::Relaxed);
+                        c.sh.stats.retries.fetch_add(1, Ordering::Relaxed);
                         retry.push((*r, pt.clone()));
                     }
                     _ => {
@@ -411,22 +582,157 @@ async fn wait_or_fail(since: &mut Option<Instant>, stop: &AtomicBool, why: &str)
     Ok(())
 }
 
-/// One commit: a random member of a random room updates its own leaf (a follower's /update
-/// crosses the link). The place to add adds, removes and AppDataUpdates.
-async fn commit_step(sides: &[Arc<Side>], rooms: usize, rng: &mut u64, stats: &MlsStats) {
-    let r = (unit(rng) * rooms as f64) as usize % rooms;
-    let p = (unit(rng) * sides.len() as f64) as usize % sides.len();
+/// The kinds of commit the lab makes, in turn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CommitKind {
+    /// A random member updates its own leaf.
+    SelfUpdate,
+    /// An owner adds a provider's spare client to the room (claiming its KeyPackage, the
+    /// AppDataUpdate listing it), or removes it (the AppDataUpdate unlisting it).
+    Membership,
+    /// An owner promotes a follower's user to owner or demotes it (AppDataUpdate only).
+    Role,
+}
+
+const COMMIT_CYCLE: [CommitKind; 3] = [
+    CommitKind::SelfUpdate,
+    CommitKind::Membership,
+    CommitKind::Role,
+];
+
+fn pick(rng: &mut u64, n: usize) -> usize {
+    (unit(rng) * n as f64) as usize % n.max(1)
+}
+
+/// One commit of kind `COMMIT_CYCLE[k % 3]` in a random room (a follower's /update crosses
+/// the link). Counted by kind when the hub accepts it, as refused otherwise.
+async fn commit_step(sides: &[Arc<Side>], rooms: usize, k: u64, rng: &mut u64, stats: &MlsStats) {
+    let r = pick(rng, rooms);
     let Ok(id) = room(r) else { return };
-    let mut members = sides[p].members.lock().await;
-    let Some(m) = members.get_mut(r) else { return };
-    match m.client.self_update(&id).await {
+    let kind = COMMIT_CYCLE[(k % 3) as usize];
+    let (result, counter) = match kind {
+        CommitKind::SelfUpdate => {
+            let p = pick(rng, sides.len());
+            let mut members = sides[p].members.lock().await;
+            let Some(m) = members.get_mut(r) else { return };
+            (m.client.self_update(&id).await, &stats.self_updates)
+        }
+        CommitKind::Membership => {
+            // Adds and removes take turns: every other one removes a spare that is in.
+            let mut present = Vec::new();
+            for (q, side) in sides.iter().enumerate() {
+                let spares = side.spares.lock().await;
+                present.extend((0..rooms).filter(|r| spares[*r].is_some()).map(|r| (r, q)));
+            }
+            let (r, q) = if (k / 3) % 2 == 1 && !present.is_empty() {
+                present[pick(rng, present.len())]
+            } else {
+                (r, pick(rng, sides.len()))
+            };
+            match membership(sides, r, q, rng).await {
+                Some((res, true)) => (res, &stats.adds),
+                Some((res, false)) => (res, &stats.removes),
+                None => return,
+            }
+        }
+        CommitKind::Role => {
+            if sides.len() < 2 {
+                return;
+            }
+            // The room's creator (the hub's user) stays owner; a follower's user toggles.
+            let target = user(1 + pick(rng, sides.len() - 1), r);
+            let Some(o) = owner(sides, r, rng).await else {
+                return;
+            };
+            let mut members = sides[o].members.lock().await;
+            let Some(m) = members.get_mut(r) else { return };
+            let role = match m.client.participants().iter().find(|(u, _)| *u == target) {
+                Some((_, role)) if *role == room_policy::OWNER_ROLE => room_policy::REGULAR_ROLE,
+                Some(_) => room_policy::OWNER_ROLE,
+                None => return,
+            };
+            (
+                m.client.change_role(&id, &target, role).await,
+                &stats.role_changes,
+            )
+        }
+    };
+    match result {
         Ok(UpdateResult::Accepted) => {
             stats.commits.fetch_add(1, Ordering::Relaxed);
+            counter.fetch_add(1, Ordering::Relaxed);
         }
         Ok(_) | Err(_) => {
             stats.commits_refused.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// A random provider whose client in room `r` is an owner, as its own view of the room has it
+/// (the hub's always is).
+async fn owner(sides: &[Arc<Side>], r: usize, rng: &mut u64) -> Option<usize> {
+    let mut owners = Vec::new();
+    for (p, side) in sides.iter().enumerate() {
+        let members = side.members.lock().await;
+        let me = user(p, r);
+        if members.get(r).is_some_and(|m| {
+            m.client
+                .participants()
+                .iter()
+                .any(|(u, role)| *u == me && *role == room_policy::OWNER_ROLE)
+        }) {
+            owners.push(p);
+        }
+    }
+    (!owners.is_empty()).then(|| owners[pick(rng, owners.len())])
+}
+
+/// Adds provider `q`'s spare client to room `r`, or removes it when it is a member: the
+/// commit's result and whether it was an add. `None`: nothing was tried (no owner, or the
+/// spare could not be set up).
+async fn membership(
+    sides: &[Arc<Side>],
+    r: usize,
+    q: usize,
+    rng: &mut u64,
+) -> Option<(Result<UpdateResult, mimi_client::MlsClientError>, bool)> {
+    let id = room(r).ok()?;
+    let o = owner(sides, r, rng).await?;
+    let spare = spare_user(q, r);
+    let present = sides[q].spares.lock().await.get(r)?.is_some();
+    let mut members = sides[o].members.lock().await;
+    let listed = members.get(r)?.client.members().contains(&spare);
+    if present {
+        // Not listed: its removal is accepted but not yet applied by its reader.
+        let m = members.get_mut(r).filter(|_| listed)?;
+        return Some((m.client.remove(&id, &spare).await, false));
+    }
+    drop(members);
+    // A fresh client with a fresh KeyPackage, consenting to the owner's claim, in place
+    // before its Welcome can reach the provider's reader.
+    let mut client = MlsClient::with_api(&spare, sides[q].admin.client()).ok()?;
+    client.publish_key_packages(1).await.ok()?;
+    client
+        .set_consent(&user(o, r), Some(&id), true)
+        .await
+        .ok()?;
+    *sides[q].spares.lock().await.get_mut(r)? = Some(Spare {
+        client,
+        joined: false,
+    });
+    let mut members = sides[o].members.lock().await;
+    let m = members.get_mut(r)?;
+    let result = match m.client.claim(&spare, &id).await {
+        Ok(Ok(kp)) => m.client.add(&id, &[kp]).await,
+        Ok(Err(why)) => Ok(UpdateResult::Refused(why)),
+        Err(e) => Err(e),
+    };
+    drop(members);
+    if !matches!(result, Ok(UpdateResult::Accepted)) {
+        // No Welcome will come: the next add starts afresh.
+        *sides[q].spares.lock().await.get_mut(r)? = None;
+    }
+    Some((result, true))
 }
 
 /// One phase's load: which senders, at what rate, for how long, with what commits.
@@ -435,8 +741,7 @@ struct Load<'a> {
     sides: &'a [Arc<Side>],
     opts: &'a BenchOptions,
     epoch: Instant,
-    rx: &'a Arc<Mutex<Rx>>,
-    stats: &'a Arc<MlsStats>,
+    sh: &'a Arc<Shared>,
     counters: &'a Arc<Vec<AtomicU64>>,
     rate: Option<f64>,
     commit_rate: f64,
@@ -452,6 +757,7 @@ async fn phase(l: Load<'_>, mut tick: impl FnMut(Duration, u64, u64, u64)) -> Re
     let (expected, sent) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let start = Instant::now();
     let until = start + l.duration;
+    l.sh.drain.store(false, Ordering::Relaxed);
     let mut senders = tokio::task::JoinSet::new();
     for (p, (side, admin)) in l.sides.iter().zip(l.admins).enumerate() {
         let ctx = SendCtx {
@@ -464,8 +770,7 @@ async fn phase(l: Load<'_>, mut tick: impl FnMut(Duration, u64, u64, u64)) -> Re
             size: l.opts.sizes.app,
             until,
             epoch: l.epoch,
-            rx: l.rx.clone(),
-            stats: l.stats.clone(),
+            sh: l.sh.clone(),
             stop: stop.clone(),
             counters: l.counters.clone(),
             expected: expected.clone(),
@@ -476,6 +781,7 @@ async fn phase(l: Load<'_>, mut tick: impl FnMut(Duration, u64, u64, u64)) -> Re
     let mut rng = 0x5851_f42d_4c95_7f2d_u64 ^ start.duration_since(l.epoch).as_nanos() as u64;
     let every = (l.commit_rate > 0.0).then(|| Duration::from_secs_f64(1.0 / l.commit_rate));
     let mut next_commit = every.map(|e| start + e);
+    let mut tried = 0u64;
     let mut failed = None;
     loop {
         tokio::select! {
@@ -496,18 +802,21 @@ async fn phase(l: Load<'_>, mut tick: impl FnMut(Duration, u64, u64, u64)) -> Re
                     && Instant::now() >= at
                     && Instant::now() < until
                 {
-                    commit_step(l.sides, rooms, &mut rng, l.stats).await;
+                    commit_step(l.sides, rooms, tried, &mut rng, &l.sh.stats).await;
+                    tried += 1;
                     next_commit = Some(at + e);
                 }
                 tick(
                     start.elapsed(),
                     sent.load(Ordering::Relaxed),
-                    lock(l.rx).delivered,
-                    l.stats.commits.load(Ordering::Relaxed),
+                    lock(&l.sh.rx).delivered,
+                    l.sh.stats.commits.load(Ordering::Relaxed),
                 );
             }
         }
     }
+    // Deferred decryption: the readers now decrypt all they hold.
+    l.sh.drain.store(true, Ordering::Relaxed);
     match failed {
         Some(e) => Err(e),
         None => Ok((
@@ -533,22 +842,34 @@ pub(super) async fn run(
 ) -> Result<()> {
     let n = admins.len();
     let rooms = opts.rooms.max(1);
-    let stats = Arc::new(MlsStats::default());
-    let rx = Arc::new(Mutex::new(Rx::new(epoch, n)?));
+    // Receivers: each provider's main clients (0..n), then its spare clients (n..2n).
+    let mut rx = Rx::new(epoch, 2 * n)?;
+    rx.window_receivers = n;
+    let sh = Arc::new(Shared {
+        rx: Arc::new(Mutex::new(rx)),
+        stats: Arc::new(MlsStats::default()),
+        streams: Mutex::new(HashMap::new()),
+        arrived: (0..rooms * n).map(|_| AtomicU64::new(0)).collect(),
+        drain: AtomicBool::new(false),
+        deferred: opts.mls_deferred,
+    });
+    let (rx, stats) = (&sh.rx, &sh.stats);
     let stop_readers = Arc::new(AtomicBool::new(false));
     progress.line(&format!("{label} MLS setup: {rooms} rooms, {n} providers"));
     let t0 = Instant::now();
     let sides = setup(admins, rooms).await.context("MLS clients")?;
-    let mut readers = start_readers(admins, &sides, rooms, &rx, &stats, &stop_readers);
+    let mut readers = start_readers(admins, &sides, rooms, &sh, &stop_readers);
     let result = async {
         create_rooms(&sides, rooms).await?;
         joined(&sides, Duration::from_secs(30)).await?;
         row.setup_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
-        lock(&rx).new_phase();
+        lock(rx).new_phase();
         stats.mls_bytes.store(0, Ordering::Relaxed);
         stats.mls_msgs.store(0, Ordering::Relaxed);
 
-        let cpu0: u64 = pids.iter().filter_map(|p| cpu_us(*p)).sum();
+        let cpu0 = super::CpuSnap::now(pids);
+        stats.encrypt_ns.store(0, Ordering::Relaxed);
+        stats.decrypt_ns.store(0, Ordering::Relaxed);
         let link0 = lab.map(super::NetLab::snapshot).unwrap_or_default();
         if let Some(lab) = lab {
             lab.take_drops();
@@ -560,8 +881,7 @@ pub(super) async fn run(
             sides: &sides,
             opts,
             epoch,
-            rx: &rx,
-            stats: &stats,
+            sh: &sh,
             counters: &counters,
             rate,
             commit_rate,
@@ -579,34 +899,38 @@ pub(super) async fn run(
         )
         .await?;
         progress.line(&format!("{label} waiting for the last deliveries"));
-        super::settle(&rx, expected, opts.settle).await;
+        super::settle(rx, expected, opts.settle).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let cpu1: u64 = pids.iter().filter_map(|p| cpu_us(*p)).sum();
+        let cpu1 = super::CpuSnap::now(pids);
+        let encrypt_ns = stats.encrypt_ns.load(Ordering::Relaxed);
+        let crypto_ns = encrypt_ns + stats.decrypt_ns.load(Ordering::Relaxed);
         let link = lab
             .map(super::NetLab::snapshot)
             .unwrap_or_default()
             .since(link0);
         let drops = lab.map(super::NetLab::take_drops).unwrap_or_default();
         {
-            let t = lock(&rx);
+            let t = lock(rx);
             row.sent = sent;
             row.delivered = t.delivered;
             super::fill_latency(row, &t, &drops, profile, epoch);
-            if t.delivered > 0 {
-                row.cpu_us_per_msg = Some(cpu1.saturating_sub(cpu0) as f64 / t.delivered as f64);
-                if lab.is_some() {
-                    row.wire_bytes_per_msg = Some(link.bytes as f64 / t.delivered as f64);
-                }
+            cpu0.fill(&cpu1, t.delivered, row);
+            if sent > 0 {
+                row.client_crypto_us_per_msg = Some(crypto_ns as f64 / 1e3 / sent as f64);
+                row.client_encrypt_us_per_msg = Some(encrypt_ns as f64 / 1e3 / sent as f64);
+            }
+            if t.delivered > 0 && lab.is_some() {
+                row.wire_bytes_per_msg = Some(link.bytes as f64 / t.delivered as f64);
             }
             row.link_drops = lab.map(|_| link.dropped);
             row.socket_drops = link.socket_drops;
         }
-        let mut lost = expected.saturating_sub(lock(&rx).delivered);
+        let mut lost = expected.saturating_sub(lock(rx).delivered);
 
         // Recovery, as for synthetic traffic: 20 msg/s, the link cut from 1 s to 6 s; the
         // time from the restore until every message scheduled before it was delivered.
         if let (Some(lab), true) = (lab, opts.recovery) {
-            lock(&rx).new_phase();
+            lock(rx).new_phase();
             let t0 = Instant::now();
             let (cut_at, restore_at) = (t0 + Duration::from_secs(1), t0 + Duration::from_secs(6));
             let mut cut = false;
@@ -632,9 +956,9 @@ pub(super) async fn run(
             .await;
             lab.set_cut(false);
             let (sent2, expected2) = r?;
-            let all = super::settle(&rx, expected2, opts.settle.max(Duration::from_secs(30))).await;
+            let all = super::settle(rx, expected2, opts.settle.max(Duration::from_secs(30))).await;
             tokio::time::sleep(Duration::from_millis(200)).await;
-            let t = lock(&rx);
+            let t = lock(rx);
             lost += expected2.saturating_sub(t.delivered);
             if all {
                 row.recovery_ms = super::recovery_ms(&t.samples, epoch, restore_at);
@@ -648,7 +972,7 @@ pub(super) async fn run(
     stop_readers.store(true, Ordering::Relaxed);
     while readers.join_next().await.is_some() {}
     {
-        let t = lock(&rx);
+        let t = lock(rx);
         row.duplicated = Some(t.duplicated);
         row.out_of_order = Some(t.out_of_order);
     }
@@ -659,6 +983,27 @@ pub(super) async fn run(
     row.retries = Some(stats.retries.load(Ordering::Relaxed));
     row.commits = Some(stats.commits.load(Ordering::Relaxed));
     row.commits_refused = Some(stats.commits_refused.load(Ordering::Relaxed));
+    row.mls_decrypt = Some(if sh.deferred { "deferred" } else { "inline" }.to_owned());
+    if sh.deferred {
+        row.decrypted_after_phase = Some(stats.decrypted_after.load(Ordering::Relaxed));
+        let forced = stats.forced_drains.load(Ordering::Relaxed);
+        if forced > 0 {
+            row.note = format!(
+                "readers held too many messages and decrypted them {forced} times during the phase"
+            );
+        }
+    }
+    for (k, v) in [
+        ("self_update", &stats.self_updates),
+        ("add", &stats.adds),
+        ("remove", &stats.removes),
+        ("role", &stats.role_changes),
+        ("spares_joined", &stats.spares_joined),
+        ("spares_left", &stats.spares_left),
+    ] {
+        row.commit_kinds
+            .insert(k.to_owned(), v.load(Ordering::Relaxed));
+    }
     let failures = lock(&stats.failures).clone();
     if !failures.is_empty() {
         row.note = format!("decryption failures, e.g. {}", failures.join("; "));

@@ -143,6 +143,11 @@ pub struct BenchOptions {
     pub traffic: Traffic,
     /// `--commit-rate`: MLS commits per second over all rooms (mls traffic only).
     pub commit_rate: f64,
+    /// `--mls-decrypt deferred`: receivers record each message when it arrives and decrypt
+    /// application messages later (at a handshake of their room, or when the phase ends), so
+    /// that their openmls work leaves the machine's CPU to the nodes while the rate is
+    /// measured; every message is still decrypted and checked.
+    pub mls_deferred: bool,
 }
 
 /// What the relay rows carry.
@@ -209,6 +214,7 @@ impl Default for BenchOptions {
             inflight: None,
             traffic: Traffic::Synthetic,
             commit_rate: 1.0,
+            mls_deferred: false,
         }
     }
 }
@@ -246,6 +252,21 @@ pub struct Row {
     pub hol_exposed_msgs: u64,
     pub wire_bytes_per_msg: Option<f64>,
     pub cpu_us_per_msg: Option<f64>,
+    /// CPU of each node process (the hub first) per delivered message, µs: where the nodes'
+    /// CPU went.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub node_cpu_us_per_msg: Vec<f64>,
+    /// CPU of the lab's own process (drivers, readers, the link forwarder and, with mls
+    /// traffic, the clients) per delivered message, µs: it shares the machine with the nodes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lab_cpu_us_per_msg: Option<f64>,
+    /// mls traffic: the clients' openmls CPU (thread time) per accepted message, µs: one
+    /// encryption plus every member's decryption, and the commits and Welcomes applied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_crypto_us_per_msg: Option<f64>,
+    /// mls traffic: the encryption's part of `client_crypto_us_per_msg`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_encrypt_us_per_msg: Option<f64>,
     pub setup_ms: Option<f64>,
     pub recovery_ms: Option<f64>,
     pub link_drops: Option<u64>,
@@ -269,6 +290,18 @@ pub struct Row {
     pub commits: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub commits_refused: Option<u64>,
+    /// mls traffic: accepted commits by kind (`self_update`, `add`, `remove`, `role`), and the
+    /// spare clients that joined by Welcome (`spares_joined`) and applied their own removal
+    /// (`spares_left`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub commit_kinds: BTreeMap<String, u64>,
+    /// mls traffic: `inline` or `deferred` (see `--mls-decrypt`), and with deferred the
+    /// messages decrypted after the measured phase (the rest were decrypted during it, at
+    /// their rooms' handshakes or when a reader held too many).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mls_decrypt: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decrypted_after_phase: Option<u64>,
     /// (quantile, latency µs) points of the latency distribution, for the CDF plot.
     pub cdf: Vec<(f64, u64)>,
     /// With `--repeat`: each run's own figures, in round order; the row's are their medians.
@@ -349,6 +382,10 @@ impl Row {
             hol_exposed_msgs: 0,
             wire_bytes_per_msg: None,
             cpu_us_per_msg: None,
+            node_cpu_us_per_msg: Vec::new(),
+            lab_cpu_us_per_msg: None,
+            client_crypto_us_per_msg: None,
+            client_encrypt_us_per_msg: None,
             setup_ms: None,
             recovery_ms: None,
             link_drops: None,
@@ -361,6 +398,9 @@ impl Row {
             mls_msg_bytes: None,
             commits: None,
             commits_refused: None,
+            commit_kinds: BTreeMap::new(),
+            mls_decrypt: None,
+            decrypted_after_phase: None,
             cdf: Vec::new(),
             repeats: Vec::new(),
             hostile: None,
@@ -417,7 +457,11 @@ impl Row {
             .collect();
         let mut flood: Option<FloodCounts> = None;
         let mut hub_refusals = BTreeMap::new();
+        let mut commit_kinds = BTreeMap::new();
         for r in &runs {
+            for (k, v) in &r.commit_kinds {
+                *commit_kinds.entry(k.clone()).or_insert(0) += v;
+            }
             if let Some(f) = &r.flood {
                 flood.get_or_insert_with(FloodCounts::default).add(f);
             }
@@ -445,6 +489,19 @@ impl Row {
             hol_exposed_msgs: runs.iter().map(|r| r.hol_exposed_msgs).sum(),
             wire_bytes_per_msg: f(|r| r.wire_bytes_per_msg),
             cpu_us_per_msg: f(|r| r.cpu_us_per_msg),
+            node_cpu_us_per_msg: (0..runs[0].node_cpu_us_per_msg.len())
+                .map(|i| {
+                    median_f64(
+                        runs.iter()
+                            .filter_map(|r| r.node_cpu_us_per_msg.get(i).copied())
+                            .collect(),
+                    )
+                    .unwrap_or(0.0)
+                })
+                .collect(),
+            lab_cpu_us_per_msg: f(|r| r.lab_cpu_us_per_msg),
+            client_crypto_us_per_msg: f(|r| r.client_crypto_us_per_msg),
+            client_encrypt_us_per_msg: f(|r| r.client_encrypt_us_per_msg),
             setup_ms: f(|r| r.setup_ms),
             recovery_ms: f(|r| r.recovery_ms),
             link_drops: sum(|r| r.link_drops),
@@ -457,6 +514,8 @@ impl Row {
             mls_msg_bytes: f(|r| r.mls_msg_bytes),
             commits: sum(|r| r.commits),
             commits_refused: sum(|r| r.commits_refused),
+            commit_kinds,
+            decrypted_after_phase: sum(|r| r.decrypted_after_phase),
             cdf,
             repeats,
             ..runs.swap_remove(0)
@@ -631,8 +690,12 @@ pub(crate) struct Rx {
     pub(crate) samples: Vec<(u32, u64, u64)>,
     pub(crate) first: Option<Instant>,
     pub(crate) last_delivery: Option<Instant>,
-    /// First deliveries per stream over the whole row (all receivers): the closed loop's window.
+    /// First deliveries per stream over the whole row (the first `window_receivers`
+    /// receivers): the closed loop's window.
     pub(crate) per_stream: HashMap<u32, u64>,
+    /// Receivers whose deliveries count in `per_stream` (all, unless set lower: MLS spare
+    /// clients, members only for a while, do not move the window).
+    pub(crate) window_receivers: usize,
     /// Notified after deliveries are recorded (a closed loop waits on it when its windows are full).
     pub(crate) progress: Arc<tokio::sync::Notify>,
 }
@@ -652,6 +715,7 @@ impl Rx {
             first: None,
             last_delivery: None,
             per_stream: HashMap::new(),
+            window_receivers: receivers,
             progress: Arc::new(tokio::sync::Notify::new()),
         })
     }
@@ -676,7 +740,9 @@ impl Rx {
             }
         }
         self.delivered += 1;
-        *self.per_stream.entry(stream).or_default() += 1;
+        if r < self.window_receivers {
+            *self.per_stream.entry(stream).or_default() += 1;
+        }
         let sched = self.epoch + Duration::from_nanos(sched_ns);
         let us = now.saturating_duration_since(sched).as_micros() as u64;
         let _ = self.hist.record(us.max(1));
@@ -724,6 +790,37 @@ pub(crate) async fn wait_window(
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// CPU used so far by each node process and by the lab's own, µs.
+pub(crate) struct CpuSnap {
+    nodes: Vec<u64>,
+    lab: u64,
+}
+
+impl CpuSnap {
+    pub(crate) fn now(pids: &[u32]) -> CpuSnap {
+        CpuSnap {
+            nodes: pids.iter().map(|p| cpu_us(*p).unwrap_or(0)).collect(),
+            lab: cpu_us(std::process::id()).unwrap_or(0),
+        }
+    }
+
+    /// Fills the row's CPU figures per delivered message from `self` (the start) to `end`.
+    pub(crate) fn fill(&self, end: &CpuSnap, delivered: u64, row: &mut Row) {
+        if delivered == 0 {
+            return;
+        }
+        let per = |a: u64, b: u64| b.saturating_sub(a) as f64 / delivered as f64;
+        row.node_cpu_us_per_msg = self
+            .nodes
+            .iter()
+            .zip(&end.nodes)
+            .map(|(a, b)| per(*a, *b))
+            .collect();
+        row.cpu_us_per_msg = Some(row.node_cpu_us_per_msg.iter().sum());
+        row.lab_cpu_us_per_msg = Some(per(self.lab, end.lab));
+    }
 }
 
 /// User+system CPU of a process in microseconds (Linux USER_HZ is 100).
@@ -860,12 +957,26 @@ pub async fn run(opts: BenchOptions, launcher: Launcher, command: String) -> Res
     let mut notes = Vec::new();
     if opts.traffic == Traffic::Mls {
         notes.push(format!(
-            "--traffic mls: relay rows carry real MLS groups ({} commits/s; --size is the \
-             plaintext size; the commit/Welcome size mix and the recovery phase do not apply; \
-             a follower's client keeps one message per room in flight, since the follower \
-             forwards each submission as a request of its own); the baselines and hostile \
-             rows carry synthetic bytes",
-            opts.commit_rate
+            "--traffic mls: relay rows carry real MLS groups ({} commits/s, in turn \
+             self-updates, adds or removes of spare clients by key claim, Welcome and \
+             AppDataUpdate, and role changes; --size is the plaintext size; the commit/Welcome \
+             size mix does not apply; a follower's client keeps one message per room in \
+             flight, since the follower forwards each submission as a request of its own); \
+             every provider submits into every room at its own node, and every message is \
+             delivered to every other member (the sender's provider's inbox gets it too). \
+             msgs/s counts deliveries, timed from the scheduled send to the arrival at the \
+             receiver's inbox reader; {}. The baselines and hostile rows carry synthetic bytes, \
+             submitted at the hub only",
+            opts.commit_rate,
+            if opts.mls_deferred {
+                "decryption deferred (--mls-decrypt deferred): receivers decrypt application \
+                 messages at their room's next commit or Welcome or after the phase, so the \
+                 clients' decryption (not their encryption) is mostly off the timed path; every \
+                 message is still decrypted and its plaintext checked"
+            } else {
+                "decryption inline: the clients' openmls work (one encryption, a decryption at \
+                 every other member) runs on the same CPUs as the nodes, on the timed path"
+            }
         ));
     }
     let units: Vec<(String, Variant)> = match opts.hostile {
@@ -1779,7 +1890,7 @@ async fn run_relay(
 
     // The measured phase.
     let pids: Vec<u32> = nodes.children.iter().map(Child::id).collect();
-    let cpu0: u64 = pids.iter().filter_map(|p| cpu_us(*p)).sum();
+    let cpu0 = CpuSnap::now(&pids);
     let machine0 = hostile::MachineCpu::now(&pids);
     let link0 = lab.map(NetLab::snapshot).unwrap_or_default();
     if let Some(lab) = lab {
@@ -1865,7 +1976,7 @@ async fn run_relay(
             row.hub_refusals = hostile::refusal_metrics(&String::from_utf8_lossy(&body));
         }
     }
-    let cpu1: u64 = pids.iter().filter_map(|p| cpu_us(*p)).sum();
+    let cpu1 = CpuSnap::now(&pids);
     if variant != Variant::Normal
         && let (Some(a), Some(b)) = (machine0, hostile::MachineCpu::now(&pids))
     {
@@ -1878,11 +1989,9 @@ async fn run_relay(
         row.sent = sent;
         row.delivered = t.delivered;
         fill_latency(row, &t, &drops, profile, epoch);
-        if t.delivered > 0 {
-            row.cpu_us_per_msg = Some(cpu1.saturating_sub(cpu0) as f64 / t.delivered as f64);
-            if lab.is_some() {
-                row.wire_bytes_per_msg = Some(link.bytes as f64 / t.delivered as f64);
-            }
+        cpu0.fill(&cpu1, t.delivered, row);
+        if t.delivered > 0 && lab.is_some() {
+            row.wire_bytes_per_msg = Some(link.bytes as f64 / t.delivered as f64);
         }
         row.link_drops = lab.map(|_| link.dropped);
         row.socket_drops = link.socket_drops;

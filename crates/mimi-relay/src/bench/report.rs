@@ -413,6 +413,18 @@ pub(crate) fn table(rows: &[Row]) -> String {
     s
 }
 
+/// Each node's CPU per delivered message (the hub first), µs.
+fn node_cpu(r: &Row) -> String {
+    if r.node_cpu_us_per_msg.is_empty() {
+        return "–".into();
+    }
+    r.node_cpu_us_per_msg
+        .iter()
+        .map(|v| format!("{v:.1}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The MLS figures of `--traffic mls` rows; empty when there are none.
 pub(crate) fn mls_table(rows: &[Row]) -> String {
     let mls: Vec<&Row> = rows
@@ -424,13 +436,14 @@ pub(crate) fn mls_table(rows: &[Row]) -> String {
     }
     let mut s = String::from(
         "MLS traffic (real openmls groups; decryption failures must be 0):\n\n\
-         | transport | profile | MLS message B | decryption failures | epochTooOld retries | commits (refused) |\n\
-         |---|---|---:|---:|---:|---:|\n",
+         | transport | profile | MLS message B | decryption failures | epochTooOld retries | commits (refused) | self-updates / adds / removes / role changes | spares joined / left | node CPU µs/msg (hub, followers) | lab CPU µs/msg | clients' openmls µs/msg (encryption) | decryption (after the phase) |\n\
+         |---|---|---:|---:|---:|---:|---|---|---|---:|---:|---|\n",
     );
     for r in mls {
+        let kind = |k: &str| opt(r.commit_kinds.get(k).copied());
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} ({}) |",
+            "| {} | {} | {} | {} | {} | {} ({}) | {} / {} / {} / {} | {} / {} | {} | {} | {} | {} |",
             name(r),
             r.profile,
             r.mls_msg_bytes
@@ -440,6 +453,25 @@ pub(crate) fn mls_table(rows: &[Row]) -> String {
             opt(r.retries),
             opt(r.commits),
             opt(r.commits_refused),
+            kind("self_update"),
+            kind("add"),
+            kind("remove"),
+            kind("role"),
+            kind("spares_joined"),
+            kind("spares_left"),
+            node_cpu(r),
+            r.lab_cpu_us_per_msg
+                .map(|v| format!("{v:.1}"))
+                .unwrap_or_else(|| "–".into()),
+            match (r.client_crypto_us_per_msg, r.client_encrypt_us_per_msg) {
+                (Some(all), Some(enc)) => format!("{all:.1} ({enc:.1})"),
+                _ => "–".into(),
+            },
+            match (&r.mls_decrypt, r.decrypted_after_phase) {
+                (Some(m), Some(after)) => format!("{m} ({after})"),
+                (Some(m), None) => m.clone(),
+                _ => "–".into(),
+            },
         );
     }
     s.push('\n');
