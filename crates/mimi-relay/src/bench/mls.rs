@@ -442,17 +442,9 @@ async fn sender(side: Arc<Side>, admin: Admin, c: SendCtx) -> Result<()> {
                         due.saturating_sub(sent - base[stream])
                     }
                 };
-                // A follower forwards each submission to the hub as a request of its own, so
-                // two in flight may arrive swapped: a follower's client keeps one message per
-                // room in flight, as a client must whose receivers decrypt in order.
-                let cap = if c.p == 0 {
-                    usize::MAX
-                } else {
-                    usize::from(!picks.iter().any(|(q, _)| *q == r))
-                };
-                let free = (free as usize)
-                    .min(cap)
-                    .min(c.batch_max.saturating_sub(picks.len()));
+                // The follower keeps a room's forwards in its clients' order (relay-core's
+                // forward queue), so a follower's client may batch several per room too.
+                let free = (free as usize).min(c.batch_max.saturating_sub(picks.len()));
                 for _ in 0..free {
                     let k = c.counters[stream].fetch_add(1, Ordering::Relaxed);
                     let sched = match interval {

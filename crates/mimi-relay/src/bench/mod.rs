@@ -960,8 +960,9 @@ pub async fn run(opts: BenchOptions, launcher: Launcher, command: String) -> Res
             "--traffic mls: relay rows carry real MLS groups ({} commits/s, in turn \
              self-updates, adds or removes of spare clients by key claim, Welcome and \
              AppDataUpdate, and role changes; --size is the plaintext size; the commit/Welcome \
-             size mix does not apply; a follower's client keeps one message per room in \
-             flight, since the follower forwards each submission as a request of its own); \
+             size mix does not apply; a follower forwards its clients' submissions to the hub in \
+             their order, pipelined over QUIC and Matrix, one per room at a time over HTTPS \
+             and XMPP); \
              every provider submits into every room at its own node, and every message is \
              delivered to every other member (the sender's provider's inbox gets it too). \
              msgs/s counts deliveries, timed from the scheduled send to the arrival at the \
