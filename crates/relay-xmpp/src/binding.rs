@@ -1292,7 +1292,9 @@ mod tests {
     fn the_hot_path_reads_our_writer_output_as_the_dom_does() {
         let max = 30;
         for n in [0, 1, 2, 3, 4, 29, 30, 31, 32, 60] {
-            let t = transmit(vec![Bytes::from((0..n).map(|i| i as u8).collect::<Vec<_>>())]);
+            let t = transmit(vec![Bytes::from(
+                (0..n).map(|i| i as u8).collect::<Vec<_>>(),
+            )]);
             let mut out = Vec::new();
             write_request(&mut out, "m1", "a.example", "b.example", &t);
             let (hot, dom) = hot_and_dom(&out, max);
@@ -1315,9 +1317,8 @@ mod tests {
 
     #[test]
     fn the_hot_path_reads_hand_written_variants_as_the_dom_does_or_leaves_them() {
-        let iq = |attrs: &str, mimi: &str, text: &str| {
-            format!("<iq {attrs}><{mimi}>{text}</mimi></iq>")
-        };
+        let iq =
+            |attrs: &str, mimi: &str, text: &str| format!("<iq {attrs}><{mimi}>{text}</mimi></iq>");
         let set = "type='set' id='1' from='a.example'";
         let m = "mimi xmlns='urn:mimi-relay:0' endpoint='notify' target='t' seq='5'";
         let taken = [
@@ -1400,7 +1401,12 @@ mod tests {
         let text = String::from_utf8(out).unwrap();
         let (a, r) = text.split_at(text.find("<r").unwrap());
         assert!(parse(a.as_bytes()).unwrap().is("a", NS_SM), "{a}");
-        assert_eq!(xmpp_parsers::sm::A::try_from(parse(a.as_bytes()).unwrap()).unwrap().h, 7);
+        assert_eq!(
+            xmpp_parsers::sm::A::try_from(parse(a.as_bytes()).unwrap())
+                .unwrap()
+                .h,
+            7
+        );
         assert!(matches!(read_hot(a.as_bytes(), 6), Some(Hot::Ack(7))));
         assert!(parse(r.as_bytes()).unwrap().is("r", NS_SM), "{r}");
     }
@@ -1419,9 +1425,16 @@ mod tests {
             write(&mut out, iq);
             parse(&out).unwrap()
         };
-        for body in [vec![], vec![Bytes::from_static(b"x")], vec![Bytes::from(vec![1u8; 1000]), Bytes::from_static(b"yz")]] {
+        for body in [
+            vec![],
+            vec![Bytes::from_static(b"x")],
+            vec![Bytes::from(vec![1u8; 1000]), Bytes::from_static(b"yz")],
+        ] {
             let mut t = transmit(body);
-            for (from, to) in [("a.example", "b.example"), ("relay.a.localhost", "not a jid@@")] {
+            for (from, to) in [
+                ("a.example", "b.example"),
+                ("relay.a.localhost", "not a jid@@"),
+            ] {
                 let mut out = Vec::new();
                 write_request(&mut out, "m'1<", from, to, &t);
                 assert_eq!(parse(&out).unwrap(), typed_request("m'1<", from, to, &t));
@@ -1430,7 +1443,12 @@ mod tests {
                 t.target = "\"&<>'".into();
             }
         }
-        for status in [Status::Ok, Status::Created, Status::OutOfOrder, Status::TooLarge] {
+        for status in [
+            Status::Ok,
+            Status::Created,
+            Status::OutOfOrder,
+            Status::TooLarge,
+        ] {
             for body in [Bytes::new(), Bytes::from_static(b"\x00\xffabc")] {
                 let mut r = Response::new(status, body);
                 r.next_seq = Some(9);
@@ -1439,7 +1457,12 @@ mod tests {
                 write_answer(&mut out, "m2", "b.example", "a.example", &r);
                 let (from, to) = (jid("b.example"), jid("a.example"));
                 let typed = if status.is_success() {
-                    XmppIq::Result { from, to, id: "m2".into(), payload: Some(mimi_answer(&r)) }
+                    XmppIq::Result {
+                        from,
+                        to,
+                        id: "m2".into(),
+                        payload: Some(mimi_answer(&r)),
+                    }
                 } else {
                     let (cond, kind) = condition(status);
                     XmppIq::Error {

@@ -377,7 +377,11 @@ pub fn fuzz_scan(data: &[u8]) {
                                 assert_eq!(dom.attr("from"), Some(from.as_str()));
                                 assert_eq!(dom.attr("to"), to.as_deref());
                                 let dom = format!("{:?}", binding::classify(dom, None, 4096));
-                                assert_eq!(format!("{:?}", Some((id, iq))), dom, "hot path differs");
+                                assert_eq!(
+                                    format!("{:?}", Some((id, iq))),
+                                    dom,
+                                    "hot path differs"
+                                );
                             }
                             binding::Hot::AckRequest => {
                                 assert!(dom.is_some_and(|e| e.is("r", binding::NS_SM)));

@@ -159,10 +159,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
 
     /// Reads more bytes, straight into the scanner's buffer; `false` at end of input.
     async fn fill(&mut self) -> std::io::Result<bool> {
-        let n = self
-            .io
-            .read_buf(self.scanner.read_into(READ_CHUNK))
-            .await?;
+        let n = self.io.read_buf(self.scanner.read_into(READ_CHUNK)).await?;
         Ok(n > 0)
     }
 
@@ -814,13 +811,7 @@ impl<I: Inbound> Link<I> {
     }
 
     /// Handles an IQ from `from` (its address as written: `from_attr`), already counted.
-    fn iq(
-        &mut self,
-        from: ProviderDomain,
-        from_attr: String,
-        id: String,
-        iq: Iq,
-    ) -> Option<Ended> {
+    fn iq(&mut self, from: ProviderDomain, from_attr: String, id: String, iq: Iq) -> Option<Ended> {
         let local = self.addr.local.clone();
         let local = local.as_str();
         match iq {
