@@ -99,13 +99,111 @@ pub fn mimi_request(t: &Transmit) -> Element {
 
 /// Appends the IQ set carrying `t`.
 pub fn write_request(out: &mut Vec<u8>, id: &str, from: &str, to: &str, t: &Transmit) {
-    let iq = XmppIq::Set {
-        from: jid(from),
-        to: jid(to),
-        id: id.to_owned(),
-        payload: mimi_request(t),
-    };
-    write(out, iq);
+    write_request_on(out, id, &Route::new(from, to), t);
+}
+
+/// The `from` and `to` of the stanzas between two addresses, each checked as a JID once (an
+/// address that is not one is left out, as the typed stanzas leave it out), kept written.
+#[derive(Debug, Clone)]
+pub struct Route {
+    from: Option<Jid>,
+    to: Option<Jid>,
+    /// ` from='..' to='..'`, escaped.
+    attrs: Vec<u8>,
+}
+
+impl Route {
+    pub fn new(from: &str, to: &str) -> Route {
+        let (from_jid, to_jid) = (jid(from), jid(to));
+        let mut attrs = Vec::new();
+        if from_jid.is_some() {
+            push_attr(&mut attrs, "from", from);
+        }
+        if to_jid.is_some() {
+            push_attr(&mut attrs, "to", to);
+        }
+        Route {
+            from: from_jid,
+            to: to_jid,
+            attrs,
+        }
+    }
+}
+
+/// Appends ` name='value'`, the value escaped as minidom escapes it.
+fn push_attr(out: &mut Vec<u8>, name: &str, value: &str) {
+    out.push(b' ');
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"='");
+    let mut rest = value.as_bytes();
+    while let Some(at) = rest
+        .iter()
+        .position(|c| matches!(c, b'&' | b'<' | b'>' | b'\'' | b'"'))
+    {
+        out.extend_from_slice(&rest[..at]);
+        out.extend_from_slice(match rest[at] {
+            b'&' => b"&amp;",
+            b'<' => b"&lt;",
+            b'>' => b"&gt;",
+            b'\'' => b"&apos;",
+            _ => b"&quot;",
+        });
+        rest = &rest[at + 1..];
+    }
+    out.extend_from_slice(rest);
+    out.push(b'\'');
+}
+
+fn push_u64_attr(out: &mut Vec<u8>, name: &str, value: u64) {
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, " {name}='{value}'");
+}
+
+/// Appends the base64 of the segments, encoded straight into `out`.
+fn push_base64<'a>(out: &mut Vec<u8>, segments: impl IntoIterator<Item = &'a Bytes>) {
+    let mut w = base64::write::EncoderWriter::new(out, &STANDARD);
+    for s in segments {
+        // Writing into a Vec cannot fail.
+        let _ = w.write_all(s);
+    }
+    let _ = w.finish();
+}
+
+/// [`write_request`] on a [`Route`]: the IQ set written straight out, no DOM built (the
+/// same stanza [`mimi_request`] in an `Iq` serializes to, up to attribute order).
+pub fn write_request_on(out: &mut Vec<u8>, id: &str, route: &Route, t: &Transmit) {
+    out.reserve(t.body_len().div_ceil(3) * 4 + 256 + t.target.len());
+    out.extend_from_slice(b"<iq xmlns='");
+    out.extend_from_slice(NS_COMPONENT.as_bytes());
+    out.extend_from_slice(b"' type='set'");
+    out.extend_from_slice(&route.attrs);
+    push_attr(out, "id", id);
+    out.extend_from_slice(b"><mimi xmlns='");
+    out.extend_from_slice(NS_MIMI.as_bytes());
+    out.push(b'\'');
+    push_attr(out, "endpoint", t.endpoint.as_str());
+    push_attr(out, "target", &t.target);
+    if let Some(seq) = t.seq {
+        push_u64_attr(out, "seq", seq);
+    }
+    if let Some(l) = t.lineage {
+        push_u64_attr(out, "inc", l.batch);
+        push_u64_attr(out, "prev-inc", l.prev);
+    }
+    out.push(b'>');
+    push_base64(out, &t.body);
+    out.extend_from_slice(b"</mimi></iq>");
+}
+
+/// Appends an XEP-0198 ack request, `<r/>`.
+pub fn write_ack_request(out: &mut Vec<u8>) {
+    out.extend_from_slice(b"<r xmlns='urn:xmpp:sm:3'/>");
+}
+
+/// Appends an XEP-0198 ack, `<a h=''/>`.
+pub fn write_ack(out: &mut Vec<u8>, h: u32) {
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "<a xmlns='urn:xmpp:sm:3' h='{h}'/>");
 }
 
 /// Appends an XEP-0199 ping.
@@ -179,25 +277,53 @@ fn stanza_error(cond: DefinedCondition, kind: ErrorType, other: Option<Element>)
 /// Appends the answer to request `id`: an IQ result for a success, else an IQ error with the
 /// condition of [`condition`] and the `<mimi/>` answer as its application condition.
 pub fn write_answer(out: &mut Vec<u8>, id: &str, from: &str, to: &str, r: &Response) {
-    let (from, to, id) = (jid(from), jid(to), id.to_owned());
-    let iq = if r.status.is_success() {
-        XmppIq::Result {
-            from,
-            to,
-            id,
-            payload: Some(mimi_answer(r)),
-        }
-    } else {
+    write_answer_on(out, id, &Route::new(from, to), r);
+}
+
+/// [`write_answer`] on a [`Route`]. A success (the hot path) is written straight out, no DOM
+/// built; an error goes through the typed stanzas.
+pub fn write_answer_on(out: &mut Vec<u8>, id: &str, route: &Route, r: &Response) {
+    if !r.status.is_success() {
         let (cond, kind) = condition(r.status);
-        XmppIq::Error {
-            from,
-            to,
-            id,
+        let iq = XmppIq::Error {
+            from: route.from.clone(),
+            to: route.to.clone(),
+            id: id.to_owned(),
             error: stanza_error(cond, kind, Some(mimi_answer(r))),
             payload: None,
-        }
-    };
-    write(out, iq);
+        };
+        return write(out, iq);
+    }
+    out.reserve(r.body.len().div_ceil(3) * 4 + 256);
+    out.extend_from_slice(b"<iq xmlns='");
+    out.extend_from_slice(NS_COMPONENT.as_bytes());
+    out.extend_from_slice(b"' type='result'");
+    out.extend_from_slice(&route.attrs);
+    push_attr(out, "id", id);
+    out.extend_from_slice(b"><mimi xmlns='");
+    out.extend_from_slice(NS_MIMI.as_bytes());
+    out.push(b'\'');
+    push_u64_attr(out, "status", r.status.http_code().into());
+    if let Some(n) = r.next_seq {
+        push_u64_attr(out, "next-seq", n);
+    }
+    if let Some(inc) = r.next_inc {
+        push_u64_attr(out, "next-inc", inc);
+    }
+    if let Some(d) = r.retry_after {
+        push_u64_attr(
+            out,
+            "retry-after-ms",
+            u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+        );
+    }
+    if r.body.is_empty() {
+        out.extend_from_slice(b"/></iq>");
+    } else {
+        out.push(b'>');
+        push_base64(out, [&r.body]);
+        out.extend_from_slice(b"</mimi></iq>");
+    }
 }
 
 /// Appends an IQ error without a MIMI answer (for IQs that are not MIMI requests).
@@ -450,13 +576,29 @@ pub enum Iq {
     Failed(String),
 }
 
-fn opt_u64(e: &Element, name: &str) -> Result<Option<u64>, ()> {
+/// The attributes of a `<mimi/>` element: a DOM element's, or those [`read_hot`] read.
+trait Attrs {
+    fn attr(&self, name: &'static str) -> Option<&str>;
+    /// The element's text, when it was not taken out of it.
+    fn dom_text(&self) -> String;
+}
+
+impl Attrs for Element {
+    fn attr(&self, name: &'static str) -> Option<&str> {
+        Element::attr(self, name)
+    }
+    fn dom_text(&self) -> String {
+        self.texts().collect()
+    }
+}
+
+fn opt_u64(e: &impl Attrs, name: &'static str) -> Result<Option<u64>, ()> {
     e.attr(name).map(|v| v.parse().map_err(|_| ())).transpose()
 }
 
 /// The body of `<mimi/>` element `e`, whose text is `text` if [`parse_stanza`] took it out.
 fn decode_body(
-    e: &Element,
+    e: &impl Attrs,
     text: Option<&[u8]>,
     max: usize,
 ) -> Result<Bytes, (Status, &'static str)> {
@@ -477,7 +619,7 @@ fn decode_body(
             (raw, raw.len() - crlf)
         }
         None => {
-            dom = e.texts().collect();
+            dom = e.dom_text();
             let t = dom.trim();
             (t.as_bytes(), t.len())
         }
@@ -495,7 +637,7 @@ fn decode_body(
     Ok(Bytes::from(body))
 }
 
-fn answer(m: &Element, text: Option<&[u8]>, max: usize) -> Result<Response, String> {
+fn answer(m: &impl Attrs, text: Option<&[u8]>, max: usize) -> Result<Response, String> {
     let code: u16 = m
         .attr("status")
         .and_then(|s| s.parse().ok())
@@ -562,7 +704,7 @@ pub fn classify(iq: Element, text: Option<&[u8]>, max_body: usize) -> Option<(St
 }
 
 fn request(
-    m: &Element,
+    m: &impl Attrs,
     text: Option<&[u8]>,
     max_body: usize,
 ) -> Result<MimiRequest, (Status, &'static str)> {
@@ -587,6 +729,238 @@ fn request(
             prev: prev.unwrap_or(0),
         }),
         body,
+    })
+}
+
+/// A stanza of the hot path, read by [`read_hot`] without the DOM.
+#[derive(Debug)]
+pub enum Hot {
+    /// XEP-0198's `<r/>`.
+    AckRequest,
+    /// XEP-0198's `<a h=''/>`.
+    Ack(u32),
+    /// A MIMI request (IQ set) or a successful answer (IQ result) with its addresses as
+    /// written. The typed `Iq` would also check that `from` and `to` are JIDs: the caller
+    /// takes the stanza only if it knows them to be, else it reads it with the DOM.
+    Iq {
+        from: String,
+        to: Option<String>,
+        id: String,
+        iq: Iq,
+    },
+}
+
+/// Most attributes a hot-path tag has (`<mimi/>` of a request: xmlns, endpoint, target, seq,
+/// inc, prev-inc).
+const MAX_HOT_ATTRS: usize = 6;
+
+/// One start tag read by [`hot_tag`]: unprefixed names, values unescaped.
+struct HotTag<'a> {
+    name: &'a [u8],
+    attrs: [(&'a [u8], std::borrow::Cow<'a, str>); MAX_HOT_ATTRS],
+    n: usize,
+    empty: bool,
+    /// Just past its `>`.
+    end: usize,
+}
+
+impl Attrs for HotTag<'_> {
+    fn attr(&self, name: &'static str) -> Option<&str> {
+        self.attrs[..self.n]
+            .iter()
+            .find(|(n, _)| *n == name.as_bytes())
+            .map(|(_, v)| &**v)
+    }
+    fn dom_text(&self) -> String {
+        String::new()
+    }
+}
+
+impl HotTag<'_> {
+    /// Whether every attribute is one of `names`.
+    fn only(&self, names: &[&str]) -> bool {
+        self.attrs[..self.n]
+            .iter()
+            .all(|(n, _)| names.iter().any(|k| k.as_bytes() == *n))
+    }
+}
+
+fn is_name_byte(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.')
+}
+
+/// The start tag at `b[at]`, if it is of the plain shape the hot path takes: unprefixed
+/// ASCII names, at most [`MAX_HOT_ATTRS`] attributes, none twice, values of printable ASCII
+/// with only the five predefined entities. `None` leaves the stanza to the DOM parser.
+fn hot_tag(b: &[u8], at: usize) -> Option<HotTag<'_>> {
+    if b.get(at) != Some(&b'<') {
+        return None;
+    }
+    let mut i = at + 1;
+    let name_len = b[i..].iter().take_while(|&&c| is_name_byte(c)).count();
+    if name_len == 0 || !b[i].is_ascii_alphabetic() {
+        return None;
+    }
+    let name = &b[i..i + name_len];
+    i += name_len;
+    let mut tag = HotTag {
+        name,
+        attrs: Default::default(),
+        n: 0,
+        empty: false,
+        end: 0,
+    };
+    loop {
+        let spaces = b[i..].iter().take_while(|&&c| is_xml_space(c)).count();
+        i += spaces;
+        match b.get(i)? {
+            b'>' => {
+                tag.end = i + 1;
+                return Some(tag);
+            }
+            b'/' if b.get(i + 1) == Some(&b'>') => {
+                tag.empty = true;
+                tag.end = i + 2;
+                return Some(tag);
+            }
+            _ if spaces == 0 || tag.n == MAX_HOT_ATTRS => return None,
+            _ => {}
+        }
+        let len = b[i..].iter().take_while(|&&c| is_name_byte(c)).count();
+        if len == 0 || !b[i].is_ascii_alphabetic() {
+            return None;
+        }
+        let attr = &b[i..i + len];
+        i += len;
+        i += b[i..].iter().take_while(|&&c| is_xml_space(c)).count();
+        if b.get(i) != Some(&b'=') {
+            return None;
+        }
+        i += 1;
+        i += b[i..].iter().take_while(|&&c| is_xml_space(c)).count();
+        let quote = *b.get(i).filter(|&&q| q == b'\'' || q == b'"')?;
+        i += 1;
+        let len = b[i..].iter().position(|&c| c == quote)?;
+        let value = hot_value(&b[i..i + len])?;
+        i += len + 1;
+        if tag.attrs[..tag.n].iter().any(|(n, _)| *n == attr) {
+            return None; // the DOM parser refuses it
+        }
+        tag.attrs[tag.n] = (attr, value);
+        tag.n += 1;
+    }
+}
+
+/// An attribute value as the DOM reads it, if it is printable ASCII with at most the five
+/// predefined entities (whitespace would be normalised, other references resolved: the DOM
+/// parser reads those).
+fn hot_value(raw: &[u8]) -> Option<std::borrow::Cow<'_, str>> {
+    if !raw.iter().all(|&c| (0x20..0x7f).contains(&c) && c != b'<') {
+        return None;
+    }
+    let text = std::str::from_utf8(raw).ok()?;
+    if !raw.contains(&b'&') {
+        return Some(std::borrow::Cow::Borrowed(text));
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('&') {
+        out.push_str(&rest[..at]);
+        let entity = &rest[at..];
+        let (c, len) = [
+            ("&amp;", '&'),
+            ("&lt;", '<'),
+            ("&gt;", '>'),
+            ("&quot;", '"'),
+            ("&apos;", '\''),
+        ]
+        .iter()
+        .find(|(e, _)| entity.starts_with(e))
+        .map(|(e, c)| (*c, e.len()))?;
+        out.push(c);
+        rest = &entity[len..];
+    }
+    out.push_str(rest);
+    Some(std::borrow::Cow::Owned(out))
+}
+
+/// Reads the stanzas of the hot path (MIMI requests, successful MIMI answers, XEP-0198
+/// acks) straight from their bytes, with no DOM: one pass over the envelope's two start
+/// tags, the base64 text handed to the decoder where it lies. `None` for anything else, or
+/// anything of an unusual shape (prefixes, other attributes, entities other than the five
+/// predefined, whitespace between tags): the DOM parser reads those, and reads what this
+/// takes the same way (the equivalence tests and the fuzz target hold it to that).
+pub fn read_hot(b: &[u8], max_body: usize) -> Option<Hot> {
+    let first = hot_tag(b, 0)?;
+    match first.name {
+        b"r" | b"a" => {
+            if !first.empty
+                || first.end != b.len()
+                || first.attr("xmlns") != Some(NS_SM)
+                || !first.only(&["xmlns", "h"])
+            {
+                return None;
+            }
+            return match first.name {
+                b"r" if first.n == 1 => Some(Hot::AckRequest),
+                b"a" => {
+                    let h = first.attr("h")?;
+                    // As the typed `A` reads it: a plain decimal u32.
+                    if !h.bytes().all(|c| c.is_ascii_digit()) {
+                        return None;
+                    }
+                    Some(Hot::Ack(h.parse().ok()?))
+                }
+                _ => None,
+            };
+        }
+        b"iq" => {}
+        _ => return None,
+    }
+    if first.empty
+        || !first.only(&["xmlns", "type", "id", "from", "to"])
+        || first.attr("xmlns").is_some_and(|ns| ns != NS_COMPONENT)
+    {
+        return None;
+    }
+    let set = match first.attr("type")? {
+        "set" => true,
+        "result" => false,
+        _ => return None,
+    };
+    let mimi = hot_tag(b, first.end)?;
+    let names: &[&str] = if set {
+        &["xmlns", "endpoint", "target", "seq", "inc", "prev-inc"]
+    } else {
+        &["xmlns", "status", "next-seq", "next-inc", "retry-after-ms"]
+    };
+    if mimi.name != b"mimi" || mimi.attr("xmlns") != Some(NS_MIMI) || !mimi.only(names) {
+        return None;
+    }
+    let (text, rest) = if mimi.empty {
+        (&b[mimi.end..mimi.end], mimi.end)
+    } else {
+        let len = b[mimi.end..].iter().position(|&c| c == b'<')?;
+        let text = &b[mimi.end..mimi.end + len];
+        let close = mimi.end + len;
+        if !b[close..].starts_with(b"</mimi>") {
+            return None;
+        }
+        (text, close + b"</mimi>".len())
+    };
+    if &b[rest..] != b"</iq>" || !text.iter().all(|&c| TEXT_BYTE[usize::from(c)]) {
+        return None;
+    }
+    let iq = if set {
+        Iq::Request(request(&mimi, Some(text), max_body))
+    } else {
+        Iq::Answer(answer(&mimi, Some(text), max_body))
+    };
+    Some(Hot::Iq {
+        from: first.attr("from")?.to_owned(),
+        to: first.attr("to").map(str::to_owned),
+        id: first.attr("id")?.to_owned(),
+        iq,
     })
 }
 
@@ -900,5 +1274,209 @@ mod tests {
         // No type: not an IQ at all.
         let e = parse(b"<iq id='none'/>").unwrap();
         assert!(classify(e, None, 10).is_none());
+    }
+
+    /// `bytes` read by the hot path (which must take it, from `a.example`) and by the DOM.
+    fn hot_and_dom(bytes: &[u8], max: usize) -> (String, String) {
+        let Some(Hot::Iq { from, to, id, iq }) = read_hot(bytes, max) else {
+            panic!("not taken: {}", String::from_utf8_lossy(bytes))
+        };
+        let el = parse(bytes).unwrap();
+        assert_eq!(Some(from.as_str()), el.attr("from"));
+        assert_eq!(to.as_deref(), el.attr("to"));
+        let dom = format!("{:?}", classify(el, None, max));
+        (format!("{:?}", Some((id, iq))), dom)
+    }
+
+    #[test]
+    fn the_hot_path_reads_our_writer_output_as_the_dom_does() {
+        let max = 30;
+        for n in [0, 1, 2, 3, 4, 29, 30, 31, 32, 60] {
+            let t = transmit(vec![Bytes::from(
+                (0..n).map(|i| i as u8).collect::<Vec<_>>(),
+            )]);
+            let mut out = Vec::new();
+            write_request(&mut out, "m1", "a.example", "b.example", &t);
+            let (hot, dom) = hot_and_dom(&out, max);
+            assert_eq!(hot, dom, "{n} bytes");
+            let tag = if n <= max { "Request(Ok(" } else { "TooLarge" };
+            assert!(hot.contains(tag), "{n}: {hot}");
+            for status in [Status::Ok, Status::Created] {
+                let mut r = Response::new(status, Bytes::from(vec![9u8; n]));
+                r.next_seq = Some(3);
+                r.next_inc = (n % 2 == 0).then_some(u64::MAX);
+                r.retry_after = (n % 3 == 0).then_some(Duration::from_millis(n as u64));
+                let mut out = Vec::new();
+                write_answer(&mut out, "m2", "b.example", "a.example", &r);
+                let (hot, dom) = hot_and_dom(&out, max);
+                assert_eq!(hot, dom, "{status:?} {n}");
+                assert!(hot.contains("Answer("), "{hot}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_hot_path_reads_hand_written_variants_as_the_dom_does_or_leaves_them() {
+        let iq =
+            |attrs: &str, mimi: &str, text: &str| format!("<iq {attrs}><{mimi}>{text}</mimi></iq>");
+        let set = "type='set' id='1' from='a.example'";
+        let m = "mimi xmlns='urn:mimi-relay:0' endpoint='notify' target='t' seq='5'";
+        let taken = [
+            iq(set, m, "QUJD"),
+            iq(
+                "from=\"a.example\" id=\"1\" type=\"set\" to='b.example' xmlns='jabber:component:accept'",
+                "mimi seq=\"5\" target=\"t&amp;u&gt;&lt;&quot;&apos;\" endpoint=\"notify\" xmlns=\"urn:mimi-relay:0\"",
+                "QUJD",
+            ),
+            iq(set, "mimi xmlns='urn:mimi-relay:0' endpoint='notify' target=\"'>\"", "QUJD"),
+            iq(set, "mimi\n  xmlns = 'urn:mimi-relay:0'\tendpoint='notify' target='t' ", "\r\n  QUJD\r\n"),
+            iq(set, m, "QU JD"),
+            iq(set, m, "QUJDREVG\r\nSGlqaw"),
+            iq(set, m, "QUJ"),
+            iq(set, m, "Q==="),
+            iq(set, m, " \n "),
+            iq(set, "mimi xmlns='urn:mimi-relay:0' endpoint='nope' target='t'", "QUJD"),
+            iq(set, "mimi xmlns='urn:mimi-relay:0' endpoint='notify' target='t' seq='x'", "QUJD"),
+            iq(set, "mimi xmlns='urn:mimi-relay:0' endpoint='notify'", "QUJD"),
+            iq(set, "mimi xmlns='urn:mimi-relay:0' endpoint='notify' target='t' inc='1'", "QUJD"),
+            iq("type='result' id='1' from='a.example'", "mimi xmlns='urn:mimi-relay:0' status='201' next-seq='2'", "QUJD"),
+            iq("type='result' id='1' from='a.example'", "mimi xmlns='urn:mimi-relay:0'", "QUJD"),
+            iq("type='result' id='1' from='a.example'", "mimi xmlns='urn:mimi-relay:0' status='999'", ""),
+            iq("type='result' id='' from='a.example'", "mimi xmlns='urn:mimi-relay:0' status='425' next-seq='-1'", ""),
+            "<iq type='result' id='2' from='a.example'><mimi xmlns='urn:mimi-relay:0' status='200'/></iq>".to_owned(),
+        ];
+        for case in &taken {
+            let (hot, dom) = hot_and_dom(case.as_bytes(), 6);
+            assert_eq!(hot, dom, "{case}");
+        }
+        // Shapes left to the DOM, which reads them (or refuses them) on its own.
+        for case in [
+            iq(set, m, "QU&#74;D"),
+            iq(set, m, "QUJD&amp;"),
+            iq(set, m, "<x/>QUJD"),
+            iq("type='get' id='1' from='a.example'", m, "QUJD"),
+            iq("type='error' id='1' from='a.example'", m, "QUJD"),
+            iq("type='set' id='1'", m, "QUJD"),
+            iq("type='set' from='a.example'", m, "QUJD"),
+            iq("type='set' id='1' from='a.example' xml:lang='en'", m, "QUJD"),
+            iq("type='set' id='1' from='a.example' xmlns='jabber:client'", m, "QUJD"),
+            iq("type='set' id='1' from='a.example' id='2'", m, "QUJD"),
+            iq("type='set' id='1' from='a.example' lang='en'", m, "QUJD"),
+            iq(set, "mimi endpoint='notify' target='t'", "QUJD"),
+            iq(set, "mimi xmlns='urn:other' endpoint='notify' target='t'", "QUJD"),
+            iq(set, "mimi xmlns='urn:mimi-relay:0' endpoint='notify' target='t' status='1'", "QUJD"),
+            iq(set, "mimi xmlns='urn:mimi-relay:0' endpoint='notify' target='a\tb'", "QUJD"),
+            iq(set, "mimi xmlns='urn:mimi-relay:0' endpoint='notify' target='\u{e9}'", "QUJD"),
+            iq(set, "mimi xmlns='urn:mimi-relay:0' endpoint='notify' target='&#65;'", "QUJD"),
+            iq(set, "mimi xmlns='urn:mimi-relay:0' endpoint='notify' target='&bogus;'", "QUJD"),
+            iq(set, "mimi xmlns='urn:mimi-relay:0' endpoint='notify' target='t'target='u'", "QUJD"),
+            "<iq type='set' id='1' from='a.example'><m:mimi xmlns:m='urn:mimi-relay:0' endpoint='notify' target='t'>QUJD</m:mimi></iq>".to_owned(),
+            "<iq type='set' id='1' from='a.example'> <mimi xmlns='urn:mimi-relay:0' endpoint='notify' target='t'>QUJD</mimi></iq>".to_owned(),
+            "<iq type='set' id='1' from='a.example'><mimi xmlns='urn:mimi-relay:0' endpoint='notify' target='t'>QUJD</mimi></iq >".to_owned(),
+            "<iq type='set' id='1' from='a.example'><mimi xmlns='urn:mimi-relay:0' endpoint='notify' target='t'>QUJD</mimi ></iq>".to_owned(),
+            "<iq type='set' id='1' from='a.example'><mimi xmlns='urn:mimi-relay:0' endpoint='notify' target='t'>QUJD</mimi><x/></iq>".to_owned(),
+            "<iq type='set' id='1' from='a.example'/>".to_owned(),
+            "<message from='a.example'><mimi xmlns='urn:mimi-relay:0'>QUJD</mimi></message>".to_owned(),
+            "<r xmlns='urn:xmpp:sm:3' h='1'/>".to_owned(),
+            "<r xmlns='urn:xmpp:sm:2'/>".to_owned(),
+            "<r xmlns='urn:xmpp:sm:3'></r>".to_owned(),
+            "<a xmlns='urn:xmpp:sm:3' h='+1'/>".to_owned(),
+            "<a xmlns='urn:xmpp:sm:3' h=''/>".to_owned(),
+            "<a xmlns='urn:xmpp:sm:3' h='4294967296'/>".to_owned(),
+            "<a xmlns='urn:xmpp:sm:3'/>".to_owned(),
+        ] {
+            assert!(read_hot(case.as_bytes(), 6).is_none(), "taken: {case}");
+        }
+        assert!(matches!(
+            read_hot(b"<r xmlns='urn:xmpp:sm:3'/>", 6),
+            Some(Hot::AckRequest)
+        ));
+        assert!(matches!(
+            read_hot(b"<a h=\"4294967295\" xmlns=\"urn:xmpp:sm:3\" />", 6),
+            Some(Hot::Ack(u32::MAX))
+        ));
+        let mut out = Vec::new();
+        write_ack(&mut out, 7);
+        write_ack_request(&mut out);
+        let text = String::from_utf8(out).unwrap();
+        let (a, r) = text.split_at(text.find("<r").unwrap());
+        assert!(parse(a.as_bytes()).unwrap().is("a", NS_SM), "{a}");
+        assert_eq!(
+            xmpp_parsers::sm::A::try_from(parse(a.as_bytes()).unwrap())
+                .unwrap()
+                .h,
+            7
+        );
+        assert!(matches!(read_hot(a.as_bytes(), 6), Some(Hot::Ack(7))));
+        assert!(parse(r.as_bytes()).unwrap().is("r", NS_SM), "{r}");
+    }
+
+    #[test]
+    fn the_direct_writer_writes_what_the_typed_stanzas_wrote() {
+        // The old writer, through minidom, for comparison: the same elements on the wire.
+        let typed_request = |id: &str, from: &str, to: &str, t: &Transmit| {
+            let mut out = Vec::new();
+            let iq = XmppIq::Set {
+                from: jid(from),
+                to: jid(to),
+                id: id.to_owned(),
+                payload: mimi_request(t),
+            };
+            write(&mut out, iq);
+            parse(&out).unwrap()
+        };
+        for body in [
+            vec![],
+            vec![Bytes::from_static(b"x")],
+            vec![Bytes::from(vec![1u8; 1000]), Bytes::from_static(b"yz")],
+        ] {
+            let mut t = transmit(body);
+            for (from, to) in [
+                ("a.example", "b.example"),
+                ("relay.a.localhost", "not a jid@@"),
+            ] {
+                let mut out = Vec::new();
+                write_request(&mut out, "m'1<", from, to, &t);
+                assert_eq!(parse(&out).unwrap(), typed_request("m'1<", from, to, &t));
+                t.seq = None;
+                t.lineage = None;
+                t.target = "\"&<>'".into();
+            }
+        }
+        for status in [
+            Status::Ok,
+            Status::Created,
+            Status::OutOfOrder,
+            Status::TooLarge,
+        ] {
+            for body in [Bytes::new(), Bytes::from_static(b"\x00\xffabc")] {
+                let mut r = Response::new(status, body);
+                r.next_seq = Some(9);
+                r.retry_after = Some(Duration::from_millis(1500));
+                let mut out = Vec::new();
+                write_answer(&mut out, "m2", "b.example", "a.example", &r);
+                let (from, to) = (jid("b.example"), jid("a.example"));
+                let typed = if status.is_success() {
+                    XmppIq::Result {
+                        from,
+                        to,
+                        id: "m2".into(),
+                        payload: Some(mimi_answer(&r)),
+                    }
+                } else {
+                    let (cond, kind) = condition(status);
+                    XmppIq::Error {
+                        from,
+                        to,
+                        id: "m2".into(),
+                        error: stanza_error(cond, kind, Some(mimi_answer(&r))),
+                        payload: None,
+                    }
+                };
+                let mut old = Vec::new();
+                write(&mut old, typed);
+                assert_eq!(parse(&out).unwrap(), parse(&old).unwrap(), "{status:?}");
+            }
+        }
     }
 }

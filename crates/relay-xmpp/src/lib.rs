@@ -368,6 +368,30 @@ pub fn fuzz_scan(data: &[u8]) {
         loop {
             match scanner.poll_item() {
                 Ok(Some(scanner::Item::Element(bytes) | scanner::Item::Header(bytes))) => {
+                    // The hot path reads what it takes as the DOM reads it.
+                    if let Some(hot) = binding::read_hot(&bytes, 4096) {
+                        let dom = binding::parse(&bytes).ok();
+                        match hot {
+                            binding::Hot::Iq { from, to, id, iq } => {
+                                let dom = dom.expect("the hot path took malformed xml");
+                                assert_eq!(dom.attr("from"), Some(from.as_str()));
+                                assert_eq!(dom.attr("to"), to.as_deref());
+                                let dom = format!("{:?}", binding::classify(dom, None, 4096));
+                                assert_eq!(
+                                    format!("{:?}", Some((id, iq))),
+                                    dom,
+                                    "hot path differs"
+                                );
+                            }
+                            binding::Hot::AckRequest => {
+                                assert!(dom.is_some_and(|e| e.is("r", binding::NS_SM)));
+                            }
+                            binding::Hot::Ack(h) => {
+                                let a = dom.and_then(|e| xmpp_parsers::sm::A::try_from(e).ok());
+                                assert_eq!(a.map(|a| a.h), Some(h), "hot path differs");
+                            }
+                        }
+                    }
                     if let Ok(binding::Stanza::Parsed(el, text)) = binding::parse_stanza(&bytes) {
                         let _ = binding::peer_stream_error(&el);
                         let fast = format!("{:?}", binding::classify(el, text, 4096));

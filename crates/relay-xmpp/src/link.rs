@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::FutureExt;
 use futures::stream::{FuturesOrdered, StreamExt};
 use mimi_wire::uri::ProviderDomain;
@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use xmpp_parsers::sm;
 use xmpp_parsers::stanza_error::{DefinedCondition, ErrorType};
 
-use crate::binding::{self, Iq, NS_COMPONENT, NS_SM, Stanza};
+use crate::binding::{self, Hot, Iq, NS_COMPONENT, NS_SM, Stanza};
 use crate::scanner::{Item, ScanError, Scanner};
 
 /// Requests of one link being answered at once; beyond it the link stops reading and TCP
@@ -139,11 +139,13 @@ pub enum Ended {
 
 type Answer = Pin<Box<dyn Future<Output = Vec<u8>> + Send>>;
 
+/// Bytes a read asks for at least (the scanner's buffer is grown to hold them).
+const READ_CHUNK: usize = 64 * 1024;
+
 /// Reads one connection.
 pub(crate) struct Reader<R> {
     pub(crate) io: R,
     pub(crate) scanner: Scanner,
-    buf: BytesMut,
 }
 
 impl<R: AsyncRead + Unpin> Reader<R> {
@@ -152,15 +154,12 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         Reader {
             io,
             scanner: Scanner::new(max).with_max_depth(max_depth),
-            buf: BytesMut::with_capacity(64 * 1024),
         }
     }
 
-    /// Reads more bytes into the scanner; `false` at end of input.
+    /// Reads more bytes, straight into the scanner's buffer; `false` at end of input.
     async fn fill(&mut self) -> std::io::Result<bool> {
-        self.buf.clear();
-        let n = self.io.read_buf(&mut self.buf).await?;
-        self.scanner.push(&self.buf[..n]);
+        let n = self.io.read_buf(self.scanner.read_into(READ_CHUNK)).await?;
         Ok(n > 0)
     }
 
@@ -273,7 +272,18 @@ pub(crate) struct Link<I> {
     /// On a peer's inbound stream: its refusal budget. The stream is not read while the
     /// peer is in debt, so TCP holds its bytes at its end.
     pacer: Option<(Arc<Pacer>, ProviderDomain)>,
+    /// Our requests' addresses, by peer, checked as JIDs once.
+    routes: HashMap<ProviderDomain, binding::Route>,
+    /// Our answers' addresses, by the `from` they answer (a few: cleared when full).
+    answer_routes: HashMap<String, Arc<binding::Route>>,
+    /// The hot path's addresses (see [`Link::hot`]): each peer's exact address, if a JID
+    /// and one `by_jid` maps to that peer; and ours, if a JID.
+    hot_from: HashMap<String, ProviderDomain>,
+    hot_to: Option<String>,
 }
+
+/// Most answer routes a link keeps (a component's server may route many senders to it).
+const MAX_ANSWER_ROUTES: usize = 64;
 
 impl<I: Inbound> Link<I> {
     pub(crate) fn new(
@@ -284,7 +294,26 @@ impl<I: Inbound> Link<I> {
         adapter: &AdapterContext,
         budget: Option<Arc<ByteBudget>>,
     ) -> Self {
+        let is_jid = |s: &str| xmpp_parsers::jid::Jid::new(s).is_ok();
+        let routes = addr
+            .by_domain
+            .iter()
+            .map(|(d, to)| (d.clone(), binding::Route::new(&addr.local, to)))
+            .collect();
+        let hot_from = addr
+            .by_domain
+            .iter()
+            .filter(|(d, jid)| {
+                is_jid(jid) && addr.by_jid.get(&binding::jid_domain(jid)) == Some(*d)
+            })
+            .map(|(d, jid)| (jid.clone(), d.clone()))
+            .collect();
+        let hot_to = is_jid(&addr.local).then(|| addr.local.clone());
         Link {
+            routes,
+            answer_routes: HashMap::new(),
+            hot_from,
+            hot_to,
             addr,
             max_body,
             sm: None,
@@ -377,8 +406,21 @@ impl<I: Inbound> Link<I> {
 
     fn request_ack(&mut self) {
         if self.sm.is_some() {
-            binding::write(&mut self.out, sm::R);
+            binding::write_ack_request(&mut self.out);
         }
+    }
+
+    /// The addresses of our answers to a stanza from `from`.
+    fn answer_route(&mut self, from: &str) -> Arc<binding::Route> {
+        if let Some(r) = self.answer_routes.get(from) {
+            return r.clone();
+        }
+        if self.answer_routes.len() >= MAX_ANSWER_ROUTES {
+            self.answer_routes.clear();
+        }
+        let r = Arc::new(binding::Route::new(&self.addr.local, from));
+        self.answer_routes.insert(from.to_owned(), r.clone());
+        r
     }
 
     pub(crate) fn write_raw(&mut self, bytes: &[u8]) {
@@ -395,14 +437,14 @@ impl<I: Inbound> Link<I> {
                 if ticket.is_done() {
                     return; // timed out while queued: do not send it late
                 }
-                let Some(to) = self.addr.by_domain.get(&t.dest).cloned() else {
+                let Some(route) = self.routes.get(&t.dest) else {
                     ticket.finish(Err(TransportError::NoRoute(t.dest.clone())));
                     return;
                 };
                 let id = format!("m{}", self.next_id);
                 self.next_id += 1;
-                let mut s = Vec::with_capacity(t.body_len() * 4 / 3 + 256);
-                binding::write_request(&mut s, &id, &self.addr.local, &to, &t);
+                let mut s = Vec::new();
+                binding::write_request_on(&mut s, &id, route, &t);
                 self.awaiting.insert(id, Awaiting::Transmit(ticket));
                 self.emit(s);
             }
@@ -632,14 +674,44 @@ impl<I: Inbound> Link<I> {
                 self.serving.push_back(Box::pin(std::future::ready(s)));
                 None
             }
-            Item::Element(bytes) => match binding::parse_stanza(&bytes) {
-                Ok(Stanza::Parsed(el, text)) => self.element(el, text),
-                Ok(Stanza::Oversize { head }) => self.item(Item::TooLarge {
-                    head,
-                    len: bytes.len(),
-                }),
-                Err(_) => Some(Ended::WeRefused("not-well-formed")),
+            Item::Element(bytes) => match self.hot(&bytes) {
+                Some(handled) => handled,
+                None => self.dom(&bytes),
             },
+        }
+    }
+
+    /// The hot path: a stanza [`binding::read_hot`] reads, from a peer at its exact address
+    /// (a JID, so the typed `Iq` would take it too), handled as [`Link::element`] would
+    /// handle its DOM. `None` leaves the stanza to the DOM.
+    fn hot(&mut self, bytes: &[u8]) -> Option<Option<Ended>> {
+        match binding::read_hot(bytes, self.max_body)? {
+            Hot::AckRequest => {
+                let h = self.sm.as_ref().map_or(0, |s| s.h_in);
+                binding::write_ack(&mut self.out, h);
+                Some(None)
+            }
+            Hot::Ack(h) => Some(self.ack(h)),
+            Hot::Iq { from, to, id, iq } => {
+                let peer = self.hot_from.get(&from)?.clone();
+                if to.is_some() && to != self.hot_to {
+                    return None;
+                }
+                self.count_in();
+                Some(self.iq(peer, from, id, iq))
+            }
+        }
+    }
+
+    /// Reads a stanza with the DOM (all but the hot path).
+    fn dom(&mut self, bytes: &Bytes) -> Option<Ended> {
+        match binding::parse_stanza(bytes) {
+            Ok(Stanza::Parsed(el, text)) => self.element(el, text),
+            Ok(Stanza::Oversize { head }) => self.item(Item::TooLarge {
+                head,
+                len: bytes.len(),
+            }),
+            Err(_) => Some(Ended::WeRefused("not-well-formed")),
         }
     }
 
@@ -680,17 +752,13 @@ impl<I: Inbound> Link<I> {
             match el.name() {
                 "r" => {
                     let h = self.sm.as_ref().map_or(0, |s| s.h_in);
-                    binding::write(&mut self.out, sm::A::new(h));
+                    binding::write_ack(&mut self.out, h);
                 }
                 "a" => {
-                    let a = sm::A::try_from(el).ok();
-                    let ok = match (a, &mut self.sm) {
-                        (Some(a), Some(sm)) => sm.ack(a.h),
-                        _ => false,
-                    };
-                    if !ok {
+                    let Ok(a) = sm::A::try_from(el) else {
                         return Some(Ended::WeRefused("undefined-condition"));
-                    }
+                    };
+                    return self.ack(a.h);
                 }
                 _ => return Some(Ended::WeRefused("unsupported-stanza-type")),
             }
@@ -731,9 +799,24 @@ impl<I: Inbound> Link<I> {
         let Some((id, iq)) = binding::classify(el, text, self.max_body) else {
             return Some(Ended::WeRefused("bad-format"));
         };
+        self.iq(from, from_attr, id, iq)
+    }
+
+    /// The peer's acknowledgement of our first `h` stanzas.
+    fn ack(&mut self, h: u32) -> Option<Ended> {
+        match self.sm.as_mut().map(|sm| sm.ack(h)) {
+            Some(true) => None,
+            _ => Some(Ended::WeRefused("undefined-condition")),
+        }
+    }
+
+    /// Handles an IQ from `from` (its address as written: `from_attr`), already counted.
+    fn iq(&mut self, from: ProviderDomain, from_attr: String, id: String, iq: Iq) -> Option<Ended> {
         let local = self.addr.local.clone();
+        let local = local.as_str();
         match iq {
             Iq::Request(Ok(r)) => {
+                let route = self.answer_route(&from_attr);
                 // What the node has not answered yet counts against this peer's share only.
                 let held = match &self.budget {
                     Some(budget) if self.inbound.is_some() => {
@@ -744,7 +827,7 @@ impl<I: Inbound> Link<I> {
                                 let mut busy =
                                     Response::error(Status::Unavailable, "peer over its budget");
                                 busy.retry_after = Some(BUDGET_RETRY);
-                                binding::write_answer(&mut s, &id, &local, &from_attr, &busy);
+                                binding::write_answer_on(&mut s, &id, &route, &busy);
                                 self.serving.push_back(Box::pin(std::future::ready(s)));
                                 return None;
                             }
@@ -767,8 +850,8 @@ impl<I: Inbound> Link<I> {
                         Box::pin(async move {
                             let response = inbound.request(request).await;
                             drop(held);
-                            let mut s = Vec::with_capacity(response.body.len() * 4 / 3 + 256);
-                            binding::write_answer(&mut s, &id, &local, &from_attr, &response);
+                            let mut s = Vec::new();
+                            binding::write_answer_on(&mut s, &id, &route, &response);
                             s
                         })
                     }
@@ -777,7 +860,7 @@ impl<I: Inbound> Link<I> {
                         binding::write_plain_error(
                             &mut s,
                             &id,
-                            &local,
+                            local,
                             &from_attr,
                             DefinedCondition::ServiceUnavailable,
                             ErrorType::Cancel,
@@ -793,18 +876,13 @@ impl<I: Inbound> Link<I> {
                 }
                 self.refused_peer();
                 let mut s = Vec::new();
-                binding::write_answer(
-                    &mut s,
-                    &id,
-                    &local,
-                    &from_attr,
-                    &Response::error(status, why),
-                );
+                let route = self.answer_route(&from_attr);
+                binding::write_answer_on(&mut s, &id, &route, &Response::error(status, why));
                 self.serving.push_back(Box::pin(std::future::ready(s)));
             }
             Iq::Ping => {
                 let mut s = Vec::new();
-                binding::write_empty_result(&mut s, &id, &local, &from_attr);
+                binding::write_empty_result(&mut s, &id, local, &from_attr);
                 self.serving.push_back(Box::pin(std::future::ready(s)));
             }
             Iq::Unsupported => {
@@ -812,7 +890,7 @@ impl<I: Inbound> Link<I> {
                 binding::write_plain_error(
                     &mut s,
                     &id,
-                    &local,
+                    local,
                     &from_attr,
                     DefinedCondition::ServiceUnavailable,
                     ErrorType::Cancel,

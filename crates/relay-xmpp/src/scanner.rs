@@ -158,6 +158,13 @@ impl Scanner {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// The buffer [`Scanner::push`] appends to, for a reader to read into directly (saving a
+    /// copy); with room for at least `additional` more bytes. Only append to it.
+    pub(crate) fn read_into(&mut self, additional: usize) -> &mut BytesMut {
+        self.buf.reserve(additional);
+        &mut self.buf
+    }
+
     /// Bytes buffered and not yet returned.
     pub fn buffered(&self) -> usize {
         self.buf.len() - self.start
@@ -173,6 +180,14 @@ impl Scanner {
         loop {
             if self.phase == Phase::Done {
                 return Ok(None);
+            }
+            if self.lex == Lex::Text && self.depth > 0 {
+                // Character data inside an element (a MIMI stanza's base64, mostly): only a
+                // `<` changes the state, so the bytes before one are passed over at once.
+                let rest = self.buf.get(self.pos..).unwrap_or_default();
+                let skip = rest.iter().position(|&c| c == b'<').unwrap_or(rest.len());
+                self.pos += skip;
+                self.examined += skip as u64;
             }
             let Some(&b) = self.buf.get(self.pos) else {
                 self.compact();
