@@ -627,7 +627,7 @@ fn markdown(report: &BenchReport, plots: &[String]) -> String {
 }
 
 /// A stage's place in the life of a message, and what it times (per item it counts).
-const STAGES: [(&str, &str, &str); 12] = [
+const STAGES: [(&str, &str, &str); 13] = [
     (
         "lab",
         "driver",
@@ -682,6 +682,11 @@ const STAGES: [(&str, &str, &str); 12] = [
         "follower",
         "inbox",
         "record durable → read by the client's long-poll (per record)",
+    ),
+    (
+        "hub",
+        "inbox",
+        "the hub's own inbox: durable → read by the lab's (unmeasured) reader (per record)",
     ),
     (
         "hub",
