@@ -107,7 +107,15 @@ pub(crate) fn to_http(r: Response) -> HttpResponse {
 }
 
 async fn submit(State(s): State<ApiState>, Path(room): Path<String>, body: Bytes) -> HttpResponse {
-    match ask(&s.tx, |reply| Event::Submit { room, body, reply }).await {
+    let queued = std::time::Instant::now();
+    match ask(&s.tx, |reply| Event::Submit {
+        room,
+        body,
+        reply,
+        queued,
+    })
+    .await
+    {
         Some(r) => to_http(r),
         None => unavailable(),
     }
@@ -128,7 +136,14 @@ async fn submit_batch(State(s): State<ApiState>, body: Bytes) -> HttpResponse {
     let mut answers = Vec::with_capacity(items.len());
     for (room, body) in items {
         let (reply, answer) = oneshot::channel();
-        if s.tx.send(Event::Submit { room, body, reply }).is_err() {
+        let queued = std::time::Instant::now();
+        let submit = Event::Submit {
+            room,
+            body,
+            reply,
+            queued,
+        };
+        if s.tx.send(submit).is_err() {
             return unavailable();
         }
         answers.push(answer);

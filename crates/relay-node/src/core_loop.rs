@@ -28,6 +28,8 @@ use relay_core::{
 use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
 
+use crate::metrics::Stage;
+
 /// Requests taken from the fair queue per wake-up of the core thread.
 const INGRESS_BATCH: usize = 256;
 
@@ -59,6 +61,8 @@ pub(crate) enum Event {
         room: String,
         body: Bytes,
         reply: oneshot::Sender<Response>,
+        /// When the API handed it over (for the `client_queue` stage).
+        queued: Instant,
     },
     CreateRoom {
         room: RoomId,
@@ -165,6 +169,8 @@ pub struct StoreStats {
     pub panics: u64,
     /// A commit failed for lack of space and is being tried again: new work is refused.
     pub disk_full: bool,
+    /// Where a message's time goes on this node (timed by the same thread).
+    pub stages: crate::metrics::StageStats,
 }
 
 pub(crate) struct CoreLoop<S: Store> {
@@ -184,7 +190,8 @@ pub(crate) struct CoreLoop<S: Store> {
 
 /// Something to hand out once the commit it depends on is durable.
 enum Held {
-    Output(Output),
+    /// With the end of the turn that produced it (for the `commit` stage).
+    Output(Output, Instant),
     Room(
         oneshot::Sender<Result<(), RoomError>>,
         Result<(), RoomError>,
@@ -207,6 +214,50 @@ struct Pipeline {
     writing: Option<(u64, u64, u64)>,
     held: VecDeque<(u64, Held)>,
     inputs_in_open: u64,
+    /// Stage timing: when each submission or peer request of this turn was taken.
+    taken: Vec<Instant>,
+    /// Stage timing: transmits handed to a transport and not answered yet (bounded).
+    sent_at: HashMap<TransmitId, Instant>,
+    /// Stage timing: (durable inbox offset, when readers were told), oldest first (bounded);
+    /// records below `durable_floor` became durable before what is kept.
+    durable_at: VecDeque<(u64, Instant)>,
+    durable_floor: u64,
+}
+
+/// Transmits timed at once; past this, new ones go untimed (outcomes that never came must
+/// not grow the map).
+const TIMED_TRANSMITS: usize = 1 << 16;
+/// Durable marks kept for timing inbox reads.
+const TIMED_MARKS: usize = 4096;
+
+impl Pipeline {
+    /// The inbox's durable offset moved to `mark` now.
+    fn durable_moved(&mut self, mark: u64, at: Instant) {
+        if self.durable_at.len() == TIMED_MARKS
+            && let Some((m, _)) = self.durable_at.pop_front()
+        {
+            self.durable_floor = m;
+        }
+        self.durable_at.push_back((mark, at));
+    }
+
+    /// A reader that consumed everything up to `after` no longer needs older marks.
+    fn inbox_consumed(&mut self, after: u64) {
+        while self.durable_at.front().is_some_and(|(m, _)| *m <= after) {
+            if let Some((m, _)) = self.durable_at.pop_front() {
+                self.durable_floor = m;
+            }
+        }
+    }
+
+    /// When the record at `offset` became durable, if still known.
+    fn durable_since(&self, offset: u64) -> Option<Instant> {
+        if offset < self.durable_floor {
+            return None;
+        }
+        let i = self.durable_at.partition_point(|(m, _)| *m <= offset);
+        self.durable_at.get(i).map(|(_, at)| *at)
+    }
 }
 
 impl<S: Store> CoreLoop<S> {
@@ -232,6 +283,10 @@ impl<S: Store> CoreLoop<S> {
             writing: None,
             held: VecDeque::new(),
             inputs_in_open: 0,
+            taken: Vec::new(),
+            sent_at: HashMap::new(),
+            durable_at: VecDeque::new(),
+            durable_floor: self.relay.inbox_durable(),
         };
         let result = loop {
             let wait = self
@@ -302,8 +357,13 @@ impl<S: Store> CoreLoop<S> {
                 break Err(e);
             }
             self.relay.handle_timeout(now(), &mut self.store);
+            let turn_end = Instant::now();
             while let Some(out) = self.relay.poll_output() {
-                p.held.push_back((p.open, Held::Output(out)));
+                p.held.push_back((p.open, Held::Output(out, turn_end)));
+            }
+            for taken in p.taken.drain(..) {
+                let d = turn_end.saturating_duration_since(taken);
+                self.store_stats.stages.record(Stage::Core, d);
             }
             if p.writing.is_none() {
                 match self.store.seal() {
@@ -325,12 +385,14 @@ impl<S: Store> CoreLoop<S> {
                 p.open += 1;
             }
             self.release(&mut replies, &mut p);
-            self.inbox_durable.send_if_modified(|v| {
-                let n = self.relay.inbox_durable();
-                let changed = *v != n;
-                *v = n;
+            let durable = self.relay.inbox_durable();
+            if self.inbox_durable.send_if_modified(|v| {
+                let changed = *v != durable;
+                *v = durable;
                 changed
-            });
+            }) {
+                p.durable_moved(durable, Instant::now());
+            }
             if stopping && p.writing.is_none() && p.held.is_empty() {
                 break Ok(());
             }
@@ -374,10 +436,18 @@ impl<S: Store> CoreLoop<S> {
         };
         match ev {
             Event::Ingress => {
-                let mut batch = Vec::new();
+                let (mut batch, mut queued) = (Vec::new(), Vec::new());
                 // A bounded helping per wake-up, so outcomes and local clients interleave.
-                if self.ingress.pop_batch(INGRESS_BATCH, &mut batch) {
+                if self
+                    .ingress
+                    .pop_batch_timed(INGRESS_BATCH, &mut batch, &mut queued)
+                {
                     let _ = self.tx.send(Event::Ingress);
+                }
+                for at in queued {
+                    let d = now.mono.saturating_duration_since(at);
+                    self.store_stats.stages.record(Stage::PeerQueue, d);
+                    p.taken.push(now.mono);
                 }
                 for (req, reply) in batch {
                     if self.store_stats.disk_full
@@ -407,6 +477,10 @@ impl<S: Store> CoreLoop<S> {
                 }
             }
             Event::Outcome { id, outcome } => {
+                if let Some(at) = p.sent_at.remove(&id) {
+                    let d = now.mono.saturating_duration_since(at);
+                    self.store_stats.stages.record(Stage::Transmit, d);
+                }
                 self.relay.handle_outcome(now, &mut self.store, id, outcome);
             }
             Event::Probe { peer, alive } => self.relay.handle_probe_outcome(now, &peer, alive),
@@ -414,7 +488,15 @@ impl<S: Store> CoreLoop<S> {
                 let refused = self.relay.storage_full_refusal(Endpoint::SubmitMessage);
                 let _ = reply.send(refused.unwrap_or_else(storage_full_response));
             }
-            Event::Submit { room, body, reply } => {
+            Event::Submit {
+                room,
+                body,
+                reply,
+                queued,
+            } => {
+                let d = now.mono.saturating_duration_since(queued);
+                self.store_stats.stages.record(Stage::ClientQueue, d);
+                p.taken.push(now.mono);
                 let t = token(reply);
                 self.relay
                     .handle_client_submit(now, &mut self.store, t, &room, body);
@@ -542,6 +624,13 @@ impl<S: Store> CoreLoop<S> {
                     .and_then(|()| self.relay.read_inbox(&self.store, q));
                 match read {
                     Ok(items) => {
+                        p.inbox_consumed(after);
+                        for (offset, _) in &items {
+                            if let Some(at) = p.durable_since(*offset) {
+                                let d = now.mono.saturating_duration_since(at);
+                                self.store_stats.stages.record(Stage::Inbox, d);
+                            }
+                        }
                         let _ = reply.send(Ok(items));
                     }
                     Err(e) => {
@@ -578,7 +667,13 @@ impl<S: Store> CoreLoop<S> {
                     f();
                     continue;
                 }
-                Held::Output(out) => out,
+                Held::Output(out, made) => {
+                    if !matches!(out, Output::Probe(_)) {
+                        let d = made.elapsed();
+                        self.store_stats.stages.record(Stage::Commit, d);
+                    }
+                    out
+                }
             };
             match out {
                 Output::Reply { token, response } => {
@@ -588,7 +683,12 @@ impl<S: Store> CoreLoop<S> {
                     }
                 }
                 Output::Transmit(t) => match transports.and_then(|ts| ts.get(t.transport)) {
-                    Some(tr) => tr.send(t),
+                    Some(tr) => {
+                        if p.sent_at.len() < TIMED_TRANSMITS {
+                            p.sent_at.insert(t.id, Instant::now());
+                        }
+                        tr.send(t)
+                    }
                     None => {
                         warn!(dest = %t.dest, transport = %t.transport, "no such transport running");
                         let _ = self.tx.send(Event::Outcome {
@@ -743,7 +843,32 @@ mod tests {
         "hub.example".parse().expect("domain")
     }
 
+    /// A transport that answers every transmit at once with 201.
+    struct Echo(Mutex<Sender<Event>>);
+
+    impl relay_adapter::Transport for Echo {
+        fn kind(&self) -> TransportKind {
+            TransportKind::Quic
+        }
+        fn send(&self, t: relay_core::Transmit) {
+            let outcome = Ok(Response::new(Status::Created, Bytes::new()));
+            let _ = self
+                .0
+                .lock()
+                .expect("lock")
+                .send(Event::Outcome { id: t.id, outcome });
+        }
+        fn probe(&self, _: &ProviderDomain) {}
+        fn shutdown(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+            Box::pin(async {})
+        }
+    }
+
     fn start() -> Harness {
+        start_with(false)
+    }
+
+    fn start_with(echo: bool) -> Harness {
         let mut cfg = RelayConfig::new("me.example".parse().expect("domain"))
             .with_route(hub(), TransportKind::Quic);
         cfg.follows = vec![RoomId::parse(ROOM).expect("room")];
@@ -757,12 +882,17 @@ mod tests {
         let relay = Relay::new(cfg, Snapshot::default(), now());
         let (tx, rx) = std::sync::mpsc::channel();
         let ingress = Arc::new(crate::ingress::Ingress::new(1 << 20, 1 << 24));
+        let mut transports = Transports::default();
+        if echo {
+            let t: Arc<dyn relay_adapter::Transport> = Arc::new(Echo(Mutex::new(tx.clone())));
+            transports.0.insert(TransportKind::Quic, t);
+        }
         let core = CoreLoop {
             relay,
             store,
             rx,
             tx: tx.clone(),
-            transports: Arc::new(Transports::default()),
+            transports: Arc::new(transports),
             inbox_durable: watch::channel(0).0,
             store_stats: StoreStats::default(),
             ingress: ingress.clone(),
@@ -864,6 +994,7 @@ mod tests {
             room: ROOM.to_owned(),
             body: Bytes::from_static(b"x"),
             reply,
+            queued: Instant::now(),
         })
         .expect("core running");
         assert_eq!(
@@ -889,6 +1020,46 @@ mod tests {
         let committed = h.committed.lock().expect("lock").committed_inbox().len();
         assert_eq!(committed, 3, "each delivered once");
 
+        h.tx.send(Event::Shutdown).expect("core running");
+        h.core.join().expect("core thread").expect("clean stop");
+    }
+
+    #[test]
+    fn the_stage_histograms_count_each_stage_of_a_message() {
+        let h = start_with(true);
+        let count = |h: &Harness, stage: Stage| h.stats().1.stages.of(stage).count;
+        // A peer's /notify: queued, handled, its answer held for the commit.
+        let r = h.notify(1, 1).blocking_recv().expect("answer");
+        assert_eq!(r.status, Status::Created);
+        assert_eq!(count(&h, Stage::PeerQueue), 1);
+        assert_eq!(count(&h, Stage::Core), 1);
+        assert!(count(&h, Stage::Commit) >= 1);
+        assert_eq!(count(&h, Stage::Inbox), 0);
+        // Its record, read once by a local client.
+        assert_eq!(h.inbox().len(), 1);
+        assert_eq!(count(&h, Stage::Inbox), 1);
+        // A local client's submission: forwarded to the hub, whose answer times the transmit.
+        let (reply, rx) = oneshot::channel();
+        h.tx.send(Event::Submit {
+            room: ROOM.to_owned(),
+            body: Bytes::from_static(b"x"),
+            reply,
+            queued: Instant::now() - Duration::from_millis(30),
+        })
+        .expect("core running");
+        rx.blocking_recv().expect("answer");
+        let (_, store) = h.stats();
+        let queue = store.stages.of(Stage::ClientQueue);
+        assert_eq!(queue.count, 1);
+        // Stamped 30 ms before it was sent: the wait counts from the stamp.
+        assert!(queue.sum_ns >= 30_000_000, "{queue:?}");
+        assert_eq!(store.stages.of(Stage::Core).count, 2);
+        assert_eq!(store.stages.of(Stage::Transmit).count, 1);
+        let text = crate::metrics::render(&RelayStats::default(), &store);
+        assert!(
+            text.contains("mimi_relay_stage_seconds_count{stage=\"transmit\"} 1\n"),
+            "{text}"
+        );
         h.tx.send(Event::Shutdown).expect("core running");
         h.core.join().expect("core thread").expect("clean stop");
     }

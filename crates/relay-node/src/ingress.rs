@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, PoisonError};
+use std::time::Instant;
 
 use mimi_wire::uri::ProviderDomain;
 use relay_core::{Request, Response};
@@ -30,7 +31,8 @@ pub(crate) enum Refused {
 
 #[derive(Debug, Default)]
 struct PeerQueue {
-    items: VecDeque<(usize, Waiting)>,
+    /// (weight, when queued, the request).
+    items: VecDeque<(usize, Instant, Waiting)>,
     weight: usize,
     deficit: usize,
 }
@@ -90,7 +92,7 @@ impl Ingress {
             return Err(Box::new((Refused::PeerShare, item)));
         }
         let was_idle = q.items.is_empty();
-        q.items.push_back((weight, item));
+        q.items.push_back((weight, Instant::now(), item));
         q.weight += weight;
         s.total += weight;
         if was_idle {
@@ -103,7 +105,18 @@ impl Ingress {
 
     /// Takes up to `max` requests in fair order. Afterwards `true` means more are waiting and
     /// the core thread must wake itself for another turn.
+    #[cfg(test)]
     pub(crate) fn pop_batch(&self, max: usize, out: &mut Vec<Waiting>) -> bool {
+        self.pop_batch_timed(max, out, &mut Vec::new())
+    }
+
+    /// [`Ingress::pop_batch`], also pushing to `queued` when each request taken was queued.
+    pub(crate) fn pop_batch_timed(
+        &self,
+        max: usize,
+        out: &mut Vec<Waiting>,
+        queued: &mut Vec<Instant>,
+    ) -> bool {
         let mut s = self.lock();
         let s = &mut *s;
         let mut taken = 0;
@@ -117,7 +130,7 @@ impl Ingress {
             if !std::mem::take(&mut s.resume) {
                 q.deficit += QUANTUM;
             }
-            while let Some((w, _)) = q.items.front() {
+            while let Some((w, _, _)) = q.items.front() {
                 let w = *w;
                 if w > q.deficit {
                     break;
@@ -127,9 +140,10 @@ impl Ingress {
                     s.resume = true;
                     break 'rounds;
                 }
-                let Some((_, item)) = q.items.pop_front() else {
+                let Some((_, at, item)) = q.items.pop_front() else {
                     break;
                 };
+                queued.push(at);
                 q.deficit -= w;
                 q.weight -= w;
                 s.total -= w;

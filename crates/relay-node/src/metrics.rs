@@ -358,7 +358,138 @@ pub fn render(s: &RelayStats, store: &StoreStats) -> String {
         "Time spent writing and syncing one commit.",
         &store.commit_time,
     );
+    render_stages(&mut out, &store.stages);
     out
+}
+
+/// A stretch of a message's life on one node, timed by the core thread (issue 17: where the
+/// time goes). Each is counted per item it names, not per message: a transmit or a reply may
+/// carry many messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// A local client's submission, from the API handing it over to the core thread taking it.
+    ClientQueue,
+    /// A peer's request, from the adapter queueing it (fair queue) to the core thread taking it.
+    PeerQueue,
+    /// A submission or peer request, from the core thread taking it to the end of its turn
+    /// (its outputs produced).
+    Core,
+    /// An output (reply or transmit), from the end of its turn to its release once the store
+    /// batch holding its changes is durable.
+    Commit,
+    /// A transmit, from its handover to the transport to its outcome back at the core thread:
+    /// the link both ways and the peer's whole handling.
+    Transmit,
+    /// An inbox record, from its being durable (readers woken) to a local client's read of it.
+    Inbox,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 6] = [
+        Stage::ClientQueue,
+        Stage::PeerQueue,
+        Stage::Core,
+        Stage::Commit,
+        Stage::Transmit,
+        Stage::Inbox,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::ClientQueue => "client_queue",
+            Stage::PeerQueue => "peer_queue",
+            Stage::Core => "core",
+            Stage::Commit => "commit",
+            Stage::Transmit => "transmit",
+            Stage::Inbox => "inbox",
+        }
+    }
+}
+
+/// A latency histogram for the stages inside one node, which are often shorter than the first
+/// bound (100 µs) of [`Histogram`]: its bounds start at 5 µs, then follow the same steps.
+#[derive(Clone, Debug)]
+pub struct FineHistogram {
+    /// Counts per upper bound (the last bucket is +Inf).
+    pub counts: [u64; FineHistogram::BOUNDS_US.len() + 1],
+    /// Sum in nanoseconds: a µs sum would round most of these stages away.
+    pub sum_ns: u64,
+    pub count: u64,
+}
+
+impl Default for FineHistogram {
+    fn default() -> Self {
+        Self {
+            counts: [0; FineHistogram::BOUNDS_US.len() + 1],
+            sum_ns: 0,
+            count: 0,
+        }
+    }
+}
+
+impl FineHistogram {
+    pub const BOUNDS_US: [u64; 20] = [
+        5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000,
+        250_000, 500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000,
+    ];
+
+    pub fn record(&mut self, d: std::time::Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        // A bound holds what is at most it, in whole ns.
+        let i = Self::BOUNDS_US.partition_point(|b| b.saturating_mul(1_000) < ns);
+        self.counts[i] += 1;
+        self.sum_ns = self.sum_ns.saturating_add(ns);
+        self.count += 1;
+    }
+}
+
+/// One [`FineHistogram`] per [`Stage`].
+#[derive(Clone, Debug, Default)]
+pub struct StageStats {
+    pub stages: [FineHistogram; Stage::ALL.len()],
+}
+
+impl StageStats {
+    pub fn record(&mut self, stage: Stage, d: std::time::Duration) {
+        self.stages[stage as usize].record(d);
+    }
+
+    pub fn of(&self, stage: Stage) -> &FineHistogram {
+        &self.stages[stage as usize]
+    }
+}
+
+/// `mimi_relay_stage_seconds{stage=...}`: one histogram family, a label per stage.
+pub fn render_stages(out: &mut String, s: &StageStats) {
+    let name = "mimi_relay_stage_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Where a message's time goes on this node, by stage: client_queue (local submission, API to core thread), peer_queue (peer request, adapter to core thread), core (taken to end of turn), commit (output held until its store batch is durable), transmit (handed to the transport to outcome), inbox (record durable to read by a local client). Counted per item, not per message.\n# TYPE {name} histogram"
+    );
+    for stage in Stage::ALL {
+        let h = s.of(stage);
+        let label = stage.as_str();
+        let mut cumulative = 0;
+        for (i, bound) in FineHistogram::BOUNDS_US.iter().enumerate() {
+            cumulative += h.counts[i];
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{stage=\"{label}\",le=\"{}\"}} {cumulative}",
+                *bound as f64 / 1e6
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{stage=\"{label}\",le=\"+Inf\"}} {}",
+            h.count
+        );
+        let _ = writeln!(
+            out,
+            "{name}_sum{{stage=\"{label}\"}} {}",
+            h.sum_ns as f64 / 1e9
+        );
+        let _ = writeln!(out, "{name}_count{{stage=\"{label}\"}} {}", h.count);
+    }
 }
 
 /// The adapters' budget refusals, failed handshakes and Retries, by transport.
@@ -486,6 +617,36 @@ mod tests {
         assert!(text.contains("mimi_relay_delivery_latency_seconds_bucket{le=\"10\"} 2"));
         assert!(text.contains("mimi_relay_delivery_latency_seconds_bucket{le=\"+Inf\"} 3"));
         assert!(text.contains("mimi_relay_rejects_total{reason=\"queue_full\"} 0"));
+    }
+
+    #[test]
+    fn stage_histograms_have_fine_bounds_and_one_label_per_stage() {
+        let mut store = StoreStats::default();
+        let us = std::time::Duration::from_micros;
+        store.stages.record(Stage::Core, us(3));
+        store.stages.record(Stage::Core, us(5));
+        store
+            .stages
+            .record(Stage::Core, std::time::Duration::from_nanos(5_001));
+        store.stages.record(Stage::Core, us(40));
+        store.stages.record(Stage::Inbox, us(20_000_000));
+        let text = render(&RelayStats::default(), &store);
+        for line in [
+            "mimi_relay_stage_seconds_bucket{stage=\"core\",le=\"0.000005\"} 2",
+            "mimi_relay_stage_seconds_bucket{stage=\"core\",le=\"0.00001\"} 3",
+            "mimi_relay_stage_seconds_bucket{stage=\"core\",le=\"0.00005\"} 4",
+            "mimi_relay_stage_seconds_bucket{stage=\"core\",le=\"+Inf\"} 4",
+            "mimi_relay_stage_seconds_count{stage=\"core\"} 4",
+            "mimi_relay_stage_seconds_sum{stage=\"core\"} 0.000053001",
+            "mimi_relay_stage_seconds_bucket{stage=\"inbox\",le=\"10\"} 0",
+            "mimi_relay_stage_seconds_bucket{stage=\"inbox\",le=\"+Inf\"} 1",
+            "mimi_relay_stage_seconds_count{stage=\"client_queue\"} 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from:\n{text}"
+            );
+        }
     }
 
     #[test]

@@ -16,6 +16,7 @@ mod mls;
 pub mod netlab;
 mod pump;
 mod report;
+mod stages;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
@@ -40,6 +41,7 @@ use hostile::Variant;
 pub use hostile::{CpuShares, FloodCounts, Hostile, HostileLimits};
 use netlab::NetLab;
 pub use netlab::Profile;
+pub use stages::{StageFigure, TimelinePoint};
 
 const MAGIC: &[u8; 4] = b"MLAB";
 /// The stream id of the setup probe (rooms use 0..rooms).
@@ -304,6 +306,14 @@ pub struct Row {
     pub decrypted_after_phase: Option<u64>,
     /// (quantile, latency µs) points of the latency distribution, for the CDF plot.
     pub cdf: Vec<(f64, u64)>,
+    /// p50 and p99 per 100 ms of send time over the measured phase, for the timeline plot.
+    pub timeline: Vec<TimelinePoint>,
+    /// p99 of the messages sent in the phase's first 400 ms, and of those sent later.
+    pub p99_first_400ms_us: Option<u64>,
+    pub p99_after_400ms_us: Option<u64>,
+    /// Where the time goes: per-stage figures from the nodes' `/metrics` over the measured
+    /// phase (an MLS row: over the whole row), and the driver's lateness.
+    pub stages: Vec<StageFigure>,
     /// With `--repeat`: each run's own figures, in round order; the row's are their medians.
     pub repeats: Vec<Repeat>,
     /// `--hostile`: `quiet` or `flood`, the two runs of a transport (absent otherwise).
@@ -402,6 +412,10 @@ impl Row {
             mls_decrypt: None,
             decrypted_after_phase: None,
             cdf: Vec::new(),
+            timeline: Vec::new(),
+            p99_first_400ms_us: None,
+            p99_after_400ms_us: None,
+            stages: Vec::new(),
             repeats: Vec::new(),
             hostile: None,
             victim_p99_ratio: None,
@@ -470,7 +484,13 @@ impl Row {
             }
         }
         let cpus: Vec<&CpuShares> = runs.iter().filter_map(|r| r.cpu.as_ref()).collect();
+        let timelines: Vec<&[TimelinePoint]> = runs.iter().map(|r| &r.timeline[..]).collect();
+        let stage_runs: Vec<&[StageFigure]> = runs.iter().map(|r| &r.stages[..]).collect();
         Row {
+            timeline: stages::median_timeline(&timelines),
+            stages: stages::median_stages(&stage_runs),
+            p99_first_400ms_us: u(|r| r.p99_first_400ms_us),
+            p99_after_400ms_us: u(|r| r.p99_after_400ms_us),
             cpu: CpuShares::mean(&cpus),
             hub_peak_rss_bytes: runs.iter().filter_map(|r| r.hub_peak_rss_bytes).max(),
             flood,
@@ -1450,6 +1470,7 @@ async fn drive(
     stop: &Arc<AtomicBool>,
     window: Option<ClosedLoop>,
     batch_max: u64,
+    lags_us: Option<&Mutex<Vec<u64>>>,
 ) -> Result<u64> {
     let room_ids: Vec<String> = (0..rooms).map(room_id).collect();
     let mut rngs: Vec<u64> = (0..rooms)
@@ -1515,6 +1536,7 @@ async fn drive(
         }
         first_room = (first_room + 1) % rooms;
         let mut batch = Vec::with_capacity(picks.len());
+        let scheds: Vec<Instant> = picks.iter().map(|p| p.1).collect();
         for (r, sched) in picks {
             let sched_ns = sched.duration_since(epoch).as_nanos() as u64;
             let counter = counters[r].fetch_add(1, Ordering::Relaxed) as u32;
@@ -1541,6 +1563,17 @@ async fn drive(
                 })
                 .count()
                 .max(1);
+            if let Some(lags) = lags_us {
+                // How late the call starts for each message it carries: in open loop a call
+                // waits for the one before (its answer comes once the hub's batch is durable).
+                let now = Instant::now();
+                let first = batch.len() - rest.len();
+                lock(lags).extend(
+                    scheds[first..first + n]
+                        .iter()
+                        .map(|s| now.saturating_duration_since(*s).as_micros() as u64),
+                );
+            }
             let done = submit_in_order(&mut client, &rest[..n], stop).await?;
             accepted.fetch_add(done as u64, Ordering::Relaxed);
             if done < n {
@@ -1681,6 +1714,8 @@ pub(crate) fn fill_latency(
     .iter()
     .map(|q| (*q, h.value_at_quantile(*q)))
     .collect();
+    row.timeline = stages::timeline(&rx.samples);
+    (row.p99_first_400ms_us, row.p99_after_400ms_us) = stages::early_late_p99(&rx.samples);
     // Throughput over the phase: from its start (the epoch of its first schedule) to the last
     // delivery; the first delivery stands in when unknown.
     let _ = epoch;
@@ -1838,10 +1873,14 @@ async fn run_relay(
     let startup = started.elapsed();
     if opts.traffic == Traffic::Mls && variant == Variant::Normal {
         let pids: Vec<u32> = nodes.children.iter().map(Child::id).collect();
+        let before = stages::Scrape::of(&admins, receivers).await;
         let r = mls::run(
             &admins, &pids, opts, profile, lab, epoch, row, progress, label,
         )
         .await;
+        if r.is_ok() {
+            row.stages = stages::Scrape::of(&admins, receivers).await.since(&before);
+        }
         nodes.stop();
         if r.is_ok() && !opts.keep && row.lost == Some(0) {
             let _ = std::fs::remove_dir_all(&dir);
@@ -1898,6 +1937,8 @@ async fn run_relay(
         lab.take_drops();
     }
     let accepted = Arc::new(AtomicU64::new(0));
+    let stages_before = stages::Scrape::of(&admins, receivers).await;
+    let lags = Mutex::new(Vec::new());
     let flood = match variant {
         Variant::Flood => {
             progress.line(&format!("{label} starting the flood"));
@@ -1924,6 +1965,7 @@ async fn run_relay(
             window: opts.window,
         }),
         opts.submit_batch,
+        Some(&lags),
     );
     tokio::pin!(drive_fut);
     let phase_start = Instant::now();
@@ -1955,6 +1997,10 @@ async fn run_relay(
     settle(&rx, expected, opts.settle).await;
     // A moment more, so that late duplicates would be seen.
     tokio::time::sleep(Duration::from_millis(200)).await;
+    row.stages = stages::Scrape::of(&admins, receivers)
+        .await
+        .since(&stages_before);
+    row.stages.extend(stages::driver_figure(&mut lock(&lags)));
     if variant != Variant::Normal {
         // A node that died under the flood fails the row, with the end of its log.
         for (i, c) in nodes.children.iter_mut().enumerate() {
@@ -2022,6 +2068,7 @@ async fn run_relay(
             &stop,
             None,
             opts.submit_batch,
+            None,
         );
         tokio::pin!(f);
         let mut cut = false;
@@ -2151,6 +2198,17 @@ mod tests {
         rx.record(0, 1, 0, 60_000_000, epoch + Duration::from_millis(80));
         let row = wan_row(&rx, &[drop_at(11)], epoch);
         assert_eq!(row.clean_msgs, 1);
+        // Both sent within the first 100 ms: one timeline bucket, the early p99 the worse.
+        let t: Vec<(u64, u64, u64)> = row
+            .timeline
+            .iter()
+            .map(|p| (p.t_ms, p.n, p.p99_us))
+            .collect();
+        assert_eq!(t, [(0, 2, 190_000)]);
+        assert_eq!(
+            (row.p99_first_400ms_us, row.p99_after_400ms_us),
+            (Some(190_000), None)
+        );
         assert_eq!(row.clean_p99_us, Some(20_000));
         // The drop lies within 2 RTT (80 ms) before room 1's message.
         assert_eq!(row.hol_exposed_msgs, 1);

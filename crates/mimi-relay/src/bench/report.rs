@@ -55,6 +55,17 @@ pub(crate) fn write(out: &Path, report: &BenchReport) -> Result<()> {
             cdf_plot(&out.join(&name), p, &rows)?;
             plots.push(name);
         }
+        // Beside the CDF: the same latencies over the run.
+        let name = format!("latency-timeline-{p}.svg");
+        let rows: Vec<&Row> = report
+            .rows
+            .iter()
+            .filter(|r| r.profile == *p && !r.timeline.is_empty())
+            .collect();
+        if !rows.is_empty() {
+            timeline_plot(&out.join(&name), p, &rows)?;
+            plots.push(name);
+        }
     }
     if profiles.len() > 1 {
         let name = "throughput-vs-loss.svg".to_owned();
@@ -627,9 +638,169 @@ fn markdown(report: &BenchReport, plots: &[String]) -> String {
                 .join(", ")
         );
     }
+    s.push_str(&stage_tables(&report.rows));
     s.push_str(METHOD);
-    for p in plots {
-        let _ = writeln!(s, "\n![{p}]({p})");
+    // A profile's CDF and timeline side by side (one line), other plots alone.
+    let mut i = 0;
+    while i < plots.len() {
+        let p = &plots[i];
+        let _ = write!(s, "\n![{p}]({p})");
+        if let Some(t) = plots.get(i + 1)
+            && p.starts_with("latency-cdf-")
+            && t.starts_with("latency-timeline-")
+        {
+            let _ = write!(s, " ![{t}]({t})");
+            i += 1;
+        }
+        s.push('\n');
+        i += 1;
+    }
+    s
+}
+
+/// A stage's place in the life of a message, and what it times (per item it counts).
+const STAGES: [(&str, &str, &str); 13] = [
+    (
+        "lab",
+        "driver",
+        "scheduled send → handed to the hub's API (per message)",
+    ),
+    (
+        "hub",
+        "client_queue",
+        "API → core thread takes the submission (per message)",
+    ),
+    (
+        "hub",
+        "core",
+        "core thread: taken → end of its turn (per message)",
+    ),
+    (
+        "hub",
+        "store_write",
+        "write + fsync of one batch, committer thread (per commit)",
+    ),
+    (
+        "hub",
+        "commit",
+        "output held until its batch is durable (per reply or transmit)",
+    ),
+    (
+        "hub",
+        "transmit",
+        "transmit → its outcome back at the core: link both ways + the follower (per transmit)",
+    ),
+    (
+        "follower",
+        "peer_queue",
+        "adapter → core thread takes the /notify (per request)",
+    ),
+    (
+        "follower",
+        "core",
+        "core thread: taken → end of its turn (per request)",
+    ),
+    (
+        "follower",
+        "store_write",
+        "write + fsync of one batch (per commit)",
+    ),
+    (
+        "follower",
+        "commit",
+        "ack held until its batch is durable (per reply)",
+    ),
+    (
+        "follower",
+        "inbox",
+        "record durable → read by the client's long-poll (per record)",
+    ),
+    (
+        "hub",
+        "inbox",
+        "the hub's own inbox: durable → read by the lab's (unmeasured) reader (per record)",
+    ),
+    (
+        "hub",
+        "accept_to_ack",
+        "hub accepted → follower acknowledged (per message)",
+    ),
+];
+
+/// A duration in µs, in the unit that reads best.
+fn dur(us: Option<f64>) -> String {
+    match us {
+        None => "–".into(),
+        Some(us) if us < 1_000.0 => format!("{us:.0} µs"),
+        Some(us) if us < 100_000.0 => format!("{:.2} ms", us / 1e3),
+        Some(us) => format!("{:.0} ms", us / 1e3),
+    }
+}
+
+/// "Where the time goes": per row, the timeline's early and late p99 and the stage table.
+pub(crate) fn stage_tables(rows: &[Row]) -> String {
+    let rows: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.status == "ok" && (!r.stages.is_empty() || !r.timeline.is_empty()))
+        .collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from(
+        "## Where the time goes
+
+Per row: the p99 of the messages sent in the measured \
+         phase's first 400 ms (a connection's start, BBR's first ProbeRTT) against the rest, \
+         then each stage of a message's life from the nodes' own histograms (`/metrics`, \
+         `mimi_relay_stage_seconds` and the store and delivery histograms), scraped before and \
+         after the phase; quantiles are interpolated inside the buckets (bounds 5 µs, 10 µs, \
+         25 µs, 50 µs, 100 µs, then x2-x2.5 to 10 s; the store and delivery histograms start \
+         at 100 µs). Stages overlap (the hub's transmit holds the follower's queue, core and \
+         commit), so they do not add up to the latency; an item may carry several messages. \
+         MLS rows cover the whole row, its setup included.\n\n",
+    );
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "**{} / {}**: p99 {} ms; sent in the first 400 ms {} ms, later {} ms.\n",
+            name(r),
+            r.profile,
+            ms(r.p99_us),
+            ms(r.p99_first_400ms_us),
+            ms(r.p99_after_400ms_us),
+        );
+        if r.stages.is_empty() {
+            continue;
+        }
+        s.push_str("| node | stage | what it times | n | p50 | p99 | mean |\n");
+        s.push_str("|---|---|---|---:|---:|---:|---:|\n");
+        let known = |f: &&super::StageFigure| {
+            STAGES
+                .iter()
+                .any(|(n, st, _)| *n == f.node && *st == f.stage)
+        };
+        let ordered = STAGES.iter().filter_map(|(node, stage, what)| {
+            let f = r
+                .stages
+                .iter()
+                .find(|f| f.node == *node && f.stage == *stage)?;
+            Some((f, *what))
+        });
+        let others = r.stages.iter().filter(|f| !known(f)).map(|f| (f, ""));
+        for (f, what) in ordered.chain(others) {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                f.node,
+                f.stage,
+                what,
+                f.n,
+                dur(f.p50_us),
+                dur(f.p99_us),
+                dur(f.mean_us)
+            );
+        }
+        s.push('\n');
     }
     s
 }
@@ -643,6 +814,9 @@ const METHOD: &str = "\
   the follower's inbox (relay) or the receiver's socket (baselines). In open loop the schedule is
   fixed in advance, so queueing in the relay counts (no coordinated omission); in closed loop each
   room sends its next message when the previous one was accepted. HDR histograms, 3 digits.
+- **latency timeline** (beside each profile's CDF): the measured phase's messages grouped by
+  scheduled send time in 100 ms buckets from its first send; per bucket and transport the p99
+  (solid) and p50 (dashed), nearest rank, on a log scale. `timeline` in results.json.
 - **wire B/msg**: bytes of every IP packet offered to the impaired link (both directions, dropped
   ones and retransmissions included) divided by deliveries. Only with namespaces.
 - **CPU µs/msg**: user+system time of the node processes (from /proc/PID/stat) over the phase,
@@ -747,6 +921,75 @@ fn cdf_plot(path: &Path, profile: &str, rows: &[&Row]) -> Result<()> {
     Ok(())
 }
 
+/// p99 (solid) and p50 (dashed) per 100 ms of send time, per transport, log latency.
+fn timeline_plot(path: &Path, profile: &str, rows: &[&Row]) -> Result<()> {
+    let all: Vec<String> = rows.iter().map(|r| r.transport.clone()).collect();
+    let points = || rows.iter().flat_map(|r| r.timeline.iter());
+    let max_ms = points()
+        .map(|p| p.p99_us as f64 / 1000.0)
+        .fold(1.0f64, f64::max);
+    let min_ms = points()
+        .map(|p| p.p50_us as f64 / 1000.0)
+        .fold(f64::MAX, f64::min)
+        .max(0.01);
+    let max_s = points()
+        .map(|p| (p.t_ms + super::stages::BUCKET_MS) as f64 / 1000.0)
+        .fold(0.1f64, f64::max);
+    let root = SVGBackend::new(path, (720, 440)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("latency over the run, profile {profile}"),
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0.0..max_s, (min_ms * 0.8..max_ms * 1.2).log_scale())
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("send time (s from the phase's first send; 100 ms buckets)")
+        .y_desc("latency (ms, log scale)")
+        .draw()
+        .map_err(plot_err)?;
+    for r in rows {
+        let c = color(&r.transport, &all);
+        let at = |p: &super::TimelinePoint| (p.t_ms as f64 + 50.0) / 1000.0;
+        chart
+            .draw_series(LineSeries::new(
+                r.timeline
+                    .iter()
+                    .map(|p| (at(p), (p.p99_us as f64 / 1000.0).max(min_ms))),
+                c.stroke_width(2),
+            ))
+            .map_err(plot_err)?
+            .label(format!("{} p99", r.transport))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+        chart
+            .draw_series(DashedLineSeries::new(
+                r.timeline
+                    .iter()
+                    .map(|p| (at(p), (p.p50_us as f64 / 1000.0).max(min_ms))),
+                4,
+                3,
+                c.stroke_width(1),
+            ))
+            .map_err(plot_err)?
+            .label(format!("{} p50 (dashed)", r.transport))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(1)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
 fn throughput_plot(path: &Path, report: &BenchReport) -> Result<()> {
     let loss_of = |name: &str| {
         report
@@ -818,4 +1061,112 @@ fn throughput_plot(path: &Path, report: &BenchReport) -> Result<()> {
         .map_err(plot_err)?;
     root.present().map_err(plot_err)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::{BenchOptions, StageFigure, TimelinePoint};
+
+    fn fig(node: &str, stage: &str, p99_us: f64) -> StageFigure {
+        StageFigure {
+            node: node.into(),
+            stage: stage.into(),
+            n: 10,
+            p50_us: Some(p99_us / 2.0),
+            p99_us: Some(p99_us),
+            mean_us: None,
+        }
+    }
+
+    #[test]
+    fn the_stage_table_follows_a_messages_life_and_picks_units() {
+        let mut r = Row::empty("quic", "lan", "netns", &BenchOptions::default());
+        r.p99_us = Some(12_000);
+        r.p99_first_400ms_us = Some(40_000);
+        r.p99_after_400ms_us = Some(3_000);
+        r.stages = vec![
+            fig("follower", "inbox", 250_000.0),
+            fig("hub", "client_queue", 42.0),
+            fig("lab", "driver", 1_500.0),
+            fig("hub", "something_new", 7.0),
+        ];
+        let text = stage_tables(&[r]);
+        assert!(
+            text.contains(
+                "**quic / lan**: p99 12.0 ms; sent in the first 400 ms 40.0 ms, later 3.0 ms."
+            ),
+            "{text}"
+        );
+        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("| ")).collect();
+        assert_eq!(lines.len(), 5, "{text}");
+        assert!(lines[1].starts_with("| lab | driver |"), "{text}");
+        assert!(
+            lines[1].ends_with("| 10 | 750 µs | 1.50 ms | – |"),
+            "{text}"
+        );
+        assert!(lines[2].starts_with("| hub | client_queue |"));
+        assert!(lines[2].contains("| 21 µs | 42 µs |"));
+        assert!(lines[3].starts_with("| follower | inbox |"));
+        assert!(lines[3].contains("| 125 ms | 250 ms |"));
+        // A stage the report does not know yet still shows, last.
+        assert!(lines[4].starts_with("| hub | something_new |  |"));
+        // Rows without figures get no section.
+        let empty = Row::empty("quic", "lan", "netns", &BenchOptions::default());
+        assert_eq!(stage_tables(&[empty]), "");
+    }
+
+    #[test]
+    fn the_timeline_is_plotted_beside_the_cdf() {
+        let dir = std::env::temp_dir().join(format!("mimi-report-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let mut r = Row::empty("quic", "lan", "loopback", &BenchOptions::default());
+        r.cdf = vec![(0.5, 1_000), (0.99, 5_000)];
+        r.timeline = vec![
+            TimelinePoint {
+                t_ms: 0,
+                n: 5,
+                p50_us: 2_000,
+                p99_us: 30_000,
+            },
+            TimelinePoint {
+                t_ms: 100,
+                n: 5,
+                p50_us: 900,
+                p99_us: 4_000,
+            },
+        ];
+        let plots = [
+            "latency-cdf-lan.svg".to_owned(),
+            "latency-timeline-lan.svg".to_owned(),
+        ];
+        timeline_plot(&dir.join(&plots[1]), "lan", &[&r]).expect("plot");
+        let svg = std::fs::read_to_string(dir.join(&plots[1])).expect("svg");
+        assert!(svg.contains("quic p99"), "{svg}");
+        let report = BenchReport {
+            traffic: "synthetic".into(),
+            net: "loopback".into(),
+            net_note: String::new(),
+            started_unix: 0,
+            machine: String::new(),
+            command: String::new(),
+            sizes: Default::default(),
+            profiles: Vec::new(),
+            duration_s: 1.0,
+            quic_cc: String::new(),
+            repeat: 1,
+            hostile: None,
+            placement: None,
+            notes: Vec::new(),
+            rows: vec![r],
+        };
+        let md = markdown(&report, &plots);
+        assert!(
+            md.contains(
+                "\n![latency-cdf-lan.svg](latency-cdf-lan.svg) ![latency-timeline-lan.svg](latency-timeline-lan.svg)\n"
+            ),
+            "{md}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
