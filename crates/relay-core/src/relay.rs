@@ -7,13 +7,11 @@ use std::time::Instant;
 use bytes::Bytes;
 use mimi_wire::endpoint::Endpoint;
 use mimi_wire::mls::WireFormat;
-use mimi_wire::proto::{
-    Frank, SubmitMessageResponse, SubmitMessageView, encode_fanout_application,
-    split_fanout_sequence,
-};
+use mimi_wire::proto::{SubmitMessageResponse, SubmitMessageView, split_fanout_sequence};
 use mimi_wire::uri::{ProviderDomain, RoomId};
 use tracing::{debug, info, warn};
 
+mod arena;
 mod dead_letter;
 mod follower;
 mod forward;
@@ -282,6 +280,8 @@ pub struct Relay {
     follower: follower::FollowerState,
     /// This start's incarnation: numbers the events queued from now on.
     incarnation: u64,
+    /// Where accepted submissions' FanoutMessages are written.
+    fanouts: arena::FanoutArena,
 }
 
 /// Store record of a followed room: this byte, then the room id.
@@ -312,6 +312,7 @@ impl Relay {
             services: services::Services::default(),
             follower: follower::FollowerState::default(),
             incarnation: lineage::draw(cfg.seed, now.unix_ms),
+            fanouts: arena::FanoutArena::default(),
             cfg,
         };
         for room in &relay.cfg.follows {
@@ -659,6 +660,14 @@ impl Relay {
         room: &str,
         body: Bytes,
     ) {
+        // A room hosted here is found by its text: no parse, no allocation per message.
+        if let Some(&ri) = self.hub.room_by_id.get(room) {
+            let local = self.cfg.local.clone();
+            let response = self.submit_in(now, store, &local, ri, &body);
+            self.outputs.push_back(Output::Reply { token, response });
+            self.pump(now);
+            return;
+        }
         let Ok(room) = room.parse::<RoomId>() else {
             let response = self.refuse(Refusal::Malformed(Malformed::NotARoomUri));
             self.outputs.push_back(Output::Reply { token, response });
@@ -724,6 +733,19 @@ impl Relay {
         let Some(&ri) = self.hub.room_by_id.get(room) else {
             return self.refuse(Refusal::UnknownRoom);
         };
+        self.submit_in(now, store, sender, ri, body)
+    }
+
+    /// [`Self::submit`] to hosted room `ri`.
+    fn submit_in<S: Store>(
+        &mut self,
+        now: Now,
+        store: &mut S,
+        sender: &ProviderDomain,
+        ri: RoomIdx,
+        body: &Bytes,
+    ) -> Response {
+        let room = &self.hub.rooms[ri].id.clone();
         let view = match SubmitMessageView::parse(body) {
             Ok(v) => v,
             Err(e) => {
@@ -777,7 +799,9 @@ impl Relay {
         let room_seq = r.next_seq;
         r.next_seq += 1;
         r.last_ms = accepted_ms;
-        let fanout = encode_fanout(accepted_ms, view.app_message.bytes, frank.as_ref());
+        let fanout = self
+            .fanouts
+            .application(accepted_ms, view.app_message.bytes, frank.as_ref());
         let seen = SubmitSeen {
             key,
             room_seq,
@@ -1858,22 +1882,6 @@ fn submit_answer(resp: &SubmitMessageResponse) -> Response {
     }
 }
 
-/// A FanoutMessage for an application message: timestamp, the exact MLSMessage, and the
-/// hub's Frank if it franked it.
-fn encode_fanout(accepted_ms: u64, mls: &[u8], frank: Option<&Frank>) -> Bytes {
-    let mut v = Vec::new();
-    encode_fanout_application(accepted_ms, mls, &mut v);
-    if let Some(f) = frank
-        && let Ok(enc) = f.encode()
-    {
-        // `optional Frank`: the presence byte `encode_fanout_application` wrote as 0.
-        v.pop();
-        v.push(1);
-        v.extend_from_slice(&enc);
-    }
-    Bytes::from(v)
-}
-
 /// Whether `uri` is `mimi://{domain}/...`.
 fn uri_in_domain(uri: &str, domain: &str) -> bool {
     uri.strip_prefix("mimi://")
@@ -1945,11 +1953,5 @@ mod tests {
         assert!(!uri_in_domain("mimi://b.example.evil/u/bob", "b.example"));
         assert!(!uri_in_domain("mimi://xb.example/u/bob", "b.example"));
         assert!(!uri_in_domain("https://b.example/u/bob", "b.example"));
-    }
-
-    #[test]
-    fn fanout_is_timestamp_message_absent_frank() {
-        let f = encode_fanout(0x0102_0304_0506_0708, b"mls", None);
-        assert_eq!(&f[..], &[1, 2, 3, 4, 5, 6, 7, 8, b'm', b'l', b's', 0]);
     }
 }
