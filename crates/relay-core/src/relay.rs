@@ -167,20 +167,42 @@ struct HubRoom {
 /// and no submission pays for a random removal.
 #[derive(Debug, Default)]
 struct SeenWindow {
-    current: FastMap<u128, SubmitSeen>,
-    previous: FastMap<u128, SubmitSeen>,
+    current: FastMap<u128, Seen>,
+    previous: FastMap<u128, Seen>,
     /// The highest room sequence in `previous`.
     previous_upto: u64,
 }
 
+/// A [`SubmitSeen`] without its key, which the table holds already: a third smaller a slot,
+/// for tables of tens of thousands that every submission probes.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    room_seq: u64,
+    accepted_ms: u64,
+}
+
+impl Seen {
+    fn of(s: &SubmitSeen) -> Seen {
+        Seen {
+            room_seq: s.room_seq,
+            accepted_ms: s.accepted_ms,
+        }
+    }
+}
+
 impl SeenWindow {
-    fn get(&self, key: &u128) -> Option<&SubmitSeen> {
-        self.current.get(key).or_else(|| self.previous.get(key))
+    fn get(&self, key: &u128) -> Option<SubmitSeen> {
+        let s = self.current.get(key).or_else(|| self.previous.get(key))?;
+        Some(SubmitSeen {
+            key: *key,
+            room_seq: s.room_seq,
+            accepted_ms: s.accepted_ms,
+        })
     }
 
     /// Remembers `seen`; returns the sequence up to which submissions were forgotten, if any.
     fn insert(&mut self, seen: SubmitSeen, window: usize) -> Option<u64> {
-        self.current.insert(seen.key, seen);
+        self.current.insert(seen.key, Seen::of(&seen));
         if self.current.len() < (window / 2).max(1) {
             return None;
         }
@@ -358,7 +380,7 @@ impl Relay {
             r.last_ms = snap.last_ms;
             // What the store kept is at most one window: the next rotation forgets it all.
             for seen in snap.seen {
-                r.seen.previous.insert(seen.key, seen);
+                r.seen.previous.insert(seen.key, Seen::of(&seen));
                 r.seen.previous_upto = seen.room_seq;
             }
         }
@@ -799,9 +821,9 @@ impl Relay {
         let room_seq = r.next_seq;
         r.next_seq += 1;
         r.last_ms = accepted_ms;
-        let fanout = self
-            .fanouts
-            .application(accepted_ms, view.app_message.bytes, frank.as_ref());
+        let fanout =
+            self.fanouts
+                .application(ri, accepted_ms, view.app_message.bytes, frank.as_ref());
         let seen = SubmitSeen {
             key,
             room_seq,
