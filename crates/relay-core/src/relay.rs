@@ -7,13 +7,11 @@ use std::time::Instant;
 use bytes::Bytes;
 use mimi_wire::endpoint::Endpoint;
 use mimi_wire::mls::WireFormat;
-use mimi_wire::proto::{
-    Frank, SubmitMessageResponse, SubmitMessageView, encode_fanout_application,
-    split_fanout_sequence,
-};
+use mimi_wire::proto::{SubmitMessageResponse, SubmitMessageView, split_fanout_sequence};
 use mimi_wire::uri::{ProviderDomain, RoomId};
 use tracing::{debug, info, warn};
 
+mod arena;
 mod dead_letter;
 mod follower;
 mod forward;
@@ -169,20 +167,42 @@ struct HubRoom {
 /// and no submission pays for a random removal.
 #[derive(Debug, Default)]
 struct SeenWindow {
-    current: FastMap<u128, SubmitSeen>,
-    previous: FastMap<u128, SubmitSeen>,
+    current: FastMap<u128, Seen>,
+    previous: FastMap<u128, Seen>,
     /// The highest room sequence in `previous`.
     previous_upto: u64,
 }
 
+/// A [`SubmitSeen`] without its key, which the table holds already: a third smaller a slot,
+/// for tables of tens of thousands that every submission probes.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    room_seq: u64,
+    accepted_ms: u64,
+}
+
+impl Seen {
+    fn of(s: &SubmitSeen) -> Seen {
+        Seen {
+            room_seq: s.room_seq,
+            accepted_ms: s.accepted_ms,
+        }
+    }
+}
+
 impl SeenWindow {
-    fn get(&self, key: &u128) -> Option<&SubmitSeen> {
-        self.current.get(key).or_else(|| self.previous.get(key))
+    fn get(&self, key: &u128) -> Option<SubmitSeen> {
+        let s = self.current.get(key).or_else(|| self.previous.get(key))?;
+        Some(SubmitSeen {
+            key: *key,
+            room_seq: s.room_seq,
+            accepted_ms: s.accepted_ms,
+        })
     }
 
     /// Remembers `seen`; returns the sequence up to which submissions were forgotten, if any.
     fn insert(&mut self, seen: SubmitSeen, window: usize) -> Option<u64> {
-        self.current.insert(seen.key, seen);
+        self.current.insert(seen.key, Seen::of(&seen));
         if self.current.len() < (window / 2).max(1) {
             return None;
         }
@@ -282,6 +302,8 @@ pub struct Relay {
     follower: follower::FollowerState,
     /// This start's incarnation: numbers the events queued from now on.
     incarnation: u64,
+    /// Where accepted submissions' FanoutMessages are written.
+    fanouts: arena::FanoutArena,
 }
 
 /// Store record of a followed room: this byte, then the room id.
@@ -312,6 +334,7 @@ impl Relay {
             services: services::Services::default(),
             follower: follower::FollowerState::default(),
             incarnation: lineage::draw(cfg.seed, now.unix_ms),
+            fanouts: arena::FanoutArena::default(),
             cfg,
         };
         for room in &relay.cfg.follows {
@@ -357,7 +380,7 @@ impl Relay {
             r.last_ms = snap.last_ms;
             // What the store kept is at most one window: the next rotation forgets it all.
             for seen in snap.seen {
-                r.seen.previous.insert(seen.key, seen);
+                r.seen.previous.insert(seen.key, Seen::of(&seen));
                 r.seen.previous_upto = seen.room_seq;
             }
         }
@@ -659,6 +682,14 @@ impl Relay {
         room: &str,
         body: Bytes,
     ) {
+        // A room hosted here is found by its text: no parse, no allocation per message.
+        if let Some(&ri) = self.hub.room_by_id.get(room) {
+            let local = self.cfg.local.clone();
+            let response = self.submit_in(now, store, &local, ri, &body);
+            self.outputs.push_back(Output::Reply { token, response });
+            self.pump(now);
+            return;
+        }
         let Ok(room) = room.parse::<RoomId>() else {
             let response = self.refuse(Refusal::Malformed(Malformed::NotARoomUri));
             self.outputs.push_back(Output::Reply { token, response });
@@ -724,6 +755,19 @@ impl Relay {
         let Some(&ri) = self.hub.room_by_id.get(room) else {
             return self.refuse(Refusal::UnknownRoom);
         };
+        self.submit_in(now, store, sender, ri, body)
+    }
+
+    /// [`Self::submit`] to hosted room `ri`.
+    fn submit_in<S: Store>(
+        &mut self,
+        now: Now,
+        store: &mut S,
+        sender: &ProviderDomain,
+        ri: RoomIdx,
+        body: &Bytes,
+    ) -> Response {
+        let room = &self.hub.rooms[ri].id.clone();
         let view = match SubmitMessageView::parse(body) {
             Ok(v) => v,
             Err(e) => {
@@ -777,7 +821,9 @@ impl Relay {
         let room_seq = r.next_seq;
         r.next_seq += 1;
         r.last_ms = accepted_ms;
-        let fanout = encode_fanout(accepted_ms, view.app_message.bytes, frank.as_ref());
+        let fanout =
+            self.fanouts
+                .application(ri, accepted_ms, view.app_message.bytes, frank.as_ref());
         let seen = SubmitSeen {
             key,
             room_seq,
@@ -1858,22 +1904,6 @@ fn submit_answer(resp: &SubmitMessageResponse) -> Response {
     }
 }
 
-/// A FanoutMessage for an application message: timestamp, the exact MLSMessage, and the
-/// hub's Frank if it franked it.
-fn encode_fanout(accepted_ms: u64, mls: &[u8], frank: Option<&Frank>) -> Bytes {
-    let mut v = Vec::new();
-    encode_fanout_application(accepted_ms, mls, &mut v);
-    if let Some(f) = frank
-        && let Ok(enc) = f.encode()
-    {
-        // `optional Frank`: the presence byte `encode_fanout_application` wrote as 0.
-        v.pop();
-        v.push(1);
-        v.extend_from_slice(&enc);
-    }
-    Bytes::from(v)
-}
-
 /// Whether `uri` is `mimi://{domain}/...`.
 fn uri_in_domain(uri: &str, domain: &str) -> bool {
     uri.strip_prefix("mimi://")
@@ -1945,11 +1975,5 @@ mod tests {
         assert!(!uri_in_domain("mimi://b.example.evil/u/bob", "b.example"));
         assert!(!uri_in_domain("mimi://xb.example/u/bob", "b.example"));
         assert!(!uri_in_domain("https://b.example/u/bob", "b.example"));
-    }
-
-    #[test]
-    fn fanout_is_timestamp_message_absent_frank() {
-        let f = encode_fanout(0x0102_0304_0506_0708, b"mls", None);
-        assert_eq!(&f[..], &[1, 2, 3, 4, 5, 6, 7, 8, b'm', b'l', b's', 0]);
     }
 }

@@ -6,12 +6,12 @@
 //! ([`Relay::handle_inbox_durable`]) leave memory, so whatever the core does not hold, the
 //! store has committed.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use mimi_wire::uri::ProviderDomain;
 
-use super::Relay;
 use super::refusal::Refusal;
+use super::{FastMap, Relay};
 use crate::store::{InboxRange, InboxRecord, Snapshot, Store, StoreError, StoreOp};
 use crate::transport::Response;
 
@@ -55,8 +55,9 @@ pub(super) struct Inbox {
     spilled_upto: u64,
     /// The reader consumed every record up to this.
     trimmed: u64,
-    /// Records not trimmed yet, in memory or not, by the provider they came from.
-    by_from: HashMap<ProviderDomain, u64>,
+    /// Records not trimmed yet, in memory or not, by the provider they came from (peers
+    /// authenticated by their certificates, so a few keys: no SipHash on every delivery).
+    by_from: FastMap<ProviderDomain, u64>,
     len: u64,
     /// The offset of the next record.
     pub(super) next: u64,
