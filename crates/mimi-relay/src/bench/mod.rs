@@ -1470,7 +1470,7 @@ async fn drive(
     stop: &Arc<AtomicBool>,
     window: Option<ClosedLoop>,
     batch_max: u64,
-    lags_us: Option<&Mutex<Vec<u64>>>,
+    lags_us: Option<&Mutex<LabLags>>,
 ) -> Result<u64> {
     let room_ids: Vec<String> = (0..rooms).map(room_id).collect();
     let mut rngs: Vec<u64> = (0..rooms)
@@ -1568,13 +1568,20 @@ async fn drive(
                 // waits for the one before (its answer comes once the hub's batch is durable).
                 let now = Instant::now();
                 let first = batch.len() - rest.len();
-                lock(lags).extend(
+                lock(lags).driver.extend(
                     scheds[first..first + n]
                         .iter()
                         .map(|s| now.saturating_duration_since(*s).as_micros() as u64),
                 );
             }
+            let call = Instant::now();
             let done = submit_in_order(&mut client, &rest[..n], stop).await?;
+            if let Some(lags) = lags_us {
+                // The call's round trip, once per message it carried: the hub's HTTP API, its
+                // core and its commit, as the lab's client sees them.
+                let us = call.elapsed().as_micros() as u64;
+                lock(lags).api_call.extend(std::iter::repeat_n(us, n));
+            }
             accepted.fetch_add(done as u64, Ordering::Relaxed);
             if done < n {
                 return Ok(accepted.load(Ordering::Relaxed)); // stopped while the hub refused
@@ -1583,6 +1590,13 @@ async fn drive(
         }
     }
     Ok(accepted.load(Ordering::Relaxed))
+}
+
+/// Per-message values the driver records for the lab's own stages (µs).
+#[derive(Default)]
+pub(crate) struct LabLags {
+    pub driver: Vec<u64>,
+    pub api_call: Vec<u64>,
 }
 
 /// Submits `batch` of (room, SubmitMessageRequest), retrying refusals for a bounded time. A
@@ -1938,7 +1952,7 @@ async fn run_relay(
     }
     let accepted = Arc::new(AtomicU64::new(0));
     let stages_before = stages::Scrape::of(&admins, receivers).await;
-    let lags = Mutex::new(Vec::new());
+    let lags = Mutex::new(LabLags::default());
     let flood = match variant {
         Variant::Flood => {
             progress.line(&format!("{label} starting the flood"));
@@ -2000,7 +2014,13 @@ async fn run_relay(
     row.stages = stages::Scrape::of(&admins, receivers)
         .await
         .since(&stages_before);
-    row.stages.extend(stages::driver_figure(&mut lock(&lags)));
+    {
+        let mut l = lock(&lags);
+        row.stages
+            .extend(stages::lab_figure("driver", &mut l.driver));
+        row.stages
+            .extend(stages::lab_figure("api_call", &mut l.api_call));
+    }
     if variant != Variant::Normal {
         // A node that died under the flood fails the row, with the end of its log.
         for (i, c) in nodes.children.iter_mut().enumerate() {

@@ -659,11 +659,16 @@ fn markdown(report: &BenchReport, plots: &[String]) -> String {
 }
 
 /// A stage's place in the life of a message, and what it times (per item it counts).
-const STAGES: [(&str, &str, &str); 13] = [
+const STAGES: [(&str, &str, &str); 14] = [
     (
         "lab",
         "driver",
         "scheduled send → handed to the hub's API (per message)",
+    ),
+    (
+        "lab",
+        "api_call",
+        "the submitBatch call carrying it → answered: HTTP API, core, commit (per message)",
     ),
     (
         "hub",
@@ -1090,6 +1095,7 @@ mod tests {
             fig("hub", "client_queue", 42.0),
             fig("lab", "driver", 1_500.0),
             fig("hub", "something_new", 7.0),
+            fig("lab", "api_call", 900.0),
         ];
         let text = stage_tables(&[r]);
         assert!(
@@ -1099,18 +1105,20 @@ mod tests {
             "{text}"
         );
         let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("| ")).collect();
-        assert_eq!(lines.len(), 5, "{text}");
+        assert_eq!(lines.len(), 6, "{text}");
         assert!(lines[1].starts_with("| lab | driver |"), "{text}");
         assert!(
             lines[1].ends_with("| 10 | 750 µs | 1.50 ms | – |"),
             "{text}"
         );
-        assert!(lines[2].starts_with("| hub | client_queue |"));
-        assert!(lines[2].contains("| 21 µs | 42 µs |"));
-        assert!(lines[3].starts_with("| follower | inbox |"));
-        assert!(lines[3].contains("| 125 ms | 250 ms |"));
+        // The call's round trip follows the driver's lag, whatever order they came in.
+        assert!(lines[2].starts_with("| lab | api_call |"), "{text}");
+        assert!(lines[3].starts_with("| hub | client_queue |"));
+        assert!(lines[3].contains("| 21 µs | 42 µs |"));
+        assert!(lines[4].starts_with("| follower | inbox |"));
+        assert!(lines[4].contains("| 125 ms | 250 ms |"));
         // A stage the report does not know yet still shows, last.
-        assert!(lines[4].starts_with("| hub | something_new |  |"));
+        assert!(lines[5].starts_with("| hub | something_new |  |"));
         // Rows without figures get no section.
         let empty = Row::empty("quic", "lan", "netns", &BenchOptions::default());
         assert_eq!(stage_tables(&[empty]), "");

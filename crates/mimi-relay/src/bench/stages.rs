@@ -296,9 +296,10 @@ impl Scrape {
     }
 }
 
-/// The lab's own stage: how late the driver handed messages to the hub's API after their
-/// scheduled time (µs each).
-pub(crate) fn driver_figure(lags_us: &mut [u64]) -> Option<StageFigure> {
+/// A lab stage from per-message values (µs each): `driver`, how late the driver handed
+/// messages to the hub's API after their scheduled time; `api_call`, how long the
+/// `submitBatch` call that carried each message took to be answered.
+pub(crate) fn lab_figure(stage: &str, lags_us: &mut [u64]) -> Option<StageFigure> {
     if lags_us.is_empty() {
         return None;
     }
@@ -306,7 +307,7 @@ pub(crate) fn driver_figure(lags_us: &mut [u64]) -> Option<StageFigure> {
     let mean = lags_us.iter().map(|v| *v as f64).sum::<f64>() / lags_us.len() as f64;
     Some(StageFigure {
         node: "lab".into(),
-        stage: "driver".into(),
+        stage: stage.into(),
         n: lags_us.len() as u64,
         p50_us: Some(rank(lags_us, 0.50) as f64),
         p99_us: Some(rank(lags_us, 0.99) as f64),
@@ -477,9 +478,9 @@ mimi_relay_accepted_total 7
     #[test]
     fn the_driver_figure_is_nearest_rank() {
         let mut lags: Vec<u64> = (1..=200).rev().collect();
-        let f = driver_figure(&mut lags).expect("some");
+        let f = lab_figure("driver", &mut lags).expect("some");
         assert_eq!((f.n, f.p50_us, f.p99_us), (200, Some(100.0), Some(198.0)));
         assert!(close(f.mean_us, 100.5));
-        assert!(driver_figure(&mut []).is_none());
+        assert!(lab_figure("api_call", &mut []).is_none());
     }
 }
