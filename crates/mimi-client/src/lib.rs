@@ -580,14 +580,31 @@ impl MlsClient {
         remove: &[LeafNodeIndex],
         add: &[KeyPackage],
     ) -> Result<UpdateResult, MlsClientError> {
+        let app_data = match update.filter(|u| *u != ParticipantListUpdate::default()) {
+            Some(u) => vec![(component::PARTICIPANT_LIST, u.encode()?)],
+            None => Vec::new(),
+        };
+        self.commit_app_data(room, app_data, remove, add).await
+    }
+
+    /// Commits Removes of `remove`, Adds of `add` and one AppDataUpdate per (component,
+    /// data) in `app_data`, the dictionary updates resolved as the hub's validator resolves
+    /// them, and sends it with its Welcome and GroupInfo.
+    async fn commit_app_data(
+        &mut self,
+        room: &RoomId,
+        app_data: Vec<(u16, Vec<u8>)>,
+        remove: &[LeafNodeIndex],
+        add: &[KeyPackage],
+    ) -> Result<UpdateResult, MlsClientError> {
         let group = self.group.as_mut().ok_or(MlsClientError::NoGroup)?;
         let mut builder = group
             .commit_builder()
             .propose_adds(add.iter().cloned())
             .propose_removals(remove.iter().copied());
-        if let Some(u) = update.filter(|u| *u != ParticipantListUpdate::default()) {
+        for (c, data) in app_data {
             builder = builder.add_proposal(Proposal::AppDataUpdate(Box::new(
-                AppDataUpdateProposal::update(component::PARTICIPANT_LIST, u.encode()?),
+                AppDataUpdateProposal::update(c, data),
             )));
         }
         let mut stage = builder.load_psks(self.provider.storage()).map_err(mls)?;
@@ -636,32 +653,8 @@ impl MlsClient {
         room: &RoomId,
         preauth: &PreAuthData,
     ) -> Result<UpdateResult, MlsClientError> {
-        let group = self.group.as_mut().ok_or(MlsClientError::NoGroup)?;
-        let mut stage = group
-            .commit_builder()
-            .add_proposal(Proposal::AppDataUpdate(Box::new(
-                AppDataUpdateProposal::update(component::PREAUTH_LIST, preauth.encode()?),
-            )))
-            .load_psks(self.provider.storage())
-            .map_err(mls)?;
-        let proposals: Vec<AppDataUpdateProposal> =
-            stage.app_data_update_proposals().cloned().collect();
-        let (updates, _) =
-            relay_mls::resolve_app_data_updates(stage.app_data_dictionary_updater(), &proposals)
-                .map_err(mls)?;
-        stage.with_app_data_dictionary_updates(updates);
-        let bundle = stage
-            .build(
-                self.provider.rand(),
-                self.provider.crypto(),
-                &self.signer,
-                |_| true,
-            )
-            .map_err(mls)?
-            .stage_commit(&self.provider)
-            .map_err(mls)?;
-        let body = Self::bundle(bundle.commit(), None, bundle.group_info())?;
-        self.send_commit(room, body).await
+        let app_data = vec![(component::PREAUTH_LIST, preauth.encode()?)];
+        self.commit_app_data(room, app_data, &[], &[]).await
     }
 
     /// Bans `user`: its role becomes banned and its clients are removed.
