@@ -7,45 +7,18 @@ use mimi_wire::proto::room_defaults::{self, OWNER_ROLE, REGULAR_ROLE};
 use openmls::component::ComponentData;
 use openmls::prelude::tls_codec::Serialize as _;
 use openmls::prelude::*;
-use openmls_basic_credential::SignatureKeyPair;
-use openmls_rust_crypto::OpenMlsRustCrypto;
 use relay_core::mls::{MlsReject, MlsValidator};
 use relay_mls::OpenMlsValidator;
 
-const CS: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
+mod common;
+use common::{CS, Client, caps};
+
 const ALICE: &str = "mimi://a.example/u/alice";
 const BOB: &str = "mimi://b.example/u/bob";
 const ROOM: &str = "mimi://a.example/r/app";
 
-struct Client {
-    provider: OpenMlsRustCrypto,
-    signer: SignatureKeyPair,
-    cred: CredentialWithKey,
-}
-
-fn caps() -> Capabilities {
-    Capabilities::new(
-        None,
-        None,
-        Some(&[ExtensionType::AppDataDictionary]),
-        Some(&[ProposalType::AppDataUpdate, ProposalType::SelfRemove]),
-        None,
-    )
-}
-
 fn client(user: &str) -> Client {
-    let provider = OpenMlsRustCrypto::default();
-    let signer = SignatureKeyPair::new(CS.signature_algorithm()).expect("keys");
-    signer.store(provider.storage()).expect("store");
-    let cred = CredentialWithKey {
-        credential: BasicCredential::new(user.as_bytes().to_vec()).into(),
-        signature_key: signer.public().into(),
-    };
-    Client {
-        provider,
-        signer,
-        cred,
-    }
+    Client::new(user)
 }
 
 fn key_package(c: &Client) -> KeyPackage {

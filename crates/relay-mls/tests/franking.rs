@@ -14,48 +14,22 @@ use mimi_wire::proto::{
     HandshakeBundle, IdentifierUri, MlsMessage, RatchetTreeOption, SubmitMessageRequest,
     SubmitMessageResponse, SubmitStatus, UpdateOutcome, UpdateRequest, UpdateRoomResponse, VLBytes,
 };
-use mimi_wire::uri::{ProviderDomain, RoomId};
+use mimi_wire::uri::RoomId;
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::*;
-use openmls_basic_credential::SignatureKeyPair;
-use openmls_rust_crypto::{OpenMlsRustCrypto, RustCrypto};
+use openmls_rust_crypto::RustCrypto;
 use relay_core::{
     MemStore, Now, Output, Relay, RelayConfig, ReplyToken, Request, Response, Status, Store,
     TransportKind,
 };
 use relay_mls::{OpenMlsValidator, app_data_component, frank};
 
+mod common;
+use common::{CS, Client, d};
+
 const ROOM: &str = "mimi://a.example/r/franked";
 const ALICE: &str = "mimi://a.example/u/alice";
 const BOB: &str = "mimi://b.example/u/bob";
-const CS: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
-
-fn d(s: &str) -> ProviderDomain {
-    s.parse().expect("domain")
-}
-
-struct Client {
-    provider: OpenMlsRustCrypto,
-    signer: SignatureKeyPair,
-    cred: CredentialWithKey,
-}
-
-impl Client {
-    fn new(user: &str) -> Client {
-        let provider = OpenMlsRustCrypto::default();
-        let signer = SignatureKeyPair::new(CS.signature_algorithm()).expect("signer");
-        signer.store(provider.storage()).expect("store signer");
-        let cred = CredentialWithKey {
-            credential: BasicCredential::new(user.as_bytes().to_vec()).into(),
-            signature_key: signer.public().into(),
-        };
-        Client {
-            provider,
-            signer,
-            cred,
-        }
-    }
-}
 
 /// Leaves support the app_data_dictionary extension (draft-ietf-mls-extensions).
 fn caps() -> Capabilities {

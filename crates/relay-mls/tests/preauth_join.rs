@@ -15,60 +15,23 @@ use mimi_wire::proto::{
     GroupInfoOption, HandshakeBundle, MlsMessage, RatchetTreeOption, SubmitMessageRequest,
     SubmitMessageResponse, SubmitStatus, UpdateOutcome, UpdateRequest, UpdateRoomResponse, VLBytes,
 };
-use mimi_wire::uri::{ProviderDomain, RoomId};
+use mimi_wire::uri::RoomId;
 use openmls::messages::group_info::{GroupInfo, VerifiableGroupInfo};
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::*;
-use openmls_basic_credential::SignatureKeyPair;
-use openmls_rust_crypto::OpenMlsRustCrypto;
 use relay_core::{
     MemStore, Now, Output, Relay, RelayConfig, ReplyToken, Request, Response, Store, TransportKind,
 };
 use relay_mls::OpenMlsValidator;
+
+mod common;
+use common::{CS, Client, caps, d};
 
 const ROOM: &str = "mimi://a.example/r/preauth";
 const ALICE: &str = "mimi://a.example/u/alice";
 const DAVE: &str = "mimi://b.example/u/dave";
 const ERIN: &str = "mimi://b.example/u/erin";
 const CAROL: &str = "mimi://c.example/u/carol";
-const CS: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
-
-fn d(s: &str) -> ProviderDomain {
-    s.parse().expect("domain")
-}
-
-struct Client {
-    provider: OpenMlsRustCrypto,
-    signer: SignatureKeyPair,
-    cred: CredentialWithKey,
-}
-
-impl Client {
-    fn new(user: &str) -> Client {
-        let provider = OpenMlsRustCrypto::default();
-        let signer = SignatureKeyPair::new(CS.signature_algorithm()).expect("signer");
-        signer.store(provider.storage()).expect("store signer");
-        let cred = CredentialWithKey {
-            credential: BasicCredential::new(user.as_bytes().to_vec()).into(),
-            signature_key: signer.public().into(),
-        };
-        Client {
-            provider,
-            signer,
-            cred,
-        }
-    }
-}
-
-fn caps() -> Capabilities {
-    Capabilities::new(
-        None,
-        None,
-        Some(&[ExtensionType::AppDataDictionary]),
-        Some(&[ProposalType::AppDataUpdate, ProposalType::SelfRemove]),
-        None,
-    )
-}
 
 struct Hub {
     relay: Relay,
