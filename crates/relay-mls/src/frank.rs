@@ -72,24 +72,20 @@ pub fn franking_integrity_tbs(
 pub fn make_frank(
     crypto: &RustCrypto,
     hub_key: &[u8],
-    signing_key: &[u8],
+    signing_key: &ed25519_dalek::SigningKey,
     franking_tag: &[u8; 32],
     context: &[u8],
 ) -> Option<Frank> {
+    use ed25519_dalek::Signer as _;
     let frank = server_frank(crypto, hub_key, franking_tag, context)?;
     let cs = u16::from(HUB_CIPHERSUITE);
     let tbs = franking_integrity_tbs(&frank, cs, context);
-    let sig = crypto
-        .sign(
-            HUB_CIPHERSUITE.signature_algorithm(),
-            &sign_content(FRANKING_LABEL, &tbs).ok()?,
-            signing_key,
-        )
-        .ok()?;
+    // HUB_CIPHERSUITE signs with Ed25519 (deterministic: the bytes openmls would make).
+    let sig = signing_key.sign(&sign_content(FRANKING_LABEL, &tbs).ok()?);
     Some(Frank {
         server_frank: frank,
         franking_signature_ciphersuite: cs,
-        franking_integrity_signature: VLBytes::new(sig),
+        franking_integrity_signature: VLBytes::new(sig.to_bytes().to_vec()),
     })
 }
 
@@ -224,6 +220,7 @@ mod tests {
         let tag = franking_tag(&c, &[9; 16], &content).expect("tag");
         let ctx = server_franking_context("mimi://b.example/u/alice", "mimi://a.example/r/x", 7)
             .expect("context");
+        let sk = ed25519_dalek::SigningKey::from_bytes(&sk.try_into().expect("32-byte seed"));
         let frank = make_frank(&c, &hub_key, &sk, &tag, &ctx).expect("frank");
         assert_eq!(verify_frank(&c, &pk, &frank, &tag, &content, &ctx), Ok(()));
         // Another timestamp (a follower changed it): the signature fails.

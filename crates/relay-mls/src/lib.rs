@@ -56,6 +56,19 @@ struct Room {
     storage: MemoryStorage,
     group: PublicGroup,
     staged: Option<Staged>,
+    /// The franking agent's signature key the group context names, read when the group
+    /// changes rather than for every franked message.
+    agent: Option<Vec<u8>>,
+}
+
+/// The `franking_signature_key` of the group's franking_agent component, if any.
+fn franking_agent_key(group: &PublicGroup) -> Option<Vec<u8>> {
+    let agent = app_data_component(
+        group.group_context().extensions(),
+        mimi_wire::proto::room::component::FRANKING_AGENT,
+    )?;
+    let agent = mimi_wire::proto::room::FrankingAgentData::decode(&agent).ok()?;
+    Some(agent.franking_signature_key.as_slice().to_vec())
 }
 
 /// openmls-backed [`MlsValidator`].
@@ -66,6 +79,9 @@ pub struct OpenMlsValidator {
     /// The hub's signature key pair (private, public) for GroupInfoResponses, made on first
     /// use.
     hub_key: std::sync::OnceLock<(Vec<u8>, Vec<u8>)>,
+    /// The same private key, expanded once: deriving it costs a scalar multiplication, as
+    /// much as the signature, and every franked message is signed.
+    signer: std::sync::OnceLock<ed25519_dalek::SigningKey>,
     /// The hub's identity in its basic credential (`mimi://<domain>`).
     hub_identity: String,
     /// The franking `hub_key` (protocol-06 §5.4.1), derived from the hub secret.
@@ -436,6 +452,7 @@ impl MlsValidator for OpenMlsValidator {
             PublicGroup::from_external(&self.crypto, &storage, tree, vgi, ProposalStore::new())
                 .map_err(invalid)?;
         let r = Room {
+            agent: franking_agent_key(&group),
             storage,
             group,
             staged: None,
@@ -452,6 +469,7 @@ impl MlsValidator for OpenMlsValidator {
             .map_err(invalid)?
             .ok_or(MlsReject::NoGroup)?;
         let r = Room {
+            agent: franking_agent_key(&group),
             storage,
             group,
             staged: None,
@@ -563,6 +581,7 @@ impl MlsValidator for OpenMlsValidator {
             Some(Staged::Proposal(p)) => r.group.add_proposal(&r.storage, *p).map_err(invalid)?,
             None => return Err(MlsReject::Invalid("nothing staged".into())),
         }
+        r.agent = franking_agent_key(&r.group);
         Ok(Self::summary(r))
     }
 
@@ -702,6 +721,7 @@ impl MlsValidator for OpenMlsValidator {
         match derive_hub_keys(secret) {
             Ok((sig, franking)) => {
                 self.hub_key = std::sync::OnceLock::from(sig);
+                self.signer = std::sync::OnceLock::new();
                 self.franking_key = Some(franking);
             }
             Err(e) => tracing::error!(error = %e, "cannot derive the hub keys"),
@@ -765,13 +785,8 @@ impl MlsValidator for OpenMlsValidator {
     ) -> Option<mimi_wire::proto::Frank> {
         let hub_key = self.franking_key.as_deref()?;
         let (sk, pk) = self.hub_key.get()?;
-        let agent = app_data_component(
-            self.rooms.get(room)?.group.group_context().extensions(),
-            mimi_wire::proto::room::component::FRANKING_AGENT,
-        )?;
         // Only a franking_agent naming this hub's key: else receivers could not verify.
-        let agent = mimi_wire::proto::room::FrankingAgentData::decode(&agent).ok()?;
-        if agent.franking_signature_key.as_slice() != pk.as_slice() {
+        if self.rooms.get(room)?.agent.as_deref() != Some(pk.as_slice()) {
             debug!(
                 room,
                 "the room's franking agent is not this hub: not franked"
@@ -779,7 +794,15 @@ impl MlsValidator for OpenMlsValidator {
             return None;
         }
         let ctx = frank::server_franking_context(sender_uri, room_uri, accepted_ms)?;
-        frank::make_frank(&self.crypto, hub_key, sk, franking_tag, &ctx)
+        let signer = match self.signer.get() {
+            Some(s) => s,
+            None => {
+                let seed: [u8; 32] = sk.as_slice().try_into().ok()?;
+                self.signer
+                    .get_or_init(|| ed25519_dalek::SigningKey::from_bytes(&seed))
+            }
+        };
+        frank::make_frank(&self.crypto, hub_key, signer, franking_tag, &ctx)
     }
 
     fn check_reported_frank(
