@@ -127,6 +127,14 @@ pub struct BenchArgs {
     /// failures counted.
     #[arg(long, default_value = "inline", value_parser = ["inline", "deferred"])]
     pub mls_decrypt: String,
+    /// `--traffic mls`: when senders encrypt. `inline`: each message when it is due.
+    /// `ahead`: before the measured phase, every sender encrypts its rooms' messages for the
+    /// current epochs (the open loop's whole schedule, or 50,000 per second of the phase in a
+    /// closed loop), so that a replay of real MLS bytes is timed, as tcpreplay times a
+    /// capture; a room whose epoch a commit moves on, or whose pool runs dry, is encrypted
+    /// inline again. Each row says how many messages came from the pools.
+    #[arg(long, default_value = "inline", value_parser = ["inline", "ahead"])]
+    pub mls_encrypt: String,
 }
 
 /// Most runs of a row: enough for a median that shrugs off two outliers.
@@ -187,6 +195,7 @@ impl BenchArgs {
             },
             commit_rate: self.commit_rate,
             mls_deferred: self.mls_decrypt == "deferred",
+            mls_ahead: self.mls_encrypt == "ahead",
             transports: self.transports.clone(),
             profiles,
             rooms: self.rooms,

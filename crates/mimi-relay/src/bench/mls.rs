@@ -12,7 +12,7 @@
 //! counted as for synthetic traffic (at every main and spare client); a message that did not
 //! decrypt is a decryption failure.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash as _, Hasher as _};
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -70,7 +70,24 @@ pub(super) struct MlsStats {
 struct Member {
     client: MlsClient,
     own: HashSet<u64>,
+    /// `--mls-encrypt ahead`: messages encrypted before the phase, in stream order, for the
+    /// epoch `ahead_epoch`; dropped once the client's epoch moves on.
+    ahead: VecDeque<Ahead>,
+    ahead_epoch: Option<u64>,
 }
+
+/// A message encrypted before the phase: its counter in the stream, its plaintext (to encrypt
+/// it again if the hub answers epochTooOld), its submitMessage request and MLS size.
+struct Ahead {
+    k: u64,
+    pt: Vec<u8>,
+    body: Bytes,
+    mls_len: usize,
+}
+
+/// The marker's send time of a message encrypted ahead: not known until it is submitted, so
+/// the receivers look it up in `Shared::sched`.
+const SCHED_LATER: u64 = u64::MAX;
 
 /// A spare client of a provider in one room: added by a commit (key claim, Welcome), removed
 /// by a later one. It only receives; it expects what is sent in the epochs it is a member of.
@@ -134,6 +151,8 @@ async fn setup(admins: &[Admin], rooms: usize) -> Result<Vec<Arc<Side>>> {
             members.push(Member {
                 client,
                 own: HashSet::new(),
+                ahead: VecDeque::new(),
+                ahead_epoch: None,
             });
         }
         sides.push(Arc::new(Side {
@@ -204,6 +223,11 @@ struct Shared {
     /// Deferred decryption: set at the end of a phase, when the readers decrypt all they hold.
     drain: AtomicBool,
     deferred: bool,
+    /// `--mls-encrypt ahead`: the send time of each message taken from a pool, by (stream,
+    /// counter), set when it is submitted.
+    sched: Mutex<HashMap<(u32, u32), u64>>,
+    /// Messages submitted from the pools.
+    from_pools: AtomicU64,
 }
 
 /// One inbox item held for decryption: its FanoutMessage and when it arrived.
@@ -369,14 +393,127 @@ async fn apply_held(side: &Side, p: usize, n: usize, batch: Vec<(usize, Vec<Held
             .decrypted_after
             .fetch_add(got.len() as u64, Ordering::Relaxed);
     }
+    let sched = lock(&sh.sched);
     let mut t = lock(&sh.rx);
-    for (receiver, (s, c, sched), at) in got {
-        t.record(receiver, s, c, sched, at);
+    for (receiver, (s, c, mut at_ns), at) in got {
+        if at_ns == SCHED_LATER {
+            match sched.get(&(s, c)) {
+                Some(ns) => at_ns = *ns,
+                None => {
+                    // Only a bug can bring one: a pool message is recorded when taken.
+                    stats.decrypt_failures.fetch_add(1, Ordering::Relaxed);
+                    let mut f = lock(&stats.failures);
+                    if f.len() < 3 {
+                        f.push(format!("message {s}/{c}: encrypted ahead, never submitted"));
+                    }
+                    continue;
+                }
+            }
+        }
+        t.record(receiver, s, c, at_ns, at);
     }
 }
 
 /// One message waiting to be (re-)encrypted: room, plaintext.
 type Plain = (usize, Vec<u8>);
+
+/// A message a sender submits next: a new one (its counter in the stream and its send time)
+/// or one the hub refused as of an old epoch.
+enum Pick {
+    New { r: usize, k: u64, sched_ns: u64 },
+    Again(Plain),
+}
+
+/// A plaintext of `size` bytes starting with the lab's marker.
+fn plaintext(stream: u32, k: u64, sched_ns: u64, size: usize, rng: &mut u64) -> Vec<u8> {
+    let mut pt = Vec::with_capacity(size + 8);
+    pt.extend_from_slice(&marker_bytes(stream, k as u32, sched_ns));
+    while pt.len() < size {
+        unit(rng);
+        pt.extend_from_slice(&rng.to_le_bytes());
+    }
+    pt.truncate(size.max(20));
+    pt
+}
+
+/// Encrypts `pt` at member `m`, noting the MLS message as its own and as of `stream`:
+/// the submitMessage request and the MLS message's size.
+fn encrypt(m: &mut Member, pt: &[u8], stream: u32, sh: &Shared) -> Result<(Bytes, usize)> {
+    let body = m.client.encrypt(pt)?;
+    let req =
+        SubmitMessageRequest::decode(&body).map_err(|e| anyhow!("our own submit request: {e}"))?;
+    let mls = req.app_message.as_bytes();
+    let d = digest(mls);
+    m.own.insert(d);
+    lock(&sh.streams).insert(d, stream);
+    Ok((body, mls.len()))
+}
+
+/// The next pool message of member `m` if it is message `k` of its stream and still of the
+/// client's epoch; else the pool is dropped (a commit moved the epoch on).
+fn take_ahead(m: &mut Member, k: u64) -> Option<Ahead> {
+    if m.ahead.is_empty() {
+        return None;
+    }
+    if m.ahead_epoch != m.client.epoch() || m.ahead.front().is_some_and(|a| a.k != k) {
+        m.ahead.clear();
+        return None;
+    }
+    m.ahead.pop_front()
+}
+
+/// `--mls-encrypt ahead`: fills every member's pool with `per_stream` messages of its stream
+/// for its current epoch, numbered on from the stream's counter; one task per provider.
+/// Returns the messages encrypted.
+async fn encrypt_ahead(
+    sides: &[Arc<Side>],
+    per_stream: u64,
+    size: usize,
+    counters: &Arc<Vec<AtomicU64>>,
+    sh: &Arc<Shared>,
+) -> Result<u64> {
+    let n = sides.len();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (p, side) in sides.iter().enumerate() {
+        let (side, counters, sh) = (side.clone(), counters.clone(), sh.clone());
+        tasks.spawn(async move {
+            let mut members = side.members.lock().await;
+            let mut done = 0u64;
+            for (r, m) in members.iter_mut().enumerate() {
+                let stream = (r * n + p) as u32;
+                let from = counters[stream as usize].load(Ordering::Relaxed);
+                let mut rng = 0xa076_1d64_78bd_642f ^ ((u64::from(stream) + 1) << 24);
+                m.ahead.clear();
+                m.ahead_epoch = m.client.epoch();
+                for k in from..from + per_stream {
+                    let pt = plaintext(stream, k, SCHED_LATER, size, &mut rng);
+                    let (body, mls_len) = encrypt(m, &pt, stream, &sh)?;
+                    m.ahead.push_back(Ahead {
+                        k,
+                        pt,
+                        body,
+                        mls_len,
+                    });
+                    done += 1;
+                }
+            }
+            Ok::<_, anyhow::Error>(done)
+        });
+    }
+    let mut total = 0;
+    while let Some(r) = tasks.join_next().await {
+        total += r.map_err(|e| anyhow!("encrypting ahead: {e}"))??;
+    }
+    Ok(total)
+}
+
+/// Pool messages per stream for `--mls-encrypt ahead`: the open loop's schedule, or 50,000
+/// messages per second of the phase over all streams in a closed loop (beyond it, inline).
+fn ahead_per_stream(opts: &BenchOptions, streams: usize) -> u64 {
+    let secs = opts.duration.as_secs_f64();
+    let total = opts.rate.map_or(50_000.0 * secs, |rate| rate * secs);
+    (total / streams.max(1) as f64).ceil() as u64 + 1
+}
 
 /// What a sender needs besides its provider's clients.
 struct SendCtx {
@@ -425,7 +562,7 @@ async fn sender(side: Arc<Side>, admin: Admin, c: SendCtx) -> Result<()> {
         if now >= c.until && retry.is_empty() {
             break;
         }
-        let mut picks: Vec<Plain> = std::mem::take(&mut retry);
+        let mut picks: Vec<Pick> = retry.drain(..).map(Pick::Again).collect();
         if now < c.until {
             for r in (0..c.rooms).map(|i| (first + i) % c.rooms) {
                 let stream = r * c.n + c.p;
@@ -455,14 +592,7 @@ async fn sender(side: Arc<Side>, admin: Admin, c: SendCtx) -> Result<()> {
                         None => now,
                     };
                     let sched_ns = sched.saturating_duration_since(c.epoch).as_nanos() as u64;
-                    let mut pt = Vec::with_capacity(c.size + 8);
-                    pt.extend_from_slice(&marker_bytes(stream as u32, k as u32, sched_ns));
-                    while pt.len() < c.size {
-                        unit(&mut rngs[r]);
-                        pt.extend_from_slice(&rngs[r].to_le_bytes());
-                    }
-                    pt.truncate(c.size.max(20));
-                    picks.push((r, pt));
+                    picks.push(Pick::New { r, k, sched_ns });
                 }
             }
         }
@@ -478,18 +608,32 @@ async fn sender(side: Arc<Side>, admin: Admin, c: SendCtx) -> Result<()> {
         {
             let mut members = side.members.lock().await;
             let cpu0 = thread_cpu_ns();
-            for (r, pt) in picks {
+            for pick in picks {
+                let (r, pt) = match pick {
+                    Pick::Again(plain) => plain,
+                    Pick::New { r, k, sched_ns } => {
+                        let m = &mut members[r];
+                        if let Some(a) = take_ahead(m, k) {
+                            let stream = (r * c.n + c.p) as u32;
+                            lock(&c.sh.sched).insert((stream, k as u32), sched_ns);
+                            c.sh.from_pools.fetch_add(1, Ordering::Relaxed);
+                            c.sh.stats
+                                .mls_bytes
+                                .fetch_add(a.mls_len as u64, Ordering::Relaxed);
+                            c.sh.stats.mls_msgs.fetch_add(1, Ordering::Relaxed);
+                            let rcv = m.client.members().len().saturating_sub(1) as u64;
+                            batch.push((r, a.pt, a.body, rcv));
+                            continue;
+                        }
+                        let stream = (r * c.n + c.p) as u32;
+                        (r, plaintext(stream, k, sched_ns, c.size, &mut rngs[r]))
+                    }
+                };
                 let m = &mut members[r];
-                let body = m.client.encrypt(&pt)?;
-                let req = SubmitMessageRequest::decode(&body)
-                    .map_err(|e| anyhow!("our own submit request: {e}"))?;
-                let mls = req.app_message.as_bytes();
-                let d = digest(mls);
-                m.own.insert(d);
-                lock(&c.sh.streams).insert(d, (r * c.n + c.p) as u32);
+                let (body, mls_len) = encrypt(m, &pt, (r * c.n + c.p) as u32, &c.sh)?;
                 c.sh.stats
                     .mls_bytes
-                    .fetch_add(mls.len() as u64, Ordering::Relaxed);
+                    .fetch_add(mls_len as u64, Ordering::Relaxed);
                 c.sh.stats.mls_msgs.fetch_add(1, Ordering::Relaxed);
                 let rcv = m.client.members().len().saturating_sub(1) as u64;
                 batch.push((r, pt, body, rcv));
@@ -844,6 +988,8 @@ pub(super) async fn run(
         arrived: (0..rooms * n).map(|_| AtomicU64::new(0)).collect(),
         drain: AtomicBool::new(false),
         deferred: opts.mls_deferred,
+        sched: Mutex::new(HashMap::new()),
+        from_pools: AtomicU64::new(0),
     });
     let (rx, stats) = (&sh.rx, &sh.stats);
     let stop_readers = Arc::new(AtomicBool::new(false));
@@ -858,6 +1004,20 @@ pub(super) async fn run(
         lock(rx).new_phase();
         stats.mls_bytes.store(0, Ordering::Relaxed);
         stats.mls_msgs.store(0, Ordering::Relaxed);
+        let counters: Arc<Vec<AtomicU64>> =
+            Arc::new((0..rooms * n).map(|_| AtomicU64::new(0)).collect());
+        if opts.mls_ahead {
+            let per_stream = ahead_per_stream(opts, rooms * n);
+            progress.line(&format!(
+                "{label} encrypting ahead: {per_stream} messages per room and provider"
+            ));
+            let t = Instant::now();
+            let done = encrypt_ahead(&sides, per_stream, opts.sizes.app, &counters, &sh).await?;
+            progress.line(&format!(
+                "{label} encrypted {done} messages ahead in {:.1} s",
+                t.elapsed().as_secs_f64()
+            ));
+        }
 
         let cpu0 = super::CpuSnap::now(pids);
         stats.encrypt_ns.store(0, Ordering::Relaxed);
@@ -866,8 +1026,6 @@ pub(super) async fn run(
         if let Some(lab) = lab {
             lab.take_drops();
         }
-        let counters: Arc<Vec<AtomicU64>> =
-            Arc::new((0..rooms * n).map(|_| AtomicU64::new(0)).collect());
         let load = |rate, commit_rate, duration| Load {
             admins,
             sides: &sides,
@@ -976,6 +1134,10 @@ pub(super) async fn run(
     row.commits = Some(stats.commits.load(Ordering::Relaxed));
     row.commits_refused = Some(stats.commits_refused.load(Ordering::Relaxed));
     row.mls_decrypt = Some(if sh.deferred { "deferred" } else { "inline" }.to_owned());
+    row.mls_encrypt = Some(if opts.mls_ahead { "ahead" } else { "inline" }.to_owned());
+    if opts.mls_ahead {
+        row.encrypted_ahead = Some(sh.from_pools.load(Ordering::Relaxed));
+    }
     if sh.deferred {
         row.decrypted_after_phase = Some(stats.decrypted_after.load(Ordering::Relaxed));
         let forced = stats.forced_drains.load(Ordering::Relaxed);

@@ -150,6 +150,8 @@ pub struct BenchOptions {
     /// that their openmls work leaves the machine's CPU to the nodes while the rate is
     /// measured; every message is still decrypted and checked.
     pub mls_deferred: bool,
+    /// `--mls-encrypt ahead`: senders encrypt their messages before the measured phase.
+    pub mls_ahead: bool,
 }
 
 /// What the relay rows carry.
@@ -217,6 +219,7 @@ impl Default for BenchOptions {
             traffic: Traffic::Synthetic,
             commit_rate: 1.0,
             mls_deferred: false,
+            mls_ahead: false,
         }
     }
 }
@@ -304,6 +307,12 @@ pub struct Row {
     pub mls_decrypt: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decrypted_after_phase: Option<u64>,
+    /// mls traffic: `inline` or `ahead` (see `--mls-encrypt`), and with ahead the messages
+    /// submitted from the pools encrypted before the phase (the rest were encrypted inline).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mls_encrypt: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encrypted_ahead: Option<u64>,
     /// (quantile, latency µs) points of the latency distribution, for the CDF plot.
     pub cdf: Vec<(f64, u64)>,
     /// p50 and p99 per 100 ms of send time over the measured phase, for the timeline plot.
@@ -411,6 +420,8 @@ impl Row {
             commit_kinds: BTreeMap::new(),
             mls_decrypt: None,
             decrypted_after_phase: None,
+            mls_encrypt: None,
+            encrypted_ahead: None,
             cdf: Vec::new(),
             timeline: Vec::new(),
             p99_first_400ms_us: None,
@@ -999,6 +1010,15 @@ pub async fn run(opts: BenchOptions, launcher: Launcher, command: String) -> Res
                  every other member) runs on the same CPUs as the nodes, on the timed path"
             }
         ));
+        if opts.mls_ahead {
+            notes.push(
+                "--mls-encrypt ahead: senders encrypt their rooms' messages for the current \
+                 epochs before the measured phase and replay them (each timed from when it is \
+                 submitted); a room whose epoch a commit moved on, and messages beyond the \
+                 pools, are encrypted inline; each row gives how many came from the pools"
+                    .to_owned(),
+            );
+        }
     }
     let units: Vec<(String, Variant)> = match opts.hostile {
         Hostile::None => opts

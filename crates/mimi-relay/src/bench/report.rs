@@ -447,7 +447,7 @@ pub(crate) fn mls_table(rows: &[Row]) -> String {
     }
     let mut s = String::from(
         "MLS traffic (real openmls groups; decryption failures must be 0):\n\n\
-         | transport | profile | MLS message B | decryption failures | epochTooOld retries | commits (refused) | self-updates / adds / removes / role changes | spares joined / left | node CPU µs/msg (hub, followers) | lab CPU µs/msg | clients' openmls µs/msg (encryption) | decryption (after the phase) |\n\
+         | transport | profile | MLS message B | decryption failures | epochTooOld retries | commits (refused) | self-updates / adds / removes / role changes | spares joined / left | node CPU µs/msg (hub, followers) | lab CPU µs/msg | clients' openmls µs/msg (encryption) | decryption (after the phase), encryption (from the pools) |\n\
          |---|---|---:|---:|---:|---:|---|---|---|---:|---:|---|\n",
     );
     for r in mls {
@@ -482,6 +482,10 @@ pub(crate) fn mls_table(rows: &[Row]) -> String {
                 (Some(m), Some(after)) => format!("{m} ({after})"),
                 (Some(m), None) => m.clone(),
                 _ => "–".into(),
+            } + &match (&r.mls_encrypt, r.encrypted_ahead) {
+                (Some(m), Some(n)) => format!(", encrypt {m} ({n})"),
+                (Some(m), None) => format!(", encrypt {m}"),
+                _ => String::new(),
             },
         );
     }
