@@ -142,6 +142,8 @@ pub struct MlsClient {
     pub franks_failed: u64,
     /// Verified franked messages, kept for abuse reports.
     kept: franking::Kept,
+    /// Past epochs whose application messages stay decryptable (see [`PAST_EPOCHS`]).
+    past_epochs: usize,
 }
 
 impl std::fmt::Debug for MlsClient {
@@ -173,6 +175,7 @@ pub fn capabilities() -> Capabilities {
 fn group_config(
     creator: &str,
     franking_agent: Option<&[u8]>,
+    past_epochs: usize,
 ) -> Result<MlsGroupCreateConfig, MlsClientError> {
     let mut dict = AppDataDictionary::new();
     for (id, data) in room_policy::initial_app_data(creator)? {
@@ -192,7 +195,7 @@ fn group_config(
     .map_err(mls)?;
     Ok(MlsGroupCreateConfig::builder()
         .ciphersuite(CIPHERSUITE)
-        .max_past_epochs(PAST_EPOCHS)
+        .max_past_epochs(past_epochs)
         .capabilities(capabilities())
         .use_ratchet_tree_extension(true)
         .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
@@ -212,9 +215,9 @@ fn participant_list(group: &MlsGroup) -> Result<ParticipantListData, MlsClientEr
     }
 }
 
-fn join_config() -> MlsGroupJoinConfig {
+fn join_config(past_epochs: usize) -> MlsGroupJoinConfig {
     MlsGroupJoinConfig::builder()
-        .max_past_epochs(PAST_EPOCHS)
+        .max_past_epochs(past_epochs)
         .use_ratchet_tree_extension(true)
         .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
         .build()
@@ -258,6 +261,7 @@ impl MlsClient {
             franks_verified: 0,
             franks_failed: 0,
             kept: franking::Kept::default(),
+            past_epochs: PAST_EPOCHS,
         })
     }
 
@@ -299,6 +303,13 @@ impl MlsClient {
     /// The client's URI (one client per user here).
     pub fn client_uri(&self) -> String {
         format!("{}/c1", self.user)
+    }
+
+    /// How many past epochs' application messages the rooms this client creates or joins
+    /// from now on keep decryptable (default [`PAST_EPOCHS`]): a reader that holds messages
+    /// back while it applies later commits needs more.
+    pub fn set_past_epochs(&mut self, epochs: usize) {
+        self.past_epochs = epochs;
     }
 
     pub fn epoch(&self) -> Option<u64> {
@@ -377,6 +388,7 @@ impl MlsClient {
         group_config(
             &self.user,
             self.hub_keys.get(room.domain()).map(|k| k.as_slice()),
+            self.past_epochs,
         )
     }
 
@@ -927,7 +939,7 @@ impl MlsClient {
         };
         let mut builder = MlsGroup::external_commit_builder()
             .with_ratchet_tree(tree)
-            .with_config(join_config())
+            .with_config(join_config(self.past_epochs))
             .build_group(&self.provider, vgi, self.credential.clone())
             .map_err(mls)?
             .leaf_node_parameters(
@@ -1084,8 +1096,13 @@ impl MlsClient {
             let MlsMessageBodyIn::Welcome(w) = msg.extract() else {
                 return failed("welcome body".into());
             };
-            return match StagedWelcome::new_from_welcome(&self.provider, &join_config(), w, None)
-                .and_then(|s| s.into_group(&self.provider))
+            return match StagedWelcome::new_from_welcome(
+                &self.provider,
+                &join_config(self.past_epochs),
+                w,
+                None,
+            )
+            .and_then(|s| s.into_group(&self.provider))
             {
                 Ok(g) => {
                     let epoch = g.epoch().as_u64();
@@ -1237,7 +1254,7 @@ mod tests {
         let mut group = MlsGroup::new(
             &alice.provider,
             &alice.signer,
-            &group_config("mimi://a.example/u/alice", None).expect("config"),
+            &group_config("mimi://a.example/u/alice", None, PAST_EPOCHS).expect("config"),
             alice.credential.clone(),
         )
         .expect("group");
@@ -1260,9 +1277,10 @@ mod tests {
         let MlsMessageBodyIn::Welcome(w) = welcome.extract() else {
             panic!("not a welcome");
         };
-        let joined = StagedWelcome::new_from_welcome(&bob.provider, &join_config(), w, None)
-            .and_then(|s| s.into_group(&bob.provider))
-            .expect("join");
+        let joined =
+            StagedWelcome::new_from_welcome(&bob.provider, &join_config(PAST_EPOCHS), w, None)
+                .and_then(|s| s.into_group(&bob.provider))
+                .expect("join");
         bob.group = Some(joined);
 
         assert!(matches!(

@@ -455,7 +455,9 @@ fn mls_traffic_decrypts_everything_once_in_order() {
     let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();
     assert!(md.contains("MLS traffic"), "{md}");
 
-    // Deferred decryption: recorded on arrival, decrypted later, all of it checked.
+    // Deferred decryption: recorded on arrival, decrypted later, all of it checked; commits
+    // applied ahead of the held messages. Encrypted ahead: pools replayed, and encrypted
+    // inline again where a commit moved a room's epoch on.
     let (rows, _out) = bench(&[
         "--net",
         "loopback",
@@ -467,6 +469,8 @@ fn mls_traffic_decrypts_everything_once_in_order() {
         "mls",
         "--mls-decrypt",
         "deferred",
+        "--mls-encrypt",
+        "ahead",
         "--commit-rate",
         "6",
         "--duration",
@@ -481,4 +485,11 @@ fn mls_traffic_decrypts_everything_once_in_order() {
     assert_eq!(r["mls_decrypt"], "deferred", "{r}");
     assert_eq!(r["decrypt_failures"].as_u64(), Some(0), "{r}");
     assert!(r["decrypted_after_phase"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(r["mls_encrypt"], "ahead", "{r}");
+    let (sent, pooled) = (
+        r["sent"].as_u64().unwrap(),
+        r["encrypted_ahead"].as_u64().unwrap(),
+    );
+    assert!(pooled > 0 && pooled <= sent, "{r}");
+    assert!(r["commits"].as_u64().unwrap() > 0, "{r}");
 }

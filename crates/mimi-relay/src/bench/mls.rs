@@ -135,12 +135,15 @@ fn room(r: usize) -> Result<RoomId> {
 
 /// Each provider's clients in every room, joined: the hub's create the rooms and add the
 /// followers'. The readers must already run (they apply the Welcomes).
-async fn setup(admins: &[Admin], rooms: usize) -> Result<Vec<Arc<Side>>> {
+async fn setup(admins: &[Admin], rooms: usize, deferred: bool) -> Result<Vec<Arc<Side>>> {
     let mut sides = Vec::new();
     for (p, admin) in admins.iter().enumerate() {
         let mut members = Vec::new();
         for r in 0..rooms {
             let mut client = MlsClient::with_api(&user(p, r), admin.client())?;
+            if deferred {
+                client.set_past_epochs(LAB_PAST_EPOCHS);
+            }
             if p > 0 {
                 client.publish_key_packages(1).await?;
                 // No claim succeeds without the target's consent (protocol-06 §5.2, §5.7).
@@ -236,11 +239,19 @@ type Held = (Bytes, Instant);
 /// Most items a reader holds undecrypted; beyond it decrypts them all at once (counted).
 const HOLD_MAX: usize = 1 << 18;
 
+/// Deferred decryption: past epochs the main clients keep decryptable, and the most commits
+/// a reader applies ahead of a room's held application messages (those stay decryptable as
+/// long as they are at most this many epochs old).
+const LAB_PAST_EPOCHS: usize = 8;
+const AHEAD_SPAN: usize = LAB_PAST_EPOCHS - 2;
+
 /// Reads provider `p`'s inbox and applies each item to the clients of its room (the main
 /// client and the spare, if any); records each decrypted message at its receiver with the
 /// time it arrived. Inline, every batch is decrypted as it arrives; deferred, application
-/// messages wait in per-room queues until a handshake of their room (a commit or Welcome:
-/// applied in order, after them) or the end of the phase.
+/// messages wait in per-room queues until the end of the phase, while handshakes (commits,
+/// Welcomes) are applied at once, ahead of them (the main clients keep past epochs for it),
+/// so that the senders move to the new epoch. Where a spare client takes part, or a room's
+/// held messages span too many epochs, a handshake is applied in order, after them.
 fn start_readers(
     admins: &[Admin],
     sides: &[Arc<Side>],
@@ -260,14 +271,30 @@ fn start_readers(
             let mut held: Vec<std::collections::VecDeque<Held>> =
                 (0..rooms).map(|_| Default::default()).collect();
             let mut holding = 0usize;
+            // Commits applied ahead of each room's held messages.
+            let mut spans = vec![0usize; rooms];
             while !stop.load(Ordering::Relaxed) {
                 let Ok(items) = client.inbox(after, 1024, 100).await else {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 };
                 let now = Instant::now();
+                // A spare's slot is filled before its Add is submitted: a batch holding the
+                // Add sees it.
+                let spare: Vec<bool> = if sh.deferred {
+                    side.spares
+                        .lock()
+                        .await
+                        .iter()
+                        .map(Option::is_some)
+                        .collect()
+                } else {
+                    Vec::new()
+                };
                 // Rooms to decrypt now, up to which held item (inclusive).
                 let mut due: Vec<(usize, usize)> = Vec::new();
+                // Handshakes applied ahead of their rooms' held messages.
+                let mut ahead: Vec<(usize, Vec<Held>)> = Vec::new();
                 {
                     let streams = lock(&sh.streams);
                     for item in items {
@@ -289,6 +316,17 @@ fn start_readers(
                             }
                             Err(_) => false, // a failure, when its client applies it
                         };
+                        if sh.deferred
+                            && !app
+                            && !spare.get(r).copied().unwrap_or(true)
+                            && spans[r] < AHEAD_SPAN
+                        {
+                            if !held[r].is_empty() {
+                                spans[r] += 1;
+                            }
+                            ahead.push((r, vec![(item.fanout, now)]));
+                            continue;
+                        }
                         held[r].push_back((item.fanout, now));
                         holding += 1;
                         if !sh.deferred || !app {
@@ -307,12 +345,21 @@ fn start_readers(
                         .map(|r| (r, held[r].len()))
                         .collect();
                 }
+                // Handshakes first: what is held after them is of their new epochs.
+                if !ahead.is_empty() {
+                    apply_held(&side, p, n, ahead, &sh).await;
+                }
                 if !due.is_empty() {
                     let batch: Vec<(usize, Vec<Held>)> = due
                         .into_iter()
                         .map(|(r, k)| (r, held[r].drain(..k).collect()))
                         .collect();
                     holding -= batch.iter().map(|(_, v)| v.len()).sum::<usize>();
+                    for (r, _) in &batch {
+                        if held[*r].is_empty() {
+                            spans[*r] = 0;
+                        }
+                    }
                     apply_held(&side, p, n, batch, &sh).await;
                 }
                 lock(&sh.rx).progress.notify_one();
@@ -995,7 +1042,9 @@ pub(super) async fn run(
     let stop_readers = Arc::new(AtomicBool::new(false));
     progress.line(&format!("{label} MLS setup: {rooms} rooms, {n} providers"));
     let t0 = Instant::now();
-    let sides = setup(admins, rooms).await.context("MLS clients")?;
+    let sides = setup(admins, rooms, opts.mls_deferred)
+        .await
+        .context("MLS clients")?;
     let mut readers = start_readers(admins, &sides, rooms, &sh, &stop_readers);
     let result = async {
         create_rooms(&sides, rooms).await?;
