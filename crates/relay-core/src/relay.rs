@@ -13,6 +13,7 @@ use tracing::{debug, info, warn};
 
 mod arena;
 mod dead_letter;
+mod dedupe;
 mod follower;
 mod forward;
 mod hub;
@@ -33,6 +34,7 @@ use crate::store::{InboxRecord, Snapshot, Store, StoreOp, SubmitSeen};
 use crate::transport::{
     Lineage, Request, Response, Status, Transmit, TransmitId, TransportError, TransportKind,
 };
+use dedupe::{DedupeKey, SeenWindow};
 use follower::Cursor;
 
 /// The time an input happens at: a monotonic instant for timers, and the wall clock for the
@@ -161,61 +163,6 @@ struct HubRoom {
     seen: SeenWindow,
 }
 
-/// Accepted submissions a room remembers, in two generations: new ones go into `current`;
-/// when it holds half the window, `previous` is dropped whole and `current` takes its place.
-/// So the room remembers at least the last `window / 2` and at most `window` submissions,
-/// and no submission pays for a random removal.
-#[derive(Debug, Default)]
-struct SeenWindow {
-    current: FastMap<u128, Seen>,
-    previous: FastMap<u128, Seen>,
-    /// The highest room sequence in `previous`.
-    previous_upto: u64,
-}
-
-/// A [`SubmitSeen`] without its key, which the table holds already: a third smaller a slot,
-/// for tables of tens of thousands that every submission probes.
-#[derive(Debug, Clone, Copy)]
-struct Seen {
-    room_seq: u64,
-    accepted_ms: u64,
-}
-
-impl Seen {
-    fn of(s: &SubmitSeen) -> Seen {
-        Seen {
-            room_seq: s.room_seq,
-            accepted_ms: s.accepted_ms,
-        }
-    }
-}
-
-impl SeenWindow {
-    fn get(&self, key: &u128) -> Option<SubmitSeen> {
-        let s = self.current.get(key).or_else(|| self.previous.get(key))?;
-        Some(SubmitSeen {
-            key: *key,
-            room_seq: s.room_seq,
-            accepted_ms: s.accepted_ms,
-        })
-    }
-
-    /// Remembers `seen`; returns the sequence up to which submissions were forgotten, if any.
-    fn insert(&mut self, seen: SubmitSeen, window: usize) -> Option<u64> {
-        self.current.insert(seen.key, Seen::of(&seen));
-        if self.current.len() < (window / 2).max(1) {
-            return None;
-        }
-        let forgotten = (!self.previous.is_empty()).then_some(self.previous_upto);
-        // The dropped generation's table becomes the new current one: no regrowth, no rehash.
-        let mut recycled = std::mem::take(&mut self.previous);
-        recycled.clear();
-        self.previous = std::mem::replace(&mut self.current, recycled);
-        self.previous_upto = seen.room_seq;
-        forgotten
-    }
-}
-
 #[derive(Debug)]
 enum InFlight {
     Notify {
@@ -304,6 +251,8 @@ pub struct Relay {
     incarnation: u64,
     /// Where accepted submissions' FanoutMessages are written.
     fanouts: arena::FanoutArena,
+    /// What accepted submissions are remembered by.
+    dedupe: DedupeKey,
 }
 
 /// Store record of a followed room: this byte, then the room id.
@@ -335,6 +284,7 @@ impl Relay {
             follower: follower::FollowerState::default(),
             incarnation: lineage::draw(cfg.seed, now.unix_ms),
             fanouts: arena::FanoutArena::default(),
+            dedupe: DedupeKey::restore(&snapshot.records),
             cfg,
         };
         for room in &relay.cfg.follows {
@@ -379,9 +329,8 @@ impl Relay {
             r.next_seq = snap.next_seq.max(1);
             r.last_ms = snap.last_ms;
             // What the store kept is at most one window: the next rotation forgets it all.
-            for seen in snap.seen {
-                r.seen.previous.insert(seen.key, Seen::of(&seen));
-                r.seen.previous_upto = seen.room_seq;
+            for seen in &snap.seen {
+                r.seen.restore(seen);
             }
         }
         for ((room, dest), acked) in &snapshot.acked {
@@ -791,7 +740,7 @@ impl Relay {
             return refused;
         }
         let r = &self.hub.rooms[ri];
-        let key = submit_key(sender, body);
+        let key = self.dedupe.of(body);
         if let Some(seen) = r.seen.get(&key) {
             self.stats.dedupe_hits += 1;
             debug!(msg = %MsgId::of(view.app_message.bytes), room = %r.id, seq = seen.room_seq, "duplicate submission");
@@ -830,6 +779,7 @@ impl Relay {
             accepted_ms,
         };
         let forgotten = r.seen.insert(seen, self.cfg.submit_window);
+        self.dedupe.save(store);
         store.apply(StoreOp::RoomSeq {
             room: &r.id,
             next_seq: r.next_seq,
@@ -1911,12 +1861,6 @@ fn uri_in_domain(uri: &str, domain: &str) -> bool {
         .is_some_and(|rest| rest.starts_with('/'))
 }
 
-fn submit_key(sender: &ProviderDomain, body: &[u8]) -> u128 {
-    // One pass over the body: the provider goes in through the seed.
-    let seed = xxhash_rust::xxh3::xxh3_64(sender.as_str().as_bytes());
-    xxhash_rust::xxh3::xxh3_128_with_seed(body, seed)
-}
-
 fn xxh3_128(bytes: &[u8]) -> u128 {
     xxhash_rust::xxh3::xxh3_128(bytes)
 }
@@ -1940,34 +1884,6 @@ impl std::fmt::Display for MsgId {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn seen_window_keeps_between_half_and_all_of_the_window() {
-        let mut w = SeenWindow::default();
-        let seen = |n: u64| SubmitSeen {
-            key: u128::from(n) * 7919,
-            room_seq: n,
-            accepted_ms: n,
-        };
-        let mut forgotten = Vec::new();
-        for n in 1..=10 {
-            forgotten.extend(w.insert(seen(n), 4));
-            let remembered: Vec<u64> = (1..=n)
-                .filter(|k| w.get(&(u128::from(*k) * 7919)).is_some())
-                .collect();
-            assert!(
-                remembered.len() >= 2.min(n as usize) && remembered.len() <= 4,
-                "{remembered:?}"
-            );
-            assert_eq!(
-                remembered.last(),
-                Some(&n),
-                "the newest is always remembered"
-            );
-        }
-        // Generations of two: forgotten up to 2 when 5..6 filled, up to 4 when 7..8, ...
-        assert_eq!(forgotten, [2, 4, 6, 8]);
-    }
 
     #[test]
     fn uri_domain_match_is_exact() {
