@@ -633,8 +633,7 @@ impl Relay {
     ) {
         // A room hosted here is found by its text: no parse, no allocation per message.
         if let Some(&ri) = self.hub.room_by_id.get(room) {
-            let local = self.cfg.local.clone();
-            let response = self.submit_in(now, store, &local, ri, &body);
+            let response = self.submit_in(now, store, None, ri, &body);
             self.outputs.push_back(Output::Reply { token, response });
             self.pump(now);
             return;
@@ -704,19 +703,20 @@ impl Relay {
         let Some(&ri) = self.hub.room_by_id.get(room) else {
             return self.refuse(Refusal::UnknownRoom);
         };
+        let sender = (*sender != self.cfg.local).then_some(sender);
         self.submit_in(now, store, sender, ri, body)
     }
 
-    /// [`Self::submit`] to hosted room `ri`.
+    /// [`Self::submit`] to hosted room `ri`, from `sender` (`None`: this provider, for one
+    /// of its own clients; no clone of its name per message).
     fn submit_in<S: Store>(
         &mut self,
         now: Now,
         store: &mut S,
-        sender: &ProviderDomain,
+        sender: Option<&ProviderDomain>,
         ri: RoomIdx,
         body: &Bytes,
     ) -> Response {
-        let room = &self.hub.rooms[ri].id.clone();
         let view = match SubmitMessageView::parse(body) {
             Ok(v) => v,
             Err(e) => {
@@ -725,15 +725,16 @@ impl Relay {
             }
         };
         // The sending user must belong to the provider that authenticated the request.
-        if !uri_in_domain(view.sending_uri, sender.as_str()) {
+        if !uri_in_domain(view.sending_uri, sender.unwrap_or(&self.cfg.local).as_str()) {
             return self.refuse(Refusal::Forbidden(Forbidden::SenderNotOfProvider));
         }
         let r = &self.hub.rooms[ri];
-        let is_member = *sender == self.cfg.local || r.followers.iter().any(|(f, _)| f == sender);
+        let is_member = sender.is_none_or(|s| r.followers.iter().any(|(f, _)| f == s));
         if !is_member || view.app_message.wire_format != WireFormat::PrivateMessage {
             return self.refuse(Refusal::SubmitNotAllowed);
         }
         if !self.mls.rooms.is_empty()
+            && let room = self.hub.rooms[ri].id.clone()
             && let Some(refused) =
                 self.check_mls_submit(room.as_str(), view.sending_uri, view.app_message.epoch)
         {
@@ -745,7 +746,7 @@ impl Relay {
             self.stats.dedupe_hits += 1;
             debug!(msg = %MsgId::of(view.app_message.bytes), room = %r.id, seq = seen.room_seq, "duplicate submission");
             // Franks are deterministic: the same one again.
-            let frank = self.frank_submission(room.as_str(), &view, seen.accepted_ms);
+            let frank = self.frank_submission(r.id.as_str(), &view, seen.accepted_ms);
             return submit_answer(&SubmitMessageResponse::accepted_franked(
                 seen.accepted_ms,
                 frank,
@@ -762,7 +763,7 @@ impl Relay {
 
         let accepted_ms = now.unix_ms.max(self.hub.rooms[ri].last_ms);
         // §5.4.1.2: franked beside the MLS bytes, which stay as the sender made them.
-        let frank = self.frank_submission(room.as_str(), &view, accepted_ms);
+        let frank = self.frank_submission(self.hub.rooms[ri].id.as_str(), &view, accepted_ms);
         if frank.is_some() {
             self.stats.franks_issued += 1;
         }
@@ -795,7 +796,8 @@ impl Relay {
                 upto_seq,
             });
         }
-        debug!(msg = %MsgId::of(view.app_message.bytes), room = %r.id, seq = room_seq, from = %sender, "accepted");
+        debug!(msg = %MsgId::of(view.app_message.bytes), room = %r.id, seq = room_seq,
+            from = %sender.unwrap_or(&self.cfg.local), "accepted");
         self.stats.accepted += 1;
 
         // §5.5: to every participating provider, the submitter's included (its other
