@@ -1850,7 +1850,12 @@ fn forward_answer(outcome: Result<Response, TransportError>) -> Response {
 /// A 200 carrying a SubmitMessageResponse.
 fn submit_answer(resp: &SubmitMessageResponse) -> Response {
     match resp.encode() {
-        Ok(v) => Response::new(Status::Ok, v),
+        Ok(mut v) => {
+            // A Vec with spare capacity becomes a `Bytes` through a second allocation (its
+            // shared header); an exact one does not. The shrink stays in place.
+            v.shrink_to_fit();
+            Response::new(Status::Ok, v)
+        }
         // Encoding our own small struct cannot fail; if it ever does, answer 500, not panic.
         Err(_) => Response::error(Status::Internal, "cannot encode SubmitMessageResponse"),
     }
