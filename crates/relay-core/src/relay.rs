@@ -13,6 +13,7 @@ use tracing::{debug, info, warn};
 
 mod arena;
 mod dead_letter;
+mod dedupe;
 mod follower;
 mod forward;
 mod hub;
@@ -33,6 +34,7 @@ use crate::store::{InboxRecord, Snapshot, Store, StoreOp, SubmitSeen};
 use crate::transport::{
     Lineage, Request, Response, Status, Transmit, TransmitId, TransportError, TransportKind,
 };
+use dedupe::{DedupeKey, SeenWindow};
 use follower::Cursor;
 
 /// The time an input happens at: a monotonic instant for timers, and the wall clock for the
@@ -161,61 +163,6 @@ struct HubRoom {
     seen: SeenWindow,
 }
 
-/// Accepted submissions a room remembers, in two generations: new ones go into `current`;
-/// when it holds half the window, `previous` is dropped whole and `current` takes its place.
-/// So the room remembers at least the last `window / 2` and at most `window` submissions,
-/// and no submission pays for a random removal.
-#[derive(Debug, Default)]
-struct SeenWindow {
-    current: FastMap<u128, Seen>,
-    previous: FastMap<u128, Seen>,
-    /// The highest room sequence in `previous`.
-    previous_upto: u64,
-}
-
-/// A [`SubmitSeen`] without its key, which the table holds already: a third smaller a slot,
-/// for tables of tens of thousands that every submission probes.
-#[derive(Debug, Clone, Copy)]
-struct Seen {
-    room_seq: u64,
-    accepted_ms: u64,
-}
-
-impl Seen {
-    fn of(s: &SubmitSeen) -> Seen {
-        Seen {
-            room_seq: s.room_seq,
-            accepted_ms: s.accepted_ms,
-        }
-    }
-}
-
-impl SeenWindow {
-    fn get(&self, key: &u128) -> Option<SubmitSeen> {
-        let s = self.current.get(key).or_else(|| self.previous.get(key))?;
-        Some(SubmitSeen {
-            key: *key,
-            room_seq: s.room_seq,
-            accepted_ms: s.accepted_ms,
-        })
-    }
-
-    /// Remembers `seen`; returns the sequence up to which submissions were forgotten, if any.
-    fn insert(&mut self, seen: SubmitSeen, window: usize) -> Option<u64> {
-        self.current.insert(seen.key, Seen::of(&seen));
-        if self.current.len() < (window / 2).max(1) {
-            return None;
-        }
-        let forgotten = (!self.previous.is_empty()).then_some(self.previous_upto);
-        // The dropped generation's table becomes the new current one: no regrowth, no rehash.
-        let mut recycled = std::mem::take(&mut self.previous);
-        recycled.clear();
-        self.previous = std::mem::replace(&mut self.current, recycled);
-        self.previous_upto = seen.room_seq;
-        forgotten
-    }
-}
-
 #[derive(Debug)]
 enum InFlight {
     Notify {
@@ -304,6 +251,8 @@ pub struct Relay {
     incarnation: u64,
     /// Where accepted submissions' FanoutMessages are written.
     fanouts: arena::FanoutArena,
+    /// What accepted submissions are remembered by.
+    dedupe: DedupeKey,
 }
 
 /// Store record of a followed room: this byte, then the room id.
@@ -335,6 +284,7 @@ impl Relay {
             follower: follower::FollowerState::default(),
             incarnation: lineage::draw(cfg.seed, now.unix_ms),
             fanouts: arena::FanoutArena::default(),
+            dedupe: DedupeKey::restore(&snapshot.records),
             cfg,
         };
         for room in &relay.cfg.follows {
@@ -379,9 +329,8 @@ impl Relay {
             r.next_seq = snap.next_seq.max(1);
             r.last_ms = snap.last_ms;
             // What the store kept is at most one window: the next rotation forgets it all.
-            for seen in snap.seen {
-                r.seen.previous.insert(seen.key, Seen::of(&seen));
-                r.seen.previous_upto = seen.room_seq;
+            for seen in &snap.seen {
+                r.seen.restore(seen);
             }
         }
         for ((room, dest), acked) in &snapshot.acked {
@@ -684,8 +633,7 @@ impl Relay {
     ) {
         // A room hosted here is found by its text: no parse, no allocation per message.
         if let Some(&ri) = self.hub.room_by_id.get(room) {
-            let local = self.cfg.local.clone();
-            let response = self.submit_in(now, store, &local, ri, &body);
+            let response = self.submit_in(now, store, None, ri, &body);
             self.outputs.push_back(Output::Reply { token, response });
             self.pump(now);
             return;
@@ -755,19 +703,20 @@ impl Relay {
         let Some(&ri) = self.hub.room_by_id.get(room) else {
             return self.refuse(Refusal::UnknownRoom);
         };
+        let sender = (*sender != self.cfg.local).then_some(sender);
         self.submit_in(now, store, sender, ri, body)
     }
 
-    /// [`Self::submit`] to hosted room `ri`.
+    /// [`Self::submit`] to hosted room `ri`, from `sender` (`None`: this provider, for one
+    /// of its own clients; no clone of its name per message).
     fn submit_in<S: Store>(
         &mut self,
         now: Now,
         store: &mut S,
-        sender: &ProviderDomain,
+        sender: Option<&ProviderDomain>,
         ri: RoomIdx,
         body: &Bytes,
     ) -> Response {
-        let room = &self.hub.rooms[ri].id.clone();
         let view = match SubmitMessageView::parse(body) {
             Ok(v) => v,
             Err(e) => {
@@ -776,27 +725,28 @@ impl Relay {
             }
         };
         // The sending user must belong to the provider that authenticated the request.
-        if !uri_in_domain(view.sending_uri, sender.as_str()) {
+        if !uri_in_domain(view.sending_uri, sender.unwrap_or(&self.cfg.local).as_str()) {
             return self.refuse(Refusal::Forbidden(Forbidden::SenderNotOfProvider));
         }
         let r = &self.hub.rooms[ri];
-        let is_member = *sender == self.cfg.local || r.followers.iter().any(|(f, _)| f == sender);
+        let is_member = sender.is_none_or(|s| r.followers.iter().any(|(f, _)| f == s));
         if !is_member || view.app_message.wire_format != WireFormat::PrivateMessage {
             return self.refuse(Refusal::SubmitNotAllowed);
         }
         if !self.mls.rooms.is_empty()
+            && let room = self.hub.rooms[ri].id.clone()
             && let Some(refused) =
                 self.check_mls_submit(room.as_str(), view.sending_uri, view.app_message.epoch)
         {
             return refused;
         }
         let r = &self.hub.rooms[ri];
-        let key = submit_key(sender, body);
+        let key = self.dedupe.of(body);
         if let Some(seen) = r.seen.get(&key) {
             self.stats.dedupe_hits += 1;
             debug!(msg = %MsgId::of(view.app_message.bytes), room = %r.id, seq = seen.room_seq, "duplicate submission");
             // Franks are deterministic: the same one again.
-            let frank = self.frank_submission(room.as_str(), &view, seen.accepted_ms);
+            let frank = self.frank_submission(r.id.as_str(), &view, seen.accepted_ms);
             return submit_answer(&SubmitMessageResponse::accepted_franked(
                 seen.accepted_ms,
                 frank,
@@ -813,7 +763,7 @@ impl Relay {
 
         let accepted_ms = now.unix_ms.max(self.hub.rooms[ri].last_ms);
         // §5.4.1.2: franked beside the MLS bytes, which stay as the sender made them.
-        let frank = self.frank_submission(room.as_str(), &view, accepted_ms);
+        let frank = self.frank_submission(self.hub.rooms[ri].id.as_str(), &view, accepted_ms);
         if frank.is_some() {
             self.stats.franks_issued += 1;
         }
@@ -830,6 +780,7 @@ impl Relay {
             accepted_ms,
         };
         let forgotten = r.seen.insert(seen, self.cfg.submit_window);
+        self.dedupe.save(store);
         store.apply(StoreOp::RoomSeq {
             room: &r.id,
             next_seq: r.next_seq,
@@ -845,7 +796,8 @@ impl Relay {
                 upto_seq,
             });
         }
-        debug!(msg = %MsgId::of(view.app_message.bytes), room = %r.id, seq = room_seq, from = %sender, "accepted");
+        debug!(msg = %MsgId::of(view.app_message.bytes), room = %r.id, seq = room_seq,
+            from = %sender.unwrap_or(&self.cfg.local), "accepted");
         self.stats.accepted += 1;
 
         // §5.5: to every participating provider, the submitter's included (its other
@@ -1898,7 +1850,12 @@ fn forward_answer(outcome: Result<Response, TransportError>) -> Response {
 /// A 200 carrying a SubmitMessageResponse.
 fn submit_answer(resp: &SubmitMessageResponse) -> Response {
     match resp.encode() {
-        Ok(v) => Response::new(Status::Ok, v),
+        Ok(mut v) => {
+            // A Vec with spare capacity becomes a `Bytes` through a second allocation (its
+            // shared header); an exact one does not. The shrink stays in place.
+            v.shrink_to_fit();
+            Response::new(Status::Ok, v)
+        }
         // Encoding our own small struct cannot fail; if it ever does, answer 500, not panic.
         Err(_) => Response::error(Status::Internal, "cannot encode SubmitMessageResponse"),
     }
@@ -1909,12 +1866,6 @@ fn uri_in_domain(uri: &str, domain: &str) -> bool {
     uri.strip_prefix("mimi://")
         .and_then(|rest| rest.strip_prefix(domain))
         .is_some_and(|rest| rest.starts_with('/'))
-}
-
-fn submit_key(sender: &ProviderDomain, body: &[u8]) -> u128 {
-    // One pass over the body: the provider goes in through the seed.
-    let seed = xxhash_rust::xxh3::xxh3_64(sender.as_str().as_bytes());
-    xxhash_rust::xxh3::xxh3_128_with_seed(body, seed)
 }
 
 fn xxh3_128(bytes: &[u8]) -> u128 {
@@ -1940,34 +1891,6 @@ impl std::fmt::Display for MsgId {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn seen_window_keeps_between_half_and_all_of_the_window() {
-        let mut w = SeenWindow::default();
-        let seen = |n: u64| SubmitSeen {
-            key: u128::from(n) * 7919,
-            room_seq: n,
-            accepted_ms: n,
-        };
-        let mut forgotten = Vec::new();
-        for n in 1..=10 {
-            forgotten.extend(w.insert(seen(n), 4));
-            let remembered: Vec<u64> = (1..=n)
-                .filter(|k| w.get(&(u128::from(*k) * 7919)).is_some())
-                .collect();
-            assert!(
-                remembered.len() >= 2.min(n as usize) && remembered.len() <= 4,
-                "{remembered:?}"
-            );
-            assert_eq!(
-                remembered.last(),
-                Some(&n),
-                "the newest is always remembered"
-            );
-        }
-        // Generations of two: forgotten up to 2 when 5..6 filled, up to 4 when 7..8, ...
-        assert_eq!(forgotten, [2, 4, 6, 8]);
-    }
 
     #[test]
     fn uri_domain_match_is_exact() {

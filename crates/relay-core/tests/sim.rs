@@ -1439,6 +1439,69 @@ fn one_hub_filling_its_inbox_share_does_not_stop_another() {
 }
 
 #[test]
+fn reading_the_inbox_frees_each_hubs_share_by_its_own_records() {
+    // Records held in memory, from two hubs interleaved: a trim gives each hub back exactly
+    // the records of its own that were read.
+    let mut sim = Sim::new(25, perfect(), 0, 0).with_second_room(0, 0);
+    let c = &mut sim.nodes[2];
+    c.cfg.max_inbox_per_peer = 3;
+    let now = sim.now();
+    let c = &mut sim.nodes[2];
+    c.relay = Relay::new(c.cfg.clone(), c.store.load().expect("load"), now);
+    let mut token = 0;
+    let mut notify = |sim: &mut Sim, hub: &str, room: &RoomId, n: u8| {
+        token += 1;
+        let now = sim.now();
+        let mut f = 1_700_000_000_000u64.to_be_bytes().to_vec();
+        let ct = [b'S', b'I', b'M', b'!', 0, 0, 0, 9, 0, 0, 0, n];
+        f.extend_from_slice(&mimi_wire::mls::private_message(b"g", 1, &ct));
+        f.push(0);
+        let c = &mut sim.nodes[2];
+        let r = req(&domain(hub), Endpoint::Notify, room.as_str(), None, f);
+        c.relay
+            .handle_request(now, &mut c.store, ReplyToken(token), r);
+        c.store.commit().expect("commit");
+        match c.relay.poll_output() {
+            Some(Output::Reply { response, .. }) => response.status,
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    };
+    // a, a, b, a, b, b: both shares full.
+    let order = [("a.example", 1), ("a.example", 2), ("b.example", 1)];
+    let order = order
+        .iter()
+        .chain(&[("a.example", 3), ("b.example", 2), ("b.example", 3)]);
+    for &(hub, n) in order {
+        let room = if hub == "a.example" { room() } else { room2() };
+        assert_eq!(notify(&mut sim, hub, &room, n), Status::Created);
+    }
+    assert_eq!(
+        notify(&mut sim, "a.example", &room(), 9),
+        Status::Unavailable
+    );
+    assert_eq!(
+        notify(&mut sim, "b.example", &room2(), 9),
+        Status::Unavailable
+    );
+    // Read a, a, b: two of a's and one of b's.
+    let c = &mut sim.nodes[2];
+    let read = c.inbox(0);
+    assert_eq!(read.len(), 6);
+    c.relay
+        .handle_inbox_read(&mut c.store, read[2].0)
+        .expect("trim");
+    assert_eq!(sim.nodes[2].relay.stats().inbox_depth, 3);
+    let a: Vec<Status> = (10..13)
+        .map(|n| notify(&mut sim, "a.example", &room(), n))
+        .collect();
+    assert_eq!(a, [Status::Created, Status::Created, Status::Unavailable]);
+    let b: Vec<Status> = (10..12)
+        .map(|n| notify(&mut sim, "b.example", &room2(), n))
+        .collect();
+    assert_eq!(b, [Status::Created, Status::Unavailable]);
+}
+
+#[test]
 fn batches_shrink_to_a_follower_with_a_small_body_limit() {
     let mut sim = Sim::new(33, perfect(), 2, 60);
     // c accepts bodies of at most 3 KiB: two ~1.1 KiB FanoutMessages, not the hub's 8.

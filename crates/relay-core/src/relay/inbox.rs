@@ -197,12 +197,25 @@ impl Relay {
                 removed += n;
             }
         }
+        // Uncounted a run of records from one provider at a time: one lookup per run, not
+        // one per record.
+        let mut run: Option<(ProviderDomain, u64)> = None;
         while ib.resident.front().is_some_and(|(o, _)| *o <= upto) {
             if let Some((_, r)) = ib.resident.pop_front() {
                 ib.resident_bytes -= cost(&r);
-                ib.uncount(&r.from, 1);
                 removed += 1;
+                match &mut run {
+                    Some((from, n)) if *from == r.from => *n += 1,
+                    _ => {
+                        if let Some((from, n)) = run.replace((r.from, 1)) {
+                            ib.uncount(&from, n);
+                        }
+                    }
+                }
             }
+        }
+        if let Some((from, n)) = run {
+            ib.uncount(&from, n);
         }
         if removed > 0 {
             ib.trimmed = upto;
