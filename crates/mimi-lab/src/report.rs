@@ -1071,7 +1071,7 @@ fn throughput_plot(path: &Path, report: &BenchReport) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::{BenchOptions, StageFigure, TimelinePoint};
+    use crate::{BenchOptions, StageFigure, TimelinePoint};
 
     fn fig(node: &str, stage: &str, p99_us: f64) -> StageFigure {
         StageFigure {

@@ -9,8 +9,12 @@
 //!
 //! A transport that this build lacks (its node exits with "not part of this build") becomes a
 //! `gap` row, not a failure of the run.
+//!
+//! The demo harness (`mimi-relay demo`, [`demo`]) lives here too: it starts its nodes the same
+//! way.
 
 mod cli;
+pub mod demo;
 mod hostile;
 mod mls;
 pub mod netlab;
