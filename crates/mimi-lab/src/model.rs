@@ -1,5 +1,7 @@
-//! The lab's options and results: what a run is asked to do and the rows it reports (the
-//! JSON of `results.json`). Plain data, no I/O.
+//! The lab's options and results: what a run is asked to do (sizes, network profiles, the
+//! hostile scenario's limits) and the rows and report it produces (the JSON of
+//! `results.json`). Plain data and pure arithmetic: no I/O, and nothing of the rest of the lab,
+//! so that a reader of the results needs only this module.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -8,10 +10,6 @@ use std::time::Duration;
 use mimi_wire::uri::ProviderDomain;
 use relay_core::TransportKind;
 use serde::Serialize;
-
-use crate::hostile::{self, FloodCounts, Hostile, HostileLimits};
-use crate::netlab::Profile;
-use crate::stages::{StageFigure, TimelinePoint};
 
 /// Sizes of the messages: application messages of `app` bytes of MLS ciphertext, with a share
 /// of commit-sized and Welcome-sized ones mixed in. The sizes follow what OpenMLS produces for
@@ -310,7 +308,7 @@ pub struct Row {
     /// Hostile rows: where the machine's CPU went over the phase (the hub's, the lab's, and
     /// processes outside the lab on a shared host).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub cpu: Option<hostile::CpuShares>,
+    pub cpu: Option<CpuShares>,
     /// Hostile rows: the CPUs each role could run on, as the kernel listed them
     /// (`Cpus_allowed_list`): hub, victim, flooder_node, lab (driver, readers, forwarder) and,
     /// flooded, flooder.
@@ -428,10 +426,254 @@ pub struct BenchReport {
     /// With `--hostile flood`: the CPUs of the honest side and of the attacker (none when the
     /// machine has a single CPU; the notes say so).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub placement: Option<hostile::Placement>,
+    pub placement: Option<Placement>,
     /// What the run left out, and why.
     pub notes: Vec<String>,
     pub rows: Vec<Row>,
+}
+
+/// Delay, loss, reordering and rate of a link, applied to each direction independently.
+#[derive(Clone, Debug, Serialize)]
+pub struct Profile {
+    pub name: String,
+    /// Round-trip time added (half each way).
+    pub rtt_ms: f64,
+    /// Share of packets lost in each direction, 0..1.
+    pub loss: f64,
+    /// Mean length of a loss burst in packets (1 = independent losses).
+    pub burst: f64,
+    /// Longest a loss burst lasts in time; None = counted in packets only (netem's gemodel).
+    /// A burst stands for a fade of the link: counted only in packets, one that hits a
+    /// connection with little in flight also swallows retransmissions sent seconds later.
+    pub burst_ms: Option<f64>,
+    /// Share of packets sent without the delay, so that they overtake (netem's reorder).
+    pub reorder: f64,
+    /// Bandwidth cap per direction; None = uncapped.
+    pub rate_mbit: Option<f64>,
+}
+
+impl Profile {
+    /// The named profiles: lan, wan (40 ms RTT), lossy (40 ms, 1%), bad (100 ms, 5% in bursts
+    /// of 3 packets, each over within 50 ms). The quic-interop-runner's simulator scenarios use
+    /// the same kinds of knobs.
+    pub fn named(name: &str) -> Option<Profile> {
+        let p = |rtt_ms, loss, burst, burst_ms| Profile {
+            name: name.to_owned(),
+            rtt_ms,
+            loss,
+            burst,
+            burst_ms,
+            reorder: 0.0,
+            rate_mbit: None,
+        };
+        Some(match name {
+            "lan" => p(0.0, 0.0, 1.0, None),
+            "wan" => p(40.0, 0.0, 1.0, None),
+            "lossy" => p(40.0, 0.01, 1.0, None),
+            "bad" => p(100.0, 0.05, 3.0, Some(BAD_BURST_MS)),
+            _ => return None,
+        })
+    }
+
+    pub fn is_impaired(&self) -> bool {
+        self.rtt_ms > 0.0 || self.loss > 0.0 || self.reorder > 0.0 || self.rate_mbit.is_some()
+    }
+}
+
+/// How long a burst of `bad` lasts at most: a busy flow still loses its ~3 packets back to
+/// back, but a burst cannot also take the retransmissions sent one timeout (200 ms or more)
+/// later, which turned single bursts into TCP stalls of 5-15 s (ARCHITECTURE.md).
+pub const BAD_BURST_MS: f64 = 50.0;
+
+/// One bucket of the timeline: the messages scheduled in `[t_ms, t_ms + 100)` after the
+/// phase's first send.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TimelinePoint {
+    pub t_ms: u64,
+    pub n: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+}
+
+/// One stage on one side of a row over the measured phase.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StageFigure {
+    /// `hub`, `follower` (all followers together) or `lab` (the load driver).
+    pub node: String,
+    pub stage: String,
+    /// Items timed: messages, requests, outputs, commits or records (see the report).
+    pub n: u64,
+    pub p50_us: Option<f64>,
+    pub p99_us: Option<f64>,
+    pub mean_us: Option<f64>,
+}
+
+/// `--hostile`: which adversary shares the hub with the measured traffic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Hostile {
+    #[default]
+    None,
+    /// One follower floods the hub at full speed.
+    Flood,
+}
+
+/// The hub's `[limits]` in hostile rows: written into its config so that the memory budget
+/// below is computed from what the hub was actually told.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct HostileLimits {
+    pub max_body: usize,
+    pub max_peer_bytes: usize,
+    pub max_conns_per_peer: usize,
+    /// Small, so that partial requests are given up within a short row.
+    pub frame_deadline_ms: u64,
+    /// The hub's own inbox (its local clients' copy of every room event a peer submitted):
+    /// only the flooder's accepted submissions land there, the lab's come from a local client.
+    pub max_inbox: usize,
+}
+
+pub(crate) const LIMITS: HostileLimits = HostileLimits {
+    max_body: 1 << 20,
+    max_peer_bytes: 8 << 20,
+    max_conns_per_peer: 4,
+    frame_deadline_ms: 2_000,
+    max_inbox: 64,
+};
+
+impl HostileLimits {
+    /// The `[limits]` section of the hub's config.
+    pub(crate) fn toml(&self) -> String {
+        format!(
+            "\n[limits]\nmax_body = {}\nmax_peer_bytes = {}\nmax_conns_per_peer = {}\nframe_deadline_ms = {}\nmax_inbox = {}\n",
+            self.max_body,
+            self.max_peer_bytes,
+            self.max_conns_per_peer,
+            self.frame_deadline_ms,
+            self.max_inbox
+        )
+    }
+
+    /// Bytes one connection can hold below the adapter's own accounting: the receive window
+    /// the transport grants before the adapter reads (HTTPS: hyper's adaptive h2 window, at
+    /// most 16 MiB, relay-https/src/server.rs; QUIC: the 16 MiB connection window,
+    /// relay-quic/src/lib.rs; Matrix: hyper's default h2 window, counted as HTTPS's since it
+    /// is no larger; XMPP: one stanza being scanned, the largest `max_body` as base64 plus
+    /// 16 KiB of head).
+    pub(crate) fn conn_window(&self, kind: TransportKind) -> u64 {
+        match kind {
+            TransportKind::Xmpp => (self.max_body as u64).div_ceil(3) * 4 + (16 << 10),
+            _ => 16 << 20,
+        }
+    }
+
+    /// What the configured budgets let the hub's peers make it hold beyond its quiet run:
+    /// `peers x max_peer_bytes` (bytes in the adapter and the ingress queue; the ingress
+    /// share is at most the same figure) `+ peers x max_conns_per_peer x conn_window`
+    /// `+ max_inbox x max_body` (peer submissions the hub's own inbox keeps).
+    pub(crate) fn allowance(&self, kind: TransportKind, peers: u64) -> u64 {
+        peers * self.max_peer_bytes as u64
+            + peers * self.max_conns_per_peer as u64 * self.conn_window(kind)
+            + self.max_inbox as u64 * self.max_body as u64
+    }
+}
+
+/// The targets of a hostile row (issue 14): the flooded run of the victim keeps at least this
+/// share of its quiet throughput, and its p99 at most this multiple.
+pub(crate) const RATE_TARGET: f64 = 0.8;
+
+pub(crate) const P99_TARGET: f64 = 2.0;
+
+/// What the flooder sent and how the hub answered.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FloodCounts {
+    /// Requests sent (an XMPP stanza, a QUIC frame, an HTTP request, a Matrix EDU).
+    pub sent: u64,
+    /// Connections the flooder opened (TLS or QUIC handshakes completed).
+    pub connections: u64,
+    /// Answered 2xx and, for a submission, accepted.
+    pub accepted: u64,
+    /// Answered 200 with a refusal inside (a submission to a room it is not a member of).
+    pub refused_2xx: u64,
+    pub refused_4xx: u64,
+    pub refused_5xx: u64,
+    /// Ended by the hub with no answer: stream resets, XMPP stream errors, connections closed
+    /// or refused at the connection cap.
+    pub reset: u64,
+    /// Every answer by status code or by how the stream ended.
+    pub by_outcome: BTreeMap<String, u64>,
+    /// CPU the flooder's thread used over the flood, in ms.
+    pub flooder_cpu_ms: Option<u64>,
+    /// The CPUs the flooder's thread could run on (`Cpus_allowed_list`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flooder_cpus: Option<String>,
+}
+
+impl FloodCounts {
+    /// Refusals of every kind: the hub turned the request away.
+    pub fn refused(&self) -> u64 {
+        self.refused_2xx + self.refused_4xx + self.refused_5xx + self.reset
+    }
+
+    /// Adds another run's counts.
+    pub(crate) fn add(&mut self, o: &FloodCounts) {
+        self.sent += o.sent;
+        self.connections += o.connections;
+        self.accepted += o.accepted;
+        self.refused_2xx += o.refused_2xx;
+        self.refused_4xx += o.refused_4xx;
+        self.refused_5xx += o.refused_5xx;
+        self.reset += o.reset;
+        for (k, v) in &o.by_outcome {
+            *self.by_outcome.entry(k.clone()).or_default() += v;
+        }
+        self.flooder_cpu_ms = match (self.flooder_cpu_ms, o.flooder_cpu_ms) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+        if self.flooder_cpus.is_none() {
+            self.flooder_cpus.clone_from(&o.flooder_cpus);
+        }
+    }
+}
+
+/// Where the machine's CPU went over a phase, as shares of all its cores' time.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CpuShares {
+    /// Busy, by anything.
+    pub machine_busy: f64,
+    /// The hub process.
+    pub hub: f64,
+    /// All the row's nodes.
+    pub nodes: f64,
+    /// The lab process: driver, readers and, in a flooded row, the flooder.
+    pub lab: f64,
+    /// Everything else (another job on a shared host competes for the same cores).
+    pub others: f64,
+}
+
+impl CpuShares {
+    /// The mean of several runs' shares.
+    pub(crate) fn mean(runs: &[&CpuShares]) -> Option<CpuShares> {
+        let n = runs.len() as f64;
+        let avg = |f: fn(&CpuShares) -> f64| runs.iter().map(|c| f(c)).sum::<f64>() / n;
+        (!runs.is_empty()).then(|| CpuShares {
+            machine_busy: avg(|c| c.machine_busy),
+            hub: avg(|c| c.hub),
+            nodes: avg(|c| c.nodes),
+            lab: avg(|c| c.lab),
+            others: avg(|c| c.others),
+        })
+    }
+}
+
+/// Which CPUs each side of a hostile row had.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Placement {
+    /// The hub, the victim's node, the lab's driver and readers, and the link forwarder (the
+    /// kernel's work for a packet runs where the forwarder writes it, so the flood's packets
+    /// are received on these CPUs, as they would be on the hub's machine).
+    pub honest: Vec<usize>,
+    /// The flooder's thread and the flooding provider's own node (c.example).
+    pub attacker: Vec<usize>,
 }
 
 #[cfg(test)]
