@@ -16,6 +16,7 @@
 mod cli;
 pub mod demo;
 mod driver;
+pub mod fleet;
 mod hostile;
 mod mls;
 pub mod model;

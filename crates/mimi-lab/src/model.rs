@@ -540,18 +540,6 @@ pub(crate) const LIMITS: HostileLimits = HostileLimits {
 };
 
 impl HostileLimits {
-    /// The `[limits]` section of the hub's config.
-    pub(crate) fn toml(&self) -> String {
-        format!(
-            "\n[limits]\nmax_body = {}\nmax_peer_bytes = {}\nmax_conns_per_peer = {}\nframe_deadline_ms = {}\nmax_inbox = {}\n",
-            self.max_body,
-            self.max_peer_bytes,
-            self.max_conns_per_peer,
-            self.frame_deadline_ms,
-            self.max_inbox
-        )
-    }
-
     /// Bytes one connection can hold below the adapter's own accounting: the receive window
     /// the transport grants before the adapter reads (HTTPS: hyper's adaptive h2 window, at
     /// most 16 MiB, relay-https/src/server.rs; QUIC: the 16 MiB connection window,

@@ -1,20 +1,19 @@
 //! One lab run: every profile and transport in turn, each row's nodes started, driven,
 //! measured and stopped.
 
-use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use mimi_wire::uri::{ProviderDomain, RoomId};
+use mimi_wire::uri::RoomId;
 use relay_core::TransportKind;
 
-use crate::demo::Launcher;
 use crate::driver::{Admin, ClosedLoop, LabLags, accepted_response, drive, settle, start_readers};
+use crate::fleet::{self, Launcher};
 use crate::hostile::{self, Hostile, Variant};
 use crate::model::{BenchOptions, BenchReport, NetMode, Row, Traffic, inflight_of};
 use crate::netlab::{self, NetLab, Profile};
@@ -384,33 +383,12 @@ pub(crate) struct Nodes {
 
 impl Nodes {
     fn stop(&mut self) {
-        for c in &self.children {
-            if let Ok(pid) = i32::try_from(c.id()) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        for c in &mut self.children {
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        fleet::stop(&mut self.children, Duration::from_secs(5));
         self.children.clear();
     }
 
     fn log_tail(&self, i: usize) -> String {
-        let log = std::fs::read_to_string(self.dir.join(format!("{}.log", provider(i))))
-            .unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(5).collect();
-        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        fleet::log_tail(&self.dir.join(format!("{}.log", provider(i))), 5)
     }
 }
 
@@ -444,14 +422,8 @@ pub(crate) fn prepare(
     // mls traffic: the hub's clients create the rooms and add the followers' clients.
     let mls = opts.traffic == Traffic::Mls && !hostile;
     let (rooms, store) = (if mls { 0 } else { opts.rooms }, &opts.store);
-    std::fs::create_dir_all(dir.join("certs"))?;
-    for i in 0..n {
-        let p = provider(i);
-        let d: ProviderDomain = p.parse()?;
-        let g = relay_tls::generate(&d)?;
-        std::fs::write(dir.join(format!("certs/{p}.crt")), g.cert_pem)?;
-        std::fs::write(dir.join(format!("certs/{p}.key")), g.key_pem)?;
-    }
+    let providers: Vec<String> = (0..n).map(provider).collect();
+    fleet::write_certs(dir, providers.iter().map(String::as_str))?;
     // Each port stays bound until all are picked, so that no two nodes are given the same one.
     let mut held: (Vec<std::net::UdpSocket>, Vec<std::net::TcpListener>) = (Vec::new(), Vec::new());
     let mut free = |udp: bool| -> Result<u16> {
@@ -485,59 +457,43 @@ pub(crate) fn prepare(
     let mut configs = Vec::new();
     for i in 0..n {
         let p = provider(i);
+        let mut f = fleet::node_file(&p, admins[i], store);
         // Every follower's users take part in every room of the hub; in a hostile row the
         // flooder's (the last follower's) only in a room of its own.
-        let follows = if i == 0 || mls {
-            String::new()
+        f.node.follows = if i == 0 || mls {
+            Vec::new()
         } else if hostile && i == n - 1 {
-            format!("follows = [\"{FLOOD_ROOM}\"]\n")
+            vec![FLOOD_ROOM.to_owned()]
         } else {
-            let rooms: Vec<String> = (0..rooms).map(|r| format!("\"{}\"", room_id(r))).collect();
-            format!("follows = [{}]\n", rooms.join(", "))
+            (0..rooms).map(room_id).collect()
         };
-        let mut t = format!(
-            "[node]\ndomain = \"{p}\"\ndata_dir = \"data/{p}\"\nadmin = \"127.0.0.1:{}\"\nstore = \"{store}\"\n{follows}\n\
-             [tls]\ncert = \"certs/{p}.crt\"\nkey = \"certs/{p}.key\"\n\n[listen]\n{kind} = \"{}\"\n",
-            admins[i], addrs[i]
-        );
+        fleet::listen(&mut f, kind, addrs[i])?;
         for (j, a) in addrs.iter().enumerate() {
             if i != j {
-                let q = provider(j);
-                let _ = write!(
-                    t,
-                    "\n[[peers]]\ndomain = \"{q}\"\ntransport = \"{kind}\"\naddress = \"{a}\"\ncert = \"certs/{q}.crt\"\n"
-                );
+                f.peers.push(fleet::peer(&provider(j), kind, *a));
             }
         }
         if kind == TransportKind::Quic {
-            let _ = write!(t, "\n[quic]\ncongestion = \"{}\"\n", opts.quic_cc);
+            f.quic.congestion = Some(opts.quic_cc.to_string());
         }
         // Written out even when it is the default, so the config says what the row ran with.
         if let Some(n) = inflight_of(kind.as_str(), opts) {
-            let _ = write!(t, "\n[pipeline]\n{kind} = {n}\n");
+            fleet::pipeline(&mut f, kind, n)?;
         }
         if i == 0 {
             let members = if hostile { 1..n - 1 } else { 1..n };
-            let followers: Vec<String> = members.map(|j| format!("\"{}\"", provider(j))).collect();
+            let followers: Vec<String> = members.map(provider).collect();
             for r in 0..rooms {
-                let _ = write!(
-                    t,
-                    "\n[[rooms]]\nid = \"{}\"\nfollowers = [{}]\n",
-                    room_id(r),
-                    followers.join(", ")
-                );
+                f.rooms
+                    .push(fleet::room(&room_id(r), followers.iter().cloned()));
             }
             if hostile {
-                let _ = write!(
-                    t,
-                    "\n[[rooms]]\nid = \"{FLOOD_ROOM}\"\nfollowers = [\"{}\"]\n{}",
-                    provider(n - 1),
-                    hostile::LIMITS.toml()
-                );
+                f.rooms.push(fleet::room(FLOOD_ROOM, [provider(n - 1)]));
+                f.limits = hostile::limits_section(&hostile::LIMITS);
             }
         }
         let path = dir.join(format!("{p}.toml"));
-        std::fs::write(&path, t)?;
+        fleet::write_config(&path, &f)?;
         configs.push(path);
     }
     let _ = admins;
@@ -609,27 +565,8 @@ pub(crate) async fn run_relay(
     let started = Instant::now();
     for (i, cfg) in configs.iter().enumerate() {
         let log = std::fs::File::create(dir.join(format!("{}.log", provider(i))))?;
-        let mut cmd = match lab {
-            Some(lab) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", lab.namespace(i)])
-                    .arg(&launcher.program);
-                c
-            }
-            None => Command::new(&launcher.program),
-        };
-        cmd.args(&launcher.args)
-            .arg(cfg)
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        for (k, v) in &launcher.env {
-            cmd.env(k, v);
-        }
-        if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "warn");
-        }
+        let mut cmd = launcher.command(cfg, log, lab.map(|l| l.namespace(i)), "warn")?;
+        cmd.current_dir(&dir);
         // Hostile rows: the flooding provider's node is the attacker's, the rest honest.
         let cpus = placement.map(|p| match variant {
             Variant::Quiet | Variant::Flood if i == n - 1 => &p.attacker[..],

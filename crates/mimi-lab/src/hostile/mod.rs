@@ -66,6 +66,18 @@ impl Variant {
     }
 }
 
+/// The hub's `[limits]` in a hostile row, as its config file has them.
+pub(crate) fn limits_section(l: &HostileLimits) -> crate::fleet::RawLimits {
+    crate::fleet::RawLimits {
+        max_body: Some(l.max_body),
+        max_peer_bytes: Some(l.max_peer_bytes),
+        max_conns_per_peer: Some(l.max_conns_per_peer),
+        frame_deadline_ms: Some(l.frame_deadline_ms),
+        max_inbox: Some(l.max_inbox),
+        ..Default::default()
+    }
+}
+
 /// Outcome keys that are not HTTP statuses.
 pub(crate) const ACCEPTED: &str = "200 accepted";
 pub(crate) const NOT_ALLOWED: &str = "200 refused";
