@@ -227,5 +227,13 @@ mod tests {
         // Unset keys stay out of the file rather than being written as defaults.
         assert!(!text.contains("roots"), "{text}");
         assert!(!text.contains("xmpp"), "{text}");
+        let bare = dir.path().join("b.example.toml");
+        write_config(&bare, &node_file("b.example", 9101, "durable")).expect("write");
+        let text = std::fs::read_to_string(&bare).expect("read back");
+        assert!(
+            !text.contains("[limits]") && !text.contains("[pipeline]"),
+            "{text}"
+        );
+        relay_node::NodeConfig::parse(&bare, &text).expect("the node accepts it");
     }
 }

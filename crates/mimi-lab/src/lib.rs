@@ -10,8 +10,14 @@
 //! A transport that this build lacks (its node exits with "not part of this build") becomes a
 //! `gap` row, not a failure of the run.
 //!
-//! The demo harness (`mimi-relay demo`, [`demo`]) lives here too: it starts its nodes the same
-//! way.
+//! The demo harness (`mimi-relay demo`, [`demo`]) lives here too: both start their nodes with
+//! [`fleet`], which writes each node's config as the node's own file type.
+//!
+//! Modules: [`model`] (options and result rows, no I/O), `stats` (figures from deliveries),
+//! `payload` (the marked messages), `driver` (the load loops and inbox readers),
+//! `orchestrate` (a run: rows, nodes, phases), [`netlab`] (namespaces and the impaired link),
+//! `hostile` (the flood scenario), `mls` (real MLS traffic), `pump` (the bare baselines),
+//! `stages` and `report` (the nodes' stage metrics, tables and plots), `cli` (`BenchArgs`).
 
 mod cli;
 pub mod demo;

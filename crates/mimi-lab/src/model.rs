@@ -99,7 +99,7 @@ pub struct BenchOptions {
     pub settle: Duration,
     /// The congestion controller of the relay's QUIC transport and of the bare-quinn pump.
     pub quic_cc: relay_quic::Congestion,
-    /// `--hostile flood`: each relay transport runs quiet and flooded (see [`hostile`]).
+    /// `--hostile flood`: each relay transport runs quiet and flooded (see the `hostile` module).
     pub hostile: Hostile,
     /// `--inflight`: transmits in flight per (room, destination) for every relay transport;
     /// None keeps each transport's default (the core's `pipeline`).

@@ -49,19 +49,24 @@ pub struct Raw {
     pub peers: Vec<RawPeer>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rooms: Vec<RawRoom>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub limits: RawLimits,
     #[serde(default)]
     pub xmpp: Option<RawXmpp>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub quic: RawQuic,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub pipeline: RawPipeline,
+}
+
+/// A section left at its defaults is left out of a written file.
+fn is_default<T: Default + PartialEq>(t: &T) -> bool {
+    *t == T::default()
 }
 
 /// `[pipeline]`: transmits in flight per (room, destination), by transport; the core's
 /// defaults where left out.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPipeline {
     pub https: Option<u32>,
@@ -71,7 +76,7 @@ pub struct RawPipeline {
 }
 
 /// `[quic]`: tuning of the QUIC transport.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawQuic {
     /// bbr (the default), cubic or new_reno.
@@ -139,7 +144,7 @@ pub struct RawRoom {
     pub followers: Vec<String>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLimits {
     pub max_body: Option<usize>,
