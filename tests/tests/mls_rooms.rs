@@ -6,7 +6,7 @@
 
 use mimi_client::scenario;
 use mimi_client::{Event, MlsClient, SubmitResult, UpdateResult};
-use mimi_relay::demo;
+use mimi_lab::demo;
 use mimi_wire::proto::GroupInfoCode;
 use mimi_wire::uri::RoomId;
 use relay_node::{Node, NodeConfig};

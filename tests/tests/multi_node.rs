@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use mimi_relay::demo::{self, DemoOptions, Launcher};
+use mimi_lab::demo::{self, DemoOptions, Launcher};
 
 fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();

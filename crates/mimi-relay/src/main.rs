@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use mimi_relay::demo::{self, DemoOptions, Launcher};
+use mimi_lab::demo::{self, DemoOptions, Launcher};
 
 // The relay allocates and frees a ~1 KiB buffer per message; glibc's malloc spends a fifth of
 // the routing core's time on that (perf, routing bench), mimalloc much less.
@@ -80,7 +80,7 @@ enum Cmd {
         action: mimi_relay::content::ContentCmd,
     },
     /// Compare the transports under the same load and network conditions (the transport lab).
-    Bench(Box<mimi_relay::bench::BenchArgs>),
+    Bench(Box<mimi_lab::BenchArgs>),
     /// Start three providers on loopback, run a room across them and report what arrived.
     Demo {
         /// Messages to submit, spread over the three providers.
@@ -230,7 +230,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Bench(args) => {
             let command = std::env::args().collect::<Vec<_>>().join(" ");
-            let clean = mimi_relay::bench::main(*args, command).await?;
+            let clean = mimi_lab::main(*args, command).await?;
             Ok(if clean {
                 ExitCode::SUCCESS
             } else {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use mimi_wire::uri::{ProviderDomain, RoomId};
 use relay_adapter::PeerAddr;
 use relay_core::TransportKind;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// A configuration that could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -35,132 +35,140 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Deserialize)]
+/// The file as written, before validation: what `NodeConfig::parse` reads the TOML into and
+/// checks. Public, and serializable, so that tools that write node configs (the lab, the demo)
+/// build this type rather than text: a key the node renames or drops then fails their build.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct Raw {
-    node: RawNode,
-    tls: RawTls,
+pub struct Raw {
+    pub node: RawNode,
+    pub tls: RawTls,
     #[serde(default)]
-    listen: RawListen,
+    pub listen: RawListen,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<RawPeer>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rooms: Vec<RawRoom>,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub limits: RawLimits,
     #[serde(default)]
-    peers: Vec<RawPeer>,
-    #[serde(default)]
-    rooms: Vec<RawRoom>,
-    #[serde(default)]
-    limits: RawLimits,
-    #[serde(default)]
-    xmpp: Option<RawXmpp>,
-    #[serde(default)]
-    quic: RawQuic,
-    #[serde(default)]
-    pipeline: RawPipeline,
+    pub xmpp: Option<RawXmpp>,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub quic: RawQuic,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub pipeline: RawPipeline,
+}
+
+/// A section left at its defaults is left out of a written file.
+fn is_default<T: Default + PartialEq>(t: &T) -> bool {
+    *t == T::default()
 }
 
 /// `[pipeline]`: transmits in flight per (room, destination), by transport; the core's
 /// defaults where left out.
-#[derive(Deserialize, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawPipeline {
-    https: Option<u32>,
-    quic: Option<u32>,
-    xmpp: Option<u32>,
-    matrix: Option<u32>,
+pub struct RawPipeline {
+    pub https: Option<u32>,
+    pub quic: Option<u32>,
+    pub xmpp: Option<u32>,
+    pub matrix: Option<u32>,
 }
 
 /// `[quic]`: tuning of the QUIC transport.
-#[derive(Deserialize, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawQuic {
+pub struct RawQuic {
     /// bbr (the default), cubic or new_reno.
-    congestion: Option<String>,
+    pub congestion: Option<String>,
 }
 
 /// `[xmpp]`: reach XMPP peers through an XMPP server as an XEP-0114 component.
-#[derive(Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawXmpp {
-    server: String,
-    component: String,
-    secret: String,
+pub struct RawXmpp {
+    pub server: String,
+    pub component: String,
+    pub secret: String,
     /// Provider domain to that provider's component address.
     #[serde(default)]
-    peers: BTreeMap<String, String>,
+    pub peers: BTreeMap<String, String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawNode {
-    domain: String,
-    data_dir: PathBuf,
-    admin: String,
+pub struct RawNode {
+    pub domain: String,
+    pub data_dir: PathBuf,
+    pub admin: String,
     #[serde(default)]
-    store: Option<String>,
+    pub store: Option<String>,
     /// Rooms hosted by peers that this node follows from the start.
-    #[serde(default)]
-    follows: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub follows: Vec<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawTls {
-    cert: PathBuf,
-    key: PathBuf,
+pub struct RawTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
     /// `system` or `none` (the default): the roots of peers with neither `cert` nor `ca`.
-    roots: Option<String>,
+    pub roots: Option<String>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawListen {
-    https: Option<String>,
-    quic: Option<String>,
-    xmpp: Option<String>,
-    matrix: Option<String>,
+pub struct RawListen {
+    pub https: Option<String>,
+    pub quic: Option<String>,
+    pub xmpp: Option<String>,
+    pub matrix: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawPeer {
-    domain: String,
-    transport: String,
+pub struct RawPeer {
+    pub domain: String,
+    pub transport: String,
     /// `host:port`; the provider domain on port 443 when left out.
-    address: Option<String>,
-    cert: Option<PathBuf>,
-    ca: Option<PathBuf>,
+    pub address: Option<String>,
+    pub cert: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawRoom {
-    id: String,
-    followers: Vec<String>,
+pub struct RawRoom {
+    pub id: String,
+    pub followers: Vec<String>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawLimits {
-    max_body: Option<usize>,
-    max_queue: Option<usize>,
-    max_inbox: Option<usize>,
-    max_inbox_per_peer: Option<usize>,
-    max_inbox_memory: Option<usize>,
-    request_timeout_ms: Option<u64>,
-    max_conns_per_peer: Option<usize>,
-    max_handshakes: Option<usize>,
-    max_streams_per_conn: Option<u32>,
-    max_peer_bytes: Option<usize>,
-    frame_deadline_ms: Option<u64>,
-    max_parked_per_peer: Option<usize>,
-    max_unacked: Option<usize>,
-    max_xml_depth: Option<usize>,
-    source_penalty_ms: Option<u64>,
-    max_refusals_per_s: Option<u32>,
-    max_abuse_reports_per_peer: Option<usize>,
-    max_abuse_bytes_per_peer: Option<usize>,
-    max_consent_per_peer: Option<usize>,
-    max_dead_letters_per_peer: Option<usize>,
-    key_claims_per_minute: Option<usize>,
-    identifier_queries_per_minute: Option<usize>,
+pub struct RawLimits {
+    pub max_body: Option<usize>,
+    pub max_queue: Option<usize>,
+    pub max_inbox: Option<usize>,
+    pub max_inbox_per_peer: Option<usize>,
+    pub max_inbox_memory: Option<usize>,
+    pub request_timeout_ms: Option<u64>,
+    pub max_conns_per_peer: Option<usize>,
+    pub max_handshakes: Option<usize>,
+    pub max_streams_per_conn: Option<u32>,
+    pub max_peer_bytes: Option<usize>,
+    pub frame_deadline_ms: Option<u64>,
+    pub max_parked_per_peer: Option<usize>,
+    pub max_unacked: Option<usize>,
+    pub max_xml_depth: Option<usize>,
+    pub source_penalty_ms: Option<u64>,
+    pub max_refusals_per_s: Option<u32>,
+    pub max_abuse_reports_per_peer: Option<usize>,
+    pub max_abuse_bytes_per_peer: Option<usize>,
+    pub max_consent_per_peer: Option<usize>,
+    pub max_dead_letters_per_peer: Option<usize>,
+    pub key_claims_per_minute: Option<usize>,
+    pub identifier_queries_per_minute: Option<usize>,
 }
 
 /// Where the node keeps its durable state.

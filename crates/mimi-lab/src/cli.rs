@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 
 use super::{BenchOptions, Hostile, NetMode, Profile, SizeMix, Traffic};
-use crate::demo::Launcher;
+use crate::fleet::Launcher;
 
 /// Compare the transports under the same load and network conditions.
 #[derive(Debug, clap::Args)]

@@ -9,18 +9,8 @@ use std::io;
 
 use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
 use nix::unistd::Pid;
-use serde::Serialize;
 
-/// Which CPUs each side of a hostile row had.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Placement {
-    /// The hub, the victim's node, the lab's driver and readers, and the link forwarder (the
-    /// kernel's work for a packet runs where the forwarder writes it, so the flood's packets
-    /// are received on these CPUs, as they would be on the hub's machine).
-    pub honest: Vec<usize>,
-    /// The flooder's thread and the flooding provider's own node (c.example).
-    pub attacker: Vec<usize>,
-}
+use crate::model::Placement;
 
 impl Placement {
     /// Splits the CPUs this process may use: the last quarter (at least one) for the attacker,

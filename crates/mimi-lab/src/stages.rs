@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde::Serialize;
+pub use crate::model::{StageFigure, TimelinePoint};
 
 use super::{Admin, median_u64};
 
@@ -16,16 +16,6 @@ pub(crate) const BUCKET_MS: u64 = 100;
 /// Where the start of a connection shows (the first ProbeRTT of BBR, a cold path): the
 /// timeline's first part, against the rest.
 pub(crate) const EARLY_MS: u64 = 400;
-
-/// One bucket of the timeline: the messages scheduled in `[t_ms, t_ms + 100)` after the
-/// phase's first send.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct TimelinePoint {
-    pub t_ms: u64,
-    pub n: u64,
-    pub p50_us: u64,
-    pub p99_us: u64,
-}
 
 /// The nearest-rank quantile of sorted values (none empty).
 fn rank(sorted: &[u64], q: f64) -> u64 {
@@ -218,19 +208,6 @@ impl PromHistogram {
     pub(crate) fn mean(&self) -> Option<f64> {
         (self.count > 0).then(|| self.sum_s / self.count as f64)
     }
-}
-
-/// One stage on one side of a row over the measured phase.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct StageFigure {
-    /// `hub`, `follower` (all followers together) or `lab` (the load driver).
-    pub node: String,
-    pub stage: String,
-    /// Items timed: messages, requests, outputs, commits or records (see the report).
-    pub n: u64,
-    pub p50_us: Option<f64>,
-    pub p99_us: Option<f64>,
-    pub mean_us: Option<f64>,
 }
 
 /// The families the lab reads, and the stage each (or each label) stands for.

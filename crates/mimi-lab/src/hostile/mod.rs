@@ -35,23 +35,15 @@ use bytes::Bytes;
 use mimi_wire::uri::ProviderDomain;
 use relay_core::TransportKind;
 use relay_tls::{PeerTrust, TlsIdentity};
-use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::{lock, netlab};
 
-pub use cpus::Placement;
+pub use crate::model::Placement;
+pub use crate::model::{CpuShares, FloodCounts, Hostile, HostileLimits};
+pub(crate) use crate::model::{LIMITS, P99_TARGET, RATE_TARGET};
 pub(crate) use cpus::{allowed, spawn_pinned};
-
-/// `--hostile`: which adversary shares the hub with the measured traffic.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Hostile {
-    #[default]
-    None,
-    /// One follower floods the hub at full speed.
-    Flood,
-}
 
 /// Which run of a transport a row is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,120 +66,15 @@ impl Variant {
     }
 }
 
-/// The hub's `[limits]` in hostile rows: written into its config so that the memory budget
-/// below is computed from what the hub was actually told.
-#[derive(Clone, Copy, Debug, Serialize)]
-pub struct HostileLimits {
-    pub max_body: usize,
-    pub max_peer_bytes: usize,
-    pub max_conns_per_peer: usize,
-    /// Small, so that partial requests are given up within a short row.
-    pub frame_deadline_ms: u64,
-    /// The hub's own inbox (its local clients' copy of every room event a peer submitted):
-    /// only the flooder's accepted submissions land there, the lab's come from a local client.
-    pub max_inbox: usize,
-}
-
-pub(crate) const LIMITS: HostileLimits = HostileLimits {
-    max_body: 1 << 20,
-    max_peer_bytes: 8 << 20,
-    max_conns_per_peer: 4,
-    frame_deadline_ms: 2_000,
-    max_inbox: 64,
-};
-
-impl HostileLimits {
-    /// The `[limits]` section of the hub's config.
-    pub(crate) fn toml(&self) -> String {
-        format!(
-            "\n[limits]\nmax_body = {}\nmax_peer_bytes = {}\nmax_conns_per_peer = {}\nframe_deadline_ms = {}\nmax_inbox = {}\n",
-            self.max_body,
-            self.max_peer_bytes,
-            self.max_conns_per_peer,
-            self.frame_deadline_ms,
-            self.max_inbox
-        )
-    }
-
-    /// Bytes one connection can hold below the adapter's own accounting: the receive window
-    /// the transport grants before the adapter reads (HTTPS: hyper's adaptive h2 window, at
-    /// most 16 MiB, relay-https/src/server.rs; QUIC: the 16 MiB connection window,
-    /// relay-quic/src/lib.rs; Matrix: hyper's default h2 window, counted as HTTPS's since it
-    /// is no larger; XMPP: one stanza being scanned, the largest `max_body` as base64 plus
-    /// 16 KiB of head).
-    pub(crate) fn conn_window(&self, kind: TransportKind) -> u64 {
-        match kind {
-            TransportKind::Xmpp => (self.max_body as u64).div_ceil(3) * 4 + (16 << 10),
-            _ => 16 << 20,
-        }
-    }
-
-    /// What the configured budgets let the hub's peers make it hold beyond its quiet run:
-    /// `peers x max_peer_bytes` (bytes in the adapter and the ingress queue; the ingress
-    /// share is at most the same figure) `+ peers x max_conns_per_peer x conn_window`
-    /// `+ max_inbox x max_body` (peer submissions the hub's own inbox keeps).
-    pub(crate) fn allowance(&self, kind: TransportKind, peers: u64) -> u64 {
-        peers * self.max_peer_bytes as u64
-            + peers * self.max_conns_per_peer as u64 * self.conn_window(kind)
-            + self.max_inbox as u64 * self.max_body as u64
-    }
-}
-
-/// The targets of a hostile row (issue 14): the flooded run of the victim keeps at least this
-/// share of its quiet throughput, and its p99 at most this multiple.
-pub(crate) const RATE_TARGET: f64 = 0.8;
-pub(crate) const P99_TARGET: f64 = 2.0;
-
-/// What the flooder sent and how the hub answered.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct FloodCounts {
-    /// Requests sent (an XMPP stanza, a QUIC frame, an HTTP request, a Matrix EDU).
-    pub sent: u64,
-    /// Connections the flooder opened (TLS or QUIC handshakes completed).
-    pub connections: u64,
-    /// Answered 2xx and, for a submission, accepted.
-    pub accepted: u64,
-    /// Answered 200 with a refusal inside (a submission to a room it is not a member of).
-    pub refused_2xx: u64,
-    pub refused_4xx: u64,
-    pub refused_5xx: u64,
-    /// Ended by the hub with no answer: stream resets, XMPP stream errors, connections closed
-    /// or refused at the connection cap.
-    pub reset: u64,
-    /// Every answer by status code or by how the stream ended.
-    pub by_outcome: BTreeMap<String, u64>,
-    /// CPU the flooder's thread used over the flood, in ms.
-    pub flooder_cpu_ms: Option<u64>,
-    /// The CPUs the flooder's thread could run on (`Cpus_allowed_list`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub flooder_cpus: Option<String>,
-}
-
-impl FloodCounts {
-    /// Refusals of every kind: the hub turned the request away.
-    pub fn refused(&self) -> u64 {
-        self.refused_2xx + self.refused_4xx + self.refused_5xx + self.reset
-    }
-
-    /// Adds another run's counts.
-    pub(crate) fn add(&mut self, o: &FloodCounts) {
-        self.sent += o.sent;
-        self.connections += o.connections;
-        self.accepted += o.accepted;
-        self.refused_2xx += o.refused_2xx;
-        self.refused_4xx += o.refused_4xx;
-        self.refused_5xx += o.refused_5xx;
-        self.reset += o.reset;
-        for (k, v) in &o.by_outcome {
-            *self.by_outcome.entry(k.clone()).or_default() += v;
-        }
-        self.flooder_cpu_ms = match (self.flooder_cpu_ms, o.flooder_cpu_ms) {
-            (Some(a), Some(b)) => Some(a + b),
-            (a, b) => a.or(b),
-        };
-        if self.flooder_cpus.is_none() {
-            self.flooder_cpus.clone_from(&o.flooder_cpus);
-        }
+/// The hub's `[limits]` in a hostile row, as its config file has them.
+pub(crate) fn limits_section(l: &HostileLimits) -> crate::fleet::RawLimits {
+    crate::fleet::RawLimits {
+        max_body: Some(l.max_body),
+        max_peer_bytes: Some(l.max_peer_bytes),
+        max_conns_per_peer: Some(l.max_conns_per_peer),
+        frame_deadline_ms: Some(l.frame_deadline_ms),
+        max_inbox: Some(l.max_inbox),
+        ..Default::default()
     }
 }
 
@@ -593,36 +480,6 @@ where
         f(l, i).await;
     }))
     .await;
-}
-
-/// Where the machine's CPU went over a phase, as shares of all its cores' time.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct CpuShares {
-    /// Busy, by anything.
-    pub machine_busy: f64,
-    /// The hub process.
-    pub hub: f64,
-    /// All the row's nodes.
-    pub nodes: f64,
-    /// The lab process: driver, readers and, in a flooded row, the flooder.
-    pub lab: f64,
-    /// Everything else (another job on a shared host competes for the same cores).
-    pub others: f64,
-}
-
-impl CpuShares {
-    /// The mean of several runs' shares.
-    pub(crate) fn mean(runs: &[&CpuShares]) -> Option<CpuShares> {
-        let n = runs.len() as f64;
-        let avg = |f: fn(&CpuShares) -> f64| runs.iter().map(|c| f(c)).sum::<f64>() / n;
-        (!runs.is_empty()).then(|| CpuShares {
-            machine_busy: avg(|c| c.machine_busy),
-            hub: avg(|c| c.hub),
-            nodes: avg(|c| c.nodes),
-            lab: avg(|c| c.lab),
-            others: avg(|c| c.others),
-        })
-    }
 }
 
 /// CPU counters at one moment: the machine's (from /proc/stat, in USER_HZ ticks) and those of

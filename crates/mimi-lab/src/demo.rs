@@ -13,16 +13,18 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
-use mimi_wire::uri::{ProviderDomain, RoomId};
+use mimi_wire::uri::RoomId;
 use relay_core::TransportKind;
 use relay_node::client::LocalClient;
 use serde::Serialize;
+
+use crate::fleet;
 
 const MAGIC: &[u8; 4] = b"MDMO";
 const PROVIDERS: [&str; 3] = ["a.example", "b.example", "c.example"];
@@ -30,24 +32,8 @@ const ROOM: &str = "mimi://a.example/r/clubhouse";
 /// The MLS room of the scenario phase.
 const MLS_ROOM: &str = "mimi://a.example/r/mls-demo";
 
-/// How to start one node process: the program and the arguments before the config path.
-#[derive(Clone, Debug)]
-pub struct Launcher {
-    pub program: PathBuf,
-    pub args: Vec<String>,
-    pub env: Vec<(String, String)>,
-}
-
-impl Launcher {
-    /// This very binary, `mimi-relay run --config FILE`.
-    pub fn this_binary() -> Result<Launcher> {
-        Ok(Launcher {
-            program: std::env::current_exe().context("locating the mimi-relay binary")?,
-            args: vec!["run".into(), "--config".into()],
-            env: Vec::new(),
-        })
-    }
-}
+/// How the demo starts its nodes (the lab's own launcher).
+pub use crate::fleet::Launcher;
 
 #[derive(Clone, Debug)]
 pub struct DemoOptions {
@@ -312,13 +298,7 @@ pub fn udp_buffer_note() -> Option<String> {
 /// Writes certificates and the three node configs; with `static_room`, a.example hosts the
 /// opaque-payload room (the load mode) from its config.
 pub fn prepare(dir: &Path, transport: &str, store: &str, static_room: bool) -> Result<Layout> {
-    std::fs::create_dir_all(dir.join("certs"))?;
-    for p in PROVIDERS {
-        let d: ProviderDomain = p.parse()?;
-        let g = relay_tls::generate(&d)?;
-        std::fs::write(dir.join(format!("certs/{p}.crt")), g.cert_pem)?;
-        std::fs::write(dir.join(format!("certs/{p}.key")), g.key_pem)?;
-    }
+    fleet::write_certs(dir, PROVIDERS)?;
     // Every node listens on each transport the room uses; each pair uses the one chosen for it.
     let mut kinds = BTreeSet::new();
     for i in 0..PROVIDERS.len() {
@@ -347,37 +327,33 @@ pub fn prepare(dir: &Path, transport: &str, store: &str, static_room: bool) -> R
     let mut admins = Vec::new();
     for (i, p) in PROVIDERS.iter().enumerate() {
         let admin = admins_ports[i];
+        let mut f = fleet::node_file(p, admin, store);
         // The followers' users take part in the load room from the start.
-        let follows = if i != 0 && static_room {
-            format!("follows = [\"{ROOM}\"]\n")
-        } else {
-            String::new()
-        };
-        let mut t = format!(
-            "[node]\ndomain = \"{p}\"\ndata_dir = \"data/{p}\"\nadmin = \"127.0.0.1:{admin}\"\nstore = \"{store}\"\n{follows}\n\
-             [tls]\ncert = \"certs/{p}.crt\"\nkey = \"certs/{p}.key\"\n\n[listen]\n"
-        );
+        if i != 0 && static_room {
+            f.node.follows = vec![ROOM.to_owned()];
+        }
         for (k, port) in &ports[i] {
-            let _ = writeln!(t, "{k} = \"127.0.0.1:{port}\"");
+            fleet::listen(&mut f, *k, SocketAddr::from(([127, 0, 0, 1], *port)))?;
         }
         for (j, q) in PROVIDERS.iter().enumerate() {
             if i != j {
                 let via = pair_transport(transport, i, j)?;
                 let port = ports[j][&via];
-                let _ = write!(
-                    t,
-                    "\n[[peers]]\ndomain = \"{q}\"\ntransport = \"{via}\"\naddress = \"127.0.0.1:{port}\"\ncert = \"certs/{q}.crt\"\n"
-                );
+                f.peers.push(fleet::peer(
+                    q,
+                    via,
+                    SocketAddr::from(([127, 0, 0, 1], port)),
+                ));
             }
         }
         if i == 0 && static_room {
-            let _ = write!(
-                t,
-                "\n[[rooms]]\nid = \"{ROOM}\"\nfollowers = [\"b.example\", \"c.example\"]\n"
-            );
+            f.rooms.push(fleet::room(
+                ROOM,
+                ["b.example".to_owned(), "c.example".to_owned()],
+            ));
         }
         let path = dir.join(format!("{p}.toml"));
-        std::fs::write(&path, t)?;
+        fleet::write_config(&path, &f)?;
         configs.push(path);
         admins.push(SocketAddr::from(([127, 0, 0, 1], admin)));
     }
@@ -400,18 +376,9 @@ impl Nodes {
             .create(true)
             .append(true)
             .open(self.layout.dir.join(format!("{}.log", PROVIDERS[i])))?;
-        let mut cmd = Command::new(&self.launcher.program);
-        cmd.args(&self.launcher.args)
-            .arg(&self.layout.configs[i])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        for (k, v) in &self.launcher.env {
-            cmd.env(k, v);
-        }
-        if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "info");
-        }
+        let mut cmd = self
+            .launcher
+            .command(&self.layout.configs[i], log, None, "info")?;
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {}", self.launcher.program.display()))?;
@@ -439,14 +406,11 @@ impl Nodes {
             if let Some(c) = self.children[i].as_mut()
                 && let Some(status) = c.try_wait()?
             {
-                let log =
-                    std::fs::read_to_string(self.layout.dir.join(format!("{}.log", PROVIDERS[i])))
-                        .unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(10).collect();
+                let log = self.layout.dir.join(format!("{}.log", PROVIDERS[i]));
                 bail!(
                     "{} exited with {status} at start; its log ends:\n{}",
                     PROVIDERS[i],
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    fleet::log_tail(&log, 10)
                 );
             }
             if Instant::now() > deadline {
@@ -459,34 +423,8 @@ impl Nodes {
     /// SIGTERM to every node (graceful shutdown), then SIGKILL whatever is still running
     /// after 10 s. Returns how many nodes did not exit cleanly on SIGTERM.
     fn stop_all(&mut self) -> usize {
-        for c in self.children.iter_mut().flatten() {
-            if let Ok(pid) = i32::try_from(c.id()) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut unclean = 0;
-        for slot in self.children.iter_mut() {
-            if let Some(c) = slot.as_mut() {
-                let mut status = None;
-                while Instant::now() < deadline {
-                    if let Ok(Some(s)) = c.try_wait() {
-                        status = Some(s);
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                if !status.is_some_and(|s| s.success()) {
-                    unclean += 1;
-                    let _ = c.kill();
-                }
-                let _ = c.wait();
-            }
-            *slot = None;
-        }
+        let unclean = fleet::stop(self.children.iter_mut().flatten(), Duration::from_secs(10));
+        self.children.iter_mut().for_each(|slot| *slot = None);
         unclean
     }
 }

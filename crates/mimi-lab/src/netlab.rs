@@ -17,55 +17,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use serde::Serialize;
 
-/// Delay, loss, reordering and rate of a link, applied to each direction independently.
-#[derive(Clone, Debug, Serialize)]
-pub struct Profile {
-    pub name: String,
-    /// Round-trip time added (half each way).
-    pub rtt_ms: f64,
-    /// Share of packets lost in each direction, 0..1.
-    pub loss: f64,
-    /// Mean length of a loss burst in packets (1 = independent losses).
-    pub burst: f64,
-    /// Longest a loss burst lasts in time; None = counted in packets only (netem's gemodel).
-    /// A burst stands for a fade of the link: counted only in packets, one that hits a
-    /// connection with little in flight also swallows retransmissions sent seconds later.
-    pub burst_ms: Option<f64>,
-    /// Share of packets sent without the delay, so that they overtake (netem's reorder).
-    pub reorder: f64,
-    /// Bandwidth cap per direction; None = uncapped.
-    pub rate_mbit: Option<f64>,
-}
+pub use crate::model::{BAD_BURST_MS, Profile};
 
+/// How the forwarder applies a profile.
 impl Profile {
-    /// The named profiles: lan, wan (40 ms RTT), lossy (40 ms, 1%), bad (100 ms, 5% in bursts
-    /// of 3 packets, each over within 50 ms). The quic-interop-runner's simulator scenarios use
-    /// the same kinds of knobs.
-    pub fn named(name: &str) -> Option<Profile> {
-        let p = |rtt_ms, loss, burst, burst_ms| Profile {
-            name: name.to_owned(),
-            rtt_ms,
-            loss,
-            burst,
-            burst_ms,
-            reorder: 0.0,
-            rate_mbit: None,
-        };
-        Some(match name {
-            "lan" => p(0.0, 0.0, 1.0, None),
-            "wan" => p(40.0, 0.0, 1.0, None),
-            "lossy" => p(40.0, 0.01, 1.0, None),
-            "bad" => p(100.0, 0.05, 3.0, Some(BAD_BURST_MS)),
-            _ => return None,
-        })
-    }
-
-    pub fn is_impaired(&self) -> bool {
-        self.rtt_ms > 0.0 || self.loss > 0.0 || self.reorder > 0.0 || self.rate_mbit.is_some()
-    }
-
     fn one_way(&self) -> Duration {
         Duration::from_secs_f64(self.rtt_ms.max(0.0) / 2000.0)
     }
@@ -77,11 +33,6 @@ impl Profile {
             .map(|ms| Duration::from_secs_f64(ms / 1000.0))
     }
 }
-
-/// How long a burst of `bad` lasts at most: a busy flow still loses its ~3 packets back to
-/// back, but a burst cannot also take the retransmissions sent one timeout (200 ms or more)
-/// later, which turned single bursts into TCP stalls of 5-15 s (ARCHITECTURE.md).
-pub const BAD_BURST_MS: f64 = 50.0;
 
 /// Counters of the forwarder; bytes are whole IP packets as offered to the link.
 #[derive(Debug, Default)]

@@ -13,7 +13,7 @@ use relay_quic::framing::{Body, ChunkQueue, Decoder, Frame, encode_request};
 use super::{
     DEPTH, FloodTarget, Lane, Mix, PARTIAL_OPEN, RECONNECT_PAUSE, Reply, Tally, run_lanes,
 };
-use crate::bench::netlab;
+use crate::netlab;
 
 /// Streams a valid lane keeps busy on its connection.
 const STREAMS: usize = 4;
