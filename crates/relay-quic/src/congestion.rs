@@ -270,15 +270,13 @@ mod tests {
     #[test]
     fn the_hold_ends_after_its_limit_even_if_bbr_stays_low() {
         let t0 = Instant::now();
-        let mut inner = model();
-        // A BBR whose window after the probe is below where it started (it left Startup).
-        inner.cwnd = 240_000;
         let mut bbr = FlooredBbr {
-            inner: Box::new(inner),
+            inner: Box::new(model()),
             mtu: 1200,
             first_probe: FirstProbe::Due,
         };
         bbr.on_end_acks(t0, 0, true, Some(1));
+        // A BBR whose window after the probe is below where it started (it left Startup).
         let low = ProbeModel {
             cwnd: 50_000,
             probe: 50_000,
