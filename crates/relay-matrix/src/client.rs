@@ -304,7 +304,8 @@ fn build_txn<I: Inbound>(
                     slots.push(Slot::Edu(done));
                 } else {
                     // No canonical form, so it cannot be signed: refused alone.
-                    (edus.json.truncate(mark.0), edus.count = mark.1);
+                    edus.json.truncate(mark.0);
+                    edus.count = mark.1;
                     let why = "edu content has no canonical json form".to_owned();
                     let _ = done.send(Err(TransportError::BadResponse(why)));
                 }
