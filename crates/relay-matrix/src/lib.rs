@@ -55,7 +55,8 @@
 //! the Matrix spec requires; transmits queued meanwhile are packed into the next transaction
 //! (at most 100 EDUs; a transmit over 45,000 bytes becomes several fragments in one
 //! transaction; one that needs more than 100 is answered 413 locally so the core halves its
-//! batch). [`Transport::send`] never blocks: a full queue ([`PEER_QUEUE`]) answers
+//! batch), which is built and signed while the previous one is out. Bodies are written as
+//! canonical JSON, so they are signed as bytes, without a JSON tree. [`Transport::send`] never blocks: a full queue ([`PEER_QUEUE`]) answers
 //! [`TransportError::Busy`]. Every transmit gets one outcome: its answer from the `/send`
 //! response; a refused transaction maps to 403 (401/403), 413, 503 (429, with
 //! `retry_after_ms`) or its status; connect failure → `Unreachable`; a broken connection →

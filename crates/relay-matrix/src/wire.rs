@@ -164,6 +164,91 @@ impl ResponseContent {
     }
 }
 
+/// Appends `s` as a JSON string, escaped as canonical JSON (serde_json's escaping, which is
+/// what ruma signs).
+fn write_str(out: &mut Vec<u8>, s: &str) {
+    // Writing into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// Appends one [`EDU_REQUEST`] EDU in canonical JSON (keys sorted, no spaces), so the
+/// transaction body can be signed as it is, without a parse and re-serialization. The
+/// base64 body needs no escaping and is copied as it is.
+pub fn write_request_edu(out: &mut Vec<u8>, c: &RequestContent) {
+    out.extend_from_slice(br#"{"content":{"body":""#);
+    out.extend_from_slice(c.body.as_bytes());
+    out.extend_from_slice(br#"","endpoint":"#);
+    write_str(out, &c.endpoint);
+    out.extend_from_slice(br#","id":"#);
+    write_str(out, &c.id);
+    if let Some(inc) = c.inc {
+        out.extend_from_slice(format!(r#","inc":"{inc}""#).as_bytes());
+    }
+    out.extend_from_slice(format!(r#","part":{},"parts":{}"#, c.part, c.parts).as_bytes());
+    if let Some(prev) = c.prev_inc {
+        out.extend_from_slice(format!(r#","prev_inc":"{prev}""#).as_bytes());
+    }
+    if let Some(seq) = c.seq {
+        out.extend_from_slice(format!(r#","seq":{seq}"#).as_bytes());
+    }
+    out.extend_from_slice(br#","target":"#);
+    write_str(out, &c.target);
+    out.extend_from_slice(br#"},"edu_type":""#);
+    out.extend_from_slice(EDU_REQUEST.as_bytes());
+    out.extend_from_slice(br#""}"#);
+}
+
+/// Appends an EDU of any type, its content brought into canonical JSON; `None` if the
+/// content has no canonical form (floats, integers beyond 2^53, ...).
+pub fn write_other_edu(out: &mut Vec<u8>, edu_type: &str, content: &RawValue) -> Option<()> {
+    let canonical: ruma::CanonicalJsonValue = serde_json::from_str(content.get()).ok()?;
+    out.extend_from_slice(br#"{"content":"#);
+    serde_json::to_writer(&mut *out, &canonical).ok()?;
+    out.extend_from_slice(br#","edu_type":"#);
+    write_str(out, edu_type);
+    out.push(b'}');
+    Some(())
+}
+
+/// A transaction body in canonical JSON around `edus` (EDU objects joined by commas).
+pub fn txn_body(origin: &str, origin_server_ts: u64, edus: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(edus.len() + origin.len() + 64);
+    out.extend_from_slice(br#"{"edus":["#);
+    out.extend_from_slice(edus);
+    out.extend_from_slice(br#"],"origin":"#);
+    write_str(&mut out, origin);
+    out.extend_from_slice(
+        format!(r#","origin_server_ts":{origin_server_ts},"pdus":[]}}"#).as_bytes(),
+    );
+    out
+}
+
+/// The bytes an X-Matrix signature covers for `PUT {uri}` with a body that is canonical
+/// JSON: the canonical request object (`content`, `destination`, `method`, `origin`, `uri`)
+/// with the body spliced in as it is.
+pub fn x_matrix_signed_bytes(
+    body: &[u8],
+    destination: &str,
+    method: &str,
+    origin: &str,
+    uri: &str,
+) -> Vec<u8> {
+    let mut out =
+        Vec::with_capacity(body.len() + destination.len() + origin.len() + uri.len() + 80);
+    out.extend_from_slice(br#"{"content":"#);
+    out.extend_from_slice(body);
+    out.extend_from_slice(br#","destination":"#);
+    write_str(&mut out, destination);
+    out.extend_from_slice(br#","method":"#);
+    write_str(&mut out, method);
+    out.extend_from_slice(br#","origin":"#);
+    write_str(&mut out, origin);
+    out.extend_from_slice(br#","uri":"#);
+    write_str(&mut out, uri);
+    out.push(b'}');
+    out
+}
+
 /// Splits a transmit into the contents of its EDUs: the segments are concatenated and cut into
 /// [`FRAGMENT_BYTES`] pieces (one empty fragment for an empty body).
 pub fn fragments(
