@@ -919,6 +919,11 @@ async fn membership(
     Some((result, true))
 }
 
+/// Application messages that reached a main client of a provider other than the sender's.
+fn arrivals(sh: &Shared) -> u64 {
+    sh.arrived.iter().map(|a| a.load(Ordering::Relaxed)).sum()
+}
+
 /// One phase's load: which senders, at what rate, for how long, with what commits.
 struct Load<'a> {
     admins: &'a [Admin],
@@ -942,6 +947,7 @@ async fn phase(l: Load<'_>, mut tick: impl FnMut(Duration, u64, u64, u64)) -> Re
     let start = Instant::now();
     let until = start + l.duration;
     l.sh.drain.store(false, Ordering::Relaxed);
+    let arrived0 = arrivals(l.sh);
     let mut senders = tokio::task::JoinSet::new();
     for (p, (side, admin)) in l.sides.iter().zip(l.admins).enumerate() {
         let ctx = SendCtx {
@@ -997,6 +1003,16 @@ async fn phase(l: Load<'_>, mut tick: impl FnMut(Duration, u64, u64, u64)) -> Re
                     l.sh.stats.commits.load(Ordering::Relaxed),
                 );
             }
+        }
+    }
+    if l.sh.deferred && failed.is_none() {
+        // Every accepted message reaches the other providers' main clients before their
+        // readers turn to decrypting what they hold: a reader busy decrypting (seconds) reads
+        // no inbox, and what arrived meanwhile would be recorded late.
+        let want = arrived0 + sent.load(Ordering::Relaxed) * (n as u64).saturating_sub(1);
+        let deadline = Instant::now() + l.opts.settle.max(Duration::from_secs(5));
+        while arrivals(l.sh) < want && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
     // Deferred decryption: the readers now decrypt all they hold.
