@@ -21,6 +21,9 @@ use relay_core::transport::{
 use relay_quic::framing::{ChunkQueue, Decoder, Frame, encode_ping, encode_request};
 use relay_quic::{ALPN, Congestion, QuicConfig, QuicTransport, codes};
 use relay_tls::{PeerTrust, TlsIdentity};
+
+mod common;
+use common::{identity, trusting};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::{sleep, timeout};
 
@@ -67,20 +70,6 @@ fn fake() -> (Fake, mpsc::UnboundedReceiver<Outcome>) {
         gate: None,
     };
     (fake, rx)
-}
-
-fn identity(name: &str) -> TlsIdentity {
-    let d: ProviderDomain = name.parse().expect("valid test domain");
-    let g = relay_tls::generate(&d).expect("generate");
-    TlsIdentity::from_pem(d, &g.cert_pem, &g.key_pem).expect("identity")
-}
-
-fn trusting(ids: &[&TlsIdentity]) -> PeerTrust {
-    let mut trust = PeerTrust::new();
-    for id in ids {
-        trust.add(id.domain.clone(), id.cert().expect("cert").clone());
-    }
-    trust
 }
 
 fn config(me: &TlsIdentity, trust: PeerTrust, limits: Limits) -> QuicConfig {

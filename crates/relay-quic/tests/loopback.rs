@@ -15,6 +15,9 @@ use relay_core::transport::{
 use relay_quic::framing::{Body, ChunkQueue, Decoder, Frame, encode_request};
 use relay_quic::{ALPN, Congestion, QuicConfig, QuicTransport, codes};
 use relay_tls::{PeerTrust, TlsIdentity};
+
+mod common;
+use common::{identity, trusting};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::timeout;
 
@@ -115,20 +118,6 @@ impl FakeRx {
 
 fn domain(s: &str) -> ProviderDomain {
     s.parse().expect("valid test domain")
-}
-
-fn identity(name: &str) -> TlsIdentity {
-    let d = domain(name);
-    let g = relay_tls::generate(&d).expect("generate");
-    TlsIdentity::from_pem(d, &g.cert_pem, &g.key_pem).expect("identity")
-}
-
-fn trusting(ids: &[&TlsIdentity]) -> PeerTrust {
-    let mut trust = PeerTrust::new();
-    for id in ids {
-        trust.add(id.domain.clone(), id.cert().expect("cert").clone());
-    }
-    trust
 }
 
 fn config(me: &TlsIdentity, trust: PeerTrust, peers: &[(&TlsIdentity, SocketAddr)]) -> QuicConfig {

@@ -12,7 +12,9 @@ use relay_adapter::{AdapterStats, Inbound, Limits};
 use relay_core::transport::{Request, Response, Status, TransmitId, TransportError};
 use relay_quic::framing::encode_request;
 use relay_quic::{ALPN, Congestion, QuicConfig, QuicTransport};
-use relay_tls::{PeerTrust, TlsIdentity};
+
+mod common;
+use common::{identity, trusting};
 
 #[derive(Clone)]
 struct Answer;
@@ -29,20 +31,6 @@ impl Inbound for Answer {
     }
     fn outcome(&self, _: TransmitId, _: Result<Response, TransportError>) {}
     fn probe_outcome(&self, _: ProviderDomain, _: bool) {}
-}
-
-fn identity(name: &str) -> TlsIdentity {
-    let d: ProviderDomain = name.parse().expect("valid test domain");
-    let g = relay_tls::generate(&d).expect("generate");
-    TlsIdentity::from_pem(d, &g.cert_pem, &g.key_pem).expect("identity")
-}
-
-fn trusting(ids: &[&TlsIdentity]) -> PeerTrust {
-    let mut trust = PeerTrust::new();
-    for id in ids {
-        trust.add(id.domain.clone(), id.cert().expect("cert").clone());
-    }
-    trust
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
