@@ -657,33 +657,30 @@ async fn sender(side: Arc<Side>, admin: Admin, c: SendCtx) -> Result<()> {
             let mut members = side.members.lock().await;
             let cpu0 = thread_cpu_ns();
             for pick in picks {
-                let (r, pt) = match pick {
-                    Pick::Again(plain) => plain,
-                    Pick::New { r, k, sched_ns } => {
-                        let m = &mut members[r];
-                        if let Some(a) = take_ahead(m, k) {
-                            let stream = (r * c.n + c.p) as u32;
-                            lock(&c.sh.sched).insert((stream, k as u32), sched_ns);
-                            c.sh.from_pools.fetch_add(1, Ordering::Relaxed);
-                            c.sh.stats
-                                .mls_bytes
-                                .fetch_add(a.mls_len as u64, Ordering::Relaxed);
-                            c.sh.stats.mls_msgs.fetch_add(1, Ordering::Relaxed);
-                            let rcv = m.client.members().len().saturating_sub(1) as u64;
-                            batch.push((r, a.pt, a.body, rcv));
-                            continue;
-                        }
-                        let stream = (r * c.n + c.p) as u32;
-                        (r, plaintext(stream, k, sched_ns, c.size, &mut rngs[r]))
+                let stream = |r: usize| (r * c.n + c.p) as u32;
+                let (r, pt, body, mls_len) = match pick {
+                    Pick::Again((r, pt)) => {
+                        let (body, len) = encrypt(&mut members[r], &pt, stream(r), &c.sh)?;
+                        (r, pt, body, len)
                     }
+                    Pick::New { r, k, sched_ns } => match take_ahead(&mut members[r], k) {
+                        Some(a) => {
+                            lock(&c.sh.sched).insert((stream(r), k as u32), sched_ns);
+                            c.sh.from_pools.fetch_add(1, Ordering::Relaxed);
+                            (r, a.pt, a.body, a.mls_len)
+                        }
+                        None => {
+                            let pt = plaintext(stream(r), k, sched_ns, c.size, &mut rngs[r]);
+                            let (body, len) = encrypt(&mut members[r], &pt, stream(r), &c.sh)?;
+                            (r, pt, body, len)
+                        }
+                    },
                 };
-                let m = &mut members[r];
-                let (body, mls_len) = encrypt(m, &pt, (r * c.n + c.p) as u32, &c.sh)?;
                 c.sh.stats
                     .mls_bytes
                     .fetch_add(mls_len as u64, Ordering::Relaxed);
                 c.sh.stats.mls_msgs.fetch_add(1, Ordering::Relaxed);
-                let rcv = m.client.members().len().saturating_sub(1) as u64;
+                let rcv = members[r].client.members().len().saturating_sub(1) as u64;
                 batch.push((r, pt, body, rcv));
             }
             c.sh.stats
