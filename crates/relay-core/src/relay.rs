@@ -203,12 +203,26 @@ impl Hasher for MulHasher {
         self.0
     }
 
+    // Strings (room and provider names) come here on every lookup: whole words, then the
+    // tail in one more, with no copy per word.
     fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
+        let mut words = bytes.chunks_exact(8);
+        for w in &mut words {
             let mut b = [0u8; 8];
-            b[..chunk.len()].copy_from_slice(chunk);
+            b.copy_from_slice(w);
             self.write_u64(u64::from_le_bytes(b));
         }
+        let tail = words.remainder();
+        if !tail.is_empty() {
+            let mut b = [0u8; 8];
+            b[..tail.len()].copy_from_slice(tail);
+            self.write_u64(u64::from_le_bytes(b));
+        }
+    }
+
+    // A string's terminator: one word, not the byte loop above.
+    fn write_u8(&mut self, n: u8) {
+        self.write_u64(u64::from(n));
     }
 
     fn write_u64(&mut self, n: u64) {
@@ -1400,9 +1414,22 @@ impl Relay {
             return;
         }
         let n = (upto - q.acked) as usize;
+        // Events enqueued by one input share their instant: one histogram entry per run.
+        let mut run: Option<(Instant, u64)> = None;
         for e in q.entries.drain(..n) {
+            match &mut run {
+                Some((at, k)) if *at == e.enqueued => *k += 1,
+                _ => {
+                    if let Some((at, k)) = run.replace((e.enqueued, 1)) {
+                        self.latency
+                            .record_n(now.mono.saturating_duration_since(at), k);
+                    }
+                }
+            }
+        }
+        if let Some((at, k)) = run {
             self.latency
-                .record(now.mono.saturating_duration_since(e.enqueued));
+                .record_n(now.mono.saturating_duration_since(at), k);
         }
         q.acked = upto;
         q.send_next = q.send_next.max(upto + 1);

@@ -146,11 +146,16 @@ impl Histogram {
     ];
 
     pub fn record(&mut self, d: Duration) {
+        self.record_n(d, 1);
+    }
+
+    /// Records `n` samples of `d` at once.
+    pub fn record_n(&mut self, d: Duration, n: u64) {
         let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         let i = Self::BOUNDS_US.partition_point(|b| *b < us);
-        self.counts[i] += 1;
-        self.sum_us = self.sum_us.saturating_add(us);
-        self.count += 1;
+        self.counts[i] += n;
+        self.sum_us = self.sum_us.saturating_add(us.saturating_mul(n));
+        self.count += n;
     }
 }
 
@@ -206,4 +211,24 @@ pub struct RelayStats {
     pub franks_refused: u64,
     /// Time from the hub's acceptance to the follower's acknowledgement.
     pub latency: Histogram,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recording_n_at_once_is_recording_n_times() {
+        let (mut one, mut many) = (Histogram::default(), Histogram::default());
+        for (us, n) in [(50u64, 3u64), (100, 1), (101, 7), (20_000_000, 2)] {
+            let d = Duration::from_micros(us);
+            for _ in 0..n {
+                one.record(d);
+            }
+            many.record_n(d, n);
+        }
+        assert_eq!(one.counts, many.counts);
+        assert_eq!((one.sum_us, one.count), (many.sum_us, many.count));
+        assert_eq!(many.count, 13);
+    }
 }

@@ -299,6 +299,73 @@ impl MemState {
     }
 }
 
+impl MemState {
+    /// [`MemState::apply`] for an op this store buffered: the per-message ops take their keys
+    /// from it instead of cloning them, and look up before they insert (a clone and a drop
+    /// of a shared name are two atomic operations; the maps are searched once).
+    fn apply_owned(&mut self, op: OwnedOp) {
+        let snap = &mut self.snapshot;
+        match op {
+            OwnedOp::RoomSeq {
+                room,
+                next_seq,
+                last_ms,
+            } => {
+                let r = match snap.rooms.get_mut(&room) {
+                    Some(r) => r,
+                    None => snap.rooms.entry(room).or_default(),
+                };
+                r.next_seq = next_seq;
+                r.last_ms = last_ms;
+            }
+            OwnedOp::SubmitSeen { room, seen } => {
+                let r = match snap.rooms.get_mut(&room) {
+                    Some(r) => r,
+                    None => snap.rooms.entry(room).or_default(),
+                };
+                r.seen.push_back(seen);
+            }
+            OwnedOp::Enqueue {
+                room,
+                dest,
+                qseq,
+                fanout,
+            } => {
+                let q = snap.queues.entry((room, dest)).or_default();
+                while q.back().is_some_and(|(s, _)| *s >= qseq) {
+                    q.pop_back();
+                }
+                q.push_back((qseq, fanout));
+            }
+            OwnedOp::Ack { room, dest, upto } => {
+                let key = (room, dest);
+                if let Some(q) = snap.queues.get_mut(&key) {
+                    while q.front().is_some_and(|(s, _)| *s <= upto) {
+                        q.pop_front();
+                    }
+                }
+                let acked = match snap.acked.get_mut(&key) {
+                    Some(a) => a,
+                    None => snap.acked.entry(key).or_default(),
+                };
+                *acked = (*acked).max(upto);
+            }
+            OwnedOp::Inbox { offset, record } => {
+                if let Some(n) = snap.inbox.by_from.get_mut(&record.from) {
+                    *n += 1;
+                } else {
+                    snap.inbox.count(&record.from, true);
+                }
+                if let Some(old) = self.inbox.insert(offset, record) {
+                    snap.inbox.count(&old.from, false);
+                }
+                snap.inbox.last = self.inbox.last_key_value().map_or(0, |(o, _)| *o);
+            }
+            op => self.apply(op.as_op()),
+        }
+    }
+}
+
 impl Snapshot {
     /// Applies every op but the inbox's ([`MemState`] keeps the records).
     fn apply(&mut self, op: StoreOp<'_>) {
@@ -469,7 +536,7 @@ impl Store for MemStore {
 
     fn commit(&mut self) -> Result<(), StoreError> {
         for op in self.pending.drain(..) {
-            self.committed.apply(op.as_op());
+            self.committed.apply_owned(op);
         }
         Ok(())
     }
@@ -665,5 +732,85 @@ impl OwnedOp {
                 value: value.as_deref(),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The buffered ops' own path ([`MemState::apply_owned`]) leaves the state the borrowed
+    /// path leaves, op by op: replaced queue numbers and inbox offsets, acks, windows.
+    #[test]
+    fn owned_ops_apply_as_borrowed_ones() {
+        let room = |n: u64| -> RoomId { format!("mimi://a.example/r/{}", n % 3).parse().expect("room") };
+        let dest = |n: u64| -> ProviderDomain {
+            ["b.example", "c.example"][(n % 2) as usize]
+                .parse()
+                .expect("domain")
+        };
+        let mut ops = Vec::new();
+        for n in 0..400u64 {
+            let fanout = Bytes::from(n.to_be_bytes().to_vec());
+            ops.push(match n % 9 {
+                0 => OwnedOp::Room {
+                    room: room(n),
+                    followers: vec![dest(n)],
+                },
+                1 => OwnedOp::RoomSeq {
+                    room: room(n),
+                    next_seq: n,
+                    last_ms: n * 2,
+                },
+                2 => OwnedOp::SubmitSeen {
+                    room: room(n),
+                    seen: SubmitSeen {
+                        key: u128::from(n),
+                        room_seq: n,
+                        accepted_ms: n,
+                    },
+                },
+                // Numbers that go back now and then: a renumbered queue replaces its tail.
+                3 | 4 => OwnedOp::Enqueue {
+                    room: room(n),
+                    dest: dest(n / 2),
+                    qseq: (n / 3).saturating_sub(n % 4),
+                    fanout,
+                },
+                5 => OwnedOp::Ack {
+                    room: room(n),
+                    dest: dest(n),
+                    upto: n / 5,
+                },
+                // Offsets written twice, from another provider the second time.
+                6 | 7 => OwnedOp::Inbox {
+                    offset: n / 4,
+                    record: InboxRecord {
+                        room: room(n),
+                        from: dest(n / 3),
+                        accepted_ms: n,
+                        fanout,
+                    },
+                },
+                _ if n % 4 == 0 => OwnedOp::InboxTrim { upto: n / 6 },
+                _ => OwnedOp::Cursor {
+                    hub: dest(n),
+                    room: room(n),
+                    next: n,
+                },
+            });
+        }
+        let (mut borrowed, mut owned) = (MemState::default(), MemState::default());
+        for (i, op) in ops.into_iter().enumerate() {
+            borrowed.apply(op.as_op());
+            owned.apply_owned(op);
+            assert_eq!(borrowed.inbox, owned.inbox, "after op {i}");
+            assert_eq!(
+                format!("{:?}", borrowed.snapshot),
+                format!("{:?}", owned.snapshot),
+                "after op {i}"
+            );
+        }
+        assert!(!owned.snapshot.queues.is_empty() && !owned.inbox.is_empty());
     }
 }
