@@ -649,7 +649,7 @@ impl Relay {
         body: Bytes,
     ) {
         // A room hosted here is found by its text: no parse, no allocation per message.
-        if let Some(&ri) = self.hub.room_by_id.get(room) {
+        if let Some(ri) = self.hub.hosted(room) {
             let response = self.submit_in(now, store, None, ri, &body);
             self.outputs.push_back(Output::Reply { token, response });
             self.pump(now);

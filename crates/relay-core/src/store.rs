@@ -743,7 +743,11 @@ mod tests {
     /// path leaves, op by op: replaced queue numbers and inbox offsets, acks, windows.
     #[test]
     fn owned_ops_apply_as_borrowed_ones() {
-        let room = |n: u64| -> RoomId { format!("mimi://a.example/r/{}", n % 3).parse().expect("room") };
+        let room = |n: u64| -> RoomId {
+            format!("mimi://a.example/r/{}", n % 3)
+                .parse()
+                .expect("room")
+        };
         let dest = |n: u64| -> ProviderDomain {
             ["b.example", "c.example"][(n % 2) as usize]
                 .parse()

@@ -22,6 +22,9 @@ pub(super) struct HubState {
     pub(super) ready: VecDeque<QueueIdx>,
     /// Queues held back after a refusal, by release time.
     pub(super) held: BTreeSet<(Instant, QueueIdx)>,
+    /// The hosted room found last by [`HubState::hosted`]: a burst of submissions mostly goes
+    /// to one room (rooms are never removed, so an index stays valid).
+    last_found: Option<RoomIdx>,
 }
 
 impl HubState {
@@ -29,6 +32,19 @@ impl HubState {
         self.queue_by_key
             .get(&(room.clone(), dest.clone()))
             .copied()
+    }
+
+    /// The hosted room whose URI is `room`: compared with the last one found before the map
+    /// is asked (a string compare instead of a hash and a compare).
+    pub(super) fn hosted(&mut self, room: &str) -> Option<RoomIdx> {
+        if let Some(i) = self.last_found
+            && self.rooms.get(i).is_some_and(|r| r.id.as_str() == room)
+        {
+            return Some(i);
+        }
+        let i = *self.room_by_id.get(room)?;
+        self.last_found = Some(i);
+        Some(i)
     }
 
     /// Puts queue `qi` on the ready list if it has something to send and is not there yet.
