@@ -66,3 +66,39 @@ impl HubState {
         self.held.insert((until, qi));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::HubRoom;
+    use super::super::dedupe::SeenWindow;
+    use super::*;
+
+    #[test]
+    fn hosted_finds_each_room_whichever_was_found_last() {
+        let mut hub = HubState::default();
+        let ids = ["mimi://a.example/r/one", "mimi://a.example/r/two"];
+        for (i, id) in ids.iter().enumerate() {
+            let id: RoomId = id.parse().expect("room");
+            hub.room_by_id.insert(id.clone(), i);
+            hub.rooms.push(HubRoom {
+                id,
+                followers: Vec::new(),
+                next_seq: 1,
+                last_ms: 0,
+                seen: SeenWindow::default(),
+            });
+        }
+        for (room, want) in [
+            (ids[0], Some(0)),
+            (ids[0], Some(0)),
+            (ids[1], Some(1)),
+            ("mimi://a.example/r/three", None),
+            (ids[1], Some(1)),
+            (ids[0], Some(0)),
+            // A prefix of the last room found is another room.
+            ("mimi://a.example/r/on", None),
+        ] {
+            assert_eq!(hub.hosted(room), want, "{room}");
+        }
+    }
+}
