@@ -100,9 +100,6 @@ const S_ROOM_SEQ: u8 = 1;
 const S_ACKED: u8 = 2;
 /// `STATE`: (hub, room) -> next expected seq.
 const S_CURSOR: u8 = 3;
-/// `STATE`: (hub, room, slot u16) -> n, hash (u128): each follower cursor's ring of recent
-/// FanoutMessage hashes.
-const S_RECENT: u8 = 4;
 /// `STATE`: from (length-prefixed) -> records of `INBOX` from that provider, so a start counts
 /// them without reading the records.
 const S_INBOX_COUNT: u8 = 5;
@@ -111,6 +108,10 @@ const S_INBOX_TRIMMED: u8 = 6;
 /// `STATE`: inbox offset -> the body id its record names, for the records that name one, so a
 /// start counts the references to bodies without reading the inbox.
 const S_INBOX_BODY: u8 = 7;
+/// `STATE`: (hub, room, slot u16) -> n, hash (u128): each follower cursor's ring of recent
+/// FanoutMessage hashes. The largest kind, and numbered last: the rows above share the first
+/// pages of the tree, so a commit copies one or two leaves for all of them.
+const S_RECENT: u8 = 8;
 
 // Tables of formats 1 to 3 that format 4 keeps in `STATE`.
 const ROOM_SEQS_V3: Bytes2Bytes = TableDefinition::new("room_seqs");
@@ -462,6 +463,8 @@ fn write_log(db: &Database, pending: &PendingLog, bodies: &Mutex<BodyRefs>) -> R
             let mut have_queue: HashSet<&[u8]> = HashSet::new();
             let (mut lo, mut hi, mut value) = (Vec::new(), Vec::new(), Vec::new());
             let mut skey = Vec::new();
+            // Offsets of trimmed records that named a body.
+            let mut named: Vec<Vec<u8>> = Vec::new();
 
             let mut records = pending.records();
             while let Some(codec::Record { tag, key, val }) = records.next_record()? {
@@ -560,7 +563,8 @@ fn write_log(db: &Database, pending: &PendingLog, bodies: &Mutex<BodyRefs>) -> R
                         let upto = codec::read_u64_value("pending log", val)?;
                         key_range(&mut lo, &mut hi, &[], 0, upto);
                         let mut corrupt = None;
-                        inbox.retain_in(lo.as_slice()..=hi.as_slice(), |_, v| {
+                        named.clear();
+                        inbox.retain_in(lo.as_slice()..=hi.as_slice(), |k, v| {
                             match codec::inbox_from("inbox", v)
                                 .and_then(|from| Ok((from, codec::inbox_body("inbox", v)?)))
                             {
@@ -568,6 +572,7 @@ fn write_log(db: &Database, pending: &PendingLog, bodies: &Mutex<BodyRefs>) -> R
                                     count(from, -1);
                                     if let Some(id) = body {
                                         *refs_delta.entry(id).or_default() -= 1;
+                                        named.push(k.to_vec());
                                     }
                                 }
                                 Err(e) => corrupt = Some(e),
@@ -577,8 +582,12 @@ fn write_log(db: &Database, pending: &PendingLog, bodies: &Mutex<BodyRefs>) -> R
                         if let Some(e) = corrupt {
                             return Err(e.into());
                         }
-                        key_range(&mut lo, &mut hi, &[S_INBOX_BODY], 0, upto);
-                        state.retain_in(lo.as_slice()..=hi.as_slice(), |_, _| false)?;
+                        // Row by row: a range delete would visit the tree even when no
+                        // record named a body (a follower's inbox).
+                        for offset in &named {
+                            state_key(&mut skey, S_INBOX_BODY, offset);
+                            state.remove(skey.as_slice())?;
+                        }
                         raise_mark(&mut state, &[S_INBOX_TRIMMED], upto)?;
                     }
                     Tag::SubmitSeen => {
