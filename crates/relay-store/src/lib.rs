@@ -32,15 +32,21 @@
 //!
 //! # Layout
 //!
-//! One table per kind of state; see the table definitions below. Composite keys are
-//! length-prefixed strings and big-endian numbers (see `codec`), so a queue is a contiguous key
-//! range ordered by `qseq` and an `Ack` is one range delete.
+//! A table per large kind of state (queues, bodies, inbox, submissions, records), and one,
+//! `STATE`, for the small rows most commits change (room sequences, acked marks, cursors,
+//! recent hashes, inbox counts and trim mark), told apart by a kind byte: every tree a commit
+//! touches costs it a copy-on-write path of 4 KiB pages, however little changed in it, so
+//! those rows share one. See the table definitions below. Composite keys are length-prefixed
+//! strings and big-endian numbers (see `codec`), so a queue is a contiguous key range ordered
+//! by `qseq` and an `Ack` is one range delete.
 //!
 //! A fanout is stored once however many destinations it waits for: queue entries hold the id
-//! of a body in `BODIES`, and a body is deleted in the transaction that deletes the last entry
-//! naming it. How many entries name each body is not stored: the store counts them in memory
-//! when it opens (a scan of the queue entries' 8-byte values) and keeps the count with every
-//! commit, so an acknowledgement writes no reference counts.
+//! of a body in `BODIES`, and so does the hub's own inbox record of it (protocol-06 §5.5: the
+//! hub's clients read every fanout too). A body is deleted in the transaction that deletes the
+//! last entry or record naming it. How many name each body is not stored: the store counts
+//! them in memory when it opens (a scan of the queue entries' 8-byte values and of `STATE`'s
+//! list of inbox records naming a body) and keeps the count with every commit, so an
+//! acknowledgement writes no reference counts.
 
 mod codec;
 mod db;
