@@ -1528,7 +1528,11 @@ mod tests {
             let mut store = DurableStore::open(&path).expect("migrated");
             let snap = store.load().expect("load");
             let ctx = format!("format {format}");
-            assert_eq!(snap.rooms[&room].followers, [dest.clone()], "{ctx}");
+            assert_eq!(
+                snap.rooms[&room].followers,
+                std::slice::from_ref(&dest),
+                "{ctx}"
+            );
             assert_eq!(
                 (snap.rooms[&room].next_seq, snap.rooms[&room].last_ms),
                 (9, 1234),
