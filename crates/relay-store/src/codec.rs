@@ -401,22 +401,75 @@ fn inbox_header(out: &mut Vec<u8>, record: &InboxRecord) {
     put_u64(out, record.accepted_ms);
 }
 
-pub(crate) fn decode_inbox(table: &'static str, v: &[u8]) -> Result<InboxRecord, DecodeError> {
+/// The first byte of a stored inbox value (format 4): the fanout bytes follow the header, or
+/// the id of a body in `BODIES` does (the hub's own delivery of a fanout it also queued).
+pub(crate) const INBOX_INLINE: u8 = 0;
+pub(crate) const INBOX_BODY: u8 = 1;
+
+/// Where a stored inbox record's fanout bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum InboxFanout<'a> {
+    Inline(&'a [u8]),
+    Body(u64),
+}
+
+/// A stored inbox value: its record without the fanout, and where the fanout is.
+pub(crate) fn decode_inbox<'a>(
+    table: &'static str,
+    v: &'a [u8],
+) -> Result<(InboxRecord, InboxFanout<'a>), DecodeError> {
     let mut r = Reader::new(table, v);
+    let kind = r.bytes(1)?;
     let room = r.room()?;
     let from = r.domain()?;
     let accepted_ms = r.u64()?;
-    let fanout = Bytes::copy_from_slice(r.rest());
-    Ok(InboxRecord {
+    let fanout = match kind {
+        [INBOX_INLINE] => InboxFanout::Inline(r.rest()),
+        [INBOX_BODY] => {
+            let id = r.u64()?;
+            r.finish()?;
+            InboxFanout::Body(id)
+        }
+        _ => return Err(r.corrupt("unknown inbox value kind")),
+    };
+    let record = InboxRecord {
         room,
         from,
         accepted_ms,
-        fanout,
-    })
+        fanout: Bytes::new(),
+    };
+    Ok((record, fanout))
+}
+
+/// The body id a stored inbox value names, if it names one.
+pub(crate) fn inbox_body(table: &'static str, v: &[u8]) -> Result<Option<u64>, DecodeError> {
+    match v.first() {
+        Some(&INBOX_BODY) => {
+            let id = v.len().checked_sub(8).and_then(|at| v.get(at..));
+            let id = id.ok_or(DecodeError::Corrupt {
+                table,
+                what: "truncated",
+            })?;
+            read_u64_value(table, id).map(Some)
+        }
+        _ => Ok(None),
+    }
 }
 
 /// The `from` of a stored inbox value (its length-prefixed bytes), without reading the rest.
 pub(crate) fn inbox_from<'a>(table: &'static str, v: &'a [u8]) -> Result<&'a [u8], DecodeError> {
+    match v.split_first() {
+        Some((&(INBOX_INLINE | INBOX_BODY), rest)) => inbox_from_v3(table, rest),
+        _ => Err(DecodeError::Corrupt {
+            table,
+            what: "unknown inbox value kind",
+        }),
+    }
+}
+
+/// [`inbox_from`] on an inbox value as formats 1 to 3 wrote it (no kind byte), and on the
+/// header of a pending `Inbox` record.
+pub(crate) fn inbox_from_v3<'a>(table: &'static str, v: &'a [u8]) -> Result<&'a [u8], DecodeError> {
     let mut r = Reader::new(table, v);
     r.str_bytes()?;
     let start = v.len() - r.buf.len();
@@ -523,6 +576,8 @@ mod tests {
         assert!(read_room_key("t", &[0xff, 0xfe]).is_err());
         assert!(decode_followers("t", &[0, 2, 0, 1, b'a']).is_err());
         assert!(decode_inbox("t", &[0, 0]).is_err());
+        assert!(decode_inbox("t", &[]).is_err());
+        assert!(inbox_from("t", &[7, 0, 0, 0, 0]).is_err());
     }
 
     #[test]

@@ -32,15 +32,21 @@
 //!
 //! # Layout
 //!
-//! One table per kind of state; see the table definitions below. Composite keys are
-//! length-prefixed strings and big-endian numbers (see `codec`), so a queue is a contiguous key
-//! range ordered by `qseq` and an `Ack` is one range delete.
+//! A table per large kind of state (queues, bodies, inbox, submissions, records), and one,
+//! `STATE`, for the small rows most commits change (room sequences, acked marks, cursors,
+//! recent hashes, inbox counts and trim mark), told apart by a kind byte: every tree a commit
+//! touches costs it a copy-on-write path of 4 KiB pages, however little changed in it, so
+//! those rows share one. See the table definitions below. Composite keys are length-prefixed
+//! strings and big-endian numbers (see `codec`), so a queue is a contiguous key range ordered
+//! by `qseq` and an `Ack` is one range delete.
 //!
 //! A fanout is stored once however many destinations it waits for: queue entries hold the id
-//! of a body in `BODIES`, and a body is deleted in the transaction that deletes the last entry
-//! naming it. How many entries name each body is not stored: the store counts them in memory
-//! when it opens (a scan of the queue entries' 8-byte values) and keeps the count with every
-//! commit, so an acknowledgement writes no reference counts.
+//! of a body in `BODIES`, and so does the hub's own inbox record of it (protocol-06 §5.5: the
+//! hub's clients read every fanout too). A body is deleted in the transaction that deletes the
+//! last entry or record naming it. How many name each body is not stored: the store counts
+//! them in memory when it opens (a scan of the queue entries' 8-byte values and of `STATE`'s
+//! list of inbox records naming a body) and keeps the count with every commit, so an
+//! acknowledgement writes no reference counts.
 
 mod codec;
 mod db;
@@ -69,43 +75,76 @@ type Bytes2Bytes = TableDefinition<'static, &'static [u8], &'static [u8]>;
 /// room -> followers (`u16` count, then domains). A row exists for every room any op named
 /// as a room (`Room`, `RoomSeq`, `SubmitSeen`), as in [`Snapshot::rooms`].
 const ROOMS: Bytes2Bytes = TableDefinition::new("rooms");
-/// room -> next_seq, last_ms. Apart from `ROOMS` because it changes with every message.
-const ROOM_SEQS: Bytes2Bytes = TableDefinition::new("room_seqs");
 /// (room, dest, qseq) -> body id (`u64`) in `BODIES`.
 const QUEUES: Bytes2Bytes = TableDefinition::new("queues");
 /// body id (`u64`) -> fanout bytes, one row per fanout whatever the number of `QUEUES` entries
-/// naming it; deleted with the last of them.
+/// and `INBOX` records naming it; deleted with the last of them.
 const BODIES: Bytes2Bytes = TableDefinition::new("bodies");
 /// (room, dest) -> (): every queue ever enqueued to, so an emptied queue loads as empty.
 const QUEUE_KEYS: Bytes2Bytes = TableDefinition::new("queue_keys");
-/// (room, dest) -> highest acknowledged qseq.
-const ACKED: Bytes2Bytes = TableDefinition::new("acked");
-/// (hub, room) -> next expected seq.
-const CURSORS: Bytes2Bytes = TableDefinition::new("cursors");
-/// (hub, room, slot u16) -> n, hash (u128): each follower cursor's ring of recent FanoutMessage
-/// hashes.
-const RECENT: Bytes2Bytes = TableDefinition::new("recent_hashes");
-/// offset -> room, from, accepted_ms, fanout bytes.
+/// offset -> kind byte, room, from, accepted_ms, then the fanout bytes or a body id (see
+/// `codec::INBOX_BODY`).
 const INBOX: Bytes2Bytes = TableDefinition::new("inbox");
-/// from (length-prefixed) -> records of `INBOX` from that provider, so a start counts them
-/// without reading the records.
-const INBOX_COUNTS: Bytes2Bytes = TableDefinition::new("inbox_counts");
 /// (room, room_seq) -> submission key (u128), accepted_ms.
 const SEEN: Bytes2Bytes = TableDefinition::new("submit_seen");
-/// Format version and the inbox trim mark.
+/// The small rows most commits change, in one tree so that a commit copies one path of pages
+/// for all of them rather than one per table. The first key byte says what a row is (`S_*`).
+const STATE: Bytes2Bytes = TableDefinition::new("state");
+/// Format version.
 const META: Bytes2Bytes = TableDefinition::new("meta");
 /// Keyed state records (MLS room state, key material, directory, consent, abuse reports).
 const RECORDS: Bytes2Bytes = TableDefinition::new("records");
 
+/// Every table of this format, created with the file.
+const TABLES: [Bytes2Bytes; 9] = [
+    ROOMS, QUEUES, BODIES, QUEUE_KEYS, INBOX, SEEN, STATE, META, RECORDS,
+];
+
+/// `STATE`: room -> next_seq, last_ms.
+const S_ROOM_SEQ: u8 = 1;
+/// `STATE`: (room, dest) -> highest acknowledged qseq.
+const S_ACKED: u8 = 2;
+/// `STATE`: (hub, room) -> next expected seq.
+const S_CURSOR: u8 = 3;
+/// `STATE`: from (length-prefixed) -> records of `INBOX` from that provider, so a start counts
+/// them without reading the records.
+const S_INBOX_COUNT: u8 = 5;
+/// `STATE`: the inbox trim mark (the key is just the kind byte).
+const S_INBOX_TRIMMED: u8 = 6;
+/// `STATE`: inbox offset -> the body id its record names, for the records that name one, so a
+/// start counts the references to bodies without reading the inbox.
+const S_INBOX_BODY: u8 = 7;
+/// `STATE`: (hub, room, slot u16) -> n, hash (u128): each follower cursor's ring of recent
+/// FanoutMessage hashes. The largest kind, and numbered last: the rows above share the first
+/// pages of the tree, so a commit copies one or two leaves for all of them.
+const S_RECENT: u8 = 8;
+
+// Tables of formats 1 to 3 that format 4 keeps in `STATE`.
+const ROOM_SEQS_V3: Bytes2Bytes = TableDefinition::new("room_seqs");
+const ACKED_V3: Bytes2Bytes = TableDefinition::new("acked");
+const CURSORS_V3: Bytes2Bytes = TableDefinition::new("cursors");
+const RECENT_V3: Bytes2Bytes = TableDefinition::new("recent_hashes");
+const INBOX_COUNTS_V3: Bytes2Bytes = TableDefinition::new("inbox_counts");
+
 const META_FORMAT: &[u8] = b"format";
-const META_INBOX_TRIMMED: &[u8] = b"inbox_trimmed";
-/// Bumped on any change to the layout above. Format 1 had no `INBOX_COUNTS`, format 2 kept
-/// the fanout bytes in every `QUEUES` entry (no `BODIES`); both are migrated on open.
-const FORMAT: u64 = 3;
+/// Where formats 1 to 3 kept the inbox trim mark.
+const META_INBOX_TRIMMED_V3: &[u8] = b"inbox_trimmed";
+/// Bumped on any change to the layout above. Format 1 had no inbox counts, format 2 kept the
+/// fanout bytes in every `QUEUES` entry (no `BODIES`), format 3 kept the rows of `STATE` in
+/// tables of their own and every inbox record's fanout bytes; all are migrated on open.
+const FORMAT: u64 = 4;
 const FORMAT_1: u64 = 1;
 const FORMAT_2: u64 = 2;
+const FORMAT_3: u64 = 3;
 /// A `ROOMS` value with no followers.
 const NO_FOLLOWERS: &[u8] = &[0, 0];
+
+/// `kind ++ rest`: a `STATE` key.
+fn state_key(out: &mut Vec<u8>, kind: u8, rest: &[u8]) {
+    out.clear();
+    out.push(kind);
+    out.extend_from_slice(rest);
+}
 
 /// The core's state in one redb file. See the crate documentation for the contract.
 pub struct DurableStore {
@@ -115,8 +154,9 @@ pub struct DurableStore {
     bodies: Arc<Mutex<BodyRefs>>,
 }
 
-/// How many committed `QUEUES` entries name each body: derived from the file (counted on open)
-/// and changed only by a commit that succeeded, so it is always the file's count.
+/// How many committed `QUEUES` entries and `INBOX` records name each body: derived from the
+/// file (counted on open) and changed only by a commit that succeeded, so it is always the
+/// file's count.
 #[derive(Debug, Default)]
 struct BodyRefs {
     refs: HashMap<u64, u64>,
@@ -133,6 +173,16 @@ impl BodyRefs {
         for row in tx.open_table(QUEUES)?.iter()? {
             let (_, v) = row?;
             if let Ok(id) = codec::read_u64_value("queues", v.value()) {
+                *out.refs.entry(id).or_default() += 1;
+                out.next_id = out.next_id.max(id.saturating_add(1));
+            }
+        }
+        // The inbox records naming a body, as `STATE` lists them.
+        let lo = [S_INBOX_BODY];
+        let hi = [S_INBOX_BODY + 1];
+        for row in tx.open_table(STATE)?.range(lo.as_slice()..hi.as_slice())? {
+            let (_, v) = row?;
+            if let Ok(id) = codec::read_u64_value("state", v.value()) {
                 *out.refs.entry(id).or_default() += 1;
                 out.next_id = out.next_id.max(id.saturating_add(1));
             }
@@ -271,11 +321,17 @@ fn init(db: &Database) -> Result<(), Fail> {
     };
     match found {
         Some(FORMAT) => tx.abort()?,
-        Some(older @ (FORMAT_1 | FORMAT_2)) => {
+        Some(older @ (FORMAT_1 | FORMAT_2 | FORMAT_3)) => {
             if older == FORMAT_1 {
                 count_inbox_v1(&tx)?;
             }
-            move_bodies_v2(&tx)?;
+            if older <= FORMAT_2 {
+                move_bodies_v2(&tx)?;
+            }
+            merge_state_v3(&tx)?;
+            for t in TABLES {
+                tx.open_table(t)?;
+            }
             tx.open_table(META)?
                 .insert(META_FORMAT, FORMAT.to_be_bytes().as_slice())?;
             tx.commit()?;
@@ -290,20 +346,7 @@ fn init(db: &Database) -> Result<(), Fail> {
         None => {
             tx.open_table(META)?
                 .insert(META_FORMAT, FORMAT.to_be_bytes().as_slice())?;
-            for t in [
-                ROOMS,
-                ROOM_SEQS,
-                QUEUES,
-                BODIES,
-                QUEUE_KEYS,
-                ACKED,
-                CURSORS,
-                INBOX,
-                INBOX_COUNTS,
-                SEEN,
-                RECORDS,
-                RECENT,
-            ] {
+            for t in TABLES {
                 tx.open_table(t)?;
             }
             tx.commit()?;
@@ -312,15 +355,16 @@ fn init(db: &Database) -> Result<(), Fail> {
     Ok(())
 }
 
-/// Format 1 to 2: counts the inbox once; from then on every commit keeps the counts.
+/// Format 1 to 2: counts the inbox once (in the table format 3 kept the counts in); from then
+/// on every commit keeps the counts.
 fn count_inbox_v1(tx: &redb::WriteTransaction) -> Result<(), Fail> {
     let mut counts: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
     for row in tx.open_table(INBOX)?.iter()? {
         let (_, v) = row?;
-        let from = codec::inbox_from("inbox", v.value())?;
+        let from = codec::inbox_from_v3("inbox", v.value())?;
         *counts.entry(from.to_vec()).or_default() += 1;
     }
-    let mut table = tx.open_table(INBOX_COUNTS)?;
+    let mut table = tx.open_table(INBOX_COUNTS_V3)?;
     for (from, n) in counts {
         table.insert(from.as_slice(), n.to_be_bytes().as_slice())?;
     }
@@ -344,6 +388,45 @@ fn move_bodies_v2(tx: &redb::WriteTransaction) -> Result<(), Fail> {
     Ok(())
 }
 
+/// Format 3 to 4: moves the rows of the small tables into `STATE` under their kind byte (and
+/// drops those tables), and gives every inbox record the kind byte of a record that holds its
+/// fanout bytes.
+fn merge_state_v3(tx: &redb::WriteTransaction) -> Result<(), Fail> {
+    let mut state = tx.open_table(STATE)?;
+    let mut key = Vec::new();
+    for (table, kind) in [
+        (ROOM_SEQS_V3, S_ROOM_SEQ),
+        (ACKED_V3, S_ACKED),
+        (CURSORS_V3, S_CURSOR),
+        (RECENT_V3, S_RECENT),
+        (INBOX_COUNTS_V3, S_INBOX_COUNT),
+    ] {
+        // Opening creates a table an older format did not have yet (recent hashes).
+        for row in tx.open_table(table)?.iter()? {
+            let (k, v) = row?;
+            state_key(&mut key, kind, k.value());
+            state.insert(key.as_slice(), v.value())?;
+        }
+        tx.delete_table(table)?;
+    }
+    let mut meta = tx.open_table(META)?;
+    if let Some(trimmed) = meta.remove(META_INBOX_TRIMMED_V3)? {
+        state.insert([S_INBOX_TRIMMED].as_slice(), trimmed.value())?;
+    }
+    let mut inbox = tx.open_table(INBOX)?;
+    let mut records = Vec::new();
+    for row in inbox.iter()? {
+        let (k, v) = row?;
+        let mut value = vec![codec::INBOX_INLINE];
+        value.extend_from_slice(v.value());
+        records.push((k.value().to_vec(), value));
+    }
+    for (k, v) in records {
+        inbox.insert(k.as_slice(), v.as_slice())?;
+    }
+    Ok(())
+}
+
 /// Writes one batch of ops in one write transaction, durably, and on success updates
 /// `bodies` to the file's new reference counts.
 fn write_log(db: &Database, pending: &PendingLog, bodies: &Mutex<BodyRefs>) -> Result<(), Fail> {
@@ -359,14 +442,11 @@ fn write_log(db: &Database, pending: &PendingLog, bodies: &Mutex<BodyRefs>) -> R
         tx.set_durability(Durability::Immediate)?;
         {
             let mut rooms = tx.open_table(ROOMS)?;
-            let mut room_seqs = tx.open_table(ROOM_SEQS)?;
             let mut queues = tx.open_table(QUEUES)?;
             let mut queue_keys = tx.open_table(QUEUE_KEYS)?;
-            let mut acked = tx.open_table(ACKED)?;
-            let mut cursors = tx.open_table(CURSORS)?;
+            let mut state = tx.open_table(STATE)?;
             let mut inbox = tx.open_table(INBOX)?;
-            let mut inbox_counts = tx.open_table(INBOX_COUNTS)?;
-            // Changes to `INBOX_COUNTS`, written once at the end.
+            // Changes to the inbox counts, written once at the end.
             let mut counted: HashMap<Vec<u8>, i64> = HashMap::new();
             let mut count = |from: &[u8], by: i64| match counted.get_mut(from) {
                 Some(n) => *n += by,
@@ -375,9 +455,7 @@ fn write_log(db: &Database, pending: &PendingLog, bodies: &Mutex<BodyRefs>) -> R
                 }
             };
             let mut seen = tx.open_table(SEEN)?;
-            let mut meta = tx.open_table(META)?;
             let mut state_records = tx.open_table(RECORDS)?;
-            let mut recent = tx.open_table(RECENT)?;
 
             let mut body_table = tx.open_table(BODIES)?;
             let payload = |index: usize| {
@@ -390,6 +468,9 @@ fn write_log(db: &Database, pending: &PendingLog, bodies: &Mutex<BodyRefs>) -> R
             let mut have_room: HashSet<&[u8]> = HashSet::new();
             let mut have_queue: HashSet<&[u8]> = HashSet::new();
             let (mut lo, mut hi, mut value) = (Vec::new(), Vec::new(), Vec::new());
+            let mut skey = Vec::new();
+            // Offsets of trimmed records that named a body.
+            let mut named: Vec<Vec<u8>> = Vec::new();
 
             let mut records = pending.records();
             while let Some(codec::Record { tag, key, val }) = records.next_record()? {
@@ -400,7 +481,8 @@ fn write_log(db: &Database, pending: &PendingLog, bodies: &Mutex<BodyRefs>) -> R
                     }
                     Tag::RoomSeq => {
                         ensure(&mut rooms, &mut have_room, key, NO_FOLLOWERS)?;
-                        room_seqs.insert(key, val)?;
+                        state_key(&mut skey, S_ROOM_SEQ, key);
+                        state.insert(skey.as_slice(), val)?;
                     }
                     Tag::Enqueue => {
                         let (index, _) = codec::payload_ref(val)?;
@@ -441,31 +523,64 @@ fn write_log(db: &Database, pending: &PendingLog, bodies: &Mutex<BodyRefs>) -> R
                         if let Some(e) = corrupt {
                             return Err(e.into());
                         }
-                        raise_mark(&mut acked, key, upto)?;
+                        state_key(&mut skey, S_ACKED, key);
+                        raise_mark(&mut state, &skey, upto)?;
                     }
                     Tag::Cursor => {
-                        cursors.insert(key, val)?;
+                        state_key(&mut skey, S_CURSOR, key);
+                        state.insert(skey.as_slice(), val)?;
                     }
                     Tag::RecentHash => {
-                        recent.insert(key, val)?;
+                        state_key(&mut skey, S_RECENT, key);
+                        state.insert(skey.as_slice(), val)?;
                     }
                     Tag::Inbox => {
                         let (index, header) = codec::payload_ref(val)?;
+                        state_key(&mut skey, S_INBOX_BODY, key);
                         value.clear();
+                        // The hub's own delivery of a fanout this batch queued names its body.
+                        let body = body_of.get(&index).copied();
+                        value.push(match body {
+                            Some(_) => codec::INBOX_BODY,
+                            None => codec::INBOX_INLINE,
+                        });
                         value.extend_from_slice(header);
-                        value.extend_from_slice(payload(index)?);
-                        if let Some(old) = inbox.insert(key, value.as_slice())? {
-                            count(codec::inbox_from("inbox", old.value())?, -1);
+                        match body {
+                            Some(id) => {
+                                value.extend_from_slice(&id.to_be_bytes());
+                                *refs_delta.entry(id).or_default() += 1;
+                                state.insert(skey.as_slice(), id.to_be_bytes().as_slice())?;
+                            }
+                            None => value.extend_from_slice(payload(index)?),
                         }
-                        count(codec::inbox_from("pending log", header)?, 1);
+                        if let Some(old) = inbox.insert(key, value.as_slice())? {
+                            let old = old.value();
+                            count(codec::inbox_from("inbox", old)?, -1);
+                            if let Some(id) = codec::inbox_body("inbox", old)? {
+                                *refs_delta.entry(id).or_default() -= 1;
+                                if body.is_none() {
+                                    state.remove(skey.as_slice())?;
+                                }
+                            }
+                        }
+                        count(codec::inbox_from_v3("pending log", header)?, 1);
                     }
                     Tag::InboxTrim => {
                         let upto = codec::read_u64_value("pending log", val)?;
                         key_range(&mut lo, &mut hi, &[], 0, upto);
                         let mut corrupt = None;
-                        inbox.retain_in(lo.as_slice()..=hi.as_slice(), |_, v| {
-                            match codec::inbox_from("inbox", v) {
-                                Ok(from) => count(from, -1),
+                        named.clear();
+                        inbox.retain_in(lo.as_slice()..=hi.as_slice(), |k, v| {
+                            match codec::inbox_from("inbox", v)
+                                .and_then(|from| Ok((from, codec::inbox_body("inbox", v)?)))
+                            {
+                                Ok((from, body)) => {
+                                    count(from, -1);
+                                    if let Some(id) = body {
+                                        *refs_delta.entry(id).or_default() -= 1;
+                                        named.push(k.to_vec());
+                                    }
+                                }
                                 Err(e) => corrupt = Some(e),
                             }
                             false
@@ -473,7 +588,13 @@ fn write_log(db: &Database, pending: &PendingLog, bodies: &Mutex<BodyRefs>) -> R
                         if let Some(e) = corrupt {
                             return Err(e.into());
                         }
-                        raise_mark(&mut meta, META_INBOX_TRIMMED, upto)?;
+                        // Row by row: a range delete would visit the tree even when no
+                        // record named a body (a follower's inbox).
+                        for offset in &named {
+                            state_key(&mut skey, S_INBOX_BODY, offset);
+                            state.remove(skey.as_slice())?;
+                        }
+                        raise_mark(&mut state, &[S_INBOX_TRIMMED], upto)?;
                     }
                     Tag::SubmitSeen => {
                         let room = Reader::new("pending log", key).str_bytes()?;
@@ -497,16 +618,17 @@ fn write_log(db: &Database, pending: &PendingLog, bodies: &Mutex<BodyRefs>) -> R
                 }
             }
             for (from, by) in counted {
-                let old = match inbox_counts.get(from.as_slice())? {
-                    Some(v) => codec::read_u64_value("inbox_counts", v.value())?,
+                state_key(&mut skey, S_INBOX_COUNT, &from);
+                let old = match state.get(skey.as_slice())? {
+                    Some(v) => codec::read_u64_value("state", v.value())?,
                     None => 0,
                 };
                 match old.checked_add_signed(by) {
                     Some(0) => {
-                        inbox_counts.remove(from.as_slice())?;
+                        state.remove(skey.as_slice())?;
                     }
                     Some(n) => {
-                        inbox_counts.insert(from.as_slice(), n.to_be_bytes().as_slice())?;
+                        state.insert(skey.as_slice(), n.to_be_bytes().as_slice())?;
                     }
                     None => return Err(bug("inbox count below zero")),
                 }
@@ -550,16 +672,6 @@ impl DurableStore {
             let room = codec::read_room_key("rooms", k.value())?;
             snap.rooms.entry(room).or_default().followers =
                 codec::decode_followers("rooms", v.value())?;
-        }
-        for row in tx.open_table(ROOM_SEQS)?.iter()? {
-            let (k, v) = row?;
-            let room = codec::read_room_key("room_seqs", k.value())?;
-            let mut r = Reader::new("room_seqs", v.value());
-            let (next_seq, last_ms) = (r.u64()?, r.u64()?);
-            r.finish()?;
-            let entry = snap.rooms.entry(room).or_default();
-            entry.next_seq = next_seq;
-            entry.last_ms = last_ms;
         }
         for row in tx.open_table(SEEN)?.iter()? {
             let (k, v) = row?;
@@ -623,52 +735,73 @@ impl DurableStore {
             entries = Some(q);
         }
 
-        for row in tx.open_table(ACKED)?.iter()? {
-            let (k, v) = row?;
-            let mut r = Reader::new("acked", k.value());
-            let key = (r.room()?, r.domain()?);
-            r.finish()?;
-            snap.acked
-                .insert(key, codec::read_u64_value("acked", v.value())?);
-        }
-        for row in tx.open_table(CURSORS)?.iter()? {
-            let (k, v) = row?;
-            let mut r = Reader::new("cursors", k.value());
-            let key = (r.domain()?, r.room()?);
-            r.finish()?;
-            snap.cursors
-                .insert(key, codec::read_u64_value("cursors", v.value())?);
-        }
-        // Stores written before recent hashes were kept have no such table yet.
-        match tx.open_table(RECENT) {
-            Ok(table) => {
-                for row in table.iter()? {
-                    let (k, v) = row?;
-                    let mut r = Reader::new("recent_hashes", k.value());
-                    let key = (r.domain()?, r.room()?);
-                    let slot = r.u16()?;
-                    r.finish()?;
-                    let mut r = Reader::new("recent_hashes", v.value());
-                    let (n, hash) = (r.u64()?, r.u128()?);
-                    r.finish()?;
-                    snap.recent.entry(key).or_default().insert(slot, (n, hash));
-                }
-            }
-            Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
         // The inbox's records stay on disk (`read_inbox`): only its last offset and counts.
         if let Some((k, _)) = tx.open_table(INBOX)?.last()? {
             snap.inbox.last = codec::read_u64_value("inbox", k.value())?;
         }
-        for row in tx.open_table(INBOX_COUNTS)?.iter()? {
+        for row in tx.open_table(STATE)?.iter()? {
             let (k, v) = row?;
-            let from = codec::read_domain_key("inbox_counts", k.value())?;
-            let n = codec::read_u64_value("inbox_counts", v.value())?;
-            snap.inbox.by_from.insert(from, n);
-        }
-        if let Some(v) = tx.open_table(META)?.get(META_INBOX_TRIMMED)? {
-            snap.inbox_trimmed = codec::read_u64_value("meta", v.value())?;
+            let (k, v) = (k.value(), v.value());
+            let Some((&kind, k)) = k.split_first() else {
+                return Err(DecodeError::Corrupt {
+                    table: "state",
+                    what: "empty key",
+                }
+                .into());
+            };
+            match kind {
+                S_ROOM_SEQ => {
+                    let room = codec::read_room_key("state", k)?;
+                    let mut r = Reader::new("state", v);
+                    let (next_seq, last_ms) = (r.u64()?, r.u64()?);
+                    r.finish()?;
+                    let entry = snap.rooms.entry(room).or_default();
+                    entry.next_seq = next_seq;
+                    entry.last_ms = last_ms;
+                }
+                S_ACKED => {
+                    let mut r = Reader::new("state", k);
+                    let key = (r.room()?, r.domain()?);
+                    r.finish()?;
+                    snap.acked.insert(key, codec::read_u64_value("state", v)?);
+                }
+                S_CURSOR => {
+                    let mut r = Reader::new("state", k);
+                    let key = (r.domain()?, r.room()?);
+                    r.finish()?;
+                    snap.cursors.insert(key, codec::read_u64_value("state", v)?);
+                }
+                S_RECENT => {
+                    let mut r = Reader::new("state", k);
+                    let key = (r.domain()?, r.room()?);
+                    let slot = r.u16()?;
+                    r.finish()?;
+                    let mut r = Reader::new("state", v);
+                    let (n, hash) = (r.u64()?, r.u128()?);
+                    r.finish()?;
+                    snap.recent.entry(key).or_default().insert(slot, (n, hash));
+                }
+                S_INBOX_COUNT => {
+                    let from = codec::read_domain_key("state", k)?;
+                    let n = codec::read_u64_value("state", v)?;
+                    snap.inbox.by_from.insert(from, n);
+                }
+                S_INBOX_TRIMMED if k.is_empty() => {
+                    snap.inbox_trimmed = codec::read_u64_value("state", v)?;
+                }
+                // Checked when the records are read or trimmed; counted on open.
+                S_INBOX_BODY => {
+                    codec::read_u64_value("state", k)?;
+                    codec::read_u64_value("state", v)?;
+                }
+                _ => {
+                    return Err(DecodeError::Corrupt {
+                        table: "state",
+                        what: "unknown row kind",
+                    }
+                    .into());
+                }
+            }
         }
         // Stores written before state records existed have no such table yet.
         match tx.open_table(RECORDS) {
@@ -700,6 +833,7 @@ impl DurableStore {
         };
         let tx = db.begin_read()?;
         let table = tx.open_table(INBOX)?;
+        let bodies = tx.open_table(BODIES)?;
         let mut bytes = 0usize;
         for row in table.range(lo.as_slice()..=hi.as_slice())? {
             if range.filled(out.len(), bytes) {
@@ -707,7 +841,18 @@ impl DurableStore {
             }
             let (k, v) = row?;
             let offset = codec::read_u64_value("inbox", k.value())?;
-            let record = codec::decode_inbox("inbox", v.value())?;
+            let (mut record, fanout) = codec::decode_inbox("inbox", v.value())?;
+            record.fanout = match fanout {
+                codec::InboxFanout::Inline(b) => Bytes::copy_from_slice(b),
+                codec::InboxFanout::Body(id) => {
+                    let body = bodies.get(id.to_be_bytes().as_slice())?;
+                    let body = body.ok_or(DecodeError::Corrupt {
+                        table: "inbox",
+                        what: "record names a missing body",
+                    })?;
+                    Bytes::copy_from_slice(body.value())
+                }
+            };
             bytes = bytes.saturating_add(record.fanout.len());
             out.push((offset, record));
         }
@@ -1117,43 +1262,6 @@ mod tests {
     }
 
     #[test]
-    fn a_format_2_store_gets_its_bodies_moved() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("s.redb");
-        drop(DurableStore::open(&path).expect("create"));
-        let (room, dest) = ids();
-        let mut key = Vec::new();
-        codec::queue_prefix(&mut key, &room, &dest);
-        key.extend_from_slice(&5u64.to_be_bytes());
-        // As format 2 left it: the fanout bytes in the queue entry, no bodies.
-        let db = Database::create(&path).expect("db");
-        let tx = db.begin_write().expect("tx");
-        tx.delete_table(BODIES).expect("delete");
-        tx.open_table(QUEUES)
-            .expect("queues")
-            .insert(key.as_slice(), b"old fanout".as_slice())
-            .expect("insert");
-        tx.open_table(META)
-            .expect("meta")
-            .insert(META_FORMAT, FORMAT_2.to_be_bytes().as_slice())
-            .expect("insert");
-        tx.commit().expect("commit");
-        drop(db);
-        let mut store = DurableStore::open(&path).expect("migrated");
-        assert_eq!(
-            queued(&mut store)[&dest],
-            [(5, Bytes::from_static(b"old fanout"))]
-        );
-        assert_eq!(body_rows(&store).len(), 1);
-        // The migrated body is counted like any other.
-        enqueue(&mut store, 6);
-        ack(&mut store, &dest, 5);
-        store.commit().expect("commit");
-        assert_eq!(body_rows(&store).len(), 1);
-        assert_eq!(queued(&mut store)[&dest].len(), 1);
-    }
-
-    #[test]
     fn corrupt_records_are_errors_not_panics() {
         let (room, dest) = ids();
         let mut prefix = Vec::new();
@@ -1163,15 +1271,19 @@ mod tests {
         let mut bad_room = Vec::new();
         codec::put_str(&mut bad_room, "mimi://a.example/u/not-a-room");
         codec::put_str(&mut bad_room, "b.example");
-        let mut recent_key = Vec::new();
+        let mut recent_key = vec![S_RECENT];
         codec::put_str(&mut recent_key, dest.as_str());
         codec::put_str(&mut recent_key, room.as_str());
         recent_key.extend_from_slice(&[0, 1]);
-        let mut counts_key = Vec::new();
+        let mut counts_key = vec![S_INBOX_COUNT];
         codec::put_str(&mut counts_key, dest.as_str());
+        let mut acked_key = vec![S_ACKED];
+        acked_key.extend_from_slice(&prefix);
+        let mut seq_key = vec![S_ROOM_SEQ];
+        seq_key.extend_from_slice(room.as_str().as_bytes());
         let mut entry = prefix.clone();
         entry.extend_from_slice(&1u64.to_be_bytes());
-        let cases: [(Bytes2Bytes, &[u8], &[u8]); 14] = [
+        let cases: [(Bytes2Bytes, &[u8], &[u8]); 18] = [
             (QUEUES, &bad_qseq, &[0; 8]),
             (QUEUES, &[0, 200, b'a'], &[0; 8]),
             // Not a body id, and the id of a body that is not there.
@@ -1179,14 +1291,19 @@ mod tests {
             (QUEUES, &entry, &99u64.to_be_bytes()),
             (BODIES, &[0; 3], b"x"),
             (QUEUE_KEYS, &bad_room, b""),
-            (ACKED, &prefix, &[1, 2]),
+            (STATE, &acked_key, &[1, 2]),
             (ROOMS, room.as_str().as_bytes(), &[0, 1, 0, 0]),
-            (ROOM_SEQS, room.as_str().as_bytes(), &[0; 15]),
-            (INBOX, &[0; 3], &[0, 3, b'a']),
-            (INBOX_COUNTS, &counts_key, &[1, 2]),
+            (STATE, &seq_key, &[0; 15]),
+            (INBOX, &[0; 3], &[0, 0, 3, b'a']),
+            (STATE, &counts_key, &[1, 2]),
+            (STATE, &[], &[]),
+            (STATE, &[99], &[]),
+            (STATE, &[S_INBOX_BODY, 1], &[0; 8]),
+            // The body row of an inbox record: a short key, a value that is no body id.
+            (STATE, &[S_INBOX_BODY, 0, 0, 0, 0, 0, 0, 0, 1], b"x"),
             (SEEN, &prefix, &[0; 24]),
-            (META, META_INBOX_TRIMMED, &[]),
-            (RECENT, &recent_key, &[0; 23]),
+            (STATE, &[S_INBOX_TRIMMED], &[]),
+            (STATE, &recent_key, &[0; 23]),
         ];
         for (i, (table, key, value)) in cases.into_iter().enumerate() {
             let dir = tempfile::tempdir().expect("tempdir");
@@ -1216,44 +1333,267 @@ mod tests {
             let source = std::error::Error::source(&e).expect("source");
             assert!(source.downcast_ref::<DecodeError>().is_some(), "{source}");
         }
+        // A record that names a body the file does not hold.
+        let (room, from) = ids();
+        let mut v = vec![codec::INBOX_BODY];
+        codec::put_str(&mut v, room.as_str());
+        codec::put_str(&mut v, from.as_str());
+        v.extend_from_slice(&1u64.to_be_bytes());
+        v.extend_from_slice(&42u64.to_be_bytes());
+        drop(store);
+        tamper(&path, INBOX, &7u64.to_be_bytes(), &v);
+        let store = DurableStore::open(&path).expect("open");
+        let e = store.read_inbox(InboxRange::after(0)).expect_err("read");
+        let source = std::error::Error::source(&e).expect("source");
+        assert!(source.downcast_ref::<DecodeError>().is_some(), "{source}");
+    }
+
+    /// The hub's own delivery of a fanout, as the core applies it after the enqueues.
+    fn deliver(store: &mut DurableStore, offset: u64, fanout: &Bytes) {
+        let (room, from) = ids();
+        let record = InboxRecord {
+            room,
+            from,
+            accepted_ms: offset,
+            fanout: fanout.clone(),
+        };
+        store.apply(StoreOp::Inbox {
+            offset,
+            record: &record,
+        });
+    }
+
+    fn inbox(store: &DurableStore) -> Vec<(u64, Bytes)> {
+        let records = store.read_inbox(InboxRange::after(0)).expect("read");
+        records.into_iter().map(|(o, r)| (o, r.fanout)).collect()
     }
 
     #[test]
-    fn a_format_1_store_gets_its_inbox_counted() {
+    fn the_hubs_own_delivery_names_the_queued_body() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("s.redb");
-        let (room, from) = ids();
-        let mut store = DurableStore::open(&path).expect("create");
-        for offset in 1..=3 {
-            let record = InboxRecord {
-                room: room.clone(),
-                from: from.clone(),
-                accepted_ms: offset,
-                fanout: Bytes::from_static(b"f"),
-            };
-            store.apply(StoreOp::Inbox {
-                offset,
-                record: &record,
-            });
+        let mut store = DurableStore::open(&path).expect("open");
+        let first = fan_out(&mut store, 1);
+        deliver(&mut store, 1, &first);
+        // Delivered without being queued in this batch: the record holds its bytes.
+        let alone = Bytes::from_static(b"delivered only");
+        deliver(&mut store, 2, &alone);
+        store.commit().expect("commit");
+        assert_eq!(
+            body_rows(&store).len(),
+            1,
+            "one body for the queues and the inbox"
+        );
+        let value = store
+            .db
+            .with(|db| {
+                let tx = db.begin_read()?;
+                let table = tx.open_table(INBOX)?;
+                let v = table.get(1u64.to_be_bytes().as_slice())?;
+                Ok(v.map(|v| v.value().len()))
+            })
+            .expect("read")
+            .expect("record 1");
+        assert!(value < 64, "the record names the body: {value} bytes");
+        let want = vec![(1, first.clone()), (2, alone.clone())];
+        assert_eq!(inbox(&store), want);
+
+        // Every destination acknowledged: the inbox still names the body.
+        for dest in &dests() {
+            ack(&mut store, dest, 1);
         }
         store.commit().expect("commit");
+        assert_eq!(body_rows(&store).len(), 1);
         drop(store);
-        // As format 1 left it: no counts.
-        let db = Database::create(&path).expect("db");
+        let mut store = DurableStore::open(&path).expect("reopen");
+        assert_eq!(inbox(&store), want);
+        assert_eq!(store.load().expect("load").inbox.last, 2);
+
+        // Counted again on open: trimming the record frees the body.
+        store.apply(StoreOp::InboxTrim { upto: 1 });
+        store.commit().expect("commit");
+        assert!(body_rows(&store).is_empty());
+        assert_eq!(inbox(&store), [(2, alone)]);
+
+        // Trimmed first, acknowledged after: the body goes with the last acknowledgement.
+        let third = fan_out(&mut store, 3);
+        deliver(&mut store, 3, &third);
+        store.apply(StoreOp::InboxTrim { upto: 3 });
+        store.commit().expect("commit");
+        assert_eq!(body_rows(&store).len(), 1);
+        for dest in &dests() {
+            ack(&mut store, dest, 3);
+        }
+        store.commit().expect("commit");
+        assert!(body_rows(&store).is_empty());
+        let bodies_named = store
+            .db
+            .with(|db| Ok(db.begin_read()?.open_table(STATE)?.len()?))
+            .expect("state");
+        // The three acked marks and the trim mark: no inbox counts, no body rows left.
+        assert_eq!(bodies_named, 4);
+    }
+
+    #[test]
+    fn an_inbox_record_rewritten_drops_the_body_it_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.redb");
+        let mut store = DurableStore::open(&path).expect("open");
+        let first = fan_out(&mut store, 1);
+        deliver(&mut store, 1, &first);
+        store.commit().expect("commit");
+        for dest in &dests() {
+            ack(&mut store, dest, 1);
+        }
+        let other = Bytes::from_static(b"another record");
+        deliver(&mut store, 1, &other);
+        store.commit().expect("commit");
+        assert!(body_rows(&store).is_empty());
+        assert_eq!(inbox(&store), [(1, other)]);
+        drop(store);
+        let mut store = DurableStore::open(&path).expect("reopen");
+        let snap = store.load().expect("load");
+        assert_eq!(snap.inbox.by_from.values().sum::<u64>(), 1);
+        assert_eq!(inbox(&store).len(), 1);
+    }
+
+    /// A file as format `format` (1 to 3) left it: rooms, queues, the small tables apart,
+    /// inbox records holding their fanout bytes with no kind byte; inbox counts from format 2
+    /// on, `BODIES` from format 3 on.
+    fn old_store(path: &Path, format: u64) {
+        let (room, dest) = ids();
+        let from = ProviderDomain::parse("c.example").expect("domain");
+        let db = Database::create(path).expect("db");
         let tx = db.begin_write().expect("tx");
-        tx.delete_table(INBOX_COUNTS).expect("delete");
-        tx.open_table(META)
-            .expect("meta")
-            .insert(META_FORMAT, FORMAT_1.to_be_bytes().as_slice())
-            .expect("insert");
+        let put = |table: Bytes2Bytes, k: &[u8], v: &[u8]| {
+            tx.open_table(table)
+                .expect("table")
+                .insert(k, v)
+                .expect("insert");
+        };
+        put(META, META_FORMAT, &format.to_be_bytes());
+        put(META, META_INBOX_TRIMMED_V3, &2u64.to_be_bytes());
+        let mut followers = Vec::new();
+        followers.extend_from_slice(&1u16.to_be_bytes());
+        codec::put_str(&mut followers, dest.as_str());
+        put(ROOMS, room.as_str().as_bytes(), &followers);
+        let mut seq = 9u64.to_be_bytes().to_vec();
+        seq.extend_from_slice(&1234u64.to_be_bytes());
+        put(ROOM_SEQS_V3, room.as_str().as_bytes(), &seq);
+        let mut prefix = Vec::new();
+        codec::queue_prefix(&mut prefix, &room, &dest);
+        put(QUEUE_KEYS, &prefix, &[]);
+        put(ACKED_V3, &prefix, &4u64.to_be_bytes());
+        let mut entry = prefix.clone();
+        entry.extend_from_slice(&5u64.to_be_bytes());
+        if format == FORMAT_2 || format == FORMAT_1 {
+            put(QUEUES, &entry, b"old fanout");
+        } else {
+            put(QUEUES, &entry, &0u64.to_be_bytes());
+            put(BODIES, &0u64.to_be_bytes(), b"old fanout");
+        }
+        let mut cursor = Vec::new();
+        codec::put_str(&mut cursor, from.as_str());
+        codec::put_str(&mut cursor, room.as_str());
+        put(CURSORS_V3, &cursor, &17u64.to_be_bytes());
+        let mut slot = cursor.clone();
+        slot.extend_from_slice(&3u16.to_be_bytes());
+        let mut hash = 3u64.to_be_bytes().to_vec();
+        hash.extend_from_slice(&99u128.to_be_bytes());
+        put(RECENT_V3, &slot, &hash);
+        for offset in [3u64, 4] {
+            let mut v = Vec::new();
+            codec::put_str(&mut v, room.as_str());
+            codec::put_str(&mut v, from.as_str());
+            v.extend_from_slice(&offset.to_be_bytes());
+            v.extend_from_slice(b"inbox fanout");
+            put(INBOX, &offset.to_be_bytes(), &v);
+        }
+        if format >= FORMAT_2 {
+            let mut k = Vec::new();
+            codec::put_str(&mut k, from.as_str());
+            put(INBOX_COUNTS_V3, &k, &2u64.to_be_bytes());
+        }
         tx.commit().expect("commit");
-        drop(db);
-        let snap = DurableStore::open(&path)
-            .expect("migrated")
-            .load()
-            .expect("load");
-        assert_eq!(snap.inbox.by_from.get(&from), Some(&3));
-        assert_eq!(snap.inbox.last, 3);
+    }
+
+    #[test]
+    fn older_formats_are_migrated() {
+        let (room, dest) = ids();
+        let from = ProviderDomain::parse("c.example").expect("domain");
+        for format in [FORMAT_1, FORMAT_2, FORMAT_3] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("s.redb");
+            old_store(&path, format);
+            let mut store = DurableStore::open(&path).expect("migrated");
+            let snap = store.load().expect("load");
+            let ctx = format!("format {format}");
+            assert_eq!(
+                snap.rooms[&room].followers,
+                std::slice::from_ref(&dest),
+                "{ctx}"
+            );
+            assert_eq!(
+                (snap.rooms[&room].next_seq, snap.rooms[&room].last_ms),
+                (9, 1234),
+                "{ctx}"
+            );
+            let key = (room.clone(), dest.clone());
+            assert_eq!(snap.acked.get(&key), Some(&4), "{ctx}");
+            let queued: Vec<_> = snap.queues[&key].iter().cloned().collect();
+            assert_eq!(queued, [(5, Bytes::from_static(b"old fanout"))], "{ctx}");
+            let cursor = (from.clone(), room.clone());
+            assert_eq!(snap.cursors.get(&cursor), Some(&17), "{ctx}");
+            assert_eq!(snap.recent[&cursor].get(&3), Some(&(3, 99)), "{ctx}");
+            assert_eq!(snap.inbox.by_from.get(&from), Some(&2), "{ctx}");
+            assert_eq!((snap.inbox.last, snap.inbox_trimmed), (4, 2), "{ctx}");
+            let inbox = store.read_inbox(InboxRange::after(2)).expect("read");
+            assert_eq!(
+                inbox
+                    .iter()
+                    .map(|(o, r)| (*o, &r.fanout[..]))
+                    .collect::<Vec<_>>(),
+                [(3, &b"inbox fanout"[..]), (4, &b"inbox fanout"[..])],
+                "{ctx}"
+            );
+            assert_eq!(body_rows(&store).len(), 1, "{ctx}");
+            // The old tables are gone, and the migrated rows are written like new ones.
+            let old_tables = store
+                .db
+                .with(|db| {
+                    let tx = db.begin_read()?;
+                    let names: Vec<String> = tx
+                        .list_tables()?
+                        .map(|t| redb::TableHandle::name(&t).to_string())
+                        .collect();
+                    Ok(names)
+                })
+                .expect("tables");
+            for gone in [
+                "room_seqs",
+                "acked",
+                "cursors",
+                "recent_hashes",
+                "inbox_counts",
+            ] {
+                assert!(!old_tables.iter().any(|t| t == gone), "{ctx}: {gone}");
+            }
+            enqueue(&mut store, 6);
+            ack(&mut store, &dest, 5);
+            store.apply(StoreOp::InboxTrim { upto: 3 });
+            store.commit().expect("commit");
+            assert_eq!(
+                body_rows(&store).len(),
+                1,
+                "{ctx}: the acknowledged body went"
+            );
+            drop(store);
+            let mut store = DurableStore::open(&path).expect("reopen");
+            let snap = store.load().expect("load");
+            assert_eq!(snap.acked.get(&key), Some(&5), "{ctx}");
+            assert_eq!(snap.inbox.by_from.get(&from), Some(&1), "{ctx}");
+            assert_eq!(snap.inbox_trimmed, 3, "{ctx}");
+        }
     }
 
     #[test]
@@ -1264,7 +1604,9 @@ mod tests {
         let (room, dest) = ids();
         let mut prefix = Vec::new();
         codec::queue_prefix(&mut prefix, &room, &dest);
-        tamper(&path, ACKED, &prefix, b"bad");
+        let mut key = vec![S_ACKED];
+        key.extend_from_slice(&prefix);
+        tamper(&path, STATE, &key, b"bad");
         let mut store = DurableStore::open(&path).expect("open");
         store.apply(StoreOp::Ack {
             room: &room,

@@ -48,12 +48,17 @@ fn assert_same(durable: &Snapshot, mem: &Snapshot, ctx: &str) {
 /// Loads both and compares them, the inbox records (which `load` leaves on disk) included:
 /// all of them, a window of them, and who sent those in a window. The durable store holds a
 /// body for every distinct queued fanout and no more than one per handle the core passed
-/// (MemStore keeps the handles), so none leaks and none is freed early.
+/// (MemStore keeps the handles) to a queue or to the inbox (the hub's own delivery names the
+/// body it queued), so none leaks and none is freed early.
 fn check(durable: &mut DurableStore, mem: &mut MemStore, ctx: &str) {
     assert_same(&durable.load().expect("load"), mem.committed(), ctx);
     let queued = || mem.committed().queues.values().flatten().map(|(_, b)| b);
     let contents: HashSet<&[u8]> = queued().map(|b| &b[..]).collect();
-    let handles: HashSet<(*const u8, usize)> = queued().map(|b| (b.as_ptr(), b.len())).collect();
+    let inboxed = mem.read_inbox(InboxRange::after(0)).expect("read");
+    let handles: HashSet<(*const u8, usize)> = queued()
+        .chain(inboxed.iter().map(|(_, r)| &r.fanout))
+        .map(|b| (b.as_ptr(), b.len()))
+        .collect();
     let bodies = durable.bodies().expect("bodies") as usize;
     assert!(
         (contents.len()..=handles.len()).contains(&bodies),
@@ -159,6 +164,20 @@ impl Gen {
                         dest,
                         qseq: *q,
                         fanout: &fanout,
+                    })
+                }
+                // Sometimes the hub's own clients get it too: the same handle.
+                if rng.below(2) == 0 {
+                    self.offset += 1 + rng.below(2);
+                    let record = InboxRecord {
+                        room: room.clone(),
+                        from: rng.pick(&self.domains).clone(),
+                        accepted_ms: rng.next(),
+                        fanout,
+                    };
+                    f(StoreOp::Inbox {
+                        offset: self.offset,
+                        record: &record,
                     })
                 }
             }
