@@ -12,7 +12,9 @@ use anyhow::{Context, Result, anyhow, bail};
 use mimi_wire::uri::RoomId;
 use relay_core::TransportKind;
 
-use crate::driver::{Admin, ClosedLoop, LabLags, accepted_response, drive, settle, start_readers};
+use crate::driver::{
+    Admin, ClosedLoop, DriveJob, LabLags, accepted_response, drive_apart, settle, start_readers,
+};
 use crate::fleet::{self, Launcher};
 use crate::hostile::{self, Hostile, Variant};
 use crate::model::{BenchOptions, BenchReport, NetMode, Row, Traffic, inflight_of};
@@ -623,7 +625,11 @@ pub(crate) async fn run_relay(
         return r;
     }
 
-    let rx = Arc::new(Mutex::new(Rx::new(epoch, receivers)?));
+    let mut rx = Rx::new(epoch, receivers)?;
+    if let Some(rate) = opts.rate {
+        rx.reserve((rate * opts.duration.as_secs_f64()) as usize + 1);
+    }
+    let rx = Arc::new(Mutex::new(rx));
     let stop_readers = Arc::new(AtomicBool::new(false));
     let readers = start_readers(&admins, receivers, &rx, &stop_readers);
     let counters: Arc<Vec<AtomicU64>> =
@@ -673,7 +679,7 @@ pub(crate) async fn run_relay(
     }
     let accepted = Arc::new(AtomicU64::new(0));
     let stages_before = stages::Scrape::of(&admins, receivers).await;
-    let lags = Mutex::new(LabLags::default());
+    let lags = Arc::new(Mutex::new(LabLags::default()));
     let flood = match variant {
         Variant::Flood => {
             progress.line(&format!("{label} starting the flood"));
@@ -684,29 +690,36 @@ pub(crate) async fn run_relay(
         _ => None,
     };
     let until = Instant::now() + opts.duration;
-    let drive_fut = drive(
-        &admins[0],
-        opts.rooms,
-        opts.rate,
+    let drive_fut = drive_apart(DriveJob {
+        hub: admins[0].clone(),
+        rooms: opts.rooms,
+        rate: opts.rate,
         until,
-        &opts.sizes,
+        sizes: opts.sizes.clone(),
         epoch,
-        &counters,
-        &accepted,
-        &stop,
-        opts.rate.is_none().then(|| ClosedLoop {
+        counters: counters.clone(),
+        accepted: accepted.clone(),
+        stop: stop.clone(),
+        window: opts.rate.is_none().then(|| ClosedLoop {
             rx: rx.clone(),
             receivers: receivers as u64,
             window: opts.window,
         }),
-        opts.submit_batch,
-        Some(&lags),
-    );
+        batch_max: opts.submit_batch,
+        lags_us: Some(lags.clone()),
+    });
     tokio::pin!(drive_fut);
     let phase_start = Instant::now();
+    // The nodes' stages once more at the end of the phase's first EARLY_MS, to tell a
+    // connection's start from the steady state.
+    let early_at = phase_start + Duration::from_millis(stages::EARLY_MS);
+    let mut stages_early = None;
     let sent = loop {
         tokio::select! {
             r = &mut drive_fut => break r?,
+            _ = tokio::time::sleep_until(early_at.into()), if stages_early.is_none() => {
+                stages_early = Some(stages::Scrape::of(&admins, receivers).await);
+            }
             _ = tokio::time::sleep(Duration::from_millis(250)) => {
                 let d = lock(&rx).delivered;
                 progress.line(&format!(
@@ -741,6 +754,18 @@ pub(crate) async fn run_relay(
             .extend(stages::lab_figure("driver", &mut l.driver));
         row.stages
             .extend(stages::lab_figure("api_call", &mut l.api_call));
+        if let Some(early) = &stages_early {
+            row.stages.extend(stages::lab_figure(
+                stages::EARLY_DRIVER,
+                &mut l.driver_early,
+            ));
+            row.stages.extend(stages::lab_figure(
+                stages::EARLY_API_CALL,
+                &mut l.api_call_early,
+            ));
+            row.stages
+                .extend(stages::early(early.since(&stages_before)));
+        }
     }
     if variant != Variant::Normal {
         // A node that died under the flood fails the row, with the end of its log.
@@ -797,20 +822,20 @@ pub(crate) async fn run_relay(
         let until2 = t0 + Duration::from_secs(8);
         let cut_at = t0 + Duration::from_secs(1);
         let restore_at = cut_at + Duration::from_secs(5);
-        let f = drive(
-            &admins[0],
-            opts.rooms,
+        let f = drive_apart(DriveJob {
+            hub: admins[0].clone(),
+            rooms: opts.rooms,
             rate,
-            until2,
-            &opts.sizes,
+            until: until2,
+            sizes: opts.sizes.clone(),
             epoch,
-            &counters,
-            &accepted2,
-            &stop,
-            None,
-            opts.submit_batch,
-            None,
-        );
+            counters: counters.clone(),
+            accepted: accepted2.clone(),
+            stop: stop.clone(),
+            window: None,
+            batch_max: opts.submit_batch,
+            lags_us: None,
+        });
         tokio::pin!(f);
         let mut cut = false;
         let mut restored = false;

@@ -210,6 +210,20 @@ impl PromHistogram {
     }
 }
 
+/// The suffix of the stages that cover only the phase's first [`EARLY_MS`].
+pub(crate) const EARLY_SUFFIX: &str = " (first 400 ms)";
+/// The lab's stages of the messages scheduled in the first [`EARLY_MS`].
+pub(crate) const EARLY_DRIVER: &str = "driver (first 400 ms)";
+pub(crate) const EARLY_API_CALL: &str = "api_call (first 400 ms)";
+
+/// The nodes' figures of the phase's first [`EARLY_MS`] (scraped then), named apart.
+pub(crate) fn early(figures: Vec<StageFigure>) -> impl Iterator<Item = StageFigure> {
+    figures.into_iter().map(|mut f| {
+        f.stage.push_str(EARLY_SUFFIX);
+        f
+    })
+}
+
 /// The families the lab reads, and the stage each (or each label) stands for.
 const FAMILIES: [(&str, &str, Option<&str>); 3] = [
     ("mimi_relay_stage_seconds", "stage", None),

@@ -193,6 +193,9 @@ pub(crate) fn hostile_figures(rows: &mut [Row]) {
 /// The hub's peers in a hostile row: the victim and the flooder.
 pub(crate) const HOSTILE_PEERS: u64 = 2;
 
+/// Most messages per receiver [`Rx::reserve`] makes room for (about 40 MB of tables).
+pub(crate) const RESERVE_MAX: usize = 2_000_000;
+
 /// What the receivers saw.
 pub(crate) struct Rx {
     epoch: Instant,
@@ -234,6 +237,17 @@ impl Rx {
             window_receivers: receivers,
             progress: Arc::new(tokio::sync::Notify::new()),
         })
+    }
+
+    /// Makes room for `messages` first deliveries per receiver up front (at most
+    /// [`RESERVE_MAX`]), so that the readers do not grow and rehash their tables while the
+    /// measured phase runs.
+    pub(crate) fn reserve(&mut self, messages: usize) {
+        let n = messages.min(RESERVE_MAX);
+        for s in &mut self.seen {
+            s.reserve(n);
+        }
+        self.samples.reserve(n * self.seen.len());
     }
 
     /// Records one delivery of (stream, counter) at receiver `r`.

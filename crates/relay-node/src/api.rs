@@ -405,7 +405,8 @@ async fn inbox(State(mut s): State<ApiState>, Query(q): Query<InboxQuery>) -> Ht
             None => return unavailable(),
         };
         if !items.is_empty() || tokio::time::Instant::now() >= deadline {
-            return (StatusCode::OK, encode_inbox(&items)).into_response();
+            let n = records_within(&items, INBOX_ANSWER_BYTES);
+            return (StatusCode::OK, encode_inbox(&items[..n])).into_response();
         }
         // Wake when more records are durable; a commit between the read and here marked the
         // watch changed already, so nothing is missed.
@@ -416,6 +417,27 @@ async fn inbox(State(mut s): State<ApiState>, Query(q): Query<InboxQuery>) -> Ht
             return (StatusCode::OK, Bytes::new()).into_response();
         }
     }
+}
+
+/// Bytes of records one inbox answer carries, at most (a single larger record still goes
+/// alone; the client asks again after the last one it got). A reader that fell behind takes
+/// its backlog in pieces of this size, not in answers of megabytes that are each fresh memory
+/// for the node and its client: at a node's start, touching that memory for the first time
+/// cost more than the work and held both back (issue 17).
+pub const INBOX_ANSWER_BYTES: usize = 256 * 1024;
+
+/// How many of `items`, from the first, fit in an answer of `max_bytes` (at least one).
+fn records_within(items: &[(u64, InboxRecord)], max_bytes: usize) -> usize {
+    let mut bytes = 0;
+    items
+        .iter()
+        .take_while(|(_, r)| {
+            bytes += 24 + r.from.as_str().len() + r.room.as_str().len() + r.fanout.len();
+            bytes <= max_bytes
+        })
+        .count()
+        .max(1)
+        .min(items.len())
 }
 
 pub fn encode_inbox(items: &[(u64, InboxRecord)]) -> Bytes {
@@ -516,5 +538,40 @@ pub mod fuzz {
     /// The `submitBatch` body parser.
     pub fn split_batch(body: bytes::Bytes) -> Result<Vec<(String, bytes::Bytes)>, String> {
         super::split_batch(body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(fanout_len: usize) -> (u64, InboxRecord) {
+        (
+            1,
+            InboxRecord {
+                room: "mimi://a.example/r/room0".parse().expect("room id"),
+                from: "a.example".parse().expect("domain"),
+                accepted_ms: 0,
+                fanout: Bytes::from(vec![7u8; fanout_len]),
+            },
+        )
+    }
+
+    #[test]
+    fn an_inbox_answer_stops_at_its_byte_limit() {
+        let items: Vec<_> = (0..10).map(|_| record(1000)).collect();
+        let one = encode_inbox(&items[..1]).len();
+        // Exactly three records' worth: three go, the fourth waits for the next read.
+        assert_eq!(records_within(&items, 3 * one), 3);
+        assert_eq!(encode_inbox(&items[..3]).len(), 3 * one);
+        assert_eq!(records_within(&items, 3 * one - 1), 2);
+        assert_eq!(records_within(&items, usize::MAX), 10);
+    }
+
+    #[test]
+    fn a_record_larger_than_the_limit_still_goes_alone() {
+        let items = vec![record(INBOX_ANSWER_BYTES * 2), record(10)];
+        assert_eq!(records_within(&items, INBOX_ANSWER_BYTES), 1);
+        assert_eq!(records_within(&[], INBOX_ANSWER_BYTES), 0);
     }
 }

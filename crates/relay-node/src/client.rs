@@ -242,6 +242,28 @@ impl LocalClient {
         decode_inbox(body)
     }
 
+    /// Like [`LocalClient::inbox`] but returns the answer undecoded, for a reader that walks
+    /// it with [`inbox_records`] and allocates nothing per record (the load lab's).
+    pub async fn inbox_raw(
+        &mut self,
+        after: u64,
+        max: usize,
+        wait_ms: u64,
+    ) -> Result<Bytes, ClientError> {
+        let path = format!("/v1/client/inbox?after={after}&max={max}&wait_ms={wait_ms}");
+        let req = self.request(Method::GET, &path, Bytes::new())?;
+        let (status, body) = self
+            .call_waiting(req, Duration::from_millis(wait_ms))
+            .await?;
+        if status != StatusCode::OK {
+            return Err(ClientError::Status {
+                status,
+                body: String::from_utf8_lossy(&body).into(),
+            });
+        }
+        Ok(body)
+    }
+
     pub async fn create_room(
         &mut self,
         room: &RoomId,
@@ -445,6 +467,73 @@ pub fn decode_inbox(mut b: Bytes) -> Result<Vec<InboxItem>, ClientError> {
     Ok(items)
 }
 
+/// One record of an inbox answer, borrowed from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InboxRecord<'a> {
+    pub offset: u64,
+    pub accepted_ms: u64,
+    pub from: &'a [u8],
+    pub room: &'a [u8],
+    pub fanout: &'a [u8],
+}
+
+/// The records of an inbox answer (the API's binary form), in order, without copying; a
+/// malformed record yields one error and ends the walk.
+pub fn inbox_records(body: &[u8]) -> InboxRecords<'_> {
+    InboxRecords { rest: body }
+}
+
+/// See [`inbox_records`].
+#[derive(Debug, Clone)]
+pub struct InboxRecords<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> InboxRecords<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ClientError> {
+        if self.rest.len() < n {
+            return Err(ClientError::Malformed);
+        }
+        let (head, tail) = self.rest.split_at(n);
+        self.rest = tail;
+        Ok(head)
+    }
+
+    fn next_record(&mut self) -> Result<InboxRecord<'a>, ClientError> {
+        let mut fixed = self.take(16)?;
+        let offset = fixed.get_u64();
+        let accepted_ms = fixed.get_u64();
+        let n = self.take(2)?.get_u16() as usize;
+        let from = self.take(n)?;
+        let n = self.take(2)?.get_u16() as usize;
+        let room = self.take(n)?;
+        let n = self.take(4)?.get_u32() as usize;
+        let fanout = self.take(n)?;
+        Ok(InboxRecord {
+            offset,
+            accepted_ms,
+            from,
+            room,
+            fanout,
+        })
+    }
+}
+
+impl<'a> Iterator for InboxRecords<'a> {
+    type Item = Result<InboxRecord<'a>, ClientError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        let r = self.next_record();
+        if r.is_err() {
+            self.rest = &[]; // nothing after a malformed record can be trusted
+        }
+        Some(r)
+    }
+}
+
 /// Decodes a `submitBatch` answer: `status u16, length u32, body` per submission.
 fn decode_batch_answer(mut b: Bytes) -> Result<Vec<(StatusCode, Bytes)>, ClientError> {
     let mut answers = Vec::new();
@@ -471,4 +560,52 @@ fn take_str(b: &mut Bytes) -> Result<String, ClientError> {
         return Err(ClientError::Malformed);
     }
     String::from_utf8(b.split_to(n).to_vec()).map_err(|_| ClientError::Malformed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use relay_core::store::InboxRecord as Stored;
+
+    fn answer() -> Bytes {
+        let rec = |room: &str, fanout: &'static [u8]| Stored {
+            room: room.parse().expect("room id"),
+            from: "a.example".parse().expect("domain"),
+            accepted_ms: 7,
+            fanout: Bytes::from_static(fanout),
+        };
+        crate::api::encode_inbox(&[
+            (3, rec("mimi://a.example/r/one", b"first")),
+            (9, rec("mimi://a.example/r/two", b"second fanout")),
+        ])
+    }
+
+    #[test]
+    fn borrowed_inbox_records_match_the_decoded_ones() {
+        let body = answer();
+        let walked: Vec<_> = inbox_records(&body)
+            .collect::<Result<_, _>>()
+            .expect("well formed");
+        let decoded = decode_inbox(body.clone()).expect("well formed");
+        assert_eq!(walked.len(), 2);
+        for (w, d) in walked.iter().zip(&decoded) {
+            assert_eq!(w.offset, d.offset);
+            assert_eq!(w.accepted_ms, d.accepted_ms);
+            assert_eq!(w.from, d.from.as_bytes());
+            assert_eq!(w.room, d.room.as_bytes());
+            assert_eq!(w.fanout, &d.fanout[..]);
+        }
+        assert_eq!(walked[1].offset, 9);
+        assert_eq!(walked[1].fanout, b"second fanout");
+    }
+
+    #[test]
+    fn a_truncated_inbox_answer_ends_in_one_error() {
+        let body = answer();
+        let cut = &body[..body.len() - 3];
+        let mut it = inbox_records(cut);
+        assert_eq!(it.next().map(|r| r.map(|r| r.offset).ok()), Some(Some(3)));
+        assert!(matches!(it.next(), Some(Err(ClientError::Malformed))));
+        assert!(it.next().is_none());
+    }
 }

@@ -558,7 +558,9 @@ Per row: the p99 of the messages sent in the measured \
          25 µs, 50 µs, 100 µs, then x2-x2.5 to 10 s; the store and delivery histograms start \
          at 100 µs). Stages overlap (the hub's transmit holds the follower's queue, core and \
          commit), so they do not add up to the latency; an item may carry several messages. \
-         MLS rows cover the whole row, its setup included.\n\n",
+         MLS rows cover the whole row, its setup included. Stages marked (first 400 ms) \
+         cover the phase's first 400 ms only: the nodes' as scraped at that moment, the lab's \
+         for the messages scheduled in it.\n\n",
     );
     for r in rows {
         let _ = writeln!(
