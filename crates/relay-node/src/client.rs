@@ -437,34 +437,25 @@ fn expect_created((status, body): (StatusCode, Bytes)) -> Result<(), ClientError
     }
 }
 
-/// Decodes the API's binary inbox form (see the `api` module).
-pub fn decode_inbox(mut b: Bytes) -> Result<Vec<InboxItem>, ClientError> {
-    let mut items = Vec::new();
-    while b.has_remaining() {
-        if b.remaining() < 16 {
-            return Err(ClientError::Malformed);
-        }
-        let offset = b.get_u64();
-        let accepted_ms = b.get_u64();
-        let from = take_str(&mut b)?;
-        let room = take_str(&mut b)?;
-        if b.remaining() < 4 {
-            return Err(ClientError::Malformed);
-        }
-        let n = b.get_u32() as usize;
-        if b.remaining() < n {
-            return Err(ClientError::Malformed);
-        }
-        let fanout = b.split_to(n);
-        items.push(InboxItem {
-            offset,
-            accepted_ms,
-            from,
-            room,
-            fanout,
-        });
-    }
-    Ok(items)
+/// Decodes the API's binary inbox form (see the `api` module); the fanouts share `b`.
+pub fn decode_inbox(b: Bytes) -> Result<Vec<InboxItem>, ClientError> {
+    let text = |s: &[u8]| {
+        std::str::from_utf8(s)
+            .map(str::to_owned)
+            .map_err(|_| ClientError::Malformed)
+    };
+    inbox_records(&b)
+        .map(|r| {
+            let r = r?;
+            Ok(InboxItem {
+                offset: r.offset,
+                accepted_ms: r.accepted_ms,
+                from: text(r.from)?,
+                room: text(r.room)?,
+                fanout: b.slice_ref(r.fanout),
+            })
+        })
+        .collect()
 }
 
 /// One record of an inbox answer, borrowed from it.
@@ -549,17 +540,6 @@ fn decode_batch_answer(mut b: Bytes) -> Result<Vec<(StatusCode, Bytes)>, ClientE
         answers.push((status, b.split_to(n)));
     }
     Ok(answers)
-}
-
-fn take_str(b: &mut Bytes) -> Result<String, ClientError> {
-    if b.remaining() < 2 {
-        return Err(ClientError::Malformed);
-    }
-    let n = b.get_u16() as usize;
-    if b.remaining() < n {
-        return Err(ClientError::Malformed);
-    }
-    String::from_utf8(b.split_to(n).to_vec()).map_err(|_| ClientError::Malformed)
 }
 
 #[cfg(test)]
