@@ -228,18 +228,7 @@ impl LocalClient {
         max: usize,
         wait_ms: u64,
     ) -> Result<Vec<InboxItem>, ClientError> {
-        let path = format!("/v1/client/inbox?after={after}&max={max}&wait_ms={wait_ms}");
-        let req = self.request(Method::GET, &path, Bytes::new())?;
-        let (status, body) = self
-            .call_waiting(req, Duration::from_millis(wait_ms))
-            .await?;
-        if status != StatusCode::OK {
-            return Err(ClientError::Status {
-                status,
-                body: String::from_utf8_lossy(&body).into(),
-            });
-        }
-        decode_inbox(body)
+        decode_inbox(self.inbox_raw(after, max, wait_ms).await?)
     }
 
     /// Like [`LocalClient::inbox`] but returns the answer undecoded, for a reader that walks
