@@ -117,11 +117,46 @@ pub enum Event {
     },
 }
 
+/// An Ed25519 signer whose key is expanded once. `SignatureKeyPair::sign` rebuilds the
+/// signing key from its seed for every signature, a scalar multiplication as costly as
+/// the signature itself; a client signs every message it sends.
+struct Ed25519Signer {
+    key: ed25519_dalek::SigningKey,
+    /// The same key as openmls stores and identifies it.
+    pair: SignatureKeyPair,
+}
+
+impl Ed25519Signer {
+    fn new(provider: &OpenMlsRustCrypto) -> Result<Self, MlsClientError> {
+        debug_assert_eq!(CIPHERSUITE.signature_algorithm(), SignatureScheme::ED25519);
+        let seed: [u8; 32] = provider.rand().random_array().map_err(mls)?;
+        let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+        let public = key.verifying_key().to_bytes().to_vec();
+        let pair = SignatureKeyPair::from_raw(SignatureScheme::ED25519, seed.to_vec(), public);
+        Ok(Ed25519Signer { key, pair })
+    }
+
+    fn public(&self) -> &[u8] {
+        self.pair.public()
+    }
+}
+
+impl openmls_traits::signatures::Signer for Ed25519Signer {
+    fn sign(&self, payload: &[u8]) -> Result<Vec<u8>, openmls_traits::signatures::SignerError> {
+        use ed25519_dalek::Signer as _;
+        Ok(self.key.sign(payload).to_bytes().to_vec())
+    }
+
+    fn signature_scheme(&self) -> SignatureScheme {
+        SignatureScheme::ED25519
+    }
+}
+
 /// One user with one MLS client.
 pub struct MlsClient {
     pub user: String,
     provider: OpenMlsRustCrypto,
-    signer: SignatureKeyPair,
+    signer: Ed25519Signer,
     credential: CredentialWithKey,
     group: Option<MlsGroup>,
     /// The epoch this client joined at by external commit (0 otherwise): what its
@@ -240,8 +275,8 @@ impl MlsClient {
     /// A client of `user` (e.g. `mimi://b.example/u/bob`) at the node whose API is `admin`.
     pub fn new(user: &str, admin: SocketAddr) -> Result<Self, MlsClientError> {
         let provider = OpenMlsRustCrypto::default();
-        let signer = SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).map_err(mls)?;
-        signer.store(provider.storage()).map_err(mls)?;
+        let signer = Ed25519Signer::new(&provider)?;
+        signer.pair.store(provider.storage()).map_err(mls)?;
         let credential = CredentialWithKey {
             credential: BasicCredential::new(user.as_bytes().to_vec()).into(),
             signature_key: signer.public().into(),
@@ -1236,6 +1271,22 @@ mod tests {
         let mut out = Vec::new();
         mimi_wire::proto::encode_fanout_application(1, req.app_message.as_bytes(), &mut out);
         out
+    }
+
+    #[test]
+    fn the_expanded_signer_signs_as_openmls_key_pair_does() {
+        use openmls_traits::signatures::Signer;
+        let provider = OpenMlsRustCrypto::default();
+        let signer = Ed25519Signer::new(&provider).expect("a signer");
+        let payload = b"FramedContentTBS of some message";
+        let fast = signer.sign(payload).expect("signed");
+        // Ed25519 is deterministic: the same seed must give the same bytes.
+        assert_eq!(fast, signer.pair.sign(payload).expect("signed"));
+        let public: [u8; 32] = signer.public().try_into().expect("32 bytes");
+        let key = ed25519_dalek::VerifyingKey::from_bytes(&public).expect("a point");
+        let sig = ed25519_dalek::Signature::from_slice(&fast).expect("64 bytes");
+        assert!(key.verify_strict(payload, &sig).is_ok());
+        assert!(key.verify_strict(b"another payload", &sig).is_err());
     }
 
     #[test]

@@ -129,7 +129,7 @@ pub struct BenchArgs {
     pub mls_decrypt: String,
     /// `--traffic mls`: when senders encrypt. `inline`: each message when it is due.
     /// `ahead`: before the measured phase, every sender encrypts its rooms' messages for the
-    /// current epochs (the open loop's whole schedule, or 50,000 per second of the phase in a
+    /// current epochs (the open loop's whole schedule, or 100,000 per second of the phase in a
     /// closed loop), so that a replay of real MLS bytes is timed, as tcpreplay times a
     /// capture; a room whose epoch a commit moves on, or whose pool runs dry, is encrypted
     /// inline again. Each row says how many messages came from the pools.
