@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
 use mimi_client::{Event, MlsClient, UpdateResult, room_policy};
-use mimi_wire::proto::{
-    FanoutExtra, FanoutMessage, SubmitMessageRequest, SubmitMessageResponse, SubmitStatus,
-};
+use mimi_wire::proto::{SubmitMessageRequest, SubmitMessageResponse, SubmitStatus};
 use mimi_wire::uri::RoomId;
+use mimi_wire::{ContentType, MlsMessageView};
+use relay_node::client::inbox_records;
 
 use super::{
     Admin, BenchOptions, CALL_BYTES, Progress, Row, Rx, SUBMIT_PATIENCE, find_marker, lock,
@@ -73,6 +73,21 @@ struct Member {
     /// epoch `ahead_epoch`; dropped once the client's epoch moves on.
     ahead: VecDeque<Ahead>,
     ahead_epoch: Option<u64>,
+    /// The receivers of a message sent in epoch `.0`: listing the members builds every
+    /// member's credential, too costly for each message sent.
+    receivers: (Option<u64>, u64),
+}
+
+impl Member {
+    /// The room's members but this one, counted once per epoch (only commits change them).
+    fn receivers(&mut self) -> u64 {
+        let epoch = self.client.epoch();
+        if self.receivers.0 != epoch || epoch.is_none() {
+            let listed = self.client.members().len().saturating_sub(1) as u64;
+            self.receivers = (epoch, listed);
+        }
+        self.receivers.1
+    }
 }
 
 /// A message encrypted before the phase: its counter in the stream, its plaintext (to encrypt
@@ -154,6 +169,7 @@ async fn setup(admins: &[Admin], rooms: usize, deferred: bool) -> Result<Vec<Arc
                 own: HashSet::new(),
                 ahead: VecDeque::new(),
                 ahead_epoch: None,
+                receivers: (None, 0),
             });
         }
         sides.push(Arc::new(Side {
@@ -231,6 +247,14 @@ struct Shared {
     from_pools: AtomicU64,
 }
 
+/// The MLS message of an inbox item's FanoutMessage (`timestamp || MLSMessage || select
+/// arm`), borrowed, and whether it is an application message: what a reader needs of every
+/// item, without copying it out. `None` if it does not parse (its client counts that).
+fn fanout_mls(fanout: &[u8]) -> Option<(&[u8], bool)> {
+    let (m, _) = MlsMessageView::parse_prefix(fanout.get(8..)?).ok()?;
+    Some((m.bytes, m.content_type == Some(ContentType::Application)))
+}
+
 /// One inbox item held for decryption: its FanoutMessage and when it arrived.
 type Held = (Bytes, Instant);
 
@@ -257,8 +281,11 @@ fn start_readers(
     shared: &Arc<Shared>,
     stop: &Arc<AtomicBool>,
 ) -> tokio::task::JoinSet<()> {
-    let index: Arc<HashMap<String, usize>> =
-        Arc::new((0..rooms).map(|r| (room_id(r), r)).collect());
+    let index: Arc<HashMap<Box<[u8]>, usize>> = Arc::new(
+        (0..rooms)
+            .map(|r| (room_id(r).into_bytes().into_boxed_slice(), r))
+            .collect(),
+    );
     let mut set = tokio::task::JoinSet::new();
     let n = sides.len();
     for (p, (admin, side)) in admins.iter().zip(sides).enumerate() {
@@ -272,7 +299,7 @@ fn start_readers(
             // Commits applied ahead of each room's held messages.
             let mut spans = vec![0usize; rooms];
             while !stop.load(Ordering::Relaxed) {
-                let Ok(items) = client.inbox(after, 1024, 100).await else {
+                let Ok(answer) = client.inbox_raw(after, 1024, 100).await else {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 };
@@ -292,17 +319,20 @@ fn start_readers(
                 let mut ahead: Vec<(usize, Vec<Held>)> = Vec::new();
                 {
                     let streams = lock(&sh.streams);
-                    for item in items {
+                    // Walked in place: an item is kept as a slice of the answer.
+                    for item in inbox_records(&answer) {
+                        let Ok(item) = item else {
+                            break; // nothing after a malformed record can be trusted
+                        };
                         after = after.max(item.offset);
-                        let Some(&r) = index.get(&item.room) else {
+                        let Some(&r) = index.get(item.room) else {
                             continue;
                         };
+                        let fanout = answer.slice_ref(item.fanout);
                         let mut own = false;
-                        let app = match FanoutMessage::decode(&item.fanout) {
-                            Ok(f) => {
-                                let app = matches!(f.extra, FanoutExtra::Application { .. });
-                                if app && let Some(&s) = streams.get(&digest(f.message.as_bytes()))
-                                {
+                        let app = match fanout_mls(item.fanout) {
+                            Some((mls, app)) => {
+                                if app && let Some(&s) = streams.get(&digest(mls)) {
                                     own = s as usize % n == p;
                                     if !own && let Some(a) = sh.arrived.get(s as usize) {
                                         a.fetch_add(1, Ordering::Relaxed);
@@ -310,7 +340,7 @@ fn start_readers(
                                 }
                                 app
                             }
-                            Err(_) => false, // a failure, when its client applies it
+                            None => false, // a failure, when its client applies it
                         };
                         // The main client's own message, back from the hub: only a spare
                         // would apply it.
@@ -325,10 +355,10 @@ fn start_readers(
                             if !held[r].is_empty() {
                                 spans[r] += 1;
                             }
-                            ahead.push((r, vec![(item.fanout, now)]));
+                            ahead.push((r, vec![(fanout, now)]));
                             continue;
                         }
-                        held[r].push_back((item.fanout, now));
+                        held[r].push_back((fanout, now));
                         holding += 1;
                         if !sh.deferred || !app {
                             due.retain(|(q, _)| *q != r);
@@ -404,8 +434,8 @@ async fn apply_held(side: &Side, p: usize, n: usize, batch: Vec<(usize, Vec<Held
         for (r, items) in batch {
             for (fanout, at) in items {
                 if let Some(m) = members.get_mut(r) {
-                    let own = FanoutMessage::decode(&fanout)
-                        .is_ok_and(|f| m.own.remove(&digest(f.message.as_bytes())));
+                    let own =
+                        fanout_mls(&fanout).is_some_and(|(mls, _)| m.own.remove(&digest(mls)));
                     // Our own message, back from the hub, is not applied again.
                     if !own {
                         seen(p, r, at, m.client.handle_fanout(&fanout));
@@ -687,7 +717,7 @@ async fn sender(side: Arc<Side>, admin: Admin, c: SendCtx) -> Result<()> {
                     .mls_bytes
                     .fetch_add(mls_len as u64, Ordering::Relaxed);
                 c.sh.stats.mls_msgs.fetch_add(1, Ordering::Relaxed);
-                let rcv = members[r].client.members().len().saturating_sub(1) as u64;
+                let rcv = members[r].receivers();
                 batch.push((r, pt, body, rcv));
             }
             c.sh.stats
@@ -1078,6 +1108,10 @@ pub(super) async fn run(
             Arc::new((0..rooms * n).map(|_| AtomicU64::new(0)).collect());
         if opts.mls_ahead {
             let per_stream = ahead_per_stream(opts, rooms * n);
+            // Sized once, so that no phase's insert copies a table of this size.
+            let pooled = per_stream as usize * rooms * n;
+            lock(&sh.sched).reserve(pooled);
+            lock(&sh.streams).reserve(2 * pooled);
             progress.line(&format!(
                 "{label} encrypting ahead: {per_stream} messages per room and provider"
             ));
@@ -1233,4 +1267,38 @@ pub(super) async fn run(
         row.note = format!("decryption failures, e.g. {}", failures.join("; "));
     }
     result
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// An MLSMessage framing a PrivateMessage of `content_type` (its body is opaque here).
+    fn private_message(content_type: u8) -> Vec<u8> {
+        let mut m = vec![0, 1, 0, 2]; // mls10, private_message
+        m.extend_from_slice(&[4, b'r', b'o', b'o', b'm']); // group_id
+        m.extend_from_slice(&7u64.to_be_bytes()); // epoch
+        m.push(content_type);
+        m.extend_from_slice(&[0]); // authenticated_data
+        m.extend_from_slice(&[3, 1, 2, 3]); // encrypted_sender_data
+        m.extend_from_slice(&[5, 9, 9, 9, 9, 9]); // ciphertext
+        m
+    }
+
+    #[test]
+    fn a_reader_finds_the_mls_message_of_a_fanout_in_place() {
+        let app = private_message(1);
+        let mut fanout = Vec::new();
+        mimi_wire::proto::encode_fanout_application(42, &app, &mut fanout);
+        assert_eq!(fanout_mls(&fanout), Some((&app[..], true)));
+        // A commit's arm is not an application message's; the bytes are still found.
+        let commit = private_message(3);
+        let mut fanout = 42u64.to_be_bytes().to_vec();
+        fanout.extend_from_slice(&commit);
+        fanout.extend_from_slice(&[0]);
+        assert_eq!(fanout_mls(&fanout), Some((&commit[..], false)));
+        assert_eq!(fanout_mls(&fanout[..6]), None);
+        assert_eq!(fanout_mls(&fanout[..20]), None);
+    }
 }
