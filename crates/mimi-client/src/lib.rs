@@ -313,6 +313,10 @@ impl MlsClient {
     /// `EpochTooOld` answer means: apply the pending commits, then encrypt again.
     pub fn encrypt(&mut self, payload: &[u8]) -> Result<Bytes, MlsClientError> {
         let group = self.group.as_mut().ok_or(MlsClientError::NoGroup)?;
+        // Franked as `send` franks: MIMI content in a room with a franking agent.
+        if let Some(aad) = franking::send_aad(self.provider.crypto(), group, payload) {
+            group.set_aad(aad);
+        }
         let msg = group
             .create_message(&self.provider, &self.signer, payload)
             .map_err(mls)?;

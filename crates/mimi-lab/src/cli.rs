@@ -135,6 +135,12 @@ pub struct BenchArgs {
     /// inline again. Each row says how many messages came from the pools.
     #[arg(long, default_value = "inline", value_parser = ["inline", "ahead"])]
     pub mls_encrypt: String,
+    /// `--traffic mls`: application messages are MIMI content (draft-ietf-mimi-content)
+    /// asserting their sender and room, with the franking tag in the AAD, so that the hub
+    /// franks each (protocol-06 §5.4.1: an HMAC and an Ed25519 signature) and every receiver
+    /// verifies the frank. Without it they are bare lab payloads the hub does not frank.
+    #[arg(long)]
+    pub mls_frank: bool,
 }
 
 /// Most runs of a row: enough for a median that shrugs off two outliers.
@@ -196,6 +202,7 @@ impl BenchArgs {
             commit_rate: self.commit_rate,
             mls_deferred: self.mls_decrypt == "deferred",
             mls_ahead: self.mls_encrypt == "ahead",
+            mls_frank: self.mls_frank,
             transports: self.transports.clone(),
             profiles,
             rooms: self.rooms,

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
 use mimi_client::{Event, MlsClient, UpdateResult, room_policy};
+use mimi_wire::content::{Disposition, MimiContent, NestedPart};
 use mimi_wire::proto::{SubmitMessageRequest, SubmitMessageResponse, SubmitStatus};
 use mimi_wire::uri::RoomId;
 use mimi_wire::{ContentType, MlsMessageView};
@@ -185,6 +186,9 @@ async fn create_rooms(sides: &[Arc<Side>], rooms: usize) -> Result<()> {
     let mut hub = sides[0].members.lock().await;
     for (r, m) in hub.iter_mut().enumerate().take(rooms) {
         let id = room(r)?;
+        // The hub's published key, so that the room names it as franking agent and its
+        // application messages are franked as every MIMI room's are (protocol-06 §5.4.1).
+        m.client.fetch_hub_key().await.context("the hub's key")?;
         m.client.create_room(&id).await.context("creating a room")?;
         let mut kps = Vec::new();
         for p in 1..sides.len() {
@@ -502,17 +506,55 @@ enum Pick {
     Again(Plain),
 }
 
-/// A plaintext of `size` bytes starting with the lab's marker.
-fn plaintext(stream: u32, k: u64, sched_ns: u64, size: usize, rng: &mut u64) -> Vec<u8> {
-    let mut pt = Vec::with_capacity(size + 8);
-    pt.extend_from_slice(&marker_bytes(stream, k as u32, sched_ns));
-    while pt.len() < size {
-        unit(rng);
-        pt.extend_from_slice(&rng.to_le_bytes());
+/// The plaintext of message `k` of `stream` (room `stream / n`, provider `stream % n`), of
+/// about `size` bytes, starting with or holding the lab's marker. Franked (`--mls-frank`):
+/// MIMI content (draft-ietf-mimi-content) whose one part carries the marker and padding,
+/// with the sender and room URIs a franked message asserts (protocol-06 §5.4.1.1), so that
+/// the sender puts its franking tag in the AAD and the hub franks it.
+fn plaintext(
+    stream: u32,
+    n: usize,
+    k: u64,
+    sched_ns: u64,
+    size: usize,
+    frank: bool,
+    rng: &mut u64,
+) -> Vec<u8> {
+    let padded = |len: usize, rng: &mut u64| {
+        let mut b = Vec::with_capacity(len.max(20) + 8);
+        b.extend_from_slice(&marker_bytes(stream, k as u32, sched_ns));
+        while b.len() < len {
+            unit(rng);
+            b.extend_from_slice(&rng.to_le_bytes());
+        }
+        b.truncate(len.max(20));
+        b
+    };
+    if !frank {
+        return padded(size, rng);
     }
-    pt.truncate(size.max(20));
-    pt
+    let (r, p) = (stream as usize / n.max(1), stream as usize % n.max(1));
+    let mut salt = [0u8; 16];
+    for half in salt.chunks_mut(8) {
+        unit(rng);
+        half.copy_from_slice(&rng.to_le_bytes());
+    }
+    let content = |body: Vec<u8>| {
+        let part = NestedPart::single(Disposition::RENDER, LAB_CONTENT_TYPE, body);
+        let mut m = MimiContent::new(salt, part);
+        m.extensions.set_sender_uri(user(p, r));
+        m.extensions.set_room_uri(room_id(r));
+        m.encode()
+    };
+    // The body's length prefix grows by two bytes past 23 and by one past 255.
+    let frame = content(Vec::new()).map_or(0, |c| c.len()) + 3;
+    let body = padded(size.saturating_sub(frame), rng);
+    // Our own fields always encode; were one not to, the bare payload goes unfranked.
+    content(body.clone()).unwrap_or(body)
 }
+
+/// The lab's part: opaque bytes (its marker and padding), not text.
+const LAB_CONTENT_TYPE: &str = "application/octet-stream";
 
 /// Encrypts `pt` at member `m`, noting the MLS message as its own and as of `stream`:
 /// the submitMessage request and the MLS message's size.
@@ -546,7 +588,7 @@ fn take_ahead(m: &mut Member, k: u64) -> Option<Ahead> {
 async fn encrypt_ahead(
     sides: &[Arc<Side>],
     per_stream: u64,
-    size: usize,
+    (size, frank): (usize, bool),
     counters: &Arc<Vec<AtomicU64>>,
     sh: &Arc<Shared>,
 ) -> Result<u64> {
@@ -564,7 +606,7 @@ async fn encrypt_ahead(
                 m.ahead.clear();
                 m.ahead_epoch = m.client.epoch();
                 for k in from..from + per_stream {
-                    let pt = plaintext(stream, k, SCHED_LATER, size, &mut rng);
+                    let pt = plaintext(stream, n, k, SCHED_LATER, size, frank, &mut rng);
                     let (body, mls_len) = encrypt(m, &pt, stream, &sh)?;
                     m.ahead.push_back(Ahead {
                         k,
@@ -609,6 +651,8 @@ struct SendCtx {
     rate: Option<f64>,
     batch_max: usize,
     size: usize,
+    /// `--mls-frank`: franked MIMI content.
+    frank: bool,
     until: Instant,
     epoch: Instant,
     sh: Arc<Shared>,
@@ -707,7 +751,15 @@ async fn sender(side: Arc<Side>, admin: Admin, c: SendCtx) -> Result<()> {
                             (r, a.pt, a.body, a.mls_len)
                         }
                         None => {
-                            let pt = plaintext(stream(r), k, sched_ns, c.size, &mut rngs[r]);
+                            let pt = plaintext(
+                                stream(r),
+                                c.n,
+                                k,
+                                sched_ns,
+                                c.size,
+                                c.frank,
+                                &mut rngs[r],
+                            );
                             let (body, len) = encrypt(&mut members[r], &pt, stream(r), &c.sh)?;
                             (r, pt, body, len)
                         }
@@ -992,6 +1044,7 @@ async fn phase(l: Load<'_>, mut tick: impl FnMut(Duration, u64, u64, u64)) -> Re
             rate: l.rate,
             batch_max: l.opts.submit_batch.max(1) as usize,
             size: l.opts.sizes.app,
+            frank: l.opts.mls_frank,
             until,
             epoch: l.epoch,
             sh: l.sh.clone(),
@@ -1116,7 +1169,13 @@ pub(super) async fn run(
                 "{label} encrypting ahead: {per_stream} messages per room and provider"
             ));
             let t = Instant::now();
-            let done = encrypt_ahead(&sides, per_stream, opts.sizes.app, &counters, &sh).await?;
+            let done = encrypt_ahead(
+                &sides,
+                per_stream,
+                (opts.sizes.app, opts.mls_frank),
+                &counters,
+                &sh,
+            ).await?;
             progress.line(&format!(
                 "{label} encrypted {done} messages ahead in {:.1} s",
                 t.elapsed().as_secs_f64()
@@ -1233,7 +1292,21 @@ pub(super) async fn run(
     let msgs = stats.mls_msgs.load(Ordering::Relaxed);
     row.mls_msg_bytes =
         (msgs > 0).then(|| stats.mls_bytes.load(Ordering::Relaxed) as f64 / msgs as f64);
-    row.decrypt_failures = Some(stats.decrypt_failures.load(Ordering::Relaxed));
+    // Every application message is franked by the hub and checked by each receiver
+    // (§5.4.1.3); a frank that does not verify counts as a failure.
+    let (mut verified, mut refused) = (0, 0);
+    for side in &sides {
+        for m in side.members.lock().await.iter() {
+            verified += m.client.franks_verified;
+            refused += m.client.franks_failed;
+        }
+        for sp in side.spares.lock().await.iter().flatten() {
+            verified += sp.client.franks_verified;
+            refused += sp.client.franks_failed;
+        }
+    }
+    row.franks_verified = Some(verified);
+    row.decrypt_failures = Some(stats.decrypt_failures.load(Ordering::Relaxed) + refused);
     row.retries = Some(stats.retries.load(Ordering::Relaxed));
     row.commits = Some(stats.commits.load(Ordering::Relaxed));
     row.commits_refused = Some(stats.commits_refused.load(Ordering::Relaxed));
@@ -1284,6 +1357,23 @@ mod tests {
         m.extend_from_slice(&[3, 1, 2, 3]); // encrypted_sender_data
         m.extend_from_slice(&[5, 9, 9, 9, 9, 9]); // ciphertext
         m
+    }
+
+    #[test]
+    fn a_franked_plaintext_is_mimi_content_of_its_size_holding_the_marker() {
+        let (stream, n, size) = (2 * 3 + 1, 3, 1024);
+        let mut rng = 5;
+        let bare = plaintext(stream, n, 9, 77, size, false, &mut rng);
+        assert_eq!(bare.len(), size);
+        assert_eq!(find_marker(&bare), Some((stream, 9, 77)));
+        let pt = plaintext(stream, n, 9, 77, size, true, &mut rng);
+        assert!(pt.len().abs_diff(size) <= 3, "{}", pt.len());
+        assert_eq!(find_marker(&pt), Some((stream, 9, 77)));
+        // Room 2, provider 1: the URIs a receiver compares with the credential and group.
+        let m = MimiContent::decode(&pt).unwrap();
+        assert_eq!(m.extensions.sender_uri(), Some(user(1, 2).as_str()));
+        assert_eq!(m.extensions.room_uri(), Some(room_id(2).as_str()));
+        assert!(mimi_wire::content::content_salt(&pt).is_ok());
     }
 
     #[test]

@@ -116,6 +116,8 @@ pub struct BenchOptions {
     pub mls_deferred: bool,
     /// `--mls-encrypt ahead`: senders encrypt their messages before the measured phase.
     pub mls_ahead: bool,
+    /// `--mls-frank`: application messages are franked MIMI content.
+    pub mls_frank: bool,
 }
 
 /// What the relay rows carry.
@@ -184,6 +186,7 @@ impl Default for BenchOptions {
             commit_rate: 1.0,
             mls_deferred: false,
             mls_ahead: false,
+            mls_frank: false,
         }
     }
 }
@@ -248,6 +251,10 @@ pub struct Row {
     /// mls traffic: messages that did not decrypt or apply (must be 0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decrypt_failures: Option<u64>,
+    /// mls traffic: the hub's franks the receivers verified (those that did not verify count
+    /// in `decrypt_failures`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub franks_verified: Option<u64>,
     /// mls traffic: messages encrypted again after the hub answered epochTooOld.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retries: Option<u64>,
@@ -377,6 +384,7 @@ impl Row {
             duplicated: None,
             out_of_order: None,
             decrypt_failures: None,
+            franks_verified: None,
             retries: None,
             mls_msg_bytes: None,
             commits: None,

@@ -169,6 +169,17 @@ pub async fn run(opts: BenchOptions, launcher: Launcher, command: String) -> Res
                  every other member) runs on the same CPUs as the nodes, on the timed path"
             }
         ));
+        notes.push(
+            if opts.mls_frank {
+                "--mls-frank: application messages are MIMI content asserting sender and room, \
+                 with the franking tag in the AAD; the hub franks every one (an HMAC and an \
+                 Ed25519 signature) and every receiver verifies the frank"
+            } else {
+                "application messages are the lab's bare payloads (no MIMI content, no franking \
+                 tag): the hub franks none of them (--mls-frank makes them franked MIMI content)"
+            }
+            .to_owned(),
+        );
         if opts.mls_ahead {
             notes.push(
                 "--mls-encrypt ahead: senders encrypt their rooms' messages for the current \

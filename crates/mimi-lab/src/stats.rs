@@ -138,6 +138,7 @@ impl Row {
             duplicated: sum(|r| r.duplicated),
             out_of_order: sum(|r| r.out_of_order),
             decrypt_failures: sum(|r| r.decrypt_failures),
+            franks_verified: sum(|r| r.franks_verified),
             retries: sum(|r| r.retries),
             mls_msg_bytes: f(|r| r.mls_msg_bytes),
             commits: sum(|r| r.commits),

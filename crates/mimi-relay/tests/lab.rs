@@ -418,6 +418,7 @@ fn mls_traffic_decrypts_everything_once_in_order() {
         "quic,https",
         "--traffic",
         "mls",
+        "--mls-frank",
         "--commit-rate",
         "6",
         "--duration",
@@ -432,6 +433,10 @@ fn mls_traffic_decrypts_everything_once_in_order() {
         assert_eq!(r["traffic"], "mls", "{r}");
         assert_clean(r);
         assert_eq!(r["decrypt_failures"].as_u64(), Some(0), "{r}");
+        // Every accepted message was franked by the hub and its frank verified by at least
+        // its other provider's receiver (a frank that fails counts as a failure above).
+        let (sent, franks) = (r["sent"].as_u64().unwrap(), r["franks_verified"].as_u64());
+        assert!(franks.unwrap() >= sent && sent > 0, "{t}: {r}");
         assert!(r["commits"].as_u64().unwrap() > 0, "{t}: {r}");
         // Each kind of commit was accepted at least once, and some spare joined by its
         // Welcome and left by applying its own removal.
@@ -448,7 +453,8 @@ fn mls_traffic_decrypts_everything_once_in_order() {
         }
         assert_eq!(kinds["add"], kinds["spares_joined"], "{t}: {kinds}");
         assert!(r["retries"].as_u64().is_some(), "{r}");
-        // A PrivateMessage of a 1 KiB plaintext: header, padding-free AEAD, signature.
+        // A PrivateMessage of a 1 KiB plaintext (MIMI content): header, AAD with the
+        // franking tag, padding-free AEAD, signature.
         let size = r["mls_msg_bytes"].as_f64().unwrap();
         assert!((1024.0..1400.0).contains(&size), "{t}: {size}");
     }
@@ -484,6 +490,8 @@ fn mls_traffic_decrypts_everything_once_in_order() {
     assert_clean(r);
     assert_eq!(r["mls_decrypt"], "deferred", "{r}");
     assert_eq!(r["decrypt_failures"].as_u64(), Some(0), "{r}");
+    // Bare lab payloads: the hub franks none.
+    assert_eq!(r["franks_verified"].as_u64(), Some(0), "{r}");
     assert!(r["decrypted_after_phase"].as_u64().unwrap() > 0, "{r}");
     assert_eq!(r["mls_encrypt"], "ahead", "{r}");
     let (sent, pooled) = (

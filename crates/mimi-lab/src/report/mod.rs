@@ -239,20 +239,21 @@ pub(crate) fn mls_table(rows: &[Row]) -> String {
     }
     let mut s = String::from(
         "MLS traffic (real openmls groups; decryption failures must be 0):\n\n\
-         | transport | profile | MLS message B | decryption failures | epochTooOld retries | commits (refused) | self-updates / adds / removes / role changes | spares joined / left | node CPU µs/msg (hub, followers) | lab CPU µs/msg | clients' openmls µs/msg (encryption) | decryption (after the phase), encryption (from the pools) |\n\
-         |---|---|---:|---:|---:|---:|---|---|---|---:|---:|---|\n",
+         | transport | profile | MLS message B | decryption failures | franks verified | epochTooOld retries | commits (refused) | self-updates / adds / removes / role changes | spares joined / left | node CPU µs/msg (hub, followers) | lab CPU µs/msg | clients' openmls µs/msg (encryption) | decryption (after the phase), encryption (from the pools) |\n\
+         |---|---|---:|---:|---:|---:|---:|---|---|---|---:|---:|---|\n",
     );
     for r in mls {
         let kind = |k: &str| opt(r.commit_kinds.get(k).copied());
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} ({}) | {} / {} / {} / {} | {} / {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} ({}) | {} / {} / {} / {} | {} / {} | {} | {} | {} | {} |",
             name(r),
             r.profile,
             r.mls_msg_bytes
                 .map(|v| format!("{v:.0}"))
                 .unwrap_or_else(|| "–".into()),
             opt(r.decrypt_failures),
+            opt(r.franks_verified),
             opt(r.retries),
             opt(r.commits),
             opt(r.commits_refused),
