@@ -179,6 +179,9 @@ pub struct MlsClient {
     kept: franking::Kept,
     /// Past epochs whose application messages stay decryptable (see [`PAST_EPOCHS`]).
     past_epochs: usize,
+    /// The MLSMessage of the commit this client built and has not yet seen answered: the
+    /// hub may fan it back before its answer arrives (see [`MlsClient::finish_commit`]).
+    pending: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for MlsClient {
@@ -297,6 +300,7 @@ impl MlsClient {
             franks_failed: 0,
             kept: franking::Kept::default(),
             past_epochs: PAST_EPOCHS,
+            pending: None,
         })
     }
 
@@ -494,6 +498,13 @@ impl MlsClient {
         target: &str,
         room: &RoomId,
     ) -> Result<Result<KeyPackage, String>, MlsClientError> {
+        let body = self.prepare_claim(target, room)?;
+        let (st, body) = self.api.key_material(body).await?;
+        self.finish_claim(st, &body)
+    }
+
+    /// The signed KeyMaterialRequest of [`MlsClient::claim`], for whoever sends it.
+    pub fn prepare_claim(&self, target: &str, room: &RoomId) -> Result<Bytes, MlsClientError> {
         let cred = self
             .credential
             .credential
@@ -521,11 +532,19 @@ impl MlsClient {
             .sign(&tbs)
             .map_err(|e| MlsClientError::Mls(format!("{e:?}")))?;
         req.signature = VLBytes::new(sig);
-        let (st, body) = self.api.key_material(Bytes::from(req.encode()?)).await?;
+        Ok(Bytes::from(req.encode()?))
+    }
+
+    /// The KeyPackage in the provider's answer to a claim, validated, or why there is none.
+    pub fn finish_claim(
+        &self,
+        st: StatusCode,
+        body: &[u8],
+    ) -> Result<Result<KeyPackage, String>, MlsClientError> {
         if !st.is_success() {
-            return Err(status(st, &body));
+            return Err(status(st, body));
         }
-        let resp = KeyMaterialResponse::decode(&body)?;
+        let resp = KeyMaterialResponse::decode(body)?;
         for c in resp.clients {
             if let ClientKeyMaterialStatus::Success { key_package } = c.status {
                 let kp = KeyPackageIn::tls_deserialize_exact(key_package.as_bytes())
@@ -577,14 +596,28 @@ impl MlsClient {
         body: Bytes,
     ) -> Result<UpdateResult, MlsClientError> {
         let (st, b) = self.api.update(room, body).await?;
+        self.finish_commit(st, &b)
+    }
+
+    /// Applies the hub's answer to the UpdateRequest of this client's pending commit (built
+    /// by a `prepare_*` method and sent by anyone): merges it if the hub took it (unless its
+    /// fan-out, read first, merged it already), drops it otherwise.
+    pub fn finish_commit(
+        &mut self,
+        st: StatusCode,
+        body: &[u8],
+    ) -> Result<UpdateResult, MlsClientError> {
         if !st.is_success() {
-            return Err(status(st, &b));
+            return Err(status(st, body));
         }
-        let resp = UpdateRoomResponse::decode(&b)?;
+        let resp = UpdateRoomResponse::decode(body)?;
         let group = self.group.as_mut().ok_or(MlsClientError::NoGroup)?;
+        self.pending = None;
         let result = match resp.outcome {
             UpdateOutcome::Success { .. } => {
-                group.merge_pending_commit(&self.provider).map_err(mls)?;
+                if group.pending_commit().is_some() {
+                    group.merge_pending_commit(&self.provider).map_err(mls)?;
+                }
                 return Ok(UpdateResult::Accepted);
             }
             UpdateOutcome::WrongEpoch { current_epoch } => UpdateResult::WrongEpoch(current_epoch),
@@ -602,6 +635,13 @@ impl MlsClient {
         room: &RoomId,
         key_packages: &[KeyPackage],
     ) -> Result<UpdateResult, MlsClientError> {
+        let body = self.prepare_add(key_packages)?;
+        self.send_commit(room, body).await
+    }
+
+    /// Builds (without sending) the commit of [`MlsClient::add`]; it stays pending until
+    /// [`MlsClient::finish_commit`].
+    pub fn prepare_add(&mut self, key_packages: &[KeyPackage]) -> Result<Bytes, MlsClientError> {
         let group = self.group.as_ref().ok_or(MlsClientError::NoGroup)?;
         let list = participant_list(group)?;
         let mut users: Vec<String> = Vec::new();
@@ -617,8 +657,7 @@ impl MlsClient {
             users.iter().map(String::as_str),
             room_policy::REGULAR_ROLE,
         );
-        self.update_participants(room, Some(update), &[], key_packages)
-            .await
+        self.prepare_participants(Some(update), &[], key_packages)
     }
 
     /// Commits an arbitrary change of the participant list (an AppDataUpdate, when given)
@@ -631,23 +670,32 @@ impl MlsClient {
         remove: &[LeafNodeIndex],
         add: &[KeyPackage],
     ) -> Result<UpdateResult, MlsClientError> {
+        let body = self.prepare_participants(update, remove, add)?;
+        self.send_commit(room, body).await
+    }
+
+    fn prepare_participants(
+        &mut self,
+        update: Option<ParticipantListUpdate>,
+        remove: &[LeafNodeIndex],
+        add: &[KeyPackage],
+    ) -> Result<Bytes, MlsClientError> {
         let app_data = match update.filter(|u| *u != ParticipantListUpdate::default()) {
             Some(u) => vec![(component::PARTICIPANT_LIST, u.encode()?)],
             None => Vec::new(),
         };
-        self.commit_app_data(room, app_data, remove, add).await
+        self.prepare_app_data(app_data, remove, add)
     }
 
     /// Commits Removes of `remove`, Adds of `add` and one AppDataUpdate per (component,
     /// data) in `app_data`, the dictionary updates resolved as the hub's validator resolves
     /// them, and sends it with its Welcome and GroupInfo.
-    async fn commit_app_data(
+    fn prepare_app_data(
         &mut self,
-        room: &RoomId,
         app_data: Vec<(u16, Vec<u8>)>,
         remove: &[LeafNodeIndex],
         add: &[KeyPackage],
-    ) -> Result<UpdateResult, MlsClientError> {
+    ) -> Result<Bytes, MlsClientError> {
         let group = self.group.as_mut().ok_or(MlsClientError::NoGroup)?;
         let mut builder = group
             .commit_builder()
@@ -680,8 +728,8 @@ impl MlsClient {
             .stage_commit(&self.provider)
             .map_err(mls)?;
         let welcome = bundle.to_welcome_msg();
-        let body = Self::bundle(bundle.commit(), welcome.as_ref(), bundle.group_info())?;
-        self.send_commit(room, body).await
+        self.pending = Some(bundle.commit().to_bytes().map_err(mls)?);
+        Self::bundle(bundle.commit(), welcome.as_ref(), bundle.group_info())
     }
 
     /// Commits a role change of `user` in the participant list (nothing else).
@@ -691,10 +739,21 @@ impl MlsClient {
         user: &str,
         role_index: u32,
     ) -> Result<UpdateResult, MlsClientError> {
+        let body = self.prepare_change_role(user, role_index)?;
+        self.send_commit(room, body).await
+    }
+
+    /// Builds (without sending) the commit of [`MlsClient::change_role`]; it stays pending
+    /// until [`MlsClient::finish_commit`].
+    pub fn prepare_change_role(
+        &mut self,
+        user: &str,
+        role_index: u32,
+    ) -> Result<Bytes, MlsClientError> {
         let group = self.group.as_ref().ok_or(MlsClientError::NoGroup)?;
         let update = room_policy::change_role(&participant_list(group)?, user, role_index)
             .ok_or_else(|| MlsClientError::Mls(format!("{user} is not listed")))?;
-        self.update_participants(room, Some(update), &[], &[]).await
+        self.prepare_participants(Some(update), &[], &[])
     }
 
     /// Commits `preauth` as the room's preauth_list (room-policy §4; the committer's role
@@ -705,7 +764,8 @@ impl MlsClient {
         preauth: &PreAuthData,
     ) -> Result<UpdateResult, MlsClientError> {
         let app_data = vec![(component::PREAUTH_LIST, preauth.encode()?)];
-        self.commit_app_data(room, app_data, &[], &[]).await
+        let body = self.prepare_app_data(app_data, &[], &[])?;
+        self.send_commit(room, body).await
     }
 
     /// Bans `user`: its role becomes banned and its clients are removed.
@@ -788,20 +848,28 @@ impl MlsClient {
         room: &RoomId,
         user: &str,
     ) -> Result<UpdateResult, MlsClientError> {
+        let body = self.prepare_remove(user)?;
+        self.send_commit(room, body).await
+    }
+
+    /// Builds (without sending) the commit of [`MlsClient::remove`]; it stays pending until
+    /// [`MlsClient::finish_commit`].
+    pub fn prepare_remove(&mut self, user: &str) -> Result<Bytes, MlsClientError> {
         let group = self.group.as_ref().ok_or(MlsClientError::NoGroup)?;
         let update = room_policy::remove_participant(&participant_list(group)?, user);
         let leaves = self.leaves_of(user);
-        self.update_participants(room, update, &leaves, &[]).await
+        self.prepare_participants(update, &leaves, &[])
     }
 
     /// Builds (without sending) a commit that updates the own leaf; it stays pending until
-    /// [`MlsClient::send_update`] learns the hub's answer.
+    /// [`MlsClient::send_update`] or [`MlsClient::finish_commit`] learns the hub's answer.
     pub fn prepare_self_update(&mut self) -> Result<Bytes, MlsClientError> {
         let group = self.group.as_mut().ok_or(MlsClientError::NoGroup)?;
         let bundle = group
             .self_update(&self.provider, &self.signer, LeafNodeParameters::default())
             .map_err(mls)?;
         let (commit, _welcome, gi) = bundle.into_contents();
+        self.pending = Some(commit.to_bytes().map_err(mls)?);
         Self::bundle(&commit, None, gi.as_ref())
     }
 
@@ -1182,6 +1250,15 @@ impl MlsClient {
         {
             return Event::OwnCommit;
         }
+        // Our pending commit, fanned out before the hub's answer reached us: the hub took it
+        // (it fans out only what it accepted).
+        if self.pending.as_deref() == Some(f.message.as_bytes()) {
+            self.pending = None;
+            return match group.merge_pending_commit(&self.provider) {
+                Ok(()) => Event::OwnCommit,
+                Err(e) => failed(format!("merge own commit: {e}")),
+            };
+        }
         let processed = match group.process_message(&self.provider, pm) {
             Ok(p) => p,
             Err(e) => return failed(format!("process: {e}")),
@@ -1293,8 +1370,8 @@ mod tests {
         assert!(key.verify_strict(b"another payload", &sig).is_err());
     }
 
-    #[test]
-    fn encrypt_and_handle_fanout_carry_a_message_between_members() {
+    /// Alice's group with Bob in it, made directly (no node).
+    fn pair() -> (MlsClient, MlsClient) {
         let mut alice = MlsClient::new(
             "mimi://a.example/u/alice",
             "127.0.0.1:9".parse().expect("addr"),
@@ -1305,7 +1382,6 @@ mod tests {
             "127.0.0.1:9".parse().expect("addr"),
         )
         .expect("bob");
-        // No node: alice's group and bob's join are made directly.
         let mut group = MlsGroup::new(
             &alice.provider,
             &alice.signer,
@@ -1337,7 +1413,83 @@ mod tests {
                 .and_then(|s| s.into_group(&bob.provider))
                 .expect("join");
         bob.group = Some(joined);
+        (alice, bob)
+    }
 
+    /// The FanoutMessage the hub makes of the commit in an UpdateRequest body.
+    fn commit_fanout_of(update: &[u8]) -> Vec<u8> {
+        let req = UpdateRequest::decode(update).expect("an update request");
+        let HandshakeBundle::Commit { commit, .. } = req.bundle else {
+            panic!("not a commit");
+        };
+        FanoutMessage {
+            timestamp: 1,
+            message: commit,
+            extra: FanoutExtra::Commit {
+                external_proposals: Vec::new(),
+            },
+        }
+        .encode()
+        .expect("fanout")
+    }
+
+    #[test]
+    fn a_pending_commit_fanned_back_before_the_hubs_answer_is_merged_once() {
+        let (mut alice, mut bob) = pair();
+        let accepted = UpdateRoomResponse::success(1).encode().expect("answer");
+        for answer_first in [false, true] {
+            let before = alice.epoch().expect("epoch");
+            let body = alice.prepare_self_update().expect("commit");
+            // Pending: still the old epoch, and a message to it is not our commit.
+            assert_eq!(alice.epoch(), Some(before));
+            let fanout = commit_fanout_of(&body);
+            if answer_first {
+                assert!(matches!(
+                    alice.finish_commit(StatusCode::OK, &accepted),
+                    Ok(UpdateResult::Accepted)
+                ));
+                assert!(matches!(alice.handle_fanout(&fanout), Event::OwnCommit));
+            } else {
+                assert!(matches!(alice.handle_fanout(&fanout), Event::OwnCommit));
+                assert_eq!(alice.epoch(), Some(before + 1));
+                // The answer finds nothing left to merge.
+                assert!(matches!(
+                    alice.finish_commit(StatusCode::OK, &accepted),
+                    Ok(UpdateResult::Accepted)
+                ));
+            }
+            assert_eq!(alice.epoch(), Some(before + 1));
+            assert!(
+                matches!(bob.handle_fanout(&fanout), Event::Commit { epoch, .. } if epoch == before + 1)
+            );
+            let msg = alice.encrypt(b"after the commit").expect("encrypt");
+            assert!(matches!(
+                bob.handle_fanout(&fanout_of(&msg)),
+                Event::Message { payload, .. } if payload == b"after the commit"
+            ));
+        }
+        // A refused commit is dropped: the epoch stays, and the next commit can be built.
+        let before = alice.epoch().expect("epoch");
+        alice.prepare_self_update().expect("commit");
+        let refused = UpdateRoomResponse {
+            error_description: "no".into(),
+            outcome: UpdateOutcome::WrongEpoch {
+                current_epoch: before,
+            },
+        }
+        .encode()
+        .expect("answer");
+        assert!(matches!(
+            alice.finish_commit(StatusCode::OK, &refused),
+            Ok(UpdateResult::WrongEpoch(e)) if e == before
+        ));
+        assert_eq!(alice.epoch(), Some(before));
+        assert!(alice.prepare_self_update().is_ok());
+    }
+
+    #[test]
+    fn encrypt_and_handle_fanout_carry_a_message_between_members() {
+        let (mut alice, mut bob) = pair();
         assert!(matches!(
             MlsClient::new("mimi://c.example/u/c", "127.0.0.1:9".parse().expect("addr"))
                 .expect("carol")

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
-use mimi_client::{Event, MlsClient, UpdateResult, room_policy};
+use mimi_client::{Event, MlsClient, MlsClientError, UpdateResult, room_policy};
 use mimi_wire::content::{Disposition, MimiContent, NestedPart};
 use mimi_wire::proto::{SubmitMessageRequest, SubmitMessageResponse, SubmitStatus};
 use mimi_wire::uri::RoomId;
@@ -404,71 +404,80 @@ fn start_readers(
     set
 }
 
+/// Inbox items [`apply_held`] applies between two looks at its provider's clients.
+const APPLY_SLICE: usize = 64;
+
 /// Applies held inbox items, in order per room, to provider `p`'s clients, and records what
 /// decrypted at its receiver (main `p`, spare `n + p`) as of its arrival.
 async fn apply_held(side: &Side, p: usize, n: usize, batch: Vec<(usize, Vec<Held>)>, sh: &Shared) {
     let stats = &sh.stats;
     let mut got = Vec::new();
     let late = sh.drain.load(Ordering::Relaxed);
-    {
+    let mut seen = |receiver: usize, r: usize, at: Instant, event: Event| {
+        let fail = match event {
+            Event::Message { payload, .. } => match find_marker(&payload) {
+                Some(mark) => {
+                    got.push((receiver, mark, at));
+                    None
+                }
+                None => Some("a message without the lab's marker".to_owned()),
+            },
+            Event::Failed { what } => Some(format!("{what} in {}", room_id(r))),
+            _ => None,
+        };
+        if let Some(what) = fail {
+            stats.decrypt_failures.fetch_add(1, Ordering::Relaxed);
+            let mut f = lock(&stats.failures);
+            if f.len() < 3 {
+                let who = if receiver < n { "" } else { " (spare)" };
+                f.push(format!("{}{who}: {what}", provider(p)));
+            }
+        }
+    };
+    // In slices, letting go of the clients between them: a room that decrypts a long
+    // backlog at once (one with a spare client, at a handshake) must not hold up the
+    // provider's sender in every other room meanwhile.
+    let mut items = batch
+        .into_iter()
+        .flat_map(|(r, items)| items.into_iter().map(move |item| (r, item)))
+        .peekable();
+    while items.peek().is_some() {
         let mut members = side.members.lock().await;
         let mut spares = side.spares.lock().await;
         let cpu0 = thread_cpu_ns();
-        let mut seen = |receiver: usize, r: usize, at: Instant, event: Event| {
-            let fail = match event {
-                Event::Message { payload, .. } => match find_marker(&payload) {
-                    Some(mark) => {
-                        got.push((receiver, mark, at));
-                        None
-                    }
-                    None => Some("a message without the lab's marker".to_owned()),
-                },
-                Event::Failed { what } => Some(format!("{what} in {}", room_id(r))),
-                _ => None,
-            };
-            if let Some(what) = fail {
-                stats.decrypt_failures.fetch_add(1, Ordering::Relaxed);
-                let mut f = lock(&stats.failures);
-                if f.len() < 3 {
-                    let who = if receiver < n { "" } else { " (spare)" };
-                    f.push(format!("{}{who}: {what}", provider(p)));
+        for (r, (fanout, at)) in items.by_ref().take(APPLY_SLICE) {
+            if let Some(m) = members.get_mut(r) {
+                let own = fanout_mls(&fanout).is_some_and(|(mls, _)| m.own.remove(&digest(mls)));
+                // Our own message, back from the hub, is not applied again.
+                if !own {
+                    seen(p, r, at, m.client.handle_fanout(&fanout));
                 }
             }
-        };
-        for (r, items) in batch {
-            for (fanout, at) in items {
-                if let Some(m) = members.get_mut(r) {
-                    let own =
-                        fanout_mls(&fanout).is_some_and(|(mls, _)| m.own.remove(&digest(mls)));
-                    // Our own message, back from the hub, is not applied again.
-                    if !own {
-                        seen(p, r, at, m.client.handle_fanout(&fanout));
+            // The provider's spare client in the room, if any, applies everything (its
+            // provider's main client's messages included) until it is removed.
+            if let Some(slot) = spares.get_mut(r)
+                && let Some(sp) = slot.as_mut()
+            {
+                match sp.client.handle_fanout(&fanout) {
+                    Event::Commit {
+                        removed_me: true, ..
+                    } => {
+                        *slot = None;
+                        stats.spares_left.fetch_add(1, Ordering::Relaxed);
                     }
-                }
-                // The provider's spare client in the room, if any, applies everything (its
-                // provider's main client's messages included) until it is removed.
-                if let Some(slot) = spares.get_mut(r)
-                    && let Some(sp) = slot.as_mut()
-                {
-                    match sp.client.handle_fanout(&fanout) {
-                        Event::Commit {
-                            removed_me: true, ..
-                        } => {
-                            *slot = None;
-                            stats.spares_left.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Event::Joined { epoch } if epoch > 0 && !sp.joined => {
-                            sp.joined = true;
-                            stats.spares_joined.fetch_add(1, Ordering::Relaxed);
-                        }
-                        event => seen(n + p, r, at, event),
+                    Event::Joined { epoch } if epoch > 0 && !sp.joined => {
+                        sp.joined = true;
+                        stats.spares_joined.fetch_add(1, Ordering::Relaxed);
                     }
+                    event => seen(n + p, r, at, event),
                 }
             }
         }
         stats
             .decrypt_ns
             .fetch_add(thread_cpu_ns().saturating_sub(cpu0), Ordering::Relaxed);
+        drop((members, spares));
+        tokio::task::yield_now().await;
     }
     if late {
         stats
@@ -874,18 +883,41 @@ fn pick(rng: &mut u64, n: usize) -> usize {
     (unit(rng) * n as f64) as usize % n.max(1)
 }
 
+type CommitResult = Result<UpdateResult, MlsClientError>;
+
+/// Sends the commit that `build` makes with provider `p`'s client in room `r`. The provider's
+/// clients are locked only to build it and to apply the hub's answer, not while it crosses to
+/// the hub and back under load: the provider's sender and reader go on meanwhile (the reader
+/// may apply the commit's fan-out before the answer comes; the client merges it then).
+async fn commit_in(
+    side: &Side,
+    r: usize,
+    build: impl FnOnce(&mut MlsClient) -> Result<Bytes, MlsClientError>,
+) -> CommitResult {
+    let id = room(r).map_err(|e| MlsClientError::Mls(format!("{e:#}")))?;
+    let body = {
+        let mut members = side.members.lock().await;
+        let m = members.get_mut(r).ok_or(MlsClientError::NoGroup)?;
+        build(&mut m.client)?
+    };
+    let (st, answer) = side.admin.client().update(&id, body).await?;
+    let mut members = side.members.lock().await;
+    let m = members.get_mut(r).ok_or(MlsClientError::NoGroup)?;
+    m.client.finish_commit(st, &answer)
+}
+
 /// One commit of kind `COMMIT_CYCLE[k % 3]` in a random room (a follower's /update crosses
 /// the link). Counted by kind when the hub accepts it, as refused otherwise.
 async fn commit_step(sides: &[Arc<Side>], rooms: usize, k: u64, rng: &mut u64, stats: &MlsStats) {
     let r = pick(rng, rooms);
-    let Ok(id) = room(r) else { return };
     let kind = COMMIT_CYCLE[(k % 3) as usize];
     let (result, counter) = match kind {
         CommitKind::SelfUpdate => {
             let p = pick(rng, sides.len());
-            let mut members = sides[p].members.lock().await;
-            let Some(m) = members.get_mut(r) else { return };
-            (m.client.self_update(&id).await, &stats.self_updates)
+            (
+                commit_in(&sides[p], r, MlsClient::prepare_self_update).await,
+                &stats.self_updates,
+            )
         }
         CommitKind::Membership => {
             // Adds and removes take turns: every other one removes a spare that is in.
@@ -914,17 +946,18 @@ async fn commit_step(sides: &[Arc<Side>], rooms: usize, k: u64, rng: &mut u64, s
             let Some(o) = owner(sides, r, rng).await else {
                 return;
             };
-            let mut members = sides[o].members.lock().await;
-            let Some(m) = members.get_mut(r) else { return };
-            let role = match m.client.participants().iter().find(|(u, _)| *u == target) {
-                Some((_, role)) if *role == room_policy::OWNER_ROLE => room_policy::REGULAR_ROLE,
-                Some(_) => room_policy::OWNER_ROLE,
-                None => return,
-            };
-            (
-                m.client.change_role(&id, &target, role).await,
-                &stats.role_changes,
-            )
+            let result = commit_in(&sides[o], r, |c| {
+                let role = match c.participants().iter().find(|(u, _)| *u == target) {
+                    Some((_, role)) if *role == room_policy::OWNER_ROLE => {
+                        room_policy::REGULAR_ROLE
+                    }
+                    Some(_) => room_policy::OWNER_ROLE,
+                    None => return Err(MlsClientError::Mls(format!("{target} is not listed"))),
+                };
+                c.prepare_change_role(&target, role)
+            })
+            .await;
+            (result, &stats.role_changes)
         }
     };
     match result {
@@ -965,19 +998,23 @@ async fn membership(
     r: usize,
     q: usize,
     rng: &mut u64,
-) -> Option<(Result<UpdateResult, mimi_client::MlsClientError>, bool)> {
+) -> Option<(CommitResult, bool)> {
     let id = room(r).ok()?;
     let o = owner(sides, r, rng).await?;
     let spare = spare_user(q, r);
     let present = sides[q].spares.lock().await.get(r)?.is_some();
-    let mut members = sides[o].members.lock().await;
-    let listed = members.get(r)?.client.members().contains(&spare);
+    let listed = {
+        let members = sides[o].members.lock().await;
+        members.get(r)?.client.members().contains(&spare)
+    };
     if present {
         // Not listed: its removal is accepted but not yet applied by its reader.
-        let m = members.get_mut(r).filter(|_| listed)?;
-        return Some((m.client.remove(&id, &spare).await, false));
+        if !listed {
+            return None;
+        }
+        let result = commit_in(&sides[o], r, |c| c.prepare_remove(&spare)).await;
+        return Some((result, false));
     }
-    drop(members);
     // A fresh client with a fresh KeyPackage, consenting to the owner's claim, in place
     // before its Welcome can reach the provider's reader.
     let mut client = MlsClient::with_api(&spare, sides[q].admin.client()).ok()?;
@@ -990,14 +1027,26 @@ async fn membership(
         client,
         joined: false,
     });
-    let mut members = sides[o].members.lock().await;
-    let m = members.get_mut(r)?;
-    let result = match m.client.claim(&spare, &id).await {
-        Ok(Ok(kp)) => m.client.add(&id, &[kp]).await,
+    // The claim too crosses to the hub with the owner's provider's clients unlocked.
+    let claim = {
+        let members = sides[o].members.lock().await;
+        members.get(r)?.client.prepare_claim(&spare, &id)
+    };
+    let claimed = match claim {
+        Ok(body) => match sides[o].admin.client().key_material(body).await {
+            Ok((st, answer)) => {
+                let members = sides[o].members.lock().await;
+                members.get(r)?.client.finish_claim(st, &answer)
+            }
+            Err(e) => Err(e.into()),
+        },
+        Err(e) => Err(e),
+    };
+    let result = match claimed {
+        Ok(Ok(kp)) => commit_in(&sides[o], r, |c| c.prepare_add(&[kp])).await,
         Ok(Err(why)) => Ok(UpdateResult::Refused(why)),
         Err(e) => Err(e),
     };
-    drop(members);
     if !matches!(result, Ok(UpdateResult::Accepted)) {
         // No Welcome will come: the next add starts afresh.
         *sides[q].spares.lock().await.get_mut(r)? = None;
