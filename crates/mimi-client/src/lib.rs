@@ -139,6 +139,19 @@ impl Ed25519Signer {
     fn public(&self) -> &[u8] {
         self.pair.public()
     }
+
+    /// The same key again (openmls's key pair is not `Clone` in our feature set).
+    fn duplicate(&self) -> Self {
+        let pair = SignatureKeyPair::from_raw(
+            SignatureScheme::ED25519,
+            self.key.to_bytes().to_vec(),
+            self.public().to_vec(),
+        );
+        Ed25519Signer {
+            key: self.key.clone(),
+            pair,
+        }
+    }
 }
 
 impl openmls_traits::signatures::Signer for Ed25519Signer {
@@ -326,6 +339,60 @@ impl MlsClient {
             .map_err(mls)?;
         let req = SubmitMessageRequest::mls10(msg.to_bytes().map_err(mls)?, self.user.clone())?;
         Ok(Bytes::from(req.encode()?))
+    }
+
+    /// A copy of this client with its group state, talking through `api`: to plan on ahead
+    /// of time (build or process a commit before it happens, encrypt for the epoch after it)
+    /// and to [`MlsClient::adopt`] later in the client's place. Its random numbers are its
+    /// own; its counters and logs start empty.
+    pub fn fork(&self, api: LocalClient) -> Result<MlsClient, MlsClientError> {
+        let provider = OpenMlsRustCrypto::default();
+        let values = self
+            .provider
+            .storage()
+            .values
+            .read()
+            .map_err(|_| MlsClientError::Mls("storage lock poisoned".into()))?
+            .clone();
+        *provider
+            .storage()
+            .values
+            .write()
+            .map_err(|_| MlsClientError::Mls("storage lock poisoned".into()))? = values;
+        let group = match &self.group {
+            Some(g) => Some(
+                MlsGroup::load(provider.storage(), g.group_id())
+                    .map_err(mls)?
+                    .ok_or(MlsClientError::NoGroup)?,
+            ),
+            None => None,
+        };
+        Ok(MlsClient {
+            user: self.user.clone(),
+            provider,
+            signer: self.signer.duplicate(),
+            credential: self.credential.clone(),
+            group,
+            joined_epoch: self.joined_epoch,
+            api,
+            inbox_after: self.inbox_after,
+            backlog: Default::default(),
+            sent: Default::default(),
+            hub_keys: self.hub_keys.clone(),
+            franks_verified: 0,
+            franks_failed: 0,
+            kept: Default::default(),
+            past_epochs: self.past_epochs,
+            pending: self.pending.clone(),
+        })
+    }
+
+    /// Takes the group state of `fork` (a [`MlsClient::fork`] of this client, moved on
+    /// since) in place of its own, keeping its API connection, counters and logs.
+    pub fn adopt(&mut self, fork: MlsClient) {
+        self.provider = fork.provider;
+        self.group = fork.group;
+        self.pending = fork.pending;
     }
 
     /// Applies one FanoutMessage read from the provider's inbox by someone else (a reader
@@ -1485,6 +1552,60 @@ mod tests {
         ));
         assert_eq!(alice.epoch(), Some(before));
         assert!(alice.prepare_self_update().is_ok());
+    }
+
+    #[test]
+    fn forks_plan_a_commit_and_the_next_epochs_messages_that_the_clients_then_adopt() {
+        let (mut alice, mut bob) = pair();
+        let api = || LocalClient::new("127.0.0.1:9".parse().expect("addr"));
+        let before = alice.epoch().expect("epoch");
+        // Ahead of time: alice's fork commits, bob's fork processes it, both encrypt for the
+        // epoch after it.
+        let (mut alice_next, mut bob_next) = (
+            alice.fork(api()).expect("fork"),
+            bob.fork(api()).expect("fork"),
+        );
+        let body = alice_next.prepare_self_update().expect("commit");
+        let accepted = UpdateRoomResponse::success(1).encode().expect("answer");
+        alice_next
+            .finish_commit(StatusCode::OK, &accepted)
+            .expect("merged");
+        let commit = commit_fanout_of(&body);
+        assert!(matches!(
+            bob_next.handle_fanout(&commit),
+            Event::Commit { .. }
+        ));
+        let early = alice_next.encrypt(b"planned").expect("encrypt");
+        let early_back = bob_next.encrypt(b"planned back").expect("encrypt");
+        // Meanwhile the clients themselves go on in the old epoch.
+        let old = alice.encrypt(b"still the old epoch").expect("encrypt");
+        assert!(matches!(
+            bob.handle_fanout(&fanout_of(&old)),
+            Event::Message { payload, .. } if payload == b"still the old epoch"
+        ));
+        assert_eq!(alice.epoch(), Some(before));
+        // The commit happens: each adopts its fork.
+        alice.adopt(alice_next);
+        bob.adopt(bob_next);
+        assert_eq!(alice.epoch(), Some(before + 1));
+        assert_eq!(bob.epoch(), Some(before + 1));
+        for (to, msg, want) in [
+            (&mut bob, &early, &b"planned"[..]),
+            (&mut alice, &early_back, &b"planned back"[..]),
+        ] {
+            assert!(matches!(
+                to.handle_fanout(&fanout_of(msg)),
+                Event::Message { payload, .. } if payload == want
+            ));
+        }
+        // And they go on from the adopted state: the next message follows the planned one.
+        let next = alice.encrypt(b"after").expect("encrypt");
+        assert!(matches!(
+            bob.handle_fanout(&fanout_of(&next)),
+            Event::Message { payload, .. } if payload == b"after"
+        ));
+        // The commit's own fan-out is recognised as alice's and changes nothing.
+        assert!(matches!(alice.handle_fanout(&commit), Event::OwnCommit));
     }
 
     #[test]

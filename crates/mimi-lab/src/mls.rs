@@ -22,7 +22,10 @@ use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
 use mimi_client::{Event, MlsClient, MlsClientError, UpdateResult, room_policy};
 use mimi_wire::content::{Disposition, MimiContent, NestedPart};
-use mimi_wire::proto::{SubmitMessageRequest, SubmitMessageResponse, SubmitStatus};
+use mimi_wire::proto::{
+    FanoutExtra, FanoutMessage, HandshakeBundle, SubmitMessageRequest, SubmitMessageResponse,
+    SubmitStatus, UpdateOutcome, UpdateRequest, UpdateRoomResponse,
+};
 use mimi_wire::uri::RoomId;
 use mimi_wire::{ContentType, MlsMessageView};
 use relay_node::client::inbox_records;
@@ -77,6 +80,50 @@ struct Member {
     /// The receivers of a message sent in epoch `.0`: listing the members builds every
     /// member's credential, too costly for each message sent.
     receivers: (Option<u64>, u64),
+    /// `--mls-encrypt ahead`: the room's commits planned before the phase, in order, each
+    /// with this member's state after it and its pool for the epoch it starts.
+    plans: VecDeque<Plan>,
+    /// The planned commit adopted last: its fan-out, or the hub's answer to it, may still come.
+    adopted: Option<u64>,
+}
+
+/// A commit planned before the phase, as one member will see it: the commit (by the digest
+/// of its MLSMessage), a fork of the member's client that has applied it, and that fork's
+/// pool of messages for the new epoch, numbered from `pool_from`.
+struct Plan {
+    commit: u64,
+    client: MlsClient,
+    epoch: Option<u64>,
+    pool: VecDeque<Ahead>,
+    pool_end: u64,
+}
+
+impl Member {
+    /// The next planned commit is `commit` (its MLSMessage's digest): take the planned state
+    /// in place of processing it. A commit that is not the next planned one makes every plan
+    /// of the room stale.
+    fn adopt_planned(&mut self, commit: u64, marks: &AtomicU64) -> bool {
+        if self.adopted == Some(commit) {
+            return true;
+        }
+        match self.plans.front() {
+            Some(plan) if plan.commit == commit => {}
+            Some(_) => {
+                self.plans.clear();
+                return false;
+            }
+            None => return false,
+        }
+        let Some(plan) = self.plans.pop_front() else {
+            return false;
+        };
+        self.client.adopt(plan.client);
+        self.adopted = Some(commit);
+        self.ahead = plan.pool;
+        self.ahead_epoch = plan.epoch;
+        marks.fetch_max(plan.pool_end, Ordering::Relaxed);
+        true
+    }
 }
 
 impl Member {
@@ -171,6 +218,8 @@ async fn setup(admins: &[Admin], rooms: usize, deferred: bool) -> Result<Vec<Arc
                 ahead: VecDeque::new(),
                 ahead_epoch: None,
                 receivers: (None, 0),
+                plans: VecDeque::new(),
+                adopted: None,
             });
         }
         sides.push(Arc::new(Side {
@@ -249,6 +298,10 @@ struct Shared {
     sched: Mutex<HashMap<(u32, u32), u64>>,
     /// Messages submitted from the pools.
     from_pools: AtomicU64,
+    /// Per stream, the next message counter no message was encrypted with: pools take ranges
+    /// of them ahead of time (a planned epoch's from a block of its own), inline encryption
+    /// one at a time. Counters rise along a stream, with gaps where a pool was dropped.
+    marks: Vec<AtomicU64>,
 }
 
 /// The MLS message of an inbox item's FanoutMessage (`timestamp || MLSMessage || select
@@ -260,7 +313,17 @@ fn fanout_mls(fanout: &[u8]) -> Option<(&[u8], bool)> {
 }
 
 /// One inbox item held for decryption: its FanoutMessage and when it arrived.
-type Held = (Bytes, Instant);
+type Held = (Bytes, Instant, To);
+
+/// Which of a provider's clients in a room apply a held item.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum To {
+    Both,
+    /// A handshake the main client applied ahead: the spare applies it in order.
+    Spare,
+    /// That handshake, applied ahead by the main client alone.
+    Main,
+}
 
 /// Most items a reader holds undecrypted; beyond it decrypts them all at once (counted).
 const HOLD_MAX: usize = 1 << 18;
@@ -276,8 +339,9 @@ const AHEAD_SPAN: usize = LAB_PAST_EPOCHS - 2;
 /// time it arrived. Inline, every batch is decrypted as it arrives; deferred, application
 /// messages wait in per-room queues until the end of the phase, while handshakes (commits,
 /// Welcomes) are applied at once, ahead of them (the main clients keep past epochs for it),
-/// so that the senders move to the new epoch. Where a spare client takes part, or a room's
-/// held messages span too many epochs, a handshake is applied in order, after them.
+/// so that the senders move to the new epoch; a spare client, which keeps no past epochs,
+/// applies them in order, after what it holds. Where a room's held messages span too many
+/// epochs, a handshake is applied in order by both.
 fn start_readers(
     admins: &[Admin],
     sides: &[Arc<Side>],
@@ -351,18 +415,22 @@ fn start_readers(
                         if own && !spare.get(r).copied().unwrap_or(true) {
                             continue;
                         }
-                        if sh.deferred
-                            && !app
-                            && !spare.get(r).copied().unwrap_or(true)
-                            && spans[r] < AHEAD_SPAN
-                        {
+                        if sh.deferred && !app && spans[r] < AHEAD_SPAN {
                             if !held[r].is_empty() {
                                 spans[r] += 1;
                             }
-                            ahead.push((r, vec![(fanout, now)]));
+                            // A spare client (none of whose epochs are kept) applies it in
+                            // order, after what it holds of earlier epochs.
+                            if spare.get(r).copied().unwrap_or(true) {
+                                ahead.push((r, vec![(fanout.clone(), now, To::Main)]));
+                                held[r].push_back((fanout, now, To::Spare));
+                                holding += 1;
+                            } else {
+                                ahead.push((r, vec![(fanout, now, To::Both)]));
+                            }
                             continue;
                         }
-                        held[r].push_back((fanout, now));
+                        held[r].push_back((fanout, now, To::Both));
                         holding += 1;
                         if !sh.deferred || !app {
                             due.retain(|(q, _)| *q != r);
@@ -445,17 +513,28 @@ async fn apply_held(side: &Side, p: usize, n: usize, batch: Vec<(usize, Vec<Held
         let mut members = side.members.lock().await;
         let mut spares = side.spares.lock().await;
         let cpu0 = thread_cpu_ns();
-        for (r, (fanout, at)) in items.by_ref().take(APPLY_SLICE) {
-            if let Some(m) = members.get_mut(r) {
-                let own = fanout_mls(&fanout).is_some_and(|(mls, _)| m.own.remove(&digest(mls)));
+        for (r, (fanout, at, to)) in items.by_ref().take(APPLY_SLICE) {
+            if to != To::Spare
+                && let Some(m) = members.get_mut(r)
+            {
+                let (own, planned) = match fanout_mls(&fanout) {
+                    Some((mls, true)) => (m.own.remove(&digest(mls)), false),
+                    // A handshake planned before the phase: the member takes the state its
+                    // fork reached by applying it.
+                    Some((mls, false)) => {
+                        (false, m.adopt_planned(digest(mls), &sh.marks[r * n + p]))
+                    }
+                    None => (false, false),
+                };
                 // Our own message, back from the hub, is not applied again.
-                if !own {
+                if !own && !planned {
                     seen(p, r, at, m.client.handle_fanout(&fanout));
                 }
             }
             // The provider's spare client in the room, if any, applies everything (its
             // provider's main client's messages included) until it is removed.
-            if let Some(slot) = spares.get_mut(r)
+            if to != To::Main
+                && let Some(slot) = spares.get_mut(r)
                 && let Some(sp) = slot.as_mut()
             {
                 match sp.client.handle_fanout(&fanout) {
@@ -505,13 +584,13 @@ async fn apply_held(side: &Side, p: usize, n: usize, batch: Vec<(usize, Vec<Held
     }
 }
 
-/// One message waiting to be (re-)encrypted: room, plaintext.
-type Plain = (usize, Vec<u8>);
+/// One message waiting to be (re-)encrypted: room, plaintext, send time.
+type Plain = (usize, Vec<u8>, u64);
 
 /// A message a sender submits next: a new one (its counter in the stream and its send time)
 /// or one the hub refused as of an old epoch.
 enum Pick {
-    New { r: usize, k: u64, sched_ns: u64 },
+    New { r: usize, sched_ns: u64 },
     Again(Plain),
 }
 
@@ -568,23 +647,34 @@ const LAB_CONTENT_TYPE: &str = "application/octet-stream";
 /// Encrypts `pt` at member `m`, noting the MLS message as its own and as of `stream`:
 /// the submitMessage request and the MLS message's size.
 fn encrypt(m: &mut Member, pt: &[u8], stream: u32, sh: &Shared) -> Result<(Bytes, usize)> {
-    let body = m.client.encrypt(pt)?;
+    encrypt_with(&mut m.client, &mut m.own, pt, stream, sh)
+}
+
+/// [`encrypt`] with a client of the member's (its own, or a fork planning ahead).
+fn encrypt_with(
+    client: &mut MlsClient,
+    own: &mut HashSet<u64>,
+    pt: &[u8],
+    stream: u32,
+    sh: &Shared,
+) -> Result<(Bytes, usize)> {
+    let body = client.encrypt(pt)?;
     let req =
         SubmitMessageRequest::decode(&body).map_err(|e| anyhow!("our own submit request: {e}"))?;
     let mls = req.app_message.as_bytes();
     let d = digest(mls);
-    m.own.insert(d);
+    own.insert(d);
     lock(&sh.streams).insert(d, stream);
     Ok((body, mls.len()))
 }
 
-/// The next pool message of member `m` if it is message `k` of its stream and still of the
-/// client's epoch; else the pool is dropped (a commit moved the epoch on).
-fn take_ahead(m: &mut Member, k: u64) -> Option<Ahead> {
+/// The next pool message of member `m` if the pool is still of the client's epoch; else the
+/// pool is dropped (a commit that was not planned moved the epoch on).
+fn take_ahead(m: &mut Member) -> Option<Ahead> {
     if m.ahead.is_empty() {
         return None;
     }
-    if m.ahead_epoch != m.client.epoch() || m.ahead.front().is_some_and(|a| a.k != k) {
+    if m.ahead_epoch != m.client.epoch() {
         m.ahead.clear();
         return None;
     }
@@ -598,19 +688,18 @@ async fn encrypt_ahead(
     sides: &[Arc<Side>],
     per_stream: u64,
     (size, frank): (usize, bool),
-    counters: &Arc<Vec<AtomicU64>>,
     sh: &Arc<Shared>,
 ) -> Result<u64> {
     let n = sides.len();
     let mut tasks = tokio::task::JoinSet::new();
     for (p, side) in sides.iter().enumerate() {
-        let (side, counters, sh) = (side.clone(), counters.clone(), sh.clone());
+        let (side, sh) = (side.clone(), sh.clone());
         tasks.spawn(async move {
             let mut members = side.members.lock().await;
             let mut done = 0u64;
             for (r, m) in members.iter_mut().enumerate() {
                 let stream = (r * n + p) as u32;
-                let from = counters[stream as usize].load(Ordering::Relaxed);
+                let from = sh.marks[stream as usize].fetch_add(per_stream, Ordering::Relaxed);
                 let mut rng = 0xa076_1d64_78bd_642f ^ ((u64::from(stream) + 1) << 24);
                 m.ahead.clear();
                 m.ahead_epoch = m.client.epoch();
@@ -730,7 +819,7 @@ async fn sender(side: Arc<Side>, admin: Admin, c: SendCtx) -> Result<()> {
                         None => now,
                     };
                     let sched_ns = sched.saturating_duration_since(c.epoch).as_nanos() as u64;
-                    picks.push(Pick::New { r, k, sched_ns });
+                    picks.push(Pick::New { r, sched_ns });
                 }
             }
         }
@@ -742,24 +831,36 @@ async fn sender(side: Arc<Side>, admin: Admin, c: SendCtx) -> Result<()> {
             continue;
         }
         // Encrypt under the lock; each body with its room, plaintext and receivers.
-        let mut batch: Vec<(usize, Vec<u8>, Bytes, u64)> = Vec::with_capacity(picks.len());
+        let mut batch: Vec<(usize, Vec<u8>, Bytes, u64, u64)> = Vec::with_capacity(picks.len());
         {
             let mut members = side.members.lock().await;
             let cpu0 = thread_cpu_ns();
             for pick in picks {
                 let stream = |r: usize| (r * c.n + c.p) as u32;
-                let (r, pt, body, mls_len) = match pick {
-                    Pick::Again((r, pt)) => {
-                        let (body, len) = encrypt(&mut members[r], &pt, stream(r), &c.sh)?;
-                        (r, pt, body, len)
-                    }
-                    Pick::New { r, k, sched_ns } => match take_ahead(&mut members[r], k) {
+                let (r, pt, body, mls_len, sched_ns) = match pick {
+                    // A refused message was never accepted: the pool's next one, of the new
+                    // epoch (a planned commit's), takes its place and its send time. Encrypted
+                    // again instead, it would come before the pool's first generations, and
+                    // the receivers' ratchets do not go back that far.
+                    Pick::Again((r, pt, sched_ns)) => match take_ahead(&mut members[r]) {
                         Some(a) => {
-                            lock(&c.sh.sched).insert((stream(r), k as u32), sched_ns);
+                            lock(&c.sh.sched).insert((stream(r), a.k as u32), sched_ns);
                             c.sh.from_pools.fetch_add(1, Ordering::Relaxed);
-                            (r, a.pt, a.body, a.mls_len)
+                            (r, a.pt, a.body, a.mls_len, sched_ns)
                         }
                         None => {
+                            let (body, len) = encrypt(&mut members[r], &pt, stream(r), &c.sh)?;
+                            (r, pt, body, len, sched_ns)
+                        }
+                    },
+                    Pick::New { r, sched_ns } => match take_ahead(&mut members[r]) {
+                        Some(a) => {
+                            lock(&c.sh.sched).insert((stream(r), a.k as u32), sched_ns);
+                            c.sh.from_pools.fetch_add(1, Ordering::Relaxed);
+                            (r, a.pt, a.body, a.mls_len, sched_ns)
+                        }
+                        None => {
+                            let k = c.sh.marks[stream(r) as usize].fetch_add(1, Ordering::Relaxed);
                             let pt = plaintext(
                                 stream(r),
                                 c.n,
@@ -770,7 +871,7 @@ async fn sender(side: Arc<Side>, admin: Admin, c: SendCtx) -> Result<()> {
                                 &mut rngs[r],
                             );
                             let (body, len) = encrypt(&mut members[r], &pt, stream(r), &c.sh)?;
-                            (r, pt, body, len)
+                            (r, pt, body, len, sched_ns)
                         }
                     },
                 };
@@ -779,7 +880,7 @@ async fn sender(side: Arc<Side>, admin: Admin, c: SendCtx) -> Result<()> {
                     .fetch_add(mls_len as u64, Ordering::Relaxed);
                 c.sh.stats.mls_msgs.fetch_add(1, Ordering::Relaxed);
                 let rcv = members[r].receivers();
-                batch.push((r, pt, body, rcv));
+                batch.push((r, pt, body, rcv, sched_ns));
             }
             c.sh.stats
                 .encrypt_ns
@@ -800,7 +901,7 @@ async fn sender(side: Arc<Side>, admin: Admin, c: SendCtx) -> Result<()> {
                 .max(1);
             let call: Vec<(&str, Bytes)> = rest[..take]
                 .iter()
-                .map(|(r, _, b, _)| (ids[*r].as_str(), b.clone()))
+                .map(|(r, _, b, _, _)| (ids[*r].as_str(), b.clone()))
                 .collect();
             let answers = match client.submit_batch(&call).await {
                 Ok(a) => a,
@@ -814,7 +915,7 @@ async fn sender(side: Arc<Side>, admin: Admin, c: SendCtx) -> Result<()> {
             };
             let mut done = 0;
             let mut again = None;
-            for ((r, pt, _, rcv), (st, b)) in rest.iter().zip(&answers) {
+            for ((r, pt, _, rcv, sched_ns), (st, b)) in rest.iter().zip(&answers) {
                 let status = (*st == hyper::StatusCode::OK)
                     .then(|| SubmitMessageResponse::decode(b).ok())
                     .flatten()
@@ -826,7 +927,7 @@ async fn sender(side: Arc<Side>, admin: Admin, c: SendCtx) -> Result<()> {
                     }
                     Some(SubmitStatus::EpochTooOld { .. }) => {
                         c.sh.stats.retries.fetch_add(1, Ordering::Relaxed);
-                        retry.push((*r, pt.clone()));
+                        retry.push((*r, pt.clone(), *sched_ns));
                     }
                     _ => {
                         again = Some(format!("{st}: {}", String::from_utf8_lossy(b)));
@@ -884,6 +985,267 @@ fn pick(rng: &mut u64, n: usize) -> usize {
 }
 
 type CommitResult = Result<UpdateResult, MlsClientError>;
+
+/// A commit planned before the phase and sent at its turn: who commits in which room, its
+/// UpdateRequest and its digest, and for an Add the spare client it adds (whose KeyPackage
+/// the owner claimed while planning).
+struct Planned {
+    r: usize,
+    by: usize,
+    kind: CommitKind,
+    add: bool,
+    body: Bytes,
+    commit: u64,
+    spare: Option<(usize, MlsClient)>,
+}
+
+/// The commit of an UpdateRequest the lab built, as the hub fans it out, and its digest.
+fn commit_fanout(update: &[u8]) -> Result<(Vec<u8>, u64)> {
+    let req = UpdateRequest::decode(update).map_err(|e| anyhow!("our own update: {e}"))?;
+    let HandshakeBundle::Commit { commit, .. } = req.bundle else {
+        bail!("our own update carries no commit");
+    };
+    let d = digest(commit.as_bytes());
+    let fanout = FanoutMessage {
+        timestamp: 0,
+        message: commit,
+        extra: FanoutExtra::Commit {
+            external_proposals: Vec::new(),
+        },
+    }
+    .encode()
+    .map_err(|e| anyhow!("a planned commit's fan-out: {e}"))?;
+    Ok((fanout, d))
+}
+
+/// What sizes and numbers the pools of planned epochs: messages per stream for the whole
+/// phase, the phase, the commits' interval, and the counters each planned epoch's pool
+/// numbers from (`(j + 1) * block` for commit `j`).
+struct PlanPools {
+    per_stream: u64,
+    duration: Duration,
+    every: Duration,
+    block: u64,
+    size: usize,
+    frank: bool,
+}
+
+/// `--mls-encrypt ahead`: plans the phase's first `count` commits before it, as
+/// [`commit_step`] makes them at their turn (kinds in turn, random rooms and committers), on
+/// forks of the room's main clients: the committer's builds the commit and merges it, the
+/// others apply it, and each then encrypts its pool for the epoch the commit starts, sized
+/// for the rest of the phase. An Add's spare client publishes its KeyPackage and consents,
+/// and the owner claims it, now. Each main client keeps its plans; the commits are returned
+/// in order. The spare clients apply every commit themselves, at their turn.
+async fn plan_commits(
+    sides: &[Arc<Side>],
+    rooms: usize,
+    count: usize,
+    pools: &PlanPools,
+    sh: &Shared,
+) -> Result<VecDeque<Planned>> {
+    let n = sides.len();
+    let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+    let mut text_rng = 0x9fb2_1c65_1e98_df25_u64;
+    // Each provider's client in each room as planned so far: a fork, made at first use.
+    let mut state: Vec<Vec<Option<MlsClient>>> =
+        (0..n).map(|_| (0..rooms).map(|_| None).collect()).collect();
+    let mut spare_in = vec![vec![false; rooms]; n];
+    let accepted = Bytes::from(
+        UpdateRoomResponse::success(0)
+            .encode()
+            .map_err(|e| anyhow!("an answer: {e}"))?,
+    );
+    let mut out = VecDeque::new();
+    for j in 0..count {
+        let kind = COMMIT_CYCLE[j % 3];
+        let mut r = pick(&mut rng, rooms);
+        let mut q = pick(&mut rng, n);
+        if kind == CommitKind::Membership {
+            let present: Vec<(usize, usize)> = (0..n)
+                .flat_map(|q| (0..rooms).map(move |r| (r, q)))
+                .filter(|(r, q)| spare_in[*q][*r])
+                .collect();
+            if (j / 3) % 2 == 1 && !present.is_empty() {
+                (r, q) = present[pick(&mut rng, present.len())];
+            }
+        }
+        for (p, side) in sides.iter().enumerate() {
+            if state[p][r].is_none() {
+                let members = side.members.lock().await;
+                let m = members.get(r).context("a room's member")?;
+                state[p][r] = Some(m.client.fork(side.admin.client())?);
+            }
+        }
+        let at = |state: &Vec<Vec<Option<MlsClient>>>, p: usize| -> Result<Vec<(String, u32)>> {
+            Ok(state[p][r].as_ref().context("a fork")?.participants())
+        };
+        let mut owners = Vec::new();
+        for p in 0..n {
+            if at(&state, p)?
+                .iter()
+                .any(|(u, role)| *u == user(p, r) && *role == room_policy::OWNER_ROLE)
+            {
+                owners.push(p);
+            }
+        }
+        let owner = *owners
+            .get(pick(&mut rng, owners.len().max(1)))
+            .context("no owner in a room")?;
+        let id = room(r)?;
+        let mut spare = None;
+        let mut add = false;
+        let by = match kind {
+            CommitKind::SelfUpdate => q,
+            CommitKind::Role if n < 2 => continue,
+            CommitKind::Role | CommitKind::Membership => owner,
+        };
+        let fork = state[by][r].as_mut().context("a fork")?;
+        let body = match kind {
+            CommitKind::SelfUpdate => fork.prepare_self_update()?,
+            CommitKind::Role => {
+                let target = user(1 + pick(&mut rng, n - 1), r);
+                let role = match fork.participants().iter().find(|(u, _)| *u == target) {
+                    Some((_, role)) if *role == room_policy::OWNER_ROLE => {
+                        room_policy::REGULAR_ROLE
+                    }
+                    Some(_) => room_policy::OWNER_ROLE,
+                    None => continue,
+                };
+                fork.prepare_change_role(&target, role)?
+            }
+            CommitKind::Membership if spare_in[q][r] => {
+                spare_in[q][r] = false;
+                fork.prepare_remove(&spare_user(q, r))?
+            }
+            CommitKind::Membership => {
+                let mut client = MlsClient::with_api(&spare_user(q, r), sides[q].admin.client())?;
+                client.publish_key_packages(1).await?;
+                client.set_consent(&user(by, r), Some(&id), true).await?;
+                let claim = fork.prepare_claim(&spare_user(q, r), &id)?;
+                let (st, answer) = sides[by].admin.client().key_material(claim).await?;
+                let kp = match fork.finish_claim(st, &answer)? {
+                    Ok(kp) => kp,
+                    Err(why) => bail!("planning an add: the claim was refused: {why}"),
+                };
+                spare_in[q][r] = true;
+                spare = Some((q, client));
+                add = true;
+                fork.prepare_add(&[kp])?
+            }
+        };
+        let (fanout, commit) = commit_fanout(&body)?;
+        match fork.finish_commit(hyper::StatusCode::OK, &accepted)? {
+            UpdateResult::Accepted => {}
+            other => bail!("planning a commit: {other:?}"),
+        }
+        for (p, row) in state.iter_mut().enumerate() {
+            if p == by {
+                continue;
+            }
+            let other = row[r].as_mut().context("a fork")?;
+            match other.handle_fanout(&fanout) {
+                Event::Commit { .. } => {}
+                event => bail!("planning a commit, {} saw {event:?}", provider(p)),
+            }
+        }
+        // The pools of the epoch it starts, for the rest of the phase.
+        let at_s = pools.every.as_secs_f64() * (j + 1) as f64;
+        let left = (pools.duration.as_secs_f64() - at_s).max(0.0) / pools.duration.as_secs_f64();
+        let len = (pools.per_stream as f64 * left * 1.1).ceil() as u64 + 1;
+        let from = (j as u64 + 1) * pools.block;
+        for (p, side) in sides.iter().enumerate() {
+            let stream = (r * n + p) as u32;
+            let fork = state[p][r].as_mut().context("a fork")?;
+            let mut members = side.members.lock().await;
+            let m = members.get_mut(r).context("a room's member")?;
+            let mut pool = VecDeque::with_capacity(len as usize);
+            for k in from..from + len {
+                let pt = plaintext(
+                    stream,
+                    n,
+                    k,
+                    SCHED_LATER,
+                    pools.size,
+                    pools.frank,
+                    &mut text_rng,
+                );
+                let (body, mls_len) = encrypt_with(fork, &mut m.own, &pt, stream, sh)?;
+                pool.push_back(Ahead {
+                    k,
+                    pt,
+                    body,
+                    mls_len,
+                });
+            }
+            m.plans.push_back(Plan {
+                commit,
+                client: fork.fork(side.admin.client())?,
+                epoch: fork.epoch(),
+                pool,
+                pool_end: from + len,
+            });
+        }
+        out.push_back(Planned {
+            r,
+            by,
+            kind,
+            add,
+            body,
+            commit,
+            spare,
+        });
+    }
+    Ok(out)
+}
+
+/// Sends planned commit `c` at its turn. Accepted, the committer takes its planned state (if
+/// its reader has not, from the fan-out); the other members take theirs from the fan-out.
+/// Returns whether the hub accepted it: if not, the room's later plans cannot happen.
+async fn planned_step(sides: &[Arc<Side>], c: Planned, sh: &Shared) -> bool {
+    let stats = &sh.stats;
+    let n = sides.len();
+    let Ok(id) = room(c.r) else { return false };
+    if let Some((q, client)) = c.spare
+        && let Some(slot) = sides[q].spares.lock().await.get_mut(c.r)
+    {
+        // In place before its Welcome can reach the provider's reader.
+        *slot = Some(Spare {
+            client,
+            joined: false,
+        });
+    }
+    let answer = sides[c.by].admin.client().update(&id, c.body).await;
+    let accepted = answer.as_ref().is_ok_and(|(st, b)| {
+        st.is_success()
+            && UpdateRoomResponse::decode(b)
+                .is_ok_and(|x| matches!(x.outcome, UpdateOutcome::Success { .. }))
+    });
+    if accepted {
+        let mut members = sides[c.by].members.lock().await;
+        if let Some(m) = members.get_mut(c.r) {
+            m.adopt_planned(c.commit, &sh.marks[c.r * n + c.by]);
+        }
+        stats.commits.fetch_add(1, Ordering::Relaxed);
+        let counter = match c.kind {
+            CommitKind::SelfUpdate => &stats.self_updates,
+            CommitKind::Membership if c.add => &stats.adds,
+            CommitKind::Membership => &stats.removes,
+            CommitKind::Role => &stats.role_changes,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    } else {
+        stats.commits_refused.fetch_add(1, Ordering::Relaxed);
+        if c.add {
+            for side in sides {
+                if let Some(slot) = side.spares.lock().await.get_mut(c.r) {
+                    *slot = None;
+                }
+            }
+        }
+    }
+    accepted
+}
 
 /// Sends the commit that `build` makes with provider `p`'s client in room `r`. The provider's
 /// clients are locked only to build it and to apply the hub's answer, not while it crosses to
@@ -1067,6 +1429,8 @@ struct Load<'a> {
     epoch: Instant,
     sh: &'a Arc<Shared>,
     counters: &'a Arc<Vec<AtomicU64>>,
+    /// Commits planned before the phase, sent in turn before any made on the spot.
+    planned: &'a tokio::sync::Mutex<VecDeque<Planned>>,
     rate: Option<f64>,
     commit_rate: f64,
     duration: Duration,
@@ -1109,6 +1473,8 @@ async fn phase(l: Load<'_>, mut tick: impl FnMut(Duration, u64, u64, u64)) -> Re
     let mut next_commit = every.map(|e| start + e);
     let mut tried = 0u64;
     let mut failed = None;
+    // Rooms where a planned commit was refused: their later plans cannot happen.
+    let mut broken = HashSet::new();
     loop {
         tokio::select! {
             r = senders.join_next() => match r {
@@ -1128,7 +1494,16 @@ async fn phase(l: Load<'_>, mut tick: impl FnMut(Duration, u64, u64, u64)) -> Re
                     && Instant::now() >= at
                     && Instant::now() < until
                 {
-                    commit_step(l.sides, rooms, tried, &mut rng, &l.sh.stats).await;
+                    let planned = l.planned.lock().await.pop_front();
+                    match planned {
+                        Some(c) if !broken.contains(&c.r) => {
+                            let r = c.r;
+                            if !planned_step(l.sides, c, l.sh).await {
+                                broken.insert(r);
+                            }
+                        }
+                        _ => commit_step(l.sides, rooms, tried, &mut rng, &l.sh.stats).await,
+                    }
                     tried += 1;
                     next_commit = Some(at + e);
                 }
@@ -1190,6 +1565,7 @@ pub(super) async fn run(
         deferred: opts.mls_deferred,
         sched: Mutex::new(HashMap::new()),
         from_pools: AtomicU64::new(0),
+        marks: (0..rooms * n).map(|_| AtomicU64::new(0)).collect(),
     });
     let (rx, stats) = (&sh.rx, &sh.stats);
     let stop_readers = Arc::new(AtomicBool::new(false));
@@ -1208,6 +1584,7 @@ pub(super) async fn run(
         stats.mls_msgs.store(0, Ordering::Relaxed);
         let counters: Arc<Vec<AtomicU64>> =
             Arc::new((0..rooms * n).map(|_| AtomicU64::new(0)).collect());
+        let planned = tokio::sync::Mutex::new(VecDeque::new());
         if opts.mls_ahead {
             let per_stream = ahead_per_stream(opts, rooms * n);
             // Sized once, so that no phase's insert copies a table of this size.
@@ -1222,13 +1599,42 @@ pub(super) async fn run(
                 &sides,
                 per_stream,
                 (opts.sizes.app, opts.mls_frank),
-                &counters,
                 &sh,
             ).await?;
             progress.line(&format!(
                 "{label} encrypted {done} messages ahead in {:.1} s",
                 t.elapsed().as_secs_f64()
             ));
+            // The phase's commits, planned with the pools of the epochs they start.
+            if opts.commit_rate > 0.0 {
+                let every = Duration::from_secs_f64(1.0 / opts.commit_rate);
+                let count = (1u32..)
+                    .map(|k| every * k)
+                    .take_while(|t| *t < opts.duration)
+                    .count();
+                let block = (per_stream * 12 / 10 + 2).next_power_of_two();
+                // Counters are u32 in the lab's marker.
+                if (count as u64 + 2) * block < u64::from(u32::MAX) {
+                    let t = Instant::now();
+                    let pools = PlanPools {
+                        per_stream,
+                        duration: opts.duration,
+                        every,
+                        block,
+                        size: opts.sizes.app,
+                        frank: opts.mls_frank,
+                    };
+                    let plans = plan_commits(&sides, rooms, count, &pools, &sh)
+                        .await
+                        .context("planning the phase's commits")?;
+                    progress.line(&format!(
+                        "{label} planned {} commits and their epochs' pools in {:.1} s",
+                        plans.len(),
+                        t.elapsed().as_secs_f64()
+                    ));
+                    *planned.lock().await = plans;
+                }
+            }
         }
 
         let cpu0 = super::CpuSnap::now(pids);
@@ -1245,6 +1651,7 @@ pub(super) async fn run(
             epoch,
             sh: &sh,
             counters: &counters,
+            planned: &planned,
             rate,
             commit_rate,
             duration,
