@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use mimi_client::{Event, MlsClient, MlsClientError, UpdateResult, room_policy};
 use mimi_wire::content::{Disposition, MimiContent, NestedPart};
 use mimi_wire::proto::{
@@ -302,6 +302,10 @@ struct Shared {
     /// of them ahead of time (a planned epoch's from a block of its own), inline encryption
     /// one at a time. Counters rise along a stream, with gaps where a pool was dropped.
     marks: Vec<AtomicU64>,
+    /// Deferred decryption: per provider's reader, memory touched before the phase that it
+    /// copies the items it holds into, so that holding them costs no fresh pages (and page
+    /// faults) inside the phase, and each inbox answer is freed once read.
+    slabs: Mutex<Vec<Option<BytesMut>>>,
 }
 
 /// The MLS message of an inbox item's FanoutMessage (`timestamp || MLSMessage || select
@@ -311,6 +315,10 @@ fn fanout_mls(fanout: &[u8]) -> Option<(&[u8], bool)> {
     let (m, _) = MlsMessageView::parse_prefix(fanout.get(8..)?).ok()?;
     Some((m.bytes, m.content_type == Some(ContentType::Application)))
 }
+
+/// Bytes of a FanoutMessage beyond its MLS message, at most as the lab sends: the timestamp,
+/// the select arm and a frank.
+const FANOUT_EXTRA: u64 = 8 + 1 + 160;
 
 /// One inbox item held for decryption: its FanoutMessage and when it arrived.
 type Held = (Bytes, Instant, To);
@@ -366,7 +374,19 @@ fn start_readers(
             let mut holding = 0usize;
             // Commits applied ahead of each room's held messages.
             let mut spans = vec![0usize; rooms];
+            let mut slab = BytesMut::new();
             while !stop.load(Ordering::Relaxed) {
+                if let Some(s) = lock(&sh.slabs).get_mut(p).and_then(Option::take) {
+                    slab = s;
+                }
+                // Kept in the slab while it has room, else as a slice of its answer.
+                let mut keep = |fanout: Bytes| -> Bytes {
+                    if slab.capacity() - slab.len() < fanout.len() {
+                        return fanout;
+                    }
+                    slab.extend_from_slice(&fanout);
+                    slab.split().freeze()
+                };
                 let Ok(answer) = client.inbox_raw(after, 1024, 100).await else {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
@@ -423,14 +443,14 @@ fn start_readers(
                             // order, after what it holds of earlier epochs.
                             if spare.get(r).copied().unwrap_or(true) {
                                 ahead.push((r, vec![(fanout.clone(), now, To::Main)]));
-                                held[r].push_back((fanout, now, To::Spare));
+                                held[r].push_back((keep(fanout), now, To::Spare));
                                 holding += 1;
                             } else {
                                 ahead.push((r, vec![(fanout, now, To::Both)]));
                             }
                             continue;
                         }
-                        held[r].push_back((fanout, now, To::Both));
+                        held[r].push_back((keep(fanout), now, To::Both));
                         holding += 1;
                         if !sh.deferred || !app {
                             due.retain(|(q, _)| *q != r);
@@ -1566,6 +1586,7 @@ pub(super) async fn run(
         sched: Mutex::new(HashMap::new()),
         from_pools: AtomicU64::new(0),
         marks: (0..rooms * n).map(|_| AtomicU64::new(0)).collect(),
+        slabs: Mutex::new((0..n).map(|_| None).collect()),
     });
     let (rx, stats) = (&sh.rx, &sh.stats);
     let stop_readers = Arc::new(AtomicBool::new(false));
@@ -1637,6 +1658,29 @@ pub(super) async fn run(
             }
         }
 
+        if opts.mls_deferred && opts.mls_ahead {
+            // What each reader will hold: the other providers' pooled messages as fan-outs.
+            let mut pooled = vec![0u64; n];
+            for (p, side) in sides.iter().enumerate() {
+                for m in side.members.lock().await.iter() {
+                    let pools = std::iter::once(&m.ahead).chain(m.plans.iter().map(|x| &x.pool));
+                    pooled[p] += pools
+                        .flatten()
+                        .map(|a| a.mls_len as u64 + FANOUT_EXTRA)
+                        .sum::<u64>();
+                }
+            }
+            let all: u64 = pooled.iter().sum();
+            let mut slabs = Vec::with_capacity(n);
+            for own in &pooled {
+                let cap = ((all - own) as f64 * 1.05) as usize;
+                let mut slab = BytesMut::with_capacity(cap);
+                slab.resize(cap, 0);
+                slab.clear();
+                slabs.push(Some(slab));
+            }
+            *lock(&sh.slabs) = slabs;
+        }
         let cpu0 = super::CpuSnap::now(pids);
         stats.encrypt_ns.store(0, Ordering::Relaxed);
         stats.decrypt_ns.store(0, Ordering::Relaxed);
