@@ -131,8 +131,10 @@ pub struct BenchArgs {
     /// `ahead`: before the measured phase, every sender encrypts its rooms' messages for the
     /// current epochs (the open loop's whole schedule, or 100,000 per second of the phase in a
     /// closed loop), so that a replay of real MLS bytes is timed, as tcpreplay times a
-    /// capture; a room whose epoch a commit moves on, or whose pool runs dry, is encrypted
-    /// inline again. Each row says how many messages came from the pools.
+    /// capture. The phase's commits are planned then too, on copies of the members' clients
+    /// that apply each commit and encrypt the pools of the epoch it starts; a client takes
+    /// its copy's state when the commit happens. A pool that runs dry, or a room whose plan
+    /// failed, is encrypted inline. Each row says how many messages came from the pools.
     #[arg(long, default_value = "inline", value_parser = ["inline", "ahead"])]
     pub mls_encrypt: String,
     /// `--traffic mls`: application messages are MIMI content (draft-ietf-mimi-content)

@@ -296,7 +296,7 @@ struct Shared {
     /// `--mls-encrypt ahead`: the send time of each message taken from a pool, by (stream,
     /// counter), set when it is submitted.
     sched: Mutex<HashMap<(u32, u32), u64>>,
-    /// Messages submitted from the pools.
+    /// Messages from the pools that the hub accepted.
     from_pools: AtomicU64,
     /// Per stream, the next message counter no message was encrypted with: pools take ranges
     /// of them ahead of time (a planned epoch's from a block of its own), inline encryption
@@ -851,13 +851,15 @@ async fn sender(side: Arc<Side>, admin: Admin, c: SendCtx) -> Result<()> {
             continue;
         }
         // Encrypt under the lock; each body with its room, plaintext and receivers.
-        let mut batch: Vec<(usize, Vec<u8>, Bytes, u64, u64)> = Vec::with_capacity(picks.len());
+        // Room, plaintext, request, receivers, send time, whether from a pool.
+        let mut batch: Vec<(usize, Vec<u8>, Bytes, u64, u64, bool)> =
+            Vec::with_capacity(picks.len());
         {
             let mut members = side.members.lock().await;
             let cpu0 = thread_cpu_ns();
             for pick in picks {
                 let stream = |r: usize| (r * c.n + c.p) as u32;
-                let (r, pt, body, mls_len, sched_ns) = match pick {
+                let (r, pt, body, mls_len, sched_ns, pooled) = match pick {
                     // A refused message was never accepted: the pool's next one, of the new
                     // epoch (a planned commit's), takes its place and its send time. Encrypted
                     // again instead, it would come before the pool's first generations, and
@@ -865,19 +867,17 @@ async fn sender(side: Arc<Side>, admin: Admin, c: SendCtx) -> Result<()> {
                     Pick::Again((r, pt, sched_ns)) => match take_ahead(&mut members[r]) {
                         Some(a) => {
                             lock(&c.sh.sched).insert((stream(r), a.k as u32), sched_ns);
-                            c.sh.from_pools.fetch_add(1, Ordering::Relaxed);
-                            (r, a.pt, a.body, a.mls_len, sched_ns)
+                            (r, a.pt, a.body, a.mls_len, sched_ns, true)
                         }
                         None => {
                             let (body, len) = encrypt(&mut members[r], &pt, stream(r), &c.sh)?;
-                            (r, pt, body, len, sched_ns)
+                            (r, pt, body, len, sched_ns, false)
                         }
                     },
                     Pick::New { r, sched_ns } => match take_ahead(&mut members[r]) {
                         Some(a) => {
                             lock(&c.sh.sched).insert((stream(r), a.k as u32), sched_ns);
-                            c.sh.from_pools.fetch_add(1, Ordering::Relaxed);
-                            (r, a.pt, a.body, a.mls_len, sched_ns)
+                            (r, a.pt, a.body, a.mls_len, sched_ns, true)
                         }
                         None => {
                             let k = c.sh.marks[stream(r) as usize].fetch_add(1, Ordering::Relaxed);
@@ -891,7 +891,7 @@ async fn sender(side: Arc<Side>, admin: Admin, c: SendCtx) -> Result<()> {
                                 &mut rngs[r],
                             );
                             let (body, len) = encrypt(&mut members[r], &pt, stream(r), &c.sh)?;
-                            (r, pt, body, len, sched_ns)
+                            (r, pt, body, len, sched_ns, false)
                         }
                     },
                 };
@@ -900,7 +900,7 @@ async fn sender(side: Arc<Side>, admin: Admin, c: SendCtx) -> Result<()> {
                     .fetch_add(mls_len as u64, Ordering::Relaxed);
                 c.sh.stats.mls_msgs.fetch_add(1, Ordering::Relaxed);
                 let rcv = members[r].receivers();
-                batch.push((r, pt, body, rcv, sched_ns));
+                batch.push((r, pt, body, rcv, sched_ns, pooled));
             }
             c.sh.stats
                 .encrypt_ns
@@ -921,7 +921,7 @@ async fn sender(side: Arc<Side>, admin: Admin, c: SendCtx) -> Result<()> {
                 .max(1);
             let call: Vec<(&str, Bytes)> = rest[..take]
                 .iter()
-                .map(|(r, _, b, _, _)| (ids[*r].as_str(), b.clone()))
+                .map(|(r, _, b, ..)| (ids[*r].as_str(), b.clone()))
                 .collect();
             let answers = match client.submit_batch(&call).await {
                 Ok(a) => a,
@@ -935,7 +935,7 @@ async fn sender(side: Arc<Side>, admin: Admin, c: SendCtx) -> Result<()> {
             };
             let mut done = 0;
             let mut again = None;
-            for ((r, pt, _, rcv, sched_ns), (st, b)) in rest.iter().zip(&answers) {
+            for ((r, pt, _, rcv, sched_ns, pooled), (st, b)) in rest.iter().zip(&answers) {
                 let status = (*st == hyper::StatusCode::OK)
                     .then(|| SubmitMessageResponse::decode(b).ok())
                     .flatten()
@@ -944,6 +944,9 @@ async fn sender(side: Arc<Side>, admin: Admin, c: SendCtx) -> Result<()> {
                     Some(SubmitStatus::Accepted { .. }) => {
                         c.sent.fetch_add(1, Ordering::Relaxed);
                         c.expected.fetch_add(*rcv, Ordering::Relaxed);
+                        if *pooled {
+                            c.sh.from_pools.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                     Some(SubmitStatus::EpochTooOld { .. }) => {
                         c.sh.stats.retries.fetch_add(1, Ordering::Relaxed);

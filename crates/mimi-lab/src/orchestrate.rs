@@ -184,8 +184,11 @@ pub async fn run(opts: BenchOptions, launcher: Launcher, command: String) -> Res
             notes.push(
                 "--mls-encrypt ahead: senders encrypt their rooms' messages for the current \
                  epochs before the measured phase and replay them (each timed from when it is \
-                 submitted); a room whose epoch a commit moved on, and messages beyond the \
-                 pools, are encrypted inline; each row gives how many came from the pools"
+                 submitted); the phase's commits are planned before it too, with the pools of \
+                 the epochs they start (key claims for the adds included), and a message \
+                 refused as of an old epoch gives its place to the new pool's next; messages \
+                 beyond the pools are encrypted inline; each row gives how many came from the \
+                 pools"
                     .to_owned(),
             );
         }
