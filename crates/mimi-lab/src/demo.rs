@@ -265,12 +265,29 @@ pub struct Layout {
     pub admins: Vec<SocketAddr>,
 }
 
-fn free_tcp() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// Free loopback ports, each kept bound until the holder is dropped: a port let go at once
+/// may be handed out again by the next bind, and two nodes then get the same one (the second
+/// fails to start while the first answers its health checks).
+#[derive(Default)]
+struct FreePorts {
+    tcp: Vec<TcpListener>,
+    udp: Vec<UdpSocket>,
 }
 
-fn free_udp() -> Result<u16> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+impl FreePorts {
+    fn tcp(&mut self) -> Result<u16> {
+        let l = TcpListener::bind("127.0.0.1:0")?;
+        let port = l.local_addr()?.port();
+        self.tcp.push(l);
+        Ok(port)
+    }
+
+    fn udp(&mut self) -> Result<u16> {
+        let s = UdpSocket::bind("127.0.0.1:0")?;
+        let port = s.local_addr()?.port();
+        self.udp.push(s);
+        Ok(port)
+    }
 }
 
 /// The transport each pair of providers uses: one kind everywhere, or the mixed room.
@@ -310,19 +327,22 @@ pub fn prepare(dir: &Path, transport: &str, store: &str, static_room: bool) -> R
     }
     let mut admins_ports = Vec::new();
     let mut ports: Vec<BTreeMap<TransportKind, u16>> = Vec::new();
+    let mut free = FreePorts::default();
     for _ in PROVIDERS {
-        admins_ports.push(free_tcp()?);
+        admins_ports.push(free.tcp()?);
         let mut m = BTreeMap::new();
         for &k in &kinds {
             let port = if k == TransportKind::Quic {
-                free_udp()?
+                free.udp()?
             } else {
-                free_tcp()?
+                free.tcp()?
             };
             m.insert(k, port);
         }
         ports.push(m);
     }
+    // Let go before the nodes start and bind them.
+    drop(free);
     let mut configs = Vec::new();
     let mut admins = Vec::new();
     for (i, p) in PROVIDERS.iter().enumerate() {
@@ -398,9 +418,13 @@ impl Nodes {
         let deadline = Instant::now() + timeout;
         let mut client = LocalClient::new(self.layout.admins[i]);
         loop {
-            if let Ok((s, _)) = client.get("/healthz").await
-                && s.is_success()
-            {
+            let answered = matches!(client.get("/healthz").await, Ok((s, _)) if s.is_success());
+            // An answer from a node that has exited came from something else on its port.
+            let exited = match self.children[i].as_mut() {
+                Some(c) => c.try_wait()?.is_some(),
+                None => false,
+            };
+            if answered && !exited {
                 return Ok(());
             }
             if let Some(c) = self.children[i].as_mut()
@@ -821,6 +845,16 @@ pub async fn run(opts: DemoOptions, launcher: Launcher) -> Result<DemoReport> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn free_ports_are_distinct_while_held() {
+        let mut free = super::FreePorts::default();
+        let tcp: std::collections::HashSet<u16> =
+            (0..200).map(|_| free.tcp().expect("a tcp port")).collect();
+        let udp: std::collections::HashSet<u16> =
+            (0..200).map(|_| free.udp().expect("a udp port")).collect();
+        assert_eq!((tcp.len(), udp.len()), (200, 200));
+    }
+
     #[test]
     fn metric_sum_adds_every_label_set_of_one_name_only() {
         let text = "# TYPE mimi_relay_x_total counter\n\
