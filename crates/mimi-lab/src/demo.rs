@@ -419,17 +419,15 @@ impl Nodes {
         let mut client = LocalClient::new(self.layout.admins[i]);
         loop {
             let answered = matches!(client.get("/healthz").await, Ok((s, _)) if s.is_success());
-            // An answer from a node that has exited came from something else on its port.
+            // An answer while the node has exited came from something else on its port.
             let exited = match self.children[i].as_mut() {
-                Some(c) => c.try_wait()?.is_some(),
-                None => false,
+                Some(c) => c.try_wait()?,
+                None => None,
             };
-            if answered && !exited {
+            if answered && exited.is_none() {
                 return Ok(());
             }
-            if let Some(c) = self.children[i].as_mut()
-                && let Some(status) = c.try_wait()?
-            {
+            if let Some(status) = exited {
                 let log = self.layout.dir.join(format!("{}.log", PROVIDERS[i]));
                 bail!(
                     "{} exited with {status} at start; its log ends:\n{}",

@@ -89,11 +89,10 @@ struct Member {
 
 /// A commit planned before the phase, as one member will see it: the commit (by the digest
 /// of its MLSMessage), a fork of the member's client that has applied it, and that fork's
-/// pool of messages for the new epoch, numbered from `pool_from`.
+/// pool of messages for the new epoch, whose counters end before `pool_end`.
 struct Plan {
     commit: u64,
     client: MlsClient,
-    epoch: Option<u64>,
     pool: VecDeque<Ahead>,
     pool_end: u64,
 }
@@ -106,21 +105,17 @@ impl Member {
         if self.adopted == Some(commit) {
             return true;
         }
-        match self.plans.front() {
-            Some(plan) if plan.commit == commit => {}
-            Some(_) => {
-                self.plans.clear();
-                return false;
-            }
-            None => return false,
-        }
         let Some(plan) = self.plans.pop_front() else {
             return false;
         };
+        if plan.commit != commit {
+            self.plans.clear();
+            return false;
+        }
         self.client.adopt(plan.client);
         self.adopted = Some(commit);
         self.ahead = plan.pool;
-        self.ahead_epoch = plan.epoch;
+        self.ahead_epoch = self.client.epoch();
         marks.fetch_max(plan.pool_end, Ordering::Relaxed);
         true
     }
@@ -607,8 +602,8 @@ async fn apply_held(side: &Side, p: usize, n: usize, batch: Vec<(usize, Vec<Held
 /// One message waiting to be (re-)encrypted: room, plaintext, send time.
 type Plain = (usize, Vec<u8>, u64);
 
-/// A message a sender submits next: a new one (its counter in the stream and its send time)
-/// or one the hub refused as of an old epoch.
+/// A message a sender submits next: a new one (its room and send time) or one the hub
+/// refused as of an old epoch.
 enum Pick {
     New { r: usize, sched_ns: u64 },
     Again(Plain),
@@ -859,41 +854,27 @@ async fn sender(side: Arc<Side>, admin: Admin, c: SendCtx) -> Result<()> {
             let cpu0 = thread_cpu_ns();
             for pick in picks {
                 let stream = |r: usize| (r * c.n + c.p) as u32;
-                let (r, pt, body, mls_len, sched_ns, pooled) = match pick {
-                    // A refused message was never accepted: the pool's next one, of the new
-                    // epoch (a planned commit's), takes its place and its send time. Encrypted
-                    // again instead, it would come before the pool's first generations, and
-                    // the receivers' ratchets do not go back that far.
-                    Pick::Again((r, pt, sched_ns)) => match take_ahead(&mut members[r]) {
-                        Some(a) => {
-                            lock(&c.sh.sched).insert((stream(r), a.k as u32), sched_ns);
-                            (r, a.pt, a.body, a.mls_len, sched_ns, true)
-                        }
-                        None => {
-                            let (body, len) = encrypt(&mut members[r], &pt, stream(r), &c.sh)?;
-                            (r, pt, body, len, sched_ns, false)
-                        }
-                    },
-                    Pick::New { r, sched_ns } => match take_ahead(&mut members[r]) {
-                        Some(a) => {
-                            lock(&c.sh.sched).insert((stream(r), a.k as u32), sched_ns);
-                            (r, a.pt, a.body, a.mls_len, sched_ns, true)
-                        }
-                        None => {
+                let (r, sched_ns, refused) = match pick {
+                    Pick::Again((r, pt, sched_ns)) => (r, sched_ns, Some(pt)),
+                    Pick::New { r, sched_ns } => (r, sched_ns, None),
+                };
+                // A refused message was never accepted, so the pool's next one (of the new
+                // epoch, a planned commit's) takes its place and its send time. Encrypted
+                // again instead, it would come before the pool's first generations, and the
+                // receivers' ratchets do not go back that far.
+                let (pt, body, mls_len, pooled) = match take_ahead(&mut members[r]) {
+                    Some(a) => {
+                        lock(&c.sh.sched).insert((stream(r), a.k as u32), sched_ns);
+                        (a.pt, a.body, a.mls_len, true)
+                    }
+                    None => {
+                        let pt = refused.unwrap_or_else(|| {
                             let k = c.sh.marks[stream(r) as usize].fetch_add(1, Ordering::Relaxed);
-                            let pt = plaintext(
-                                stream(r),
-                                c.n,
-                                k,
-                                sched_ns,
-                                c.size,
-                                c.frank,
-                                &mut rngs[r],
-                            );
-                            let (body, len) = encrypt(&mut members[r], &pt, stream(r), &c.sh)?;
-                            (r, pt, body, len, sched_ns, false)
-                        }
-                    },
+                            plaintext(stream(r), c.n, k, sched_ns, c.size, c.frank, &mut rngs[r])
+                        });
+                        let (body, len) = encrypt(&mut members[r], &pt, stream(r), &c.sh)?;
+                        (pt, body, len, false)
+                    }
                 };
                 c.sh.stats
                     .mls_bytes
@@ -1008,6 +989,33 @@ fn pick(rng: &mut u64, n: usize) -> usize {
 }
 
 type CommitResult = Result<UpdateResult, MlsClientError>;
+
+/// Counts a commit the hub answered: accepted by its kind (`add`: a Membership commit's),
+/// refused as such.
+fn count_commit(stats: &MlsStats, kind: CommitKind, add: bool, accepted: bool) {
+    if !accepted {
+        stats.commits_refused.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    stats.commits.fetch_add(1, Ordering::Relaxed);
+    let counter = match kind {
+        CommitKind::SelfUpdate => &stats.self_updates,
+        CommitKind::Membership if add => &stats.adds,
+        CommitKind::Membership => &stats.removes,
+        CommitKind::Role => &stats.role_changes,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The role that toggles `target` between owner and regular, as `client` sees the room;
+/// `None` if it is not listed.
+fn toggled_role(client: &MlsClient, target: &str) -> Option<u32> {
+    match client.participants().iter().find(|(u, _)| u == target) {
+        Some((_, role)) if *role == room_policy::OWNER_ROLE => Some(room_policy::REGULAR_ROLE),
+        Some(_) => Some(room_policy::OWNER_ROLE),
+        None => None,
+    }
+}
 
 /// A commit planned before the phase and sent at its turn: who commits in which room, its
 /// UpdateRequest and its digest, and for an Add the spare client it adds (whose KeyPackage
@@ -1128,12 +1136,8 @@ async fn plan_commits(
             CommitKind::SelfUpdate => fork.prepare_self_update()?,
             CommitKind::Role => {
                 let target = user(1 + pick(&mut rng, n - 1), r);
-                let role = match fork.participants().iter().find(|(u, _)| *u == target) {
-                    Some((_, role)) if *role == room_policy::OWNER_ROLE => {
-                        room_policy::REGULAR_ROLE
-                    }
-                    Some(_) => room_policy::OWNER_ROLE,
-                    None => continue,
+                let Some(role) = toggled_role(fork, &target) else {
+                    continue;
                 };
                 fork.prepare_change_role(&target, role)?
             }
@@ -1204,7 +1208,6 @@ async fn plan_commits(
             m.plans.push_back(Plan {
                 commit,
                 client: fork.fork(side.admin.client())?,
-                epoch: fork.epoch(),
                 pool,
                 pool_end: from + len,
             });
@@ -1226,9 +1229,9 @@ async fn plan_commits(
 /// its reader has not, from the fan-out); the other members take theirs from the fan-out.
 /// Returns whether the hub accepted it: if not, the room's later plans cannot happen.
 async fn planned_step(sides: &[Arc<Side>], c: Planned, sh: &Shared) -> bool {
-    let stats = &sh.stats;
-    let n = sides.len();
+    let (stats, n) = (&sh.stats, sides.len());
     let Ok(id) = room(c.r) else { return false };
+    let spare_side = c.spare.as_ref().map(|(q, _)| *q);
     if let Some((q, client)) = c.spare
         && let Some(slot) = sides[q].spares.lock().await.get_mut(c.r)
     {
@@ -1244,28 +1247,17 @@ async fn planned_step(sides: &[Arc<Side>], c: Planned, sh: &Shared) -> bool {
             && UpdateRoomResponse::decode(b)
                 .is_ok_and(|x| matches!(x.outcome, UpdateOutcome::Success { .. }))
     });
+    count_commit(stats, c.kind, c.add, accepted);
     if accepted {
         let mut members = sides[c.by].members.lock().await;
         if let Some(m) = members.get_mut(c.r) {
             m.adopt_planned(c.commit, &sh.marks[c.r * n + c.by]);
         }
-        stats.commits.fetch_add(1, Ordering::Relaxed);
-        let counter = match c.kind {
-            CommitKind::SelfUpdate => &stats.self_updates,
-            CommitKind::Membership if c.add => &stats.adds,
-            CommitKind::Membership => &stats.removes,
-            CommitKind::Role => &stats.role_changes,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-    } else {
-        stats.commits_refused.fetch_add(1, Ordering::Relaxed);
-        if c.add {
-            for side in sides {
-                if let Some(slot) = side.spares.lock().await.get_mut(c.r) {
-                    *slot = None;
-                }
-            }
-        }
+    } else if let Some(q) = spare_side
+        && let Some(slot) = sides[q].spares.lock().await.get_mut(c.r)
+    {
+        // No Welcome will come.
+        *slot = None;
     }
     accepted
 }
@@ -1296,12 +1288,12 @@ async fn commit_in(
 async fn commit_step(sides: &[Arc<Side>], rooms: usize, k: u64, rng: &mut u64, stats: &MlsStats) {
     let r = pick(rng, rooms);
     let kind = COMMIT_CYCLE[(k % 3) as usize];
-    let (result, counter) = match kind {
+    let (result, add) = match kind {
         CommitKind::SelfUpdate => {
             let p = pick(rng, sides.len());
             (
                 commit_in(&sides[p], r, MlsClient::prepare_self_update).await,
-                &stats.self_updates,
+                false,
             )
         }
         CommitKind::Membership => {
@@ -1317,8 +1309,7 @@ async fn commit_step(sides: &[Arc<Side>], rooms: usize, k: u64, rng: &mut u64, s
                 (r, pick(rng, sides.len()))
             };
             match membership(sides, r, q, rng).await {
-                Some((res, true)) => (res, &stats.adds),
-                Some((res, false)) => (res, &stats.removes),
+                Some(done) => done,
                 None => return,
             }
         }
@@ -1332,28 +1323,20 @@ async fn commit_step(sides: &[Arc<Side>], rooms: usize, k: u64, rng: &mut u64, s
                 return;
             };
             let result = commit_in(&sides[o], r, |c| {
-                let role = match c.participants().iter().find(|(u, _)| *u == target) {
-                    Some((_, role)) if *role == room_policy::OWNER_ROLE => {
-                        room_policy::REGULAR_ROLE
-                    }
-                    Some(_) => room_policy::OWNER_ROLE,
-                    None => return Err(MlsClientError::Mls(format!("{target} is not listed"))),
-                };
+                let role = toggled_role(c, &target)
+                    .ok_or_else(|| MlsClientError::Mls(format!("{target} is not listed")))?;
                 c.prepare_change_role(&target, role)
             })
             .await;
-            (result, &stats.role_changes)
+            (result, false)
         }
     };
-    match result {
-        Ok(UpdateResult::Accepted) => {
-            stats.commits.fetch_add(1, Ordering::Relaxed);
-            counter.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(_) | Err(_) => {
-            stats.commits_refused.fetch_add(1, Ordering::Relaxed);
-        }
-    }
+    count_commit(
+        stats,
+        kind,
+        add,
+        matches!(result, Ok(UpdateResult::Accepted)),
+    );
 }
 
 /// A random provider whose client in room `r` is an owner, as its own view of the room has it
